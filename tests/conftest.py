@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from torch_metal_fused import _backend
+
+
+def _emulator_available() -> tuple[bool, str]:
+    try:
+        from torch_metal_fused.backends import emulated
+    except ImportError as exc:  # the emulated backend not present at all
+        return False, str(exc)
+    return emulated.available()
+
+
+def _backend_params():
+    params = [pytest.param(("reference", "cpu"), id="reference")]
+    ok, why = _emulator_available()
+    marks = [] if ok else [pytest.mark.skip(reason=f"Metal-on-CPU harness unavailable: {why}")]
+    if not ok and os.environ.get("CI"):
+        marks = []  # in CI the harness must work: let the tests fail loudly
+    params.append(pytest.param(("metal-emulated", "cpu"), id="metal-emulated", marks=[pytest.mark.emulated, *marks]))
+    params.append(
+        pytest.param(
+            ("metal", "mps"),
+            id="metal",
+            marks=[pytest.mark.mps, pytest.mark.skipif(not torch.backends.mps.is_available(), reason="no MPS device")],
+        )
+    )
+    params.append(
+        pytest.param(
+            ("cuda", "cuda"),
+            id="cuda",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+        )
+    )
+    return params
+
+
+class Backend:
+    """The backend under test: its name, the device its tensors live on."""
+
+    def __init__(self, name: str, device: str) -> None:
+        self.name = name
+        self.device = torch.device(device)
+
+    @property
+    def kernel_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.float16, torch.bfloat16)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request, monkeypatch) -> Backend:
+    name, device = request.param
+    if name in ("reference", "metal-emulated"):
+        monkeypatch.setenv(_backend.ENV_VAR, name)
+    else:
+        monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    b = Backend(name, device)
+    probe = torch.zeros(1, device=b.device)
+    assert _backend.backend_for(probe) == name, f"backend_for serves {_backend.backend_for(probe)}, not {name}"
+    return b
+
+
+def pytest_configure(config):
+    for marker, text in (
+        ("emulated", "runs Metal kernels through the Metal-on-CPU harness"),
+        ("mps", "needs an Apple GPU (MPS)"),
+        ("cuda", "needs an NVIDIA GPU"),
+        ("slow", "long-running"),
+    ):
+        config.addinivalue_line("markers", f"{marker}: {text}")

@@ -1,0 +1,41 @@
+"""Inputs for the correctness contract: random (never zeros), in every layout the ops must accept."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Last-dimension sizes of the contract, with a row count that keeps each case quick on the CPU harness.
+ROW_SIZES = {1: 300, 7: 257, 31: 65, 32: 2048, 33: 129, 1000: 9, 4096: 5, 4097: 3, 10000: 2}
+LAYOUTS = ("contiguous", "offset_view", "strided_rows", "transposed")
+
+
+def randn(shape, dtype, device, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def make_layout(shape: tuple[int, ...], dtype, device, layout: str, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """A tensor of `shape` laid out as asked: contiguous; a view with a storage offset; rows spaced wider
+    than their length (a column slice); or a transposed (non-contiguous last dim) view."""
+    if layout == "contiguous":
+        return randn(shape, dtype, device, scale, seed)
+    if layout == "offset_view":
+        flat = randn((3 + _numel(shape),), dtype, device, scale, seed)
+        t = flat[3:].view(shape)
+        assert t.storage_offset() == 3
+        return t
+    if layout == "strided_rows":
+        wide = randn((*shape[:-1], shape[-1] + 5), dtype, device, scale, seed)
+        return wide[..., 2 : 2 + shape[-1]]
+    if layout == "transposed":
+        t = randn((*shape[:-2], shape[-1], shape[-2]) if len(shape) >= 2 else shape, dtype, device, scale, seed)
+        return t.transpose(-1, -2) if len(shape) >= 2 else t
+    raise ValueError(layout)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,144 @@
+import pytest
+import torch
+from helpers import DTYPES, make_layout, randn
+
+import torch_metal_fused as tmf
+from torch_metal_fused.testing import assert_matches
+
+# (tokens, in, out, r): the seed shape, odd sizes, rank 1 and a wide rank.
+SHAPES = [(128, 512, 512, 8), (7, 33, 31, 4), (1, 1, 1, 1), (65, 1000, 7, 16), (9, 4097, 40, 64), (300, 96, 130, 3)]
+
+
+def _factors(tokens, fin, fout, r, dtype, device, seed=0):
+    x = randn((tokens, fin), dtype, device, seed=seed)
+    w = randn((fout, fin), dtype, device, scale=fin**-0.5, seed=seed + 1)
+    a = randn((r, fin), dtype, device, scale=fin**-0.5, seed=seed + 2)
+    b = randn((fout, r), dtype, device, scale=r**-0.5, seed=seed + 3)
+    bias = randn((fout,), dtype, device, seed=seed + 4)
+    return x, w, a, b, bias
+
+
+def _reference(x, w, a, b, bias, scale, mask=None):
+    xl = x if mask is None else x * mask
+    y = x @ w.t() + scale * (xl @ a.t()) @ b.t()
+    return y + bias if bias is not None else y
+
+
+def _check(x, w, a, b, bias, scale, dtype, train_weight=False):
+    w = w.detach().requires_grad_(train_weight)
+    leaves = [x.detach().requires_grad_(True), w, a.detach().requires_grad_(True), b.detach().requires_grad_(True)]
+    if bias is not None:
+        bias = bias.detach().requires_grad_(train_weight)
+    x_, w_, a_, b_ = leaves
+    y = tmf.lora_linear(x_, w_, a_, b_, scale, bias)
+    wanted = [t for t in (x_, w_, a_, b_, bias) if t is not None and t.requires_grad]
+    dy = randn(y.shape, dtype, y.device, seed=9)
+    grads = torch.autograd.grad(y, wanted, dy)
+    to64 = [t.detach().double().cpu().requires_grad_(t.requires_grad) if t is not None else None
+            for t in (x_, w_, a_, b_, bias)]
+    y64 = _reference(*to64, scale)
+    refs = torch.autograd.grad(y64, [t for t in to64 if t is not None and t.requires_grad], dy.double().cpu())
+    to32 = [t.detach().float().cpu().requires_grad_(t.requires_grad) if t is not None else None
+            for t in (x_, w_, a_, b_, bias)]
+    y32 = _reference(*to32, scale)
+    base = torch.autograd.grad(y32, [t for t in to32 if t is not None and t.requires_grad], dy.float().cpu())
+    assert y.dtype == dtype and y.shape == y64.shape
+    assert_matches(y, y64, dtype, "lora forward", baseline=y32.to(dtype))
+    names = [n for n, t in zip(("dx", "dweight", "dlora_a", "dlora_b", "dbias"), (x_, w_, a_, b_, bias))
+             if t is not None and t.requires_grad]
+    for name, g, r, bl in zip(names, grads, refs, base):
+        assert_matches(g, r, dtype, f"lora {name}", baseline=bl.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_contract_shapes(backend, shape, dtype):
+    x, w, a, b, bias = _factors(*shape, dtype, backend.device)
+    _check(x, w, a, b, bias, 2.0, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_trainable_base_and_no_bias(backend, dtype):
+    x, w, a, b, _ = _factors(33, 70, 45, 8, dtype, backend.device)
+    _check(x, w, a, b, None, 0.5, dtype, train_weight=True)
+    x, w, a, b, bias = _factors(33, 70, 45, 8, dtype, backend.device, seed=5)
+    _check(x, w, a, b, bias, 0.5, dtype, train_weight=True)
+
+
+@pytest.mark.parametrize("layout", ["offset_view", "strided_rows", "transposed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layouts(backend, layout, dtype):
+    x = make_layout((2, 17, 65), dtype, backend.device, layout)
+    _, w, a, b, bias = _factors(1, 65, 33, 8, dtype, backend.device)
+    a = make_layout((8, 65), dtype, backend.device, layout, seed=7) * 65**-0.5
+    _check(x, w, a, b, bias, 1.5, dtype)
+
+
+def test_leading_dims(backend):
+    x = randn((2, 3, 4, 19), torch.float32, backend.device)
+    _, w, a, b, bias = _factors(1, 19, 23, 5, torch.float32, backend.device)
+    _check(x, w, a, b, bias, 1.0, torch.float32)
+    x1 = randn((19,), torch.float32, backend.device)
+    assert tmf.lora_linear(x1, w, a, b, 1.0, bias).shape == (23,)
+
+
+def test_frozen_weight_gets_no_gradient_work(backend, monkeypatch):
+    x, w, a, b, bias = _factors(6, 10, 12, 2, torch.float32, backend.device)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    seen = []
+    import torch_metal_fused.ops.lora_linear as mod
+
+    real = mod.run_kernel
+    monkeypatch.setattr(mod, "run_kernel", lambda name, *args: seen.append((name, args[-1])) or real(name, *args))
+    tmf.lora_linear(x, w, a, b, 1.0, bias).sum().backward()
+    assert w.grad is None and bias.grad is None
+    assert seen[-1] == ("lora_backward", (True, False, False, True, True))
+
+
+def test_dropout_uses_one_mask_for_forward_and_backward(backend):
+    x, w, a, b, bias = _factors(40, 30, 20, 4, torch.float32, backend.device)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    p = 0.3
+    torch.manual_seed(123)
+    y = tmf.lora_linear(x, w, a, b, 2.0, bias, dropout_p=p, training=True)
+    ga, gb = torch.autograd.grad(y.square().sum(), (a, b))
+    # The mask is drawn from torch's RNG like this, on a tensor like x.
+    torch.manual_seed(123)
+    mask = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    a64, b64 = a.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+    y64 = _reference(x.double(), w.double(), a64, b64, bias.double(), 2.0, mask.double())
+    ra, rb = torch.autograd.grad(y64.square().sum(), (a64, b64))
+    assert_matches(y, y64, torch.float32, "dropout forward")
+    assert_matches(ga, ra, torch.float32, "dropout dlora_a")
+    assert_matches(gb, rb, torch.float32, "dropout dlora_b")
+    # Not training: no dropout.
+    y_eval = tmf.lora_linear(x, w, a, b, 2.0, bias, dropout_p=p, training=False)
+    assert_matches(y_eval, _reference(x.double(), w.double(), a.double(), b.double(), bias.double(), 2.0),
+                   torch.float32, "eval forward")
+
+
+def test_empty_tokens(backend):
+    x, w, a, b, bias = _factors(0, 16, 8, 4, torch.float32, backend.device)
+    x.requires_grad_(True)
+    b.requires_grad_(True)
+    y = tmf.lora_linear(x, w, a, b, 1.0, bias)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_nan_propagates(backend):
+    x, w, a, b, bias = _factors(4, 16, 8, 4, torch.float32, backend.device)
+    x[2, 5] = float("nan")
+    y = tmf.lora_linear(x, w, a, b, 1.0, bias)
+    assert torch.isnan(y[2]).all() and not torch.isnan(y[[0, 1, 3]]).any()
+
+
+def test_gradcheck_reference():
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in ((3, 5), (4, 5), (2, 5), (4, 2), (4,))]
+    x, w, a, b, bias = args
+    assert torch.autograd.gradcheck(lambda x, w, a, b, bias: tmf.lora_linear(x, w, a, b, 0.7, bias), tuple(args))

@@ -1,0 +1,120 @@
+import pytest
+import torch
+from helpers import DTYPES, LAYOUTS, ROW_SIZES, make_layout, randn
+
+import torch_metal_fused as tmf
+from torch_metal_fused.testing import assert_matches
+
+
+def _reference(x64, w64, eps):
+    y = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps)
+    return y * w64 if w64 is not None else y
+
+
+def _check(x, weight, dtype, eps=1e-6, weight_grad=True):
+    x = x.detach().requires_grad_(True)
+    inputs = [x]
+    if weight is not None:
+        weight = weight.detach().requires_grad_(weight_grad)
+        if weight_grad:
+            inputs.append(weight)
+    y = tmf.rms_norm(x, weight, eps)
+    dy = randn(y.shape, dtype, x.device, seed=1)
+    grads = torch.autograd.grad(y, inputs, dy)
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    w64 = weight.detach().double().cpu().requires_grad_(True) if weight is not None else None
+    y64 = _reference(x64, w64, eps)
+    refs = torch.autograd.grad(y64, [x64] + ([w64] if len(inputs) == 2 else []), dy.double().cpu())
+    # PyTorch's own eager computation in float32 (the HF-style upcast), the fairness baseline.
+    x32 = x.detach().float().cpu().requires_grad_(True)
+    w32 = weight.detach().float().cpu().requires_grad_(True) if weight is not None else None
+    y32 = _reference(x32, w32, eps)
+    base = torch.autograd.grad(y32, [x32] + ([w32] if len(inputs) == 2 else []), dy.float().cpu())
+    assert y.dtype == dtype
+    assert_matches(y, y64, dtype, "rms_norm forward", baseline=y32.to(dtype))
+    for name, g, r, b in zip(("dx", "dweight"), grads, refs, base):
+        assert_matches(g, r, dtype, f"rms_norm {name}", baseline=b.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", list(ROW_SIZES))
+def test_contract_sizes(backend, n, dtype):
+    x = randn((ROW_SIZES[n], n), dtype, backend.device, scale=2.0)
+    w = randn((n,), dtype, backend.device, seed=2) + 1.0
+    _check(x, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n", [33, 4097])
+def test_layouts(backend, layout, n, dtype):
+    x = make_layout((6, n), dtype, backend.device, layout)
+    w = make_layout((n,), dtype, backend.device, "offset_view", seed=3)
+    _check(x, w, dtype)
+
+
+@pytest.mark.parametrize("shape", [(31,), (5, 33), (2, 3, 64), (2, 3, 4, 1000)])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_ranks_and_no_weight(backend, shape, with_weight):
+    w = randn((shape[-1],), torch.float32, backend.device, seed=4) if with_weight else None
+    _check(randn(shape, torch.float32, backend.device), w, torch.float32)
+
+
+def test_many_rows(backend):
+    # Enough rows that dw needs several partial blocks and a reduction.
+    x = randn((3000, 96), torch.float32, backend.device)
+    _check(x, randn((96,), torch.float32, backend.device, seed=5), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_frozen_weight_gets_no_grad(backend, dtype, monkeypatch):
+    x = randn((5, 40), dtype, backend.device).requires_grad_(True)
+    w = randn((40,), dtype, backend.device, seed=1)  # requires_grad False
+    seen = []
+    import torch_metal_fused.ops.rms_norm as mod
+
+    real = mod.run_kernel
+    monkeypatch.setattr(mod, "run_kernel", lambda name, *a: seen.append((name, a[-2:])) or real(name, *a))
+    tmf.rms_norm(x, w).sum().backward()
+    assert w.grad is None and x.grad is not None
+    assert seen[-1] == ("rms_norm_backward", (True, False))  # needs_dx, needs_dw
+    _check(x, w, dtype, weight_grad=False)
+
+
+def test_half_limits_no_overflow(backend):
+    x = randn((3, 4097), torch.float16, backend.device) * 0.001 + 60000.0  # x² overflows float16
+    _check(x, torch.ones(4097, dtype=torch.float16, device=backend.device), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf(backend, dtype):
+    x = randn((4, 50), dtype, backend.device)
+    x[1, 3] = float("nan")
+    x[2, 7] = float("inf")
+    w = randn((50,), dtype, backend.device, seed=1)
+    y = tmf.rms_norm(x, w)
+    ref = _reference(x.double().cpu(), w.double().cpu(), 1e-6)
+    assert_matches(y, ref, dtype, "rms_norm with NaN/inf")
+    assert torch.isnan(y[1]).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])
+def test_empty(backend, shape):
+    x = torch.randn(shape, device=backend.device, requires_grad=True)
+    w = torch.randn(16, device=backend.device, requires_grad=True)
+    y = tmf.rms_norm(x, w)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_eps_matters(backend):
+    x = randn((4, 8), torch.float32, backend.device) * 1e-3
+    _check(x, None, torch.float32, eps=1e-2)
+
+
+def test_gradcheck_reference():
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: tmf.rms_norm(a, b, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda a: tmf.rms_norm(a, None, 1e-5), (x,))

@@ -1,0 +1,95 @@
+import pytest
+import torch
+from helpers import DTYPES, LAYOUTS, ROW_SIZES, make_layout, randn
+
+import torch_metal_fused as tmf
+from torch_metal_fused.testing import assert_matches
+
+
+def _check(backend, x, dim, dtype):
+    x = x.detach().requires_grad_(True)
+    y = tmf.softmax(x, dim)
+    dy = randn(y.shape, dtype, x.device, seed=1)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    y64 = torch.softmax(x64, dim)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double().cpu())
+    assert y.dtype == dtype and y.device == x.device
+    assert_matches(y, y64, dtype, "softmax forward")
+    assert_matches(dx, dx64, dtype, "softmax dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", list(ROW_SIZES))
+def test_contract_sizes(backend, n, dtype):
+    _check(backend, randn((ROW_SIZES[n], n), dtype, backend.device, scale=3.0), -1, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n", [33, 4097])
+def test_layouts(backend, layout, n, dtype):
+    _check(backend, make_layout((5, n), dtype, backend.device, layout, scale=2.0), -1, dtype)
+
+
+@pytest.mark.parametrize("shape", [(37,), (6, 45), (3, 5, 70), (2, 3, 4, 129)])
+def test_every_dim(backend, shape):
+    x = randn(shape, torch.float32, backend.device, scale=2.0)
+    for dim in range(-len(shape), len(shape)):
+        _check(backend, x, dim, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masking_and_nan(backend, dtype):
+    x = randn((6, 300), dtype, backend.device)
+    x[0, ::3] = float("-inf")  # masked entries
+    x[1, :-1] = float("-inf")  # a single survivor
+    x[2] = float("-inf")  # fully masked: NaN, as torch
+    x[3, 17] = float("nan")  # NaN propagates to its row
+    x[4, 5] = float("inf")
+    y = tmf.softmax(x)
+    ref = torch.softmax(x.double().cpu(), -1)
+    assert_matches(y, ref, dtype, "softmax with -inf/NaN")
+    assert torch.isnan(y[2]).all() and torch.isnan(y[3]).all()
+    assert (y[0, ::3] == 0).all()
+
+
+def test_float16_limits(backend):
+    x = randn((4, 4097), torch.float16, backend.device) * 0.01 + 65000.0
+    x[1] = -65000.0 + randn((4097,), torch.float16, backend.device)
+    _check(backend, x, -1, torch.float16)
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (0,), (3, 0), (2, 0, 5)])
+def test_empty(backend, shape):
+    x = torch.randn(shape, device=backend.device, requires_grad=True)
+    y = tmf.softmax(x, -1)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_scalar_input(backend):
+    x = torch.tensor(3.0, device=backend.device)
+    assert tmf.softmax(x, 0).item() == 1.0
+
+
+def test_gradcheck_reference():
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: tmf.softmax(t, 0), (x,))
+    assert torch.autograd.gradcheck(lambda t: tmf.softmax(t, -1), (x,))
+
+
+def test_backward_is_our_kernel(backend, monkeypatch):
+    """The backward runs the fused softmax_backward entry point, not autograd through the forward."""
+    calls = []
+    from torch_metal_fused.ops import _dispatch
+
+    real = _dispatch.run_kernel
+    monkeypatch.setattr(_dispatch, "run_kernel", lambda name, *a: calls.append(name) or real(name, *a))
+    import torch_metal_fused.ops.softmax as mod
+
+    monkeypatch.setattr(mod, "run_kernel", _dispatch.run_kernel)
+    x = randn((3, 8), torch.float32, backend.device).requires_grad_(True)
+    tmf.softmax(x).sum().backward()
+    assert calls == ["softmax_forward", "softmax_backward"]

@@ -1,0 +1,23 @@
+"""torch_metal_fused: fused softmax, RMSNorm and LoRA linear for PyTorch training, forward and backward,
+on Apple GPUs (Metal), NVIDIA GPUs (CUDA) and a plain-PyTorch reference elsewhere."""
+
+from torch_metal_fused import nn
+from torch_metal_fused._backend import BACKENDS, backend_for
+from torch_metal_fused.ops.lora_linear import LoRALinearFunction, lora_linear
+from torch_metal_fused.ops.rms_norm import RMSNormFunction, rms_norm
+from torch_metal_fused.ops.softmax import SoftmaxFunction, softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "LoRALinearFunction",
+    "RMSNormFunction",
+    "SoftmaxFunction",
+    "__version__",
+    "backend_for",
+    "lora_linear",
+    "nn",
+    "rms_norm",
+    "softmax",
+]

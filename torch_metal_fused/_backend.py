@@ -1,0 +1,85 @@
+"""Which implementation serves a tensor: our Metal kernels, our CUDA kernels, the Metal-on-CPU
+harness, or the plain-PyTorch reference."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import torch
+
+BACKENDS = ("metal", "cuda", "reference", "metal-emulated")
+ENV_VAR = "TORCH_METAL_FUSED_BACKEND"
+# dtypes our kernels implement; anything else (float64) is served by the reference.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_extension():
+    """The built extension (`torch_metal_fused._C`), or None where nothing was compiled (CPU-only Linux)."""
+    try:
+        from torch_metal_fused import _C  # noqa: PLC0415
+    except ImportError:
+        return None
+    return _C
+
+
+def has_metal_kernels() -> bool:
+    ext = _compiled_extension()
+    return ext is not None and getattr(ext, "HAS_METAL", False)
+
+
+def has_cuda_kernels() -> bool:
+    ext = _compiled_extension()
+    return ext is not None and getattr(ext, "HAS_CUDA", False)
+
+
+def forced_backend() -> str | None:
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """The implementation that serves tensor `x`: "metal", "cuda", "metal-emulated" or "reference".
+
+    `TORCH_METAL_FUSED_BACKEND=reference` forces the reference everywhere;
+    `TORCH_METAL_FUSED_BACKEND=metal-emulated` runs CPU tensors through the Metal-on-CPU harness.
+    float64 tensors are always served by the reference (no Apple GPU has float64).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"backend_for expects a torch.Tensor, got {type(x).__name__}")
+    forced = forced_backend()
+    if forced == "reference" or x.dtype not in KERNEL_DTYPES:
+        return "reference"
+    device = x.device.type
+    if device == "mps" and has_metal_kernels():
+        return "metal"
+    if device == "cuda" and has_cuda_kernels():
+        return "cuda"
+    if device == "cpu" and forced == "metal-emulated":
+        return "metal-emulated"
+    return "reference"
+
+
+def kernels_for(backend: str):
+    """The module implementing the kernel entry points for a non-reference backend.
+
+    Every backend exposes the same functions (softmax_forward, rms_norm_backward, lora_forward, ...),
+    so each op dispatches with one line.
+    """
+    if backend in ("metal", "cuda"):
+        return _compiled_extension()
+    if backend == "metal-emulated":
+        from torch_metal_fused.backends import emulated  # noqa: PLC0415
+
+        return emulated
+    raise ValueError(f"no kernels for backend {backend!r}")
+
+
+def platform_summary() -> str:
+    return f"python {sys.version.split()[0]}, torch {torch.__version__}, metal={has_metal_kernels()}, cuda={has_cuda_kernels()}"

@@ -1,0 +1,139 @@
+"""Fused LoRA linear: y = x @ weightᵀ + bias + scale * (dropout(x) @ lora_aᵀ) @ lora_bᵀ.
+
+The base GEMM runs on the platform's native matmul; the rank-r path (h = x·Aᵀ, y += scale·h·Bᵀ) is fused
+into one kernel that adds into the base output in place. Backward: dB = scale·dyᵀh, dh = scale·dy·B,
+dA = dhᵀx, dx = dy·W + dh·A, dW = dyᵀx, dbias = Σdy — each only when its input needs a gradient
+(a frozen weight costs nothing).
+
+Kernel launch code: Metal `csrc/mps/lora_linear.mm` + `csrc/include/tmf/launch/lora_linear.h`
+(shared with the Metal-on-CPU harness), shaders `shaders/lora_linear.metal`; CUDA `csrc/cuda/lora_linear.cu`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_metal_fused._validation import check_dropout, check_finite_number, check_same_device_dtype, check_tensor
+from torch_metal_fused.ops._dispatch import empty_to_none, none_to_empty, run_kernel
+
+
+@torch.library.custom_op("torch_metal_fused::lora_linear_forward", mutates_args=())
+def lora_linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dropout_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x is (tokens, in). Returns y (tokens, out) and h = dropout(x)·Aᵀ (tokens, r), saved for backward."""
+    return run_kernel("lora_forward", x, weight, bias, lora_a, lora_b, scale, dropout_mask)
+
+
+@lora_linear_forward.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, dropout_mask):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+@torch.library.custom_op("torch_metal_fused::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    h: torch.Tensor,
+    scale: float,
+    dropout_mask: torch.Tensor | None,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dlora_a, dlora_b); gradients not asked for come back as 0-element tensors."""
+    grads = run_kernel("lora_backward", dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, tuple(needs))
+    return tuple(none_to_empty(g, x) for g in grads)
+
+
+@lora_linear_backward.register_fake
+def _(dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, needs):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_a.shape, lora_b.shape)
+    return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, needs))
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scale, bias, dropout_p, training):
+        x2 = x.reshape(-1, x.shape[-1])
+        mask = None
+        if training and dropout_p > 0.0:
+            # The mask is pre-scaled by 1/(1-p), so dropout(x) = x * mask.
+            mask = torch.empty_like(x2).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+        y, h = lora_linear_forward(x2, weight, bias, lora_a, lora_b, scale, mask)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, h, mask)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, lora_a, lora_b, h, mask = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        needs = [n[0], n[1], ctx.has_bias and n[5], n[2], n[3]]
+        if not any(needs):
+            return (None,) * 8
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx, dw, db, da, dlb = (
+            empty_to_none(g, need)
+            for g, need in zip(
+                lora_linear_backward(dy2, x2, weight, lora_a, lora_b, h, ctx.scale, mask, needs), needs
+            )
+        )
+        if dx is not None:
+            dx = dx.reshape(ctx.x_shape)
+        return dx, dw, da, dlb, None, db, None, None
+
+
+def _check_lora_args(x, weight, lora_a, lora_b, bias) -> None:
+    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        check_tensor(name, t)
+    check_same_device_dtype("x", x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    if x.ndim < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    out_features, in_features = weight.shape
+    rank = lora_a.shape[0]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in_features ({in_features})")
+    if lora_a.shape[1] != in_features:
+        raise ValueError(f"lora_a must have shape (r, {in_features}) to match weight, got {tuple(lora_a.shape)}")
+    if lora_b.shape != (out_features, rank):
+        raise ValueError(
+            f"lora_b must have shape ({out_features}, {rank}) = (out_features, r of lora_a), got {tuple(lora_b.shape)}"
+        )
+    if rank == 0:
+        raise ValueError("lora_a has rank r = 0; a LoRA adapter needs r >= 1")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float = 1.0,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """`x @ weight.T + bias + scale * (dropout(x) @ lora_a.T) @ lora_b.T`.
+
+    weight (out, in), lora_a (r, in), lora_b (out, r), x (..., in). Dropout applies to the LoRA branch only
+    and only when `training`. A weight with requires_grad=False gets no gradient computed at all.
+    """
+    _check_lora_args(x, weight, lora_a, lora_b, bias)
+    scale = check_finite_number("scale", scale)
+    dropout_p = check_dropout(dropout_p)
+    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, dropout_p, bool(training))

@@ -1,0 +1,86 @@
+"""Fused RMSNorm over the last dimension: y = x * rsqrt(mean(x²) + eps) * weight.
+
+Statistics are computed in float32 for float16/bfloat16 inputs; the forward saves a float32 rstd per row,
+so the backward reads x, dy and rstd once: dx = rstd * (g - x * rstd² * mean(g * x)) with g = dy * weight,
+and dw = sum over rows of dy * x * rstd (not computed at all when the weight needs no gradient).
+
+Kernel launch code: Metal `csrc/mps/rms_norm.mm` + `csrc/include/tmf/launch/rms_norm.h`
+(shared with the Metal-on-CPU harness), shaders `shaders/rms_norm.metal`; CUDA `csrc/cuda/rms_norm.cu`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_metal_fused._validation import check_eps, check_same_device_dtype, check_tensor
+from torch_metal_fused.ops._dispatch import empty_to_none, none_to_empty, run_kernel
+
+
+def _rstd_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("torch_metal_fused::rms_norm_forward", mutates_args=())
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (y, rstd) with rstd of shape x.shape[:-1] in float32 (float64 for float64 x)."""
+    return run_kernel("rms_norm_forward", x, weight, eps)
+
+
+@rms_norm_forward.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, x.new_empty(x.shape[:-1], dtype=_rstd_dtype(x))
+
+
+@torch.library.custom_op("torch_metal_fused::rms_norm_backward", mutates_args=())
+def rms_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    needs_dx: bool,
+    needs_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (dx, dw); a gradient not asked for comes back as a 0-element tensor."""
+    dx, dw = run_kernel("rms_norm_backward", dy, x, weight, rstd, needs_dx, needs_dw)
+    return none_to_empty(dx, x), none_to_empty(dw, x)
+
+
+@rms_norm_backward.register_fake
+def _(dy, x, weight, rstd, needs_dx, needs_dw):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else x.new_empty(0)
+    dw = torch.empty_like(weight) if (needs_dw and weight is not None) else x.new_empty(0)
+    return dx, dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        y, rstd = rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        needs_dx = ctx.needs_input_grad[0]
+        needs_dw = weight is not None and ctx.needs_input_grad[1]
+        if not (needs_dx or needs_dw):
+            return None, None, None
+        dx, dw = rms_norm_backward(dy, x, weight, rstd, needs_dx, needs_dw)
+        return empty_to_none(dx, needs_dx), empty_to_none(dw, needs_dw), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """`x * rsqrt(mean(x², -1) + eps) * weight` over the last dimension; output dtype = x's."""
+    check_tensor("x", x)
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension (RMSNorm normalises the last one)")
+    eps = check_eps(eps)
+    if weight is not None:
+        check_same_device_dtype("x", x, weight=weight)
+        if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
+            raise ValueError(
+                f"weight must have shape ({x.shape[-1]},) to match x's last dimension, got {tuple(weight.shape)}"
+            )
+    return RMSNormFunction.apply(x, weight, eps)

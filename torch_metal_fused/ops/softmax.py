@@ -1,0 +1,66 @@
+"""Fused softmax: forward y = softmax(x, dim), backward dx = y * (dy - sum(dy * y)).
+
+Kernel launch code: Metal `csrc/mps/softmax.mm` + `csrc/include/tmf/launch/softmax.h`
+(shared with the Metal-on-CPU harness), shaders `shaders/softmax.metal`; CUDA `csrc/cuda/softmax.cu`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_metal_fused._validation import check_dim, check_tensor
+from torch_metal_fused.ops._dispatch import run_kernel
+
+
+@torch.library.custom_op("torch_metal_fused::softmax_forward", mutates_args=())
+def softmax_forward(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension."""
+    return run_kernel("softmax_forward", x)
+
+
+@softmax_forward.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("torch_metal_fused::softmax_backward", mutates_args=())
+def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """dx = y * (dy - sum(dy * y, -1)) over the last dimension."""
+    return run_kernel("softmax_backward", y, dy)
+
+
+@softmax_backward.register_fake
+def _(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """Softmax over `dim`. A dim other than the last is moved last by a transposing copy (one extra read and
+    write of x and of y); the kernels themselves always reduce contiguous rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        last = x.ndim - 1
+        y = softmax_forward(x if dim == last else x.movedim(dim, -1))
+        ctx.save_for_backward(y)
+        ctx.dim = dim
+        return y if dim == last else y.movedim(-1, dim).contiguous()
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        dim, last = ctx.dim, dy.ndim - 1
+        dx = softmax_backward(y, dy if dim == last else dy.movedim(dim, -1))
+        return (dx if dim == last else dx.movedim(-1, dim).contiguous()), None
+
+
+def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Same result as `torch.softmax(x, dim)`, with a fused forward and backward."""
+    check_tensor("x", x)
+    dim = check_dim(dim, x.ndim)
+    if x.ndim == 0:
+        return SoftmaxFunction.apply(x.unsqueeze(0), 0).squeeze(0)
+    return SoftmaxFunction.apply(x, dim)
+
+
+__all__ = ["SoftmaxFunction", "softmax"]

@@ -1,0 +1,107 @@
+"""Plain-PyTorch reference implementations of every kernel entry point.
+
+They serve tensors no kernel backend takes (CPU, float64, forced reference) and define the semantics the
+Metal, CUDA and emulated kernels are tested against. Low-precision inputs are computed in float32 and
+rounded once at the end, as the kernels do. Each function takes rows in the last dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def softmax_forward(x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x.to(_compute_dtype(x.dtype)), dim=-1).to(x.dtype)
+
+
+def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    ct = _compute_dtype(y.dtype)
+    yf, dyf = y.to(ct), dy.to(ct)
+    return (yf * (dyf - (dyf * yf).sum(-1, keepdim=True))).to(y.dtype)
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns y and the per-row rstd (float32, or float64 for float64 input), shape x.shape[:-1]."""
+    ct = _compute_dtype(x.dtype)
+    xf = x.to(ct)
+    rstd = torch.rsqrt(xf.square().mean(-1) + eps) if x.shape[-1] > 0 else torch.full(x.shape[:-1], eps**-0.5, dtype=ct)
+    y = xf * rstd.unsqueeze(-1)
+    if weight is not None:
+        y = y * weight.to(ct)
+    return y.to(x.dtype), rstd
+
+
+def rms_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    needs_dx: bool,
+    needs_dw: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ct = _compute_dtype(x.dtype)
+    xf, dyf, r = x.to(ct), dy.to(ct), rstd.to(ct).unsqueeze(-1)
+    g = dyf * weight.to(ct) if weight is not None else dyf
+    dx = dw = None
+    if needs_dx:
+        n = max(x.shape[-1], 1)
+        dot = (g * xf).sum(-1, keepdim=True) / n
+        dx = (r * (g - xf * r.square() * dot)).to(x.dtype)
+    if needs_dw and weight is not None:
+        dw = (dyf * xf * r).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    return dx, dw
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dropout_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x is 2-D (tokens, in). Returns y (tokens, out) and h = dropout(x) @ lora_aᵀ (tokens, r)."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    x_lora = x if dropout_mask is None else x * dropout_mask
+    h = x_lora @ lora_a.t()
+    y.addmm_(h, lora_b.t(), alpha=scale)
+    return y, h
+
+
+def lora_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    h: torch.Tensor,
+    scale: float,
+    dropout_mask: torch.Tensor | None,
+    needs: tuple[bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dx, dweight, dbias, dlora_a, dlora_b); entries not needed are None and not computed."""
+    needs_dx, needs_dw, needs_db, needs_da, needs_dlb = needs
+    dx = dw = dbias = da = dlb = None
+    dh = None
+    if needs_dx or needs_da:
+        dh = (dy @ lora_b) * scale
+    if needs_dlb:
+        dlb = (dy.t() @ h) * scale
+    if needs_da:
+        x_lora = x if dropout_mask is None else x * dropout_mask
+        da = dh.t() @ x_lora
+    if needs_dx:
+        lora_dx = dh @ lora_a
+        if dropout_mask is not None:
+            lora_dx = lora_dx * dropout_mask
+        dx = torch.addmm(lora_dx, dy, weight)
+    if needs_dw:
+        dw = dy.t() @ x
+    if needs_db:
+        dbias = dy.sum(0)
+    return dx, dw, dbias, da, dlb
