@@ -66,7 +66,7 @@ class LoRALinearFunction(torch.autograd.Function):
         mask = None
         if training and dropout_p > 0.0:
             # The mask is pre-scaled by 1/(1-p), so dropout(x) = x * mask.
-            mask = torch.empty_like(x2).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+            mask = x2.new_empty(x2.shape).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
         y, h = lora_linear_forward(x2, weight, bias, lora_a, lora_b, scale, mask)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, h, mask)
         ctx.scale = scale

@@ -1,0 +1,185 @@
+// Metal Shading Language on a CPU: the types, address spaces, math and SIMD-group/threadgroup builtins
+// that shaders/*.metal use, implemented for clang 19 on x86-64 (see docs/metal-on-cpu.md).
+// Reached through the stand-in <metal_stdlib> header in front of each pre-processed shader.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "tmf_emu/runtime_api.h"
+
+// ---- address spaces -------------------------------------------------------------------------------
+// Plain builds: every address space is an ordinary pointer. The strict lint build maps them to clang
+// address spaces so that mixing a threadgroup pointer with a device pointer is a compile error, as it is
+// for Apple's compiler.
+#ifdef TMF_STRICT_ADDRESS_SPACES
+#define device __attribute__((address_space(1)))
+#define constant __attribute__((address_space(2)))
+#define threadgroup __attribute__((address_space(3)))
+#else
+#define device
+#define constant
+#define threadgroup
+#endif
+#define thread
+
+// ---- scalar and vector types ----------------------------------------------------------------------
+typedef _Float16 half;
+typedef __bf16 bfloat;
+#define __HAVE_BFLOAT__ 1
+#define __METAL_VERSION__ 310
+typedef unsigned short ushort;
+typedef unsigned int uint;
+typedef unsigned char uchar;
+typedef unsigned long ulong;
+
+#define TMF_VEC(T, N) typedef T T##N __attribute__((ext_vector_type(N)));
+#define TMF_VECS(T) TMF_VEC(T, 2) TMF_VEC(T, 3) TMF_VEC(T, 4)
+TMF_VECS(float)
+TMF_VECS(half)
+TMF_VECS(bfloat)
+TMF_VECS(int)
+TMF_VECS(uint)
+TMF_VECS(short)
+TMF_VECS(ushort)
+TMF_VECS(char)
+TMF_VECS(uchar)
+TMF_VECS(bool)
+#undef TMF_VECS
+#undef TMF_VEC
+
+namespace metal {
+
+template <typename T, int N>
+using vec = T __attribute__((ext_vector_type(N)));
+
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
+inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(int(a) | int(b)); }
+
+template <typename T>
+struct numeric_limits : std::numeric_limits<T> {};
+
+// ---- math ----------------------------------------------------------------------------------------
+// Computed in float (double for double) and rounded back, as the GPU does for half and bfloat.
+template <typename T>
+using tmf_wide = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+constexpr bool tmf_is_scalar = std::is_arithmetic_v<T> || std::is_same_v<T, half> || std::is_same_v<T, bfloat>;
+
+#define TMF_UNARY(name, expr)                                                 \
+  template <typename T, typename = std::enable_if_t<tmf_is_scalar<T>>>        \
+  inline T name(T x) {                                                        \
+    tmf_wide<T> v = static_cast<tmf_wide<T>>(x);                              \
+    return static_cast<T>(expr);                                              \
+  }
+TMF_UNARY(exp, std::exp(v))
+TMF_UNARY(exp2, std::exp2(v))
+TMF_UNARY(log, std::log(v))
+TMF_UNARY(sqrt, std::sqrt(v))
+TMF_UNARY(rsqrt, 1 / std::sqrt(v))
+TMF_UNARY(abs, std::fabs(v))
+TMF_UNARY(fabs, std::fabs(v))
+TMF_UNARY(tanh, std::tanh(v))
+TMF_UNARY(floor, std::floor(v))
+TMF_UNARY(ceil, std::ceil(v))
+#undef TMF_UNARY
+
+namespace precise {
+using metal::exp;
+using metal::log;
+using metal::rsqrt;
+using metal::sqrt;
+}  // namespace precise
+namespace fast {
+using metal::exp;
+using metal::log;
+using metal::rsqrt;
+using metal::sqrt;
+}  // namespace fast
+
+template <typename T>
+inline T max(T a, T b) {
+  return a > b ? a : b;
+}
+template <typename T>
+inline T min(T a, T b) {
+  return a < b ? a : b;
+}
+template <typename T>
+inline T fma(T a, T b, T c) {
+  return static_cast<T>(std::fma(static_cast<tmf_wide<T>>(a), static_cast<tmf_wide<T>>(b),
+                                 static_cast<tmf_wide<T>>(c)));
+}
+template <typename T>
+inline bool isnan(T x) {
+  return x != x;
+}
+template <typename T>
+inline bool isinf(T x) {
+  return std::isinf(static_cast<tmf_wide<T>>(x));
+}
+template <typename T>
+inline bool isfinite(T x) {
+  return std::isfinite(static_cast<tmf_wide<T>>(x));
+}
+template <typename T>
+inline T clamp(T x, T lo, T hi) {
+  return min(max(x, lo), hi);
+}
+
+// ---- synchronisation -----------------------------------------------------------------------------
+inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, const char* file = __builtin_FILE(),
+                                int line = __builtin_LINE()) {
+  ::tmf_emu::barrier(file, line);
+}
+inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+  ::tmf_emu::simd_collective<bool>(true, 0, ::tmf_emu::SimdOp::none, file, line);
+}
+
+// ---- SIMD-group functions: a rendezvous of the lanes of one SIMD-group that reach the same call site --
+#define TMF_SIMD_REDUCE(name, op)                                                        \
+  template <typename T>                                                                  \
+  inline T name(T x, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { \
+    return ::tmf_emu::simd_collective<T>(x, 0, ::tmf_emu::SimdOp::op, file, line);      \
+  }
+TMF_SIMD_REDUCE(simd_sum, sum)
+TMF_SIMD_REDUCE(simd_max, max)
+TMF_SIMD_REDUCE(simd_min, min)
+TMF_SIMD_REDUCE(simd_prefix_exclusive_sum, prefix_exclusive_sum)
+TMF_SIMD_REDUCE(simd_prefix_inclusive_sum, prefix_inclusive_sum)
+TMF_SIMD_REDUCE(simd_broadcast_first, broadcast_first)
+#undef TMF_SIMD_REDUCE
+
+#define TMF_SIMD_SHUFFLE(name, op)                                                                   \
+  template <typename T>                                                                              \
+  inline T name(T x, ushort arg, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { \
+    return ::tmf_emu::simd_collective<T>(x, arg, ::tmf_emu::SimdOp::op, file, line);                \
+  }
+TMF_SIMD_SHUFFLE(simd_shuffle, shuffle)
+TMF_SIMD_SHUFFLE(simd_shuffle_xor, shuffle_xor)
+TMF_SIMD_SHUFFLE(simd_shuffle_down, shuffle_down)
+TMF_SIMD_SHUFFLE(simd_shuffle_up, shuffle_up)
+TMF_SIMD_SHUFFLE(simd_broadcast, broadcast)
+#undef TMF_SIMD_SHUFFLE
+
+inline bool simd_all(bool x, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::tmf_emu::simd_collective<bool>(x, 0, ::tmf_emu::SimdOp::all, file, line);
+}
+inline bool simd_any(bool x, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::tmf_emu::simd_collective<bool>(x, 0, ::tmf_emu::SimdOp::any, file, line);
+}
+inline bool simd_is_first(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::tmf_emu::simd_collective<bool>(true, 0, ::tmf_emu::SimdOp::is_first, file, line);
+}
+
+}  // namespace metal
+
+// Kernel-local `threadgroup T name[N];` declarations are rewritten by the pre-pass into references to
+// per-threadgroup storage that the runner allocates (shared by the group's threads, poisoned).
+#define TMF_THREADGROUP_LOCAL(site, ...) \
+  (*(threadgroup __VA_ARGS__*)::tmf_emu::threadgroup_local(site, sizeof(__VA_ARGS__)))

@@ -1,0 +1,218 @@
+// The Metal-on-CPU runner's interface to compiled shaders: barriers, SIMD-group rendezvous, threadgroup
+// storage, and kernel registration with per-parameter bindings (taken from the [[...]] attributes by the
+// pre-pass in torch_metal_fused/emulator/prepass.py).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+namespace tmf_emu {
+
+// ---- SIMD-group operations --------------------------------------------------------------------------
+enum class SimdOp : int {
+  none,  // simdgroup_barrier: a rendezvous without data
+  sum,
+  max,
+  min,
+  prefix_exclusive_sum,
+  prefix_inclusive_sum,
+  broadcast_first,
+  shuffle,
+  shuffle_xor,
+  shuffle_down,
+  shuffle_up,
+  broadcast,
+  all,
+  any,
+  is_first,
+};
+
+constexpr int kSimdWidth = 32;
+constexpr size_t kMaxSimdValueBytes = 64;
+
+struct LaneIO {
+  alignas(16) unsigned char in[kMaxSimdValueBytes];
+  alignas(16) unsigned char out[kMaxSimdValueBytes];
+  uint32_t arg;
+};
+
+// Computes every active lane's result; returns a mask of lanes that read an inactive lane.
+using SimdResolver = uint32_t (*)(SimdOp op, LaneIO* lanes, uint32_t active_mask);
+
+void simd_rendezvous(SimdResolver resolver, SimdOp op, const void* in, void* out, size_t size, uint32_t arg,
+                     const char* file, int line);
+void barrier(const char* file, int line);
+void* threadgroup_local(uint64_t site, size_t bytes);
+
+template <typename T>
+T tmf_load(const unsigned char* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+template <typename T>
+uint32_t resolve_simd(SimdOp op, LaneIO* lanes, uint32_t active) {
+  uint32_t bad = 0;
+  int first = __builtin_ctz(active);
+  auto out = [&](int lane, T v) { std::memcpy(lanes[lane].out, &v, sizeof(T)); };
+  auto in = [&](int lane) { return tmf_load<T>(lanes[lane].in); };
+  auto read_lane = [&](int lane, int src, bool keep_if_outside) {
+    if (src < 0 || src >= kSimdWidth) {
+      if (keep_if_outside) return in(lane);
+      src &= kSimdWidth - 1;
+    }
+    if (!(active >> src & 1u)) {
+      bad |= 1u << lane;
+      T poison;
+      std::memset(&poison, 0xFF, sizeof(T));
+      return poison;
+    }
+    return in(src);
+  };
+  if constexpr (std::is_same_v<T, bool>) {
+    bool all = true, any = false;
+    for (int l = 0; l < kSimdWidth; ++l)
+      if (active >> l & 1u) all = all && in(l), any = any || in(l);
+    for (int l = 0; l < kSimdWidth; ++l) {
+      if (!(active >> l & 1u)) continue;
+      switch (op) {
+        case SimdOp::all: out(l, all); break;
+        case SimdOp::any: out(l, any); break;
+        case SimdOp::is_first: out(l, l == first); break;
+        default: out(l, in(l)); break;
+      }
+    }
+    return 0;
+  } else {
+    T total = in(first);
+    T running = T(0);
+    bool is_scalar = std::is_arithmetic_v<T> || sizeof(T) <= 2;
+    if (op == SimdOp::sum) {
+      total = T(0);
+      for (int l = 0; l < kSimdWidth; ++l)
+        if (active >> l & 1u) total = total + in(l);
+    }
+    if constexpr (std::is_arithmetic_v<T> || std::is_floating_point_v<T> || sizeof(T) <= 2) {
+      if (op == SimdOp::max || op == SimdOp::min) {
+        for (int l = 0; l < kSimdWidth; ++l) {
+          if (!(active >> l & 1u)) continue;
+          T v = in(l);
+          // NaN propagates, as on the GPU's fmax/fmin reductions of our kernels' inputs.
+          if (v != v || total != total) total = v != v ? v : total;
+          else if (op == SimdOp::max ? v > total : v < total) total = v;
+        }
+      }
+    }
+    (void)is_scalar;
+    for (int l = 0; l < kSimdWidth; ++l) {
+      if (!(active >> l & 1u)) continue;
+      switch (op) {
+        case SimdOp::sum:
+        case SimdOp::max:
+        case SimdOp::min: out(l, total); break;
+        case SimdOp::prefix_exclusive_sum: out(l, running); running = running + in(l); break;
+        case SimdOp::prefix_inclusive_sum: running = running + in(l); out(l, running); break;
+        case SimdOp::broadcast_first: out(l, in(first)); break;
+        case SimdOp::shuffle:
+        case SimdOp::broadcast: out(l, read_lane(l, int(lanes[l].arg), false)); break;
+        case SimdOp::shuffle_xor: out(l, read_lane(l, l ^ int(lanes[l].arg), false)); break;
+        case SimdOp::shuffle_down: out(l, read_lane(l, l + int(lanes[l].arg), true)); break;
+        case SimdOp::shuffle_up: out(l, read_lane(l, l - int(lanes[l].arg), true)); break;
+        default: out(l, in(l)); break;
+      }
+    }
+    return bad;
+  }
+}
+
+template <typename T>
+inline T simd_collective(T x, uint32_t arg, SimdOp op, const char* file, int line) {
+  static_assert(sizeof(T) <= kMaxSimdValueBytes, "SIMD value too large");
+  T result;
+  simd_rendezvous(&resolve_simd<T>, op, &x, &result, sizeof(T), arg, file, line);
+  return result;
+}
+
+// ---- kernel parameters and registration ---------------------------------------------------------------
+enum class Role : int {
+  buffer,
+  threadgroup_memory,
+  thread_position_in_grid,
+  thread_position_in_threadgroup,
+  threadgroup_position_in_grid,
+  threads_per_threadgroup,
+  threadgroups_per_grid,
+  threads_per_grid,
+  thread_index_in_threadgroup,
+  thread_index_in_simdgroup,
+  simdgroup_index_in_threadgroup,
+  simdgroups_per_threadgroup,
+  threads_per_simdgroup,
+};
+
+struct Binding {
+  Role role;
+  int index;
+};
+
+void* buffer_address(int index, size_t min_bytes);
+void* threadgroup_argument(int index);
+void thread_attribute(Role role, uint32_t out[3]);
+
+template <typename P>
+P make_arg(const Binding& b) {
+  if constexpr (std::is_pointer_v<P>) {
+    void* p = b.role == Role::threadgroup_memory ? threadgroup_argument(b.index) : buffer_address(b.index, 0);
+    return (P)p;
+  } else if constexpr (std::is_reference_v<P>) {
+    using V = std::remove_reference_t<P>;
+    return *(V*)buffer_address(b.index, sizeof(V));
+  } else {
+    uint32_t v[3];
+    thread_attribute(b.role, v);
+    if constexpr (std::is_arithmetic_v<P>) {
+      return P(v[0]);
+    } else {
+      P r;
+      for (int i = 0; i < int(__builtin_vectorelements(P)); ++i) r[i] = v[i];
+      return r;
+    }
+  }
+}
+
+using KernelInvoker = void (*)(const Binding* bindings);
+
+template <typename F>
+struct Invoker;
+template <typename... P>
+struct Invoker<void(P...)> {
+  template <void (*Fn)(P...), size_t... I>
+  static void call(const Binding* b, std::index_sequence<I...>) {
+    Fn(make_arg<P>(b[I])...);
+  }
+  template <void (*Fn)(P...)>
+  static void run(const Binding* b) {
+    call<Fn>(b, std::index_sequence_for<P...>{});
+  }
+  static constexpr size_t arity = sizeof...(P);
+};
+
+struct KernelRegistrar {
+  KernelRegistrar(const char* host_name, KernelInvoker invoker, const Binding* bindings, size_t count,
+                  size_t arity, const char* file, int line);
+};
+
+}  // namespace tmf_emu
+
+#define TMF_CAT2(a, b) a##b
+#define TMF_CAT(a, b) TMF_CAT2(a, b)
+// Replaces `template [[host_name("name")]] [[kernel]] decltype(fn<T>) fn<T>;` (see the pre-pass).
+#define TMF_INSTANTIATE(host_name, base, ...)                                                            \
+  static ::tmf_emu::KernelRegistrar TMF_CAT(tmf_registrar_, __LINE__)(                                  \
+      host_name, &::tmf_emu::Invoker<decltype(__VA_ARGS__)>::template run<&__VA_ARGS__>,                \
+      tmf_bindings_##base, sizeof(tmf_bindings_##base) / sizeof(::tmf_emu::Binding),                   \
+      ::tmf_emu::Invoker<decltype(__VA_ARGS__)>::arity, __FILE__, __LINE__);

@@ -1,0 +1,122 @@
+// C entry points of the Metal-on-CPU harness, called from torch_metal_fused/backends/emulated.py through
+// ctypes. Each runs the same launch code as the MPS dispatch (csrc/include/tmf/launch/*.h) on an EmuEncoder
+// and returns a report of the dispatches (kernel, grid, traffic per buffer, checker findings).
+#include <cstdio>
+#include <sstream>
+#include <string>
+
+#include "tmf/launch/lora_linear.h"
+#include "tmf/launch/rms_norm.h"
+#include "tmf/launch/softmax.h"
+#include "tmf_emu/emu_encoder.h"
+
+namespace {
+
+using tmf::launch::DeviceBuffer;
+using tmf::launch::DType;
+
+struct TensorArg {  // mirrors TensorArg in emulated.py
+  void* base;
+  uint64_t nbytes;
+  uint64_t offset;
+};
+
+DeviceBuffer buf(const TensorArg& t) { return DeviceBuffer{t.base, size_t(t.offset), size_t(t.nbytes)}; }
+
+thread_local std::string g_report;
+
+const char* write_report(const tmf_emu::EmuEncoder& enc) {
+  std::ostringstream out;
+  for (const auto& r : enc.reports) {
+    out << "dispatch\t" << r.kernel << '\t' << r.groups.x << ',' << r.groups.y << ',' << r.groups.z << '\t'
+        << r.threads.x << ',' << r.threads.y << ',' << r.threads.z << '\t' << r.threadgroup_memory << '\n';
+    for (const auto& [index, t] : r.traffic)
+      out << "traffic\t" << index << '\t' << t.bytes_read << '\t' << t.bytes_written << '\n';
+    for (const auto& e : r.errors)
+      out << "error\t" << e.kind << '\t' << e.file << '\t' << e.line << '\t' << e.pc << '\t' << e.count << '\t'
+          << e.message << '\n';
+  }
+  g_report = out.str();
+  return g_report.c_str();
+}
+
+template <class F>
+const char* run(int checking, uint32_t max_threads, F&& launch) {
+  tmf_emu::EmuEncoder enc;
+  enc.checking = checking != 0;
+  enc.max_threads = max_threads;
+  try {
+    launch(enc);
+  } catch (const std::exception& e) {
+    g_report = std::string("exception\t") + e.what() + "\n";
+    return g_report.c_str();
+  }
+  return write_report(enc);
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* tmf_emu_kernel_names() {
+  static std::string names;
+  names.clear();
+  for (auto& n : tmf_emu::kernel_names()) names += n + "\n";
+  return names.c_str();
+}
+
+const char* tmf_emu_softmax_forward(int checking, uint32_t max_threads, int dtype, TensorArg x, uint64_t x_stride,
+                                    TensorArg y, uint64_t rows, uint64_t cols) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::softmax_forward(enc, DType(dtype), buf(x), x_stride, buf(y), rows, cols);
+  });
+}
+
+const char* tmf_emu_softmax_backward(int checking, uint32_t max_threads, int dtype, TensorArg y, TensorArg dy,
+                                     uint64_t dy_stride, TensorArg dx, uint64_t rows, uint64_t cols) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::softmax_backward(enc, DType(dtype), buf(y), buf(dy), dy_stride, buf(dx), rows, cols);
+  });
+}
+
+const char* tmf_emu_rms_norm_forward(int checking, uint32_t max_threads, int dtype, TensorArg x, uint64_t x_stride,
+                                     TensorArg weight, TensorArg y, TensorArg rstd, uint64_t rows, uint64_t cols,
+                                     float eps) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::rms_norm_forward(enc, DType(dtype), buf(x), x_stride, buf(weight), buf(y), buf(rstd), rows, cols,
+                                  eps);
+  });
+}
+
+const char* tmf_emu_rms_norm_backward(int checking, uint32_t max_threads, int dtype, TensorArg dy, uint64_t dy_stride,
+                                      TensorArg x, uint64_t x_stride, TensorArg weight, TensorArg rstd, TensorArg dx,
+                                      TensorArg dw_partial, TensorArg dw, uint64_t rows, uint64_t cols) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::rms_norm_backward(enc, DType(dtype), buf(dy), dy_stride, buf(x), x_stride, buf(weight), buf(rstd),
+                                   buf(dx), buf(dw_partial), buf(dw), rows, cols);
+  });
+}
+
+uint32_t tmf_emu_rms_norm_backward_groups(uint64_t rows) { return tmf::launch::rms_norm_backward_groups(rows); }
+
+const char* tmf_emu_lora_forward_lowrank(int checking, uint32_t max_threads, int dtype, TensorArg x,
+                                         uint64_t x_stride, TensorArg lora_a, TensorArg lora_b, TensorArg mask,
+                                         TensorArg y, TensorArg h, uint64_t tokens, uint64_t in_features,
+                                         uint64_t out_features, uint64_t rank, float scale) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::lora_forward_lowrank(enc, DType(dtype), buf(x), x_stride, buf(lora_a), buf(lora_b), buf(mask),
+                                      buf(y), buf(h), tokens, in_features, out_features, rank, scale);
+  });
+}
+
+const char* tmf_emu_lora_backward_lowrank(int checking, uint32_t max_threads, int dtype, TensorArg dy,
+                                          uint64_t dy_stride, TensorArg lora_a, TensorArg lora_b, TensorArg mask,
+                                          TensorArg dh, TensorArg dx, uint64_t tokens, uint64_t in_features,
+                                          uint64_t out_features, uint64_t rank, float scale) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::lora_backward_lowrank(enc, DType(dtype), buf(dy), dy_stride, buf(lora_a), buf(lora_b), buf(mask),
+                                       buf(dh), buf(dx), tokens, in_features, out_features, rank, scale);
+  });
+}
+
+}  // extern "C"

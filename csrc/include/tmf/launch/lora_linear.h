@@ -1,0 +1,73 @@
+// Launch code for shaders/lora_linear.metal, shared by the MPS dispatch and the Metal-on-CPU harness.
+// The big GEMMs (x·Wᵀ, dy·W, dyᵀ·x, dyᵀ·h, dhᵀ·x) run on the platform's native matmul, issued by the caller;
+// these kernels do the rank-r work, one threadgroup per token row.
+#pragma once
+
+#include "tmf/launch/common.h"
+
+namespace tmf::launch {
+
+constexpr uint32_t kLoraMaxRank = 256;  // h / dh of one row kept in threadgroup memory (1 KiB of float)
+constexpr uint32_t kLoraThreads = 256;
+
+
+template <class Encoder>
+uint32_t lora_threadgroup_size(Encoder& enc, uint64_t widest) {
+  uint32_t cap = std::min<uint32_t>(kLoraThreads, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
+  return std::min<uint32_t>(cap, round_up(uint32_t(std::min<uint64_t>(widest, kLoraThreads)), kSimdWidth));
+}
+
+// y += scale * (dropout(x)·Aᵀ)·Bᵀ in place (y holds x·Wᵀ + bias), and h = dropout(x)·Aᵀ written out.
+// One dispatch; x is read ceil(r / 16) times per row (16 rank accumulators per pass).
+template <class Encoder>
+void lora_forward_lowrank(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t x_row_stride,
+                          const DeviceBuffer& lora_a, const DeviceBuffer& lora_b, const DeviceBuffer& mask,
+                          const DeviceBuffer& y, const DeviceBuffer& h, uint64_t tokens, uint64_t in_features,
+                          uint64_t out_features, uint64_t rank, float scale) {
+  if (tokens == 0) return;
+  check_u32(tokens, "tokens"), check_u32(in_features, "in_features"), check_u32(out_features, "out_features");
+  check_u32(x_row_stride, "row stride");
+  if (rank == 0 || rank > kLoraMaxRank) throw std::invalid_argument("LoRA rank must be in [1, 256] for the kernels");
+  const bool has_mask = mask.handle != nullptr;
+  LoraParams p{uint32_t(tokens), uint32_t(in_features), uint32_t(out_features), uint32_t(rank),
+               uint32_t(x_row_stride), 0, scale, has_mask ? 1u : 0u};
+  enc.set_kernel(kernel_name("lora_forward_lowrank", "row", t));
+  uint32_t threads = lora_threadgroup_size(enc, std::max(in_features, out_features));
+  enc.set_buffer(0, x);
+  enc.set_buffer(1, lora_a);
+  enc.set_buffer(2, lora_b);
+  enc.set_buffer(3, has_mask ? mask : x);
+  enc.set_buffer(4, y);
+  enc.set_buffer(5, h);
+  enc.set_bytes(6, &p, sizeof(p));
+  enc.dispatch_threadgroups(Size3{uint32_t(tokens), 1, 1}, Size3{threads, 1, 1});
+}
+
+// dh = scale * dy·B written out (for dA = dhᵀ·dropout(x) by the native GEMM), and, if dx is given,
+// dx += (dh·A) * mask in place (dx holds dy·W). One dispatch.
+template <class Encoder>
+void lora_backward_lowrank(Encoder& enc, DType t, const DeviceBuffer& dy, uint64_t dy_row_stride,
+                           const DeviceBuffer& lora_a, const DeviceBuffer& lora_b, const DeviceBuffer& mask,
+                           const DeviceBuffer& dh, const DeviceBuffer& dx, uint64_t tokens, uint64_t in_features,
+                           uint64_t out_features, uint64_t rank, float scale) {
+  if (tokens == 0) return;
+  check_u32(tokens, "tokens"), check_u32(in_features, "in_features"), check_u32(out_features, "out_features");
+  check_u32(dy_row_stride, "row stride");
+  if (rank == 0 || rank > kLoraMaxRank) throw std::invalid_argument("LoRA rank must be in [1, 256] for the kernels");
+  const bool has_mask = mask.handle != nullptr;
+  const bool wants_dx = dx.handle != nullptr;
+  LoraParams p{uint32_t(tokens), uint32_t(in_features), uint32_t(out_features), uint32_t(rank), 0,
+               uint32_t(dy_row_stride), scale, has_mask ? 1u : 0u};
+  enc.set_kernel(kernel_name(wants_dx ? "lora_backward_lowrank_dx" : "lora_backward_lowrank_dh", "row", t));
+  uint32_t threads = lora_threadgroup_size(enc, std::max(in_features, out_features));
+  enc.set_buffer(0, dy);
+  enc.set_buffer(1, lora_a);
+  enc.set_buffer(2, lora_b);
+  enc.set_buffer(3, has_mask ? mask : dy);
+  enc.set_buffer(4, dh);
+  enc.set_buffer(5, wants_dx ? dx : dh);
+  enc.set_bytes(6, &p, sizeof(p));
+  enc.dispatch_threadgroups(Size3{uint32_t(tokens), 1, 1}, Size3{threads, 1, 1});
+}
+
+}  // namespace tmf::launch

@@ -1,0 +1,77 @@
+// Launch code for shaders/rms_norm.metal, shared by the MPS dispatch and the Metal-on-CPU harness.
+#pragma once
+
+#include "tmf/launch/common.h"
+
+namespace tmf::launch {
+
+// y = x * rstd * w, rstd (float32, one per row) saved for backward. One dispatch.
+// `weight` with handle == nullptr means no weight (kernel variant without it reads none).
+template <class Encoder>
+void rms_norm_forward(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t x_row_stride, const DeviceBuffer& weight,
+                      const DeviceBuffer& y, const DeviceBuffer& rstd, uint64_t rows, uint64_t cols, float eps) {
+  if (rows == 0 || cols == 0) return;  // the caller fills rstd for empty rows
+  check_u32(rows, "rows"), check_u32(cols, "row length"), check_u32(x_row_stride, "row stride");
+  const bool has_weight = weight.handle != nullptr;
+  std::string base = has_weight ? "rms_norm_forward" : "rms_norm_forward_noweight";
+  RowPlan plan = plan_rows(enc, base.c_str(), t, uint32_t(rows), uint32_t(cols));
+  RowParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), 0, plan.rows_per_group, eps};
+  enc.set_kernel(plan.kernel);
+  enc.set_buffer(0, x);
+  enc.set_buffer(1, has_weight ? weight : x);  // unread without weight; Metal wants every index bound
+  enc.set_buffer(2, y);
+  enc.set_buffer(3, rstd);
+  enc.set_bytes(4, &p, sizeof(p));
+  enc.dispatch_threadgroups(plan.groups, plan.threads);
+}
+
+// Threadgroups of the backward dx kernel, and so rows of the float32 dw partial-sum buffer the caller
+// allocates: enough groups to fill a GPU, few enough that the partial rows cost little next to x.
+inline uint32_t rms_norm_backward_groups(uint64_t rows) { return uint32_t(std::min<uint64_t>(rows, 256)); }
+
+// dx (contiguous) and, if `dw_partial` is given, dw: the dx kernel walks rows group, group + groups, ...
+// keeping each thread's dw columns in registers (single_row) and writes one partial row per group;
+// rms_norm_backward_dw_reduce then sums the partial rows into dw. Two dispatches with dw, one without.
+template <class Encoder>
+void rms_norm_backward(Encoder& enc, DType t, const DeviceBuffer& dy, uint64_t dy_row_stride, const DeviceBuffer& x,
+                       uint64_t x_row_stride, const DeviceBuffer& weight, const DeviceBuffer& rstd,
+                       const DeviceBuffer& dx, const DeviceBuffer& dw_partial, const DeviceBuffer& dw, uint64_t rows,
+                       uint64_t cols) {
+  if (rows == 0 || cols == 0) return;
+  check_u32(rows, "rows"), check_u32(cols, "row length");
+  check_u32(x_row_stride, "row stride"), check_u32(dy_row_stride, "row stride");
+  const bool has_weight = weight.handle != nullptr;
+  const bool wants_dw = dw_partial.handle != nullptr;
+  const bool wants_dx = dx.handle != nullptr;
+  const uint32_t groups = rms_norm_backward_groups(rows);
+  RmsNormBackwardParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), uint32_t(dy_row_stride), groups,
+                          has_weight ? 1u : 0u};
+  const char* mode = wants_dx ? (wants_dw ? "dx_dw" : "dx") : "dw";
+  uint32_t needed = round_up(ceil_div(cols, kReadsPerThread), kSimdWidth);
+  std::string kernel = std::string("rms_norm_backward_") + mode;
+  std::string name = kernel_name(kernel.c_str(), "single_row", t);
+  enc.set_kernel(name);
+  uint32_t threads = needed;
+  if (needed > enc.max_threads_per_threadgroup()) {
+    name = kernel_name(kernel.c_str(), "looped", t);
+    enc.set_kernel(name);
+    threads = std::min<uint32_t>(1024, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
+  }
+  enc.set_buffer(0, dy);
+  enc.set_buffer(1, x);
+  enc.set_buffer(2, has_weight ? weight : x);
+  enc.set_buffer(3, rstd);
+  enc.set_buffer(4, wants_dx ? dx : x);
+  enc.set_buffer(5, wants_dw ? dw_partial : x);
+  enc.set_bytes(6, &p, sizeof(p));
+  enc.dispatch_threadgroups(Size3{groups, 1, 1}, Size3{threads, 1, 1});
+  if (!wants_dw) return;
+  enc.set_kernel(kernel_name("rms_norm_backward_dw_reduce", "columns", t));
+  const uint32_t reduce_threads = std::min<uint32_t>(256, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
+  enc.set_buffer(0, dw_partial);
+  enc.set_buffer(1, dw);
+  enc.set_bytes(2, &p, sizeof(p));
+  enc.dispatch_threadgroups(Size3{ceil_div(cols, reduce_threads), 1, 1}, Size3{reduce_threads, 1, 1});
+}
+
+}  // namespace tmf::launch

@@ -1,0 +1,48 @@
+// Argument structs shared by the host launch code (C++/Objective-C++) and the Metal shaders, so their
+// layouts cannot drift apart. Only 32-bit fields: identical layout in MSL and C++.
+#pragma once
+
+#ifndef __METAL_VERSION__
+#include <cstdint>
+namespace tmf {
+using uint = uint32_t;
+#else
+namespace tmf {
+#endif
+
+// Row-wise kernels (softmax, RMSNorm): `rows` rows of `cols` elements; row i of x starts at
+// x + i * x_row_stride (elements; the last dimension is contiguous); outputs are contiguous.
+struct RowParams {
+  uint rows;
+  uint cols;
+  uint x_row_stride;
+  uint dy_row_stride;  // backward kernels: the incoming gradient's row stride
+  uint rows_per_group;  // simd_rows variants: rows handled by one threadgroup (one per SIMD-group)
+  float eps;            // RMSNorm
+};
+
+// RMSNorm backward: each of `groups` threadgroups walks rows group, group + groups, ... and writes one
+// float32 row of dw partial sums; rms_norm_backward_dw_reduce sums the `groups` partial rows.
+struct RmsNormBackwardParams {
+  uint rows;
+  uint cols;
+  uint x_row_stride;
+  uint dy_row_stride;
+  uint groups;
+  uint has_weight;
+};
+
+// LoRA low-rank kernels, one threadgroup per token row.
+struct LoraParams {
+  uint tokens;
+  uint in_features;
+  uint out_features;
+  uint rank;
+  uint x_row_stride;   // forward: x; backward: unused
+  uint dy_row_stride;  // backward: dy
+  float scale;
+  uint has_mask;  // dropout mask (pre-scaled by 1/(1-p)), contiguous (tokens, in)
+};
+
+
+}  // namespace tmf

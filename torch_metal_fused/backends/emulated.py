@@ -1,0 +1,135 @@
+"""The "metal-emulated" backend: CPU tensors run through our Metal kernels on the Metal-on-CPU harness,
+via the same launch code (csrc/include/tmf/launch) as the MPS dispatch. Native GEMMs (the LoRA base
+products) run on torch's CPU matmul, as they run on MPS's native matmul on a Mac.
+Opt in with TORCH_METAL_FUSED_BACKEND=metal-emulated."""
+
+from __future__ import annotations
+
+import torch
+
+from torch_metal_fused import reference
+
+_LORA_MAX_RANK = 256  # tmf::launch::kLoraMaxRank
+
+
+def available() -> tuple[bool, str]:
+    try:
+        from torch_metal_fused.emulator import runner
+
+        runner.libraries()
+    except Exception as exc:  # noqa: BLE001 - report why, whatever it is
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def _runner():
+    from torch_metal_fused.emulator import runner
+
+    return runner
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D (rows, cols) view of t with a unit inner stride (copying only when no such view exists)."""
+    t2 = t.reshape(-1, t.shape[-1]) if t.ndim != 2 else t
+    if t2.shape[-1] > 1 and t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _row_stride(t2: torch.Tensor) -> int:
+    return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
+
+
+def softmax_forward(x: torch.Tensor) -> torch.Tensor:
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return y
+    x2 = _rows(x)
+    _runner().launch("softmax_forward", x.dtype, x2, _row_stride(x2), y, x2.shape[0], x2.shape[1])
+    return y
+
+
+def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    if y.numel() == 0:
+        return dx
+    y2, dy2 = _rows(y.contiguous()), _rows(dy)
+    _runner().launch("softmax_backward", y.dtype, y2, dy2, _row_stride(dy2), dx, y2.shape[0], y2.shape[1])
+    return dx
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x.shape[-1] == 0:
+        rstd.fill_(eps**-0.5 if eps > 0 else float("inf"))
+        return y, rstd
+    if x.numel() == 0:
+        return y, rstd
+    x2 = _rows(x)
+    w = weight.contiguous() if weight is not None else None
+    _runner().launch("rms_norm_forward", x.dtype, x2, _row_stride(x2), w, y, rstd, x2.shape[0], x2.shape[1],
+                     float(eps))
+    return y, rstd
+
+
+def rms_norm_backward(dy, x, weight, rstd, needs_dx: bool, needs_dw: bool):
+    cols = x.shape[-1]
+    needs_dw = needs_dw and weight is not None
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if needs_dx else None
+    dw = torch.zeros(cols, dtype=x.dtype, device=x.device) if needs_dw else None
+    if x.numel() == 0 or not (needs_dx or needs_dw):
+        return dx, dw
+    runner = _runner()
+    x2, dy2 = _rows(x), _rows(dy)
+    rows = x2.shape[0]
+    partial = torch.empty(runner.rms_norm_backward_groups(rows), cols, dtype=torch.float32) if needs_dw else None
+    w = weight.contiguous() if weight is not None else None
+    runner.launch("rms_norm_backward", x.dtype, dy2, _row_stride(dy2), x2, _row_stride(x2), w, rstd.contiguous(),
+                  dx, partial, dw, rows, cols)
+    return dx, dw
+
+
+def lora_forward(x, weight, bias, lora_a, lora_b, scale: float, dropout_mask):
+    tokens, in_features = x.shape
+    rank = lora_a.shape[0]
+    if rank > _LORA_MAX_RANK:  # h of a row must fit the kernel's threadgroup memory
+        return reference.lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_mask)
+    y = torch.nn.functional.linear(x, weight, bias).contiguous()  # the native GEMM
+    h = torch.empty(tokens, rank, dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return y, h
+    x2 = _rows(x)
+    mask = dropout_mask.contiguous() if dropout_mask is not None else None
+    _runner().launch("lora_forward_lowrank", x.dtype, x2, _row_stride(x2), lora_a.contiguous(), lora_b.contiguous(),
+                     mask, y, h, tokens, in_features, weight.shape[0], rank, float(scale))
+    return y, h
+
+
+def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, needs):
+    needs_dx, needs_dw, needs_db, needs_da, needs_dlb = needs
+    rank = lora_a.shape[0]
+    tokens = x.shape[0]
+    if rank > _LORA_MAX_RANK:
+        return reference.lora_backward(dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, needs)
+    dy2 = _rows(dy)
+    dx = dw = dbias = da = dlb = None
+    if needs_dx:
+        dx = (dy2 @ weight).contiguous()  # native GEMM; the kernel adds (dh·A)·mask in place
+    if needs_dx or needs_da:
+        dh = torch.empty(tokens, rank, dtype=x.dtype, device=x.device)
+        if tokens:
+            mask = dropout_mask.contiguous() if dropout_mask is not None else None
+            _runner().launch("lora_backward_lowrank", x.dtype, dy2, _row_stride(dy2), lora_a.contiguous(),
+                             lora_b.contiguous(), mask, dh, dx, tokens, x.shape[1], weight.shape[0], rank,
+                             float(scale))
+        if needs_da:
+            x_lora = x if dropout_mask is None else x * dropout_mask
+            da = dh.t() @ x_lora
+    if needs_dlb:
+        dlb = (dy2.t() @ h) * scale
+    if needs_dw:
+        dw = dy2.t() @ x
+    if needs_db:
+        dbias = dy2.sum(0)
+    return dx, dw, dbias, da, dlb

@@ -1,0 +1,171 @@
+"""Builds the Metal-on-CPU harness: pre-passes shaders/*.metal, compiles them with clang 19 against the
+harness prelude, and links them with the runner (csrc/emu) into two shared libraries:
+
+- `libtmf_emu.so`: plain, optimised: executes kernels (the "metal-emulated" backend).
+- `libtmf_emu_checked.so`: the shader code instrumented with sanitizer-coverage load/store callbacks:
+  the checker (races, uninitialised reads, out-of-bounds accesses) and the device-traffic counts.
+
+Builds are cached by a hash of every input under ~/.cache/torch_metal_fused (or $TORCH_METAL_FUSED_CACHE).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch_metal_fused.emulator.prepass import prepass
+
+REPO = Path(__file__).resolve().parents[2]
+SHADERS = REPO / "shaders"
+EMU_SRC = REPO / "csrc" / "emu"
+INCLUDES = [EMU_SRC / "include", REPO / "csrc" / "include", SHADERS]
+CLANG_CANDIDATES = ("clang++-19", "clang++-20", "clang++-21", "clang++-18")
+COMMON_FLAGS = ["-std=c++17", "-O2", "-g", "-gdwarf-4", "-fPIC", "-Wall", "-Wno-unknown-attributes",
+                "-Wno-unused-variable", "-Wno-unused-function", "-fno-fast-math", "-ffp-contract=off"]
+CHECK_FLAGS = ["-fsanitize-coverage=func,trace-loads,trace-stores"]
+
+
+class HarnessUnavailable(RuntimeError):
+    pass
+
+
+class ShaderCompileError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Libraries:
+    plain: Path
+    checked: Path
+    generated: Path  # folder of the pre-processed shader sources
+
+
+def find_clang() -> str:
+    override = os.environ.get("TORCH_METAL_FUSED_CLANG")
+    for name in ([override] if override else []) + list(CLANG_CANDIDATES):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise HarnessUnavailable(
+        "clang 19 (or newer) not found: the harness needs its _Float16/__bf16 support "
+        "(Debian/Ubuntu: apt-get install clang-19 libboost-context-dev; or set TORCH_METAL_FUSED_CLANG)"
+    )
+
+
+def _check_boost() -> None:
+    if not any(Path(p, "boost/context/detail/fcontext.hpp").exists() for p in ("/usr/include", "/usr/local/include")):
+        raise HarnessUnavailable("boost.context headers not found (apt-get install libboost-context-dev)")
+
+
+def shader_paths() -> list[Path]:
+    return sorted(SHADERS.glob("*.metal"))
+
+
+def _inputs_digest(clang: str) -> str:
+    h = hashlib.sha256()
+    version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
+    h.update(version.encode())
+    h.update(" ".join(COMMON_FLAGS + CHECK_FLAGS).encode())
+    files = sorted(
+        [*SHADERS.rglob("*"), *EMU_SRC.rglob("*"), *(REPO / "csrc" / "include").rglob("*"),
+         Path(__file__), Path(__file__).with_name("prepass.py")]
+    )
+    for f in files:
+        if f.is_file():
+            h.update(str(f.relative_to(REPO)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TORCH_METAL_FUSED_CACHE", Path.home() / ".cache" / "torch_metal_fused"))
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ShaderCompileError(f"command failed: {' '.join(cmd)}\n{proc.stderr[-8000:]}")
+
+
+def generate(out_dir: Path, sources: list[Path] | None = None) -> list[Path]:
+    """Pre-pass each shader into out_dir/<stem>.cpp (+ bindings header); returns the .cpp paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generated = []
+    for src in sources or shader_paths():
+        result = prepass(src)
+        (out_dir / f"{src.stem}.bindings.h").write_text(result.bindings_header)
+        cpp = out_dir / f"{src.stem}.cpp"
+        cpp.write_text(f'#include "{src.stem}.bindings.h"\n' + result.source)
+        generated.append(cpp)
+    return generated
+
+
+def compile_libraries(out_dir: Path, sources: list[Path] | None = None, jobs: int | None = None) -> Libraries:
+    """Compile and link both libraries into out_dir (no caching; see `ensure_built`)."""
+    clang = find_clang()
+    _check_boost()
+    gen_dir = out_dir / "gen"
+    shaders = generate(gen_dir, sources)
+    include_flags = [f"-I{p}" for p in INCLUDES] + [f"-I{gen_dir}"]
+    jobs_list = []
+    runtime_objs = []
+    for src in (EMU_SRC / "runtime.cpp", EMU_SRC / "ops.cpp"):
+        obj = out_dir / f"{src.stem}.o"
+        jobs_list.append([clang, *COMMON_FLAGS, *include_flags, "-c", str(src), "-o", str(obj)])
+        runtime_objs.append(obj)
+    plain_objs, checked_objs = [], []
+    for cpp in shaders:
+        plain, checked = out_dir / f"{cpp.stem}.plain.o", out_dir / f"{cpp.stem}.checked.o"
+        jobs_list.append([clang, *COMMON_FLAGS, *include_flags, "-c", str(cpp), "-o", str(plain)])
+        jobs_list.append([clang, *COMMON_FLAGS, *CHECK_FLAGS, *include_flags, "-c", str(cpp), "-o", str(checked)])
+        plain_objs.append(plain)
+        checked_objs.append(checked)
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
+        for f in [pool.submit(_run, cmd) for cmd in jobs_list]:
+            f.result()
+    libs = Libraries(out_dir / "libtmf_emu.so", out_dir / "libtmf_emu_checked.so", gen_dir)
+    link = [clang, "-shared", "-Wl,-Bsymbolic", "-o"]
+    tail = ["-lboost_context", "-lpthread", "-ldl"]
+    _run([*link, str(libs.plain), *map(str, runtime_objs), *map(str, plain_objs), *tail])
+    _run([*link, str(libs.checked), *map(str, runtime_objs), *map(str, checked_objs), *tail])
+    return libs
+
+
+def ensure_built() -> Libraries:
+    """The cached build for the current sources, building it first if needed (under a file lock)."""
+    clang = find_clang()
+    _check_boost()
+    digest = _inputs_digest(clang)
+    out = cache_root() / "emulator" / digest
+    libs = Libraries(out / "libtmf_emu.so", out / "libtmf_emu_checked.so", out / "gen")
+    if libs.plain.exists() and libs.checked.exists():
+        return libs
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (libs.plain.exists() and libs.checked.exists()):
+            tmp = out / "tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            built = compile_libraries(tmp)
+            shutil.rmtree(libs.generated, ignore_errors=True)
+            shutil.copytree(built.generated, libs.generated)
+            shutil.copy2(built.checked, libs.checked.with_suffix(".tmp"))
+            shutil.copy2(built.plain, libs.plain.with_suffix(".tmp"))
+            os.replace(libs.checked.with_suffix(".tmp"), libs.checked)
+            os.replace(libs.plain.with_suffix(".tmp"), libs.plain)
+    return libs
+
+
+def lint_address_spaces(source: Path, work_dir: Path) -> None:
+    """The strict pass: compile a shader with Metal's address spaces as clang address spaces, so device,
+    threadgroup and constant pointers cannot be mixed up. Raises ShaderCompileError with file:line."""
+    clang = find_clang()
+    gen = generate(work_dir, [source])[0]
+    include_flags = [f"-I{p}" for p in INCLUDES] + [f"-I{work_dir}"]
+    _run([clang, *COMMON_FLAGS, "-DTMF_STRICT_ADDRESS_SPACES", "-fsyntax-only", *include_flags, str(gen)])
