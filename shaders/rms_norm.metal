@@ -1,0 +1,294 @@
+// RMSNorm over rows, forward and backward, in float32, float16 and bfloat16 (statistics in float32).
+// Launch code: csrc/include/tmf/launch/rms_norm.h.
+//
+// Forward: y = x * rstd * w with rstd = rsqrt(mean(x²) + eps) saved as float32 per row (4 B per row).
+//   simd_rows  (cols <= 256)  8 rows per threadgroup, one SIMD-group per row, <= 8 elements per lane.
+//   single_row (cols <= 4096) one threadgroup per row, 4 contiguous elements per thread in registers.
+//   Both read x once and write y once (2 * sizeof(T) B per element, + w once per threadgroup).
+//   looped     (longer rows)  reads x twice (3 * sizeof(T) B per element).
+//   One dispatch per op call. *_noweight variants read no weight.
+// Backward: one dispatch of the dx kernel over `groups` (<= 256) threadgroups, each walking rows
+//   group, group + groups, ...: g = dy * w, dx = rstd * (g - x * rstd² * mean(g * x)); with dw, each thread
+//   also accumulates dy * x * rstd for its columns (registers in single_row, its own slots of the partial
+//   row in looped) and writes one float32 partial row per group; a second dispatch
+//   (rms_norm_backward_dw_reduce) sums the partial rows. single_row reads x and dy once and writes dx once;
+//   looped reads them twice. Without dw there is no partial buffer and no second dispatch.
+#include <metal_stdlib>
+#include "tmf/shader_args.h"
+#include "reduce.h"
+using namespace metal;
+
+constant constexpr uint SIMD_ROW_ELEMS = 8;
+constant constexpr uint READS = 4;
+
+// ---- forward ----------------------------------------------------------------------------------------
+template <typename T, bool HAS_WEIGHT>
+[[kernel]] void rms_norm_forward_simd_rows(
+    device const T* x [[buffer(0)]],
+    device const T* w [[buffer(1)]],
+    device T* y [[buffer(2)]],
+    device float* rstd [[buffer(3)]],
+    constant tmf::RowParams& p [[buffer(4)]],
+    uint group [[threadgroup_position_in_grid]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]]) {
+  const uint row = group * p.rows_per_group + simd_group;
+  if (row >= p.rows) {
+    return;  // the whole SIMD-group leaves together; no threadgroup barrier in this kernel
+  }
+  device const T* xr = x + ulong(row) * p.x_row_stride;
+  device T* yr = y + ulong(row) * p.cols;
+  float v[SIMD_ROW_ELEMS];
+  float ss = 0.0f;
+  for (uint i = 0; i < SIMD_ROW_ELEMS; ++i) {
+    const uint c = lane + i * 32;
+    v[i] = c < p.cols ? float(xr[c]) : 0.0f;
+    ss += v[i] * v[i];
+  }
+  const float r = precise::rsqrt(simd_sum(ss) / float(p.cols) + p.eps);
+  if (lane == 0) {
+    rstd[row] = r;
+  }
+  for (uint i = 0; i < SIMD_ROW_ELEMS; ++i) {
+    const uint c = lane + i * 32;
+    if (c < p.cols) {
+      yr[c] = static_cast<T>(HAS_WEIGHT ? v[i] * r * float(w[c]) : v[i] * r);
+    }
+  }
+}
+
+template <typename T, bool HAS_WEIGHT>
+[[kernel]] void rms_norm_forward_single_row(
+    device const T* x [[buffer(0)]],
+    device const T* w [[buffer(1)]],
+    device T* y [[buffer(2)]],
+    device float* rstd [[buffer(3)]],
+    constant tmf::RowParams& p [[buffer(4)]],
+    uint row [[threadgroup_position_in_grid]],
+    uint tid [[thread_position_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint n_simd [[simdgroups_per_threadgroup]]) {
+  threadgroup float scratch[32];
+  device const T* xr = x + ulong(row) * p.x_row_stride;
+  device T* yr = y + ulong(row) * p.cols;
+  const uint c0 = tid * READS;
+  float v[READS];
+  float ss = 0.0f;
+  for (uint i = 0; i < READS; ++i) {
+    v[i] = c0 + i < p.cols ? float(xr[c0 + i]) : 0.0f;
+    ss += v[i] * v[i];
+  }
+  const float r = precise::rsqrt(threadgroup_sum(ss, scratch, lane, simd_group, n_simd) / float(p.cols) + p.eps);
+  if (tid == 0) {
+    rstd[row] = r;
+  }
+  for (uint i = 0; i < READS; ++i) {
+    if (c0 + i < p.cols) {
+      yr[c0 + i] = static_cast<T>(HAS_WEIGHT ? v[i] * r * float(w[c0 + i]) : v[i] * r);
+    }
+  }
+}
+
+template <typename T, bool HAS_WEIGHT>
+[[kernel]] void rms_norm_forward_looped(
+    device const T* x [[buffer(0)]],
+    device const T* w [[buffer(1)]],
+    device T* y [[buffer(2)]],
+    device float* rstd [[buffer(3)]],
+    constant tmf::RowParams& p [[buffer(4)]],
+    uint row [[threadgroup_position_in_grid]],
+    uint tid [[thread_position_in_threadgroup]],
+    uint threads [[threads_per_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint n_simd [[simdgroups_per_threadgroup]]) {
+  threadgroup float scratch[32];
+  device const T* xr = x + ulong(row) * p.x_row_stride;
+  device T* yr = y + ulong(row) * p.cols;
+  float ss = 0.0f;
+  for (uint c = tid; c < p.cols; c += threads) {
+    const float v = float(xr[c]);
+    ss += v * v;
+  }
+  const float r = precise::rsqrt(threadgroup_sum(ss, scratch, lane, simd_group, n_simd) / float(p.cols) + p.eps);
+  if (tid == 0) {
+    rstd[row] = r;
+  }
+  for (uint c = tid; c < p.cols; c += threads) {
+    const float v = float(xr[c]) * r;
+    yr[c] = static_cast<T>(HAS_WEIGHT ? v * float(w[c]) : v);
+  }
+}
+
+// ---- backward ---------------------------------------------------------------------------------------
+template <typename T, bool DX, bool DW>
+[[kernel]] void rms_norm_backward_single_row(
+    device const T* dy [[buffer(0)]],
+    device const T* x [[buffer(1)]],
+    device const T* w [[buffer(2)]],
+    device const float* rstd [[buffer(3)]],
+    device T* dx [[buffer(4)]],
+    device float* dw_partial [[buffer(5)]],
+    constant tmf::RmsNormBackwardParams& p [[buffer(6)]],
+    uint group [[threadgroup_position_in_grid]],
+    uint tid [[thread_position_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint n_simd [[simdgroups_per_threadgroup]]) {
+  threadgroup float scratch[32];
+  const uint c0 = tid * READS;
+  float wv[READS];
+  float dw_acc[READS];
+  for (uint i = 0; i < READS; ++i) {
+    wv[i] = (p.has_weight != 0 && c0 + i < p.cols) ? float(w[c0 + i]) : 1.0f;
+    dw_acc[i] = 0.0f;
+  }
+  const float inv_cols = 1.0f / float(p.cols);
+  for (uint row = group; row < p.rows; row += p.groups) {  // uniform across the threadgroup
+    device const T* xr = x + ulong(row) * p.x_row_stride;
+    device const T* dyr = dy + ulong(row) * p.dy_row_stride;
+    const float r = rstd[row];
+    float xv[READS];
+    float gv[READS];
+    float dot = 0.0f;
+    for (uint i = 0; i < READS; ++i) {
+      const bool in_row = c0 + i < p.cols;
+      xv[i] = in_row ? float(xr[c0 + i]) : 0.0f;
+      const float d = in_row ? float(dyr[c0 + i]) : 0.0f;
+      if (DW) {
+        dw_acc[i] += d * xv[i] * r;
+      }
+      gv[i] = d * wv[i];
+      dot += gv[i] * xv[i];
+    }
+    if (DX) {
+      const float coef = r * r * threadgroup_sum(dot, scratch, lane, simd_group, n_simd) * inv_cols;
+      device T* dxr = dx + ulong(row) * p.cols;
+      for (uint i = 0; i < READS; ++i) {
+        if (c0 + i < p.cols) {
+          dxr[c0 + i] = static_cast<T>(r * (gv[i] - xv[i] * coef));
+        }
+      }
+    }
+  }
+  if (DW) {
+    device float* out = dw_partial + ulong(group) * p.cols;
+    for (uint i = 0; i < READS; ++i) {
+      if (c0 + i < p.cols) {
+        out[c0 + i] = dw_acc[i];
+      }
+    }
+  }
+}
+
+template <typename T, bool DX, bool DW>
+[[kernel]] void rms_norm_backward_looped(
+    device const T* dy [[buffer(0)]],
+    device const T* x [[buffer(1)]],
+    device const T* w [[buffer(2)]],
+    device const float* rstd [[buffer(3)]],
+    device T* dx [[buffer(4)]],
+    device float* dw_partial [[buffer(5)]],
+    constant tmf::RmsNormBackwardParams& p [[buffer(6)]],
+    uint group [[threadgroup_position_in_grid]],
+    uint tid [[thread_position_in_threadgroup]],
+    uint threads [[threads_per_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint n_simd [[simdgroups_per_threadgroup]]) {
+  threadgroup float scratch[32];
+  device float* partial = dw_partial + ulong(group) * p.cols;
+  if (DW) {
+    for (uint c = tid; c < p.cols; c += threads) {
+      partial[c] = 0.0f;  // each thread owns columns tid, tid + threads, ...: no races, no barrier needed
+    }
+  }
+  const float inv_cols = 1.0f / float(p.cols);
+  for (uint row = group; row < p.rows; row += p.groups) {
+    device const T* xr = x + ulong(row) * p.x_row_stride;
+    device const T* dyr = dy + ulong(row) * p.dy_row_stride;
+    const float r = rstd[row];
+    float coef = 0.0f;
+    if (DX) {
+      float dot = 0.0f;
+      for (uint c = tid; c < p.cols; c += threads) {
+        const float wc = p.has_weight != 0 ? float(w[c]) : 1.0f;
+        dot += float(dyr[c]) * wc * float(xr[c]);
+      }
+      coef = r * r * threadgroup_sum(dot, scratch, lane, simd_group, n_simd) * inv_cols;
+    }
+    device T* dxr = dx + ulong(row) * p.cols;
+    for (uint c = tid; c < p.cols; c += threads) {
+      const float xc = float(xr[c]);
+      const float d = float(dyr[c]);
+      if (DW) {
+        partial[c] += d * xc * r;
+      }
+      if (DX) {
+        const float wc = p.has_weight != 0 ? float(w[c]) : 1.0f;
+        dxr[c] = static_cast<T>(r * (d * wc - xc * coef));
+      }
+    }
+  }
+}
+
+// dw[c] = sum over groups of the float32 partial rows; one thread per column.
+template <typename T>
+[[kernel]] void rms_norm_backward_dw_reduce_columns(
+    device const float* dw_partial [[buffer(0)]],
+    device T* dw [[buffer(1)]],
+    constant tmf::RmsNormBackwardParams& p [[buffer(2)]],
+    uint c [[thread_position_in_grid]]) {
+  if (c >= p.cols) {
+    return;
+  }
+  float s = 0.0f;
+  for (uint g = 0; g < p.groups; ++g) {
+    s += dw_partial[ulong(g) * p.cols + c];
+  }
+  dw[c] = static_cast<T>(s);
+}
+
+// ---- instantiations ----------------------------------------------------------------------------------
+template [[host_name("rms_norm_forward_simd_rows_float")]] [[kernel]] decltype(rms_norm_forward_simd_rows<float, true>) rms_norm_forward_simd_rows<float, true>;
+template [[host_name("rms_norm_forward_simd_rows_half")]] [[kernel]] decltype(rms_norm_forward_simd_rows<half, true>) rms_norm_forward_simd_rows<half, true>;
+template [[host_name("rms_norm_forward_single_row_float")]] [[kernel]] decltype(rms_norm_forward_single_row<float, true>) rms_norm_forward_single_row<float, true>;
+template [[host_name("rms_norm_forward_single_row_half")]] [[kernel]] decltype(rms_norm_forward_single_row<half, true>) rms_norm_forward_single_row<half, true>;
+template [[host_name("rms_norm_forward_looped_float")]] [[kernel]] decltype(rms_norm_forward_looped<float, true>) rms_norm_forward_looped<float, true>;
+template [[host_name("rms_norm_forward_looped_half")]] [[kernel]] decltype(rms_norm_forward_looped<half, true>) rms_norm_forward_looped<half, true>;
+template [[host_name("rms_norm_forward_noweight_simd_rows_float")]] [[kernel]] decltype(rms_norm_forward_simd_rows<float, false>) rms_norm_forward_simd_rows<float, false>;
+template [[host_name("rms_norm_forward_noweight_simd_rows_half")]] [[kernel]] decltype(rms_norm_forward_simd_rows<half, false>) rms_norm_forward_simd_rows<half, false>;
+template [[host_name("rms_norm_forward_noweight_single_row_float")]] [[kernel]] decltype(rms_norm_forward_single_row<float, false>) rms_norm_forward_single_row<float, false>;
+template [[host_name("rms_norm_forward_noweight_single_row_half")]] [[kernel]] decltype(rms_norm_forward_single_row<half, false>) rms_norm_forward_single_row<half, false>;
+template [[host_name("rms_norm_forward_noweight_looped_float")]] [[kernel]] decltype(rms_norm_forward_looped<float, false>) rms_norm_forward_looped<float, false>;
+template [[host_name("rms_norm_forward_noweight_looped_half")]] [[kernel]] decltype(rms_norm_forward_looped<half, false>) rms_norm_forward_looped<half, false>;
+template [[host_name("rms_norm_backward_dx_dw_single_row_float")]] [[kernel]] decltype(rms_norm_backward_single_row<float, true, true>) rms_norm_backward_single_row<float, true, true>;
+template [[host_name("rms_norm_backward_dx_dw_single_row_half")]] [[kernel]] decltype(rms_norm_backward_single_row<half, true, true>) rms_norm_backward_single_row<half, true, true>;
+template [[host_name("rms_norm_backward_dx_single_row_float")]] [[kernel]] decltype(rms_norm_backward_single_row<float, true, false>) rms_norm_backward_single_row<float, true, false>;
+template [[host_name("rms_norm_backward_dx_single_row_half")]] [[kernel]] decltype(rms_norm_backward_single_row<half, true, false>) rms_norm_backward_single_row<half, true, false>;
+template [[host_name("rms_norm_backward_dw_single_row_float")]] [[kernel]] decltype(rms_norm_backward_single_row<float, false, true>) rms_norm_backward_single_row<float, false, true>;
+template [[host_name("rms_norm_backward_dw_single_row_half")]] [[kernel]] decltype(rms_norm_backward_single_row<half, false, true>) rms_norm_backward_single_row<half, false, true>;
+template [[host_name("rms_norm_backward_dx_dw_looped_float")]] [[kernel]] decltype(rms_norm_backward_looped<float, true, true>) rms_norm_backward_looped<float, true, true>;
+template [[host_name("rms_norm_backward_dx_dw_looped_half")]] [[kernel]] decltype(rms_norm_backward_looped<half, true, true>) rms_norm_backward_looped<half, true, true>;
+template [[host_name("rms_norm_backward_dx_looped_float")]] [[kernel]] decltype(rms_norm_backward_looped<float, true, false>) rms_norm_backward_looped<float, true, false>;
+template [[host_name("rms_norm_backward_dx_looped_half")]] [[kernel]] decltype(rms_norm_backward_looped<half, true, false>) rms_norm_backward_looped<half, true, false>;
+template [[host_name("rms_norm_backward_dw_looped_float")]] [[kernel]] decltype(rms_norm_backward_looped<float, false, true>) rms_norm_backward_looped<float, false, true>;
+template [[host_name("rms_norm_backward_dw_looped_half")]] [[kernel]] decltype(rms_norm_backward_looped<half, false, true>) rms_norm_backward_looped<half, false, true>;
+template [[host_name("rms_norm_backward_dw_reduce_columns_float")]] [[kernel]] decltype(rms_norm_backward_dw_reduce_columns<float>) rms_norm_backward_dw_reduce_columns<float>;
+template [[host_name("rms_norm_backward_dw_reduce_columns_half")]] [[kernel]] decltype(rms_norm_backward_dw_reduce_columns<half>) rms_norm_backward_dw_reduce_columns<half>;
+#if defined(__HAVE_BFLOAT__)
+template [[host_name("rms_norm_forward_simd_rows_bfloat")]] [[kernel]] decltype(rms_norm_forward_simd_rows<bfloat, true>) rms_norm_forward_simd_rows<bfloat, true>;
+template [[host_name("rms_norm_forward_single_row_bfloat")]] [[kernel]] decltype(rms_norm_forward_single_row<bfloat, true>) rms_norm_forward_single_row<bfloat, true>;
+template [[host_name("rms_norm_forward_looped_bfloat")]] [[kernel]] decltype(rms_norm_forward_looped<bfloat, true>) rms_norm_forward_looped<bfloat, true>;
+template [[host_name("rms_norm_forward_noweight_simd_rows_bfloat")]] [[kernel]] decltype(rms_norm_forward_simd_rows<bfloat, false>) rms_norm_forward_simd_rows<bfloat, false>;
+template [[host_name("rms_norm_forward_noweight_single_row_bfloat")]] [[kernel]] decltype(rms_norm_forward_single_row<bfloat, false>) rms_norm_forward_single_row<bfloat, false>;
+template [[host_name("rms_norm_forward_noweight_looped_bfloat")]] [[kernel]] decltype(rms_norm_forward_looped<bfloat, false>) rms_norm_forward_looped<bfloat, false>;
+template [[host_name("rms_norm_backward_dx_dw_single_row_bfloat")]] [[kernel]] decltype(rms_norm_backward_single_row<bfloat, true, true>) rms_norm_backward_single_row<bfloat, true, true>;
+template [[host_name("rms_norm_backward_dx_single_row_bfloat")]] [[kernel]] decltype(rms_norm_backward_single_row<bfloat, true, false>) rms_norm_backward_single_row<bfloat, true, false>;
+template [[host_name("rms_norm_backward_dw_single_row_bfloat")]] [[kernel]] decltype(rms_norm_backward_single_row<bfloat, false, true>) rms_norm_backward_single_row<bfloat, false, true>;
+template [[host_name("rms_norm_backward_dx_dw_looped_bfloat")]] [[kernel]] decltype(rms_norm_backward_looped<bfloat, true, true>) rms_norm_backward_looped<bfloat, true, true>;
+template [[host_name("rms_norm_backward_dx_looped_bfloat")]] [[kernel]] decltype(rms_norm_backward_looped<bfloat, true, false>) rms_norm_backward_looped<bfloat, true, false>;
+template [[host_name("rms_norm_backward_dw_looped_bfloat")]] [[kernel]] decltype(rms_norm_backward_looped<bfloat, false, true>) rms_norm_backward_looped<bfloat, false, true>;
+template [[host_name("rms_norm_backward_dw_reduce_columns_bfloat")]] [[kernel]] decltype(rms_norm_backward_dw_reduce_columns<bfloat>) rms_norm_backward_dw_reduce_columns<bfloat>;
+#endif
