@@ -31,11 +31,15 @@ template <typename T, bool HAS_WEIGHT>
     constant tmf::RowParams& p [[buffer(4)]],
     uint group [[threadgroup_position_in_grid]],
     uint lane [[thread_index_in_simdgroup]],
-    uint simd_group [[simdgroup_index_in_threadgroup]]) {
-  const uint row = group * p.rows_per_group + simd_group;
-  if (row >= p.rows) {
-    return;  // the whole SIMD-group leaves together; no threadgroup barrier in this kernel
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint n_simd [[simdgroups_per_threadgroup]]) {
+  float wv[SIMD_ROW_ELEMS];  // the weight, read once per SIMD-group and reused for all its rows
+  for (uint i = 0; i < SIMD_ROW_ELEMS; ++i) {
+    const uint c = lane + i * 32;
+    wv[i] = (HAS_WEIGHT && c < p.cols) ? float(w[c]) : 1.0f;
   }
+  const uint last = min(p.rows, (group + 1) * p.rows_per_group);
+  for (uint row = group * p.rows_per_group + simd_group; row < last; row += n_simd) {  // no barriers inside
   device const T* xr = x + ulong(row) * p.x_row_stride;
   device T* yr = y + ulong(row) * p.cols;
   float v[SIMD_ROW_ELEMS];
@@ -52,8 +56,9 @@ template <typename T, bool HAS_WEIGHT>
   for (uint i = 0; i < SIMD_ROW_ELEMS; ++i) {
     const uint c = lane + i * 32;
     if (c < p.cols) {
-      yr[c] = static_cast<T>(HAS_WEIGHT ? v[i] * r * float(w[c]) : v[i] * r);
+      yr[c] = static_cast<T>(v[i] * r * wv[i]);
     }
+  }
   }
 }
 
@@ -64,15 +69,21 @@ template <typename T, bool HAS_WEIGHT>
     device T* y [[buffer(2)]],
     device float* rstd [[buffer(3)]],
     constant tmf::RowParams& p [[buffer(4)]],
-    uint row [[threadgroup_position_in_grid]],
+    uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint n_simd [[simdgroups_per_threadgroup]]) {
   threadgroup float scratch[32];
+  const uint c0 = tid * READS;
+  float wv[READS];  // the weight, read once per threadgroup and reused for all its rows
+  for (uint i = 0; i < READS; ++i) {
+    wv[i] = (HAS_WEIGHT && c0 + i < p.cols) ? float(w[c0 + i]) : 1.0f;
+  }
+  const uint last = min(p.rows, (group + 1) * p.rows_per_group);
+  for (uint row = group * p.rows_per_group; row < last; ++row) {  // uniform across the threadgroup
   device const T* xr = x + ulong(row) * p.x_row_stride;
   device T* yr = y + ulong(row) * p.cols;
-  const uint c0 = tid * READS;
   float v[READS];
   float ss = 0.0f;
   for (uint i = 0; i < READS; ++i) {
@@ -85,8 +96,9 @@ template <typename T, bool HAS_WEIGHT>
   }
   for (uint i = 0; i < READS; ++i) {
     if (c0 + i < p.cols) {
-      yr[c0 + i] = static_cast<T>(HAS_WEIGHT ? v[i] * r * float(w[c0 + i]) : v[i] * r);
+      yr[c0 + i] = static_cast<T>(v[i] * r * wv[i]);
     }
+  }
   }
 }
 
@@ -97,13 +109,15 @@ template <typename T, bool HAS_WEIGHT>
     device T* y [[buffer(2)]],
     device float* rstd [[buffer(3)]],
     constant tmf::RowParams& p [[buffer(4)]],
-    uint row [[threadgroup_position_in_grid]],
+    uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint n_simd [[simdgroups_per_threadgroup]]) {
   threadgroup float scratch[32];
+  const uint last = min(p.rows, (group + 1) * p.rows_per_group);
+  for (uint row = group * p.rows_per_group; row < last; ++row) {  // uniform across the threadgroup
   device const T* xr = x + ulong(row) * p.x_row_stride;
   device T* yr = y + ulong(row) * p.cols;
   float ss = 0.0f;
@@ -118,6 +132,7 @@ template <typename T, bool HAS_WEIGHT>
   for (uint c = tid; c < p.cols; c += threads) {
     const float v = float(xr[c]) * r;
     yr[c] = static_cast<T>(HAS_WEIGHT ? v * float(w[c]) : v);
+  }
   }
 }
 

@@ -27,11 +27,10 @@ template <typename T>
     constant tmf::RowParams& p [[buffer(2)]],
     uint group [[threadgroup_position_in_grid]],
     uint lane [[thread_index_in_simdgroup]],
-    uint simd_group [[simdgroup_index_in_threadgroup]]) {
-  const uint row = group * p.rows_per_group + simd_group;
-  if (row >= p.rows) {
-    return;  // the whole SIMD-group leaves together; this kernel has no threadgroup barrier
-  }
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint n_simd [[simdgroups_per_threadgroup]]) {
+  const uint last = min(p.rows, (group + 1) * p.rows_per_group);
+  for (uint row = group * p.rows_per_group + simd_group; row < last; row += n_simd) {  // no barriers inside
   device const T* xr = x + ulong(row) * p.x_row_stride;
   device T* yr = y + ulong(row) * p.cols;
   float v[SIMD_ROW_ELEMS];
@@ -55,6 +54,7 @@ template <typename T>
       yr[c] = static_cast<T>(v[i] * inv);
     }
   }
+  }
 }
 
 template <typename T>
@@ -62,12 +62,14 @@ template <typename T>
     device const T* x [[buffer(0)]],
     device T* y [[buffer(1)]],
     constant tmf::RowParams& p [[buffer(2)]],
-    uint row [[threadgroup_position_in_grid]],
+    uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint n_simd [[simdgroups_per_threadgroup]]) {
   threadgroup float scratch[32];
+  const uint last = min(p.rows, (group + 1) * p.rows_per_group);
+  for (uint row = group * p.rows_per_group; row < last; ++row) {  // uniform across the threadgroup
   device const T* xr = x + ulong(row) * p.x_row_stride;
   device T* yr = y + ulong(row) * p.cols;
   const uint c0 = tid * READS;
@@ -89,6 +91,7 @@ template <typename T>
       yr[c0 + i] = static_cast<T>(v[i] * inv);
     }
   }
+  }
 }
 
 template <typename T>
@@ -96,13 +99,15 @@ template <typename T>
     device const T* x [[buffer(0)]],
     device T* y [[buffer(1)]],
     constant tmf::RowParams& p [[buffer(2)]],
-    uint row [[threadgroup_position_in_grid]],
+    uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint n_simd [[simdgroups_per_threadgroup]]) {
   threadgroup float scratch[32];
+  const uint last = min(p.rows, (group + 1) * p.rows_per_group);
+  for (uint row = group * p.rows_per_group; row < last; ++row) {  // uniform across the threadgroup
   device const T* xr = x + ulong(row) * p.x_row_stride;
   device T* yr = y + ulong(row) * p.cols;
   // Pass 1: online max and sum of exp(x - max) per thread.
@@ -124,6 +129,7 @@ template <typename T>
   for (uint c = tid; c < p.cols; c += threads) {
     yr[c] = static_cast<T>(precise::exp(float(xr[c]) - row_max) * inv);
   }
+  }
 }
 
 // ---- backward: dx = y * (dy - sum(dy * y)) ----------------------------------------------------------
@@ -135,11 +141,10 @@ template <typename T>
     constant tmf::RowParams& p [[buffer(3)]],
     uint group [[threadgroup_position_in_grid]],
     uint lane [[thread_index_in_simdgroup]],
-    uint simd_group [[simdgroup_index_in_threadgroup]]) {
-  const uint row = group * p.rows_per_group + simd_group;
-  if (row >= p.rows) {
-    return;
-  }
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint n_simd [[simdgroups_per_threadgroup]]) {
+  const uint last = min(p.rows, (group + 1) * p.rows_per_group);
+  for (uint row = group * p.rows_per_group + simd_group; row < last; row += n_simd) {  // no barriers inside
   device const T* yr = y + ulong(row) * p.cols;
   device const T* dyr = dy + ulong(row) * p.dy_row_stride;
   device T* dxr = dx + ulong(row) * p.cols;
@@ -159,6 +164,7 @@ template <typename T>
       dxr[c] = static_cast<T>(yv[i] * (gv[i] - dot));
     }
   }
+  }
 }
 
 template <typename T>
@@ -167,12 +173,14 @@ template <typename T>
     device const T* dy [[buffer(1)]],
     device T* dx [[buffer(2)]],
     constant tmf::RowParams& p [[buffer(3)]],
-    uint row [[threadgroup_position_in_grid]],
+    uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint n_simd [[simdgroups_per_threadgroup]]) {
   threadgroup float scratch[32];
+  const uint last = min(p.rows, (group + 1) * p.rows_per_group);
+  for (uint row = group * p.rows_per_group; row < last; ++row) {  // uniform across the threadgroup
   device const T* yr = y + ulong(row) * p.cols;
   device const T* dyr = dy + ulong(row) * p.dy_row_stride;
   device T* dxr = dx + ulong(row) * p.cols;
@@ -191,6 +199,7 @@ template <typename T>
       dxr[c0 + i] = static_cast<T>(yv[i] * (gv[i] - dot));
     }
   }
+  }
 }
 
 template <typename T>
@@ -199,13 +208,15 @@ template <typename T>
     device const T* dy [[buffer(1)]],
     device T* dx [[buffer(2)]],
     constant tmf::RowParams& p [[buffer(3)]],
-    uint row [[threadgroup_position_in_grid]],
+    uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint n_simd [[simdgroups_per_threadgroup]]) {
   threadgroup float scratch[32];
+  const uint last = min(p.rows, (group + 1) * p.rows_per_group);
+  for (uint row = group * p.rows_per_group; row < last; ++row) {  // uniform across the threadgroup
   device const T* yr = y + ulong(row) * p.cols;
   device const T* dyr = dy + ulong(row) * p.dy_row_stride;
   device T* dxr = dx + ulong(row) * p.cols;
@@ -216,6 +227,7 @@ template <typename T>
   dot = threadgroup_sum(dot, scratch, lane, simd_group, n_simd);
   for (uint c = tid; c < p.cols; c += threads) {
     dxr[c] = static_cast<T>(float(yr[c]) * (float(dyr[c]) - dot));
+  }
   }
 }
 

@@ -23,6 +23,11 @@ def _backend_params():
     if not ok and os.environ.get("CI"):
         marks = []  # in CI the harness must work: let the tests fail loudly
     params.append(pytest.param(("metal-emulated", "cpu"), id="metal-emulated", marks=[pytest.mark.emulated, *marks]))
+    # The same kernels under the checker (instrumented build): races, uninitialised threadgroup reads,
+    # out-of-bounds accesses and barrier misuse fail the test with the .metal file and line.
+    params.append(
+        pytest.param(("metal-emulated-checked", "cpu"), id="metal-emulated-checked", marks=[pytest.mark.emulated, *marks])
+    )
     params.append(
         pytest.param(
             ("metal", "mps"),
@@ -58,6 +63,9 @@ class Backend:
 @pytest.fixture(params=_backend_params())
 def backend(request, monkeypatch) -> Backend:
     name, device = request.param
+    if name == "metal-emulated-checked":
+        monkeypatch.setenv("TORCH_METAL_FUSED_EMU_CHECK", "1")
+        name = "metal-emulated"
     if name in ("reference", "metal-emulated"):
         monkeypatch.setenv(_backend.ENV_VAR, name)
     else:

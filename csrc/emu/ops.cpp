@@ -120,3 +120,22 @@ const char* tmf_emu_lora_backward_lowrank(int checking, uint32_t max_threads, in
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// A raw dispatch of any kernel, for the harness's own tests: buffers by [[buffer(n)]] index, threadgroup
+// memory lengths by [[threadgroup(n)]] index.
+const char* tmf_emu_dispatch(int checking, uint32_t max_threads, const char* kernel, int n_buffers,
+                             const int* buffer_indices, const TensorArg* buffers, int n_tg,
+                             const int* tg_indices, const uint64_t* tg_bytes, const uint32_t* groups,
+                             const uint32_t* threads) {
+  return run(checking, max_threads, [&](auto& enc) {
+    enc.set_kernel(kernel);
+    for (int i = 0; i < n_buffers; ++i) enc.set_buffer(buffer_indices[i], buf(buffers[i]));
+    for (int i = 0; i < n_tg; ++i) enc.set_threadgroup_memory(tg_indices[i], size_t(tg_bytes[i]));
+    enc.dispatch_threadgroups(tmf::launch::Size3{groups[0], groups[1], groups[2]},
+                              tmf::launch::Size3{threads[0], threads[1], threads[2]});
+  });
+}
+
+}  // extern "C"

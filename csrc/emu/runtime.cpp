@@ -33,7 +33,7 @@ constexpr uint32_t kMaxThreadsPerThreadgroup = 1024;
 constexpr size_t kThreadgroupMemoryLimit = 32 * 1024;
 constexpr size_t kThreadgroupArena = 256 * 1024;  // room to keep running (and report) past the limit
 constexpr size_t kFiberStack = 128 * 1024;
-constexpr size_t kDeviceGuard = 64 * 1024;  // accesses this close outside a buffer count as out of bounds
+constexpr size_t kDeviceGuard = 4096;  // accesses this close outside every bound buffer are out of bounds
 constexpr size_t kMaxErrors = 64;
 
 struct KernelEntry {
@@ -312,8 +312,9 @@ void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
     }
     return;
   }
+  uintptr_t stacks = uintptr_t(r.stacks);
+  if (addr >= stacks && addr < stacks + kFiberStack * kMaxThreadsPerThreadgroup) return;  // thread-private
   for (const auto& b : g_ranges) {
-    if (addr + size <= b.lo - kDeviceGuard || addr >= b.hi + kDeviceGuard) continue;
     if (addr >= b.lo && addr + size <= b.hi) {
       if (b.counted) {
         auto& t = r.report->traffic[b.index];
@@ -321,11 +322,16 @@ void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
       }
       return;
     }
-    add_error("device-out-of-bounds", nullptr, 0, module_offset(pc),
-              std::string(store ? "store " : "load ") + std::to_string(size) + " bytes at offset " +
-                  std::to_string(int64_t(addr - b.lo)) + " of buffer(" + std::to_string(b.index) + ") of " +
-                  std::to_string(b.hi - b.lo) + " bytes");
-    return;
+  }
+  // Not inside any bound buffer: an access just before or after one is out of bounds.
+  for (const auto& b : g_ranges) {
+    if (addr + size > b.lo - std::min<uintptr_t>(b.lo, kDeviceGuard) && addr < b.hi + kDeviceGuard) {
+      add_error("device-out-of-bounds", nullptr, 0, module_offset(pc),
+                std::string(store ? "store " : "load ") + std::to_string(size) + " bytes at offset " +
+                    std::to_string(int64_t(addr - b.lo)) + " of buffer(" + std::to_string(b.index) + "), which holds " +
+                    std::to_string(b.hi - b.lo) + " bytes from its bind offset");
+      return;
+    }
   }
 }
 

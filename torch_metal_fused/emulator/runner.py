@@ -9,9 +9,11 @@ import functools
 import os
 import shutil
 import subprocess
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -83,27 +85,86 @@ class _State(threading.local):
 _state = _State()
 
 
+class Harness:
+    """A pair of compiled harness libraries (plain and checked) and calls into them."""
+
+    def __init__(self, libs: Libraries) -> None:
+        self.libs = libs
+        self._loaded: dict[bool, ctypes.CDLL] = {}
+
+    def library(self, checked: bool) -> ctypes.CDLL:
+        if checked not in self._loaded:
+            lib = ctypes.CDLL(str(self.libs.checked if checked else self.libs.plain))
+            lib.tmf_emu_kernel_names.restype = ctypes.c_char_p
+            lib.tmf_emu_rms_norm_backward_groups.restype = ctypes.c_uint32
+            lib.tmf_emu_rms_norm_backward_groups.argtypes = [ctypes.c_uint64]
+            self._loaded[checked] = lib
+        return self._loaded[checked]
+
+    def kernel_names(self) -> list[str]:
+        return self.library(False).tmf_emu_kernel_names().decode().split()
+
+    def launch(self, entry: str, dtype: torch.dtype, *args) -> list[Dispatch]:
+        """Run `tmf_emu_<entry>` (a shared launch function) with tensors / ints / floats as arguments."""
+        checked = is_checking()
+        fn = getattr(self.library(checked), f"tmf_emu_{entry}")
+        fn.restype = ctypes.c_char_p
+        report = fn(ctypes.c_int(int(checked)), ctypes.c_uint32(_state.max_threads),
+                    ctypes.c_int(DTYPE_CODES[dtype]), *(_arg(a) for a in args))
+        return self._finish(report.decode(), checked)
+
+    def dispatch(
+        self,
+        kernel: str,
+        buffers: dict[int, torch.Tensor],
+        groups: tuple[int, int, int],
+        threads: tuple[int, int, int],
+        threadgroup_memory: dict[int, int] | None = None,
+    ) -> list[Dispatch]:
+        """One raw dispatch of `kernel` (for the harness's own tests)."""
+        checked = is_checking()
+        fn = self.library(checked).tmf_emu_dispatch
+        fn.restype = ctypes.c_char_p
+        idx = list(buffers)
+        tg = threadgroup_memory or {}
+        report = fn(
+            ctypes.c_int(int(checked)), ctypes.c_uint32(_state.max_threads), kernel.encode(), len(idx),
+            (ctypes.c_int * len(idx))(*idx), (TensorArg * len(idx))(*(TensorArg.of(buffers[i]) for i in idx)),
+            len(tg), (ctypes.c_int * len(tg))(*tg), (ctypes.c_uint64 * len(tg))(*tg.values()),
+            (ctypes.c_uint32 * 3)(*groups), (ctypes.c_uint32 * 3)(*threads),
+        )
+        return self._finish(report.decode(), checked)
+
+    def _finish(self, report: str, checked: bool) -> list[Dispatch]:
+        dispatches = _parse(report, lambda pc: symbolize(self.libs.checked if checked else self.libs.plain, pc))
+        for rec in _state.recorders:
+            rec.extend(dispatches)
+        findings = [f for d in dispatches for f in d.findings]
+        if findings:
+            raise KernelCheckError(findings)
+        return dispatches
+
+
 @functools.lru_cache(maxsize=None)
+def default_harness() -> Harness:
+    """The harness built from this repository's shaders/."""
+    return Harness(ensure_built())
+
+
 def libraries() -> Libraries:
-    return ensure_built()
-
-
-@functools.lru_cache(maxsize=None)
-def _library(checked: bool) -> ctypes.CDLL:
-    libs = libraries()
-    lib = ctypes.CDLL(str(libs.checked if checked else libs.plain))
-    lib.tmf_emu_kernel_names.restype = ctypes.c_char_p
-    lib.tmf_emu_rms_norm_backward_groups.restype = ctypes.c_uint32
-    lib.tmf_emu_rms_norm_backward_groups.argtypes = [ctypes.c_uint64]
-    return lib
+    return default_harness().libs
 
 
 def kernel_names() -> list[str]:
-    return _library(False).tmf_emu_kernel_names().decode().split()
+    return default_harness().kernel_names()
 
 
 def rms_norm_backward_groups(rows: int) -> int:
-    return int(_library(False).tmf_emu_rms_norm_backward_groups(rows))
+    return int(default_harness().library(False).tmf_emu_rms_norm_backward_groups(rows))
+
+
+def launch(entry: str, dtype: torch.dtype, *args) -> list[Dispatch]:
+    return default_harness().launch(entry, dtype, *args)
 
 
 def is_checking() -> bool:
@@ -152,24 +213,7 @@ def _arg(value):
     return ctypes.c_uint64(int(value))
 
 
-def launch(entry: str, dtype: torch.dtype, *args) -> list[Dispatch]:
-    """Run `tmf_emu_<entry>` (a shared launch function) with tensors / integers / floats as its arguments."""
-    checked = is_checking()
-    lib = _library(checked)
-    fn = getattr(lib, f"tmf_emu_{entry}")
-    fn.restype = ctypes.c_char_p
-    report = fn(ctypes.c_int(int(checked)), ctypes.c_uint32(_state.max_threads), ctypes.c_int(DTYPE_CODES[dtype]),
-                *(_arg(a) for a in args)).decode()
-    dispatches = _parse(report, checked)
-    for rec in _state.recorders:
-        rec.extend(dispatches)
-    findings = [f for d in dispatches for f in d.findings]
-    if findings:
-        raise KernelCheckError(findings)
-    return dispatches
-
-
-def _parse(report: str, checked: bool) -> list[Dispatch]:
+def _parse(report: str, symbolizer) -> list[Dispatch]:
     dispatches: list[Dispatch] = []
     for line in report.splitlines():
         parts = line.split("\t")
@@ -183,35 +227,30 @@ def _parse(report: str, checked: bool) -> list[Dispatch]:
             dispatches[-1].traffic[int(parts[1])] = (int(parts[2]), int(parts[3]))
         elif parts[0] == "error":
             kind, file, line_no, pc, count, message = parts[1:7]
-            location = f"{file}:{line_no}" if file else symbolize(int(pc), checked)
+            location = f"{file}:{line_no}" if file else symbolizer(int(pc))
             dispatches[-1].findings.append(Finding(kind, location, message, int(count), dispatches[-1].kernel))
     return dispatches
 
 
 @functools.lru_cache(maxsize=4096)
-def symbolize(pc_offset: int, checked: bool = True) -> str:
-    """file.metal:line of an instruction in the shader library (via llvm-symbolizer)."""
+def symbolize(library: Path, pc_offset: int) -> str:
+    """file.metal:line of an instruction in a harness library (via llvm-symbolizer or addr2line)."""
     if pc_offset == 0:
         return "?"
-    libs = libraries()
-    lib = libs.checked if checked else libs.plain
     tool = next((shutil.which(n) for n in ("llvm-symbolizer-19", "llvm-symbolizer", "addr2line") if shutil.which(n)),
                 None)
     if tool is None:
-        return f"{lib.name}+{pc_offset:#x}"
+        return f"{library.name}+{pc_offset:#x}"
     # The return address points after the call to the load/store callback: step back one byte.
     addr = hex(pc_offset - 1)
     if tool.endswith("addr2line"):
-        cmd = [tool, "-e", str(lib), "-i", addr]
+        cmd = [tool, "-e", str(library), "-i", addr]
     else:
-        cmd = [tool, f"--obj={lib}", "--no-inlines" if False else "--inlines", addr]
+        cmd = [tool, f"--obj={library}", "--inlines", addr]
     out = subprocess.run(cmd, capture_output=True, text=True).stdout.split("\n")
-    locations = [ln.strip() for ln in out if ".metal:" in ln or ".h:" in ln]
-    if not locations:
-        return f"{lib.name}+{pc_offset:#x}"
-    loc = locations[0]
-    # llvm-symbolizer prints path:line:column; keep path:line.
-    path, _, rest = loc.rpartition(".metal:")
-    if path:
-        return f"{path}.metal:{rest.split(':')[0]}"
-    return loc
+    # The innermost frame that lies in a shader source (.metal or a shader header).
+    for ln in out:
+        m = re.search(r"(\S+\.(?:metal|h)):(\d+)", ln)
+        if m and "tmf_emu" not in m.group(1):
+            return f"{m.group(1)}:{m.group(2)}"
+    return f"{library.name}+{pc_offset:#x}"

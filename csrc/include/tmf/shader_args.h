@@ -17,7 +17,7 @@ struct RowParams {
   uint cols;
   uint x_row_stride;
   uint dy_row_stride;  // backward kernels: the incoming gradient's row stride
-  uint rows_per_group;  // simd_rows variants: rows handled by one threadgroup (one per SIMD-group)
+  uint rows_per_group;  // rows handled by one threadgroup: rows [group * rows_per_group, +rows_per_group)
   float eps;            // RMSNorm
 };
 

@@ -58,11 +58,14 @@ inline std::string kernel_name(const char* base, const char* variant, DType t) {
 }
 
 // How a row-wise kernel family (softmax forward/backward, RMSNorm forward) covers `rows` x `cols`:
-//  - simd_rows  (cols <= 256): one SIMD-group per row, 8 rows per threadgroup; each lane caches <= 8 elements.
+//  - simd_rows  (cols <= 256): one SIMD-group per row, 8 SIMD-groups per threadgroup; each lane caches <= 8
+//    elements.
 //  - single_row (cols <= 4 * max threads): one threadgroup per row, each thread caches 4 contiguous
 //    elements in registers, so x is read once and y written once.
 //  - looped     (longer rows): one threadgroup per row, up to 1024 threads striding over the row; reads
 //    the input twice (see each kernel's notes).
+// `rows_per_thread` > 1 makes each SIMD-group (simd_rows) or threadgroup (the others) walk that many rows,
+// so a per-column operand (RMSNorm's weight) is read once per `rows_per_thread` rows instead of every row.
 struct RowPlan {
   std::string kernel;
   Size3 groups, threads;
@@ -70,28 +73,30 @@ struct RowPlan {
 };
 
 template <class Encoder>
-RowPlan plan_rows(Encoder& enc, const char* base, DType t, uint32_t rows, uint32_t cols) {
+RowPlan plan_rows(Encoder& enc, const char* base, DType t, uint32_t rows, uint32_t cols, uint32_t rows_per_thread = 1) {
   RowPlan plan;
   if (cols <= kSimdRowsMaxCols) {
     plan.kernel = kernel_name(base, "simd_rows", t);
     enc.set_kernel(plan.kernel);
-    uint32_t max_rows = std::max<uint32_t>(1, enc.max_threads_per_threadgroup() / kSimdWidth);
-    plan.rows_per_group = std::min({kSimdRowsPerGroup, rows, max_rows});
-    plan.threads.x = plan.rows_per_group * kSimdWidth;
-    plan.groups.x = ceil_div(rows, plan.rows_per_group);
-    return plan;
-  }
-  uint32_t needed = round_up(ceil_div(cols, kReadsPerThread), kSimdWidth);
-  plan.kernel = kernel_name(base, "single_row", t);
-  enc.set_kernel(plan.kernel);
-  if (needed <= enc.max_threads_per_threadgroup()) {
-    plan.threads.x = needed;
+    uint32_t max_simd = std::max<uint32_t>(1, enc.max_threads_per_threadgroup() / kSimdWidth);
+    uint32_t n_simd = std::min({kSimdRowsPerGroup, ceil_div(rows, rows_per_thread), max_simd});
+    plan.threads.x = n_simd * kSimdWidth;
+    plan.rows_per_group = n_simd * rows_per_thread;
   } else {
-    plan.kernel = kernel_name(base, "looped", t);
+    uint32_t needed = round_up(ceil_div(cols, kReadsPerThread), kSimdWidth);
+    plan.kernel = kernel_name(base, "single_row", t);
     enc.set_kernel(plan.kernel);
-    plan.threads.x = std::min<uint32_t>(1024, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
+    if (needed <= enc.max_threads_per_threadgroup()) {
+      plan.threads.x = needed;
+    } else {
+      plan.kernel = kernel_name(base, "looped", t);
+      enc.set_kernel(plan.kernel);
+      plan.threads.x = std::min<uint32_t>(1024, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
+    }
+    plan.rows_per_group = rows_per_thread;
   }
-  plan.groups.x = rows;
+  plan.rows_per_group = std::min(plan.rows_per_group, rows);
+  plan.groups.x = ceil_div(rows, plan.rows_per_group);
   return plan;
 }
 

@@ -5,6 +5,8 @@
 
 namespace tmf::launch {
 
+constexpr uint32_t kRmsNormRowsPerThread = 8;
+
 // y = x * rstd * w, rstd (float32, one per row) saved for backward. One dispatch.
 // `weight` with handle == nullptr means no weight (kernel variant without it reads none).
 template <class Encoder>
@@ -14,7 +16,8 @@ void rms_norm_forward(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t x_r
   check_u32(rows, "rows"), check_u32(cols, "row length"), check_u32(x_row_stride, "row stride");
   const bool has_weight = weight.handle != nullptr;
   std::string base = has_weight ? "rms_norm_forward" : "rms_norm_forward_noweight";
-  RowPlan plan = plan_rows(enc, base.c_str(), t, uint32_t(rows), uint32_t(cols));
+  // 8 rows per thread: the weight is read once per 8 rows (kept in registers), not once per row.
+  RowPlan plan = plan_rows(enc, base.c_str(), t, uint32_t(rows), uint32_t(cols), kRmsNormRowsPerThread);
   RowParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), 0, plan.rows_per_group, eps};
   enc.set_kernel(plan.kernel);
   enc.set_buffer(0, x);
