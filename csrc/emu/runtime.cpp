@@ -91,6 +91,8 @@ struct Run {
   // report
   DispatchReport* report = nullptr;
   char* stacks = nullptr;
+  // buffers as the kernel sees them: the tensors themselves, or (checking) private copies with guard zones
+  std::map<int, BoundBuffer> view;
 };
 
 Run* g_run = nullptr;         // the dispatch in progress (one at a time: dispatches are serialised)
@@ -358,7 +360,7 @@ void barrier(const char* file, int line) {
   yield_to_scheduler();
 }
 
-void* threadgroup_local(uint64_t site, size_t bytes) {
+void* threadgroup_local(uint64_t site, size_t bytes, const char* file, int line) {
   Run& r = *g_run;
   auto it = r.locals.find(site);
   if (it == r.locals.end()) {
@@ -372,16 +374,16 @@ void* threadgroup_local(uint64_t site, size_t bytes) {
   }
   if (r.arena_used > kThreadgroupMemoryLimit && !r.tg_over_limit_reported) {
     r.tg_over_limit_reported = true;
-    add_error("threadgroup-memory-limit", nullptr, 0, 0,
+    add_error("threadgroup-memory-limit", file, line, 0,
               "threadgroup memory " + std::to_string(r.arena_used) + " bytes exceeds Apple GPUs' 32 KiB");
   }
   return r.arena + it->second;
 }
 
 void* buffer_address(int index, size_t min_bytes) {
-  const EmuEncoder& e = *g_run->enc;
-  auto it = e.buffers.find(index);
-  if (it == e.buffers.end()) {
+  const auto& view = g_run->view;
+  auto it = view.find(index);
+  if (it == view.end()) {
     std::fprintf(stderr, "tmf_emu: kernel reads buffer(%d), which the host did not bind\n", index);
     std::abort();
   }
@@ -475,10 +477,21 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
   }();
   r.arena = arena;
   r.stacks = stacks;
+  // In checking mode every buffer is copied into a private allocation between guard zones, so an access
+  // past its end cannot land in a neighbouring tensor (which would look like a legal access); buffers the
+  // kernel wrote are copied back afterwards.
+  std::vector<std::vector<unsigned char>> copies;
   g_ranges.clear();
   for (auto& [index, buf] : enc.buffers) {
-    g_ranges.push_back({uintptr_t(buf.address()), uintptr_t(buf.base) + buf.nbytes, index, !buf.argument_bytes});
-    if (!buf.argument_bytes) report.traffic[index];  // a row for every bound buffer, even if untouched
+    BoundBuffer b = buf;
+    if (enc.checking) {
+      copies.emplace_back(2 * kDeviceGuard + b.size(), 0xFF);
+      std::memcpy(copies.back().data() + kDeviceGuard, b.address(), b.size());
+      b = BoundBuffer{copies.back().data() + kDeviceGuard, b.size(), 0, b.argument_bytes};
+    }
+    r.view[index] = b;
+    g_ranges.push_back({uintptr_t(b.address()), uintptr_t(b.base) + b.nbytes, index, !b.argument_bytes});
+    if (!b.argument_bytes) report.traffic[index];  // a row for every bound buffer, even if untouched
   }
   g_checking = enc.checking;
   for (uint32_t z = 0; z < g[2] && !r.aborted; ++z)
@@ -488,6 +501,10 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
         run_threadgroup(r);
       }
   report.threadgroup_memory = std::max(report.threadgroup_memory, r.arena_used);
+  if (enc.checking)
+    for (auto& [index, buf] : enc.buffers)
+      if (!buf.argument_bytes && report.traffic[index].bytes_written)
+        std::memcpy(buf.address(), r.view[index].address(), buf.size());
   g_checking = false;
   g_ranges.clear();
   g_run = nullptr;

@@ -106,13 +106,20 @@ def generate(out_dir: Path, sources: list[Path] | None = None) -> list[Path]:
     return generated
 
 
+def _include_flags(sources: list[Path] | None, gen_dir: Path) -> list[str]:
+    # A shader's own folder first (its #include "x.h" must find the neighbours of the .metal file, not of
+    # the generated .cpp), then the harness and shared headers.
+    own = sorted({str(p.resolve().parent) for p in (sources or shader_paths())})
+    return [f"-iquote{d}" for d in own] + [f"-I{p}" for p in INCLUDES] + [f"-I{gen_dir}"]
+
+
 def compile_libraries(out_dir: Path, sources: list[Path] | None = None, jobs: int | None = None) -> Libraries:
     """Compile and link both libraries into out_dir (no caching; see `ensure_built`)."""
     clang = find_clang()
     _check_boost()
     gen_dir = out_dir / "gen"
     shaders = generate(gen_dir, sources)
-    include_flags = [f"-I{p}" for p in INCLUDES] + [f"-I{gen_dir}"]
+    include_flags = _include_flags(sources, gen_dir)
     jobs_list = []
     runtime_objs = []
     for src in (EMU_SRC / "runtime.cpp", EMU_SRC / "ops.cpp"):
@@ -167,5 +174,5 @@ def lint_address_spaces(source: Path, work_dir: Path) -> None:
     threadgroup and constant pointers cannot be mixed up. Raises ShaderCompileError with file:line."""
     clang = find_clang()
     gen = generate(work_dir, [source])[0]
-    include_flags = [f"-I{p}" for p in INCLUDES] + [f"-I{work_dir}"]
+    include_flags = _include_flags([source], work_dir)
     _run([clang, *COMMON_FLAGS, "-DTMF_STRICT_ADDRESS_SPACES", "-fsyntax-only", *include_flags, str(gen)])

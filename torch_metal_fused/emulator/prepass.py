@@ -6,6 +6,7 @@ compiler errors, checker reports and debug info point at the real shader file an
 - `template [[host_name("n")]] [[kernel]] decltype(f<T>) f<T>;`  ->  `TMF_INSTANTIATE("n", f, f<T>)`
   (registers the instantiation with the runner under its host name); non-template kernels are registered
   under their own name at the end of the file.
+- Metal's vector constructors `float4(...)` -> `tmf_make<float4>(...)` (splat, conversion, assembly).
 - `[[threadgroup(n)]]` parameter attributes -> `[[tmf_threadgroup(n)]]` (`threadgroup` is an address-space
   macro in the prelude).
 - kernel-local `threadgroup T name[N]...;` -> a reference to per-threadgroup storage owned by the runner.
@@ -43,6 +44,7 @@ INSTANTIATION_RE = re.compile(
 )
 THREADGROUP_ATTR_RE = re.compile(r"\[\[\s*threadgroup\s*\(")
 LOCAL_TG_RE = re.compile(r"^(?P<indent>[ \t]*)threadgroup\s+(?P<type>[\w:<>, ]+?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\])+)\s*;")
+VECTOR_CTOR_RE = re.compile(r"(?<![\w.])((?:float|half|bfloat|int|uint|short|ushort|char|uchar|bool)[234])\s*\(")
 PARAM_ATTR_RE = re.compile(r"\[\[\s*(\w+)\s*(?:\(\s*(\d+)\s*\))?\s*\]\]")
 
 
@@ -133,6 +135,7 @@ def prepass(path: Path) -> Prepassed:
 
     out = INSTANTIATION_RE.sub(instantiate, text)
     out = THREADGROUP_ATTR_RE.sub("[[tmf_threadgroup(", out)
+    out = VECTOR_CTOR_RE.sub(r"tmf_make<\1>(", out)
     file_id = zlib.crc32(shown.encode()) & 0xFFFFF
     lines = out.split("\n")
     for i, line in enumerate(lines):

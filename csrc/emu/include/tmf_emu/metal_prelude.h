@@ -51,6 +51,43 @@ TMF_VECS(bool)
 #undef TMF_VECS
 #undef TMF_VEC
 
+// Metal's vector constructors — splat `float4(x)`, conversion `half4(v)`, assembly `float4(a.xy, b, c)` — have
+// no ext_vector_type equivalent; the pre-pass rewrites `float4(...)` into `tmf_make<float4>(...)`.
+template <typename T>
+constexpr bool tmf_is_scalar_type =
+    std::is_arithmetic_v<T> || std::is_same_v<T, _Float16> || std::is_same_v<T, __bf16>;
+
+template <typename V>
+using tmf_elem = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
+
+template <typename V, typename A>
+inline void tmf_append(V& out, int& i, A a) {
+  if constexpr (tmf_is_scalar_type<A>) {
+    out[i++] = static_cast<tmf_elem<V>>(a);
+  } else {
+    for (int k = 0; k < int(__builtin_vectorelements(A)); ++k) out[i++] = static_cast<tmf_elem<V>>(a[k]);
+  }
+}
+
+template <typename V, typename A>
+inline V tmf_make(A a) {
+  if constexpr (tmf_is_scalar_type<A>) {
+    return V(static_cast<tmf_elem<V>>(a));  // splat
+  } else {
+    return __builtin_convertvector(a, V);  // element-wise conversion
+  }
+}
+
+template <typename V, typename A, typename B, typename... C>
+inline V tmf_make(A a, B b, C... c) {
+  V out;
+  int i = 0;
+  tmf_append(out, i, a);
+  tmf_append(out, i, b);
+  (tmf_append(out, i, c), ...);
+  return out;
+}
+
 namespace metal {
 
 template <typename T, int N>
@@ -182,4 +219,4 @@ inline bool simd_is_first(const char* file = __builtin_FILE(), int line = __buil
 // Kernel-local `threadgroup T name[N];` declarations are rewritten by the pre-pass into references to
 // per-threadgroup storage that the runner allocates (shared by the group's threads, poisoned).
 #define TMF_THREADGROUP_LOCAL(site, ...) \
-  (*(threadgroup __VA_ARGS__*)::tmf_emu::threadgroup_local(site, sizeof(__VA_ARGS__)))
+  (*(threadgroup __VA_ARGS__*)::tmf_emu::threadgroup_local(site, sizeof(__VA_ARGS__), __FILE__, __LINE__))
