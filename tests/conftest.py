@@ -26,7 +26,9 @@ def _backend_params():
     # The same kernels under the checker (instrumented build): races, uninitialised threadgroup reads,
     # out-of-bounds accesses and barrier misuse fail the test with the .metal file and line.
     params.append(
-        pytest.param(("metal-emulated-checked", "cpu"), id="metal-emulated-checked", marks=[pytest.mark.emulated, *marks])
+        pytest.param(
+            ("metal-emulated-checked", "cpu"), id="metal-emulated-checked", marks=[pytest.mark.emulated, *marks]
+        )
     )
     params.append(
         pytest.param(

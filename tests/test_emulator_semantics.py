@@ -83,8 +83,23 @@ def test_barriers_order_threadgroup_memory(harness, mode, n):
 
 
 def test_half_and_bfloat_conversions_round_like_torch(harness, mode):
-    special = [0.0, -0.0, 1.0, 1 / 3, 65504.0, 65520.0, 70000.0, 1e-8, 6e-5, 3.0e38, float("inf"), float("-inf"),
-               float("nan"), 1.00390625, 1.005859375]
+    special = [
+        0.0,
+        -0.0,
+        1.0,
+        1 / 3,
+        65504.0,
+        65520.0,
+        70000.0,
+        1e-8,
+        6e-5,
+        3.0e38,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        1.00390625,
+        1.005859375,
+    ]
     inp = torch.cat([torch.tensor(special), torch.randn(500) * 100, torch.randn(100) * 1e-6])
     n = inp.numel()
     h, b, back = torch.empty(n, dtype=torch.float16), torch.empty(n, dtype=torch.bfloat16), torch.empty(2 * n)
@@ -123,7 +138,10 @@ def test_limits_are_reported(harness):
     out = torch.empty(1056)
     with runner.checking(), pytest.raises(runner.KernelCheckError, match="1056 threads per threadgroup exceed"):
         harness.dispatch("barrier_rotate", {0: out}, (1, 1, 1), (1056, 1, 1))
-    with runner.checking(), pytest.raises(runner.KernelCheckError, match=r"semantics.metal:\d+: threadgroup-memory-limit"):
+    with (
+        runner.checking(),
+        pytest.raises(runner.KernelCheckError, match=r"semantics.metal:\d+: threadgroup-memory-limit"),
+    ):
         harness.dispatch("too_much_threadgroup_memory", {0: out}, (1, 1, 1), (32, 1, 1))
     with pytest.raises(RuntimeError, match="no Metal kernel named nope"):
         harness.dispatch("nope", {0: out}, (1, 1, 1), (32, 1, 1))

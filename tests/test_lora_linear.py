@@ -34,18 +34,25 @@ def _check(x, w, a, b, bias, scale, dtype, train_weight=False):
     wanted = [t for t in (x_, w_, a_, b_, bias) if t is not None and t.requires_grad]
     dy = randn(y.shape, dtype, y.device, seed=9)
     grads = torch.autograd.grad(y, wanted, dy)
-    to64 = [t.detach().double().cpu().requires_grad_(t.requires_grad) if t is not None else None
-            for t in (x_, w_, a_, b_, bias)]
+    to64 = [
+        t.detach().double().cpu().requires_grad_(t.requires_grad) if t is not None else None
+        for t in (x_, w_, a_, b_, bias)
+    ]
     y64 = _reference(*to64, scale)
     refs = torch.autograd.grad(y64, [t for t in to64 if t is not None and t.requires_grad], dy.double().cpu())
-    to32 = [t.detach().float().cpu().requires_grad_(t.requires_grad) if t is not None else None
-            for t in (x_, w_, a_, b_, bias)]
+    to32 = [
+        t.detach().float().cpu().requires_grad_(t.requires_grad) if t is not None else None
+        for t in (x_, w_, a_, b_, bias)
+    ]
     y32 = _reference(*to32, scale)
     base = torch.autograd.grad(y32, [t for t in to32 if t is not None and t.requires_grad], dy.float().cpu())
     assert y.dtype == dtype and y.shape == y64.shape
     assert_matches(y, y64, dtype, "lora forward", baseline=y32.to(dtype))
-    names = [n for n, t in zip(("dx", "dweight", "dlora_a", "dlora_b", "dbias"), (x_, w_, a_, b_, bias))
-             if t is not None and t.requires_grad]
+    names = [
+        n
+        for n, t in zip(("dx", "dweight", "dlora_a", "dlora_b", "dbias"), (x_, w_, a_, b_, bias))
+        if t is not None and t.requires_grad
+    ]
     for name, g, r, bl in zip(names, grads, refs, base):
         assert_matches(g, r, dtype, f"lora {name}", baseline=bl.to(dtype))
 
@@ -116,8 +123,12 @@ def test_dropout_uses_one_mask_for_forward_and_backward(backend):
     assert_matches(gb, rb, torch.float32, "dropout dlora_b")
     # Not training: no dropout.
     y_eval = tmf.lora_linear(x, w, a, b, 2.0, bias, dropout_p=p, training=False)
-    assert_matches(y_eval, _reference(x.double(), w.double(), a.double(), b.double(), bias.double(), 2.0),
-                   torch.float32, "eval forward")
+    assert_matches(
+        y_eval,
+        _reference(x.double(), w.double(), a.double(), b.double(), bias.double(), 2.0),
+        torch.float32,
+        "eval forward",
+    )
 
 
 def test_empty_tokens(backend):
@@ -139,6 +150,8 @@ def test_nan_propagates(backend):
 
 def test_gradcheck_reference():
     g = torch.Generator().manual_seed(0)
-    args = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in ((3, 5), (4, 5), (2, 5), (4, 2), (4,))]
-    x, w, a, b, bias = args
+    args = [
+        torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True)
+        for s in ((3, 5), (4, 5), (2, 5), (4, 2), (4,))
+    ]
     assert torch.autograd.gradcheck(lambda x, w, a, b, bias: tmf.lora_linear(x, w, a, b, 0.7, bias), tuple(args))

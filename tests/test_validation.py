@@ -27,20 +27,34 @@ def _lora_args(**over):
         (lambda: tmf.softmax(torch.randn(2, 3), -3), IndexError, "dim -3 is out of range"),
         (lambda: tmf.softmax(torch.randn(2, 3), 1.0), TypeError, "dim must be an int"),
         (lambda: tmf.rms_norm(torch.randn(2, 3), torch.randn(4)), ValueError, r"weight must have shape \(3,\)"),
-        (lambda: tmf.rms_norm(torch.randn(2, 3), torch.randn(3, dtype=torch.float64)), TypeError,
-         "weight has dtype torch.float64 but x has dtype torch.float32"),
+        (
+            lambda: tmf.rms_norm(torch.randn(2, 3), torch.randn(3, dtype=torch.float64)),
+            TypeError,
+            "weight has dtype torch.float64 but x has dtype torch.float32",
+        ),
         (lambda: tmf.rms_norm(torch.randn(2, 3), torch.randn(3), eps=-1e-6), ValueError, "eps must be non-negative"),
         (lambda: tmf.rms_norm(torch.randn(2, 3), torch.randn(3), eps=float("nan")), ValueError, "eps must be finite"),
         (lambda: tmf.rms_norm(torch.randint(0, 3, (2, 3))), TypeError, "x must be a floating-point"),
         (lambda: tmf.rms_norm(torch.tensor(1.0)), ValueError, "at least one dimension"),
         (lambda: tmf.rms_norm(torch.randn(2, 3), torch.ones(3, dtype=torch.int32)), TypeError, "weight must be"),
         (lambda: tmf.lora_linear(**_lora_args(x=torch.randn(3, 7))), ValueError, "x's last dimension"),
-        (lambda: tmf.lora_linear(**_lora_args(lora_a=torch.randn(2, 9))), ValueError, r"lora_a must have shape \(r, 8\)"),
-        (lambda: tmf.lora_linear(**_lora_args(lora_b=torch.randn(6, 3))), ValueError, r"lora_b must have shape \(6, 2\)"),
+        (
+            lambda: tmf.lora_linear(**_lora_args(lora_a=torch.randn(2, 9))),
+            ValueError,
+            r"lora_a must have shape \(r, 8\)",
+        ),
+        (
+            lambda: tmf.lora_linear(**_lora_args(lora_b=torch.randn(6, 3))),
+            ValueError,
+            r"lora_b must have shape \(6, 2\)",
+        ),
         (lambda: tmf.lora_linear(**_lora_args(lora_b=torch.randn(5, 2))), ValueError, "lora_b must have shape"),
         (lambda: tmf.lora_linear(**_lora_args(lora_a=torch.randn(8))), ValueError, "lora_a must be 2-D"),
-        (lambda: tmf.lora_linear(**_lora_args(lora_a=torch.randn(0, 8), lora_b=torch.randn(6, 0))), ValueError,
-         "r = 0"),
+        (
+            lambda: tmf.lora_linear(**_lora_args(lora_a=torch.randn(0, 8), lora_b=torch.randn(6, 0))),
+            ValueError,
+            "r = 0",
+        ),
         (lambda: tmf.lora_linear(**_lora_args(), bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\)"),
         (lambda: tmf.lora_linear(**_lora_args(weight=torch.randn(6, 8).half())), TypeError, "weight has dtype"),
         (lambda: tmf.lora_linear(**_lora_args(), scale=float("inf")), ValueError, "scale must be finite"),
@@ -61,8 +75,13 @@ def test_mixed_devices():
     with pytest.raises(ValueError, match="weight is on"):
         tmf.rms_norm(torch.randn(2, 3, device=dev), torch.randn(3))
     with pytest.raises(ValueError, match="lora_b is on"):
-        tmf.lora_linear(**_lora_args(x=torch.randn(3, 8, device=dev), weight=torch.randn(6, 8, device=dev),
-                                     lora_a=torch.randn(2, 8, device=dev)))
+        tmf.lora_linear(
+            **_lora_args(
+                x=torch.randn(3, 8, device=dev),
+                weight=torch.randn(6, 8, device=dev),
+                lora_a=torch.randn(2, 8, device=dev),
+            )
+        )
 
 
 def test_mixed_devices_meta():
@@ -93,8 +112,9 @@ def test_torch_compile_traces_the_custom_ops():
         y, rstd = torch.ops.torch_metal_fused.rms_norm_forward(x, torch.randn(8), 1e-6)
         assert y.shape == (4, 8) and rstd.shape == (4,) and rstd.dtype == torch.float32
         assert torch.ops.torch_metal_fused.softmax_forward(x).shape == (4, 8)
-        y, h = torch.ops.torch_metal_fused.lora_linear_forward(x, torch.randn(6, 8), None, torch.randn(2, 8),
-                                                               torch.randn(6, 2), 1.0, None)
+        y, h = torch.ops.torch_metal_fused.lora_linear_forward(
+            x, torch.randn(6, 8), None, torch.randn(2, 8), torch.randn(6, 2), 1.0, None
+        )
         assert y.shape == (4, 6) and h.shape == (4, 2)
     torch.library.opcheck(torch.ops.torch_metal_fused.softmax_forward, (torch.randn(3, 5),))
     torch.library.opcheck(torch.ops.torch_metal_fused.rms_norm_forward, (torch.randn(3, 5), torch.randn(5), 1e-6))

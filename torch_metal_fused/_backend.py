@@ -15,11 +15,11 @@ ENV_VAR = "TORCH_METAL_FUSED_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_extension():
     """The built extension (`torch_metal_fused._C`), or None where nothing was compiled (CPU-only Linux)."""
     try:
-        from torch_metal_fused import _C  # noqa: PLC0415
+        from torch_metal_fused import _C
     except ImportError:
         return None
     return _C
@@ -75,11 +75,12 @@ def kernels_for(backend: str):
     if backend in ("metal", "cuda"):
         return _compiled_extension()
     if backend == "metal-emulated":
-        from torch_metal_fused.backends import emulated  # noqa: PLC0415
+        from torch_metal_fused.backends import emulated
 
         return emulated
     raise ValueError(f"no kernels for backend {backend!r}")
 
 
 def platform_summary() -> str:
-    return f"python {sys.version.split()[0]}, torch {torch.__version__}, metal={has_metal_kernels()}, cuda={has_cuda_kernels()}"
+    kernels = f"metal={has_metal_kernels()}, cuda={has_cuda_kernels()}"
+    return f"python {sys.version.split()[0]}, torch {torch.__version__}, {kernels}"

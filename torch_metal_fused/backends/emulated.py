@@ -17,7 +17,7 @@ def available() -> tuple[bool, str]:
         from torch_metal_fused.emulator import runner
 
         runner.libraries()
-    except Exception as exc:  # noqa: BLE001 - report why, whatever it is
+    except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}"
     return True, ""
 
@@ -68,8 +68,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
         return y, rstd
     x2 = _rows(x)
     w = weight.contiguous() if weight is not None else None
-    _runner().launch("rms_norm_forward", x.dtype, x2, _row_stride(x2), w, y, rstd, x2.shape[0], x2.shape[1],
-                     float(eps))
+    _runner().launch("rms_norm_forward", x.dtype, x2, _row_stride(x2), w, y, rstd, x2.shape[0], x2.shape[1], float(eps))
     return y, rstd
 
 
@@ -85,8 +84,21 @@ def rms_norm_backward(dy, x, weight, rstd, needs_dx: bool, needs_dw: bool):
     rows = x2.shape[0]
     partial = torch.empty(runner.rms_norm_backward_groups(rows), cols, dtype=torch.float32) if needs_dw else None
     w = weight.contiguous() if weight is not None else None
-    runner.launch("rms_norm_backward", x.dtype, dy2, _row_stride(dy2), x2, _row_stride(x2), w, rstd.contiguous(),
-                  dx, partial, dw, rows, cols)
+    runner.launch(
+        "rms_norm_backward",
+        x.dtype,
+        dy2,
+        _row_stride(dy2),
+        x2,
+        _row_stride(x2),
+        w,
+        rstd.contiguous(),
+        dx,
+        partial,
+        dw,
+        rows,
+        cols,
+    )
     return dx, dw
 
 
@@ -101,8 +113,22 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scale: float, dropout_mask):
         return y, h
     x2 = _rows(x)
     mask = dropout_mask.contiguous() if dropout_mask is not None else None
-    _runner().launch("lora_forward_lowrank", x.dtype, x2, _row_stride(x2), lora_a.contiguous(), lora_b.contiguous(),
-                     mask, y, h, tokens, in_features, weight.shape[0], rank, float(scale))
+    _runner().launch(
+        "lora_forward_lowrank",
+        x.dtype,
+        x2,
+        _row_stride(x2),
+        lora_a.contiguous(),
+        lora_b.contiguous(),
+        mask,
+        y,
+        h,
+        tokens,
+        in_features,
+        weight.shape[0],
+        rank,
+        float(scale),
+    )
     return y, h
 
 
@@ -120,9 +146,22 @@ def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, 
         dh = torch.empty(tokens, rank, dtype=x.dtype, device=x.device)
         if tokens:
             mask = dropout_mask.contiguous() if dropout_mask is not None else None
-            _runner().launch("lora_backward_lowrank", x.dtype, dy2, _row_stride(dy2), lora_a.contiguous(),
-                             lora_b.contiguous(), mask, dh, dx, tokens, x.shape[1], weight.shape[0], rank,
-                             float(scale))
+            _runner().launch(
+                "lora_backward_lowrank",
+                x.dtype,
+                dy2,
+                _row_stride(dy2),
+                lora_a.contiguous(),
+                lora_b.contiguous(),
+                mask,
+                dh,
+                dx,
+                tokens,
+                x.shape[1],
+                weight.shape[0],
+                rank,
+                float(scale),
+            )
         if needs_da:
             x_lora = x if dropout_mask is None else x * dropout_mask
             da = dh.t() @ x_lora

@@ -26,8 +26,19 @@ SHADERS = REPO / "shaders"
 EMU_SRC = REPO / "csrc" / "emu"
 INCLUDES = [EMU_SRC / "include", REPO / "csrc" / "include", SHADERS]
 CLANG_CANDIDATES = ("clang++-19", "clang++-20", "clang++-21", "clang++-18")
-COMMON_FLAGS = ["-std=c++17", "-O2", "-g", "-gdwarf-4", "-fPIC", "-Wall", "-Wno-unknown-attributes",
-                "-Wno-unused-variable", "-Wno-unused-function", "-fno-fast-math", "-ffp-contract=off"]
+COMMON_FLAGS = [
+    "-std=c++17",
+    "-O2",
+    "-g",
+    "-gdwarf-4",
+    "-fPIC",
+    "-Wall",
+    "-Wno-unknown-attributes",
+    "-Wno-unused-variable",
+    "-Wno-unused-function",
+    "-fno-fast-math",
+    "-ffp-contract=off",
+]
 CHECK_FLAGS = ["-fsanitize-coverage=func,trace-loads,trace-stores"]
 
 
@@ -73,8 +84,13 @@ def _inputs_digest(clang: str) -> str:
     h.update(version.encode())
     h.update(" ".join(COMMON_FLAGS + CHECK_FLAGS).encode())
     files = sorted(
-        [*SHADERS.rglob("*"), *EMU_SRC.rglob("*"), *(REPO / "csrc" / "include").rglob("*"),
-         Path(__file__), Path(__file__).with_name("prepass.py")]
+        [
+            *SHADERS.rglob("*"),
+            *EMU_SRC.rglob("*"),
+            *(REPO / "csrc" / "include").rglob("*"),
+            Path(__file__),
+            Path(__file__).with_name("prepass.py"),
+        ]
     )
     for f in files:
         if f.is_file():

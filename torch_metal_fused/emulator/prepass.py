@@ -43,7 +43,9 @@ INSTANTIATION_RE = re.compile(
     r"decltype\(\s*(\w+)\s*<([^;]*?)>\s*\)\s*\w+\s*<[^;]*?>\s*;"
 )
 THREADGROUP_ATTR_RE = re.compile(r"\[\[\s*threadgroup\s*\(")
-LOCAL_TG_RE = re.compile(r"^(?P<indent>[ \t]*)threadgroup\s+(?P<type>[\w:<>, ]+?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\])+)\s*;")
+LOCAL_TG_RE = re.compile(
+    r"^(?P<indent>[ \t]*)threadgroup\s+(?P<type>[\w:<>, ]+?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\])+)\s*;"
+)
 VECTOR_CTOR_RE = re.compile(r"(?<![\w.])((?:float|half|bfloat|int|uint|short|ushort|char|uchar|bool)[234])\s*\(")
 PARAM_ATTR_RE = re.compile(r"\[\[\s*(\w+)\s*(?:\(\s*(\d+)\s*\))?\s*\]\]")
 
@@ -105,7 +107,9 @@ def _parse_kernels(text: str, path: str) -> dict[str, Kernel]:
         for param in _split_params(text[m.end() : close]):
             attrs = PARAM_ATTR_RE.findall(param)
             if not attrs:
-                raise PrepassError(f"{path}:{line}: parameter {param.strip()!r} of kernel {name} has no [[...]] attribute")
+                raise PrepassError(
+                    f"{path}:{line}: parameter {param.strip()!r} of kernel {name} has no [[...]] attribute"
+                )
             attr, index = attrs[-1]
             if attr not in ROLES:
                 raise PrepassError(f"{path}:{line}: unsupported parameter attribute [[{attr}]] in kernel {name}")
@@ -147,8 +151,7 @@ def prepass(path: Path) -> Prepassed:
         alias = f"tmf_tg_{name}_t"
         lines[i] = (
             f"{m.group('indent')}typedef {t} {alias}{dims}; "
-            f"threadgroup {alias}& {name} = TMF_THREADGROUP_LOCAL({site}ull, {alias});"
-            + line[m.end() :]
+            f"threadgroup {alias}& {name} = TMF_THREADGROUP_LOCAL({site}ull, {alias});" + line[m.end() :]
         )
     out = "\n".join(lines)
     tail = []

@@ -7,9 +7,9 @@ import contextlib
 import ctypes
 import functools
 import os
+import re
 import shutil
 import subprocess
-import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -109,8 +109,12 @@ class Harness:
         checked = is_checking()
         fn = getattr(self.library(checked), f"tmf_emu_{entry}")
         fn.restype = ctypes.c_char_p
-        report = fn(ctypes.c_int(int(checked)), ctypes.c_uint32(_state.max_threads),
-                    ctypes.c_int(DTYPE_CODES[dtype]), *(_arg(a) for a in args))
+        report = fn(
+            ctypes.c_int(int(checked)),
+            ctypes.c_uint32(_state.max_threads),
+            ctypes.c_int(DTYPE_CODES[dtype]),
+            *(_arg(a) for a in args),
+        )
         return self._finish(report.decode(), checked)
 
     def dispatch(
@@ -128,10 +132,17 @@ class Harness:
         idx = list(buffers)
         tg = threadgroup_memory or {}
         report = fn(
-            ctypes.c_int(int(checked)), ctypes.c_uint32(_state.max_threads), kernel.encode(), len(idx),
-            (ctypes.c_int * len(idx))(*idx), (TensorArg * len(idx))(*(TensorArg.of(buffers[i]) for i in idx)),
-            len(tg), (ctypes.c_int * len(tg))(*tg), (ctypes.c_uint64 * len(tg))(*tg.values()),
-            (ctypes.c_uint32 * 3)(*groups), (ctypes.c_uint32 * 3)(*threads),
+            ctypes.c_int(int(checked)),
+            ctypes.c_uint32(_state.max_threads),
+            kernel.encode(),
+            len(idx),
+            (ctypes.c_int * len(idx))(*idx),
+            (TensorArg * len(idx))(*(TensorArg.of(buffers[i]) for i in idx)),
+            len(tg),
+            (ctypes.c_int * len(tg))(*tg),
+            (ctypes.c_uint64 * len(tg))(*tg.values()),
+            (ctypes.c_uint32 * 3)(*groups),
+            (ctypes.c_uint32 * 3)(*threads),
         )
         return self._finish(report.decode(), checked)
 
@@ -145,7 +156,7 @@ class Harness:
         return dispatches
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_harness() -> Harness:
     """The harness built from this repository's shaders/."""
     return Harness(ensure_built())
@@ -237,8 +248,9 @@ def symbolize(library: Path, pc_offset: int) -> str:
     """file.metal:line of an instruction in a harness library (via llvm-symbolizer or addr2line)."""
     if pc_offset == 0:
         return "?"
-    tool = next((shutil.which(n) for n in ("llvm-symbolizer-19", "llvm-symbolizer", "addr2line") if shutil.which(n)),
-                None)
+    tool = next(
+        (shutil.which(n) for n in ("llvm-symbolizer-19", "llvm-symbolizer", "addr2line") if shutil.which(n)), None
+    )
     if tool is None:
         return f"{library.name}+{pc_offset:#x}"
     # The return address points after the call to the load/store callback: step back one byte.

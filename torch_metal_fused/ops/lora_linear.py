@@ -84,9 +84,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx, dw, db, da, dlb = (
             empty_to_none(g, need)
-            for g, need in zip(
-                lora_linear_backward(dy2, x2, weight, lora_a, lora_b, h, ctx.scale, mask, needs), needs
-            )
+            for g, need in zip(lora_linear_backward(dy2, x2, weight, lora_a, lora_b, h, ctx.scale, mask, needs), needs)
         )
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
