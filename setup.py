@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,34 +21,51 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
-sys.path.insert(0, str(ROOT / "tools"))
 
 
-def _embed_shaders(out: Path) -> None:
-    from embed_shaders import write_embedded_header
-
-    write_embedded_header(ROOT / "shaders", ROOT / "csrc" / "include", out)
+def _build_metallib(out_dir: Path) -> Path | None:
+    """A prebuilt metallib where full Xcode's `metal` tool exists (the command-line tools lack it); the
+    extension then skips compiling the sources at first use."""
+    try:
+        ok = subprocess.run(["xcrun", "-sdk", "macosx", "-f", "metal"], capture_output=True).returncode == 0
+    except OSError:
+        return None
+    if not ok:
+        return None
+    airs = []
+    for src in sorted((ROOT / "shaders").glob("*.metal")):
+        air = out_dir / f"{src.stem}.air"
+        cmd = ["xcrun", "-sdk", "macosx", "metal", "-std=metal3.1", "-fno-fast-math", "-c", str(src),
+               f"-I{ROOT / 'shaders'}", f"-I{ROOT / 'csrc' / 'include'}", "-o", str(air)]
+        if subprocess.run(cmd).returncode != 0:
+            print(f"warning: xcrun metal failed on {src.name}; the sources will be compiled at first use")
+            return None
+        airs.append(str(air))
+    lib = out_dir / "torch_metal_fused.metallib"
+    if subprocess.run(["xcrun", "-sdk", "macosx", "metallib", *airs, "-o", str(lib)]).returncode != 0:
+        return None
+    return lib
 
 
 def _macos_extension():
     from torch.utils.cpp_extension import CppExtension
 
+    sys.path.insert(0, str(ROOT / "tools"))
+    from embed_shaders import write_embedded_header
+
     generated = ROOT / "build" / "generated"
     generated.mkdir(parents=True, exist_ok=True)
-    _embed_shaders(generated / "tmf_embedded_shaders.h")
+    metallib = _build_metallib(generated)
+    write_embedded_header(ROOT / "shaders", ROOT / "csrc" / "include", generated / "tmf_embedded_shaders.h", metallib)
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "mps").glob("*.mm"))
     sources.append("csrc/bindings.cpp")
-    extra_link = ["-framework", "Metal", "-framework", "Foundation"]
-    defines = [("TMF_WITH_METAL", "1")]
-    if shutil.which("xcrun") and subprocess.run(["xcrun", "-f", "metal"], capture_output=True).returncode == 0:
-        defines.append(("TMF_HAVE_METALLIB", "1"))
     return CppExtension(
         "torch_metal_fused._C",
         sources,
-        include_dirs=[str(ROOT / "csrc" / "include"), str(generated)],
-        define_macros=defines,
-        extra_compile_args={"cxx": ["-std=c++17", "-fobjc-arc", "-O2"]},
-        extra_link_args=extra_link,
+        include_dirs=[str(ROOT / "csrc"), str(ROOT / "csrc" / "include"), str(generated)],
+        define_macros=[("TMF_WITH_METAL", "1")],
+        extra_compile_args={"cxx": ["-std=c++17", "-O2"]},
+        extra_link_args=["-framework", "Metal", "-framework", "Foundation"],
     )
 
 
@@ -63,7 +79,7 @@ def _cuda_extension():
     return CUDAExtension(
         "torch_metal_fused._C",
         sources,
-        include_dirs=[str(ROOT / "csrc" / "include")],
+        include_dirs=[str(ROOT / "csrc"), str(ROOT / "csrc" / "include")],
         define_macros=[("TMF_WITH_CUDA", "1")],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
     )

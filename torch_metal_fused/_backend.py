@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 
 import torch
 
@@ -35,6 +36,20 @@ def has_cuda_kernels() -> bool:
     return ext is not None and getattr(ext, "HAS_CUDA", False)
 
 
+@functools.lru_cache(maxsize=None)
+def metal_supports_bfloat16() -> bool:
+    """bfloat kernels exist only where the Metal compiler supports Metal 3.1 (macOS 14+)."""
+    ext = _compiled_extension()
+    supported = bool(ext is not None and ext.metal_supports_bfloat16())
+    if not supported:
+        warnings.warn(
+            "torch_metal_fused: this system's Metal lacks bfloat (Metal 3.1, macOS 14+); "
+            "bfloat16 tensors use the reference implementation",
+            stacklevel=3,
+        )
+    return supported
+
+
 def forced_backend() -> str | None:
     value = os.environ.get(ENV_VAR, "").strip()
     if not value:
@@ -58,6 +73,8 @@ def backend_for(x: torch.Tensor) -> str:
         return "reference"
     device = x.device.type
     if device == "mps" and has_metal_kernels():
+        if x.dtype == torch.bfloat16 and not metal_supports_bfloat16():
+            return "reference"
         return "metal"
     if device == "cuda" and has_cuda_kernels():
         return "cuda"

@@ -1,0 +1,51 @@
+// RMSNorm on MPS tensors: shaders/rms_norm.metal through the shared launch code (tmf/launch/rms_norm.h).
+#include <cmath>
+#include <limits>
+
+#include "mps_encoder.h"
+#include "ops.h"
+#include "tmf/launch/rms_norm.h"
+
+namespace tmf {
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps) {
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  if (x.size(-1) == 0) {
+    rstd.fill_(eps > 0 ? 1.0 / std::sqrt(eps) : std::numeric_limits<double>::infinity());
+    return {y, rstd};
+  }
+  if (x.numel() == 0) return {y, rstd};
+  at::Tensor x2 = as_rows(x);
+  at::Tensor w = weight ? weight->contiguous() : at::Tensor();
+  mps::run_on_mps_stream([&](mps::MPSEncoder& enc) {
+    launch::rms_norm_forward(enc, mps::dtype_of(x), mps::buffer_of(x2), row_stride(x2), mps::buffer_of(w),
+                             mps::buffer_of(y), mps::buffer_of(rstd), x2.size(0), x2.size(1), float(eps));
+  });
+  return {y, rstd};
+}
+
+std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight,
+                                                   const at::Tensor& rstd, bool needs_dx, bool needs_dw) {
+  const int64_t cols = x.size(-1);
+  needs_dw = needs_dw && weight.has_value();
+  at::Tensor dx = needs_dx ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  at::Tensor dw = needs_dw ? at::zeros({cols}, x.options()) : at::Tensor();
+  if (x.numel() > 0 && (needs_dx || needs_dw)) {
+    at::Tensor x2 = as_rows(x), dy2 = as_rows(dy);
+    const int64_t rows = x2.size(0);
+    at::Tensor partial = needs_dw ? at::empty({launch::rms_norm_backward_groups(rows), cols},
+                                              x.options().dtype(at::kFloat))
+                                  : at::Tensor();
+    at::Tensor w = weight ? weight->contiguous() : at::Tensor();
+    at::Tensor r = rstd.contiguous();
+    mps::run_on_mps_stream([&](mps::MPSEncoder& enc) {
+      launch::rms_norm_backward(enc, mps::dtype_of(x), mps::buffer_of(dy2), row_stride(dy2), mps::buffer_of(x2),
+                                row_stride(x2), mps::buffer_of(w), mps::buffer_of(r), mps::buffer_of(dx),
+                                mps::buffer_of(partial), mps::buffer_of(dw), rows, cols);
+    });
+  }
+  return {needs_dx ? OptTensor(dx) : std::nullopt, needs_dw ? OptTensor(dw) : std::nullopt};
+}
+
+}  // namespace tmf

@@ -1,0 +1,37 @@
+// The kernel entry points every compiled backend (Metal: csrc/mps/ops.mm, CUDA: csrc/cuda/ops.cu) provides,
+// with the signatures of torch_metal_fused/reference.py and torch_metal_fused/backends/emulated.py.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace tmf {
+
+using OptTensor = std::optional<at::Tensor>;
+
+at::Tensor softmax_forward(const at::Tensor& x);
+at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy);
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps);
+std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight,
+                                                   const at::Tensor& rstd, bool needs_dx, bool needs_dw);
+std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                                const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
+                                                const OptTensor& dropout_mask);
+std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& h, double scale, const OptTensor& dropout_mask,
+    std::array<bool, 5> needs);
+
+// Helpers shared by the backends' host code.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  // A (rows, cols) view with a unit inner stride, copying only when no such view exists.
+  at::Tensor t2 = t.dim() == 2 ? t : t.reshape({-1, t.size(-1)});
+  if (t2.size(1) > 1 && t2.stride(1) != 1) t2 = t2.contiguous();
+  return t2;
+}
+inline int64_t row_stride(const at::Tensor& t2) { return t2.size(0) > 1 ? t2.stride(0) : t2.size(1); }
+
+}  // namespace tmf
