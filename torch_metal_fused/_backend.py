@@ -36,7 +36,7 @@ def has_cuda_kernels() -> bool:
     return ext is not None and getattr(ext, "HAS_CUDA", False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def metal_supports_bfloat16() -> bool:
     """bfloat kernels exist only where the Metal compiler supports Metal 3.1 (macOS 14+)."""
     ext = _compiled_extension()
