@@ -35,8 +35,20 @@ def _build_metallib(out_dir: Path) -> Path | None:
     airs = []
     for src in sorted((ROOT / "shaders").glob("*.metal")):
         air = out_dir / f"{src.stem}.air"
-        cmd = ["xcrun", "-sdk", "macosx", "metal", "-std=metal3.1", "-fno-fast-math", "-c", str(src),
-               f"-I{ROOT / 'shaders'}", f"-I{ROOT / 'csrc' / 'include'}", "-o", str(air)]
+        cmd = [
+            "xcrun",
+            "-sdk",
+            "macosx",
+            "metal",
+            "-std=metal3.1",
+            "-fno-fast-math",
+            "-c",
+            str(src),
+            f"-I{ROOT / 'shaders'}",
+            f"-I{ROOT / 'csrc' / 'include'}",
+            "-o",
+            str(air),
+        ]
         if subprocess.run(cmd).returncode != 0:
             print(f"warning: xcrun metal failed on {src.name}; the sources will be compiled at first use")
             return None

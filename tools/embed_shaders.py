@@ -21,7 +21,7 @@ def inline_includes(path: Path, search: list[Path], seen: set[Path] | None = Non
         for base in (here.parent, *search):
             if (base / name).is_file():
                 return (base / name).resolve()
-        raise FileNotFoundError(f"{path}: cannot find #include \"{name}\"")
+        raise FileNotFoundError(f'{path}: cannot find #include "{name}"')
 
     def expand(p: Path) -> str:
         if p in seen:
@@ -46,7 +46,7 @@ def write_embedded_header(shaders: Path, include_dir: Path, out: Path, metallib:
     for src in sources:
         text = inline_includes(src, [shaders, include_dir])
         delim = "TMFSRC"
-        assert f"){delim}\"" not in text
+        assert f'){delim}"' not in text
         lines.append(f'  {{"{src.name}", R"{delim}({text}){delim}"}},')
     lines.append("};")
     lines.append(f"static const size_t kEmbeddedShaderCount = {len(sources)};")

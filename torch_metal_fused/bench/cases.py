@@ -1,0 +1,242 @@
+"""One setup per kernel, shared by the speed and memory runs: for an (op, provider, shape, dtype, mode) it builds
+the inputs and returns a callable that runs the op once, plus the minimal bytes and FLOPs of that work.
+
+Providers: "fused" is torch_metal_fused (whatever backend serves the device); the others are the baselines the
+issue names — native torch ops, Hugging Face-style eager code, and Liger-Kernel / PEFT where installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import torch_metal_fused as tmf
+
+MODES = ("forward", "backward", "forward_backward")
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    shape: tuple[int, ...]  # softmax/rms_norm: (rows, cols); lora: (tokens, in, out, r)
+    dtype: torch.dtype
+    mode: str
+
+    @property
+    def shape_str(self) -> str:
+        return "x".join(map(str, self.shape))
+
+
+@dataclass
+class Prepared:
+    run: Callable[[], object]
+    min_bytes: int  # each input read once, each output written once (weights of LoRA included)
+    flops: int
+    sets: int  # input sets rotated between calls
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def providers(op: str, device: torch.device) -> list[str]:
+    names = {
+        "softmax": ["fused", "torch"],
+        "rms_norm": ["fused", "torch", "hf_eager"],
+        "lora": ["fused", "eager", "matmul"],
+    }[op]
+    if device.type == "cuda" and _has("liger_kernel") and op in ("softmax", "rms_norm"):
+        names.append("liger")
+    if op == "lora" and _has("peft"):
+        names.append("peft")
+    return names
+
+
+def _rotate(sets: list) -> Callable[[], object]:
+    """Cycle through several input sets so that repeated calls don't time a warm cache."""
+    state = {"i": 0}
+
+    def nxt():
+        state["i"] = (state["i"] + 1) % len(sets)
+        return sets[state["i"]]
+
+    return nxt
+
+
+def _n_sets(nbytes: int) -> int:
+    # Enough distinct inputs to exceed a large last-level cache (~64 MB on GPUs, far less on M-series).
+    return max(1, min(8, (256 << 20) // max(nbytes, 1)))
+
+
+def _hf_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    # What Hugging Face's LlamaRMSNorm does: float32 statistics, cast back, then the weight.
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(dtype)
+
+
+def _row_op(case: Case, provider: str, device: torch.device) -> Callable:
+    cols = case.shape[1]
+    if case.op == "softmax":
+        if provider == "fused":
+            return lambda x, w: tmf.softmax(x, -1)
+        if provider == "torch":
+            return lambda x, w: torch.softmax(x, -1)
+        if provider == "liger":
+            from liger_kernel.ops.softmax import LigerSoftmaxFunction
+
+            return lambda x, w: LigerSoftmaxFunction.apply(x)
+    else:
+        if provider == "fused":
+            return lambda x, w: tmf.rms_norm(x, w, 1e-6)
+        if provider == "torch":
+            return lambda x, w: torch.nn.functional.rms_norm(x, (cols,), w, 1e-6)
+        if provider == "hf_eager":
+            return _hf_rms_norm
+        if provider == "liger":
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+            return lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6)
+    raise ValueError(f"unknown provider {provider} for {case.op}")
+
+
+def _prepare_rows(case: Case, provider: str, device: torch.device) -> Prepared:
+    rows, cols = case.shape
+    es = torch.finfo(case.dtype).bits // 8
+    fn = _row_op(case, provider, device)
+    n = _n_sets(3 * rows * cols * es)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def make():
+        x = torch.randn(rows, cols, generator=g).to(device=device, dtype=case.dtype).requires_grad_(True)
+        dy = torch.randn(rows, cols, generator=g).to(device=device, dtype=case.dtype)
+        return x, dy
+
+    w = (torch.rand(cols, generator=g) + 0.5).to(device=device, dtype=case.dtype)
+    if case.op == "rms_norm":
+        w.requires_grad_(True)
+    sets = [make() for _ in range(n)]
+    nxt = _rotate(sets)
+    io = rows * cols * es
+    if case.mode == "forward":
+
+        def run():
+            x, _ = nxt()
+            return fn(x, w)
+
+        min_bytes = 2 * io
+    elif case.mode == "backward":
+        outs = [(fn(x, w), dy) for x, dy in sets]
+        nxt_out = _rotate(outs)
+
+        def run():
+            y, dy = nxt_out()
+            y.backward(dy, retain_graph=True)
+
+        min_bytes = 3 * io
+    else:
+
+        def run():
+            x, dy = nxt()
+            fn(x, w).backward(dy)
+
+        min_bytes = 5 * io
+    return Prepared(run, min_bytes, 0, n)
+
+
+def _prepare_lora(case: Case, provider: str, device: torch.device) -> Prepared:
+    tokens, fin, fout, r = case.shape
+    es = torch.finfo(case.dtype).bits // 8
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*s, scale=1.0, grad=False):
+        t = (torch.randn(*s, generator=g) * scale).to(device=device, dtype=case.dtype)
+        return t.requires_grad_(grad)
+
+    weight, bias = rnd(fout, fin, scale=fin**-0.5), rnd(fout)
+    a, b = rnd(r, fin, scale=fin**-0.5, grad=True), rnd(fout, r, scale=r**-0.5, grad=True)
+    scale = 2.0
+    if provider == "fused":
+        fn = lambda x: tmf.lora_linear(x, weight, a, b, scale, bias)  # noqa: E731
+    elif provider == "eager":
+        fn = lambda x: torch.nn.functional.linear(x, weight, bias) + scale * ((x @ a.t()) @ b.t())  # noqa: E731
+    elif provider == "matmul":
+        fn = lambda x: x @ weight.t()  # noqa: E731
+    elif provider == "peft":
+        from peft.tuners.lora import Linear as PeftLinear
+
+        base = torch.nn.Linear(fin, fout, device=device, dtype=case.dtype)
+        with torch.no_grad():
+            base.weight.copy_(weight)
+            base.bias.copy_(bias)
+        layer = PeftLinear(base, "default", r=r, lora_alpha=int(scale * r), lora_dropout=0.0)
+        layer.to(device=device, dtype=case.dtype)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        fn = layer
+    else:
+        raise ValueError(f"unknown provider {provider} for lora")
+    n = _n_sets((tokens * (fin + fout)) * es)
+    sets = [(rnd(tokens, fin, grad=True), rnd(tokens, fout)) for _ in range(n)]
+    nxt = _rotate(sets)
+    fwd_bytes = (tokens * fin + fout * fin + r * (fin + fout) + tokens * fout) * es
+    fwd_flops = 2 * tokens * fin * fout + 2 * tokens * r * (fin + fout)
+    # backward: dx = dy·W (+ rank-r parts), dA, dB (W frozen)
+    bwd_bytes = (2 * tokens * fout + fout * fin + 2 * tokens * fin + 2 * r * (fin + fout)) * es
+    bwd_flops = 2 * tokens * fin * fout + 6 * tokens * r * (fin + fout)
+    if case.mode == "forward":
+
+        def run():
+            x, _ = nxt()
+            return fn(x)
+
+        return Prepared(run, fwd_bytes, fwd_flops, n)
+    if case.mode == "backward":
+        outs = [(fn(x), dy) for x, dy in sets]
+        nxt_out = _rotate(outs)
+
+        def run():
+            y, dy = nxt_out()
+            y.backward(dy, retain_graph=True)
+
+        return Prepared(run, bwd_bytes, bwd_flops, n)
+
+    def run():
+        x, dy = nxt()
+        fn(x).backward(dy)
+
+    return Prepared(run, fwd_bytes + bwd_bytes, fwd_flops + bwd_flops, n)
+
+
+def prepare(case: Case, provider: str, device: torch.device) -> Prepared:
+    if case.op == "lora":
+        if case.mode != "forward" and provider == "matmul":
+            raise ValueError("the base matmul alone is a forward baseline")
+        return _prepare_lora(case, provider, device)
+    return _prepare_rows(case, provider, device)
+
+
+# ---- shapes -------------------------------------------------------------------------------------------
+SEED_SHAPES = {"softmax": [(128, 1024)], "rms_norm": [(128, 1024)], "lora": [(128, 512, 512, 8)]}
+LLM_ROWS = [(r, h) for r in (2048, 8192, 16384) for h in (1024, 4096, 8192)]
+LLM_LORA = [(4096, 4096, 4096, r) for r in (8, 16, 64)] + [(4096, 4096, 11008, r) for r in (8, 16, 64)]
+QUICK_SHAPES = {
+    "softmax": [(128, 1024), (1024, 4096)],
+    "rms_norm": [(128, 1024), (1024, 4096)],
+    "lora": [(128, 512, 512, 8), (512, 1024, 1024, 16)],
+}
+# The CUDA issue's comparison shapes (rows x hidden; tokens, in, out, r).
+CUDA_ROWS = [(8192, 4096), (4096, 8192), (32768, 1024), (512, 512)]
+CUDA_LORA = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 4096, 11008, 16), (512, 512, 512, 8)]
+
+
+def shapes(op: str, suite: str) -> list[tuple[int, ...]]:
+    if suite == "quick":
+        return QUICK_SHAPES[op]
+    if suite == "cuda":
+        return CUDA_LORA if op == "lora" else CUDA_ROWS
+    return SEED_SHAPES[op] + (LLM_LORA if op == "lora" else LLM_ROWS)

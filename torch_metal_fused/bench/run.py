@@ -1,0 +1,461 @@
+"""Timing, device traffic, and the report files of the benchmark command."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import torch_metal_fused as tmf
+from torch_metal_fused.bench.cases import Case, prepare, providers, shapes
+
+CSV_COLUMNS = [
+    "op",
+    "provider",
+    "backend",
+    "mode",
+    "dtype",
+    "shape",
+    "median_us",
+    "p20_us",
+    "p80_us",
+    "first_call_us",
+    "reps",
+    "min_bytes",
+    "gbps",
+    "pct_copy_bw",
+    "tflops",
+    "fused_speedup",
+    "peak_memory_mb",
+    "device",
+    "device_name",
+    "torch_version",
+    "project_version",
+    "timestamp",
+]
+EMULATED_COLUMNS = [
+    "op",
+    "provider",
+    "backend",
+    "mode",
+    "dtype",
+    "shape",
+    "kernels",
+    "dispatches",
+    "device_bytes_read",
+    "device_bytes_written",
+    "min_bytes",
+    "traffic_over_min",
+    "device",
+    "device_name",
+    "torch_version",
+    "project_version",
+    "timestamp",
+]
+
+
+@dataclass
+class BenchConfig:
+    device: torch.device
+    ops: list[str]
+    dtypes: list[torch.dtype]
+    modes: list[str]
+    suite: str
+    emulated: bool = False
+    reps: int = 0
+    out: Path | None = None
+    plots: bool = True
+
+
+@dataclass
+class Environment:
+    device: str
+    device_name: str
+    torch_version: str
+    project_version: str
+    timestamp: str
+    copy_gbps: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- timing -------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _time_once_ms(fn, device: torch.device) -> float:
+    """One call, timed with device events (CUDA/MPS) or the host clock (CPU)."""
+    if device.type in ("cuda", "mps"):
+        mod = torch.cuda if device.type == "cuda" else torch.mps
+        start, end = mod.Event(enable_timing=True), mod.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_fn(fn, device: torch.device, reps: int = 0, budget_s: float = 0.5) -> tuple[float, list[float]]:
+    """(first-call ms, per-repetition ms). The first call (shader/pipeline compilation, allocator warm-up)
+    is reported on its own and excluded; then a warm-up, then timed repetitions."""
+    synchronize(device)
+    first = _time_once_ms(fn, device)
+    for _ in range(3):
+        fn()
+    synchronize(device)
+    if reps <= 0:
+        probe = max(_time_once_ms(fn, device), 1e-3)
+        reps = int(min(200, max(5, budget_s * 1e3 / probe)))
+    times = [_time_once_ms(fn, device) for _ in range(reps)]
+    return first, times
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    n = (256 << 20) if device.type != "cpu" else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    _, times = time_fn(lambda: dst.copy_(src), device, reps=20)
+    return 2 * n / (statistics.median(times) * 1e-3) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple GPU ({platform.machine()}, macOS {platform.mac_ver()[0]})"
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _peak_memory_mb(device: torch.device, fn) -> float | None:
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if device.type == "mps":  # no peak API on MPS: sample the allocation after the call
+        synchronize(device)
+        base = torch.mps.current_allocated_memory()
+        out = fn()
+        synchronize(device)
+        used = (torch.mps.current_allocated_memory() - base) / 2**20
+        del out
+        return used
+    return None
+
+
+# ---- progress ---------------------------------------------------------------------------------------
+class Progress:
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.time()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {time.time() - self.t0:5.0f}s {label}"
+        )
+        if self.tty:
+            sys.stderr.write("\r" + line[:120].ljust(120))
+            if self.done == self.total:
+                sys.stderr.write("\n")
+        elif self.done == self.total or self.done % 10 == 0:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+# ---- runs ---------------------------------------------------------------------------------------------
+def _cases(cfg: BenchConfig) -> list[Case]:
+    return [
+        Case(op, shape, dtype, mode)
+        for op in cfg.ops
+        for shape in shapes(op, cfg.suite)
+        for dtype in cfg.dtypes
+        for mode in cfg.modes
+    ]
+
+
+def _timed_rows(cfg: BenchConfig, env: Environment) -> list[dict]:
+    rows: list[dict] = []
+    jobs = [
+        (c, p)
+        for c in _cases(cfg)
+        for p in providers(c.op, cfg.device)
+        if not (c.op == "lora" and p == "matmul" and c.mode != "forward")
+    ]
+    progress = Progress(len(jobs))
+    for case, provider in jobs:
+        row = _row_base(case, provider, env, cfg.device)
+        try:
+            prep = prepare(case, provider, cfg.device)
+            first, times = time_fn(prep.run, cfg.device, cfg.reps)
+            med = statistics.median(times)
+            row.update(
+                median_us=med * 1e3,
+                p20_us=percentile(times, 0.2) * 1e3,
+                p80_us=percentile(times, 0.8) * 1e3,
+                first_call_us=first * 1e3,
+                reps=len(times),
+                min_bytes=prep.min_bytes,
+                gbps=prep.min_bytes / (med * 1e-3) / 1e9,
+                tflops=(prep.flops / (med * 1e-3) / 1e12) if prep.flops else None,
+                peak_memory_mb=_peak_memory_mb(cfg.device, prep.run),
+            )
+            if env.copy_gbps:
+                row["pct_copy_bw"] = 100 * row["gbps"] / env.copy_gbps
+            del prep
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+        progress.step(f"{case.op} {case.shape_str} {str(case.dtype)[6:]} {case.mode} {provider}")
+    # speedup of the fused op over each row's provider (naming the baseline: the row's provider)
+    fused = {(r["op"], r["mode"], r["dtype"], r["shape"]): r.get("median_us") for r in rows if r["provider"] == "fused"}
+    for r in rows:
+        f = fused.get((r["op"], r["mode"], r["dtype"], r["shape"]))
+        if f and r.get("median_us"):
+            r["fused_speedup"] = r["median_us"] / f
+    return rows
+
+
+def _row_base(case: Case, provider: str, env: Environment, device: torch.device) -> dict:
+    probe = torch.empty(0, device=device, dtype=case.dtype)
+    backend = tmf.backend_for(probe) if provider == "fused" else "native"
+    return {
+        "op": case.op,
+        "provider": provider,
+        "backend": backend,
+        "mode": case.mode,
+        "dtype": str(case.dtype).removeprefix("torch."),
+        "shape": case.shape_str,
+        "device": env.device,
+        "device_name": env.device_name,
+        "torch_version": env.torch_version,
+        "project_version": env.project_version,
+        "timestamp": env.timestamp,
+    }
+
+
+def _emulated_rows(cfg: BenchConfig, env: Environment) -> list[dict]:
+    """Device traffic and dispatches per op call of the Metal kernels, from the Metal-on-CPU harness."""
+    from torch_metal_fused.emulator import runner
+
+    rows = []
+    cases = [c for c in _cases(cfg)]
+    progress = Progress(len(cases))
+    old = os.environ.get("TORCH_METAL_FUSED_BACKEND")
+    os.environ["TORCH_METAL_FUSED_BACKEND"] = "metal-emulated"
+    try:
+        for case in cases:
+            row = _row_base(case, "fused", env, cfg.device)
+            prep = prepare(case, "fused", cfg.device)
+            prep.run()  # first call outside the record: backward rows need their forward done
+            with runner.record() as rec:
+                prep.run()
+            read = sum(d.bytes_read for d in rec)
+            written = sum(d.bytes_written for d in rec)
+            row.update(
+                kernels=" + ".join(d.kernel for d in rec),
+                dispatches=len(rec),
+                device_bytes_read=read,
+                device_bytes_written=written,
+                min_bytes=prep.min_bytes,
+                traffic_over_min=(read + written) / prep.min_bytes if prep.min_bytes else None,
+            )
+            if case.op == "lora":
+                row["note"] = "LoRA: kernel traffic only; the native GEMMs' traffic is not counted"
+            rows.append(row)
+            progress.step(f"{case.op} {case.shape_str} {str(case.dtype)[6:]} {case.mode}")
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_METAL_FUSED_BACKEND", None)
+        else:
+            os.environ["TORCH_METAL_FUSED_BACKEND"] = old
+    return rows
+
+
+# ---- reports -------------------------------------------------------------------------------------------
+def _fmt(v, digits=1) -> str:
+    if v is None or v == "":
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(rows: list[dict], emulated: bool) -> str:
+    if emulated:
+        head = ["op", "mode", "dtype", "shape", "dispatches", "MB moved", "minimum MB", "x minimum", "kernels"]
+        body = [
+            [
+                r["op"],
+                r["mode"],
+                r["dtype"],
+                r["shape"],
+                r["dispatches"],
+                _fmt((r["device_bytes_read"] + r["device_bytes_written"]) / 1e6, 2),
+                _fmt(r["min_bytes"] / 1e6, 2),
+                _fmt(r["traffic_over_min"], 2),
+                r["kernels"],
+            ]
+            for r in rows
+        ]
+    else:
+        head = [
+            "op",
+            "mode",
+            "dtype",
+            "shape",
+            "provider",
+            "backend",
+            "median µs",
+            "p20-p80 µs",
+            "first µs",
+            "GB/s",
+            "% copy bw",
+            "fused speedup",
+        ]
+        body = [
+            [
+                r["op"],
+                r["mode"],
+                r["dtype"],
+                r["shape"],
+                r["provider"],
+                r["backend"],
+                _fmt(r.get("median_us")),
+                f"{_fmt(r.get('p20_us'))}-{_fmt(r.get('p80_us'))}",
+                _fmt(r.get("first_call_us"), 0),
+                _fmt(r.get("gbps")),
+                _fmt(r.get("pct_copy_bw")),
+                (_fmt(r.get("fused_speedup"), 2) + "x") if r.get("fused_speedup") else r.get("error", "–"),
+            ]
+            for r in rows
+        ]
+    widths = [max(len(str(h)), *(len(str(b[i])) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = [
+        "| " + " | ".join(str(h).ljust(w) for h, w in zip(head, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(b, widths)) + " |" for b in body]
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*columns, "error", "note"], extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in [*columns, "error", "note"]})
+
+
+def _summary(cfg: BenchConfig, env: Environment, rows: list[dict]) -> str:
+    lines = [
+        "# torch_metal_fused benchmark",
+        "",
+        f"- device: {env.device} — {env.device_name}",
+        f"- torch {env.torch_version}, torch_metal_fused {env.project_version}, {env.timestamp}",
+        f"- fused backend on this device: {tmf.backend_for(torch.empty(0, device=cfg.device))}",
+    ]
+    if env.copy_gbps:
+        lines.append(f"- measured device copy bandwidth: {env.copy_gbps:.1f} GB/s (bytes read + written)")
+    lines += [f"- {n}" for n in env.notes]
+    lines += ["", _table(rows, cfg.emulated), ""]
+    return "\n".join(lines)
+
+
+def _plots(out: Path, rows: list[dict]) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for op in sorted({r["op"] for r in rows}):
+        sub = [r for r in rows if r["op"] == op and r.get("median_us")]
+        if not sub:
+            continue
+        dtypes = sorted({r["dtype"] for r in sub})
+        modes = [m for m in ("forward", "backward", "forward_backward") if any(r["mode"] == m for r in sub)]
+        fig, axes = plt.subplots(len(dtypes), len(modes), figsize=(4.2 * len(modes), 3.4 * len(dtypes)), squeeze=False)
+        for ax, (dtype, mode) in zip(axes.flat, [(d, m) for d in dtypes for m in modes]):
+            for prov in sorted({r["provider"] for r in sub}):
+                pts = [r for r in sub if r["provider"] == prov and r["dtype"] == dtype and r["mode"] == mode]
+                pts.sort(key=lambda r: math.prod(int(v) for v in r["shape"].split("x")))
+                if pts:
+                    ax.plot([r["shape"] for r in pts], [r["median_us"] for r in pts], marker="o", label=prov)
+            ax.set_title(f"{op} {dtype} {mode}", fontsize=9)
+            ax.set_ylabel("µs (median)")
+            ax.set_yscale("log")
+            ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{op}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run_benchmarks(cfg: BenchConfig) -> Path:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    env = Environment(cfg.device.type, device_name(cfg.device), torch.__version__, tmf.__version__, stamp)
+    out = cfg.out or Path("bench_results") / f"{stamp.replace(':', '')}-{cfg.device.type}"
+    out.mkdir(parents=True, exist_ok=True)
+    fused_backend = tmf.backend_for(torch.empty(0, device=cfg.device))
+    if cfg.emulated:
+        env.notes.append(
+            "emulated: the Metal kernels ran on the Metal-on-CPU harness; the numbers are the device bytes the "
+            "kernels move and their dispatches per op call, against the minimum. No timings: CPU time of an "
+            "emulation says nothing about an Apple GPU."
+        )
+        rows = _emulated_rows(cfg, env)
+        columns = EMULATED_COLUMNS
+    else:
+        if fused_backend == "reference":
+            env.notes.append(
+                f"fused = the plain-PyTorch reference path on {cfg.device.type} (no Metal or CUDA kernels here): "
+                "these rows time the reference, not our kernels"
+            )
+        env.copy_gbps = copy_bandwidth_gbps(cfg.device)
+        rows = _timed_rows(cfg, env)
+        columns = CSV_COLUMNS
+    _write_csv(out / "results.csv", rows, columns)
+    meta = {"environment": env.__dict__, "suite": cfg.suite, "emulated": cfg.emulated, "fused_backend": fused_backend}
+    (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
+    summary = _summary(cfg, env, rows)
+    (out / "summary.md").write_text(summary)
+    plots = _plots(out, rows) if cfg.plots and not cfg.emulated else []
+    print(summary)
+    print(
+        f"wrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'summary.md'}" + "".join(f", {p}" for p in plots)
+    )
+    return out
