@@ -14,9 +14,11 @@ using OptTensor = std::optional<at::Tensor>;
 
 at::Tensor softmax_forward(const at::Tensor& x);
 at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy);
-std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps,
+                                                    double offset);
 std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight,
-                                                   const at::Tensor& rstd, bool needs_dx, bool needs_dw);
+                                                   const at::Tensor& rstd, bool needs_dx, bool needs_dw,
+                                                   double offset);
 std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                                                 const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
                                                 const OptTensor& dropout_mask);

@@ -1,7 +1,7 @@
 // RMSNorm over rows, forward and backward, in float32, float16 and bfloat16 (statistics in float32).
 // Launch code: csrc/include/tmf/launch/rms_norm.h.
 //
-// Forward: y = x * rstd * w with rstd = rsqrt(mean(x²) + eps) saved as float32 per row (4 B per row).
+// Forward: y = x * rstd * (w + offset) (offset 0, or 1 for Gemma's (1 + w)) with rstd = rsqrt(mean(x²) + eps) saved as float32 per row (4 B per row).
 //   simd_rows  (cols <= 256)  8 rows per threadgroup, one SIMD-group per row, <= 8 elements per lane.
 //   single_row (cols <= 4096) one threadgroup per row, 4 contiguous elements per thread in registers.
 //   Both read x once and write y once (2 * sizeof(T) B per element, + w once per threadgroup).
@@ -36,7 +36,7 @@ template <typename T, bool HAS_WEIGHT>
   float wv[SIMD_ROW_ELEMS];  // the weight, read once per SIMD-group and reused for all its rows
   for (uint i = 0; i < SIMD_ROW_ELEMS; ++i) {
     const uint c = lane + i * 32;
-    wv[i] = (HAS_WEIGHT && c < p.cols) ? float(w[c]) : 1.0f;
+    wv[i] = (HAS_WEIGHT && c < p.cols) ? float(w[c]) + p.weight_offset : 1.0f;
   }
   const uint last = min(p.rows, (group + 1) * p.rows_per_group);
   for (uint row = group * p.rows_per_group + simd_group; row < last; row += n_simd) {  // no barriers inside
@@ -78,7 +78,7 @@ template <typename T, bool HAS_WEIGHT>
   const uint c0 = tid * READS;
   float wv[READS];  // the weight, read once per threadgroup and reused for all its rows
   for (uint i = 0; i < READS; ++i) {
-    wv[i] = (HAS_WEIGHT && c0 + i < p.cols) ? float(w[c0 + i]) : 1.0f;
+    wv[i] = (HAS_WEIGHT && c0 + i < p.cols) ? float(w[c0 + i]) + p.weight_offset : 1.0f;
   }
   const uint last = min(p.rows, (group + 1) * p.rows_per_group);
   for (uint row = group * p.rows_per_group; row < last; ++row) {  // uniform across the threadgroup
@@ -131,7 +131,7 @@ template <typename T, bool HAS_WEIGHT>
   }
   for (uint c = tid; c < p.cols; c += threads) {
     const float v = float(xr[c]) * r;
-    yr[c] = static_cast<T>(HAS_WEIGHT ? v * float(w[c]) : v);
+    yr[c] = static_cast<T>(HAS_WEIGHT ? v * (float(w[c]) + p.weight_offset) : v);
   }
   }
 }
@@ -156,7 +156,7 @@ template <typename T, bool DX, bool DW>
   float wv[READS];
   float dw_acc[READS];
   for (uint i = 0; i < READS; ++i) {
-    wv[i] = (p.has_weight != 0 && c0 + i < p.cols) ? float(w[c0 + i]) : 1.0f;
+    wv[i] = (p.has_weight != 0 && c0 + i < p.cols) ? float(w[c0 + i]) + p.weight_offset : 1.0f;
     dw_acc[i] = 0.0f;
   }
   const float inv_cols = 1.0f / float(p.cols);
@@ -228,7 +228,7 @@ template <typename T, bool DX, bool DW>
     if (DX) {
       float dot = 0.0f;
       for (uint c = tid; c < p.cols; c += threads) {
-        const float wc = p.has_weight != 0 ? float(w[c]) : 1.0f;
+        const float wc = p.has_weight != 0 ? float(w[c]) + p.weight_offset : 1.0f;
         dot += float(dyr[c]) * wc * float(xr[c]);
       }
       coef = r * r * threadgroup_sum(dot, scratch, lane, simd_group, n_simd) * inv_cols;
@@ -241,7 +241,7 @@ template <typename T, bool DX, bool DW>
         partial[c] += d * xc * r;
       }
       if (DX) {
-        const float wc = p.has_weight != 0 ? float(w[c]) : 1.0f;
+        const float wc = p.has_weight != 0 ? float(w[c]) + p.weight_offset : 1.0f;
         dxr[c] = static_cast<T>(r * (d * wc - xc * coef));
       }
     }

@@ -74,10 +74,10 @@ def test_frozen_weight_gets_no_grad(backend, dtype, monkeypatch):
     import torch_metal_fused.ops.rms_norm as mod
 
     real = mod.run_kernel
-    monkeypatch.setattr(mod, "run_kernel", lambda name, *a: seen.append((name, a[-2:])) or real(name, *a))
+    monkeypatch.setattr(mod, "run_kernel", lambda name, *a: seen.append((name, a[-3:])) or real(name, *a))
     tmf.rms_norm(x, w).sum().backward()
     assert w.grad is None and x.grad is not None
-    assert seen[-1] == ("rms_norm_backward", (True, False))  # needs_dx, needs_dw
+    assert seen[-1] == ("rms_norm_backward", (True, False, 0.0))  # needs_dx, needs_dw, offset
     _check(x, w, dtype, weight_grad=False)
 
 
@@ -118,3 +118,20 @@ def test_gradcheck_reference():
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: tmf.rms_norm(a, b, 1e-5), (x, w))
     assert torch.autograd.gradcheck(lambda a: tmf.rms_norm(a, None, 1e-5), (x,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [40, 1000, 5000])
+def test_gemma_offset(backend, dtype, n):
+    """offset=1: Gemma's (1 + weight), with weight near zero as Gemma initialises it."""
+    x = randn((7, n), dtype, backend.device).requires_grad_(True)
+    w = (randn((n,), dtype, backend.device, seed=2) * 0.1).requires_grad_(True)
+    y = tmf.rms_norm(x, w, 1e-6, offset=1.0)
+    dy = randn(y.shape, dtype, backend.device, seed=1)
+    gx, gw = torch.autograd.grad(y, (x, w), dy)
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    y64 = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-6) * (1.0 + w64)
+    rx, rw = torch.autograd.grad(y64, (x64, w64), dy.double())
+    assert_matches(y, y64, dtype, "gemma forward")
+    assert_matches(gx, rx, dtype, "gemma dx")
+    assert_matches(gw, rw, dtype, "gemma dweight")

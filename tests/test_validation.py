@@ -36,6 +36,12 @@ def _lora_args(**over):
         (lambda: tmf.rms_norm(torch.randn(2, 3), torch.randn(3), eps=float("nan")), ValueError, "eps must be finite"),
         (lambda: tmf.rms_norm(torch.randint(0, 3, (2, 3))), TypeError, "x must be a floating-point"),
         (lambda: tmf.rms_norm(torch.tensor(1.0)), ValueError, "at least one dimension"),
+        (lambda: tmf.rms_norm(torch.randn(2, 3), None, offset=1.0), ValueError, "offset applies to a weight"),
+        (
+            lambda: tmf.rms_norm(torch.randn(2, 3), torch.randn(3), offset=float("inf")),
+            ValueError,
+            "offset must be finite",
+        ),
         (lambda: tmf.rms_norm(torch.randn(2, 3), torch.ones(3, dtype=torch.int32)), TypeError, "weight must be"),
         (lambda: tmf.lora_linear(**_lora_args(x=torch.randn(3, 7))), ValueError, "x's last dimension"),
         (
@@ -109,7 +115,7 @@ def test_torch_compile_traces_the_custom_ops():
 
     with FakeTensorMode():
         x = torch.randn(4, 8)
-        y, rstd = torch.ops.torch_metal_fused.rms_norm_forward(x, torch.randn(8), 1e-6)
+        y, rstd = torch.ops.torch_metal_fused.rms_norm_forward(x, torch.randn(8), 1e-6, 0.0)
         assert y.shape == (4, 8) and rstd.shape == (4,) and rstd.dtype == torch.float32
         assert torch.ops.torch_metal_fused.softmax_forward(x).shape == (4, 8)
         y, h = torch.ops.torch_metal_fused.lora_linear_forward(
@@ -117,7 +123,7 @@ def test_torch_compile_traces_the_custom_ops():
         )
         assert y.shape == (4, 6) and h.shape == (4, 2)
     torch.library.opcheck(torch.ops.torch_metal_fused.softmax_forward, (torch.randn(3, 5),))
-    torch.library.opcheck(torch.ops.torch_metal_fused.rms_norm_forward, (torch.randn(3, 5), torch.randn(5), 1e-6))
+    torch.library.opcheck(torch.ops.torch_metal_fused.rms_norm_forward, (torch.randn(3, 5), torch.randn(5), 1e-6, 0.0))
 
 
 def test_torch_compile_aot_eager_forward_backward():

@@ -24,14 +24,17 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return (yf * (dyf - (dyf * yf).sum(-1, keepdim=True))).to(y.dtype)
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns y and the per-row rstd (float32, or float64 for float64 input), shape x.shape[:-1]."""
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns y = x * rstd * (weight + offset) and the per-row rstd (float32, or float64 for float64 input),
+    shape x.shape[:-1]."""
     ct = _compute_dtype(x.dtype)
     xf = x.to(ct)
     rstd = torch.rsqrt(xf.square().mean(-1) + eps) if x.shape[-1] > 0 else torch.full(x.shape[:-1], eps**-0.5, dtype=ct)
     y = xf * rstd.unsqueeze(-1)
     if weight is not None:
-        y = y * weight.to(ct)
+        y = y * (weight.to(ct) + offset)
     return y.to(x.dtype), rstd
 
 
@@ -42,10 +45,11 @@ def rms_norm_backward(
     rstd: torch.Tensor,
     needs_dx: bool,
     needs_dw: bool,
+    offset: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     ct = _compute_dtype(x.dtype)
     xf, dyf, r = x.to(ct), dy.to(ct), rstd.to(ct).unsqueeze(-1)
-    g = dyf * weight.to(ct) if weight is not None else dyf
+    g = dyf * (weight.to(ct) + offset) if weight is not None else dyf
     dx = dw = None
     if needs_dx:
         n = max(x.shape[-1], 1)

@@ -81,19 +81,20 @@ const char* tmf_emu_softmax_backward(int checking, uint32_t max_threads, int dty
 
 const char* tmf_emu_rms_norm_forward(int checking, uint32_t max_threads, int dtype, TensorArg x, uint64_t x_stride,
                                      TensorArg weight, TensorArg y, TensorArg rstd, uint64_t rows, uint64_t cols,
-                                     float eps) {
+                                     float eps, float weight_offset) {
   return run(checking, max_threads, [&](auto& enc) {
     tmf::launch::rms_norm_forward(enc, DType(dtype), buf(x), x_stride, buf(weight), buf(y), buf(rstd), rows, cols,
-                                  eps);
+                                  eps, weight_offset);
   });
 }
 
 const char* tmf_emu_rms_norm_backward(int checking, uint32_t max_threads, int dtype, TensorArg dy, uint64_t dy_stride,
                                       TensorArg x, uint64_t x_stride, TensorArg weight, TensorArg rstd, TensorArg dx,
-                                      TensorArg dw_partial, TensorArg dw, uint64_t rows, uint64_t cols) {
+                                      TensorArg dw_partial, TensorArg dw, uint64_t rows, uint64_t cols,
+                                      float weight_offset) {
   return run(checking, max_threads, [&](auto& enc) {
     tmf::launch::rms_norm_backward(enc, DType(dtype), buf(dy), dy_stride, buf(x), x_stride, buf(weight), buf(rstd),
-                                   buf(dx), buf(dw_partial), buf(dw), rows, cols);
+                                   buf(dx), buf(dw_partial), buf(dw), rows, cols, weight_offset);
   });
 }
 

@@ -8,7 +8,8 @@
 
 namespace tmf {
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps) {
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps,
+                                                    double offset) {
   at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   if (x.size(-1) == 0) {
@@ -20,13 +21,15 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const O
   at::Tensor w = weight ? weight->contiguous() : at::Tensor();
   mps::run_on_mps_stream([&](mps::MPSEncoder& enc) {
     launch::rms_norm_forward(enc, mps::dtype_of(x), mps::buffer_of(x2), row_stride(x2), mps::buffer_of(w),
-                             mps::buffer_of(y), mps::buffer_of(rstd), x2.size(0), x2.size(1), float(eps));
+                             mps::buffer_of(y), mps::buffer_of(rstd), x2.size(0), x2.size(1), float(eps),
+                             float(offset));
   });
   return {y, rstd};
 }
 
 std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight,
-                                                   const at::Tensor& rstd, bool needs_dx, bool needs_dw) {
+                                                   const at::Tensor& rstd, bool needs_dx, bool needs_dw,
+                                                   double offset) {
   const int64_t cols = x.size(-1);
   needs_dw = needs_dw && weight.has_value();
   at::Tensor dx = needs_dx ? at::empty(x.sizes(), x.options()) : at::Tensor();
@@ -42,7 +45,7 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const a
     mps::run_on_mps_stream([&](mps::MPSEncoder& enc) {
       launch::rms_norm_backward(enc, mps::dtype_of(x), mps::buffer_of(dy2), row_stride(dy2), mps::buffer_of(x2),
                                 row_stride(x2), mps::buffer_of(w), mps::buffer_of(r), mps::buffer_of(dx),
-                                mps::buffer_of(partial), mps::buffer_of(dw), rows, cols);
+                                mps::buffer_of(partial), mps::buffer_of(dw), rows, cols, float(offset));
     });
   }
   return {needs_dx ? OptTensor(dx) : std::nullopt, needs_dw ? OptTensor(dw) : std::nullopt};

@@ -58,7 +58,7 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return dx
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 0.0):
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x.shape[-1] == 0:
@@ -68,11 +68,23 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
         return y, rstd
     x2 = _rows(x)
     w = weight.contiguous() if weight is not None else None
-    _runner().launch("rms_norm_forward", x.dtype, x2, _row_stride(x2), w, y, rstd, x2.shape[0], x2.shape[1], float(eps))
+    _runner().launch(
+        "rms_norm_forward",
+        x.dtype,
+        x2,
+        _row_stride(x2),
+        w,
+        y,
+        rstd,
+        x2.shape[0],
+        x2.shape[1],
+        float(eps),
+        float(offset),
+    )
     return y, rstd
 
 
-def rms_norm_backward(dy, x, weight, rstd, needs_dx: bool, needs_dw: bool):
+def rms_norm_backward(dy, x, weight, rstd, needs_dx: bool, needs_dw: bool, offset: float = 0.0):
     cols = x.shape[-1]
     needs_dw = needs_dw and weight is not None
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if needs_dx else None
@@ -98,6 +110,7 @@ def rms_norm_backward(dy, x, weight, rstd, needs_dx: bool, needs_dw: bool):
         dw,
         rows,
         cols,
+        float(offset),
     )
     return dx, dw
 

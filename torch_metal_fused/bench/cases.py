@@ -167,17 +167,16 @@ def _prepare_lora(case: Case, provider: str, device: torch.device) -> Prepared:
     elif provider == "matmul":
         fn = lambda x: x @ weight.t()  # noqa: E731
     elif provider == "peft":
-        from peft.tuners.lora import Linear as PeftLinear
+        from peft import LoraConfig, get_peft_model
 
-        base = torch.nn.Linear(fin, fout, device=device, dtype=case.dtype)
+        holder = torch.nn.Module()
+        holder.proj = torch.nn.Linear(fin, fout, device=device, dtype=case.dtype)
         with torch.no_grad():
-            base.weight.copy_(weight)
-            base.bias.copy_(bias)
-        layer = PeftLinear(base, "default", r=r, lora_alpha=int(scale * r), lora_dropout=0.0)
-        layer.to(device=device, dtype=case.dtype)
-        for p in base.parameters():
-            p.requires_grad_(False)
-        fn = layer
+            holder.proj.weight.copy_(weight)
+            holder.proj.bias.copy_(bias)
+        model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=int(scale * r), target_modules=["proj"]))
+        model.to(device=device, dtype=case.dtype)
+        fn = model.base_model.model.proj
     else:
         raise ValueError(f"unknown provider {provider} for lora")
     n = _n_sets((tokens * (fin + fout)) * es)

@@ -1,18 +1,19 @@
-"""Fused RMSNorm over the last dimension: y = x * rsqrt(mean(x²) + eps) * weight.
+"""Fused RMSNorm over the last dimension: y = x * rsqrt(mean(x²) + eps) * (weight + offset).
 
 Statistics are computed in float32 for float16/bfloat16 inputs; the forward saves a float32 rstd per row,
-so the backward reads x, dy and rstd once: dx = rstd * (g - x * rstd² * mean(g * x)) with g = dy * weight,
+so the backward reads x, dy and rstd once: dx = rstd * (g - x * rstd² * mean(g * x)) with g = dy * (w + offset),
 and dw = sum over rows of dy * x * rstd (not computed at all when the weight needs no gradient).
+`offset=1` is Gemma's `(1 + weight)`.
 
 Kernel launch code: Metal `csrc/mps/rms_norm.mm` + `csrc/include/tmf/launch/rms_norm.h`
-(shared with the Metal-on-CPU harness), shaders `shaders/rms_norm.metal`; CUDA `csrc/cuda/rms_norm.cu`.
+(shared with the Metal-on-CPU harness), shaders `shaders/rms_norm.metal`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from torch_metal_fused._validation import check_eps, check_same_device_dtype, check_tensor
+from torch_metal_fused._validation import check_eps, check_finite_number, check_same_device_dtype, check_tensor
 from torch_metal_fused.ops._dispatch import empty_to_none, none_to_empty, run_kernel
 
 
@@ -21,13 +22,15 @@ def _rstd_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("torch_metal_fused::rms_norm_forward", mutates_args=())
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y, rstd) with rstd of shape x.shape[:-1] in float32 (float64 for float64 x)."""
-    return run_kernel("rms_norm_forward", x, weight, eps)
+    return run_kernel("rms_norm_forward", x, weight, eps, offset)
 
 
 @rms_norm_forward.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     return y, x.new_empty(x.shape[:-1], dtype=_rstd_dtype(x))
 
@@ -40,14 +43,15 @@ def rms_norm_backward(
     rstd: torch.Tensor,
     needs_dx: bool,
     needs_dw: bool,
+    offset: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dx, dw); a gradient not asked for comes back as a 0-element tensor."""
-    dx, dw = run_kernel("rms_norm_backward", dy, x, weight, rstd, needs_dx, needs_dw)
+    dx, dw = run_kernel("rms_norm_backward", dy, x, weight, rstd, needs_dx, needs_dw, offset)
     return none_to_empty(dx, x), none_to_empty(dw, x)
 
 
 @rms_norm_backward.register_fake
-def _(dy, x, weight, rstd, needs_dx, needs_dw):
+def _(dy, x, weight, rstd, needs_dx, needs_dw, offset):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else x.new_empty(0)
     dw = torch.empty_like(weight) if (needs_dw and weight is not None) else x.new_empty(0)
     return dx, dw
@@ -55,9 +59,10 @@ def _(dy, x, weight, rstd, needs_dx, needs_dw):
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-        y, rstd = rms_norm_forward(x, weight, eps)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float) -> torch.Tensor:
+        y, rstd = rms_norm_forward(x, weight, eps, offset)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.offset = offset
         return y
 
     @staticmethod
@@ -66,21 +71,29 @@ class RMSNormFunction(torch.autograd.Function):
         needs_dx = ctx.needs_input_grad[0]
         needs_dw = weight is not None and ctx.needs_input_grad[1]
         if not (needs_dx or needs_dw):
-            return None, None, None
-        dx, dw = rms_norm_backward(dy, x, weight, rstd, needs_dx, needs_dw)
-        return empty_to_none(dx, needs_dx), empty_to_none(dw, needs_dw), None
+            return None, None, None, None
+        dx, dw = rms_norm_backward(dy, x, weight, rstd, needs_dx, needs_dw, ctx.offset)
+        return empty_to_none(dx, needs_dx), empty_to_none(dw, needs_dw), None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """`x * rsqrt(mean(x², -1) + eps) * weight` over the last dimension; output dtype = x's."""
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, offset: float = 0.0
+) -> torch.Tensor:
+    """`x * rsqrt(mean(x², -1) + eps) * (weight + offset)` over the last dimension; output dtype = x's.
+
+    Statistics in float32 for float16/bfloat16. `offset=1.0` gives Gemma's `(1 + weight)`, added in float32
+    inside the kernel (no rounding of `1 + weight` to x's dtype)."""
     check_tensor("x", x)
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension (RMSNorm normalises the last one)")
     eps = check_eps(eps)
+    offset = check_finite_number("offset", offset)
     if weight is not None:
         check_same_device_dtype("x", x, weight=weight)
         if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
             raise ValueError(
                 f"weight must have shape ({x.shape[-1]},) to match x's last dimension, got {tuple(weight.shape)}"
             )
-    return RMSNormFunction.apply(x, weight, eps)
+    elif offset != 0.0:
+        raise ValueError("offset applies to a weight: pass weight, or offset=0")
+    return RMSNormFunction.apply(x, weight, eps, offset)

@@ -19,6 +19,7 @@ struct RowParams {
   uint dy_row_stride;  // backward kernels: the incoming gradient's row stride
   uint rows_per_group;  // rows handled by one threadgroup: rows [group * rows_per_group, +rows_per_group)
   float eps;            // RMSNorm
+  float weight_offset;  // RMSNorm: y = x * rstd * (w + weight_offset) (Gemma's 1 + w)
 };
 
 // RMSNorm backward: each of `groups` threadgroups walks rows group, group + groups, ... and writes one
@@ -30,6 +31,7 @@ struct RmsNormBackwardParams {
   uint dy_row_stride;
   uint groups;
   uint has_weight;
+  float weight_offset;
 };
 
 // LoRA low-rank kernels, one threadgroup per token row.

@@ -7,18 +7,19 @@ namespace tmf::launch {
 
 constexpr uint32_t kRmsNormRowsPerThread = 8;
 
-// y = x * rstd * w, rstd (float32, one per row) saved for backward. One dispatch.
+// y = x * rstd * (w + weight_offset), rstd (float32, one per row) saved for backward. One dispatch.
 // `weight` with handle == nullptr means no weight (kernel variant without it reads none).
 template <class Encoder>
 void rms_norm_forward(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t x_row_stride, const DeviceBuffer& weight,
-                      const DeviceBuffer& y, const DeviceBuffer& rstd, uint64_t rows, uint64_t cols, float eps) {
+                      const DeviceBuffer& y, const DeviceBuffer& rstd, uint64_t rows, uint64_t cols, float eps,
+                      float weight_offset) {
   if (rows == 0 || cols == 0) return;  // the caller fills rstd for empty rows
   check_u32(rows, "rows"), check_u32(cols, "row length"), check_u32(x_row_stride, "row stride");
   const bool has_weight = weight.handle != nullptr;
   std::string base = has_weight ? "rms_norm_forward" : "rms_norm_forward_noweight";
   // 8 rows per thread: the weight is read once per 8 rows (kept in registers), not once per row.
   RowPlan plan = plan_rows(enc, base.c_str(), t, uint32_t(rows), uint32_t(cols), kRmsNormRowsPerThread);
-  RowParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), 0, plan.rows_per_group, eps};
+  RowParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), 0, plan.rows_per_group, eps, weight_offset};
   enc.set_kernel(plan.kernel);
   enc.set_buffer(0, x);
   enc.set_buffer(1, has_weight ? weight : x);  // unread without weight; Metal wants every index bound
@@ -39,7 +40,7 @@ template <class Encoder>
 void rms_norm_backward(Encoder& enc, DType t, const DeviceBuffer& dy, uint64_t dy_row_stride, const DeviceBuffer& x,
                        uint64_t x_row_stride, const DeviceBuffer& weight, const DeviceBuffer& rstd,
                        const DeviceBuffer& dx, const DeviceBuffer& dw_partial, const DeviceBuffer& dw, uint64_t rows,
-                       uint64_t cols) {
+                       uint64_t cols, float weight_offset) {
   if (rows == 0 || cols == 0) return;
   check_u32(rows, "rows"), check_u32(cols, "row length");
   check_u32(x_row_stride, "row stride"), check_u32(dy_row_stride, "row stride");
@@ -48,7 +49,7 @@ void rms_norm_backward(Encoder& enc, DType t, const DeviceBuffer& dy, uint64_t d
   const bool wants_dx = dx.handle != nullptr;
   const uint32_t groups = rms_norm_backward_groups(rows);
   RmsNormBackwardParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), uint32_t(dy_row_stride), groups,
-                          has_weight ? 1u : 0u};
+                          has_weight ? 1u : 0u, weight_offset};
   const char* mode = wants_dx ? (wants_dw ? "dx_dw" : "dx") : "dw";
   uint32_t needed = round_up(ceil_div(cols, kReadsPerThread), kSimdWidth);
   std::string kernel = std::string("rms_norm_backward_") + mode;
