@@ -6,18 +6,22 @@ from torch_metal_fused._backend import BACKENDS, backend_for
 from torch_metal_fused.ops.lora_linear import LoRALinearFunction, lora_linear
 from torch_metal_fused.ops.rms_norm import RMSNormFunction, rms_norm
 from torch_metal_fused.ops.softmax import SoftmaxFunction, softmax
+from torch_metal_fused.patch import PatchReport, patch_model, unpatch_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "LoRALinearFunction",
+    "PatchReport",
     "RMSNormFunction",
     "SoftmaxFunction",
     "__version__",
     "backend_for",
     "lora_linear",
     "nn",
+    "patch_model",
     "rms_norm",
     "softmax",
+    "unpatch_model",
 ]

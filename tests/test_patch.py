@@ -1,0 +1,261 @@
+"""patch_model / unpatch_model on torch, Hugging Face and PEFT modules; convergence of patched vs unpatched
+training (as Liger-Kernel tests it) on the reference and Metal-emulated backends; DDP."""
+
+import os
+
+import pytest
+import torch
+
+import torch_metal_fused as tmf
+from torch_metal_fused.testing import assert_matches
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from train_lora import build_model, load_corpus, train  # noqa: E402
+
+CPU_BACKENDS = [
+    pytest.param("reference", id="reference"),
+    pytest.param("metal-emulated", id="metal-emulated", marks=pytest.mark.emulated),
+]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def cpu_backend(request, monkeypatch):
+    monkeypatch.setenv("TORCH_METAL_FUSED_BACKEND", request.param)
+    return request.param
+
+
+def _count_calls(monkeypatch):
+    from torch_metal_fused.ops import _dispatch
+
+    calls = []
+    real = _dispatch.run_kernel
+    for mod in ("softmax", "rms_norm", "lora_linear"):
+        monkeypatch.setattr(
+            f"torch_metal_fused.ops.{mod}.run_kernel", lambda name, *a: calls.append(name) or real(name, *a)
+        )
+    return calls
+
+
+def test_torch_rms_norm_patch_and_unpatch(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.RMSNorm(16, eps=1e-5), torch.nn.Softmax(-1))
+    x = torch.randn(4, 8)
+    before = model(x)
+    report = tmf.patch_model(model, softmax=True)
+    assert [n for n, _ in report.patched] == ["1", "2"]
+    calls = _count_calls(monkeypatch)
+    after = model(x)
+    assert calls == ["rms_norm_forward", "softmax_forward"]
+    assert_matches(after, before.double(), torch.float32)
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "1.weight"}
+    assert tmf.unpatch_model(model) == 2
+    calls.clear()
+    model(x)
+    assert calls == []
+    assert "already patched" not in str(tmf.patch_model(model))
+
+
+def test_report_explains_what_is_left():
+    class FancyRMSNorm(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    model = torch.nn.Sequential(torch.nn.RMSNorm((4, 8)), FancyRMSNorm())
+    report = tmf.patch_model(model)
+    assert report.patched == []
+    reasons = dict(report.skipped)
+    assert "several trailing dimensions" in reasons["0"]
+    assert "not known to match" in reasons["1"]
+    assert "left" in str(report)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_hf_rms_norms_match_exactly_in_float32(cpu_backend, arch):
+    ids, vocab = load_corpus()
+    model = build_model(vocab, arch=arch)
+    with torch.no_grad():  # non-trivial norm weights (Gemma's start at zero)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.2)
+    x = ids[:40].view(2, 20)
+    ref = model(input_ids=x).logits
+    report = tmf.patch_model(model)
+    norm_kind = "Gemma formula" if arch == "gemma" else "Llama formula"
+    assert sum(norm_kind in what for _, what in report.patched) == 5  # 2 per layer + final
+    out = model(input_ids=x).logits
+    assert_matches(out, ref.double(), torch.float32, f"{arch} logits")
+
+
+def test_peft_patched_runs_fused_and_falls_back_exactly(monkeypatch):
+    ids, vocab = load_corpus()
+    model = build_model(vocab)
+    x = ids[:30].view(2, 15)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        with model.disable_adapter():
+            ref_disabled = model(input_ids=x).logits
+        tmf.patch_model(model)
+        calls = _count_calls(monkeypatch)
+        fused = model(input_ids=x).logits
+        assert calls.count("lora_forward") == 2 * 7 and calls.count("rms_norm_forward") == 5
+        assert_matches(fused, ref.double(), torch.float32, "patched logits")
+        calls.clear()
+        with model.disable_adapter():  # disabled adapters: PEFT's forward (the base layer)
+            assert_matches(model(input_ids=x).logits, ref_disabled.double(), torch.float32, "disabled adapters")
+        assert "lora_forward" not in calls
+        h = torch.randn(3, 64)
+        unmerged = layer(h)
+        layer.merge()  # merged adapters: PEFT's forward (the merged base layer)
+        calls.clear()
+        assert_matches(layer(h), unmerged.double(), torch.float32, "merged adapter")
+        assert calls == []
+        layer.unmerge()
+
+
+def test_peft_layers_the_fused_path_cannot_serve_are_reported():
+    from peft import LoraConfig, get_peft_model
+
+    holder = torch.nn.Module()
+    holder.a = torch.nn.Linear(16, 16)
+    holder.b = torch.nn.Linear(16, 16)
+    model = get_peft_model(holder, LoraConfig(r=4, target_modules=["a"], use_dora=True))
+    report = tmf.patch_model(model)
+    assert any("DoRA" in why for _, why in report.skipped)
+    holder2 = torch.nn.Module()
+    holder2.a = torch.nn.Linear(16, 16)
+    model2 = get_peft_model(holder2, LoraConfig(r=4, target_modules=["a"], lora_bias=True))
+    assert any("LoRA bias" in why for _, why in tmf.patch_model(model2).skipped)
+
+
+def test_peft_multiple_active_adapters_and_adapter_names():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.proj = torch.nn.Linear(12, 10)
+    model = get_peft_model(holder, LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False))
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False, use_rslora=True))
+    layer = model.base_model.model.proj
+    layer.set_adapter(["default", "second"])
+    x = torch.randn(5, 12)
+    ref = layer(x)
+    ref_mixed = layer(x, adapter_names=["default", "second", "default", "__base__", "second"])
+    tmf.patch_model(model)
+    assert_matches(layer(x), ref.double(), torch.float32, "two active adapters")
+    assert_matches(
+        layer(x, adapter_names=["default", "second", "default", "__base__", "second"]),
+        ref_mixed.double(),
+        torch.float32,
+        "mixed-batch adapter names",
+    )
+
+
+def test_state_dict_and_peft_save_load_unchanged(tmp_path):
+    ids, vocab = load_corpus()
+    model = build_model(vocab)
+    keys = list(model.state_dict())
+    tmf.patch_model(model)
+    assert list(model.state_dict()) == keys
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = build_model(vocab, seed=1)
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(fresh, load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    tmf.patch_model(fresh)
+    x = ids[:20].view(1, 20)
+    with torch.no_grad():
+        a = model(input_ids=x).logits
+    assert torch.isfinite(a).all()
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), fresh.named_parameters()):
+        if "lora_" in n1:
+            assert n1 == n2 and torch.equal(p1, p2)
+
+
+def _converge(dtype, fused: bool, steps: int = 20):
+    ids, vocab = load_corpus()
+    model = build_model(vocab, dtype=dtype)
+    if fused:
+        report = tmf.patch_model(model)
+        assert len(report.patched) == 2 * 7 + 5
+    losses = train(model, ids, steps, batch=4, seq=32, log=lambda _: None)
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, params
+
+
+@pytest.mark.parametrize(
+    ("dtype", "loss_rtol", "param_atol"),
+    [(torch.float32, 2e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2)],
+    ids=["float32", "bfloat16"],
+)
+def test_convergence_patched_equals_unpatched(cpu_backend, dtype, loss_rtol, param_atol):
+    """Same seed and data, 20 AdamW steps: per-step losses and final trainable weights agree."""
+    ref_losses, ref_params = _converge(dtype, fused=False)
+    losses, params = _converge(dtype, fused=True)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=loss_rtol, atol=0)
+    assert losses[-1] < losses[0]
+    for name, p in params.items():
+        torch.testing.assert_close(p.float(), ref_params[name].float(), rtol=0, atol=param_atol, msg=name)
+
+
+def _ddp_worker(rank: int, world: int, rendezvous: str, out: str, backend_name: str):
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ["TORCH_METAL_FUSED_BACKEND"] = backend_name
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    ids, vocab = load_corpus()
+    model = build_model(vocab)
+    tmf.patch_model(model)
+    ddp = DDP(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    from train_lora import batches
+
+    losses = []
+    for chunk in batches(ids, 4, 32, 6):
+        part = chunk[rank * 2 : rank * 2 + 2]  # each rank takes half of the same global batch
+        opt.zero_grad()
+        loss = ddp(input_ids=part, labels=part).loss
+        loss.backward()
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    if rank == 0:
+        torch.save(losses, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_ddp_two_processes_match_one(tmp_path, backend_name, monkeypatch):
+    import time
+
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("TORCH_METAL_FUSED_BACKEND", backend_name)
+    out = tmp_path / "ddp.pt"
+    # File rendezvous (no ports); a bounded wait so that a stuck collective fails the test instead of CI.
+    ctx = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rdzv"), str(out), backend_name), nprocs=2, join=False)
+    deadline = time.time() + 300
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("DDP workers did not finish within 300 s")
+    ddp_losses = torch.load(out)
+    # One process, the same global batches: with equal halves, the mean of the halves' losses is the
+    # full batch's loss, and DDP's averaged gradient is the full batch's gradient.
+    ids, vocab = load_corpus()
+    model = build_model(vocab)
+    tmf.patch_model(model)
+    single = train(model, ids, 6, batch=4, seq=32, log=lambda _: None)
+    torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single), rtol=1e-4, atol=0)
