@@ -93,7 +93,7 @@ def _cuda_extension():
         sources,
         include_dirs=[str(ROOT / "csrc"), str(ROOT / "csrc" / "include")],
         define_macros=[("TMF_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
     )
 
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
+# comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps]
+# with steps from: build tests sanitize bench bench-quick (default: all but bench-quick). Results go to $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+OUT=${OUT:-$PWD/cuda_out}
+mkdir -p "$OUT"
+steps=${*:-build tests sanitize bench}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+for step in $steps; do
+  case $step in
+    build)
+      ( time python3 setup.py -q build_ext --inplace ) > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+      python3 -c "import torch, torch_metal_fused as t; print('backend:', t.backend_for(torch.empty(1, device='cuda')))"
+      ;;
+    tests)
+      python3 -m pytest -q -x tests -k "cuda" -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+      ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/cuda_sanitize_ops.py > "$OUT/sanitize_$tool.log" 2>&1
+        echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitize_$tool.log") clean summaries)"
+        tail -3 "$OUT/sanitize_$tool.log"
+      done
+      ;;
+    bench)
+      python3 -m torch_metal_fused.bench --device cuda --suite cuda --dtypes bfloat16,float32 \
+        --modes forward,forward_backward --out "$OUT/bench" --no-plots 2>"$OUT/bench.err" | tail -80
+      ;;
+    bench-quick)
+      python3 -m torch_metal_fused.bench --device cuda --quick --dtypes bfloat16 --out "$OUT/bench" --no-plots \
+        2>"$OUT/bench.err" | tail -40
+      ;;
+  esac
+done

@@ -1,0 +1,284 @@
+// The CUDA backend's kernel entry points (csrc/ops.h): launch decisions for the row kernels in
+// row_kernels.cuh, and the LoRA products on cuBLAS.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <limits>
+
+#include "ops.h"
+#include "row_kernels.cuh"
+
+namespace tmf {
+namespace {
+
+using cuda::kMaxItems;
+
+#define TMF_DISPATCH_FLOAT_TYPES(dtype, NAME, ...)                                    \
+  [&] {                                                                               \
+    switch (dtype) {                                                                  \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }               \
+      case at::kHalf: { using scalar_t = __half; return __VA_ARGS__(); }               \
+      case at::kBFloat16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); }    \
+      default: TORCH_CHECK(false, NAME ": CUDA kernels take float32, float16 or bfloat16, got ", dtype); \
+    }                                                                                 \
+  }()
+
+bool aligned16(const at::Tensor& t, int64_t row_stride_elems) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (row_stride_elems * t.element_size()) % 16 == 0;
+}
+
+// How a row is spread over a block: VEC elements per load, ITEMS loads per thread, `threads` (<= 512) threads.
+// Register-resident rows are capped at MAX_ELEMS elements per thread (32 for the forward kernels, 16 for the
+// backward ones, which hold two to four such arrays) so no kernel spills; longer rows use the looped kernels.
+struct RowLayout {
+  int vec, items, threads;
+  bool looped;
+};
+
+constexpr int kMaxThreads = 512;
+
+template <int MAX_ELEMS>
+RowLayout row_layout(int64_t cols, int element_size, bool aligned) {
+  const int vec = aligned && (cols * element_size) % 16 == 0 ? 16 / element_size : 1;
+  const int64_t nvec = (cols + vec - 1) / vec;
+  for (int items = 1; items <= kMaxItems && items * vec <= MAX_ELEMS; items *= 2) {
+    const int64_t threads = (nvec + items - 1) / items;
+    if (threads <= kMaxThreads) {
+      return RowLayout{vec, items, int(std::max<int64_t>(32, (threads + 31) / 32 * 32)), false};
+    }
+  }
+  return RowLayout{1, 1, 1024, true};
+}
+
+// Calls f.template operator()<VEC, ITEMS>() for the layout's compile-time parameters (only the
+// combinations row_layout<MAX_ELEMS> can choose are instantiated).
+template <int MAX_ELEMS, int VEC, class F>
+void with_items(int items, F&& f) {
+  if constexpr (VEC <= MAX_ELEMS) {
+    if (items == 1) return f.template operator()<VEC, 1>();
+  }
+  if constexpr (2 * VEC <= MAX_ELEMS) {
+    if (items == 2) return f.template operator()<VEC, 2>();
+  }
+  if constexpr (4 * VEC <= MAX_ELEMS) {
+    if (items == 4) return f.template operator()<VEC, 4>();
+  }
+  if constexpr (8 * VEC <= MAX_ELEMS) {
+    if (items == 8) return f.template operator()<VEC, 8>();
+  }
+  TORCH_CHECK(false, "torch_metal_fused: no row layout with ", items, " items of ", VEC);
+}
+template <int MAX_ELEMS, typename T, class F>
+void with_layout(const RowLayout& l, F&& f) {
+  if (l.vec == 1) with_items<MAX_ELEMS, 1>(l.items, f);
+  else with_items<MAX_ELEMS, 16 / sizeof(T)>(l.items, f);
+}
+
+constexpr int kForwardElems = 32;
+constexpr int kBackwardElems = 16;
+
+void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+
+}  // namespace
+
+at::Tensor softmax_forward(const at::Tensor& x) {
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return y;
+  at::Tensor x2 = as_rows(x);
+  const int64_t rows = x2.size(0), cols = x2.size(1), stride = row_stride(x2);
+  TORCH_CHECK(cols <= std::numeric_limits<int>::max(), "softmax: row length over 2^31");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const RowLayout l = row_layout<kForwardElems>(cols, x.element_size(), aligned16(x2, stride));
+  TMF_DISPATCH_FLOAT_TYPES(x.scalar_type(), "softmax", [&] {
+    using T = scalar_t;
+    const T* xp = reinterpret_cast<const T*>(x2.data_ptr());
+    T* yp = reinterpret_cast<T*>(y.data_ptr());
+    if (l.looped) {
+      cuda::softmax_forward_looped<T><<<rows, l.threads, 0, stream>>>(xp, yp, int(cols), stride);
+    } else {
+      with_layout<kForwardElems, T>(l, [&]<int VEC, int ITEMS>() {
+        cuda::softmax_forward_registers<T, VEC, ITEMS><<<rows, l.threads, 0, stream>>>(xp, yp, int(cols), stride);
+      });
+    }
+  });
+  check_launch();
+  return y;
+}
+
+at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy) {
+  c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor dx = at::empty(y.sizes(), y.options());
+  if (y.numel() == 0) return dx;
+  at::Tensor y2 = as_rows(y.contiguous()), dy2 = as_rows(dy);
+  const int64_t rows = y2.size(0), cols = y2.size(1), stride = row_stride(dy2);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const RowLayout l = row_layout<kBackwardElems>(cols, y.element_size(), aligned16(y2, cols) && aligned16(dy2, stride));
+  TMF_DISPATCH_FLOAT_TYPES(y.scalar_type(), "softmax backward", [&] {
+    using T = scalar_t;
+    const T* yp = reinterpret_cast<const T*>(y2.data_ptr());
+    const T* dyp = reinterpret_cast<const T*>(dy2.data_ptr());
+    T* dxp = reinterpret_cast<T*>(dx.data_ptr());
+    if (l.looped) {
+      cuda::softmax_backward_looped<T><<<rows, l.threads, 0, stream>>>(yp, dyp, dxp, int(cols), stride);
+    } else {
+      with_layout<kBackwardElems, T>(l, [&]<int VEC, int ITEMS>() {
+        cuda::softmax_backward_registers<T, VEC, ITEMS>
+            <<<rows, l.threads, 0, stream>>>(yp, dyp, dxp, int(cols), stride);
+      });
+    }
+  });
+  check_launch();
+  return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps,
+                                                    double offset) {
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  if (x.size(-1) == 0) {
+    rstd.fill_(eps > 0 ? 1.0 / std::sqrt(eps) : std::numeric_limits<double>::infinity());
+    return {y, rstd};
+  }
+  if (x.numel() == 0) return {y, rstd};
+  at::Tensor x2 = as_rows(x);
+  at::Tensor w = weight ? weight->contiguous() : at::Tensor();
+  const int64_t rows = x2.size(0), cols = x2.size(1), stride = row_stride(x2);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool aligned = aligned16(x2, stride) && (!w.defined() || aligned16(w, cols));
+  const RowLayout l = row_layout<kForwardElems>(cols, x.element_size(), aligned);
+  TMF_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rms_norm", [&] {
+    using T = scalar_t;
+    const T* xp = reinterpret_cast<const T*>(x2.data_ptr());
+    const T* wp = w.defined() ? reinterpret_cast<const T*>(w.data_ptr()) : nullptr;
+    T* yp = reinterpret_cast<T*>(y.data_ptr());
+    float* rp = rstd.data_ptr<float>();
+    if (l.looped) {
+      cuda::rms_norm_forward_looped<T>
+          <<<rows, l.threads, 0, stream>>>(xp, wp, yp, rp, int(cols), stride, float(eps), float(offset));
+    } else {
+      with_layout<kForwardElems, T>(l, [&]<int VEC, int ITEMS>() {
+        cuda::rms_norm_forward_registers<T, VEC, ITEMS>
+            <<<rows, l.threads, 0, stream>>>(xp, wp, yp, rp, int(cols), stride, float(eps), float(offset));
+      });
+    }
+  });
+  check_launch();
+  return {y, rstd};
+}
+
+std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight,
+                                                   const at::Tensor& rstd, bool needs_dx, bool needs_dw,
+                                                   double offset) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t cols = x.size(-1);
+  needs_dw = needs_dw && weight.has_value();
+  at::Tensor dx = needs_dx ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  at::Tensor dw = needs_dw ? at::zeros({cols}, x.options()) : at::Tensor();
+  if (x.numel() > 0 && (needs_dx || needs_dw)) {
+    at::Tensor x2 = as_rows(x), dy2 = as_rows(dy);
+    const int64_t rows = x2.size(0), xs = row_stride(x2), dys = row_stride(dy2);
+    at::Tensor w = weight ? weight->contiguous() : at::Tensor();
+    at::Tensor r = rstd.contiguous();
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
+    const int groups = int(std::min<int64_t>(rows, 4 * sms));  // dw partial rows: few next to x's rows
+    at::Tensor partial = needs_dw ? at::empty({groups, cols}, x.options().dtype(at::kFloat)) : at::Tensor();
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    const bool aligned = aligned16(x2, xs) && aligned16(dy2, dys) && (!w.defined() || aligned16(w, cols));
+    const RowLayout l = row_layout<kBackwardElems>(cols, x.element_size(), aligned);
+    TMF_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rms_norm backward", [&] {
+      using T = scalar_t;
+      const T* dyp = reinterpret_cast<const T*>(dy2.data_ptr());
+      const T* xp = reinterpret_cast<const T*>(x2.data_ptr());
+      const T* wp = w.defined() ? reinterpret_cast<const T*>(w.data_ptr()) : nullptr;
+      T* dxp = needs_dx ? reinterpret_cast<T*>(dx.data_ptr()) : nullptr;
+      float* pp = needs_dw ? partial.data_ptr<float>() : nullptr;
+      auto launch = [&]<bool DX, bool DW>() {
+        if (l.looped) {
+          cuda::rms_norm_backward_looped<T, DX, DW><<<groups, l.threads, 0, stream>>>(
+              dyp, xp, wp, r.data_ptr<float>(), dxp, pp, rows, int(cols), xs, dys, float(offset));
+        } else {
+          with_layout<kBackwardElems, T>(l, [&]<int VEC, int ITEMS>() {
+            cuda::rms_norm_backward_registers<T, VEC, ITEMS, DX, DW><<<groups, l.threads, 0, stream>>>(
+                dyp, xp, wp, r.data_ptr<float>(), dxp, pp, rows, int(cols), xs, dys, float(offset));
+          });
+        }
+      };
+      if (needs_dx && needs_dw) launch.template operator()<true, true>();
+      else if (needs_dx) launch.template operator()<true, false>();
+      else launch.template operator()<false, true>();
+      check_launch();
+      if (needs_dw) {
+        cuda::rms_norm_dw_reduce<T><<<(cols + 255) / 256, 256, 0, stream>>>(
+            pp, reinterpret_cast<T*>(dw.data_ptr()), groups, int(cols));
+        check_launch();
+      }
+    });
+  }
+  return {needs_dx ? OptTensor(dx) : std::nullopt, needs_dw ? OptTensor(dw) : std::nullopt};
+}
+
+// ---- LoRA: the products on cuBLAS, arranged to move the fewest bytes -------------------------------------
+// Without dropout the adapter is folded into the weight: W' = W + s·B·A (one pass over W, a K = r product),
+// stacked over A, so one GEMM x·[W'; A]ᵀ yields y (+ bias) and h = x·Aᵀ together. Backward recomputes W'
+// (cheaper than saving it) for dx = dy·W' = dy·W + dh·A in one GEMM. With dropout the adapter sees another
+// input than the base, so the low-rank products run separately.
+namespace {
+
+at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b, double scale) {
+  return at::addmm(weight, lora_b, lora_a, 1.0, scale);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                                const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
+                                                const OptTensor& dropout_mask) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t out = weight.size(0), rank = lora_a.size(0);
+  if (dropout_mask) {
+    at::Tensor y = at::linear(x, weight, bias);
+    at::Tensor h = at::mm(x * *dropout_mask, lora_a.t());
+    y.addmm_(h, lora_b.t(), 1.0, scale);
+    return {y, h};
+  }
+  at::Tensor stacked = at::empty({out + rank, weight.size(1)}, weight.options());
+  at::Tensor merged = stacked.narrow(0, 0, out);  // contiguous rows: W' written in place
+  at::addmm_out(merged, weight, lora_b, lora_a, 1.0, scale);
+  stacked.narrow(0, out, rank).copy_(lora_a);
+  at::Tensor both = bias ? at::addmm(at::cat({*bias, bias->new_zeros({rank})}), x, stacked.t()) : at::mm(x, stacked.t());
+  // y stays a strided view of the GEMM's output (rows of out + r); h is copied out (tokens x r, small) so that
+  // saving it for backward does not keep y's storage alive.
+  return {both.narrow(1, 0, out), both.narrow(1, out, rank).contiguous()};
+}
+
+std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& h, double scale, const OptTensor& dropout_mask,
+    std::array<bool, 5> needs) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto [needs_dx, needs_dw, needs_db, needs_da, needs_dlb] = needs;
+  at::Tensor dy2 = as_rows(dy);
+  OptTensor dx, dw, dbias, da, dlb;
+  if (needs_dx || needs_da) {
+    at::Tensor dh = at::mm(dy2, lora_b).mul_(scale);
+    if (needs_dx) {
+      if (dropout_mask) {
+        dx = at::addmm(at::mm(dh, lora_a).mul_(*dropout_mask), dy2, weight);
+      } else {
+        dx = at::mm(dy2, merged_weight(weight, lora_a, lora_b, scale));
+      }
+    }
+    if (needs_da) da = at::mm(dh.t(), dropout_mask ? x * *dropout_mask : x);
+  }
+  if (needs_dlb) dlb = at::mm(dy2.t(), h).mul_(scale);
+  if (needs_dw) dw = at::mm(dy2.t(), x);
+  if (needs_db) dbias = dy2.sum(0);
+  return {dx, dw, dbias, da, dlb};
+}
+
+}  // namespace tmf
