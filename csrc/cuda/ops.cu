@@ -251,9 +251,9 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
   at::addmm_out(merged, weight, lora_b, lora_a, 1.0, scale);
   stacked.narrow(0, out, rank).copy_(lora_a);
   at::Tensor both = bias ? at::addmm(at::cat({*bias, bias->new_zeros({rank})}), x, stacked.t()) : at::mm(x, stacked.t());
-  // y stays a strided view of the GEMM's output (rows of out + r); h is copied out (tokens x r, small) so that
-  // saving it for backward does not keep y's storage alive.
-  return {both.narrow(1, 0, out), both.narrow(1, out, rank).contiguous()};
+  // y stays a strided view of the GEMM's output (rows of out + r); h is cloned (tokens x r, small) so that it
+  // neither aliases y (custom ops may not return aliases) nor keeps y's storage alive once saved for backward.
+  return {both.narrow(1, 0, out), both.narrow(1, out, rank).clone()};
 }
 
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(

@@ -97,33 +97,46 @@ def synchronize(device: torch.device) -> None:
 
 
 def _time_once_ms(fn, device: torch.device) -> float:
-    """One call, timed with device events (CUDA/MPS) or the host clock (CPU)."""
-    if device.type in ("cuda", "mps"):
-        mod = torch.cuda if device.type == "cuda" else torch.mps
-        start, end = mod.Event(enable_timing=True), mod.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
+    """One call from idle, synchronised: the latency a first call sees."""
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
+    synchronize(device)
     return (time.perf_counter() - t0) * 1e3
+
+
+def _time_calls_ms(fn, device: torch.device, reps: int) -> list[float]:
+    """Per-call times of `reps` back-to-back calls. On a GPU each call is bracketed by device events and
+    nothing synchronises between calls (as triton's do_bench), so the GPU stays busy and a call costs the
+    larger of its device time and its host (launch) time; on the CPU, the host clock."""
+    if device.type in ("cuda", "mps"):
+        mod = torch.cuda if device.type == "cuda" else torch.mps
+        events = [(mod.Event(enable_timing=True), mod.Event(enable_timing=True)) for _ in range(reps)]
+        synchronize(device)
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def time_fn(fn, device: torch.device, reps: int = 0, budget_s: float = 0.5) -> tuple[float, list[float]]:
     """(first-call ms, per-repetition ms). The first call (shader/pipeline compilation, allocator warm-up)
     is reported on its own and excluded; then a warm-up, then timed repetitions."""
-    synchronize(device)
     first = _time_once_ms(fn, device)
     for _ in range(3):
         fn()
-    synchronize(device)
     if reps <= 0:
-        probe = max(_time_once_ms(fn, device), 1e-3)
-        reps = int(min(200, max(5, budget_s * 1e3 / probe)))
-    times = [_time_once_ms(fn, device) for _ in range(reps)]
-    return first, times
+        probe = max(statistics.median(_time_calls_ms(fn, device, 5)), 1e-3)
+        reps = int(min(500, max(10, budget_s * 1e3 / probe)))
+    return first, _time_calls_ms(fn, device, reps)
 
 
 def percentile(values: list[float], q: float) -> float:

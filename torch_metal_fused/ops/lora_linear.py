@@ -14,11 +14,10 @@ from __future__ import annotations
 import torch
 
 from torch_metal_fused._validation import check_dropout, check_finite_number, check_same_device_dtype, check_tensor
-from torch_metal_fused.ops._dispatch import empty_to_none, none_to_empty, run_kernel
+from torch_metal_fused.ops._dispatch import call, empty_to_none, none_to_empty, run_kernel
 
 
-@torch.library.custom_op("torch_metal_fused::lora_linear_forward", mutates_args=())
-def lora_linear_forward(
+def _lora_linear_forward_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -31,13 +30,17 @@ def lora_linear_forward(
     return run_kernel("lora_forward", x, weight, bias, lora_a, lora_b, scale, dropout_mask)
 
 
+lora_linear_forward = torch.library.custom_op(
+    "torch_metal_fused::lora_linear_forward", _lora_linear_forward_impl, mutates_args=()
+)
+
+
 @lora_linear_forward.register_fake
 def _(x, weight, bias, lora_a, lora_b, scale, dropout_mask):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
 
-@torch.library.custom_op("torch_metal_fused::lora_linear_backward", mutates_args=())
-def lora_linear_backward(
+def _lora_linear_backward_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -51,6 +54,11 @@ def lora_linear_backward(
     """(dx, dweight, dbias, dlora_a, dlora_b); gradients not asked for come back as 0-element tensors."""
     grads = run_kernel("lora_backward", dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, tuple(needs))
     return tuple(none_to_empty(g, x) for g in grads)
+
+
+lora_linear_backward = torch.library.custom_op(
+    "torch_metal_fused::lora_linear_backward", _lora_linear_backward_impl, mutates_args=()
+)
 
 
 @lora_linear_backward.register_fake
@@ -67,7 +75,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if training and dropout_p > 0.0:
             # The mask is pre-scaled by 1/(1-p), so dropout(x) = x * mask.
             mask = x2.new_empty(x2.shape).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
-        y, h = lora_linear_forward(x2, weight, bias, lora_a, lora_b, scale, mask)
+        y, h = call(lora_linear_forward, _lora_linear_forward_impl, x2, weight, bias, lora_a, lora_b, scale, mask)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, h, mask)
         ctx.scale = scale
         ctx.x_shape = x.shape
@@ -84,7 +92,22 @@ class LoRALinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx, dw, db, da, dlb = (
             empty_to_none(g, need)
-            for g, need in zip(lora_linear_backward(dy2, x2, weight, lora_a, lora_b, h, ctx.scale, mask, needs), needs)
+            for g, need in zip(
+                call(
+                    lora_linear_backward,
+                    _lora_linear_backward_impl,
+                    dy2,
+                    x2,
+                    weight,
+                    lora_a,
+                    lora_b,
+                    h,
+                    ctx.scale,
+                    mask,
+                    needs,
+                ),
+                needs,
+            )
         )
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)

@@ -14,19 +14,23 @@ from __future__ import annotations
 import torch
 
 from torch_metal_fused._validation import check_eps, check_finite_number, check_same_device_dtype, check_tensor
-from torch_metal_fused.ops._dispatch import empty_to_none, none_to_empty, run_kernel
+from torch_metal_fused.ops._dispatch import call, empty_to_none, none_to_empty, run_kernel
 
 
 def _rstd_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("torch_metal_fused::rms_norm_forward", mutates_args=())
-def rms_norm_forward(
+def _rms_norm_forward_impl(
     x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y, rstd) with rstd of shape x.shape[:-1] in float32 (float64 for float64 x)."""
     return run_kernel("rms_norm_forward", x, weight, eps, offset)
+
+
+rms_norm_forward = torch.library.custom_op(
+    "torch_metal_fused::rms_norm_forward", _rms_norm_forward_impl, mutates_args=()
+)
 
 
 @rms_norm_forward.register_fake
@@ -35,8 +39,7 @@ def _(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float) -
     return y, x.new_empty(x.shape[:-1], dtype=_rstd_dtype(x))
 
 
-@torch.library.custom_op("torch_metal_fused::rms_norm_backward", mutates_args=())
-def rms_norm_backward(
+def _rms_norm_backward_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -50,6 +53,11 @@ def rms_norm_backward(
     return none_to_empty(dx, x), none_to_empty(dw, x)
 
 
+rms_norm_backward = torch.library.custom_op(
+    "torch_metal_fused::rms_norm_backward", _rms_norm_backward_impl, mutates_args=()
+)
+
+
 @rms_norm_backward.register_fake
 def _(dy, x, weight, rstd, needs_dx, needs_dw, offset):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else x.new_empty(0)
@@ -60,7 +68,7 @@ def _(dy, x, weight, rstd, needs_dx, needs_dw, offset):
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float) -> torch.Tensor:
-        y, rstd = rms_norm_forward(x, weight, eps, offset)
+        y, rstd = call(rms_norm_forward, _rms_norm_forward_impl, x, weight, eps, offset)
         ctx.save_for_backward(x, weight, rstd)
         ctx.offset = offset
         return y
@@ -72,7 +80,7 @@ class RMSNormFunction(torch.autograd.Function):
         needs_dw = weight is not None and ctx.needs_input_grad[1]
         if not (needs_dx or needs_dw):
             return None, None, None, None
-        dx, dw = rms_norm_backward(dy, x, weight, rstd, needs_dx, needs_dw, ctx.offset)
+        dx, dw = call(rms_norm_backward, _rms_norm_backward_impl, dy, x, weight, rstd, needs_dx, needs_dw, ctx.offset)
         return empty_to_none(dx, needs_dx), empty_to_none(dw, needs_dw), None, None
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 
 from torch_metal_fused._validation import check_dim, check_tensor
-from torch_metal_fused.ops._dispatch import run_kernel
+from torch_metal_fused.ops._dispatch import call, run_kernel
 
 
-@torch.library.custom_op("torch_metal_fused::softmax_forward", mutates_args=())
-def softmax_forward(x: torch.Tensor) -> torch.Tensor:
+def _softmax_forward_impl(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dimension."""
     return run_kernel("softmax_forward", x)
+
+
+softmax_forward = torch.library.custom_op("torch_metal_fused::softmax_forward", _softmax_forward_impl, mutates_args=())
 
 
 @softmax_forward.register_fake
@@ -23,10 +25,14 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("torch_metal_fused::softmax_backward", mutates_args=())
-def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+def _softmax_backward_impl(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """dx = y * (dy - sum(dy * y, -1)) over the last dimension."""
     return run_kernel("softmax_backward", y, dy)
+
+
+softmax_backward = torch.library.custom_op(
+    "torch_metal_fused::softmax_backward", _softmax_backward_impl, mutates_args=()
+)
 
 
 @softmax_backward.register_fake
@@ -41,7 +47,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
         last = x.ndim - 1
-        y = softmax_forward(x if dim == last else x.movedim(dim, -1))
+        y = call(softmax_forward, _softmax_forward_impl, x if dim == last else x.movedim(dim, -1))
         ctx.save_for_backward(y)
         ctx.dim = dim
         return y if dim == last else y.movedim(-1, dim).contiguous()
@@ -50,7 +56,7 @@ class SoftmaxFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
         dim, last = ctx.dim, dy.ndim - 1
-        dx = softmax_backward(y, dy if dim == last else dy.movedim(dim, -1))
+        dx = call(softmax_backward, _softmax_backward_impl, y, dy if dim == last else dy.movedim(dim, -1))
         return (dx if dim == last else dx.movedim(-1, dim).contiguous()), None
 
 
