@@ -223,11 +223,19 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const a
 }
 
 // ---- LoRA: the products on cuBLAS, arranged to move the fewest bytes -------------------------------------
-// Without dropout the adapter is folded into the weight: W' = W + s·B·A (one pass over W, a K = r product),
-// stacked over A, so one GEMM x·[W'; A]ᵀ yields y (+ bias) and h = x·Aᵀ together. Backward recomputes W'
-// (cheaper than saving it) for dx = dy·W' = dy·W + dh·A in one GEMM. With dropout the adapter sees another
-// input than the base, so the low-rank products run separately.
+// For many tokens and no dropout the adapter is folded into the weight, W' = W + s·B·A (one pass over W, a
+// K = r product), so the output costs one GEMM x·W'ᵀ plus h = x·Aᵀ (one read of x) instead of the unfused
+// x·Wᵀ, x·Aᵀ and a read-modify-write of y for h·Bᵀ. Backward recomputes W' (cheaper than saving it) for
+// dx = dy·W' = dy·W + dh·A in one GEMM. W' is rounded to the weight's dtype once, which perturbs each weight
+// by at most half an ulp (the size of the weight's own rounding); with few tokens (launch-bound anyway) or
+// dropout (the adapter sees another input than the base) the products run unmerged.
 namespace {
+
+constexpr int64_t kMergedMinTokens = 1024;
+
+bool use_merged_weight(int64_t tokens, const OptTensor& dropout_mask) {
+  return !dropout_mask && tokens >= kMergedMinTokens;
+}
 
 at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b, double scale) {
   return at::addmm(weight, lora_b, lora_a, 1.0, scale);
@@ -239,21 +247,14 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
                                                 const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
                                                 const OptTensor& dropout_mask) {
   c10::cuda::CUDAGuard guard(x.device());
-  const int64_t out = weight.size(0), rank = lora_a.size(0);
-  if (dropout_mask) {
-    at::Tensor y = at::linear(x, weight, bias);
-    at::Tensor h = at::mm(x * *dropout_mask, lora_a.t());
-    y.addmm_(h, lora_b.t(), 1.0, scale);
-    return {y, h};
+  const at::Tensor x_lora = dropout_mask ? x * *dropout_mask : x;
+  at::Tensor h = at::mm(x_lora, lora_a.t());
+  if (use_merged_weight(x.size(0), dropout_mask)) {
+    return {at::linear(x, merged_weight(weight, lora_a, lora_b, scale), bias), h};
   }
-  at::Tensor stacked = at::empty({out + rank, weight.size(1)}, weight.options());
-  at::Tensor merged = stacked.narrow(0, 0, out);  // contiguous rows: W' written in place
-  at::addmm_out(merged, weight, lora_b, lora_a, 1.0, scale);
-  stacked.narrow(0, out, rank).copy_(lora_a);
-  at::Tensor both = bias ? at::addmm(at::cat({*bias, bias->new_zeros({rank})}), x, stacked.t()) : at::mm(x, stacked.t());
-  // y stays a strided view of the GEMM's output (rows of out + r); h is cloned (tokens x r, small) so that it
-  // neither aliases y (custom ops may not return aliases) nor keeps y's storage alive once saved for backward.
-  return {both.narrow(1, 0, out), both.narrow(1, out, rank).clone()};
+  at::Tensor y = at::linear(x, weight, bias);
+  y.addmm_(h, lora_b.t(), 1.0, scale);
+  return {y, h};
 }
 
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
@@ -267,10 +268,12 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
   if (needs_dx || needs_da) {
     at::Tensor dh = at::mm(dy2, lora_b).mul_(scale);
     if (needs_dx) {
-      if (dropout_mask) {
-        dx = at::addmm(at::mm(dh, lora_a).mul_(*dropout_mask), dy2, weight);
-      } else {
+      if (use_merged_weight(x.size(0), dropout_mask)) {
         dx = at::mm(dy2, merged_weight(weight, lora_a, lora_b, scale));
+      } else {
+        at::Tensor lora_dx = at::mm(dh, lora_a);
+        if (dropout_mask) lora_dx.mul_(*dropout_mask);
+        dx = at::addmm(lora_dx, dy2, weight);
       }
     }
     if (needs_da) da = at::mm(dh.t(), dropout_mask ? x * *dropout_mask : x);

@@ -105,15 +105,27 @@ def _time_once_ms(fn, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    if device.type not in _FLUSH:
+        _FLUSH[device.type] = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    return _FLUSH[device.type]
+
+
 def _time_calls_ms(fn, device: torch.device, reps: int) -> list[float]:
-    """Per-call times of `reps` back-to-back calls. On a GPU each call is bracketed by device events and
-    nothing synchronises between calls (as triton's do_bench), so the GPU stays busy and a call costs the
-    larger of its device time and its host (launch) time; on the CPU, the host clock."""
+    """Per-call times of `reps` calls. On a GPU (as triton's do_bench) each call is bracketed by device events,
+    nothing synchronises between calls, and a 256 MB buffer is cleared before each call: the caches start cold
+    and the host queues the call while the GPU clears, so the events time the call's device work (gaps between
+    its own kernels included). On the CPU, the host clock."""
     if device.type in ("cuda", "mps"):
         mod = torch.cuda if device.type == "cuda" else torch.mps
         events = [(mod.Event(enable_timing=True), mod.Event(enable_timing=True)) for _ in range(reps)]
+        flush = _flush_buffer(device)
         synchronize(device)
         for start, end in events:
+            flush.zero_()  # evict the caches and give the host time to queue the call
             start.record()
             fn()
             end.record()
