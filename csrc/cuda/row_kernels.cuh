@@ -99,6 +99,18 @@ __device__ __forceinline__ float block_reduce(float v, float* scratch) {
   return MAX ? warp_max(r) : warp_sum(r);
 }
 
+// Two block-wide sums at once (one pair of barriers for two rows).
+__device__ __forceinline__ float2 block_sum2(float2 v, float2* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  v.x = warp_sum(v.x);
+  v.y = warp_sum(v.y);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float2 r = lane < nwarps ? scratch[lane] : make_float2(0.0f, 0.0f);
+  return make_float2(warp_sum(r.x), warp_sum(r.y));
+}
+
 // NaN-propagating max, as torch's softmax (a NaN anywhere makes the row NaN).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : (b != b ? b : fmaxf(a, b)); }
 
@@ -244,14 +256,15 @@ __global__ void rms_norm_forward_looped(const T* __restrict__ x, const T* __rest
   }
 }
 
-// dx for rows blockIdx.x, blockIdx.x + gridDim.x, ...; with DW, each thread keeps dy * x * rstd for its columns
-// in registers and the block writes one float32 partial row (summed by rms_norm_dw_reduce).
+// dx for rows blockIdx.x, blockIdx.x + gridDim.x, ..., two rows per iteration (both rows' loads in flight
+// before the reduction, one barrier pair for both); with DW, each thread keeps dy * x * rstd for its columns in
+// registers and the block writes one float32 partial row (summed by rms_norm_dw_reduce).
 template <typename T, int VEC, int ITEMS, bool DX, bool DW>
-__global__ void __launch_bounds__(512) rms_norm_backward_registers(const T* __restrict__ dy, const T* __restrict__ x,
-                                            const T* __restrict__ w, const float* __restrict__ rstd,
-                                            T* __restrict__ dx, float* __restrict__ dw_partial, int64_t rows, int cols,
-                                            int64_t x_stride, int64_t dy_stride, float offset) {
-  __shared__ float scratch[32];
+__global__ void __launch_bounds__(512) rms_norm_backward_registers(
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rstd,
+    T* __restrict__ dx, float* __restrict__ dw_partial, int64_t rows, int cols, int64_t x_stride, int64_t dy_stride,
+    float offset) {
+  __shared__ float2 scratch[32];
   float wv[ITEMS][VEC], acc[ITEMS][VEC];
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
@@ -268,32 +281,46 @@ __global__ void __launch_bounds__(512) rms_norm_backward_registers(const T* __re
     for (int k = 0; k < VEC; ++k) acc[it][k] = 0.0f;
   }
   const float inv_cols = 1.0f / float(cols);
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* xr = x + row * x_stride;
-    const T* dyr = dy + row * dy_stride;
-    const float r = rstd[row];
-    float xv[ITEMS][VEC], gv[ITEMS][VEC];
-    float dot = 0.0f;
+  for (int64_t row0 = blockIdx.x; row0 < rows; row0 += 2 * int64_t(gridDim.x)) {
+    const int64_t row1 = row0 + gridDim.x;
+    const bool has1 = row1 < rows;  // uniform across the block
+    const float r0 = rstd[row0], r1 = has1 ? rstd[row1] : 0.0f;
+    float xv[2][ITEMS][VEC], gv[2][ITEMS][VEC];
+    float2 dot = make_float2(0.0f, 0.0f);
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const int col = (it * blockDim.x + threadIdx.x) * VEC;
-      load_vec<T, VEC>(xr, col, cols, xv[it], 0.0f);
-      load_vec<T, VEC>(dyr, col, cols, gv[it], 0.0f);
+      load_vec<T, VEC>(x + row0 * x_stride, col, cols, xv[0][it], 0.0f);
+      load_vec<T, VEC>(dy + row0 * dy_stride, col, cols, gv[0][it], 0.0f);
+      if (has1) {
+        load_vec<T, VEC>(x + row1 * x_stride, col, cols, xv[1][it], 0.0f);
+        load_vec<T, VEC>(dy + row1 * dy_stride, col, cols, gv[1][it], 0.0f);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) xv[1][it][k] = gv[1][it][k] = 0.0f;
+      }
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        if (DW) acc[it][k] += gv[it][k] * xv[it][k] * r;
-        gv[it][k] *= wv[it][k];
-        dot += gv[it][k] * xv[it][k];
+        if (DW) acc[it][k] += gv[0][it][k] * xv[0][it][k] * r0 + gv[1][it][k] * xv[1][it][k] * r1;
+        gv[0][it][k] *= wv[it][k];
+        gv[1][it][k] *= wv[it][k];
+        dot.x += gv[0][it][k] * xv[0][it][k];
+        dot.y += gv[1][it][k] * xv[1][it][k];
       }
     }
     if (DX) {
-      const float coef = r * r * block_reduce<false>(dot, scratch) * inv_cols;
-      T* dxr = dx + row * int64_t(cols);
+      const float2 total = block_sum2(dot, scratch);
+      const float coef0 = r0 * r0 * total.x * inv_cols, coef1 = r1 * r1 * total.y * inv_cols;
 #pragma unroll
       for (int it = 0; it < ITEMS; ++it) {
+        const int col = (it * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) gv[it][k] = r * (gv[it][k] - xv[it][k] * coef);
-        store_vec<T, VEC>(dxr, (it * blockDim.x + threadIdx.x) * VEC, cols, gv[it]);
+        for (int k = 0; k < VEC; ++k) {
+          gv[0][it][k] = r0 * (gv[0][it][k] - xv[0][it][k] * coef0);
+          gv[1][it][k] = r1 * (gv[1][it][k] - xv[1][it][k] * coef1);
+        }
+        store_vec<T, VEC>(dx + row0 * int64_t(cols), col, cols, gv[0][it]);
+        if (has1) store_vec<T, VEC>(dx + row1 * int64_t(cols), col, cols, gv[1][it]);
       }
     }
   }
