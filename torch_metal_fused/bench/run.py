@@ -109,14 +109,16 @@ _FLUSH: dict[str, torch.Tensor] = {}
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
+    # 1 GiB: clearing it takes longer (~0.3 ms on an H100) than the host needs to queue a forward+backward
+    # through autograd, so the events time device work rather than Python and launch overhead.
     if device.type not in _FLUSH:
-        _FLUSH[device.type] = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+        _FLUSH[device.type] = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     return _FLUSH[device.type]
 
 
 def _time_calls_ms(fn, device: torch.device, reps: int) -> list[float]:
     """Per-call times of `reps` calls. On a GPU (as triton's do_bench) each call is bracketed by device events,
-    nothing synchronises between calls, and a 256 MB buffer is cleared before each call: the caches start cold
+    nothing synchronises between calls, and a 1 GiB buffer is cleared before each call: the caches start cold
     and the host queues the call while the GPU clears, so the events time the call's device work (gaps between
     its own kernels included). On the CPU, the host clock."""
     if device.type in ("cuda", "mps"):
