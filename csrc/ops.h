@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -35,5 +37,14 @@ inline at::Tensor as_rows(const at::Tensor& t) {
   return t2;
 }
 inline int64_t row_stride(const at::Tensor& t2) { return t2.size(0) > 1 ? t2.stride(0) : t2.size(1); }
+
+// RMSNorm forward outputs: y like x (contiguous) and a float32 rstd per row. Rows of length 0 have no kernel
+// work; their rstd is rsqrt(0 + eps), as the reference computes it.
+inline std::tuple<at::Tensor, at::Tensor> rms_norm_outputs(const at::Tensor& x, double eps) {
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  if (x.size(-1) == 0) rstd.fill_(eps > 0 ? 1.0 / std::sqrt(eps) : std::numeric_limits<double>::infinity());
+  return {y, rstd};
+}
 
 }  // namespace tmf

@@ -6,24 +6,32 @@
 #include <metal_stdlib>
 using namespace metal;
 
-inline float threadgroup_sum(float v, threadgroup float* scratch, uint lane, uint simd_group, uint n_simd) {
-  v = simd_sum(v);
+struct SumOp {
+  static float identity() { return 0.0f; }
+  static float simd(float v) { return simd_sum(v); }
+};
+struct MaxOp {
+  static float identity() { return -INFINITY; }
+  static float simd(float v) { return simd_max(v); }
+};
+
+template <typename Op>
+inline float threadgroup_reduce(float v, threadgroup float* scratch, uint lane, uint simd_group, uint n_simd) {
+  v = Op::simd(v);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (lane == 0) {
     scratch[simd_group] = v;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  return simd_sum(lane < n_simd ? scratch[lane] : 0.0f);
+  return Op::simd(lane < n_simd ? scratch[lane] : Op::identity());
+}
+
+inline float threadgroup_sum(float v, threadgroup float* scratch, uint lane, uint simd_group, uint n_simd) {
+  return threadgroup_reduce<SumOp>(v, scratch, lane, simd_group, n_simd);
 }
 
 inline float threadgroup_max(float v, threadgroup float* scratch, uint lane, uint simd_group, uint n_simd) {
-  v = simd_max(v);
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (lane == 0) {
-    scratch[simd_group] = v;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  return simd_max(lane < n_simd ? scratch[lane] : -INFINITY);
+  return threadgroup_reduce<MaxOp>(v, scratch, lane, simd_group, n_simd);
 }
 
 // Online softmax state (running max m, sum s of exp(x - m)) merged with another; -inf maxima contribute

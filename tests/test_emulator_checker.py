@@ -55,11 +55,11 @@ def test_missing_barrier_is_a_race(tmp_path):
     old = """    scratch[simd_group] = v;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  return simd_sum"""
+  return Op::simd"""
     new = """    scratch[simd_group] = v;
   }
 
-  return simd_sum"""
+  return Op::simd"""
     source, line = _plant(tmp_path, "reduce.h", old, new)
     with pytest.raises(runner.KernelCheckError) as exc:
         _run_softmax(tmp_path, source, 2, 1000)
@@ -80,8 +80,8 @@ def test_off_by_one_read_is_out_of_bounds(tmp_path):
 
 def test_uninitialised_scratch_read(tmp_path):
     # Reading all 32 scratch slots although only n_simd of them were written.
-    old = "  return simd_sum(lane < n_simd ? scratch[lane] : 0.0f);"
-    new = "  return simd_sum(scratch[lane]);"
+    old = "  return Op::simd(lane < n_simd ? scratch[lane] : Op::identity());"
+    new = "  return Op::simd(scratch[lane]);"
     source, line = _plant(tmp_path, "reduce.h", old, new)
     with pytest.raises(runner.KernelCheckError) as exc:
         _run_softmax(tmp_path, source, 2, 1000)  # 256 threads: 8 of 32 slots written
@@ -89,8 +89,8 @@ def test_uninitialised_scratch_read(tmp_path):
 
 
 def test_uninitialised_scratch_shows_as_nan_without_the_checker(tmp_path):
-    old = "  return simd_sum(lane < n_simd ? scratch[lane] : 0.0f);"
-    source, _ = _plant(tmp_path, "reduce.h", old, "  return simd_sum(scratch[lane]);")
+    old = "  return Op::simd(lane < n_simd ? scratch[lane] : Op::identity());"
+    source, _ = _plant(tmp_path, "reduce.h", old, "  return Op::simd(scratch[lane]);")
     harness = runner.Harness(compile_libraries(tmp_path / "build", [source]))
     x = torch.randn(2, 1000)
     y = torch.empty_like(x)
@@ -99,9 +99,9 @@ def test_uninitialised_scratch_shows_as_nan_without_the_checker(tmp_path):
 
 
 def test_barrier_in_divergent_code(tmp_path):
-    old = """  v = simd_sum(v);
+    old = """  v = Op::simd(v);
   threadgroup_barrier(mem_flags::mem_threadgroup);"""
-    new = """  v = simd_sum(v);
+    new = """  v = Op::simd(v);
   if (simd_group == 0) { threadgroup_barrier(mem_flags::mem_threadgroup); }"""
     source, line = _plant(tmp_path, "reduce.h", old, new)
     with pytest.raises(runner.KernelCheckError) as exc:

@@ -10,12 +10,8 @@ namespace tmf {
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps,
                                                     double offset) {
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
-  if (x.size(-1) == 0) {
-    rstd.fill_(eps > 0 ? 1.0 / std::sqrt(eps) : std::numeric_limits<double>::infinity());
-    return {y, rstd};
-  }
+  at::Tensor y, rstd;
+  std::tie(y, rstd) = rms_norm_outputs(x, eps);  // not a structured binding: lambdas below capture them (C++17)
   if (x.numel() == 0) return {y, rstd};
   at::Tensor x2 = as_rows(x);
   at::Tensor w = weight ? weight->contiguous() : at::Tensor();
