@@ -77,6 +77,7 @@ id<MTLComputePipelineState> pipeline(const std::string& name) {
               "torch_metal_fused: bfloat16 kernels need Metal 3.1 (macOS 14 or newer); use float16/float32 or "
               "TORCH_METAL_FUSED_BACKEND=reference");
   TORCH_CHECK(false, "torch_metal_fused: no Metal kernel named ", name);
+  return nil;
 }
 
 bool supports_bfloat16() {

@@ -5,7 +5,7 @@
 #import <Metal/Metal.h>
 
 #include <ATen/mps/MPSStream.h>
-#include <ATen/native/mps/OperationUtils.h>
+#include <torch/extension.h>
 
 #include "metal_library.h"
 #include "tmf/launch/common.h"
@@ -45,7 +45,8 @@ class MPSEncoder {
 // A tensor's storage as a Metal buffer, bound at the tensor's storage offset (a view's first element).
 inline DeviceBuffer buffer_of(const at::Tensor& t) {
   if (!t.defined()) return DeviceBuffer{};
-  return DeviceBuffer{(void*)at::native::mps::getMTLBufferStorage(t), size_t(t.storage_offset() * t.element_size()),
+  // An MPS tensor's storage data pointer is its id<MTLBuffer> (what ATen's getMTLBufferStorage returns).
+  return DeviceBuffer{const_cast<void*>(t.storage().data()), size_t(t.storage_offset() * t.element_size()),
                       size_t(t.storage().nbytes())};
 }
 
