@@ -7,8 +7,6 @@ import torch
 from torch_metal_fused import reference
 from torch_metal_fused._backend import backend_for, kernels_for
 
-LIBRARY = "torch_metal_fused"
-
 
 def run_kernel(entry_point: str, lead: torch.Tensor, *args):
     """Call `entry_point` (e.g. "softmax_forward") of the backend that serves `lead`."""

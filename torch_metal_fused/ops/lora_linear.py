@@ -90,25 +90,9 @@ class LoRALinearFunction(torch.autograd.Function):
         if not any(needs):
             return (None,) * 8
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx, dw, db, da, dlb = (
-            empty_to_none(g, need)
-            for g, need in zip(
-                call(
-                    lora_linear_backward,
-                    _lora_linear_backward_impl,
-                    dy2,
-                    x2,
-                    weight,
-                    lora_a,
-                    lora_b,
-                    h,
-                    ctx.scale,
-                    mask,
-                    needs,
-                ),
-                needs,
-            )
-        )
+        args = (dy2, x2, weight, lora_a, lora_b, h, ctx.scale, mask, needs)
+        grads = call(lora_linear_backward, _lora_linear_backward_impl, *args)
+        dx, dw, db, da, dlb = (empty_to_none(g, need) for g, need in zip(grads, needs))
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         return dx, dw, da, dlb, None, db, None, None
