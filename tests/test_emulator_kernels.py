@@ -135,3 +135,16 @@ def test_every_registered_kernel_runs():
         lx.requires_grad_(False)
         ran |= {d.kernel for d in _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())}
     assert set(runner.kernel_names()) - ran == set()
+
+
+def test_lora_route_chosen_by_shape():
+    """Many tokens (>= 1024 and > in_features) without dropout: the merged-weight route, no low-rank kernel;
+    with dropout, or few tokens: the fused low-rank kernel."""
+    x = randn((1100, 48), torch.float32, "cpu").requires_grad_(True)
+    w, a = randn((40, 48), torch.float32, "cpu"), randn((8, 48), torch.float32, "cpu").requires_grad_(True)
+    b = randn((40, 8), torch.float32, "cpu").requires_grad_(True)
+    assert runner.lora_use_merged_weight(1100, 48, False) and not runner.lora_use_merged_weight(1100, 48, True)
+    assert not runner.lora_use_merged_weight(1000, 48, False) and not runner.lora_use_merged_weight(2048, 4096, False)
+    assert _record(lambda: tmf.lora_linear(x, w, a, b, 2.0).sum().backward()) == []
+    rec = _record(lambda: tmf.lora_linear(x, w, a, b, 2.0, dropout_p=0.1, training=True).sum().backward())
+    assert [d.kernel for d in rec] == ["lora_forward_lowrank_row_float", "lora_backward_lowrank_dx_row_float"]

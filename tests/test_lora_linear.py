@@ -6,7 +6,16 @@ import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
 
 # (tokens, in, out, r): the seed shape, odd sizes, rank 1 and a wide rank.
-SHAPES = [(128, 512, 512, 8), (7, 33, 31, 4), (1, 1, 1, 1), (65, 1000, 7, 16), (9, 4097, 40, 64), (300, 96, 130, 3)]
+# (1100, 48, 40, 8): tokens >= 1024 and > in_features, so backends take the merged-weight route.
+SHAPES = [
+    (128, 512, 512, 8),
+    (7, 33, 31, 4),
+    (1, 1, 1, 1),
+    (65, 1000, 7, 16),
+    (9, 4097, 40, 64),
+    (300, 96, 130, 3),
+    (1100, 48, 40, 8),
+]
 
 
 def _factors(tokens, fin, fout, r, dtype, device, seed=0):

@@ -9,6 +9,7 @@
 
 #include "ops.h"
 #include "row_kernels.cuh"
+#include "tmf/launch/lora_linear.h"
 
 namespace tmf {
 namespace {
@@ -222,21 +223,11 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const a
   return {needs_dx ? OptTensor(dx) : std::nullopt, needs_dw ? OptTensor(dw) : std::nullopt};
 }
 
-// ---- LoRA: the products on cuBLAS, arranged to move the fewest bytes -------------------------------------
-// For many tokens and no dropout the adapter is folded into the weight, W' = W + s·B·A (one pass over W, a
-// K = r product), so the output costs one GEMM x·W'ᵀ plus h = x·Aᵀ (one read of x) instead of the unfused
-// x·Wᵀ, x·Aᵀ and a read-modify-write of y for h·Bᵀ. Backward recomputes W' (cheaper than saving it) for
-// dx = dy·W' = dy·W + dh·A in one GEMM. W' is rounded to the weight's dtype once, which perturbs each weight
-// by at most half an ulp (the size of the weight's own rounding); with few tokens (launch-bound anyway) or
-// dropout (the adapter sees another input than the base) the products run unmerged.
+// ---- LoRA: the products on cuBLAS; merged-weight route chosen by tmf::launch::lora_use_merged_weight --------
 namespace {
 
-// Merging costs a read and a write of W (out x in); not merging costs a read and a write of y (tokens x out)
-// for the h·Bᵀ update: merge when tokens > in (and never for few tokens, where both are launch-bound).
-constexpr int64_t kMergedMinTokens = 1024;
-
 bool use_merged_weight(int64_t tokens, int64_t in_features, const OptTensor& dropout_mask) {
-  return !dropout_mask && tokens >= kMergedMinTokens && tokens > in_features;
+  return launch::lora_use_merged_weight(tokens, in_features, dropout_mask.has_value());
 }
 
 at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b, double scale) {

@@ -100,6 +100,10 @@ const char* tmf_emu_rms_norm_backward(int checking, uint32_t max_threads, int dt
 
 uint32_t tmf_emu_rms_norm_backward_groups(uint64_t rows) { return tmf::launch::rms_norm_backward_groups(rows); }
 
+int tmf_emu_lora_use_merged_weight(uint64_t tokens, uint64_t in_features, int has_dropout) {
+  return tmf::launch::lora_use_merged_weight(tokens, in_features, has_dropout != 0) ? 1 : 0;
+}
+
 const char* tmf_emu_lora_forward_lowrank(int checking, uint32_t max_threads, int dtype, TensorArg x,
                                          uint64_t x_stride, TensorArg lora_a, TensorArg lora_b, TensorArg mask,
                                          TensorArg y, TensorArg h, uint64_t tokens, uint64_t in_features,

@@ -22,6 +22,10 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
     y.addmm_(h, lora_b.t(), 1.0, scale);
     return {y, h};
   }
+  if (launch::lora_use_merged_weight(tokens, x.size(1), dropout_mask.has_value())) {
+    at::Tensor merged = at::addmm(weight, lora_b, lora_a, 1.0, scale);  // W + s·B·A on the native matmul
+    return {at::linear(x, merged, bias), at::matmul(x, lora_a.t())};
+  }
   at::Tensor y = at::linear(x, weight, bias).contiguous();  // native GEMM on the MPS stream
   at::Tensor h = at::empty({tokens, rank}, x.options());
   if (tokens == 0) return {y, h};
@@ -48,6 +52,9 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
     at::Tensor dh = at::matmul(dy2, lora_b) * scale;
     if (needs_dx) dx = at::addmm(dropout_mask ? at::matmul(dh, lora_a) * *dropout_mask : at::matmul(dh, lora_a), dy2, weight);
     if (needs_da) da = at::matmul(dh.t(), x_lora);
+  } else if (launch::lora_use_merged_weight(tokens, x.size(1), dropout_mask.has_value())) {
+    if (needs_dx) dx = at::matmul(dy2, at::addmm(weight, lora_b, lora_a, 1.0, scale));  // dy·W' = dy·W + dh·A
+    if (needs_da) da = at::matmul((at::matmul(dy2, lora_b) * scale).t(), x);
   } else if (needs_dx || needs_da) {
     at::Tensor dx_t = needs_dx ? at::matmul(dy2, weight).contiguous() : at::Tensor();  // native GEMM
     at::Tensor dh = at::empty({tokens, rank}, x.options());

@@ -120,6 +120,9 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scale: float, dropout_mask):
     rank = lora_a.shape[0]
     if rank > _LORA_MAX_RANK:  # h of a row must fit the kernel's threadgroup memory
         return reference.lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_mask)
+    if _runner().lora_use_merged_weight(tokens, in_features, dropout_mask is not None):
+        merged = torch.addmm(weight, lora_b, lora_a, alpha=scale)  # W + s·B·A on the native matmul
+        return torch.nn.functional.linear(x, merged, bias), x @ lora_a.t()
     y = torch.nn.functional.linear(x, weight, bias).contiguous()  # the native GEMM
     h = torch.empty(tokens, rank, dtype=x.dtype, device=x.device)
     if tokens == 0:
@@ -153,6 +156,12 @@ def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, 
         return reference.lora_backward(dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, needs)
     dy2 = _rows(dy)
     dx = dw = dbias = da = dlb = None
+    if _runner().lora_use_merged_weight(tokens, x.shape[1], dropout_mask is not None):
+        if needs_dx:
+            dx = dy2 @ torch.addmm(weight, lora_b, lora_a, alpha=scale)  # dy·W' = dy·W + dh·A
+        if needs_da:
+            da = ((dy2 @ lora_b) * scale).t() @ x
+        needs_dx = needs_da = False  # done
     if needs_dx:
         dx = (dy2 @ weight).contiguous()  # native GEMM; the kernel adds (dh·A)·mask in place
     if needs_dx or needs_da:

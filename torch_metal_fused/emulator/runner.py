@@ -174,6 +174,13 @@ def rms_norm_backward_groups(rows: int) -> int:
     return int(default_harness().library(False).tmf_emu_rms_norm_backward_groups(rows))
 
 
+def lora_use_merged_weight(tokens: int, in_features: int, has_dropout: bool) -> bool:
+    """The shared launch code's choice of the LoRA merged-weight route (tmf::launch::lora_use_merged_weight)."""
+    fn = default_harness().library(False).tmf_emu_lora_use_merged_weight
+    fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+    return bool(fn(tokens, in_features, int(has_dropout)))
+
+
 def launch(entry: str, dtype: torch.dtype, *args) -> list[Dispatch]:
     return default_harness().launch(entry, dtype, *args)
 

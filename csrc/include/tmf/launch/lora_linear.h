@@ -9,6 +9,18 @@ namespace tmf::launch {
 
 constexpr uint32_t kLoraMaxRank = 256;  // h / dh of one row kept in threadgroup memory (1 KiB of float)
 constexpr uint32_t kLoraThreads = 256;
+constexpr uint64_t kLoraMergedMinTokens = 1024;
+
+// The merged-weight route: W' = W + s·B·A (a K = r product: one read and one write of W), then y = x·W'ᵀ and
+// h = x·Aᵀ on the native matmul, and dx = dy·W' in backward (W' recomputed, not saved). It replaces the
+// low-rank kernels' read-modify-write of y (tokens x out) with a pass over W (out x in): chosen when
+// tokens > in_features (fewer bytes), never for few tokens (launch-bound either way), never with dropout
+// (the adapter then sees another input than the base weight). W' is rounded to the weight's dtype once: a
+// perturbation of at most half an ulp per weight, the size of the weight's own rounding. All backends use
+// this rule.
+inline bool lora_use_merged_weight(uint64_t tokens, uint64_t in_features, bool has_dropout) {
+  return !has_dropout && tokens >= kLoraMergedMinTokens && tokens > in_features;
+}
 
 
 template <class Encoder>
