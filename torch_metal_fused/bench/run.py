@@ -19,48 +19,18 @@ import torch
 import torch_metal_fused as tmf
 from torch_metal_fused.bench.cases import Case, prepare, providers, shapes
 
+_KEY_COLUMNS = ["op", "provider", "backend", "mode", "dtype", "shape"]
+_META_COLUMNS = ["device", "device_name", "torch_version", "project_version", "timestamp"]
 CSV_COLUMNS = [
-    "op",
-    "provider",
-    "backend",
-    "mode",
-    "dtype",
-    "shape",
-    "median_us",
-    "p20_us",
-    "p80_us",
-    "first_call_us",
-    "reps",
-    "min_bytes",
-    "gbps",
-    "pct_copy_bw",
-    "tflops",
-    "fused_speedup",
-    "peak_memory_mb",
-    "device",
-    "device_name",
-    "torch_version",
-    "project_version",
-    "timestamp",
+    *_KEY_COLUMNS,
+    *["median_us", "p20_us", "p80_us", "first_call_us", "reps", "min_bytes", "gbps", "pct_copy_bw", "tflops"],
+    *["fused_speedup", "peak_memory_mb"],
+    *_META_COLUMNS,
 ]
 EMULATED_COLUMNS = [
-    "op",
-    "provider",
-    "backend",
-    "mode",
-    "dtype",
-    "shape",
-    "kernels",
-    "dispatches",
-    "device_bytes_read",
-    "device_bytes_written",
-    "min_bytes",
-    "traffic_over_min",
-    "device",
-    "device_name",
-    "torch_version",
-    "project_version",
-    "timestamp",
+    *_KEY_COLUMNS,
+    *["kernels", "dispatches", "device_bytes_read", "device_bytes_written", "min_bytes", "traffic_over_min"],
+    *_META_COLUMNS,
 ]
 
 

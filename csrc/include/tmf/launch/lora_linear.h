@@ -29,6 +29,17 @@ uint32_t lora_threadgroup_size(Encoder& enc, uint64_t widest) {
   return std::min<uint32_t>(cap, round_up(uint32_t(std::min<uint64_t>(widest, kLoraThreads)), kSimdWidth));
 }
 
+// The checked argument struct of both low-rank kernels (row_stride: x's for forward, dy's for backward).
+inline LoraParams lora_params(uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t rank,
+                              uint64_t row_stride, bool forward, float scale, bool has_mask) {
+  check_u32(tokens, "tokens"), check_u32(in_features, "in_features"), check_u32(out_features, "out_features");
+  check_u32(row_stride, "row stride");
+  if (rank == 0 || rank > kLoraMaxRank) throw std::invalid_argument("LoRA rank must be in [1, 256] for the kernels");
+  return LoraParams{uint32_t(tokens), uint32_t(in_features), uint32_t(out_features), uint32_t(rank),
+                    forward ? uint32_t(row_stride) : 0u, forward ? 0u : uint32_t(row_stride), scale,
+                    has_mask ? 1u : 0u};
+}
+
 // y += scale * (dropout(x)·Aᵀ)·Bᵀ in place (y holds x·Wᵀ + bias), and h = dropout(x)·Aᵀ written out.
 // One dispatch; x is read ceil(r / 16) times per row (16 rank accumulators per pass).
 template <class Encoder>
@@ -37,12 +48,8 @@ void lora_forward_lowrank(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t
                           const DeviceBuffer& y, const DeviceBuffer& h, uint64_t tokens, uint64_t in_features,
                           uint64_t out_features, uint64_t rank, float scale) {
   if (tokens == 0) return;
-  check_u32(tokens, "tokens"), check_u32(in_features, "in_features"), check_u32(out_features, "out_features");
-  check_u32(x_row_stride, "row stride");
-  if (rank == 0 || rank > kLoraMaxRank) throw std::invalid_argument("LoRA rank must be in [1, 256] for the kernels");
   const bool has_mask = mask.handle != nullptr;
-  LoraParams p{uint32_t(tokens), uint32_t(in_features), uint32_t(out_features), uint32_t(rank),
-               uint32_t(x_row_stride), 0, scale, has_mask ? 1u : 0u};
+  const LoraParams p = lora_params(tokens, in_features, out_features, rank, x_row_stride, true, scale, has_mask);
   enc.set_kernel(kernel_name("lora_forward_lowrank", "row", t));
   uint32_t threads = lora_threadgroup_size(enc, std::max(in_features, out_features));
   enc.set_buffer(0, x);
@@ -63,13 +70,9 @@ void lora_backward_lowrank(Encoder& enc, DType t, const DeviceBuffer& dy, uint64
                            const DeviceBuffer& dh, const DeviceBuffer& dx, uint64_t tokens, uint64_t in_features,
                            uint64_t out_features, uint64_t rank, float scale) {
   if (tokens == 0) return;
-  check_u32(tokens, "tokens"), check_u32(in_features, "in_features"), check_u32(out_features, "out_features");
-  check_u32(dy_row_stride, "row stride");
-  if (rank == 0 || rank > kLoraMaxRank) throw std::invalid_argument("LoRA rank must be in [1, 256] for the kernels");
   const bool has_mask = mask.handle != nullptr;
   const bool wants_dx = dx.handle != nullptr;
-  LoraParams p{uint32_t(tokens), uint32_t(in_features), uint32_t(out_features), uint32_t(rank), 0,
-               uint32_t(dy_row_stride), scale, has_mask ? 1u : 0u};
+  const LoraParams p = lora_params(tokens, in_features, out_features, rank, dy_row_stride, false, scale, has_mask);
   enc.set_kernel(kernel_name(wants_dx ? "lora_backward_lowrank_dx" : "lora_backward_lowrank_dh", "row", t));
   uint32_t threads = lora_threadgroup_size(enc, std::max(in_features, out_features));
   enc.set_buffer(0, dy);
