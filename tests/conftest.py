@@ -54,10 +54,6 @@ class Backend:
         self.name = name
         self.device = torch.device(device)
 
-    @property
-    def kernel_dtypes(self) -> tuple[torch.dtype, ...]:
-        return (torch.float32, torch.float16, torch.bfloat16)
-
     def __repr__(self) -> str:
         return self.name
 

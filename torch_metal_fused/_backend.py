@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import warnings
 
 import torch
@@ -96,8 +95,3 @@ def kernels_for(backend: str):
 
         return emulated
     raise ValueError(f"no kernels for backend {backend!r}")
-
-
-def platform_summary() -> str:
-    kernels = f"metal={has_metal_kernels()}, cuda={has_cuda_kernels()}"
-    return f"python {sys.version.split()[0]}, torch {torch.__version__}, {kernels}"
