@@ -1,40 +1,49 @@
 // LoRA low-rank kernels in float32, float16 and bfloat16 (accumulation in float32).
 // Launch code: csrc/include/tmf/launch/lora_linear.h. The big GEMMs are the platform's native matmul.
 //
-// Forward, one threadgroup per token row (up to 256 threads), one dispatch per op call after the base GEMM:
-//   h = dropout(x)·Aᵀ: each thread walks its columns k of x, accumulating 16 rank entries at a time in
-//   registers (x is read ceil(r/16) times per row, A once per row); simd_sum + one threadgroup exchange per
-//   16 entries; h is kept in threadgroup memory (float) and written out (r values) for backward.
-//   y += scale · h·Bᵀ in place: each thread owns output columns o, reading B's row o (r values) and y[o]
-//   once. Never recomputes x·A per output element.
-//   Traffic per row: in·sizeof(T)·ceil(r/16) (x) + r·in·sizeof(T) (A) + out·r·sizeof(T) (B) + 2·out·sizeof(T)
-//   (y read and written) + r·sizeof(T) (h); A and B are re-read by every row (served from cache on a GPU).
-// Backward (lora_backward_lowrank_dx / _dh): dh = scale · dy·B (same rank-chunked reduction over out), written
-//   out for dA = dhᵀ·dropout(x) by the native GEMM; the _dx variant then adds (dh·A)·mask into dx in place
-//   (dx holds dy·W from the native GEMM).
+// One threadgroup (up to 256 threads) per kLoraTokensPerGroup (4) token rows, one dispatch per op call.
+// Forward, after the base GEMM wrote y = x·Wᵀ + bias:
+//   h = dropout(x)·Aᵀ: each thread walks its columns k, loads A[j, k] for 16 rank entries once and uses it for
+//   the group's 4 rows (16 x 4 accumulators in registers); x is read ceil(r/16) times per row, A once per group.
+//   simd_sum + one threadgroup exchange per 16 entries; h stays in threadgroup memory (float) and is written out
+//   (r values per row) for backward.
+//   y += scale · h·Bᵀ in place: each thread owns output columns o, reading B's row o once for the 4 rows and
+//   y[o] of each row once. Never recomputes x·A per output element.
+//   Traffic per row: in·sizeof(T)·ceil(r/16) (x) + r·in·sizeof(T)/4 (A) + out·r·sizeof(T)/4 (B) + 2·out·sizeof(T)
+//   (y read and written) + r·sizeof(T) (h).
+// Backward (lora_backward_lowrank_dx / _dh): dh = scale · dy·B (the same rank-chunked reduction over out, B read
+//   once per group), written out for dA = dhᵀ·dropout(x) by the native GEMM; the _dx variant then adds
+//   (dh·A)·mask into dx in place (dx holds dy·W), reading A once per group.
 #include <metal_stdlib>
 #include "tmf/shader_args.h"
 using namespace metal;
 
-constant constexpr uint RANK_CHUNK = 16;   // rank entries accumulated per pass
-constant constexpr uint MAX_RANK = 256;    // tmf::launch::kLoraMaxRank
+constant constexpr uint TM = tmf::kLoraTokensPerGroup;
+constant constexpr uint RANK_CHUNK = tmf::kLoraRankChunk;
+constant constexpr uint MAX_RANK = tmf::kLoraMaxRank;
 
-// sum over the threadgroup of acc[j] for j < n, into out[j0 + j] (threadgroup memory), scaled.
-inline void reduce_rank_chunk(thread float* acc, uint n, uint j0, float scale, threadgroup float* partial,
-                              threadgroup float* out, uint tid, uint lane, uint simd_group, uint n_simd) {
-  for (uint j = 0; j < n; ++j) {
-    const float s = simd_sum(acc[j]);
-    if (lane == 0) {
-      partial[j * 32 + simd_group] = s;
+// Sums acc[t][j] (t < nt, j < n) over the threadgroup into out[t * MAX_RANK + j0 + j] (threadgroup memory), scaled.
+inline void reduce_rank_chunk(thread float (*acc)[RANK_CHUNK], uint nt, uint n, uint j0, float scale,
+                              threadgroup float* partial, threadgroup float* out, uint tid, uint threads, uint lane,
+                              uint simd_group, uint n_simd) {
+  for (uint t = 0; t < TM; ++t) {
+    if (t < nt) {
+      for (uint j = 0; j < n; ++j) {
+        const float s = simd_sum(acc[t][j]);
+        if (lane == 0) {
+          partial[(t * RANK_CHUNK + j) * 32 + simd_group] = s;
+        }
+      }
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (tid < n) {
+  for (uint idx = tid; idx < nt * n; idx += threads) {
+    const uint t = idx / n, j = idx % n;
     float s = 0.0f;
     for (uint g = 0; g < n_simd; ++g) {
-      s += partial[tid * 32 + g];
+      s += partial[(t * RANK_CHUNK + j) * 32 + g];
     }
-    out[j0 + tid] = s * scale;
+    out[t * MAX_RANK + j0 + j] = s * scale;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);  // `partial` is reused by the next chunk
 }
@@ -48,45 +57,66 @@ template <typename T>
     device T* y [[buffer(4)]],
     device T* h [[buffer(5)]],
     constant tmf::LoraParams& p [[buffer(6)]],
-    uint token [[threadgroup_position_in_grid]],
+    uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint n_simd [[simdgroups_per_threadgroup]]) {
-  threadgroup float partial[RANK_CHUNK * 32];
-  threadgroup float h_row[MAX_RANK];
-  device const T* xr = x + ulong(token) * p.x_row_stride;
-  device const T* mr = mask + ulong(token) * p.in_features;
+  threadgroup float partial[TM * RANK_CHUNK * 32];
+  threadgroup float h_rows[TM * MAX_RANK];
+  const uint t0 = group * TM;
+  const uint nt = min(TM, p.tokens - t0);  // rows of this group, uniform across the threadgroup
   for (uint j0 = 0; j0 < p.rank; j0 += RANK_CHUNK) {
     const uint n = min(RANK_CHUNK, p.rank - j0);
-    float acc[RANK_CHUNK];
-    for (uint j = 0; j < RANK_CHUNK; ++j) {
-      acc[j] = 0.0f;
+    float acc[TM][RANK_CHUNK];
+    for (uint t = 0; t < TM; ++t) {
+      for (uint j = 0; j < RANK_CHUNK; ++j) {
+        acc[t][j] = 0.0f;
+      }
     }
     for (uint k = tid; k < p.in_features; k += threads) {
-      float xv = float(xr[k]);
-      if (p.has_mask != 0) {
-        xv *= float(mr[k]);
-      }
-      device const T* a = lora_a + ulong(j0) * p.in_features + k;
+      float a[RANK_CHUNK];
       for (uint j = 0; j < n; ++j) {
-        acc[j] += xv * float(a[ulong(j) * p.in_features]);
+        a[j] = float(lora_a[ulong(j0 + j) * p.in_features + k]);
+      }
+      for (uint t = 0; t < TM; ++t) {
+        if (t < nt) {
+          const ulong row = t0 + t;
+          float xv = float(x[row * p.x_row_stride + k]);
+          if (p.has_mask != 0) {
+            xv *= float(mask[row * p.in_features + k]);
+          }
+          for (uint j = 0; j < n; ++j) {
+            acc[t][j] += xv * a[j];
+          }
+        }
       }
     }
-    reduce_rank_chunk(acc, n, j0, 1.0f, partial, h_row, tid, lane, simd_group, n_simd);
+    reduce_rank_chunk(acc, nt, n, j0, 1.0f, partial, h_rows, tid, threads, lane, simd_group, n_simd);
   }
-  for (uint j = tid; j < p.rank; j += threads) {
-    h[ulong(token) * p.rank + j] = static_cast<T>(h_row[j]);
+  for (uint idx = tid; idx < nt * p.rank; idx += threads) {
+    const uint t = idx / p.rank, j = idx % p.rank;
+    h[ulong(t0 + t) * p.rank + j] = static_cast<T>(h_rows[t * MAX_RANK + j]);
   }
-  device T* yr = y + ulong(token) * p.out_features;
   for (uint o = tid; o < p.out_features; o += threads) {
     device const T* b = lora_b + ulong(o) * p.rank;
-    float acc = 0.0f;
-    for (uint j = 0; j < p.rank; ++j) {
-      acc += h_row[j] * float(b[j]);
+    float acc[TM];
+    for (uint t = 0; t < TM; ++t) {
+      acc[t] = 0.0f;
     }
-    yr[o] = static_cast<T>(float(yr[o]) + p.scale * acc);
+    for (uint j = 0; j < p.rank; ++j) {
+      const float bj = float(b[j]);
+      for (uint t = 0; t < TM; ++t) {
+        acc[t] += t < nt ? h_rows[t * MAX_RANK + j] * bj : 0.0f;  // rows past the end have no h
+      }
+    }
+    for (uint t = 0; t < TM; ++t) {
+      if (t < nt) {
+        device T* yo = y + ulong(t0 + t) * p.out_features + o;
+        *yo = static_cast<T>(float(*yo) + p.scale * acc[t]);
+      }
+    }
   }
 }
 
@@ -99,45 +129,63 @@ template <typename T, bool DX>
     device T* dh [[buffer(4)]],
     device T* dx [[buffer(5)]],
     constant tmf::LoraParams& p [[buffer(6)]],
-    uint token [[threadgroup_position_in_grid]],
+    uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint n_simd [[simdgroups_per_threadgroup]]) {
-  threadgroup float partial[RANK_CHUNK * 32];
-  threadgroup float dh_row[MAX_RANK];
-  device const T* dyr = dy + ulong(token) * p.dy_row_stride;
+  threadgroup float partial[TM * RANK_CHUNK * 32];
+  threadgroup float dh_rows[TM * MAX_RANK];
+  const uint t0 = group * TM;
+  const uint nt = min(TM, p.tokens - t0);
   for (uint j0 = 0; j0 < p.rank; j0 += RANK_CHUNK) {
     const uint n = min(RANK_CHUNK, p.rank - j0);
-    float acc[RANK_CHUNK];
-    for (uint j = 0; j < RANK_CHUNK; ++j) {
-      acc[j] = 0.0f;
+    float acc[TM][RANK_CHUNK];
+    for (uint t = 0; t < TM; ++t) {
+      for (uint j = 0; j < RANK_CHUNK; ++j) {
+        acc[t][j] = 0.0f;
+      }
     }
     for (uint o = tid; o < p.out_features; o += threads) {
-      const float g = float(dyr[o]);
-      device const T* b = lora_b + ulong(o) * p.rank + j0;
+      float b[RANK_CHUNK];
       for (uint j = 0; j < n; ++j) {
-        acc[j] += g * float(b[j]);
+        b[j] = float(lora_b[ulong(o) * p.rank + j0 + j]);
+      }
+      for (uint t = 0; t < TM; ++t) {
+        if (t < nt) {
+          const float g = float(dy[ulong(t0 + t) * p.dy_row_stride + o]);
+          for (uint j = 0; j < n; ++j) {
+            acc[t][j] += g * b[j];
+          }
+        }
       }
     }
-    reduce_rank_chunk(acc, n, j0, p.scale, partial, dh_row, tid, lane, simd_group, n_simd);
+    reduce_rank_chunk(acc, nt, n, j0, p.scale, partial, dh_rows, tid, threads, lane, simd_group, n_simd);
   }
-  for (uint j = tid; j < p.rank; j += threads) {
-    dh[ulong(token) * p.rank + j] = static_cast<T>(dh_row[j]);
+  for (uint idx = tid; idx < nt * p.rank; idx += threads) {
+    const uint t = idx / p.rank, j = idx % p.rank;
+    dh[ulong(t0 + t) * p.rank + j] = static_cast<T>(dh_rows[t * MAX_RANK + j]);
   }
   if (DX) {
-    device T* dxr = dx + ulong(token) * p.in_features;
-    device const T* mr = mask + ulong(token) * p.in_features;
     for (uint k = tid; k < p.in_features; k += threads) {
-      float acc = 0.0f;
+      float acc[TM];
+      for (uint t = 0; t < TM; ++t) {
+        acc[t] = 0.0f;
+      }
       for (uint j = 0; j < p.rank; ++j) {
-        acc += dh_row[j] * float(lora_a[ulong(j) * p.in_features + k]);
+        const float aj = float(lora_a[ulong(j) * p.in_features + k]);
+        for (uint t = 0; t < TM; ++t) {
+          acc[t] += t < nt ? dh_rows[t * MAX_RANK + j] * aj : 0.0f;
+        }
       }
-      if (p.has_mask != 0) {
-        acc *= float(mr[k]);
+      for (uint t = 0; t < TM; ++t) {
+        if (t < nt) {
+          const ulong at = ulong(t0 + t) * p.in_features + k;
+          const float m = p.has_mask != 0 ? float(mask[at]) : 1.0f;
+          dx[at] = static_cast<T>(float(dx[at]) + acc[t] * m);
+        }
       }
-      dxr[k] = static_cast<T>(float(dxr[k]) + acc);
     }
   }
 }

@@ -75,19 +75,16 @@ def test_dispatches_per_op_call():
 
 
 def test_lora_traffic_never_recomputes_x_a_per_output():
-    tokens, fin, fout, r, es = 16, 96, 80, 20, 4
+    tokens, fin, fout, r, es, tm = 16, 96, 80, 20, 4, 4  # tm: token rows per threadgroup (kLoraTokensPerGroup)
     x = randn((tokens, fin), torch.float32, "cpu")
-    w, a, b = (
-        randn((fout, fin), torch.float32, "cpu"),
-        randn((r, fin), torch.float32, "cpu"),
-        randn((fout, r), torch.float32, "cpu"),
-    )
+    w = randn((fout, fin), torch.float32, "cpu")
+    a, b = randn((r, fin), torch.float32, "cpu"), randn((fout, r), torch.float32, "cpu")
     (d,) = _record(lambda: tmf.lora_linear(x, w, a, b, 2.0))
-    assert d.kernel == "lora_forward_lowrank_row_float" and d.groups == (tokens, 1, 1)
+    assert d.kernel == "lora_forward_lowrank_row_float" and d.groups == (tokens // tm, 1, 1)
     passes = math.ceil(r / 16)
     assert d.traffic[0] == (tokens * fin * es * passes, 0)  # x: once per 16 rank entries, not per output
-    assert d.traffic[1] == (tokens * r * fin * es, 0)  # A once per row
-    assert d.traffic[2] == (tokens * fout * r * es, 0)  # B once per row
+    assert d.traffic[1] == (tokens // tm * r * fin * es, 0)  # A once per group of rows
+    assert d.traffic[2] == (tokens // tm * fout * r * es, 0)  # B once per group of rows
     assert d.traffic[4] == (tokens * fout * es, tokens * fout * es)  # y read (base) and written once
     assert d.traffic[5] == (0, tokens * r * es)  # h written once
 

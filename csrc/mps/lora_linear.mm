@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
                                                 const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
                                                 const OptTensor& dropout_mask) {
   const int64_t tokens = x.size(0), rank = lora_a.size(0);
-  if (rank > int64_t(launch::kLoraMaxRank)) {  // h of a row must fit the kernel's threadgroup memory
+  if (rank > int64_t(kLoraMaxRank)) {  // h of a row must fit the kernel's threadgroup memory
     at::Tensor x_lora = dropout_mask ? x * *dropout_mask : x;
     at::Tensor h = at::matmul(x_lora, lora_a.t());
     at::Tensor y = at::linear(x, weight, bias);
@@ -48,7 +48,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
   at::Tensor dy2 = as_rows(dy);
   OptTensor dx, dw, dbias, da, dlb;
   at::Tensor x_lora = dropout_mask ? x * *dropout_mask : x;
-  if (rank > int64_t(launch::kLoraMaxRank)) {
+  if (rank > int64_t(kLoraMaxRank)) {
     at::Tensor dh = at::matmul(dy2, lora_b) * scale;
     if (needs_dx) dx = at::addmm(dropout_mask ? at::matmul(dh, lora_a) * *dropout_mask : at::matmul(dh, lora_a), dy2, weight);
     if (needs_da) da = at::matmul(dh.t(), x_lora);

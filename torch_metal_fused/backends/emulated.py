@@ -9,7 +9,7 @@ import torch
 
 from torch_metal_fused import reference
 
-_LORA_MAX_RANK = 256  # tmf::launch::kLoraMaxRank
+_LORA_MAX_RANK = 256  # tmf::kLoraMaxRank (csrc/include/tmf/shader_args.h)
 
 
 def available() -> tuple[bool, str]:

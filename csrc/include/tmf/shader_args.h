@@ -4,11 +4,19 @@
 
 #ifndef __METAL_VERSION__
 #include <cstdint>
+#define TMF_SHARED_CONSTANT constexpr
 namespace tmf {
 using uint = uint32_t;
 #else
+#define TMF_SHARED_CONSTANT constant constexpr
 namespace tmf {
 #endif
+
+// LoRA low-rank kernels: token rows per threadgroup (A and B are read once per group, not per row), rank
+// entries accumulated per pass over a row, and the largest rank whose h/dh rows fit threadgroup memory.
+TMF_SHARED_CONSTANT uint kLoraTokensPerGroup = 4;
+TMF_SHARED_CONSTANT uint kLoraRankChunk = 16;
+TMF_SHARED_CONSTANT uint kLoraMaxRank = 256;
 
 // Row-wise kernels (softmax, RMSNorm): `rows` rows of `cols` elements; row i of x starts at
 // x + i * x_row_stride (elements; the last dimension is contiguous); outputs are contiguous.
@@ -34,7 +42,7 @@ struct RmsNormBackwardParams {
   float weight_offset;
 };
 
-// LoRA low-rank kernels, one threadgroup per token row.
+// LoRA low-rank kernels, one threadgroup per kLoraTokensPerGroup token rows.
 struct LoraParams {
   uint tokens;
   uint in_features;

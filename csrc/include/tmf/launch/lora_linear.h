@@ -1,13 +1,12 @@
 // Launch code for shaders/lora_linear.metal, shared by the MPS dispatch and the Metal-on-CPU harness.
 // The big GEMMs (x·Wᵀ, dy·W, dyᵀ·x, dyᵀ·h, dhᵀ·x) run on the platform's native matmul, issued by the caller;
-// these kernels do the rank-r work, one threadgroup per token row.
+// these kernels do the rank-r work, one threadgroup per kLoraTokensPerGroup token rows.
 #pragma once
 
 #include "tmf/launch/common.h"
 
 namespace tmf::launch {
 
-constexpr uint32_t kLoraMaxRank = 256;  // h / dh of one row kept in threadgroup memory (1 KiB of float)
 constexpr uint32_t kLoraThreads = 256;
 constexpr uint64_t kLoraMergedMinTokens = 1024;
 
@@ -41,7 +40,7 @@ inline LoraParams lora_params(uint64_t tokens, uint64_t in_features, uint64_t ou
 }
 
 // y += scale * (dropout(x)·Aᵀ)·Bᵀ in place (y holds x·Wᵀ + bias), and h = dropout(x)·Aᵀ written out.
-// One dispatch; x is read ceil(r / 16) times per row (16 rank accumulators per pass).
+// One dispatch; x is read ceil(r / 16) times per row (16 rank accumulators per pass), A and B once per group.
 template <class Encoder>
 void lora_forward_lowrank(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t x_row_stride,
                           const DeviceBuffer& lora_a, const DeviceBuffer& lora_b, const DeviceBuffer& mask,
@@ -59,7 +58,7 @@ void lora_forward_lowrank(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t
   enc.set_buffer(4, y);
   enc.set_buffer(5, h);
   enc.set_bytes(6, &p, sizeof(p));
-  enc.dispatch_threadgroups(Size3{uint32_t(tokens), 1, 1}, Size3{threads, 1, 1});
+  enc.dispatch_threadgroups(Size3{ceil_div(tokens, kLoraTokensPerGroup), 1, 1}, Size3{threads, 1, 1});
 }
 
 // dh = scale * dy·B written out (for dA = dhᵀ·dropout(x) by the native GEMM), and, if dx is given,
@@ -82,7 +81,7 @@ void lora_backward_lowrank(Encoder& enc, DType t, const DeviceBuffer& dy, uint64
   enc.set_buffer(4, dh);
   enc.set_buffer(5, wants_dx ? dx : dh);
   enc.set_bytes(6, &p, sizeof(p));
-  enc.dispatch_threadgroups(Size3{uint32_t(tokens), 1, 1}, Size3{threads, 1, 1});
+  enc.dispatch_threadgroups(Size3{ceil_div(tokens, kLoraTokensPerGroup), 1, 1}, Size3{threads, 1, 1});
 }
 
 }  // namespace tmf::launch
