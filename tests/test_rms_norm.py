@@ -135,3 +135,14 @@ def test_gemma_offset(backend, dtype, n):
     assert_matches(y, y64, dtype, "gemma forward")
     assert_matches(gx, rx, dtype, "gemma dx")
     assert_matches(gw, rw, dtype, "gemma dweight")
+
+
+def test_empty_rows_with_zero_eps(backend):
+    """Rows of length 0: an empty output, and rstd = rsqrt(0 + eps), inf for eps = 0 (no Python error)."""
+    x = torch.randn(3, 0, device=backend.device)
+    y = tmf.rms_norm(x, None, eps=0.0)
+    assert y.shape == (3, 0)
+    from torch_metal_fused.ops.rms_norm import rms_norm_forward
+
+    _, rstd = rms_norm_forward(x, None, 0.0, 0.0)
+    assert torch.isinf(rstd).all() and rstd.shape == (3,)

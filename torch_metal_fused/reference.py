@@ -31,7 +31,10 @@ def rms_norm_forward(
     shape x.shape[:-1]."""
     ct = _compute_dtype(x.dtype)
     xf = x.to(ct)
-    rstd = torch.rsqrt(xf.square().mean(-1) + eps) if x.shape[-1] > 0 else torch.full(x.shape[:-1], eps**-0.5, dtype=ct)
+    if x.shape[-1] > 0:
+        rstd = torch.rsqrt(xf.square().mean(-1) + eps)
+    else:  # empty rows: rsqrt(0 + eps), inf for eps = 0 (a Python eps ** -0.5 would raise)
+        rstd = torch.full(x.shape[:-1], eps, dtype=ct, device=x.device).rsqrt()
     y = xf * rstd.unsqueeze(-1)
     if weight is not None:
         y = y * (weight.to(ct) + offset)

@@ -59,11 +59,10 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 0.0):
+    if x.shape[-1] == 0:  # no kernel work: empty y, rstd = rsqrt(eps) as the reference defines it
+        return reference.rms_norm_forward(x, weight, eps, offset)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    if x.shape[-1] == 0:
-        rstd.fill_(eps**-0.5 if eps > 0 else float("inf"))
-        return y, rstd
     if x.numel() == 0:
         return y, rstd
     x2 = _rows(x)
@@ -161,10 +160,9 @@ def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, 
             dx = dy2 @ torch.addmm(weight, lora_b, lora_a, alpha=scale)  # dy·W' = dy·W + dh·A
         if needs_da:
             da = ((dy2 @ lora_b) * scale).t() @ x
-        needs_dx = needs_da = False  # done
-    if needs_dx:
-        dx = (dy2 @ weight).contiguous()  # native GEMM; the kernel adds (dh·A)·mask in place
-    if needs_dx or needs_da:
+    elif needs_dx or needs_da:
+        if needs_dx:
+            dx = (dy2 @ weight).contiguous()  # native GEMM; the kernel adds (dh·A)·mask in place
         dh = torch.empty(tokens, rank, dtype=x.dtype, device=x.device)
         if tokens:
             mask = dropout_mask.contiguous() if dropout_mask is not None else None
