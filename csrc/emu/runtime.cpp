@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 
 #include <boost/context/detail/fcontext.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -84,7 +85,7 @@ struct Run {
   size_t arena_used = 0;
   std::unordered_map<uint64_t, size_t> locals;
   std::vector<size_t> tg_args;  // arena offsets of [[threadgroup(n)]] arguments
-  std::vector<Shadow> shadow;
+  Shadow* shadow = nullptr;  // one granule per 2 bytes of the arena
   uint32_t epoch = 1;
   bool aborted = false;
   bool tg_over_limit_reported = false;
@@ -96,6 +97,12 @@ struct Run {
 };
 
 Run* g_run = nullptr;         // the dispatch in progress (one at a time: dispatches are serialised)
+// How much of the threadgroup arena (bytes) the previous threadgroups may have written, so each threadgroup
+// re-poisons and resets the shadow of that much rather than the whole arena. A 4 KiB margin covers the
+// out-of-bounds stores the checker reports (they still land in the arena).
+constexpr size_t kArenaDirtyMargin = 4096;
+size_t g_arena_dirty = kThreadgroupArena;
+size_t g_shadow_dirty = kThreadgroupArena;
 std::mutex g_dispatch_mutex;  // serialises dispatches from several Python threads
 bool g_checking = false;      // set while an instrumented kernel runs
 
@@ -234,8 +241,11 @@ void run_threadgroup(Run& r) {
     r.tg_args[index] = r.arena_used;
     r.arena_used += (bytes + 15) & ~size_t(15);
   }
-  std::memset(r.arena, 0xFF, kThreadgroupArena);  // poison: uninitialised reads show up as NaN
-  if (g_checking) r.shadow.assign(kThreadgroupArena / 2, Shadow{});
+  std::memset(r.arena, 0xFF, g_arena_dirty);  // poison: uninitialised reads show up as NaN
+  if (g_checking) {
+    std::fill(r.shadow, r.shadow + (g_shadow_dirty + 1) / 2, Shadow{});
+    g_shadow_dirty = 0;
+  }
 
   for (;;) {
     for (auto& t : r.th)
@@ -475,8 +485,10 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
     if (p == MAP_FAILED) std::abort();
     return static_cast<char*>(p);
   }();
+  static Shadow* shadow = new Shadow[kThreadgroupArena / 2];
   r.arena = arena;
   r.stacks = stacks;
+  r.shadow = shadow;
   // In checking mode every buffer is copied into a private allocation between guard zones, so an access
   // past its end cannot land in a neighbouring tensor (which would look like a legal access); buffers the
   // kernel wrote are copied back afterwards.
@@ -499,6 +511,9 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
       for (uint32_t x = 0; x < g[0] && !r.aborted; ++x) {
         r.group[0] = x, r.group[1] = y, r.group[2] = z;
         run_threadgroup(r);
+        const size_t written = std::min(kThreadgroupArena, r.arena_used + kArenaDirtyMargin);
+        g_arena_dirty = written;
+        if (g_checking) g_shadow_dirty = written;
       }
   report.threadgroup_memory = std::max(report.threadgroup_memory, r.arena_used);
   if (enc.checking)

@@ -264,7 +264,7 @@ def _emulated_rows(cfg: BenchConfig, env: Environment) -> list[dict]:
     from torch_metal_fused.emulator import runner
 
     rows = []
-    cases = [c for c in _cases(cfg)]
+    cases = _cases(cfg)
     progress = Progress(len(cases))
     old = os.environ.get("TORCH_METAL_FUSED_BACKEND")
     os.environ["TORCH_METAL_FUSED_BACKEND"] = "metal-emulated"

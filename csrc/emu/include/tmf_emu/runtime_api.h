@@ -90,13 +90,12 @@ uint32_t resolve_simd(SimdOp op, LaneIO* lanes, uint32_t active) {
   } else {
     T total = in(first);
     T running = T(0);
-    bool is_scalar = std::is_arithmetic_v<T> || sizeof(T) <= 2;
     if (op == SimdOp::sum) {
       total = T(0);
       for (int l = 0; l < kSimdWidth; ++l)
         if (active >> l & 1u) total = total + in(l);
     }
-    if constexpr (std::is_arithmetic_v<T> || std::is_floating_point_v<T> || sizeof(T) <= 2) {
+    if constexpr (std::is_arithmetic_v<T> || sizeof(T) <= 2) {  // scalars, half and bfloat included
       if (op == SimdOp::max || op == SimdOp::min) {
         for (int l = 0; l < kSimdWidth; ++l) {
           if (!(active >> l & 1u)) continue;
@@ -107,7 +106,6 @@ uint32_t resolve_simd(SimdOp op, LaneIO* lanes, uint32_t active) {
         }
       }
     }
-    (void)is_scalar;
     for (int l = 0; l < kSimdWidth; ++l) {
       if (!(active >> l & 1u)) continue;
       switch (op) {
