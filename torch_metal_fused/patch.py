@@ -83,7 +83,7 @@ def _hf_gemma_rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor
     return rms_norm(x, self.weight, self.eps, offset=1.0)
 
 
-def _rms_norm_patch(name: str, module: nn.Module):
+def _rms_norm_patch(module: nn.Module):
     cls = type(module).__name__
     if isinstance(module, nn.RMSNorm):
         if len(module.normalized_shape) != 1:
@@ -173,7 +173,7 @@ def patch_model(model: nn.Module, rms_norm: bool = True, lora: bool = True, soft
             report.skipped.append((name, "already patched"))
             continue
         if rms_norm:
-            fwd, what = _rms_norm_patch(name, module)
+            fwd, what = _rms_norm_patch(module)
             if fwd is not None:
                 _install(module, fwd)
                 report.patched.append((name, what))

@@ -79,7 +79,7 @@ def _hf_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.T
     return w * h.to(dtype)
 
 
-def _row_op(case: Case, provider: str, device: torch.device) -> Callable:
+def _row_op(case: Case, provider: str) -> Callable:
     cols = case.shape[1]
     if case.op == "softmax":
         if provider == "fused":
@@ -107,7 +107,7 @@ def _row_op(case: Case, provider: str, device: torch.device) -> Callable:
 def _prepare_rows(case: Case, provider: str, device: torch.device) -> Prepared:
     rows, cols = case.shape
     es = torch.finfo(case.dtype).bits // 8
-    fn = _row_op(case, provider, device)
+    fn = _row_op(case, provider)
     n = _n_sets(3 * rows * cols * es)
     g = torch.Generator(device="cpu").manual_seed(0)
 
