@@ -1,55 +1,137 @@
 // LoRA low-rank kernels in float32, float16 and bfloat16 (accumulation in float32).
 // Launch code: csrc/include/tmf/launch/lora_linear.h. The big GEMMs are the platform's native matmul.
 //
-// One threadgroup (up to 256 threads) per kLoraTokensPerGroup (4) token rows, one dispatch per op call.
-// Forward, after the base GEMM wrote y = x·Wᵀ + bias:
-//   h = dropout(x)·Aᵀ: each thread walks its columns k, loads A[j, k] for 16 rank entries once and uses it for
-//   the group's 4 rows (16 x 4 accumulators in registers); x is read ceil(r/16) times per row, A once per group.
-//   simd_sum + one threadgroup exchange per 16 entries; h stays in threadgroup memory (float) and is written out
-//   (r values per row) for backward.
-//   y += scale · h·Bᵀ in place: each thread owns output columns o, reading B's row o once for the 4 rows and
-//   y[o] of each row once. Never recomputes x·A per output element.
-//   Traffic per row: in·sizeof(T)·ceil(r/16) (x) + r·in·sizeof(T)/4 (A) + out·r·sizeof(T)/4 (B) + 2·out·sizeof(T)
-//   (y read and written) + r·sizeof(T) (h).
-// Backward (lora_backward_lowrank_dx / _dh): dh = scale · dy·B (the same rank-chunked reduction over out, B read
-//   once per group), written out for dA = dhᵀ·dropout(x) by the native GEMM; the _dx variant then adds
-//   (dh·A)·mask into dx in place (dx holds dy·W), reading A once per group.
+// Variant "tiled": one threadgroup of up to 256 threads per tile of `tokens_per_group` token rows (the host picks
+// 128 for rank <= 32, then 4096 / rank, and fewer tokens than that only when the pipeline caps the threads), one
+// dispatch per op call. Both kernels are the same two-phase body with roles swapped:
+//   phase 1, h = in·Fᵀ over the group's rows: the reduced dimension is walked in chunks of `reduce_tile`; each
+//     chunk of the input rows (BM x chunk, dropout applied) and of F (chunk x r) is staged once in threadgroup
+//     memory as float, and each thread accumulates up to kLoraAccumulatorsPerThread (token, rank) cells in
+//     registers. The cells (BM x r floats) then become the group's h tile in threadgroup memory and are written out.
+//   phase 2, out += s · h·S over chunks of `out_tile` output columns: each chunk of S (r x chunk) is staged once,
+//     each thread owns (token, column) cells, reading and writing each output element exactly once.
+// Forward: in = x, F = A (h = dropout(x)·Aᵀ, saved for backward), S = Bᵀ, out = y (holding x·Wᵀ + bias), s = scale.
+// Backward: in = dy, F = Bᵀ (dh = scale·dy·B, saved for dA = dhᵀ·dropout(x) by the native GEMM), S = A,
+//   out = dx (holding dy·W; the _dh variant, for a frozen-input call, stops after phase 1), and the dropout
+//   mask multiplies the added term.
+// Traffic per call: in, mask, h and out (read and written) exactly once; A and B once per group, i.e.
+// ceil(tokens / BM) times: (groups - 1)·r·(in + out) elements over the minimum, about r·(in + out) / (BM·(in +
+// 2·out)) of it for many tokens (forward): 8 % at rank 16 with square weights, 4 % at rank 8, 17 % at rank 32,
+// 67 % at rank 64 (BM = 64). Taller groups would cut it further but leave a big GPU with too few threadgroups
+// (tokens / BM of them); pinned by tests/test_emulator_kernels.py. Never recomputes x·A per output element.
+// Registers, not simdgroup_matrix, do the products: the harness executes every line here; simdgroup_matrix
+// tiles are the next step for arithmetic speed once a Mac can measure it.
+// Threadgroup memory: kLoraRowTileFloats + kLoraRankTileFloats floats (24 KiB).
 #include <metal_stdlib>
 #include "tmf/shader_args.h"
 using namespace metal;
 
-constant constexpr uint TM = tmf::kLoraTokensPerGroup;
-constant constexpr uint RANK_CHUNK = tmf::kLoraRankChunk;
-constant constexpr uint MAX_RANK = tmf::kLoraMaxRank;
+constant constexpr uint ACCUMULATORS = tmf::kLoraAccumulatorsPerThread;
 
-// Sums acc[t][j] (t < nt, j < n) over the threadgroup into out[t * MAX_RANK + j0 + j] (threadgroup memory), scaled.
-inline void reduce_rank_chunk(thread float (*acc)[RANK_CHUNK], uint nt, uint n, uint j0, float scale,
-                              threadgroup float* partial, threadgroup float* out, uint tid, uint threads, uint lane,
-                              uint simd_group, uint n_simd) {
-  for (uint t = 0; t < TM; ++t) {
-    if (t < nt) {
-      for (uint j = 0; j < n; ++j) {
-        const float s = simd_sum(acc[t][j]);
-        if (lane == 0) {
-          partial[(t * RANK_CHUNK + j) * 32 + simd_group] = s;
+// Stages rows [0, rows) x columns [c0, c0 + width) of a row-major matrix (row i at m + i * ld) into
+// tile[i * row_step + (c - c0) * col_step] as float, optionally times a mask of the same layout.
+// Consecutive threads take consecutive columns, so device reads are coalesced along rows.
+template <typename T>
+inline void stage_block(device const T* m, ulong ld, device const T* mask, ulong mask_ld, bool masked, uint rows,
+                        uint c0, uint width, threadgroup float* tile, uint row_step, uint col_step, uint tid,
+                        uint threads) {
+  for (uint e = tid; e < rows * width; e += threads) {
+    const uint i = e / width, c = e % width;
+    float v = float(m[i * ld + c0 + c]);
+    if (masked) {
+      v *= float(mask[i * mask_ld + c0 + c]);
+    }
+    tile[i * row_step + c * col_step] = v;
+  }
+}
+
+// The shared body (see the header comment). `first`/`second` point at A or B; *_rank_rows says whether the
+// matrix is stored rank-major (A: r x in) or feature-major (B: out x r).
+template <typename T, bool FORWARD, bool PHASE2>
+inline void lora_lowrank_tile(device const T* in, ulong in_stride, uint reduce_dim, device const T* mask,
+                              device const T* lora_a, device const T* lora_b, device T* h, device T* out,
+                              uint out_dim, constant tmf::LoraParams& p, uint group, uint tid, uint threads,
+                              threadgroup float* row_tile, threadgroup float* rank_tile) {
+  const uint r = p.rank, bm = p.tokens_per_group, bk = p.reduce_tile, bn = p.out_tile;
+  const uint t0 = group * bm;
+  const uint nt = min(bm, p.tokens - t0);  // rows of this group, uniform across the threadgroup
+  const bool has_mask = p.has_mask != 0;
+  device const T* in_rows = in + ulong(t0) * in_stride;
+  device const T* in_mask = mask + (FORWARD ? ulong(t0) * reduce_dim : 0ul);  // forward: dropout on x
+
+  // Phase 1: cells c = tid + i * threads hold h[t][j] with t = c / r, j = c % r.
+  float acc[ACCUMULATORS];
+  for (uint i = 0; i < ACCUMULATORS; ++i) {
+    acc[i] = 0.0f;
+  }
+  for (uint k0 = 0; k0 < reduce_dim; k0 += bk) {
+    const uint w = min(bk, reduce_dim - k0);
+    // in rows -> row_tile[t * bk + k]; F (r x w block) -> rank_tile[k * r + j].
+    stage_block(in_rows, in_stride, in_mask, reduce_dim, FORWARD && has_mask, nt, k0, w,
+                row_tile, bk, 1, tid, threads);
+    if (FORWARD) {
+      stage_block(lora_a, reduce_dim, lora_a, 0, false, r, k0, w, rank_tile, 1, r, tid, threads);  // A: r x in
+    } else {
+      // Bᵀ block: rows k0.. of B (out x r), each row contiguous, -> rank_tile[k * r + j]
+      stage_block(lora_b + ulong(k0) * r, r, lora_b, 0, false, w, 0, r, rank_tile, r, 1, tid, threads);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint i = 0; i < ACCUMULATORS; ++i) {
+      const uint c = tid + i * threads;
+      if (c < nt * r) {
+        const uint t = c / r, j = c % r;
+        float s = 0.0f;
+        for (uint k = 0; k < w; ++k) {
+          s += row_tile[t * bk + k] * rank_tile[k * r + j];
         }
+        acc[i] += s;
       }
     }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are restaged by the next chunk
+  }
+  const float h_scale = FORWARD ? 1.0f : p.scale;
+  for (uint i = 0; i < ACCUMULATORS; ++i) {
+    const uint c = tid + i * threads;
+    if (c < nt * r) {
+      const float v = acc[i] * h_scale;
+      rank_tile[c] = v;  // the group's h tile: rank_tile[t * r + j]
+      h[ulong(t0) * r + c] = static_cast<T>(v);
+    }
+  }
+  if (!PHASE2) {
+    return;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (uint idx = tid; idx < nt * n; idx += threads) {
-    const uint t = idx / n, j = idx % n;
-    float s = 0.0f;
-    for (uint g = 0; g < n_simd; ++g) {
-      s += partial[(t * RANK_CHUNK + j) * 32 + g];
+
+  // Phase 2: out[t][o] += out_scale * sum_j h[t][j] * S[j][o], S staged as row_tile[j * bn + o].
+  const float out_scale = FORWARD ? p.scale : 1.0f;
+  for (uint o0 = 0; o0 < out_dim; o0 += bn) {
+    const uint w = min(bn, out_dim - o0);
+    if (FORWARD) {
+      // Bᵀ block: rows o0.. of B (out x r), each row contiguous, -> row_tile[j * bn + o]
+      stage_block(lora_b + ulong(o0) * r, r, lora_b, 0, false, w, 0, r, row_tile, 1, bn, tid, threads);
+    } else {
+      stage_block(lora_a, out_dim, lora_a, 0, false, r, o0, w, row_tile, bn, 1, tid, threads);  // A: r x in
     }
-    out[t * MAX_RANK + j0 + j] = s * scale;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint c = tid; c < nt * w; c += threads) {
+      const uint t = c / w, o = c % w;
+      float s = 0.0f;
+      for (uint j = 0; j < r; ++j) {
+        s += rank_tile[t * r + j] * row_tile[j * bn + o];
+      }
+      const ulong at = ulong(t0 + t) * out_dim + o0 + o;
+      if (!FORWARD && has_mask) {
+        s *= float(mask[at]);
+      }
+      out[at] = static_cast<T>(float(out[at]) + out_scale * s);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // row_tile is restaged by the next chunk
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);  // `partial` is reused by the next chunk
 }
 
 template <typename T>
-[[kernel]] void lora_forward_lowrank_row(
+[[kernel]] void lora_forward_lowrank_tiled(
     device const T* x [[buffer(0)]],
     device const T* lora_a [[buffer(1)]],
     device const T* lora_b [[buffer(2)]],
@@ -59,69 +141,15 @@ template <typename T>
     constant tmf::LoraParams& p [[buffer(6)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
-    uint threads [[threads_per_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]],
-    uint simd_group [[simdgroup_index_in_threadgroup]],
-    uint n_simd [[simdgroups_per_threadgroup]]) {
-  threadgroup float partial[TM * RANK_CHUNK * 32];
-  threadgroup float h_rows[TM * MAX_RANK];
-  const uint t0 = group * TM;
-  const uint nt = min(TM, p.tokens - t0);  // rows of this group, uniform across the threadgroup
-  for (uint j0 = 0; j0 < p.rank; j0 += RANK_CHUNK) {
-    const uint n = min(RANK_CHUNK, p.rank - j0);
-    float acc[TM][RANK_CHUNK];
-    for (uint t = 0; t < TM; ++t) {
-      for (uint j = 0; j < RANK_CHUNK; ++j) {
-        acc[t][j] = 0.0f;
-      }
-    }
-    for (uint k = tid; k < p.in_features; k += threads) {
-      float a[RANK_CHUNK];
-      for (uint j = 0; j < n; ++j) {
-        a[j] = float(lora_a[ulong(j0 + j) * p.in_features + k]);
-      }
-      for (uint t = 0; t < TM; ++t) {
-        if (t < nt) {
-          const ulong row = t0 + t;
-          float xv = float(x[row * p.x_row_stride + k]);
-          if (p.has_mask != 0) {
-            xv *= float(mask[row * p.in_features + k]);
-          }
-          for (uint j = 0; j < n; ++j) {
-            acc[t][j] += xv * a[j];
-          }
-        }
-      }
-    }
-    reduce_rank_chunk(acc, nt, n, j0, 1.0f, partial, h_rows, tid, threads, lane, simd_group, n_simd);
-  }
-  for (uint idx = tid; idx < nt * p.rank; idx += threads) {
-    const uint t = idx / p.rank, j = idx % p.rank;
-    h[ulong(t0 + t) * p.rank + j] = static_cast<T>(h_rows[t * MAX_RANK + j]);
-  }
-  for (uint o = tid; o < p.out_features; o += threads) {
-    device const T* b = lora_b + ulong(o) * p.rank;
-    float acc[TM];
-    for (uint t = 0; t < TM; ++t) {
-      acc[t] = 0.0f;
-    }
-    for (uint j = 0; j < p.rank; ++j) {
-      const float bj = float(b[j]);
-      for (uint t = 0; t < TM; ++t) {
-        acc[t] += t < nt ? h_rows[t * MAX_RANK + j] * bj : 0.0f;  // rows past the end have no h
-      }
-    }
-    for (uint t = 0; t < TM; ++t) {
-      if (t < nt) {
-        device T* yo = y + ulong(t0 + t) * p.out_features + o;
-        *yo = static_cast<T>(float(*yo) + p.scale * acc[t]);
-      }
-    }
-  }
+    uint threads [[threads_per_threadgroup]]) {
+  threadgroup float row_tile[tmf::kLoraRowTileFloats];
+  threadgroup float rank_tile[tmf::kLoraRankTileFloats];
+  lora_lowrank_tile<T, true, true>(x, p.x_row_stride, p.in_features, mask, lora_a, lora_b, h, y, p.out_features,
+                                   p, group, tid, threads, row_tile, rank_tile);
 }
 
 template <typename T, bool DX>
-[[kernel]] void lora_backward_lowrank_row(
+[[kernel]] void lora_backward_lowrank_tiled(
     device const T* dy [[buffer(0)]],
     device const T* lora_a [[buffer(1)]],
     device const T* lora_b [[buffer(2)]],
@@ -131,73 +159,21 @@ template <typename T, bool DX>
     constant tmf::LoraParams& p [[buffer(6)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
-    uint threads [[threads_per_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]],
-    uint simd_group [[simdgroup_index_in_threadgroup]],
-    uint n_simd [[simdgroups_per_threadgroup]]) {
-  threadgroup float partial[TM * RANK_CHUNK * 32];
-  threadgroup float dh_rows[TM * MAX_RANK];
-  const uint t0 = group * TM;
-  const uint nt = min(TM, p.tokens - t0);
-  for (uint j0 = 0; j0 < p.rank; j0 += RANK_CHUNK) {
-    const uint n = min(RANK_CHUNK, p.rank - j0);
-    float acc[TM][RANK_CHUNK];
-    for (uint t = 0; t < TM; ++t) {
-      for (uint j = 0; j < RANK_CHUNK; ++j) {
-        acc[t][j] = 0.0f;
-      }
-    }
-    for (uint o = tid; o < p.out_features; o += threads) {
-      float b[RANK_CHUNK];
-      for (uint j = 0; j < n; ++j) {
-        b[j] = float(lora_b[ulong(o) * p.rank + j0 + j]);
-      }
-      for (uint t = 0; t < TM; ++t) {
-        if (t < nt) {
-          const float g = float(dy[ulong(t0 + t) * p.dy_row_stride + o]);
-          for (uint j = 0; j < n; ++j) {
-            acc[t][j] += g * b[j];
-          }
-        }
-      }
-    }
-    reduce_rank_chunk(acc, nt, n, j0, p.scale, partial, dh_rows, tid, threads, lane, simd_group, n_simd);
-  }
-  for (uint idx = tid; idx < nt * p.rank; idx += threads) {
-    const uint t = idx / p.rank, j = idx % p.rank;
-    dh[ulong(t0 + t) * p.rank + j] = static_cast<T>(dh_rows[t * MAX_RANK + j]);
-  }
-  if (DX) {
-    for (uint k = tid; k < p.in_features; k += threads) {
-      float acc[TM];
-      for (uint t = 0; t < TM; ++t) {
-        acc[t] = 0.0f;
-      }
-      for (uint j = 0; j < p.rank; ++j) {
-        const float aj = float(lora_a[ulong(j) * p.in_features + k]);
-        for (uint t = 0; t < TM; ++t) {
-          acc[t] += t < nt ? dh_rows[t * MAX_RANK + j] * aj : 0.0f;
-        }
-      }
-      for (uint t = 0; t < TM; ++t) {
-        if (t < nt) {
-          const ulong at = ulong(t0 + t) * p.in_features + k;
-          const float m = p.has_mask != 0 ? float(mask[at]) : 1.0f;
-          dx[at] = static_cast<T>(float(dx[at]) + acc[t] * m);
-        }
-      }
-    }
-  }
+    uint threads [[threads_per_threadgroup]]) {
+  threadgroup float row_tile[tmf::kLoraRowTileFloats];
+  threadgroup float rank_tile[tmf::kLoraRankTileFloats];
+  lora_lowrank_tile<T, false, DX>(dy, p.dy_row_stride, p.out_features, mask, lora_a, lora_b, dh, dx,
+                                  p.in_features, p, group, tid, threads, row_tile, rank_tile);
 }
 
-template [[host_name("lora_forward_lowrank_row_float")]] [[kernel]] decltype(lora_forward_lowrank_row<float>) lora_forward_lowrank_row<float>;
-template [[host_name("lora_forward_lowrank_row_half")]] [[kernel]] decltype(lora_forward_lowrank_row<half>) lora_forward_lowrank_row<half>;
-template [[host_name("lora_backward_lowrank_dx_row_float")]] [[kernel]] decltype(lora_backward_lowrank_row<float, true>) lora_backward_lowrank_row<float, true>;
-template [[host_name("lora_backward_lowrank_dx_row_half")]] [[kernel]] decltype(lora_backward_lowrank_row<half, true>) lora_backward_lowrank_row<half, true>;
-template [[host_name("lora_backward_lowrank_dh_row_float")]] [[kernel]] decltype(lora_backward_lowrank_row<float, false>) lora_backward_lowrank_row<float, false>;
-template [[host_name("lora_backward_lowrank_dh_row_half")]] [[kernel]] decltype(lora_backward_lowrank_row<half, false>) lora_backward_lowrank_row<half, false>;
+template [[host_name("lora_forward_lowrank_tiled_float")]] [[kernel]] decltype(lora_forward_lowrank_tiled<float>) lora_forward_lowrank_tiled<float>;
+template [[host_name("lora_backward_lowrank_dx_tiled_float")]] [[kernel]] decltype(lora_backward_lowrank_tiled<float, true>) lora_backward_lowrank_tiled<float, true>;
+template [[host_name("lora_backward_lowrank_dh_tiled_float")]] [[kernel]] decltype(lora_backward_lowrank_tiled<float, false>) lora_backward_lowrank_tiled<float, false>;
+template [[host_name("lora_forward_lowrank_tiled_half")]] [[kernel]] decltype(lora_forward_lowrank_tiled<half>) lora_forward_lowrank_tiled<half>;
+template [[host_name("lora_backward_lowrank_dx_tiled_half")]] [[kernel]] decltype(lora_backward_lowrank_tiled<half, true>) lora_backward_lowrank_tiled<half, true>;
+template [[host_name("lora_backward_lowrank_dh_tiled_half")]] [[kernel]] decltype(lora_backward_lowrank_tiled<half, false>) lora_backward_lowrank_tiled<half, false>;
 #if defined(__HAVE_BFLOAT__)
-template [[host_name("lora_forward_lowrank_row_bfloat")]] [[kernel]] decltype(lora_forward_lowrank_row<bfloat>) lora_forward_lowrank_row<bfloat>;
-template [[host_name("lora_backward_lowrank_dx_row_bfloat")]] [[kernel]] decltype(lora_backward_lowrank_row<bfloat, true>) lora_backward_lowrank_row<bfloat, true>;
-template [[host_name("lora_backward_lowrank_dh_row_bfloat")]] [[kernel]] decltype(lora_backward_lowrank_row<bfloat, false>) lora_backward_lowrank_row<bfloat, false>;
+template [[host_name("lora_forward_lowrank_tiled_bfloat")]] [[kernel]] decltype(lora_forward_lowrank_tiled<bfloat>) lora_forward_lowrank_tiled<bfloat>;
+template [[host_name("lora_backward_lowrank_dx_tiled_bfloat")]] [[kernel]] decltype(lora_backward_lowrank_tiled<bfloat, true>) lora_backward_lowrank_tiled<bfloat, true>;
+template [[host_name("lora_backward_lowrank_dh_tiled_bfloat")]] [[kernel]] decltype(lora_backward_lowrank_tiled<bfloat, false>) lora_backward_lowrank_tiled<bfloat, false>;
 #endif

@@ -98,6 +98,24 @@ def test_uninitialised_scratch_shows_as_nan_without_the_checker(tmp_path):
     assert torch.isnan(y).all()  # threadgroup memory starts poisoned
 
 
+def test_missing_restaging_barrier_in_the_lora_kernel_is_a_race(tmp_path):
+    # Phase 1 of the tiled LoRA kernel without the barrier between using a staged chunk and staging the next:
+    # fast threads overwrite the x and A tiles while slow ones still read them.
+    old = """    threadgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are restaged by the next chunk"""
+    _, line = _plant(tmp_path, "lora_linear.metal", old, "")
+    harness = runner.Harness(compile_libraries(tmp_path / "build", [tmp_path / "shaders" / "lora_linear.metal"]))
+    tokens, fin, fout, r = 20, 70, 30, 8  # 70 inputs: several staged chunks of reduce_tile columns
+    x, a, b = torch.randn(tokens, fin), torch.randn(r, fin), torch.randn(fout, r)
+    y, h = torch.randn(tokens, fout), torch.empty(tokens, r)
+    with pytest.raises(runner.KernelCheckError) as exc, runner.checking():
+        harness.launch("lora_forward_lowrank", torch.float32, x, fin, a, b, None, y, h, tokens, fin, fout, r, 1.0)
+    text = (tmp_path / "shaders" / "lora_linear.metal").read_text().splitlines()
+    # Reported where a thread reads a tile element that another thread has already restaged.
+    use_line = next(i + 1 for i, ln in enumerate(text) if "s += row_tile[t * bk + k] * rank_tile[k * r + j];" in ln)
+    assert any(f"lora_linear.metal:{use_line}: threadgroup-race" in f for f in _findings(exc)), _findings(exc)
+    assert use_line < line
+
+
 def test_barrier_in_divergent_code(tmp_path):
     old = """  v = Op::simd(v);
   threadgroup_barrier(mem_flags::mem_threadgroup);"""

@@ -74,19 +74,76 @@ def test_dispatches_per_op_call():
     assert [d.kernel for d in rec][1:] == ["rms_norm_backward_dx_single_row_float"]
 
 
-def test_lora_traffic_never_recomputes_x_a_per_output():
-    tokens, fin, fout, r, es, tm = 16, 96, 80, 20, 4, 4  # tm: token rows per threadgroup (kLoraTokensPerGroup)
-    x = randn((tokens, fin), torch.float32, "cpu")
-    w = randn((fout, fin), torch.float32, "cpu")
-    a, b = randn((r, fin), torch.float32, "cpu"), randn((fout, r), torch.float32, "cpu")
-    (d,) = _record(lambda: tmf.lora_linear(x, w, a, b, 2.0))
-    assert d.kernel == "lora_forward_lowrank_row_float" and d.groups == (tokens // tm, 1, 1)
-    passes = math.ceil(r / 16)
-    assert d.traffic[0] == (tokens * fin * es * passes, 0)  # x: once per 16 rank entries, not per output
-    assert d.traffic[1] == (tokens // tm * r * fin * es, 0)  # A once per group of rows
-    assert d.traffic[2] == (tokens // tm * fout * r * es, 0)  # B once per group of rows
+def _lora_tokens_per_group(rank, max_threads=256):
+    """The host's tiling rule (tmf::launch::lora_tiling): 128 rows up to rank 32, then 4096 / rank."""
+    return min(128, max_threads * 16 // rank, 4096 // rank)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("tokens", "fin", "fout", "r"), [(512, 256, 384, 8), (300, 200, 100, 16), (700, 64, 96, 4)])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_lora_forward_traffic_within_10_percent_of_minimum(dtype, tokens, fin, fout, r, dropout):
+    """x, the dropout mask, h and y (read, then written in place) move exactly once; A and B once per group."""
+    es = _size(dtype)
+    x, w = randn((tokens, fin), dtype, "cpu"), randn((fout, fin), dtype, "cpu", seed=1)
+    a, b = randn((r, fin), dtype, "cpu", seed=2), randn((fout, r), dtype, "cpu", seed=3)
+    torch.manual_seed(0)
+    (d,) = _record(lambda: tmf.lora_linear(x, w, a, b, 2.0, dropout_p=0.1 if dropout else 0.0, training=True))
+    groups = math.ceil(tokens / _lora_tokens_per_group(r))
+    assert d.kernel.startswith("lora_forward_lowrank_tiled") and d.groups == (groups, 1, 1)
+    assert d.traffic[0] == (tokens * fin * es, 0)  # x once: x·A is never recomputed per output or rank chunk
+    assert d.traffic[1] == (groups * r * fin * es, 0)  # A once per group of rows
+    assert d.traffic[2] == (groups * fout * r * es, 0)  # B once per group of rows
+    assert d.traffic[3] == ((tokens * fin * es, 0) if dropout else (0, 0))  # the mask once
     assert d.traffic[4] == (tokens * fout * es, tokens * fout * es)  # y read (base) and written once
     assert d.traffic[5] == (0, tokens * r * es)  # h written once
+    minimum = (tokens * fin * (2 if dropout else 1) + r * fin + fout * r + 2 * tokens * fout + tokens * r) * es
+    assert d.bytes_read + d.bytes_written <= 1.10 * minimum
+
+
+@pytest.mark.parametrize(("tokens", "r", "max_threads"), [(200, 64, 1024), (100, 256, 1024), (300, 16, 64)])
+def test_lora_traffic_beyond_the_10_percent_range_is_as_documented(tokens, r, max_threads):
+    """Higher ranks (or a pipeline capped below 256 threads) make shorter groups, so A and B are re-read more
+    often: (groups - 1) * r * (in + out) elements over the minimum, the rest still exactly once."""
+    fin, fout, es = 72, 40, 4
+    x, w = randn((tokens, fin), torch.float32, "cpu"), randn((fout, fin), torch.float32, "cpu", seed=1)
+    a, b = randn((r, fin), torch.float32, "cpu", seed=2), randn((fout, r), torch.float32, "cpu", seed=3)
+    with runner.pipeline_max_threads(max_threads):
+        (d,) = _record(lambda: tmf.lora_linear(x, w, a, b, 0.5))
+    groups = math.ceil(tokens / _lora_tokens_per_group(r, min(max_threads, 256)))
+    assert d.groups == (groups, 1, 1) and d.threads == (min(max_threads, 256), 1, 1)
+    assert d.traffic[0] == (tokens * fin * es, 0) and d.traffic[5] == (0, tokens * r * es)
+    assert d.traffic[1] == (groups * r * fin * es, 0) and d.traffic[2] == (groups * fout * r * es, 0)
+    minimum = (tokens * fin + r * fin + fout * r + 2 * tokens * fout + tokens * r) * es
+    assert d.bytes_read + d.bytes_written == minimum + (groups - 1) * r * (fin + fout) * es
+
+
+@pytest.mark.parametrize("frozen_input", [False, True])
+def test_lora_backward_traffic(frozen_input):
+    """dy, dh and dx (read, then written in place) and the mask move once; A and B once per group; for a
+    frozen input only dh = scale * dy·B is computed (no A, no dx)."""
+    tokens, fin, fout, r, es = 260, 48, 88, 8, 4
+    x = randn((tokens, fin), torch.float32, "cpu").requires_grad_(not frozen_input)
+    w = randn((fout, fin), torch.float32, "cpu", seed=1)
+    a = randn((r, fin), torch.float32, "cpu", seed=2).requires_grad_(True)
+    b = randn((fout, r), torch.float32, "cpu", seed=3).requires_grad_(True)
+    y = tmf.lora_linear(x, w, a, b, 2.0, dropout_p=0.2, training=True)
+    dy = randn((tokens, fout), torch.float32, "cpu", seed=4)
+    rec = _record(lambda: y.backward(dy))
+    (d,) = [d for d in rec if d.kernel.startswith("lora_backward")]
+    groups = math.ceil(tokens / _lora_tokens_per_group(r))
+    assert d.groups == (groups, 1, 1)
+    assert d.traffic[0] == (tokens * fout * es, 0)  # dy once
+    assert d.traffic[2] == (groups * fout * r * es, 0)  # B once per group
+    assert d.traffic[4] == (0, tokens * r * es)  # dh written once
+    if frozen_input:
+        assert d.kernel == "lora_backward_lowrank_dh_tiled_float"
+        assert d.traffic[1] == (0, 0) and d.traffic[3] == (0, 0)
+    else:
+        assert d.kernel == "lora_backward_lowrank_dx_tiled_float"
+        assert d.traffic[1] == (groups * r * fin * es, 0)  # A once per group
+        assert d.traffic[3] == (tokens * fin * es, 0)  # the mask once
+        assert d.traffic[5] == (tokens * fin * es, tokens * fin * es)  # dx (holding dy·W) read and written once
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -144,4 +201,4 @@ def test_lora_route_chosen_by_shape():
     assert not runner.lora_use_merged_weight(1000, 48, False) and not runner.lora_use_merged_weight(2048, 4096, False)
     assert _record(lambda: tmf.lora_linear(x, w, a, b, 2.0).sum().backward()) == []
     rec = _record(lambda: tmf.lora_linear(x, w, a, b, 2.0, dropout_p=0.1, training=True).sum().backward())
-    assert [d.kernel for d in rec] == ["lora_forward_lowrank_row_float", "lora_backward_lowrank_dx_row_float"]
+    assert [d.kernel for d in rec] == ["lora_forward_lowrank_tiled_float", "lora_backward_lowrank_dx_tiled_float"]

@@ -5,7 +5,8 @@ from helpers import DTYPES, make_layout, randn
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
 
-# (tokens, in, out, r): the seed shape, odd sizes, rank 1 and a wide rank.
+# (tokens, in, out, r): the seed shape, odd sizes, rank 1 and wide ranks (200: groups of 20 rows, so many
+# groups and partial staging tiles; 256: the largest rank the Metal kernels take).
 # (1100, 48, 40, 8): tokens >= 1024 and > in_features, so backends take the merged-weight route.
 SHAPES = [
     (128, 512, 512, 8),
@@ -14,6 +15,8 @@ SHAPES = [
     (65, 1000, 7, 16),
     (9, 4097, 40, 64),
     (300, 96, 130, 3),
+    (200, 70, 50, 200),
+    (40, 30, 21, 256),
     (1100, 48, 40, 8),
 ]
 

@@ -173,30 +173,46 @@ def test_state_dict_and_peft_save_load_unchanged(tmp_path):
             assert n1 == n2 and torch.equal(p1, p2)
 
 
-def _converge(dtype, fused: bool, steps: int = 20, device: str = "cpu"):
+def _converge(dtype, fused: bool, steps: int = 20, device: str = "cpu", train_dtype=None):
+    """Train 20 steps; `train_dtype` casts the model (built in `dtype`, so the same initial values) first."""
     ids, vocab = load_corpus()
     model = build_model(vocab, dtype=dtype)
+    if train_dtype is not None:
+        model.to(train_dtype)
     if fused:
         report = tmf.patch_model(model)
         assert len(report.patched) == 2 * 7 + 5
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses = train(model, ids, steps, batch=4, seq=32, device=device, log=lambda _: None)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return losses, params
+    return losses, params, initial
 
 
-@pytest.mark.parametrize(
-    ("dtype", "loss_rtol", "param_atol"),
-    [(torch.float32, 2e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2)],
-    ids=["float32", "bfloat16"],
-)
-def test_convergence_patched_equals_unpatched(cpu_backend, dtype, loss_rtol, param_atol):
-    """Same seed and data, 20 AdamW steps: per-step losses and final trainable weights agree."""
-    ref_losses, ref_params = _converge(dtype, fused=False)
-    losses, params = _converge(dtype, fused=True)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=loss_rtol, atol=0)
+def test_convergence_patched_equals_unpatched_float32(cpu_backend):
+    """Same seed and data, 20 AdamW steps in float32: per-step losses agree, and each trained weight tensor is
+    as close to a float64 run as the unpatched float32 run is (2x), or within 1e-4 of how far training moved it.
+    Adam's normalised steps turn rounding differences in near-zero gradients into differences of order lr in
+    single elements, so an elementwise atol would only test the summation order."""
+    ref_losses, ref_params, _ = _converge(torch.float32, fused=False)
+    losses, params, _ = _converge(torch.float32, fused=True)
+    _, truth, initial = _converge(torch.float32, fused=False, train_dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-5, atol=0)
     assert losses[-1] < losses[0]
     for name, p in params.items():
-        torch.testing.assert_close(p.float(), ref_params[name].float(), rtol=0, atol=param_atol, msg=name)
+        ours = (p.double() - truth[name]).norm().item()
+        native = (ref_params[name].double() - truth[name]).norm().item()
+        moved = (truth[name] - initial[name]).norm().item()
+        assert ours <= 2 * native or ours <= 1e-4 * moved, (name, ours, native, moved)
+
+
+def test_convergence_patched_equals_unpatched_bfloat16(cpu_backend):
+    """The same in bfloat16: losses within 2 %, weights within 2e-2."""
+    ref_losses, ref_params, _ = _converge(torch.bfloat16, fused=False)
+    losses, params, _ = _converge(torch.bfloat16, fused=True)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-2, atol=0)
+    assert losses[-1] < losses[0]
+    for name, p in params.items():
+        torch.testing.assert_close(p.float(), ref_params[name].float(), rtol=0, atol=2e-2, msg=name)
 
 
 @pytest.mark.cuda
@@ -211,8 +227,8 @@ def test_convergence_on_cuda(monkeypatch, dtype, loss_rtol, param_atol):
     but differently ordered reductions, and the LoRA weight is merged before its GEMM)."""
     monkeypatch.delenv("TORCH_METAL_FUSED_BACKEND", raising=False)
     assert tmf.backend_for(torch.empty(1, device="cuda")) == "cuda"
-    ref_losses, ref_params = _converge(dtype, fused=False, device="cuda")
-    losses, params = _converge(dtype, fused=True, device="cuda")
+    ref_losses, ref_params, _ = _converge(dtype, fused=False, device="cuda")
+    losses, params, _ = _converge(dtype, fused=True, device="cuda")
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=loss_rtol, atol=0)
     for name, p in params.items():
         torch.testing.assert_close(p.float(), ref_params[name].float(), rtol=0, atol=param_atol, msg=name)

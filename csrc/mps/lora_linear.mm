@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
                                                 const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
                                                 const OptTensor& dropout_mask) {
   const int64_t tokens = x.size(0), rank = lora_a.size(0);
-  if (rank > int64_t(kLoraMaxRank)) {  // h of a row must fit the kernel's threadgroup memory
+  if (rank > int64_t(kLoraMaxRank)) {  // the kernels' tiles take rank <= kLoraMaxRank
     at::Tensor x_lora = dropout_mask ? x * *dropout_mask : x;
     at::Tensor h = at::matmul(x_lora, lora_a.t());
     at::Tensor y = at::linear(x, weight, bias);

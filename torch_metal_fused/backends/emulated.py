@@ -117,7 +117,7 @@ def rms_norm_backward(dy, x, weight, rstd, needs_dx: bool, needs_dw: bool, offse
 def lora_forward(x, weight, bias, lora_a, lora_b, scale: float, dropout_mask):
     tokens, in_features = x.shape
     rank = lora_a.shape[0]
-    if rank > _LORA_MAX_RANK:  # h of a row must fit the kernel's threadgroup memory
+    if rank > _LORA_MAX_RANK:  # the kernels' tiles take rank <= kLoraMaxRank
         return reference.lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_mask)
     if _runner().lora_use_merged_weight(tokens, in_features, dropout_mask is not None):
         merged = torch.addmm(weight, lora_b, lora_a, alpha=scale)  # W + s·B·A on the native matmul

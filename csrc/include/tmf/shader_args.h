@@ -12,11 +12,14 @@ using uint = uint32_t;
 namespace tmf {
 #endif
 
-// LoRA low-rank kernels: token rows per threadgroup (A and B are read once per group, not per row), rank
-// entries accumulated per pass over a row, and the largest rank whose h/dh rows fit threadgroup memory.
-TMF_SHARED_CONSTANT uint kLoraTokensPerGroup = 4;
-TMF_SHARED_CONSTANT uint kLoraRankChunk = 16;
+// LoRA low-rank kernels (shaders/lora_linear.metal, variant "tiled"): the largest rank the kernels take, the
+// register accumulators per thread for the group's (token, rank) cells, the most token rows per threadgroup, and
+// the two threadgroup tiles in floats (input rows / second factor, and first factor / the group's h).
 TMF_SHARED_CONSTANT uint kLoraMaxRank = 256;
+TMF_SHARED_CONSTANT uint kLoraAccumulatorsPerThread = 16;
+TMF_SHARED_CONSTANT uint kLoraMaxTokensPerGroup = 128;
+TMF_SHARED_CONSTANT uint kLoraRowTileFloats = 2048;
+TMF_SHARED_CONSTANT uint kLoraRankTileFloats = 4096;
 
 // Row-wise kernels (softmax, RMSNorm): `rows` rows of `cols` elements; row i of x starts at
 // x + i * x_row_stride (elements; the last dimension is contiguous); outputs are contiguous.
@@ -42,7 +45,9 @@ struct RmsNormBackwardParams {
   float weight_offset;
 };
 
-// LoRA low-rank kernels, one threadgroup per kLoraTokensPerGroup token rows.
+// LoRA low-rank kernels: one threadgroup per `tokens_per_group` token rows. Chosen by the host
+// (tmf/launch/lora_linear.h) so that tokens_per_group * rank fits the accumulators and the rank tile,
+// tokens_per_group * reduce_tile the row tile, rank * reduce_tile the rank tile and rank * out_tile the row tile.
 struct LoraParams {
   uint tokens;
   uint in_features;
@@ -52,6 +57,9 @@ struct LoraParams {
   uint dy_row_stride;  // backward: dy
   float scale;
   uint has_mask;  // dropout mask (pre-scaled by 1/(1-p)), contiguous (tokens, in)
+  uint tokens_per_group;
+  uint reduce_tile;  // columns of the reduced dimension (in forward, out backward) staged per step of h = in·Fᵀ
+  uint out_tile;     // output columns staged per step of out += s·h·S
 };
 
 

@@ -1,6 +1,6 @@
 // Launch code for shaders/lora_linear.metal, shared by the MPS dispatch and the Metal-on-CPU harness.
 // The big GEMMs (x·Wᵀ, dy·W, dyᵀ·x, dyᵀ·h, dhᵀ·x) run on the platform's native matmul, issued by the caller;
-// these kernels do the rank-r work, one threadgroup per kLoraTokensPerGroup token rows.
+// these kernels do the rank-r work, one threadgroup per tile of token rows (lora_tiling).
 #pragma once
 
 #include "tmf/launch/common.h"
@@ -23,24 +23,40 @@ inline bool lora_use_merged_weight(uint64_t tokens, uint64_t in_features, bool h
 
 
 template <class Encoder>
-uint32_t lora_threadgroup_size(Encoder& enc, uint64_t widest) {
-  uint32_t cap = std::min<uint32_t>(kLoraThreads, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
-  return std::min<uint32_t>(cap, round_up(uint32_t(std::min<uint64_t>(widest, kLoraThreads)), kSimdWidth));
+uint32_t lora_threadgroup_size(Encoder& enc) {
+  return std::min<uint32_t>(kLoraThreads, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
+}
+
+// Token rows per threadgroup and the staging widths. A and B are read once per group, so the group is made as
+// tall as the register accumulators (kLoraAccumulatorsPerThread per thread) and the h tile allow: 128 rows up
+// to rank 32, 4096 / rank beyond (fewer when the pipeline caps the threads). The staging widths then fill the
+// two threadgroup tiles (see LoraParams).
+struct LoraTiling {
+  uint32_t tokens_per_group, reduce_tile, out_tile;
+};
+
+inline LoraTiling lora_tiling(uint32_t threads, uint64_t tokens, uint64_t rank) {
+  const uint64_t bm = std::max<uint64_t>(
+      1, std::min<uint64_t>({kLoraMaxTokensPerGroup, uint64_t(threads) * kLoraAccumulatorsPerThread / rank,
+                             kLoraRankTileFloats / rank, tokens}));
+  const uint64_t bk = std::min<uint64_t>(kLoraRankTileFloats / rank, kLoraRowTileFloats / bm);
+  return LoraTiling{uint32_t(bm), uint32_t(bk), uint32_t(kLoraRowTileFloats / rank)};
 }
 
 // The checked argument struct of both low-rank kernels (row_stride: x's for forward, dy's for backward).
 inline LoraParams lora_params(uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t rank,
-                              uint64_t row_stride, bool forward, float scale, bool has_mask) {
+                              uint64_t row_stride, bool forward, float scale, bool has_mask, uint32_t threads) {
   check_u32(tokens, "tokens"), check_u32(in_features, "in_features"), check_u32(out_features, "out_features");
   check_u32(row_stride, "row stride");
   if (rank == 0 || rank > kLoraMaxRank) throw std::invalid_argument("LoRA rank must be in [1, 256] for the kernels");
+  const LoraTiling tiling = lora_tiling(threads, tokens, rank);
   return LoraParams{uint32_t(tokens), uint32_t(in_features), uint32_t(out_features), uint32_t(rank),
                     forward ? uint32_t(row_stride) : 0u, forward ? 0u : uint32_t(row_stride), scale,
-                    has_mask ? 1u : 0u};
+                    has_mask ? 1u : 0u, tiling.tokens_per_group, tiling.reduce_tile, tiling.out_tile};
 }
 
 // y += scale * (dropout(x)·Aᵀ)·Bᵀ in place (y holds x·Wᵀ + bias), and h = dropout(x)·Aᵀ written out.
-// One dispatch; x is read ceil(r / 16) times per row (16 rank accumulators per pass), A and B once per group.
+// One dispatch; x, y and h touched once, A and B once per group of tokens_per_group rows.
 template <class Encoder>
 void lora_forward_lowrank(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t x_row_stride,
                           const DeviceBuffer& lora_a, const DeviceBuffer& lora_b, const DeviceBuffer& mask,
@@ -48,9 +64,10 @@ void lora_forward_lowrank(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t
                           uint64_t out_features, uint64_t rank, float scale) {
   if (tokens == 0) return;
   const bool has_mask = mask.handle != nullptr;
-  const LoraParams p = lora_params(tokens, in_features, out_features, rank, x_row_stride, true, scale, has_mask);
-  enc.set_kernel(kernel_name("lora_forward_lowrank", "row", t));
-  uint32_t threads = lora_threadgroup_size(enc, std::max(in_features, out_features));
+  enc.set_kernel(kernel_name("lora_forward_lowrank", "tiled", t));
+  const uint32_t threads = lora_threadgroup_size(enc);
+  const LoraParams p =
+      lora_params(tokens, in_features, out_features, rank, x_row_stride, true, scale, has_mask, threads);
   enc.set_buffer(0, x);
   enc.set_buffer(1, lora_a);
   enc.set_buffer(2, lora_b);
@@ -58,7 +75,7 @@ void lora_forward_lowrank(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t
   enc.set_buffer(4, y);
   enc.set_buffer(5, h);
   enc.set_bytes(6, &p, sizeof(p));
-  enc.dispatch_threadgroups(Size3{ceil_div(tokens, kLoraTokensPerGroup), 1, 1}, Size3{threads, 1, 1});
+  enc.dispatch_threadgroups(Size3{ceil_div(tokens, p.tokens_per_group), 1, 1}, Size3{threads, 1, 1});
 }
 
 // dh = scale * dy·B written out (for dA = dhᵀ·dropout(x) by the native GEMM), and, if dx is given,
@@ -71,9 +88,10 @@ void lora_backward_lowrank(Encoder& enc, DType t, const DeviceBuffer& dy, uint64
   if (tokens == 0) return;
   const bool has_mask = mask.handle != nullptr;
   const bool wants_dx = dx.handle != nullptr;
-  const LoraParams p = lora_params(tokens, in_features, out_features, rank, dy_row_stride, false, scale, has_mask);
-  enc.set_kernel(kernel_name(wants_dx ? "lora_backward_lowrank_dx" : "lora_backward_lowrank_dh", "row", t));
-  uint32_t threads = lora_threadgroup_size(enc, std::max(in_features, out_features));
+  enc.set_kernel(kernel_name(wants_dx ? "lora_backward_lowrank_dx" : "lora_backward_lowrank_dh", "tiled", t));
+  const uint32_t threads = lora_threadgroup_size(enc);
+  const LoraParams p =
+      lora_params(tokens, in_features, out_features, rank, dy_row_stride, false, scale, has_mask, threads);
   enc.set_buffer(0, dy);
   enc.set_buffer(1, lora_a);
   enc.set_buffer(2, lora_b);
@@ -81,7 +99,7 @@ void lora_backward_lowrank(Encoder& enc, DType t, const DeviceBuffer& dy, uint64
   enc.set_buffer(4, dh);
   enc.set_buffer(5, wants_dx ? dx : dh);
   enc.set_bytes(6, &p, sizeof(p));
-  enc.dispatch_threadgroups(Size3{ceil_div(tokens, kLoraTokensPerGroup), 1, 1}, Size3{threads, 1, 1});
+  enc.dispatch_threadgroups(Size3{ceil_div(tokens, p.tokens_per_group), 1, 1}, Size3{threads, 1, 1});
 }
 
 }  // namespace tmf::launch
