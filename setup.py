@@ -63,21 +63,20 @@ def _macos_extension():
     from torch.utils.cpp_extension import CppExtension
 
     sys.path.insert(0, str(ROOT / "tools"))
+    from build_flags import MPS_CXX_FLAGS, MPS_DEFINES, MPS_LINK_FLAGS, mps_include_dirs, mps_sources
     from embed_shaders import write_embedded_header
 
     generated = ROOT / "build" / "generated"
     generated.mkdir(parents=True, exist_ok=True)
     metallib = _build_metallib(generated)
     write_embedded_header(ROOT / "shaders", ROOT / "csrc" / "include", generated / "tmf_embedded_shaders.h", metallib)
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "mps").glob("*.mm"))
-    sources.append("csrc/bindings.cpp")
     return CppExtension(
         "torch_metal_fused._C",
-        sources,
-        include_dirs=[str(ROOT / "csrc"), str(ROOT / "csrc" / "include"), str(generated)],
-        define_macros=[("TMF_WITH_METAL", "1")],
-        extra_compile_args={"cxx": ["-std=c++17", "-O2"]},
-        extra_link_args=["-framework", "Metal", "-framework", "Foundation"],
+        mps_sources(),
+        include_dirs=mps_include_dirs(generated),
+        define_macros=MPS_DEFINES,
+        extra_compile_args={"cxx": MPS_CXX_FLAGS},
+        extra_link_args=MPS_LINK_FLAGS,
     )
 
 
