@@ -6,10 +6,11 @@
 // dispatch per op call. Both kernels are the same two-phase body with roles swapped:
 //   phase 1, h = in·Fᵀ over the group's rows: the reduced dimension is walked in chunks of `reduce_tile`; each
 //     chunk of the input rows (BM x chunk, dropout applied) and of F (chunk x r) is staged once in threadgroup
-//     memory as float, and each thread accumulates up to kLoraAccumulatorsPerThread (token, rank) cells in
-//     registers. The cells (BM x r floats) then become the group's h tile in threadgroup memory and are written out.
-//   phase 2, out += s · h·S over chunks of `out_tile` output columns: each chunk of S (r x chunk) is staged once,
-//     each thread owns (token, column) cells, reading and writing each output element exactly once.
+//     memory as float; each thread accumulates one rank entry for up to kLoraAccumulatorsPerThread tokens in
+//     registers (one F load per 16 FMAs). The result (BM x r floats) becomes the group's h tile in threadgroup
+//     memory and is written out.
+//   phase 2, out += s · h·S over chunks of `out_tile` output columns: each chunk of S (r x chunk) is staged once;
+//     each thread takes one column for a block of 16 tokens, reading and writing each output element once.
 // Forward: in = x, F = A (h = dropout(x)·Aᵀ, saved for backward), S = Bᵀ, out = y (holding x·Wᵀ + bias), s = scale.
 // Backward: in = dy, F = Bᵀ (dh = scale·dy·B, saved for dA = dhᵀ·dropout(x) by the native GEMM), S = A,
 //   out = dx (holding dy·W; the _dh variant, for a frozen-input call, stops after phase 1), and the dropout
@@ -45,8 +46,7 @@ inline void stage_block(device const T* m, ulong ld, device const T* mask, ulong
   }
 }
 
-// The shared body (see the header comment). `first`/`second` point at A or B; *_rank_rows says whether the
-// matrix is stored rank-major (A: r x in) or feature-major (B: out x r).
+// The shared body (see the header comment). FORWARD picks the roles: F = A and S = Bᵀ, or F = Bᵀ and S = A.
 template <typename T, bool FORWARD, bool PHASE2>
 inline void lora_lowrank_tile(device const T* in, ulong in_stride, uint reduce_dim, device const T* mask,
                               device const T* lora_a, device const T* lora_b, device T* h, device T* out,
@@ -59,7 +59,11 @@ inline void lora_lowrank_tile(device const T* in, ulong in_stride, uint reduce_d
   device const T* in_rows = in + ulong(t0) * in_stride;
   device const T* in_mask = mask + (FORWARD ? ulong(t0) * reduce_dim : 0ul);  // forward: dropout on x
 
-  // Phase 1: cells c = tid + i * threads hold h[t][j] with t = c / r, j = c % r.
+  // Phase 1: thread tid owns rank entry j = tid % r of tokens slot, slot + slots, ... (slot = tid / r, slots =
+  // threads / r; the host keeps r <= threads and bm <= slots * ACCUMULATORS), so each staged element of F it
+  // loads serves all its tokens. The threads past slots * r (fewer than r) only help staging.
+  const uint slots = threads / r, slot = tid / r, j = tid % r;
+  const uint mine = slot < min(slots, nt) ? (nt - slot + slots - 1) / slots : 0;  // my tokens (<= ACCUMULATORS)
   float acc[ACCUMULATORS];
   for (uint i = 0; i < ACCUMULATORS; ++i) {
     acc[i] = 0.0f;
@@ -67,8 +71,8 @@ inline void lora_lowrank_tile(device const T* in, ulong in_stride, uint reduce_d
   for (uint k0 = 0; k0 < reduce_dim; k0 += bk) {
     const uint w = min(bk, reduce_dim - k0);
     // in rows -> row_tile[t * bk + k]; F (r x w block) -> rank_tile[k * r + j].
-    stage_block(in_rows, in_stride, in_mask, reduce_dim, FORWARD && has_mask, nt, k0, w,
-                row_tile, bk, 1, tid, threads);
+    stage_block(in_rows, in_stride, in_mask, reduce_dim, FORWARD && has_mask, nt, k0, w, row_tile, bk, 1, tid,
+                threads);
     if (FORWARD) {
       stage_block(lora_a, reduce_dim, lora_a, 0, false, r, k0, w, rank_tile, 1, r, tid, threads);  // A: r x in
     } else {
@@ -76,26 +80,25 @@ inline void lora_lowrank_tile(device const T* in, ulong in_stride, uint reduce_d
       stage_block(lora_b + ulong(k0) * r, r, lora_b, 0, false, w, 0, r, rank_tile, r, 1, tid, threads);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (uint i = 0; i < ACCUMULATORS; ++i) {
-      const uint c = tid + i * threads;
-      if (c < nt * r) {
-        const uint t = c / r, j = c % r;
-        float s = 0.0f;
-        for (uint k = 0; k < w; ++k) {
-          s += row_tile[t * bk + k] * rank_tile[k * r + j];
+    if (mine > 0) {
+      for (uint k = 0; k < w; ++k) {
+        const float f = rank_tile[k * r + j];
+        for (uint i = 0; i < ACCUMULATORS; ++i) {
+          if (i < mine) {
+            acc[i] += row_tile[(slot + i * slots) * bk + k] * f;
+          }
         }
-        acc[i] += s;
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are restaged by the next chunk
   }
   const float h_scale = FORWARD ? 1.0f : p.scale;
   for (uint i = 0; i < ACCUMULATORS; ++i) {
-    const uint c = tid + i * threads;
-    if (c < nt * r) {
+    if (i < mine) {
+      const uint t = slot + i * slots;
       const float v = acc[i] * h_scale;
-      rank_tile[c] = v;  // the group's h tile: rank_tile[t * r + j]
-      h[ulong(t0) * r + c] = static_cast<T>(v);
+      rank_tile[t * r + j] = v;  // the group's h tile
+      h[ulong(t0 + t) * r + j] = static_cast<T>(v);
     }
   }
   if (!PHASE2) {
@@ -103,8 +106,11 @@ inline void lora_lowrank_tile(device const T* in, ulong in_stride, uint reduce_d
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  // Phase 2: out[t][o] += out_scale * sum_j h[t][j] * S[j][o], S staged as row_tile[j * bn + o].
+  // Phase 2: out[t][o] += out_scale * sum_j h[t][j] * S[j][o], S staged as row_tile[j * bn + o]. Work item c
+  // takes column o = c % w for a block of ACCUMULATORS tokens, so each staged S element serves the block;
+  // consecutive threads take consecutive columns (coalesced reads and writes of out).
   const float out_scale = FORWARD ? p.scale : 1.0f;
+  const uint blocks = (nt + ACCUMULATORS - 1) / ACCUMULATORS;
   for (uint o0 = 0; o0 < out_dim; o0 += bn) {
     const uint w = min(bn, out_dim - o0);
     if (FORWARD) {
@@ -114,17 +120,27 @@ inline void lora_lowrank_tile(device const T* in, ulong in_stride, uint reduce_d
       stage_block(lora_a, out_dim, lora_a, 0, false, r, o0, w, row_tile, bn, 1, tid, threads);  // A: r x in
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (uint c = tid; c < nt * w; c += threads) {
-      const uint t = c / w, o = c % w;
-      float s = 0.0f;
-      for (uint j = 0; j < r; ++j) {
-        s += rank_tile[t * r + j] * row_tile[j * bn + o];
+    for (uint c = tid; c < blocks * w; c += threads) {
+      const uint o = c % w, ta = c / w * ACCUMULATORS, n = min(ACCUMULATORS, nt - ta);
+      float s[ACCUMULATORS];
+      for (uint i = 0; i < ACCUMULATORS; ++i) {
+        s[i] = 0.0f;
       }
-      const ulong at = ulong(t0 + t) * out_dim + o0 + o;
-      if (!FORWARD && has_mask) {
-        s *= float(mask[at]);
+      for (uint jj = 0; jj < r; ++jj) {
+        const float sv = row_tile[jj * bn + o];
+        for (uint i = 0; i < ACCUMULATORS; ++i) {
+          if (i < n) {
+            s[i] += rank_tile[(ta + i) * r + jj] * sv;
+          }
+        }
       }
-      out[at] = static_cast<T>(float(out[at]) + out_scale * s);
+      for (uint i = 0; i < ACCUMULATORS; ++i) {
+        if (i < n) {
+          const ulong at = ulong(t0 + ta + i) * out_dim + o0 + o;
+          const float m = !FORWARD && has_mask ? float(mask[at]) : 1.0f;
+          out[at] = static_cast<T>(float(out[at]) + out_scale * s[i] * m);
+        }
+      }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // row_tile is restaged by the next chunk
   }

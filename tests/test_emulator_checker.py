@@ -111,9 +111,11 @@ def test_missing_restaging_barrier_in_the_lora_kernel_is_a_race(tmp_path):
         harness.launch("lora_forward_lowrank", torch.float32, x, fin, a, b, None, y, h, tokens, fin, fout, r, 1.0)
     text = (tmp_path / "shaders" / "lora_linear.metal").read_text().splitlines()
     # Reported where a thread reads a tile element that another thread has already restaged.
-    use_line = next(i + 1 for i, ln in enumerate(text) if "s += row_tile[t * bk + k] * rank_tile[k * r + j];" in ln)
-    assert any(f"lora_linear.metal:{use_line}: threadgroup-race" in f for f in _findings(exc)), _findings(exc)
-    assert use_line < line
+    use_lines = [i + 1 for i, ln in enumerate(text) if "rank_tile[k * r + j];" in ln or "row_tile[(slot + i" in ln]
+    assert len(use_lines) == 2 and all(u < line for u in use_lines)
+    assert any(f"lora_linear.metal:{u}: threadgroup-race" in f for u in use_lines for f in _findings(exc)), _findings(
+        exc
+    )
 
 
 def test_barrier_in_divergent_code(tmp_path):

@@ -75,8 +75,9 @@ def test_dispatches_per_op_call():
 
 
 def _lora_tokens_per_group(rank, max_threads=256):
-    """The host's tiling rule (tmf::launch::lora_tiling): 128 rows up to rank 32, then 4096 / rank."""
-    return min(128, max_threads * 16 // rank, 4096 // rank)
+    """The host's tiling rule (tmf::launch::lora_tiling): 16 tokens per thread for each of threads / rank
+    threads per rank entry, at most 128, and an h tile of at most 4096 floats."""
+    return min(128, max_threads // rank * 16, 4096 // rank)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -116,6 +117,15 @@ def test_lora_traffic_beyond_the_10_percent_range_is_as_documented(tokens, r, ma
     assert d.traffic[1] == (groups * r * fin * es, 0) and d.traffic[2] == (groups * fout * r * es, 0)
     minimum = (tokens * fin + r * fin + fout * r + 2 * tokens * fout + tokens * r) * es
     assert d.bytes_read + d.bytes_written == minimum + (groups - 1) * r * (fin + fout) * es
+
+
+def test_lora_rank_above_the_pipelines_thread_limit_is_a_clear_error():
+    """Each rank entry needs a thread; a pipeline capped below the rank (never seen for these kernels: Apple
+    GPUs allow 1024 threads) is reported, not computed wrongly."""
+    x, w = randn((10, 20), torch.float32, "cpu"), randn((30, 20), torch.float32, "cpu")
+    a, b = randn((100, 20), torch.float32, "cpu"), randn((30, 100), torch.float32, "cpu")
+    with runner.pipeline_max_threads(64), pytest.raises(RuntimeError, match="rank 100 exceeds the 64 threads"):
+        tmf.lora_linear(x, w, a, b)
 
 
 @pytest.mark.parametrize("frozen_input", [False, True])

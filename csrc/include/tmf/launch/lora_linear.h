@@ -28,16 +28,21 @@ uint32_t lora_threadgroup_size(Encoder& enc) {
 }
 
 // Token rows per threadgroup and the staging widths. A and B are read once per group, so the group is made as
-// tall as the register accumulators (kLoraAccumulatorsPerThread per thread) and the h tile allow: 128 rows up
-// to rank 32, 4096 / rank beyond (fewer when the pipeline caps the threads). The staging widths then fill the
-// two threadgroup tiles (see LoraParams).
+// tall as the register accumulators and the h tile allow: each thread accumulates one rank entry for up to
+// kLoraAccumulatorsPerThread tokens, threads / rank threads per rank entry, so 128 rows up to rank 32 and
+// about 4096 / rank beyond with 256 threads. The staging widths then fill the two threadgroup tiles (see
+// LoraParams). Needs threads >= rank (256 >= kLoraMaxRank unless a pipeline caps the threads lower).
 struct LoraTiling {
   uint32_t tokens_per_group, reduce_tile, out_tile;
 };
 
 inline LoraTiling lora_tiling(uint32_t threads, uint64_t tokens, uint64_t rank) {
+  if (rank > threads) {
+    throw std::invalid_argument("LoRA rank " + std::to_string(rank) + " exceeds the " + std::to_string(threads) +
+                                " threads per threadgroup this device allows for the LoRA kernels");
+  }
   const uint64_t bm = std::max<uint64_t>(
-      1, std::min<uint64_t>({kLoraMaxTokensPerGroup, uint64_t(threads) * kLoraAccumulatorsPerThread / rank,
+      1, std::min<uint64_t>({kLoraMaxTokensPerGroup, threads / rank * kLoraAccumulatorsPerThread,
                              kLoraRankTileFloats / rank, tokens}));
   const uint64_t bk = std::min<uint64_t>(kLoraRankTileFloats / rank, kLoraRowTileFloats / bm);
   return LoraTiling{uint32_t(bm), uint32_t(bk), uint32_t(kLoraRowTileFloats / rank)};
