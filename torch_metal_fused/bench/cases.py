@@ -211,6 +211,18 @@ def _prepare_lora(case: Case, provider: str, device: torch.device) -> Prepared:
     return Prepared(run, fwd_bytes + bwd_bytes, fwd_flops + bwd_flops, n)
 
 
+def lora_lowrank_min_bytes(case: Case) -> int:
+    """The minimum of the Metal low-rank kernels alone (the native GEMMs apart), as the harness counts them:
+    forward reads x, A, B and y (the base output) and writes y and h; backward (trainable x) reads dy, A, B and
+    dx (holding dy·W) and writes dx and dh."""
+    tokens, fin, fout, r = case.shape
+    es = torch.finfo(case.dtype).bits // 8
+    forward = tokens * fin + r * (fin + fout) + 2 * tokens * fout + tokens * r
+    backward = tokens * fout + r * (fin + fout) + 2 * tokens * fin + tokens * r
+    per_mode = {"forward": forward, "backward": backward, "forward_backward": forward + backward}
+    return per_mode[case.mode] * es
+
+
 def prepare(case: Case, provider: str, device: torch.device) -> Prepared:
     if case.op == "lora":
         if case.mode != "forward" and provider == "matmul":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import torch_metal_fused as tmf
-from torch_metal_fused.bench.cases import Case, prepare, providers, shapes
+from torch_metal_fused.bench.cases import Case, lora_lowrank_min_bytes, prepare, providers, shapes
 
 _KEY_COLUMNS = ["op", "provider", "backend", "mode", "dtype", "shape"]
 _META_COLUMNS = ["device", "device_name", "torch_version", "project_version", "timestamp"]
@@ -277,16 +277,17 @@ def _emulated_rows(cfg: BenchConfig, env: Environment) -> list[dict]:
                 prep.run()
             read = sum(d.bytes_read for d in rec)
             written = sum(d.bytes_written for d in rec)
+            minimum = lora_lowrank_min_bytes(case) if case.op == "lora" else prep.min_bytes
             row.update(
                 kernels=" + ".join(d.kernel for d in rec),
                 dispatches=len(rec),
                 device_bytes_read=read,
                 device_bytes_written=written,
-                min_bytes=prep.min_bytes,
-                traffic_over_min=(read + written) / prep.min_bytes if prep.min_bytes else None,
+                min_bytes=minimum,
+                traffic_over_min=(read + written) / minimum if minimum else None,
             )
             if case.op == "lora":
-                row["note"] = "LoRA: kernel traffic only; the native GEMMs' traffic is not counted"
+                row["note"] = "LoRA: the low-rank kernels against their own minimum; the native GEMMs are not counted"
             rows.append(row)
             progress.step(f"{case.op} {case.shape_str} {str(case.dtype)[6:]} {case.mode}")
     finally:
