@@ -50,7 +50,7 @@ def test_emulated_run_reports_traffic_not_timings(tmp_path):
                 "--dtypes",
                 "bfloat16",
                 "--ops",
-                "softmax,rms_norm",
+                "softmax,rms_norm,lora",
                 "--out",
                 str(out),
             ]
