@@ -24,7 +24,8 @@ struct Libraries {
 id<MTLDevice> device() { return at::mps::MPSDevice::getInstance()->device(); }
 
 Libraries* load() {
-  static Libraries* libs = [] {
+  // Callers may be outside any autorelease pool (a Python thread calling supports_bfloat16): drain our own.
+  static Libraries* libs = [] { @autoreleasepool {
     auto* l = new Libraries();  // leaked on purpose (see above)
     NSError* error = nil;
     if (kEmbeddedMetallibSize > 0) {
@@ -50,7 +51,7 @@ Libraries* load() {
     }
     [options release];
     return l;
-  }();
+  } }();
   return libs;
 }
 
