@@ -63,6 +63,17 @@ def write_embedded_header(shaders: Path, include_dir: Path, out: Path, metallib:
     out.write_text("\n".join(lines) + "\n")
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Embed shaders/*.metal into a C++ header (setup.py does this on macOS).")
+    p.add_argument("out", type=Path, help="the header to write, e.g. build/generated/tmf_embedded_shaders.h")
+    p.add_argument("--metallib", type=Path, help="a prebuilt metallib to embed as well")
+    a = p.parse_args(argv)
     root = Path(__file__).resolve().parents[1]
-    write_embedded_header(root / "shaders", root / "csrc" / "include", Path(sys.argv[1]))
+    write_embedded_header(root / "shaders", root / "csrc" / "include", a.out, a.metallib)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
