@@ -23,14 +23,26 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent.resolve()
 
 
+REQUIRE_METALLIB = "TORCH_METAL_FUSED_REQUIRE_METALLIB"
+
+
+def _no_metallib(why: str) -> None:
+    """Without a metallib the sources are compiled at first use; CI on macOS sets TORCH_METAL_FUSED_REQUIRE_METALLIB=1
+    so that Apple's compiler rejecting a shader fails the build instead."""
+    if os.environ.get(REQUIRE_METALLIB, "") not in ("", "0"):
+        raise SystemExit(f"{REQUIRE_METALLIB} is set and {why}")
+    print(f"warning: {why}; the shader sources will be compiled at first use", file=sys.stderr)
+
+
 def _build_metallib(out_dir: Path) -> Path | None:
     """A prebuilt metallib where full Xcode's `metal` tool exists (the command-line tools lack it); the
     extension then skips compiling the sources at first use."""
     try:
         ok = subprocess.run(["xcrun", "-sdk", "macosx", "-f", "metal"], capture_output=True).returncode == 0
     except OSError:
-        return None
+        ok = False
     if not ok:
+        _no_metallib("`xcrun metal` is not available (full Xcode provides it)")
         return None
     airs = []
     for src in sorted((ROOT / "shaders").glob("*.metal")):
@@ -50,11 +62,12 @@ def _build_metallib(out_dir: Path) -> Path | None:
             str(air),
         ]
         if subprocess.run(cmd).returncode != 0:
-            print(f"warning: xcrun metal failed on {src.name}; the sources will be compiled at first use")
+            _no_metallib(f"xcrun metal failed on {src.name}")
             return None
         airs.append(str(air))
     lib = out_dir / "torch_metal_fused.metallib"
     if subprocess.run(["xcrun", "-sdk", "macosx", "metallib", *airs, "-o", str(lib)]).returncode != 0:
+        _no_metallib("xcrun metallib failed")
         return None
     return lib
 

@@ -6,6 +6,7 @@ matches those declarations is only settled by a build on a Mac."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -26,9 +27,12 @@ from embed_shaders import write_embedded_header  # noqa: E402
 
 
 def _clang() -> str:
+    """clang 19, as the harness; skipped where it is missing, except in CI (.ci/run), where it must exist."""
     try:
         return find_clang()
     except RuntimeError as e:
+        if os.environ.get("CI"):
+            raise
         pytest.skip(str(e))
 
 
