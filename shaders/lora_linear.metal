@@ -1,9 +1,9 @@
 // LoRA low-rank kernels in float32, float16 and bfloat16 (accumulation in float32).
 // Launch code: csrc/include/tmf/launch/lora_linear.h. The big GEMMs are the platform's native matmul.
 //
-// Variant "tiled": one threadgroup of up to 256 threads per tile of `tokens_per_group` token rows (the host picks
-// 128 for rank <= 32, then 4096 / rank, and fewer tokens than that only when the pipeline caps the threads), one
-// dispatch per op call. Both kernels are the same two-phase body with roles swapped:
+// Variant "tiled": one threadgroup of up to 256 threads per tile of BM = `tokens_per_group` token rows, one
+// dispatch per op call. The host picks BM = min(128, 16·floor(threads / rank), 4096 / rank): 128 up to rank 32,
+// 64 at rank 64, 16 at rank 256 (fewer only when the pipeline caps the threads below 256). Both kernels are the same two-phase body with roles swapped:
 //   phase 1, h = in·Fᵀ over the group's rows: the reduced dimension is walked in chunks of `reduce_tile`; each
 //     chunk of the input rows (BM x chunk, dropout applied) and of F (chunk x r) is staged once in threadgroup
 //     memory as float; each thread accumulates one rank entry for up to kLoraAccumulatorsPerThread tokens in
