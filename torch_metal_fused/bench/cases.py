@@ -104,6 +104,13 @@ def _row_op(case: Case, provider: str) -> Callable:
     raise ValueError(f"unknown provider {provider} for {case.op}")
 
 
+def _grads(y: torch.Tensor, dy: torch.Tensor, *inputs: torch.Tensor, retain_graph: bool = False) -> None:
+    """The gradients of every input that requires one, returned, not accumulated into `.grad`: accumulating
+    would add a read-add-write of x's size to every rep (what do_bench's grad_to_none avoids in Liger's
+    benchmarks)."""
+    torch.autograd.grad(y, [t for t in inputs if t.requires_grad], dy, retain_graph=retain_graph)
+
+
 def _prepare_rows(case: Case, provider: str, device: torch.device) -> Prepared:
     rows, cols = case.shape
     es = torch.finfo(case.dtype).bits // 8
@@ -130,19 +137,19 @@ def _prepare_rows(case: Case, provider: str, device: torch.device) -> Prepared:
 
         min_bytes = 2 * io
     elif case.mode == "backward":
-        outs = [(fn(x, w), dy) for x, dy in sets]
+        outs = [(fn(x, w), dy, x) for x, dy in sets]
         nxt_out = _rotate(outs)
 
         def run():
-            y, dy = nxt_out()
-            y.backward(dy, retain_graph=True)
+            y, dy, x = nxt_out()
+            _grads(y, dy, x, w, retain_graph=True)
 
         min_bytes = 3 * io
     else:
 
         def run():
             x, dy = nxt()
-            fn(x, w).backward(dy)
+            _grads(fn(x, w), dy, x, w)
 
         min_bytes = 5 * io
     return Prepared(run, min_bytes, 0, n)
@@ -177,6 +184,7 @@ def _prepare_lora(case: Case, provider: str, device: torch.device) -> Prepared:
         model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=int(scale * r), target_modules=["proj"]))
         model.to(device=device, dtype=case.dtype)
         fn = model.base_model.model.proj
+        a, b = fn.lora_A["default"].weight, fn.lora_B["default"].weight  # the adapter weights PEFT trains
     else:
         raise ValueError(f"unknown provider {provider} for lora")
     n = _n_sets((tokens * (fin + fout)) * es)
@@ -195,18 +203,18 @@ def _prepare_lora(case: Case, provider: str, device: torch.device) -> Prepared:
 
         return Prepared(run, fwd_bytes, fwd_flops, n)
     if case.mode == "backward":
-        outs = [(fn(x), dy) for x, dy in sets]
+        outs = [(fn(x), dy, x) for x, dy in sets]
         nxt_out = _rotate(outs)
 
         def run():
-            y, dy = nxt_out()
-            y.backward(dy, retain_graph=True)
+            y, dy, x = nxt_out()
+            _grads(y, dy, x, a, b, retain_graph=True)
 
         return Prepared(run, bwd_bytes, bwd_flops, n)
 
     def run():
         x, dy = nxt()
-        fn(x).backward(dy)
+        _grads(fn(x), dy, x, a, b)
 
     return Prepared(run, fwd_bytes + bwd_bytes, fwd_flops + bwd_flops, n)
 
