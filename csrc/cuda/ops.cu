@@ -214,8 +214,9 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const a
       else launch.template operator()<false, true>();
       check_launch();
       if (needs_dw) {
-        cuda::rms_norm_dw_reduce<T><<<(cols + 255) / 256, 256, 0, stream>>>(
-            pp, reinterpret_cast<T*>(dw.data_ptr()), groups, int(cols));
+        cuda::rms_norm_dw_reduce<T>
+            <<<(cols + cuda::kDwReduceCols - 1) / cuda::kDwReduceCols, dim3(cuda::kDwReduceCols, cuda::kDwReduceSlices),
+               0, stream>>>(pp, reinterpret_cast<T*>(dw.data_ptr()), groups, int(cols));
         check_launch();
       }
     });
