@@ -248,21 +248,36 @@ template <typename T, bool DX, bool DW>
   }
 }
 
-// dw[c] = sum over groups of the float32 partial rows; one thread per column.
+// dw[c] = sum over groups of the float32 partial rows. A threadgroup takes kDwReduceColumns (32) columns; its
+// threads / 32 slices sum interleaved subsets of the partial rows side by side, then the first slice adds them up
+// (one thread per column left a GPU cols / 256 threadgroups, each thread walking every partial row in turn).
+// Reads each partial element once, writes dw once.
 template <typename T>
 [[kernel]] void rms_norm_backward_dw_reduce_columns(
     device const float* dw_partial [[buffer(0)]],
     device T* dw [[buffer(1)]],
     constant tmf::RmsNormBackwardParams& p [[buffer(2)]],
-    uint c [[thread_position_in_grid]]) {
-  if (c >= p.cols) {
-    return;
-  }
+    uint group [[threadgroup_position_in_grid]],
+    uint tid [[thread_position_in_threadgroup]],
+    uint threads [[threads_per_threadgroup]]) {
+  threadgroup float slice_sums[tmf::kDwReduceMaxSlices * tmf::kDwReduceColumns];
+  const uint slices = threads / tmf::kDwReduceColumns, slice = tid / tmf::kDwReduceColumns;
+  const uint col = tid % tmf::kDwReduceColumns, c = group * tmf::kDwReduceColumns + col;
   float s = 0.0f;
-  for (uint g = 0; g < p.groups; ++g) {
-    s += dw_partial[ulong(g) * p.cols + c];
+  if (c < p.cols) {
+    for (uint g = slice; g < p.groups; g += slices) {
+      s += dw_partial[ulong(g) * p.cols + c];
+    }
   }
-  dw[c] = static_cast<T>(s);
+  slice_sums[tid] = s;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (slice == 0 && c < p.cols) {
+    float total = 0.0f;
+    for (uint i = 0; i < slices; ++i) {
+      total += slice_sums[i * tmf::kDwReduceColumns + col];
+    }
+    dw[c] = static_cast<T>(total);
+  }
 }
 
 // ---- instantiations ----------------------------------------------------------------------------------

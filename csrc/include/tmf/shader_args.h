@@ -21,6 +21,11 @@ TMF_SHARED_CONSTANT uint kLoraMaxTokensPerGroup = 128;
 TMF_SHARED_CONSTANT uint kLoraRowTileFloats = 2048;
 TMF_SHARED_CONSTANT uint kLoraRankTileFloats = 4096;
 
+// RMSNorm dw reduce: columns per threadgroup, and the most slices of partial rows summed side by side
+// (threads / kDwReduceColumns of them).
+TMF_SHARED_CONSTANT uint kDwReduceColumns = 32;
+TMF_SHARED_CONSTANT uint kDwReduceMaxSlices = 32;
+
 // Row-wise kernels (softmax, RMSNorm): `rows` rows of `cols` elements; row i of x starts at
 // x + i * x_row_stride (elements; the last dimension is contiguous); outputs are contiguous.
 struct RowParams {

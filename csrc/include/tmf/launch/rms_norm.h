@@ -71,11 +71,12 @@ void rms_norm_backward(Encoder& enc, DType t, const DeviceBuffer& dy, uint64_t d
   enc.dispatch_threadgroups(Size3{groups, 1, 1}, Size3{threads, 1, 1});
   if (!wants_dw) return;
   enc.set_kernel(kernel_name("rms_norm_backward_dw_reduce", "columns", t));
+  // 32 columns x (threads / 32) slices of partial rows per threadgroup (see the kernel).
   const uint32_t reduce_threads = std::min<uint32_t>(256, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
   enc.set_buffer(0, dw_partial);
   enc.set_buffer(1, dw);
   enc.set_bytes(2, &p, sizeof(p));
-  enc.dispatch_threadgroups(Size3{ceil_div(cols, reduce_threads), 1, 1}, Size3{reduce_threads, 1, 1});
+  enc.dispatch_threadgroups(Size3{ceil_div(cols, kDwReduceColumns), 1, 1}, Size3{reduce_threads, 1, 1});
 }
 
 }  // namespace tmf::launch
