@@ -7,6 +7,7 @@ matches those declarations is only settled by a build on a Mac."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,13 +18,13 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
-from torch_metal_fused.emulator.build import find_clang
+from torch_metal_fused.emulator.build import SHADERS, find_clang, lint_address_spaces, shader_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 STUBS = ROOT / "tests" / "apple_api_stubs"
 sys.path.insert(0, str(ROOT / "tools"))
 from build_flags import MPS_CXX_FLAGS, MPS_DEFINES, mps_include_dirs, mps_sources  # noqa: E402
-from embed_shaders import write_embedded_header  # noqa: E402
+from embed_shaders import inline_includes, write_embedded_header  # noqa: E402
 
 
 def _clang() -> str:
@@ -95,3 +96,17 @@ def test_arc_would_reject_the_manual_release(generated):
     assert "-fno-objc-arc" in MPS_CXX_FLAGS
     result = _syntax_check(ROOT / "csrc" / "mps" / "metal_library.mm", generated, ("-fobjc-arc",))
     assert result.returncode != 0 and "release" in result.stderr, result.stderr
+
+
+def test_embedded_shader_sources_are_self_contained(tmp_path):
+    """The sources the extension compiles at first use on a Mac (tools/embed_shaders.py) have every quoted
+    include inlined, and each compiles on its own through the strict address-space pass."""
+    _clang()
+    for src in shader_paths():
+        text = inline_includes(src, [SHADERS, ROOT / "csrc" / "include"])
+        assert not re.search(r'^\s*#\s*include\s*"', text, re.M), src.name
+        assert "#include <metal_stdlib>" in text
+        standalone = tmp_path / "standalone" / src.name
+        standalone.parent.mkdir(exist_ok=True)
+        standalone.write_text(text)
+        lint_address_spaces(standalone, tmp_path / f"lint_{src.stem}")
