@@ -60,6 +60,28 @@ inline LoraParams lora_params(uint64_t tokens, uint64_t in_features, uint64_t ou
                     has_mask ? 1u : 0u, tiling.tokens_per_group, tiling.reduce_tile, tiling.out_tile};
 }
 
+// Both kernels bind (input rows, A, B, mask, slot 4, slot 5, params) and take one threadgroup per
+// tokens_per_group rows; a missing mask binds the input in its place (never read: has_mask is 0).
+template <class Encoder>
+void encode_lora_lowrank(Encoder& enc, const std::string& kernel, bool forward, const DeviceBuffer& in,
+                         uint64_t in_row_stride, const DeviceBuffer& lora_a, const DeviceBuffer& lora_b,
+                         const DeviceBuffer& mask, const DeviceBuffer& slot4, const DeviceBuffer& slot5,
+                         uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t rank, float scale) {
+  const bool has_mask = mask.handle != nullptr;
+  enc.set_kernel(kernel);
+  const uint32_t threads = lora_threadgroup_size(enc);
+  const LoraParams p =
+      lora_params(tokens, in_features, out_features, rank, in_row_stride, forward, scale, has_mask, threads);
+  enc.set_buffer(0, in);
+  enc.set_buffer(1, lora_a);
+  enc.set_buffer(2, lora_b);
+  enc.set_buffer(3, has_mask ? mask : in);
+  enc.set_buffer(4, slot4);
+  enc.set_buffer(5, slot5);
+  enc.set_bytes(6, &p, sizeof(p));
+  enc.dispatch_threadgroups(Size3{ceil_div(tokens, p.tokens_per_group), 1, 1}, Size3{threads, 1, 1});
+}
+
 // y += scale * (dropout(x)·Aᵀ)·Bᵀ in place (y holds x·Wᵀ + bias), and h = dropout(x)·Aᵀ written out.
 // One dispatch; x, y and h touched once, A and B once per group of tokens_per_group rows.
 template <class Encoder>
@@ -68,19 +90,8 @@ void lora_forward_lowrank(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t
                           const DeviceBuffer& y, const DeviceBuffer& h, uint64_t tokens, uint64_t in_features,
                           uint64_t out_features, uint64_t rank, float scale) {
   if (tokens == 0) return;
-  const bool has_mask = mask.handle != nullptr;
-  enc.set_kernel(kernel_name("lora_forward_lowrank", "tiled", t));
-  const uint32_t threads = lora_threadgroup_size(enc);
-  const LoraParams p =
-      lora_params(tokens, in_features, out_features, rank, x_row_stride, true, scale, has_mask, threads);
-  enc.set_buffer(0, x);
-  enc.set_buffer(1, lora_a);
-  enc.set_buffer(2, lora_b);
-  enc.set_buffer(3, has_mask ? mask : x);
-  enc.set_buffer(4, y);
-  enc.set_buffer(5, h);
-  enc.set_bytes(6, &p, sizeof(p));
-  enc.dispatch_threadgroups(Size3{ceil_div(tokens, p.tokens_per_group), 1, 1}, Size3{threads, 1, 1});
+  encode_lora_lowrank(enc, kernel_name("lora_forward_lowrank", "tiled", t), true, x, x_row_stride, lora_a, lora_b,
+                      mask, y, h, tokens, in_features, out_features, rank, scale);
 }
 
 // dh = scale * dy·B written out (for dA = dhᵀ·dropout(x) by the native GEMM), and, if dx is given,
@@ -91,20 +102,10 @@ void lora_backward_lowrank(Encoder& enc, DType t, const DeviceBuffer& dy, uint64
                            const DeviceBuffer& dh, const DeviceBuffer& dx, uint64_t tokens, uint64_t in_features,
                            uint64_t out_features, uint64_t rank, float scale) {
   if (tokens == 0) return;
-  const bool has_mask = mask.handle != nullptr;
   const bool wants_dx = dx.handle != nullptr;
-  enc.set_kernel(kernel_name(wants_dx ? "lora_backward_lowrank_dx" : "lora_backward_lowrank_dh", "tiled", t));
-  const uint32_t threads = lora_threadgroup_size(enc);
-  const LoraParams p =
-      lora_params(tokens, in_features, out_features, rank, dy_row_stride, false, scale, has_mask, threads);
-  enc.set_buffer(0, dy);
-  enc.set_buffer(1, lora_a);
-  enc.set_buffer(2, lora_b);
-  enc.set_buffer(3, has_mask ? mask : dy);
-  enc.set_buffer(4, dh);
-  enc.set_buffer(5, wants_dx ? dx : dh);
-  enc.set_bytes(6, &p, sizeof(p));
-  enc.dispatch_threadgroups(Size3{ceil_div(tokens, p.tokens_per_group), 1, 1}, Size3{threads, 1, 1});
+  const char* kernel = wants_dx ? "lora_backward_lowrank_dx" : "lora_backward_lowrank_dh";
+  encode_lora_lowrank(enc, kernel_name(kernel, "tiled", t), false, dy, dy_row_stride, lora_a, lora_b, mask, dh,
+                      wants_dx ? dx : dh, tokens, in_features, out_features, rank, scale);
 }
 
 }  // namespace tmf::launch
