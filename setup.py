@@ -2,7 +2,8 @@
 
 - macOS: the Objective-C++ MPS dispatch (csrc/mps/*.mm) with the Metal shader sources embedded as strings
   (compiled once per process at first use, so the Xcode command-line tools suffice); a prebuilt
-  metallib is added where `xcrun metal` exists.
+  metallib is added where `xcrun metal` compiles a probe shader (full Xcode with its Metal Toolchain component:
+  tools/metal_toolchain.py says what is missing otherwise).
 - Linux/Windows with a CUDA build of torch and nvcc: the CUDA kernels (csrc/cuda/*.cu).
 - Anything else (e.g. CPU-only Linux): no compiled extension; the package installs and imports, serving
   the plain-PyTorch reference and, on request, the Metal-on-CPU harness (built at first use).
@@ -21,7 +22,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
-
+# build_flags, embed_shaders and metal_toolchain (pure Python: importable on any platform).
+if str(ROOT / "tools") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tools"))
 
 REQUIRE_METALLIB = "TORCH_METAL_FUSED_REQUIRE_METALLIB"
 
@@ -35,49 +38,41 @@ def _no_metallib(why: str) -> None:
 
 
 def _build_metallib(out_dir: Path) -> Path | None:
-    """A prebuilt metallib where full Xcode's `metal` tool exists (the command-line tools lack it); the
+    """A prebuilt metallib where full Xcode's Metal Toolchain works (the command-line tools lack it); the
     extension then skips compiling the sources at first use."""
-    try:
-        ok = subprocess.run(["xcrun", "-sdk", "macosx", "-f", "metal"], capture_output=True).returncode == 0
-    except OSError:
-        ok = False
+    from metal_toolchain import metal_compile_command, metallib_command, probe_metal_toolchain
+
+    # A compile, not `xcrun -f metal`: Xcode 26 resolves `metal` before its Metal Toolchain is downloaded.
+    ok, why = probe_metal_toolchain(tmpdir=out_dir)
     if not ok:
-        _no_metallib("`xcrun metal` is not available (full Xcode provides it)")
+        _no_metallib(why)
         return None
     airs = []
     for src in sorted((ROOT / "shaders").glob("*.metal")):
         air = out_dir / f"{src.stem}.air"
-        cmd = [
-            "xcrun",
-            "-sdk",
-            "macosx",
-            "metal",
-            "-std=metal3.1",
-            "-fno-fast-math",
-            "-c",
-            str(src),
-            f"-I{ROOT / 'shaders'}",
-            f"-I{ROOT / 'csrc' / 'include'}",
-            "-o",
-            str(air),
-        ]
+        cmd = metal_compile_command(src, air, [ROOT / "shaders", ROOT / "csrc" / "include"])
         if subprocess.run(cmd).returncode != 0:
             _no_metallib(f"xcrun metal failed on {src.name}")
             return None
-        airs.append(str(air))
+        airs.append(air)
     lib = out_dir / "torch_metal_fused.metallib"
-    if subprocess.run(["xcrun", "-sdk", "macosx", "metallib", *airs, "-o", str(lib)]).returncode != 0:
+    if subprocess.run(metallib_command(airs, lib)).returncode != 0:
         _no_metallib("xcrun metallib failed")
         return None
     return lib
 
 
 def _macos_extension():
-    from torch.utils.cpp_extension import CppExtension
-
-    sys.path.insert(0, str(ROOT / "tools"))
-    from build_flags import MPS_CXX_FLAGS, MPS_DEFINES, MPS_LINK_FLAGS, mps_include_dirs, mps_sources
+    from build_flags import (
+        MPS_CXX_FLAGS,
+        MPS_DEFINES,
+        MPS_DEPLOYMENT_FLAGS,
+        MPS_LINK_FLAGS,
+        mps_include_dirs,
+        mps_sources,
+    )
     from embed_shaders import write_embedded_header
+    from torch.utils.cpp_extension import CppExtension
 
     generated = ROOT / "build" / "generated"
     generated.mkdir(parents=True, exist_ok=True)
@@ -88,7 +83,7 @@ def _macos_extension():
         mps_sources(),
         include_dirs=mps_include_dirs(generated),
         define_macros=MPS_DEFINES,
-        extra_compile_args={"cxx": MPS_CXX_FLAGS},
+        extra_compile_args={"cxx": [*MPS_CXX_FLAGS, *MPS_DEPLOYMENT_FLAGS]},
         extra_link_args=MPS_LINK_FLAGS,
     )
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # On a Mac with Apple Silicon: the first run of what no machine of this project could run. Builds the extension
-# (where full Xcode provides `xcrun metal`, Apple's compiler must accept every shader: the build fails otherwise),
-# runs the whole test suite (its `metal` parameter asserts our kernels, not a fallback, served the MPS tensors),
-# and the benchmark against the native MPS ops. Logs and results go to benchmarks/results/mps-<chip>-<date>/;
-# commit that folder and update the README's status table from it.
+# (where Apple's Metal toolchain works, it must accept every shader: the build fails otherwise), runs
+# `python -m torch_metal_fused.doctor` (its JSON is stored with the results), the whole test suite (its `metal`
+# parameter asserts our kernels, not a fallback, served the MPS tensors) and the benchmark against the native MPS
+# ops. TORCH_METAL_FUSED_STRICT=1: a fallback to the reference is an error, so nothing passes by falling back.
+# Logs and results go to benchmarks/results/mps-<chip>-<date>/; commit that folder and update the README's status
+# table from it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ "$(uname -s)" = Darwin ] || { echo "benchmarks/mps_run.sh runs on macOS (Apple Silicon)" >&2; exit 1; }
@@ -15,12 +17,15 @@ mkdir -p "$out"
   sysctl -n machdep.cpu.brand_string
   xcrun -sdk macosx metal --version 2>&1 || echo "no xcrun metal: shaders compiled at first use"
 } > "$out/system.txt"
-if xcrun -sdk macosx -f metal >/dev/null 2>&1; then
+export TORCH_METAL_FUSED_STRICT=1
+# A metallib is required where the Metal toolchain compiles a probe shader (tools/metal_toolchain.py says why not).
+if python3 tools/metal_toolchain.py >> "$out/system.txt" 2>&1; then
   export TORCH_METAL_FUSED_REQUIRE_METALLIB=1
 fi
 bash tools/setup.sh > "$out/setup.log" 2>&1 || { tail -40 "$out/setup.log"; echo "setup failed: $out/setup.log" >&2; exit 1; }
 python3 -c "import torch, torch_metal_fused as t; print('torch', torch.__version__, '| mps available:', \
 torch.backends.mps.is_available(), '| backend:', t.backend_for(torch.empty(1, device='mps')))" | tee -a "$out/system.txt"
+python3 -m torch_metal_fused.doctor --json "$out/doctor.json" 2>&1 | tee "$out/doctor.txt"
 python3 -m pytest -q -rs 2>&1 | tee "$out/tests.log" | tail -25
 python3 -m torch_metal_fused.bench --device mps --out "$out/bench" 2>"$out/bench.err" | tail -60
 echo "results in $out"

@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import harness_required
 
 from torch_metal_fused import _backend
+
+# A fallback from our Metal kernels to the reference fails the test instead of passing silently (tests of the
+# fallback itself turn it off).
+os.environ.setdefault(_backend.STRICT_ENV, "1")
 
 
 def _emulator_available() -> tuple[bool, str]:

@@ -119,15 +119,6 @@ def test_lora_traffic_beyond_the_10_percent_range_is_as_documented(tokens, r, ma
     assert d.bytes_read + d.bytes_written == minimum + (groups - 1) * r * (fin + fout) * es
 
 
-def test_lora_rank_above_the_pipelines_thread_limit_is_a_clear_error():
-    """Each rank entry needs a thread; a pipeline capped below the rank (never seen for these kernels: Apple
-    GPUs allow 1024 threads) is reported, not computed wrongly."""
-    x, w = randn((10, 20), torch.float32, "cpu"), randn((30, 20), torch.float32, "cpu")
-    a, b = randn((100, 20), torch.float32, "cpu"), randn((30, 100), torch.float32, "cpu")
-    with runner.pipeline_max_threads(64), pytest.raises(RuntimeError, match="rank 100 exceeds the 64 threads"):
-        tmf.lora_linear(x, w, a, b)
-
-
 @pytest.mark.parametrize("frozen_input", [False, True])
 def test_lora_backward_traffic(frozen_input):
     """dy, dh and dx (read, then written in place) and the mask move once; A and B once per group; for a

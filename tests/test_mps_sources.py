@@ -83,7 +83,7 @@ def test_a_misspelled_selector_fails_the_check(generated, tmp_path):
     shutil.copytree(ROOT / "csrc" / "mps", tmp_path / "mps")
     encoder = tmp_path / "mps" / "mps_encoder.h"
     text = encoder.read_text()
-    assert "[encoder_ setComputePipelineState:pipeline_];" in text
+    assert "setComputePipelineState:(id<MTLComputePipelineState>)p.handle];" in text
     encoder.write_text(text.replace("setComputePipelineState:", "setComputePipeline:"))
     result = _syntax_check(tmp_path / "mps" / "softmax.mm", generated)
     assert result.returncode != 0 and "setComputePipeline:" in result.stderr, result.stderr

@@ -11,7 +11,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # retain/release, not ARC: csrc/mps/metal_library.mm releases what it creates and leaks the cache on purpose.
 MPS_CXX_FLAGS = ["-std=c++20", "-O2", "-fno-objc-arc"]
 MPS_DEFINES = [("TMF_WITH_METAL", "1")]
-MPS_LINK_FLAGS = ["-framework", "Metal", "-framework", "Foundation"]
+
+# The oldest macOS the extension and the metallib load on: torch 2.13's macOS wheels need 14, and so does Metal 3.1
+# (bfloat). Without it Apple's tools stamp the build machine's SDK version, and an older macOS refuses to load it.
+MACOS_DEPLOYMENT_TARGET = "14.0"
+MACOS_VERSION_MIN_FLAG = f"-mmacosx-version-min={MACOS_DEPLOYMENT_TARGET}"
+# Added to the compile flags by setup.py, not kept in MPS_CXX_FLAGS: clang warns that it is unused when the Linux
+# syntax check (tests/test_mps_sources.py) compiles with MPS_CXX_FLAGS for a Linux target.
+MPS_DEPLOYMENT_FLAGS = [MACOS_VERSION_MIN_FLAG]
+MPS_LINK_FLAGS = ["-framework", "Metal", "-framework", "Foundation", *MPS_DEPLOYMENT_FLAGS]
 
 
 def mps_sources() -> list[str]:

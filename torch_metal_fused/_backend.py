@@ -5,14 +5,50 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
+import threading
 import warnings
 
 import torch
 
 BACKENDS = ("metal", "cuda", "reference", "metal-emulated")
 ENV_VAR = "TORCH_METAL_FUSED_BACKEND"
+STRICT_ENV = "TORCH_METAL_FUSED_STRICT"
 # dtypes our kernels implement; anything else (float64) is served by the reference.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Kernel families: one per shader file (shaders/<family>.metal) and the prefix of their kernel entry points
+# (as tmf::launch::kKernelFamilies in csrc/include/tmf/launch/common.h).
+FAMILIES = {"softmax": "softmax_", "rms_norm": "rms_norm_", "lora_linear": "lora_"}
+METAL_BACKENDS = ("metal", "metal-emulated")
+REPORT_HINT = (
+    "Please report it with the output of `python -m torch_metal_fused.doctor` "
+    "(an issue on the torch-metal-fused tracker)"
+)
+
+
+class FallbackError(RuntimeError):
+    """Under TORCH_METAL_FUSED_STRICT=1: our kernels could not serve a call (`reason` says why)."""
+
+    def __init__(self, message: str, family: str, reason: str) -> None:
+        super().__init__(message)
+        self.family, self.reason = family, reason
+
+    def __reduce__(self):
+        return type(self), (str(self), self.family, self.reason)
+
+
+class KernelUnavailable(RuntimeError):
+    """Our kernels cannot serve a call; raised before anything was encoded (by the compiled extension, translated
+    from tmf::launch::KernelUnavailable, and by the harness runner). scope "family": the family's library or a
+    pipeline cannot be built, or it does not run 32-wide SIMD-groups; scope "call": no launch plan fits this
+    call on this device's pipelines."""
+
+    def __init__(self, family: str, scope: str, reason: str) -> None:
+        super().__init__(f"the {family} kernels are unavailable: {reason}")
+        self.family, self.scope, self.reason = family, scope, reason
+
+    def __reduce__(self):
+        return type(self), (self.family, self.scope, self.reason)
 
 
 @functools.cache
@@ -35,18 +71,117 @@ def has_cuda_kernels() -> bool:
     return ext is not None and getattr(ext, "HAS_CUDA", False)
 
 
+def family_of_entry(entry_point: str) -> str:
+    """The kernel family of a kernel entry point (e.g. "rms_norm_backward" -> "rms_norm")."""
+    for family, prefix in FAMILIES.items():
+        if entry_point.startswith(prefix):
+            return family
+    raise ValueError(f"{entry_point!r} belongs to no kernel family")
+
+
+def strict() -> bool:
+    """TORCH_METAL_FUSED_STRICT=1: a fallback from our Metal kernels to the reference is an error, not a warning
+    (the test suite and benchmarks/mps_run.sh set it, so a Mac run cannot pass by silently falling back)."""
+    return os.environ.get(STRICT_ENV, "").strip() not in ("", "0")
+
+
+class _Fallbacks:
+    """What this process has learnt about our Metal kernels: families that cannot be used (never retried) and
+    which fallbacks were already announced."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.unavailable: dict[tuple[str, str], str] = {}  # (backend, family) -> reason
+        self.warned: set[tuple[str, str, str]] = set()
+
+
+_fallbacks = _Fallbacks()
+
+
+def reset_fallbacks() -> None:
+    """Forget unusable families and announced fallbacks (for tests; a real process never retries)."""
+    global _fallbacks
+    _fallbacks = _Fallbacks()
+
+
+def unavailable_families(backend: str = "metal") -> dict[str, str]:
+    """Families of `backend` this process serves by the reference, with the reason."""
+    return {f: r for (b, f), r in _fallbacks.unavailable.items() if b == backend}
+
+
+def system_description(backend: str) -> str:
+    """The system in a warning: macOS and Metal versions on a Mac, the harness elsewhere."""
+    if backend == "metal":
+        ext = _compiled_extension()
+        metal = getattr(ext, "metal_language_version", lambda: "?")()
+        return f"macOS {platform.mac_ver()[0] or '?'} on {platform.machine()}, Metal language {metal}"
+    if backend == "metal-emulated":
+        return f"Metal-on-CPU harness on {platform.system()} {platform.machine()}"
+    return f"{backend} on {platform.platform()}"
+
+
+def fall_back(backend: str, family: str, scope: str, reason: str) -> None:
+    """Record that a call of `family` is served by the reference instead of `backend`, and say so once.
+
+    scope "family" makes the family unusable for the rest of the process; other scopes ("call", "dtype") affect
+    this call only. With TORCH_METAL_FUSED_STRICT=1 this raises instead."""
+    where = system_description(backend)
+    if scope == "family":
+        head = f"the {family} kernels ({backend}) are unusable on this system ({where}): {reason}."
+        what = f"For the rest of this process the {family} ops are served by the plain-PyTorch reference"
+    else:
+        head = f"the {family} kernels ({backend}) cannot serve a call on this system ({where}): {reason}."
+        what = "Such calls are served by the plain-PyTorch reference (this warning is shown once)"
+    message = f"torch_metal_fused: {head} {what}: correct, not fused. {REPORT_HINT}."
+    if strict():
+        raise FallbackError(f"{message} {STRICT_ENV}=1 makes this an error.", family, reason)
+    key = (backend, family, scope)
+    with _fallbacks.lock:
+        if scope == "family":
+            _fallbacks.unavailable[(backend, family)] = reason
+        first = key not in _fallbacks.warned
+        _fallbacks.warned.add(key)
+    if first:
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
 @functools.cache
-def metal_supports_bfloat16() -> bool:
-    """bfloat kernels exist only where the Metal compiler supports Metal 3.1 (macOS 14+)."""
+def _metal_supports_bfloat16() -> bool:
     ext = _compiled_extension()
-    supported = bool(ext is not None and ext.metal_supports_bfloat16())
-    if not supported:
-        warnings.warn(
-            "torch_metal_fused: this system's Metal lacks bfloat (Metal 3.1, macOS 14+); "
-            "bfloat16 tensors use the reference implementation",
-            stacklevel=3,
-        )
-    return supported
+    return bool(ext is not None and ext.metal_supports_bfloat16())
+
+
+def bfloat16_supported(backend: str) -> bool:
+    """bfloat kernels need Metal 3.1 (macOS 14+); the harness emulates their absence with the no_bfloat fault."""
+    if backend == "metal":
+        return _metal_supports_bfloat16()
+    if backend == "metal-emulated":
+        from torch_metal_fused.emulator import runner
+
+        return not runner.fault_active("no_bfloat")
+    return True
+
+
+def _metal_unavailable_reason(backend: str, family: str, dtype: torch.dtype) -> tuple[str, str] | None:
+    """(scope, reason) when our Metal kernels cannot serve `family` in `dtype` here, else None."""
+    reason = _fallbacks.unavailable.get((backend, family))
+    if reason is not None:
+        return "family", reason
+    if dtype == torch.bfloat16 and not bfloat16_supported(backend):
+        return "dtype", "this system's Metal lacks bfloat (Metal 3.1, macOS 14+), so bfloat16 tensors cannot be served"
+    return None
+
+
+def select_backend(x: torch.Tensor, family: str) -> str:
+    """backend_for(x, family), announcing (once) or, when strict, raising for a fallback to the reference."""
+    backend = backend_for(x)
+    if backend in METAL_BACKENDS:
+        why = _metal_unavailable_reason(backend, family, x.dtype)
+        if why is not None:
+            if why[0] != "family":  # a family already found unusable was announced when it was found
+                fall_back(backend, family, *why)
+            return "reference"
+    return backend
 
 
 def forced_backend() -> str | None:
@@ -58,28 +193,33 @@ def forced_backend() -> str | None:
     return value
 
 
-def backend_for(x: torch.Tensor) -> str:
+def backend_for(x: torch.Tensor, family: str | None = None) -> str:
     """The implementation that serves tensor `x`: "metal", "cuda", "metal-emulated" or "reference".
 
     `TORCH_METAL_FUSED_BACKEND=reference` forces the reference everywhere;
     `TORCH_METAL_FUSED_BACKEND=metal-emulated` runs CPU tensors through the Metal-on-CPU harness.
-    float64 tensors are always served by the reference (no Apple GPU has float64).
+    float64 tensors are always served by the reference (no Apple GPU has float64). With `family` ("softmax",
+    "rms_norm", "lora_linear"), also says "reference" where that family's Metal kernels turned out unusable in
+    this process, or cannot take x's dtype here.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"backend_for expects a torch.Tensor, got {type(x).__name__}")
     forced = forced_backend()
     if forced == "reference" or x.dtype not in KERNEL_DTYPES:
         return "reference"
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     device = x.device.type
+    backend = "reference"
     if device == "mps" and has_metal_kernels():
-        if x.dtype == torch.bfloat16 and not metal_supports_bfloat16():
-            return "reference"
-        return "metal"
-    if device == "cuda" and has_cuda_kernels():
-        return "cuda"
-    if device == "cpu" and forced == "metal-emulated":
-        return "metal-emulated"
-    return "reference"
+        backend = "metal"
+    elif device == "cuda" and has_cuda_kernels():
+        backend = "cuda"
+    elif device == "cpu" and forced == "metal-emulated":
+        backend = "metal-emulated"
+    if family is not None and backend in METAL_BACKENDS and _metal_unavailable_reason(backend, family, x.dtype):
+        return "reference"
+    return backend
 
 
 def kernels_for(backend: str):

@@ -24,6 +24,7 @@ struct TensorArg {  // mirrors TensorArg in emulated.py
 DeviceBuffer buf(const TensorArg& t) { return DeviceBuffer{t.base, size_t(t.offset), size_t(t.nbytes)}; }
 
 thread_local std::string g_report;
+thread_local std::string g_faults;  // tmf_emu_set_faults
 
 const char* write_report(const tmf_emu::EmuEncoder& enc) {
   std::ostringstream out;
@@ -45,8 +46,15 @@ const char* run(int checking, uint32_t max_threads, F&& launch) {
   tmf_emu::EmuEncoder enc;
   enc.checking = checking != 0;
   enc.max_threads = max_threads;
+  enc.faults.spec = g_faults;
   try {
     launch(enc);
+  } catch (const tmf::launch::KernelUnavailable& e) {
+    // The dispatches made before it stay in the report: launch code must select every pipeline before encoding
+    // anything, and the tests check that none were made.
+    write_report(enc);
+    g_report += std::string("unavailable\t") + e.family() + '\t' + e.scope_name() + '\t' + e.what() + "\n";
+    return g_report.c_str();
   } catch (const std::exception& e) {
     g_report = std::string("exception\t") + e.what() + "\n";
     return g_report.c_str();
@@ -57,6 +65,24 @@ const char* run(int checking, uint32_t max_threads, F&& launch) {
 }  // namespace
 
 extern "C" {
+
+// The faults the next launches on this thread emulate (see tmf_emu::Faults).
+void tmf_emu_set_faults(const char* spec) { g_faults = spec ? spec : ""; }
+
+// A kernel's pipeline as the launch code would get it (faults applied): "pipeline\t<max threads>\t<execution
+// width>", or an "unavailable" line. For `python -m torch_metal_fused.doctor`.
+const char* tmf_emu_pipeline_info(uint32_t max_threads, const char* kernel) {
+  tmf_emu::EmuEncoder enc;
+  enc.max_threads = max_threads;
+  enc.faults.spec = g_faults;
+  try {
+    const tmf::launch::Pipeline p = enc.pipeline(kernel);
+    g_report = "pipeline\t" + std::to_string(p.max_threads) + '\t' + std::to_string(p.execution_width) + "\n";
+  } catch (const tmf::launch::KernelUnavailable& e) {
+    g_report = std::string("unavailable\t") + e.family() + '\t' + e.scope_name() + '\t' + e.what() + "\n";
+  }
+  return g_report.c_str();
+}
 
 const char* tmf_emu_kernel_names() {
   static std::string names;
@@ -135,7 +161,7 @@ const char* tmf_emu_dispatch(int checking, uint32_t max_threads, const char* ker
                              const int* tg_indices, const uint64_t* tg_bytes, const uint32_t* groups,
                              const uint32_t* threads) {
   return run(checking, max_threads, [&](auto& enc) {
-    enc.set_kernel(kernel);
+    enc.set_kernel_unchecked(kernel);
     for (int i = 0; i < n_buffers; ++i) enc.set_buffer(buffer_indices[i], buf(buffers[i]));
     for (int i = 0; i < n_tg; ++i) enc.set_threadgroup_memory(tg_indices[i], size_t(tg_bytes[i]));
     enc.dispatch_threadgroups(tmf::launch::Size3{groups[0], groups[1], groups[2]},

@@ -7,39 +7,45 @@
 #include <ATen/mps/MPSStream.h>
 #include <torch/extension.h>
 
-#include "metal_library.h"
+#include "metal_status.h"
 #include "tmf/launch/common.h"
 
 namespace tmf::mps {
 
 using launch::DeviceBuffer;
 using launch::DType;
+using launch::Pipeline;
 using launch::Size3;
 
+// The stream's compute encoder is fetched on the first encoding call, after the launch code has selected its
+// pipelines: a launch that throws KernelUnavailable (the reference then serves the call) touches nothing.
 class MPSEncoder {
  public:
-  explicit MPSEncoder(id<MTLComputeCommandEncoder> encoder) : encoder_(encoder) {}
+  explicit MPSEncoder(at::mps::MPSStream* stream) : stream_(stream) {}
 
-  void set_kernel(const std::string& name) {
-    pipeline_ = pipeline(name);
-    [encoder_ setComputePipelineState:pipeline_];
+  Pipeline pipeline(const std::string& kernel) { return mps::pipeline(kernel); }
+  void set_pipeline(const Pipeline& p) {
+    [encoder() setComputePipelineState:(id<MTLComputePipelineState>)p.handle];
   }
-  uint32_t max_threads_per_threadgroup() const { return uint32_t(pipeline_.maxTotalThreadsPerThreadgroup); }
   void set_buffer(int index, const DeviceBuffer& b) {
-    [encoder_ setBuffer:(id<MTLBuffer>)b.handle offset:b.offset atIndex:index];
+    [encoder() setBuffer:(id<MTLBuffer>)b.handle offset:b.offset atIndex:index];
   }
-  void set_bytes(int index, const void* data, size_t size) { [encoder_ setBytes:data length:size atIndex:index]; }
+  void set_bytes(int index, const void* data, size_t size) { [encoder() setBytes:data length:size atIndex:index]; }
   void set_threadgroup_memory(int index, size_t bytes) {
-    [encoder_ setThreadgroupMemoryLength:(bytes + 15) & ~size_t(15) atIndex:index];
+    [encoder() setThreadgroupMemoryLength:(bytes + 15) & ~size_t(15) atIndex:index];
   }
   void dispatch_threadgroups(Size3 groups, Size3 threads) {
-    [encoder_ dispatchThreadgroups:MTLSizeMake(groups.x, groups.y, groups.z)
-             threadsPerThreadgroup:MTLSizeMake(threads.x, threads.y, threads.z)];
+    [encoder() dispatchThreadgroups:MTLSizeMake(groups.x, groups.y, groups.z)
+              threadsPerThreadgroup:MTLSizeMake(threads.x, threads.y, threads.z)];
   }
 
  private:
-  id<MTLComputeCommandEncoder> encoder_;
-  id<MTLComputePipelineState> pipeline_ = nil;
+  id<MTLComputeCommandEncoder> encoder() {
+    if (!encoder_) encoder_ = stream_->commandEncoder();
+    return encoder_;
+  }
+  at::mps::MPSStream* stream_;
+  id<MTLComputeCommandEncoder> encoder_ = nil;
 };
 
 // A tensor's storage as a Metal buffer, bound at the tensor's storage offset (a view's first element).
@@ -66,7 +72,7 @@ void run_on_mps_stream(const F& encode) {
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
   at::mps::dispatch_sync_with_rethrow(stream->queue(), ^() {
     @autoreleasepool {
-      MPSEncoder enc(stream->commandEncoder());
+      MPSEncoder enc(stream);
       encode(enc);
     }
   });

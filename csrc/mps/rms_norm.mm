@@ -29,7 +29,10 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const a
   const int64_t cols = x.size(-1);
   needs_dw = needs_dw && weight.has_value();
   at::Tensor dx = needs_dx ? at::empty(x.sizes(), x.options()) : at::Tensor();
-  at::Tensor dw = needs_dw ? at::zeros({cols}, x.options()) : at::Tensor();
+  // at::empty: the reduce kernel writes every column (a zero fill would run on a blit encoder and end PyTorch's
+  // kernel coalescing); an empty x is the one case without a kernel, and its dw is zero.
+  at::Tensor dw = needs_dw ? (x.numel() > 0 ? at::empty({cols}, x.options()) : at::zeros({cols}, x.options()))
+                           : at::Tensor();
   if (x.numel() > 0 && (needs_dx || needs_dw)) {
     at::Tensor x2 = as_rows(x), dy2 = as_rows(dy);
     const int64_t rows = x2.size(0);

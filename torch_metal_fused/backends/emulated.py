@@ -87,9 +87,10 @@ def rms_norm_backward(dy, x, weight, rstd, needs_dx: bool, needs_dw: bool, offse
     cols = x.shape[-1]
     needs_dw = needs_dw and weight is not None
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if needs_dx else None
-    dw = torch.zeros(cols, dtype=x.dtype, device=x.device) if needs_dw else None
     if x.numel() == 0 or not (needs_dx or needs_dw):
-        return dx, dw
+        return dx, (torch.zeros(cols, dtype=x.dtype, device=x.device) if needs_dw else None)
+    # As on MPS, dw is not zero-filled (the reduce kernel writes every column); NaN makes a column it missed show.
+    dw = torch.full((cols,), float("nan"), dtype=x.dtype, device=x.device) if needs_dw else None
     runner = _runner()
     x2, dy2 = _rows(x), _rows(dy)
     rows = x2.shape[0]

@@ -34,7 +34,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         action="store_true",
         help="cpu only: report the Metal kernels' device traffic and dispatches from the harness",
     )
-    p.add_argument("--reps", type=int, default=0, help="timed repetitions per row (default: by time budget)")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=0,
+        help="timed repetitions per row, on MPS spans of back-to-back calls (default: by time budget)",
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: bench_results/<stamp>-<device>)")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)

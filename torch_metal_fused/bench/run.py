@@ -11,6 +11,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _time_once_ms(fn, device: torch.device) -> float:
+def _time_once_ms(fn: Callable[[], object], device: torch.device) -> float:
     """One call from idle, synchronised: the latency a first call sees."""
     synchronize(device)
     t0 = time.perf_counter()
@@ -86,14 +87,67 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     return _FLUSH[device.type]
 
 
-def _time_calls_ms(fn, device: torch.device, reps: int) -> list[float]:
-    """Per-call times of `reps` calls. On a GPU (as triton's do_bench) each call is bracketed by device events,
-    nothing synchronises between calls, and a 1 GiB buffer is cleared before each call: the caches start cold
-    and the host queues the call while the GPU clears, so the events time the call's device work (gaps between
-    its own kernels included). On the CPU, the host clock."""
-    if device.type in ("cuda", "mps"):
-        mod = torch.cuda if device.type == "cuda" else torch.mps
-        events = [(mod.Event(enable_timing=True), mod.Event(enable_timing=True)) for _ in range(reps)]
+# MPS: a batch long enough that the two synchronize() latencies around it (tens of µs each) are noise.
+MIN_SPAN_MS = 20.0
+# MPS: batches per row when --reps is not given; each spans >= MIN_SPAN_MS, so a row takes ~0.3 s or more.
+MPS_SAMPLES = 15
+_MAX_BATCH = 1 << 16  # a bound on N, should a call take no measurable time
+
+
+def _time_back_to_back_ms(
+    fn: Callable[[], object],
+    sync: Callable[[], None],
+    min_span_ms: float = MIN_SPAN_MS,
+    samples: int = MPS_SAMPLES,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Per-call ms of `samples` batches. A batch is N back-to-back calls between two `sync()` calls, timed by the
+    host clock; its sample is span / N. N comes from a probe: start at 1 and grow N by the shortfall until one
+    batch spans at least `min_span_ms`, so that the sync and commit latency at the batch's ends is a small part
+    of the span."""
+
+    def batch(n: int) -> float:
+        sync()
+        t0 = clock()
+        for _ in range(n):
+            fn()
+        sync()
+        return (clock() - t0) * 1e3
+
+    n = 1
+    span = batch(n)
+    while span < min_span_ms and n < _MAX_BATCH:
+        # 10% headroom: a probe batch's fixed costs make a call look slower than it is, so scaling by the
+        # shortfall alone may fall short again.
+        grow = min_span_ms / span * 1.1 if span > 0 else 10.0
+        n = min(_MAX_BATCH, max(n + 1, math.ceil(n * grow)))
+        span = batch(n)
+    return [batch(n) / n for _ in range(samples)]
+
+
+def _time_calls_ms(fn: Callable[[], object], device: torch.device, reps: int) -> list[float]:
+    """`reps` per-call times (ms), by the device's method (`timing_method` says it in words).
+
+    CUDA (as triton's do_bench): each call is bracketed by device events, nothing synchronises between calls,
+    and a 1 GiB buffer is cleared before each call: the caches start cold and the host queues the call while
+    the GPU clears, so the events time the call's device work (gaps between its own kernels included).
+
+    MPS: `reps` batches of back-to-back calls (`_time_back_to_back_ms`). Events don't time kernels there:
+    `torch.mps.Event.record()` ends PyTorch's kernel coalescing and commits the command buffer, and
+    `elapsed_time` is the difference of CPU-side completion-notification times, so for 5-50 µs kernels it
+    mostly measures commit and notification latency. No cache flush on MPS: a flush inside a batch would be
+    timed with the calls (span / N would include it), and a flush per call needs a sync per call, which is
+    what back-to-back timing avoids. The cases already rotate over up to 8 input sets (cases._n_sets, up to
+    256 MB in all), which keeps large shapes out of the caches; small shapes, whose sets together fit in the
+    system-level cache, are timed warm. If the host issues a call slower than the GPU runs it (Python and
+    autograd overhead on tiny shapes), span / N is the host's issue rate: an upper bound on the device time.
+    Nothing here allocates on the MPS device.
+
+    CPU: the host clock around each call."""
+    if device.type == "mps":
+        return _time_back_to_back_ms(fn, torch.mps.synchronize, MIN_SPAN_MS, reps)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         flush = _flush_buffer(device)
         synchronize(device)
         for start, end in events:
@@ -111,15 +165,38 @@ def _time_calls_ms(fn, device: torch.device, reps: int) -> list[float]:
     return times
 
 
-def time_fn(fn, device: torch.device, reps: int = 0, budget_s: float = 0.5) -> tuple[float, list[float]]:
+def timing_method(device: torch.device, reps: int = 0) -> str:
+    """How `time_fn` times on `device`, in words, for the report header."""
+    if device.type == "mps":
+        samples = reps if reps > 0 else MPS_SAMPLES
+        return (
+            "N back-to-back calls between two torch.mps.synchronize(), per-call = span/N; first call separate "
+            f"(host clock; N from a probe so that a span is >= {MIN_SPAN_MS:g} ms; median and p20/p80 over "
+            f"{samples} spans; no cache flush, inputs rotate over up to 8 sets)"
+        )
+    if device.type == "cuda":
+        return (
+            "CUDA events around each call, a 1 GiB buffer cleared before each call (cold caches), no sync between "
+            "calls; median and p20/p80 over the calls; first call separate"
+        )
+    return "host clock around each call; median and p20/p80 over the calls; first call separate"
+
+
+def time_fn(
+    fn: Callable[[], object], device: torch.device, reps: int = 0, budget_s: float = 0.5
+) -> tuple[float, list[float]]:
     """(first-call ms, per-repetition ms). The first call (shader/pipeline compilation, allocator warm-up)
-    is reported on its own and excluded; then a warm-up, then timed repetitions."""
+    is reported on its own and excluded; then a warm-up, then timed repetitions (on MPS: batches, each
+    giving one per-call time)."""
     first = _time_once_ms(fn, device)
     for _ in range(3):
         fn()
     if reps <= 0:
-        probe = max(statistics.median(_time_calls_ms(fn, device, 5)), 1e-3)
-        reps = int(min(500, max(10, budget_s * 1e3 / probe)))
+        if device.type == "mps":
+            reps = MPS_SAMPLES  # each sample already spans >= MIN_SPAN_MS: no per-call probe needed
+        else:
+            probe = max(statistics.median(_time_calls_ms(fn, device, 5)), 1e-3)
+            reps = int(min(500, max(10, budget_s * 1e3 / probe)))
     return first, _time_calls_ms(fn, device, reps)
 
 
@@ -373,14 +450,16 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in [*columns, "error", "note"]})
 
 
-def _summary(cfg: BenchConfig, env: Environment, rows: list[dict]) -> str:
+def _summary(cfg: BenchConfig, env: Environment, rows: list[dict], fused_backend: str) -> str:
     lines = [
         "# torch_metal_fused benchmark",
         "",
         f"- device: {env.device} — {env.device_name}",
         f"- torch {env.torch_version}, torch_metal_fused {env.project_version}, {env.timestamp}",
-        f"- fused backend on this device: {tmf.backend_for(torch.empty(0, device=cfg.device))}",
+        f"- fused backend on this device: {fused_backend}",
     ]
+    if not cfg.emulated:
+        lines.append(f"- timing: {timing_method(cfg.device, cfg.reps)}")
     if env.copy_gbps:
         lines.append(f"- measured device copy bandwidth: {env.copy_gbps:.1f} GB/s (bytes read + written)")
     lines += [f"- {n}" for n in env.notes]
@@ -448,8 +527,10 @@ def run_benchmarks(cfg: BenchConfig) -> Path:
         columns = CSV_COLUMNS
     _write_csv(out / "results.csv", rows, columns)
     meta = {"environment": env.__dict__, "suite": cfg.suite, "emulated": cfg.emulated, "fused_backend": fused_backend}
+    if not cfg.emulated:
+        meta["timing"] = timing_method(cfg.device, cfg.reps)
     (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
-    summary = _summary(cfg, env, rows)
+    summary = _summary(cfg, env, rows, fused_backend)
     (out / "summary.md").write_text(summary)
     plots = _plots(out, rows) if cfg.plots and not cfg.emulated else []
     print(summary)

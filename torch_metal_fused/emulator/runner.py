@@ -17,10 +17,15 @@ from pathlib import Path
 
 import torch
 
+from torch_metal_fused._backend import KernelUnavailable
 from torch_metal_fused.emulator.build import Libraries, ensure_built
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CHECK_ENV = "TORCH_METAL_FUSED_EMU_CHECK"
+# Failures the harness emulates, so the fallback path runs end to end on Linux: a comma-separated list of
+# compile:<family>, pipeline:<family or kernel>, max_threads:<family or kernel>=<n>,
+# simd_width:<family or kernel>=<n>, no_bfloat (see csrc/emu/include/tmf_emu/emu_encoder.h).
+FAULTS_ENV = "TORCH_METAL_FUSED_EMU_FAULTS"
 
 
 class TensorArg(ctypes.Structure):
@@ -80,6 +85,7 @@ class _State(threading.local):
         self.checking = False
         self.recorders: list[list[Dispatch]] = []
         self.max_threads = 1024
+        self.faults: str | None = None  # None: read FAULTS_ENV
 
 
 _state = _State()
@@ -98,16 +104,30 @@ class Harness:
             lib.tmf_emu_kernel_names.restype = ctypes.c_char_p
             lib.tmf_emu_rms_norm_backward_groups.restype = ctypes.c_uint32
             lib.tmf_emu_rms_norm_backward_groups.argtypes = [ctypes.c_uint64]
+            lib.tmf_emu_set_faults.argtypes = [ctypes.c_char_p]
             self._loaded[checked] = lib
         return self._loaded[checked]
 
     def kernel_names(self) -> list[str]:
         return self.library(False).tmf_emu_kernel_names().decode().split()
 
+    def pipeline_info(self, kernel: str) -> dict[str, int]:
+        """The kernel's pipeline limits as the launch code sees them (faults applied), or KernelUnavailable."""
+        lib = self.library(False)
+        lib.tmf_emu_set_faults(active_faults().encode())
+        fn = lib.tmf_emu_pipeline_info
+        fn.restype = ctypes.c_char_p
+        parts = fn(ctypes.c_uint32(_state.max_threads), kernel.encode()).decode().rstrip("\n").split("\t")
+        if parts[0] == "unavailable":
+            raise KernelUnavailable(parts[1], parts[2], parts[3])
+        return {"max_threads": int(parts[1]), "execution_width": int(parts[2])}
+
     def launch(self, entry: str, dtype: torch.dtype, *args) -> list[Dispatch]:
         """Run `tmf_emu_<entry>` (a shared launch function) with tensors / ints / floats as arguments."""
         checked = is_checking()
-        fn = getattr(self.library(checked), f"tmf_emu_{entry}")
+        lib = self.library(checked)
+        lib.tmf_emu_set_faults(active_faults().encode())
+        fn = getattr(lib, f"tmf_emu_{entry}")
         fn.restype = ctypes.c_char_p
         report = fn(
             ctypes.c_int(int(checked)),
@@ -147,9 +167,14 @@ class Harness:
         return self._finish(report.decode(), checked)
 
     def _finish(self, report: str, checked: bool) -> list[Dispatch]:
-        dispatches = _parse(report, lambda pc: symbolize(self.libs.checked if checked else self.libs.plain, pc))
+        unavailable: list[KernelUnavailable] = []
+        dispatches = _parse(
+            report, lambda pc: symbolize(self.libs.checked if checked else self.libs.plain, pc), unavailable
+        )
         for rec in _state.recorders:
             rec.extend(dispatches)
+        if unavailable:  # after recording what was dispatched before it (there should be nothing)
+            raise unavailable[0]
         findings = [f for d in dispatches for f in d.findings]
         if findings:
             raise KernelCheckError(findings)
@@ -168,6 +193,10 @@ def libraries() -> Libraries:
 
 def kernel_names() -> list[str]:
     return default_harness().kernel_names()
+
+
+def pipeline_info(kernel: str) -> dict[str, int]:
+    return default_harness().pipeline_info(kernel)
 
 
 def rms_norm_backward_groups(rows: int) -> int:
@@ -211,6 +240,26 @@ def record() -> Iterator[list[Dispatch]]:
         _state.recorders.remove(dispatches)
 
 
+def active_faults() -> str:
+    """The faults the harness emulates now: the innermost faults() block, else TORCH_METAL_FUSED_EMU_FAULTS."""
+    return _state.faults if _state.faults is not None else os.environ.get(FAULTS_ENV, "")
+
+
+def fault_active(kind: str) -> bool:
+    """Whether a fault without a target (e.g. "no_bfloat") is active."""
+    return kind in (item.strip() for item in active_faults().split(","))
+
+
+@contextlib.contextmanager
+def faults(spec: str) -> Iterator[None]:
+    """Emulate failures inside the block (see FAULTS_ENV), e.g. faults("compile:softmax")."""
+    old, _state.faults = _state.faults, spec
+    try:
+        yield
+    finally:
+        _state.faults = old
+
+
 @contextlib.contextmanager
 def pipeline_max_threads(n: int) -> Iterator[None]:
     """Emulate pipelines whose maxTotalThreadsPerThreadgroup is `n` (register pressure on a real GPU)."""
@@ -231,12 +280,14 @@ def _arg(value):
     return ctypes.c_uint64(int(value))
 
 
-def _parse(report: str, symbolizer) -> list[Dispatch]:
+def _parse(report: str, symbolizer, unavailable: list[KernelUnavailable]) -> list[Dispatch]:
     dispatches: list[Dispatch] = []
     for line in report.splitlines():
         parts = line.split("\t")
         if parts[0] == "exception":
             raise RuntimeError(f"Metal launch failed: {parts[1]}")
+        if parts[0] == "unavailable":
+            unavailable.append(KernelUnavailable(parts[1], parts[2], parts[3]))
         if parts[0] == "dispatch":
             groups = tuple(int(v) for v in parts[2].split(","))
             threads = tuple(int(v) for v in parts[3].split(","))

@@ -5,14 +5,23 @@ from __future__ import annotations
 import torch
 
 from torch_metal_fused import reference
-from torch_metal_fused._backend import backend_for, kernels_for
+from torch_metal_fused._backend import KernelUnavailable, fall_back, family_of_entry, kernels_for, select_backend
 
 
 def run_kernel(entry_point: str, lead: torch.Tensor, *args):
-    """Call `entry_point` (e.g. "softmax_forward") of the backend that serves `lead`."""
-    backend = backend_for(lead)
-    impl = reference if backend == "reference" else kernels_for(backend)
-    return getattr(impl, entry_point)(lead, *args)
+    """Call `entry_point` (e.g. "softmax_forward") of the backend that serves `lead`. Where our kernels cannot
+    serve the call (a shader that did not compile, a pipeline that could not be built, no launch plan for this
+    shape), the reference serves it and the fallback is announced once (an error under TORCH_METAL_FUSED_STRICT=1):
+    a training loop never crashes because of our shaders. Kernels raise KernelUnavailable before encoding
+    anything, and every entry point returns fresh tensors, so calling the reference then is safe."""
+    family = family_of_entry(entry_point)
+    backend = select_backend(lead, family)
+    if backend != "reference":
+        try:
+            return getattr(kernels_for(backend), entry_point)(lead, *args)
+        except KernelUnavailable as exc:
+            fall_back(backend, exc.family, exc.scope, exc.reason)
+    return getattr(reference, entry_point)(lead, *args)
 
 
 def call(op, impl, *args):

@@ -33,9 +33,22 @@ typedef NS_ENUM(NSUInteger, MTLLanguageVersion){
 @property(readonly) NSUInteger threadExecutionWidth;
 @end
 
+typedef NS_ENUM(NSInteger, MTLMathMode){
+    MTLMathModeSafe = 0,
+    MTLMathModeRelaxed = 1,
+    MTLMathModeFast = 2,
+};
+
+typedef NS_ENUM(NSInteger, MTLMathFloatingPointFunctions){
+    MTLMathFloatingPointFunctionsFast = 0,
+    MTLMathFloatingPointFunctionsPrecise = 1,
+};
+
 @interface MTLCompileOptions : NSObject
 @property(readwrite, nonatomic) MTLLanguageVersion languageVersion;
-@property(readwrite, nonatomic) BOOL fastMathEnabled;
+@property(readwrite, nonatomic) BOOL fastMathEnabled;  // deprecated in macOS 15 (mathMode)
+@property(readwrite, nonatomic) MTLMathMode mathMode;  // macOS 15+
+@property(readwrite, nonatomic) MTLMathFloatingPointFunctions mathFloatingPointFunctions;  // macOS 15+
 @end
 
 @protocol MTLCommandEncoder <NSObject>
@@ -63,6 +76,7 @@ typedef void (^MTLCommandBufferHandler)(id<MTLCommandBuffer>);
 @end
 
 @protocol MTLDevice <NSObject>
+@property(readonly) NSString* name;
 - (id<MTLLibrary>)newLibraryWithSource:(NSString*)source
                                options:(MTLCompileOptions*)options
                                  error:(NSError**)error;

@@ -3,8 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -13,7 +15,38 @@
 namespace tmf_emu {
 
 using tmf::launch::DeviceBuffer;
+using tmf::launch::KernelUnavailable;
+using tmf::launch::Pipeline;
 using tmf::launch::Size3;
+
+// Fault injection, so the fallback decisions (tmf/launch, torch_metal_fused/_backend.py) run end to end on
+// Linux: a comma-separated list (TORCH_METAL_FUSED_EMU_FAULTS, or torch_metal_fused.emulator.runner.faults())
+// of
+//   compile:<family>             the family's library fails to compile
+//   pipeline:<target>            building the pipeline fails
+//   max_threads:<target>=<n>     the pipeline's maxTotalThreadsPerThreadgroup is n
+//   simd_width:<target>=<n>      the pipeline's threadExecutionWidth is n
+// where <target> is a family name or a kernel host name. (`no_bfloat` is read by the Python backend.)
+struct Faults {
+  std::string spec;
+
+  // The value of fault `kind` for `kernel` ("" if absent; "1" for a fault without a value).
+  std::string find(const std::string& kind, const std::string& kernel) const {
+    std::stringstream items(spec);
+    std::string item;
+    while (std::getline(items, item, ',')) {
+      const size_t colon = item.find(':');
+      if (colon == std::string::npos || item.substr(0, colon) != kind) continue;
+      std::string target = item.substr(colon + 1), value = "1";
+      if (const size_t eq = target.find('='); eq != std::string::npos) {
+        value = target.substr(eq + 1);
+        target = target.substr(0, eq);
+      }
+      if (target == kernel || target == tmf::launch::family_of(kernel)) return value;
+    }
+    return "";
+  }
+};
 
 struct BoundBuffer {
   void* base = nullptr;  // start of the buffer (the tensor's storage)
@@ -57,13 +90,38 @@ class EmuEncoder {
   std::vector<std::unique_ptr<std::vector<unsigned char>>> bytes_storage;
   std::vector<DispatchReport> reports;
   bool checking = false;
-  uint32_t max_threads = 1024;  // what the emulated pipeline reports as maxTotalThreadsPerThreadgroup
+  uint32_t max_threads = 1024;  // what the emulated pipelines report as maxTotalThreadsPerThreadgroup
+  Faults faults;
 
-  void set_kernel(const std::string& name) {
-    if (!kernel_exists(name)) throw std::invalid_argument("no Metal kernel named " + name + " in shaders/");
+  // As the MPS pipeline cache: a kernel missing from its family's library, or a pipeline that cannot be built,
+  // makes the family unavailable.
+  Pipeline pipeline(const std::string& name) const {
+    const std::string family = tmf::launch::family_of(name);
+    if (!faults.find("compile", name).empty()) {
+      throw KernelUnavailable(family, KernelUnavailable::Scope::family,
+                              "compiling " + family + ".metal failed: injected fault (TORCH_METAL_FUSED_EMU_FAULTS)");
+    }
+    if (!kernel_exists(name)) {
+      throw KernelUnavailable(family, KernelUnavailable::Scope::family,
+                              "the " + family + " library has no function named " + name);
+    }
+    if (!faults.find("pipeline", name).empty()) {
+      throw KernelUnavailable(family, KernelUnavailable::Scope::family,
+                              "building the pipeline for " + name + " failed: injected fault");
+    }
+    Pipeline p{nullptr, name, max_threads, 32};
+    if (std::string v = faults.find("max_threads", name); !v.empty()) {
+      p.max_threads = std::min<uint32_t>(p.max_threads, uint32_t(std::stoul(v)));
+    }
+    if (std::string v = faults.find("simd_width", name); !v.empty()) p.execution_width = uint32_t(std::stoul(v));
+    return p;
+  }
+  void set_pipeline(const Pipeline& p) { kernel = p.kernel; }
+  // Any registered kernel, family or not (the harness's own test shaders), without the pipeline checks.
+  void set_kernel_unchecked(const std::string& name) {
+    if (!kernel_exists(name)) throw std::invalid_argument("no Metal kernel named " + name);
     kernel = name;
   }
-  uint32_t max_threads_per_threadgroup() const { return max_threads; }
   void set_buffer(int index, const DeviceBuffer& b) {
     buffers[index] = BoundBuffer{b.handle, b.nbytes, b.offset};
   }

@@ -3,12 +3,18 @@
 // arguments and threadgroup memory is made here, once, for both.
 //
 // An Encoder provides:
-//   void set_kernel(const std::string& name);            // selects (and caches) the pipeline
-//   uint32_t max_threads_per_threadgroup();              // of the selected pipeline
+//   Pipeline pipeline(const std::string& kernel);        // built once per process, then cached; throws
+//                                                         // KernelUnavailable (scope family) when the kernel's
+//                                                         // library or pipeline cannot be built
+//   void set_pipeline(const Pipeline& p);
 //   void set_buffer(int index, const DeviceBuffer& b);   // bound at b.offset bytes
 //   void set_bytes(int index, const void* data, size_t size);
 //   void set_threadgroup_memory(int index, size_t bytes);
 //   void dispatch_threadgroups(Size3 groups, Size3 threads_per_group);
+//
+// Every launch function selects all its pipelines (select_pipeline) and its plan before it encodes anything,
+// so a KernelUnavailable leaves nothing half-encoded and the caller can serve the call another way (the
+// Python backend selection falls back to the reference: torch_metal_fused/_backend.py).
 #pragma once
 
 #include <algorithm>
@@ -16,10 +22,59 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "tmf/shader_args.h"
 
 namespace tmf::launch {
+
+// Kernel families: one per shader file (shaders/<name>.metal), compiled as one library on first use of one of
+// its kernels; every kernel host name starts with its family's prefix. A family whose library or a pipeline
+// cannot be built is served by the reference for the rest of the process.
+struct KernelFamily {
+  const char* name;
+  const char* kernel_prefix;
+};
+inline constexpr KernelFamily kKernelFamilies[] = {
+    {"softmax", "softmax_"},
+    {"rms_norm", "rms_norm_"},
+    {"lora_linear", "lora_"},
+};
+
+inline const char* family_of(const std::string& kernel) {
+  for (const KernelFamily& f : kKernelFamilies) {
+    if (kernel.rfind(f.kernel_prefix, 0) == 0) return f.name;
+  }
+  throw std::invalid_argument("kernel " + kernel + " belongs to no kernel family (tmf/launch/common.h)");
+}
+
+// Why a launch cannot run on our kernels. Thrown before anything is encoded.
+//  - scope family: the family's library or one of its pipelines cannot be built, or the pipeline does not run
+//    32-wide SIMD-groups: the family is served by the reference for the rest of the process.
+//  - scope call: no launch plan fits this call's shape on this device's pipelines (e.g. a LoRA rank above the
+//    pipeline's thread limit): this call is served by the reference.
+class KernelUnavailable : public std::runtime_error {
+ public:
+  enum class Scope { family, call };
+  KernelUnavailable(std::string family, Scope scope, const std::string& reason)
+      : std::runtime_error(reason), family_(std::move(family)), scope_(scope) {}
+  const std::string& family() const { return family_; }
+  Scope scope() const { return scope_; }
+  const char* scope_name() const { return scope_ == Scope::family ? "family" : "call"; }
+
+ private:
+  std::string family_;
+  Scope scope_;
+};
+
+// A compute pipeline as the launch code sees it: an opaque handle (id<MTLComputePipelineState> on Metal) and
+// the two limits every plan depends on.
+struct Pipeline {
+  void* handle = nullptr;
+  std::string kernel;
+  uint32_t max_threads = 0;      // maxTotalThreadsPerThreadgroup
+  uint32_t execution_width = 0;  // threadExecutionWidth
+};
 
 struct Size3 {
   uint32_t x = 1, y = 1, z = 1;
@@ -44,7 +99,7 @@ inline const char* dtype_suffix(DType t) {
   throw std::invalid_argument("unknown dtype");
 }
 
-constexpr uint32_t kSimdWidth = 32;
+constexpr uint32_t kSimdWidth = 32;  // every kernel assumes 32-wide SIMD-groups (simd_sum, simd_shuffle, lanes)
 constexpr uint32_t kReadsPerThread = 4;       // single_row variants: elements cached per thread
 constexpr uint32_t kSimdRowsMaxCols = 256;    // simd_rows variants: at most 8 elements per lane
 constexpr uint32_t kSimdRowsPerGroup = 8;     // simd_rows variants: rows (SIMD-groups) per threadgroup
@@ -57,6 +112,24 @@ inline std::string kernel_name(const char* base, const char* variant, DType t) {
   return std::string(base) + "_" + variant + "_" + dtype_suffix(t);
 }
 
+// The pipeline of `kernel`, checked against what every kernel assumes: 32-wide SIMD-groups (else the family is
+// unusable on this device) and room for at least one SIMD-group (else no plan fits).
+template <class Encoder>
+Pipeline select_pipeline(Encoder& enc, const std::string& kernel) {
+  Pipeline p = enc.pipeline(kernel);
+  if (p.execution_width != kSimdWidth) {
+    throw KernelUnavailable(family_of(kernel), KernelUnavailable::Scope::family,
+                            "pipeline " + kernel + " has threadExecutionWidth " + std::to_string(p.execution_width) +
+                                "; the kernels assume 32-wide SIMD-groups");
+  }
+  if (p.max_threads < kSimdWidth) {
+    throw KernelUnavailable(family_of(kernel), KernelUnavailable::Scope::call,
+                            "pipeline " + kernel + " allows " + std::to_string(p.max_threads) +
+                                " threads per threadgroup, fewer than one SIMD-group");
+  }
+  return p;
+}
+
 // How a row-wise kernel family (softmax forward/backward, RMSNorm forward) covers `rows` x `cols`:
 //  - simd_rows  (cols <= 256): one SIMD-group per row, 8 SIMD-groups per threadgroup; each lane caches <= 8
 //    elements.
@@ -67,7 +140,7 @@ inline std::string kernel_name(const char* base, const char* variant, DType t) {
 // `rows_per_thread` > 1 makes each SIMD-group (simd_rows) or threadgroup (the others) walk that many rows,
 // so a per-column operand (RMSNorm's weight) is read once per `rows_per_thread` rows instead of every row.
 struct RowPlan {
-  std::string kernel;
+  Pipeline pipeline;
   Size3 groups, threads;
   uint32_t rows_per_group = 1;
 };
@@ -76,22 +149,19 @@ template <class Encoder>
 RowPlan plan_rows(Encoder& enc, const char* base, DType t, uint32_t rows, uint32_t cols, uint32_t rows_per_thread = 1) {
   RowPlan plan;
   if (cols <= kSimdRowsMaxCols) {
-    plan.kernel = kernel_name(base, "simd_rows", t);
-    enc.set_kernel(plan.kernel);
-    uint32_t max_simd = std::max<uint32_t>(1, enc.max_threads_per_threadgroup() / kSimdWidth);
+    plan.pipeline = select_pipeline(enc, kernel_name(base, "simd_rows", t));
+    uint32_t max_simd = plan.pipeline.max_threads / kSimdWidth;
     uint32_t n_simd = std::min({kSimdRowsPerGroup, ceil_div(rows, rows_per_thread), max_simd});
     plan.threads.x = n_simd * kSimdWidth;
     plan.rows_per_group = n_simd * rows_per_thread;
   } else {
     uint32_t needed = round_up(ceil_div(cols, kReadsPerThread), kSimdWidth);
-    plan.kernel = kernel_name(base, "single_row", t);
-    enc.set_kernel(plan.kernel);
-    if (needed <= enc.max_threads_per_threadgroup()) {
+    plan.pipeline = select_pipeline(enc, kernel_name(base, "single_row", t));
+    if (needed <= plan.pipeline.max_threads) {
       plan.threads.x = needed;
     } else {
-      plan.kernel = kernel_name(base, "looped", t);
-      enc.set_kernel(plan.kernel);
-      plan.threads.x = std::min<uint32_t>(1024, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
+      plan.pipeline = select_pipeline(enc, kernel_name(base, "looped", t));
+      plan.threads.x = std::min<uint32_t>(1024, round_down(plan.pipeline.max_threads, kSimdWidth));
     }
     plan.rows_per_group = rows_per_thread;
   }

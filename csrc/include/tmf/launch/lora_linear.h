@@ -22,23 +22,24 @@ inline bool lora_use_merged_weight(uint64_t tokens, uint64_t in_features, bool h
 }
 
 
-template <class Encoder>
-uint32_t lora_threadgroup_size(Encoder& enc) {
-  return std::min<uint32_t>(kLoraThreads, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
+inline uint32_t lora_threadgroup_size(const Pipeline& pipeline) {
+  return std::min<uint32_t>(kLoraThreads, round_down(pipeline.max_threads, kSimdWidth));
 }
 
 // Token rows per threadgroup and the staging widths. A and B are read once per group, so the group is made as
 // tall as the register accumulators and the h tile allow: each thread accumulates one rank entry for up to
 // kLoraAccumulatorsPerThread tokens, threads / rank threads per rank entry, so 128 rows up to rank 32 and
 // about 4096 / rank beyond with 256 threads. The staging widths then fill the two threadgroup tiles (see
-// LoraParams). Needs threads >= rank (256 >= kLoraMaxRank unless a pipeline caps the threads lower).
+// LoraParams). Needs threads >= rank (256 >= kLoraMaxRank unless a pipeline caps the threads lower: then no plan
+// fits and the call is served by the reference).
 struct LoraTiling {
   uint32_t tokens_per_group, reduce_tile, out_tile;
 };
 
 inline LoraTiling lora_tiling(uint32_t threads, uint64_t tokens, uint64_t rank) {
   if (rank > threads) {
-    throw std::invalid_argument("LoRA rank " + std::to_string(rank) + " exceeds the " + std::to_string(threads) +
+    throw KernelUnavailable("lora_linear", KernelUnavailable::Scope::call,
+                            "LoRA rank " + std::to_string(rank) + " exceeds the " + std::to_string(threads) +
                                 " threads per threadgroup this device allows for the LoRA kernels");
   }
   const uint64_t bm = std::max<uint64_t>(
@@ -68,10 +69,11 @@ void encode_lora_lowrank(Encoder& enc, const std::string& kernel, bool forward, 
                          const DeviceBuffer& mask, const DeviceBuffer& slot4, const DeviceBuffer& slot5,
                          uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t rank, float scale) {
   const bool has_mask = mask.handle != nullptr;
-  enc.set_kernel(kernel);
-  const uint32_t threads = lora_threadgroup_size(enc);
+  const Pipeline pipeline = select_pipeline(enc, kernel);
+  const uint32_t threads = lora_threadgroup_size(pipeline);
   const LoraParams p =
       lora_params(tokens, in_features, out_features, rank, in_row_stride, forward, scale, has_mask, threads);
+  enc.set_pipeline(pipeline);
   enc.set_buffer(0, in);
   enc.set_buffer(1, lora_a);
   enc.set_buffer(2, lora_b);

@@ -20,7 +20,7 @@ void rms_norm_forward(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t x_r
   // 8 rows per thread: the weight is read once per 8 rows (kept in registers), not once per row.
   RowPlan plan = plan_rows(enc, base.c_str(), t, uint32_t(rows), uint32_t(cols), kRmsNormRowsPerThread);
   RowParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), 0, plan.rows_per_group, eps, weight_offset};
-  enc.set_kernel(plan.kernel);
+  enc.set_pipeline(plan.pipeline);
   enc.set_buffer(0, x);
   enc.set_buffer(1, has_weight ? weight : x);  // unread without weight; Metal wants every index bound
   enc.set_buffer(2, y);
@@ -51,16 +51,18 @@ void rms_norm_backward(Encoder& enc, DType t, const DeviceBuffer& dy, uint64_t d
   RmsNormBackwardParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), uint32_t(dy_row_stride), groups,
                           has_weight ? 1u : 0u, weight_offset};
   const char* mode = wants_dx ? (wants_dw ? "dx_dw" : "dx") : "dw";
-  uint32_t needed = round_up(ceil_div(cols, kReadsPerThread), kSimdWidth);
-  std::string kernel = std::string("rms_norm_backward_") + mode;
-  std::string name = kernel_name(kernel.c_str(), "single_row", t);
-  enc.set_kernel(name);
+  const std::string kernel = std::string("rms_norm_backward_") + mode;
+  // Both pipelines are selected before anything is encoded (see select_pipeline).
+  const uint32_t needed = round_up(ceil_div(cols, kReadsPerThread), kSimdWidth);
+  Pipeline rows_pipeline = select_pipeline(enc, kernel_name(kernel.c_str(), "single_row", t));
   uint32_t threads = needed;
-  if (needed > enc.max_threads_per_threadgroup()) {
-    name = kernel_name(kernel.c_str(), "looped", t);
-    enc.set_kernel(name);
-    threads = std::min<uint32_t>(1024, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
+  if (needed > rows_pipeline.max_threads) {
+    rows_pipeline = select_pipeline(enc, kernel_name(kernel.c_str(), "looped", t));
+    threads = std::min<uint32_t>(1024, round_down(rows_pipeline.max_threads, kSimdWidth));
   }
+  Pipeline reduce_pipeline;
+  if (wants_dw) reduce_pipeline = select_pipeline(enc, kernel_name("rms_norm_backward_dw_reduce", "columns", t));
+  enc.set_pipeline(rows_pipeline);
   enc.set_buffer(0, dy);
   enc.set_buffer(1, x);
   enc.set_buffer(2, has_weight ? weight : x);
@@ -70,9 +72,9 @@ void rms_norm_backward(Encoder& enc, DType t, const DeviceBuffer& dy, uint64_t d
   enc.set_bytes(6, &p, sizeof(p));
   enc.dispatch_threadgroups(Size3{groups, 1, 1}, Size3{threads, 1, 1});
   if (!wants_dw) return;
-  enc.set_kernel(kernel_name("rms_norm_backward_dw_reduce", "columns", t));
   // 32 columns x (threads / 32) slices of partial rows per threadgroup (see the kernel).
-  const uint32_t reduce_threads = std::min<uint32_t>(256, round_down(enc.max_threads_per_threadgroup(), kSimdWidth));
+  const uint32_t reduce_threads = std::min<uint32_t>(256, round_down(reduce_pipeline.max_threads, kSimdWidth));
+  enc.set_pipeline(reduce_pipeline);
   enc.set_buffer(0, dw_partial);
   enc.set_buffer(1, dw);
   enc.set_bytes(2, &p, sizeof(p));

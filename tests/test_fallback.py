@@ -1,0 +1,221 @@
+"""A Mac user's first run must never crash because of our shaders: each failure mode of the Metal path is forced on
+the harness (TORCH_METAL_FUSED_EMU_FAULTS / runner.faults) and must degrade as specified — the affected calls are
+served by the reference with one warning naming the family and the reason, everything else stays on our kernels,
+a failed family is never retried, and TORCH_METAL_FUSED_STRICT=1 turns the fallback into an error. The decisions
+run in the same code for MPS (csrc/include/tmf/launch, torch_metal_fused/_backend.py)."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import randn
+
+import torch_metal_fused as tmf
+from torch_metal_fused import _backend
+from torch_metal_fused.emulator import runner
+from torch_metal_fused.testing import assert_matches
+
+pytestmark = pytest.mark.emulated
+
+
+@pytest.fixture(autouse=True)
+def _emulated_not_strict(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "metal-emulated")
+    monkeypatch.setenv(_backend.STRICT_ENV, "0")
+    monkeypatch.delenv(runner.FAULTS_ENV, raising=False)
+    _backend.reset_fallbacks()
+    yield
+    _backend.reset_fallbacks()
+
+
+def _run(fn):
+    """(result, kernels dispatched, our fallback warnings) of fn()."""
+    with warnings.catch_warnings(record=True) as caught, runner.record() as rec:
+        warnings.simplefilter("always")
+        out = fn()
+    ours = [str(w.message) for w in caught if "torch_metal_fused:" in str(w.message)]
+    return out, [d.kernel for d in rec], ours
+
+
+def _softmax_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().requires_grad_(True)
+    y = tmf.softmax(x)
+    (dx,) = torch.autograd.grad((y * torch.linspace(-1, 1, x.shape[-1], dtype=x.dtype)).sum(), x)
+    return y, dx
+
+
+def _softmax_grad_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x64 = x.detach().double().requires_grad_(True)
+    y = torch.softmax(x64, -1)
+    (dx,) = torch.autograd.grad((y * torch.linspace(-1, 1, x.shape[-1], dtype=torch.float64)).sum(), x64)
+    return y, dx
+
+
+def _rms_norm_grads(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    y = tmf.rms_norm(x, w, eps=1e-6)
+    return (y, *torch.autograd.grad((y * y).sum(), (x, w)))
+
+
+def _rms_norm_grads_reference(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    y = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-6) * w64
+    return (y, *torch.autograd.grad((y * y).sum(), (x64, w64)))
+
+
+def _assert_all_match(outs, refs, dtype):
+    for i, (out, ref) in enumerate(zip(outs, refs)):
+        assert_matches(out, ref, dtype, what=f"output {i}")
+
+
+def test_a_shader_that_fails_to_compile_takes_down_only_its_family_once():
+    x = randn((9, 300), torch.float32, "cpu")
+    w = randn((300,), torch.float32, "cpu", seed=1)
+    with runner.faults("compile:softmax"):
+        (y, dx), kernels, warned = _run(lambda: _softmax_grad(x))
+        _assert_all_match((y, dx), _softmax_grad_reference(x), torch.float32)
+        assert not any(k.startswith("softmax") for k in kernels)
+        assert len(warned) == 1, warned
+        for part in ("softmax kernels", "compiling softmax.metal failed", "Metal-on-CPU harness", "doctor"):
+            assert part in warned[0], warned[0]
+        # RMSNorm's library is another file: still on our kernels.
+        _, kernels, warned = _run(lambda: _rms_norm_grads(x, w))
+        assert any(k.startswith("rms_norm_forward") for k in kernels) and not warned
+    # Never retried: with the fault gone, softmax stays on the reference, silently.
+    (y, dx), kernels, warned = _run(lambda: _softmax_grad(x))
+    assert kernels == [] and warned == []
+    _assert_all_match((y, dx), _softmax_grad_reference(x), torch.float32)
+    assert tmf.backend_for(x, "softmax") == "reference"
+    assert tmf.backend_for(x, "rms_norm") == "metal-emulated"
+    assert _backend.unavailable_families("metal-emulated") == {
+        "softmax": "compiling softmax.metal failed: injected fault (TORCH_METAL_FUSED_EMU_FAULTS)"
+    }
+
+
+def test_strict_mode_turns_the_fallback_into_an_error(monkeypatch):
+    monkeypatch.setenv(_backend.STRICT_ENV, "1")
+    x = randn((4, 64), torch.float32, "cpu")
+    with runner.faults("compile:rms_norm"), pytest.raises(RuntimeError, match=r"rms_norm kernels.*STRICT=1"):
+        tmf.rms_norm(x, None)
+    with runner.faults("no_bfloat"), pytest.raises(RuntimeError, match="lacks bfloat"):
+        tmf.softmax(x.bfloat16())
+
+
+def test_the_fault_switch_reads_the_environment(monkeypatch):
+    monkeypatch.setenv(runner.FAULTS_ENV, "simd_width:softmax=64")
+    x = randn((3, 40), torch.float32, "cpu")
+    y, kernels, warned = _run(lambda: tmf.softmax(x))
+    assert kernels == [] and len(warned) == 1 and "threadExecutionWidth 64" in warned[0]
+    assert_matches(y, torch.softmax(x.double(), -1), torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("fault", "cols"),
+    [
+        ("pipeline:rms_norm_backward_dw_reduce_columns_float", 300),  # the second pipeline of the backward
+        ("pipeline:rms_norm_backward_dx_dw_looped_float", 5000),  # only the looped variant
+        ("pipeline:rms_norm_forward_simd_rows_float", 100),
+    ],
+)
+def test_a_pipeline_that_cannot_be_built_serves_the_family_by_the_reference(fault, cols):
+    x = randn((6, cols), torch.float32, "cpu")
+    w = randn((cols,), torch.float32, "cpu", seed=1)
+    kernel = fault.split(":", 1)[1]
+    with runner.faults(fault):
+        outs, kernels, warned = _run(lambda: _rms_norm_grads(x, w))
+    _assert_all_match(outs, _rms_norm_grads_reference(x, w), torch.float32)
+    assert kernel not in kernels
+    assert len(warned) == 1 and f"building the pipeline for {kernel} failed" in warned[0], warned
+    # Pipelines are selected before anything is encoded: the failing call dispatched nothing of its own, and the
+    # family is off for the rest of the process.
+    if "backward" in kernel:
+        assert not any(k.startswith("rms_norm_backward") for k in kernels), kernels
+    _, kernels, warned = _run(lambda: _rms_norm_grads(x, w))
+    assert kernels == [] and warned == []
+
+
+def test_a_non_32_wide_simd_group_falls_back_with_a_warning():
+    x = randn((5, 1000), torch.float16, "cpu")
+    w = randn((1000,), torch.float16, "cpu", seed=2)
+    with runner.faults("simd_width:rms_norm=16"):
+        outs, kernels, warned = _run(lambda: _rms_norm_grads(x, w))
+        _assert_all_match(outs, _rms_norm_grads_reference(x, w), torch.float16)
+        assert not any(k.startswith("rms_norm") for k in kernels)
+        assert len(warned) == 1 and "threadExecutionWidth 16" in warned[0] and "32-wide" in warned[0]
+        _, kernels, warned = _run(lambda: tmf.softmax(x))  # another family: unaffected
+        assert kernels == ["softmax_forward_single_row_half"] and not warned
+
+
+def test_lora_rank_above_the_pipelines_thread_cap_is_served_by_the_reference_for_that_call():
+    """Never a ValueError: the call is served by the reference (one warning); calls the cap allows stay fused."""
+    x = randn((10, 20), torch.float32, "cpu")
+    w = randn((30, 20), torch.float32, "cpu", seed=1)
+    a, b = randn((100, 20), torch.float32, "cpu", seed=2), randn((30, 100), torch.float32, "cpu", seed=3)
+    ref = x.double() @ w.double().t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+    with runner.faults("max_threads:lora_linear=64"):
+        y, kernels, warned = _run(lambda: tmf.lora_linear(x, w, a, b, 0.5))
+        assert_matches(y, ref, torch.float32)
+        assert kernels == [] and len(warned) == 1 and "rank 100 exceeds the 64 threads" in warned[0]
+        y, kernels, warned = _run(lambda: tmf.lora_linear(x, w, a[:8], b[:, :8], 0.5))
+        assert kernels == ["lora_forward_lowrank_tiled_float"] and not warned
+        ref8 = x.double() @ w.double().t() + 0.5 * (x.double() @ a[:8].double().t()) @ b[:, :8].double().t()
+        assert_matches(y, ref8, torch.float32)
+        _, kernels, warned = _run(lambda: tmf.lora_linear(x, w, a, b, 0.5))  # again: no second warning
+        assert kernels == [] and warned == []
+
+
+def test_a_thread_cap_takes_the_next_valid_plan():
+    """single_row capped below what a 2000-wide row needs: the looped variant (uncapped) serves it, silently."""
+    x = randn((3, 2000), torch.float32, "cpu")
+    with runner.faults("max_threads:softmax_forward_single_row_float=256"):
+        y, kernels, warned = _run(lambda: tmf.softmax(x))
+    assert kernels == ["softmax_forward_looped_float"] and not warned
+    assert_matches(y, torch.softmax(x.double(), -1), torch.float32)
+
+
+def test_a_pipeline_allowing_less_than_one_simd_group_has_no_plan():
+    x = randn((3, 100), torch.float32, "cpu")
+    with runner.faults("max_threads:softmax=16"):
+        y, kernels, warned = _run(lambda: tmf.softmax(x))
+    assert kernels == [] and len(warned) == 1 and "fewer than one SIMD-group" in warned[0]
+    assert_matches(y, torch.softmax(x.double(), -1), torch.float32)
+
+
+def test_without_bfloat_bfloat16_tensors_use_the_reference_and_the_rest_stays_fused():
+    x = randn((7, 33), torch.bfloat16, "cpu")
+    with runner.faults("no_bfloat"):
+        assert tmf.backend_for(x, "softmax") == "reference"
+        assert tmf.backend_for(x.float(), "softmax") == "metal-emulated"
+        (y, dx), kernels, warned = _run(lambda: _softmax_grad(x))
+        _assert_all_match((y, dx), _softmax_grad_reference(x), torch.bfloat16)
+        assert kernels == [] and len(warned) == 1 and "lacks bfloat" in warned[0]
+        _, kernels, warned = _run(lambda: tmf.softmax(x.float()))
+        assert kernels == ["softmax_forward_simd_rows_float"] and not warned
+    # Not a family failure: with bfloat back, bfloat16 is fused again.
+    _, kernels, _ = _run(lambda: tmf.softmax(x))
+    assert kernels == ["softmax_forward_simd_rows_bfloat"]
+
+
+def test_kernel_unavailable_survives_pickling():
+    """It crosses process boundaries (DataLoader workers, DDP) intact."""
+    exc = pickle.loads(pickle.dumps(_backend.KernelUnavailable("softmax", "family", "boom")))
+    assert (exc.family, exc.scope, exc.reason) == ("softmax", "family", "boom")
+
+
+def test_every_kernel_belongs_to_the_family_of_its_shader_file():
+    """The MPS side compiles one library per shader file and finds a kernel's library by its name's prefix
+    (tmf::launch::family_of); the Python side maps entry points the same way."""
+    shaders = Path(__file__).resolve().parent.parent / "shaders"
+    names = runner.kernel_names()
+    assert {p.stem for p in shaders.glob("*.metal")} == set(_backend.FAMILIES)
+    for family, prefix in _backend.FAMILIES.items():
+        source = (shaders / f"{family}.metal").read_text()
+        kernels = [k for k in names if k.startswith(prefix)]
+        assert kernels and all(f'host_name("{k}")' in source for k in kernels), family
+    assert sum(any(k.startswith(p) for p in _backend.FAMILIES.values()) for k in names) == len(names)
+    for entry in ("softmax_forward", "rms_norm_backward", "lora_forward", "lora_backward"):
+        assert entry.startswith(_backend.FAMILIES[_backend.family_of_entry(entry)])
