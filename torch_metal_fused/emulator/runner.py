@@ -219,13 +219,19 @@ def is_checking() -> bool:
 
 
 @contextlib.contextmanager
-def checking(enabled: bool = True) -> Iterator[None]:
-    """Run kernels with the checker (instrumented build): findings raise KernelCheckError."""
-    old, _state.checking = _state.checking, enabled
+def _overriding(name: str, value) -> Iterator[None]:
+    """Set a per-thread harness setting for the block."""
+    old = getattr(_state, name)
+    setattr(_state, name, value)
     try:
         yield
     finally:
-        _state.checking = old
+        setattr(_state, name, old)
+
+
+def checking(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Run kernels with the checker (instrumented build): findings raise KernelCheckError."""
+    return _overriding("checking", enabled)
 
 
 @contextlib.contextmanager
@@ -250,24 +256,14 @@ def fault_active(kind: str) -> bool:
     return kind in (item.strip() for item in active_faults().split(","))
 
 
-@contextlib.contextmanager
-def faults(spec: str) -> Iterator[None]:
+def faults(spec: str) -> contextlib.AbstractContextManager[None]:
     """Emulate failures inside the block (see FAULTS_ENV), e.g. faults("compile:softmax")."""
-    old, _state.faults = _state.faults, spec
-    try:
-        yield
-    finally:
-        _state.faults = old
+    return _overriding("faults", spec)
 
 
-@contextlib.contextmanager
-def pipeline_max_threads(n: int) -> Iterator[None]:
+def pipeline_max_threads(n: int) -> contextlib.AbstractContextManager[None]:
     """Emulate pipelines whose maxTotalThreadsPerThreadgroup is `n` (register pressure on a real GPU)."""
-    old, _state.max_threads = _state.max_threads, n
-    try:
-        yield
-    finally:
-        _state.max_threads = old
+    return _overriding("max_threads", n)
 
 
 def _arg(value):
