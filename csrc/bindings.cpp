@@ -8,15 +8,17 @@
 
 namespace {
 
-// tmf::launch::KernelUnavailable (thrown before anything is encoded) becomes the Python backend's
-// KernelUnavailable, on which it serves the call by the reference (torch_metal_fused/_backend.py).
+// tmf::launch::KernelUnavailable (thrown before anything is encoded) becomes the Python class
+// torch_metal_fused._backend.KernelUnavailable, on which the backend serves the call by the reference. The class is
+// looked up once, at import, and never released (no static destructor touches Python at exit).
+PyObject* g_kernel_unavailable = nullptr;
+
 void translate_kernel_unavailable(std::exception_ptr p) {
   try {
     if (p) std::rethrow_exception(p);
   } catch (const tmf::launch::KernelUnavailable& e) {
-    py::object cls = py::module_::import("torch_metal_fused._backend").attr("KernelUnavailable");
-    py::object exc = cls(e.family(), e.scope_name(), e.what());
-    PyErr_SetObject(cls.ptr(), exc.ptr());
+    py::object exc = py::reinterpret_borrow<py::object>(g_kernel_unavailable)(e.family(), e.scope_name(), e.what());
+    PyErr_SetObject(g_kernel_unavailable, exc.ptr());
   }
 }
 
@@ -24,7 +26,16 @@ void translate_kernel_unavailable(std::exception_ptr p) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_metal_fused compiled kernels";
-  py::register_exception_translator(&translate_kernel_unavailable);
+  py::object kernel_unavailable = py::module_::import("torch_metal_fused._backend").attr("KernelUnavailable");
+  g_kernel_unavailable = kernel_unavailable.release().ptr();
+  py::register_local_exception_translator(&translate_kernel_unavailable);
+  m.def(
+      "_raise_kernel_unavailable",
+      [](const std::string& family, bool whole_family) {
+        using Scope = tmf::launch::KernelUnavailable::Scope;
+        throw tmf::launch::KernelUnavailable(family, whole_family ? Scope::family : Scope::call, "raised on request");
+      },
+      "for tests: the translation of tmf::launch::KernelUnavailable into the Python class");
 #ifdef TMF_WITH_METAL
   m.attr("HAS_METAL") = true;
   m.def("metal_supports_bfloat16", &tmf::mps::supports_bfloat16, "whether this system's Metal has bfloat");
@@ -62,10 +73,12 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("HAS_CUDA") = false;
 #endif
-  m.def("softmax_forward", &tmf::softmax_forward);
-  m.def("softmax_backward", &tmf::softmax_backward);
-  m.def("rms_norm_forward", &tmf::rms_norm_forward);
-  m.def("rms_norm_backward", &tmf::rms_norm_backward);
-  m.def("lora_forward", &tmf::lora_forward);
-  m.def("lora_backward", &tmf::lora_backward);
+  // The kernels touch no Python object: the GIL is released while they wait for the stream or compile a library.
+  using release_gil = py::call_guard<py::gil_scoped_release>;
+  m.def("softmax_forward", &tmf::softmax_forward, release_gil());
+  m.def("softmax_backward", &tmf::softmax_backward, release_gil());
+  m.def("rms_norm_forward", &tmf::rms_norm_forward, release_gil());
+  m.def("rms_norm_backward", &tmf::rms_norm_backward, release_gil());
+  m.def("lora_forward", &tmf::lora_forward, release_gil());
+  m.def("lora_backward", &tmf::lora_backward, release_gil());
 }

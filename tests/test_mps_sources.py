@@ -83,10 +83,25 @@ def test_a_misspelled_selector_fails_the_check(generated, tmp_path):
     shutil.copytree(ROOT / "csrc" / "mps", tmp_path / "mps")
     encoder = tmp_path / "mps" / "mps_encoder.h"
     text = encoder.read_text()
-    assert "setComputePipelineState:(id<MTLComputePipelineState>)p.handle];" in text
+    assert "setComputePipelineState:(__bridge id<MTLComputePipelineState>)p.handle];" in text
     encoder.write_text(text.replace("setComputePipelineState:", "setComputePipeline:"))
     result = _syntax_check(tmp_path / "mps" / "softmax.mm", generated)
     assert result.returncode != 0 and "setComputePipeline:" in result.stderr, result.stderr
+
+
+def test_compile_options_build_with_the_macos_14_sdk(generated, tmp_path):
+    """MTLCompileOptions.mathMode exists only in the macOS 15 SDK: Xcode 15 on macOS 14 (our minimum) must still
+    build metal_library.mm, through its __MAC_15_0 guard (and the guard is what makes it build)."""
+    library = ROOT / "csrc" / "mps" / "metal_library.mm"
+    result = _syntax_check(library, generated, ("-DTMF_STUB_MACOS_14_SDK",))
+    assert result.returncode == 0, result.stderr
+    shutil.copytree(ROOT / "csrc" / "mps", tmp_path / "mps")
+    unguarded = tmp_path / "mps" / "metal_library.mm"
+    text = unguarded.read_text()
+    assert "#if defined(__MAC_15_0)" in text
+    unguarded.write_text(text.replace("#if defined(__MAC_15_0)", "#if 1"))
+    result = _syntax_check(unguarded, generated, ("-DTMF_STUB_MACOS_14_SDK",))
+    assert result.returncode != 0 and "mathMode" in result.stderr, result.stderr
 
 
 def test_arc_would_reject_the_manual_release(generated):

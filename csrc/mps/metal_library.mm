@@ -59,23 +59,26 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 
 // Metal 3.1 (bfloat); IEEE semantics for -inf/NaN and precise exp/log, as PyTorch's MetalShaderLibrary sets them
 // (mathMode on macOS 15+, where fastMathEnabled is deprecated; fastMathEnabled = NO on macOS 14, our minimum).
+// mathMode exists only in the macOS 15 SDK (Xcode 16): building with Xcode 15 on macOS 14 takes the old setting.
 MTLCompileOptions* new_compile_options() {
   MTLCompileOptions* options = [[MTLCompileOptions alloc] init];
   options.languageVersion = MTLLanguageVersion3_1;
+#if defined(__MAC_15_0)
   if (@available(macOS 15.0, *)) {
     options.mathMode = MTLMathModeSafe;
     options.mathFloatingPointFunctions = MTLMathFloatingPointFunctionsPrecise;
-  } else {
-    options.fastMathEnabled = NO;
+    return options;
   }
+#endif
+  options.fastMathEnabled = NO;
   return options;
 }
 
 void load_metallib(Cache& c) {
   c.metallib_tried = true;
   if (kEmbeddedMetallibSize == 0) return;
-  dispatch_data_t data =
-      dispatch_data_create(kEmbeddedMetallib, kEmbeddedMetallibSize, nullptr, DISPATCH_DATA_DESTRUCTOR_DEFAULT);
+  // The bytes are static: an empty destructor block, so dispatch does not copy them.
+  dispatch_data_t data = dispatch_data_create(kEmbeddedMetallib, kEmbeddedMetallibSize, nullptr, ^{});
   NSError* error = nil;
   c.metallib = [device() newLibraryWithData:data error:&error];
   dispatch_release(data);  // the library keeps what it needs
@@ -124,7 +127,7 @@ PipelineEntry build_pipeline(Cache& c, const std::string& family, const std::str
   id<MTLComputePipelineState> state = [device() newComputePipelineStateWithFunction:fn error:&error];
   [fn release];
   if (!state) return PipelineEntry{{}, "building the pipeline for " + kernel + " failed: " + message_of(error)};
-  return PipelineEntry{launch::Pipeline{(void*)state, kernel, uint32_t(state.maxTotalThreadsPerThreadgroup),
+  return PipelineEntry{launch::Pipeline{(__bridge void*)state, kernel, uint32_t(state.maxTotalThreadsPerThreadgroup),
                                         uint32_t(state.threadExecutionWidth)},
                        ""};
 }

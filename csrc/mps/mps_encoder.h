@@ -7,6 +7,8 @@
 #include <ATen/mps/MPSStream.h>
 #include <torch/extension.h>
 
+#include <exception>
+
 #include "metal_status.h"
 #include "tmf/launch/common.h"
 
@@ -25,7 +27,7 @@ class MPSEncoder {
 
   Pipeline pipeline(const std::string& kernel) { return mps::pipeline(kernel); }
   void set_pipeline(const Pipeline& p) {
-    [encoder() setComputePipelineState:(id<MTLComputePipelineState>)p.handle];
+    [encoder() setComputePipelineState:(__bridge id<MTLComputePipelineState>)p.handle];
   }
   void set_buffer(int index, const DeviceBuffer& b) {
     [encoder() setBuffer:(id<MTLBuffer>)b.handle offset:b.offset atIndex:index];
@@ -67,15 +69,24 @@ inline DType dtype_of(const at::Tensor& t) {
 
 // Encode on PyTorch's current MPS stream, inside its serial queue: the stream owns the command buffer and
 // the encoder (we never create, end or commit our own), so our kernels order with PyTorch's own work.
+// Exceptions (KernelUnavailable, TORCH_CHECK) are caught inside the block and its autorelease pool, and rethrown
+// with their type on the calling thread (torch's own dispatch_sync_with_rethrow moved namespaces in torch 2.10;
+// this is the same few lines, for every torch the package supports).
 template <class F>
 void run_on_mps_stream(const F& encode) {
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
-  at::mps::dispatch_sync_with_rethrow(stream->queue(), ^() {
+  __block std::exception_ptr error;
+  dispatch_sync(stream->queue(), ^() {
     @autoreleasepool {
-      MPSEncoder enc(stream);
-      encode(enc);
+      try {
+        MPSEncoder enc(stream);
+        encode(enc);
+      } catch (...) {
+        error = std::current_exception();
+      }
     }
   });
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace tmf::mps

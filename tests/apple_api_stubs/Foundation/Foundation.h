@@ -4,6 +4,13 @@
 #include <stdint.h>
 #include <dispatch/dispatch.h>
 
+// The SDK's version macros (Availability.h): the macOS 15 SDK by default; -DTMF_STUB_MACOS_14_SDK checks the code
+// as Xcode 15's macOS 14 SDK compiles it (no MTLMathMode).
+#define __MAC_14_0 140000
+#ifndef TMF_STUB_MACOS_14_SDK
+#define __MAC_15_0 150000
+#endif
+
 typedef unsigned long NSUInteger;
 typedef long NSInteger;
 typedef bool BOOL;  // arm64 macOS

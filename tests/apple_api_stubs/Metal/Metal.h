@@ -33,6 +33,7 @@ typedef NS_ENUM(NSUInteger, MTLLanguageVersion){
 @property(readonly) NSUInteger threadExecutionWidth;
 @end
 
+#ifdef __MAC_15_0  // macOS 15 SDK
 typedef NS_ENUM(NSInteger, MTLMathMode){
     MTLMathModeSafe = 0,
     MTLMathModeRelaxed = 1,
@@ -43,12 +44,15 @@ typedef NS_ENUM(NSInteger, MTLMathFloatingPointFunctions){
     MTLMathFloatingPointFunctionsFast = 0,
     MTLMathFloatingPointFunctionsPrecise = 1,
 };
+#endif
 
 @interface MTLCompileOptions : NSObject
 @property(readwrite, nonatomic) MTLLanguageVersion languageVersion;
 @property(readwrite, nonatomic) BOOL fastMathEnabled;  // deprecated in macOS 15 (mathMode)
-@property(readwrite, nonatomic) MTLMathMode mathMode;  // macOS 15+
-@property(readwrite, nonatomic) MTLMathFloatingPointFunctions mathFloatingPointFunctions;  // macOS 15+
+#ifdef __MAC_15_0
+@property(readwrite, nonatomic) MTLMathMode mathMode;  // API_AVAILABLE(macos(15.0))
+@property(readwrite, nonatomic) MTLMathFloatingPointFunctions mathFloatingPointFunctions;  // API_AVAILABLE(macos(15.0))
+#endif
 @end
 
 @protocol MTLCommandEncoder <NSObject>

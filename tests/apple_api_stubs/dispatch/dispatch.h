@@ -13,7 +13,7 @@ extern "C" {
 dispatch_data_t dispatch_data_create(const void* buffer, size_t size, dispatch_queue_t queue,
                                      dispatch_block_t destructor);
 void dispatch_sync(dispatch_queue_t queue, dispatch_block_t block);
-void dispatch_release(void* object);  // manual retain/release only (a macro over -release in Objective-C)
+void dispatch_release(void* object);  // a function under manual retain/release; unavailable under ARC
 #ifdef __cplusplus
 }
 #endif
