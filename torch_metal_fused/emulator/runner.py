@@ -89,6 +89,9 @@ class _State(threading.local):
 
 
 _state = _State()
+# Every kernel name dispatched since the last take_dispatched_kernels(), from any thread (the test suite's
+# coverage rule reads it after each test: tests/conftest.py).
+_dispatched_kernels: set[str] = set()
 
 
 class Harness:
@@ -173,6 +176,7 @@ class Harness:
         )
         for rec in _state.recorders:
             rec.extend(dispatches)
+        _dispatched_kernels.update(d.kernel for d in dispatches)
         if unavailable:  # after recording what was dispatched before it (there should be nothing)
             raise unavailable[0]
         findings = [f for d in dispatches for f in d.findings]
@@ -244,6 +248,13 @@ def record() -> Iterator[list[Dispatch]]:
             yield dispatches
     finally:
         _state.recorders.remove(dispatches)
+
+
+def take_dispatched_kernels() -> set[str]:
+    """The kernels dispatched since the last call (and forget them)."""
+    taken = set(_dispatched_kernels)
+    _dispatched_kernels.clear()
+    return taken
 
 
 def active_faults() -> str:
