@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
+import kernel_coverage
 import pytest
 import torch
 from helpers import harness_required
 
-from torch_metal_fused import _backend
+from torch_metal_fused import _backend, testing
 
 # A fallback from our Metal kernels to the reference fails the test instead of passing silently (tests of the
 # fallback itself turn it off).
@@ -29,12 +32,32 @@ def _harness_skip_marks() -> list:
 
 
 def pytest_collection_modifyitems(config, items):
+    kernel_coverage.suite["collected_files"] = {Path(str(item.fspath)).name for item in items}
+    # The coverage rule judges what every other test recorded: it runs last.
+    items.sort(key=lambda item: Path(str(item.fspath)).name == "test_zz_kernel_coverage.py")
     marks = None
     for item in items:
         if "emulated" in item.keywords and "backend" not in getattr(item, "fixturenames", ()):
             marks = _harness_skip_marks() if marks is None else marks
             for mark in marks:
                 item.add_marker(mark)
+
+
+def pytest_deselected(items):
+    kernel_coverage.suite["deselected"] = True
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Record the harness kernels a passing test dispatched, and whether it checked a result numerically."""
+    runner = sys.modules.get("torch_metal_fused.emulator.runner")
+    if runner is not None:
+        runner.take_dispatched_kernels()
+    checks = testing.numerical_check_count()
+    outcome = yield
+    runner = sys.modules.get("torch_metal_fused.emulator.runner")
+    if runner is not None and outcome.excinfo is None:
+        kernel_coverage.record(item.nodeid, runner.take_dispatched_kernels(), testing.numerical_check_count() > checks)
 
 
 def _backend_params():

@@ -146,3 +146,22 @@ def test_empty_rows_with_zero_eps(backend):
 
     _, rstd = rms_norm_forward(x, None, 0.0, 0.0)
     assert torch.isinf(rstd).all() and rstd.shape == (3,)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [40, 1000, 5000])
+def test_backward_with_strided_inputs(backend, n, dtype):
+    """dy and x as views with rows wider than their length (each its own row stride), at widths that select every
+    backward variant, with dx and dw."""
+    from torch_metal_fused.ops.rms_norm import rms_norm_backward, rms_norm_forward
+
+    x = randn((6, n + 5), dtype, backend.device)[:, 2 : 2 + n]
+    w = randn((n,), dtype, backend.device, seed=2) + 1.0
+    dy = randn((6, n + 9), dtype, backend.device, seed=1)[:, 4 : 4 + n]
+    assert x.stride(0) == n + 5 and dy.stride(0) == n + 9
+    _, rstd = rms_norm_forward(x, w, 1e-6, 0.0)
+    dx, dw = rms_norm_backward(dy, x, w, rstd, True, True, 0.0)
+    x64, w64 = x.double().cpu().requires_grad_(True), w.double().cpu().requires_grad_(True)
+    rx, rw = torch.autograd.grad(_reference(x64, w64, 1e-6), (x64, w64), dy.double().cpu())
+    assert_matches(dx, rx, dtype, "rms_norm dx, strided x and dy")
+    assert_matches(dw, rw, dtype, "rms_norm dw, strided x and dy")

@@ -93,3 +93,19 @@ def test_backward_is_our_kernel(backend, monkeypatch):
     x = randn((3, 8), torch.float32, backend.device).requires_grad_(True)
     tmf.softmax(x).sum().backward()
     assert calls == ["softmax_forward", "softmax_backward"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [40, 1000, 5000])
+def test_backward_with_a_strided_incoming_gradient(backend, n, dtype):
+    """dy as a view whose rows are wider than y's (its own row stride), at widths that select every backward
+    variant: each must address dy with dy's stride, not y's."""
+    from torch_metal_fused.ops.softmax import softmax_backward
+
+    x = randn((6, n), dtype, backend.device, scale=2.0)
+    y = tmf.softmax(x)
+    dy = randn((6, n + 7), dtype, backend.device, seed=1)[:, 3 : 3 + n]
+    assert dy.stride() == (n + 7, 1)
+    dx = softmax_backward(y, dy)
+    y64, dy64 = y.double().cpu(), dy.double().cpu()
+    assert_matches(dx, y64 * (dy64 - (dy64 * y64).sum(-1, keepdim=True)), dtype, "softmax dx, strided dy")

@@ -26,6 +26,15 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(diff / norm)
 
 
+_numerical_checks = 0
+
+
+def numerical_check_count() -> int:
+    """How many assert_matches comparisons have passed in this process (the test suite's kernel-coverage rule
+    counts a kernel as numerically tested when a test that dispatched it made one: tests/kernel_coverage.py)."""
+    return _numerical_checks
+
+
 def assert_matches(
     out: torch.Tensor,
     ref: torch.Tensor,
@@ -48,3 +57,5 @@ def assert_matches(
     if baseline is not None:
         tol = max(tol, 2.0 * rel_error(baseline, ref64))
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g} for {dtype}"
+    global _numerical_checks
+    _numerical_checks += 1

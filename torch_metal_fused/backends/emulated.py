@@ -36,12 +36,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2
 
 
+def _output(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A kernel output, poisoned with NaN: an element a kernel never writes fails the contract instead of
+    silently keeping what the allocator held (on a Mac it holds garbage)."""
+    return torch.full(tuple(shape), float("nan"), dtype=dtype)
+
+
 def _row_stride(t2: torch.Tensor) -> int:
     return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
 
 
 def softmax_forward(x: torch.Tensor) -> torch.Tensor:
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = _output(x.shape, x.dtype)
     if x.numel() == 0:
         return y
     x2 = _rows(x)
@@ -50,7 +56,7 @@ def softmax_forward(x: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    dx = _output(y.shape, y.dtype)
     if y.numel() == 0:
         return dx
     y2, dy2 = _rows(y.contiguous()), _rows(dy)
@@ -61,8 +67,8 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 0.0):
     if x.shape[-1] == 0:  # no kernel work: empty y, rstd = rsqrt(eps) as the reference defines it
         return reference.rms_norm_forward(x, weight, eps, offset)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    y = _output(x.shape, x.dtype)
+    rstd = _output(x.shape[:-1], torch.float32)
     if x.numel() == 0:
         return y, rstd
     x2 = _rows(x)
@@ -86,15 +92,14 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, o
 def rms_norm_backward(dy, x, weight, rstd, needs_dx: bool, needs_dw: bool, offset: float = 0.0):
     cols = x.shape[-1]
     needs_dw = needs_dw and weight is not None
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if needs_dx else None
+    dx = _output(x.shape, x.dtype) if needs_dx else None
     if x.numel() == 0 or not (needs_dx or needs_dw):
         return dx, (torch.zeros(cols, dtype=x.dtype, device=x.device) if needs_dw else None)
-    # As on MPS, dw is not zero-filled (the reduce kernel writes every column); NaN makes a column it missed show.
-    dw = torch.full((cols,), float("nan"), dtype=x.dtype, device=x.device) if needs_dw else None
+    dw = _output((cols,), x.dtype) if needs_dw else None  # as on MPS, not zero-filled: the reduce writes every column
     runner = _runner()
     x2, dy2 = _rows(x), _rows(dy)
     rows = x2.shape[0]
-    partial = torch.empty(runner.rms_norm_backward_groups(rows), cols, dtype=torch.float32) if needs_dw else None
+    partial = _output((runner.rms_norm_backward_groups(rows), cols), torch.float32) if needs_dw else None
     w = weight.contiguous() if weight is not None else None
     runner.launch(
         "rms_norm_backward",
@@ -124,7 +129,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scale: float, dropout_mask):
         merged = torch.addmm(weight, lora_b, lora_a, alpha=scale)  # W + s·B·A on the native matmul
         return torch.nn.functional.linear(x, merged, bias), x @ lora_a.t()
     y = torch.nn.functional.linear(x, weight, bias).contiguous()  # the native GEMM
-    h = torch.empty(tokens, rank, dtype=x.dtype, device=x.device)
+    h = _output((tokens, rank), x.dtype)
     if tokens == 0:
         return y, h
     x2 = _rows(x)
@@ -164,7 +169,7 @@ def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, 
     elif needs_dx or needs_da:
         if needs_dx:
             dx = (dy2 @ weight).contiguous()  # native GEMM; the kernel adds (dh·A)·mask in place
-        dh = torch.empty(tokens, rank, dtype=x.dtype, device=x.device)
+        dh = _output((tokens, rank), x.dtype)
         if tokens:
             mask = dropout_mask.contiguous() if dropout_mask is not None else None
             _runner().launch(

@@ -113,8 +113,13 @@ def generate(out_dir: Path, sources: list[Path] | None = None) -> list[Path]:
     """Pre-pass each shader into out_dir/<stem>.cpp (+ bindings header); returns the .cpp paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     generated = []
+    defined_in: dict[str, Path] = {}
     for src in sources or shader_paths():
         result = prepass(src)
+        for host in result.host_names:  # one registry for all files: a second definition would replace the first
+            if host in defined_in:
+                raise ShaderCompileError(f"{src}: host name {host!r} is also defined in {defined_in[host]}")
+            defined_in[host] = src
         (out_dir / f"{src.stem}.bindings.h").write_text(result.bindings_header)
         cpp = out_dir / f"{src.stem}.cpp"
         cpp.write_text(f'#include "{src.stem}.bindings.h"\n' + result.source)

@@ -5,7 +5,12 @@ compiler errors, checker reports and debug info point at the real shader file an
 
 - `template [[host_name("n")]] [[kernel]] decltype(f<T>) f<T>;`  ->  `TMF_INSTANTIATE("n", f, f<T>)`
   (registers the instantiation with the runner under its host name); non-template kernels are registered
-  under their own name at the end of the file.
+  under their own name at the end of the file. Rejected with a PrepassError (file:line), see
+  `_check_instantiation`: a `decltype(...)` naming another specialisation than the one declared (Apple's
+  compiler rejects it; we would register one of the two silently), a host name registered twice in a file
+  (the runner's registry would keep the last one silently), a host name whose dtype suffix disagrees with the
+  element type the kernel is instantiated for, and a `[[host_name(...)]]` line in any other form (it would
+  not be registered).
 - Metal's vector constructors `float4(...)` -> `tmf_make<float4>(...)` (splat, conversion, assembly).
 - `[[threadgroup(n)]]` parameter attributes -> `[[tmf_threadgroup(n)]]` (`threadgroup` is an address-space
   macro in the prelude).
@@ -40,8 +45,14 @@ ROLES = {
 KERNEL_RE = re.compile(r"\[\[\s*kernel\s*\]\]\s*void\s+(\w+)\s*\(")
 INSTANTIATION_RE = re.compile(
     r"template\s*\[\[\s*host_name\(\s*\"([^\"]+)\"\s*\)\s*\]\]\s*\[\[\s*kernel\s*\]\]\s*"
-    r"decltype\(\s*(\w+)\s*<([^;]*?)>\s*\)\s*\w+\s*<[^;]*?>\s*;"
+    r"decltype\(\s*(\w+)\s*<([^;]*?)>\s*\)\s*(\w+)\s*<([^;]*?)>\s*;"
 )
+HOST_NAME_ATTR_RE = re.compile(r"\[\[\s*host_name\s*\(")
+COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+TOKEN_RE = re.compile(r"\w+|\S")
+# The element types of our kernels and the host-name suffix of each (csrc/include/tmf/launch/common.h,
+# dtype_suffix: the host asks for `<base>_<variant>_<suffix>`).
+ELEMENT_TYPES = ("float", "half", "bfloat")
 THREADGROUP_ATTR_RE = re.compile(r"\[\[\s*threadgroup\s*\(")
 LOCAL_TG_RE = re.compile(
     r"^(?P<indent>[ \t]*)threadgroup\s+(?P<type>[\w:<>, ]+?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\])+)\s*;"
@@ -120,24 +131,87 @@ def _parse_kernels(text: str, path: str) -> dict[str, Kernel]:
     return kernels
 
 
+def _tokens(text: str) -> list[str]:
+    return TOKEN_RE.findall(text)
+
+
+def _dtype_suffix(host: str) -> str | None:
+    suffix = host.rsplit("_", 1)[-1] if "_" in host else None
+    return suffix if suffix in ELEMENT_TYPES else None
+
+
+def _check_instantiation(where: str, host: str, base: str, targs: str, name: str, args: str) -> None:
+    """The rules an instantiation `template [[host_name("host")]] [[kernel]] decltype(base<targs>) name<args>;`
+    must satisfy (where = "file:line").
+
+    - decltype names the declared specialisation: same template, same arguments token for token (Apple's
+      compiler requires the types to match; we compare spellings, so write both halves identically).
+    - dtype suffix: the element type is the first template argument. If it is one of float/half/bfloat, the
+      host name must end with `_<that type>`; and a host name ending with `_float`/`_half`/`_bfloat` must be
+      instantiated with that type as first argument. The host launch code selects kernels by that suffix
+      alone, so a mismatch would bind the wrong variant to a dtype (a bfloat16-only slip our numerical
+      tests can miss)."""
+    declared = f"{name}<{' '.join(args.split())}>"
+    if base != name or _tokens(targs) != _tokens(args):
+        raise PrepassError(
+            f"{where}: instantiation {host!r}: decltype({base}<{' '.join(targs.split())}>) names another "
+            f"specialisation than the declared {declared}; Apple's Metal compiler rejects this "
+            "(write the same template and arguments in both places)"
+        )
+    parts = _split_params(args)
+    first = " ".join(parts[0].split()) if parts else ""
+    suffix = _dtype_suffix(host)
+    if (first in ELEMENT_TYPES or suffix is not None) and suffix != first:
+        wanted = f"end with _{first}" if first in ELEMENT_TYPES else "not end with a dtype suffix"
+        raise PrepassError(
+            f"{where}: host name {host!r} does not match {declared}: its element type (first template "
+            f"argument) is {first!r}, so the host name must {wanted} (host names select kernels by their "
+            "_float/_half/_bfloat suffix)"
+        )
+
+
+def _check_unconverted_host_names(text: str, shown: str) -> None:
+    """A `[[host_name(...)]]` left after the rewrite is an instantiation in a form the pre-pass does not
+    understand: it would compile without being registered, so reject it."""
+    code = COMMENT_RE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    m = HOST_NAME_ATTR_RE.search(code)
+    if m:
+        line = code.count("\n", 0, m.start()) + 1
+        raise PrepassError(
+            f"{shown}:{line}: [[host_name(...)]] outside an instantiation of the form "
+            '`template [[host_name("name")]] [[kernel]] decltype(f<T>) f<T>;` (it would not be registered)'
+        )
+
+
 def prepass(path: Path) -> Prepassed:
     text = path.read_text()
     shown = str(path)
     kernels = _parse_kernels(text, shown)
     host_names: list[str] = []
+    host_lines: dict[str, int] = {}
+
+    def register(host: str, line: int) -> None:
+        if host in host_lines:
+            raise PrepassError(
+                f"{shown}:{line}: host name {host!r} registered twice (first at {shown}:{host_lines[host]})"
+            )
+        host_lines[host] = line
+        host_names.append(host)
 
     def instantiate(m: re.Match) -> str:
         host, base, targs = m.group(1), m.group(2), m.group(3)
+        line = text.count("\n", 0, m.start()) + 1
         if base not in kernels:
-            line = text.count("\n", 0, m.start()) + 1
             raise PrepassError(f"{shown}:{line}: {host} instantiates {base}, which is not a [[kernel]]")
+        _check_instantiation(f"{shown}:{line}", host, base, targs, m.group(4), m.group(5))
         kernels[base].instantiated = True
-        host_names.append(host)
+        register(host, line)
         rewritten = f'TMF_INSTANTIATE("{host}", {base}, {base}<{targs}>)'
         # Keep the line count: the instantiation may span lines.
         return rewritten + "\n" * m.group(0).count("\n")
 
     out = INSTANTIATION_RE.sub(instantiate, text)
+    _check_unconverted_host_names(out, shown)
     out = THREADGROUP_ATTR_RE.sub("[[tmf_threadgroup(", out)
     out = VECTOR_CTOR_RE.sub(r"tmf_make<\1>(", out)
     file_id = zlib.crc32(shown.encode()) & 0xFFFFF
@@ -157,7 +231,7 @@ def prepass(path: Path) -> Prepassed:
     tail = []
     for k in kernels.values():
         if not k.instantiated:
-            host_names.append(k.name)
+            register(k.name, k.line)
             tail.append(f'#line {k.line} "{shown}"\nTMF_INSTANTIATE("{k.name}", {k.name}, {k.name})')
     header_lines = ["#pragma once", '#include "tmf_emu/runtime_api.h"']
     for k in kernels.values():

@@ -1,0 +1,472 @@
+"""Mutation check of the Metal kernels' tests: plant one bug at a time in a copy of the repository (a shader, a
+shared shader header or the launch code shared with MPS), run the tests that guard that code on the Metal-on-CPU
+harness, and require every planted bug to be caught. Controls (edits that change nothing observable) must pass.
+
+    python3 tools/mutate.py            # every mutant (docs/metal-on-cpu.md has the last full result)
+    python3 tools/mutate.py --ci       # the subset run in CI (tests/test_mutation.py)
+    python3 tools/mutate.py --only softmax_simd_rows_no_max_subtraction --keep   # one mutant, keep its copy
+    python3 tools/mutate.py --list
+
+A mutant is "killed" when its tests fail (or its shader no longer compiles: counted apart, as Apple's compiler
+would stop it too); it "survives" when they pass. Exit status 0 only when every mutant is killed and every control
+survives. The bugs are what a kernel author plausibly gets wrong: missing barriers, off-by-one bounds, dropped
+terms (eps, the row max, a scale), wrong reductions and offsets, instantiation slips, launch-plan thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The tests that guard each kernel family on the harness (plain and checked runs: -k emulated).
+SOFTMAX = ("tests/test_softmax.py", "tests/test_edge_values.py::test_softmax_edge_values")
+RMS_NORM = ("tests/test_rms_norm.py", "tests/test_edge_values.py::test_rms_norm_edge_values")
+LORA = ("tests/test_lora_linear.py", "tests/test_edge_values.py::test_lora_dropout_over_several_token_groups")
+KERNELS = ("tests/test_emulator_kernels.py",)
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    find: str  # exact text; must occur exactly once in the file (else the mutant is stale: an error)
+    replace: str
+    tests: tuple[str, ...]
+    why: str  # the real bug it models
+    control: bool = False  # an equivalent edit: must survive
+    ci: bool = False  # part of the CI subset
+
+
+def _m(name, path, find, replace, tests, why, **kw) -> Mutant:
+    return Mutant(name, path, find, replace, tuple(tests), why, **kw)
+
+
+S, R, L, H = "shaders/softmax.metal", "shaders/rms_norm.metal", "shaders/lora_linear.metal", "shaders/reduce.h"
+MUTANTS: list[Mutant] = [
+    # ---- softmax ----
+    _m(
+        "softmax_simd_rows_no_max_subtraction",
+        S,
+        "v[i] = c < p.cols ? precise::exp(v[i] - m) : 0.0f;",
+        "v[i] = c < p.cols ? precise::exp(v[i]) : 0.0f;",
+        SOFTMAX,
+        "short rows: exp(x) instead of exp(x - max) overflows on large logits",
+        ci=True,
+    ),
+    _m(
+        "softmax_single_row_simd_max_only",
+        S,
+        "  m = threadgroup_max(m, scratch, lane, simd_group, n_simd);\n  float s = 0.0f;\n  for (uint i = 0; i < READS",
+        "  m = simd_max(m);\n  float s = 0.0f;\n  for (uint i = 0; i < READS",
+        SOFTMAX,
+        "the row max reduced within one SIMD-group, not the threadgroup",
+    ),
+    _m(
+        "softmax_looped_local_max_in_second_pass",
+        S,
+        "yr[c] = static_cast<T>(precise::exp(float(xr[c]) - row_max) * inv);",
+        "yr[c] = static_cast<T>(precise::exp(float(xr[c]) - m) * inv);",
+        SOFTMAX,
+        "the second pass uses the thread's own max instead of the row's",
+        ci=True,
+    ),
+    _m(
+        "softmax_looped_noop_statement",
+        S,
+        "    const float xv = float(xr[c]);",
+        "    const float xv = float(xr[c]); c += 0 * threads;",
+        SOFTMAX,
+        "(control) a no-op statement in the online loop",
+        control=True,
+    ),
+    _m(
+        "softmax_simd_rows_backward_unreduced_dot",
+        S,
+        "  dot = simd_sum(dot);",
+        "  dot = dot;",
+        SOFTMAX,
+        "backward dot product not reduced across the SIMD-group",
+    ),
+    _m(
+        "softmax_single_row_backward_dy_stride",
+        S,
+        "  device T* dxr = dx + ulong(row) * p.cols;\n  const uint c0 = tid * READS;\n  float yv[READS];",
+        "  device T* dxr = dx + ulong(row) * p.cols;\n  const uint c0 = tid * READS;\n  float yv[READS];\n"
+        "  dyr = dy + ulong(row) * p.cols;",
+        SOFTMAX,
+        "dy addressed with y's row stride (wrong for a dy view with wider rows)",
+    ),
+    _m(
+        "softmax_looped_backward_sign",
+        S,
+        "dxr[c] = static_cast<T>(float(yr[c]) * (float(dyr[c]) - dot));",
+        "dxr[c] = static_cast<T>(float(yr[c]) * (float(dyr[c]) + dot));",
+        SOFTMAX,
+        "a sign slip in dx = y * (dy - sum(dy * y))",
+    ),
+    _m(
+        "softmax_single_row_bound_off_by_one",
+        S,
+        "    v[i] = c0 + i < p.cols ? float(xr[c0 + i]) : -INFINITY;",
+        "    v[i] = c0 + i <= p.cols ? float(xr[c0 + i]) : -INFINITY;",
+        SOFTMAX,
+        "an off-by-one bound reads one element past the row",
+        ci=True,
+    ),
+    _m(
+        "softmax_half_instantiation_slip",
+        S,
+        'template [[host_name("softmax_forward_single_row_half")]] [[kernel]] '
+        "decltype(softmax_forward_single_row<half>) softmax_forward_single_row<half>;",
+        'template [[host_name("softmax_forward_single_row_half")]] [[kernel]] '
+        "decltype(softmax_forward_simd_rows<half>) softmax_forward_simd_rows<half>;",
+        SOFTMAX,
+        "the wrong variant bound to a host name (one dtype only)",
+    ),
+    _m(
+        "softmax_single_row_extra_barrier",
+        S,
+        "  const float inv = 1.0f / threadgroup_sum(s, scratch, lane, simd_group, n_simd);\n"
+        "  for (uint i = 0; i < READS",
+        "  const float inv = 1.0f / threadgroup_sum(s, scratch, lane, simd_group, n_simd);\n"
+        "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (uint i = 0; i < READS",
+        SOFTMAX,
+        "(control) a redundant barrier in uniform control flow",
+        control=True,
+        ci=True,
+    ),
+    # ---- shared reductions ----
+    _m(
+        "reduce_no_leading_barrier",
+        H,
+        "  v = Op::simd(v);\n  threadgroup_barrier(mem_flags::mem_threadgroup);\n",
+        "  v = Op::simd(v);\n",
+        SOFTMAX,
+        "back-to-back reductions over one scratch race (the max's readers vs the sum's writers)",
+        ci=True,
+    ),
+    _m(
+        "reduce_reads_one_slot_too_many",
+        H,
+        "lane < n_simd ? scratch[lane]",
+        "lane <= n_simd ? scratch[lane]",
+        SOFTMAX,
+        "the partials of a SIMD-group that does not exist are read",
+    ),
+    _m(
+        "reduce_sum_identity",
+        H,
+        "  static float identity() { return 0.0f; }",
+        "  static float identity() { return 1.0f; }",
+        RMS_NORM,
+        "a wrong identity for the sum",
+    ),
+    # ---- RMSNorm ----
+    _m(
+        "rms_norm_simd_rows_no_eps",
+        R,
+        "const float r = precise::rsqrt(simd_sum(ss) / float(p.cols) + p.eps);",
+        "const float r = precise::rsqrt(simd_sum(ss) / float(p.cols));",
+        RMS_NORM,
+        "eps dropped (short rows): all-zero rows give NaN",
+        ci=True,
+    ),
+    _m(
+        "rms_norm_single_row_no_eps",
+        R,
+        "  const float r = precise::rsqrt(threadgroup_sum(ss, scratch, lane, simd_group, n_simd) / float(p.cols)"
+        " + p.eps);"
+        "\n  if (tid == 0) {\n    rstd[row] = r;\n  }\n  for (uint i = 0; i < READS",
+        "  const float r = precise::rsqrt(threadgroup_sum(ss, scratch, lane, simd_group, n_simd) / float(p.cols));"
+        "\n  if (tid == 0) {\n    rstd[row] = r;\n  }\n  for (uint i = 0; i < READS",
+        RMS_NORM,
+        "eps dropped (mid-size rows)",
+    ),
+    _m(
+        "rms_norm_looped_no_weight_offset",
+        R,
+        "yr[c] = static_cast<T>(HAS_WEIGHT ? v * (float(w[c]) + p.weight_offset) : v);",
+        "yr[c] = static_cast<T>(HAS_WEIGHT ? v * float(w[c]) : v);",
+        RMS_NORM,
+        "Gemma's (1 + w) offset lost in one variant",
+    ),
+    _m(
+        "rms_norm_backward_dw_without_rstd",
+        R,
+        "        dw_acc[i] += d * xv[i] * r;",
+        "        dw_acc[i] += d * xv[i];",
+        RMS_NORM,
+        "dw = sum(dy * x) without the normalisation",
+        ci=True,
+    ),
+    _m(
+        "rms_norm_backward_coef_not_mean",
+        R,
+        "const float coef = r * r * threadgroup_sum(dot, scratch, lane, simd_group, n_simd) * inv_cols;",
+        "const float coef = r * r * threadgroup_sum(dot, scratch, lane, simd_group, n_simd);",
+        RMS_NORM,
+        "a sum where the formula has a mean",
+    ),
+    _m(
+        "rms_norm_backward_looped_partial_not_zeroed",
+        R,
+        "      partial[c] = 0.0f;  // each thread owns",
+        "      (void)partial;  // each thread owns",
+        RMS_NORM,
+        "the dw partial row accumulates onto uninitialised memory",
+    ),
+    _m(
+        "rms_norm_dw_reduce_no_barrier",
+        R,
+        "  slice_sums[tid] = s;\n  threadgroup_barrier(mem_flags::mem_threadgroup);\n",
+        "  slice_sums[tid] = s;\n",
+        RMS_NORM,
+        "the slices' sums read before every slice wrote them",
+        ci=True,
+    ),
+    _m(
+        "rms_norm_dw_reduce_skips_a_partial_row",
+        R,
+        "    for (uint g = slice; g < p.groups; g += slices) {",
+        "    for (uint g = slice + slices; g < p.groups; g += slices) {",
+        RMS_NORM,
+        "a partial row left out of the column sums",
+    ),
+    _m(
+        "rms_norm_backward_rows_overlap",
+        R,
+        "  for (uint row = group; row < p.rows; row += p.groups) {  // uniform across the threadgroup",
+        "  for (uint row = group; row < p.rows; row += 1) {  // uniform across the threadgroup",
+        RMS_NORM,
+        "threadgroups' row sets overlap: dw counts rows several times",
+    ),
+    _m(
+        "rms_norm_noweight_bfloat_instantiation_slip",
+        R,
+        'template [[host_name("rms_norm_forward_noweight_single_row_bfloat")]] [[kernel]] '
+        "decltype(rms_norm_forward_single_row<bfloat, false>) rms_norm_forward_single_row<bfloat, false>;",
+        'template [[host_name("rms_norm_forward_noweight_single_row_bfloat")]] [[kernel]] '
+        "decltype(rms_norm_forward_single_row<bfloat, true>) rms_norm_forward_single_row<bfloat, true>;",
+        RMS_NORM,
+        "the weight variant bound to the no-weight host name (bfloat16 only)",
+        ci=True,
+    ),
+    _m(
+        "rms_norm_half_stats_in_half",
+        R,
+        "    v[i] = c < p.cols ? float(xr[c]) : 0.0f;\n    ss += v[i] * v[i];",
+        "    v[i] = c < p.cols ? float(xr[c]) : 0.0f;\n    ss += float(T(v[i] * v[i]));",
+        RMS_NORM,
+        "x² rounded to the input dtype: overflows float16 for large inputs",
+    ),
+    # ---- LoRA ----
+    _m(
+        "lora_first_group_mask_rows_reused",
+        L,
+        "device const T* in_mask = mask + (FORWARD ? ulong(t0) * reduce_dim : 0ul);",
+        "device const T* in_mask = mask;",
+        LORA,
+        "every token group applies the first group's dropout-mask rows",
+        ci=True,
+    ),
+    _m(
+        "lora_no_barrier_before_restaging",
+        L,
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are restaged by the next chunk\n",
+        "\n",
+        LORA,
+        "the next chunk overwrites the tiles while others still read them",
+    ),
+    _m(
+        "lora_partial_token_block",
+        L,
+        "n = min(ACCUMULATORS, nt - ta);",
+        "n = ACCUMULATORS;",
+        LORA,
+        "the last, partial block of tokens treated as full",
+    ),
+    _m(
+        "lora_backward_ignores_mask",
+        L,
+        "const float m = !FORWARD && has_mask ? float(mask[at]) : 1.0f;",
+        "const float m = 1.0f;",
+        LORA,
+        "dropout's mask not applied to dx",
+    ),
+    _m(
+        "lora_backward_dh_unscaled",
+        L,
+        "const float h_scale = FORWARD ? 1.0f : p.scale;",
+        "const float h_scale = 1.0f;",
+        LORA,
+        "dh = dy·B without the adapter's scale",
+    ),
+    _m(
+        "lora_accumulate_in_input_dtype",
+        L,
+        "        const float f = rank_tile[k * r + j];",
+        "        const T f = T(rank_tile[k * r + j]);",
+        LORA,
+        "(control) F rounded to the input dtype once: it was staged from it, so nothing changes",
+        control=True,
+    ),
+    # ---- launch code shared with MPS (csrc/include/tmf) ----
+    _m(
+        "launch_simd_rows_threshold",
+        "csrc/include/tmf/launch/common.h",
+        "constexpr uint32_t kSimdRowsMaxCols = 256;",
+        "constexpr uint32_t kSimdRowsMaxCols = 512;",
+        SOFTMAX,
+        "simd_rows chosen for rows longer than its 8 elements per lane hold",
+        ci=True,
+    ),
+    _m(
+        "launch_single_row_fits_strictly",
+        "csrc/include/tmf/launch/common.h",
+        "    if (needed <= plan.pipeline.max_threads) {",
+        "    if (needed < plan.pipeline.max_threads) {",
+        (*SOFTMAX, *KERNELS),
+        "4096-wide rows fall back to the looped variant (reads x twice)",
+    ),
+    _m(
+        "launch_lora_group_too_tall",
+        "csrc/include/tmf/launch/lora_linear.h",
+        "threads / rank * kLoraAccumulatorsPerThread,",
+        "threads / rank * (kLoraAccumulatorsPerThread + 1),",
+        LORA,
+        "more token rows per group than the accumulators hold",
+    ),
+    _m(
+        "launch_rms_norm_rows_per_thread",
+        "csrc/include/tmf/launch/rms_norm.h",
+        "constexpr uint32_t kRmsNormRowsPerThread = 8;",
+        "constexpr uint32_t kRmsNormRowsPerThread = 1;",
+        (*RMS_NORM, *KERNELS),
+        "the weight re-read for every row (traffic)",
+    ),
+    _m(
+        "shared_dw_reduce_columns",
+        "csrc/include/tmf/shader_args.h",
+        "TMF_SHARED_CONSTANT uint kDwReduceColumns = 32;",
+        "TMF_SHARED_CONSTANT uint kDwReduceColumns = 16;",
+        RMS_NORM,
+        "(control) a constant shared by host and shader changed on both sides at once",
+        control=True,
+    ),
+]
+
+
+@dataclass
+class Result:
+    mutant: Mutant
+    outcome: str  # "killed", "killed (does not compile)", "survived", "error"
+    seconds: float
+    detail: str
+
+
+def _copy_repo(dest: Path) -> None:
+    """Tracked and untracked-but-not-ignored files (the working tree as it is)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for f in filter(None, files):
+        src = ROOT / f.decode()
+        if src.is_file():
+            (dest / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f.decode())
+
+
+def _env(copy: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCH_METAL_FUSED_") or k.endswith("_CACHE")}
+    env.update(PYTHONPATH=str(copy), CI=env.get("CI", "1"), TORCH_METAL_FUSED_STRICT="1", PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+def run_mutant(m: Mutant, copy: Path, timeout_s: float) -> Result:
+    target = copy / m.path
+    original = target.read_text()
+    count = original.count(m.find)
+    if count != 1:
+        return Result(m, "error", 0.0, f"stale mutant: the text occurs {count} times in {m.path}")
+    target.write_text(original.replace(m.find, m.replace))
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "emulated", *m.tests]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=_env(copy), capture_output=True, text=True, timeout=timeout_s)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired:
+        rc, out = -1, f"timed out after {timeout_s:.0f} s"
+    finally:
+        target.write_text(original)
+    seconds = time.perf_counter() - t0
+    lines = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR", "E ")) or "timed out" in ln]
+    detail = " | ".join(lines[:3])[:300]
+    if rc == 0:
+        return Result(m, "survived", seconds, "")
+    if rc == 5:
+        return Result(m, "error", seconds, "no tests selected")
+    if "ShaderCompileError" in out or "PrepassError" in out:
+        return Result(m, "killed (does not compile)", seconds, detail)
+    return Result(m, "killed", seconds, detail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ci", action="store_true", help="only the CI subset")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these mutants")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--keep", action="store_true", help="keep the repository copy (its path is printed)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant before it counts as killed")
+    a = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if (not a.ci or m.ci) and (not a.only or m.name in a.only)]
+    if a.list:
+        for m in chosen:
+            print(f"{m.name:<46} {'control ' if m.control else ''}{'ci ' if m.ci else ''}{m.path}: {m.why}")
+        return 0
+    if not chosen:
+        print("no mutant selected", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="tmf-mutate-"))
+    copy = work / "repo"
+    _copy_repo(copy)
+    print(f"{len(chosen)} mutants ({sum(m.control for m in chosen)} controls) on a copy in {copy}", flush=True)
+    results = []
+    t0 = time.perf_counter()
+    try:
+        for m in chosen:
+            r = run_mutant(m, copy, a.timeout)
+            ok = (r.outcome == "survived") == m.control and r.outcome != "error"
+            print(f"{'ok  ' if ok else 'BAD '} {r.outcome:<26} {r.seconds:6.1f} s  {m.name}  {r.detail}", flush=True)
+            results.append(r)
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    mutants = [r for r in results if not r.mutant.control]
+    controls = [r for r in results if r.mutant.control]
+    killed = [r for r in mutants if r.outcome.startswith("killed")]
+    survivors = [r.mutant.name for r in mutants if not r.outcome.startswith("killed")]
+    broken_controls = [r.mutant.name for r in controls if r.outcome != "survived"]
+    score = 100.0 * len(killed) / max(len(mutants), 1)
+    print(
+        f"mutation score {score:.0f} % ({len(killed)}/{len(mutants)} killed, "
+        f"{sum(r.outcome.endswith('compile)') for r in killed)} by the compiler); "
+        f"controls {len(controls) - len(broken_controls)}/{len(controls)} passed; {time.perf_counter() - t0:.0f} s"
+    )
+    if survivors:
+        print("survivors (not caught by any test): " + ", ".join(survivors))
+    if broken_controls:
+        print("controls that failed (tests too strict, or flaky): " + ", ".join(broken_controls))
+    return 0 if not survivors and not broken_controls else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
