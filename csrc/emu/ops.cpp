@@ -35,7 +35,8 @@ const char* write_report(const tmf_emu::EmuEncoder& enc) {
       out << "traffic\t" << index << '\t' << t.bytes_read << '\t' << t.bytes_written << '\n';
     for (const auto& e : r.errors)
       out << "error\t" << e.kind << '\t' << e.file << '\t' << e.line << '\t' << e.pc << '\t' << e.count << '\t'
-          << e.message << '\n';
+          << e.message << '\t' << e.buffer << '\n';
+    if (!r.aborted.empty()) out << "aborted\t" << r.aborted << '\n';
   }
   g_report = out.str();
   return g_report.c_str();

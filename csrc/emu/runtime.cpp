@@ -3,27 +3,53 @@
 // Each threadgroup runs on one OS thread, its threads as fibers (boost.context), each fiber running until it
 // blocks at a threadgroup barrier or a SIMD-group operation. When every thread of the group is blocked or
 // finished, SIMD-group operations are resolved (lanes of one SIMD-group that reached the same call site take
-// part; the others are inactive), then barriers (all remaining threads must wait at the same barrier).
+// part; the others are inactive), then barriers (all remaining threads must wait at the same barrier). The
+// SIMD-groups of a threadgroup run in a seeded order that varies per threadgroup and per round
+// (TORCH_METAL_FUSED_EMU_SEED), so results that depend on the order show in plain runs too.
 //
 // The checker (the instrumented build: -fsanitize-coverage=func,trace-loads,trace-stores on the shader code
 // only) sees every load and store of the kernels: it counts the bytes moved from and to each device buffer,
-// reports accesses outside a bound buffer, and keeps a shadow of threadgroup memory (last writer, readers,
-// barrier epoch, initialised) to report races between barriers and reads of uninitialised memory.
+// reports accesses outside the memory a kernel may touch, and keeps a shadow of threadgroup memory (last writer,
+// readers, barrier epoch, initialised) to report races between barriers and reads of uninitialised memory.
+//
+// Containment: a kernel bug ends as an error report, never as a crash or a hang of the calling process.
+// - Every bound buffer is a private copy inside a PROT_NONE reservation (BufferCopy); the threadgroup arena and
+//   each fiber stack have guard pages too. A SIGSEGV/SIGBUS while a dispatch runs is recorded (address ->
+//   buffer, pc -> .metal line) and siglongjmps back to the dispatcher, which abandons the threadgroup's fibers
+//   (their stacks are reused) and copies nothing back.
+// - A watchdog timer (TORCH_METAL_FUSED_EMU_TIMEOUT_S, default 120 s) ends a runaway dispatch the same way.
+// - The checker abandons a dispatch before an access far outside every buffer executes.
 #include <dlfcn.h>
+#include <link.h>
+#include <pthread.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <ucontext.h>
+#include <unistd.h>
 
 #include <boost/context/detail/fcontext.hpp>
 #include <algorithm>
+#include <csetjmp>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "tmf_emu/emu_encoder.h"
 #include "tmf_emu/runtime_api.h"
+
+// timer_create moved into libc in glibc 2.34; on an older one without librt loaded the watchdog is off rather
+// than the library failing to load (build.py does not link -lrt).
+#pragma weak timer_create
+#pragma weak timer_settime
+#pragma weak timer_delete
 
 namespace bctx = boost::context::detail;
 
@@ -33,13 +59,45 @@ namespace {
 constexpr uint32_t kMaxThreadsPerThreadgroup = 1024;
 constexpr size_t kThreadgroupMemoryLimit = 32 * 1024;
 constexpr size_t kThreadgroupArena = 256 * 1024;  // room to keep running (and report) past the limit
-constexpr size_t kFiberStack = 128 * 1024;
-constexpr size_t kDeviceGuard = 4096;  // accesses this close outside every bound buffer are out of bounds
+constexpr size_t kFiberStack = 128 * 1024;        // the lowest page of each is a guard page
+// Checked runs: poisoned, accessible slack on each side of a buffer copy. An access there is reported and the
+// kernel keeps running (more findings per run); one beyond it is reported and the dispatch abandoned.
+constexpr size_t kDeviceGuard = 4096;
+// PROT_NONE address space on each side of every buffer copy and of the threadgroup arena: a stray access this
+// far away faults instead of landing in other memory. Address space only: nothing is committed.
+constexpr size_t kGuardZone = size_t(64) << 20;
 constexpr size_t kMaxErrors = 64;
+constexpr unsigned char kPoison = 0xFF;  // NaN as float, half and bfloat
+constexpr double kDefaultTimeoutS = 120;
+// After the deadline the watchdog ticks again this often, until a tick lands where the dispatch can be
+// abandoned safely (not inside the runtime's own allocations).
+constexpr long kWatchdogRetryNs = 20 * 1000 * 1000;
+constexpr size_t kAltStackBytes = 64 * 1024;
+
+// The order of SIMD-groups (see simd_group_order). Seed 1 when TORCH_METAL_FUSED_EMU_SEED is unset: a fixed
+// permutation, different for each threadgroup and each round, rather than index order. A sequential emulation
+// in index order always runs SIMD-group 0 before 1 before 2..., which silently "fixes" the commonest race in
+// reductions (later SIMD-groups reading what earlier ones wrote without a barrier); any fixed non-trivial order
+// exposes it in plain runs, and a fixed one keeps every run reproducible (the same failure in CI and locally).
+// Seed 0 is index order (the schedule before seeds existed: to tell a schedule-dependent failure from another);
+// other seeds explore other orders.
+constexpr uint64_t kDefaultScheduleSeed = 1;
+
+size_t page_size() {
+  static const size_t bytes = size_t(sysconf(_SC_PAGESIZE));
+  return bytes;
+}
+size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
+std::string hex(uintptr_t v) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%#lx", static_cast<unsigned long>(v));
+  return text;
+}
 
 struct KernelEntry {
   KernelInvoker invoker;
   const Binding* bindings;
+  const ParamInfo* params;
   size_t count;
   std::string file;
   int line;
@@ -71,12 +129,73 @@ struct Shadow {
   bool init = false;
 };
 
+// An anonymous mapping released with the object.
+struct Mapping {
+  unsigned char* base = nullptr;
+  size_t bytes = 0;
+  Mapping() = default;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  Mapping(Mapping&& o) noexcept : base(o.base), bytes(o.bytes) { o.base = nullptr, o.bytes = 0; }
+  ~Mapping() {
+    if (base) munmap(base, bytes);
+  }
+};
+
+// `bytes` accessible bytes (page-rounded) between two kGuardZone PROT_NONE reservations; returns them.
+unsigned char* map_guarded(Mapping& m, size_t bytes) {
+  m.bytes = 2 * kGuardZone + bytes;
+  void* p = mmap(nullptr, m.bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("tmf_emu: cannot reserve address space for a buffer copy");
+  m.base = static_cast<unsigned char*>(p);
+  unsigned char* rw = m.base + kGuardZone;
+  if (bytes && mprotect(rw, bytes, PROT_READ | PROT_WRITE) != 0)
+    throw std::runtime_error("tmf_emu: cannot map a buffer copy");
+  return rw;
+}
+
+// A bound buffer as the kernel sees it: a private copy inside a PROT_NONE reservation.
+//   plain:   [guard][poison][data][< alignment bytes of poison][guard]
+//   checked: [guard][>= 4 KiB poison][data][>= 4 KiB poison][guard]
+// In plain runs the data ends at the guard page whenever its length is a multiple of the alignment the kernel's
+// parameter type requires (always, for our kernels' element-typed buffers), so a load or store one element
+// past the end faults. Stores into the poisoned bytes (before the start, or into the tail of a length that is
+// not a multiple of the alignment) are found afterwards by checking the poison.
+struct BufferCopy {
+  int index = 0;
+  BoundBuffer host;  // the caller's buffer
+  bool writable = false;  // bound to a kernel parameter that is not const-qualified
+  Mapping mapping;
+  unsigned char* rw = nullptr;  // the accessible pages
+  size_t rw_bytes = 0;
+  unsigned char* data = nullptr;
+  size_t size = 0;
+
+  bool reserves(uintptr_t a) const {
+    return a >= uintptr_t(mapping.base) && a - uintptr_t(mapping.base) < mapping.bytes;
+  }
+};
+
+void place_copy(BufferCopy& c, size_t alignment, bool checking) {
+  const size_t slack = checking ? kDeviceGuard : 0;
+  c.size = c.host.size();
+  c.rw_bytes = round_up(round_up(c.size, alignment) + 2 * slack, page_size());
+  c.rw = map_guarded(c.mapping, c.rw_bytes);
+  const uintptr_t end = uintptr_t(c.rw) + c.rw_bytes - slack;
+  c.data = reinterpret_cast<unsigned char*>((end - c.size) / alignment * alignment);
+  std::memset(c.rw, kPoison, size_t(c.data - c.rw));
+  if (c.size) std::memcpy(c.data, c.host.address(), c.size);
+  std::memset(c.data + c.size, kPoison, size_t(c.rw + c.rw_bytes - (c.data + c.size)));
+}
+
 struct Run {
   // dispatch
   const KernelEntry* kernel = nullptr;
   const EmuEncoder* enc = nullptr;
   uint32_t groups[3], threads[3], group[3];
   uint32_t nthreads = 0;
+  uint64_t seed = kDefaultScheduleSeed;
+  double timeout_s = kDefaultTimeoutS;
   // threadgroup
   std::vector<Thread> th;
   Thread* current = nullptr;
@@ -87,13 +206,16 @@ struct Run {
   std::vector<size_t> tg_args;  // arena offsets of [[threadgroup(n)]] arguments
   Shadow* shadow = nullptr;  // one granule per 2 bytes of the arena
   uint32_t epoch = 1;
+  uint32_t round = 0;  // scheduling rounds of this threadgroup
+  std::vector<uint32_t> simd_order;
   bool aborted = false;
   bool tg_over_limit_reported = false;
   // report
   DispatchReport* report = nullptr;
   char* stacks = nullptr;
-  // buffers as the kernel sees them: the tensors themselves, or (checking) private copies with guard zones
+  // the buffers as the kernel sees them (private copies) and the copies themselves
   std::map<int, BoundBuffer> view;
+  std::vector<BufferCopy> copies;
 };
 
 Run* g_run = nullptr;         // the dispatch in progress (one at a time: dispatches are serialised)
@@ -106,7 +228,42 @@ size_t g_shadow_dirty = kThreadgroupArena;
 std::mutex g_dispatch_mutex;  // serialises dispatches from several Python threads
 bool g_checking = false;      // set while an instrumented kernel runs
 
-void add_error(const char* kind, const char* file, int line, uintptr_t pc, const std::string& message) {
+// ---- abandoning a dispatch ------------------------------------------------------------------------
+// The dispatcher sigsetjmps before running the threadgroups; a fault, the watchdog or a fatal finding
+// siglongjmps back to it from the fiber (or the scheduler) that was running.
+enum Escape : int { kEscapeFault = 1, kEscapeWatchdog, kEscapeFinding };
+sigjmp_buf g_escape;
+volatile sig_atomic_t g_escape_armed = 0;  // the threadgroups of a dispatch are running
+// > 0 while the runtime allocates (add_error, threadgroup_local): abandoning there could leave the allocator's
+// lock held, so the watchdog waits for its next tick.
+volatile sig_atomic_t g_runtime_busy = 0;
+volatile sig_atomic_t g_timeout_pending = 0;  // the watchdog fired at a point it could not escape from
+// The thread running the dispatch (signal handlers see other threads' signals too). Not a thread_local: a
+// dlopen'ed library's TLS may be allocated on first use, which a signal handler must not do.
+volatile sig_atomic_t g_dispatching = 0;
+pthread_t g_dispatch_thread;
+bool on_dispatch_thread() { return g_dispatching && pthread_equal(pthread_self(), g_dispatch_thread); }
+
+struct FaultRecord {
+  int signo = 0, code = 0;
+  uintptr_t addr = 0, pc = 0, sp = 0;
+  int write = -1;  // 1 store, 0 load, -1 unknown
+};
+FaultRecord g_fault;  // written by the signal handlers, read after the escape
+
+struct BusyScope {
+  BusyScope() { ++g_runtime_busy; }
+  ~BusyScope() { --g_runtime_busy; }
+};
+
+[[noreturn]] void escape(Escape why) {
+  g_escape_armed = 0;
+  siglongjmp(g_escape, why);
+}
+
+void add_error(const char* kind, const char* file, int line, uintptr_t pc, const std::string& message,
+               int buffer = -1) {
+  BusyScope busy;
   DispatchReport* r = g_run->report;
   for (auto& e : r->errors)
     if (e.kind == kind && e.line == line && e.pc == pc && e.file == (file ? file : "")) {
@@ -114,9 +271,64 @@ void add_error(const char* kind, const char* file, int line, uintptr_t pc, const
       return;
     }
   if (r->errors.size() >= kMaxErrors) return;
-  r->errors.push_back(ErrorRecord{kind, file ? file : "", line, pc, message, 1});
+  r->errors.push_back(ErrorRecord{kind, file ? file : "", line, pc, message, 1, buffer});
 }
 
+// A finding that ends the dispatch (a kernel the runner cannot keep running); the caller then escapes (from a
+// frame without objects to destroy).
+void record_fatal(const char* kind, const char* file, int line, const std::string& message) {
+  if (!g_run || !g_escape_armed) {  // not inside a dispatch: nothing to return to
+    std::fprintf(stderr, "tmf_emu: %s\n", message.c_str());
+    std::abort();
+  }
+  add_error(kind, file, line, 0, message);
+  g_run->report->aborted = kind;
+}
+
+// ---- the shader library's own image: its constant data are legitimate loads ----------------------------
+struct ImageRange {
+  uintptr_t lo, hi;
+};
+std::vector<ImageRange> g_image;
+uintptr_t g_image_base = 0;
+
+int collect_image(dl_phdr_info* info, size_t, void* self) {
+  uintptr_t lo = ~uintptr_t(0), hi = 0;
+  std::vector<ImageRange> ranges;
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    const auto& ph = info->dlpi_phdr[i];
+    if (ph.p_type != PT_LOAD) continue;
+    const uintptr_t a = info->dlpi_addr + ph.p_vaddr;
+    ranges.push_back({a, a + ph.p_memsz});
+    lo = std::min(lo, a), hi = std::max(hi, a + ph.p_memsz);
+  }
+  if (uintptr_t(self) < lo || uintptr_t(self) >= hi) return 0;
+  g_image = std::move(ranges);
+  g_image_base = info->dlpi_addr;
+  return 1;
+}
+
+void find_image() {
+  static std::once_flag once;
+  std::call_once(once, [] { dl_iterate_phdr(collect_image, reinterpret_cast<void*>(&find_image)); });
+}
+
+bool in_image(uintptr_t a) {
+  for (const auto& r : g_image)
+    if (a >= r.lo && a < r.hi) return true;
+  return false;
+}
+
+// A pc as the report carries it: an offset in this library, which the Python side symbolizes to .metal file:line
+// (it steps one byte back, as for the return addresses the checker reports).
+uintptr_t report_pc(uintptr_t pc, bool is_return_address) {
+  if (!pc || !in_image(pc)) return 0;
+  return pc - g_image_base + (is_return_address ? 0 : 1);
+}
+
+uintptr_t module_offset(void* pc) { return report_pc(uintptr_t(pc), true); }
+
+// ---- the fibers -------------------------------------------------------------------------------------
 void yield_to_scheduler() {
   Run* r = g_run;
   bctx::transfer_t t = bctx::jump_fcontext(r->scheduler, nullptr);
@@ -147,6 +359,11 @@ void resume(Thread& t) {
 }
 
 std::string site(const char* file, int line) { return std::string(file ? file : "?") + ":" + std::to_string(line); }
+
+std::string thread_name(const Run& r, const Thread& t) {
+  return "thread " + std::to_string(t.index) + " of threadgroup (" + std::to_string(r.group[0]) + "," +
+         std::to_string(r.group[1]) + "," + std::to_string(r.group[2]) + ")";
+}
 
 // Resolves SIMD-group operations; returns true if any lane was released.
 bool resolve_simd_ops(Run& r) {
@@ -206,6 +423,7 @@ bool resolve_barrier(Run& r) {
                 "threads of one threadgroup wait at different barriers (" + site(first->file, first->line) +
                     " and " + site(t.file, t.line) + "): a barrier inside divergent control flow");
       r.aborted = true;
+      r.report->aborted = "divergent-barrier";
       return false;
     }
   }
@@ -215,11 +433,33 @@ bool resolve_barrier(Run& r) {
               std::to_string(finished) + " thread(s) of the threadgroup exited without reaching this barrier "
               "(a hang or undefined behaviour on the GPU)");
     r.aborted = true;
+    r.report->aborted = "barrier-not-reached";
     return false;
   }
   for (auto& t : r.th) t.wait = Wait::none;
   ++r.epoch;
   return true;
+}
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// The order in which the SIMD-groups of the threadgroup run in this round (every runnable thread runs until it
+// blocks; lanes of one SIMD-group stay in lane order, as they run together on the GPU). A function of the seed,
+// the threadgroup's position and the round only, so a run is reproducible. See kDefaultScheduleSeed.
+void simd_group_order(Run& r) {
+  const uint32_t nsimd = (r.nthreads + kSimdWidth - 1) / kSimdWidth;
+  r.simd_order.resize(nsimd);
+  std::iota(r.simd_order.begin(), r.simd_order.end(), 0u);
+  if (r.seed == 0 || nsimd < 2) return;
+  uint64_t state = r.seed;
+  for (uint64_t v : {uint64_t(r.group[0]), uint64_t(r.group[1]), uint64_t(r.group[2]), uint64_t(r.round)})
+    state = splitmix64(state) ^ v;
+  for (uint32_t i = nsimd - 1; i > 0; --i) std::swap(r.simd_order[i], r.simd_order[splitmix64(state) % (i + 1)]);
 }
 
 void run_threadgroup(Run& r) {
@@ -241,25 +481,45 @@ void run_threadgroup(Run& r) {
     r.tg_args[index] = r.arena_used;
     r.arena_used += (bytes + 15) & ~size_t(15);
   }
-  std::memset(r.arena, 0xFF, g_arena_dirty);  // poison: uninitialised reads show up as NaN
+  std::memset(r.arena, kPoison, g_arena_dirty);  // poison: uninitialised reads show up as NaN
   if (g_checking) {
     std::fill(r.shadow, r.shadow + (g_shadow_dirty + 1) / 2, Shadow{});
     g_shadow_dirty = 0;
   }
 
-  for (;;) {
-    for (auto& t : r.th)
-      if (!t.done && t.wait == Wait::none) resume(t);
+  for (r.round = 0;; ++r.round) {
+    simd_group_order(r);
+    for (uint32_t s : r.simd_order) {
+      const uint32_t end = std::min(r.nthreads, (s + 1) * kSimdWidth);
+      for (uint32_t t = s * kSimdWidth; t < end; ++t)
+        if (!r.th[t].done && r.th[t].wait == Wait::none) resume(r.th[t]);
+      if (g_timeout_pending) escape(kEscapeWatchdog);
+    }
     bool all_done = true;
     for (auto& t : r.th) all_done = all_done && t.done;
     if (all_done) return;
     if (resolve_simd_ops(r)) continue;
     if (resolve_barrier(r)) continue;
     // Nothing can proceed: a barrier error (reported by resolve_barrier) or a deadlock.
-    if (!r.aborted) add_error("deadlock", nullptr, 0, 0, "threads blocked with no way to proceed");
+    if (!r.aborted) {
+      add_error("deadlock", nullptr, 0, 0, "threads blocked with no way to proceed");
+      r.report->aborted = "deadlock";
+    }
     r.aborted = true;
     return;
   }
+}
+
+void run_threadgroups(Run& r) {
+  for (uint32_t z = 0; z < r.groups[2] && !r.aborted; ++z)
+    for (uint32_t y = 0; y < r.groups[1] && !r.aborted; ++y)
+      for (uint32_t x = 0; x < r.groups[0] && !r.aborted; ++x) {
+        r.group[0] = x, r.group[1] = y, r.group[2] = z;
+        run_threadgroup(r);
+        const size_t written = std::min(kThreadgroupArena, r.arena_used + kArenaDirtyMargin);
+        g_arena_dirty = written;
+        if (g_checking) g_shadow_dirty = written;
+      }
 }
 
 Thread& current_thread() {
@@ -270,6 +530,40 @@ Thread& current_thread() {
   return *g_run->current;
 }
 
+// ---- what an address is ---------------------------------------------------------------------------
+struct Place {
+  const char* kind;
+  int buffer = -1;
+  std::string what;  // "byte offset 256 of buffer(0) (256 bytes bound)", ...
+};
+
+Place place_of(const Run& r, uintptr_t addr) {
+  for (const auto& c : r.copies)
+    if (c.reserves(addr)) {
+      const int64_t off = int64_t(addr - uintptr_t(c.data));
+      return {"device-out-of-bounds", c.index,
+              "byte offset " + std::to_string(off) + " of buffer(" + std::to_string(c.index) + "), which holds " +
+                  std::to_string(c.size) + " bytes from its bind offset" +
+                  (off < 0 ? " (before its start)" : " (past its end)")};
+    }
+  const uintptr_t arena = uintptr_t(r.arena);
+  if (addr + kGuardZone >= arena && addr < arena + kThreadgroupArena + kGuardZone)
+    return {"threadgroup-out-of-bounds", -1,
+            "byte offset " + std::to_string(int64_t(addr - arena)) + " of threadgroup memory (" +
+                std::to_string(r.arena_used) + " bytes allocated)"};
+  const uintptr_t stacks = uintptr_t(r.stacks);
+  if (addr >= stacks && addr < stacks + kFiberStack * kMaxThreadsPerThreadgroup) {
+    const size_t owner = (addr - stacks) / kFiberStack;
+    if ((addr - stacks) % kFiberStack < page_size())
+      return {"stack-overflow", -1,
+              "the guard page below thread " + std::to_string(owner) + "'s stack: its private memory (locals, " +
+                  "private arrays, calls) exceeded " + std::to_string((kFiberStack - page_size()) / 1024) + " KiB"};
+    return {"wild-access", -1, "the private memory (stack) of thread " + std::to_string(owner)};
+  }
+  return {"wild-access", -1,
+          "address " + hex(addr) + ", outside every bound buffer, threadgroup memory and thread-private memory"};
+}
+
 // ---- memory checker ---------------------------------------------------------------------------------
 struct BufferRange {
   uintptr_t lo, hi;  // the bound range [buffer start + offset, buffer end)
@@ -278,10 +572,26 @@ struct BufferRange {
 };
 std::vector<BufferRange> g_ranges;
 
-uintptr_t module_offset(void* pc) {
-  Dl_info info;
-  if (dladdr(pc, &info) && info.dli_fbase) return uintptr_t(pc) - uintptr_t(info.dli_fbase);
-  return uintptr_t(pc);
+// Reports an access the kernel may not make. Returns whether to abandon the dispatch: yes unless it lands in
+// a checked run's accessible slack next to a buffer (then the kernel keeps running, to report more in one run).
+bool report_bad_access(Run& r, uintptr_t addr, size_t size, bool store, void* pc) {
+  const std::string access = std::string(store ? "store " : "load ") + std::to_string(size) + " bytes at ";
+  for (const auto& b : g_ranges) {
+    if (addr + size > b.lo - std::min<uintptr_t>(b.lo, kDeviceGuard) && addr < b.hi + kDeviceGuard) {
+      add_error("device-out-of-bounds", nullptr, 0, module_offset(pc),
+                access + "offset " + std::to_string(int64_t(addr - b.lo)) + " of buffer(" +
+                    std::to_string(b.index) + "), which holds " + std::to_string(b.hi - b.lo) +
+                    " bytes from its bind offset",
+                b.index);
+      return false;
+    }
+  }
+  const Place place = place_of(r, addr);
+  add_error(place.kind, nullptr, 0, module_offset(pc),
+            access + place.what + " (" + thread_name(r, *r.current) + "); the dispatch was abandoned before it",
+            place.buffer);
+  r.report->aborted = place.kind;
+  return true;
 }
 
 void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
@@ -324,8 +634,9 @@ void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
     }
     return;
   }
-  uintptr_t stacks = uintptr_t(r.stacks);
-  if (addr >= stacks && addr < stacks + kFiberStack * kMaxThreadsPerThreadgroup) return;  // thread-private
+  // The thread's own private memory (its fiber stack, above the guard page).
+  const uintptr_t stack = uintptr_t(r.stacks) + size_t(r.current->index) * kFiberStack;
+  if (addr >= stack + page_size() && addr + size <= stack + kFiberStack) return;
   for (const auto& b : g_ranges) {
     if (addr >= b.lo && addr + size <= b.hi) {
       if (b.counted) {
@@ -335,15 +646,227 @@ void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
       return;
     }
   }
-  // Not inside any bound buffer: an access just before or after one is out of bounds.
-  for (const auto& b : g_ranges) {
-    if (addr + size > b.lo - std::min<uintptr_t>(b.lo, kDeviceGuard) && addr < b.hi + kDeviceGuard) {
-      add_error("device-out-of-bounds", nullptr, 0, module_offset(pc),
-                std::string(store ? "store " : "load ") + std::to_string(size) + " bytes at offset " +
-                    std::to_string(int64_t(addr - b.lo)) + " of buffer(" + std::to_string(b.index) + "), which holds " +
-                    std::to_string(b.hi - b.lo) + " bytes from its bind offset");
-      return;
+  // The library's constant data (program-scope constants, the binding tables the invoker reads): loads only.
+  if (!store && in_image(addr)) return;
+  if (report_bad_access(r, addr, size, store, pc)) escape(kEscapeFinding);
+}
+
+// ---- signals: faults and the watchdog -------------------------------------------------------------
+void save_context(void* ucontext, FaultRecord& f) {
+  const auto* uc = static_cast<const ucontext_t*>(ucontext);
+#if defined(__x86_64__)
+  f.pc = uintptr_t(uc->uc_mcontext.gregs[REG_RIP]);
+  f.sp = uintptr_t(uc->uc_mcontext.gregs[REG_RSP]);
+  f.write = f.signo == SIGSEGV && f.code > 0 ? int((uc->uc_mcontext.gregs[REG_ERR] >> 1) & 1) : -1;
+#elif defined(__aarch64__)
+  f.pc = uintptr_t(uc->uc_mcontext.pc);
+  f.sp = uintptr_t(uc->uc_mcontext.sp);
+#else
+  (void)uc;
+#endif
+}
+
+struct sigaction g_previous_segv, g_previous_bus;
+
+void on_fault(int sig, siginfo_t* info, void* ucontext) {
+  if (!(on_dispatch_thread() && g_escape_armed)) {
+    // Not a kernel's fault: give it to the previous handler (the faulting instruction runs again under it).
+    sigaction(sig, sig == SIGBUS ? &g_previous_bus : &g_previous_segv, nullptr);
+    if (info->si_code <= 0) raise(sig);  // sent by kill(), not raised by an instruction
+    return;
+  }
+  g_fault = FaultRecord{};
+  g_fault.signo = sig, g_fault.code = info->si_code, g_fault.addr = uintptr_t(info->si_addr);
+  save_context(ucontext, g_fault);
+  escape(kEscapeFault);
+}
+
+void on_watchdog(int, siginfo_t*, void* ucontext) {
+  if (!(on_dispatch_thread() && g_escape_armed)) return;  // a late tick of a finished dispatch
+  if (g_runtime_busy || !g_run || !g_run->current) {
+    g_timeout_pending = 1;  // the scheduler or the runtime's allocations: escape at the next safe point
+    return;
+  }
+  g_fault = FaultRecord{};
+  save_context(ucontext, g_fault);
+  escape(kEscapeWatchdog);
+}
+
+// A real-time signal for this library's watchdog: the first one nobody handles. Each harness library (plain,
+// checked) claims its own, so the two never take each other's ticks.
+int watchdog_signal() {
+  static const int sig = [] {
+    for (int s = SIGRTMAX - 4; s > SIGRTMIN + 4; --s) {
+      struct sigaction current;
+      if (sigaction(s, nullptr, &current) != 0) continue;
+      if ((current.sa_flags & SA_SIGINFO) || current.sa_handler != SIG_DFL) continue;
+      struct sigaction sa {};
+      sa.sa_sigaction = on_watchdog;
+      sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+      sigemptyset(&sa.sa_mask);
+      if (sigaction(s, &sa, nullptr) == 0) return s;  // kept for the life of the process: late ticks are ignored
     }
+    return 0;
+  }();
+  return sig;
+}
+
+double timeout_seconds() {
+  const char* text = std::getenv("TORCH_METAL_FUSED_EMU_TIMEOUT_S");
+  if (!text || !*text) return kDefaultTimeoutS;
+  char* end = nullptr;
+  const double v = std::strtod(text, &end);
+  if (*end || v != v) throw std::invalid_argument(std::string("TORCH_METAL_FUSED_EMU_TIMEOUT_S=") + text +
+                                                  " is not a number of seconds (0: no watchdog)");
+  return v;
+}
+
+uint64_t schedule_seed() {
+  const char* text = std::getenv("TORCH_METAL_FUSED_EMU_SEED");
+  if (!text || !*text) return kDefaultScheduleSeed;
+  char* end = nullptr;
+  const unsigned long long v = std::strtoull(text, &end, 0);
+  if (*end) throw std::invalid_argument(std::string("TORCH_METAL_FUSED_EMU_SEED=") + text + " is not an integer");
+  return v;
+}
+
+// For the duration of a dispatch: the fault handlers, an alternate signal stack (a fiber that overflowed its
+// stack cannot run a handler on it) and the watchdog timer.
+class DispatchGuard {
+ public:
+  explicit DispatchGuard(double timeout_s) {
+    static thread_local std::unique_ptr<char[]> alt_stack(new char[kAltStackBytes]);
+    stack_t ss{};
+    ss.ss_sp = alt_stack.get();
+    ss.ss_size = kAltStackBytes;
+    alt_stack_set_ = sigaltstack(&ss, &previous_stack_) == 0;
+    struct sigaction sa {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    install(SIGSEGV, sa, g_previous_segv);
+    install(SIGBUS, sa, g_previous_bus);
+    const int sig = watchdog_signal();
+    if (timeout_s > 0 && sig && timer_create) {
+      sigevent ev{};
+      ev.sigev_notify = SIGEV_THREAD_ID;
+      ev.sigev_signo = sig;
+      ev._sigev_un._tid = pid_t(syscall(SYS_gettid));
+      if (timer_create(CLOCK_MONOTONIC, &ev, &timer_) == 0) {
+        timer_set_ = true;
+        itimerspec when{};
+        when.it_value.tv_sec = time_t(timeout_s);
+        when.it_value.tv_nsec = long((timeout_s - double(time_t(timeout_s))) * 1e9);
+        if (when.it_value.tv_sec == 0 && when.it_value.tv_nsec == 0) when.it_value.tv_nsec = 1;
+        when.it_interval.tv_nsec = kWatchdogRetryNs;
+        timer_settime(timer_, 0, &when, nullptr);
+      }
+    }
+    g_timeout_pending = 0;
+    g_dispatch_thread = pthread_self();
+    g_dispatching = 1;
+  }
+  ~DispatchGuard() {
+    g_dispatching = 0;
+    if (timer_set_) timer_delete(timer_);
+    g_timeout_pending = 0;
+    restore(SIGSEGV, g_previous_segv);
+    restore(SIGBUS, g_previous_bus);
+    if (alt_stack_set_) sigaltstack(&previous_stack_, nullptr);
+  }
+  DispatchGuard(const DispatchGuard&) = delete;
+  DispatchGuard& operator=(const DispatchGuard&) = delete;
+
+ private:
+  static bool ours(const struct sigaction& sa) { return (sa.sa_flags & SA_SIGINFO) && sa.sa_sigaction == on_fault; }
+  void install(int sig, const struct sigaction& sa, struct sigaction& previous) {
+    struct sigaction old;
+    sigaction(sig, &sa, &old);
+    // Left installed by an interleaved dispatch of the other harness library: keep the real previous one.
+    if (!ours(old)) previous = old;
+  }
+  static void restore(int sig, const struct sigaction& previous) { sigaction(sig, &previous, nullptr); }
+
+  stack_t previous_stack_{};
+  bool alt_stack_set_ = false;
+  timer_t timer_{};
+  bool timer_set_ = false;
+};
+
+// Records why the dispatch was abandoned (after the escape, in normal context).
+void report_escape(Run& r, int why) {
+  r.aborted = true;
+  const Thread* t = r.current;
+  const std::string who = t ? " (" + thread_name(r, *t) + ")" : "";
+  if (why == kEscapeFinding) return;  // recorded before the escape
+  uintptr_t pc = report_pc(g_fault.pc, false);
+  std::string where;
+  if (!pc && g_fault.pc) {
+    // Outside the shader code (a libc or libm function the kernel called): the return address on top of the
+    // fiber's stack is usually the call in the kernel.
+    const uintptr_t stack_lo = t ? uintptr_t(r.stacks) + size_t(t->index) * kFiberStack + page_size() : 0;
+    if (t && g_fault.sp >= stack_lo && g_fault.sp + sizeof(uintptr_t) <= stack_lo + kFiberStack - page_size())
+      pc = report_pc(*reinterpret_cast<const uintptr_t*>(g_fault.sp), true);
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void*>(g_fault.pc), &info) && info.dli_fname)
+      where = std::string(", in ") + info.dli_fname;
+  }
+  if (why == kEscapeFault) {
+    const char* access = g_fault.write == 1 ? "store to " : g_fault.write == 0 ? "load from " : "access to ";
+    Place place = place_of(r, g_fault.addr);
+    std::string what = std::string(access) + place.what;
+    if (g_fault.signo == SIGSEGV && g_fault.code == SI_KERNEL) {
+      // A general-protection fault: no address (a non-canonical pointer, or a misaligned vector access).
+      place = Place{"wild-access", -1, ""};
+      what = "an invalid address (a pointer far outside the address space, or a misaligned vector access)";
+    } else if (g_fault.signo == SIGBUS) {
+      what = "bus error at " + hex(g_fault.addr) + " (" + place.what + ")";
+    }
+    add_error(place.kind, nullptr, 0, pc, what + who + where + "; the dispatch was abandoned", place.buffer);
+    r.report->aborted = place.kind;
+  } else {
+    const double limit = r.timeout_s;
+    const char* file = nullptr;
+    int line = 0;
+    if (!pc)  // escaped from the scheduler: point at where the threads are waiting
+      for (const auto& th : r.th)
+        if (!th.done && th.file) {
+          file = th.file, line = th.line;
+          break;
+        }
+    char seconds[32];
+    std::snprintf(seconds, sizeof(seconds), "%g", limit);
+    add_error("watchdog-timeout", file, line, pc,
+              std::string("the dispatch ran longer than ") + seconds +
+                  " s (TORCH_METAL_FUSED_EMU_TIMEOUT_S): an endless loop, or threads waiting for something that "
+                  "never happens; abandoned here" + who + where);
+    r.report->aborted = "watchdog-timeout";
+  }
+}
+
+// After a normal end: plain runs find stores into the poisoned bytes around each copy.
+void check_poison(Run& r) {
+  for (const auto& c : r.copies) {
+    const unsigned char* lo = c.rw;
+    const unsigned char* hi = c.rw + c.rw_bytes;
+    const unsigned char* first = nullptr;
+    const unsigned char* last = nullptr;
+    for (const unsigned char* p = lo; p < hi; ++p) {
+      if (p == c.data) p += c.size;
+      if (p >= hi) break;
+      if (*p != kPoison) {
+        if (!first) first = p;
+        last = p;
+      }
+    }
+    if (!first) continue;
+    const int64_t a = int64_t(first - c.data), b = int64_t(last - c.data);
+    add_error("device-out-of-bounds", nullptr, 0, 0,
+              "a store changed bytes " + std::to_string(a) + ".." + std::to_string(b) + " of buffer(" +
+                  std::to_string(c.index) + "), which holds " + std::to_string(c.size) +
+                  " bytes from its bind offset (" + (a < 0 ? "before its start" : "past its end, before the guard page") +
+                  "; run under the checker, TORCH_METAL_FUSED_EMU_CHECK=1, for the line)",
+              c.index);
   }
 }
 
@@ -372,35 +895,45 @@ void barrier(const char* file, int line) {
 
 void* threadgroup_local(uint64_t site, size_t bytes, const char* file, int line) {
   Run& r = *g_run;
-  auto it = r.locals.find(site);
-  if (it == r.locals.end()) {
-    size_t off = r.arena_used;
-    r.arena_used += (bytes + 15) & ~size_t(15);
-    if (r.arena_used > kThreadgroupArena) {
-      std::fprintf(stderr, "tmf_emu: threadgroup memory exceeds the runner's arena\n");
-      std::abort();
+  size_t offset;
+  {
+    BusyScope busy;
+    auto it = r.locals.find(site);
+    if (it == r.locals.end()) {
+      size_t off = r.arena_used;
+      r.arena_used += (bytes + 15) & ~size_t(15);
+      it = r.locals.emplace(site, off).first;
     }
-    it = r.locals.emplace(site, off).first;
+    offset = it->second;
+  }
+  if (r.arena_used > kThreadgroupArena) {
+    record_fatal("threadgroup-memory-limit", file, line,
+                 "threadgroup memory " + std::to_string(r.arena_used) + " bytes exceeds the runner's arena of " +
+                     std::to_string(kThreadgroupArena) + " (and Apple GPUs' 32 KiB)");
+    escape(kEscapeFinding);
   }
   if (r.arena_used > kThreadgroupMemoryLimit && !r.tg_over_limit_reported) {
     r.tg_over_limit_reported = true;
     add_error("threadgroup-memory-limit", file, line, 0,
               "threadgroup memory " + std::to_string(r.arena_used) + " bytes exceeds Apple GPUs' 32 KiB");
   }
-  return r.arena + it->second;
+  return r.arena + offset;
 }
 
 void* buffer_address(int index, size_t min_bytes) {
   const auto& view = g_run->view;
   auto it = view.find(index);
   if (it == view.end()) {
-    std::fprintf(stderr, "tmf_emu: kernel reads buffer(%d), which the host did not bind\n", index);
-    std::abort();
+    record_fatal("unbound-buffer", nullptr, 0,
+                 "kernel " + g_run->enc->kernel + " reads buffer(" + std::to_string(index) +
+                     "), which the host did not bind");
+    escape(kEscapeFinding);
   }
   if (min_bytes && it->second.size() < min_bytes) {
-    std::fprintf(stderr, "tmf_emu: buffer(%d) holds %zu bytes, the kernel's argument needs %zu\n", index,
-                 it->second.size(), min_bytes);
-    std::abort();
+    record_fatal("unbound-buffer", nullptr, 0,
+                 "buffer(" + std::to_string(index) + ") holds " + std::to_string(it->second.size()) +
+                     " bytes, the kernel's argument needs " + std::to_string(min_bytes));
+    escape(kEscapeFinding);
   }
   return it->second.address();
 }
@@ -408,8 +941,9 @@ void* buffer_address(int index, size_t min_bytes) {
 void* threadgroup_argument(int index) {
   Run& r = *g_run;
   if (index < 0 || size_t(index) >= r.tg_args.size() || !r.enc->threadgroup_memory.count(index)) {
-    std::fprintf(stderr, "tmf_emu: kernel uses threadgroup(%d), which the host did not size\n", index);
-    std::abort();
+    record_fatal("unbound-threadgroup-memory", nullptr, 0,
+                 "kernel uses threadgroup(" + std::to_string(index) + "), which the host did not size");
+    escape(kEscapeFinding);
   }
   return r.arena + r.tg_args[index];
 }
@@ -439,12 +973,12 @@ void thread_attribute(Role role, uint32_t out[3]) {
 }
 
 KernelRegistrar::KernelRegistrar(const char* host_name, KernelInvoker invoker, const Binding* bindings,
-                                 size_t count, size_t arity, const char* file, int line) {
+                                 size_t count, size_t arity, const ParamInfo* params, const char* file, int line) {
   if (count != arity) {
     std::fprintf(stderr, "tmf_emu: %s has %zu parameters but %zu bindings were parsed\n", host_name, arity, count);
     std::abort();
   }
-  registry()[host_name] = KernelEntry{invoker, bindings, count, file, line};
+  registry()[host_name] = KernelEntry{invoker, bindings, params, count, file, line};
 }
 
 // ---- the encoder's dispatch ----------------------------------------------------------------------------
@@ -456,14 +990,54 @@ std::vector<std::string> kernel_names() {
   return names;
 }
 
+namespace {
+
+// The threadgroup arena, between guard zones.
+unsigned char* threadgroup_arena() {
+  static unsigned char* arena = [] {
+    static Mapping mapping;  // never released
+    return map_guarded(mapping, kThreadgroupArena);
+  }();
+  return arena;
+}
+
+// The fiber stacks, each with a guard page at its low end (stacks grow down).
+char* fiber_stacks() {
+  static char* stacks = [] {
+    void* p = mmap(nullptr, kFiberStack * kMaxThreadsPerThreadgroup, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) std::abort();
+    char* base = static_cast<char*>(p);
+    for (size_t i = 0; i < kMaxThreadsPerThreadgroup; ++i) mprotect(base + i * kFiberStack, page_size(), PROT_NONE);
+    return base;
+  }();
+  return stacks;
+}
+
+// The alignment the kernel's parameter bound at `index` requires (16, Metal's largest, if none is).
+size_t buffer_alignment(const KernelEntry& k, int index, bool* writable) {
+  size_t alignment = 0;
+  *writable = false;
+  for (size_t i = 0; i < k.count; ++i)
+    if (k.bindings[i].role == Role::buffer && k.bindings[i].index == index && k.params[i].alignment) {
+      alignment = std::max<size_t>(alignment, k.params[i].alignment);
+      *writable = *writable || k.params[i].writable;
+    }
+  return alignment ? alignment : 16;
+}
+
+}  // namespace
+
 void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threads, DispatchReport& report) {
   std::lock_guard<std::mutex> lock(g_dispatch_mutex);
   auto it = registry().find(enc.kernel);
   if (it == registry().end()) throw std::runtime_error("tmf_emu: no kernel named " + enc.kernel);
   Run r;
+  r.timeout_s = timeout_seconds();
   r.kernel = &it->second;
   r.enc = &enc;
   r.report = &report;
+  r.seed = schedule_seed();
   uint32_t g[3] = {groups.x, groups.y, groups.z}, t[3] = {threads.x, threads.y, threads.z};
   std::memcpy(r.groups, g, sizeof(g));
   std::memcpy(r.threads, t, sizeof(t));
@@ -475,51 +1049,64 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
   if (r.nthreads > kMaxThreadsPerThreadgroup) {
     add_error("threads-per-threadgroup", nullptr, 0, 0,
               std::to_string(r.nthreads) + " threads per threadgroup exceed the limit of 1024");
+    report.aborted = "threads-per-threadgroup";
     g_run = nullptr;
     return;
   }
-  static unsigned char* arena = new unsigned char[kThreadgroupArena];
-  static char* stacks = [] {
-    void* p = mmap(nullptr, kFiberStack * kMaxThreadsPerThreadgroup, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) std::abort();
-    return static_cast<char*>(p);
-  }();
   static Shadow* shadow = new Shadow[kThreadgroupArena / 2];
-  r.arena = arena;
-  r.stacks = stacks;
+  find_image();
+  r.arena = threadgroup_arena();
+  r.stacks = fiber_stacks();
   r.shadow = shadow;
-  // In checking mode every buffer is copied into a private allocation between guard zones, so an access
-  // past its end cannot land in a neighbouring tensor (which would look like a legal access); buffers the
-  // kernel wrote are copied back afterwards.
-  std::vector<std::vector<unsigned char>> copies;
+  // Every buffer is copied into a private allocation between guard zones (BufferCopy): an access past its end
+  // faults (plain runs) or is reported (checked runs) instead of landing in a neighbouring tensor, which would
+  // look like a legal access. Changed buffers are copied back after a dispatch that ran to its end.
   g_ranges.clear();
-  for (auto& [index, buf] : enc.buffers) {
-    BoundBuffer b = buf;
-    if (enc.checking) {
-      copies.emplace_back(2 * kDeviceGuard + b.size(), 0xFF);
-      std::memcpy(copies.back().data() + kDeviceGuard, b.address(), b.size());
-      b = BoundBuffer{copies.back().data() + kDeviceGuard, b.size(), 0, b.argument_bytes};
+  r.copies.reserve(enc.buffers.size());
+  try {
+    for (auto& [index, buf] : enc.buffers) {
+      r.copies.emplace_back();
+      BufferCopy& c = r.copies.back();
+      c.index = index, c.host = buf;
+      const size_t alignment = buffer_alignment(*r.kernel, index, &c.writable);
+      place_copy(c, alignment, enc.checking);
+      const BoundBuffer b{c.data, c.size, 0, buf.argument_bytes};
+      r.view[index] = b;
+      g_ranges.push_back({uintptr_t(c.data), uintptr_t(c.data) + c.size, index, !b.argument_bytes});
+      if (!b.argument_bytes) report.traffic[index];  // a row for every bound buffer, even if untouched
     }
-    r.view[index] = b;
-    g_ranges.push_back({uintptr_t(b.address()), uintptr_t(b.base) + b.nbytes, index, !b.argument_bytes});
-    if (!b.argument_bytes) report.traffic[index];  // a row for every bound buffer, even if untouched
+  } catch (...) {
+    g_ranges.clear();
+    g_run = nullptr;
+    throw;
   }
   g_checking = enc.checking;
-  for (uint32_t z = 0; z < g[2] && !r.aborted; ++z)
-    for (uint32_t y = 0; y < g[1] && !r.aborted; ++y)
-      for (uint32_t x = 0; x < g[0] && !r.aborted; ++x) {
-        r.group[0] = x, r.group[1] = y, r.group[2] = z;
-        run_threadgroup(r);
-        const size_t written = std::min(kThreadgroupArena, r.arena_used + kArenaDirtyMargin);
-        g_arena_dirty = written;
-        if (g_checking) g_shadow_dirty = written;
-      }
+  {
+    DispatchGuard guard(r.timeout_s);
+    const int escaped = sigsetjmp(g_escape, 1);
+    if (escaped == 0) {
+      g_escape_armed = 1;
+      run_threadgroups(r);
+      g_escape_armed = 0;
+    } else {
+      // The threadgroup's fibers are abandoned where they stood; its arena and shadow are reset in full next time.
+      report_escape(r, escaped);
+      g_arena_dirty = g_shadow_dirty = kThreadgroupArena;
+    }
+  }
+  r.current = nullptr;
   report.threadgroup_memory = std::max(report.threadgroup_memory, r.arena_used);
-  if (enc.checking)
-    for (auto& [index, buf] : enc.buffers)
-      if (!buf.argument_bytes && report.traffic[index].bytes_written)
-        std::memcpy(buf.address(), r.view[index].address(), buf.size());
+  if (!enc.checking && report.aborted.empty()) check_poison(r);
+  if (report.aborted.empty()) {
+    for (const auto& c : r.copies) {
+      if (c.host.argument_bytes || !c.size) continue;
+      // Checked runs know what was written; plain runs compare (a buffer bound twice, once read-only, must not
+      // be overwritten with its stale copy).
+      const bool changed = enc.checking ? report.traffic[c.index].bytes_written != 0
+                                        : c.writable && std::memcmp(c.host.address(), c.data, c.size) != 0;
+      if (changed) std::memcpy(c.host.address(), c.data, c.size);
+    }
+  }
   g_checking = false;
   g_ranges.clear();
   g_run = nullptr;

@@ -49,6 +49,12 @@ class KernelCheckError(AssertionError):
         super().__init__("Metal kernel checker:\n" + "\n".join(f"  {f}" for f in findings))
 
 
+class KernelAbortedError(KernelCheckError):
+    """The harness abandoned a dispatch: a fault (an out-of-bounds access in a plain run), the watchdog
+    (TORCH_METAL_FUSED_EMU_TIMEOUT_S), an access the checker stopped, or threads that could not proceed (a barrier
+    not reached by all). Nothing was written to its buffers, and the launch's later dispatches did not run."""
+
+
 @dataclass
 class Finding:
     kind: str
@@ -56,6 +62,7 @@ class Finding:
     message: str
     count: int
     kernel: str
+    buffer: int | None = None  # the [[buffer(n)]] index of an out-of-bounds access, when known
 
     def __str__(self) -> str:
         times = f" (x{self.count})" if self.count > 1 else ""
@@ -70,6 +77,7 @@ class Dispatch:
     threadgroup_memory: int
     traffic: dict[int, tuple[int, int]] = field(default_factory=dict)  # buffer index -> (read, written) bytes
     findings: list[Finding] = field(default_factory=list)
+    aborted: str = ""  # the kind of finding that made the harness abandon the dispatch ("" if it ran to its end)
 
     @property
     def bytes_read(self) -> int:
@@ -181,7 +189,7 @@ class Harness:
             raise unavailable[0]
         findings = [f for d in dispatches for f in d.findings]
         if findings:
-            raise KernelCheckError(findings)
+            raise (KernelAbortedError if any(d.aborted for d in dispatches) else KernelCheckError)(findings)
         return dispatches
 
 
@@ -304,7 +312,12 @@ def _parse(report: str, symbolizer, unavailable: list[KernelUnavailable]) -> lis
         elif parts[0] == "error":
             kind, file, line_no, pc, count, message = parts[1:7]
             location = f"{file}:{line_no}" if file else symbolizer(int(pc))
-            dispatches[-1].findings.append(Finding(kind, location, message, int(count), dispatches[-1].kernel))
+            buffer = int(parts[7]) if len(parts) > 7 and int(parts[7]) >= 0 else None
+            dispatches[-1].findings.append(
+                Finding(kind, location, message, int(count), dispatches[-1].kernel, buffer)
+            )
+        elif parts[0] == "aborted":
+            dispatches[-1].aborted = parts[1]
     return dispatches
 
 

@@ -63,6 +63,7 @@ struct ErrorRecord {
   uintptr_t pc;  // offset in the shader library, for symbolizing loads/stores (0 when file:line is known)
   std::string message;
   int count;
+  int buffer = -1;  // the [[buffer(n)]] index an out-of-bounds access belongs to (-1: none or unknown)
 };
 
 struct Traffic {
@@ -75,6 +76,9 @@ struct DispatchReport {
   std::map<int, Traffic> traffic;  // by buffer index (counted in checking mode only)
   std::vector<ErrorRecord> errors;
   size_t threadgroup_memory = 0;
+  // Set when the runner abandoned the dispatch (a fault, the watchdog, an access the checker stopped): the kind
+  // of the finding that ended it. Nothing was copied back to the buffers.
+  std::string aborted;
 };
 
 class EmuEncoder;
@@ -133,6 +137,9 @@ class EmuEncoder {
   }
   void set_threadgroup_memory(int index, size_t bytes) { threadgroup_memory[index] = (bytes + 15) & ~size_t(15); }
   void dispatch_threadgroups(Size3 groups, Size3 threads) {
+    // After an abandoned dispatch the rest of the command buffer does not run (as after a GPU fault): its inputs
+    // were never written, and a second runaway dispatch would cost another watchdog period.
+    if (!reports.empty() && !reports.back().aborted.empty()) return;
     reports.emplace_back();
     run_dispatch(*this, groups, threads, reports.back());
   }

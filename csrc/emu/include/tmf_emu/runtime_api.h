@@ -184,6 +184,25 @@ P make_arg(const Binding& b) {
 
 using KernelInvoker = void (*)(const Binding* bindings);
 
+// What the runner needs to know about a kernel's buffer parameter to place its private copy: the alignment
+// its type promises the compiler (the copy ends as close to a guard page as that allows), and whether the
+// kernel may write through it (const-qualified ones are never copied back).
+struct ParamInfo {
+  uint32_t alignment;  // 0: not a buffer (a thread attribute)
+  bool writable;
+};
+
+template <typename P>
+constexpr ParamInfo param_info() {
+  if constexpr (std::is_pointer_v<P> || std::is_reference_v<P>) {
+    using V = std::remove_reference_t<std::remove_pointer_t<P>>;
+    if constexpr (std::is_void_v<V>) return ParamInfo{16, !std::is_const_v<V>};
+    else return ParamInfo{uint32_t(alignof(V)), !std::is_const_v<V>};
+  } else {
+    return ParamInfo{0, false};
+  }
+}
+
 template <typename F>
 struct Invoker;
 template <typename... P>
@@ -197,11 +216,12 @@ struct Invoker<void(P...)> {
     call<Fn>(b, std::index_sequence_for<P...>{});
   }
   static constexpr size_t arity = sizeof...(P);
+  static constexpr ParamInfo params[sizeof...(P) + 1] = {param_info<P>()..., ParamInfo{0, false}};
 };
 
 struct KernelRegistrar {
   KernelRegistrar(const char* host_name, KernelInvoker invoker, const Binding* bindings, size_t count,
-                  size_t arity, const char* file, int line);
+                  size_t arity, const ParamInfo* params, const char* file, int line);
 };
 
 }  // namespace tmf_emu
@@ -213,4 +233,5 @@ struct KernelRegistrar {
   static ::tmf_emu::KernelRegistrar TMF_CAT(tmf_registrar_, __LINE__)(                                  \
       host_name, &::tmf_emu::Invoker<decltype(__VA_ARGS__)>::template run<&__VA_ARGS__>,                \
       tmf_bindings_##base, sizeof(tmf_bindings_##base) / sizeof(::tmf_emu::Binding),                   \
-      ::tmf_emu::Invoker<decltype(__VA_ARGS__)>::arity, __FILE__, __LINE__);
+      ::tmf_emu::Invoker<decltype(__VA_ARGS__)>::arity, ::tmf_emu::Invoker<decltype(__VA_ARGS__)>::params,  \
+      __FILE__, __LINE__);
