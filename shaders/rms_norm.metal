@@ -2,12 +2,13 @@
 // Launch code: csrc/include/tmf/launch/rms_norm.h.
 //
 // Forward: y = x * rstd * (w + offset) (offset 0, or 1 for Gemma's (1 + w)) with rstd = rsqrt(mean(x²) + eps) saved as float32 per row (4 B per row).
-//   simd_rows  (cols <= 256)  8 rows per threadgroup, one SIMD-group per row, <= 8 elements per lane.
-//   single_row (cols <= 4096) one threadgroup per row, 4 contiguous elements per thread in registers.
-//   Both read x once and write y once (2 * sizeof(T) B per element, + w once per threadgroup).
+//   simd_rows  (cols <= 256)  up to 8 SIMD-groups per threadgroup, each walking >= 20 rows, <= 8 elements per lane.
+//   single_row (cols <= 8192) one threadgroup walking >= 20 rows, 8 contiguous elements per thread in registers.
+//   Both read x once and write y once (2 * sizeof(T) B per element, + w once per row walker: the host packs rows
+//   as tmf::launch::plan_rows says).
 //   looped     (longer rows)  reads x twice (3 * sizeof(T) B per element).
 //   One dispatch per op call. *_noweight variants read no weight.
-// Backward: one dispatch of the dx kernel over `groups` (<= 256) threadgroups, each walking rows
+// Backward: one dispatch of the dx kernel over `groups` (4 per GPU core, <= rows / 16) threadgroups, each walking rows
 //   group, group + groups, ...: g = dy * w, dx = rstd * (g - x * rstd² * mean(g * x)); with dw, each thread
 //   also accumulates dy * x * rstd for its columns (registers in single_row, its own slots of the partial
 //   row in looped) and writes one float32 partial row per group; a second dispatch
@@ -19,7 +20,7 @@
 using namespace metal;
 
 constant constexpr uint SIMD_ROW_ELEMS = 8;
-constant constexpr uint READS = 4;
+constant constexpr uint READS = tmf::kRowElementsPerThread;  // per thread in single_row
 
 // ---- forward ----------------------------------------------------------------------------------------
 template <typename T, bool HAS_WEIGHT>
@@ -137,6 +138,16 @@ template <typename T, bool HAS_WEIGHT>
 }
 
 // ---- backward ---------------------------------------------------------------------------------------
+// A row's rstd, loaded by lane 0 of each SIMD-group and broadcast: one device load per SIMD-group, not one per
+// thread (a uniform value; the whole SIMD-group must call this, as every backward row loop does).
+inline float row_rstd(device const float* rstd, uint row, uint lane) {
+  float r = 0.0f;
+  if (lane == 0) {
+    r = rstd[row];
+  }
+  return simd_broadcast(r, 0);
+}
+
 template <typename T, bool DX, bool DW>
 [[kernel]] void rms_norm_backward_single_row(
     device const T* dy [[buffer(0)]],
@@ -163,7 +174,7 @@ template <typename T, bool DX, bool DW>
   for (uint row = group; row < p.rows; row += p.groups) {  // uniform across the threadgroup
     device const T* xr = x + ulong(row) * p.x_row_stride;
     device const T* dyr = dy + ulong(row) * p.dy_row_stride;
-    const float r = rstd[row];
+    const float r = row_rstd(rstd, row, lane);
     float xv[READS];
     float gv[READS];
     float dot = 0.0f;
@@ -223,7 +234,7 @@ template <typename T, bool DX, bool DW>
   for (uint row = group; row < p.rows; row += p.groups) {
     device const T* xr = x + ulong(row) * p.x_row_stride;
     device const T* dyr = dy + ulong(row) * p.dy_row_stride;
-    const float r = rstd[row];
+    const float r = row_rstd(rstd, row, lane);
     float coef = 0.0f;
     if (DX) {
       float dot = 0.0f;

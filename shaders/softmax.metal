@@ -1,12 +1,11 @@
 // Softmax over rows, forward and backward, in float32, float16 and bfloat16 (accumulation in float32).
 // Launch code: csrc/include/tmf/launch/softmax.h (plan_rows in common.h picks the variant).
 //
-// Variants (per dispatch: one dispatch per op call; exp is precise::exp, so results do not depend on
-// fast-math settings):
+// Variants (one dispatch per op call; exponentials are exp2-based, exp_nonpositive in reduce.h):
 //   simd_rows  (cols <= 256)  8 rows per threadgroup, one SIMD-group (32 threads) per row, <= 8 elements
 //                             per lane kept in registers. Forward reads x once, writes y once:
 //                             2 * sizeof(T) bytes per element. Backward reads y, dy once, writes dx once.
-//   single_row (cols <= 4096) one threadgroup per row, ceil(cols/4) threads rounded up to 32, 4 contiguous
+//   single_row (cols <= 8192) one threadgroup per row, ceil(cols/8) threads rounded up to 32, 8 contiguous
 //                             elements per thread in registers; same traffic as simd_rows.
 //   looped     (longer rows)  one threadgroup per row, up to 1024 threads striding over the row with an
 //                             online max/sum, then a second pass: forward reads x twice (3 * sizeof(T) B per
@@ -17,7 +16,7 @@
 using namespace metal;
 
 constant constexpr uint SIMD_ROW_ELEMS = 8;   // elements per lane in simd_rows (cols <= 256)
-constant constexpr uint READS = 4;            // elements per thread in single_row (cols <= 4 * threads)
+constant constexpr uint READS = tmf::kRowElementsPerThread;  // per thread in single_row (cols <= 8 * threads)
 
 // ---- forward ----------------------------------------------------------------------------------------
 template <typename T>
@@ -44,7 +43,7 @@ template <typename T>
   float s = 0.0f;
   for (uint i = 0; i < SIMD_ROW_ELEMS; ++i) {
     const uint c = lane + i * 32;
-    v[i] = c < p.cols ? precise::exp(v[i] - m) : 0.0f;
+    v[i] = c < p.cols ? exp_nonpositive(v[i] - m) : 0.0f;
     s += v[i];
   }
   const float inv = 1.0f / simd_sum(s);
@@ -82,7 +81,7 @@ template <typename T>
   m = threadgroup_max(m, scratch, lane, simd_group, n_simd);
   float s = 0.0f;
   for (uint i = 0; i < READS; ++i) {
-    v[i] = c0 + i < p.cols ? precise::exp(v[i] - m) : 0.0f;
+    v[i] = c0 + i < p.cols ? exp_nonpositive(v[i] - m) : 0.0f;
     s += v[i];
   }
   const float inv = 1.0f / threadgroup_sum(s, scratch, lane, simd_group, n_simd);
@@ -116,18 +115,18 @@ template <typename T>
   for (uint c = tid; c < p.cols; c += threads) {
     const float xv = float(xr[c]);
     if (xv > m) {
-      s = s * precise::exp(m - xv) + precise::exp(xv - xv);  // exp(xv - xv): 1, or NaN for +inf (as torch)
+      s = s * exp_nonpositive(m - xv) + exp_nonpositive(xv - xv);  // exp(xv - xv): 1, or NaN for +inf (as torch)
       m = xv;
     } else if (xv != -INFINITY) {
-      s += precise::exp(xv - m);  // NaN input lands here and poisons the row, as in torch
+      s += exp_nonpositive(xv - m);  // NaN input lands here and poisons the row, as in torch
     }
   }
   const float row_max = threadgroup_max(m, scratch, lane, simd_group, n_simd);
-  s = m == -INFINITY ? 0.0f : s * precise::exp(m - row_max);
+  s = m == -INFINITY ? 0.0f : s * exp_nonpositive(m - row_max);
   const float inv = 1.0f / threadgroup_sum(s, scratch, lane, simd_group, n_simd);
   // Pass 2: re-read x, write y.
   for (uint c = tid; c < p.cols; c += threads) {
-    yr[c] = static_cast<T>(precise::exp(float(xr[c]) - row_max) * inv);
+    yr[c] = static_cast<T>(exp_nonpositive(float(xr[c]) - row_max) * inv);
   }
   }
 }

@@ -46,7 +46,7 @@ def test_contract_sizes(backend, n, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("n", [33, 4097])
+@pytest.mark.parametrize("n", [33, 4097, 8193])
 def test_layouts(backend, layout, n, dtype):
     x = make_layout((6, n), dtype, backend.device, layout)
     w = make_layout((n,), dtype, backend.device, "offset_view", seed=3)
@@ -121,7 +121,7 @@ def test_gradcheck_reference():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [40, 1000, 5000])
+@pytest.mark.parametrize("n", [40, 1000, 9000])
 def test_gemma_offset(backend, dtype, n):
     """offset=1: Gemma's (1 + weight), with weight near zero as Gemma initialises it."""
     x = randn((7, n), dtype, backend.device).requires_grad_(True)
@@ -149,7 +149,7 @@ def test_empty_rows_with_zero_eps(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [40, 1000, 5000])
+@pytest.mark.parametrize("n", [40, 1000, 9000])
 def test_backward_with_strided_inputs(backend, n, dtype):
     """dy and x as views with rows wider than their length (each its own row stride), at widths that select every
     backward variant, with dx and dw."""

@@ -27,7 +27,7 @@ def test_contract_sizes(backend, n, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("n", [33, 4097])
+@pytest.mark.parametrize("n", [33, 4097, 8193])
 def test_layouts(backend, layout, n, dtype):
     _check(backend, make_layout((5, n), dtype, backend.device, layout, scale=2.0), -1, dtype)
 
@@ -96,7 +96,7 @@ def test_backward_is_our_kernel(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [40, 1000, 5000])
+@pytest.mark.parametrize("n", [40, 1000, 9000])
 def test_backward_with_a_strided_incoming_gradient(backend, n, dtype):
     """dy as a view whose rows are wider than y's (its own row stride), at widths that select every backward
     variant: each must address dy with dy's stride, not y's."""

@@ -25,6 +25,7 @@ DeviceBuffer buf(const TensorArg& t) { return DeviceBuffer{t.base, size_t(t.offs
 
 thread_local std::string g_report;
 thread_local std::string g_faults;  // tmf_emu_set_faults
+thread_local uint32_t g_gpu_cores = tmf_emu::kHarnessGpuCores;  // tmf_emu_set_gpu_cores
 
 const char* write_report(const tmf_emu::EmuEncoder& enc) {
   std::ostringstream out;
@@ -48,6 +49,7 @@ const char* run(int checking, uint32_t max_threads, F&& launch) {
   enc.checking = checking != 0;
   enc.max_threads = max_threads;
   enc.faults.spec = g_faults;
+  enc.cores = g_gpu_cores;
   try {
     launch(enc);
   } catch (const tmf::launch::KernelUnavailable& e) {
@@ -69,6 +71,9 @@ extern "C" {
 
 // The faults the next launches on this thread emulate (see tmf_emu::Faults).
 void tmf_emu_set_faults(const char* spec) { g_faults = spec ? spec : ""; }
+
+// The GPU core count the next launches on this thread plan for (see tmf_emu::kHarnessGpuCores).
+void tmf_emu_set_gpu_cores(uint32_t cores) { g_gpu_cores = cores; }
 
 // A kernel's pipeline as the launch code would get it (faults applied): "pipeline\t<max threads>\t<execution
 // width>", or an "unavailable" line. For `python -m torch_metal_fused.doctor`.
@@ -125,7 +130,9 @@ const char* tmf_emu_rms_norm_backward(int checking, uint32_t max_threads, int dt
   });
 }
 
-uint32_t tmf_emu_rms_norm_backward_groups(uint64_t rows) { return tmf::launch::rms_norm_backward_groups(rows); }
+uint32_t tmf_emu_rms_norm_backward_groups(uint64_t rows) {
+  return tmf::launch::rms_norm_backward_groups(rows, g_gpu_cores);
+}
 
 int tmf_emu_lora_use_merged_weight(uint64_t tokens, uint64_t in_features, int has_dropout) {
   return tmf::launch::lora_use_merged_weight(tokens, in_features, has_dropout != 0) ? 1 : 0;

@@ -4,9 +4,11 @@
 
 #import <Metal/Metal.h>
 
+#include <ATen/mps/MPSDevice.h>
 #include <ATen/mps/MPSStream.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <exception>
 
 #include "metal_status.h"
@@ -19,6 +21,13 @@ using launch::DType;
 using launch::Pipeline;
 using launch::Size3;
 
+// The GPU's core count (IORegistry, through ATen), read once: launch plans size their grids and the RMSNorm
+// backward's partial buffer from it.
+inline uint32_t gpu_core_count() {
+  static const uint32_t cores = std::max<uint32_t>(1, at::mps::MPSDevice::getInstance()->getCoreCount());
+  return cores;
+}
+
 // The stream's compute encoder is fetched on the first encoding call, after the launch code has selected its
 // pipelines: a launch that throws KernelUnavailable (the reference then serves the call) touches nothing.
 class MPSEncoder {
@@ -26,6 +35,7 @@ class MPSEncoder {
   explicit MPSEncoder(at::mps::MPSStream* stream) : stream_(stream) {}
 
   Pipeline pipeline(const std::string& kernel) { return mps::pipeline(kernel); }
+  uint32_t gpu_cores() const { return gpu_core_count(); }
   void set_pipeline(const Pipeline& p) {
     [encoder() setComputePipelineState:(__bridge id<MTLComputePipelineState>)p.handle];
   }

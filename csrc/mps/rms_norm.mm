@@ -36,7 +36,7 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const a
   if (x.numel() > 0 && (needs_dx || needs_dw)) {
     at::Tensor x2 = as_rows(x), dy2 = as_rows(dy);
     const int64_t rows = x2.size(0);
-    at::Tensor partial = needs_dw ? at::empty({launch::rms_norm_backward_groups(rows), cols},
+    at::Tensor partial = needs_dw ? at::empty({launch::rms_norm_backward_groups(rows, mps::gpu_core_count()), cols},
                                               x.options().dtype(at::kFloat))
                                   : at::Tensor();
     at::Tensor w = weight ? weight->contiguous() : at::Tensor();

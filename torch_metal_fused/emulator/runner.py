@@ -26,6 +26,8 @@ CHECK_ENV = "TORCH_METAL_FUSED_EMU_CHECK"
 # compile:<family>, pipeline:<family or kernel>, max_threads:<family or kernel>=<n>,
 # simd_width:<family or kernel>=<n>, no_bfloat (see csrc/emu/include/tmf_emu/emu_encoder.h).
 FAULTS_ENV = "TORCH_METAL_FUSED_EMU_FAULTS"
+# The GPU core count launch plans see by default (tmf_emu::kHarnessGpuCores; a Mac reports its own).
+HARNESS_GPU_CORES = 10
 
 
 class TensorArg(ctypes.Structure):
@@ -94,6 +96,7 @@ class _State(threading.local):
         self.recorders: list[list[Dispatch]] = []
         self.max_threads = 1024
         self.faults: str | None = None  # None: read FAULTS_ENV
+        self.gpu_cores = HARNESS_GPU_CORES
 
 
 _state = _State()
@@ -116,8 +119,14 @@ class Harness:
             lib.tmf_emu_rms_norm_backward_groups.restype = ctypes.c_uint32
             lib.tmf_emu_rms_norm_backward_groups.argtypes = [ctypes.c_uint64]
             lib.tmf_emu_set_faults.argtypes = [ctypes.c_char_p]
+            lib.tmf_emu_set_gpu_cores.argtypes = [ctypes.c_uint32]
             self._loaded[checked] = lib
         return self._loaded[checked]
+
+    @staticmethod
+    def _configure(lib: ctypes.CDLL) -> None:
+        lib.tmf_emu_set_faults(active_faults().encode())
+        lib.tmf_emu_set_gpu_cores(_state.gpu_cores)
 
     def kernel_names(self) -> list[str]:
         return self.library(False).tmf_emu_kernel_names().decode().split()
@@ -125,7 +134,7 @@ class Harness:
     def pipeline_info(self, kernel: str) -> dict[str, int]:
         """The kernel's pipeline limits as the launch code sees them (faults applied), or KernelUnavailable."""
         lib = self.library(False)
-        lib.tmf_emu_set_faults(active_faults().encode())
+        self._configure(lib)
         fn = lib.tmf_emu_pipeline_info
         fn.restype = ctypes.c_char_p
         parts = fn(ctypes.c_uint32(_state.max_threads), kernel.encode()).decode().rstrip("\n").split("\t")
@@ -137,7 +146,7 @@ class Harness:
         """Run `tmf_emu_<entry>` (a shared launch function) with tensors / ints / floats as arguments."""
         checked = is_checking()
         lib = self.library(checked)
-        lib.tmf_emu_set_faults(active_faults().encode())
+        self._configure(lib)
         fn = getattr(lib, f"tmf_emu_{entry}")
         fn.restype = ctypes.c_char_p
         report = fn(
@@ -212,7 +221,11 @@ def pipeline_info(kernel: str) -> dict[str, int]:
 
 
 def rms_norm_backward_groups(rows: int) -> int:
-    return int(default_harness().library(False).tmf_emu_rms_norm_backward_groups(rows))
+    """Rows of the RMSNorm backward's dw partial buffer (tmf::launch::rms_norm_backward_groups) for the
+    current gpu_cores(), as the launch the caller makes next will use."""
+    lib = default_harness().library(False)
+    Harness._configure(lib)
+    return int(lib.tmf_emu_rms_norm_backward_groups(rows))
 
 
 def lora_use_merged_weight(tokens: int, in_features: int, has_dropout: bool) -> bool:
@@ -278,6 +291,11 @@ def fault_active(kind: str) -> bool:
 def faults(spec: str) -> contextlib.AbstractContextManager[None]:
     """Emulate failures inside the block (see FAULTS_ENV), e.g. faults("compile:softmax")."""
     return _overriding("faults", spec)
+
+
+def gpu_cores(n: int) -> contextlib.AbstractContextManager[None]:
+    """Plan launches for a GPU of `n` cores inside the block (the default is HARNESS_GPU_CORES)."""
+    return _overriding("gpu_cores", n)
 
 
 def pipeline_max_threads(n: int) -> contextlib.AbstractContextManager[None]:

@@ -12,6 +12,10 @@ using uint = uint32_t;
 namespace tmf {
 #endif
 
+// Row kernels (softmax, RMSNorm), single_row variants: elements each thread keeps in registers, so rows up to
+// 8 x 1024 = 8192 wide are read once; longer rows (or a pipeline allowing fewer threads) take the looped variants.
+TMF_SHARED_CONSTANT uint kRowElementsPerThread = 8;
+
 // LoRA low-rank kernels (shaders/lora_linear.metal, variant "tiled"): the largest rank the kernels take, the
 // register accumulators per thread for the group's (token, rank) cells, the most token rows per threadgroup, and
 // the two threadgroup tiles in floats (input rows / second factor, and first factor / the group's h).

@@ -27,6 +27,10 @@ using tmf::launch::Size3;
 //   max_threads:<target>=<n>     the pipeline's maxTotalThreadsPerThreadgroup is n
 //   simd_width:<target>=<n>      the pipeline's threadExecutionWidth is n
 // where <target> is a family name or a kernel host name. (`no_bfloat` is read by the Python backend.)
+// The GPU core count launch plans see in the harness (on a Mac: MPSDevice::getCoreCount()). 10 is the largest
+// base chip's (M2, M3, M4 with 10 GPU cores); Pro and Max chips have 14-40: runner.gpu_cores() emulates them.
+constexpr uint32_t kHarnessGpuCores = 10;
+
 struct Faults {
   std::string spec;
 
@@ -95,6 +99,7 @@ class EmuEncoder {
   std::vector<DispatchReport> reports;
   bool checking = false;
   uint32_t max_threads = 1024;  // what the emulated pipelines report as maxTotalThreadsPerThreadgroup
+  uint32_t cores = kHarnessGpuCores;
   Faults faults;
 
   // As the MPS pipeline cache: a kernel missing from its family's library, or a pipeline that cannot be built,
@@ -121,6 +126,7 @@ class EmuEncoder {
     return p;
   }
   void set_pipeline(const Pipeline& p) { kernel = p.kernel; }
+  uint32_t gpu_cores() const { return cores; }
   // Any registered kernel, family or not (the harness's own test shaders), without the pipeline checks.
   void set_kernel_unchecked(const std::string& name) {
     if (!kernel_exists(name)) throw std::invalid_argument("no Metal kernel named " + name);

@@ -127,12 +127,14 @@ TMF_UNARY(ceil, std::ceil(v))
 
 namespace precise {
 using metal::exp;
+using metal::exp2;
 using metal::log;
 using metal::rsqrt;
 using metal::sqrt;
 }  // namespace precise
 namespace fast {
 using metal::exp;
+using metal::exp2;
 using metal::log;
 using metal::rsqrt;
 using metal::sqrt;

@@ -10,6 +10,7 @@
 //   void set_buffer(int index, const DeviceBuffer& b);   // bound at b.offset bytes
 //   void set_bytes(int index, const void* data, size_t size);
 //   void set_threadgroup_memory(int index, size_t bytes);
+//   uint32_t gpu_cores();                                 // the GPU's core count (MPS), or the harness's stand-in
 //   void dispatch_threadgroups(Size3 groups, Size3 threads_per_group);
 //
 // Every launch function selects all its pipelines (select_pipeline) and its plan before it encodes anything,
@@ -100,9 +101,15 @@ inline const char* dtype_suffix(DType t) {
 }
 
 constexpr uint32_t kSimdWidth = 32;  // every kernel assumes 32-wide SIMD-groups (simd_sum, simd_shuffle, lanes)
-constexpr uint32_t kReadsPerThread = 4;       // single_row variants: elements cached per thread
+constexpr uint32_t kReadsPerThread = kRowElementsPerThread;  // single_row variants: elements cached per thread
 constexpr uint32_t kSimdRowsMaxCols = 256;    // simd_rows variants: at most 8 elements per lane
 constexpr uint32_t kSimdRowsPerGroup = 8;     // simd_rows variants: rows (SIMD-groups) per threadgroup
+// Threadgroups per GPU core a launch aims for before it packs more rows into a group (latency hiding).
+constexpr uint32_t kGroupsPerCore = 4;
+// A kernel that keeps a per-column operand in registers (RMSNorm's weight) re-reads it for every row walker (a
+// threadgroup, or a SIMD-group in simd_rows): walking at least this many rows keeps the re-reads under
+// 1 / (2 · 20) = 2.5 % of the traffic (x read and y written once per row).
+constexpr uint32_t kMinRowsPerOperandRead = 20;
 
 inline uint32_t ceil_div(uint64_t a, uint64_t b) { return uint32_t((a + b - 1) / b); }
 inline uint32_t round_up(uint32_t v, uint32_t m) { return ceil_div(v, m) * m; }
@@ -133,27 +140,40 @@ Pipeline select_pipeline(Encoder& enc, const std::string& kernel) {
 // How a row-wise kernel family (softmax forward/backward, RMSNorm forward) covers `rows` x `cols`:
 //  - simd_rows  (cols <= 256): one SIMD-group per row, 8 SIMD-groups per threadgroup; each lane caches <= 8
 //    elements.
-//  - single_row (cols <= 4 * max threads): one threadgroup per row, each thread caches 4 contiguous
-//    elements in registers, so x is read once and y written once.
+//  - single_row (cols <= 8 * max threads, so up to 8192): one threadgroup per row, each thread caches 8
+//    contiguous elements in registers, so x is read once and y written once.
 //  - looped     (longer rows): one threadgroup per row, up to 1024 threads striding over the row; reads
 //    the input twice (see each kernel's notes).
-// `rows_per_thread` > 1 makes each SIMD-group (simd_rows) or threadgroup (the others) walk that many rows,
-// so a per-column operand (RMSNorm's weight) is read once per `rows_per_thread` rows instead of every row.
+// Row walkers (a SIMD-group in simd_rows, else a threadgroup) take one row each, unless the kernel re-reads a
+// per-column operand per walker (`reuses_column_operand`: RMSNorm's weight): then each walks
+// max(kMinRowsPerOperandRead, rows / (kGroupsPerCore · cores · walkers per group)) rows, so the operand costs
+// <= 2.5 % of the traffic and, where there are enough rows, every core still gets kGroupsPerCore groups. With
+// fewer than kGroupsPerCore · cores · 20 rows not every core gets that many: such launches move less than a few MB,
+// where launch latency, not bandwidth, sets the time.
 struct RowPlan {
   Pipeline pipeline;
   Size3 groups, threads;
   uint32_t rows_per_group = 1;
 };
 
+inline uint32_t rows_per_walker(uint32_t rows, bool reuses_column_operand, uint32_t walkers_per_group,
+                                uint32_t gpu_cores) {
+  if (!reuses_column_operand) return 1;
+  const uint64_t walkers_wanted = uint64_t(kGroupsPerCore) * std::max<uint32_t>(gpu_cores, 1) * walkers_per_group;
+  return std::max<uint32_t>(kMinRowsPerOperandRead, ceil_div(rows, walkers_wanted));
+}
+
 template <class Encoder>
-RowPlan plan_rows(Encoder& enc, const char* base, DType t, uint32_t rows, uint32_t cols, uint32_t rows_per_thread = 1) {
+RowPlan plan_rows(Encoder& enc, const char* base, DType t, uint32_t rows, uint32_t cols,
+                  bool reuses_column_operand = false) {
   RowPlan plan;
   if (cols <= kSimdRowsMaxCols) {
     plan.pipeline = select_pipeline(enc, kernel_name(base, "simd_rows", t));
-    uint32_t max_simd = plan.pipeline.max_threads / kSimdWidth;
-    uint32_t n_simd = std::min({kSimdRowsPerGroup, ceil_div(rows, rows_per_thread), max_simd});
+    const uint32_t max_simd = std::min(kSimdRowsPerGroup, plan.pipeline.max_threads / kSimdWidth);
+    const uint32_t per_walker = rows_per_walker(rows, reuses_column_operand, max_simd, enc.gpu_cores());
+    const uint32_t n_simd = std::min(ceil_div(rows, per_walker), max_simd);
     plan.threads.x = n_simd * kSimdWidth;
-    plan.rows_per_group = n_simd * rows_per_thread;
+    plan.rows_per_group = n_simd * per_walker;
   } else {
     uint32_t needed = round_up(ceil_div(cols, kReadsPerThread), kSimdWidth);
     plan.pipeline = select_pipeline(enc, kernel_name(base, "single_row", t));
@@ -163,7 +183,7 @@ RowPlan plan_rows(Encoder& enc, const char* base, DType t, uint32_t rows, uint32
       plan.pipeline = select_pipeline(enc, kernel_name(base, "looped", t));
       plan.threads.x = std::min<uint32_t>(1024, round_down(plan.pipeline.max_threads, kSimdWidth));
     }
-    plan.rows_per_group = rows_per_thread;
+    plan.rows_per_group = rows_per_walker(rows, reuses_column_operand, 1, enc.gpu_cores());
   }
   plan.rows_per_group = std::min(plan.rows_per_group, rows);
   plan.groups.x = ceil_div(rows, plan.rows_per_group);

@@ -5,7 +5,11 @@
 
 namespace tmf::launch {
 
-constexpr uint32_t kRmsNormRowsPerThread = 8;
+// The backward dx kernel's threadgroups, each writing one float32 row of dw partial sums: kGroupsPerCore per GPU
+// core, and at most one per kRowsPerDwPartialRow rows, so writing and re-reading the partial rows (8 B per column
+// each) plus the weight re-read per group stay small next to x, dy and dx (<= 10 % of the minimum traffic at 4096
+// rows and more, <= 25 % from 1024 rows, with the harness's stand-in core count and with 40 cores).
+constexpr uint32_t kRowsPerDwPartialRow = 16;
 
 // y = x * rstd * (w + weight_offset), rstd (float32, one per row) saved for backward. One dispatch.
 // `weight` with handle == nullptr means no weight (kernel variant without it reads none).
@@ -17,8 +21,8 @@ void rms_norm_forward(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t x_r
   check_u32(rows, "rows"), check_u32(cols, "row length"), check_u32(x_row_stride, "row stride");
   const bool has_weight = weight.handle != nullptr;
   std::string base = has_weight ? "rms_norm_forward" : "rms_norm_forward_noweight";
-  // 8 rows per thread: the weight is read once per 8 rows (kept in registers), not once per row.
-  RowPlan plan = plan_rows(enc, base.c_str(), t, uint32_t(rows), uint32_t(cols), kRmsNormRowsPerThread);
+  // The weight is kept in registers and read once per row walker (plan_rows: >= 20 rows each).
+  RowPlan plan = plan_rows(enc, base.c_str(), t, uint32_t(rows), uint32_t(cols), /*reuses_column_operand=*/true);
   RowParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), 0, plan.rows_per_group, eps, weight_offset};
   enc.set_pipeline(plan.pipeline);
   enc.set_buffer(0, x);
@@ -29,9 +33,12 @@ void rms_norm_forward(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t x_r
   enc.dispatch_threadgroups(plan.groups, plan.threads);
 }
 
-// Threadgroups of the backward dx kernel, and so rows of the float32 dw partial-sum buffer the caller
-// allocates: enough groups to fill a GPU, few enough that the partial rows cost little next to x.
-inline uint32_t rms_norm_backward_groups(uint64_t rows) { return uint32_t(std::min<uint64_t>(rows, 256)); }
+// Threadgroups of the backward dx kernel, and so rows of the float32 dw partial-sum buffer the caller allocates
+// (see kRowsPerDwPartialRow).
+inline uint32_t rms_norm_backward_groups(uint64_t rows, uint32_t gpu_cores) {
+  const uint64_t per_cores = uint64_t(kGroupsPerCore) * std::max<uint32_t>(gpu_cores, 1);
+  return uint32_t(std::clamp<uint64_t>(rows / kRowsPerDwPartialRow, 1, per_cores));
+}
 
 // dx (contiguous) and, if `dw_partial` is given, dw: the dx kernel walks rows group, group + groups, ...
 // keeping each thread's dw columns in registers (single_row) and writes one partial row per group;
@@ -47,7 +54,7 @@ void rms_norm_backward(Encoder& enc, DType t, const DeviceBuffer& dy, uint64_t d
   const bool has_weight = weight.handle != nullptr;
   const bool wants_dw = dw_partial.handle != nullptr;
   const bool wants_dx = dx.handle != nullptr;
-  const uint32_t groups = rms_norm_backward_groups(rows);
+  const uint32_t groups = rms_norm_backward_groups(rows, enc.gpu_cores());
   RmsNormBackwardParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), uint32_t(dy_row_stride), groups,
                           has_weight ? 1u : 0u, weight_offset};
   const char* mode = wants_dx ? (wants_dw ? "dx_dw" : "dx") : "dw";
