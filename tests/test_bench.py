@@ -1,23 +1,82 @@
-"""The benchmark command: --quick --device cpu produces every output file with the expected columns; the MPS
-timing method (back-to-back batches between two synchronize() calls), exercised with fakes on Linux."""
+"""The benchmark command: on a CPU its default is the emulated report (the Metal kernels' traffic on the harness, with
+per-chip floors labelled as a model), --timed --quick --device cpu produces every output file of the timed run with
+the expected columns, the fallback to the timed run where the harness is missing, the plots or the one-line
+matplotlib message; the MPS timing method (back-to-back batches between two synchronize() calls), exercised with
+fakes on Linux."""
 
 import csv
 import json
 import math
+import sys
 
 import pytest
 import torch
 
+from torch_metal_fused.bench import __main__ as bench_main
 from torch_metal_fused.bench import run
 from torch_metal_fused.bench.__main__ import main
+from torch_metal_fused.bench.chips import CHIPS, by_name
 from torch_metal_fused.bench.run import CSV_COLUMNS, EMULATED_COLUMNS
 
 MPS_METHOD = "N back-to-back calls between two torch.mps.synchronize(), per-call = span/N; first call separate"
 
 
-def test_quick_cpu_run_writes_every_output(tmp_path, capsys):
+def _csv_rows(out):
+    with (out / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.emulated
+def test_cpu_default_is_the_emulated_report_with_model_floors(tmp_path, capsys):
+    """No flag on a CPU: the emulated report of the default (emulated) suite, every row with its traffic, dispatches,
+    threadgroup memory and a floor per chip that is bytes moved ÷ that chip's copy bandwidth, labelled a model."""
+    out = tmp_path / "default"
+    gpu = torch.backends.mps.is_available() or torch.cuda.is_available()
+    device = ["--device", "cpu"] if gpu else []  # no flag at all where the CPU is the default device
+    assert main([*device, "--ops", "softmax", "--dtypes", "float16", "--out", str(out)]) == 0
+    rows = _csv_rows(out)
+    assert set(EMULATED_COLUMNS) <= set(rows[0]) and "median_us" not in rows[0]
+    data = json.loads((out / "results.json").read_text())
+    assert data["emulated"] is True and data["fused_backend"] == "metal-emulated" and data["suite"] == "emulated"
+    assert {(r["shape"], r["mode"]) for r in rows} == {
+        (f"{r}x{c}", m)
+        for r, c in run.shapes("softmax", "emulated")
+        for m in ("forward", "backward", "forward_backward")
+    }
+    m1 = by_name("M1")
+    assert m1.copy_gbps == 56 and m1.kind == "measured copy"
+    for r in rows:
+        assert not r["error"], r
+        moved = int(r["device_bytes_read"]) + int(r["device_bytes_written"])
+        assert int(r["bytes_moved"]) == moved > 0 and int(r["dispatches"]) >= 1
+        assert float(r["traffic_over_min"]) == pytest.approx(moved / int(r["min_bytes"]))
+        for chip in CHIPS:  # the projection: bytes ÷ the chip's copy bandwidth, in µs
+            assert float(r[f"floor_us_{chip.key}"]) == pytest.approx(moved / (chip.copy_gbps * 1e9) * 1e6)
+        assert float(r["floor_us_M1"]) == pytest.approx(moved / 56e3)
+        per_dispatch = [int(b) for b in r["threadgroup_bytes"].split(" + ")]  # threadgroup memory per dispatch
+        assert len(per_dispatch) == int(r["dispatches"]) and max(per_dispatch) == int(r["max_threadgroup_bytes"])
+        assert all(0 <= b <= 32768 for b in per_dispatch), r
+    # the kernels' own `threadgroup` arrays are counted (our kernels size none with setThreadgroupMemoryLength):
+    # the whole-threadgroup reductions of the wide-row variants go through a threadgroup scratch array
+    assert any(int(r["max_threadgroup_bytes"]) > 0 for r in rows)
+    chips = {c["name"]: c for c in data["projection"]["chips"]}
+    assert chips["M1"]["copy_gbps"] == 56 and chips["M1"]["source"] and chips["M1"]["column"] == "floor_us_M1"
+    assert "not a measurement" in data["projection"]["what"]
+    summary = (out / "summary.md").read_text()
+    assert "No timings" in summary and "- timing:" not in summary
+    assert "A floor from a bandwidth model, NOT a measurement" in summary
+    for name in ("M1", "M3 Max", "M4 Max"):  # the table's chips, their columns named as a model
+        assert f"| {name} floor µs (model) " in summary
+    assert "M1: 56 GB/s, measured copy (chsasank/device-benchmarks)" in summary
+    printed = capsys.readouterr().out
+    assert summary.strip() in printed
+    assert (out / "softmax.png").stat().st_size > 1000  # bars of x minimum per shape
+
+
+def test_timed_quick_cpu_run_writes_every_output(tmp_path, capsys):
+    """--timed: the old CPU behaviour, timing the plain-PyTorch reference against torch."""
     out = tmp_path / "bench"
-    assert main(["--quick", "--device", "cpu", "--dtypes", "float32", "--reps", "3", "--out", str(out)]) == 0
+    assert main(["--timed", "--quick", "--device", "cpu", "--dtypes", "float32", "--reps", "3", "--out", str(out)]) == 0
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert set(CSV_COLUMNS) <= set(rows[0])
@@ -41,7 +100,7 @@ def test_quick_cpu_run_writes_every_output(tmp_path, capsys):
     assert "- timing: host clock around each call" in summary and data["timing"] == run.timing_method(
         torch.device("cpu"), 3
     )
-    for op in ("softmax", "rms_norm", "lora"):
+    for op in ("softmax", "rms_norm", "lora"):  # bars of % of copy bandwidth per shape
         assert (out / f"{op}.png").stat().st_size > 1000
     assert "| op" in capsys.readouterr().out
 
@@ -82,6 +141,57 @@ def test_bad_arguments_are_reported(capsys):
     assert "unknown op 'conv'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--device", "cuda", "--emulated"])
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--emulated", "--timed"])
+    with pytest.raises(SystemExit):
+        main(["--chips", "M9"])
+    assert "unknown chip 'M9'" in capsys.readouterr().err
+
+
+def test_cpu_modes_and_suites_by_flag():
+    cpu = bench_main.parse(["--device", "cpu"])
+    assert cpu.cfg.emulated and cpu.emulated_by_default and cpu.cfg.suite == "emulated"
+    assert cpu.cfg.chips == ["M1", "M3 Max", "M4 Max"]
+    timed = bench_main.parse(["--device", "cpu", "--timed"]).cfg
+    assert not timed.emulated and timed.suite == "quick"
+    explicit = bench_main.parse(["--device", "cpu", "--emulated", "--quick", "--chips", "all"])
+    assert explicit.cfg.emulated and not explicit.emulated_by_default and explicit.cfg.suite == "quick"
+    assert explicit.cfg.chips == [c.name for c in CHIPS]
+
+
+def test_without_the_harness_the_cpu_default_falls_back_to_the_timed_run(monkeypatch, capsys):
+    reason = "clang 19 (or newer) not found: the harness needs its _Float16/__bf16 support"
+    monkeypatch.setattr(bench_main, "harness_unavailable_reason", lambda: reason)
+    ran = []
+    monkeypatch.setattr(bench_main, "run_benchmarks", lambda cfg, notes: ran.append((cfg, notes)))
+    assert main(["--device", "cpu"]) == 0
+    (cfg, notes), err = ran[0], capsys.readouterr().err
+    assert not cfg.emulated and cfg.suite == "quick"  # the timed run's CPU default
+    explained = [ln for ln in err.splitlines() if "unavailable" in ln]
+    assert len(explained) == 1 and reason in explained[0] and "times the plain-PyTorch reference" in explained[0]
+    assert notes == explained  # and in the report's header
+    assert main(["--device", "cpu", "--suite", "full"]) == 0 and ran[1][0].suite == "full"  # a chosen suite stays
+    assert main(["--device", "cpu", "--emulated"]) == 2 and len(ran) == 2  # asked for explicitly: an error
+    assert reason in capsys.readouterr().err
+
+
+def test_plots_without_matplotlib_say_so_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    rows = [{"op": "softmax", "mode": "forward", "dtype": "float32", "shape": "8x8", "traffic_over_min": 1.0}]
+    paths, message = run._plots(tmp_path, rows, emulated=True)
+    assert paths == [] and "\n" not in message
+    assert "matplotlib is not installed" in message and "pip install matplotlib" in message and "[plot]" in message
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.emulated
+def test_emulated_run_prints_the_matplotlib_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    args = ["--device", "cpu", "--ops", "lora", "--suite", "quick", "--dtypes", "float32", "--modes", "forward"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "matplotlib" in ln]
+    assert lines == [f"plots skipped: matplotlib is not installed ({run.PLOT_HINT})"]
+    assert not list(tmp_path.glob("*.png"))
 
 
 class FakeGpu:

@@ -128,14 +128,12 @@ def _prepare_rows(case: Case, provider: str, device: torch.device) -> Prepared:
         w.requires_grad_(True)
     sets = [make() for _ in range(n)]
     nxt = _rotate(sets)
-    io = rows * cols * es
     if case.mode == "forward":
 
         def run():
             x, _ = nxt()
             return fn(x, w)
 
-        min_bytes = 2 * io
     elif case.mode == "backward":
         outs = [(fn(x, w), dy, x) for x, dy in sets]
         nxt_out = _rotate(outs)
@@ -144,15 +142,21 @@ def _prepare_rows(case: Case, provider: str, device: torch.device) -> Prepared:
             y, dy, x = nxt_out()
             _grads(y, dy, x, w, retain_graph=True)
 
-        min_bytes = 3 * io
     else:
 
         def run():
             x, dy = nxt()
             _grads(fn(x, w), dy, x, w)
 
-        min_bytes = 5 * io
-    return Prepared(run, min_bytes, 0, n)
+    return Prepared(run, _rows_min_bytes(case), 0, n)
+
+
+def _rows_min_bytes(case: Case) -> int:
+    """Forward reads x and writes y; backward reads y (softmax) or x (RMSNorm) and dy and writes dx; the weight and
+    RMSNorm's per-row statistics are not counted (a row's worth or one value per row)."""
+    rows, cols = case.shape
+    io = rows * cols * (torch.finfo(case.dtype).bits // 8)
+    return {"forward": 2, "backward": 3, "forward_backward": 5}[case.mode] * io
 
 
 def _prepare_lora(case: Case, provider: str, device: torch.device) -> Prepared:
@@ -190,19 +194,14 @@ def _prepare_lora(case: Case, provider: str, device: torch.device) -> Prepared:
     n = _n_sets((tokens * (fin + fout)) * es)
     sets = [(rnd(tokens, fin, grad=True), rnd(tokens, fout)) for _ in range(n)]
     nxt = _rotate(sets)
-    fwd_bytes = (tokens * fin + fout * fin + r * (fin + fout) + tokens * fout) * es
-    fwd_flops = 2 * tokens * fin * fout + 2 * tokens * r * (fin + fout)
-    # backward: dx = dy·W (+ rank-r parts), dA, dB (W frozen)
-    bwd_bytes = (2 * tokens * fout + fout * fin + 2 * tokens * fin + 2 * r * (fin + fout)) * es
-    bwd_flops = 2 * tokens * fin * fout + 6 * tokens * r * (fin + fout)
+    min_bytes, flops = _lora_min_bytes_flops(case)
     if case.mode == "forward":
 
         def run():
             x, _ = nxt()
             return fn(x)
 
-        return Prepared(run, fwd_bytes, fwd_flops, n)
-    if case.mode == "backward":
+    elif case.mode == "backward":
         outs = [(fn(x), dy, x) for x, dy in sets]
         nxt_out = _rotate(outs)
 
@@ -210,13 +209,30 @@ def _prepare_lora(case: Case, provider: str, device: torch.device) -> Prepared:
             y, dy, x = nxt_out()
             _grads(y, dy, x, a, b, retain_graph=True)
 
-        return Prepared(run, bwd_bytes, bwd_flops, n)
+    else:
 
-    def run():
-        x, dy = nxt()
-        _grads(fn(x), dy, x, a, b)
+        def run():
+            x, dy = nxt()
+            _grads(fn(x), dy, x, a, b)
 
-    return Prepared(run, fwd_bytes + bwd_bytes, fwd_flops + bwd_flops, n)
+    return Prepared(run, min_bytes, flops, n)
+
+
+def _lora_min_bytes_flops(case: Case) -> tuple[int, int]:
+    """The whole LoRA linear (base GEMM included): forward reads x, W, A, B and writes y; backward (W frozen)
+    computes dx = dy·W (+ the rank-r parts), dA and dB."""
+    tokens, fin, fout, r = case.shape
+    es = torch.finfo(case.dtype).bits // 8
+    fwd_bytes = (tokens * fin + fout * fin + r * (fin + fout) + tokens * fout) * es
+    fwd_flops = 2 * tokens * fin * fout + 2 * tokens * r * (fin + fout)
+    bwd_bytes = (2 * tokens * fout + fout * fin + 2 * tokens * fin + 2 * r * (fin + fout)) * es
+    bwd_flops = 2 * tokens * fin * fout + 6 * tokens * r * (fin + fout)
+    per_mode = {
+        "forward": (fwd_bytes, fwd_flops),
+        "backward": (bwd_bytes, bwd_flops),
+        "forward_backward": (fwd_bytes + bwd_bytes, fwd_flops + bwd_flops),
+    }
+    return per_mode[case.mode]
 
 
 def lora_lowrank_min_bytes(case: Case) -> int:
@@ -229,6 +245,45 @@ def lora_lowrank_min_bytes(case: Case) -> int:
     backward = tokens * fout + r * (fin + fout) + 2 * tokens * fin + tokens * r
     per_mode = {"forward": forward, "backward": backward, "forward_backward": forward + backward}
     return per_mode[case.mode] * es
+
+
+def min_bytes(case: Case) -> int:
+    """The minimum bytes of the op's work (the timed cases' `Prepared.min_bytes`)."""
+    return _lora_min_bytes_flops(case)[0] if case.op == "lora" else _rows_min_bytes(case)
+
+
+@dataclass
+class TrainingStep:
+    """One input set of the fused op: `forward()` returns y; `backward(y)` computes the gradients of every trainable
+    input (x, RMSNorm's weight, LoRA's A and B), as the timed cases' backward mode does."""
+
+    forward: Callable[[], torch.Tensor]
+    backward: Callable[[torch.Tensor], None]
+
+
+def training_step(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> TrainingStep:
+    """The fused op's forward and backward on one input set, for the emulated report: its forward is the timed
+    cases' forward (same trainable inputs, so the same kernels), and its backward their backward, so one forward and
+    one backward give the forward, backward and forward_backward rows."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*s, scale=1.0, grad=False):
+        t = (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    if op == "lora":
+        tokens, fin, fout, r = shape
+        weight, bias = rnd(fout, fin, scale=fin**-0.5), rnd(fout)
+        a, b = rnd(r, fin, scale=fin**-0.5, grad=True), rnd(fout, r, scale=r**-0.5, grad=True)
+        x, dy = rnd(tokens, fin, grad=True), rnd(tokens, fout)
+        return TrainingStep(
+            lambda: tmf.lora_linear(x, weight, a, b, 2.0, bias), lambda y: _grads(y, dy, x, a, b, retain_graph=True)
+        )
+    rows, cols = shape
+    fn = _row_op(Case(op, shape, dtype, "forward"), "fused")
+    x, dy = rnd(rows, cols, grad=True), rnd(rows, cols)
+    w = (torch.rand(cols, generator=g) + 0.5).to(device=device, dtype=dtype).requires_grad_(op == "rms_norm")
+    return TrainingStep(lambda: fn(x, w), lambda y: _grads(y, dy, x, w, retain_graph=True))
 
 
 def prepare(case: Case, provider: str, device: torch.device) -> Prepared:
@@ -253,9 +308,25 @@ CUDA_ROWS = [(8192, 4096), (4096, 8192), (32768, 1024), (512, 512)]
 CUDA_LORA = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 4096, 11008, 16), (512, 512, 512, 8)]
 
 
+# The emulated report's default (the harness runs a kernel at about a microsecond per element and pass on a CPU
+# core: ~40 s for these on 2 cores). Row widths from 256 to beyond the widest row a threadgroup caches in registers,
+# so each launch variant of the row kernels is counted (simd_rows, single_row, looped: csrc/include/tmf/launch/
+# common.h): LLM hidden sizes 4096, 8192 and 16384 (RMSNorm) and vocabulary-sized logits (softmax, 32768). LoRA: a
+# small adapter and a 4096 x 4096 projection at rank 16 with 512 tokens (with 1024 tokens or more, and more tokens
+# than in_features, the merged-weight route runs instead: native GEMMs only, no Metal kernel to count).
+EMULATED_SHAPES = {
+    "softmax": [(4096, 256), (1024, 4096), (512, 8192), (128, 32768)],
+    "rms_norm": [(4096, 256), (1024, 4096), (512, 8192), (256, 16384)],
+    "lora": [(128, 512, 512, 8), (512, 4096, 4096, 16)],
+}
+SUITES = ("full", "quick", "cuda", "emulated")
+
+
 def shapes(op: str, suite: str) -> list[tuple[int, ...]]:
     if suite == "quick":
         return QUICK_SHAPES[op]
+    if suite == "emulated":
+        return EMULATED_SHAPES[op]
     if suite == "cuda":
         return CUDA_LORA if op == "lora" else CUDA_ROWS
     return SEED_SHAPES[op] + (LLM_LORA if op == "lora" else LLM_ROWS)

@@ -18,7 +18,17 @@ from pathlib import Path
 import torch
 
 import torch_metal_fused as tmf
-from torch_metal_fused.bench.cases import Case, lora_lowrank_min_bytes, prepare, providers, shapes
+from torch_metal_fused.bench.cases import (
+    MODES,
+    Case,
+    lora_lowrank_min_bytes,
+    min_bytes,
+    prepare,
+    providers,
+    shapes,
+    training_step,
+)
+from torch_metal_fused.bench.chips import CHIPS, DEFAULT_TABLE_CHIPS, Chip, by_name
 
 _KEY_COLUMNS = ["op", "provider", "backend", "mode", "dtype", "shape"]
 _META_COLUMNS = ["device", "device_name", "torch_version", "project_version", "timestamp"]
@@ -28,11 +38,15 @@ CSV_COLUMNS = [
     *["fused_speedup", "peak_memory_mb"],
     *_META_COLUMNS,
 ]
+FLOOR_COLUMNS = [f"floor_us_{c.key}" for c in CHIPS]  # bytes moved ÷ the chip's copy bandwidth (a model)
 EMULATED_COLUMNS = [
     *_KEY_COLUMNS,
-    *["kernels", "dispatches", "device_bytes_read", "device_bytes_written", "min_bytes", "traffic_over_min"],
+    *["kernels", "dispatches", "threadgroup_bytes", "max_threadgroup_bytes"],
+    *["device_bytes_read", "device_bytes_written", "bytes_moved", "min_bytes", "traffic_over_min"],
+    *FLOOR_COLUMNS,
     *_META_COLUMNS,
 ]
+PLOT_HINT = "pip install matplotlib, or the package's extra: pip install -e '.[plot]'"
 
 
 @dataclass
@@ -46,6 +60,7 @@ class BenchConfig:
     reps: int = 0
     out: Path | None = None
     plots: bool = True
+    chips: list[str] = field(default_factory=lambda: list(DEFAULT_TABLE_CHIPS))  # floors in the terminal table
 
 
 @dataclass
@@ -337,42 +352,84 @@ def _row_base(case: Case, provider: str, env: Environment, device: torch.device)
 
 
 def _emulated_rows(cfg: BenchConfig, env: Environment) -> list[dict]:
-    """Device traffic and dispatches per op call of the Metal kernels, from the Metal-on-CPU harness."""
+    """Device traffic, dispatches and threadgroup memory per op call of the Metal kernels, from the Metal-on-CPU
+    harness, and the floor each chip's copy bandwidth puts under that traffic (a model). Per (op, shape, dtype):
+    one forward and one backward, each recorded on its own; the forward_backward row is the two together."""
     from torch_metal_fused.emulator import runner
 
-    rows = []
-    cases = _cases(cfg)
-    progress = Progress(len(cases))
+    rows: list[dict] = []
+    groups = [(op, shape, dtype) for op in cfg.ops for shape in shapes(op, cfg.suite) for dtype in cfg.dtypes]
+    modes = [m for m in MODES if m in cfg.modes]
+    progress = Progress(len(groups))
     old = os.environ.get("TORCH_METAL_FUSED_BACKEND")
     os.environ["TORCH_METAL_FUSED_BACKEND"] = "metal-emulated"
     try:
-        for case in cases:
-            row = _row_base(case, "fused", env, cfg.device)
-            prep = prepare(case, "fused", cfg.device)
-            prep.run()  # first call outside the record: backward rows need their forward done
-            with runner.record() as rec:
-                prep.run()
-            read = sum(d.bytes_read for d in rec)
-            written = sum(d.bytes_written for d in rec)
-            minimum = lora_lowrank_min_bytes(case) if case.op == "lora" else prep.min_bytes
-            row.update(
-                kernels=" + ".join(d.kernel for d in rec),
-                dispatches=len(rec),
-                device_bytes_read=read,
-                device_bytes_written=written,
-                min_bytes=minimum,
-                traffic_over_min=(read + written) / minimum if minimum else None,
-            )
-            if case.op == "lora":
-                row["note"] = "LoRA: the low-rank kernels against their own minimum; the native GEMMs are not counted"
-            rows.append(row)
-            progress.step(f"{case.op} {case.shape_str} {str(case.dtype)[6:]} {case.mode}")
+        for op, shape, dtype in groups:
+            cases = [Case(op, shape, dtype, m) for m in modes]
+            try:
+                step = training_step(op, shape, dtype, cfg.device)
+                with runner.record() as forward:
+                    y = step.forward()
+                backward: list = []
+                if modes != ["forward"]:
+                    with runner.record() as backward:
+                        step.backward(y)
+                del y, step
+                per_mode = {"forward": forward, "backward": backward, "forward_backward": forward + backward}
+                rows += [_emulated_row(case, per_mode[case.mode], env, cfg.device) for case in cases]
+            except Exception as exc:
+                for case in cases:
+                    row = _row_base(case, "fused", env, cfg.device)
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                    rows.append(row)
+            progress.step(f"{op} {'x'.join(map(str, shape))} {str(dtype)[6:]}")
     finally:
         if old is None:
             os.environ.pop("TORCH_METAL_FUSED_BACKEND", None)
         else:
             os.environ["TORCH_METAL_FUSED_BACKEND"] = old
     return rows
+
+
+def _emulated_row(case: Case, dispatches: list, env: Environment, device: torch.device) -> dict:
+    row = _row_base(case, "fused", env, device)
+    read = sum(d.bytes_read for d in dispatches)
+    written = sum(d.bytes_written for d in dispatches)
+    minimum = lora_lowrank_min_bytes(case) if case.op == "lora" else min_bytes(case)
+    row.update(
+        kernels=" + ".join(d.kernel for d in dispatches),
+        dispatches=len(dispatches),
+        # per dispatch, in order: the bytes of threadgroup memory each of its threadgroups uses
+        threadgroup_bytes=" + ".join(str(d.threadgroup_memory) for d in dispatches),
+        max_threadgroup_bytes=max((d.threadgroup_memory for d in dispatches), default=None),
+        device_bytes_read=read,
+        device_bytes_written=written,
+        bytes_moved=read + written,
+        min_bytes=minimum,
+        traffic_over_min=(read + written) / minimum if minimum and dispatches else None,
+    )
+    if dispatches:
+        row.update({f"floor_us_{c.key}": c.floor_us(read + written) for c in CHIPS})
+    if case.op == "lora":
+        row["note"] = "LoRA: the low-rank kernels against their own minimum; the native GEMMs are not counted"
+    if not dispatches:
+        row["note"] = "no Metal dispatch: served by the native matmul or the plain-PyTorch reference"
+    return row
+
+
+def harness_unavailable_reason() -> str | None:
+    """Why the Metal-on-CPU harness cannot run here (no clang 19 or boost.context, or a platform without the
+    pieces it needs), or None once it is built (the first call compiles it, then it is cached)."""
+    try:
+        from torch_metal_fused.emulator import runner
+        from torch_metal_fused.emulator.build import HarnessUnavailable
+    except ImportError as exc:  # e.g. no fcntl (Windows)
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        runner.kernel_names()  # builds the libraries on first use, and loads one
+    except (HarnessUnavailable, OSError) as exc:
+        return str(exc)
+    return None
 
 
 # ---- reports -------------------------------------------------------------------------------------------
@@ -384,20 +441,40 @@ def _fmt(v, digits=1) -> str:
     return str(v)
 
 
-def _table(rows: list[dict], emulated: bool) -> str:
+def _first_line(text: str | None) -> str:
+    """A message fit for a table cell: its first line, without the table's separator."""
+    return (text or "").strip().split("\n")[0].replace("|", "/") or "–"
+
+
+def _short_kernel(name: str, dtype: str) -> str:
+    """A kernel's host name without its element-type suffix (the table has a dtype column)."""
+    suffix = {"float32": "_float", "float16": "_half", "bfloat16": "_bfloat"}.get(dtype, "")
+    return name.removesuffix(suffix)
+
+
+def _table(rows: list[dict], emulated: bool, chips: list[Chip] | None = None) -> str:
     if emulated:
-        head = ["op", "mode", "dtype", "shape", "dispatches", "MB moved", "minimum MB", "x minimum", "kernels"]
+        chips = chips if chips is not None else [by_name(n) for n in DEFAULT_TABLE_CHIPS]
+        head = [
+            *["op", "mode", "dtype", "shape", "dispatches", "MB moved", "minimum MB", "x minimum", "threadgroup B"],
+            *[f"{c.name} floor µs (model)" for c in chips],
+            "kernels",
+        ]
         body = [
             [
                 r["op"],
                 r["mode"],
                 r["dtype"],
                 r["shape"],
-                r["dispatches"],
-                _fmt((r["device_bytes_read"] + r["device_bytes_written"]) / 1e6, 2),
-                _fmt(r["min_bytes"] / 1e6, 2),
-                _fmt(r["traffic_over_min"], 2),
-                r["kernels"],
+                _fmt(r.get("dispatches")),
+                _fmt(r["bytes_moved"] / 1e6, 2) if "bytes_moved" in r else "–",
+                _fmt(r["min_bytes"] / 1e6, 2) if "min_bytes" in r else "–",
+                _fmt(r.get("traffic_over_min"), 2),
+                (r.get("threadgroup_bytes") or "–").replace(" + ", ", "),
+                *[_fmt(r.get(f"floor_us_{c.key}"), 1) for c in chips],
+                " + ".join(_short_kernel(k, r["dtype"]) for k in r["kernels"].split(" + "))
+                if r.get("kernels")
+                else _first_line(r.get("error") or r.get("note")),
             ]
             for r in rows
         ]
@@ -429,7 +506,7 @@ def _table(rows: list[dict], emulated: bool) -> str:
                 _fmt(r.get("first_call_us"), 0),
                 _fmt(r.get("gbps")),
                 _fmt(r.get("pct_copy_bw")),
-                (_fmt(r.get("fused_speedup"), 2) + "x") if r.get("fused_speedup") else r.get("error", "–"),
+                (_fmt(r.get("fused_speedup"), 2) + "x") if r.get("fused_speedup") else _first_line(r.get("error")),
             ]
             for r in rows
         ]
@@ -450,6 +527,25 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in [*columns, "error", "note"]})
 
 
+def table_chips(cfg: BenchConfig) -> list[Chip]:
+    return [by_name(n) for n in cfg.chips]
+
+
+EMULATED_NOTES = [
+    "emulated: the Metal kernels ran on the Metal-on-CPU harness (no Apple GPU here), through the same launch code "
+    "as on MPS. Per op call: the device bytes the kernels read and wrote (MB moved) against the minimum (each input "
+    "read once, each output written once: x minimum), the dispatches, and the threadgroup memory per threadgroup of "
+    "each dispatch in order (threadgroup B). No timings: CPU time of an emulation says nothing about an Apple GPU.",
+    "<chip> floor µs (model) = MB moved ÷ that chip's copy bandwidth: the time the kernels would take if they moved "
+    "their bytes at the speed of a large device-to-device copy. A floor from a bandwidth model, NOT a measurement: "
+    "real kernels take longer (dispatch and synchronisation latency, occupancy, caches), and small shapes are "
+    "latency-bound, far above it. results.csv has the floor for every chip below (floor_us_<chip>).",
+    "threadgroup B: what the harness allocated for each dispatch's last threadgroup: the kernel's own threadgroup "
+    "arrays (allocated when a threadgroup reaches their declaration) plus setThreadgroupMemoryLength arguments (none "
+    "of our kernels use them). Apple GPUs allow 32 KiB per threadgroup, about 64 KiB per core.",
+]
+
+
 def _summary(cfg: BenchConfig, env: Environment, rows: list[dict], fused_backend: str) -> str:
     lines = [
         "# torch_metal_fused benchmark",
@@ -457,63 +553,92 @@ def _summary(cfg: BenchConfig, env: Environment, rows: list[dict], fused_backend
         f"- device: {env.device} — {env.device_name}",
         f"- torch {env.torch_version}, torch_metal_fused {env.project_version}, {env.timestamp}",
         f"- fused backend on this device: {fused_backend}",
+        f"- shapes: the {cfg.suite} suite",
     ]
     if not cfg.emulated:
         lines.append(f"- timing: {timing_method(cfg.device, cfg.reps)}")
     if env.copy_gbps:
         lines.append(f"- measured device copy bandwidth: {env.copy_gbps:.1f} GB/s (bytes read + written)")
     lines += [f"- {n}" for n in env.notes]
-    lines += ["", _table(rows, cfg.emulated), ""]
+    if cfg.emulated:
+        lines += [f"- {n}" for n in EMULATED_NOTES]
+        lines.append("- copy bandwidth behind each floor (torch_metal_fused/bench/chips.py cites the sources):")
+        lines += [f"  - {c.describe()}" for c in CHIPS]
+    lines += ["", _table(rows, cfg.emulated, table_chips(cfg) if cfg.emulated else None), ""]
     return "\n".join(lines)
 
 
-def _plots(out: Path, rows: list[dict]) -> list[Path]:
+def _shape_key(shape: str) -> int:
+    return math.prod(int(v) for v in shape.split("x"))
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[float | None]]) -> None:
+    """Grouped bars: one group per x label, one bar per series (missing values left out)."""
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        pts = [(x, v) for x, v in zip(xs, values) if v is not None]
+        if pts:
+            ax.bar([x for x, _ in pts], [v for _, v in pts], width, label=label)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    ax.legend(fontsize=7)
+
+
+def _plots(out: Path, rows: list[dict], emulated: bool) -> tuple[list[Path], str | None]:
+    """One figure per op: bars per shape of x minimum (emulated; one panel per mode, one bar per dtype) or of %
+    of the device's copy bandwidth (timed; one panel per dtype and mode, one bar per provider). Returns the
+    files and, when matplotlib is missing, a one-line message."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
+        return [], f"plots skipped: matplotlib is not installed ({PLOT_HINT})"
+    value = "traffic_over_min" if emulated else "pct_copy_bw"
     paths = []
     for op in sorted({r["op"] for r in rows}):
-        sub = [r for r in rows if r["op"] == op and r.get("median_us")]
+        sub = [r for r in rows if r["op"] == op and r.get(value) is not None]
         if not sub:
             continue
-        dtypes = sorted({r["dtype"] for r in sub})
-        modes = [m for m in ("forward", "backward", "forward_backward") if any(r["mode"] == m for r in sub)]
-        fig, axes = plt.subplots(len(dtypes), len(modes), figsize=(4.2 * len(modes), 3.4 * len(dtypes)), squeeze=False)
-        for ax, (dtype, mode) in zip(axes.flat, [(d, m) for d in dtypes for m in modes]):
-            for prov in sorted({r["provider"] for r in sub}):
-                pts = [r for r in sub if r["provider"] == prov and r["dtype"] == dtype and r["mode"] == mode]
-                pts.sort(key=lambda r: math.prod(int(v) for v in r["shape"].split("x")))
-                if pts:
-                    ax.plot([r["shape"] for r in pts], [r["median_us"] for r in pts], marker="o", label=prov)
-            ax.set_title(f"{op} {dtype} {mode}", fontsize=9)
-            ax.set_ylabel("µs (median)")
-            ax.set_yscale("log")
-            ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-            ax.legend(fontsize=7)
+        dtypes = list(dict.fromkeys(r["dtype"] for r in sub))
+        modes = [m for m in MODES if any(r["mode"] == m for r in sub)]
+        panels = [(None, m) for m in modes] if emulated else [(d, m) for d in dtypes for m in modes]
+        ncols = len(modes)
+        nrows = len(panels) // ncols
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.4 * nrows), squeeze=False)
+        for ax, (dtype, mode) in zip(axes.flat, panels):
+            pts = [r for r in sub if r["mode"] == mode and (dtype is None or r["dtype"] == dtype)]
+            shape_list = sorted({r["shape"] for r in pts}, key=_shape_key)
+            key = "dtype" if emulated else "provider"
+            kinds = list(dict.fromkeys(r[key] for r in pts))  # in the order of the run
+            found = {(r[key], r["shape"]): r[value] for r in pts}
+            _bars(ax, shape_list, {k: [found.get((k, sh)) for sh in shape_list] for k in kinds})
+            if emulated:
+                ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+                ax.set_title(f"{op} {mode}: bytes moved / minimum", fontsize=9)
+                ax.set_ylabel("x minimum (harness count)")
+            else:
+                ax.set_title(f"{op} {dtype} {mode}", fontsize=9)
+                ax.set_ylabel("% of copy bandwidth (median)")
         fig.tight_layout()
         path = out / f"{op}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
-    return paths
+    return paths, None
 
 
-def run_benchmarks(cfg: BenchConfig) -> Path:
+def run_benchmarks(cfg: BenchConfig, notes: list[str] | None = None) -> Path:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     env = Environment(cfg.device.type, device_name(cfg.device), torch.__version__, tmf.__version__, stamp)
+    env.notes += notes or []
     out = cfg.out or Path("bench_results") / f"{stamp.replace(':', '')}-{cfg.device.type}"
     out.mkdir(parents=True, exist_ok=True)
     fused_backend = tmf.backend_for(torch.empty(0, device=cfg.device))
     if cfg.emulated:
-        env.notes.append(
-            "emulated: the Metal kernels ran on the Metal-on-CPU harness; the numbers are the device bytes the "
-            "kernels move and their dispatches per op call, against the minimum. No timings: CPU time of an "
-            "emulation says nothing about an Apple GPU."
-        )
+        fused_backend = "metal-emulated"
         rows = _emulated_rows(cfg, env)
         columns = EMULATED_COLUMNS
     else:
@@ -527,14 +652,22 @@ def run_benchmarks(cfg: BenchConfig) -> Path:
         columns = CSV_COLUMNS
     _write_csv(out / "results.csv", rows, columns)
     meta = {"environment": env.__dict__, "suite": cfg.suite, "emulated": cfg.emulated, "fused_backend": fused_backend}
-    if not cfg.emulated:
+    if cfg.emulated:
+        meta["projection"] = {
+            "what": "floor_us_<chip> = bytes_moved / the chip's copy bandwidth: a floor from a bandwidth model, "
+            "not a measurement",
+            "chips": [{**c.__dict__, "column": f"floor_us_{c.key}"} for c in CHIPS],
+        }
+    else:
         meta["timing"] = timing_method(cfg.device, cfg.reps)
     (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
     summary = _summary(cfg, env, rows, fused_backend)
     (out / "summary.md").write_text(summary)
-    plots = _plots(out, rows) if cfg.plots and not cfg.emulated else []
+    plots, plot_message = _plots(out, rows, cfg.emulated) if cfg.plots else ([], None)
     print(summary)
     print(
         f"wrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'summary.md'}" + "".join(f", {p}" for p in plots)
     )
+    if plot_message:
+        print(plot_message)
     return out
