@@ -17,10 +17,26 @@
 #include <metal_stdlib>
 #include "tmf/shader_args.h"
 #include "reduce.h"
+#include "row_io.h"
 using namespace metal;
 
 constant constexpr uint SIMD_ROW_ELEMS = 8;
 constant constexpr uint READS = tmf::kRowElementsPerThread;  // per thread in single_row
+
+// The weight + offset for a thread's N columns (1 without a weight, and past the end of the row).
+template <uint N, bool HAS_WEIGHT, typename T>
+inline void load_weight_elements(device const T* w, uint c0, uint cols, float offset, thread float* wv) {
+  if (HAS_WEIGHT) {
+    load_row_elements<N>(w, c0, cols, 1.0f - offset, wv);
+    for (uint i = 0; i < N; ++i) {
+      wv[i] += offset;
+    }
+  } else {
+    for (uint i = 0; i < N; ++i) {
+      wv[i] = 1.0f;
+    }
+  }
+}
 
 // ---- forward ----------------------------------------------------------------------------------------
 template <typename T, bool HAS_WEIGHT>
@@ -77,18 +93,16 @@ template <typename T, bool HAS_WEIGHT>
     uint n_simd [[simdgroups_per_threadgroup]]) {
   threadgroup float scratch[32];
   const uint c0 = tid * READS;
-  float wv[READS];  // the weight, read once per threadgroup and reused for all its rows
-  for (uint i = 0; i < READS; ++i) {
-    wv[i] = (HAS_WEIGHT && c0 + i < p.cols) ? float(w[c0 + i]) + p.weight_offset : 1.0f;
-  }
+  float wv[READS];  // the weight (+ offset), read once per threadgroup and reused for all its rows
+  load_weight_elements<READS, HAS_WEIGHT>(w, c0, p.cols, p.weight_offset, wv);
   const uint last = min(p.rows, (group + 1) * p.rows_per_group);
   for (uint row = group * p.rows_per_group; row < last; ++row) {  // uniform across the threadgroup
   device const T* xr = x + ulong(row) * p.x_row_stride;
   device T* yr = y + ulong(row) * p.cols;
   float v[READS];
+  load_row_elements<READS>(xr, c0, p.cols, 0.0f, v);
   float ss = 0.0f;
   for (uint i = 0; i < READS; ++i) {
-    v[i] = c0 + i < p.cols ? float(xr[c0 + i]) : 0.0f;
     ss += v[i] * v[i];
   }
   const float r = precise::rsqrt(threadgroup_sum(ss, scratch, lane, simd_group, n_simd) / float(p.cols) + p.eps);
@@ -96,10 +110,9 @@ template <typename T, bool HAS_WEIGHT>
     rstd[row] = r;
   }
   for (uint i = 0; i < READS; ++i) {
-    if (c0 + i < p.cols) {
-      yr[c0 + i] = static_cast<T>(v[i] * r * wv[i]);
-    }
+    v[i] *= r * wv[i];
   }
+  store_row_elements<READS>(yr, c0, p.cols, v);
   }
 }
 
@@ -166,8 +179,12 @@ template <typename T, bool DX, bool DW>
   const uint c0 = tid * READS;
   float wv[READS];
   float dw_acc[READS];
+  if (p.has_weight != 0) {
+    load_weight_elements<READS, true>(w, c0, p.cols, p.weight_offset, wv);
+  } else {
+    load_weight_elements<READS, false>(w, c0, p.cols, p.weight_offset, wv);
+  }
   for (uint i = 0; i < READS; ++i) {
-    wv[i] = (p.has_weight != 0 && c0 + i < p.cols) ? float(w[c0 + i]) + p.weight_offset : 1.0f;
     dw_acc[i] = 0.0f;
   }
   const float inv_cols = 1.0f / float(p.cols);
@@ -177,11 +194,11 @@ template <typename T, bool DX, bool DW>
     const float r = row_rstd(rstd, row, lane);
     float xv[READS];
     float gv[READS];
+    load_row_elements<READS>(xr, c0, p.cols, 0.0f, xv);
+    load_row_elements<READS>(dyr, c0, p.cols, 0.0f, gv);
     float dot = 0.0f;
     for (uint i = 0; i < READS; ++i) {
-      const bool in_row = c0 + i < p.cols;
-      xv[i] = in_row ? float(xr[c0 + i]) : 0.0f;
-      const float d = in_row ? float(dyr[c0 + i]) : 0.0f;
+      const float d = gv[i];
       if (DW) {
         dw_acc[i] += d * xv[i] * r;
       }
@@ -190,21 +207,14 @@ template <typename T, bool DX, bool DW>
     }
     if (DX) {
       const float coef = r * r * threadgroup_sum(dot, scratch, lane, simd_group, n_simd) * inv_cols;
-      device T* dxr = dx + ulong(row) * p.cols;
       for (uint i = 0; i < READS; ++i) {
-        if (c0 + i < p.cols) {
-          dxr[c0 + i] = static_cast<T>(r * (gv[i] - xv[i] * coef));
-        }
+        gv[i] = r * (gv[i] - xv[i] * coef);  // dx
       }
+      store_row_elements<READS>(dx + ulong(row) * p.cols, c0, p.cols, gv);
     }
   }
   if (DW) {
-    device float* out = dw_partial + ulong(group) * p.cols;
-    for (uint i = 0; i < READS; ++i) {
-      if (c0 + i < p.cols) {
-        out[c0 + i] = dw_acc[i];
-      }
-    }
+    store_row_elements<READS>(dw_partial + ulong(group) * p.cols, c0, p.cols, dw_acc);
   }
 }
 

@@ -13,6 +13,7 @@
 #include <metal_stdlib>
 #include "tmf/shader_args.h"
 #include "reduce.h"
+#include "row_io.h"
 using namespace metal;
 
 constant constexpr uint SIMD_ROW_ELEMS = 8;   // elements per lane in simd_rows (cols <= 256)
@@ -73,9 +74,9 @@ template <typename T>
   device T* yr = y + ulong(row) * p.cols;
   const uint c0 = tid * READS;
   float v[READS];
+  load_row_elements<READS>(xr, c0, p.cols, -INFINITY, v);
   float m = -INFINITY;
   for (uint i = 0; i < READS; ++i) {
-    v[i] = c0 + i < p.cols ? float(xr[c0 + i]) : -INFINITY;
     m = max(m, v[i]);
   }
   m = threadgroup_max(m, scratch, lane, simd_group, n_simd);
@@ -86,10 +87,9 @@ template <typename T>
   }
   const float inv = 1.0f / threadgroup_sum(s, scratch, lane, simd_group, n_simd);
   for (uint i = 0; i < READS; ++i) {
-    if (c0 + i < p.cols) {
-      yr[c0 + i] = static_cast<T>(v[i] * inv);
-    }
+    v[i] *= inv;
   }
+  store_row_elements<READS>(yr, c0, p.cols, v);
   }
 }
 
@@ -186,18 +186,17 @@ template <typename T>
   const uint c0 = tid * READS;
   float yv[READS];
   float gv[READS];
+  load_row_elements<READS>(yr, c0, p.cols, 0.0f, yv);
+  load_row_elements<READS>(dyr, c0, p.cols, 0.0f, gv);
   float dot = 0.0f;
   for (uint i = 0; i < READS; ++i) {
-    yv[i] = c0 + i < p.cols ? float(yr[c0 + i]) : 0.0f;
-    gv[i] = c0 + i < p.cols ? float(dyr[c0 + i]) : 0.0f;
     dot += yv[i] * gv[i];
   }
   dot = threadgroup_sum(dot, scratch, lane, simd_group, n_simd);
   for (uint i = 0; i < READS; ++i) {
-    if (c0 + i < p.cols) {
-      dxr[c0 + i] = static_cast<T>(yv[i] * (gv[i] - dot));
-    }
+    yv[i] *= gv[i] - dot;  // dx
   }
+  store_row_elements<READS>(dxr, c0, p.cols, yv);
   }
 }
 

@@ -114,12 +114,12 @@ MUTANTS: list[Mutant] = [
         "a sign slip in dx = y * (dy - sum(dy * y))",
     ),
     _m(
-        "softmax_single_row_bound_off_by_one",
-        S,
-        "    v[i] = c0 + i < p.cols ? float(xr[c0 + i]) : -INFINITY;",
-        "    v[i] = c0 + i <= p.cols ? float(xr[c0 + i]) : -INFINITY;",
+        "row_load_full_block_off_by_one",
+        "shaders/row_io.h",
+        "  if (c0 + N <= cols) {\n    for (uint i = 0; i < N; ++i) {\n      v[i] = float(row[c0 + i]);",
+        "  if (c0 + N <= cols + 1) {\n    for (uint i = 0; i < N; ++i) {\n      v[i] = float(row[c0 + i]);",
         SOFTMAX,
-        "an off-by-one bound reads one element past the row",
+        "an off-by-one full-block test: the row's tail loaded without bounds checks",
         ci=True,
     ),
     _m(
