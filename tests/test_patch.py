@@ -234,11 +234,12 @@ def test_convergence_on_cuda(monkeypatch, dtype, loss_rtol, param_atol):
         torch.testing.assert_close(p.float(), ref_params[name].float(), rtol=0, atol=param_atol, msg=name)
 
 
-def _ddp_worker(rank: int, world: int, rendezvous: str, out: str, backend_name: str):
+def _distributed_worker(rank: int, world: int, rendezvous: str, out: str, backend_name: str, wrapper: str):
+    """One rank of a 2-process gloo run on the CPU: the patched model (every patch option on) wrapped in DDP, or
+    sharded with FSDP2 (fully_shard on each decoder layer, then the root), trained on half of each global batch."""
     import datetime
 
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     os.environ["TORCH_METAL_FUSED_BACKEND"] = backend_name
     dist.init_process_group(
@@ -250,8 +251,20 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, out: str, backend_name: 
     )
     ids, vocab = load_corpus()
     model = build_model(vocab)
-    tmf.patch_model(model)
-    ddp = DDP(model)
+    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True)
+    if wrapper == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        run = DDP(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module, mesh=mesh)
+        run = fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     from train_lora import batches
 
@@ -259,7 +272,7 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, out: str, backend_name: 
     for chunk in batches(ids, 4, 32, 6):
         part = chunk[rank * 2 : rank * 2 + 2]  # each rank takes half of the same global batch
         opt.zero_grad()
-        loss = ddp(input_ids=part, labels=part).loss
+        loss = run(input_ids=part, labels=part).loss
         loss.backward()
         opt.step()
         total = loss.detach().clone()
@@ -273,27 +286,40 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, out: str, backend_name: 
     os._exit(0)
 
 
-@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
-def test_ddp_two_processes_match_one(tmp_path, backend_name, monkeypatch):
+def _two_processes_match_one(tmp_path, backend_name, wrapper):
     import time
 
     import torch.multiprocessing as mp
 
-    monkeypatch.setenv("TORCH_METAL_FUSED_BACKEND", backend_name)
-    out = tmp_path / "ddp.pt"
+    out = tmp_path / "losses.pt"
     # File rendezvous (no ports); a bounded wait so that a stuck collective fails the test instead of CI.
-    ctx = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rdzv"), str(out), backend_name), nprocs=2, join=False)
+    args = (2, str(tmp_path / "rdzv"), str(out), backend_name, wrapper)
+    ctx = mp.spawn(_distributed_worker, args=args, nprocs=2, join=False)
     deadline = time.time() + 300
     while not ctx.join(timeout=5):
         if time.time() > deadline:
             for proc in ctx.processes:
                 proc.kill()
-            pytest.fail("DDP workers did not finish within 300 s")
-    ddp_losses = torch.load(out)
+            pytest.fail(f"{wrapper} workers did not finish within 300 s")
+    two = torch.load(out)
     # One process, the same global batches: with equal halves, the mean of the halves' losses is the
-    # full batch's loss, and DDP's averaged gradient is the full batch's gradient.
+    # full batch's loss, and the averaged (DDP) or reduce-scattered (FSDP2) gradient is the full batch's.
     ids, vocab = load_corpus()
     model = build_model(vocab)
-    tmf.patch_model(model)
+    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True)
     single = train(model, ids, 6, batch=4, seq=32, log=lambda _: None)
-    torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(single), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_ddp_two_processes_match_one(tmp_path, backend_name, monkeypatch):
+    monkeypatch.setenv("TORCH_METAL_FUSED_BACKEND", backend_name)
+    _two_processes_match_one(tmp_path, backend_name, "ddp")
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_fsdp2_two_processes_match_one(tmp_path, backend_name, monkeypatch):
+    """FSDP2 (fully_shard) unshards parameters before a module's forward: the patched forwards see ordinary
+    tensors, so sharded training equals one process."""
+    monkeypatch.setenv("TORCH_METAL_FUSED_BACKEND", backend_name)
+    _two_processes_match_one(tmp_path, backend_name, "fsdp2")
