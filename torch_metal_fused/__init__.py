@@ -3,6 +3,7 @@ on Apple GPUs (Metal), NVIDIA GPUs (CUDA) and a plain-PyTorch reference elsewher
 
 from torch_metal_fused import nn
 from torch_metal_fused._backend import BACKENDS, backend_for
+from torch_metal_fused.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from torch_metal_fused.ops.lora_linear import LoRALinearFunction, lora_linear
 from torch_metal_fused.ops.rms_norm import RMSNormFunction, rms_norm
 from torch_metal_fused.ops.softmax import SoftmaxFunction, softmax
@@ -18,6 +19,8 @@ __all__ = [
     "SoftmaxFunction",
     "__version__",
     "backend_for",
+    "cross_entropy",
+    "linear_cross_entropy",
     "lora_linear",
     "nn",
     "patch_model",

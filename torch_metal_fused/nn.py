@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from torch_metal_fused._validation import check_dropout, check_eps
+from torch_metal_fused.ops.cross_entropy import linear_cross_entropy
 from torch_metal_fused.ops.lora_linear import lora_linear
 from torch_metal_fused.ops.rms_norm import rms_norm
 from torch_metal_fused.ops.softmax import softmax
@@ -147,3 +148,41 @@ class LoRALinear(nn.Module):
 
 
 __all__ = ["LoRALinear", "RMSNorm", "Softmax"]
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """`loss(hidden, weight, target, bias=None)` = cross-entropy of `hidden @ weight.T + bias` against `target`,
+    computed in chunks of tokens so the full logits never exist (torch_metal_fused.linear_cross_entropy)."""
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.softcap, self.chunk_size = softcap, chunk_size
+
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return linear_cross_entropy(
+            hidden,
+            weight,
+            target,
+            bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            softcap=self.softcap,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
+            f"softcap={self.softcap}, chunk_size={self.chunk_size}"
+        )

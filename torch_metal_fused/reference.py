@@ -112,3 +112,47 @@ def lora_backward(
     if needs_db:
         dbias = dy.sum(0)
     return dx, dw, dbias, da, dlb
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    row_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-entropy of each row of `logits` (rows, vocab) against `target` (rows,), in float32 (float64 for
+    float64), with Gemma-2's soft-capping z = softcap·tanh(logits / softcap) when softcap > 0 and torch's label
+    smoothing: loss = logsumexp(z) - (1 - ε)·z[target] - ε·mean(z). Rows whose target is ignore_index have loss 0.
+
+    With `row_scale` (rows,), also returns d(Σ row_scale·loss)/d(logits) in the logits' dtype (ignored rows: 0):
+    row_scale·(softmax(z) - (1 - ε)·onehot(target) - ε / vocab), times 1 - tanh² under soft-capping."""
+    ct = _compute_dtype(logits.dtype)
+    z = logits.to(ct)
+    capped = None
+    if softcap > 0:
+        capped = torch.tanh(z / softcap)
+        z = capped * softcap
+    lse = torch.logsumexp(z, dim=-1)
+    valid = target != ignore_index
+    z_target = z.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
+    loss = lse - (1.0 - label_smoothing) * z_target
+    if label_smoothing > 0:
+        loss = loss - label_smoothing * z.mean(-1)
+    loss = torch.where(valid, loss, torch.zeros((), dtype=ct, device=loss.device))
+    if row_scale is None:
+        return loss, None
+    grad = torch.exp(z - lse.unsqueeze(-1))  # softmax(z)
+    if label_smoothing > 0:
+        grad -= label_smoothing / z.shape[-1]
+    grad.scatter_add_(
+        -1,
+        torch.where(valid, target, 0).unsqueeze(-1),
+        torch.full((z.shape[0], 1), -(1.0 - label_smoothing), dtype=ct, device=z.device),
+    )
+    if capped is not None:
+        grad *= 1.0 - capped * capped
+    zero = torch.zeros((), dtype=ct, device=z.device)
+    grad = torch.where(valid.unsqueeze(-1), grad * row_scale.to(ct).unsqueeze(-1), zero)
+    return loss, grad.to(logits.dtype)

@@ -1,0 +1,218 @@
+"""cross_entropy and linear_cross_entropy against torch's cross-entropy in float64: every dtype, odd vocabulary
+sizes, ignored rows, -inf logits, label smoothing, soft-capping, bias, views, every reduction; the chunked linear op
+never allocates tokens x vocabulary; bad input raises a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DTYPES, randn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torch_metal_fused as tmf
+from torch_metal_fused.testing import assert_matches
+
+F = torch.nn.functional
+
+
+def _capped(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def _targets(rows: int, vocab: int, device, ignore_every: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    t[1::ignore_every] = -100  # some rows ignored (not the first: a 1-row batch keeps a defined mean)
+    return t.to(device)
+
+
+def _reference_loss(z64, target, reduction, label_smoothing, softcap):
+    return F.cross_entropy(_capped(z64, softcap), target.cpu(), reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 33, 32001])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("label_smoothing", "softcap"), [(0.0, None), (0.1, None), (0.0, 3.0), (0.2, 2.0)])
+def test_cross_entropy_contract(backend, dtype, vocab, reduction, label_smoothing, softcap):
+    rows = 5 if vocab > 1000 else 13
+    logits = randn((rows, vocab), dtype, backend.device, scale=3.0).requires_grad_(True)
+    target = _targets(rows, vocab, backend.device)
+    loss = tmf.cross_entropy(logits, target, reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
+    gout = randn(loss.shape, dtype, backend.device, seed=5) if reduction == "none" else torch.tensor(1.7)
+    (dlogits,) = torch.autograd.grad(loss, logits, gout.to(loss.dtype).to(backend.device))
+    z64 = logits.detach().double().cpu().requires_grad_(True)
+    ref = _reference_loss(z64, target, reduction, label_smoothing, softcap)
+    (ref_grad,) = torch.autograd.grad(ref, z64, gout.double().cpu())
+    assert loss.dtype == dtype and loss.shape == ref.shape
+    assert_matches(loss, ref, dtype, "cross_entropy loss")
+    assert_matches(dlogits, ref_grad, dtype, "cross_entropy dlogits")
+
+
+def _linear_reference(h, w, b, target, reduction, label_smoothing, softcap, leaves):
+    z = h @ w.t() + (b if b is not None else 0)
+    return _reference_loss(z, target, reduction, label_smoothing, softcap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("tokens", "hidden", "vocab"), [(17, 24, 33), (9, 8, 32001), (1, 5, 1)])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", ["plain", "bias+smoothing", "softcap+frozen_weight"])
+def test_linear_cross_entropy_contract(backend, dtype, tokens, hidden, vocab, chunk_size, reduction, options):
+    label_smoothing = 0.1 if "smoothing" in options else 0.0
+    softcap = 2.5 if "softcap" in options else None
+    h = randn((tokens, hidden), dtype, backend.device).requires_grad_(True)
+    w = randn((vocab, hidden), dtype, backend.device, scale=hidden**-0.5, seed=1)
+    w.requires_grad_("frozen_weight" not in options)
+    b = randn((vocab,), dtype, backend.device, seed=2).requires_grad_(True) if "bias" in options else None
+    target = _targets(tokens, vocab, backend.device, ignore_every=3)
+    leaves = [t for t in (h, w, b) if t is not None and t.requires_grad]
+    loss = tmf.linear_cross_entropy(
+        h, w, target, b, reduction=reduction, label_smoothing=label_smoothing, softcap=softcap, chunk_size=chunk_size
+    )
+    gout = randn(loss.shape, dtype, backend.device, seed=5) if reduction == "none" else torch.tensor(0.8)
+    grads = torch.autograd.grad(loss, leaves, gout.to(loss.dtype).to(backend.device))
+
+    def reference(dt):
+        ins = [t.detach().to(dt).cpu().requires_grad_(t.requires_grad) if t is not None else None for t in (h, w, b)]
+        out = _linear_reference(*ins, target, reduction, label_smoothing, softcap, None)
+        wanted = [t for t in ins if t is not None and t.requires_grad]
+        return out, torch.autograd.grad(out, wanted, gout.to(dt).cpu())
+
+    ref, ref_grads = reference(torch.float64)
+    base, base_grads = reference(torch.float32)  # PyTorch's own float32 computation: the fairness baseline
+    assert loss.dtype == dtype and loss.shape == ref.shape
+    assert_matches(loss, ref, dtype, "linear_cross_entropy loss", baseline=base.to(dtype))
+    for g, r, bl in zip(grads, ref_grads, base_grads):
+        assert_matches(g, r, dtype, "linear_cross_entropy gradient", baseline=bl.to(dtype))
+
+
+def test_minus_inf_logits_and_a_target_on_one(backend):
+    logits = randn((4, 9), torch.float32, backend.device).requires_grad_(True)
+    with torch.no_grad():
+        logits[:, ::2] = float("-inf")  # masked classes
+    target = torch.tensor([1, 3, 5, 0], device=backend.device)  # the last row's target is masked: loss inf
+    loss = tmf.cross_entropy(logits, target, reduction="none")
+    (dlogits,) = torch.autograd.grad(loss[:3].sum(), logits)
+    z64 = logits.detach().double().cpu().requires_grad_(True)
+    ref = F.cross_entropy(z64, target.cpu(), reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref[:3].sum(), z64)
+    assert_matches(loss, ref, torch.float32, "loss with -inf logits")
+    assert torch.isinf(loss[3]) and loss[3] > 0
+    assert_matches(dlogits, ref_grad, torch.float32, "dlogits with -inf logits")
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_a_batch_with_every_row_ignored_has_zero_loss_and_gradient(backend, op):
+    """torch's "mean" gives NaN here; ours gives 0 (documented), so one fully padded batch cannot poison training."""
+    h = randn((6, 8), torch.float32, backend.device).requires_grad_(True)
+    w = randn((11, 8), torch.float32, backend.device, seed=1).requires_grad_(True)
+    target = torch.full((6,), -100, device=backend.device)
+    for reduction in ("mean", "sum"):
+        if op == "cross_entropy":
+            loss = tmf.cross_entropy(h @ w.t(), target, reduction=reduction)
+        else:
+            loss = tmf.linear_cross_entropy(h, w, target, reduction=reduction, chunk_size=4)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        assert loss.item() == 0.0 and not gh.any() and not gw.any()
+
+
+def test_views(backend):
+    """A transposed logits view and a hidden view with wider rows and a storage offset."""
+    logits = randn((40, 6), torch.float32, backend.device).t()  # (6, 40), last dim strided
+    target = _targets(6, 40, backend.device)
+    assert_matches(
+        tmf.cross_entropy(logits, target), F.cross_entropy(logits.double().cpu(), target.cpu()), torch.float32
+    )
+    wide = randn((7, 30), torch.float32, backend.device)
+    h = wide[1:, 3:19]
+    w = randn((25, 16), torch.float32, backend.device, seed=1)
+    t = _targets(6, 25, backend.device)
+    ref = F.cross_entropy(h.double().cpu() @ w.double().cpu().t(), t.cpu())
+    assert_matches(tmf.linear_cross_entropy(h, w, t, chunk_size=4), ref, torch.float32)
+
+
+def test_leading_dimensions_and_the_module(backend):
+    h = randn((2, 5, 12), torch.float32, backend.device)
+    w = randn((19, 12), torch.float32, backend.device, seed=1)
+    t = _targets(10, 19, backend.device).reshape(2, 5)
+    loss = tmf.nn.LinearCrossEntropyLoss(reduction="none", chunk_size=3)(h, w, t)
+    assert loss.shape == (2, 5)
+    ref = F.cross_entropy(
+        (h.double().cpu() @ w.double().cpu().t()).reshape(10, 19), t.cpu().reshape(10), reduction="none"
+    )
+    assert_matches(loss.reshape(10), ref, torch.float32)
+
+
+class _Allocations(TorchDispatchMode):
+    """The shapes of every new tensor (not a view) an op returns inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view (t, slice, reshape...) or an in-place result: no new memory
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+    def most_logit_rows(self, vocab: int) -> int:
+        """The most rows of any (rows, vocab) tensor: logits, their float32 temporaries and gradient."""
+        return max((s[0] for s in self.shapes if len(s) == 2 and s[1] == vocab), default=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_never_allocates_the_full_logits(reduction):
+    """Forward and backward: no tensor larger than one chunk of logits (tokens x vocab never exists)."""
+    tokens, hidden, vocab, chunk = 64, 16, 500, 8
+    h = torch.randn(tokens, hidden, requires_grad=True)
+    w = torch.randn(vocab, hidden, requires_grad=True)
+    t = torch.randint(0, vocab, (tokens,))
+    with _Allocations() as fused:
+        loss = tmf.linear_cross_entropy(h, w, t, reduction=reduction, chunk_size=chunk)
+        loss.sum().backward()
+    assert fused.most_logit_rows(vocab) == chunk
+    assert max(torch.Size(s).numel() for s in fused.shapes) <= vocab * hidden  # nothing beyond dweight's size
+    with _Allocations() as unfused:
+        F.cross_entropy(h @ w.t(), t).backward()
+    assert unfused.most_logit_rows(vocab) == tokens  # the check sees the full logits where they exist
+
+
+def test_default_chunk_size_bounds_the_chunk_memory():
+    from torch_metal_fused.ops.cross_entropy import CHUNK_BUDGET_BYTES, default_chunk_size
+
+    n = default_chunk_size(16384, 128256, torch.bfloat16)
+    assert 8 <= n < 16384 and n % 8 == 0 and n * 128256 * 14 <= CHUNK_BUDGET_BYTES
+    assert default_chunk_size(10, 32, torch.float32) == 10
+
+
+def test_bad_input_is_a_clear_error():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    t = torch.tensor([1, 2, 3, -100])
+    with pytest.raises(TypeError, match="target must hold class indices"):
+        tmf.linear_cross_entropy(h, w, t.float())
+    with pytest.raises(ValueError, match=r"target must have shape \(4,\)"):
+        tmf.linear_cross_entropy(h, w, t[:3])
+    with pytest.raises(ValueError, match="class index 10, outside"):
+        tmf.linear_cross_entropy(h, w, torch.tensor([1, 10, 3, 0]))
+    with pytest.raises(ValueError, match="class index -1, outside"):
+        tmf.cross_entropy(h @ w.t(), torch.tensor([1, -1, 3, 0]))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        tmf.linear_cross_entropy(h, torch.randn(10, 7), t)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        tmf.linear_cross_entropy(h, w, t, torch.randn(9))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        tmf.cross_entropy(h, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        tmf.cross_entropy(h, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="softcap must be positive"):
+        tmf.cross_entropy(h, t, softcap=-1.0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        tmf.linear_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(TypeError, match="dtype torch.float64 but hidden has dtype torch.float32"):
+        tmf.linear_cross_entropy(h, w.double(), t)

@@ -1,0 +1,294 @@
+"""Cross-entropy, and linear cross-entropy that never materialises the full logits.
+
+`cross_entropy(logits, target)` computes each row's loss and, when a gradient is needed, d(loss)/d(logits) in one
+pass, so backward only scales it (no softmax tensor is kept beside the logits). `linear_cross_entropy(hidden,
+weight, target)` equals `cross_entropy(hidden @ weight.T + bias, target)` but walks the tokens in chunks: per chunk
+the logits come from the native GEMM, turn into their gradient, and feed `dhidden[chunk] = dlogits @ weight` and
+`dweight += dlogitsᵀ @ hidden[chunk]` (native GEMMs) — so the largest extra allocation is one chunk of logits, not
+tokens × vocabulary. With reduction "mean" or "sum" the gradients are computed in forward (as Liger-Kernel does) and
+backward only scales them; with "none" backward recomputes the chunks with the per-row output gradient.
+
+Status: the row pass is the plain-PyTorch reference on every device (`reference.cross_entropy_rows`, computed in
+float32 for float16/bfloat16); the fused Metal and CUDA row kernels are not written yet. The memory saving of the
+chunked linear op holds on every device already.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_metal_fused import reference
+from torch_metal_fused._validation import check_finite_number, check_same_device_dtype, check_tensor
+from torch_metal_fused.ops._dispatch import call
+
+REDUCTIONS = ("mean", "sum", "none")
+# Extra memory the chunked op aims for, per chunk: the logits in their dtype plus ~3 float32 temporaries of the row
+# pass (the capped logits, their softmax/gradient, the soft-cap factor).
+CHUNK_BUDGET_BYTES = 256 << 20
+
+
+def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: as many as fit CHUNK_BUDGET_BYTES of logits and float32 temporaries (a multiple of 8 above
+    8, so the GEMMs stay efficient), at most `rows`."""
+    per_row = vocab * (torch.finfo(dtype).bits // 8 + 12)
+    n = max(1, CHUNK_BUDGET_BYTES // max(per_row, 1))
+    if n > 8:
+        n -= n % 8
+    return max(1, min(n, rows))
+
+
+# ---- custom ops (the row pass, and the chunked linear pass) ----------------------------------------------------
+def _rows_impl(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    row_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, grad = reference.cross_entropy_rows(logits, target, ignore_index, label_smoothing, softcap, row_scale)
+    return loss, grad if grad is not None else logits.new_empty(0)
+
+
+cross_entropy_rows = torch.library.custom_op("torch_metal_fused::cross_entropy_rows", _rows_impl, mutates_args=())
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@cross_entropy_rows.register_fake
+def _(logits, target, ignore_index, label_smoothing, softcap, row_scale):
+    grad = torch.empty_like(logits) if row_scale is not None else logits.new_empty(0)
+    return logits.new_empty(logits.shape[:1], dtype=_loss_dtype(logits.dtype)), grad
+
+
+def _linear_impl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    row_scale: torch.Tensor | None,
+    chunk_size: int,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row losses and, with row_scale, (dhidden, dweight, dbias) of Σ row_scale·loss; gradients not needed come
+    back as 0-element tensors."""
+    needs_dh, needs_dw, needs_db = needs
+    rows = hidden.shape[0]
+    loss = hidden.new_empty(rows, dtype=_loss_dtype(hidden.dtype))
+    grads_wanted = row_scale is not None
+    dh = torch.empty_like(hidden) if grads_wanted and needs_dh else hidden.new_empty(0)
+    dw = torch.zeros_like(weight) if grads_wanted and needs_dw else hidden.new_empty(0)
+    db = torch.zeros(weight.shape[0], dtype=_loss_dtype(hidden.dtype), device=hidden.device)
+    for start in range(0, rows, chunk_size):
+        end = min(rows, start + chunk_size)
+        h = hidden[start:end]
+        logits = torch.nn.functional.linear(h, weight, bias)  # the only chunk-sized tensor of the input dtype
+        scale = row_scale[start:end] if grads_wanted else None
+        loss[start:end], g = reference.cross_entropy_rows(
+            logits, target[start:end], ignore_index, label_smoothing, softcap, scale
+        )
+        del logits
+        if g is None:
+            continue
+        if needs_dh:
+            torch.mm(g, weight, out=dh[start:end])
+        if needs_dw:
+            dw.addmm_(g.t(), h)
+        if needs_db:
+            db += g.sum(0, dtype=db.dtype)
+    return loss, dh, dw, db.to(hidden.dtype) if grads_wanted and needs_db else hidden.new_empty(0)
+
+
+linear_cross_entropy_chunked = torch.library.custom_op(
+    "torch_metal_fused::linear_cross_entropy_chunked", _linear_impl, mutates_args=()
+)
+
+
+@linear_cross_entropy_chunked.register_fake
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, softcap, row_scale, chunk_size, needs):
+    grads = row_scale is not None
+    shapes = (hidden.shape, weight.shape, weight.shape[:1])
+    return (
+        hidden.new_empty(hidden.shape[:1], dtype=_loss_dtype(hidden.dtype)),
+        *(hidden.new_empty(s if grads and need else (0,)) for s, need in zip(shapes, needs)),
+    )
+
+
+# ---- autograd ------------------------------------------------------------------------------------------------
+def _row_scale(target: torch.Tensor, ignore_index: int, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """What each row's loss is multiplied by in the reduced loss: 1 / (rows not ignored) for "mean" (1 when every
+    row is ignored: the loss is then 0, not torch's NaN), 1 otherwise."""
+    ones = torch.ones(target.shape, dtype=dtype, device=target.device)
+    if reduction != "mean":
+        return ones
+    count = (target != ignore_index).sum().clamp(min=1)
+    return ones / count.to(dtype)
+
+
+def _reduce(loss_rows: torch.Tensor, row_scale: torch.Tensor, reduction: str, shape, dtype) -> torch.Tensor:
+    if reduction == "none":
+        return loss_rows.reshape(shape).to(dtype)
+    return (loss_rows * row_scale).sum().to(dtype)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, softcap):
+        vocab = logits.shape[-1]
+        logits2, target2 = logits.reshape(-1, vocab), target.reshape(-1)
+        row_scale = _row_scale(target2, ignore_index, reduction, _loss_dtype(logits.dtype))
+        wanted = row_scale if logits.requires_grad else None
+        loss_rows, grad = call(
+            cross_entropy_rows, _rows_impl, logits2, target2, ignore_index, label_smoothing, softcap, wanted
+        )
+        ctx.save_for_backward(grad)
+        ctx.reduction, ctx.shape = reduction, logits.shape
+        return _reduce(loss_rows, row_scale, reduction, target.shape, logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        scale = grad_out.reshape(-1, 1) if ctx.reduction == "none" else grad_out
+        return (grad * scale.to(grad.dtype)).reshape(ctx.shape), None, None, None, None, None
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size):
+        hidden2, target2 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+        row_scale = _row_scale(target2, ignore_index, reduction, _loss_dtype(hidden.dtype))
+        needs = [hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
+        eager = any(needs) and reduction != "none"  # with "none", backward recomputes with the rows' gradients
+        args = (hidden2, weight, bias, target2, ignore_index, label_smoothing, softcap)
+        loss_rows, dh, dw, db = call(
+            linear_cross_entropy_chunked, _linear_impl, *args, row_scale if eager else None, chunk_size, needs
+        )
+        ctx.needs, ctx.eager, ctx.hidden_shape = needs, eager, hidden.shape
+        ctx.args = (ignore_index, label_smoothing, softcap, chunk_size)
+        if eager:
+            ctx.save_for_backward(dh, dw, db)
+        else:
+            ctx.save_for_backward(hidden2, weight, bias, target2)
+        return _reduce(loss_rows, row_scale, reduction, target.shape, hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        needs = ctx.needs
+        if ctx.eager:
+            dh, dw, db = ctx.saved_tensors
+            g = grad_out.to(dh.dtype if needs[0] else dw.dtype if needs[1] else db.dtype)
+            grads = [t * g if need else None for t, need in zip((dh, dw, db), needs)]
+        else:
+            hidden2, weight, bias, target2 = ctx.saved_tensors
+            ignore_index, label_smoothing, softcap, chunk_size = ctx.args
+            row_scale = grad_out.reshape(-1).to(_loss_dtype(hidden2.dtype))
+            args = (hidden2, weight, bias, target2, ignore_index, label_smoothing, softcap, row_scale, chunk_size)
+            _, dh, dw, db = call(linear_cross_entropy_chunked, _linear_impl, *args, needs)
+            grads = [t if need else None for t, need in zip((dh, dw, db), needs)]
+        dh, dw, db = grads
+        if dh is not None:
+            dh = dh.reshape(ctx.hidden_shape)
+        return dh, dw, None, db, None, None, None, None, None
+
+
+# ---- public functions ----------------------------------------------------------------------------------------
+def _check_ce_common(target, ignore_index, reduction, label_smoothing, softcap, lead_shape, vocab, device):
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold class indices (int64 or int32), got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the logits' inputs are on {device}")
+    if tuple(target.shape) != tuple(lead_shape):
+        raise ValueError(f"target must have shape {tuple(lead_shape)} (one class per row), got {tuple(target.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    label_smoothing = check_finite_number("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is None:
+        softcap = 0.0
+    else:
+        softcap = check_finite_number("softcap", softcap)
+        if softcap <= 0:
+            raise ValueError(f"softcap must be positive (or None), got {softcap}")
+    if vocab == 0 and target.numel() > 0:
+        raise ValueError("the vocabulary (last dimension of the logits) is empty")
+    # One reduction on the device: a class index outside [0, vocab) that is not ignore_index would be a silent
+    # wrong loss (or an out-of-range read in a kernel).
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if target.numel() and bool(bad.any()):
+        first = target[bad][0].item()
+        raise ValueError(
+            f"target holds class index {first}, outside [0, {vocab}) and not ignore_index ({ignore_index})"
+        )
+    return label_smoothing, softcap
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """`torch.nn.functional.cross_entropy(logits, target)` over the last dimension of `logits` (..., vocab) with
+    class-index targets (...,), optionally with Gemma-2's final-logit soft-capping `softcap·tanh(logits/softcap)`.
+    Computed in float32 for float16/bfloat16; the loss has the logits' dtype. Unlike torch, "mean" over rows that
+    are all ignored is 0 (with zero gradient), not NaN."""
+    check_tensor("logits", logits)
+    if logits.ndim < 1:
+        raise ValueError("logits must have at least one dimension (..., vocab)")
+    label_smoothing, softcap = _check_ce_common(
+        target, ignore_index, reduction, label_smoothing, softcap, logits.shape[:-1], logits.shape[-1], logits.device
+    )
+    return CrossEntropyFunction.apply(logits, target, ignore_index, reduction, label_smoothing, softcap)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """`cross_entropy(hidden @ weight.T + bias, target, ...)` without materialising the logits: tokens are processed
+    `chunk_size` rows at a time (default: default_chunk_size, about 256 MB of logits and temporaries). hidden
+    (..., hidden_size), weight (vocab, hidden_size), target (...). A weight with requires_grad=False (LoRA training)
+    gets no dweight work."""
+    check_tensor("hidden", hidden)
+    check_tensor("weight", weight)
+    check_same_device_dtype("hidden", hidden, weight=weight, bias=bias)
+    if hidden.ndim < 1 or weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (vocab, {hidden.shape[-1] if hidden.ndim else '?'}) to match hidden's last "
+            f"dimension, got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    label_smoothing, softcap = _check_ce_common(
+        target, ignore_index, reduction, label_smoothing, softcap, hidden.shape[:-1], weight.shape[0], hidden.device
+    )
+    rows = target.numel()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(rows, weight.shape[0], hidden.dtype)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (or None), got {chunk_size!r}")
+    return LinearCrossEntropyFunction.apply(
+        hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, max(1, chunk_size)
+    )
+
+
+__all__ = ["CrossEntropyFunction", "LinearCrossEntropyFunction", "cross_entropy", "linear_cross_entropy"]
