@@ -34,6 +34,17 @@ inline float threadgroup_max(float v, threadgroup float* scratch, uint lane, uin
   return threadgroup_reduce<MaxOp>(v, scratch, lane, simd_group, n_simd);
 }
 
+// A value uniform across the threadgroup (a row's rstd, target, scale): lane 0 of each SIMD-group loads it and
+// broadcasts it, one device load per SIMD-group instead of one per thread. The whole SIMD-group must call it.
+template <typename T>
+inline T load_uniform(device const T* values, uint index, uint lane) {
+  T v = T(0);
+  if (lane == 0) {
+    v = values[index];
+  }
+  return simd_broadcast(v, 0);
+}
+
 // exp(x) for x <= 0 (softmax's x - max), as exp2(x · log2 e): exp2 is a native instruction on Apple GPUs while
 // precise::exp is a multi-instruction sequence (MLX's softmax uses fast::exp likewise). Safe for these arguments: the
 // result lies in [0, 1] (no overflow); rounding x · log2 e adds a relative error of about |x| · 2^-24 to a term of

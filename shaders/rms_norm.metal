@@ -151,16 +151,6 @@ template <typename T, bool HAS_WEIGHT>
 }
 
 // ---- backward ---------------------------------------------------------------------------------------
-// A row's rstd, loaded by lane 0 of each SIMD-group and broadcast: one device load per SIMD-group, not one per
-// thread (a uniform value; the whole SIMD-group must call this, as every backward row loop does).
-inline float row_rstd(device const float* rstd, uint row, uint lane) {
-  float r = 0.0f;
-  if (lane == 0) {
-    r = rstd[row];
-  }
-  return simd_broadcast(r, 0);
-}
-
 template <typename T, bool DX, bool DW>
 [[kernel]] void rms_norm_backward_single_row(
     device const T* dy [[buffer(0)]],
@@ -191,7 +181,7 @@ template <typename T, bool DX, bool DW>
   for (uint row = group; row < p.rows; row += p.groups) {  // uniform across the threadgroup
     device const T* xr = x + ulong(row) * p.x_row_stride;
     device const T* dyr = dy + ulong(row) * p.dy_row_stride;
-    const float r = row_rstd(rstd, row, lane);
+    const float r = load_uniform(rstd, row, lane);
     float xv[READS];
     float gv[READS];
     load_row_elements<READS>(xr, c0, p.cols, 0.0f, xv);
@@ -244,7 +234,7 @@ template <typename T, bool DX, bool DW>
   for (uint row = group; row < p.rows; row += p.groups) {
     device const T* xr = x + ulong(row) * p.x_row_stride;
     device const T* dyr = dy + ulong(row) * p.dy_row_stride;
-    const float r = row_rstd(rstd, row, lane);
+    const float r = load_uniform(rstd, row, lane);
     float coef = 0.0f;
     if (DX) {
       float dot = 0.0f;

@@ -119,7 +119,16 @@ def test_a_batch_with_every_row_ignored_has_zero_loss_and_gradient(backend, op):
 
 
 def test_views(backend):
-    """A transposed logits view and a hidden view with wider rows and a storage offset."""
+    """Logits rows wider than the vocabulary (their own row stride), a transposed logits view, and a hidden view
+    with wider rows and a storage offset."""
+    for dtype in (torch.float32, torch.bfloat16):
+        wide = randn((5, 300), dtype, backend.device, scale=2.0)
+        logits = wide[:, 7:290].detach().requires_grad_(True)
+        t = _targets(5, 283, backend.device)
+        (g,) = torch.autograd.grad(tmf.cross_entropy(logits, t, reduction="sum"), logits)
+        z64 = logits.detach().double().cpu().requires_grad_(True)
+        (ref,) = torch.autograd.grad(F.cross_entropy(z64, t.cpu(), reduction="sum"), z64)
+        assert_matches(g, ref, dtype, "dlogits of a strided-row view")
     logits = randn((40, 6), torch.float32, backend.device).t()  # (6, 40), last dim strided
     target = _targets(6, 40, backend.device)
     assert_matches(

@@ -1,7 +1,11 @@
 """Bugs planted in copies of our real kernels: the checker (or the strict address-space pass) must report
-each one at the right .metal file and line."""
+each one at the right .metal file and line. And containment (tests/emulator_shaders/planted_bugs.metal): an
+out-of-bounds access in a plain run, a barrier some threads never reach, an endless loop end as exceptions that
+name the kernel and line, never as a crash or a hang of the test process; a race that index order hides shows in
+plain runs."""
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -70,12 +74,12 @@ def test_missing_barrier_is_a_race(tmp_path):
 
 
 def test_off_by_one_read_is_out_of_bounds(tmp_path):
-    old = "    v[i] = c0 + i < p.cols ? float(xr[c0 + i]) : -INFINITY;"
-    new = "    v[i] = c0 + i <= p.cols ? float(xr[c0 + i]) : -INFINITY;"
-    source, line = _plant(tmp_path, "softmax.metal", old, new)
+    old = "      v[i] = c0 + i < cols ? float(row[c0 + i]) : fill;"
+    new = "      v[i] = c0 + i <= cols ? float(row[c0 + i]) : fill;"
+    source, line = _plant(tmp_path, "row_io.h", old, new)
     with pytest.raises(runner.KernelCheckError) as exc:
-        _run_softmax(tmp_path, source, 2, 1000)  # 1000 = 250 threads x 4: the last thread reads element 1000
-    assert any(f"softmax.metal:{line}: device-out-of-bounds" in f for f in _findings(exc)), _findings(exc)
+        _run_softmax(tmp_path, source, 2, 1001)  # the tail thread of the last row reads element 1001
+    assert any(f"row_io.h:{line}: device-out-of-bounds" in f for f in _findings(exc)), _findings(exc)
 
 
 def test_uninitialised_scratch_read(tmp_path):
@@ -147,3 +151,165 @@ def test_address_space_mixup_fails_the_strict_pass(tmp_path):
 @pytest.mark.parametrize("shader", [p.name for p in shader_paths()])
 def test_our_shaders_pass_the_strict_address_space_pass(tmp_path, shader):
     lint_address_spaces(SHADERS / shader, tmp_path)
+
+
+# ---- containment: kernel bugs end as exceptions, never as a crash or a hang of the test process ----------------
+BUGS = Path(__file__).parent / "emulator_shaders" / "planted_bugs.metal"
+
+
+@pytest.fixture(scope="module")
+def bugs(tmp_path_factory):
+    return runner.Harness(compile_libraries(tmp_path_factory.mktemp("planted_bugs"), [BUGS]))
+
+
+def _bug_line(marker: str) -> int:
+    lines = BUGS.read_text().splitlines()
+    return next(i + 1 for i, ln in enumerate(lines) if ln.rstrip().endswith(f"// BUG: {marker}"))
+
+
+def _shifted(bugs, kernel: str, shift: int, out: torch.Tensor, n: int = 64):
+    params = torch.tensor([shift], dtype=torch.int64)
+    buffers = {0: out, 1: params} if kernel == "store_shifted" else {0: torch.ones(n), 1: out, 2: params}
+    return bugs.dispatch(kernel, buffers, (1, 1, 1), (n, 1, 1))
+
+
+def _still_works(bugs):
+    """The process survived: the next dispatch runs and writes its output."""
+    out = torch.full((64,), -1.0)
+    _shifted(bugs, "store_shifted", 0, out)
+    assert torch.equal(out, torch.arange(64, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("kernel", ["store_shifted", "load_shifted"])
+@pytest.mark.parametrize("shift", [1, 1 << 18], ids=["one-past-the-end", "1MiB-away"])
+def test_out_of_bounds_access_in_a_plain_run_is_an_exception(bugs, kernel, shift):
+    # Thread 63 (one past the end) or every thread (1 MiB away) accesses outside the 64 floats of a buffer: a
+    # fault in the plain build, reported at the kernel's line with the buffer it overran.
+    out = torch.full((64,), -1.0)
+    with runner.checking(False), pytest.raises(runner.KernelAbortedError) as exc:
+        _shifted(bugs, kernel, shift, out)
+    (f,) = exc.value.findings
+    assert f.kind == "device-out-of-bounds" and f.kernel == kernel, f
+    assert f.location.endswith(f"planted_bugs.metal:{_bug_line(kernel)}"), f
+    assert f.buffer == 0 and "past its end" in f.message, f
+    assert f"byte offset {256 + 4 * (shift - 1) if shift == 1 else 4 * shift}" in f.message, f
+    assert ("store to" if kernel == "store_shifted" else "load from") in f.message, f
+    assert torch.equal(out, torch.full((64,), -1.0))  # an abandoned dispatch writes nothing back
+    _still_works(bugs)
+
+
+def test_wild_pointer_in_a_plain_run_is_an_exception(bugs):
+    # 2**62 bytes away: not even a valid address (a general-protection fault, which carries no address).
+    with runner.checking(False), pytest.raises(runner.KernelAbortedError) as exc:
+        _shifted(bugs, "store_shifted", 1 << 60, torch.empty(64))
+    (f,) = exc.value.findings
+    assert f.kind == "wild-access" and f.location.endswith(f"planted_bugs.metal:{_bug_line('store_shifted')}"), f
+    _still_works(bugs)
+
+
+def test_stores_next_to_a_buffer_that_do_not_fault_are_found_by_the_poison_check(bugs):
+    # A plain run's copy ends at a guard page but starts mid-page: a store just before the start lands in poisoned
+    # bytes, found after the dispatch (without the line: the checker has it).
+    with runner.checking(False), pytest.raises(runner.KernelCheckError) as exc:
+        _shifted(bugs, "store_shifted", -1, torch.empty(64))
+    (f,) = exc.value.findings
+    assert f.kind == "device-out-of-bounds" and f.buffer == 0 and "bytes -4..-1" in f.message, f
+    assert "before its start" in f.message and "TORCH_METAL_FUSED_EMU_CHECK=1" in f.message, f
+    # A 255-byte buffer bound as float*: the copy keeps the 4-byte alignment, so its end is 1 byte short of the
+    # guard page; the last float store straddles the end.
+    with runner.checking(False), pytest.raises(runner.KernelCheckError) as exc:
+        _shifted(bugs, "store_shifted", 0, torch.zeros(255, dtype=torch.uint8))
+    (f,) = exc.value.findings
+    assert f.kind == "device-out-of-bounds" and f.buffer == 0 and "bytes 255..255" in f.message, f
+    with runner.checking(), pytest.raises(runner.KernelCheckError) as exc:
+        _shifted(bugs, "store_shifted", -1, torch.empty(64))
+    assert any(f"planted_bugs.metal:{_bug_line('store_shifted')}: device-out-of-bounds" in s for s in _findings(exc))
+
+
+@pytest.mark.parametrize(
+    "shift", [1 << 18, 5000, -5000, 1 << 60], ids=["1MiB-away", "20KB-past-the-end", "20KB-before", "wild"]
+)
+def test_checker_reports_accesses_far_from_every_buffer(bugs, shift):
+    # Accesses more than 4 KiB from every buffer used to go unreported by the checked build. Now every access
+    # outside the memory a kernel may touch is reported, and one beyond the checked copy's slack is not executed.
+    with runner.checking(), pytest.raises(runner.KernelAbortedError) as exc:
+        _shifted(bugs, "store_shifted", shift, torch.empty(64))
+    (f,) = exc.value.findings
+    assert f.location.endswith(f"planted_bugs.metal:{_bug_line('store_shifted')}"), f
+    if shift == 1 << 60:
+        assert f.kind == "wild-access" and f.buffer is None, f
+    else:
+        assert f.kind == "device-out-of-bounds" and f.buffer == 0, f
+        assert f"byte offset {4 * shift}" in f.message, f
+    _still_works(bugs)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "kind"),
+    [("barrier_not_reached", "barrier-not-reached"), ("barriers_diverge", "divergent-barrier")],
+)
+def test_barrier_some_threads_never_reach_is_an_exception_in_a_plain_run(bugs, kernel, kind):
+    out = torch.full((64,), -1.0)
+    with runner.checking(False), pytest.raises(runner.KernelAbortedError) as exc:
+        bugs.dispatch(kernel, {0: out}, (1, 1, 1), (64, 1, 1))
+    assert any(f"planted_bugs.metal:{_bug_line(kernel)}: {kind}" in s for s in _findings(exc)), _findings(exc)
+    assert torch.equal(out, torch.full((64,), -1.0))
+    _still_works(bugs)
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["plain", "checked"])
+@pytest.mark.parametrize("kernel", ["spin_before_barrier", "spin_in_simd_ops"])
+def test_watchdog_ends_an_endless_dispatch(bugs, monkeypatch, kernel, checked):
+    # Thread 0 loops for ever while the others wait at a barrier; or every thread loops through SIMD-group
+    # operations. The watchdog (default 120 s) abandons the dispatch and names the loop.
+    monkeypatch.setenv("TORCH_METAL_FUSED_EMU_TIMEOUT_S", "0.3")
+    start = time.monotonic()
+    with runner.checking(checked), pytest.raises(runner.KernelAbortedError) as exc:
+        bugs.dispatch(kernel, {0: torch.ones(64), 1: torch.zeros(64)}, (1, 1, 1), (64, 1, 1))
+    assert time.monotonic() - start < 10
+    (f,) = exc.value.findings
+    line = _bug_line(kernel)
+    assert f.kind == "watchdog-timeout" and f.kernel == kernel and "longer than 0.3 s" in f.message, f
+    assert any(f.location.endswith(f"planted_bugs.metal:{n}") for n in (line, line + 1, line + 2)), f  # the loop
+    _still_works(bugs)  # with the short timeout still set: a normal dispatch is not cut short
+
+
+def test_watchdog_and_schedule_settings_are_validated(bugs, monkeypatch):
+    monkeypatch.setenv("TORCH_METAL_FUSED_EMU_SEED", "often")
+    with pytest.raises(RuntimeError, match="TORCH_METAL_FUSED_EMU_SEED=often is not an integer"):
+        _still_works(bugs)
+    monkeypatch.setenv("TORCH_METAL_FUSED_EMU_SEED", "7")
+    monkeypatch.setenv("TORCH_METAL_FUSED_EMU_TIMEOUT_S", "soon")
+    with pytest.raises(RuntimeError, match="TORCH_METAL_FUSED_EMU_TIMEOUT_S=soon"):
+        _still_works(bugs)
+    monkeypatch.setenv("TORCH_METAL_FUSED_EMU_TIMEOUT_S", "0")  # no watchdog
+    _still_works(bugs)
+
+
+def test_race_that_index_order_hides_shows_in_a_plain_run(bugs, monkeypatch):
+    # Later SIMD-groups read what SIMD-group 0 wrote, without a barrier: right only if SIMD-group 0 runs first.
+    groups, threads = 16, 64
+    expected = (torch.arange(threads) % 32 + 1).float().repeat(groups)
+
+    def run(seed: str | None) -> torch.Tensor:
+        if seed is None:
+            monkeypatch.delenv("TORCH_METAL_FUSED_EMU_SEED", raising=False)
+        else:
+            monkeypatch.setenv("TORCH_METAL_FUSED_EMU_SEED", seed)
+        out = torch.zeros(groups * threads)
+        with runner.checking(False):
+            bugs.dispatch("read_without_barrier", {0: out}, (groups, 1, 1), (threads, 1, 1))
+        return out
+
+    assert torch.equal(run("0"), expected)  # index order: the schedule before seeds, which hid the race
+    for seed in (None, "1", "2", "12345"):  # the default, and others: every order differs per threadgroup
+        out = run(seed)
+        assert not torch.equal(out, expected) and torch.isnan(out).any(), seed
+        assert torch.equal(run(seed).nan_to_num(-1), out.nan_to_num(-1)), seed  # reproducible
+    for seed in ("0", "1"):  # the checker finds it whatever the order
+        monkeypatch.setenv("TORCH_METAL_FUSED_EMU_SEED", seed)
+        with runner.checking(), pytest.raises(runner.KernelCheckError) as exc:
+            bugs.dispatch("read_without_barrier", {0: torch.zeros(groups * threads)}, (groups, 1, 1), (threads, 1, 1))
+        line = _bug_line("read_without_barrier")
+        kinds = ("threadgroup-race", "uninitialised")
+        assert any(f"planted_bugs.metal:{line}: {k}" in s for s in _findings(exc) for k in kinds), _findings(exc)

@@ -262,6 +262,8 @@ def test_every_registered_kernel_runs():
         ran |= {d.kernel for d in _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())}
         lx.requires_grad_(False)
         ran |= {d.kernel for d in _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())}
+        logits = randn((3, 50), dtype, "cpu").requires_grad_(True)
+        ran |= {d.kernel for d in _record(lambda: tmf.cross_entropy(logits, torch.tensor([1, 2, 3])).backward())}
     assert set(runner.kernel_names()) - ran == set()
 
 

@@ -32,6 +32,7 @@ SOFTMAX = ("tests/test_softmax.py", "tests/test_edge_values.py::test_softmax_edg
 RMS_NORM = ("tests/test_rms_norm.py", "tests/test_edge_values.py::test_rms_norm_edge_values")
 LORA = ("tests/test_lora_linear.py", "tests/test_edge_values.py::test_lora_dropout_over_several_token_groups")
 KERNELS = ("tests/test_emulator_kernels.py",)
+CROSS_ENTROPY = ("tests/test_cross_entropy.py",)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ def _m(name, path, find, replace, tests, why, **kw) -> Mutant:
 
 
 S, R, L, H = "shaders/softmax.metal", "shaders/rms_norm.metal", "shaders/lora_linear.metal", "shaders/reduce.h"
+CE = "shaders/cross_entropy.metal"
 MUTANTS: list[Mutant] = [
     # ---- softmax ----
     _m(
@@ -318,6 +320,48 @@ MUTANTS: list[Mutant] = [
         LORA,
         "(control) F rounded to the input dtype once: it was staged from it, so nothing changes",
         control=True,
+    ),
+    # ---- cross-entropy ----
+    _m(
+        "cross_entropy_target_term_dropped_from_grad",
+        CE,
+        "(int(c) == t ? 1.0f - eps : 0.0f)",
+        "(int(c) == t ? 0.0f : 0.0f)",
+        CROSS_ENTROPY,
+        "the gradient forgets the target's -1",
+        ci=True,
+    ),
+    _m(
+        "cross_entropy_smoothing_over_threads",
+        CE,
+        "row_loss -= eps * z_sum / float(p.vocab);",
+        "row_loss -= eps * z_sum / float(threads);",
+        CROSS_ENTROPY,
+        "label smoothing's mean taken over the threads, not the vocabulary",
+    ),
+    _m(
+        "cross_entropy_softcap_derivative_dropped",
+        CE,
+        "        g *= 1.0f - th * th;",
+        "        g *= 1.0f;",
+        CROSS_ENTROPY,
+        "the soft-cap's tanh derivative left out of the gradient",
+    ),
+    _m(
+        "cross_entropy_ignored_rows_get_a_gradient",
+        CE,
+        "    float g = 0.0f;\n    if (valid) {",
+        "    float g = 0.0f;\n    if (true) {",
+        CROSS_ENTROPY,
+        "ignore_index rows contribute a gradient",
+    ),
+    _m(
+        "cross_entropy_grad_rows_at_the_logits_stride",
+        CE,
+        "  device T* gr = grad + ulong(row) * p.vocab;",
+        "  device T* gr = grad + ulong(row) * p.logits_row_stride;",
+        CROSS_ENTROPY,
+        "the contiguous gradient addressed with the logits' row stride",
     ),
     # ---- launch code shared with MPS (csrc/include/tmf) ----
     _m(

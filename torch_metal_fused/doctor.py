@@ -182,6 +182,8 @@ def _cases(device: str, dtype: torch.dtype):
         _randn((8, 72), dtype, device, 5),
         _randn((40, 8), dtype, device, 6),
     )
+    ch, cw = _randn((37, 24), dtype, device, 7), _randn((1001, 24), dtype, device, 8) * 0.2
+    target = torch.arange(37, dtype=torch.long) * 27 % 1001
     return [
         ("softmax", lambda t: tmf.softmax(t[0], -1), lambda t: torch.softmax(t[0], -1), [x]),
         ("softmax", lambda t: tmf.softmax(t[0], -1), lambda t: torch.softmax(t[0], -1), [xs]),
@@ -202,6 +204,12 @@ def _cases(device: str, dtype: torch.dtype):
             lambda t: tmf.lora_linear(t[0], t[1], t[2], t[3], scale=2.0),
             lambda t: t[0] @ t[1].t() + 2.0 * (t[0] @ t[2].t()) @ t[3].t(),
             [lx, lw, la, lb],
+        ),
+        (
+            "cross_entropy",
+            lambda t: tmf.linear_cross_entropy(t[0], t[1], target.to(t[0].device), reduction="none", chunk_size=16),
+            lambda t: torch.nn.functional.cross_entropy(t[0] @ t[1].t(), target.cpu(), reduction="none"),
+            [ch, cw],
         ),
     ]
 

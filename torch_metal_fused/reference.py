@@ -121,13 +121,15 @@ def cross_entropy_rows(
     label_smoothing: float,
     softcap: float,
     row_scale: torch.Tensor | None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-entropy of each row of `logits` (rows, vocab) against `target` (rows,), in float32 (float64 for
     float64), with Gemma-2's soft-capping z = softcap·tanh(logits / softcap) when softcap > 0 and torch's label
     smoothing: loss = logsumexp(z) - (1 - ε)·z[target] - ε·mean(z). Rows whose target is ignore_index have loss 0.
 
     With `row_scale` (rows,), also returns d(Σ row_scale·loss)/d(logits) in the logits' dtype (ignored rows: 0):
-    row_scale·(softmax(z) - (1 - ε)·onehot(target) - ε / vocab), times 1 - tanh² under soft-capping."""
+    row_scale·(softmax(z) - (1 - ε)·onehot(target) - ε / vocab), times 1 - tanh² under soft-capping; with
+    `in_place`, written over `logits` (which is returned as the gradient)."""
     ct = _compute_dtype(logits.dtype)
     z = logits.to(ct)
     capped = None
@@ -155,4 +157,6 @@ def cross_entropy_rows(
         grad *= 1.0 - capped * capped
     zero = torch.zeros((), dtype=ct, device=z.device)
     grad = torch.where(valid.unsqueeze(-1), grad * row_scale.to(ct).unsqueeze(-1), zero)
+    if in_place:
+        return loss, logits.copy_(grad)
     return loss, grad.to(logits.dtype)

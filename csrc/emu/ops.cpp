@@ -5,6 +5,7 @@
 #include <sstream>
 #include <string>
 
+#include "tmf/launch/cross_entropy.h"
 #include "tmf/launch/lora_linear.h"
 #include "tmf/launch/rms_norm.h"
 #include "tmf/launch/softmax.h"
@@ -155,6 +156,16 @@ const char* tmf_emu_lora_backward_lowrank(int checking, uint32_t max_threads, in
   return run(checking, max_threads, [&](auto& enc) {
     tmf::launch::lora_backward_lowrank(enc, DType(dtype), buf(dy), dy_stride, buf(lora_a), buf(lora_b), buf(mask),
                                        buf(dh), buf(dx), tokens, in_features, out_features, rank, scale);
+  });
+}
+
+const char* tmf_emu_cross_entropy_rows(int checking, uint32_t max_threads, int dtype, TensorArg logits,
+                                      uint64_t row_stride, TensorArg target, TensorArg row_scale, TensorArg loss,
+                                      TensorArg grad, uint64_t rows, uint64_t vocab, int64_t ignore_index,
+                                      float label_smoothing, float softcap) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::cross_entropy_rows(enc, DType(dtype), buf(logits), row_stride, buf(target), buf(row_scale),
+                                    buf(loss), buf(grad), rows, vocab, ignore_index, label_smoothing, softcap);
   });
 }
 

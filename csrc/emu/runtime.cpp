@@ -20,6 +20,8 @@
 // - A watchdog timer (TORCH_METAL_FUSED_EMU_TIMEOUT_S, default 120 s) ends a runaway dispatch the same way.
 // - The checker abandons a dispatch before an access far outside every buffer executes.
 #include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
 #include <link.h>
 #include <pthread.h>
 #include <sys/mman.h>
@@ -51,6 +53,12 @@
 #pragma weak timer_settime
 #pragma weak timer_delete
 
+// The runtime's code gets a section of its own, so a pc can be told apart from the shader code linked into the
+// same library (the watchdog abandons a dispatch only where the kernel itself runs: that is the line it reports).
+#pragma clang section text = "tmf_runtime_text"
+extern "C" char __start_tmf_runtime_text[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_tmf_runtime_text[] __attribute__((weak, visibility("hidden")));
+
 namespace bctx = boost::context::detail;
 
 namespace tmf_emu {
@@ -70,7 +78,7 @@ constexpr size_t kMaxErrors = 64;
 constexpr unsigned char kPoison = 0xFF;  // NaN as float, half and bfloat
 constexpr double kDefaultTimeoutS = 120;
 // After the deadline the watchdog ticks again this often, until a tick lands where the dispatch can be
-// abandoned safely (not inside the runtime's own allocations).
+// abandoned safely (not inside the runtime's own allocations) and, in plain runs, in the kernel's own code.
 constexpr long kWatchdogRetryNs = 20 * 1000 * 1000;
 constexpr size_t kAltStackBytes = 64 * 1024;
 
@@ -121,6 +129,13 @@ struct Thread {
   SimdResolver resolver = nullptr;
   SimdOp op = SimdOp::none;
   LaneIO io;
+  // While the thread is in runtime code it called (a checker callback, a barrier, a SIMD-group operation): the
+  // return address into the kernel, which a watchdog tick or fault landing there reports as the location.
+  uintptr_t call_site_pc = 0;
+  // The return address of the thread's latest SIMD-group operation, barrier or (checked runs) device or
+  // threadgroup memory access: where a checked run's watchdog report points (the pc of a tick in instrumented
+  // code often has no line).
+  uintptr_t last_site_pc = 0;
 };
 
 struct Shadow {
@@ -137,6 +152,11 @@ struct Mapping {
   Mapping(const Mapping&) = delete;
   Mapping& operator=(const Mapping&) = delete;
   Mapping(Mapping&& o) noexcept : base(o.base), bytes(o.bytes) { o.base = nullptr, o.bytes = 0; }
+  Mapping& operator=(Mapping&& o) noexcept {
+    std::swap(base, o.base);
+    std::swap(bytes, o.bytes);
+    return *this;
+  }
   ~Mapping() {
     if (base) munmap(base, bytes);
   }
@@ -153,6 +173,49 @@ unsigned char* map_guarded(Mapping& m, size_t bytes) {
     throw std::runtime_error("tmf_emu: cannot map a buffer copy");
   return rw;
 }
+
+size_t accessible_bytes(const Mapping& m) { return m.bytes - 2 * kGuardZone; }
+
+// Buffer mappings of finished dispatches, kept for the next ones: mapping, protecting and faulting in fresh
+// pages would cost more than small kernels themselves, and the same shapes recur. Bounded, small ones only
+// (their pages stay resident). Used under the dispatch mutex.
+class MappingPool {
+ public:
+  // A mapping with at least `bytes` accessible (not more than about twice: the excess is poisoned per use).
+  unsigned char* take(Mapping& m, size_t bytes) {
+    size_t best = free_.size();
+    for (size_t i = 0; i < free_.size(); ++i) {
+      const size_t have = accessible_bytes(free_[i]);
+      if (have >= bytes && have <= 2 * bytes + kSlop &&
+          (best == free_.size() || have < accessible_bytes(free_[best])))
+        best = i;
+    }
+    if (best == free_.size()) return map_guarded(m, bytes);
+    pooled_bytes_ -= accessible_bytes(free_[best]);
+    m = std::move(free_[best]);
+    free_.erase(free_.begin() + long(best));
+    return m.base + kGuardZone;
+  }
+  void give(Mapping&& m) {
+    const size_t bytes = m.base ? accessible_bytes(m) : 0;
+    if (!bytes || bytes > kMaxPooledMapping) return;  // released by the caller's destructor
+    free_.push_back(std::move(m));
+    pooled_bytes_ += bytes;
+    while (free_.size() > kMaxEntries || pooled_bytes_ > kMaxPooledBytes) {  // the oldest go first
+      pooled_bytes_ -= accessible_bytes(free_.front());
+      free_.erase(free_.begin());
+    }
+  }
+
+ private:
+  static constexpr size_t kSlop = 64 * 1024;
+  static constexpr size_t kMaxEntries = 32;
+  static constexpr size_t kMaxPooledMapping = size_t(4) << 20;
+  static constexpr size_t kMaxPooledBytes = size_t(32) << 20;
+  std::vector<Mapping> free_;
+  size_t pooled_bytes_ = 0;
+};
+MappingPool g_mapping_pool;
 
 // A bound buffer as the kernel sees it: a private copy inside a PROT_NONE reservation.
 //   plain:   [guard][poison][data][< alignment bytes of poison][guard]
@@ -179,8 +242,10 @@ struct BufferCopy {
 void place_copy(BufferCopy& c, size_t alignment, bool checking) {
   const size_t slack = checking ? kDeviceGuard : 0;
   c.size = c.host.size();
-  c.rw_bytes = round_up(round_up(c.size, alignment) + 2 * slack, page_size());
-  c.rw = map_guarded(c.mapping, c.rw_bytes);
+  // + alignment in checked runs: aligning the start down must not eat into the slack before it.
+  c.rw_bytes = round_up(round_up(c.size, alignment) + (slack ? 2 * slack + alignment : 0), page_size());
+  c.rw = g_mapping_pool.take(c.mapping, c.rw_bytes);
+  c.rw_bytes = accessible_bytes(c.mapping);
   const uintptr_t end = uintptr_t(c.rw) + c.rw_bytes - slack;
   c.data = reinterpret_cast<unsigned char*>((end - c.size) / alignment * alignment);
   std::memset(c.rw, kPoison, size_t(c.data - c.rw));
@@ -238,6 +303,10 @@ volatile sig_atomic_t g_escape_armed = 0;  // the threadgroups of a dispatch are
 // lock held, so the watchdog waits for its next tick.
 volatile sig_atomic_t g_runtime_busy = 0;
 volatile sig_atomic_t g_timeout_pending = 0;  // the watchdog fired at a point it could not escape from
+// Ticks that landed outside the shader code (in the runtime, libm, ...); after kMaxWatchdogMisses the dispatch
+// is abandoned wherever it is, and the report falls back to the kernel's last call into the runtime.
+volatile sig_atomic_t g_watchdog_misses = 0;
+constexpr int kMaxWatchdogMisses = 25;
 // The thread running the dispatch (signal handlers see other threads' signals too). Not a thread_local: a
 // dlopen'ed library's TLS may be allocated on first use, which a signal handler must not do.
 volatile sig_atomic_t g_dispatching = 0;
@@ -291,6 +360,31 @@ struct ImageRange {
 };
 std::vector<ImageRange> g_image;
 uintptr_t g_image_base = 0;
+ImageRange g_text{0, 0};  // the .text section: the shader code and the runtime's helpers (not the PLT)
+
+// The .text section of the library at `path` loaded at `base` (read from the file: sections are not mapped).
+ImageRange text_section(const char* path, uintptr_t base) {
+  const int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return {0, 0};
+  ImageRange text{0, 0};
+  Elf64_Ehdr eh;
+  std::vector<Elf64_Shdr> sh;
+  std::vector<char> names;
+  if (pread(fd, &eh, sizeof(eh), 0) == ssize_t(sizeof(eh)) && eh.e_shentsize == sizeof(Elf64_Shdr) &&
+      eh.e_shstrndx < eh.e_shnum) {
+    sh.resize(eh.e_shnum);
+    const ssize_t bytes = ssize_t(sh.size() * sizeof(Elf64_Shdr));
+    if (pread(fd, sh.data(), size_t(bytes), off_t(eh.e_shoff)) == bytes) {
+      names.resize(sh[eh.e_shstrndx].sh_size + 1, '\0');
+      if (pread(fd, names.data(), names.size() - 1, off_t(sh[eh.e_shstrndx].sh_offset)) > 0)
+        for (const auto& h : sh)
+          if (h.sh_name < names.size() && std::strcmp(names.data() + h.sh_name, ".text") == 0)
+            text = {base + h.sh_addr, base + h.sh_addr + h.sh_size};
+    }
+  }
+  close(fd);
+  return text;
+}
 
 int collect_image(dl_phdr_info* info, size_t, void* self) {
   uintptr_t lo = ~uintptr_t(0), hi = 0;
@@ -305,6 +399,8 @@ int collect_image(dl_phdr_info* info, size_t, void* self) {
   if (uintptr_t(self) < lo || uintptr_t(self) >= hi) return 0;
   g_image = std::move(ranges);
   g_image_base = info->dlpi_addr;
+  g_text = text_section(info->dlpi_name, info->dlpi_addr);
+  if (g_text.lo == g_text.hi) g_text = {lo, hi};  // unreadable: the whole image
   return 1;
 }
 
@@ -317,6 +413,11 @@ bool in_image(uintptr_t a) {
   for (const auto& r : g_image)
     if (a >= r.lo && a < r.hi) return true;
   return false;
+}
+
+bool in_shader_code(uintptr_t pc) {
+  return pc >= g_text.lo && pc < g_text.hi &&
+         !(pc >= uintptr_t(__start_tmf_runtime_text) && pc < uintptr_t(__stop_tmf_runtime_text));
 }
 
 // A pc as the report carries it: an offset in this library, which the Python side symbolizes to .metal file:line
@@ -530,11 +631,27 @@ Thread& current_thread() {
   return *g_run->current;
 }
 
+// Marks runtime code entered from a kernel (see Thread::call_site_pc).
+class KernelCall {
+ public:
+  explicit KernelCall(void* return_address) : t_(g_run ? g_run->current : nullptr) {
+    if (t_) t_->call_site_pc = uintptr_t(return_address);
+  }
+  ~KernelCall() {
+    if (t_) t_->call_site_pc = 0;
+  }
+  KernelCall(const KernelCall&) = delete;
+  KernelCall& operator=(const KernelCall&) = delete;
+
+ private:
+  Thread* t_;
+};
+
 // ---- what an address is ---------------------------------------------------------------------------
 struct Place {
   const char* kind;
   int buffer = -1;
-  std::string what;  // "byte offset 256 of buffer(0) (256 bytes bound)", ...
+  std::string what;  // e.g. "byte offset 256 of buffer(0), which holds 256 bytes from its bind offset (past its end)"
 };
 
 Place place_of(const Run& r, uintptr_t addr) {
@@ -568,7 +685,7 @@ Place place_of(const Run& r, uintptr_t addr) {
 struct BufferRange {
   uintptr_t lo, hi;  // the bound range [buffer start + offset, buffer end)
   int index;
-  bool counted;  // device buffers count towards traffic; setBytes arguments do not
+  Traffic* traffic;  // the report's row; null for setBytes arguments, which do not count as traffic
 };
 std::vector<BufferRange> g_ranges;
 
@@ -597,8 +714,10 @@ bool report_bad_access(Run& r, uintptr_t addr, size_t size, bool store, void* pc
 void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
   if (!g_checking || !g_run || !g_run->current) return;
   Run& r = *g_run;
+  KernelCall call(pc);
   uintptr_t arena = uintptr_t(r.arena);
   if (addr >= arena && addr < arena + kThreadgroupArena) {
+    r.current->last_site_pc = uintptr_t(pc);
     size_t off = addr - arena;
     if (off + size > r.arena_used) {
       add_error("threadgroup-out-of-bounds", nullptr, 0, module_offset(pc),
@@ -637,12 +756,10 @@ void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
   // The thread's own private memory (its fiber stack, above the guard page).
   const uintptr_t stack = uintptr_t(r.stacks) + size_t(r.current->index) * kFiberStack;
   if (addr >= stack + page_size() && addr + size <= stack + kFiberStack) return;
+  r.current->last_site_pc = uintptr_t(pc);
   for (const auto& b : g_ranges) {
     if (addr >= b.lo && addr + size <= b.hi) {
-      if (b.counted) {
-        auto& t = r.report->traffic[b.index];
-        (store ? t.bytes_written : t.bytes_read) += size;
-      }
+      if (b.traffic) (store ? b.traffic->bytes_written : b.traffic->bytes_read) += size;
       return;
     }
   }
@@ -687,8 +804,13 @@ void on_watchdog(int, siginfo_t*, void* ucontext) {
     g_timeout_pending = 1;  // the scheduler or the runtime's allocations: escape at the next safe point
     return;
   }
-  g_fault = FaultRecord{};
-  save_context(ucontext, g_fault);
+  FaultRecord here;
+  save_context(ucontext, here);
+  if (!g_checking && !in_shader_code(here.pc) && g_watchdog_misses < kMaxWatchdogMisses) {
+    ++g_watchdog_misses;  // the next tick will likely land in the kernel's own code
+    return;
+  }
+  g_fault = here;
   escape(kEscapeWatchdog);
 }
 
@@ -730,6 +852,28 @@ uint64_t schedule_seed() {
   return v;
 }
 
+// The watchdog timer, signalling the thread that dispatches (dispatches are serialised; kept between them).
+struct WatchdogTimer {
+  timer_t timer{};
+  pid_t tid = 0;  // the thread it signals (0: none yet)
+} g_watchdog;
+
+bool watchdog_timer() {
+  const int sig = watchdog_signal();
+  if (!sig || !timer_create) return false;
+  const pid_t tid = pid_t(syscall(SYS_gettid));
+  if (g_watchdog.tid == tid) return true;
+  if (g_watchdog.tid) timer_delete(g_watchdog.timer);
+  g_watchdog.tid = 0;
+  sigevent ev{};
+  ev.sigev_notify = SIGEV_THREAD_ID;
+  ev.sigev_signo = sig;
+  ev._sigev_un._tid = tid;
+  if (timer_create(CLOCK_MONOTONIC, &ev, &g_watchdog.timer) != 0) return false;
+  g_watchdog.tid = tid;
+  return true;
+}
+
 // For the duration of a dispatch: the fault handlers, an alternate signal stack (a fiber that overflowed its
 // stack cannot run a handler on it) and the watchdog timer.
 class DispatchGuard {
@@ -746,29 +890,26 @@ class DispatchGuard {
     sigemptyset(&sa.sa_mask);
     install(SIGSEGV, sa, g_previous_segv);
     install(SIGBUS, sa, g_previous_bus);
-    const int sig = watchdog_signal();
-    if (timeout_s > 0 && sig && timer_create) {
-      sigevent ev{};
-      ev.sigev_notify = SIGEV_THREAD_ID;
-      ev.sigev_signo = sig;
-      ev._sigev_un._tid = pid_t(syscall(SYS_gettid));
-      if (timer_create(CLOCK_MONOTONIC, &ev, &timer_) == 0) {
-        timer_set_ = true;
-        itimerspec when{};
-        when.it_value.tv_sec = time_t(timeout_s);
-        when.it_value.tv_nsec = long((timeout_s - double(time_t(timeout_s))) * 1e9);
-        if (when.it_value.tv_sec == 0 && when.it_value.tv_nsec == 0) when.it_value.tv_nsec = 1;
-        when.it_interval.tv_nsec = kWatchdogRetryNs;
-        timer_settime(timer_, 0, &when, nullptr);
-      }
+    if (timeout_s > 0 && watchdog_timer()) {
+      itimerspec when{};
+      when.it_value.tv_sec = time_t(timeout_s);
+      when.it_value.tv_nsec = long((timeout_s - double(time_t(timeout_s))) * 1e9);
+      if (when.it_value.tv_sec == 0 && when.it_value.tv_nsec == 0) when.it_value.tv_nsec = 1;
+      when.it_interval.tv_nsec = kWatchdogRetryNs;
+      timer_armed_ = timer_settime(g_watchdog.timer, 0, &when, nullptr) == 0;
     }
     g_timeout_pending = 0;
+    g_watchdog_misses = 0;
+    g_fault = FaultRecord{};  // an escape from the scheduler has no pc of its own
     g_dispatch_thread = pthread_self();
     g_dispatching = 1;
   }
   ~DispatchGuard() {
     g_dispatching = 0;
-    if (timer_set_) timer_delete(timer_);
+    if (timer_armed_) {
+      const itimerspec off{};
+      timer_settime(g_watchdog.timer, 0, &off, nullptr);
+    }
     g_timeout_pending = 0;
     restore(SIGSEGV, g_previous_segv);
     restore(SIGBUS, g_previous_bus);
@@ -789,8 +930,7 @@ class DispatchGuard {
 
   stack_t previous_stack_{};
   bool alt_stack_set_ = false;
-  timer_t timer_{};
-  bool timer_set_ = false;
+  bool timer_armed_ = false;
 };
 
 // Records why the dispatch was abandoned (after the escape, in normal context).
@@ -799,9 +939,15 @@ void report_escape(Run& r, int why) {
   const Thread* t = r.current;
   const std::string who = t ? " (" + thread_name(r, *t) + ")" : "";
   if (why == kEscapeFinding) return;  // recorded before the escape
-  uintptr_t pc = report_pc(g_fault.pc, false);
+  uintptr_t pc = 0;
   std::string where;
-  if (!pc && g_fault.pc) {
+  // Where the thread was: the faulting or interrupted instruction. Checked runs report the thread's latest
+  // site instead (Thread::last_site_pc): instrumented code between callbacks often carries no line.
+  const bool by_site = why == kEscapeWatchdog && g_checking && t && t->last_site_pc;
+  if (by_site) pc = report_pc(t->last_site_pc, true);
+  else if (in_shader_code(g_fault.pc)) pc = report_pc(g_fault.pc, false);
+  else if (t && t->call_site_pc) pc = report_pc(t->call_site_pc, true);  // in runtime code the kernel called
+  if (!pc && g_fault.pc && !in_image(g_fault.pc)) {
     // Outside the shader code (a libc or libm function the kernel called): the return address on top of the
     // fiber's stack is usually the call in the kernel.
     const uintptr_t stack_lo = t ? uintptr_t(r.stacks) + size_t(t->index) * kFiberStack + page_size() : 0;
@@ -844,27 +990,44 @@ void report_escape(Run& r, int why) {
   }
 }
 
-// After a normal end: plain runs find stores into the poisoned bytes around each copy.
-void check_poison(Run& r) {
-  for (const auto& c : r.copies) {
-    const unsigned char* lo = c.rw;
-    const unsigned char* hi = c.rw + c.rw_bytes;
-    const unsigned char* first = nullptr;
-    const unsigned char* last = nullptr;
-    for (const unsigned char* p = lo; p < hi; ++p) {
-      if (p == c.data) p += c.size;
-      if (p >= hi) break;
+// The first and last byte in [lo, hi) that is not poison (nullptr if none), a word at a time.
+std::pair<const unsigned char*, const unsigned char*> unpoisoned(const unsigned char* lo, const unsigned char* hi) {
+  constexpr uint64_t kPoisonWord = ~uint64_t(0);
+  static_assert(kPoison == 0xFF, "kPoisonWord");
+  const unsigned char* first = nullptr;
+  const unsigned char* last = nullptr;
+  const unsigned char* p = lo;
+  while (p < hi) {
+    uint64_t w;
+    if (size_t(hi - p) >= sizeof(w) && (std::memcpy(&w, p, sizeof(w)), w == kPoisonWord)) {
+      p += sizeof(w);
+      continue;
+    }
+    const unsigned char* end = std::min(hi, p + sizeof(w));
+    for (; p < end; ++p)
       if (*p != kPoison) {
         if (!first) first = p;
         last = p;
       }
-    }
+  }
+  return {first, last};
+}
+
+// After a normal end: plain runs find stores into the poisoned bytes around each copy.
+void check_poison(Run& r) {
+  for (const auto& c : r.copies) {
+    auto [first, last] = unpoisoned(c.rw, c.data);
+    auto [first_after, last_after] = unpoisoned(c.data + c.size, c.rw + c.rw_bytes);
+    if (!first) first = first_after;
+    if (last_after) last = last_after;
     if (!first) continue;
     const int64_t a = int64_t(first - c.data), b = int64_t(last - c.data);
+    const char* where = b < 0 ? "before its start" : a >= int64_t(c.size) ? "past its end, before the guard page"
+                                                                          : "before its start and past its end";
     add_error("device-out-of-bounds", nullptr, 0, 0,
               "a store changed bytes " + std::to_string(a) + ".." + std::to_string(b) + " of buffer(" +
                   std::to_string(c.index) + "), which holds " + std::to_string(c.size) +
-                  " bytes from its bind offset (" + (a < 0 ? "before its start" : "past its end, before the guard page") +
+                  " bytes from its bind offset (" + where +
                   "; run under the checker, TORCH_METAL_FUSED_EMU_CHECK=1, for the line)",
               c.index);
   }
@@ -875,7 +1038,9 @@ void check_poison(Run& r) {
 // ---- the interface used by compiled shaders -----------------------------------------------------------
 void simd_rendezvous(SimdResolver resolver, SimdOp op, const void* in, void* out, size_t size, uint32_t arg,
                      const char* file, int line) {
+  KernelCall call(__builtin_return_address(0));
   Thread& t = current_thread();
+  t.last_site_pc = uintptr_t(__builtin_return_address(0));
   std::memcpy(t.io.in, in, size);
   t.io.arg = arg;
   t.resolver = resolver;
@@ -887,13 +1052,16 @@ void simd_rendezvous(SimdResolver resolver, SimdOp op, const void* in, void* out
 }
 
 void barrier(const char* file, int line) {
+  KernelCall call(__builtin_return_address(0));
   Thread& t = current_thread();
+  t.last_site_pc = uintptr_t(__builtin_return_address(0));
   t.file = file, t.line = line;
   t.wait = Wait::barrier;
   yield_to_scheduler();
 }
 
 void* threadgroup_local(uint64_t site, size_t bytes, const char* file, int line) {
+  KernelCall call(__builtin_return_address(0));
   Run& r = *g_run;
   size_t offset;
   {
@@ -921,6 +1089,7 @@ void* threadgroup_local(uint64_t site, size_t bytes, const char* file, int line)
 }
 
 void* buffer_address(int index, size_t min_bytes) {
+  KernelCall call(__builtin_return_address(0));
   const auto& view = g_run->view;
   auto it = view.find(index);
   if (it == view.end()) {
@@ -1072,8 +1241,9 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
       place_copy(c, alignment, enc.checking);
       const BoundBuffer b{c.data, c.size, 0, buf.argument_bytes};
       r.view[index] = b;
-      g_ranges.push_back({uintptr_t(c.data), uintptr_t(c.data) + c.size, index, !b.argument_bytes});
-      if (!b.argument_bytes) report.traffic[index];  // a row for every bound buffer, even if untouched
+      // A row for every bound buffer, even if untouched (std::map: the pointer stays valid).
+      Traffic* traffic = b.argument_bytes ? nullptr : &report.traffic[index];
+      g_ranges.push_back({uintptr_t(c.data), uintptr_t(c.data) + c.size, index, traffic});
     }
   } catch (...) {
     g_ranges.clear();
@@ -1098,18 +1268,32 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
   report.threadgroup_memory = std::max(report.threadgroup_memory, r.arena_used);
   if (!enc.checking && report.aborted.empty()) check_poison(r);
   if (report.aborted.empty()) {
-    for (const auto& c : r.copies) {
+    // Checked runs know what was written. Plain runs copy back every writable binding, but compare first where
+    // one storage is bound twice (LoRA's dh at buffers 4 and 5, a missing mask bound as the input), all before
+    // any is copied back: the storage must not get the stale copy of the binding the kernel did not write.
+    auto overlaps_another = [&](const BufferCopy& c) {
+      const uintptr_t lo = uintptr_t(c.host.address()), hi = lo + c.size;
+      for (const auto& o : r.copies)
+        if (&o != &c && !o.host.argument_bytes && uintptr_t(o.host.address()) < hi &&
+            lo < uintptr_t(o.host.address()) + o.size)
+          return true;
+      return false;
+    };
+    std::vector<char> changed(r.copies.size(), 0);
+    for (size_t i = 0; i < r.copies.size(); ++i) {
+      const BufferCopy& c = r.copies[i];
       if (c.host.argument_bytes || !c.size) continue;
-      // Checked runs know what was written; plain runs compare (a buffer bound twice, once read-only, must not
-      // be overwritten with its stale copy).
-      const bool changed = enc.checking ? report.traffic[c.index].bytes_written != 0
-                                        : c.writable && std::memcmp(c.host.address(), c.data, c.size) != 0;
-      if (changed) std::memcpy(c.host.address(), c.data, c.size);
+      if (enc.checking) changed[i] = report.traffic[c.index].bytes_written != 0;
+      else if (c.writable)
+        changed[i] = !overlaps_another(c) || std::memcmp(c.host.address(), c.data, c.size) != 0;
     }
+    for (size_t i = 0; i < r.copies.size(); ++i)
+      if (changed[i]) std::memcpy(r.copies[i].host.address(), r.copies[i].data, r.copies[i].size);
   }
   g_checking = false;
   g_ranges.clear();
   g_run = nullptr;
+  for (auto& c : r.copies) g_mapping_pool.give(std::move(c.mapping));
 }
 
 }  // namespace tmf_emu

@@ -198,3 +198,34 @@ def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, 
     if needs_db:
         dbias = dy2.sum(0)
     return dx, dw, dbias, da, dlb
+
+
+def cross_entropy_rows(logits, target, ignore_index: int, label_smoothing: float, softcap: float, row_scale, in_place):
+    """shaders/cross_entropy.metal: per-row losses and, with row_scale, the gradient (over logits when in_place)."""
+    rows, vocab = logits.shape
+    loss = _output((rows,), torch.float32)
+    if rows == 0:
+        return loss, (logits if in_place else torch.empty_like(logits)) if row_scale is not None else None
+    runner = _runner()
+    logits2 = _rows(logits)
+    grad = None
+    if row_scale is not None:
+        grad = logits if in_place else _output(logits.shape, logits.dtype)
+        if in_place and not (logits.is_contiguous()):
+            raise ValueError("in_place needs contiguous logits")
+    runner.launch(
+        "cross_entropy_rows",
+        logits.dtype,
+        logits2,
+        _row_stride(logits2),
+        target.to(torch.int32).contiguous(),
+        row_scale.to(torch.float32).contiguous() if row_scale is not None else None,
+        loss,
+        grad,
+        rows,
+        vocab,
+        runner.SignedInt(ignore_index),
+        float(label_smoothing),
+        float(softcap),
+    )
+    return loss, grad

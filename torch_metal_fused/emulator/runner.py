@@ -310,7 +310,13 @@ def _arg(value):
         return TensorArg.of(value)
     if isinstance(value, float):
         return ctypes.c_float(value)
+    if isinstance(value, SignedInt):
+        return ctypes.c_int64(int(value))
     return ctypes.c_uint64(int(value))
+
+
+class SignedInt(int):
+    """An int the C entry point takes as int64_t (e.g. ignore_index); plain ints travel as uint64_t."""
 
 
 def _parse(report: str, symbolizer, unavailable: list[KernelUnavailable]) -> list[Dispatch]:
@@ -331,9 +337,7 @@ def _parse(report: str, symbolizer, unavailable: list[KernelUnavailable]) -> lis
             kind, file, line_no, pc, count, message = parts[1:7]
             location = f"{file}:{line_no}" if file else symbolizer(int(pc))
             buffer = int(parts[7]) if len(parts) > 7 and int(parts[7]) >= 0 else None
-            dispatches[-1].findings.append(
-                Finding(kind, location, message, int(count), dispatches[-1].kernel, buffer)
-            )
+            dispatches[-1].findings.append(Finding(kind, location, message, int(count), dispatches[-1].kernel, buffer))
         elif parts[0] == "aborted":
             dispatches[-1].aborted = parts[1]
     return dispatches

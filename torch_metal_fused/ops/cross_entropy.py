@@ -8,18 +8,18 @@ the logits come from the native GEMM, turn into their gradient, and feed `dhidde
 tokens × vocabulary. With reduction "mean" or "sum" the gradients are computed in forward (as Liger-Kernel does) and
 backward only scales them; with "none" backward recomputes the chunks with the per-row output gradient.
 
-Status: the row pass is the plain-PyTorch reference on every device (`reference.cross_entropy_rows`, computed in
-float32 for float16/bfloat16); the fused Metal and CUDA row kernels are not written yet. The memory saving of the
-chunked linear op holds on every device already.
+The row pass (`cross_entropy_rows`: loss per row and, in one more pass over the row, the gradient) runs on our Metal
+kernel for MPS tensors (shaders/cross_entropy.metal, launch code csrc/include/tmf/launch/cross_entropy.h, dispatch
+csrc/mps/cross_entropy.mm; the harness runs it for metal-emulated) and on the plain-PyTorch reference
+(`reference.cross_entropy_rows`, float32 for float16/bfloat16) elsewhere: there is no CUDA kernel yet.
 """
 
 from __future__ import annotations
 
 import torch
 
-from torch_metal_fused import reference
 from torch_metal_fused._validation import check_finite_number, check_same_device_dtype, check_tensor
-from torch_metal_fused.ops._dispatch import call
+from torch_metal_fused.ops._dispatch import call, run_kernel
 
 REDUCTIONS = ("mean", "sum", "none")
 # Extra memory the chunked op aims for, per chunk: the logits in their dtype plus ~3 float32 temporaries of the row
@@ -46,8 +46,9 @@ def _rows_impl(
     softcap: float,
     row_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, grad = reference.cross_entropy_rows(logits, target, ignore_index, label_smoothing, softcap, row_scale)
-    return loss, grad if grad is not None else logits.new_empty(0)
+    args = (target, ignore_index, label_smoothing, softcap, row_scale, False)
+    loss, grad = run_kernel("cross_entropy_rows", logits, *args)
+    return loss.to(_loss_dtype(logits.dtype)), grad if grad is not None else logits.new_empty(0)
 
 
 cross_entropy_rows = torch.library.custom_op("torch_metal_fused::cross_entropy_rows", _rows_impl, mutates_args=())
@@ -89,10 +90,10 @@ def _linear_impl(
         h = hidden[start:end]
         logits = torch.nn.functional.linear(h, weight, bias)  # the only chunk-sized tensor of the input dtype
         scale = row_scale[start:end] if grads_wanted else None
-        loss[start:end], g = reference.cross_entropy_rows(
-            logits, target[start:end], ignore_index, label_smoothing, softcap, scale
+        # The gradient is written over the chunk's logits (a buffer we own): no second chunk-sized tensor.
+        loss[start:end], g = run_kernel(
+            "cross_entropy_rows", logits, target[start:end], ignore_index, label_smoothing, softcap, scale, True
         )
-        del logits
         if g is None:
             continue
         if needs_dh:

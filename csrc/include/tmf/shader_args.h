@@ -71,5 +71,17 @@ struct LoraParams {
   uint out_tile;     // output columns staged per step of out += s·h·S
 };
 
+// Cross-entropy row pass (shaders/cross_entropy.metal): one threadgroup per row of `vocab` logits; the loss per row
+// (float32) and, when want_grad, the gradient row_scale[row] · d(loss)/d(logits) written over `grad` (which may be
+// the logits buffer itself: every element is read, then written, by the same thread).
+struct CrossEntropyParams {
+  uint rows;
+  uint vocab;
+  uint logits_row_stride;  // elements; grad rows are contiguous (vocab apart)
+  int ignore_index;
+  float label_smoothing;
+  float softcap;  // 0: none; else z = softcap · tanh(logits / softcap)
+  uint want_grad;
+};
 
 }  // namespace tmf

@@ -131,6 +131,7 @@ using metal::exp2;
 using metal::log;
 using metal::rsqrt;
 using metal::sqrt;
+using metal::tanh;
 }  // namespace precise
 namespace fast {
 using metal::exp;

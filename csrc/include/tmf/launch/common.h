@@ -40,6 +40,7 @@ inline constexpr KernelFamily kKernelFamilies[] = {
     {"softmax", "softmax_"},
     {"rms_norm", "rms_norm_"},
     {"lora_linear", "lora_"},
+    {"cross_entropy", "cross_entropy_"},
 };
 
 inline const char* family_of(const std::string& kernel) {

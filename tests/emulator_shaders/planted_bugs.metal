@@ -1,0 +1,83 @@
+// Kernels with planted bugs that the harness must contain: out-of-bounds accesses, barriers some threads never
+// reach, endless loops, a race that only another SIMD-group order exposes (tests/test_emulator_checker.py).
+// The tests find lines by the "// BUG:" markers.
+#include <metal_stdlib>
+using namespace metal;
+
+// out[i + shift] = i, with shift = params[0] elements: out of bounds for shift != 0.
+[[kernel]] void store_shifted(
+    device float* out [[buffer(0)]],
+    device const long* params [[buffer(1)]],
+    uint i [[thread_position_in_grid]]) {
+  out[long(i) + params[0]] = float(i);  // BUG: store_shifted
+}
+
+// out[i] = in[i + shift]: out of bounds for shift != 0.
+[[kernel]] void load_shifted(
+    device const float* in [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    device const long* params [[buffer(2)]],
+    uint i [[thread_position_in_grid]]) {
+  out[i] = in[long(i) + params[0]];  // BUG: load_shifted
+}
+
+// Threads 16 and up never arrive at the barrier the others wait at.
+[[kernel]] void barrier_not_reached(
+    device float* out [[buffer(0)]],
+    uint tid [[thread_position_in_threadgroup]]) {
+  if (tid < 16) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // BUG: barrier_not_reached
+  }
+  out[tid] = 1.0f;
+}
+
+// Odd and even threads wait at different barriers.
+[[kernel]] void barriers_diverge(
+    device float* out [[buffer(0)]],
+    uint tid [[thread_position_in_threadgroup]]) {
+  if (tid % 2 == 1) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // BUG: barriers_diverge
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  out[tid] = 1.0f;
+}
+
+// Thread 0 loops while in[] holds non-negative values (it always does), so the others wait at the barrier for
+// ever. The store in the loop keeps it a loop: a C++ compiler may assume a loop without side effects ends, and
+// in and out may alias, so the load is not hoisted either.
+[[kernel]] void spin_before_barrier(
+    device const float* in [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    uint tid [[thread_position_in_threadgroup]]) {
+  if (tid == 0) {
+    for (uint j = 0; in[j % 4] >= 0.0f; ++j) out[0] += 1.0f;  // BUG: spin_before_barrier
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = 2.0f;
+}
+
+// An endless loop through SIMD-group operations: the threads keep blocking and resuming, never finishing.
+[[kernel]] void spin_in_simd_ops(
+    device const float* in [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    uint tid [[thread_position_in_threadgroup]]) {
+  float v = fabs(in[tid]);
+  while (simd_sum(v) >= 0.0f) {  // BUG: spin_in_simd_ops
+    v = v + 1.0f;
+  }
+  out[tid] = v;
+}
+
+// Each thread publishes a value, then reads the one published by the same lane of SIMD-group 0, with no barrier
+// between. In index order SIMD-group 0 always runs first and the result is right; in any other order a later
+// SIMD-group reads poisoned (NaN) threadgroup memory.
+[[kernel]] void read_without_barrier(
+    device float* out [[buffer(0)]],
+    uint gid [[thread_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float published[1024];
+  published[tid] = float(lane) + 1.0f;
+  out[gid] = published[lane];  // BUG: read_without_barrier
+}
