@@ -8,7 +8,14 @@ from __future__ import annotations
 
 # Test files whose cases the rule relies on: without all of them collected (a -k or file subset), it cannot judge.
 CONTRACT_FILES = frozenset(
-    {"test_softmax.py", "test_rms_norm.py", "test_lora_linear.py", "test_edge_values.py", "test_emulator_kernels.py"}
+    {
+        "test_softmax.py",
+        "test_rms_norm.py",
+        "test_lora_linear.py",
+        "test_cross_entropy.py",
+        "test_edge_values.py",
+        "test_emulator_kernels.py",
+    }
 )
 
 numerically_tested: dict[str, str] = {}  # kernel -> the first passing numerical test that dispatched it
