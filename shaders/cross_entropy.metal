@@ -75,7 +75,7 @@ template <typename T>
   }
   // Pass 2: re-read the row, write the gradient (the same elements, by the same thread).
   device T* gr = grad + ulong(row) * p.vocab;
-  const float scale = valid ? load_uniform(row_scale, row, lane) : 0.0f;
+  const float scale = load_uniform(row_scale, row, lane);
   const float smooth = eps / float(p.vocab);
   for (uint c = tid; c < p.vocab; c += threads) {
     const float x = float(zr[c]);
