@@ -38,7 +38,6 @@ PYBIND11_MODULE(_C, m) {
       "for tests: the translation of tmf::launch::KernelUnavailable into the Python class");
 #ifdef TMF_WITH_METAL
   m.attr("HAS_METAL") = true;
-  m.def("cross_entropy_rows", &tmf::cross_entropy_rows, py::call_guard<py::gil_scoped_release>());
   m.def("metal_supports_bfloat16", &tmf::mps::supports_bfloat16, "whether this system's Metal has bfloat");
   m.def("metal_language_version", &tmf::mps::metal_language_version);
   m.def("metal_device_name", &tmf::mps::device_name);
@@ -82,4 +81,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("rms_norm_backward", &tmf::rms_norm_backward, release_gil());
   m.def("lora_forward", &tmf::lora_forward, release_gil());
   m.def("lora_backward", &tmf::lora_backward, release_gil());
+  m.def("cross_entropy_rows", &tmf::cross_entropy_rows, release_gil());
 }

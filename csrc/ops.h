@@ -29,12 +29,10 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
     const at::Tensor& lora_b, const at::Tensor& h, double scale, const OptTensor& dropout_mask,
     std::array<bool, 5> needs);
 
-#ifdef TMF_WITH_METAL
-// Metal only for now (the CUDA backend serves cross-entropy with the reference: _backend.CUDA_MISSING_FAMILIES).
+// The cross-entropy row pass (Metal: csrc/mps/cross_entropy.mm, CUDA: csrc/cuda/ops.cu).
 std::tuple<at::Tensor, OptTensor> cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target,
                                                      int64_t ignore_index, double label_smoothing, double softcap,
                                                      const OptTensor& row_scale, bool in_place);
-#endif
 
 // Helpers shared by the backends' host code.
 inline at::Tensor as_rows(const at::Tensor& t) {

@@ -6,13 +6,13 @@
 // Variant "looped": one threadgroup per row (vocabulary rows are long: 32 000 - 262 144), up to 1024 threads
 // striding over the row.
 //   pass 1: z = logits (or softcap · tanh(logits / softcap)); per thread an online max and sum of exp(z - max) and
-//           the sum of z (label smoothing); threadgroup reductions give logsumexp; the loss of the row,
+//           the sum of z (label smoothing), z[target]; threadgroup reductions give logsumexp; the loss of the row,
 //           lse - (1 - ε)·z[target] - ε·mean(z), is written by thread 0 (0 for an ignored row).
 //   pass 2 (want_grad): grad = row_scale · (exp(z - lse) - ε / vocab - (1 - ε)·[i == target]) (times 1 - tanh²
 //           under soft-capping), 0 for an ignored row; each thread writes the elements it read, so grad may be the
 //           logits buffer itself.
-// Traffic per row: logits read twice, grad written once (3 x the logits' bytes with a gradient, 1 x without), the
-// target and row scale 4 B each, the loss 4 B. One dispatch per call.
+// Traffic per row: logits read twice with a gradient (once without), grad written once (3 x the logits' bytes with a
+// gradient), the target and row scale 4 B each, the loss 4 B. One dispatch per call.
 #include <metal_stdlib>
 #include "tmf/shader_args.h"
 #include "reduce.h"
@@ -44,9 +44,13 @@ template <typename T>
   float m = -INFINITY;
   float s = 0.0f;
   float z_sum = 0.0f;
+  float z_target = 0.0f;  // z[target], from the thread that reads it (no second read of the row)
   for (uint c = tid; c < p.vocab; c += threads) {
     const float z = capped_logit(float(zr[c]), p.softcap);
     z_sum += z;
+    if (int(c) == t) {
+      z_target = z;
+    }
     if (z > m) {
       s = s * exp_nonpositive(m - z) + exp_nonpositive(z - z);  // exp(z - z): 1, or NaN for +inf (as torch)
       m = z;
@@ -58,12 +62,13 @@ template <typename T>
   s = m == -INFINITY ? 0.0f : s * exp_nonpositive(m - row_max);
   const float lse = row_max + precise::log(threadgroup_sum(s, scratch, lane, simd_group, n_simd));
   z_sum = threadgroup_sum(z_sum, scratch, lane, simd_group, n_simd);
+  // Reduced, not re-read by thread 0: with grad == logits another thread may already overwrite z[target] below.
+  z_target = threadgroup_sum(z_target, scratch, lane, simd_group, n_simd);
   const float eps = p.label_smoothing;
   if (tid == 0) {
     float row_loss = 0.0f;
     if (valid) {
-      const float z_t = capped_logit(float(zr[t]), p.softcap);
-      row_loss = lse - (1.0f - eps) * z_t;
+      row_loss = lse - (1.0f - eps) * z_target;
       if (eps > 0.0f) {
         row_loss -= eps * z_sum / float(p.vocab);
       }

@@ -20,7 +20,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (as tmf::launch::kKernelFamilies in csrc/include/tmf/launch/common.h).
 FAMILIES = {"softmax": "softmax_", "rms_norm": "rms_norm_", "lora_linear": "lora_", "cross_entropy": "cross_entropy_"}
 # Families our compiled CUDA backend has no kernels for (yet): served by the reference on CUDA tensors.
-CUDA_MISSING_FAMILIES = ("cross_entropy",)
+CUDA_MISSING_FAMILIES: tuple[str, ...] = ()
 METAL_BACKENDS = ("metal", "metal-emulated")
 REPORT_HINT = (
     "Please report it with the output of `python -m torch_metal_fused.doctor` "

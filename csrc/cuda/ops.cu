@@ -224,6 +224,36 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const a
   return {needs_dx ? OptTensor(dx) : std::nullopt, needs_dw ? OptTensor(dw) : std::nullopt};
 }
 
+// ---- cross-entropy row pass --------------------------------------------------------------------------------
+std::tuple<at::Tensor, OptTensor> cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target,
+                                                     int64_t ignore_index, double label_smoothing, double softcap,
+                                                     const OptTensor& row_scale, bool in_place) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(at::kFloat));
+  OptTensor grad;
+  if (row_scale) grad = in_place ? logits : at::empty(logits.sizes(), logits.options());
+  if (rows == 0) return {loss, grad};
+  TORCH_CHECK(!in_place || logits.is_contiguous(), "torch_metal_fused: in-place cross-entropy needs contiguous logits");
+  TORCH_CHECK(vocab > 0 && vocab <= std::numeric_limits<int>::max(), "cross-entropy: vocabulary size out of range");
+  TORCH_CHECK(ignore_index >= std::numeric_limits<int>::min() && ignore_index <= std::numeric_limits<int>::max(),
+              "cross-entropy: ignore_index must fit in 32 bits");
+  at::Tensor l2 = as_rows(logits), t = target.to(at::kInt).contiguous();
+  at::Tensor scale = row_scale ? row_scale->to(at::kFloat).contiguous() : at::Tensor();
+  const int threads = int(std::min<int64_t>(1024, (vocab + 31) / 32 * 32));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  TMF_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "cross_entropy", [&] {
+    using T = scalar_t;
+    cuda::cross_entropy_rows_looped<T><<<rows, threads, 0, stream>>>(
+        reinterpret_cast<const T*>(l2.data_ptr()), row_stride(l2), t.data_ptr<int>(),
+        row_scale ? scale.data_ptr<float>() : nullptr, loss.data_ptr<float>(),
+        grad ? reinterpret_cast<T*>(grad->data_ptr()) : nullptr, int(vocab), int(ignore_index),
+        float(label_smoothing), float(softcap), row_scale.has_value());
+  });
+  check_launch();
+  return {loss, grad};
+}
+
 // ---- LoRA: the products on cuBLAS; merged-weight route chosen by tmf::launch::lora_use_merged_weight --------
 namespace {
 

@@ -395,4 +395,65 @@ __global__ void __launch_bounds__(kDwReduceCols * kDwReduceSlices) rms_norm_dw_r
   }
 }
 
+// ---- cross-entropy row pass (the CUDA twin of shaders/cross_entropy.metal) -------------------------------------
+// One block per vocabulary row: an online max and sum of exp(z - max) and the sum of z (z = logits, or softcap ·
+// tanh(logits / softcap)); the row's loss lse - (1 - ε)·z[target] - ε·mean(z) by thread 0 (0 for an ignored row);
+// then, with a gradient, each thread re-reads its elements and writes row_scale·(softmax - ε/V - (1-ε)·onehot)
+// (times 1 - tanh² under soft-capping) over them: `grad` may be `logits` itself (no __restrict__ on either).
+__device__ __forceinline__ float capped_logit(float x, float softcap) {
+  return softcap > 0.0f ? softcap * tanhf(x / softcap) : x;
+}
+
+template <typename T>
+__global__ void cross_entropy_rows_looped(const T* logits, int64_t stride, const int* __restrict__ target,
+                                          const float* __restrict__ row_scale, float* __restrict__ loss, T* grad,
+                                          int vocab, int ignore_index, float eps, float softcap, bool want_grad) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const T* zr = logits + row * stride;
+  const int t = target[row];
+  const bool valid = t != ignore_index;
+  float m = -INFINITY, s = 0.0f, z_sum = 0.0f, z_target = 0.0f;
+  for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+    const float z = capped_logit(to_float(zr[c]), softcap);
+    z_sum += z;
+    if (c == t) z_target = z;
+    if (z > m) {
+      s = s * expf(m - z) + expf(z - z);  // exp(z - z): 1, or NaN for +inf (as torch)
+      m = z;
+    } else if (z != -INFINITY) {
+      s += expf(z - m);  // NaN lands here and poisons the row
+    }
+  }
+  const float row_max = block_reduce<true>(m, scratch);
+  s = m == -INFINITY ? 0.0f : s * expf(m - row_max);
+  const float lse = row_max + logf(block_reduce<false>(s, scratch));
+  z_sum = block_reduce<false>(z_sum, scratch);
+  z_target = block_reduce<false>(z_target, scratch);  // not re-read: with grad == logits it may be overwritten below
+  if (threadIdx.x == 0) {
+    float row_loss = 0.0f;
+    if (valid) {
+      row_loss = lse - (1.0f - eps) * z_target;
+      if (eps > 0.0f) row_loss -= eps * z_sum / float(vocab);
+    }
+    loss[row] = row_loss;
+  }
+  if (!want_grad) return;
+  T* gr = grad + row * int64_t(vocab);
+  const float scale = row_scale[row], smooth = eps / float(vocab);
+  for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+    float g = 0.0f;
+    if (valid) {
+      const float z = capped_logit(to_float(zr[c]), softcap);
+      g = expf(z - lse) - smooth - (c == t ? 1.0f - eps : 0.0f);
+      if (softcap > 0.0f) {
+        const float th = z / softcap;
+        g *= 1.0f - th * th;
+      }
+      g *= scale;
+    }
+    gr[c] = from_float<T>(g);
+  }
+}
+
 }  // namespace tmf::cuda

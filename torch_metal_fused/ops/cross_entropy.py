@@ -10,27 +10,29 @@ backward only scales them; with "none" backward recomputes the chunks with the p
 
 The row pass (`cross_entropy_rows`: loss per row and, in one more pass over the row, the gradient) runs on our Metal
 kernel for MPS tensors (shaders/cross_entropy.metal, launch code csrc/include/tmf/launch/cross_entropy.h, dispatch
-csrc/mps/cross_entropy.mm; the harness runs it for metal-emulated) and on the plain-PyTorch reference
-(`reference.cross_entropy_rows`, float32 for float16/bfloat16) elsewhere: there is no CUDA kernel yet.
+csrc/mps/cross_entropy.mm; the harness runs it for metal-emulated), on its CUDA twin for CUDA tensors
+(csrc/cuda/row_kernels.cuh, csrc/cuda/ops.cu), and on the plain-PyTorch reference (`reference.cross_entropy_rows`,
+float32 for float16/bfloat16) elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
 
+from torch_metal_fused._backend import backend_for
 from torch_metal_fused._validation import check_finite_number, check_same_device_dtype, check_tensor
 from torch_metal_fused.ops._dispatch import call, run_kernel
 
 REDUCTIONS = ("mean", "sum", "none")
-# Extra memory the chunked op aims for, per chunk: the logits in their dtype plus ~3 float32 temporaries of the row
-# pass (the capped logits, their softmax/gradient, the soft-cap factor).
+# Extra memory the chunked op aims for, per chunk: the chunk's logits in their dtype (our kernels write the gradient
+# over them), plus ~3 float32 temporaries per element where the plain-PyTorch reference does the row pass.
 CHUNK_BUDGET_BYTES = 256 << 20
 
 
-def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: as many as fit CHUNK_BUDGET_BYTES of logits and float32 temporaries (a multiple of 8 above
-    8, so the GEMMs stay efficient), at most `rows`."""
-    per_row = vocab * (torch.finfo(dtype).bits // 8 + 12)
+def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, fused_rows: bool = False) -> int:
+    """Rows per chunk: as many as fit CHUNK_BUDGET_BYTES (a multiple of 8 above 8, so the GEMMs stay efficient), at
+    most `rows`. `fused_rows`: our row kernel serves the chunk (no float32 temporaries)."""
+    per_row = vocab * (torch.finfo(dtype).bits // 8 + (0 if fused_rows else 12))
     n = max(1, CHUNK_BUDGET_BYTES // max(per_row, 1))
     if n > 8:
         n -= n % 8
@@ -266,7 +268,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """`cross_entropy(hidden @ weight.T + bias, target, ...)` without materialising the logits: tokens are processed
-    `chunk_size` rows at a time (default: default_chunk_size, about 256 MB of logits and temporaries). hidden
+    `chunk_size` rows at a time (default: default_chunk_size, about 256 MB of logits (and temporaries)). hidden
     (..., hidden_size), weight (vocab, hidden_size), target (...). A weight with requires_grad=False (LoRA training)
     gets no dweight work."""
     check_tensor("hidden", hidden)
@@ -284,7 +286,8 @@ def linear_cross_entropy(
     )
     rows = target.numel()
     if chunk_size is None:
-        chunk_size = default_chunk_size(rows, weight.shape[0], hidden.dtype)
+        fused_rows = backend_for(hidden, "cross_entropy") != "reference"
+        chunk_size = default_chunk_size(rows, weight.shape[0], hidden.dtype, fused_rows)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (or None), got {chunk_size!r}")
     return LinearCrossEntropyFunction.apply(
