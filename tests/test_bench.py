@@ -135,6 +135,68 @@ def test_emulated_run_reports_traffic_not_timings(tmp_path):
     assert "No timings" in (out / "summary.md").read_text()
 
 
+@pytest.mark.emulated
+def test_emulated_cross_entropy_counts_the_row_pass_against_its_minimum(tmp_path):
+    """The default (emulated) suite has the linear cross-entropy at both vocabulary sizes: its forward runs the Metal
+    row pass (which reads each logits row twice and writes the gradient over it once: 1.5x the minimum of one read
+    and one write), its backward only scales the gradients the forward computed (no Metal dispatch)."""
+    out = tmp_path / "ce"
+    args = ["--device", "cpu", "--emulated", "--ops", "cross_entropy", "--dtypes", "float16", "--out", str(out)]
+    assert main(args) == 0
+    rows = _csv_rows(out)
+    assert {(r["shape"], r["mode"]) for r in rows} == {
+        (f"{t}x{h}x{v}", m)
+        for t, h, v in run.shapes("cross_entropy", "emulated")
+        for m in ("forward", "backward", "forward_backward")
+    }
+    assert {r["shape"].split("x")[2] for r in rows} == {"32000", "128256"}
+    for r in rows:
+        assert not r["error"], r
+        tokens, _, vocab = map(int, r["shape"].split("x"))
+        if r["mode"] == "backward":
+            assert int(r["dispatches"]) == 0 and "only scales" in r["note"]
+            continue
+        assert r["kernels"] == "cross_entropy_rows_looped_half" and int(r["dispatches"]) >= 1
+        assert int(r["min_bytes"]) == 2 * tokens * vocab * 2 + 8 * tokens
+        assert float(r["traffic_over_min"]) == pytest.approx(1.5, abs=0.02), r
+    assert "cross_entropy_rows_looped" in (out / "summary.md").read_text()
+
+
+def test_timed_cpu_cross_entropy_against_the_unfused_path(tmp_path):
+    out = tmp_path / "ce"
+    args = ["--timed", "--quick", "--device", "cpu", "--ops", "cross_entropy", "--dtypes", "float32", "--reps", "2"]
+    assert main([*args, "--out", str(out)]) == 0
+    rows = _csv_rows(out)
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("fused", "torch") for m in ("forward", "backward", "forward_backward")
+    }
+    for r in rows:
+        assert not r["error"], r
+        assert r["shape"] == "64x64x32000" and float(r["median_us"]) > 0 and float(r["tflops"]) > 0
+        assert float(r["fused_speedup"]) > 0 and int(r["min_bytes"]) > 0
+    assert (out / "cross_entropy.png").stat().st_size > 1000
+
+
+def test_cross_entropy_providers_and_shapes(monkeypatch):
+    from torch_metal_fused.bench import cases
+
+    assert "cross_entropy" in bench_main.parse(["--device", "cpu"]).cfg.ops  # in the default run
+    assert cases.providers("cross_entropy", torch.device("cpu")) == ["fused", "torch"]
+    monkeypatch.setattr(cases, "_has", lambda module: module == "liger_kernel")
+    assert cases.providers("cross_entropy", torch.device("cuda")) == ["fused", "torch", "liger"]
+    assert (16384, 4096, 128256) in cases.shapes("cross_entropy", "cuda")
+    assert {(4096, 2048, 32000), (8192, 4096, 128256)} <= set(cases.shapes("cross_entropy", "full"))
+    fb = cases.min_bytes(cases.Case("cross_entropy", (4, 8, 16), torch.float16, "forward_backward"))
+    assert fb == 3 * (4 * 8 + 16 * 8) * 2 + 2 * 4 * 4  # hidden and weight read twice, dhidden and dweight written
+
+
+def test_timed_table_shows_peak_memory_where_measured():
+    row = {"op": "cross_entropy", "mode": "forward", "dtype": "bfloat16", "shape": "8x8x8", "provider": "fused"}
+    row |= {"backend": "cuda", "median_us": 10.0, "peak_memory_mb": 1234.5, "fused_speedup": 1.0}
+    assert "peak MB" in run._table([row], emulated=False) and "| 1234" in run._table([row], emulated=False)
+    assert "peak MB" not in run._table([{**row, "peak_memory_mb": None}], emulated=False)
+
+
 def test_bad_arguments_are_reported(capsys):
     with pytest.raises(SystemExit):
         main(["--ops", "conv"])

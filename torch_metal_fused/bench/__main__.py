@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from torch_metal_fused.bench.cases import MODES, SUITES
+from torch_metal_fused.bench.cases import MODES, OPS, SUITES
 from torch_metal_fused.bench.chips import CHIPS, DEFAULT_TABLE_CHIPS, by_name
 from torch_metal_fused.bench.run import BenchConfig, harness_unavailable_reason, run_benchmarks
 
@@ -45,7 +45,7 @@ def parse(argv: list[str] | None = None) -> Request:
         help="shape set (default: full on mps/cuda; emulated for the emulated report; quick with --quick or a timed "
         "cpu run)",
     )
-    p.add_argument("--ops", default="softmax,rms_norm,lora", help="comma-separated: softmax,rms_norm,lora")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated: {','.join(OPS)}")
     p.add_argument("--dtypes", default="float32,float16,bfloat16")
     p.add_argument("--modes", default=",".join(MODES))
     mode = p.add_mutually_exclusive_group()
@@ -86,7 +86,7 @@ def parse(argv: list[str] | None = None) -> Request:
         p.error("--emulated runs the Metal kernels on the CPU harness: use it with --device cpu")
     ops = [o for o in a.ops.split(",") if o]
     for o in ops:
-        if o not in ("softmax", "rms_norm", "lora"):
+        if o not in OPS:
             p.error(f"--ops: unknown op {o!r}")
     dtypes = []
     for d in a.dtypes.split(","):

@@ -3,6 +3,12 @@ the inputs and returns a callable that runs the op once, plus the minimal bytes 
 
 Providers: "fused" is torch_metal_fused (whatever backend serves the device); the others are the baselines the
 issue names — native torch ops, Hugging Face-style eager code, and Liger-Kernel / PEFT where installed.
+
+cross_entropy is the chunked linear cross-entropy (`tmf.linear_cross_entropy`), shape (tokens, hidden, vocab), against
+the unfused `F.cross_entropy(hidden @ weight.T, target)` ("torch") and Liger-Kernel's fused linear cross-entropy
+("liger", CUDA). Its fused and Liger forward already compute the gradients of hidden and weight (both require grad),
+so their "forward" rows include that work and their "backward" rows only scale the saved gradients; compare
+forward_backward across providers.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import torch
 import torch_metal_fused as tmf
 
 MODES = ("forward", "backward", "forward_backward")
+OPS = ("softmax", "rms_norm", "lora", "cross_entropy")
 
 
 @dataclass(frozen=True)
 class Case:
     op: str
-    shape: tuple[int, ...]  # softmax/rms_norm: (rows, cols); lora: (tokens, in, out, r)
+    # softmax/rms_norm: (rows, cols); lora: (tokens, in, out, r); cross_entropy: (tokens, hidden, vocab)
+    shape: tuple[int, ...]
     dtype: torch.dtype
     mode: str
 
@@ -47,8 +55,9 @@ def providers(op: str, device: torch.device) -> list[str]:
         "softmax": ["fused", "torch"],
         "rms_norm": ["fused", "torch", "hf_eager"],
         "lora": ["fused", "eager", "matmul"],
+        "cross_entropy": ["fused", "torch"],
     }[op]
-    if device.type == "cuda" and _has("liger_kernel") and op in ("softmax", "rms_norm"):
+    if device.type == "cuda" and _has("liger_kernel") and op in ("softmax", "rms_norm", "cross_entropy"):
         names.append("liger")
     if op == "lora" and _has("peft"):
         names.append("peft")
@@ -235,6 +244,99 @@ def _lora_min_bytes_flops(case: Case) -> tuple[int, int]:
     return per_mode[case.mode]
 
 
+def _ce_fn(provider: str, weight: torch.Tensor) -> Callable:
+    if provider == "fused":
+        return lambda h, t: tmf.linear_cross_entropy(h, weight, t)
+    if provider == "torch":  # the unfused path: tokens x vocab logits, then torch's cross-entropy
+        return lambda h, t: torch.nn.functional.cross_entropy(h @ weight.t(), t)
+    if provider == "liger":
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        loss_fn = LigerFusedLinearCrossEntropyLoss()
+
+        def liger(h, t):
+            out = loss_fn(weight, h, t)
+            return out[0] if isinstance(out, tuple) else out  # (loss, z_loss) with return_z_loss
+
+        return liger
+    raise ValueError(f"unknown provider {provider} for cross_entropy")
+
+
+def _ce_inputs(case: Case, device: torch.device, g: torch.Generator):
+    tokens, hidden, vocab = case.shape
+
+    def make():
+        h = torch.randn(tokens, hidden, generator=g).to(device=device, dtype=case.dtype).requires_grad_(True)
+        return h, torch.randint(0, vocab, (tokens,), generator=g).to(device)
+
+    weight = (torch.randn(vocab, hidden, generator=g) * hidden**-0.5).to(device=device, dtype=case.dtype)
+    return make, weight.requires_grad_(True)
+
+
+def _prepare_ce(case: Case, provider: str, device: torch.device) -> Prepared:
+    tokens, hidden, vocab = case.shape
+    es = torch.finfo(case.dtype).bits // 8
+    g = torch.Generator(device="cpu").manual_seed(0)
+    make, weight = _ce_inputs(case, device, g)
+    fn = _ce_fn(provider, weight)
+    n = _n_sets((tokens * hidden + tokens * vocab) * es)  # the logits count: the unfused path materialises them
+    sets = [make() for _ in range(n)]
+    nxt = _rotate(sets)
+    dy = torch.ones((), device=device, dtype=case.dtype)  # the loss is a scalar (reduction "mean")
+    if case.mode == "forward":  # fused and liger: the gradients are computed here
+
+        def run():
+            h, t = nxt()
+            return fn(h, t)
+
+    elif case.mode == "backward":  # fused and liger: only scales the gradients their forward computed
+        outs = [(fn(h, t), h) for h, t in sets]
+        nxt_out = _rotate(outs)
+
+        def run():
+            y, h = nxt_out()
+            _grads(y, dy, h, weight, retain_graph=True)
+
+    else:
+
+        def run():
+            h, t = nxt()
+            _grads(fn(h, t), dy, h, weight)
+
+    min_bytes, flops = _ce_min_bytes_flops(case)
+    return Prepared(run, min_bytes, flops, n)
+
+
+def _ce_min_bytes_flops(case: Case) -> tuple[int, int]:
+    """The whole linear cross-entropy (the logits GEMM included, the logits themselves never stored): forward reads
+    hidden, weight and the targets (the loss is a scalar); backward reads them again and writes dhidden and dweight
+    (the logits recomputed or kept are not counted). Per mode as the unfused path splits the work, although the fused
+    and Liger forward already do the backward's work (their forward rows move and compute more than this)."""
+    tokens, hidden, vocab = case.shape
+    es = torch.finfo(case.dtype).bits // 8
+    fwd_bytes = (tokens * hidden + vocab * hidden) * es + 4 * tokens
+    fwd_flops = 2 * tokens * hidden * vocab
+    bwd_bytes = 2 * (tokens * hidden + vocab * hidden) * es + 4 * tokens
+    bwd_flops = 4 * tokens * hidden * vocab
+    per_mode = {
+        "forward": (fwd_bytes, fwd_flops),
+        "backward": (bwd_bytes, bwd_flops),
+        "forward_backward": (fwd_bytes + bwd_bytes, fwd_flops + bwd_flops),
+    }
+    return per_mode[case.mode]
+
+
+def ce_rows_min_bytes(case: Case) -> int:
+    """The minimum of the Metal row-pass kernels alone (the native GEMMs apart), as the harness counts them: per row
+    pass the chunk's logits read once and their gradient written once (over them), plus 4 B per row each for the
+    target read and the loss written. The fused forward runs the row pass (the gradients are computed there); its
+    backward only scales them, with no Metal kernel (minimum 0)."""
+    tokens, _, vocab = case.shape
+    es = torch.finfo(case.dtype).bits // 8
+    forward = 2 * tokens * vocab * es + 8 * tokens
+    return {"forward": forward, "backward": 0, "forward_backward": forward}[case.mode]
+
+
 def lora_lowrank_min_bytes(case: Case) -> int:
     """The minimum of the Metal low-rank kernels alone (the native GEMMs apart), as the harness counts them:
     forward reads x, A, B and y (the base output) and writes y and h; backward (trainable x) reads dy, A, B and
@@ -249,13 +351,18 @@ def lora_lowrank_min_bytes(case: Case) -> int:
 
 def min_bytes(case: Case) -> int:
     """The minimum bytes of the op's work (the timed cases' `Prepared.min_bytes`)."""
-    return _lora_min_bytes_flops(case)[0] if case.op == "lora" else _rows_min_bytes(case)
+    if case.op == "lora":
+        return _lora_min_bytes_flops(case)[0]
+    if case.op == "cross_entropy":
+        return _ce_min_bytes_flops(case)[0]
+    return _rows_min_bytes(case)
 
 
 @dataclass
 class TrainingStep:
     """One input set of the fused op: `forward()` returns y; `backward(y)` computes the gradients of every trainable
-    input (x, RMSNorm's weight, LoRA's A and B), as the timed cases' backward mode does."""
+    input (x, RMSNorm's weight, LoRA's A and B; cross-entropy's hidden and weight), as the timed cases' backward mode
+    does."""
 
     forward: Callable[[], torch.Tensor]
     backward: Callable[[torch.Tensor], None]
@@ -279,6 +386,14 @@ def training_step(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: t
         return TrainingStep(
             lambda: tmf.lora_linear(x, weight, a, b, 2.0, bias), lambda y: _grads(y, dy, x, a, b, retain_graph=True)
         )
+    if op == "cross_entropy":
+        make, weight = _ce_inputs(Case(op, shape, dtype, "forward"), device, g)
+        hidden, target = make()
+        dy = torch.ones((), device=device, dtype=dtype)
+        return TrainingStep(
+            lambda: tmf.linear_cross_entropy(hidden, weight, target),
+            lambda y: _grads(y, dy, hidden, weight, retain_graph=True),
+        )
     rows, cols = shape
     fn = _row_op(Case(op, shape, dtype, "forward"), "fused")
     x, dy = rnd(rows, cols, grad=True), rnd(rows, cols)
@@ -291,33 +406,46 @@ def prepare(case: Case, provider: str, device: torch.device) -> Prepared:
         if case.mode != "forward" and provider == "matmul":
             raise ValueError("the base matmul alone is a forward baseline")
         return _prepare_lora(case, provider, device)
+    if case.op == "cross_entropy":
+        return _prepare_ce(case, provider, device)
     return _prepare_rows(case, provider, device)
 
 
 # ---- shapes -------------------------------------------------------------------------------------------
-SEED_SHAPES = {"softmax": [(128, 1024)], "rms_norm": [(128, 1024)], "lora": [(128, 512, 512, 8)]}
+SEED_SHAPES = {
+    "softmax": [(128, 1024)],
+    "rms_norm": [(128, 1024)],
+    "lora": [(128, 512, 512, 8)],
+    "cross_entropy": [(64, 64, 32000)],
+}
 LLM_ROWS = [(r, h) for r in (2048, 8192, 16384) for h in (1024, 4096, 8192)]
 LLM_LORA = [(4096, 4096, 4096, r) for r in (8, 16, 64)] + [(4096, 4096, 11008, r) for r in (8, 16, 64)]
+# tokens x hidden x vocab: a Llama-2-sized vocabulary (32000) and Llama-3's (128256)
+LLM_CE = [(4096, 2048, 32000), (8192, 4096, 128256)]
 QUICK_SHAPES = {
     "softmax": [(128, 1024), (1024, 4096)],
     "rms_norm": [(128, 1024), (1024, 4096)],
     "lora": [(128, 512, 512, 8), (512, 1024, 1024, 16)],
+    "cross_entropy": [(64, 64, 32000)],
 }
 # The CUDA issue's comparison shapes (rows x hidden; tokens, in, out, r).
 CUDA_ROWS = [(8192, 4096), (4096, 8192), (32768, 1024), (512, 512)]
 CUDA_LORA = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 4096, 11008, 16), (512, 512, 512, 8)]
+CUDA_CE = [*LLM_CE, (16384, 4096, 128256)]
 
 
 # The emulated report's default (the harness runs a kernel at about a microsecond per element and pass on a CPU
-# core: ~40 s for these on 2 cores). Row widths from 256 to beyond the widest row a threadgroup caches in registers,
+# core: ~25 s for these on 2 cores). Row widths from 256 to beyond the widest row a threadgroup caches in registers,
 # so each launch variant of the row kernels is counted (simd_rows, single_row, looped: csrc/include/tmf/launch/
 # common.h): LLM hidden sizes 4096, 8192 and 16384 (RMSNorm) and vocabulary-sized logits (softmax, 32768). LoRA: a
 # small adapter and a 4096 x 4096 projection at rank 16 with 512 tokens (with 1024 tokens or more, and more tokens
-# than in_features, the merged-weight route runs instead: native GEMMs only, no Metal kernel to count).
+# than in_features, the merged-weight route runs instead: native GEMMs only, no Metal kernel to count). Cross-entropy:
+# few tokens (the row pass costs tokens x vocab) at the two vocabulary sizes of the LLM suite.
 EMULATED_SHAPES = {
     "softmax": [(4096, 256), (1024, 4096), (512, 8192), (128, 32768)],
     "rms_norm": [(4096, 256), (1024, 4096), (512, 8192), (256, 16384)],
     "lora": [(128, 512, 512, 8), (512, 4096, 4096, 16)],
+    "cross_entropy": [(8, 64, 32000), (8, 64, 128256)],
 }
 SUITES = ("full", "quick", "cuda", "emulated")
 
@@ -328,5 +456,5 @@ def shapes(op: str, suite: str) -> list[tuple[int, ...]]:
     if suite == "emulated":
         return EMULATED_SHAPES[op]
     if suite == "cuda":
-        return CUDA_LORA if op == "lora" else CUDA_ROWS
-    return SEED_SHAPES[op] + (LLM_LORA if op == "lora" else LLM_ROWS)
+        return {"lora": CUDA_LORA, "cross_entropy": CUDA_CE}.get(op, CUDA_ROWS)
+    return SEED_SHAPES[op] + {"lora": LLM_LORA, "cross_entropy": LLM_CE}.get(op, LLM_ROWS)

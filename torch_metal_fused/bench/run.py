@@ -21,6 +21,7 @@ import torch_metal_fused as tmf
 from torch_metal_fused.bench.cases import (
     MODES,
     Case,
+    ce_rows_min_bytes,
     lora_lowrank_min_bytes,
     min_bytes,
     prepare,
@@ -395,7 +396,7 @@ def _emulated_row(case: Case, dispatches: list, env: Environment, device: torch.
     row = _row_base(case, "fused", env, device)
     read = sum(d.bytes_read for d in dispatches)
     written = sum(d.bytes_written for d in dispatches)
-    minimum = lora_lowrank_min_bytes(case) if case.op == "lora" else min_bytes(case)
+    minimum = {"lora": lora_lowrank_min_bytes, "cross_entropy": ce_rows_min_bytes}.get(case.op, min_bytes)(case)
     row.update(
         kernels=" + ".join(d.kernel for d in dispatches),
         dispatches=len(dispatches),
@@ -412,8 +413,15 @@ def _emulated_row(case: Case, dispatches: list, env: Environment, device: torch.
         row.update({f"floor_us_{c.key}": c.floor_us(read + written) for c in CHIPS})
     if case.op == "lora":
         row["note"] = "LoRA: the low-rank kernels against their own minimum; the native GEMMs are not counted"
+    if case.op == "cross_entropy":
+        row["note"] = (
+            "cross_entropy: the row-pass kernel against its own minimum (logits read once, gradient written once); "
+            "the native GEMMs are not counted"
+        )
     if not dispatches:
         row["note"] = "no Metal dispatch: served by the native matmul or the plain-PyTorch reference"
+        if case.op == "cross_entropy" and case.mode == "backward":
+            row["note"] = "no Metal dispatch: the forward computed the gradients, backward only scales them"
     return row
 
 
@@ -493,6 +501,9 @@ def _table(rows: list[dict], emulated: bool, chips: list[Chip] | None = None) ->
             "% copy bw",
             "fused speedup",
         ]
+        peak = any(r.get("peak_memory_mb") is not None for r in rows)  # measured on CUDA and MPS only
+        if peak:
+            head.insert(-1, "peak MB")
         body = [
             [
                 r["op"],
@@ -506,6 +517,7 @@ def _table(rows: list[dict], emulated: bool, chips: list[Chip] | None = None) ->
                 _fmt(r.get("first_call_us"), 0),
                 _fmt(r.get("gbps")),
                 _fmt(r.get("pct_copy_bw")),
+                *([_fmt(r.get("peak_memory_mb"), 0)] if peak else []),
                 (_fmt(r.get("fused_speedup"), 2) + "x") if r.get("fused_speedup") else _first_line(r.get("error")),
             ]
             for r in rows
