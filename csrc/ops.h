@@ -52,4 +52,15 @@ inline std::tuple<at::Tensor, at::Tensor> rms_norm_outputs(const at::Tensor& x, 
   return {y, rstd};
 }
 
+// Cross-entropy row pass outputs: a float32 loss per row and, with row_scale, the gradient (written over the
+// logits when in_place, which needs them contiguous).
+inline std::tuple<at::Tensor, OptTensor> cross_entropy_outputs(const at::Tensor& logits, const OptTensor& row_scale,
+                                                               bool in_place) {
+  TORCH_CHECK(!in_place || logits.is_contiguous(), "torch_metal_fused: in-place cross-entropy needs contiguous logits");
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  OptTensor grad;
+  if (row_scale) grad = in_place ? logits : at::empty(logits.sizes(), logits.options());
+  return {loss, grad};
+}
+
 }  // namespace tmf

@@ -230,11 +230,10 @@ std::tuple<at::Tensor, OptTensor> cross_entropy_rows(const at::Tensor& logits, c
                                                      const OptTensor& row_scale, bool in_place) {
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  at::Tensor loss = at::empty({rows}, logits.options().dtype(at::kFloat));
+  at::Tensor loss;
   OptTensor grad;
-  if (row_scale) grad = in_place ? logits : at::empty(logits.sizes(), logits.options());
+  std::tie(loss, grad) = cross_entropy_outputs(logits, row_scale, in_place);  // the lambda below captures them
   if (rows == 0) return {loss, grad};
-  TORCH_CHECK(!in_place || logits.is_contiguous(), "torch_metal_fused: in-place cross-entropy needs contiguous logits");
   TORCH_CHECK(vocab > 0 && vocab <= std::numeric_limits<int>::max(), "cross-entropy: vocabulary size out of range");
   TORCH_CHECK(ignore_index >= std::numeric_limits<int>::min() && ignore_index <= std::numeric_limits<int>::max(),
               "cross-entropy: ignore_index must fit in 32 bits");

@@ -10,11 +10,10 @@ std::tuple<at::Tensor, OptTensor> cross_entropy_rows(const at::Tensor& logits, c
                                                      int64_t ignore_index, double label_smoothing, double softcap,
                                                      const OptTensor& row_scale, bool in_place) {
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  at::Tensor loss = at::empty({rows}, logits.options().dtype(at::kFloat));
+  at::Tensor loss;
   OptTensor grad;
-  if (row_scale) grad = in_place ? logits : at::empty(logits.sizes(), logits.options());
+  std::tie(loss, grad) = cross_entropy_outputs(logits, row_scale, in_place);  // the lambda below captures them
   if (rows == 0) return {loss, grad};
-  TORCH_CHECK(!in_place || logits.is_contiguous(), "torch_metal_fused: in-place cross-entropy needs contiguous logits");
   at::Tensor l2 = as_rows(logits), t = target.to(at::kInt).contiguous();
   at::Tensor scale = row_scale ? row_scale->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor g = grad ? *grad : at::Tensor();
