@@ -19,8 +19,6 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Kernel families: one per shader file (shaders/<family>.metal) and the prefix of their kernel entry points
 # (as tmf::launch::kKernelFamilies in csrc/include/tmf/launch/common.h).
 FAMILIES = {"softmax": "softmax_", "rms_norm": "rms_norm_", "lora_linear": "lora_", "cross_entropy": "cross_entropy_"}
-# Families our compiled CUDA backend has no kernels for (yet): served by the reference on CUDA tensors.
-CUDA_MISSING_FAMILIES: tuple[str, ...] = ()
 METAL_BACKENDS = ("metal", "metal-emulated")
 REPORT_HINT = (
     "Please report it with the output of `python -m torch_metal_fused.doctor` "
@@ -177,8 +175,6 @@ def _metal_unavailable_reason(backend: str, family: str, dtype: torch.dtype) -> 
 def select_backend(x: torch.Tensor, family: str) -> str:
     """backend_for(x, family), announcing (once) or, when strict, raising for a fallback to the reference."""
     backend = backend_for(x)
-    if family in CUDA_MISSING_FAMILIES and backend == "cuda":
-        return "reference"
     if backend in METAL_BACKENDS:
         why = _metal_unavailable_reason(backend, family, x.dtype)
         if why is not None:
@@ -202,9 +198,9 @@ def backend_for(x: torch.Tensor, family: str | None = None) -> str:
 
     `TORCH_METAL_FUSED_BACKEND=reference` forces the reference everywhere;
     `TORCH_METAL_FUSED_BACKEND=metal-emulated` runs CPU tensors through the Metal-on-CPU harness.
-    float64 tensors are always served by the reference (no Apple GPU has float64). With `family` ("softmax",
-    "rms_norm", "lora_linear"), also says "reference" where that family's Metal kernels turned out unusable in
-    this process, or cannot take x's dtype here (and "reference" for a family our CUDA backend has no kernels for).
+    float64 tensors are always served by the reference (no Apple GPU has float64). With `family` (a key of
+    FAMILIES, e.g. "softmax"), also says "reference" where that family's Metal kernels turned out unusable in this
+    process, or cannot take x's dtype here.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"backend_for expects a torch.Tensor, got {type(x).__name__}")
@@ -222,8 +218,6 @@ def backend_for(x: torch.Tensor, family: str | None = None) -> str:
     elif device == "cpu" and forced == "metal-emulated":
         backend = "metal-emulated"
     if family is not None and backend in METAL_BACKENDS and _metal_unavailable_reason(backend, family, x.dtype):
-        return "reference"
-    if family in CUDA_MISSING_FAMILIES and backend == "cuda":
         return "reference"
     return backend
 

@@ -86,7 +86,7 @@ def _linear_impl(
     grads_wanted = row_scale is not None
     dh = torch.empty_like(hidden) if grads_wanted and needs_dh else hidden.new_empty(0)
     dw = torch.zeros_like(weight) if grads_wanted and needs_dw else hidden.new_empty(0)
-    db = torch.zeros(weight.shape[0], dtype=_loss_dtype(hidden.dtype), device=hidden.device)
+    db = torch.zeros(weight.shape[0], dtype=_loss_dtype(hidden.dtype), device=hidden.device) if needs_db else None
     for start in range(0, rows, chunk_size):
         end = min(rows, start + chunk_size)
         h = hidden[start:end]
