@@ -119,7 +119,7 @@ def main() -> None:
     if a.fused:
         import torch_metal_fused as tmf
 
-        print(tmf.patch_model(model))
+        print(tmf.patch_model(model, cross_entropy=True))  # the loss from hidden states: no logits
     model.print_trainable_parameters()
     losses = train(model, ids, a.steps, a.batch, a.seq, device=a.device)
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {a.steps} steps ({'fused' if a.fused else 'unfused'})")

@@ -192,6 +192,34 @@ def test_linear_cross_entropy_never_allocates_the_full_logits(reduction):
     assert unfused.most_logit_rows(vocab) == tokens  # the check sees the full logits where they exist
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_out_dtype_float32_returns_the_unrounded_loss(backend, reduction):
+    """bfloat16 inputs with out_dtype=float32 (what patch_model's loss uses, as HF's float32 loss): the loss is the
+    float32 accumulation, closer to float64 than a bfloat16 rounding could be; gradients flow as before."""
+    h = randn((37, 16), torch.bfloat16, backend.device).requires_grad_(True)
+    w = randn((300, 16), torch.bfloat16, backend.device, seed=3)
+    target = _targets(37, 300, backend.device)
+    # an output gradient that bfloat16 holds exactly, so both runs below get the same one
+    gout = randn((37,), torch.bfloat16, backend.device, seed=4) if reduction == "none" else torch.tensor(1.25)
+    # the logits as the chunk GEMM rounds them to bfloat16; the loss from them is then float32 accumulation alone
+    z = (h.detach() @ w.t()).double().cpu()
+    ref = _reference_loss(z, target, reduction, 0.0, None)
+    for op in ("linear", "rows"):
+        loss = (
+            tmf.linear_cross_entropy(h, w, target, reduction=reduction, out_dtype=torch.float32)
+            if op == "linear"
+            else tmf.cross_entropy(h @ w.t(), target, reduction=reduction, out_dtype=torch.float32)
+        )
+        assert loss.dtype == torch.float32, op
+        torch.testing.assert_close(loss.double().cpu(), ref, rtol=2e-4, atol=1e-5, msg=op)  # bfloat16: 4e-3
+        (dh,) = torch.autograd.grad(loss, h, gout.float().to(backend.device))
+        (ref_dh,) = torch.autograd.grad(
+            tmf.linear_cross_entropy(h, w, target, reduction=reduction), h, gout.to(torch.bfloat16).to(backend.device)
+        )
+        assert dh.dtype == torch.bfloat16
+        assert_matches(dh, ref_dh.double(), torch.bfloat16, f"{op} dhidden")
+
+
 def test_default_chunk_size_bounds_the_chunk_memory():
     from torch_metal_fused.ops.cross_entropy import CHUNK_BUDGET_BYTES, default_chunk_size
 
@@ -225,3 +253,7 @@ def test_bad_input_is_a_clear_error():
         tmf.linear_cross_entropy(h, w, t, chunk_size=0)
     with pytest.raises(TypeError, match="dtype torch.float64 but hidden has dtype torch.float32"):
         tmf.linear_cross_entropy(h, w.double(), t)
+    with pytest.raises(ValueError, match="out_dtype must be a floating-point torch.dtype"):
+        tmf.linear_cross_entropy(h, w, t, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="out_dtype must be a floating-point torch.dtype"):
+        tmf.cross_entropy(h, t, out_dtype="float32")

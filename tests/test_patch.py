@@ -173,15 +173,143 @@ def test_state_dict_and_peft_save_load_unchanged(tmp_path):
             assert n1 == n2 and torch.equal(p1, p2)
 
 
+# ---- causal-LM loss (patch_model(cross_entropy=True)) ------------------------------------------------------
+def _tiny_causal_lm(family: str, dtype=torch.float32):
+    """A tiny random model of each family patch_model's loss patch knows (Gemma-2/3 with soft-capping)."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    config_cls, model_cls, extra = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+        "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 2.0}),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 2.0}),
+    }[family]
+    torch.manual_seed(0)
+    config = getattr(tf, config_cls)(**common, **extra)
+    config.tie_word_embeddings = family.startswith("gemma")  # both the tied and the untied head
+    model = getattr(tf, model_cls)(config).to(dtype)
+    if getattr(model.lm_head, "bias", None) is None and family == "mistral":  # a head with a bias, too
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(61, dtype=dtype) * 0.1)
+    return model
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+CAUSAL_LM_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
+
+
+@pytest.mark.parametrize("family", CAUSAL_LM_FAMILIES)
+def test_causal_lm_loss_patch_equals_hf_loss(cpu_backend, family):
+    """Training forwards with labels: the loss and every gradient equal the original forward's (labels with
+    ignored positions; with num_items_in_batch as gradient accumulation passes it; with shift_labels), and the
+    logits are never built (lm_head's forward is not called). Without labels, or in eval mode: the original."""
+    import copy
+
+    model = _tiny_causal_lm(family)
+    original = copy.deepcopy(model)
+    report = tmf.patch_model(model, rms_norm=False, lora=False, cross_entropy=True)
+    assert [what for _, what in report.patched] == [f"{type(model).__name__} loss (linear cross-entropy)"]
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 61, (3, 11), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt that is not trained on
+    labels[2, 7:] = -100  # padding
+    shifted = torch.randint(0, 61, (3, 11), generator=g)
+    shifted[1, ::3] = -100
+    cases = [
+        (labels, {}),
+        (labels, {"num_items_in_batch": torch.tensor(25)}),
+        (labels, {"num_items_in_batch": 19}),
+        (labels, {"shift_labels": shifted}),
+        (labels.masked_fill(labels == -100, 7), {"ignore_index": 7}),
+    ]
+    model.train()
+    original.train()
+    for labels_, extra in cases:
+        for m in (model, original):
+            m.zero_grad(set_to_none=True)
+        ours = model(input_ids=ids, labels=labels_, **extra)
+        ref = original(input_ids=ids, labels=labels_, **extra)
+        assert ours.logits is None and head_calls == [], extra
+        assert ours.loss.dtype == torch.float32
+        torch.testing.assert_close(ours.loss, ref.loss, rtol=1e-5, atol=1e-6, msg=str(extra))
+        ours.loss.backward()
+        ref.loss.backward()
+        ref_grads = _grads(original)
+        ours_grads = _grads(model)
+        assert ours_grads.keys() == ref_grads.keys()
+        for name, grad in ours_grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{extra} {name}")
+    loss_tuple = model(ids, labels=labels, return_dict=False)
+    torch.testing.assert_close(loss_tuple[0], original(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no labels: logits as before; eval mode with labels: the original forward, logits too
+        torch.testing.assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits)
+        model.eval()
+        out = model(input_ids=ids, labels=labels)
+        assert out.logits is not None and len(head_calls) == 2
+    assert tmf.unpatch_model(model) == 1
+    model.train()
+    assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def test_causal_lm_loss_patch_bfloat16_autocast_and_what_is_left(cpu_backend):
+    """bfloat16: the loss is float32 (HF upcasts the logits) and close to HF's; under autocast the original tail
+    runs exactly; a PEFT-adapted lm_head and an unknown causal LM are left with the reason."""
+    import copy
+
+    model = _tiny_causal_lm("llama", torch.bfloat16)
+    original = copy.deepcopy(model)
+    tmf.patch_model(model, rms_norm=False, lora=False, cross_entropy=True)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(2))
+    ours, ref = model(input_ids=ids, labels=ids).loss, original(input_ids=ids, labels=ids).loss
+    assert ours.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=2e-2, atol=0)
+    model32, original32 = _tiny_causal_lm("llama"), _tiny_causal_lm("llama")
+    tmf.patch_model(model32, rms_norm=False, lora=False, cross_entropy=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model32(input_ids=ids, labels=ids)
+        assert out.logits is not None  # the original tail: nn.Linear under autocast
+        torch.testing.assert_close(out.loss, original32(input_ids=ids, labels=ids).loss)
+
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(_tiny_causal_lm("llama"), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    report = tmf.patch_model(adapted, rms_norm=False, lora=False, cross_entropy=True)
+    assert report.patched == []
+    assert any("lm_head is not a plain nn.Linear" in why for _, why in report.skipped), report
+
+    class ToyForCausalLM(torch.nn.Module):
+        pass
+
+    report = tmf.patch_model(ToyForCausalLM(), cross_entropy=True)
+    assert "not among the causal LMs" in dict(report.skipped)[""]
+
+
 def _converge(dtype, fused: bool, steps: int = 20, device: str = "cpu", train_dtype=None):
     """Train 20 steps; `train_dtype` casts the model (built in `dtype`, so the same initial values) first."""
     ids, vocab = load_corpus()
     model = build_model(vocab, dtype=dtype)
     if train_dtype is not None:
         model.to(train_dtype)
-    if fused:
-        report = tmf.patch_model(model)
-        assert len(report.patched) == 2 * 7 + 5
+    if fused:  # RMSNorm, PEFT LoRA and the loss (linear cross-entropy): no logits in the patched run
+        report = tmf.patch_model(model, cross_entropy=True)
+        assert len(report.patched) == 2 * 7 + 5 + 1
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses = train(model, ids, steps, batch=4, seq=32, device=device, log=lambda _: None)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -251,7 +379,7 @@ def _distributed_worker(rank: int, world: int, rendezvous: str, out: str, backen
     )
     ids, vocab = load_corpus()
     model = build_model(vocab)
-    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True)
+    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True, cross_entropy=True)
     if wrapper == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -306,7 +434,7 @@ def _two_processes_match_one(tmp_path, backend_name, wrapper):
     # full batch's loss, and the averaged (DDP) or reduce-scattered (FSDP2) gradient is the full batch's.
     ids, vocab = load_corpus()
     model = build_model(vocab)
-    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True)
+    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True, cross_entropy=True)
     single = train(model, ids, 6, batch=4, seq=32, log=lambda _: None)
     torch.testing.assert_close(torch.tensor(two), torch.tensor(single), rtol=1e-4, atol=0)
 

@@ -1,4 +1,5 @@
-"""patch_model(): route a model's RMSNorm, PEFT LoRA and (optionally) Softmax modules through the fused ops.
+"""patch_model(): route a model's RMSNorm, PEFT LoRA, (optionally) Softmax modules and causal-LM loss through the
+fused ops.
 
 Patching is per instance and by module type — no per-model code: each matching module gets a fused `forward`
 as an instance attribute (its parameters, buffers and state-dict keys are untouched, so saving and loading,
@@ -6,16 +7,25 @@ PEFT's included, are unchanged); `unpatch_model()` removes it. Whatever the fuse
 keeps the original forward, and the report says which modules and why. Conditions that can change while
 training (adapters disabled or merged, mixed-batch `adapter_names`, dtype mismatches) are checked on every call,
 and such a call runs the original forward.
+
+The causal-LM loss patch (`cross_entropy=True`) replaces the forward of Hugging Face `*ForCausalLM` models of the
+families listed in HF_CAUSAL_LM: a training forward with `labels` runs the decoder (`self.model`) as the original
+does, then `linear_cross_entropy` on the final hidden states and `lm_head`'s weight — the logits are never built
+(the output's `logits` is None). Everything else (no labels, eval mode, `logits_to_keep`, a custom loss function,
+mismatched dtypes, autocast) runs the original forward unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import types
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from torch_metal_fused.ops.cross_entropy import linear_cross_entropy
 from torch_metal_fused.ops.lora_linear import lora_linear
 from torch_metal_fused.ops.rms_norm import rms_norm
 from torch_metal_fused.ops.softmax import softmax
@@ -35,6 +45,18 @@ HF_LLAMA_STYLE = {
 }
 # Gemma style: (x.float() * rsqrt(mean(x²) + eps) * (1 + weight.float())).type_as(x)
 HF_GEMMA_STYLE = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
+# Hugging Face causal LMs whose forward is `decoder -> lm_head -> (Gemma-2/3: final-logit soft-capping) ->
+# ForCausalLMLoss`, each tested against its original forward (tests/test_patch.py). MoE models (router aux loss)
+# and multimodal wrappers are not in the list.
+HF_CAUSAL_LM = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+}
 
 
 @dataclass
@@ -48,6 +70,11 @@ class PatchReport:
         ]
         lines += [f"  patched  {name or '<root>'}: {what}" for name, what in self.patched]
         lines += [f"  left     {name or '<root>'}: {why}" for name, why in self.skipped]
+        if any(what.endswith("(linear cross-entropy)") for _, what in self.patched):
+            lines.append(
+                "  (a patched causal LM computes the loss of training forwards with labels from the hidden states; "
+                "their output's logits is None. Other forwards run the original code)"
+            )
         if any(what == "PEFT lora.Linear" for _, what in self.patched):
             lines.append(
                 "  (a patched PEFT layer runs PEFT's own forward for calls with disabled or merged adapters, "
@@ -160,12 +187,97 @@ def _softmax_forward(self: nn.Softmax, x: torch.Tensor) -> torch.Tensor:
     return softmax(x, dim)
 
 
-def patch_model(model: nn.Module, rms_norm: bool = True, lora: bool = True, softmax: bool = False) -> PatchReport:
+# ---- causal-LM loss -------------------------------------------------------------------------------------
+# Keyword arguments that Hugging Face's ForCausalLMLoss reads (the rest of **kwargs goes to the decoder).
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+def _hf_causal_lm_loss():
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:
+        return None
+    return ForCausalLMLoss
+
+
+def _causal_lm_static_problem(module: nn.Module) -> str | None:
+    cls = type(module).__name__
+    if cls not in HF_CAUSAL_LM:
+        return f"{cls} is not among the causal LMs whose forward is known ({', '.join(sorted(HF_CAUSAL_LM))})"
+    decoder, head = getattr(module, "model", None), getattr(module, "lm_head", None)
+    if not isinstance(decoder, nn.Module) or type(head) is not nn.Linear:
+        return f"{cls}: lm_head is not a plain nn.Linear (adapted or quantised) or no decoder at .model"
+    loss_fn = _hf_causal_lm_loss()
+    if loss_fn is None or getattr(module, "loss_function", None) is not loss_fn:
+        return f"{cls}: its loss function is not transformers' ForCausalLMLoss"
+    return None
+
+
+def _causal_lm_forward(self: nn.Module, *args, **kwargs):
+    original = getattr(self, _ORIGINAL)
+    try:
+        bound = inspect.signature(original).bind(*args, **kwargs)
+    except TypeError:
+        return original(*args, **kwargs)  # let the original raise its own error
+    given = dict(bound.arguments)
+    for name, param in inspect.signature(original).parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            given.update(given.pop(name, {}))
+    labels = given.pop("labels", None)
+    logits_to_keep = given.pop("logits_to_keep", 0)
+    if labels is None or not self.training or logits_to_keep not in (0, None) or _causal_lm_static_problem(self):
+        return original(*args, **kwargs)
+    loss_kwargs = {k: given.pop(k) for k in _LOSS_KWARGS if k in given}
+    return_dict = given.pop("return_dict", None)
+    outputs = self.model(**given)
+    hidden = outputs[0]
+    head = self.lm_head
+    if head.weight.dtype != hidden.dtype or torch.is_autocast_enabled(hidden.device.type):
+        # What nn.Linear would do with mixed dtypes or under autocast: the original tail, exactly.
+        logits = head(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        loss = self.loss_function(logits, labels, self.config.vocab_size, **loss_kwargs)
+    else:
+        ignore_index = loss_kwargs.get("ignore_index", -100)
+        shift_labels = loss_kwargs.get("shift_labels")
+        if shift_labels is None:  # position t predicts token t + 1; the last position predicts nothing
+            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        n_items = loss_kwargs.get("num_items_in_batch")
+        loss = linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            head.weight,
+            shift_labels.reshape(-1).to(hidden.device),
+            bias=head.bias,
+            ignore_index=ignore_index,
+            reduction="mean" if n_items is None else "sum",
+            softcap=getattr(self.config, "final_logit_softcapping", None),
+            out_dtype=torch.float32,  # HF upcasts the logits: its loss is float32
+        )
+        if n_items is not None:  # gradient accumulation: sum over the step's tokens / their count (HF's rule)
+            loss = loss / (n_items.to(loss.device) if torch.is_tensor(n_items) else n_items)
+        logits = None
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    rest = {f.name: getattr(outputs, f.name, None) for f in dataclasses.fields(CausalLMOutputWithPast)}
+    rest.update(loss=loss, logits=logits)
+    result = CausalLMOutputWithPast(**rest)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return result if return_dict else result.to_tuple()
+
+
+def patch_model(
+    model: nn.Module, rms_norm: bool = True, lora: bool = True, softmax: bool = False, cross_entropy: bool = False
+) -> PatchReport:
     """Route `model`'s modules through the fused ops, in place; returns what was patched and what was left.
 
     rms_norm: torch.nn.RMSNorm and Hugging Face's Llama/Mistral/Qwen2/Qwen3 (Llama formula) and Gemma
     (Gemma formula) RMSNorm classes. lora: PEFT's lora.Linear. softmax: nn.Softmax modules (attention code
-    usually calls a softmax function, not a module; such calls are not patched).
+    usually calls a softmax function, not a module; such calls are not patched). cross_entropy: the loss of
+    Hugging Face causal LMs (HF_CAUSAL_LM) in training forwards with labels, by linear_cross_entropy from the final
+    hidden states, never building the logits.
     """
     report = PatchReport()
     for name, module in model.named_modules():
@@ -192,6 +304,14 @@ def patch_model(model: nn.Module, rms_norm: bool = True, lora: bool = True, soft
         if softmax and isinstance(module, nn.Softmax):
             _install(module, _softmax_forward)
             report.patched.append((name, "nn.Softmax"))
+            continue
+        if cross_entropy and type(module).__name__.endswith("ForCausalLM"):
+            problem = _causal_lm_static_problem(module)
+            if problem:
+                report.skipped.append((name, f"loss not patched: {problem}"))
+            else:
+                _install(module, _causal_lm_forward)
+                report.patched.append((name, f"{type(module).__name__} loss (linear cross-entropy)"))
     return report
 
 

@@ -141,7 +141,7 @@ def _reduce(loss_rows: torch.Tensor, row_scale: torch.Tensor, reduction: str, sh
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, softcap):
+    def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, softcap, out_dtype):
         vocab = logits.shape[-1]
         logits2, target2 = logits.reshape(-1, vocab), target.reshape(-1)
         row_scale = _row_scale(target2, ignore_index, reduction, _loss_dtype(logits.dtype))
@@ -151,18 +151,20 @@ class CrossEntropyFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(grad)
         ctx.reduction, ctx.shape = reduction, logits.shape
-        return _reduce(loss_rows, row_scale, reduction, target.shape, logits.dtype)
+        return _reduce(loss_rows, row_scale, reduction, target.shape, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         scale = grad_out.reshape(-1, 1) if ctx.reduction == "none" else grad_out
-        return (grad * scale.to(grad.dtype)).reshape(ctx.shape), None, None, None, None, None
+        return (grad * scale.to(grad.dtype)).reshape(ctx.shape), None, None, None, None, None, None
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size):
+    def forward(
+        ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size, out_dtype
+    ):
         hidden2, target2 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
         row_scale = _row_scale(target2, ignore_index, reduction, _loss_dtype(hidden.dtype))
         needs = [hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
@@ -177,7 +179,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(dh, dw, db)
         else:
             ctx.save_for_backward(hidden2, weight, bias, target2)
-        return _reduce(loss_rows, row_scale, reduction, target.shape, hidden.dtype)
+        return _reduce(loss_rows, row_scale, reduction, target.shape, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -196,7 +198,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dh, dw, db = grads
         if dh is not None:
             dh = dh.reshape(ctx.hidden_shape)
-        return dh, dw, None, db, None, None, None, None, None
+        return dh, dw, None, db, None, None, None, None, None, None
 
 
 # ---- public functions ----------------------------------------------------------------------------------------
@@ -235,6 +237,14 @@ def _check_ce_common(target, ignore_index, reduction, label_smoothing, softcap, 
     return label_smoothing, softcap
 
 
+def _check_out_dtype(out_dtype: torch.dtype | None, input_dtype: torch.dtype) -> torch.dtype:
+    if out_dtype is None:
+        return input_dtype
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise ValueError(f"out_dtype must be a floating-point torch.dtype (or None), got {out_dtype!r}")
+    return out_dtype
+
+
 def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -242,18 +252,21 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     softcap: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`torch.nn.functional.cross_entropy(logits, target)` over the last dimension of `logits` (..., vocab) with
     class-index targets (...,), optionally with Gemma-2's final-logit soft-capping `softcap·tanh(logits/softcap)`.
-    Computed in float32 for float16/bfloat16; the loss has the logits' dtype. Unlike torch, "mean" over rows that
-    are all ignored is 0 (with zero gradient), not NaN."""
+    Computed in float32 for float16/bfloat16; the loss has the logits' dtype unless `out_dtype` says otherwise
+    (torch.float32 returns the float32 accumulation unrounded, as Hugging Face's loss, which upcasts the logits, does).
+    Unlike torch, "mean" over rows that are all ignored is 0 (with zero gradient), not NaN."""
     check_tensor("logits", logits)
     if logits.ndim < 1:
         raise ValueError("logits must have at least one dimension (..., vocab)")
     label_smoothing, softcap = _check_ce_common(
         target, ignore_index, reduction, label_smoothing, softcap, logits.shape[:-1], logits.shape[-1], logits.device
     )
-    return CrossEntropyFunction.apply(logits, target, ignore_index, reduction, label_smoothing, softcap)
+    out_dtype = _check_out_dtype(out_dtype, logits.dtype)
+    return CrossEntropyFunction.apply(logits, target, ignore_index, reduction, label_smoothing, softcap, out_dtype)
 
 
 def linear_cross_entropy(
@@ -266,11 +279,13 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`cross_entropy(hidden @ weight.T + bias, target, ...)` without materialising the logits: tokens are processed
     `chunk_size` rows at a time (default: default_chunk_size, about 256 MB of logits (and temporaries)). hidden
     (..., hidden_size), weight (vocab, hidden_size), target (...). A weight with requires_grad=False (LoRA training)
-    gets no dweight work."""
+    gets no dweight work. `out_dtype`: the loss's dtype (default hidden's, as F.cross_entropy on the logits gives;
+    torch.float32 returns the float32 accumulation unrounded)."""
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
     check_same_device_dtype("hidden", hidden, weight=weight, bias=bias)
@@ -290,8 +305,9 @@ def linear_cross_entropy(
         chunk_size = default_chunk_size(rows, weight.shape[0], hidden.dtype, fused_rows)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (or None), got {chunk_size!r}")
+    out_dtype = _check_out_dtype(out_dtype, hidden.dtype)
     return LinearCrossEntropyFunction.apply(
-        hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, max(1, chunk_size)
+        hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, max(1, chunk_size), out_dtype
     )
 
 
