@@ -139,6 +139,13 @@ def _reduce(loss_rows: torch.Tensor, row_scale: torch.Tensor, reduction: str, sh
     return (loss_rows * row_scale).sum().to(dtype)
 
 
+def _is_one(grad_out: torch.Tensor) -> bool:
+    """Whether the scalar output gradient is exactly 1 (one device sync, once per loss backward): then the eagerly
+    computed gradients are returned as they are, and the weight's gradient (vocab x hidden, the largest tensor of
+    the step) is not copied by a multiplication (Liger-Kernel's fused linear cross-entropy does the same)."""
+    return grad_out.numel() == 1 and bool(grad_out == 1)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, softcap, out_dtype):
@@ -186,8 +193,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         needs = ctx.needs
         if ctx.eager:
             dh, dw, db = ctx.saved_tensors
-            g = grad_out.to(dh.dtype if needs[0] else dw.dtype if needs[1] else db.dtype)
-            grads = [t * g if need else None for t, need in zip((dh, dw, db), needs)]
+            if _is_one(grad_out):  # loss.backward(): the gradients as forward computed them, no copy of dweight
+                grads = [t if need else None for t, need in zip((dh, dw, db), needs)]
+            else:  # out of place: a retained graph's second backward must see the unscaled gradients
+                g = grad_out.to(dh.dtype if needs[0] else dw.dtype if needs[1] else db.dtype)
+                grads = [t * g if need else None for t, need in zip((dh, dw, db), needs)]
         else:
             hidden2, weight, bias, target2 = ctx.saved_tensors
             ignore_index, label_smoothing, softcap, chunk_size = ctx.args
