@@ -1,33 +1,34 @@
 // LoRA low-rank kernels in float32, float16 and bfloat16 (accumulation in float32).
-// Launch code: csrc/include/tmf/launch/lora_linear.h. The big GEMMs are the platform's native matmul.
-//
-// Variant "tiled": one threadgroup of up to 256 threads per tile of BM = `tokens_per_group` token rows, one
-// dispatch per op call. The host picks BM = min(128, 16·floor(threads / rank), 4096 / rank): 128 up to rank 32,
-// 64 at rank 64, 16 at rank 256 (fewer only when the pipeline caps the threads below 256). Both kernels are the same two-phase body with roles swapped:
-//   phase 1, h = in·Fᵀ over the group's rows: the reduced dimension is walked in chunks of `reduce_tile`; each
-//     chunk of the input rows (BM x chunk, dropout applied) and of F (chunk x r) is staged once in threadgroup
-//     memory as float; each thread accumulates one rank entry for up to kLoraAccumulatorsPerThread tokens in
-//     registers (one F load per 16 FMAs). The result (BM x r floats) becomes the group's h tile in threadgroup
-//     memory and is written out.
-//   phase 2, out += s · h·S over chunks of `out_tile` output columns: each chunk of S (r x chunk) is staged once;
-//     each thread takes one column for a block of 16 tokens, reading and writing each output element once.
-// Forward: in = x, F = A (h = dropout(x)·Aᵀ, saved for backward), S = Bᵀ, out = y (holding x·Wᵀ + bias), s = scale.
-// Backward: in = dy, F = Bᵀ (dh = scale·dy·B, saved for dA = dhᵀ·dropout(x) by the native GEMM), S = A,
-//   out = dx (holding dy·W; the _dh variant, for a frozen-input call, stops after phase 1), and the dropout
-//   mask multiplies the added term.
-// Traffic per call: in, mask, h and out (read and written) exactly once; A and B once per group, i.e.
-// ceil(tokens / BM) times: (groups - 1)·r·(in + out) elements over the minimum, about r·(in + out) / (BM·(in +
-// 2·out)) of it for many tokens (forward): 8 % at rank 16 with square weights, 4 % at rank 8, 17 % at rank 32,
-// 67 % at rank 64 (BM = 64). Taller groups would cut it further but leave a big GPU with too few threadgroups
-// (tokens / BM of them); pinned by tests/test_emulator_kernels.py. Never recomputes x·A per output element.
+// Launch code and every size below: csrc/include/tmf/launch/lora_linear.h. The big GEMMs are the platform's
+// native matmul. Each op call is two kinds of dispatch, variant "tiled":
+//   reduce (lora_forward_h, lora_backward_dh): h = scale · in·Fᵀ. One threadgroup per tile of BM token rows, one
+//     thread per token row and rank block of up to kLoraRanksPerThread (64) rank entries, whose accumulators stay
+//     in registers for the whole reduced dimension. The reduced dimension is walked `reduce_tile` columns at a
+//     time: the tile's input rows (dropout applied) and F's matching columns are staged once in threadgroup
+//     memory as float; each staged input element serves the thread's whole rank block, each staged F element is
+//     read by a SIMD-group of 32 tokens at one address (a broadcast). BM = 16 · rank (at least 256, at most 1024
+//     threads): F, read once per tile, costs at most 1/16 of the input's bytes.
+//   expand (lora_forward_y, lora_backward_dx): out += scale · h·S (· mask backward). One thread per output column,
+//     holding that column of S for one rank block in registers, so S is read once per threadgroup; the group walks
+//     its token rows `tokens_per_step` rows of h at a time through threadgroup memory (read at one address by
+//     all threads), and reads and writes each out element once, consecutive threads on consecutive columns.
+//     Ranks above 64 take one expand dispatch per rank block (out read and written once per block).
+// Forward: reduce in = x, F = A (h = dropout(x)·Aᵀ, written for the expand and saved for backward); expand S = Bᵀ,
+//   out = y (holding x·Wᵀ + bias), scale = the adapter's. Backward: reduce in = dy, F = Bᵀ (dh = scale·dy·B,
+//   saved for dA = dhᵀ·dropout(x) by the native GEMM); expand S = A, out = dx (holding dy·W), times the dropout
+//   mask; a frozen input needs dh only (no expand dispatch).
+// Traffic per call (rank <= 64): in, mask and out (read and written) once; h written once and read once per
+// expand column block (1024 columns); F once per reduce tile, S once per expand tile (32 · rank token rows):
+// within 7 % of the minimum at tokens >= 1024, in/out 1024..8192 (pinned by tests/test_emulator_kernels.py).
+// Threadgroup memory: one [[threadgroup(0)]] buffer sized by the host, at most 64 bytes per thread (16 KiB per
+// 256 threads) and 32 KiB.
 // Registers, not simdgroup_matrix, do the products: the harness executes every line here; simdgroup_matrix
 // tiles are the next step for arithmetic speed once a Mac can measure it.
-// Threadgroup memory: kLoraRowTileFloats + kLoraRankTileFloats floats (24 KiB).
 #include <metal_stdlib>
 #include "tmf/shader_args.h"
 using namespace metal;
 
-constant constexpr uint ACCUMULATORS = tmf::kLoraAccumulatorsPerThread;
+constant constexpr uint RANKS_PER_THREAD = tmf::kLoraRanksPerThread;
 
 // Stages rows [0, rows) x columns [c0, c0 + width) of a row-major matrix (row i at m + i * ld) into
 // tile[i * row_step + (c - c0) * col_step] as float, optionally times a mask of the same layout.
@@ -46,150 +47,173 @@ inline void stage_block(device const T* m, ulong ld, device const T* mask, ulong
   }
 }
 
-// The shared body (see the header comment). FORWARD picks the roles: F = A and S = Bᵀ, or F = Bᵀ and S = A.
-template <typename T, bool FORWARD, bool PHASE2>
-inline void lora_lowrank_tile(device const T* in, ulong in_stride, uint reduce_dim, device const T* mask,
-                              device const T* lora_a, device const T* lora_b, device T* h, device T* out,
-                              uint out_dim, constant tmf::LoraParams& p, uint group, uint tid, uint threads,
-                              threadgroup float* row_tile, threadgroup float* rank_tile) {
-  const uint r = p.rank, bm = p.tokens_per_group, bk = p.reduce_tile, bn = p.out_tile;
+// h[t][j] = p.scale · Σ_k in[t][k]·F[j][k] for the group's token rows (see the header comment). FORWARD picks F:
+// A (rank x reduce_dim, row-major) or Bᵀ (B is reduce_dim x rank, row-major).
+template <typename T, bool FORWARD>
+inline void lora_reduce_tile(device const T* in, device const T* factor, device const T* mask, device T* h,
+                             constant tmf::LoraReduceParams& p, uint group, uint tid, uint threads,
+                             threadgroup float* tiles) {
+  const uint r = p.rank, bm = p.tokens_per_group, bk = p.reduce_tile;
+  const uint pitch = bk + 1;  // odd row pitch: the 32 tokens of a SIMD-group read 32 different banks
   const uint t0 = group * bm;
   const uint nt = min(bm, p.tokens - t0);  // rows of this group, uniform across the threadgroup
-  const bool has_mask = p.has_mask != 0;
-  device const T* in_rows = in + ulong(t0) * in_stride;
-  device const T* in_mask = mask + (FORWARD ? ulong(t0) * reduce_dim : 0ul);  // forward: dropout on x
-
-  // Phase 1: thread tid owns rank entry j = tid % r of tokens slot, slot + slots, ... (slot = tid / r, slots =
-  // threads / r; the host keeps r <= threads and bm <= slots * ACCUMULATORS), so each staged element of F it
-  // loads serves all its tokens. The threads past slots * r (fewer than r) only help staging.
-  const uint slots = threads / r, slot = tid / r, j = tid % r;
-  const uint mine = slot < min(slots, nt) ? (nt - slot + slots - 1) / slots : 0;  // my tokens (<= ACCUMULATORS)
-  float acc[ACCUMULATORS];
-  for (uint i = 0; i < ACCUMULATORS; ++i) {
-    acc[i] = 0.0f;
+  // Thread tid owns token row t and rank entries [j0, j0 + nr); bm is a multiple of 32, so a SIMD-group shares j0.
+  const uint t = tid % bm, j0 = tid / bm * RANKS_PER_THREAD;
+  const uint nr = min(RANKS_PER_THREAD, r - j0);
+  threadgroup float* in_tile = tiles;                     // [bm][pitch]
+  threadgroup float* factor_tile = tiles + bm * pitch;    // [bk][r]
+  device const T* in_rows = in + ulong(t0) * p.in_row_stride;
+  device const T* mask_rows = mask + ulong(t0) * p.reduce_dim;  // forward: dropout on x, contiguous
+  float acc[RANKS_PER_THREAD];
+  for (uint j = 0; j < RANKS_PER_THREAD; ++j) {
+    acc[j] = 0.0f;
   }
-  for (uint k0 = 0; k0 < reduce_dim; k0 += bk) {
-    const uint w = min(bk, reduce_dim - k0);
-    // in rows -> row_tile[t * bk + k]; F (r x w block) -> rank_tile[k * r + j].
-    stage_block(in_rows, in_stride, in_mask, reduce_dim, FORWARD && has_mask, nt, k0, w, row_tile, bk, 1, tid,
-                threads);
+  for (uint k0 = 0; k0 < p.reduce_dim; k0 += bk) {
+    const uint w = min(bk, p.reduce_dim - k0);
+    stage_block(in_rows, p.in_row_stride, mask_rows, p.reduce_dim, p.has_mask != 0, nt, k0, w, in_tile, pitch, 1,
+                tid, threads);
     if (FORWARD) {
-      stage_block(lora_a, reduce_dim, lora_a, 0, false, r, k0, w, rank_tile, 1, r, tid, threads);  // A: r x in
+      stage_block(factor, p.reduce_dim, factor, 0, false, r, k0, w, factor_tile, 1, r, tid, threads);  // A: r x in
     } else {
-      // Bᵀ block: rows k0.. of B (out x r), each row contiguous, -> rank_tile[k * r + j]
-      stage_block(lora_b + ulong(k0) * r, r, lora_b, 0, false, w, 0, r, rank_tile, r, 1, tid, threads);
+      // Bᵀ block: rows k0.. of B (out x r), each row contiguous, -> factor_tile[k * r + j]
+      stage_block(factor + ulong(k0) * r, r, factor, 0, false, w, 0, r, factor_tile, r, 1, tid, threads);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (mine > 0) {
+    if (t < nt) {
       for (uint k = 0; k < w; ++k) {
-        const float f = rank_tile[k * r + j];
-        for (uint i = 0; i < ACCUMULATORS; ++i) {
-          if (i < mine) {
-            acc[i] += row_tile[(slot + i * slots) * bk + k] * f;
+        const float v = in_tile[t * pitch + k];
+        threadgroup const float* f = factor_tile + k * r + j0;
+        for (uint j = 0; j < RANKS_PER_THREAD; ++j) {
+          if (j < nr) {
+            acc[j] += v * f[j];
           }
         }
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are restaged by the next chunk
   }
-  const float h_scale = FORWARD ? 1.0f : p.scale;
-  for (uint i = 0; i < ACCUMULATORS; ++i) {
-    if (i < mine) {
-      const uint t = slot + i * slots;
-      const float v = acc[i] * h_scale;
-      rank_tile[t * r + j] = v;  // the group's h tile
-      h[ulong(t0 + t) * r + j] = static_cast<T>(v);
-    }
-  }
-  if (!PHASE2) {
-    return;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-
-  // Phase 2: out[t][o] += out_scale * sum_j h[t][j] * S[j][o], S staged as row_tile[j * bn + o]. Work item c
-  // takes column o = c % w for a block of ACCUMULATORS tokens, so each staged S element serves the block;
-  // consecutive threads take consecutive columns (coalesced reads and writes of out).
-  const float out_scale = FORWARD ? p.scale : 1.0f;
-  const uint blocks = (nt + ACCUMULATORS - 1) / ACCUMULATORS;
-  for (uint o0 = 0; o0 < out_dim; o0 += bn) {
-    const uint w = min(bn, out_dim - o0);
-    if (FORWARD) {
-      // Bᵀ block: rows o0.. of B (out x r), each row contiguous, -> row_tile[j * bn + o]
-      stage_block(lora_b + ulong(o0) * r, r, lora_b, 0, false, w, 0, r, row_tile, 1, bn, tid, threads);
-    } else {
-      stage_block(lora_a, out_dim, lora_a, 0, false, r, o0, w, row_tile, bn, 1, tid, threads);  // A: r x in
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (uint c = tid; c < blocks * w; c += threads) {
-      const uint o = c % w, ta = c / w * ACCUMULATORS, n = min(ACCUMULATORS, nt - ta);
-      float s[ACCUMULATORS];
-      for (uint i = 0; i < ACCUMULATORS; ++i) {
-        s[i] = 0.0f;
+  if (t < nt) {
+    device T* h_row = h + ulong(t0 + t) * r + j0;
+    for (uint j = 0; j < RANKS_PER_THREAD; ++j) {
+      if (j < nr) {
+        h_row[j] = static_cast<T>(acc[j] * p.scale);
       }
-      for (uint jj = 0; jj < r; ++jj) {
-        const float sv = row_tile[jj * bn + o];
-        for (uint i = 0; i < ACCUMULATORS; ++i) {
-          if (i < n) {
-            s[i] += rank_tile[(ta + i) * r + jj] * sv;
+    }
+  }
+}
+
+// out[t][o] += p.scale · Σ_j h[t][j]·S[j][o] (· mask[t][o] when has_mask) over the rank block and the group's
+// columns and token rows (see the header comment). FORWARD picks S: Bᵀ (B is out_dim x rank) or A (rank x out_dim).
+template <typename T, bool FORWARD>
+inline void lora_expand_tile(device const T* h, device const T* factor, device const T* mask, device T* out,
+                             constant tmf::LoraExpandParams& p, uint2 group, uint tid, uint threads,
+                             threadgroup float* h_tile) {
+  const uint r = p.rank, j0 = p.rank_offset, nr = p.rank_count;
+  const uint o = group.x * p.columns_per_group + tid;
+  const bool has_column = o < p.out_dim;
+  float s[RANKS_PER_THREAD];  // column o of S for ranks j0.. : read once per threadgroup
+  for (uint j = 0; j < RANKS_PER_THREAD; ++j) {
+    s[j] = 0.0f;
+    if (has_column && j < nr) {
+      s[j] = FORWARD ? float(factor[ulong(o) * r + j0 + j]) : float(factor[ulong(j0 + j) * p.out_dim + o]);
+    }
+  }
+  const uint t_begin = group.y * p.tokens_per_group;
+  const uint t_end = min(t_begin + p.tokens_per_group, p.tokens);
+  for (uint t0 = t_begin; t0 < t_end; t0 += p.tokens_per_step) {
+    const uint n = min(p.tokens_per_step, t_end - t0);
+    // h rows t0.., ranks j0.. -> h_tile[i * nr + j]
+    stage_block(h + ulong(t0) * r, r, h, 0, false, n, j0, nr, h_tile, nr, 1, tid, threads);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (has_column) {
+      for (uint i = 0; i < n; ++i) {
+        threadgroup const float* h_row = h_tile + i * nr;
+        float v = 0.0f;
+        for (uint j = 0; j < RANKS_PER_THREAD; ++j) {
+          if (j < nr) {
+            v += h_row[j] * s[j];
           }
         }
-      }
-      for (uint i = 0; i < ACCUMULATORS; ++i) {
-        if (i < n) {
-          const ulong at = ulong(t0 + ta + i) * out_dim + o0 + o;
-          const float m = !FORWARD && has_mask ? float(mask[at]) : 1.0f;
-          out[at] = static_cast<T>(float(out[at]) + out_scale * s[i] * m);
-        }
+        const ulong at = ulong(t0 + i) * p.out_dim + o;
+        const float m = p.has_mask != 0 ? float(mask[at]) : 1.0f;
+        out[at] = static_cast<T>(float(out[at]) + p.scale * v * m);
       }
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);  // row_tile is restaged by the next chunk
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // h_tile is restaged by the next step
   }
 }
 
+// h = dropout(x)·Aᵀ
 template <typename T>
-[[kernel]] void lora_forward_lowrank_tiled(
+[[kernel]] void lora_forward_h(
     device const T* x [[buffer(0)]],
     device const T* lora_a [[buffer(1)]],
-    device const T* lora_b [[buffer(2)]],
-    device const T* mask [[buffer(3)]],
-    device T* y [[buffer(4)]],
-    device T* h [[buffer(5)]],
-    constant tmf::LoraParams& p [[buffer(6)]],
+    device const T* mask [[buffer(2)]],
+    device T* h [[buffer(3)]],
+    constant tmf::LoraReduceParams& p [[buffer(4)]],
+    threadgroup float* tiles [[threadgroup(0)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]]) {
-  threadgroup float row_tile[tmf::kLoraRowTileFloats];
-  threadgroup float rank_tile[tmf::kLoraRankTileFloats];
-  lora_lowrank_tile<T, true, true>(x, p.x_row_stride, p.in_features, mask, lora_a, lora_b, h, y, p.out_features,
-                                   p, group, tid, threads, row_tile, rank_tile);
+  lora_reduce_tile<T, true>(x, lora_a, mask, h, p, group, tid, threads, tiles);
 }
 
-template <typename T, bool DX>
-[[kernel]] void lora_backward_lowrank_tiled(
+// y += scale · h·Bᵀ
+template <typename T>
+[[kernel]] void lora_forward_y(
+    device const T* h [[buffer(0)]],
+    device const T* lora_b [[buffer(1)]],
+    device const T* mask [[buffer(2)]],
+    device T* y [[buffer(3)]],
+    constant tmf::LoraExpandParams& p [[buffer(4)]],
+    threadgroup float* h_tile [[threadgroup(0)]],
+    uint2 group [[threadgroup_position_in_grid]],
+    uint tid [[thread_position_in_threadgroup]],
+    uint threads [[threads_per_threadgroup]]) {
+  lora_expand_tile<T, true>(h, lora_b, mask, y, p, group, tid, threads, h_tile);
+}
+
+// dh = scale · dy·B
+template <typename T>
+[[kernel]] void lora_backward_dh(
     device const T* dy [[buffer(0)]],
-    device const T* lora_a [[buffer(1)]],
-    device const T* lora_b [[buffer(2)]],
-    device const T* mask [[buffer(3)]],
-    device T* dh [[buffer(4)]],
-    device T* dx [[buffer(5)]],
-    constant tmf::LoraParams& p [[buffer(6)]],
+    device const T* lora_b [[buffer(1)]],
+    device const T* mask [[buffer(2)]],
+    device T* dh [[buffer(3)]],
+    constant tmf::LoraReduceParams& p [[buffer(4)]],
+    threadgroup float* tiles [[threadgroup(0)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]]) {
-  threadgroup float row_tile[tmf::kLoraRowTileFloats];
-  threadgroup float rank_tile[tmf::kLoraRankTileFloats];
-  lora_lowrank_tile<T, false, DX>(dy, p.dy_row_stride, p.out_features, mask, lora_a, lora_b, dh, dx,
-                                  p.in_features, p, group, tid, threads, row_tile, rank_tile);
+  lora_reduce_tile<T, false>(dy, lora_b, mask, dh, p, group, tid, threads, tiles);
 }
 
-template [[host_name("lora_forward_lowrank_tiled_float")]] [[kernel]] decltype(lora_forward_lowrank_tiled<float>) lora_forward_lowrank_tiled<float>;
-template [[host_name("lora_backward_lowrank_dx_tiled_float")]] [[kernel]] decltype(lora_backward_lowrank_tiled<float, true>) lora_backward_lowrank_tiled<float, true>;
-template [[host_name("lora_backward_lowrank_dh_tiled_float")]] [[kernel]] decltype(lora_backward_lowrank_tiled<float, false>) lora_backward_lowrank_tiled<float, false>;
-template [[host_name("lora_forward_lowrank_tiled_half")]] [[kernel]] decltype(lora_forward_lowrank_tiled<half>) lora_forward_lowrank_tiled<half>;
-template [[host_name("lora_backward_lowrank_dx_tiled_half")]] [[kernel]] decltype(lora_backward_lowrank_tiled<half, true>) lora_backward_lowrank_tiled<half, true>;
-template [[host_name("lora_backward_lowrank_dh_tiled_half")]] [[kernel]] decltype(lora_backward_lowrank_tiled<half, false>) lora_backward_lowrank_tiled<half, false>;
+// dx += (dh·A) · mask
+template <typename T>
+[[kernel]] void lora_backward_dx(
+    device const T* dh [[buffer(0)]],
+    device const T* lora_a [[buffer(1)]],
+    device const T* mask [[buffer(2)]],
+    device T* dx [[buffer(3)]],
+    constant tmf::LoraExpandParams& p [[buffer(4)]],
+    threadgroup float* h_tile [[threadgroup(0)]],
+    uint2 group [[threadgroup_position_in_grid]],
+    uint tid [[thread_position_in_threadgroup]],
+    uint threads [[threads_per_threadgroup]]) {
+  lora_expand_tile<T, false>(dh, lora_a, mask, dx, p, group, tid, threads, h_tile);
+}
+
+template [[host_name("lora_forward_h_tiled_float")]] [[kernel]] decltype(lora_forward_h<float>) lora_forward_h<float>;
+template [[host_name("lora_forward_y_tiled_float")]] [[kernel]] decltype(lora_forward_y<float>) lora_forward_y<float>;
+template [[host_name("lora_backward_dh_tiled_float")]] [[kernel]] decltype(lora_backward_dh<float>) lora_backward_dh<float>;
+template [[host_name("lora_backward_dx_tiled_float")]] [[kernel]] decltype(lora_backward_dx<float>) lora_backward_dx<float>;
+template [[host_name("lora_forward_h_tiled_half")]] [[kernel]] decltype(lora_forward_h<half>) lora_forward_h<half>;
+template [[host_name("lora_forward_y_tiled_half")]] [[kernel]] decltype(lora_forward_y<half>) lora_forward_y<half>;
+template [[host_name("lora_backward_dh_tiled_half")]] [[kernel]] decltype(lora_backward_dh<half>) lora_backward_dh<half>;
+template [[host_name("lora_backward_dx_tiled_half")]] [[kernel]] decltype(lora_backward_dx<half>) lora_backward_dx<half>;
 #if defined(__HAVE_BFLOAT__)
-template [[host_name("lora_forward_lowrank_tiled_bfloat")]] [[kernel]] decltype(lora_forward_lowrank_tiled<bfloat>) lora_forward_lowrank_tiled<bfloat>;
-template [[host_name("lora_backward_lowrank_dx_tiled_bfloat")]] [[kernel]] decltype(lora_backward_lowrank_tiled<bfloat, true>) lora_backward_lowrank_tiled<bfloat, true>;
-template [[host_name("lora_backward_lowrank_dh_tiled_bfloat")]] [[kernel]] decltype(lora_backward_lowrank_tiled<bfloat, false>) lora_backward_lowrank_tiled<bfloat, false>;
+template [[host_name("lora_forward_h_tiled_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat>) lora_forward_h<bfloat>;
+template [[host_name("lora_forward_y_tiled_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat>) lora_forward_y<bfloat>;
+template [[host_name("lora_backward_dh_tiled_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat>) lora_backward_dh<bfloat>;
+template [[host_name("lora_backward_dx_tiled_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat>) lora_backward_dx<bfloat>;
 #endif

@@ -93,9 +93,9 @@ def test_rms_norm_edge_values(backend, variant, dtype, mode):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("frozen_input", [False, True])
 def test_lora_dropout_over_several_token_groups(backend, dtype, frozen_input):
-    """300 tokens at rank 4: three groups of 128 token rows (the last partial), partial reduce and output tiles;
-    dropout on, so every group must apply its own mask rows (forward on x, backward on dx). The mask is drawn again
-    from the same RNG state and the result compared with float64."""
+    """300 tokens at rank 4: two reduce tiles and two expand groups of 256 token rows (the last partial), partial
+    staging steps; dropout on, so every group must apply its own mask rows (forward on x, backward on dx). The mask
+    is drawn again from the same RNG state and the result compared with float64."""
     tokens, fin, fout, r, p = 300, 40, 24, 4, 0.25
     x = randn((tokens, fin), dtype, backend.device).requires_grad_(not frozen_input)
     w = randn((fout, fin), dtype, backend.device, scale=fin**-0.5, seed=1)

@@ -151,19 +151,21 @@ def test_a_non_32_wide_simd_group_falls_back_with_a_warning():
 
 
 def test_lora_rank_above_the_pipelines_thread_cap_is_served_by_the_reference_for_that_call():
-    """Never a ValueError: the call is served by the reference (one warning); calls the cap allows stay fused."""
+    """Never a ValueError: the call is served by the reference (one warning); calls the cap allows stay fused.
+    Rank 200 needs 4 rank blocks of 32 token rows (128 threads); a pipeline capped at 64 threads cannot hold that."""
     x = randn((10, 20), torch.float32, "cpu")
     w = randn((30, 20), torch.float32, "cpu", seed=1)
-    a, b = randn((100, 20), torch.float32, "cpu", seed=2), randn((30, 100), torch.float32, "cpu", seed=3)
+    a, b = randn((200, 20), torch.float32, "cpu", seed=2), randn((30, 200), torch.float32, "cpu", seed=3)
     ref = x.double() @ w.double().t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
     with runner.faults("max_threads:lora_linear=64"):
         y, kernels, warned = _run(lambda: tmf.lora_linear(x, w, a, b, 0.5))
         assert_matches(y, ref, torch.float32)
-        assert kernels == [] and len(warned) == 1 and "rank 100 exceeds the 64 threads" in warned[0]
-        y, kernels, warned = _run(lambda: tmf.lora_linear(x, w, a[:8], b[:, :8], 0.5))
-        assert kernels == ["lora_forward_lowrank_tiled_float"] and not warned
-        ref8 = x.double() @ w.double().t() + 0.5 * (x.double() @ a[:8].double().t()) @ b[:, :8].double().t()
-        assert_matches(y, ref8, torch.float32)
+        assert kernels == [] and len(warned) == 1 and "rank 200 needs 128 threads" in warned[0]
+        y, kernels, warned = _run(lambda: tmf.lora_linear(x, w, a[:100], b[:, :100], 0.5))  # 2 blocks: 64 threads
+        assert kernels == ["lora_forward_h_tiled_float", "lora_forward_y_tiled_float", "lora_forward_y_tiled_float"]
+        assert not warned
+        ref100 = x.double() @ w.double().t() + 0.5 * (x.double() @ a[:100].double().t()) @ b[:, :100].double().t()
+        assert_matches(y, ref100, torch.float32)
         _, kernels, warned = _run(lambda: tmf.lora_linear(x, w, a, b, 0.5))  # again: no second warning
         assert kernels == [] and warned == []
 

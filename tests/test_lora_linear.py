@@ -5,8 +5,8 @@ from helpers import DTYPES, make_layout, randn
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
 
-# (tokens, in, out, r): the seed shape, odd sizes, rank 1 and wide ranks (200: groups of 20 rows, so many
-# groups and partial staging tiles; 256: the largest rank the Metal kernels take).
+# (tokens, in, out, r): the seed shape, odd sizes, rank 1 and wide ranks (200: four rank blocks of 64, the last
+# partial, so four expand dispatches; 256: the largest rank the Metal kernels take).
 # (1100, 48, 40, 8): tokens >= 1024 and > in_features, so backends take the merged-weight route.
 SHAPES = [
     (128, 512, 512, 8),

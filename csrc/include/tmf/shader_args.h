@@ -16,14 +16,12 @@ namespace tmf {
 // 8 x 1024 = 8192 wide are read once; longer rows (or a pipeline allowing fewer threads) take the looped variants.
 TMF_SHARED_CONSTANT uint kRowElementsPerThread = 8;
 
-// LoRA low-rank kernels (shaders/lora_linear.metal, variant "tiled"): the largest rank the kernels take, the
-// register accumulators per thread for the group's (token, rank) cells, the most token rows per threadgroup, and
-// the two threadgroup tiles in floats (input rows / second factor, and first factor / the group's h).
+// LoRA low-rank kernels (shaders/lora_linear.metal, variant "tiled"): the largest rank the kernels take, and the
+// rank entries one thread keeps in registers (a "rank block"): in the reduce kernels one token's accumulators, in the
+// expand kernels one output column's factor values. Ranks above a block take several threads per token (reduce) or
+// one expand dispatch per block.
 TMF_SHARED_CONSTANT uint kLoraMaxRank = 256;
-TMF_SHARED_CONSTANT uint kLoraAccumulatorsPerThread = 16;
-TMF_SHARED_CONSTANT uint kLoraMaxTokensPerGroup = 128;
-TMF_SHARED_CONSTANT uint kLoraRowTileFloats = 2048;
-TMF_SHARED_CONSTANT uint kLoraRankTileFloats = 4096;
+TMF_SHARED_CONSTANT uint kLoraRanksPerThread = 64;
 
 // RMSNorm dw reduce: columns per threadgroup, and the most slices of partial rows summed side by side
 // (threads / kDwReduceColumns of them).
@@ -54,21 +52,37 @@ struct RmsNormBackwardParams {
   float weight_offset;
 };
 
-// LoRA low-rank kernels: one threadgroup per `tokens_per_group` token rows. Chosen by the host
-// (tmf/launch/lora_linear.h) so that tokens_per_group * rank fits the accumulators and the rank tile,
-// tokens_per_group * reduce_tile the row tile, rank * reduce_tile the rank tile and rank * out_tile the row tile.
-struct LoraParams {
+// LoRA reduce kernels (lora_forward_h, lora_backward_dh): h = scale · in·Fᵀ over `reduce_dim` columns, one
+// threadgroup per `tokens_per_group` token rows, with tokens_per_group · ceil(rank / kLoraRanksPerThread) threads
+// (one per token and rank block). Forward: in = x (dropout mask applied while staging), F = A, scale 1. Backward:
+// in = dy, F = Bᵀ, scale = the adapter's scale. Chosen by the host (tmf/launch/lora_linear.h).
+struct LoraReduceParams {
   uint tokens;
-  uint in_features;
-  uint out_features;
+  uint reduce_dim;     // in_features forward, out_features backward
   uint rank;
-  uint x_row_stride;   // forward: x; backward: unused
-  uint dy_row_stride;  // backward: dy
+  uint in_row_stride;  // elements between rows of the input (x or dy); the mask is contiguous (tokens x reduce_dim)
   float scale;
-  uint has_mask;  // dropout mask (pre-scaled by 1/(1-p)), contiguous (tokens, in)
+  uint has_mask;
   uint tokens_per_group;
-  uint reduce_tile;  // columns of the reduced dimension (in forward, out backward) staged per step of h = in·Fᵀ
-  uint out_tile;     // output columns staged per step of out += s·h·S
+  uint reduce_tile;  // reduced columns staged per step: [tokens_per_group][reduce_tile + 1] and [reduce_tile][rank]
+};
+
+// LoRA expand kernels (lora_forward_y, lora_backward_dx): out[t][o] += scale · Σ_j h[t][j]·S[j][o] (· mask[t][o]
+// backward) for the rank block j in [rank_offset, rank_offset + rank_count). A threadgroup takes
+// `columns_per_group` output columns (one per thread, its S values in registers) and `tokens_per_group` token
+// rows, walked `tokens_per_step` rows of h at a time through threadgroup memory. Forward: h = dropout(x)·Aᵀ,
+// S = Bᵀ, out = y. Backward: h = dh, S = A, out = dx, mask = the dropout mask (contiguous like dx).
+struct LoraExpandParams {
+  uint tokens;
+  uint out_dim;  // out_features forward, in_features backward
+  uint rank;     // h's row length
+  uint rank_offset;
+  uint rank_count;  // <= kLoraRanksPerThread
+  float scale;
+  uint has_mask;
+  uint columns_per_group;
+  uint tokens_per_group;
+  uint tokens_per_step;
 };
 
 // Cross-entropy row pass (shaders/cross_entropy.metal): one threadgroup per row of `vocab` logits; the loss per row

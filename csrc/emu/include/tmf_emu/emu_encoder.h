@@ -99,6 +99,7 @@ class EmuEncoder {
   std::vector<DispatchReport> reports;
   bool checking = false;
   uint32_t max_threads = 1024;  // what the emulated pipelines report as maxTotalThreadsPerThreadgroup
+  uint32_t pipeline_max_threads = 1024;  // the bound pipeline's limit (faults applied)
   uint32_t cores = kHarnessGpuCores;
   Faults faults;
 
@@ -125,12 +126,16 @@ class EmuEncoder {
     if (std::string v = faults.find("simd_width", name); !v.empty()) p.execution_width = uint32_t(std::stoul(v));
     return p;
   }
-  void set_pipeline(const Pipeline& p) { kernel = p.kernel; }
+  void set_pipeline(const Pipeline& p) {
+    kernel = p.kernel;
+    pipeline_max_threads = p.max_threads;
+  }
   uint32_t gpu_cores() const { return cores; }
   // Any registered kernel, family or not (the harness's own test shaders), without the pipeline checks.
   void set_kernel_unchecked(const std::string& name) {
     if (!kernel_exists(name)) throw std::invalid_argument("no Metal kernel named " + name);
     kernel = name;
+    pipeline_max_threads = UINT32_MAX;  // the checker's own limit (1024) applies
   }
   void set_buffer(int index, const DeviceBuffer& b) {
     buffers[index] = BoundBuffer{b.handle, b.nbytes, b.offset};
@@ -146,6 +151,13 @@ class EmuEncoder {
     // After an abandoned dispatch the rest of the command buffer does not run (as after a GPU fault): its inputs
     // were never written, and a second runaway dispatch would cost another watchdog period.
     if (!reports.empty() && !reports.back().aborted.empty()) return;
+    // Metal rejects a dispatch with more threads per threadgroup than the pipeline allows: a launch plan that
+    // ignores the pipeline's limit is an error here too, not a run a Mac would never make.
+    const uint64_t per_group = uint64_t(threads.x) * threads.y * threads.z;
+    if (per_group > pipeline_max_threads) {
+      throw std::invalid_argument("dispatch of " + std::to_string(per_group) + " threads per threadgroup to " +
+                                  kernel + ", whose pipeline allows " + std::to_string(pipeline_max_threads));
+    }
     reports.emplace_back();
     run_dispatch(*this, groups, threads, reports.back());
   }

@@ -1,13 +1,15 @@
 // Launch code for shaders/lora_linear.metal, shared by the MPS dispatch and the Metal-on-CPU harness.
 // The big GEMMs (x·Wᵀ, dy·W, dyᵀ·x, dyᵀ·h, dhᵀ·x) run on the platform's native matmul, issued by the caller;
-// these kernels do the rank-r work, one threadgroup per tile of token rows (lora_tiling).
+// these kernels do the rank-r work: a reduce dispatch (h = in·Fᵀ, lora_reduce_plan) and, unless only dh is
+// wanted, an expand dispatch per rank block of 64 (out += s·h·S, lora_expand_plans).
 #pragma once
+
+#include <vector>
 
 #include "tmf/launch/common.h"
 
 namespace tmf::launch {
 
-constexpr uint32_t kLoraThreads = 256;
 constexpr uint64_t kLoraMergedMinTokens = 1024;
 
 // The merged-weight route: W' = W + s·B·A (a K = r product: one read and one write of W), then y = x·W'ᵀ and
@@ -21,93 +23,158 @@ inline bool lora_use_merged_weight(uint64_t tokens, uint64_t in_features, bool h
   return !has_dropout && tokens >= kLoraMergedMinTokens && tokens > in_features;
 }
 
+// Threadgroup memory a kernel may use: 64 bytes per thread (16 KiB per 256 threads, so at least kGroupsPerCore
+// groups of 256 threads fit a GPU core: issue #13's budget), and never more than Apple GPUs' 32 KiB per group.
+constexpr uint32_t kThreadgroupBytesPerThread = 64;
+constexpr uint32_t kMaxThreadgroupBytes = 32 * 1024;
 
-inline uint32_t lora_threadgroup_size(const Pipeline& pipeline) {
-  return std::min<uint32_t>(kLoraThreads, round_down(pipeline.max_threads, kSimdWidth));
+inline uint32_t threadgroup_float_budget(uint32_t threads) {
+  return std::min(kMaxThreadgroupBytes, threads * kThreadgroupBytesPerThread) / uint32_t(sizeof(float));
 }
 
-// Token rows per threadgroup and the staging widths. A and B are read once per group, so the group is made as
-// tall as the register accumulators and the h tile allow: each thread accumulates one rank entry for up to
-// kLoraAccumulatorsPerThread tokens, threads / rank threads per rank entry, so 128 rows up to rank 32 and
-// about 4096 / rank beyond with 256 threads. The staging widths then fill the two threadgroup tiles (see
-// LoraParams). Needs threads >= rank (256 >= kLoraMaxRank unless a pipeline caps the threads lower: then no plan
-// fits and the call is served by the reference).
-struct LoraTiling {
-  uint32_t tokens_per_group, reduce_tile, out_tile;
+// The LoRA kernels' threads per threadgroup: up to 1024, whole SIMD-groups, within the pipeline's limit.
+constexpr uint32_t kLoraMaxThreads = 1024;
+// Reduce tiles hold this many token rows per rank entry: F (A or Bᵀ: rank x reduce_dim) is read once per tile, so
+// its re-reads cost at most rank · reduce_dim / (16 · rank · reduce_dim) = 1/16 of the input's bytes. The
+// tile's accumulators (16 · rank² floats at rank <= 64) are spread over one thread per token and rank block.
+constexpr uint32_t kLoraReduceTokensPerRank = 16;
+// ... and at least this many (small ranks: F re-read at most rank/256 of the input, and groups of >= 256 threads).
+constexpr uint32_t kLoraReduceMinTokens = 256;
+// Expand groups walk this many token rows per rank entry: S (out_dim x rank) is read once per group, at most
+// rank / (2 · 32 · rank) = 1/64 of out's read-and-write; at least kLoraReduceMinTokens rows.
+constexpr uint32_t kLoraExpandTokensPerRank = 32;
+
+inline uint32_t lora_rank_blocks(uint64_t rank) { return ceil_div(rank, kLoraRanksPerThread); }
+
+inline uint32_t lora_threads_cap(const Pipeline& pipeline) {
+  return std::min<uint32_t>(kLoraMaxThreads, round_down(pipeline.max_threads, kSimdWidth));
+}
+
+struct LoraReducePlan {
+  LoraReduceParams params;
+  uint32_t groups, threads, threadgroup_bytes;
 };
 
-inline LoraTiling lora_tiling(uint32_t threads, uint64_t tokens, uint64_t rank) {
-  if (rank > threads) {
-    throw KernelUnavailable("lora_linear", KernelUnavailable::Scope::call,
-                            "LoRA rank " + std::to_string(rank) + " exceeds the " + std::to_string(threads) +
-                                " threads per threadgroup this device allows for the LoRA kernels");
-  }
-  const uint64_t bm = std::max<uint64_t>(
-      1, std::min<uint64_t>({kLoraMaxTokensPerGroup, threads / rank * kLoraAccumulatorsPerThread,
-                             kLoraRankTileFloats / rank, tokens}));
-  const uint64_t bk = std::min<uint64_t>(kLoraRankTileFloats / rank, kLoraRowTileFloats / bm);
-  return LoraTiling{uint32_t(bm), uint32_t(bk), uint32_t(kLoraRowTileFloats / rank)};
-}
-
-// The checked argument struct of both low-rank kernels (row_stride: x's for forward, dy's for backward).
-inline LoraParams lora_params(uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t rank,
-                              uint64_t row_stride, bool forward, float scale, bool has_mask, uint32_t threads) {
-  check_u32(tokens, "tokens"), check_u32(in_features, "in_features"), check_u32(out_features, "out_features");
-  check_u32(row_stride, "row stride");
+// The reduce dispatch: tiles of BM token rows (a multiple of 32: each SIMD-group shares one rank block, so its
+// reads of staged F are broadcasts), BM · rank blocks threads, BM = 16 · rank (>= 256) within the threads cap and
+// the tokens; the staging width fills the threadgroup-memory budget ([BM][width + 1] input floats and
+// [width][rank] F floats). Needs 32 threads per rank block (a SIMD-group of tokens each): a pipeline capped
+// lower than that gets no plan, and the call is served by the reference.
+inline LoraReducePlan lora_reduce_plan(const Pipeline& pipeline, uint64_t tokens, uint64_t reduce_dim, uint64_t rank,
+                                       uint64_t in_row_stride, float scale, bool has_mask) {
+  check_u32(tokens, "tokens"), check_u32(reduce_dim, "reduce_dim"), check_u32(in_row_stride, "row stride");
   if (rank == 0 || rank > kLoraMaxRank) throw std::invalid_argument("LoRA rank must be in [1, 256] for the kernels");
-  const LoraTiling tiling = lora_tiling(threads, tokens, rank);
-  return LoraParams{uint32_t(tokens), uint32_t(in_features), uint32_t(out_features), uint32_t(rank),
-                    forward ? uint32_t(row_stride) : 0u, forward ? 0u : uint32_t(row_stride), scale,
-                    has_mask ? 1u : 0u, tiling.tokens_per_group, tiling.reduce_tile, tiling.out_tile};
+  const uint32_t blocks = lora_rank_blocks(rank), cap = lora_threads_cap(pipeline);
+  if (cap < blocks * kSimdWidth) {
+    throw KernelUnavailable("lora_linear", KernelUnavailable::Scope::call,
+                            "LoRA rank " + std::to_string(rank) + " needs " + std::to_string(blocks * kSimdWidth) +
+                                " threads per threadgroup (32 token rows per rank block of " +
+                                std::to_string(kLoraRanksPerThread) + "); this device allows " +
+                                std::to_string(cap) + " for the LoRA kernels");
+  }
+  const uint64_t wanted = std::max<uint64_t>(kLoraReduceMinTokens, kLoraReduceTokensPerRank * rank);
+  const uint32_t bm = uint32_t(std::min<uint64_t>(
+      {wanted, round_down(cap / blocks, kSimdWidth), round_up(uint32_t(std::max<uint64_t>(tokens, 1)), kSimdWidth)}));
+  const uint32_t threads = bm * blocks;
+  const uint32_t budget = threadgroup_float_budget(threads);
+  const uint32_t width = uint32_t(std::clamp<uint64_t>((budget - bm) / (bm + rank), 1, std::max<uint64_t>(reduce_dim, 1)));
+  LoraReducePlan plan;
+  plan.params = LoraReduceParams{uint32_t(tokens), uint32_t(reduce_dim), uint32_t(rank), uint32_t(in_row_stride),
+                                 scale, has_mask ? 1u : 0u, bm, width};
+  plan.groups = ceil_div(tokens, bm);
+  plan.threads = threads;
+  plan.threadgroup_bytes = uint32_t(sizeof(float)) * (bm * (width + 1) + width * uint32_t(rank));
+  return plan;
 }
 
-// Both kernels bind (input rows, A, B, mask, slot 4, slot 5, params) and take one threadgroup per
-// tokens_per_group rows; a missing mask binds the input in its place (never read: has_mask is 0).
-template <class Encoder>
-void encode_lora_lowrank(Encoder& enc, const std::string& kernel, bool forward, const DeviceBuffer& in,
-                         uint64_t in_row_stride, const DeviceBuffer& lora_a, const DeviceBuffer& lora_b,
-                         const DeviceBuffer& mask, const DeviceBuffer& slot4, const DeviceBuffer& slot5,
-                         uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t rank, float scale) {
-  const bool has_mask = mask.handle != nullptr;
-  const Pipeline pipeline = select_pipeline(enc, kernel);
-  const uint32_t threads = lora_threadgroup_size(pipeline);
-  const LoraParams p =
-      lora_params(tokens, in_features, out_features, rank, in_row_stride, forward, scale, has_mask, threads);
+struct LoraExpandPlan {
+  LoraExpandParams params;
+  Size3 groups;
+  uint32_t threads, threadgroup_bytes;
+};
+
+// The expand dispatches, one per rank block of 64: one thread per output column (up to 1024 per group, so h is
+// read once per 1024 columns), 32 · block rank token rows per group (>= 256), h staged as many rows per step as
+// the threadgroup-memory budget holds.
+inline std::vector<LoraExpandPlan> lora_expand_plans(const Pipeline& pipeline, uint64_t tokens, uint64_t out_dim,
+                                                     uint64_t rank, float scale, bool has_mask) {
+  check_u32(tokens, "tokens"), check_u32(out_dim, "out_dim");
+  const uint32_t columns = std::min(lora_threads_cap(pipeline), round_up(uint32_t(std::max<uint64_t>(out_dim, 1)), kSimdWidth));
+  const uint32_t budget = threadgroup_float_budget(columns);
+  std::vector<LoraExpandPlan> plans;
+  for (uint32_t j0 = 0; j0 < rank; j0 += kLoraRanksPerThread) {
+    const uint32_t nr = std::min<uint32_t>(kLoraRanksPerThread, uint32_t(rank) - j0);
+    const uint32_t tokens_per_group = uint32_t(std::min<uint64_t>(
+        std::max<uint64_t>(tokens, 1), std::max<uint32_t>(kLoraReduceMinTokens, kLoraExpandTokensPerRank * nr)));
+    const uint32_t step = std::min(tokens_per_group, budget / nr);
+    LoraExpandPlan plan;
+    plan.params = LoraExpandParams{uint32_t(tokens), uint32_t(out_dim), uint32_t(rank), j0, nr, scale,
+                                   has_mask ? 1u : 0u, columns, tokens_per_group, step};
+    plan.groups = Size3{ceil_div(out_dim, columns), ceil_div(tokens, tokens_per_group), 1};
+    plan.threads = columns;
+    plan.threadgroup_bytes = uint32_t(sizeof(float)) * step * nr;
+    plans.push_back(plan);
+  }
+  return plans;
+}
+
+// Both kinds bind (input, factor, mask, output, params) and one threadgroup buffer; a missing mask binds the input
+// in its place (never read: has_mask is 0).
+template <class Encoder, class Params>
+void encode_lora(Encoder& enc, const Pipeline& pipeline, const Params& params, Size3 groups, uint32_t threads,
+                 uint32_t threadgroup_bytes, const DeviceBuffer& in, const DeviceBuffer& factor,
+                 const DeviceBuffer& mask, const DeviceBuffer& out) {
   enc.set_pipeline(pipeline);
   enc.set_buffer(0, in);
-  enc.set_buffer(1, lora_a);
-  enc.set_buffer(2, lora_b);
-  enc.set_buffer(3, has_mask ? mask : in);
-  enc.set_buffer(4, slot4);
-  enc.set_buffer(5, slot5);
-  enc.set_bytes(6, &p, sizeof(p));
-  enc.dispatch_threadgroups(Size3{ceil_div(tokens, p.tokens_per_group), 1, 1}, Size3{threads, 1, 1});
+  enc.set_buffer(1, factor);
+  enc.set_buffer(2, params.has_mask ? mask : in);
+  enc.set_buffer(3, out);
+  enc.set_bytes(4, &params, sizeof(params));
+  enc.set_threadgroup_memory(0, threadgroup_bytes);
+  enc.dispatch_threadgroups(groups, Size3{threads, 1, 1});
 }
 
-// y += scale * (dropout(x)·Aᵀ)·Bᵀ in place (y holds x·Wᵀ + bias), and h = dropout(x)·Aᵀ written out.
-// One dispatch; x, y and h touched once, A and B once per group of tokens_per_group rows.
+// h = dropout(x)·Aᵀ written out (saved for backward), then y += scale · h·Bᵀ in place (y holds x·Wᵀ + bias).
+// Two dispatches (one more per rank block above 64); both pipelines and plans are chosen before encoding.
 template <class Encoder>
 void lora_forward_lowrank(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t x_row_stride,
                           const DeviceBuffer& lora_a, const DeviceBuffer& lora_b, const DeviceBuffer& mask,
                           const DeviceBuffer& y, const DeviceBuffer& h, uint64_t tokens, uint64_t in_features,
                           uint64_t out_features, uint64_t rank, float scale) {
   if (tokens == 0) return;
-  encode_lora_lowrank(enc, kernel_name("lora_forward_lowrank", "tiled", t), true, x, x_row_stride, lora_a, lora_b,
-                      mask, y, h, tokens, in_features, out_features, rank, scale);
+  const bool has_mask = mask.handle != nullptr;
+  const Pipeline reduce = select_pipeline(enc, kernel_name("lora_forward_h", "tiled", t));
+  const Pipeline expand = select_pipeline(enc, kernel_name("lora_forward_y", "tiled", t));
+  const LoraReducePlan rp = lora_reduce_plan(reduce, tokens, in_features, rank, x_row_stride, 1.0f, has_mask);
+  const std::vector<LoraExpandPlan> eps = lora_expand_plans(expand, tokens, out_features, rank, scale, false);
+  encode_lora(enc, reduce, rp.params, Size3{rp.groups, 1, 1}, rp.threads, rp.threadgroup_bytes, x, lora_a, mask, h);
+  for (const LoraExpandPlan& ep : eps) {
+    encode_lora(enc, expand, ep.params, ep.groups, ep.threads, ep.threadgroup_bytes, h, lora_b, mask, y);
+  }
 }
 
-// dh = scale * dy·B written out (for dA = dhᵀ·dropout(x) by the native GEMM), and, if dx is given,
-// dx += (dh·A) * mask in place (dx holds dy·W). One dispatch.
+// dh = scale · dy·B written out (for dA = dhᵀ·dropout(x) by the native GEMM), and, if dx is given,
+// dx += (dh·A) · mask in place (dx holds dy·W). One dispatch for dh, plus the expand dispatches for dx.
 template <class Encoder>
 void lora_backward_lowrank(Encoder& enc, DType t, const DeviceBuffer& dy, uint64_t dy_row_stride,
                            const DeviceBuffer& lora_a, const DeviceBuffer& lora_b, const DeviceBuffer& mask,
                            const DeviceBuffer& dh, const DeviceBuffer& dx, uint64_t tokens, uint64_t in_features,
                            uint64_t out_features, uint64_t rank, float scale) {
   if (tokens == 0) return;
-  const bool wants_dx = dx.handle != nullptr;
-  const char* kernel = wants_dx ? "lora_backward_lowrank_dx" : "lora_backward_lowrank_dh";
-  encode_lora_lowrank(enc, kernel_name(kernel, "tiled", t), false, dy, dy_row_stride, lora_a, lora_b, mask, dh,
-                      wants_dx ? dx : dh, tokens, in_features, out_features, rank, scale);
+  const bool wants_dx = dx.handle != nullptr, has_mask = mask.handle != nullptr;
+  const Pipeline reduce = select_pipeline(enc, kernel_name("lora_backward_dh", "tiled", t));
+  const LoraReducePlan rp = lora_reduce_plan(reduce, tokens, out_features, rank, dy_row_stride, scale, false);
+  std::vector<LoraExpandPlan> eps;
+  Pipeline expand;
+  if (wants_dx) {
+    expand = select_pipeline(enc, kernel_name("lora_backward_dx", "tiled", t));
+    eps = lora_expand_plans(expand, tokens, in_features, rank, 1.0f, has_mask);
+  }
+  encode_lora(enc, reduce, rp.params, Size3{rp.groups, 1, 1}, rp.threads, rp.threadgroup_bytes, dy, lora_b, mask,
+              dh);
+  for (const LoraExpandPlan& ep : eps) {
+    encode_lora(enc, expand, ep.params, ep.groups, ep.threads, ep.threadgroup_bytes, dh, lora_a, mask, dx);
+  }
 }
 
 }  // namespace tmf::launch
