@@ -82,4 +82,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("lora_forward", &tmf::lora_forward, release_gil());
   m.def("lora_backward", &tmf::lora_backward, release_gil());
   m.def("cross_entropy_rows", &tmf::cross_entropy_rows, release_gil());
+  m.def("glu_forward", &tmf::glu_forward, release_gil());
+  m.def("glu_backward", &tmf::glu_backward, release_gil());
 }

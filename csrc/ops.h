@@ -34,6 +34,11 @@ std::tuple<at::Tensor, OptTensor> cross_entropy_rows(const at::Tensor& logits, c
                                                      int64_t ignore_index, double label_smoothing, double softcap,
                                                      const OptTensor& row_scale, bool in_place);
 
+// SwiGLU / GeGLU: activation tmf::kGluSilu or tmf::kGluGeluTanh (Metal: csrc/mps/glu.mm, CUDA: csrc/cuda/glu.cu).
+at::Tensor glu_forward(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
+std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up,
+                                                int64_t activation);
+
 // Helpers shared by the backends' host code.
 inline at::Tensor as_rows(const at::Tensor& t) {
   // A (rows, cols) view with a unit inner stride, copying only when no such view exists.

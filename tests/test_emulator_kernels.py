@@ -383,6 +383,9 @@ def _drive_every_kernel():
                 rec += _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())
         logits = randn((3, 50), dtype, "cpu").requires_grad_(True)
         rec += _record(lambda: tmf.cross_entropy(logits, torch.tensor([1, 2, 3])).backward())
+        gate, up = randn((3, 50), dtype, "cpu").requires_grad_(True), randn((3, 50), dtype, "cpu").requires_grad_(True)
+        for act in ("silu", "gelu_tanh"):
+            rec += _record(lambda: tmf.glu(gate, up, act).sum().backward())
     return rec
 
 

@@ -307,9 +307,9 @@ def _converge(dtype, fused: bool, steps: int = 20, device: str = "cpu", train_dt
     model = build_model(vocab, dtype=dtype)
     if train_dtype is not None:
         model.to(train_dtype)
-    if fused:  # RMSNorm, PEFT LoRA and the loss (linear cross-entropy): no logits in the patched run
-        report = tmf.patch_model(model, cross_entropy=True)
-        assert len(report.patched) == 2 * 7 + 5 + 1
+    if fused:  # RMSNorm, PEFT LoRA, SwiGLU and the loss (linear cross-entropy): no logits in the patched run
+        report = tmf.patch_model(model, cross_entropy=True, swiglu=True)
+        assert len(report.patched) == 2 * 7 + 5 + 2 + 1
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses = train(model, ids, steps, batch=4, seq=32, device=device, log=lambda _: None)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -379,7 +379,7 @@ def _distributed_worker(rank: int, world: int, rendezvous: str, out: str, backen
     )
     ids, vocab = load_corpus()
     model = build_model(vocab)
-    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True, cross_entropy=True)
+    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True, cross_entropy=True, swiglu=True)
     if wrapper == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -434,7 +434,7 @@ def _two_processes_match_one(tmp_path, backend_name, wrapper):
     # full batch's loss, and the averaged (DDP) or reduce-scattered (FSDP2) gradient is the full batch's.
     ids, vocab = load_corpus()
     model = build_model(vocab)
-    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True, cross_entropy=True)
+    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True, cross_entropy=True, swiglu=True)
     single = train(model, ids, 6, batch=4, seq=32, log=lambda _: None)
     torch.testing.assert_close(torch.tensor(two), torch.tensor(single), rtol=1e-4, atol=0)
 

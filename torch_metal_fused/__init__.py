@@ -1,9 +1,11 @@
-"""torch_metal_fused: fused softmax, RMSNorm and LoRA linear for PyTorch training, forward and backward,
+"""torch_metal_fused: fused softmax, RMSNorm, LoRA linear, (linear) cross-entropy and SwiGLU/GeGLU for PyTorch
+training, forward and backward,
 on Apple GPUs (Metal), NVIDIA GPUs (CUDA) and a plain-PyTorch reference elsewhere."""
 
 from torch_metal_fused import nn
 from torch_metal_fused._backend import BACKENDS, backend_for
 from torch_metal_fused.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from torch_metal_fused.ops.glu import GluFunction, geglu, glu, swiglu
 from torch_metal_fused.ops.lora_linear import LoRALinearFunction, lora_linear
 from torch_metal_fused.ops.rms_norm import RMSNormFunction, rms_norm
 from torch_metal_fused.ops.softmax import SoftmaxFunction, softmax
@@ -13,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "GluFunction",
     "LoRALinearFunction",
     "PatchReport",
     "RMSNormFunction",
@@ -20,11 +23,14 @@ __all__ = [
     "__version__",
     "backend_for",
     "cross_entropy",
+    "geglu",
+    "glu",
     "linear_cross_entropy",
     "lora_linear",
     "nn",
     "patch_model",
     "rms_norm",
     "softmax",
+    "swiglu",
     "unpatch_model",
 ]

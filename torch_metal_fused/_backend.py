@@ -18,7 +18,13 @@ STRICT_ENV = "TORCH_METAL_FUSED_STRICT"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Kernel families: one per shader file (shaders/<family>.metal) and the prefix of their kernel entry points
 # (as tmf::launch::kKernelFamilies in csrc/include/tmf/launch/common.h).
-FAMILIES = {"softmax": "softmax_", "rms_norm": "rms_norm_", "lora_linear": "lora_", "cross_entropy": "cross_entropy_"}
+FAMILIES = {
+    "softmax": "softmax_",
+    "rms_norm": "rms_norm_",
+    "lora_linear": "lora_",
+    "cross_entropy": "cross_entropy_",
+    "glu": "glu_",
+}
 METAL_BACKENDS = ("metal", "metal-emulated")
 REPORT_HINT = (
     "Please report it with the output of `python -m torch_metal_fused.doctor` "

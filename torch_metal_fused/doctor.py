@@ -184,6 +184,7 @@ def _cases(device: str, dtype: torch.dtype):
     )
     ch, cw = _randn((37, 24), dtype, device, 7), _randn((1001, 24), dtype, device, 8) * 0.2
     target = torch.arange(37, dtype=torch.long) * 27 % 1001
+    gx, gu = _randn((9, 1003), dtype, device, 9) * 3, _randn((9, 1003), dtype, device, 10)
     return [
         ("softmax", lambda t: tmf.softmax(t[0], -1), lambda t: torch.softmax(t[0], -1), [x]),
         ("softmax", lambda t: tmf.softmax(t[0], -1), lambda t: torch.softmax(t[0], -1), [xs]),
@@ -210,6 +211,12 @@ def _cases(device: str, dtype: torch.dtype):
             lambda t: tmf.linear_cross_entropy(t[0], t[1], target.to(t[0].device), reduction="none", chunk_size=16),
             lambda t: torch.nn.functional.cross_entropy(t[0] @ t[1].t(), target.cpu(), reduction="none"),
             [ch, cw],
+        ),
+        (
+            "glu",
+            lambda t: tmf.swiglu(t[0], t[1]) + tmf.geglu(t[0], t[1]),
+            lambda t: (torch.nn.functional.silu(t[0]) + torch.nn.functional.gelu(t[0], approximate="tanh")) * t[1],
+            [gx, gu],
         ),
     ]
 

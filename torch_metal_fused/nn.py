@@ -9,6 +9,7 @@ from torch import nn
 
 from torch_metal_fused._validation import check_dropout, check_eps
 from torch_metal_fused.ops.cross_entropy import linear_cross_entropy
+from torch_metal_fused.ops.glu import ACTIVATIONS, glu
 from torch_metal_fused.ops.lora_linear import lora_linear
 from torch_metal_fused.ops.rms_norm import rms_norm
 from torch_metal_fused.ops.softmax import softmax
@@ -147,9 +148,6 @@ class LoRALinear(nn.Module):
         )
 
 
-__all__ = ["LoRALinear", "RMSNorm", "Softmax"]
-
-
 class LinearCrossEntropyLoss(nn.Module):
     """`loss(hidden, weight, target, bias=None)` = cross-entropy of `hidden @ weight.T + bias` against `target`,
     computed in chunks of tokens so the full logits never exist (torch_metal_fused.linear_cross_entropy)."""
@@ -186,3 +184,36 @@ class LinearCrossEntropyLoss(nn.Module):
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
             f"softcap={self.softcap}, chunk_size={self.chunk_size}"
         )
+
+
+class SwiGLUMLP(nn.Module):
+    """`down_proj(act(gate_proj(x)) * up_proj(x))` with the gated activation fused (torch_metal_fused.glu).
+    State-dict compatible with Hugging Face's LlamaMLP (and Mistral/Qwen2/Qwen3's; `activation="gelu_tanh"`:
+    Gemma's MLP): parameters gate_proj, up_proj, down_proj."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        activation: str = "silu",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+        self.activation = activation
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), self.activation))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+__all__ = ["LinearCrossEntropyLoss", "LoRALinear", "RMSNorm", "Softmax", "SwiGLUMLP"]

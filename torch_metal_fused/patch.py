@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from torch_metal_fused.ops.cross_entropy import linear_cross_entropy
+from torch_metal_fused.ops.glu import glu
 from torch_metal_fused.ops.lora_linear import lora_linear
 from torch_metal_fused.ops.rms_norm import rms_norm
 from torch_metal_fused.ops.softmax import softmax
@@ -45,6 +46,9 @@ HF_LLAMA_STYLE = {
 }
 # Gemma style: (x.float() * rsqrt(mean(x²) + eps) * (1 + weight.float())).type_as(x)
 HF_GEMMA_STYLE = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
+# Hugging Face MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)); the activation is read
+# from the module's act_fn (only the ones our kernels compute are patched).
+HF_GATED_MLP = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"}
 # Hugging Face causal LMs whose forward is `decoder -> lm_head -> (Gemma-2/3: final-logit soft-capping) ->
 # ForCausalLMLoss`, each tested against its original forward (tests/test_patch.py). MoE models (router aux loss)
 # and multimodal wrappers are not in the list.
@@ -181,6 +185,33 @@ def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     return result
 
 
+# ---- gated MLP (SwiGLU / GeGLU) ------------------------------------------------------------------------------
+def _glu_activation_of(act_fn: nn.Module) -> str | None:
+    name = type(act_fn).__name__
+    if name in ("SiLU", "SiLUActivation"):
+        return "silu"
+    if name in ("GELUTanh", "PytorchGELUTanh") or (isinstance(act_fn, nn.GELU) and act_fn.approximate == "tanh"):
+        return "gelu_tanh"
+    return None
+
+
+def _gated_mlp_patch(module: nn.Module):
+    cls = type(module).__name__
+    if not all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return None, f"{cls} without gate_proj/up_proj/down_proj/act_fn: unknown layout"
+    activation = _glu_activation_of(module.act_fn)
+    if activation is None:
+        return None, f"{cls}: activation {type(module.act_fn).__name__} has no fused kernel (silu, gelu tanh)"
+
+    def fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)  # PEFT-wrapped projections keep their own forward
+        if gate.dtype != up.dtype:
+            return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(glu(gate, up, activation))
+
+    return fused_forward, f"{cls} ({'SwiGLU' if activation == 'silu' else 'GeGLU'} fused)"
+
+
 # ---- softmax -------------------------------------------------------------------------------------------
 def _softmax_forward(self: nn.Softmax, x: torch.Tensor) -> torch.Tensor:
     dim = self.dim if self.dim is not None else -1
@@ -269,7 +300,12 @@ def _causal_lm_forward(self: nn.Module, *args, **kwargs):
 
 
 def patch_model(
-    model: nn.Module, rms_norm: bool = True, lora: bool = True, softmax: bool = False, cross_entropy: bool = False
+    model: nn.Module,
+    rms_norm: bool = True,
+    lora: bool = True,
+    softmax: bool = False,
+    cross_entropy: bool = False,
+    swiglu: bool = False,
 ) -> PatchReport:
     """Route `model`'s modules through the fused ops, in place; returns what was patched and what was left.
 
@@ -277,7 +313,8 @@ def patch_model(
     (Gemma formula) RMSNorm classes. lora: PEFT's lora.Linear. softmax: nn.Softmax modules (attention code
     usually calls a softmax function, not a module; such calls are not patched). cross_entropy: the loss of
     Hugging Face causal LMs (HF_CAUSAL_LM) in training forwards with labels, by linear_cross_entropy from the final
-    hidden states, never building the logits.
+    hidden states, never building the logits. swiglu: the gated activation of Hugging Face MLPs (HF_GATED_MLP:
+    SwiGLU, and GeGLU for Gemma) by the fused glu op; their projections (PEFT-wrapped or not) are untouched.
     """
     report = PatchReport()
     for name, module in model.named_modules():
@@ -304,6 +341,14 @@ def patch_model(
         if softmax and isinstance(module, nn.Softmax):
             _install(module, _softmax_forward)
             report.patched.append((name, "nn.Softmax"))
+            continue
+        if swiglu and type(module).__name__ in HF_GATED_MLP:
+            fwd, what = _gated_mlp_patch(module)
+            if fwd is None:
+                report.skipped.append((name, what))
+            else:
+                _install(module, fwd)
+                report.patched.append((name, what))
             continue
         if cross_entropy and type(module).__name__.endswith("ForCausalLM"):
             problem = _causal_lm_static_problem(module)

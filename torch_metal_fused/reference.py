@@ -160,3 +160,42 @@ def cross_entropy_rows(
     if in_place:
         return loss, logits.copy_(grad)
     return loss, grad.to(logits.dtype)
+
+
+GLU_SILU, GLU_GELU_TANH = 0, 1  # tmf::kGluSilu, tmf::kGluGeluTanh (csrc/include/tmf/shader_args.h)
+_GELU_BETA, _GELU_KAPPA = 0.7978845608028654, 0.044715  # √(2/π); PyTorch's approximate="tanh"
+
+
+def _glu_act(g: torch.Tensor, activation: int) -> torch.Tensor:
+    if activation == GLU_SILU:
+        return torch.nn.functional.silu(g)
+    return 0.5 * g * (1.0 + torch.tanh(_GELU_BETA * (g + _GELU_KAPPA * g * g * g)))
+
+
+def _glu_act_derivative(g: torch.Tensor, activation: int) -> torch.Tensor:
+    if activation == GLU_SILU:
+        s = torch.sigmoid(g)
+        return s * (1.0 + g * (1.0 - s))
+    t = torch.tanh(_GELU_BETA * (g + _GELU_KAPPA * g * g * g))
+    sech2 = 1.0 - t * t
+    slope = 0.5 * g * sech2 * _GELU_BETA * (1.0 + 3.0 * _GELU_KAPPA * g * g)
+    # where tanh² rounds to 1 for a finite g the slope is ~0 (not 0 · inf once g² overflows), as the kernels compute it
+    slope = torch.where((sech2 == 0) & torch.isfinite(g), torch.zeros((), dtype=g.dtype, device=g.device), slope)
+    return 0.5 * (1.0 + t) + slope
+
+
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
+    """act(gate) · up, act = silu (SwiGLU) or gelu with the tanh approximation (GeGLU)."""
+    ct = _compute_dtype(gate.dtype)
+    return (_glu_act(gate.to(ct), activation) * up.to(ct)).to(gate.dtype).contiguous()
+
+
+def glu_backward(
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dout · up · act'(gate), dout · act(gate)), act recomputed from gate."""
+    ct = _compute_dtype(gate.dtype)
+    g, u, d = gate.to(ct), up.to(ct), dout.to(ct)
+    dgate = d * u * _glu_act_derivative(g, activation)
+    dup = d * _glu_act(g, activation)
+    return dgate.to(gate.dtype).contiguous(), dup.to(gate.dtype).contiguous()

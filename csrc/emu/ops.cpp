@@ -6,6 +6,7 @@
 #include <string>
 
 #include "tmf/launch/cross_entropy.h"
+#include "tmf/launch/glu.h"
 #include "tmf/launch/lora_linear.h"
 #include "tmf/launch/rms_norm.h"
 #include "tmf/launch/softmax.h"
@@ -166,6 +167,24 @@ const char* tmf_emu_cross_entropy_rows(int checking, uint32_t max_threads, int d
   return run(checking, max_threads, [&](auto& enc) {
     tmf::launch::cross_entropy_rows(enc, DType(dtype), buf(logits), row_stride, buf(target), buf(row_scale),
                                     buf(loss), buf(grad), rows, vocab, ignore_index, label_smoothing, softcap);
+  });
+}
+
+const char* tmf_emu_glu_forward(int checking, uint32_t max_threads, int dtype, uint64_t activation, TensorArg gate,
+                                uint64_t gate_stride, TensorArg up, uint64_t up_stride, TensorArg out, uint64_t rows,
+                                uint64_t cols) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::glu_forward(enc, DType(dtype), uint32_t(activation), buf(gate), gate_stride, buf(up), up_stride, buf(out), rows,
+                             cols);
+  });
+}
+
+const char* tmf_emu_glu_backward(int checking, uint32_t max_threads, int dtype, uint64_t activation, TensorArg gate,
+                                 uint64_t gate_stride, TensorArg up, uint64_t up_stride, TensorArg dout,
+                                 uint64_t dout_stride, TensorArg dgate, TensorArg dup, uint64_t rows, uint64_t cols) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::glu_backward(enc, DType(dtype), uint32_t(activation), buf(gate), gate_stride, buf(up), up_stride, buf(dout),
+                              dout_stride, buf(dgate), buf(dup), rows, cols);
   });
 }
 

@@ -229,3 +229,38 @@ def cross_entropy_rows(logits, target, ignore_index: int, label_smoothing: float
         float(softcap),
     )
     return loss, grad
+
+
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
+    """shaders/glu.metal: act(gate) · up."""
+    out = _output(gate.shape, gate.dtype)
+    if gate.numel() == 0:
+        return out
+    g2, u2 = _rows(gate), _rows(up)
+    _runner().launch("glu_forward", gate.dtype, activation, g2, _row_stride(g2), u2, _row_stride(u2), out, *g2.shape)
+    return out
+
+
+def glu_backward(
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """shaders/glu.metal: (dout · up · act'(gate), dout · act(gate))."""
+    dgate, dup = _output(gate.shape, gate.dtype), _output(gate.shape, gate.dtype)
+    if gate.numel() == 0:
+        return dgate, dup
+    g2, u2, d2 = _rows(gate), _rows(up), _rows(dout)
+    _runner().launch(
+        "glu_backward",
+        gate.dtype,
+        activation,
+        g2,
+        _row_stride(g2),
+        u2,
+        _row_stride(u2),
+        d2,
+        _row_stride(d2),
+        dgate,
+        dup,
+        *g2.shape,
+    )
+    return dgate, dup

@@ -98,4 +98,20 @@ struct CrossEntropyParams {
   uint want_grad;
 };
 
+// Gated activations (shaders/glu.metal): out = act(gate) · up over `rows` rows of `cols` elements (gate, up and the
+// incoming gradient with their own row strides, in elements; outputs contiguous). Each thread owns
+// kGluElementsPerThread contiguous elements of one row; threadgroup g covers row g / groups_per_row, elements
+// (g % groups_per_row) · threads · kGluElementsPerThread onwards. Contiguous inputs are launched as one flat row.
+TMF_SHARED_CONSTANT uint kGluElementsPerThread = 4;
+TMF_SHARED_CONSTANT uint kGluSilu = 0;      // act = silu (SwiGLU: Llama, Mistral, Qwen)
+TMF_SHARED_CONSTANT uint kGluGeluTanh = 1;  // act = gelu, tanh approximation (GeGLU: Gemma's gelu_pytorch_tanh)
+struct GluParams {
+  uint rows;
+  uint cols;
+  uint groups_per_row;
+  uint gate_row_stride;
+  uint up_row_stride;
+  uint dout_row_stride;  // backward
+};
+
 }  // namespace tmf

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -41,6 +42,7 @@ inline constexpr KernelFamily kKernelFamilies[] = {
     {"rms_norm", "rms_norm_"},
     {"lora_linear", "lora_"},
     {"cross_entropy", "cross_entropy_"},
+    {"glu", "glu_"},
 };
 
 inline const char* family_of(const std::string& kernel) {

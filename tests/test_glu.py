@@ -1,0 +1,224 @@
+"""swiglu / geglu (tmf.glu) against float64 autograd of torch's silu / gelu(approximate="tanh"): every dtype, odd
+sizes, the layouts HF produces (separate projections, halves of a fused gate_up projection, offsets, strided incoming
+gradients), empty tensors, ±inf/NaN and huge values; the harness moves each element once; the module and the HF MLP
+patch equal the unfused code; bad input raises a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DTYPES, LAYOUTS, make_layout, randn
+
+import torch_metal_fused as tmf
+from torch_metal_fused.testing import assert_matches
+
+F = torch.nn.functional
+TORCH_ACT = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
+
+
+def _check(gate, up, activation, dtype, dout=None, what=""):
+    gate = gate.detach().requires_grad_(True)
+    up = up.detach().requires_grad_(True)
+    out = tmf.glu(gate, up, activation)
+    if dout is None:
+        dout = randn(out.shape, dtype, gate.device, seed=7)
+    dgate, dup = torch.autograd.grad(out, (gate, up), dout)
+    g64 = gate.detach().double().cpu().requires_grad_(True)
+    u64 = up.detach().double().cpu().requires_grad_(True)
+    out64 = TORCH_ACT[activation](g64) * u64
+    dgate64, dup64 = torch.autograd.grad(out64, (g64, u64), dout.double().cpu())
+    assert out.dtype == dtype and out.device == gate.device and out.is_contiguous()
+    assert_matches(out, out64, dtype, f"{activation} forward {what}")
+    assert_matches(dgate, dgate64, dtype, f"{activation} dgate {what}")
+    assert_matches(dup, dup64, dtype, f"{activation} dup {what}")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 37), (2, 5, 1025), (4, 4096), (3, 11008)])
+def test_contract(backend, activation, dtype, shape):
+    gate = randn(shape, dtype, backend.device, scale=3.0)
+    up = randn(shape, dtype, backend.device, seed=1)
+    _check(gate, up, activation, dtype)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts(backend, activation, dtype, layout):
+    """Each of gate, up and the incoming gradient in its own layout (the others contiguous, or all alike)."""
+    shape = (6, 517)
+    gate = make_layout(shape, dtype, backend.device, layout, scale=3.0)
+    up = make_layout(shape, dtype, backend.device, layout, seed=1)
+    dout = make_layout(shape, dtype, backend.device, layout, seed=2)
+    _check(gate, up, activation, dtype, dout, f"all {layout}")
+    _check(gate, randn(shape, dtype, backend.device, seed=1), activation, dtype, what=f"gate {layout}")
+    _check(randn(shape, dtype, backend.device), up, activation, dtype, dout, f"up and dout {layout}")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_halves_of_a_fused_gate_up_projection(backend, activation, dtype):
+    """Phi-3 style: gate, up = gate_up.chunk(2, -1): rows 2·I apart, up at an offset of I elements; odd I, so the
+    rows are not 16-byte aligned either."""
+    for inter in (37, 1024):
+        gate_up = randn((2, 3, 2 * inter), dtype, backend.device, scale=2.0)
+        gate, up = gate_up.chunk(2, dim=-1)
+        _check(gate, up, activation, dtype, what=f"chunked {inter}")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_edge_values(backend, activation, dtype):
+    """±inf, NaN, huge and tiny gates (where exp overflows, tanh saturates and g³ overflows in float32), zero and
+    huge up values: NaN/inf exactly where float64 torch has them."""
+    big = torch.finfo(dtype).max / 4
+    gate = torch.tensor(
+        [float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, 89.0, -89.0, 20.0, -20.0]
+        + [9.0, -9.0, 1e4, -1e4, big, -big, 0.5, -3.0, 6e4, -6e4],
+        dtype=torch.float64,
+    )
+    gate = gate.to(dtype).to(torch.float64)  # what the dtype holds
+    # |up|, |dout| <= 1 where the gate is huge: the products still fit the dtype (float16 stops at 65504)
+    up = torch.linspace(-1.0, 1.0, gate.numel(), dtype=torch.float64)
+    up[3] = 0.0
+    up[5] = 1e3
+    dout = torch.linspace(0.9, -0.9, gate.numel(), dtype=torch.float64)
+    _check(
+        gate.to(dtype).to(backend.device),
+        up.to(dtype).to(backend.device),
+        activation,
+        dtype,
+        dout.to(dtype).to(backend.device),
+        "edge values",
+    )
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 7), (3, 0), (2, 0, 5)])
+def test_empty(backend, shape):
+    gate = torch.randn(shape, device=backend.device, requires_grad=True)
+    up = torch.randn(shape, device=backend.device, requires_grad=True)
+    out = tmf.swiglu(gate, up)
+    assert out.shape == gate.shape
+    out.sum().backward()
+    assert gate.grad.shape == gate.shape and up.grad.shape == up.shape
+
+
+def test_scalars_and_the_named_functions(backend):
+    g, u = torch.tensor(1.5, device=backend.device), torch.tensor(-2.0, device=backend.device)
+    torch.testing.assert_close(tmf.swiglu(g, u).cpu(), (F.silu(g) * u).cpu())
+    torch.testing.assert_close(tmf.geglu(g, u).cpu(), (F.gelu(g, approximate="tanh") * u).cpu())
+
+
+def test_gradcheck_reference():
+    g = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    for act in ("silu", "gelu_tanh"):
+        assert torch.autograd.gradcheck(lambda a, b: tmf.glu(a, b, act), (g, u))
+
+
+def test_bad_input_is_a_clear_error():
+    g = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="gate and up must have the same shape"):
+        tmf.swiglu(g, torch.randn(4, 9))
+    with pytest.raises(ValueError, match="gate and up must have the same shape"):
+        tmf.swiglu(g, torch.randn(8))  # no broadcasting
+    with pytest.raises(TypeError, match="up"):
+        tmf.swiglu(g, g.double())
+    with pytest.raises(ValueError, match="activation must be one of"):
+        tmf.glu(g, g, "relu")
+    with pytest.raises(TypeError, match="gate"):
+        tmf.swiglu([1.0], g)
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("shape", "layout"), [((8, 11008), "contiguous"), ((3, 1001), "halves")])
+def test_harness_moves_each_element_once(monkeypatch, dtype, shape, layout):
+    """The traffic floor: forward reads gate and up and writes out, backward reads gate, up and dout and writes
+    dgate and dup — each element once (the harness counts every device byte), in one dispatch each."""
+    from torch_metal_fused.emulator import runner
+    from torch_metal_fused.ops.glu import glu_backward
+
+    monkeypatch.setenv("TORCH_METAL_FUSED_BACKEND", "metal-emulated")
+    if layout == "halves":
+        gate, up = randn((shape[0], 2 * shape[1]), dtype, "cpu").chunk(2, -1)
+    else:
+        gate, up = randn(shape, dtype, "cpu"), randn(shape, dtype, "cpu", seed=1)
+    dout = randn(shape, dtype, "cpu", seed=2)
+    nbytes = gate.numel() * gate.element_size()
+    with runner.record() as fwd:
+        tmf.swiglu(gate, up)
+    with runner.record() as bwd:
+        glu_backward(dout, gate, up, 0)
+    (f,), (b,) = fwd, bwd
+    suffix = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}[dtype]
+    assert f.kernel == f"glu_forward_silu_{suffix}" and b.kernel == f"glu_backward_silu_{suffix}"
+    n = nbytes
+    assert f.traffic == {0: (n, 0), 1: (n, 0), 2: (0, n)}
+    assert b.traffic == {0: (n, 0), 1: (n, 0), 2: (n, 0), 3: (0, n), 4: (0, n)}
+
+
+# ---- module and HF patch -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_swiglu_mlp_module_matches_hf_mlp(backend, activation):
+    transformers = pytest.importorskip("transformers")
+    cfg_cls, mlp_mod = (
+        ("LlamaConfig", "llama.modeling_llama.LlamaMLP")
+        if activation == "silu"
+        else ("GemmaConfig", "gemma.modeling_gemma.GemmaMLP")
+    )
+    import importlib
+
+    module_path, cls_name = mlp_mod.rsplit(".", 1)
+    hf_cls = getattr(importlib.import_module(f"transformers.models.{module_path}"), cls_name)
+    config = getattr(transformers, cfg_cls)(hidden_size=24, intermediate_size=70, num_attention_heads=4, head_dim=6)
+    torch.manual_seed(0)
+    hf = hf_cls(config).to(backend.device)
+    ours = tmf.nn.SwiGLUMLP(24, 70, activation=activation).to(backend.device)
+    ours.load_state_dict(hf.state_dict())  # same keys, same shapes
+    x = randn((3, 5, 24), torch.float32, backend.device).requires_grad_(True)
+    y, y_ref = ours(x), hf(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    (dx,) = torch.autograd.grad(y.square().sum(), x)
+    (dx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        tmf.nn.SwiGLUMLP(4, 8, activation="relu")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_patched_mlps_equal_hf_and_peft_projections_keep_working(backend, arch):
+    """patch_model(swiglu=True) on a PEFT-wrapped tiny Llama (SwiGLU) or Gemma (GeGLU): the LoRA-adapted
+    gate/up/down projections stay PEFT's (or our LoRA path); logits and every trainable gradient equal the
+    unpatched model's; unpatch restores."""
+    pytest.importorskip("peft")
+    from train_lora import build_model
+
+    model = build_model(50, arch=arch)
+    x = torch.randint(0, 50, (2, 13), generator=torch.Generator().manual_seed(0))
+    ref = model(input_ids=x, labels=x)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    report = tmf.patch_model(model, rms_norm=False, lora=False, swiglu=True)
+    kind = "SwiGLU" if arch == "llama" else "GeGLU"
+    assert sum(f"({kind} fused)" in what for _, what in report.patched) == 2, report
+    out = model(input_ids=x, labels=x)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert tmf.unpatch_model(model) == 2
+
+
+def test_mlp_with_an_activation_without_kernel_is_left_with_the_reason():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    mlp = LlamaMLP(
+        transformers.LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, hidden_act="relu")
+    )
+    report = tmf.patch_model(mlp, swiglu=True)
+    assert report.patched == [] and "has no fused kernel" in dict(report.skipped)[""]

@@ -1,0 +1,93 @@
+"""Gated activations of LLM MLPs: SwiGLU `silu(gate) * up` (Llama, Mistral, Qwen) and GeGLU `gelu_tanh(gate) * up`
+(Gemma's `gelu_pytorch_tanh`), forward and backward in one kernel each.
+
+Backward recomputes the activation from the saved inputs, so training keeps gate and up (which the projections'
+outputs are anyway) and no activation tensor; it reads gate, up and the incoming gradient once and writes both
+gradients once. Math in float32 for float16/bfloat16 (one rounding per output, where the unfused
+`act_fn(gate) * up` rounds the activation too).
+
+Kernel launch code: Metal `csrc/mps/glu.mm` + `csrc/include/tmf/launch/glu.h` (shared with the Metal-on-CPU
+harness), shaders `shaders/glu.metal`; CUDA `csrc/cuda/glu.cu`; reference `reference.glu_forward/glu_backward`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_metal_fused._validation import check_same_device_dtype, check_tensor
+from torch_metal_fused.ops._dispatch import call, run_kernel
+from torch_metal_fused.reference import GLU_GELU_TANH, GLU_SILU
+
+ACTIVATIONS = {"silu": GLU_SILU, "gelu_tanh": GLU_GELU_TANH}
+
+
+def _glu_forward_impl(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
+    return run_kernel("glu_forward", gate, up, activation)
+
+
+glu_forward = torch.library.custom_op("torch_metal_fused::glu_forward", _glu_forward_impl, mutates_args=())
+
+
+@glu_forward.register_fake
+def _(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+def _glu_backward_impl(
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return run_kernel("glu_backward", dout, gate, up, activation)
+
+
+glu_backward = torch.library.custom_op("torch_metal_fused::glu_backward", _glu_backward_impl, mutates_args=())
+
+
+@glu_backward.register_fake
+def _(dout, gate, up, activation):
+    return (
+        torch.empty_like(gate, memory_format=torch.contiguous_format),
+        torch.empty_like(gate, memory_format=torch.contiguous_format),
+    )
+
+
+class GluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.activation = activation
+        return call(glu_forward, _glu_forward_impl, gate, up, activation)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        dgate, dup = call(glu_backward, _glu_backward_impl, dout, gate, up, ctx.activation)
+        return dgate, dup, None
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """`act(gate) * up` with a fused forward and backward; activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU, gelu
+    with the tanh approximation). gate and up: the same shape, dtype and device (e.g. the outputs of an MLP's
+    gate and up projections, or the two halves of a fused gate_up projection: strided rows are read in place)."""
+    check_tensor("gate", gate)
+    check_tensor("up", up)
+    check_same_device_dtype("gate", gate, up=up)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    if gate.ndim == 0:
+        return GluFunction.apply(gate.unsqueeze(0), up.unsqueeze(0), ACTIVATIONS[activation]).squeeze(0)
+    return GluFunction.apply(gate, up, ACTIVATIONS[activation])
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` (the MLP activation of Llama, Mistral, Qwen), fused forward and backward."""
+    return glu(gate, up, "silu")
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`gelu(gate, approximate="tanh") * up` (Gemma's MLP activation), fused forward and backward."""
+    return glu(gate, up, "gelu_tanh")
+
+
+__all__ = ["GluFunction", "geglu", "glu", "swiglu"]
