@@ -33,6 +33,7 @@ RMS_NORM = ("tests/test_rms_norm.py", "tests/test_edge_values.py::test_rms_norm_
 LORA = ("tests/test_lora_linear.py", "tests/test_edge_values.py::test_lora_dropout_over_several_token_groups")
 KERNELS = ("tests/test_emulator_kernels.py",)
 CROSS_ENTROPY = ("tests/test_cross_entropy.py",)
+GLU = ("tests/test_glu.py",)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ def _m(name, path, find, replace, tests, why, **kw) -> Mutant:
 
 S, R, L, H = "shaders/softmax.metal", "shaders/rms_norm.metal", "shaders/lora_linear.metal", "shaders/reduce.h"
 CE = "shaders/cross_entropy.metal"
+GL = "shaders/glu.metal"
 MUTANTS: list[Mutant] = [
     # ---- softmax ----
     _m(
@@ -386,6 +388,56 @@ MUTANTS: list[Mutant] = [
         "  device T* gr = grad + ulong(row) * p.logits_row_stride;",
         CROSS_ENTROPY,
         "the contiguous gradient addressed with the logits' row stride",
+    ),
+    # ---- gated activations (SwiGLU / GeGLU) ----
+    _m(
+        "glu_silu_derivative_without_the_product_term",
+        GL,
+        "return s * (1.0f + g * (1.0f - s));",
+        "return s * (1.0f + (1.0f - s));",
+        GLU,
+        "silu'(g) = σ(1 + g(1 - σ)) with the g dropped",
+        ci=True,
+    ),
+    _m(
+        "glu_gelu_slope_guard_drops_finite_slopes",
+        GL,
+        "sech2 == 0.0f && isfinite(g) ? 0.0f",
+        "sech2 < 1e-3f && isfinite(g) ? 0.0f",
+        GLU,
+        "the GeGLU derivative's second term zeroed too early (|g| > ~2.5, not only where tanh saturates)",
+    ),
+    _m(
+        "glu_dup_from_the_derivative",
+        GL,
+        "    du[i] = d[i] * Activation::value(g[i]);",
+        "    du[i] = d[i] * Activation::derivative(g[i]);",
+        GLU,
+        "d(up) from act'(gate) instead of act(gate)",
+    ),
+    _m(
+        "glu_outputs_at_the_gate_row_stride",
+        GL,
+        "  store_row_elements<N>(out + ulong(row) * p.cols, c0, p.cols, o);",
+        "  store_row_elements<N>(out + ulong(row) * p.gate_row_stride, c0, p.cols, o);",
+        GLU,
+        "the contiguous output addressed with gate's row stride (fused gate_up halves)",
+    ),
+    _m(
+        "glu_launch_flattens_strided_rows",
+        "csrc/include/tmf/launch/glu.h",
+        "  for (uint64_t s : row_strides) flat = flat && s == cols;\n",
+        "",
+        GLU,
+        "rows spaced wider than their length launched as one flat row",
+    ),
+    _m(
+        "glu_launch_one_group_per_row",
+        "csrc/include/tmf/launch/glu.h",
+        "  const uint32_t groups_per_row = ceil_div(cols, uint64_t(plan.threads.x) * kGluElementsPerThread);",
+        "  const uint32_t groups_per_row = 1;",
+        GLU,
+        "rows longer than one threadgroup's elements left partly unwritten",
     ),
     # ---- launch code shared with MPS (csrc/include/tmf) ----
     _m(
