@@ -13,6 +13,7 @@
 #include <initializer_list>
 
 #include "ops.h"
+#include "row_kernels.cuh"  // to_float / from_float (torch builds with the half/bfloat16 conversions off)
 #include "tmf/shader_args.h"
 
 namespace tmf {
@@ -54,10 +55,10 @@ __device__ __forceinline__ void load_elements(const T* p, int64_t c0, int64_t co
   if (c0 + VEC <= cols) {
     const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p + c0);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = float(pack.v[i]);
+    for (int i = 0; i < VEC; ++i) out[i] = cuda::to_float(pack.v[i]);
   } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = c0 + i < cols ? float(p[c0 + i]) : 0.0f;
+    for (int i = 0; i < VEC; ++i) out[i] = c0 + i < cols ? cuda::to_float(p[c0 + i]) : 0.0f;
   }
 }
 
@@ -66,12 +67,12 @@ __device__ __forceinline__ void store_elements(T* p, int64_t c0, int64_t cols, c
   if (c0 + VEC <= cols) {
     Pack<T, VEC> pack;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) pack.v[i] = T(in[i]);
+    for (int i = 0; i < VEC; ++i) pack.v[i] = cuda::from_float<T>(in[i]);
     *reinterpret_cast<Pack<T, VEC>*>(p + c0) = pack;
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i)
-      if (c0 + i < cols) p[c0 + i] = T(in[i]);
+      if (c0 + i < cols) p[c0 + i] = cuda::from_float<T>(in[i]);
   }
 }
 
