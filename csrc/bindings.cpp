@@ -84,4 +84,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cross_entropy_rows", &tmf::cross_entropy_rows, release_gil());
   m.def("glu_forward", &tmf::glu_forward, release_gil());
   m.def("glu_backward", &tmf::glu_backward, release_gil());
+  m.def("rope_apply", &tmf::rope_apply, release_gil());
 }

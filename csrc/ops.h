@@ -39,12 +39,21 @@ at::Tensor glu_forward(const at::Tensor& gate, const at::Tensor& up, int64_t act
 std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up,
                                                 int64_t activation);
 
+// Rotary embedding of q and k (batch, heads, seq, head_dim), cos/sin contiguous (1 or batch, seq, rotary_dim);
+// outputs contiguous (Metal: csrc/mps/rope.mm, CUDA: csrc/cuda/rope.cu).
+std::tuple<at::Tensor, at::Tensor> rope_apply(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                              const at::Tensor& sin, bool interleaved, bool backward);
+
 // Helpers shared by the backends' host code.
 inline at::Tensor as_rows(const at::Tensor& t) {
   // A (rows, cols) view with a unit inner stride, copying only when no such view exists.
   at::Tensor t2 = t.dim() == 2 ? t : t.reshape({-1, t.size(-1)});
   if (t2.size(1) > 1 && t2.stride(1) != 1) t2 = t2.contiguous();
   return t2;
+}
+// A rotary operand (batch, heads, seq, head_dim) with head_dim contiguous, copying only when it is not.
+inline at::Tensor rope_operand(const at::Tensor& t) {
+  return t.size(3) > 1 && t.stride(3) != 1 ? t.contiguous() : t;
 }
 inline int64_t row_stride(const at::Tensor& t2) { return t2.size(0) > 1 ? t2.stride(0) : t2.size(1); }
 

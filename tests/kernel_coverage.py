@@ -14,6 +14,7 @@ CONTRACT_FILES = frozenset(
         "test_lora_linear.py",
         "test_cross_entropy.py",
         "test_glu.py",
+        "test_rope.py",
         "test_edge_values.py",
         "test_emulator_kernels.py",
     }

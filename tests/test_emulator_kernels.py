@@ -173,13 +173,14 @@ def _lora_expand_plans(tokens, out_dim, rank, max_threads=1024):
 
 
 def _lora_forward_counts(tokens, fin, fout, r, dropout, max_threads=1024):
-    """Elements each buffer of the forward's dispatches moves: [(reduce: x, A, mask, h), (expand: h, B, y) ...]."""
+    """Elements each buffer of the forward's dispatches moves: [(reduce: x, A, mask, h), (expand: h, B, -, y) ...]
+    (one expand per rank block of 64)."""
     bm, _ = _lora_reduce_plan(tokens, r, max_threads)
-    groups = -(-tokens // bm)
+    groups, blocks = -(-tokens // bm), -(-r // 64)  # x (and the mask) read once per rank block of 64
     reduce = {
-        0: (tokens * fin, 0),
+        0: (blocks * tokens * fin, 0),
         1: (groups * r * fin, 0),
-        2: (tokens * fin if dropout else 0, 0),
+        2: (blocks * tokens * fin if dropout else 0, 0),
         3: (0, tokens * r),
     }
     expands = [
@@ -192,8 +193,8 @@ def _lora_forward_counts(tokens, fin, fout, r, dropout, max_threads=1024):
 def _lora_backward_counts(tokens, fin, fout, r, dropout, wants_dx, max_threads=1024):
     """[(reduce: dy, B, -, dh), (expand: dh, A, mask, dx) ...]; no expand for a frozen input."""
     bm, _ = _lora_reduce_plan(tokens, r, max_threads)
-    groups = -(-tokens // bm)
-    reduce = {0: (tokens * fout, 0), 1: (groups * fout * r, 0), 2: (0, 0), 3: (0, tokens * r)}
+    groups, blocks = -(-tokens // bm), -(-r // 64)
+    reduce = {0: (blocks * tokens * fout, 0), 1: (groups * fout * r, 0), 2: (0, 0), 3: (0, tokens * r)}
     expands = [
         {
             0: (cols * tokens * nr, 0),
@@ -257,9 +258,10 @@ def _lora_step(tokens, fin, fout, r, dtype, dropout, frozen_input=False, max_thr
 )
 @pytest.mark.parametrize("dropout", [False, True])
 def test_lora_traffic_is_the_launch_plans(dtype, tokens, fin, fout, r, max_threads, dropout):
-    """Every buffer of every LoRA dispatch, forward and backward, moves what the launch plan says: the input, mask,
-    out (read and written) once, h/dh written once and read once per expand column group, A and B once per reduce
-    tile or expand token group, and nothing else; the groups and threads are the plan's."""
+    """Every buffer of every LoRA dispatch, forward and backward, moves what the launch plan says: the input and mask
+    once per rank block of 64, out (read and written) once per rank block, h/dh written once and read once per
+    expand column group, A and B once per reduce tile or expand token group, and nothing else; the groups and
+    threads are the plan's."""
     es = _size(dtype)
     fwd, bwd = _lora_step(tokens, fin, fout, r, dtype, dropout, max_threads=max_threads)
     suffix = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}[dtype]
@@ -386,6 +388,9 @@ def _drive_every_kernel():
         gate, up = randn((3, 50), dtype, "cpu").requires_grad_(True), randn((3, 50), dtype, "cpu").requires_grad_(True)
         for act in ("silu", "gelu_tanh"):
             rec += _record(lambda: tmf.glu(gate, up, act).sum().backward())
+        rq, rk = randn((2, 3, 5, 12), dtype, "cpu").requires_grad_(True), randn((2, 1, 5, 12), dtype, "cpu")
+        cos, sin = randn((1, 5, 8), dtype, "cpu"), randn((1, 5, 8), dtype, "cpu", seed=1)
+        rec += _record(lambda: sum(t.sum() for t in tmf.rope(rq, rk.requires_grad_(True), cos, sin)).backward())
     return rec
 
 

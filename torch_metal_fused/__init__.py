@@ -8,6 +8,7 @@ from torch_metal_fused.ops.cross_entropy import cross_entropy, linear_cross_entr
 from torch_metal_fused.ops.glu import GluFunction, geglu, glu, swiglu
 from torch_metal_fused.ops.lora_linear import LoRALinearFunction, lora_linear
 from torch_metal_fused.ops.rms_norm import RMSNormFunction, rms_norm
+from torch_metal_fused.ops.rope import RopeFunction, rope
 from torch_metal_fused.ops.softmax import SoftmaxFunction, softmax
 from torch_metal_fused.patch import PatchReport, patch_model, unpatch_model
 
@@ -19,6 +20,7 @@ __all__ = [
     "LoRALinearFunction",
     "PatchReport",
     "RMSNormFunction",
+    "RopeFunction",
     "SoftmaxFunction",
     "__version__",
     "backend_for",
@@ -30,6 +32,7 @@ __all__ = [
     "nn",
     "patch_model",
     "rms_norm",
+    "rope",
     "softmax",
     "swiglu",
     "unpatch_model",

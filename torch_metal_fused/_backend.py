@@ -24,6 +24,7 @@ FAMILIES = {
     "lora_linear": "lora_",
     "cross_entropy": "cross_entropy_",
     "glu": "glu_",
+    "rope": "rope_",
 }
 METAL_BACKENDS = ("metal", "metal-emulated")
 REPORT_HINT = (

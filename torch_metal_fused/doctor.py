@@ -171,6 +171,16 @@ def _randn(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int) -
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(device)
 
 
+def _hf_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Hugging Face's apply_rotary_pos_emb (rotate_half convention), the rope self-test's reference."""
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), -1)
+
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+
+
 def _cases(device: str, dtype: torch.dtype):
     """(op, fn(inputs) -> output, inputs) on small odd shapes; every op's forward and backward."""
     x = _randn((37, 300), dtype, device, 0)  # 300 > 256: the single-row variants
@@ -185,6 +195,9 @@ def _cases(device: str, dtype: torch.dtype):
     ch, cw = _randn((37, 24), dtype, device, 7), _randn((1001, 24), dtype, device, 8) * 0.2
     target = torch.arange(37, dtype=torch.long) * 27 % 1001
     gx, gu = _randn((9, 1003), dtype, device, 9) * 3, _randn((9, 1003), dtype, device, 10)
+    rq, rk = _randn((2, 4, 7, 64), dtype, device, 11), _randn((2, 2, 7, 64), dtype, device, 12)
+    angles = _randn((1, 7, 32), torch.float64, "cpu", 13) * 10
+    rc, rs = (f(torch.cat((angles, angles), -1)).to(dtype).to(device) for f in (torch.cos, torch.sin))
     return [
         ("softmax", lambda t: tmf.softmax(t[0], -1), lambda t: torch.softmax(t[0], -1), [x]),
         ("softmax", lambda t: tmf.softmax(t[0], -1), lambda t: torch.softmax(t[0], -1), [xs]),
@@ -217,6 +230,12 @@ def _cases(device: str, dtype: torch.dtype):
             lambda t: tmf.swiglu(t[0], t[1]) + tmf.geglu(t[0], t[1]),
             lambda t: (torch.nn.functional.silu(t[0]) + torch.nn.functional.gelu(t[0], approximate="tanh")) * t[1],
             [gx, gu],
+        ),
+        (
+            "rope",
+            lambda t: torch.cat([o.flatten() for o in tmf.rope(t[0], t[1], rc, rs)]),
+            lambda t: torch.cat([o.flatten() for o in _hf_rope(t[0], t[1], rc.double().cpu(), rs.double().cpu())]),
+            [rq, rk],
         ),
     ]
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
+import threading
 import types
 from dataclasses import dataclass, field
 
@@ -29,6 +31,7 @@ from torch_metal_fused.ops.cross_entropy import linear_cross_entropy
 from torch_metal_fused.ops.glu import glu
 from torch_metal_fused.ops.lora_linear import lora_linear
 from torch_metal_fused.ops.rms_norm import rms_norm
+from torch_metal_fused.ops.rope import rope as fused_rope
 from torch_metal_fused.ops.softmax import softmax
 
 _ORIGINAL = "_tmf_original_forward"
@@ -49,6 +52,17 @@ HF_GEMMA_STYLE = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
 # Hugging Face MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)); the activation is read
 # from the module's act_fn (only the ones our kernels compute are patched).
 HF_GATED_MLP = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"}
+# Hugging Face attention classes whose forward calls their modeling module's apply_rotary_pos_emb(q, k, cos, sin)
+# (HF's rotate_half convention, cos/sin (batch, seq, head_dim)).
+HF_ROPE_ATTENTION = {
+    "LlamaAttention",
+    "MistralAttention",
+    "Qwen2Attention",
+    "Qwen3Attention",
+    "GemmaAttention",
+    "Gemma2Attention",
+    "Gemma3Attention",
+}
 # Hugging Face causal LMs whose forward is `decoder -> lm_head -> (Gemma-2/3: final-logit soft-capping) ->
 # ForCausalLMLoss`, each tested against its original forward (tests/test_patch.py). MoE models (router aux loss)
 # and multimodal wrappers are not in the list.
@@ -212,6 +226,79 @@ def _gated_mlp_patch(module: nn.Module):
     return fused_forward, f"{cls} ({'SwiGLU' if activation == 'silu' else 'GeGLU'} fused)"
 
 
+# ---- rotary embedding ----------------------------------------------------------------------------------------
+# HF's attention code calls the function `apply_rotary_pos_emb` of its modeling module by name, so the fused one must
+# be installed there (module-wide). It runs our kernel only while a patched attention module's forward is on this
+# thread's stack (_ROPE_ACTIVE), so models that were not patched keep HF's formula; the module's original function is
+# restored when the last patched attention of that module is unpatched.
+_ROPE_ACTIVE = threading.local()
+_ROPE_USERS: dict[str, int] = {}  # modeling module name -> patched attention modules using its replacement
+_ROPE_MODULE = "_tmf_rope_module"
+
+
+def _rope_call_supported(q, k, cos, sin, unsqueeze_dim) -> bool:
+    return (
+        unsqueeze_dim in (1, 2)
+        and q.ndim == k.ndim == 4
+        and cos.shape == sin.shape
+        and cos.ndim == 3
+        and q.dtype == k.dtype == cos.dtype == sin.dtype
+        and not (cos.requires_grad or sin.requires_grad)
+        and cos.shape[-1] == q.shape[-1]
+        and cos.shape[-1] % 2 == 0
+    )
+
+
+def _fused_apply_rotary_pos_emb(original):
+    signature = inspect.signature(original)
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        # Older transformers pass a (deprecated, unused) position_ids before unsqueeze_dim: cos/sin are already per
+        # position, so only unsqueeze_dim matters, wherever it was passed.
+        if getattr(_ROPE_ACTIVE, "depth", 0) > 0:
+            unsqueeze_dim = signature.bind(q, k, cos, sin, *args, **kwargs).arguments.get("unsqueeze_dim", 1)
+            if _rope_call_supported(q, k, cos, sin, unsqueeze_dim):
+                return fused_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._tmf_original = original
+    return apply_rotary_pos_emb
+
+
+def _attention_with_fused_rope(self: nn.Module, *args, **kwargs):
+    _ROPE_ACTIVE.depth = getattr(_ROPE_ACTIVE, "depth", 0) + 1
+    try:
+        return getattr(self, _ORIGINAL)(*args, **kwargs)
+    finally:
+        _ROPE_ACTIVE.depth -= 1
+
+
+def _rope_patch(module: nn.Module):
+    cls = type(module).__name__
+    hf_module = sys.modules.get(type(module).__module__)
+    fn = getattr(hf_module, "apply_rotary_pos_emb", None)
+    if fn is None:
+        return None, f"{cls}: its module has no apply_rotary_pos_emb"
+    if not hasattr(fn, "_tmf_original"):
+        hf_module.apply_rotary_pos_emb = _fused_apply_rotary_pos_emb(fn)
+    _ROPE_USERS[hf_module.__name__] = _ROPE_USERS.get(hf_module.__name__, 0) + 1
+    setattr(module, _ROPE_MODULE, hf_module.__name__)
+    return _attention_with_fused_rope, f"{cls} (rotary embedding fused)"
+
+
+def _rope_unpatch(module: nn.Module) -> None:
+    name = getattr(module, _ROPE_MODULE, None)
+    if name is None:
+        return
+    delattr(module, _ROPE_MODULE)
+    _ROPE_USERS[name] -= 1
+    hf_module = sys.modules.get(name)
+    if _ROPE_USERS[name] == 0 and hf_module is not None:
+        del _ROPE_USERS[name]
+        fn = hf_module.apply_rotary_pos_emb
+        hf_module.apply_rotary_pos_emb = getattr(fn, "_tmf_original", fn)
+
+
 # ---- softmax -------------------------------------------------------------------------------------------
 def _softmax_forward(self: nn.Softmax, x: torch.Tensor) -> torch.Tensor:
     dim = self.dim if self.dim is not None else -1
@@ -306,6 +393,7 @@ def patch_model(
     softmax: bool = False,
     cross_entropy: bool = False,
     swiglu: bool = False,
+    rope: bool = False,
 ) -> PatchReport:
     """Route `model`'s modules through the fused ops, in place; returns what was patched and what was left.
 
@@ -315,6 +403,8 @@ def patch_model(
     Hugging Face causal LMs (HF_CAUSAL_LM) in training forwards with labels, by linear_cross_entropy from the final
     hidden states, never building the logits. swiglu: the gated activation of Hugging Face MLPs (HF_GATED_MLP:
     SwiGLU, and GeGLU for Gemma) by the fused glu op; their projections (PEFT-wrapped or not) are untouched.
+    rope: the rotary embedding of q and k in Hugging Face attention modules (HF_ROPE_ATTENTION) by the fused rope op
+    (see _fused_apply_rotary_pos_emb: installed in the family's modeling module, active only in patched models).
     """
     report = PatchReport()
     for name, module in model.named_modules():
@@ -350,6 +440,14 @@ def patch_model(
                 _install(module, fwd)
                 report.patched.append((name, what))
             continue
+        if rope and type(module).__name__ in HF_ROPE_ATTENTION:
+            fwd, what = _rope_patch(module)
+            if fwd is None:
+                report.skipped.append((name, what))
+            else:
+                _install(module, fwd)
+                report.patched.append((name, what))
+            continue
         if cross_entropy and type(module).__name__.endswith("ForCausalLM"):
             problem = _causal_lm_static_problem(module)
             if problem:
@@ -367,5 +465,6 @@ def unpatch_model(model: nn.Module) -> int:
         if hasattr(module, _ORIGINAL):
             del module.forward  # the instance attribute; the class's forward shows through again
             delattr(module, _ORIGINAL)
+            _rope_unpatch(module)
             n += 1
     return n

@@ -199,3 +199,28 @@ def glu_backward(
     dgate = d * u * _glu_act_derivative(g, activation)
     dup = d * _glu_act(g, activation)
     return dgate.to(gate.dtype).contiguous(), dup.to(gate.dtype).contiguous()
+
+
+def rope_apply(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, backward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q (batch, q_heads, seq, head_dim) and k (batch, k_heads, seq, head_dim) with cos/sin
+    (1 or batch, seq, rotary_dim): per pair (a, b) — (i, i + rotary_dim/2), or (2i, 2i + 1) interleaved —
+    out_a = x_a·cos_a - x_b·sin_a, out_b = x_b·cos_b + x_a·sin_b; with `backward`, the transpose (x: the incoming
+    gradients): out_a = x_a·cos_a + x_b·sin_b, out_b = x_b·cos_b - x_a·sin_a. Elements past rotary_dim are copied.
+    Outputs contiguous."""
+    ct = _compute_dtype(q.dtype)
+    r = cos.shape[-1]
+    c, s = cos.to(ct).unsqueeze(1), sin.to(ct).unsqueeze(1)  # broadcast over heads
+    first, second = (slice(0, r, 2), slice(1, r, 2)) if interleaved else (slice(0, r // 2), slice(r // 2, r))
+    ca, cb, sa, sb = c[..., first], c[..., second], s[..., first], s[..., second]
+    sin_for_a, sin_for_b = (-sb, -sa) if backward else (sa, sb)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(ct)
+        a, b = xf[..., first], xf[..., second]
+        out_a, out_b = a * ca - b * sin_for_a, b * cb + a * sin_for_b
+        rotated = torch.stack((out_a, out_b), -1).flatten(-2) if interleaved else torch.cat((out_a, out_b), -1)
+        return torch.cat((rotated, xf[..., r:]), -1).to(x.dtype).contiguous()
+
+    return rotate(q), rotate(k)

@@ -7,6 +7,7 @@
 
 #include "tmf/launch/cross_entropy.h"
 #include "tmf/launch/glu.h"
+#include "tmf/launch/rope.h"
 #include "tmf/launch/lora_linear.h"
 #include "tmf/launch/rms_norm.h"
 #include "tmf/launch/softmax.h"
@@ -185,6 +186,21 @@ const char* tmf_emu_glu_backward(int checking, uint32_t max_threads, int dtype, 
   return run(checking, max_threads, [&](auto& enc) {
     tmf::launch::glu_backward(enc, DType(dtype), uint32_t(activation), buf(gate), gate_stride, buf(up), up_stride, buf(dout),
                               dout_stride, buf(dgate), buf(dup), rows, cols);
+  });
+}
+
+// q and k: {buffer, batch stride, head stride, seq stride, heads} each, as tmf::launch::RopeOperand.
+const char* tmf_emu_rope_apply(int checking, uint32_t max_threads, int dtype, TensorArg q, uint64_t q_batch_stride,
+                               uint64_t q_head_stride, uint64_t q_seq_stride, uint64_t q_heads, TensorArg k,
+                               uint64_t k_batch_stride, uint64_t k_head_stride, uint64_t k_seq_stride,
+                               uint64_t k_heads, TensorArg cos_table, TensorArg sin_table, uint64_t cos_batches,
+                               TensorArg q_out, TensorArg k_out, uint64_t batch, uint64_t seq, uint64_t head_dim,
+                               uint64_t rotary_dim, uint64_t interleaved, uint64_t backward) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::rope_apply(enc, DType(dtype), {buf(q), q_batch_stride, q_head_stride, q_seq_stride, q_heads},
+                            {buf(k), k_batch_stride, k_head_stride, k_seq_stride, k_heads}, buf(cos_table),
+                            buf(sin_table), cos_batches, buf(q_out), buf(k_out), batch, seq, head_dim, rotary_dim,
+                            interleaved != 0, backward != 0);
   });
 }
 

@@ -264,3 +264,35 @@ def glu_backward(
         *g2.shape,
     )
     return dgate, dup
+
+
+def rope_apply(q, k, cos, sin, interleaved: bool, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """shaders/rope.metal: q and k (batch, heads, seq, head_dim; any strides with head_dim contiguous) rotated by
+    cos/sin (contiguous (1 or batch, seq, rotary_dim)) in one dispatch; outputs contiguous."""
+    q_out, k_out = _output(q.shape, q.dtype), _output(k.shape, k.dtype)
+    if q.numel() + k.numel() == 0:
+        return q_out, k_out
+    q, k = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    batch, _, seq, head_dim = q.shape
+
+    def operand(t):
+        return (t, t.stride(0), t.stride(1), t.stride(2), t.shape[1])
+
+    _runner().launch(
+        "rope_apply",
+        q.dtype,
+        *operand(q),
+        *operand(k),
+        cos,
+        sin,
+        cos.shape[0],
+        q_out,
+        k_out,
+        batch,
+        seq,
+        head_dim,
+        cos.shape[-1],
+        int(interleaved),
+        int(backward),
+    )
+    return q_out, k_out

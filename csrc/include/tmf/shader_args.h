@@ -114,4 +114,30 @@ struct GluParams {
   uint dout_row_stride;  // backward
 };
 
+// Rotary position embedding (shaders/rope.metal) of q (batch, q_heads, seq, head_dim) and k (batch, k_heads, seq,
+// head_dim) in one dispatch, each with its own strides (elements; head_dim contiguous); outputs contiguous in that
+// order. cos and sin: (batch or 1, seq, rotary_dim), contiguous rows (cos_batch_stride 0 broadcasts one batch). One
+// thread per (batch, position, slot) holds its cos/sin values in registers and walks every head of q, then of k, so
+// cos and sin are read once per position. Slots: rotary_dim / 2 rotation pairs — (i, i + rotary_dim / 2) in the
+// rotate_half convention (Hugging Face), (2i, 2i + 1) interleaved — then head_dim - rotary_dim elements copied as they
+// are. Forward: out_a = x_a·cos_a - x_b·sin_a, out_b = x_b·cos_b + x_a·sin_b for a pair (a, b); backward (the
+// transpose): dx_a = g_a·cos_a + g_b·sin_b, dx_b = g_b·cos_b - g_a·sin_a.
+struct RopeParams {
+  uint batch;
+  uint seq;
+  uint head_dim;
+  uint rotary_dim;
+  uint q_heads;
+  uint k_heads;
+  uint q_batch_stride;
+  uint q_head_stride;
+  uint q_seq_stride;
+  uint k_batch_stride;
+  uint k_head_stride;
+  uint k_seq_stride;
+  uint cos_batch_stride;  // 0: one batch of cos/sin for all; cos_seq_stride is rotary_dim
+  uint interleaved;
+  uint backward;
+};
+
 }  // namespace tmf

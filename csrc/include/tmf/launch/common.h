@@ -43,6 +43,7 @@ inline constexpr KernelFamily kKernelFamilies[] = {
     {"lora_linear", "lora_"},
     {"cross_entropy", "cross_entropy_"},
     {"glu", "glu_"},
+    {"rope", "rope_"},
 };
 
 inline const char* family_of(const std::string& kernel) {
