@@ -301,29 +301,33 @@ def test_causal_lm_loss_patch_bfloat16_autocast_and_what_is_left(cpu_backend):
     assert "not among the causal LMs" in dict(report.skipped)[""]
 
 
-def _converge(dtype, fused: bool, steps: int = 20, device: str = "cpu", train_dtype=None):
+ALL_OPTIONS = dict(rms_norm=True, lora=True, softmax=True, cross_entropy=True, swiglu=True, rope=True)
+
+
+def _converge(dtype, fused: bool, steps: int = 20, device: str = "cpu", train_dtype=None, arch: str = "llama"):
     """Train 20 steps; `train_dtype` casts the model (built in `dtype`, so the same initial values) first."""
     ids, vocab = load_corpus()
-    model = build_model(vocab, dtype=dtype)
+    model = build_model(vocab, dtype=dtype, arch=arch)
     if train_dtype is not None:
         model.to(train_dtype)
-    if fused:  # RMSNorm, PEFT LoRA, SwiGLU and the loss (linear cross-entropy): no logits in the patched run
-        report = tmf.patch_model(model, cross_entropy=True, swiglu=True)
-        assert len(report.patched) == 2 * 7 + 5 + 2 + 1
+    if fused:  # every option: RMSNorm, PEFT LoRA, SwiGLU/GeGLU, RoPE and the loss (no logits in the patched run)
+        report = tmf.patch_model(model, **ALL_OPTIONS)
+        assert len(report.patched) == 2 * 7 + 5 + 2 + 2 + 1, report
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses = train(model, ids, steps, batch=4, seq=32, device=device, log=lambda _: None)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return losses, params, initial
 
 
-def test_convergence_patched_equals_unpatched_float32(cpu_backend):
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_convergence_patched_equals_unpatched_float32(cpu_backend, arch):
     """Same seed and data, 20 AdamW steps in float32: per-step losses agree, and each trained weight tensor is
     as close to a float64 run as the unpatched float32 run is (2x), or within 1e-4 of how far training moved it.
     Adam's normalised steps turn rounding differences in near-zero gradients into differences of order lr in
     single elements, so an elementwise atol would only test the summation order."""
-    ref_losses, ref_params, _ = _converge(torch.float32, fused=False)
-    losses, params, _ = _converge(torch.float32, fused=True)
-    _, truth, initial = _converge(torch.float32, fused=False, train_dtype=torch.float64)
+    ref_losses, ref_params, _ = _converge(torch.float32, fused=False, arch=arch)
+    losses, params, _ = _converge(torch.float32, fused=True, arch=arch)
+    _, truth, initial = _converge(torch.float32, fused=False, train_dtype=torch.float64, arch=arch)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-5, atol=0)
     assert losses[-1] < losses[0]
     for name, p in params.items():
@@ -379,7 +383,7 @@ def _distributed_worker(rank: int, world: int, rendezvous: str, out: str, backen
     )
     ids, vocab = load_corpus()
     model = build_model(vocab)
-    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True, cross_entropy=True, swiglu=True)
+    tmf.patch_model(model, **ALL_OPTIONS)
     if wrapper == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -434,7 +438,7 @@ def _two_processes_match_one(tmp_path, backend_name, wrapper):
     # full batch's loss, and the averaged (DDP) or reduce-scattered (FSDP2) gradient is the full batch's.
     ids, vocab = load_corpus()
     model = build_model(vocab)
-    tmf.patch_model(model, rms_norm=True, lora=True, softmax=True, cross_entropy=True, swiglu=True)
+    tmf.patch_model(model, **ALL_OPTIONS)
     single = train(model, ids, 6, batch=4, seq=32, log=lambda _: None)
     torch.testing.assert_close(torch.tensor(two), torch.tensor(single), rtol=1e-4, atol=0)
 
