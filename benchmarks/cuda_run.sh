@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps]
-# with steps from: build tests sanitize bench bench-quick (default: all but bench-quick). Results go to $OUT.
+# with steps from: build tests sanitize bench bench-quick rowbench (default: build tests sanitize bench). Results go to
+# $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu) and Liger's
+# kernels timed the same way (benchmarks/cuda_liger_rows.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 OUT=${OUT:-$PWD/cuda_out}
@@ -32,6 +34,11 @@ for step in $steps; do
     bench)
       python3 -m torch_metal_fused.bench --device cuda --suite cuda --dtypes bfloat16,float32 \
         --modes forward,forward_backward --out "$OUT/bench" --no-plots 2>"$OUT/bench.err" | tail -80
+      ;;
+    rowbench)
+      nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench &&
+        /tmp/rowbench 30 2>&1 | tee "$OUT/rowbench.txt"
+      python3 benchmarks/cuda_liger_rows.py 2>&1 | tee "$OUT/liger_rows.txt"
       ;;
     bench-quick)
       python3 -m torch_metal_fused.bench --device cuda --quick --dtypes bfloat16 --out "$OUT/bench" --no-plots \

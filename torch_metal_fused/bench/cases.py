@@ -429,8 +429,11 @@ QUICK_SHAPES = {
     "cross_entropy": [(64, 64, 32000)],
 }
 # The CUDA issue's comparison shapes (rows x hidden; tokens, in, out, r).
-CUDA_ROWS = [(8192, 4096), (4096, 8192), (32768, 1024), (512, 512)]
-CUDA_LORA = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 4096, 11008, 16), (512, 512, 512, 8)]
+CUDA_ROWS = [(8192, 4096), (4096, 8192), (32768, 1024), (512, 512), (65536, 256)]
+# Vocabulary-sized softmax rows (longer than the kernels keep in registers); Liger's softmax stops at 65536 columns.
+CUDA_SOFTMAX_WIDE = [(2048, 32768), (256, 262144)]
+CUDA_LORA = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 4096, 11008, 16), (2048, 4096, 11008, 64)]
+CUDA_LORA += [(512, 512, 512, 8)]
 CUDA_CE = [*LLM_CE, (16384, 4096, 128256)]
 
 
@@ -456,5 +459,6 @@ def shapes(op: str, suite: str) -> list[tuple[int, ...]]:
     if suite == "emulated":
         return EMULATED_SHAPES[op]
     if suite == "cuda":
-        return {"lora": CUDA_LORA, "cross_entropy": CUDA_CE}.get(op, CUDA_ROWS)
+        wide = CUDA_ROWS + CUDA_SOFTMAX_WIDE
+        return {"lora": CUDA_LORA, "cross_entropy": CUDA_CE, "softmax": wide}.get(op, CUDA_ROWS)
     return SEED_SHAPES[op] + {"lora": LLM_LORA, "cross_entropy": LLM_CE}.get(op, LLM_ROWS)
