@@ -107,8 +107,9 @@ constexpr int kBackwardMaxThreads = 1024;
 
 bool vec_ok(int64_t cols, int element_size, bool aligned) { return aligned && (cols * element_size) % 16 == 0; }
 
-// Block sizes are compile-time in these kernels (the index arithmetic and the reductions fold; runtime-sized
-// versions measured 10-20 % slower on the H200): a power of two from 32 to 1024 covering the row.
+// Block sizes are compile-time in these kernels (the index arithmetic and the reductions fold; a runtime-sized
+// round measured 10-20 % slower on the H200, together with two other changes: see the README's CUDA section): a power
+// of two from 32 to 1024 covering the row.
 int pow2_threads(int64_t n) {
   int t = 32;
   while (t < n) t *= 2;
