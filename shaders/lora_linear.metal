@@ -1,17 +1,19 @@
-// LoRA low-rank kernels in float32, float16 and bfloat16 (accumulation in float32).
+// LoRA low-rank kernels in float32, float16 and bfloat16 (accumulation in float32, products on 8x8
+// simdgroup_matrix tiles: simdgroup_multiply_accumulate in float).
 // Launch code and every size below: csrc/include/tmf/launch/lora_linear.h. The big GEMMs are the platform's
 // native matmul. Each op call is two kinds of dispatch, variant "tiled":
-//   reduce (lora_forward_h, lora_backward_dh): h = scale · in·Fᵀ. One threadgroup per tile of BM token rows, one
-//     thread per token row and rank block of up to kLoraRanksPerThread (64) rank entries, whose accumulators stay
-//     in registers for the whole reduced dimension. The reduced dimension is walked `reduce_tile` columns at a
-//     time: the tile's input rows (dropout applied) and F's matching columns are staged once in threadgroup
-//     memory as float; each staged input element serves the thread's whole rank block, each staged F element is
-//     read by a SIMD-group of 32 tokens at one address (a broadcast). BM = 16 · rank (at least 256, at most 1024
-//     threads): F, read once per tile, costs at most 1/16 of the input's bytes.
-//   expand (lora_forward_y, lora_backward_dx): out += scale · h·S (· mask backward). One thread per output column,
-//     holding that column of S for one rank block in registers, so S is read once per threadgroup; the group walks
-//     its token rows `tokens_per_step` rows of h at a time through threadgroup memory (read at one address by
-//     all threads), and reads and writes each out element once, consecutive threads on consecutive columns.
+//   reduce (lora_forward_h, lora_backward_dh): h = scale · in·Fᵀ. One threadgroup per tile of BM token rows; each
+//     SIMD-group owns 32 token rows and one rank block of up to kLoraRanksPerThread (64) rank entries, whose
+//     32 x 64 float accumulators (4 x 8 simdgroup matrices, 64 floats per lane) stay in registers for the whole
+//     reduced dimension. F's columns are staged `reduce_tile` at a time in threadgroup memory (zero-padded to
+//     whole 8 x 8 tiles) and loaded with simdgroup_load; each lane reads its own elements of the input tiles
+//     straight from device memory (dropout applied), so each input element is read once per rank block, with
+//     no staging. BM = 16 · rank (at least 256, at most 1024 threads): F, read once per tile, costs at most 1/16
+//     of the input's bytes.
+//   expand (lora_forward_y, lora_backward_dx): out += scale · h·S (· mask backward). Each SIMD-group owns 32
+//     output columns and holds their S values for one rank block as 8 x 4 simdgroup matrices (64 floats per
+//     lane), so S is read once per threadgroup; the group walks its token rows `tokens_per_step` rows of h at a
+//     time through threadgroup memory (simdgroup_load), and each lane reads and writes its elements of out once.
 //     Ranks above 64 take one expand dispatch per rank block (out read and written once per block).
 // Forward: reduce in = x, F = A (h = dropout(x)·Aᵀ, written for the expand and saved for backward); expand S = Bᵀ,
 //   out = y (holding x·Wᵀ + bias), scale = the adapter's. Backward: reduce in = dy, F = Bᵀ (dh = scale·dy·B,
@@ -22,81 +24,106 @@
 // within 7 % of the minimum at tokens >= 1024, in/out 1024..8192 (pinned by tests/test_emulator_kernels.py).
 // Threadgroup memory: one [[threadgroup(0)]] buffer sized by the host, at most 64 bytes per thread (16 KiB per
 // 256 threads) and 32 KiB.
-// Registers, not simdgroup_matrix, do the products: the harness executes every line here; simdgroup_matrix
-// tiles are the next step for arithmetic speed once a Mac can measure it.
+// The lanes' elements of a simdgroup matrix follow Apple's layout as MLX uses it (lane_matrix_position); the
+// harness implements the same layout and runs simdgroup_matrix operations as 32-lane collectives.
 #include <metal_stdlib>
 #include "tmf/shader_args.h"
 using namespace metal;
 
 constant constexpr uint RANKS_PER_THREAD = tmf::kLoraRanksPerThread;
 
-// Stages rows [0, rows) x columns [c0, c0 + width) of a row-major matrix (row i at m + i * ld) into
-// tile[i * row_step + (c - c0) * col_step] as float, optionally times a mask of the same layout.
-// Consecutive threads take consecutive columns, so device reads are coalesced along rows.
-template <typename T>
-inline void stage_block(device const T* m, ulong ld, device const T* mask, ulong mask_ld, bool masked, uint rows,
-                        uint c0, uint width, threadgroup float* tile, uint row_step, uint col_step, uint tid,
-                        uint threads) {
-  for (uint e = tid; e < rows * width; e += threads) {
-    const uint i = e / width, c = e % width;
-    float v = float(m[i * ld + c0 + c]);
-    if (masked) {
-      v *= float(mask[i * mask_ld + c0 + c]);
-    }
-    tile[i * row_step + c * col_step] = v;
-  }
+// The two elements of an 8x8 simdgroup matrix that a lane holds: (row, col) and (row, col + 1). Apple's layout,
+// as MLX uses it (steel/gemm/mma.h): lanes 0-7 rows 0-3 x columns 0-3, lanes 8-15 rows 0-3 x columns 4-7, lanes
+// 16-31 rows 4-7 alike. The harness implements the same (csrc/emu/include/tmf_emu/runtime_api.h).
+struct LanePosition {
+  uint row, col;
+};
+inline LanePosition lane_matrix_position(uint lane) {
+  const uint quad = lane / 4;
+  return LanePosition{(quad & 4) + (lane / 2) % 4, (quad & 2) * 2 + (lane % 2) * 2};
 }
 
+constant constexpr uint TILE = 8;                                  // simdgroup matrices are 8 x 8
+constant constexpr uint RANK_TILES = RANKS_PER_THREAD / TILE;      // 8x8 tiles across a rank block
+constant constexpr uint TOKEN_TILES = 32 / TILE;                   // a SIMD-group's 32 token rows (reduce)
+constant constexpr uint COLUMN_TILES = 32 / TILE;                  // a SIMD-group's 32 output columns (expand)
+
 // h[t][j] = p.scale · Σ_k in[t][k]·F[j][k] for the group's token rows (see the header comment). FORWARD picks F:
-// A (rank x reduce_dim, row-major) or Bᵀ (B is reduce_dim x rank, row-major).
+// A (rank x reduce_dim, row-major) or Bᵀ (B is reduce_dim x rank, row-major). SIMD-group s takes 32 token rows
+// and one rank block: its 32 x 64 accumulators are 4 x 8 simdgroup matrices (64 floats per lane).
 template <typename T, bool FORWARD>
 inline void lora_reduce_tile(device const T* in, device const T* factor, device const T* mask, device T* h,
-                             constant tmf::LoraReduceParams& p, uint group, uint tid, uint threads,
-                             threadgroup float* tiles) {
-  const uint r = p.rank, bm = p.tokens_per_group, bk = p.reduce_tile;
-  const uint pitch = bk + 1;  // odd row pitch: the 32 tokens of a SIMD-group read 32 different banks
+                             constant tmf::LoraReduceParams& p, uint group, uint tid, uint threads, uint lane,
+                             uint simd_group, threadgroup float* factor_tile) {
+  const uint r = p.rank, r8 = (r + TILE - 1) / TILE * TILE, bm = p.tokens_per_group, bk = p.reduce_tile;
   const uint t0 = group * bm;
   const uint nt = min(bm, p.tokens - t0);  // rows of this group, uniform across the threadgroup
-  // Thread tid owns token row t and rank entries [j0, j0 + nr); bm is a multiple of 32, so a SIMD-group shares j0.
-  const uint t = tid % bm, j0 = tid / bm * RANKS_PER_THREAD;
-  const uint nr = min(RANKS_PER_THREAD, r - j0);
-  threadgroup float* in_tile = tiles;                     // [bm][pitch]
-  threadgroup float* factor_tile = tiles + bm * pitch;    // [bk][r]
+  // bm is a multiple of 32: SIMD-group s owns token rows [tok0, tok0 + 32) of rank block j0 / 64.
+  const uint token_groups = bm / 32;
+  const uint tok0 = simd_group % token_groups * 32, j0 = simd_group / token_groups * RANKS_PER_THREAD;
+  const uint rank_tiles = (min(RANKS_PER_THREAD, r - j0) + TILE - 1) / TILE;    // uniform per SIMD-group
+  const uint token_tiles = tok0 < nt ? min(TOKEN_TILES, (nt - tok0 + TILE - 1) / TILE) : 0;
+  const LanePosition at = lane_matrix_position(lane);
   device const T* in_rows = in + ulong(t0) * p.in_row_stride;
   device const T* mask_rows = mask + ulong(t0) * p.reduce_dim;  // forward: dropout on x, contiguous
-  float acc[RANKS_PER_THREAD];
-  for (uint j = 0; j < RANKS_PER_THREAD; ++j) {
-    acc[j] = 0.0f;
+  simdgroup_float8x8 acc[TOKEN_TILES][RANK_TILES];
+  for (uint m = 0; m < TOKEN_TILES; ++m) {
+    for (uint q = 0; q < RANK_TILES; ++q) {
+      acc[m][q] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
   }
   for (uint k0 = 0; k0 < p.reduce_dim; k0 += bk) {
-    const uint w = min(bk, p.reduce_dim - k0);
-    stage_block(in_rows, p.in_row_stride, mask_rows, p.reduce_dim, p.has_mask != 0, nt, k0, w, in_tile, pitch, 1,
-                tid, threads);
-    if (FORWARD) {
-      stage_block(factor, p.reduce_dim, factor, 0, false, r, k0, w, factor_tile, 1, r, tid, threads);  // A: r x in
-    } else {
-      // Bᵀ block: rows k0.. of B (out x r), each row contiguous, -> factor_tile[k * r + j]
-      stage_block(factor + ulong(k0) * r, r, factor, 0, false, w, 0, r, factor_tile, r, 1, tid, threads);
+    const uint w = min(bk, p.reduce_dim - k0), w8 = (w + TILE - 1) / TILE * TILE;
+    // F's columns k0.. -> factor_tile[k * r8 + j], zero past the reduced dimension and past the rank.
+    for (uint e = tid; e < w8 * r8; e += threads) {
+      const uint k = e / r8, j = e % r8;
+      float v = 0.0f;
+      if (k < w && j < r) {
+        v = FORWARD ? float(factor[ulong(j) * p.reduce_dim + k0 + k]) : float(factor[ulong(k0 + k) * r + j]);
+      }
+      factor_tile[e] = v;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (t < nt) {
-      for (uint k = 0; k < w; ++k) {
-        const float v = in_tile[t * pitch + k];
-        threadgroup const float* f = factor_tile + k * r + j0;
-        for (uint j = 0; j < RANKS_PER_THREAD; ++j) {
-          if (j < nr) {
-            acc[j] += v * f[j];
+    for (uint kk = 0; kk < w8; kk += TILE) {
+      // This lane's elements of the SIMD-group's 4 input tiles (8 token rows x 8 columns each), read from device
+      // memory once (dropout applied), zero past the tokens and the reduced dimension.
+      simdgroup_float8x8 x_tiles[TOKEN_TILES];
+      for (uint m = 0; m < TOKEN_TILES; ++m) {
+        const uint t = tok0 + m * TILE + at.row;
+        for (uint e = 0; e < 2; ++e) {
+          const uint k = k0 + kk + at.col + e;
+          float v = 0.0f;
+          if (t < nt && k < p.reduce_dim) {
+            v = float(in_rows[ulong(t) * p.in_row_stride + k]);
+            if (p.has_mask != 0) {
+              v *= float(mask_rows[ulong(t) * p.reduce_dim + k]);
+            }
+          }
+          x_tiles[m].thread_elements()[e] = v;
+        }
+      }
+      for (uint q = 0; q < RANK_TILES; ++q) {
+        if (q < rank_tiles && token_tiles > 0) {
+          simdgroup_float8x8 f_tile;
+          simdgroup_load(f_tile, factor_tile + kk * r8 + j0 + q * TILE, r8);
+          for (uint m = 0; m < TOKEN_TILES; ++m) {
+            if (m < token_tiles) {
+              simdgroup_multiply_accumulate(acc[m][q], x_tiles[m], f_tile, acc[m][q]);
+            }
           }
         }
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are restaged by the next chunk
   }
-  if (t < nt) {
-    device T* h_row = h + ulong(t0 + t) * r + j0;
-    for (uint j = 0; j < RANKS_PER_THREAD; ++j) {
-      if (j < nr) {
-        h_row[j] = static_cast<T>(acc[j] * p.scale);
+  for (uint m = 0; m < TOKEN_TILES; ++m) {
+    for (uint q = 0; q < RANK_TILES; ++q) {
+      const uint t = tok0 + m * TILE + at.row;
+      for (uint e = 0; e < 2; ++e) {
+        const uint j = j0 + q * TILE + at.col + e;
+        if (m < token_tiles && q < rank_tiles && t < nt && j < r) {
+          h[ulong(t0 + t) * r + j] = static_cast<T>(acc[m][q].thread_elements()[e] * p.scale);
+        }
       }
     }
   }
@@ -104,39 +131,63 @@ inline void lora_reduce_tile(device const T* in, device const T* factor, device 
 
 // out[t][o] += p.scale · Σ_j h[t][j]·S[j][o] (· mask[t][o] when has_mask) over the rank block and the group's
 // columns and token rows (see the header comment). FORWARD picks S: Bᵀ (B is out_dim x rank) or A (rank x out_dim).
+// SIMD-group s takes 32 output columns: their S values are 8 x 4 simdgroup matrices (64 floats per lane).
 template <typename T, bool FORWARD>
 inline void lora_expand_tile(device const T* h, device const T* factor, device const T* mask, device T* out,
-                             constant tmf::LoraExpandParams& p, uint2 group, uint tid, uint threads,
-                             threadgroup float* h_tile) {
-  const uint r = p.rank, j0 = p.rank_offset, nr = p.rank_count;
-  const uint o = group.x * p.columns_per_group + tid;
-  const bool has_column = o < p.out_dim;
-  float s[RANKS_PER_THREAD];  // column o of S for ranks j0.. : read once per threadgroup
-  for (uint j = 0; j < RANKS_PER_THREAD; ++j) {
-    s[j] = 0.0f;
-    if (has_column && j < nr) {
-      s[j] = FORWARD ? float(factor[ulong(o) * r + j0 + j]) : float(factor[ulong(j0 + j) * p.out_dim + o]);
+                             constant tmf::LoraExpandParams& p, uint2 group, uint tid, uint threads, uint lane,
+                             uint simd_group, threadgroup float* h_tile) {
+  const uint r = p.rank, j0 = p.rank_offset, nr = p.rank_count, nr8 = (nr + TILE - 1) / TILE * TILE;
+  const uint o0 = group.x * p.columns_per_group + simd_group * 32;  // this SIMD-group's first column
+  const bool has_columns = o0 < p.out_dim;                          // uniform per SIMD-group
+  const uint rank_tiles = nr8 / TILE;
+  const LanePosition at = lane_matrix_position(lane);
+  simdgroup_float8x8 s_tiles[RANK_TILES][COLUMN_TILES];  // S[j0 + 8q + row][o0 + 8c + col]: read once per group
+  for (uint q = 0; q < RANK_TILES; ++q) {
+    for (uint c = 0; c < COLUMN_TILES; ++c) {
+      for (uint e = 0; e < 2; ++e) {
+        const uint j = q * TILE + at.row, o = o0 + c * TILE + at.col + e;
+        float v = 0.0f;
+        if (j < nr && o < p.out_dim) {
+          v = FORWARD ? float(factor[ulong(o) * r + j0 + j]) : float(factor[ulong(j0 + j) * p.out_dim + o]);
+        }
+        s_tiles[q][c].thread_elements()[e] = v;
+      }
     }
   }
   const uint t_begin = group.y * p.tokens_per_group;
   const uint t_end = min(t_begin + p.tokens_per_group, p.tokens);
   for (uint t0 = t_begin; t0 < t_end; t0 += p.tokens_per_step) {
-    const uint n = min(p.tokens_per_step, t_end - t0);
-    // h rows t0.., ranks j0.. -> h_tile[i * nr + j]
-    stage_block(h + ulong(t0) * r, r, h, 0, false, n, j0, nr, h_tile, nr, 1, tid, threads);
+    const uint n = min(p.tokens_per_step, t_end - t0), n8 = (n + TILE - 1) / TILE * TILE;
+    // h rows t0.., ranks j0.. -> h_tile[i * nr8 + j], zero past the rows and the rank block
+    for (uint e = tid; e < n8 * nr8; e += threads) {
+      const uint i = e / nr8, j = e % nr8;
+      h_tile[e] = i < n && j < nr ? float(h[ulong(t0 + i) * r + j0 + j]) : 0.0f;
+    }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (has_column) {
-      for (uint i = 0; i < n; ++i) {
-        threadgroup const float* h_row = h_tile + i * nr;
-        float v = 0.0f;
-        for (uint j = 0; j < RANKS_PER_THREAD; ++j) {
-          if (j < nr) {
-            v += h_row[j] * s[j];
+    for (uint i0 = 0; i0 < n8 && has_columns; i0 += TILE) {
+      simdgroup_float8x8 sums[COLUMN_TILES];
+      for (uint c = 0; c < COLUMN_TILES; ++c) {
+        sums[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      }
+      for (uint q = 0; q < RANK_TILES; ++q) {
+        if (q < rank_tiles) {
+          simdgroup_float8x8 h_part;
+          simdgroup_load(h_part, h_tile + i0 * nr8 + q * TILE, nr8);
+          for (uint c = 0; c < COLUMN_TILES; ++c) {
+            simdgroup_multiply_accumulate(sums[c], h_part, s_tiles[q][c], sums[c]);
           }
         }
-        const ulong at = ulong(t0 + i) * p.out_dim + o;
-        const float m = p.has_mask != 0 ? float(mask[at]) : 1.0f;
-        out[at] = static_cast<T>(float(out[at]) + p.scale * v * m);
+      }
+      const uint t = t0 + i0 + at.row;
+      for (uint c = 0; c < COLUMN_TILES; ++c) {
+        for (uint e = 0; e < 2; ++e) {
+          const uint o = o0 + c * TILE + at.col + e;
+          if (i0 + at.row < n && o < p.out_dim) {
+            const ulong idx = ulong(t) * p.out_dim + o;
+            const float m = p.has_mask != 0 ? float(mask[idx]) : 1.0f;
+            out[idx] = static_cast<T>(float(out[idx]) + p.scale * sums[c].thread_elements()[e] * m);
+          }
+        }
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // h_tile is restaged by the next step
@@ -154,8 +205,10 @@ template <typename T>
     threadgroup float* tiles [[threadgroup(0)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
-    uint threads [[threads_per_threadgroup]]) {
-  lora_reduce_tile<T, true>(x, lora_a, mask, h, p, group, tid, threads, tiles);
+    uint threads [[threads_per_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]]) {
+  lora_reduce_tile<T, true>(x, lora_a, mask, h, p, group, tid, threads, lane, simd_group, tiles);
 }
 
 // y += scale · h·Bᵀ
@@ -169,8 +222,10 @@ template <typename T>
     threadgroup float* h_tile [[threadgroup(0)]],
     uint2 group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
-    uint threads [[threads_per_threadgroup]]) {
-  lora_expand_tile<T, true>(h, lora_b, mask, y, p, group, tid, threads, h_tile);
+    uint threads [[threads_per_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]]) {
+  lora_expand_tile<T, true>(h, lora_b, mask, y, p, group, tid, threads, lane, simd_group, h_tile);
 }
 
 // dh = scale · dy·B
@@ -184,8 +239,10 @@ template <typename T>
     threadgroup float* tiles [[threadgroup(0)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
-    uint threads [[threads_per_threadgroup]]) {
-  lora_reduce_tile<T, false>(dy, lora_b, mask, dh, p, group, tid, threads, tiles);
+    uint threads [[threads_per_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]]) {
+  lora_reduce_tile<T, false>(dy, lora_b, mask, dh, p, group, tid, threads, lane, simd_group, tiles);
 }
 
 // dx += (dh·A) · mask
@@ -199,8 +256,10 @@ template <typename T>
     threadgroup float* h_tile [[threadgroup(0)]],
     uint2 group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
-    uint threads [[threads_per_threadgroup]]) {
-  lora_expand_tile<T, false>(dh, lora_a, mask, dx, p, group, tid, threads, h_tile);
+    uint threads [[threads_per_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]]) {
+  lora_expand_tile<T, false>(dh, lora_a, mask, dx, p, group, tid, threads, lane, simd_group, h_tile);
 }
 
 template [[host_name("lora_forward_h_tiled_float")]] [[kernel]] decltype(lora_forward_h<float>) lora_forward_h<float>;

@@ -56,7 +56,7 @@ def test_cpu_default_is_the_emulated_report_with_model_floors(tmp_path, capsys):
         per_dispatch = [int(b) for b in r["threadgroup_bytes"].split(" + ")]  # threadgroup memory per dispatch
         assert len(per_dispatch) == int(r["dispatches"]) and max(per_dispatch) == int(r["max_threadgroup_bytes"])
         assert all(0 <= b <= 32768 for b in per_dispatch), r
-    # the kernels' own `threadgroup` arrays are counted (our kernels size none with setThreadgroupMemoryLength):
+    # the kernels' own `threadgroup` arrays and setThreadgroupMemoryLength arguments (LoRA's tiles) are counted:
     # the whole-threadgroup reductions of the wide-row variants go through a threadgroup scratch array
     assert any(int(r["max_threadgroup_bytes"]) > 0 for r in rows)
     chips = {c["name"]: c for c in data["projection"]["chips"]}

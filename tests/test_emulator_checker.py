@@ -104,7 +104,7 @@ def test_uninitialised_scratch_shows_as_nan_without_the_checker(tmp_path):
 
 def test_missing_restaging_barrier_in_the_lora_kernel_is_a_race(tmp_path):
     # The LoRA reduce kernel (h = x·Aᵀ) without the barrier between using a staged chunk and staging the next:
-    # fast threads overwrite the x and A tiles while slow ones still read them.
+    # fast threads restage the A tile while slow ones still read it.
     old = """    threadgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are restaged by the next chunk"""
     _, line = _plant(tmp_path, "lora_linear.metal", old, "")
     harness = runner.Harness(compile_libraries(tmp_path / "build", [tmp_path / "shaders" / "lora_linear.metal"]))
@@ -114,8 +114,11 @@ def test_missing_restaging_barrier_in_the_lora_kernel_is_a_race(tmp_path):
     with pytest.raises(runner.KernelCheckError) as exc, runner.checking():
         harness.launch("lora_forward_lowrank", torch.float32, x, fin, a, b, None, y, h, tokens, fin, fout, r, 1.0)
     text = (tmp_path / "shaders" / "lora_linear.metal").read_text().splitlines()
-    # Reported where a thread reads a tile element that another thread has already restaged.
-    use_lines = [i + 1 for i, ln in enumerate(text) if "in_tile[t * pitch + k];" in ln or "acc[j] += v * f[j];" in ln]
+    # Reported where a thread restages a tile element that another thread read since the last barrier, or reads
+    # one that another thread has already restaged.
+    use_lines = [
+        i + 1 for i, ln in enumerate(text) if "factor_tile[e] = v;" in ln or "simdgroup_load(f_tile, factor_tile" in ln
+    ]
     assert len(use_lines) == 2 and all(u < line for u in use_lines)
     assert any(f"lora_linear.metal:{u}: threadgroup-race" in f for u in use_lines for f in _findings(exc)), _findings(
         exc

@@ -145,3 +145,28 @@ def test_limits_are_reported(harness):
         harness.dispatch("too_much_threadgroup_memory", {0: out}, (1, 1, 1), (32, 1, 1))
     with pytest.raises(RuntimeError, match="no Metal kernel named nope"):
         harness.dispatch("nope", {0: out}, (1, 1, 1), (32, 1, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_simdgroup_matrix_multiply_accumulate_is_a_matmul(harness, mode, dtype):
+    """d = a·bᵀ + c through simdgroup_load (row-major from device, transposed, from threadgroup memory),
+    simdgroup_multiply_accumulate and simdgroup_store at an origin with a row pitch: equal to a plain matmul
+    (computed in float, rounded once to the element type); nothing outside the stored block is written."""
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randn(8, 8, generator=g).to(dtype) for _ in range(3))
+    d = torch.full((9, 16), float("nan"), dtype=dtype)
+    suffix = "float" if dtype == torch.float32 else "half"
+    harness.dispatch(f"simdgroup_mma_{suffix}", {0: a, 1: b, 2: c, 3: d}, (1, 1, 1), (32, 1, 1))
+    expected = (a.float() @ b.float().t() + c.float()).to(dtype)
+    torch.testing.assert_close(d[1:9, 8:16], expected, rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6)
+    assert torch.isnan(d[0]).all() and torch.isnan(d[1:, :8]).all()
+
+
+def test_simdgroup_matrix_operation_skipped_by_a_lane_is_reported(harness, mode):
+    """A simdgroup_matrix product that one lane does not reach (divergence) is an error naming the line: on the
+    GPU the SIMD-group's 32 lanes execute it together, each holding part of the matrices."""
+    a, d = torch.randn(8, 8), torch.empty(8, 8)
+    text = SHADER.read_text().splitlines()
+    line = next(i + 1 for i, ln in enumerate(text) if "simdgroup_multiply(md, ma, ma);" in ln)
+    with pytest.raises(runner.KernelCheckError, match=rf"semantics.metal:{line}: simdgroup-matrix-divergence"):
+        harness.dispatch("simdgroup_mma_diverged", {0: a, 1: d}, (1, 1, 1), (32, 1, 1))

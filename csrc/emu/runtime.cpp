@@ -492,6 +492,13 @@ bool resolve_simd_ops(Run& r) {
         io[l] = t.io;
       }
     }
+    if (is_simdgroup_matrix_op(lead->op) && active != ~0u) {
+      // The 32 lanes of a SIMD-group execute a simdgroup_matrix operation together (each holds part of the
+      // matrices); a lane missing (divergence, a partial SIMD-group) leaves its elements undefined on the GPU.
+      add_error("simdgroup-matrix-divergence", lead->file, lead->line, 0,
+                "a simdgroup_matrix operation reached by " + std::to_string(__builtin_popcount(active)) +
+                    " of the SIMD-group's 32 lanes; all 32 must execute it together");
+    }
     uint32_t bad = lead->resolver ? lead->resolver(lead->op, io, active) : 0;
     if (bad && g_checking)
       add_error("simd-inactive-lane", lead->file, lead->line, 0,
@@ -1050,6 +1057,8 @@ void simd_rendezvous(SimdResolver resolver, SimdOp op, const void* in, void* out
   yield_to_scheduler();
   std::memcpy(out, t.io.out, size);
 }
+
+uint32_t simd_lane() { return current_thread().index % kSimdWidth; }
 
 void barrier(const char* file, int line) {
   KernelCall call(__builtin_return_address(0));

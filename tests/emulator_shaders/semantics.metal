@@ -112,3 +112,39 @@ template [[host_name("grid_positions_uint")]] [[kernel]] decltype(grid_positions
   threadgroup_barrier(mem_flags::mem_threadgroup);
   out[tid] = big[tid];
 }
+
+// simdgroup_matrix: d = a·b + c for 8x8 matrices: a row-major from device memory, b transposed while loading, c
+// from threadgroup memory; d stored into a 9 x 16 device matrix at row 1, column 8. One SIMD-group.
+template <typename T>
+[[kernel]] void simdgroup_mma(
+    device const T* a [[buffer(0)]],
+    device const T* b [[buffer(1)]],
+    device const T* c [[buffer(2)]],
+    device T* d [[buffer(3)]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup T c_tile[64];
+  c_tile[lane] = c[lane];
+  c_tile[lane + 32] = c[lane + 32];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  simdgroup_matrix<T, 8, 8> ma, mb, mc, md;
+  simdgroup_load(ma, a);
+  simdgroup_load(mb, b, 8, ulong2(0, 0), true);
+  simdgroup_load(mc, c_tile);
+  simdgroup_multiply_accumulate(md, ma, mb, mc);
+  simdgroup_store(md, d, 16, ulong2(8, 1));
+}
+template [[host_name("simdgroup_mma_float")]] [[kernel]] decltype(simdgroup_mma<float>) simdgroup_mma<float>;
+template [[host_name("simdgroup_mma_half")]] [[kernel]] decltype(simdgroup_mma<half>) simdgroup_mma<half>;
+
+// simdgroup_multiply with one lane left out (a planted divergence): lane 31 skips the product.
+[[kernel]] void simdgroup_mma_diverged(
+    device const float* a [[buffer(0)]],
+    device float* d [[buffer(1)]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  simdgroup_float8x8 ma, md = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  simdgroup_load(ma, a);
+  if (lane < 31) {
+    simdgroup_multiply(md, ma, ma);
+  }
+  simdgroup_store(md, d);
+}

@@ -553,8 +553,9 @@ EMULATED_NOTES = [
     "real kernels take longer (dispatch and synchronisation latency, occupancy, caches), and small shapes are "
     "latency-bound, far above it. results.csv has the floor for every chip below (floor_us_<chip>).",
     "threadgroup B: what the harness allocated for each dispatch's last threadgroup: the kernel's own threadgroup "
-    "arrays (allocated when a threadgroup reaches their declaration) plus setThreadgroupMemoryLength arguments (none "
-    "of our kernels use them). Apple GPUs allow 32 KiB per threadgroup, about 64 KiB per core.",
+    "arrays (allocated when a threadgroup reaches their declaration) plus setThreadgroupMemoryLength arguments (the "
+    "LoRA kernels' tiles, sized by the launch plan). Apple GPUs allow 32 KiB per threadgroup, about 64 KiB per core; "
+    "every kernel stays within 16 KiB per 256 threads (tests/test_emulator_kernels.py).",
 ]
 
 

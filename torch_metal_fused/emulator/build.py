@@ -181,6 +181,10 @@ def ensure_built() -> Libraries:
             tmp = out / "tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             built = compile_libraries(tmp)
+            if _inputs_digest(clang) != digest:
+                # A source changed while it compiled (someone editing the checkout): this build may mix the two
+                # versions, so it is used once but never cached under the digest of the first.
+                return built
             shutil.rmtree(libs.generated, ignore_errors=True)
             shutil.copytree(built.generated, libs.generated)
             shutil.copy2(built.checked, libs.checked.with_suffix(".tmp"))

@@ -57,7 +57,9 @@ THREADGROUP_ATTR_RE = re.compile(r"\[\[\s*threadgroup\s*\(")
 LOCAL_TG_RE = re.compile(
     r"^(?P<indent>[ \t]*)threadgroup\s+(?P<type>[\w:<>, ]+?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\])+)\s*;"
 )
-VECTOR_CTOR_RE = re.compile(r"(?<![\w.])((?:float|half|bfloat|int|uint|short|ushort|char|uchar|bool)[234])\s*\(")
+VECTOR_CTOR_RE = re.compile(
+    r"(?<![\w.])((?:float|half|bfloat|int|uint|long|ulong|short|ushort|char|uchar|bool)[234])\s*\("
+)
 PARAM_ATTR_RE = re.compile(r"\[\[\s*(\w+)\s*(?:\(\s*(\d+)\s*\))?\s*\]\]")
 
 

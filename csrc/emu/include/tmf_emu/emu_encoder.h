@@ -158,6 +158,14 @@ class EmuEncoder {
       throw std::invalid_argument("dispatch of " + std::to_string(per_group) + " threads per threadgroup to " +
                                   kernel + ", whose pipeline allows " + std::to_string(pipeline_max_threads));
     }
+    // setThreadgroupMemoryLength arguments beyond the device's 32 KiB fail Metal's validation as well (and would
+    // overrun the runner's arena); kernel-local arrays are checked by the runner as threadgroups declare them.
+    size_t threadgroup_arguments = 0;
+    for (const auto& [index, bytes] : threadgroup_memory) threadgroup_arguments += bytes;
+    if (threadgroup_arguments > 32 * 1024) {
+      throw std::invalid_argument("dispatch of " + kernel + " with " + std::to_string(threadgroup_arguments) +
+                                  " bytes of threadgroup memory arguments; Apple GPUs allow 32 KiB");
+    }
     reports.emplace_back();
     run_dispatch(*this, groups, threads, reports.back());
   }

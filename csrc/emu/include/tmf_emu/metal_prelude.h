@@ -43,6 +43,8 @@ TMF_VECS(half)
 TMF_VECS(bfloat)
 TMF_VECS(int)
 TMF_VECS(uint)
+TMF_VECS(long)
+TMF_VECS(ulong)
 TMF_VECS(short)
 TMF_VECS(ushort)
 TMF_VECS(char)
@@ -215,6 +217,82 @@ inline bool simd_any(bool x, const char* file = __builtin_FILE(), int line = __b
 }
 inline bool simd_is_first(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   return ::tmf_emu::simd_collective<bool>(true, 0, ::tmf_emu::SimdOp::is_first, file, line);
+}
+
+// ---- simdgroup_matrix<T, 8, 8> (Apple7+): each lane holds two elements (tmf_emu::simdgroup_matrix_position) ----
+// Loads, stores and multiply-accumulates are collectives of the SIMD-group's 32 lanes (a rendezvous at the call
+// site, like the SIMD functions: a lane missing is reported as divergence). Loads and stores move each lane's own
+// two elements through ordinary loads and stores, so the checker sees them (bounds, races, traffic). Products
+// are computed in float and rounded to d's element type.
+template <typename T, int Rows, int Cols>
+struct simdgroup_matrix {
+  static_assert(Rows == 8 && Cols == 8, "the harness emulates 8x8 simdgroup matrices");
+  vec<T, 2> tmf_elements;
+  thread vec<T, 2>& thread_elements() { return tmf_elements; }
+  const thread vec<T, 2>& thread_elements() const { return tmf_elements; }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+template <typename T, int Rows, int Cols>
+inline simdgroup_matrix<T, Rows, Cols> make_filled_simdgroup_matrix(T value) {
+  simdgroup_matrix<T, Rows, Cols> m;
+  m.tmf_elements = vec<T, 2>(value);
+  return m;
+}
+
+// Element (i, j) of the matrix is src[(origin.y + i) * elements_per_row + origin.x + j] (origin = (column, row)),
+// or, transposed, src[(origin.y + j) * elements_per_row + origin.x + i].
+template <typename T, typename P>
+inline void simdgroup_load(thread simdgroup_matrix<T, 8, 8>& d, P* src, ulong elements_per_row = 8,
+                           ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false,
+                           const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::tmf_emu::simd_collective<bool>(true, 0, ::tmf_emu::SimdOp::matrix, file, line);
+  uint32_t row, col;
+  ::tmf_emu::simdgroup_matrix_position(::tmf_emu::simd_lane(), row, col);
+  for (uint32_t e = 0; e < 2; ++e) {
+    const ulong i = row, j = col + e;
+    const ulong r = transpose_matrix ? j : i, c = transpose_matrix ? i : j;
+    d.tmf_elements[e] = static_cast<T>(src[(matrix_origin.y + r) * elements_per_row + matrix_origin.x + c]);
+  }
+}
+
+template <typename T, typename P>
+inline void simdgroup_store(const thread simdgroup_matrix<T, 8, 8>& a, P* dst, ulong elements_per_row = 8,
+                            ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false,
+                            const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::tmf_emu::simd_collective<bool>(true, 0, ::tmf_emu::SimdOp::matrix, file, line);
+  uint32_t row, col;
+  ::tmf_emu::simdgroup_matrix_position(::tmf_emu::simd_lane(), row, col);
+  for (uint32_t e = 0; e < 2; ++e) {
+    const ulong i = row, j = col + e;
+    const ulong r = transpose_matrix ? j : i, c = transpose_matrix ? i : j;
+    dst[(matrix_origin.y + r) * elements_per_row + matrix_origin.x + c] = a.tmf_elements[e];
+  }
+}
+
+template <typename T, typename A, typename B, typename C>
+inline void simdgroup_multiply_accumulate(thread simdgroup_matrix<T, 8, 8>& d, const thread simdgroup_matrix<A, 8, 8>& a,
+                                          const thread simdgroup_matrix<B, 8, 8>& b,
+                                          const thread simdgroup_matrix<C, 8, 8>& c,
+                                          const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::tmf_emu::SimdgroupMmaIn in;
+  for (int e = 0; e < 2; ++e) {
+    in.a[e] = float(a.tmf_elements[e]), in.b[e] = float(b.tmf_elements[e]), in.c[e] = float(c.tmf_elements[e]);
+  }
+  ::tmf_emu::SimdgroupMmaIn out;  // the rendezvous copies as many bytes out as in: d's elements come first
+  ::tmf_emu::simd_rendezvous(&::tmf_emu::resolve_simdgroup_mma, ::tmf_emu::SimdOp::matrix_multiply_accumulate, &in,
+                             &out, sizeof(in), 0, file, line);
+  d.tmf_elements[0] = static_cast<T>(out.a[0]);
+  d.tmf_elements[1] = static_cast<T>(out.a[1]);
+}
+
+template <typename T, typename A, typename B>
+inline void simdgroup_multiply(thread simdgroup_matrix<T, 8, 8>& d, const thread simdgroup_matrix<A, 8, 8>& a,
+                               const thread simdgroup_matrix<B, 8, 8>& b, const char* file = __builtin_FILE(),
+                               int line = __builtin_LINE()) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<T, 8, 8>(T(0)), file, line);
 }
 
 }  // namespace metal

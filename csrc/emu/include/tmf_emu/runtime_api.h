@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <utility>
 
@@ -28,7 +29,13 @@ enum class SimdOp : int {
   all,
   any,
   is_first,
+  matrix,                     // simdgroup_load/store: a rendezvous of all 32 lanes, each moving its own elements
+  matrix_multiply_accumulate,  // simdgroup_multiply_accumulate: d = a·b + c over the lanes' elements
 };
+
+inline bool is_simdgroup_matrix_op(SimdOp op) {
+  return op == SimdOp::matrix || op == SimdOp::matrix_multiply_accumulate;
+}
 
 constexpr int kSimdWidth = 32;
 constexpr size_t kMaxSimdValueBytes = 64;
@@ -126,6 +133,52 @@ uint32_t resolve_simd(SimdOp op, LaneIO* lanes, uint32_t active) {
     return bad;
   }
 }
+
+// ---- simdgroup_matrix<T, 8, 8> ------------------------------------------------------------------------------
+// Each lane of the SIMD-group holds two elements of the 8x8 matrix, (row, col) and (row, col + 1): Apple's
+// layout as MLX uses it (steel/gemm/mma.h): lanes 0-7 hold rows 0-3 x columns 0-3, lanes 8-15 rows 0-3 x
+// columns 4-7, lanes 16-31 rows 4-7 alike.
+inline void simdgroup_matrix_position(uint32_t lane, uint32_t& row, uint32_t& col) {
+  const uint32_t quad = lane / 4;
+  row = (quad & 4) + (lane / 2) % 4;
+  col = (quad & 2) * 2 + (lane % 2) * 2;
+}
+
+struct SimdgroupMmaIn {
+  float a[2], b[2], c[2];  // this lane's elements of a, b and c, as float
+};
+
+// d = a·b + c in float (the sum over k in order 0..7, then + c), every lane's two elements of d out. Elements of
+// inactive lanes are NaN (resolve_simd_ops reports the divergence).
+inline uint32_t resolve_simdgroup_mma(SimdOp, LaneIO* lanes, uint32_t active) {
+  float a[8][8], b[8][8], c[8][8];
+  for (auto* m : {&a, &b, &c})
+    for (auto& row : *m)
+      for (float& v : row) v = __builtin_nanf("");
+  for (uint32_t l = 0; l < uint32_t(kSimdWidth); ++l) {
+    if (!(active >> l & 1u)) continue;
+    SimdgroupMmaIn in;
+    std::memcpy(&in, lanes[l].in, sizeof(in));
+    uint32_t row, col;
+    simdgroup_matrix_position(l, row, col);
+    for (int e = 0; e < 2; ++e) a[row][col + e] = in.a[e], b[row][col + e] = in.b[e], c[row][col + e] = in.c[e];
+  }
+  for (uint32_t l = 0; l < uint32_t(kSimdWidth); ++l) {
+    if (!(active >> l & 1u)) continue;
+    uint32_t row, col;
+    simdgroup_matrix_position(l, row, col);
+    float d[2];
+    for (int e = 0; e < 2; ++e) {
+      float sum = 0.0f;
+      for (int k = 0; k < 8; ++k) sum += a[row][k] * b[k][col + e];
+      d[e] = sum + c[row][col + e];
+    }
+    std::memcpy(lanes[l].out, d, sizeof(d));
+  }
+  return 0;
+}
+
+uint32_t simd_lane();  // the calling thread's thread_index_in_simdgroup
 
 template <typename T>
 inline T simd_collective(T x, uint32_t arg, SimdOp op, const char* file, int line) {

@@ -44,6 +44,11 @@ constexpr uint32_t kLoraReduceMinTokens = 256;
 // rank / (2 · 32 · rank) = 1/64 of out's read-and-write; at least kLoraReduceMinTokens rows.
 constexpr uint32_t kLoraExpandTokensPerRank = 32;
 
+// The kernels' products run on 8 x 8 simdgroup matrices: staged tiles come in whole 8-row/column steps.
+constexpr uint32_t kSimdgroupMatrixSize = 8;
+// Reduced columns of F staged per step at most (64 x 64 floats: 16 KiB at rank 64).
+constexpr uint32_t kLoraReduceTileColumns = 64;
+
 inline uint32_t lora_rank_blocks(uint64_t rank) { return ceil_div(rank, kLoraRanksPerThread); }
 
 inline uint32_t lora_threads_cap(const Pipeline& pipeline) {
@@ -76,14 +81,18 @@ inline LoraReducePlan lora_reduce_plan(const Pipeline& pipeline, uint64_t tokens
   const uint32_t bm = uint32_t(std::min<uint64_t>(
       {wanted, round_down(cap / blocks, kSimdWidth), round_up(uint32_t(std::max<uint64_t>(tokens, 1)), kSimdWidth)}));
   const uint32_t threads = bm * blocks;
-  const uint32_t budget = threadgroup_float_budget(threads);
-  const uint32_t width = uint32_t(std::clamp<uint64_t>((budget - bm) / (bm + rank), 1, std::max<uint64_t>(reduce_dim, 1)));
+  // F's staged columns: whole 8-column steps, as many as the budget holds up to kLoraReduceTileColumns (fewer
+  // barriers per byte staged); at least one step (the budget of 32 threads holds 8 x 64 floats).
+  const uint32_t rank8 = round_up(uint32_t(rank), kSimdgroupMatrixSize);
+  const uint32_t width = std::max(kSimdgroupMatrixSize, std::min({kLoraReduceTileColumns,
+                                                                  round_down(threadgroup_float_budget(threads) / rank8, kSimdgroupMatrixSize),
+                                                                  round_up(uint32_t(std::max<uint64_t>(reduce_dim, 1)), kSimdgroupMatrixSize)}));
   LoraReducePlan plan;
   plan.params = LoraReduceParams{uint32_t(tokens), uint32_t(reduce_dim), uint32_t(rank), uint32_t(in_row_stride),
                                  scale, has_mask ? 1u : 0u, bm, width};
   plan.groups = ceil_div(tokens, bm);
   plan.threads = threads;
-  plan.threadgroup_bytes = uint32_t(sizeof(float)) * (bm * (width + 1) + width * uint32_t(rank));
+  plan.threadgroup_bytes = uint32_t(sizeof(float)) * width * rank8;
   return plan;
 }
 
@@ -106,13 +115,15 @@ inline std::vector<LoraExpandPlan> lora_expand_plans(const Pipeline& pipeline, u
     const uint32_t nr = std::min<uint32_t>(kLoraRanksPerThread, uint32_t(rank) - j0);
     const uint32_t tokens_per_group = uint32_t(std::min<uint64_t>(
         std::max<uint64_t>(tokens, 1), std::max<uint32_t>(kLoraReduceMinTokens, kLoraExpandTokensPerRank * nr)));
-    const uint32_t step = std::min(tokens_per_group, budget / nr);
+    const uint32_t nr8 = round_up(nr, kSimdgroupMatrixSize);
+    const uint32_t step = std::min(round_up(tokens_per_group, kSimdgroupMatrixSize),
+                                   round_down(budget / nr8, kSimdgroupMatrixSize));
     LoraExpandPlan plan;
     plan.params = LoraExpandParams{uint32_t(tokens), uint32_t(out_dim), uint32_t(rank), j0, nr, scale,
                                    has_mask ? 1u : 0u, columns, tokens_per_group, step};
     plan.groups = Size3{ceil_div(out_dim, columns), ceil_div(tokens, tokens_per_group), 1};
     plan.threads = columns;
-    plan.threadgroup_bytes = uint32_t(sizeof(float)) * step * nr;
+    plan.threadgroup_bytes = uint32_t(sizeof(float)) * step * nr8;
     plans.push_back(plan);
   }
   return plans;
