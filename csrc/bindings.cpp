@@ -79,6 +79,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("softmax_backward", &tmf::softmax_backward, release_gil());
   m.def("rms_norm_forward", &tmf::rms_norm_forward, release_gil());
   m.def("rms_norm_backward", &tmf::rms_norm_backward, release_gil());
+  m.def("rms_norm_add_forward", &tmf::rms_norm_add_forward, release_gil());
+  m.def("rms_norm_add_backward", &tmf::rms_norm_add_backward, release_gil());
   m.def("lora_forward", &tmf::lora_forward, release_gil());
   m.def("lora_backward", &tmf::lora_backward, release_gil());
   m.def("cross_entropy_rows", &tmf::cross_entropy_rows, release_gil());

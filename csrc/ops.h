@@ -21,6 +21,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const O
 std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight,
                                                    const at::Tensor& rstd, bool needs_dx, bool needs_dw,
                                                    double offset);
+// add_rms_norm: (y, h, rstd) with h = x + residual; backward (dx, dw), dx = RMSNorm's dx + dh (Metal: one fused
+// kernel each in csrc/mps/rms_norm.mm; CUDA: csrc/cuda/add_rms_norm.cu composes the add with the RMSNorm kernels).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_add_forward(const at::Tensor& x, const at::Tensor& residual,
+                                                                    const at::Tensor& weight, double eps,
+                                                                    double offset);
+std::tuple<at::Tensor, OptTensor> rms_norm_add_backward(const at::Tensor& dy, const at::Tensor& dh, const at::Tensor& h,
+                                                        const at::Tensor& weight, const at::Tensor& rstd,
+                                                        bool needs_dw, double offset);
 std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                                                 const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
                                                 const OptTensor& dropout_mask);

@@ -8,12 +8,17 @@
 //   as tmf::launch::plan_rows says).
 //   looped     (longer rows)  reads x twice (3 * sizeof(T) B per element).
 //   One dispatch per op call. *_noweight variants read no weight.
+//   rms_norm_add_forward_* (add_rms_norm): the row is h = x + residual, rounded to T as the unfused add rounds
+//   it, written to h and normalised in the same pass (reads x and residual, writes h and y: the minimum; looped
+//   re-reads h).
 // Backward: one dispatch of the dx kernel over `groups` (4 per GPU core, <= rows / 16) threadgroups, each walking rows
 //   group, group + groups, ...: g = dy * w, dx = rstd * (g - x * rstd² * mean(g * x)); with dw, each thread
 //   also accumulates dy * x * rstd for its columns (registers in single_row, its own slots of the partial
 //   row in looped) and writes one float32 partial row per group; a second dispatch
 //   (rms_norm_backward_dw_reduce) sums the partial rows. single_row reads x and dy once and writes dx once;
 //   looped reads them twice. Without dw there is no partial buffer and no second dispatch.
+//   rms_norm_add_backward_* (add_rms_norm): dx also adds the incoming gradient of h (the residual stream), read once;
+//   that sum is the gradient of both x and the residual.
 #include <metal_stdlib>
 #include "tmf/shader_args.h"
 #include "reduce.h"
@@ -39,13 +44,17 @@ inline void load_weight_elements(device const T* w, uint c0, uint cols, float of
 }
 
 // ---- forward ----------------------------------------------------------------------------------------
-template <typename T, bool HAS_WEIGHT>
+// ADD (add variants): the row is x + residual (buffer 5), written out to h (buffer 6, contiguous); without ADD both
+// are bound to x and neither is touched.
+template <typename T, bool HAS_WEIGHT, bool ADD>
 [[kernel]] void rms_norm_forward_simd_rows(
     device const T* x [[buffer(0)]],
     device const T* w [[buffer(1)]],
     device T* y [[buffer(2)]],
     device float* rstd [[buffer(3)]],
     constant tmf::RowParams& p [[buffer(4)]],
+    device const T* residual [[buffer(5)]],
+    device T* h [[buffer(6)]],
     uint group [[threadgroup_position_in_grid]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
@@ -64,6 +73,11 @@ template <typename T, bool HAS_WEIGHT>
   for (uint i = 0; i < SIMD_ROW_ELEMS; ++i) {
     const uint c = lane + i * 32;
     v[i] = c < p.cols ? float(xr[c]) : 0.0f;
+    if (ADD && c < p.cols) {
+      const T sum = static_cast<T>(v[i] + float(residual[ulong(row) * p.residual_row_stride + c]));
+      h[ulong(row) * p.cols + c] = sum;
+      v[i] = float(sum);
+    }
     ss += v[i] * v[i];
   }
   const float r = precise::rsqrt(simd_sum(ss) / float(p.cols) + p.eps);
@@ -79,13 +93,15 @@ template <typename T, bool HAS_WEIGHT>
   }
 }
 
-template <typename T, bool HAS_WEIGHT>
+template <typename T, bool HAS_WEIGHT, bool ADD>
 [[kernel]] void rms_norm_forward_single_row(
     device const T* x [[buffer(0)]],
     device const T* w [[buffer(1)]],
     device T* y [[buffer(2)]],
     device float* rstd [[buffer(3)]],
     constant tmf::RowParams& p [[buffer(4)]],
+    device const T* residual [[buffer(5)]],
+    device T* h [[buffer(6)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
@@ -101,6 +117,14 @@ template <typename T, bool HAS_WEIGHT>
   device T* yr = y + ulong(row) * p.cols;
   float v[READS];
   load_row_elements<READS>(xr, c0, p.cols, 0.0f, v);
+  if (ADD) {
+    float rv[READS];
+    load_row_elements<READS>(residual + ulong(row) * p.residual_row_stride, c0, p.cols, 0.0f, rv);
+    for (uint i = 0; i < READS; ++i) {
+      v[i] = float(static_cast<T>(v[i] + rv[i]));  // rounded as the unfused add rounds it
+    }
+    store_row_elements<READS>(h + ulong(row) * p.cols, c0, p.cols, v);
+  }
   float ss = 0.0f;
   for (uint i = 0; i < READS; ++i) {
     ss += v[i] * v[i];
@@ -116,13 +140,15 @@ template <typename T, bool HAS_WEIGHT>
   }
 }
 
-template <typename T, bool HAS_WEIGHT>
+template <typename T, bool HAS_WEIGHT, bool ADD>
 [[kernel]] void rms_norm_forward_looped(
     device const T* x [[buffer(0)]],
     device const T* w [[buffer(1)]],
     device T* y [[buffer(2)]],
     device float* rstd [[buffer(3)]],
     constant tmf::RowParams& p [[buffer(4)]],
+    device const T* residual [[buffer(5)]],
+    device T* h [[buffer(6)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
@@ -134,9 +160,15 @@ template <typename T, bool HAS_WEIGHT>
   for (uint row = group * p.rows_per_group; row < last; ++row) {  // uniform across the threadgroup
   device const T* xr = x + ulong(row) * p.x_row_stride;
   device T* yr = y + ulong(row) * p.cols;
+  device T* hr = h + ulong(row) * p.cols;
   float ss = 0.0f;
   for (uint c = tid; c < p.cols; c += threads) {
-    const float v = float(xr[c]);
+    float v = float(xr[c]);
+    if (ADD) {
+      const T sum = static_cast<T>(v + float(residual[ulong(row) * p.residual_row_stride + c]));
+      hr[c] = sum;  // re-read below by this same thread (same columns in both loops)
+      v = float(sum);
+    }
     ss += v * v;
   }
   const float r = precise::rsqrt(threadgroup_sum(ss, scratch, lane, simd_group, n_simd) / float(p.cols) + p.eps);
@@ -144,14 +176,16 @@ template <typename T, bool HAS_WEIGHT>
     rstd[row] = r;
   }
   for (uint c = tid; c < p.cols; c += threads) {
-    const float v = float(xr[c]) * r;
+    const float v = float(ADD ? hr[c] : xr[c]) * r;
     yr[c] = static_cast<T>(HAS_WEIGHT ? v * (float(w[c]) + p.weight_offset) : v);
   }
   }
 }
 
 // ---- backward ---------------------------------------------------------------------------------------
-template <typename T, bool DX, bool DW>
+// ADD (add variants): d_residual (buffer 7), the incoming gradient of h, is added to dx; bound to dy and unread
+// otherwise.
+template <typename T, bool DX, bool DW, bool ADD>
 [[kernel]] void rms_norm_backward_single_row(
     device const T* dy [[buffer(0)]],
     device const T* x [[buffer(1)]],
@@ -160,6 +194,7 @@ template <typename T, bool DX, bool DW>
     device T* dx [[buffer(4)]],
     device float* dw_partial [[buffer(5)]],
     constant tmf::RmsNormBackwardParams& p [[buffer(6)]],
+    device const T* d_residual [[buffer(7)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
@@ -200,6 +235,13 @@ template <typename T, bool DX, bool DW>
       for (uint i = 0; i < READS; ++i) {
         gv[i] = r * (gv[i] - xv[i] * coef);  // dx
       }
+      if (ADD) {
+        float rv[READS];
+        load_row_elements<READS>(d_residual + ulong(row) * p.d_residual_row_stride, c0, p.cols, 0.0f, rv);
+        for (uint i = 0; i < READS; ++i) {
+          gv[i] += rv[i];
+        }
+      }
       store_row_elements<READS>(dx + ulong(row) * p.cols, c0, p.cols, gv);
     }
   }
@@ -208,7 +250,7 @@ template <typename T, bool DX, bool DW>
   }
 }
 
-template <typename T, bool DX, bool DW>
+template <typename T, bool DX, bool DW, bool ADD>
 [[kernel]] void rms_norm_backward_looped(
     device const T* dy [[buffer(0)]],
     device const T* x [[buffer(1)]],
@@ -217,6 +259,7 @@ template <typename T, bool DX, bool DW>
     device T* dx [[buffer(4)]],
     device float* dw_partial [[buffer(5)]],
     constant tmf::RmsNormBackwardParams& p [[buffer(6)]],
+    device const T* d_residual [[buffer(7)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
@@ -253,7 +296,8 @@ template <typename T, bool DX, bool DW>
       }
       if (DX) {
         const float wc = p.has_weight != 0 ? float(w[c]) + p.weight_offset : 1.0f;
-        dxr[c] = static_cast<T>(r * (d * wc - xc * coef));
+        const float through = ADD ? float(d_residual[ulong(row) * p.d_residual_row_stride + c]) : 0.0f;
+        dxr[c] = static_cast<T>(r * (d * wc - xc * coef) + through);
       }
     }
   }
@@ -292,44 +336,65 @@ template <typename T>
 }
 
 // ---- instantiations ----------------------------------------------------------------------------------
-template [[host_name("rms_norm_forward_simd_rows_float")]] [[kernel]] decltype(rms_norm_forward_simd_rows<float, true>) rms_norm_forward_simd_rows<float, true>;
-template [[host_name("rms_norm_forward_simd_rows_half")]] [[kernel]] decltype(rms_norm_forward_simd_rows<half, true>) rms_norm_forward_simd_rows<half, true>;
-template [[host_name("rms_norm_forward_single_row_float")]] [[kernel]] decltype(rms_norm_forward_single_row<float, true>) rms_norm_forward_single_row<float, true>;
-template [[host_name("rms_norm_forward_single_row_half")]] [[kernel]] decltype(rms_norm_forward_single_row<half, true>) rms_norm_forward_single_row<half, true>;
-template [[host_name("rms_norm_forward_looped_float")]] [[kernel]] decltype(rms_norm_forward_looped<float, true>) rms_norm_forward_looped<float, true>;
-template [[host_name("rms_norm_forward_looped_half")]] [[kernel]] decltype(rms_norm_forward_looped<half, true>) rms_norm_forward_looped<half, true>;
-template [[host_name("rms_norm_forward_noweight_simd_rows_float")]] [[kernel]] decltype(rms_norm_forward_simd_rows<float, false>) rms_norm_forward_simd_rows<float, false>;
-template [[host_name("rms_norm_forward_noweight_simd_rows_half")]] [[kernel]] decltype(rms_norm_forward_simd_rows<half, false>) rms_norm_forward_simd_rows<half, false>;
-template [[host_name("rms_norm_forward_noweight_single_row_float")]] [[kernel]] decltype(rms_norm_forward_single_row<float, false>) rms_norm_forward_single_row<float, false>;
-template [[host_name("rms_norm_forward_noweight_single_row_half")]] [[kernel]] decltype(rms_norm_forward_single_row<half, false>) rms_norm_forward_single_row<half, false>;
-template [[host_name("rms_norm_forward_noweight_looped_float")]] [[kernel]] decltype(rms_norm_forward_looped<float, false>) rms_norm_forward_looped<float, false>;
-template [[host_name("rms_norm_forward_noweight_looped_half")]] [[kernel]] decltype(rms_norm_forward_looped<half, false>) rms_norm_forward_looped<half, false>;
-template [[host_name("rms_norm_backward_dx_dw_single_row_float")]] [[kernel]] decltype(rms_norm_backward_single_row<float, true, true>) rms_norm_backward_single_row<float, true, true>;
-template [[host_name("rms_norm_backward_dx_dw_single_row_half")]] [[kernel]] decltype(rms_norm_backward_single_row<half, true, true>) rms_norm_backward_single_row<half, true, true>;
-template [[host_name("rms_norm_backward_dx_single_row_float")]] [[kernel]] decltype(rms_norm_backward_single_row<float, true, false>) rms_norm_backward_single_row<float, true, false>;
-template [[host_name("rms_norm_backward_dx_single_row_half")]] [[kernel]] decltype(rms_norm_backward_single_row<half, true, false>) rms_norm_backward_single_row<half, true, false>;
-template [[host_name("rms_norm_backward_dw_single_row_float")]] [[kernel]] decltype(rms_norm_backward_single_row<float, false, true>) rms_norm_backward_single_row<float, false, true>;
-template [[host_name("rms_norm_backward_dw_single_row_half")]] [[kernel]] decltype(rms_norm_backward_single_row<half, false, true>) rms_norm_backward_single_row<half, false, true>;
-template [[host_name("rms_norm_backward_dx_dw_looped_float")]] [[kernel]] decltype(rms_norm_backward_looped<float, true, true>) rms_norm_backward_looped<float, true, true>;
-template [[host_name("rms_norm_backward_dx_dw_looped_half")]] [[kernel]] decltype(rms_norm_backward_looped<half, true, true>) rms_norm_backward_looped<half, true, true>;
-template [[host_name("rms_norm_backward_dx_looped_float")]] [[kernel]] decltype(rms_norm_backward_looped<float, true, false>) rms_norm_backward_looped<float, true, false>;
-template [[host_name("rms_norm_backward_dx_looped_half")]] [[kernel]] decltype(rms_norm_backward_looped<half, true, false>) rms_norm_backward_looped<half, true, false>;
-template [[host_name("rms_norm_backward_dw_looped_float")]] [[kernel]] decltype(rms_norm_backward_looped<float, false, true>) rms_norm_backward_looped<float, false, true>;
-template [[host_name("rms_norm_backward_dw_looped_half")]] [[kernel]] decltype(rms_norm_backward_looped<half, false, true>) rms_norm_backward_looped<half, false, true>;
+template [[host_name("rms_norm_forward_simd_rows_float")]] [[kernel]] decltype(rms_norm_forward_simd_rows<float, true, false>) rms_norm_forward_simd_rows<float, true, false>;
+template [[host_name("rms_norm_forward_simd_rows_half")]] [[kernel]] decltype(rms_norm_forward_simd_rows<half, true, false>) rms_norm_forward_simd_rows<half, true, false>;
+template [[host_name("rms_norm_forward_single_row_float")]] [[kernel]] decltype(rms_norm_forward_single_row<float, true, false>) rms_norm_forward_single_row<float, true, false>;
+template [[host_name("rms_norm_forward_single_row_half")]] [[kernel]] decltype(rms_norm_forward_single_row<half, true, false>) rms_norm_forward_single_row<half, true, false>;
+template [[host_name("rms_norm_forward_looped_float")]] [[kernel]] decltype(rms_norm_forward_looped<float, true, false>) rms_norm_forward_looped<float, true, false>;
+template [[host_name("rms_norm_forward_looped_half")]] [[kernel]] decltype(rms_norm_forward_looped<half, true, false>) rms_norm_forward_looped<half, true, false>;
+template [[host_name("rms_norm_forward_noweight_simd_rows_float")]] [[kernel]] decltype(rms_norm_forward_simd_rows<float, false, false>) rms_norm_forward_simd_rows<float, false, false>;
+template [[host_name("rms_norm_forward_noweight_simd_rows_half")]] [[kernel]] decltype(rms_norm_forward_simd_rows<half, false, false>) rms_norm_forward_simd_rows<half, false, false>;
+template [[host_name("rms_norm_forward_noweight_single_row_float")]] [[kernel]] decltype(rms_norm_forward_single_row<float, false, false>) rms_norm_forward_single_row<float, false, false>;
+template [[host_name("rms_norm_forward_noweight_single_row_half")]] [[kernel]] decltype(rms_norm_forward_single_row<half, false, false>) rms_norm_forward_single_row<half, false, false>;
+template [[host_name("rms_norm_forward_noweight_looped_float")]] [[kernel]] decltype(rms_norm_forward_looped<float, false, false>) rms_norm_forward_looped<float, false, false>;
+template [[host_name("rms_norm_forward_noweight_looped_half")]] [[kernel]] decltype(rms_norm_forward_looped<half, false, false>) rms_norm_forward_looped<half, false, false>;
+template [[host_name("rms_norm_backward_dx_dw_single_row_float")]] [[kernel]] decltype(rms_norm_backward_single_row<float, true, true, false>) rms_norm_backward_single_row<float, true, true, false>;
+template [[host_name("rms_norm_backward_dx_dw_single_row_half")]] [[kernel]] decltype(rms_norm_backward_single_row<half, true, true, false>) rms_norm_backward_single_row<half, true, true, false>;
+template [[host_name("rms_norm_backward_dx_single_row_float")]] [[kernel]] decltype(rms_norm_backward_single_row<float, true, false, false>) rms_norm_backward_single_row<float, true, false, false>;
+template [[host_name("rms_norm_backward_dx_single_row_half")]] [[kernel]] decltype(rms_norm_backward_single_row<half, true, false, false>) rms_norm_backward_single_row<half, true, false, false>;
+template [[host_name("rms_norm_backward_dw_single_row_float")]] [[kernel]] decltype(rms_norm_backward_single_row<float, false, true, false>) rms_norm_backward_single_row<float, false, true, false>;
+template [[host_name("rms_norm_backward_dw_single_row_half")]] [[kernel]] decltype(rms_norm_backward_single_row<half, false, true, false>) rms_norm_backward_single_row<half, false, true, false>;
+template [[host_name("rms_norm_backward_dx_dw_looped_float")]] [[kernel]] decltype(rms_norm_backward_looped<float, true, true, false>) rms_norm_backward_looped<float, true, true, false>;
+template [[host_name("rms_norm_backward_dx_dw_looped_half")]] [[kernel]] decltype(rms_norm_backward_looped<half, true, true, false>) rms_norm_backward_looped<half, true, true, false>;
+template [[host_name("rms_norm_backward_dx_looped_float")]] [[kernel]] decltype(rms_norm_backward_looped<float, true, false, false>) rms_norm_backward_looped<float, true, false, false>;
+template [[host_name("rms_norm_backward_dx_looped_half")]] [[kernel]] decltype(rms_norm_backward_looped<half, true, false, false>) rms_norm_backward_looped<half, true, false, false>;
+template [[host_name("rms_norm_backward_dw_looped_float")]] [[kernel]] decltype(rms_norm_backward_looped<float, false, true, false>) rms_norm_backward_looped<float, false, true, false>;
+template [[host_name("rms_norm_backward_dw_looped_half")]] [[kernel]] decltype(rms_norm_backward_looped<half, false, true, false>) rms_norm_backward_looped<half, false, true, false>;
 template [[host_name("rms_norm_backward_dw_reduce_columns_float")]] [[kernel]] decltype(rms_norm_backward_dw_reduce_columns<float>) rms_norm_backward_dw_reduce_columns<float>;
 template [[host_name("rms_norm_backward_dw_reduce_columns_half")]] [[kernel]] decltype(rms_norm_backward_dw_reduce_columns<half>) rms_norm_backward_dw_reduce_columns<half>;
+template [[host_name("rms_norm_add_forward_simd_rows_float")]] [[kernel]] decltype(rms_norm_forward_simd_rows<float, true, true>) rms_norm_forward_simd_rows<float, true, true>;
+template [[host_name("rms_norm_add_forward_single_row_float")]] [[kernel]] decltype(rms_norm_forward_single_row<float, true, true>) rms_norm_forward_single_row<float, true, true>;
+template [[host_name("rms_norm_add_forward_looped_float")]] [[kernel]] decltype(rms_norm_forward_looped<float, true, true>) rms_norm_forward_looped<float, true, true>;
+template [[host_name("rms_norm_add_backward_dx_dw_single_row_float")]] [[kernel]] decltype(rms_norm_backward_single_row<float, true, true, true>) rms_norm_backward_single_row<float, true, true, true>;
+template [[host_name("rms_norm_add_backward_dx_dw_looped_float")]] [[kernel]] decltype(rms_norm_backward_looped<float, true, true, true>) rms_norm_backward_looped<float, true, true, true>;
+template [[host_name("rms_norm_add_backward_dx_single_row_float")]] [[kernel]] decltype(rms_norm_backward_single_row<float, true, false, true>) rms_norm_backward_single_row<float, true, false, true>;
+template [[host_name("rms_norm_add_backward_dx_looped_float")]] [[kernel]] decltype(rms_norm_backward_looped<float, true, false, true>) rms_norm_backward_looped<float, true, false, true>;
+template [[host_name("rms_norm_add_forward_simd_rows_half")]] [[kernel]] decltype(rms_norm_forward_simd_rows<half, true, true>) rms_norm_forward_simd_rows<half, true, true>;
+template [[host_name("rms_norm_add_forward_single_row_half")]] [[kernel]] decltype(rms_norm_forward_single_row<half, true, true>) rms_norm_forward_single_row<half, true, true>;
+template [[host_name("rms_norm_add_forward_looped_half")]] [[kernel]] decltype(rms_norm_forward_looped<half, true, true>) rms_norm_forward_looped<half, true, true>;
+template [[host_name("rms_norm_add_backward_dx_dw_single_row_half")]] [[kernel]] decltype(rms_norm_backward_single_row<half, true, true, true>) rms_norm_backward_single_row<half, true, true, true>;
+template [[host_name("rms_norm_add_backward_dx_dw_looped_half")]] [[kernel]] decltype(rms_norm_backward_looped<half, true, true, true>) rms_norm_backward_looped<half, true, true, true>;
+template [[host_name("rms_norm_add_backward_dx_single_row_half")]] [[kernel]] decltype(rms_norm_backward_single_row<half, true, false, true>) rms_norm_backward_single_row<half, true, false, true>;
+template [[host_name("rms_norm_add_backward_dx_looped_half")]] [[kernel]] decltype(rms_norm_backward_looped<half, true, false, true>) rms_norm_backward_looped<half, true, false, true>;
 #if defined(__HAVE_BFLOAT__)
-template [[host_name("rms_norm_forward_simd_rows_bfloat")]] [[kernel]] decltype(rms_norm_forward_simd_rows<bfloat, true>) rms_norm_forward_simd_rows<bfloat, true>;
-template [[host_name("rms_norm_forward_single_row_bfloat")]] [[kernel]] decltype(rms_norm_forward_single_row<bfloat, true>) rms_norm_forward_single_row<bfloat, true>;
-template [[host_name("rms_norm_forward_looped_bfloat")]] [[kernel]] decltype(rms_norm_forward_looped<bfloat, true>) rms_norm_forward_looped<bfloat, true>;
-template [[host_name("rms_norm_forward_noweight_simd_rows_bfloat")]] [[kernel]] decltype(rms_norm_forward_simd_rows<bfloat, false>) rms_norm_forward_simd_rows<bfloat, false>;
-template [[host_name("rms_norm_forward_noweight_single_row_bfloat")]] [[kernel]] decltype(rms_norm_forward_single_row<bfloat, false>) rms_norm_forward_single_row<bfloat, false>;
-template [[host_name("rms_norm_forward_noweight_looped_bfloat")]] [[kernel]] decltype(rms_norm_forward_looped<bfloat, false>) rms_norm_forward_looped<bfloat, false>;
-template [[host_name("rms_norm_backward_dx_dw_single_row_bfloat")]] [[kernel]] decltype(rms_norm_backward_single_row<bfloat, true, true>) rms_norm_backward_single_row<bfloat, true, true>;
-template [[host_name("rms_norm_backward_dx_single_row_bfloat")]] [[kernel]] decltype(rms_norm_backward_single_row<bfloat, true, false>) rms_norm_backward_single_row<bfloat, true, false>;
-template [[host_name("rms_norm_backward_dw_single_row_bfloat")]] [[kernel]] decltype(rms_norm_backward_single_row<bfloat, false, true>) rms_norm_backward_single_row<bfloat, false, true>;
-template [[host_name("rms_norm_backward_dx_dw_looped_bfloat")]] [[kernel]] decltype(rms_norm_backward_looped<bfloat, true, true>) rms_norm_backward_looped<bfloat, true, true>;
-template [[host_name("rms_norm_backward_dx_looped_bfloat")]] [[kernel]] decltype(rms_norm_backward_looped<bfloat, true, false>) rms_norm_backward_looped<bfloat, true, false>;
-template [[host_name("rms_norm_backward_dw_looped_bfloat")]] [[kernel]] decltype(rms_norm_backward_looped<bfloat, false, true>) rms_norm_backward_looped<bfloat, false, true>;
+template [[host_name("rms_norm_forward_simd_rows_bfloat")]] [[kernel]] decltype(rms_norm_forward_simd_rows<bfloat, true, false>) rms_norm_forward_simd_rows<bfloat, true, false>;
+template [[host_name("rms_norm_forward_single_row_bfloat")]] [[kernel]] decltype(rms_norm_forward_single_row<bfloat, true, false>) rms_norm_forward_single_row<bfloat, true, false>;
+template [[host_name("rms_norm_forward_looped_bfloat")]] [[kernel]] decltype(rms_norm_forward_looped<bfloat, true, false>) rms_norm_forward_looped<bfloat, true, false>;
+template [[host_name("rms_norm_forward_noweight_simd_rows_bfloat")]] [[kernel]] decltype(rms_norm_forward_simd_rows<bfloat, false, false>) rms_norm_forward_simd_rows<bfloat, false, false>;
+template [[host_name("rms_norm_forward_noweight_single_row_bfloat")]] [[kernel]] decltype(rms_norm_forward_single_row<bfloat, false, false>) rms_norm_forward_single_row<bfloat, false, false>;
+template [[host_name("rms_norm_forward_noweight_looped_bfloat")]] [[kernel]] decltype(rms_norm_forward_looped<bfloat, false, false>) rms_norm_forward_looped<bfloat, false, false>;
+template [[host_name("rms_norm_backward_dx_dw_single_row_bfloat")]] [[kernel]] decltype(rms_norm_backward_single_row<bfloat, true, true, false>) rms_norm_backward_single_row<bfloat, true, true, false>;
+template [[host_name("rms_norm_backward_dx_single_row_bfloat")]] [[kernel]] decltype(rms_norm_backward_single_row<bfloat, true, false, false>) rms_norm_backward_single_row<bfloat, true, false, false>;
+template [[host_name("rms_norm_backward_dw_single_row_bfloat")]] [[kernel]] decltype(rms_norm_backward_single_row<bfloat, false, true, false>) rms_norm_backward_single_row<bfloat, false, true, false>;
+template [[host_name("rms_norm_backward_dx_dw_looped_bfloat")]] [[kernel]] decltype(rms_norm_backward_looped<bfloat, true, true, false>) rms_norm_backward_looped<bfloat, true, true, false>;
+template [[host_name("rms_norm_backward_dx_looped_bfloat")]] [[kernel]] decltype(rms_norm_backward_looped<bfloat, true, false, false>) rms_norm_backward_looped<bfloat, true, false, false>;
+template [[host_name("rms_norm_backward_dw_looped_bfloat")]] [[kernel]] decltype(rms_norm_backward_looped<bfloat, false, true, false>) rms_norm_backward_looped<bfloat, false, true, false>;
 template [[host_name("rms_norm_backward_dw_reduce_columns_bfloat")]] [[kernel]] decltype(rms_norm_backward_dw_reduce_columns<bfloat>) rms_norm_backward_dw_reduce_columns<bfloat>;
+template [[host_name("rms_norm_add_forward_simd_rows_bfloat")]] [[kernel]] decltype(rms_norm_forward_simd_rows<bfloat, true, true>) rms_norm_forward_simd_rows<bfloat, true, true>;
+template [[host_name("rms_norm_add_forward_single_row_bfloat")]] [[kernel]] decltype(rms_norm_forward_single_row<bfloat, true, true>) rms_norm_forward_single_row<bfloat, true, true>;
+template [[host_name("rms_norm_add_forward_looped_bfloat")]] [[kernel]] decltype(rms_norm_forward_looped<bfloat, true, true>) rms_norm_forward_looped<bfloat, true, true>;
+template [[host_name("rms_norm_add_backward_dx_dw_single_row_bfloat")]] [[kernel]] decltype(rms_norm_backward_single_row<bfloat, true, true, true>) rms_norm_backward_single_row<bfloat, true, true, true>;
+template [[host_name("rms_norm_add_backward_dx_dw_looped_bfloat")]] [[kernel]] decltype(rms_norm_backward_looped<bfloat, true, true, true>) rms_norm_backward_looped<bfloat, true, true, true>;
+template [[host_name("rms_norm_add_backward_dx_single_row_bfloat")]] [[kernel]] decltype(rms_norm_backward_single_row<bfloat, true, false, true>) rms_norm_backward_single_row<bfloat, true, false, true>;
+template [[host_name("rms_norm_add_backward_dx_looped_bfloat")]] [[kernel]] decltype(rms_norm_backward_looped<bfloat, true, false, true>) rms_norm_backward_looped<bfloat, true, false, true>;
 #endif

@@ -15,6 +15,7 @@ CONTRACT_FILES = frozenset(
         "test_cross_entropy.py",
         "test_glu.py",
         "test_rope.py",
+        "test_add_rms_norm.py",
         "test_edge_values.py",
         "test_emulator_kernels.py",
     }

@@ -391,6 +391,10 @@ def _drive_every_kernel():
         rq, rk = randn((2, 3, 5, 12), dtype, "cpu").requires_grad_(True), randn((2, 1, 5, 12), dtype, "cpu")
         cos, sin = randn((1, 5, 8), dtype, "cpu"), randn((1, 5, 8), dtype, "cpu", seed=1)
         rec += _record(lambda: sum(t.sum() for t in tmf.rope(rq, rk.requires_grad_(True), cos, sin)).backward())
+        for cols in (40, 1000, 9000):  # add_rms_norm: simd_rows, single_row, looped; with and without dw
+            ax, ar = randn((3, cols), dtype, "cpu").requires_grad_(True), randn((3, cols), dtype, "cpu")
+            for aw in (randn((cols,), dtype, "cpu").requires_grad_(True), randn((cols,), dtype, "cpu")):
+                rec += _record(lambda: sum(t.sum() for t in tmf.add_rms_norm(ax, ar, aw)).backward())
     return rec
 
 

@@ -96,6 +96,7 @@ def test_hf_layouts_and_strided_gradients(backend, dtype):
     assert q.storage_offset() == 3 and not q.is_contiguous()
     cos, sin = _tables(batch, seq, d, dtype, backend.device, False)
     _check(q, k, cos, sin, dtype, what="transposed projections")
+    _check(q, k.contiguous(), cos, sin, dtype, what="q transposed, k contiguous (different head strides)")
     gq = randn((batch, seq, heads, d), dtype, backend.device, seed=5).transpose(1, 2)
     gk = randn((batch, seq, kv, d), dtype, backend.device, seed=6).transpose(1, 2)
     _check(q, k, cos, sin, dtype, grads=(gq, gk), what="transposed gradients")

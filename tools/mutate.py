@@ -34,6 +34,7 @@ LORA = ("tests/test_lora_linear.py", "tests/test_edge_values.py::test_lora_dropo
 KERNELS = ("tests/test_emulator_kernels.py",)
 CROSS_ENTROPY = ("tests/test_cross_entropy.py",)
 GLU = ("tests/test_glu.py",)
+ROPE = ("tests/test_rope.py",)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def _m(name, path, find, replace, tests, why, **kw) -> Mutant:
 S, R, L, H = "shaders/softmax.metal", "shaders/rms_norm.metal", "shaders/lora_linear.metal", "shaders/reduce.h"
 CE = "shaders/cross_entropy.metal"
 GL = "shaders/glu.metal"
+RP = "shaders/rope.metal"
 MUTANTS: list[Mutant] = [
     # ---- softmax ----
     _m(
@@ -446,6 +448,74 @@ MUTANTS: list[Mutant] = [
         "  const uint32_t groups_per_row = 1;",
         GLU,
         "rows longer than one threadgroup's elements left partly unwritten",
+    ),
+    # ---- residual add + RMSNorm (rms_norm.metal's add variants) ----
+    _m(
+        "add_rms_norm_backward_drops_the_residual_gradient",
+        R,
+        "          gv[i] += rv[i];",
+        "          gv[i] += 0.0f;",
+        ("tests/test_add_rms_norm.py",),
+        "single_row backward: the residual stream's gradient not added to dx",
+        ci=True,
+    ),
+    _m(
+        "add_rms_norm_looped_backward_drops_the_residual_gradient",
+        R,
+        "const float through = ADD ? float(d_residual[ulong(row) * p.d_residual_row_stride + c]) : 0.0f;",
+        "const float through = 0.0f;",
+        ("tests/test_add_rms_norm.py",),
+        "looped backward (rows > 8192): the residual stream's gradient not added to dx",
+    ),
+    _m(
+        "add_rms_norm_residual_read_at_the_x_row_stride",
+        R,
+        "    load_row_elements<READS>(residual + ulong(row) * p.residual_row_stride, c0, p.cols, 0.0f, rv);",
+        "    load_row_elements<READS>(residual + ulong(row) * p.x_row_stride, c0, p.cols, 0.0f, rv);",
+        ("tests/test_add_rms_norm.py",),
+        "the residual's rows addressed with x's row stride",
+    ),
+    # ---- rotary embedding ----
+    _m(
+        "rope_backward_keeps_the_forward_sines",
+        RP,
+        "const float sin_for_a = p.backward != 0 ? -sin_b : sin_a;",
+        "const float sin_for_a = p.backward != 0 ? sin_a : sin_a;",
+        ROPE,
+        "backward rotates by the forward rotation instead of its transpose",
+        ci=True,
+    ),
+    _m(
+        "rope_interleaved_pairs_as_halves",
+        RP,
+        "const uint b = p.interleaved != 0 ? 2 * slot + 1 : slot + half_rotary;",
+        "const uint b = slot + half_rotary;",
+        ROPE,
+        "interleaved pairs (2i, 2i + 1) taken as rotate_half's (i, i + d/2)",
+    ),
+    _m(
+        "rope_k_walked_with_q_head_stride",
+        RP,
+        "rope_rotate_heads(k, k_base, p.k_head_stride,",
+        "rope_rotate_heads(k, k_base, p.q_head_stride,",
+        ROPE,
+        "k's heads addressed with q's head stride (GQA, transposed projections)",
+    ),
+    _m(
+        "rope_partial_rotary_copies_the_wrong_elements",
+        RP,
+        "const uint e = p.rotary_dim + (slot - half_rotary);",
+        "const uint e = slot;",
+        ROPE,
+        "partial rotary: the pass-through elements copied from the rotated part",
+    ),
+    _m(
+        "rope_launch_cos_per_sequence_when_shared",
+        "csrc/include/tmf/launch/rope.h",
+        "uint32_t(cos_batches == 1 ? 0 : seq * rotary_dim),",
+        "uint32_t(seq * rotary_dim),",
+        ROPE,
+        "cos/sin shared by the batch indexed as if per sequence",
     ),
     # ---- launch code shared with MPS (csrc/include/tmf) ----
     _m(

@@ -7,7 +7,7 @@ from torch_metal_fused._backend import BACKENDS, backend_for
 from torch_metal_fused.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from torch_metal_fused.ops.glu import GluFunction, geglu, glu, swiglu
 from torch_metal_fused.ops.lora_linear import LoRALinearFunction, lora_linear
-from torch_metal_fused.ops.rms_norm import RMSNormFunction, rms_norm
+from torch_metal_fused.ops.rms_norm import AddRMSNormFunction, RMSNormFunction, add_rms_norm, rms_norm
 from torch_metal_fused.ops.rope import RopeFunction, rope
 from torch_metal_fused.ops.softmax import SoftmaxFunction, softmax
 from torch_metal_fused.patch import PatchReport, patch_model, unpatch_model
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "AddRMSNormFunction",
     "GluFunction",
     "LoRALinearFunction",
     "PatchReport",
@@ -23,6 +24,7 @@ __all__ = [
     "RopeFunction",
     "SoftmaxFunction",
     "__version__",
+    "add_rms_norm",
     "backend_for",
     "cross_entropy",
     "geglu",

@@ -11,7 +11,7 @@ from torch_metal_fused._validation import check_dropout, check_eps
 from torch_metal_fused.ops.cross_entropy import linear_cross_entropy
 from torch_metal_fused.ops.glu import ACTIVATIONS, glu
 from torch_metal_fused.ops.lora_linear import lora_linear
-from torch_metal_fused.ops.rms_norm import rms_norm
+from torch_metal_fused.ops.rms_norm import add_rms_norm, rms_norm
 from torch_metal_fused.ops.softmax import softmax
 
 
@@ -216,4 +216,31 @@ class SwiGLUMLP(nn.Module):
         return f"activation={self.activation!r}"
 
 
-__all__ = ["LinearCrossEntropyLoss", "LoRALinear", "RMSNorm", "Softmax", "SwiGLUMLP"]
+class AddRMSNorm(nn.Module):
+    """`forward(x, residual) -> (rms_norm(x + residual), x + residual)`: a pre-norm decoder layer's residual add fused
+    with the RMSNorm after it (torch_metal_fused.add_rms_norm). One parameter, `weight`, as torch.nn.RMSNorm /
+    LlamaRMSNorm (initialised to ones; to zeros with `offset=1.0`, Gemma's `(1 + weight)`)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        offset: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        self.hidden_size, self.eps, self.offset = hidden_size, check_eps(eps), float(offset)
+        init = torch.zeros if offset == 1.0 else torch.ones
+        self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_rms_norm(x, residual, self.weight, self.eps, self.offset)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}, offset={self.offset}"
+
+
+__all__ = ["AddRMSNorm", "LinearCrossEntropyLoss", "LoRALinear", "RMSNorm", "Softmax", "SwiGLUMLP"]

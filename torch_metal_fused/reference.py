@@ -63,6 +63,36 @@ def rms_norm_backward(
     return dx, dw
 
 
+def rms_norm_add_forward(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, rstd): h = x + residual in x's dtype (as the unfused add rounds it), y = RMSNorm(h)."""
+    h = (x + residual).contiguous()
+    y, rstd = rms_norm_forward(h, weight, eps, offset)
+    return y, h, rstd
+
+
+def rms_norm_add_backward(
+    dy: torch.Tensor,
+    dh: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    needs_dw: bool,
+    offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dx, dw): dx = RMSNorm's dx (from dy, in float32) + dh, rounded once — the gradient of x and of the residual."""
+    ct = _compute_dtype(h.dtype)
+    hf, dyf, r = h.to(ct), dy.to(ct), rstd.to(ct).unsqueeze(-1)
+    g = dyf * (weight.to(ct) + offset)
+    dot = (g * hf).sum(-1, keepdim=True) / max(h.shape[-1], 1)
+    dx = (r * (g - hf * r.square() * dot) + dh.to(ct)).to(h.dtype).contiguous()
+    dw = (dyf * hf * r).flatten(0, -2).sum(0).to(weight.dtype) if needs_dw and h.ndim > 1 else None
+    if needs_dw and h.ndim == 1:
+        dw = (dyf * hf * r).to(weight.dtype)
+    return dx, dw
+
+
 def lora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,

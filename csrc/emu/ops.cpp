@@ -133,6 +133,27 @@ const char* tmf_emu_rms_norm_backward(int checking, uint32_t max_threads, int dt
   });
 }
 
+// add_rms_norm: h = x + residual written and normalised in one pass; backward adds h's incoming gradient to dx.
+const char* tmf_emu_rms_norm_add_forward(int checking, uint32_t max_threads, int dtype, TensorArg x, uint64_t x_stride,
+                                         TensorArg residual, uint64_t residual_stride, TensorArg weight, TensorArg y,
+                                         TensorArg h, TensorArg rstd, uint64_t rows, uint64_t cols, float eps,
+                                         float weight_offset) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::rms_norm_forward(enc, DType(dtype), buf(x), x_stride, buf(weight), buf(y), buf(rstd), rows, cols,
+                                  eps, weight_offset, buf(residual), residual_stride, buf(h));
+  });
+}
+
+const char* tmf_emu_rms_norm_add_backward(int checking, uint32_t max_threads, int dtype, TensorArg dy,
+                                          uint64_t dy_stride, TensorArg dh, uint64_t dh_stride, TensorArg h,
+                                          TensorArg weight, TensorArg rstd, TensorArg dx, TensorArg dw_partial,
+                                          TensorArg dw, uint64_t rows, uint64_t cols, float weight_offset) {
+  return run(checking, max_threads, [&](auto& enc) {
+    tmf::launch::rms_norm_backward(enc, DType(dtype), buf(dy), dy_stride, buf(h), cols, buf(weight), buf(rstd),
+                                   buf(dx), buf(dw_partial), buf(dw), rows, cols, weight_offset, buf(dh), dh_stride);
+  });
+}
+
 uint32_t tmf_emu_rms_norm_backward_groups(uint64_t rows) {
   return tmf::launch::rms_norm_backward_groups(rows, g_gpu_cores);
 }

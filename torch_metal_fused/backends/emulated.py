@@ -296,3 +296,60 @@ def rope_apply(q, k, cos, sin, interleaved: bool, backward: bool) -> tuple[torch
         int(backward),
     )
     return q_out, k_out
+
+
+def rms_norm_add_forward(x, residual, weight, eps: float, offset: float):
+    """shaders/rms_norm.metal, add variants: (y, h, rstd) with h = x + residual (contiguous) normalised in one pass."""
+    if x.shape[-1] == 0 or x.numel() == 0:
+        return reference.rms_norm_add_forward(x, residual, weight, eps, offset)
+    y, h = _output(x.shape, x.dtype), _output(x.shape, x.dtype)
+    rstd = _output(x.shape[:-1], torch.float32)
+    x2, r2 = _rows(x), _rows(residual)
+    _runner().launch(
+        "rms_norm_add_forward",
+        x.dtype,
+        x2,
+        _row_stride(x2),
+        r2,
+        _row_stride(r2),
+        weight.contiguous(),
+        y,
+        h,
+        rstd,
+        x2.shape[0],
+        x2.shape[1],
+        float(eps),
+        float(offset),
+    )
+    return y, h, rstd
+
+
+def rms_norm_add_backward(dy, dh, h, weight, rstd, needs_dw: bool, offset: float):
+    """(dx, dw): dx = RMSNorm's dx from dy plus dh (the gradient of both x and the residual)."""
+    cols = h.shape[-1]
+    if h.numel() == 0:
+        return reference.rms_norm_add_backward(dy, dh, h, weight, rstd, needs_dw, offset)
+    runner = _runner()
+    dx = _output(h.shape, h.dtype)
+    dw = _output((cols,), h.dtype) if needs_dw else None
+    dy2, dh2 = _rows(dy), _rows(dh)
+    rows = dy2.shape[0]
+    partial = _output((runner.rms_norm_backward_groups(rows), cols), torch.float32) if needs_dw else None
+    runner.launch(
+        "rms_norm_add_backward",
+        h.dtype,
+        dy2,
+        _row_stride(dy2),
+        dh2,
+        _row_stride(dh2),
+        h.contiguous(),
+        weight.contiguous(),
+        rstd.contiguous(),
+        dx,
+        partial,
+        dw,
+        rows,
+        cols,
+        float(offset),
+    )
+    return dx, dw

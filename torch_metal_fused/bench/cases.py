@@ -9,6 +9,10 @@ the unfused `F.cross_entropy(hidden @ weight.T, target)` ("torch") and Liger-Ker
 ("liger", CUDA). Its fused and Liger forward already compute the gradients of hidden and weight (both require grad),
 so their "forward" rows include that work and their "backward" rows only scale the saved gradients; compare
 forward_backward across providers.
+
+swiglu (tokens, intermediate), rope (batch, seq, q_heads, kv_heads, head_dim) and add_rms_norm (rows, hidden) compare
+the fused ops with the unfused formulas Hugging Face's models run ("torch"/"hf_eager") and Liger-Kernel's SwiGLU and
+RoPE ("liger", CUDA).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import torch
 import torch_metal_fused as tmf
 
 MODES = ("forward", "backward", "forward_backward")
-OPS = ("softmax", "rms_norm", "lora", "cross_entropy")
+OPS = ("softmax", "rms_norm", "lora", "cross_entropy", "swiglu", "rope", "add_rms_norm")
+# Ops whose inputs are a few same-shaped activations (no weights but RMSNorm's): prepared by _prepare_activation.
+ACTIVATION_OPS = ("swiglu", "rope", "add_rms_norm")
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,12 @@ def providers(op: str, device: torch.device) -> list[str]:
         "rms_norm": ["fused", "torch", "hf_eager"],
         "lora": ["fused", "eager", "matmul"],
         "cross_entropy": ["fused", "torch"],
+        "swiglu": ["fused", "torch"],
+        "rope": ["fused", "hf_eager"],
+        "add_rms_norm": ["fused", "torch", "hf_eager"],
     }[op]
-    if device.type == "cuda" and _has("liger_kernel") and op in ("softmax", "rms_norm", "cross_entropy"):
+    liger_ops = ("softmax", "rms_norm", "cross_entropy", "swiglu", "rope")
+    if device.type == "cuda" and _has("liger_kernel") and op in liger_ops:
         names.append("liger")
     if op == "lora" and _has("peft"):
         names.append("peft")
@@ -349,12 +359,139 @@ def lora_lowrank_min_bytes(case: Case) -> int:
     return per_mode[case.mode] * es
 
 
+# ---- SwiGLU, RoPE, residual add + RMSNorm ------------------------------------------------------------------------
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), -1)
+
+
+def _activation_fn(op: str, provider: str) -> Callable:
+    """provider -> fn(*inputs, *constants) returning the op's output (a tensor or a tuple of tensors)."""
+    if op == "swiglu":
+        if provider == "fused":
+            return tmf.swiglu
+        if provider == "torch":  # what LlamaMLP does: act_fn(gate) * up
+            return lambda g, u: torch.nn.functional.silu(g) * u
+        if provider == "liger":
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+            return LigerSiLUMulFunction.apply
+    if op == "rope":
+        if provider == "fused":
+            return tmf.rope
+        if provider == "hf_eager":  # transformers' apply_rotary_pos_emb
+
+            def hf(q, k, cos, sin):
+                c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+                return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+            return hf
+        if provider == "liger":
+            from liger_kernel.ops.rope import LigerRopeFunction
+
+            return LigerRopeFunction.apply
+    if op == "add_rms_norm":
+        if provider == "fused":
+            return lambda x, r, w: tmf.add_rms_norm(x, r, w, 1e-6)
+        if provider == "torch":
+
+            def unfused(x, r, w):
+                h = x + r
+                return torch.nn.functional.rms_norm(h, (h.shape[-1],), w, 1e-6), h
+
+            return unfused
+        if provider == "hf_eager":  # the decoder layer's `residual + hidden_states`, then LlamaRMSNorm
+            return lambda x, r, w: (_hf_rms_norm(x + r, w), x + r)
+    raise ValueError(f"unknown provider {provider} for {op}")
+
+
+def _activation_inputs(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, g):
+    """(make() -> (differentiable inputs, incoming gradients), constants appended to the call, min bytes per mode)."""
+    es = torch.finfo(dtype).bits // 8
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+
+    if op == "swiglu":
+        tokens, inter = shape
+
+        def make():
+            return (rnd(tokens, inter).requires_grad_(), rnd(tokens, inter).requires_grad_()), (rnd(tokens, inter),)
+
+        n = tokens * inter * es  # forward: gate, up in, out; backward: gate, up, dout in, two gradients out
+        return make, (), {"forward": 3 * n, "backward": 5 * n, "forward_backward": 8 * n}
+    if op == "rope":
+        batch, seq, heads, kv, d = shape
+        angles = torch.rand(1, seq, d // 2, generator=g) * 100
+        emb = torch.cat((angles, angles), -1)
+        cos, sin = emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+
+        def make():  # q and k as HF's attention makes them: (batch, seq, heads, d) projections, transposed
+            q = rnd(batch, seq, heads, d).transpose(1, 2).requires_grad_()
+            k = rnd(batch, seq, kv, d).transpose(1, 2).requires_grad_()
+            return (q, k), (rnd(batch, heads, seq, d), rnd(batch, kv, seq, d))
+
+        n = batch * seq * (heads + kv) * d * es  # q and k read, both written
+        cs = 2 * seq * d * es  # cos and sin, read once (shared by the batch)
+        return make, (cos, sin), {"forward": 2 * n + cs, "backward": 2 * n + cs, "forward_backward": 4 * n + 2 * cs}
+    rows, cols = shape  # add_rms_norm
+    w = (torch.rand(cols, generator=g) + 0.5).to(device=device, dtype=dtype).requires_grad_()
+
+    def make():
+        return (rnd(rows, cols).requires_grad_(), rnd(rows, cols).requires_grad_()), (rnd(rows, cols), rnd(rows, cols))
+
+    n = rows * cols * es  # forward: x, residual in, y, h out; backward: dy, dh, h in, dx out
+    return make, (w,), {"forward": 4 * n, "backward": 4 * n, "forward_backward": 8 * n}
+
+
+def _as_tuple(y) -> tuple:
+    return y if isinstance(y, tuple) else (y,)
+
+
+def _activation_grads(y, dys, inputs, retain_graph: bool = False) -> None:
+    wanted = [t for t in inputs if t.requires_grad]
+    torch.autograd.grad(_as_tuple(y), wanted, dys, retain_graph=retain_graph)
+
+
+def _prepare_activation(case: Case, provider: str, device: torch.device) -> Prepared:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    make, constants, bytes_per_mode = _activation_inputs(case.op, case.shape, case.dtype, device, g)
+    fn = _activation_fn(case.op, provider)
+    weights = [c for c in constants if c.requires_grad]
+    n = _n_sets(bytes_per_mode["forward_backward"] // 2)
+    sets = [make() for _ in range(n)]
+    nxt = _rotate(sets)
+    if case.mode == "forward":
+
+        def run():
+            inputs, _ = nxt()
+            return fn(*inputs, *constants)
+
+    elif case.mode == "backward":
+        outs = [(fn(*inputs, *constants), dys, inputs) for inputs, dys in sets]
+        nxt_out = _rotate(outs)
+
+        def run():
+            y, dys, inputs = nxt_out()
+            _activation_grads(y, dys, (*inputs, *weights), retain_graph=True)
+
+    else:
+
+        def run():
+            inputs, dys = nxt()
+            _activation_grads(fn(*inputs, *constants), dys, (*inputs, *weights))
+
+    return Prepared(run, bytes_per_mode[case.mode], 0, n)
+
+
 def min_bytes(case: Case) -> int:
     """The minimum bytes of the op's work (the timed cases' `Prepared.min_bytes`)."""
     if case.op == "lora":
         return _lora_min_bytes_flops(case)[0]
     if case.op == "cross_entropy":
         return _ce_min_bytes_flops(case)[0]
+    if case.op in ACTIVATION_OPS:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        return _activation_inputs(case.op, case.shape, case.dtype, torch.device("meta"), g)[2][case.mode]
     return _rows_min_bytes(case)
 
 
@@ -394,6 +531,15 @@ def training_step(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: t
             lambda: tmf.linear_cross_entropy(hidden, weight, target),
             lambda y: _grads(y, dy, hidden, weight, retain_graph=True),
         )
+    if op in ACTIVATION_OPS:
+        make, constants, _ = _activation_inputs(op, shape, dtype, device, g)
+        inputs, dys = make()
+        fn = _activation_fn(op, "fused")
+        weights = tuple(c for c in constants if c.requires_grad)
+        return TrainingStep(
+            lambda: fn(*inputs, *constants),
+            lambda y: _activation_grads(y, dys, (*inputs, *weights), retain_graph=True),
+        )
     rows, cols = shape
     fn = _row_op(Case(op, shape, dtype, "forward"), "fused")
     x, dy = rnd(rows, cols, grad=True), rnd(rows, cols)
@@ -408,6 +554,8 @@ def prepare(case: Case, provider: str, device: torch.device) -> Prepared:
         return _prepare_lora(case, provider, device)
     if case.op == "cross_entropy":
         return _prepare_ce(case, provider, device)
+    if case.op in ACTIVATION_OPS:
+        return _prepare_activation(case, provider, device)
     return _prepare_rows(case, provider, device)
 
 
@@ -417,6 +565,16 @@ SEED_SHAPES = {
     "rms_norm": [(128, 1024)],
     "lora": [(128, 512, 512, 8)],
     "cross_entropy": [(64, 64, 32000)],
+    "swiglu": [(128, 1024)],
+    "rope": [(1, 128, 8, 2, 64)],
+    "add_rms_norm": [(128, 1024)],
+}
+# MLP activations (tokens x intermediate: Llama-2-7B's 11008, Llama-3-8B's 14336), attention heads (batch, seq,
+# q heads, kv heads, head_dim: Llama-3-8B's 32/8 x 128), the residual stream (rows x hidden).
+LLM_ACTIVATIONS = {
+    "swiglu": [(4096, 11008), (8192, 14336)],
+    "rope": [(4, 4096, 32, 8, 128), (8, 2048, 32, 8, 128)],
+    "add_rms_norm": [(8192, 4096), (4096, 8192)],
 }
 LLM_ROWS = [(r, h) for r in (2048, 8192, 16384) for h in (1024, 4096, 8192)]
 LLM_LORA = [(4096, 4096, 4096, r) for r in (8, 16, 64)] + [(4096, 4096, 11008, r) for r in (8, 16, 64)]
@@ -427,6 +585,9 @@ QUICK_SHAPES = {
     "rms_norm": [(128, 1024), (1024, 4096)],
     "lora": [(128, 512, 512, 8), (512, 1024, 1024, 16)],
     "cross_entropy": [(64, 64, 32000)],
+    "swiglu": [(128, 1024), (1024, 4096)],
+    "rope": [(1, 128, 8, 2, 64)],
+    "add_rms_norm": [(128, 1024), (1024, 4096)],
 }
 # The CUDA issue's comparison shapes (rows x hidden; tokens, in, out, r).
 CUDA_ROWS = [(8192, 4096), (4096, 8192), (32768, 1024), (512, 512), (65536, 256)]
@@ -449,6 +610,9 @@ EMULATED_SHAPES = {
     "rms_norm": [(4096, 256), (1024, 4096), (512, 8192), (256, 16384)],
     "lora": [(128, 512, 512, 8), (512, 4096, 4096, 16)],
     "cross_entropy": [(8, 64, 32000), (8, 64, 128256)],
+    "swiglu": [(32, 11008)],
+    "rope": [(1, 64, 8, 2, 128)],
+    "add_rms_norm": [(256, 4096)],
 }
 SUITES = ("full", "quick", "cuda", "emulated")
 
@@ -460,5 +624,7 @@ def shapes(op: str, suite: str) -> list[tuple[int, ...]]:
         return EMULATED_SHAPES[op]
     if suite == "cuda":
         wide = CUDA_ROWS + CUDA_SOFTMAX_WIDE
+        if op in ACTIVATION_OPS:
+            return LLM_ACTIVATIONS[op]
         return {"lora": CUDA_LORA, "cross_entropy": CUDA_CE, "softmax": wide}.get(op, CUDA_ROWS)
-    return SEED_SHAPES[op] + {"lora": LLM_LORA, "cross_entropy": LLM_CE}.get(op, LLM_ROWS)
+    return SEED_SHAPES[op] + {"lora": LLM_LORA, "cross_entropy": LLM_CE, **LLM_ACTIVATIONS}.get(op, LLM_ROWS)

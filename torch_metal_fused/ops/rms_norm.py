@@ -5,6 +5,10 @@ so the backward reads x, dy and rstd once: dx = rstd * (g - x * rstd² * mean(g 
 and dw = sum over rows of dy * x * rstd (not computed at all when the weight needs no gradient).
 `offset=1` is Gemma's `(1 + weight)`.
 
+`add_rms_norm(x, residual, weight)` fuses the residual add in front of it (as every pre-norm decoder layer does):
+`h = x + residual` is written once and normalised in the same pass; backward adds h's incoming gradient (the residual
+stream) to dx in the same kernel, and that sum is the gradient of both x and the residual.
+
 Kernel launch code: Metal `csrc/mps/rms_norm.mm` + `csrc/include/tmf/launch/rms_norm.h`
 (shared with the Metal-on-CPU harness), shaders `shaders/rms_norm.metal`.
 """
@@ -82,6 +86,90 @@ class RMSNormFunction(torch.autograd.Function):
             return None, None, None, None
         dx, dw = call(rms_norm_backward, _rms_norm_backward_impl, dy, x, weight, rstd, needs_dx, needs_dw, ctx.offset)
         return empty_to_none(dx, needs_dx), empty_to_none(dw, needs_dw), None, None
+
+
+def _add_forward_impl(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, h, rstd), h = x + residual (contiguous)."""
+    return run_kernel("rms_norm_add_forward", x, residual, weight, eps, offset)
+
+
+add_rms_norm_forward = torch.library.custom_op(
+    "torch_metal_fused::add_rms_norm_forward", _add_forward_impl, mutates_args=()
+)
+
+
+@add_rms_norm_forward.register_fake
+def _(x, residual, weight, eps, offset):
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, torch.empty_like(y), x.new_empty(x.shape[:-1], dtype=_rstd_dtype(x))
+
+
+def _add_backward_impl(
+    dy: torch.Tensor,
+    dh: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    needs_dw: bool,
+    offset: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (dx, dw): dx is the gradient of both x and the residual; dw a 0-element tensor when not asked for."""
+    dx, dw = run_kernel("rms_norm_add_backward", dy, dh, h, weight, rstd, needs_dw, offset)
+    return dx, none_to_empty(dw, h)
+
+
+add_rms_norm_backward = torch.library.custom_op(
+    "torch_metal_fused::add_rms_norm_backward", _add_backward_impl, mutates_args=()
+)
+
+
+@add_rms_norm_backward.register_fake
+def _(dy, dh, h, weight, rstd, needs_dw, offset):
+    return torch.empty_like(h), torch.empty_like(weight) if needs_dw else h.new_empty(0)
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps: float, offset: float):
+        y, h, rstd = call(add_rms_norm_forward, _add_forward_impl, x, residual, weight, eps, offset)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.offset = offset
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        h, weight, rstd = ctx.saved_tensors
+        needs_dw = ctx.needs_input_grad[2]
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or needs_dw):
+            return None, None, None, None, None
+        dx, dw = call(add_rms_norm_backward, _add_backward_impl, dy, dh, h, weight, rstd, needs_dw, ctx.offset)
+        return dx, dx, empty_to_none(dw, needs_dw), None, None
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(rms_norm(x + residual, weight, eps, offset), x + residual)` in one kernel forward and one backward: the
+    residual add of a pre-norm decoder layer fused with the RMSNorm that follows it. Returns (normed, new_residual);
+    new_residual = x + residual in x's dtype (rounded as the unfused add rounds it). x and residual: the same shape
+    and dtype; weight (hidden,); `offset=1.0` for Gemma's `(1 + weight)`."""
+    check_tensor("x", x)
+    check_tensor("residual", residual)
+    check_tensor("weight", weight)
+    check_same_device_dtype("x", x, residual=residual, weight=weight)
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension (RMSNorm normalises the last one)")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"weight must have shape ({x.shape[-1]},) to match x's last dimension, got {tuple(weight.shape)}"
+        )
+    eps = check_eps(eps)
+    offset = check_finite_number("offset", offset)
+    return AddRMSNormFunction.apply(x, residual, weight, eps, offset)
 
 
 def rms_norm(

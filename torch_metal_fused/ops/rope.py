@@ -66,7 +66,8 @@ def _cos_sin_tables(
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("cos and sin get no gradient here: pass tensors that do not require grad (e.g. .detach())")
     if position_ids is not None:
-        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int32, torch.int64) or position_ids.ndim != 2:
+        integer = isinstance(position_ids, torch.Tensor) and position_ids.dtype in (torch.int32, torch.int64)
+        if not integer or position_ids.ndim != 2:
             raise TypeError(
                 f"position_ids must be an integer tensor (batch or 1, seq), got {position_ids.dtype} "
                 f"with shape {tuple(position_ids.shape)}"

@@ -38,6 +38,7 @@ struct RowParams {
   uint rows_per_group;  // rows handled by one threadgroup: rows [group * rows_per_group, +rows_per_group)
   float eps;            // RMSNorm
   float weight_offset;  // RMSNorm: y = x * rstd * (w + weight_offset) (Gemma's 1 + w)
+  uint residual_row_stride;  // RMSNorm add variants: the residual's row stride (h = x + residual, contiguous)
 };
 
 // RMSNorm backward: each of `groups` threadgroups walks rows group, group + groups, ... and writes one
@@ -50,6 +51,7 @@ struct RmsNormBackwardParams {
   uint groups;
   uint has_weight;
   float weight_offset;
+  uint d_residual_row_stride;  // add variants: the row stride of h's incoming gradient, added to dx
 };
 
 // LoRA reduce kernels (lora_forward_h, lora_backward_dh): h = scale · in·Fᵀ over `reduce_dim` columns, one

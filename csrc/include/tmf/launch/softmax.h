@@ -12,7 +12,7 @@ void softmax_forward(Encoder& enc, DType t, const DeviceBuffer& x, uint64_t x_ro
   if (rows == 0 || cols == 0) return;
   check_u32(rows, "rows"), check_u32(cols, "row length"), check_u32(x_row_stride, "row stride");
   RowPlan plan = plan_rows(enc, "softmax_forward", t, uint32_t(rows), uint32_t(cols));
-  RowParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), 0, plan.rows_per_group, 0.0f, 0.0f};
+  RowParams p{uint32_t(rows), uint32_t(cols), uint32_t(x_row_stride), 0, plan.rows_per_group, 0.0f, 0.0f, 0};
   enc.set_pipeline(plan.pipeline);
   enc.set_buffer(0, x);
   enc.set_buffer(1, y);
@@ -27,7 +27,7 @@ void softmax_backward(Encoder& enc, DType t, const DeviceBuffer& y, const Device
   if (rows == 0 || cols == 0) return;
   check_u32(rows, "rows"), check_u32(cols, "row length"), check_u32(dy_row_stride, "row stride");
   RowPlan plan = plan_rows(enc, "softmax_backward", t, uint32_t(rows), uint32_t(cols));
-  RowParams p{uint32_t(rows), uint32_t(cols), uint32_t(cols), uint32_t(dy_row_stride), plan.rows_per_group, 0.0f, 0.0f};
+  RowParams p{uint32_t(rows), uint32_t(cols), uint32_t(cols), uint32_t(dy_row_stride), plan.rows_per_group, 0.0f, 0.0f, 0};
   enc.set_pipeline(plan.pipeline);
   enc.set_buffer(0, y);
   enc.set_buffer(1, dy);

@@ -1,0 +1,153 @@
+"""tmf.add_rms_norm (residual add fused with RMSNorm) against float64: new_residual equals x + residual as the dtype
+rounds it, the normed output and every gradient (x, residual, weight) match float64 autograd through that rounded
+sum, in every dtype, every kernel variant (row widths), with Gemma's offset, strided layouts, a frozen weight, empty
+tensors and NaN/inf; the harness moves the minimum; the module; bad input raises a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DTYPES, make_layout, randn
+
+import torch_metal_fused as tmf
+from torch_metal_fused.testing import assert_matches
+
+# Row widths picking each variant: simd_rows (<= 256), single_row (<= 8192), looped (longer).
+WIDTHS = {1: 7, 33: 9, 256: 5, 1000: 4, 4097: 3, 8192: 2, 8193: 2}
+
+
+def _check(x, residual, weight, dtype, eps=1e-6, offset=0.0, grads=None, what=""):
+    x = x.detach().requires_grad_(True)
+    residual = residual.detach().requires_grad_(True)
+    weight = weight.detach().requires_grad_(True)
+    y, h = tmf.add_rms_norm(x, residual, weight, eps, offset)
+    assert torch.equal(h, x.detach() + residual.detach()), f"new_residual {what}"
+    if grads is None:
+        grads = (randn(y.shape, dtype, x.device, seed=7), randn(h.shape, dtype, x.device, seed=8))
+    dx, dres, dw = torch.autograd.grad((y, h), (x, residual, weight), grads)
+    # float64 through the rounded sum (the kernels normalise h as the dtype holds it)
+    h64 = h.detach().double().cpu().requires_grad_(True)
+    w64 = weight.detach().double().cpu().requires_grad_(True)
+    y64 = h64 * torch.rsqrt(h64.square().mean(-1, keepdim=True) + eps) * (w64 + offset)
+    dh64, dw64 = torch.autograd.grad((y64, h64), (h64, w64), tuple(g.double().cpu() for g in grads))
+    assert_matches(y, y64, dtype, f"add_rms_norm y {what}")
+    assert_matches(dx, dh64, dtype, f"add_rms_norm dx {what}")
+    assert_matches(dres, dh64, dtype, f"add_rms_norm dresidual {what}")
+    assert_matches(dw, dw64, dtype, f"add_rms_norm dw {what}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", list(WIDTHS))
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
+def test_contract(backend, dtype, cols, offset):
+    rows = WIDTHS[cols]
+    x = randn((rows, cols), dtype, backend.device, scale=2.0)
+    residual = randn((rows, cols), dtype, backend.device, seed=1, scale=3.0)
+    weight = randn((cols,), dtype, backend.device, seed=2)
+    _check(x, residual, weight, dtype, offset=offset, what=f"{cols} wide")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["offset_view", "strided_rows", "transposed"])
+def test_layouts(backend, dtype, layout):
+    """x, residual and the incoming gradients each in a non-contiguous layout, 3-D (batch, seq, hidden)."""
+    shape = (2, 3, 300)
+    x = make_layout(shape, dtype, backend.device, layout, scale=2.0)
+    residual = make_layout(shape, dtype, backend.device, layout, seed=1)
+    weight = randn((300,), dtype, backend.device, seed=2)
+    gy = make_layout(shape, dtype, backend.device, layout, seed=3)
+    gh = make_layout(shape, dtype, backend.device, layout, seed=4)
+    _check(x, residual, weight, dtype, grads=(gy, gh), what=layout)
+    _check(x.contiguous(), residual, weight, dtype, grads=(gy.contiguous(), gh), what=f"only residual, dh {layout}")
+
+
+def test_frozen_weight_and_one_output_used(backend):
+    x = randn((4, 64), torch.float32, backend.device).requires_grad_(True)
+    residual = randn((4, 64), torch.float32, backend.device, seed=1).requires_grad_(True)
+    weight = randn((64,), torch.float32, backend.device, seed=2)  # frozen
+    y, _ = tmf.add_rms_norm(x, residual, weight)
+    (dx, dres) = torch.autograd.grad(y.square().sum(), (x, residual))  # h unused: its gradient is zero
+    h64 = (x + residual).detach().double().cpu().requires_grad_(True)
+    y64 = h64 * torch.rsqrt(h64.square().mean(-1, keepdim=True) + 1e-6) * weight.double().cpu()
+    (ref,) = torch.autograd.grad(y64.square().sum(), h64)
+    assert_matches(dx, ref, torch.float32, "dx, normed output only")
+    assert_matches(dres, ref, torch.float32, "dresidual, normed output only")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_in_the_residual_stream(backend, dtype):
+    x = randn((4, 300), dtype, backend.device)
+    residual = randn((4, 300), dtype, backend.device, seed=1)
+    residual[1, 7] = float("nan")
+    residual[2, 0] = float("inf")
+    y, h = tmf.add_rms_norm(x, residual, randn((300,), dtype, backend.device, seed=2))
+    assert torch.isnan(h[1, 7]) and torch.isinf(h[2, 0])
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[3]).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0), (2, 0, 4)])
+def test_empty(backend, shape):
+    x = torch.randn(shape, device=backend.device, requires_grad=True)
+    residual = torch.randn(shape, device=backend.device, requires_grad=True)
+    weight = torch.randn(shape[-1], device=backend.device, requires_grad=True)
+    y, h = tmf.add_rms_norm(x, residual, weight)
+    assert y.shape == h.shape == x.shape
+    (y.sum() + h.sum()).backward()
+    assert x.grad.shape == x.shape and weight.grad.shape == weight.shape
+
+
+def test_module_matches_the_unfused_layers(backend):
+    norm = tmf.nn.AddRMSNorm(48, eps=1e-5).to(backend.device)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x, residual = randn((3, 48), torch.float32, backend.device), randn((3, 48), torch.float32, backend.device, seed=1)
+    y, h = norm(x, residual)
+    torch.testing.assert_close(h, x + residual)
+    torch.testing.assert_close(y, tmf.rms_norm(x + residual, norm.weight, 1e-5))
+    assert set(norm.state_dict()) == {"weight"}  # as torch.nn.RMSNorm / LlamaRMSNorm
+    gemma = tmf.nn.AddRMSNorm(48, offset=1.0)
+    assert torch.equal(gemma.weight, torch.zeros(48))  # Gemma's weights start at zero: (1 + w) = 1
+
+
+def test_bad_input_is_a_clear_error():
+    x, r, w = torch.randn(4, 8), torch.randn(4, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        tmf.add_rms_norm(x, torch.randn(4, 9), w)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        tmf.add_rms_norm(x, r, torch.randn(9))
+    with pytest.raises(TypeError, match="residual"):
+        tmf.add_rms_norm(x, r.double(), w)
+    with pytest.raises(ValueError, match="eps"):
+        tmf.add_rms_norm(x, r, w, eps=-1.0)
+    with pytest.raises(TypeError, match="weight"):
+        tmf.add_rms_norm(x, r, None)
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_harness_moves_the_minimum(monkeypatch, dtype):
+    """Forward: x and residual read once, h and y written once (the weight once per row walker); backward: dy, dh
+    and h read once, dx written once — against the unfused add + RMSNorm's extra write and read of h, and the
+    extra read-add-write of the gradients."""
+    from torch_metal_fused.emulator import runner
+    from torch_metal_fused.ops.rms_norm import _add_backward_impl
+
+    monkeypatch.setenv("TORCH_METAL_FUSED_BACKEND", "metal-emulated")
+    rows, cols = 64, 1024
+    x, residual = randn((rows, cols), dtype, "cpu"), randn((rows, cols), dtype, "cpu", seed=1)
+    weight = randn((cols,), dtype, "cpu", seed=2)
+    n = rows * cols * x.element_size()
+    with runner.record() as fwd:
+        _, h = tmf.add_rms_norm(x, residual, weight)
+    (f,) = fwd
+    assert f.kernel.startswith("rms_norm_add_forward_single_row")
+    assert f.traffic[0] == (n, 0) and f.traffic[5] == (n, 0)  # x, residual
+    assert f.traffic[2] == (0, n) and f.traffic[6] == (0, n)  # y, h
+    rstd = torch.rsqrt(h.float().square().mean(-1) + 1e-6)
+    dy, dh = randn((rows, cols), dtype, "cpu", seed=3), randn((rows, cols), dtype, "cpu", seed=4)
+    with runner.record() as bwd:
+        _add_backward_impl(dy, dh, h, weight, rstd, False, 0.0)
+    (b,) = bwd
+    assert b.kernel.startswith("rms_norm_add_backward_dx_single_row")
+    assert b.traffic[0] == (n, 0) and b.traffic[1] == (n, 0) and b.traffic[7] == (n, 0)  # dy, h, dh
+    assert b.traffic[4] == (0, n)  # dx
