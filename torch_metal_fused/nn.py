@@ -15,6 +15,11 @@ from torch_metal_fused.ops.rms_norm import add_rms_norm, rms_norm
 from torch_metal_fused.ops.softmax import softmax
 
 
+def _check_hidden_size(hidden_size: object) -> None:
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+        raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dimension. State-dict compatible with `torch.nn.RMSNorm` and Hugging Face
     `LlamaRMSNorm` (one parameter, `weight`, initialised to ones)."""
@@ -28,8 +33,7 @@ class RMSNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        _check_hidden_size(hidden_size)
         self.hidden_size = hidden_size
         self.eps = check_eps(eps)
         self.elementwise_affine = elementwise_affine
@@ -230,8 +234,7 @@ class AddRMSNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        _check_hidden_size(hidden_size)
         self.hidden_size, self.eps, self.offset = hidden_size, check_eps(eps), float(offset)
         init = torch.zeros if offset == 1.0 else torch.ones
         self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))

@@ -106,6 +106,15 @@ def _install(module: nn.Module, fused_forward) -> None:
     module.forward = types.MethodType(fused_forward, module)
 
 
+def _install_or_report(report: PatchReport, name: str, module: nn.Module, fused_forward, what: str) -> None:
+    """Install `fused_forward` (what: what was patched), or, where it is None, report why not (what: the reason)."""
+    if fused_forward is None:
+        report.skipped.append((name, what))
+    else:
+        _install(module, fused_forward)
+        report.patched.append((name, what))
+
+
 # ---- RMSNorm ------------------------------------------------------------------------------------------
 def _torch_rms_norm_forward(self: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
@@ -433,20 +442,10 @@ def patch_model(
             report.patched.append((name, "nn.Softmax"))
             continue
         if swiglu and type(module).__name__ in HF_GATED_MLP:
-            fwd, what = _gated_mlp_patch(module)
-            if fwd is None:
-                report.skipped.append((name, what))
-            else:
-                _install(module, fwd)
-                report.patched.append((name, what))
+            _install_or_report(report, name, module, *_gated_mlp_patch(module))
             continue
         if rope and type(module).__name__ in HF_ROPE_ATTENTION:
-            fwd, what = _rope_patch(module)
-            if fwd is None:
-                report.skipped.append((name, what))
-            else:
-                _install(module, fwd)
-                report.patched.append((name, what))
+            _install_or_report(report, name, module, *_rope_patch(module))
             continue
         if cross_entropy and type(module).__name__.endswith("ForCausalLM"):
             problem = _causal_lm_static_problem(module)
