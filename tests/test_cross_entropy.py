@@ -4,6 +4,8 @@ never allocates tokens x vocabulary; bad input raises a clear error."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from helpers import DTYPES, randn
@@ -157,9 +159,12 @@ def test_leading_dimensions_and_the_module(backend):
 class _Allocations(TorchDispatchMode):
     """The shapes of every new tensor (not a view) an op returns inside the block."""
 
-    def __init__(self) -> None:
+    def __init__(self, vocab: int = 0) -> None:
         super().__init__()
         self.shapes: list[tuple[int, ...]] = []
+        self.vocab = vocab
+        self.live_gemm_logit_rows = 0  # rows of (rows, vocab) GEMM outputs (chunks of logits) not yet freed
+        self.peak_gemm_logit_rows = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -168,7 +173,18 @@ class _Allocations(TorchDispatchMode):
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.shapes.append(tuple(t.shape))
+                if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and t.shape[-1] == self.vocab:
+                    self._track(t)
         return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        rows = t.shape[0]
+        self.live_gemm_logit_rows += rows
+        self.peak_gemm_logit_rows = max(self.peak_gemm_logit_rows, self.live_gemm_logit_rows)
+        weakref.finalize(t, self._freed, rows)
+
+    def _freed(self, rows: int) -> None:
+        self.live_gemm_logit_rows -= rows
 
     def most_logit_rows(self, vocab: int) -> int:
         """The most rows of any (rows, vocab) tensor: logits, their float32 temporaries and gradient."""
@@ -182,10 +198,12 @@ def test_linear_cross_entropy_never_allocates_the_full_logits(reduction):
     h = torch.randn(tokens, hidden, requires_grad=True)
     w = torch.randn(vocab, hidden, requires_grad=True)
     t = torch.randint(0, vocab, (tokens,))
-    with _Allocations() as fused:
+    with _Allocations(vocab) as fused:
         loss = tmf.linear_cross_entropy(h, w, t, reduction=reduction, chunk_size=chunk)
         loss.sum().backward()
     assert fused.most_logit_rows(vocab) == chunk
+    # one chunk of logits alive at a time: each is freed before the next chunk's GEMM (the peak memory)
+    assert fused.peak_gemm_logit_rows == chunk
     assert max(torch.Size(s).numel() for s in fused.shapes) <= vocab * hidden  # nothing beyond dweight's size
     with _Allocations() as unfused:
         F.cross_entropy(h @ w.t(), t).backward()

@@ -96,14 +96,16 @@ def _linear_impl(
         loss[start:end], g = run_kernel(
             "cross_entropy_rows", logits, target[start:end], ignore_index, label_smoothing, softcap, scale, True
         )
-        if g is None:
-            continue
-        if needs_dh:
-            torch.mm(g, weight, out=dh[start:end])
-        if needs_dw:
-            dw.addmm_(g.t(), h)
-        if needs_db:
-            db += g.sum(0, dtype=db.dtype)
+        if g is not None:
+            if needs_dh:
+                torch.mm(g, weight, out=dh[start:end])
+            if needs_dw:
+                dw.addmm_(g.t(), h)
+            if needs_db:
+                db += g.sum(0, dtype=db.dtype)
+        # Free this chunk before the next one's GEMM allocates its logits: otherwise `logits = linear(...)` keeps the
+        # old chunk alive while it builds the new one, two chunks at the peak.
+        del logits, g
     return loss, dh, dw, db.to(hidden.dtype) if grads_wanted and needs_db else hidden.new_empty(0)
 
 
