@@ -134,7 +134,7 @@ def test_the_planted_real_kernel_slip_surfaces_through_the_build(tmp_path):
     # the bfloat one. generate() is the build's first step (compile_libraries, ensure_built, lint_address_spaces).
     good = (
         'template [[host_name("rms_norm_forward_single_row_bfloat")]] [[kernel]] '
-        "decltype(rms_norm_forward_single_row<bfloat, true>) rms_norm_forward_single_row<bfloat, true>;"
+        "decltype(rms_norm_forward_single_row<bfloat, true, false>) rms_norm_forward_single_row<bfloat, true, false>;"
     )
     text = (SHADERS / "rms_norm.metal").read_text()
     assert text.count(good) == 1

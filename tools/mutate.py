@@ -259,9 +259,10 @@ MUTANTS: list[Mutant] = [
         "rms_norm_noweight_bfloat_instantiation_slip",
         R,
         'template [[host_name("rms_norm_forward_noweight_single_row_bfloat")]] [[kernel]] '
-        "decltype(rms_norm_forward_single_row<bfloat, false>) rms_norm_forward_single_row<bfloat, false>;",
+        "decltype(rms_norm_forward_single_row<bfloat, false, false>) "
+        "rms_norm_forward_single_row<bfloat, false, false>;",
         'template [[host_name("rms_norm_forward_noweight_single_row_bfloat")]] [[kernel]] '
-        "decltype(rms_norm_forward_single_row<bfloat, true>) rms_norm_forward_single_row<bfloat, true>;",
+        "decltype(rms_norm_forward_single_row<bfloat, true, false>) rms_norm_forward_single_row<bfloat, true, false>;",
         RMS_NORM,
         "the weight variant bound to the no-weight host name (bfloat16 only)",
         ci=True,
@@ -269,8 +270,8 @@ MUTANTS: list[Mutant] = [
     _m(
         "rms_norm_half_stats_in_half",
         R,
-        "    v[i] = c < p.cols ? float(xr[c]) : 0.0f;\n    ss += v[i] * v[i];",
-        "    v[i] = c < p.cols ? float(xr[c]) : 0.0f;\n    ss += float(T(v[i] * v[i]));",
+        "      v[i] = float(sum);\n    }\n    ss += v[i] * v[i];",
+        "      v[i] = float(sum);\n    }\n    ss += float(T(v[i] * v[i]));",
         RMS_NORM,
         "x² rounded to the input dtype: overflows float16 for large inputs",
     ),
