@@ -16,15 +16,16 @@ from torch_metal_fused.testing import assert_matches
 WIDTHS = {1: 7, 33: 9, 256: 5, 1000: 4, 4097: 3, 8192: 2, 8193: 2}
 
 
-def _check(x, residual, weight, dtype, eps=1e-6, offset=0.0, grads=None, what=""):
+def _check(x, residual, weight, dtype, eps=1e-6, offset=0.0, grads=None, what="", frozen_weight=False):
     x = x.detach().requires_grad_(True)
     residual = residual.detach().requires_grad_(True)
-    weight = weight.detach().requires_grad_(True)
+    weight = weight.detach().requires_grad_(not frozen_weight)
     y, h = tmf.add_rms_norm(x, residual, weight, eps, offset)
     assert torch.equal(h, x.detach() + residual.detach()), f"new_residual {what}"
     if grads is None:
         grads = (randn(y.shape, dtype, x.device, seed=7), randn(h.shape, dtype, x.device, seed=8))
-    dx, dres, dw = torch.autograd.grad((y, h), (x, residual, weight), grads)
+    wanted = (x, residual) if frozen_weight else (x, residual, weight)
+    dx, dres, *dw = torch.autograd.grad((y, h), wanted, grads)
     # float64 through the rounded sum (the kernels normalise h as the dtype holds it)
     h64 = h.detach().double().cpu().requires_grad_(True)
     w64 = weight.detach().double().cpu().requires_grad_(True)
@@ -33,7 +34,8 @@ def _check(x, residual, weight, dtype, eps=1e-6, offset=0.0, grads=None, what=""
     assert_matches(y, y64, dtype, f"add_rms_norm y {what}")
     assert_matches(dx, dh64, dtype, f"add_rms_norm dx {what}")
     assert_matches(dres, dh64, dtype, f"add_rms_norm dresidual {what}")
-    assert_matches(dw, dw64, dtype, f"add_rms_norm dw {what}")
+    if not frozen_weight:
+        assert_matches(dw[0], dw64, dtype, f"add_rms_norm dw {what}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -45,6 +47,15 @@ def test_contract(backend, dtype, cols, offset):
     residual = randn((rows, cols), dtype, backend.device, seed=1, scale=3.0)
     weight = randn((cols,), dtype, backend.device, seed=2)
     _check(x, residual, weight, dtype, offset=offset, what=f"{cols} wide")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", [33, 1000, 8193])
+def test_frozen_weight(backend, dtype, cols):
+    """A weight without gradient (LoRA training): the dx-only kernels of every variant, no dw work."""
+    x = randn((3, cols), dtype, backend.device, scale=2.0)
+    residual = randn((3, cols), dtype, backend.device, seed=1)
+    _check(x, residual, randn((cols,), dtype, backend.device, seed=2), dtype, frozen_weight=True, what="frozen")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
