@@ -599,7 +599,7 @@ CUDA_CE = [*LLM_CE, (16384, 4096, 128256)]
 
 
 # The emulated report's default (the harness runs a kernel at about a microsecond per element and pass on a CPU
-# core: ~25 s for these on 2 cores). Row widths from 256 to beyond the widest row a threadgroup caches in registers,
+# core: ~40 s for these on 2 cores). Row widths from 256 to beyond the widest row a threadgroup caches in registers,
 # so each launch variant of the row kernels is counted (simd_rows, single_row, looped: csrc/include/tmf/launch/
 # common.h): LLM hidden sizes 4096, 8192 and 16384 (RMSNorm) and vocabulary-sized logits (softmax, 32768). LoRA: a
 # small adapter and a 4096 x 4096 projection at rank 16 with 512 tokens (with 1024 tokens or more, and more tokens
