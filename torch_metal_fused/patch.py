@@ -340,14 +340,22 @@ def _causal_lm_static_problem(module: nn.Module) -> str | None:
     return None
 
 
+def _causal_lm_patch(module: nn.Module):
+    problem = _causal_lm_static_problem(module)
+    if problem:
+        return None, f"loss not patched: {problem}"
+    return _causal_lm_forward, f"{type(module).__name__} loss (linear cross-entropy)"
+
+
 def _causal_lm_forward(self: nn.Module, *args, **kwargs):
     original = getattr(self, _ORIGINAL)
+    signature = inspect.signature(original)
     try:
-        bound = inspect.signature(original).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError:
         return original(*args, **kwargs)  # let the original raise its own error
     given = dict(bound.arguments)
-    for name, param in inspect.signature(original).parameters.items():
+    for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             given.update(given.pop(name, {}))
     labels = given.pop("labels", None)
@@ -448,12 +456,7 @@ def patch_model(
             _install_or_report(report, name, module, *_rope_patch(module))
             continue
         if cross_entropy and type(module).__name__.endswith("ForCausalLM"):
-            problem = _causal_lm_static_problem(module)
-            if problem:
-                report.skipped.append((name, f"loss not patched: {problem}"))
-            else:
-                _install(module, _causal_lm_forward)
-                report.patched.append((name, f"{type(module).__name__} loss (linear cross-entropy)"))
+            _install_or_report(report, name, module, *_causal_lm_patch(module))
     return report
 
 

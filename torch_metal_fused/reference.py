@@ -41,6 +41,31 @@ def rms_norm_forward(
     return y.to(x.dtype), rstd
 
 
+def _rms_norm_grads(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    needs_dx: bool,
+    needs_dw: bool,
+    offset: float,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """RMSNorm's dx and dw in the compute dtype (unrounded), shared by rms_norm_backward and rms_norm_add_backward."""
+    ct = _compute_dtype(x.dtype)
+    xf, dyf, r = x.to(ct), dy.to(ct), rstd.to(ct).unsqueeze(-1)
+    g = dyf * (weight.to(ct) + offset) if weight is not None else dyf
+    dx = dw = None
+    if needs_dx:
+        n = max(x.shape[-1], 1)
+        dot = (g * xf).sum(-1, keepdim=True) / n
+        dx = r * (g - xf * r.square() * dot)
+    if needs_dw and weight is not None:
+        per_row = dyf * xf * r
+        cols = x.shape[-1]
+        dw = per_row.reshape(-1, cols).sum(0) if cols else per_row.new_zeros(0)
+    return dx, dw
+
+
 def rms_norm_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -50,17 +75,8 @@ def rms_norm_backward(
     needs_dw: bool,
     offset: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    ct = _compute_dtype(x.dtype)
-    xf, dyf, r = x.to(ct), dy.to(ct), rstd.to(ct).unsqueeze(-1)
-    g = dyf * (weight.to(ct) + offset) if weight is not None else dyf
-    dx = dw = None
-    if needs_dx:
-        n = max(x.shape[-1], 1)
-        dot = (g * xf).sum(-1, keepdim=True) / n
-        dx = (r * (g - xf * r.square() * dot)).to(x.dtype)
-    if needs_dw and weight is not None:
-        dw = (dyf * xf * r).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-    return dx, dw
+    dx, dw = _rms_norm_grads(dy, x, weight, rstd, needs_dx, needs_dw, offset)
+    return (dx.to(x.dtype) if dx is not None else None), (dw.to(weight.dtype) if dw is not None else None)
 
 
 def rms_norm_add_forward(
@@ -82,15 +98,9 @@ def rms_norm_add_backward(
     offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dx, dw): dx = RMSNorm's dx (from dy, in float32) + dh, rounded once — the gradient of x and of the residual."""
-    ct = _compute_dtype(h.dtype)
-    hf, dyf, r = h.to(ct), dy.to(ct), rstd.to(ct).unsqueeze(-1)
-    g = dyf * (weight.to(ct) + offset)
-    dot = (g * hf).sum(-1, keepdim=True) / max(h.shape[-1], 1)
-    dx = (r * (g - hf * r.square() * dot) + dh.to(ct)).to(h.dtype).contiguous()
-    dw = (dyf * hf * r).flatten(0, -2).sum(0).to(weight.dtype) if needs_dw and h.ndim > 1 else None
-    if needs_dw and h.ndim == 1:
-        dw = (dyf * hf * r).to(weight.dtype)
-    return dx, dw
+    dx, dw = _rms_norm_grads(dy, h, weight, rstd, True, needs_dw, offset)
+    dx = (dx + dh.to(dx.dtype)).to(h.dtype).contiguous()
+    return dx, (dw.to(weight.dtype) if dw is not None else None)
 
 
 def lora_forward(
