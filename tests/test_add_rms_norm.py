@@ -60,12 +60,14 @@ def test_frozen_weight(backend, dtype, cols):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["offset_view", "strided_rows", "transposed"])
-def test_layouts(backend, dtype, layout):
-    """x, residual and the incoming gradients each in a non-contiguous layout, 3-D (batch, seq, hidden)."""
-    shape = (2, 3, 300)
+@pytest.mark.parametrize("cols", [40, 300, 8193])  # simd_rows, single_row, looped
+def test_layouts(backend, dtype, layout, cols):
+    """x, residual and the incoming gradients each in a non-contiguous layout, 3-D (batch, seq, hidden), at every
+    variant's width (each addresses the residual with its own row stride)."""
+    shape = (2, 3, cols)
     x = make_layout(shape, dtype, backend.device, layout, scale=2.0)
     residual = make_layout(shape, dtype, backend.device, layout, seed=1)
-    weight = randn((300,), dtype, backend.device, seed=2)
+    weight = randn((cols,), dtype, backend.device, seed=2)
     gy = make_layout(shape, dtype, backend.device, layout, seed=3)
     gh = make_layout(shape, dtype, backend.device, layout, seed=4)
     _check(x, residual, weight, dtype, grads=(gy, gh), what=layout)

@@ -221,3 +221,66 @@ def test_every_kernel_belongs_to_the_family_of_its_shader_file():
     assert sum(any(k.startswith(p) for p in _backend.FAMILIES.values()) for k in names) == len(names)
     for entry in ("softmax_forward", "rms_norm_backward", "lora_forward", "lora_backward"):
         assert entry.startswith(_backend.FAMILIES[_backend.family_of_entry(entry)])
+
+
+def _new_op_cases():
+    """(fault, family, kernels that must not run, fn, float64 reference) for the ops added after the fallback
+    machinery: their kernels take the same path (launch code selects every pipeline before encoding, run_kernel
+    serves KernelUnavailable)."""
+    g, u = randn((5, 300), torch.float32, "cpu"), randn((5, 300), torch.float32, "cpu", seed=1)
+    q, k = randn((2, 4, 3, 16), torch.float32, "cpu"), randn((2, 2, 3, 16), torch.float32, "cpu", seed=1)
+    angles = torch.rand(1, 3, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 10
+    cos, sin = (f(torch.cat((angles, angles), -1)).float() for f in (torch.cos, torch.sin))
+    x, r = randn((6, 300), torch.float32, "cpu"), randn((6, 300), torch.float32, "cpu", seed=1)
+    w = randn((300,), torch.float32, "cpu", seed=2)
+
+    def rotate_half(t):
+        return torch.cat((-t[..., 8:], t[..., :8]), -1)
+
+    def grads(fn, inputs):
+        ins = [t.detach().requires_grad_(True) for t in inputs]
+        outs = fn(*ins)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return (*outs, *torch.autograd.grad(sum((o * o).sum() for o in outs), ins))
+
+    def add_norm64(a, b, wt):
+        h = a + b
+        return h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6) * wt, h
+
+    return [
+        (
+            "compile:glu",
+            "glu",
+            "glu_",
+            lambda: grads(tmf.swiglu, (g, u)),
+            lambda: grads(lambda a, b: torch.nn.functional.silu(a) * b, (g.double(), u.double())),
+        ),
+        (
+            "compile:rope",
+            "rope",
+            "rope_",
+            lambda: grads(lambda a, b: tmf.rope(a, b, cos, sin), (q, k)),
+            lambda: grads(
+                lambda a, b: tuple(t * cos.double()[:, None] + rotate_half(t) * sin.double()[:, None] for t in (a, b)),
+                (q.double(), k.double()),
+            ),
+        ),
+        (
+            "pipeline:rms_norm_add_backward_dx_dw_single_row_float",
+            "rms_norm",
+            "rms_norm_add_backward",  # nothing of the failing call encoded (its forward ran on our kernels before)
+            lambda: grads(tmf.add_rms_norm, (x, r, w)),
+            lambda: grads(add_norm64, (x.double(), r.double(), w.double())),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3), ids=["swiglu", "rope", "add_rms_norm_backward"])
+def test_the_new_ops_fall_back_like_the_others(case):
+    fault, family, not_run, fn, ref_fn = _new_op_cases()[case]
+    with runner.faults(fault):
+        outs, kernels, warned = _run(fn)
+    _assert_all_match(outs, ref_fn(), torch.float32)
+    assert not any(k.startswith(not_run) for k in kernels), kernels
+    assert len(warned) == 1 and f"{family} kernels" in warned[0], warned
+    assert tmf.backend_for(outs[0], family) == "reference"

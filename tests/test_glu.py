@@ -60,8 +60,8 @@ def test_layouts(backend, activation, dtype, layout):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_halves_of_a_fused_gate_up_projection(backend, activation, dtype):
     """Phi-3 style: gate, up = gate_up.chunk(2, -1): rows 2·I apart, up at an offset of I elements; odd I, so the
-    rows are not 16-byte aligned either."""
-    for inter in (37, 1024):
+    rows are not 16-byte aligned either; 5003 takes several threadgroups per strided row."""
+    for inter in (37, 1024, 5003):
         gate_up = randn((2, 3, 2 * inter), dtype, backend.device, scale=2.0)
         gate, up = gate_up.chunk(2, dim=-1)
         _check(gate, up, activation, dtype, what=f"chunked {inter}")
