@@ -3,7 +3,8 @@
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps]
 # with steps from: build tests sanitize bench bench-quick rowbench (default: build tests sanitize bench). Results go to
 # $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu) and Liger's
-# kernels timed the same way (benchmarks/cuda_liger_rows.py).
+# kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants side by side
+# (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops (benchmarks/cuda_glu_rope.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 OUT=${OUT:-$PWD/cuda_out}
@@ -39,6 +40,11 @@ for step in $steps; do
       nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench &&
         /tmp/rowbench 30 2>&1 | tee "$OUT/rowbench.txt"
       python3 benchmarks/cuda_liger_rows.py 2>&1 | tee "$OUT/liger_rows.txt"
+      ;;
+    glurope)
+      nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I csrc/include benchmarks/cuda_glu_rope_bench.cu -o /tmp/glurope &&
+        /tmp/glurope 2>&1 | tee "$OUT/glu_rope_variants.txt"
+      python3 benchmarks/cuda_glu_rope.py 2>&1 | tee "$OUT/glu_rope.txt"
       ;;
     bench-quick)
       python3 -m torch_metal_fused.bench --device cuda --quick --dtypes bfloat16 --out "$OUT/bench" --no-plots \

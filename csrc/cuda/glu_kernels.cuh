@@ -1,0 +1,164 @@
+// SwiGLU / GeGLU kernels for the CUDA backend (host code: csrc/cuda/glu.cu; timed side by side without PyTorch in
+// benchmarks/cuda_glu_rope_bench.cu). The twin of shaders/glu.metal. Elementwise, float32 math:
+//   forward  out = act(gate) · up
+//   backward dgate = dout · up · act'(gate), dup = dout · act(gate)   (act recomputed from gate)
+// A thread owns ITEMS chunks of VEC contiguous elements of one row, the chunks a block apart (so a warp's accesses
+// stay contiguous), and issues all its loads before any math: 16-byte loads and stores where every operand's base
+// and row stride allow (the common case: contiguous operands, launched as one flat row), one element otherwise.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "row_kernels.cuh"  // to_float / from_float (torch builds with the half/bfloat16 conversions off)
+#include "tmf/shader_args.h"
+
+namespace tmf::cuda {
+
+// The activations exactly as the Metal kernels compute them (see shaders/glu.metal for the edge cases).
+template <int ACT>
+__device__ __forceinline__ float glu_act(float g) {
+  if constexpr (ACT == int(kGluSilu)) {
+    return g * (1.0f / (1.0f + expf(-g)));
+  } else {
+    return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+  }
+}
+
+template <int ACT>
+__device__ __forceinline__ float glu_act_derivative(float g) {
+  if constexpr (ACT == int(kGluSilu)) {
+    const float s = 1.0f / (1.0f + expf(-g));
+    return s * (1.0f + g * (1.0f - s));
+  } else {
+    const float t = tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g));
+    const float sech2 = 1.0f - t * t;
+    const float slope =
+        sech2 == 0.0f && isfinite(g) ? 0.0f : 0.5f * g * sech2 * 0.7978845608028654f * (1.0f + 0.134145f * g * g);
+    return 0.5f * (1.0f + t) + slope;
+  }
+}
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) GluPack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void glu_load(const T* p, int64_t c0, int64_t cols, float* out) {
+  if (c0 + VEC <= cols) {
+    const GluPack<T, VEC> pack = *reinterpret_cast<const GluPack<T, VEC>*>(p + c0);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = to_float(pack.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = c0 + i < cols ? to_float(p[c0 + i]) : 0.0f;
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void glu_store(T* p, int64_t c0, int64_t cols, const float* in) {
+  if (c0 + VEC <= cols) {
+    GluPack<T, VEC> pack;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) pack.v[i] = from_float<T>(in[i]);
+    *reinterpret_cast<GluPack<T, VEC>*>(p + c0) = pack;
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i)
+      if (c0 + i < cols) p[c0 + i] = from_float<T>(in[i]);
+  }
+}
+
+// rows × cols elements with each input's row stride (elements); outputs contiguous (cols apart). A row is cut into
+// chunks of VEC elements; a block covers THREADS · ITEMS consecutive chunks of one row (blocks_per_row per row).
+struct GluShape {
+  int64_t rows, cols, chunks_per_row, blocks_per_row, gate_stride, up_stride, dout_stride;
+};
+
+// The block's row and the column of a thread's item i (past the row's end: the item is out of range).
+template <int THREADS, int ITEMS, int VEC>
+__device__ __forceinline__ int64_t glu_item_column(const GluShape& s, int64_t block, int item) {
+  const int64_t chunk = (block % s.blocks_per_row) * (THREADS * ITEMS) + item * THREADS + threadIdx.x;
+  return chunk * VEC;
+}
+
+template <typename T, int ACT, int VEC, int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS) glu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up,
+                                                              T* __restrict__ out, GluShape s) {
+  const int64_t row = blockIdx.x / s.blocks_per_row;
+  const T* g_row = gate + row * s.gate_stride;
+  const T* u_row = up + row * s.up_stride;
+  float g[ITEMS][VEC], u[ITEMS][VEC];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, blockIdx.x, i);
+    if (c0 < s.cols) {
+      glu_load<T, VEC>(g_row, c0, s.cols, g[i]);
+      glu_load<T, VEC>(u_row, c0, s.cols, u[i]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, blockIdx.x, i);
+    if (c0 >= s.cols) continue;
+    float o[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o[k] = glu_act<ACT>(g[i][k]) * u[i][k];
+    glu_store<T, VEC>(out + row * s.cols, c0, s.cols, o);
+  }
+}
+
+template <typename T, int ACT, int VEC, int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS) glu_backward_kernel(const T* __restrict__ gate, const T* __restrict__ up,
+                                                               const T* __restrict__ dout, T* __restrict__ dgate,
+                                                               T* __restrict__ dup, GluShape s) {
+  const int64_t row = blockIdx.x / s.blocks_per_row;
+  const T* g_row = gate + row * s.gate_stride;
+  const T* u_row = up + row * s.up_stride;
+  const T* d_row = dout + row * s.dout_stride;
+  float g[ITEMS][VEC], u[ITEMS][VEC], d[ITEMS][VEC];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, blockIdx.x, i);
+    if (c0 < s.cols) {
+      glu_load<T, VEC>(g_row, c0, s.cols, g[i]);
+      glu_load<T, VEC>(u_row, c0, s.cols, u[i]);
+      glu_load<T, VEC>(d_row, c0, s.cols, d[i]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, blockIdx.x, i);
+    if (c0 >= s.cols) continue;
+    float dg[VEC], du[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      dg[k] = d[i][k] * u[i][k] * glu_act_derivative<ACT>(g[i][k]);
+      du[k] = d[i][k] * glu_act<ACT>(g[i][k]);
+    }
+    glu_store<T, VEC>(dgate + row * s.cols, c0, s.cols, dg);
+    glu_store<T, VEC>(dup + row * s.cols, c0, s.cols, du);
+  }
+}
+
+// The shape for rows of `cols` elements with the inputs' row strides; operands forming one contiguous block
+// (every stride == cols) become a single flat row.
+inline GluShape glu_shape(int64_t rows, int64_t cols, const int64_t* strides, int n_strides, int vec,
+                          int chunks_per_block) {
+  GluShape s{rows, cols, 0, 0, 0, 0, 0};
+  bool flat = true;
+  for (int i = 0; i < n_strides; ++i) flat = flat && (s.rows == 1 || strides[i] == s.cols);
+  if (flat) s.cols *= s.rows, s.rows = 1;
+  s.gate_stride = flat ? s.cols : strides[0];
+  s.up_stride = flat ? s.cols : strides[1];
+  s.dout_stride = flat || n_strides < 3 ? s.cols : strides[2];
+  s.chunks_per_row = (s.cols + vec - 1) / vec;
+  s.blocks_per_row = (s.chunks_per_row + chunks_per_block - 1) / chunks_per_block;
+  return s;
+}
+
+}  // namespace tmf::cuda
