@@ -7,7 +7,9 @@ from torch_metal_fused.testing import assert_matches
 
 # (tokens, in, out, r): the seed shape, odd sizes, rank 1 and wide ranks (200: four rank blocks of 64, the last
 # partial, so four expand dispatches; 256: the largest rank the Metal kernels take).
-# (1100, 48, 40, 8): tokens >= 1024 and > in_features, so backends take the merged-weight route.
+# (1100, 48, 40, 8): tokens >= 1024 and > in_features, so backends take the merged-weight route (on CUDA: the
+# float32 forward and every backward; the half-precision CUDA forward always takes the accumulate route,
+# y = bias + s·h·Bᵀ first, then the base GEMM adds x·Wᵀ: csrc/cuda/lora_linear.cu).
 SHAPES = [
     (128, 512, 512, 8),
     (7, 33, 31, 4),
@@ -143,6 +145,44 @@ def test_dropout_uses_one_mask_for_forward_and_backward(backend):
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(33, 70, 45, 8), (1100, 48, 40, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_frozen_weight_without_bias_over_poisoned_memory(backend, shape, dtype):
+    """The normal LoRA case (W frozen) without a bias. On CUDA in half precision y starts as s·h·Bᵀ written into a
+    fresh buffer that must never be read (beta = 0), then x·Wᵀ is added: blocks of y's size are filled with NaN and
+    freed first, so the caching allocator hands one of them to y, and a read of the uninitialised buffer shows up
+    as NaN in the output."""
+    tokens, _, fout, _ = shape
+    poison = [torch.full((tokens, fout), float("nan"), dtype=dtype, device=backend.device) for _ in range(4)]
+    del poison
+    x, w, a, b, _ = _factors(*shape, dtype, backend.device, seed=11)
+    _check(x, w, a, b, None, 2.0, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(40, 30, 20, 4), (1100, 48, 40, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_dropout_each_dtype_and_route(backend, shape, dtype):
+    """Dropout on the LoRA branch in every dtype, at a shape of each route (few tokens; many tokens, where the
+    merged weight is never used with dropout): y, dx, dA and dB against float64 with the same mask."""
+    x, w, a, b, bias = _factors(*shape, dtype, backend.device, seed=21)
+    leaves = [t.detach().requires_grad_(True) for t in (x, a, b)]
+    p = 0.25
+    torch.manual_seed(7)
+    y = tmf.lora_linear(leaves[0], w, leaves[1], leaves[2], 1.5, bias, dropout_p=p, training=True)
+    dy = randn(y.shape, dtype, y.device, seed=9)
+    grads = torch.autograd.grad(y, leaves, dy)
+    torch.manual_seed(7)
+    mask = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    assert 0 < int((mask == 0).sum()) < mask.numel()  # the mask drops some inputs and keeps others
+    ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in (x, a, b)]
+    x64, a64, b64 = ref_leaves
+    y64 = _reference(x64, w.double().cpu(), a64, b64, bias.double().cpu(), 1.5, mask.double().cpu())
+    refs = torch.autograd.grad(y64, ref_leaves, dy.double().cpu())
+    assert_matches(y, y64, dtype, "dropout forward")
+    for name, g, r in zip(("dx", "dlora_a", "dlora_b"), grads, refs):
+        assert_matches(g, r, dtype, f"dropout {name}")
+
+
 def test_empty_tokens(backend):
     x, w, a, b, bias = _factors(0, 16, 8, 4, torch.float32, backend.device)
     x.requires_grad_(True)
@@ -153,8 +193,9 @@ def test_empty_tokens(backend):
     assert x.grad.shape == x.shape and torch.equal(b.grad, torch.zeros_like(b))
 
 
-def test_nan_propagates(backend):
-    x, w, a, b, bias = _factors(4, 16, 8, 4, torch.float32, backend.device)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_propagates(backend, dtype):
+    x, w, a, b, bias = _factors(4, 16, 8, 4, dtype, backend.device)
     x[2, 5] = float("nan")
     y = tmf.lora_linear(x, w, a, b, 1.0, bias)
     assert torch.isnan(y[2]).all() and not torch.isnan(y[[0, 1, 3]]).any()
