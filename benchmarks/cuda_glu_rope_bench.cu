@@ -72,6 +72,20 @@ static bool same_bits(const void* a, const void* b, size_t bytes) {
   return memcmp(ha.data(), hb.data(), bytes) == 0;
 }
 
+// The SwiGLU forward before this comparison (accurate expf and division, one 16-byte pack per thread), for reference.
+__global__ void swiglu_forward_before(const bf16* __restrict__ gate, const bf16* __restrict__ up, bf16* __restrict__ out,
+                                      int64_t n) {
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+  if (c0 >= n) return;
+  GluPack<bf16, 8> g = *reinterpret_cast<const GluPack<bf16, 8>*>(gate + c0), u = *reinterpret_cast<const GluPack<bf16, 8>*>(up + c0), o;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float x = to_float(g.v[i]);
+    o.v[i] = from_float<bf16>(x * (1.0f / (1.0f + expf(-x))) * to_float(u.v[i]));
+  }
+  *reinterpret_cast<GluPack<bf16, 8>*>(out + c0) = o;
+}
+
 template <int THREADS, int ITEMS>
 static void glu_variant(const char* name, int64_t tokens, int64_t inter, const bf16* g, const bf16* u, const bf16* d,
                         bf16* out, bf16* dg, bf16* du, bf16* ref_out, bf16* ref_dg, bool first) {
@@ -101,6 +115,9 @@ static void bench_glu(int64_t tokens, int64_t inter) {
   fill_random(g, n, 4.0f);
   fill_random(u, n, 1.0f);
   fill_random(d, n, 1.0f);
+  const float before = time_us([&] { swiglu_forward_before<<<unsigned((n / 8 + 255) / 256), 256>>>(g, u, out, n); });
+  report("swiglu " + std::to_string(tokens) + "x" + std::to_string(inter) + " fwd", "before (accurate math)",
+         3.0 * n * 2, before);
   glu_variant<256, 1>("256 threads x 1 pack", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, true);
   glu_variant<256, 2>("256 threads x 2 packs", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, false);
   glu_variant<256, 4>("256 threads x 4 packs", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, false);
@@ -139,24 +156,18 @@ static void bench_rope(int64_t batch, int64_t seq) {
       printf("MISMATCH: %s %s differs from the first variant\n", what.c_str(), name);
     }
   };
-  const int64_t per_position = batch * seq * (hd / 2 / 8);
+  const int64_t slots = batch * seq * (hd / 2);
   float us = time_us([&] {
-    rope_rotate_half_packed_kernel<bf16, 8><<<unsigned((per_position + 255) / 256), 256>>>(q, k, cs, sn, qo, ko, p);
+    rope_apply_kernel<bf16><<<unsigned((slots + 255) / 256), 256>>>(q, k, cs, sn, qo, ko, p);
   });
-  report(what, "per position (before)", bytes, us);
-  check("per position", true);
-  auto heads_variant = [&]<int HEADS>(const char* name) {
-    const int64_t threads = batch * (qh + kh) / HEADS * seq * (hd / 2 / 8);
-    const float t = time_us([&] {
-      rope_rotate_half_heads_kernel<bf16, 8, HEADS><<<unsigned((threads + 255) / 256), 256>>>(q, k, cs, sn, qo, ko, p);
-    });
-    report(what, name, bytes, t);
-    check(name, false);
-  };
-  heads_variant.template operator()<1>("head-parallel, 1 head");
-  heads_variant.template operator()<2>("head-parallel, 2 heads");
-  heads_variant.template operator()<4>("head-parallel, 4 heads");
-  heads_variant.template operator()<8>("head-parallel, 8 heads");
+  report(what, "general (thread per slot)", bytes, us);
+  check("general", true);
+  const int64_t threads = batch * (qh + kh) * seq * (hd / 2 / 8);
+  us = time_us([&] {
+    rope_rotate_half_heads_kernel<bf16, 8><<<unsigned((threads + 255) / 256), 256>>>(q, k, cs, sn, qo, ko, p);
+  });
+  report(what, "head-parallel (16-byte packs)", bytes, us);
+  check("head-parallel", false);
   for (bf16* ptr : {q, k, cs, sn, qo, ko, ref_q, ref_k}) CK(cudaFree(ptr));
 }
 

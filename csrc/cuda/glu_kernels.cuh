@@ -18,27 +18,33 @@
 
 namespace tmf::cuda {
 
-// The activations exactly as the Metal kernels compute them (see shaders/glu.metal for the edge cases).
+// The activations of shaders/glu.metal (same edge values: NaN/inf where float64 torch has them), written for few
+// instructions per element: at 16-byte packs the accurate expf/tanhf and IEEE divisions made the kernels
+// instruction-bound on the H200 (README "SwiGLU and RoPE on CUDA"). __expf is within ~|x|·2^-23 relative; the GeGLU
+// tanh approximation is evaluated as g·σ(2y) (0.5·(1 + tanh y) = σ(2y), no cancellation for negative g).
+__device__ __forceinline__ float glu_sigmoid(float z) { return __fdividef(1.0f, 1.0f + __expf(-z)); }
+
+constexpr float kGeluTwiceSqrt2OverPi = 1.5957691216057308f;  // 2·sqrt(2/π): z = 2y
+
 template <int ACT>
 __device__ __forceinline__ float glu_act(float g) {
   if constexpr (ACT == int(kGluSilu)) {
-    return g * (1.0f / (1.0f + expf(-g)));
+    return g * glu_sigmoid(g);
   } else {
-    return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    return g * glu_sigmoid(kGeluTwiceSqrt2OverPi * g * (1.0f + 0.044715f * g * g));
   }
 }
 
 template <int ACT>
 __device__ __forceinline__ float glu_act_derivative(float g) {
   if constexpr (ACT == int(kGluSilu)) {
-    const float s = 1.0f / (1.0f + expf(-g));
+    const float s = glu_sigmoid(g);
     return s * (1.0f + g * (1.0f - s));
   } else {
-    const float t = tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g));
-    const float sech2 = 1.0f - t * t;
-    const float slope =
-        sech2 == 0.0f && isfinite(g) ? 0.0f : 0.5f * g * sech2 * 0.7978845608028654f * (1.0f + 0.134145f * g * g);
-    return 0.5f * (1.0f + t) + slope;
+    const float s = glu_sigmoid(kGeluTwiceSqrt2OverPi * g * (1.0f + 0.044715f * g * g));
+    const float ds = s * (1.0f - s);  // dσ/dz; 0 where σ saturates, and z' = 2y' overflows for huge g
+    const float slope = ds == 0.0f && isfinite(g) ? 0.0f : g * ds * kGeluTwiceSqrt2OverPi * (1.0f + 0.134145f * g * g);
+    return s + slope;
   }
 }
 
@@ -79,23 +85,28 @@ struct GluShape {
   int64_t rows, cols, chunks_per_row, blocks_per_row, gate_stride, up_stride, dout_stride;
 };
 
-// The block's row and the column of a thread's item i (past the row's end: the item is out of range).
+// The block's row (32-bit division, none for one flat row) and the first column of a thread's item i (at or past
+// the row's end: the item is out of range).
+__device__ __forceinline__ int64_t glu_block_row(const GluShape& s) {
+  return s.rows == 1 ? 0 : int64_t(blockIdx.x / uint32_t(s.blocks_per_row));
+}
+
 template <int THREADS, int ITEMS, int VEC>
-__device__ __forceinline__ int64_t glu_item_column(const GluShape& s, int64_t block, int item) {
-  const int64_t chunk = (block % s.blocks_per_row) * (THREADS * ITEMS) + item * THREADS + threadIdx.x;
-  return chunk * VEC;
+__device__ __forceinline__ int64_t glu_item_column(const GluShape& s, int64_t row, int item) {
+  const int64_t block_in_row = int64_t(blockIdx.x) - row * s.blocks_per_row;
+  return (block_in_row * (THREADS * ITEMS) + item * THREADS + threadIdx.x) * VEC;
 }
 
 template <typename T, int ACT, int VEC, int THREADS, int ITEMS>
 __global__ void __launch_bounds__(THREADS) glu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up,
                                                               T* __restrict__ out, GluShape s) {
-  const int64_t row = blockIdx.x / s.blocks_per_row;
+  const int64_t row = glu_block_row(s);
   const T* g_row = gate + row * s.gate_stride;
   const T* u_row = up + row * s.up_stride;
   float g[ITEMS][VEC], u[ITEMS][VEC];
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, blockIdx.x, i);
+    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, row, i);
     if (c0 < s.cols) {
       glu_load<T, VEC>(g_row, c0, s.cols, g[i]);
       glu_load<T, VEC>(u_row, c0, s.cols, u[i]);
@@ -103,7 +114,7 @@ __global__ void __launch_bounds__(THREADS) glu_forward_kernel(const T* __restric
   }
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, blockIdx.x, i);
+    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, row, i);
     if (c0 >= s.cols) continue;
     float o[VEC];
 #pragma unroll
@@ -116,14 +127,14 @@ template <typename T, int ACT, int VEC, int THREADS, int ITEMS>
 __global__ void __launch_bounds__(THREADS) glu_backward_kernel(const T* __restrict__ gate, const T* __restrict__ up,
                                                                const T* __restrict__ dout, T* __restrict__ dgate,
                                                                T* __restrict__ dup, GluShape s) {
-  const int64_t row = blockIdx.x / s.blocks_per_row;
+  const int64_t row = glu_block_row(s);
   const T* g_row = gate + row * s.gate_stride;
   const T* u_row = up + row * s.up_stride;
   const T* d_row = dout + row * s.dout_stride;
   float g[ITEMS][VEC], u[ITEMS][VEC], d[ITEMS][VEC];
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, blockIdx.x, i);
+    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, row, i);
     if (c0 < s.cols) {
       glu_load<T, VEC>(g_row, c0, s.cols, g[i]);
       glu_load<T, VEC>(u_row, c0, s.cols, u[i]);
@@ -132,7 +143,7 @@ __global__ void __launch_bounds__(THREADS) glu_backward_kernel(const T* __restri
   }
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, blockIdx.x, i);
+    const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, row, i);
     if (c0 >= s.cols) continue;
     float dg[VEC], du[VEC];
 #pragma unroll

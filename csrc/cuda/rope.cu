@@ -13,8 +13,6 @@ namespace {
 using cuda::RopeShape;
 
 constexpr int kRopeThreads = 256;
-// Heads per thread in the head-parallel kernel (measured: README "SwiGLU and RoPE on CUDA").
-constexpr int kRopeHeadsPerThread = 1;
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
@@ -43,7 +41,6 @@ std::tuple<at::Tensor, at::Tensor> rope_apply(const at::Tensor& q, const at::Ten
   for (int64_t st : {p.q_batch_stride, p.q_head_stride, p.q_seq_stride, p.k_batch_stride, p.k_head_stride,
                      p.k_seq_stride, p.cos_batch_stride, p.head_dim})
     packed = packed && (st * es) % 16 == 0;
-  const bool head_parallel = packed && p.q_heads % kRopeHeadsPerThread == 0 && p.k_heads % kRopeHeadsPerThread == 0;
   auto launch = [&](auto type_tag) {
     using T = decltype(type_tag);
     const T* q_in = reinterpret_cast<const T*>(q4.data_ptr());
@@ -52,17 +49,12 @@ std::tuple<at::Tensor, at::Tensor> rope_apply(const at::Tensor& q, const at::Ten
     const T* sin_in = reinterpret_cast<const T*>(sin.data_ptr());
     T* q_o = reinterpret_cast<T*>(q_out.data_ptr());
     T* k_o = reinterpret_cast<T*>(k_out.data_ptr());
-    constexpr int kVec = 16 / sizeof(T);
-    if (head_parallel) {
-      const int64_t threads = p.batch * (p.q_heads + p.k_heads) / kRopeHeadsPerThread * p.seq * (rotary_dim / 2 / kVec);
-      cuda::rope_rotate_half_heads_kernel<T, kVec, kRopeHeadsPerThread>
+    if (packed) {
+      constexpr int kVec = 16 / sizeof(T);
+      const int64_t threads = p.batch * (p.q_heads + p.k_heads) * p.seq * (rotary_dim / 2 / kVec);
+      cuda::rope_rotate_half_heads_kernel<T, kVec>
           <<<(threads + kRopeThreads - 1) / kRopeThreads, kRopeThreads, 0, stream>>>(q_in, k_in, cos_in, sin_in, q_o,
                                                                                      k_o, p);
-    } else if (packed) {
-      const int64_t packed_total = p.batch * p.seq * (rotary_dim / 2 / kVec);
-      cuda::rope_rotate_half_packed_kernel<T, kVec>
-          <<<(packed_total + kRopeThreads - 1) / kRopeThreads, kRopeThreads, 0, stream>>>(q_in, k_in, cos_in, sin_in,
-                                                                                          q_o, k_o, p);
     } else {
       cuda::rope_apply_kernel<T><<<blocks, kRopeThreads, 0, stream>>>(q_in, k_in, cos_in, sin_in, q_o, k_o, p);
     }

@@ -65,126 +65,60 @@ __global__ void rope_apply_kernel(const T* __restrict__ q, const T* __restrict__
   }
 }
 
-// The rotate_half convention with every rotation pair's halves in 16-byte packs: each thread takes VEC consecutive
-// pairs (a .. a+VEC-1 and their partners b = a + rotary_dim/2 ..), so it loads and stores two 16-byte packs per head
-// instead of 2·VEC scalars; the heads loop is unrolled so several heads' loads are in flight. Taken when rotary_dim
-// == head_dim, (rotary_dim / 2) % VEC == 0 and every pointer and stride is 16-byte aligned (HF's q/k/cos/sin are).
+// VEC elements of a head as one 16-byte load or store.
 template <typename T, int VEC>
 struct alignas(16) RopePack {
   T v[VEC];
 };
 
+// Head-parallel rotate_half kernel: one thread per (batch, head of q or k, position, pack) — VEC consecutive rotation
+// pairs (a .. a+VEC-1 and their partners a + rotary_dim/2 ..) of one head, in 16-byte packs. Positions are the fastest
+// index after the pack, so a warp writes 4 positions of a head as one contiguous 1 KB run (bf16, head_dim 128) and
+// reads 4 runs of 256 B of the projection's (batch, seq, heads, head_dim) layout. cos/sin are re-read per head, from
+// L1/L2 (the table is (seq, rotary_dim): ~1 MB at 4096 × 128 bf16). Measured on an H200 against a thread per position
+// walking every head with cos/sin in registers (the general kernel's design) and against 2, 4 or 8 heads per thread:
+// every head in flight at once wins (README "SwiGLU and RoPE on CUDA"). Taken when rotary_dim == head_dim,
+// (rotary_dim / 2) % VEC == 0 and every pointer and stride is 16-byte aligned (HF's q/k/cos/sin are).
 template <typename T, int VEC>
-__device__ __forceinline__ void rotate_heads_packed(const T* x, int64_t head_stride, T* out, int64_t out_head_stride,
-                                                    int64_t heads, int64_t a, int64_t b, const float* cos_a,
-                                                    const float* cos_b, const float* sin_for_a,
-                                                    const float* sin_for_b) {
-#pragma unroll 4
-  for (int64_t h = 0; h < heads; ++h) {
-    const RopePack<T, VEC> xa = *reinterpret_cast<const RopePack<T, VEC>*>(x + h * head_stride + a);
-    const RopePack<T, VEC> xb = *reinterpret_cast<const RopePack<T, VEC>*>(x + h * head_stride + b);
-    RopePack<T, VEC> oa, ob;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float fa = to_float(xa.v[i]), fb = to_float(xb.v[i]);
-      oa.v[i] = from_float<T>(fa * cos_a[i] - fb * sin_for_a[i]);
-      ob.v[i] = from_float<T>(fb * cos_b[i] + fa * sin_for_b[i]);
-    }
-    *reinterpret_cast<RopePack<T, VEC>*>(out + h * out_head_stride + a) = oa;
-    *reinterpret_cast<RopePack<T, VEC>*>(out + h * out_head_stride + b) = ob;
-  }
-}
-
-template <typename T, int VEC>
-__global__ void rope_rotate_half_packed_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                                               const T* __restrict__ cos_table, const T* __restrict__ sin_table,
-                                               T* __restrict__ q_out, T* __restrict__ k_out, RopeShape p) {
-  const int64_t half_rotary = p.rotary_dim / 2, packs = half_rotary / VEC;
-  const int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t position = index / packs;
-  if (position >= p.batch * p.seq) return;
-  const int64_t pack = index - position * packs, bi = position / p.seq, s = position - bi * p.seq;
-  const int64_t a = pack * VEC, b = a + half_rotary;
-  const int64_t cs = bi * p.cos_batch_stride + s * p.rotary_dim;
-  const RopePack<T, VEC> ca = *reinterpret_cast<const RopePack<T, VEC>*>(cos_table + cs + a);
-  const RopePack<T, VEC> cb = *reinterpret_cast<const RopePack<T, VEC>*>(cos_table + cs + b);
-  const RopePack<T, VEC> sa = *reinterpret_cast<const RopePack<T, VEC>*>(sin_table + cs + a);
-  const RopePack<T, VEC> sb = *reinterpret_cast<const RopePack<T, VEC>*>(sin_table + cs + b);
-  float cos_a[VEC], cos_b[VEC], sin_for_a[VEC], sin_for_b[VEC];
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    cos_a[i] = to_float(ca.v[i]);
-    cos_b[i] = to_float(cb.v[i]);
-    const float sin_a = to_float(sa.v[i]), sin_b = to_float(sb.v[i]);
-    sin_for_a[i] = p.backward ? -sin_b : sin_a;
-    sin_for_b[i] = p.backward ? -sin_a : sin_b;
-  }
-  const int64_t out_head_stride = p.seq * p.head_dim;
-  rotate_heads_packed<T, VEC>(q + bi * p.q_batch_stride + s * p.q_seq_stride, p.q_head_stride,
-                              q_out + (bi * p.q_heads * p.seq + s) * p.head_dim, out_head_stride, p.q_heads, a, b,
-                              cos_a, cos_b, sin_for_a, sin_for_b);
-  rotate_heads_packed<T, VEC>(k + bi * p.k_batch_stride + s * p.k_seq_stride, p.k_head_stride,
-                              k_out + (bi * p.k_heads * p.seq + s) * p.head_dim, out_head_stride, p.k_heads, a, b,
-                              cos_a, cos_b, sin_for_a, sin_for_b);
-}
-
-// Head-parallel rotate_half kernel: one thread per (batch, head group, position, pack) — HEADS heads of q or of k
-// at one position, VEC consecutive rotation pairs (a .. a+VEC-1 and their partners a + rotary_dim/2 ..) in 16-byte
-// packs. Positions are the fastest index after the pack, so a warp writes 4 positions of a head as one contiguous
-// 1 KB run (bf16, head_dim 128) and reads 4 runs of 256 B of the projection's (batch, seq, heads, head_dim) layout.
-// Many more threads than the per-position kernel above (every head in flight at once); cos/sin are re-read per head
-// group, from L1/L2 (the table is (seq, rotary_dim): ~1 MB at 4096 × 128 bf16). Taken when rotary_dim == head_dim,
-// (rotary_dim / 2) % VEC == 0, q_heads and k_heads divisible by HEADS and every pointer and stride 16-byte aligned.
-template <typename T, int VEC, int HEADS>
 __global__ void __launch_bounds__(256) rope_rotate_half_heads_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                                      const T* __restrict__ cos_table,
                                                                      const T* __restrict__ sin_table,
                                                                      T* __restrict__ q_out, T* __restrict__ k_out,
                                                                      RopeShape p) {
-  const int64_t half_rotary = p.rotary_dim / 2, packs = half_rotary / VEC;
-  const int64_t groups = (p.q_heads + p.k_heads) / HEADS;
+  const int64_t half_rotary = p.rotary_dim / 2, packs = half_rotary / VEC, heads = p.q_heads + p.k_heads;
   int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (index >= p.batch * groups * p.seq * packs) return;
+  if (index >= p.batch * heads * p.seq * packs) return;
   const int64_t pack = index % packs;
   index /= packs;
   const int64_t s = index % p.seq;
   index /= p.seq;
-  const int64_t group = index % groups, bi = index / groups;
-  const bool is_q = group * HEADS < p.q_heads;
-  const int64_t h0 = is_q ? group * HEADS : group * HEADS - p.q_heads;
-  const T* x = is_q ? q + bi * p.q_batch_stride + s * p.q_seq_stride + h0 * p.q_head_stride
-                    : k + bi * p.k_batch_stride + s * p.k_seq_stride + h0 * p.k_head_stride;
-  const int64_t head_stride = is_q ? p.q_head_stride : p.k_head_stride;
-  const int64_t heads = is_q ? p.q_heads : p.k_heads;
-  T* out = (is_q ? q_out : k_out) + ((bi * heads + h0) * p.seq + s) * p.head_dim;
+  const int64_t head = index % heads, bi = index / heads;
+  const bool is_q = head < p.q_heads;
+  const int64_t h = is_q ? head : head - p.q_heads;
+  const T* x = is_q ? q + bi * p.q_batch_stride + s * p.q_seq_stride + h * p.q_head_stride
+                    : k + bi * p.k_batch_stride + s * p.k_seq_stride + h * p.k_head_stride;
+  T* out = is_q ? q_out + ((bi * p.q_heads + h) * p.seq + s) * p.head_dim
+                : k_out + ((bi * p.k_heads + h) * p.seq + s) * p.head_dim;
   const int64_t a = pack * VEC, b = a + half_rotary;
-  RopePack<T, VEC> xa[HEADS], xb[HEADS];
-#pragma unroll
-  for (int h = 0; h < HEADS; ++h) {
-    xa[h] = *reinterpret_cast<const RopePack<T, VEC>*>(x + h * head_stride + a);
-    xb[h] = *reinterpret_cast<const RopePack<T, VEC>*>(x + h * head_stride + b);
-  }
+  const RopePack<T, VEC> xa = *reinterpret_cast<const RopePack<T, VEC>*>(x + a);
+  const RopePack<T, VEC> xb = *reinterpret_cast<const RopePack<T, VEC>*>(x + b);
   const int64_t cs = bi * p.cos_batch_stride + s * p.rotary_dim;
   const RopePack<T, VEC> ca = *reinterpret_cast<const RopePack<T, VEC>*>(cos_table + cs + a);
   const RopePack<T, VEC> cb = *reinterpret_cast<const RopePack<T, VEC>*>(cos_table + cs + b);
   const RopePack<T, VEC> sa = *reinterpret_cast<const RopePack<T, VEC>*>(sin_table + cs + a);
   const RopePack<T, VEC> sb = *reinterpret_cast<const RopePack<T, VEC>*>(sin_table + cs + b);
-  const int64_t out_head_stride = p.seq * p.head_dim;
+  RopePack<T, VEC> oa, ob;
 #pragma unroll
-  for (int h = 0; h < HEADS; ++h) {
-    RopePack<T, VEC> oa, ob;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float cos_a = to_float(ca.v[i]), cos_b = to_float(cb.v[i]);
-      const float sin_a = to_float(sa.v[i]), sin_b = to_float(sb.v[i]);
-      const float sin_for_a = p.backward ? -sin_b : sin_a, sin_for_b = p.backward ? -sin_a : sin_b;
-      const float fa = to_float(xa[h].v[i]), fb = to_float(xb[h].v[i]);
-      oa.v[i] = from_float<T>(fa * cos_a - fb * sin_for_a);
-      ob.v[i] = from_float<T>(fb * cos_b + fa * sin_for_b);
-    }
-    *reinterpret_cast<RopePack<T, VEC>*>(out + h * out_head_stride + a) = oa;
-    *reinterpret_cast<RopePack<T, VEC>*>(out + h * out_head_stride + b) = ob;
+  for (int i = 0; i < VEC; ++i) {
+    const float cos_a = to_float(ca.v[i]), cos_b = to_float(cb.v[i]);
+    const float sin_a = to_float(sa.v[i]), sin_b = to_float(sb.v[i]);
+    const float sin_for_a = p.backward ? -sin_b : sin_a, sin_for_b = p.backward ? -sin_a : sin_b;
+    const float fa = to_float(xa.v[i]), fb = to_float(xb.v[i]);
+    oa.v[i] = from_float<T>(fa * cos_a - fb * sin_for_a);
+    ob.v[i] = from_float<T>(fb * cos_b + fa * sin_for_b);
   }
+  *reinterpret_cast<RopePack<T, VEC>*>(out + a) = oa;
+  *reinterpret_cast<RopePack<T, VEC>*>(out + b) = ob;
 }
 
 }  // namespace tmf::cuda
