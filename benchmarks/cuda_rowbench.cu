@@ -101,7 +101,7 @@ static void bwd_layout(int cols, int es, int max_elems, int& items, int& threads
 
 template <typename T>
 struct Bufs {
-  T *x, *y, *dy, *dx, *w, *dw;
+  T *x, *y, *dy, *dx, *w, *dw, *r, *h, *dh;
   float *rstd, *partial;
 };
 
@@ -155,7 +155,7 @@ static void sm_bwd(Bufs<T>& b, int rows, int cols, int items, int threads, const
   }
   with_items(items, threads, [&]<int I, int TH>() {
     if constexpr (I * VEC <= 16) {
-      float us = time_us([&] { softmax_backward_vec<T, I, TH><<<rows, TH>>>(b.y, b.dy, b.dx, cols, cols); });
+      float us = time_us([&] { softmax_backward_registers<T, VEC, I, TH><<<rows, TH>>>(b.y, b.dy, b.dx, cols, cols); });
       report("softmax bwd", dname<T>(), rows, cols, lay(tag, items, threads), 3.0 * rows * cols * sizeof(T), us);
     }
   });
@@ -184,14 +184,14 @@ static void rms_bwd(Bufs<T>& b, int rows, int cols, int items, int threads, int 
         CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, TH, smem));
         if (occ == 0) return;
         const int groups = std::min(rows, occ * sms);
-        kern<<<groups, TH, smem>>>(b.dy, b.x, b.w, b.rstd, b.dx, b.partial, rows, cols, cols, cols, 0.0f);
+        kern<<<groups, TH, smem>>>(b.dy, b.x, b.w, b.rstd, b.dx, b.partial, rows, cols, cols, cols, 0.0f, nullptr, 0);
         if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) {
           printf("rmsnorm bwd %s %dx%d %s st=%d smem=%zu: launch failed: %s\n", dname<T>(), rows, cols,
                  lay(tag, items, threads).c_str(), S, smem, cudaGetErrorString(e));
           return;
         }
         float us = time_us([&] {
-          kern<<<groups, TH, smem>>>(b.dy, b.x, b.w, b.rstd, b.dx, b.partial, rows, cols, cols, cols, 0.0f);
+          kern<<<groups, TH, smem>>>(b.dy, b.x, b.w, b.rstd, b.dx, b.partial, rows, cols, cols, cols, 0.0f, nullptr, 0);
           rms_norm_dw_reduce<T><<<(cols + kDwReduceCols - 1) / kDwReduceCols, dim3(kDwReduceCols, kDwReduceSlices)>>>(
               b.partial, b.dw, groups, cols);
         });
@@ -200,6 +200,117 @@ static void rms_bwd(Bufs<T>& b, int rows, int cols, int items, int threads, int 
       };
       if (stages == 2) go.template operator()<2>();
       if (stages == 3) go.template operator()<3>();
+    }
+  });
+}
+
+// Narrow rows: a warp per ROWS rows (rms_norm_forward_warp_rows / softmax_forward_warp_rows), ITEMS vectors per lane.
+template <typename T>
+static void narrow_fwd(Bufs<T>& b, int rows, int cols) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int nvec = cols / VEC;
+  if (nvec > 64) return;
+  auto go = [&]<int I>() {
+    auto one = [&]<int R>() {
+      const int blocks = (rows + R * kWarpRowsWarps - 1) / (R * kWarpRowsWarps);
+      float us = time_us([&] {
+        rms_norm_forward_warp_rows<T, I, R><<<blocks, kWarpRowsWarps * 32>>>(b.x, b.w, b.y, b.rstd, rows, cols, cols,
+                                                                              1e-6f, 0.f);
+      });
+      report("rmsnorm fwd", dname<T>(), rows, cols, "warp_rows items=" + std::to_string(I) + " rows/warp=" + std::to_string(R),
+             2.0 * rows * cols * sizeof(T), us);
+      us = time_us([&] { softmax_forward_warp_rows<T, I, R><<<blocks, kWarpRowsWarps * 32>>>(b.x, b.y, rows, cols, cols); });
+      report("softmax fwd", dname<T>(), rows, cols, "warp_rows items=" + std::to_string(I) + " rows/warp=" + std::to_string(R),
+             2.0 * rows * cols * sizeof(T), us);
+    };
+    one.template operator()<1>();
+    one.template operator()<2>();
+    one.template operator()<4>();
+    if constexpr (I == 1) one.template operator()<8>();
+  };
+  if (nvec <= 32) go.template operator()<1>();
+  else go.template operator()<2>();
+}
+
+// Wide softmax rows in shared memory (softmax_forward_smem / softmax_backward_smem), 512 and 1024 threads.
+template <typename T>
+static void wide_smem(Bufs<T>& b, int rows, int cols) {
+  const size_t row_bytes = size_t(cols) * sizeof(T);
+  if (row_bytes > (200u << 10) || cols <= 16384) return;
+  auto fwd = [&]<int TH>() {
+    auto k = softmax_forward_smem<T, TH>;
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(row_bytes)));
+    float us = time_us([&] { k<<<rows, TH, row_bytes>>>(b.x, b.y, cols, cols); });
+    report("softmax fwd", dname<T>(), rows, cols, "smem thr=" + std::to_string(TH), 2.0 * rows * cols * sizeof(T), us);
+  };
+  fwd.template operator()<512>();
+  fwd.template operator()<1024>();
+  auto bwd = [&]<int TH, bool BOTH>() {
+    auto k = softmax_backward_smem<T, TH, BOTH>;
+    const size_t smem = BOTH ? 2 * row_bytes : row_bytes;
+    if (smem > (200u << 10)) return;
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    float us = time_us([&] { k<<<rows, TH, smem>>>(b.y, b.dy, b.dx, cols, cols); });
+    report("softmax bwd", dname<T>(), rows, cols, std::string("smem ") + (BOTH ? "y+dy" : "y") + " thr=" + std::to_string(TH),
+           3.0 * rows * cols * sizeof(T), us);
+  };
+  bwd.template operator()<512, false>();
+  bwd.template operator()<1024, false>();
+  bwd.template operator()<512, true>();
+  bwd.template operator()<1024, true>();
+}
+
+// add_rms_norm, fused (the RMSNorm kernels with ADD) against the same kernels without the add plus a plain add.
+template <typename T>
+__global__ void add_kernel(const T* a, const T* b, T* c, size_t n) {
+  constexpr int VEC = 16 / sizeof(T);
+  size_t i = (blockIdx.x * size_t(blockDim.x) + threadIdx.x) * VEC;
+  for (; i < n; i += size_t(gridDim.x) * blockDim.x * VEC) {
+    float u[VEC], v[VEC];
+    load16<T>(a + i, u);
+    load16<T>(b + i, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) u[k] += v[k];
+    store16<T>(c + i, u);
+  }
+}
+
+template <typename T>
+static void add_rms(Bufs<T>& b, int rows, int cols, int sms) {
+  constexpr int VEC = 16 / sizeof(T);
+  int items, threads;
+  fwd_layout(cols, sizeof(T), items, threads);
+  const double n = double(rows) * cols * sizeof(T);
+  with_items(items, threads, [&]<int I, int TH>() {
+    if constexpr (I * VEC <= 32 && TH <= 512) {
+      float us = time_us([&] {
+        rms_norm_forward_vec<T, I, TH, true><<<rows, TH>>>(b.x, b.w, b.y, b.rstd, cols, cols, 1e-6f, 0.f, b.r, cols, b.h);
+      });
+      report("add_rms fwd", dname<T>(), rows, cols, lay("fused", items, threads), 4.0 * n, us);
+      us = time_us([&] {
+        add_kernel<T><<<sms * 8, 256>>>(b.x, b.r, b.h, size_t(rows) * cols);
+        rms_norm_forward_vec<T, I, TH><<<rows, TH>>>(b.h, b.w, b.y, b.rstd, cols, cols, 1e-6f, 0.f);
+      });
+      report("add_rms fwd", dname<T>(), rows, cols, lay("add + rmsnorm", items, threads), 4.0 * n, us);
+    }
+  });
+  bwd_layout(cols, sizeof(T), 8, items, threads);
+  with_items(items, threads, [&]<int I, int TH>() {
+    if constexpr (I * VEC <= 16 && TH >= 128) {
+      constexpr int S = 3;
+      auto kern = rms_norm_backward_pipelined<T, I, TH, S, true, true, true>;
+      const size_t smem = size_t(S) * 2 * I * TH * 16;
+      if (smem > (192u << 10)) return;
+      CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      int occ = 0;
+      CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, TH, smem));
+      const int groups = std::min(rows, occ * sms);
+      float us = time_us([&] {
+        kern<<<groups, TH, smem>>>(b.dy, b.h, b.w, b.rstd, b.dx, b.partial, rows, cols, cols, cols, 0.0f, b.dh, cols);
+        rms_norm_dw_reduce<T><<<(cols + kDwReduceCols - 1) / kDwReduceCols, dim3(kDwReduceCols, kDwReduceSlices)>>>(
+            b.partial, b.dw, groups, cols);
+      });
+      report("add_rms bwd", dname<T>(), rows, cols, lay("fused", items, threads) + " g=" + std::to_string(groups), 4.0 * n, us);
     }
   });
 }
@@ -214,6 +325,9 @@ static void run_dtype(int rows, int cols, int sms, bool full) {
   CK(cudaMalloc(&b.dx, n * sizeof(T)));
   CK(cudaMalloc(&b.w, cols * sizeof(T)));
   CK(cudaMalloc(&b.dw, cols * sizeof(T)));
+  CK(cudaMalloc(&b.r, n * sizeof(T)));
+  CK(cudaMalloc(&b.h, n * sizeof(T)));
+  CK(cudaMalloc(&b.dh, n * sizeof(T)));
   CK(cudaMalloc(&b.rstd, rows * sizeof(float)));
   CK(cudaMalloc(&b.partial, size_t(16) * sms * cols * sizeof(float)));
   float* tmp;
@@ -222,6 +336,10 @@ static void run_dtype(int rows, int cols, int sms, bool full) {
   cast_kernel<T><<<1024, 256>>>(tmp, b.x, n);
   fill_kernel<<<1024, 256>>>(tmp, n, 7u);
   cast_kernel<T><<<1024, 256>>>(tmp, b.dy, n);
+  fill_kernel<<<1024, 256>>>(tmp, n, 11u);
+  cast_kernel<T><<<1024, 256>>>(tmp, b.r, n);
+  fill_kernel<<<1024, 256>>>(tmp, n, 13u);
+  cast_kernel<T><<<1024, 256>>>(tmp, b.dh, n);
   fill_kernel<<<64, 256>>>(tmp, cols, 3u);
   cast_kernel<T><<<64, 256>>>(tmp, b.w, cols);
   CK(cudaDeviceSynchronize());
@@ -229,8 +347,11 @@ static void run_dtype(int rows, int cols, int sms, bool full) {
   const int es = sizeof(T), VEC = 16 / es;
   const int nvec = cols / VEC;
   int items, threads;
+  narrow_fwd(b, rows, cols);
+  wide_smem(b, rows, cols);
+  if (full) add_rms(b, rows, cols, sms);
   fwd_layout(cols, es, items, threads);
-  sm_fwd(b, rows, cols, items, threads, "PROD");
+  sm_fwd(b, rows, cols, items, threads, cols * es <= 1024 || cols > 16384 ? "block-per-row" : "PROD");
   if (full && items > 0) {
     if (items > 1) sm_fwd(b, rows, cols, items / 2, round_warp(nvec / (items / 2)), "alt");
     if (items * 2 * VEC <= 32 && nvec / (items * 2) >= 32) sm_fwd(b, rows, cols, items * 2, round_warp(nvec / (items * 2)), "alt");
@@ -238,7 +359,7 @@ static void run_dtype(int rows, int cols, int sms, bool full) {
   if (items < 0 && cols <= 32768) {  // registers at 1024 threads?
   }
   if (items > 0) {
-    rms_fwd(b, rows, cols, items, threads, "PROD");
+    rms_fwd(b, rows, cols, items, threads, cols * es <= 1024 ? "block-per-row" : "PROD");
     if (full && items > 1) rms_fwd(b, rows, cols, items / 2, round_warp(nvec / (items / 2)), "alt");
   }
   // softmax backward on y = softmax(x)
@@ -249,7 +370,7 @@ static void run_dtype(int rows, int cols, int sms, bool full) {
   // RMSNorm backward (rstd from the forward above)
   bwd_layout(cols, es, 8, items, threads);
   if (items > 0) {
-    const bool prod = size_t(3) * 2 * cols * es <= (96u << 10);  // ops.cu: 3 stages within 96 KB
+    const bool prod = size_t(3) * 2 * cols * es <= (192u << 10);  // ops.cu: 3 stages within 192 KB
     rms_bwd(b, rows, cols, items, threads, 3, sms, prod ? "PROD" : "not-prod");
     if (full) rms_bwd(b, rows, cols, items, threads, 2, sms, "alt");
   }
@@ -260,10 +381,115 @@ static void run_dtype(int rows, int cols, int sms, bool full) {
   CK(cudaFree(b.w));
   CK(cudaFree(b.dw));
   CK(cudaFree(b.rstd));
+  CK(cudaFree(b.r));
+  CK(cudaFree(b.h));
+  CK(cudaFree(b.dh));
   CK(cudaFree(b.partial));
 }
 
+// `rowbench check`: each kernel added for add_rms_norm, narrow and wide rows launched once on small ragged shapes, an
+// error check after each (run under compute-sanitizer memcheck/racecheck without the PyTorch build).
+#define LAUNCHED(name)                                                                   \
+  do {                                                                                   \
+    cudaError_t e_ = cudaDeviceSynchronize();                                            \
+    if (e_ == cudaSuccess) e_ = cudaGetLastError();                                      \
+    printf("%-60s %s\n", name, e_ == cudaSuccess ? "ok" : cudaGetErrorString(e_));       \
+    fflush(stdout);                                                                      \
+  } while (0)
+
+template <typename T>
+static void check_dtype() {
+  constexpr int VEC = 16 / sizeof(T);
+  const size_t n = size_t(4423) * 512 + 64;  // the largest shape below, plus slack for nothing: bounds are exact
+  const size_t big = size_t(3) * 40000;
+  T *x, *r, *h, *y, *dy, *dh, *dx, *w;
+  float *rstd, *partial;
+  const size_t m = std::max(n, big);
+  for (T** p : {&x, &r, &h, &y, &dy, &dh, &dx}) CK(cudaMalloc(p, m * sizeof(T)));
+  CK(cudaMalloc(&w, 40000 * sizeof(T)));
+  CK(cudaMalloc(&rstd, 4423 * sizeof(float)));
+  CK(cudaMalloc(&partial, size_t(132) * 16 * 8192 * sizeof(float)));
+  float* tmp;
+  CK(cudaMalloc(&tmp, m * sizeof(float)));
+  for (T* p : {x, r, dy, dh, w}) {
+    fill_kernel<<<256, 256>>>(tmp, m, unsigned(uintptr_t(p)));
+    cast_kernel<T><<<256, 256>>>(tmp, p, p == w ? 40000 : m);
+  }
+  CK(cudaDeviceSynchronize());
+  const char* dt = dname<T>();
+  char name[128];
+  // warp-rows forward (RMSNorm with and without the add, softmax): 4423 rows, a ragged last block
+  snprintf(name, sizeof name, "%s warp_rows 4423x256 (add, rows/warp 4 or 2)", dt);
+  if constexpr (VEC == 8) rms_norm_forward_warp_rows<T, 1, 4, true><<<(4423 + 15) / 16, 128>>>(x, w, y, rstd, 4423, 256, 256, 1e-6f, 1.f, r, 256, h);
+  else rms_norm_forward_warp_rows<T, 2, 2, true><<<(4423 + 7) / 8, 128>>>(x, w, y, rstd, 4423, 256, 256, 1e-6f, 1.f, r, 256, h);
+  LAUNCHED(name);
+  snprintf(name, sizeof name, "%s softmax warp_rows 4423x64", dt);
+  softmax_forward_warp_rows<T, 1, 4><<<(4423 + 15) / 16, 128>>>(x, y, 4423, 64, 64);
+  LAUNCHED(name);
+  // shared-memory softmax: ragged per-thread counts, 512 and 1024 threads, up to 160000 bytes a row
+  auto smem_fwd = [&]<int TH>(int rows, int cols) {
+    auto k = softmax_forward_smem<T, TH>;
+    const size_t bytes = size_t(cols) * sizeof(T);
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    k<<<rows, TH, bytes>>>(x, y, cols, cols);
+    snprintf(name, sizeof name, "%s softmax smem fwd %dx%d thr=%d (%zu B)", dt, rows, cols, TH, bytes);
+    LAUNCHED(name);
+  };
+  smem_fwd.template operator()<512>(3, 20000);
+  smem_fwd.template operator()<1024>(3, 40000);
+  smem_fwd.template operator()<1024>(2, 32768);
+  auto smem_bwd = [&]<int TH>(int rows, int cols) {
+    auto k = softmax_backward_smem<T, TH, true>;
+    const size_t bytes = 2 * size_t(cols) * sizeof(T);
+    if (bytes > (200u << 10)) return;
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    k<<<rows, TH, bytes>>>(y, dy, dx, cols, cols);
+    snprintf(name, sizeof name, "%s softmax smem bwd y+dy %dx%d thr=%d (%zu B)", dt, rows, cols, TH, bytes);
+    LAUNCHED(name);
+  };
+  smem_bwd.template operator()<512>(3, 12000);
+  smem_bwd.template operator()<1024>(3, 20000);
+  // add_rms_norm: vector forward, pipelined backward (3 stages, more rows than blocks), register and looped kernels
+  rms_norm_forward_vec<T, 1, 128, true><<<7, 128>>>(x, w, y, rstd, 1000, 1000, 1e-6f, 0.f, r, 1000, h);
+  snprintf(name, sizeof name, "%s add fwd vec 7x1000", dt);
+  LAUNCHED(name);
+  {
+    constexpr int I = VEC == 8 ? 1 : 2;
+    auto k = rms_norm_backward_pipelined<T, I, 128, 3, true, true, true>;
+    const size_t smem = size_t(3) * 2 * I * 128 * 16;
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    k<<<40, 128, smem>>>(dy, h, w, rstd, dx, partial, 301, 1000, 1000, 1000, 0.f, dh, 1000);
+    rms_norm_dw_reduce<T><<<(1000 + kDwReduceCols - 1) / kDwReduceCols, dim3(kDwReduceCols, kDwReduceSlices)>>>(partial, w, 40, 1000);
+    snprintf(name, sizeof name, "%s add bwd pipelined 301x1000 (40 blocks)", dt);
+    LAUNCHED(name);
+  }
+  rms_norm_forward_registers<T, 1, 2, true><<<9, 512>>>(x, w, y, rstd, 1001, 1001, 1e-6f, 1.f, r, 1001, h);
+  rms_norm_backward_registers<T, 1, 2, true, true, true><<<4, 512>>>(dy, h, w, rstd, dx, partial, 9, 1001, 1001, 1001, 1.f, dh, 1001);
+  snprintf(name, sizeof name, "%s add fwd+bwd registers 9x1001", dt);
+  LAUNCHED(name);
+  rms_norm_forward_looped<T, true><<<3, 1024>>>(x, w, y, rstd, 8193, 8193, 1e-6f, 0.f, r, 8193, h);
+  rms_norm_backward_looped<T, true, false, true><<<2, 1024>>>(dy, h, w, rstd, dx, nullptr, 3, 8193, 8193, 8193, 0.f, dh, 8193);
+  snprintf(name, sizeof name, "%s add fwd+bwd looped 3x8193", dt);
+  LAUNCHED(name);
+  softmax_backward_registers<T, 1, 2><<<5, 512>>>(y, dy, dx, 1001, 1001);
+  softmax_backward_registers<T, VEC, 1, 128><<<5, 128>>>(y, dy, dx, 1000, 1000);
+  snprintf(name, sizeof name, "%s softmax bwd registers (both load policies)", dt);
+  LAUNCHED(name);
+  for (T* p : {x, r, h, y, dy, dh, dx, w}) CK(cudaFree(p));
+  CK(cudaFree(rstd));
+  CK(cudaFree(partial));
+  CK(cudaFree(tmp));
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "check") {
+    int optin = 0;
+    CK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
+    printf("max dynamic shared memory per block (opt-in): %d B\n", optin);
+    check_dtype<bf16>();
+    check_dtype<float>();
+    return 0;
+  }
   if (argc > 1) REPS = atoi(argv[1]);
   int sms = 0;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));

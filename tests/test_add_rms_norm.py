@@ -164,3 +164,51 @@ def test_harness_moves_the_minimum(monkeypatch, dtype):
     assert b.kernel.startswith("rms_norm_add_backward_dx_single_row")
     assert b.traffic[0] == (n, 0) and b.traffic[1] == (n, 0) and b.traffic[7] == (n, 0)  # dy, h, dh
     assert b.traffic[4] == (0, n)  # dx
+
+
+# ---- CUDA: every kernel class of the fused launch (csrc/cuda/ops.cu), with 16-byte aligned views so the vector
+# kernels run on views too ----------------------------------------------------------------------------------------
+# (rows, cols) -> the forward / backward kernels they take in bf16 (fp32 where it differs):
+CUDA_SHAPES = [
+    (4423, 256),  # forward warp-rows, 4 rows per warp (fp32: 2 vectors per lane, 2 rows), ragged last block;
+    #               backward register kernel (16-byte vectors)
+    (4423, 512),  # forward warp-rows, 2 vectors per lane (fp32: block vector kernel); backward pipelined, 128 threads
+    (7, 1000),  # forward block vector kernel, 1 vector per thread with idle lanes; backward pipelined, ragged row
+    (1111, 4096),  # forward block vector kernel; backward pipelined, more rows than resident blocks
+    (3, 8192),  # backward pipelined at its widest (fp32: 192 KB of shared memory)
+    (3, 20000),  # forward looped (aligned, past registers); backward looped
+    (5, 33),  # register kernels, element by element
+    (9, 1001),  # register kernels, element by element, several items per thread
+    (3, 8193),  # looped kernels, element by element
+]
+
+
+def _aligned(shape, dtype, device, layout, seed, scale=1.0):
+    """contiguous; a view 16 bytes into its storage (storage offset 16 / element size); rows 16 bytes longer than the
+    row (a column slice of a wider tensor, also 16 bytes in): vector loads stay legal in all three."""
+    pad = 16 // (torch.finfo(dtype).bits // 8)
+    rows, cols = shape
+    if layout == "contiguous":
+        return randn(shape, dtype, device, scale, seed)
+    if layout == "aligned_offset":
+        return randn((pad + rows * cols,), dtype, device, scale, seed)[pad:].view(rows, cols)
+    wide = randn((rows, cols + 2 * pad), dtype, device, scale, seed)
+    return wide[:, pad : pad + cols]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("layout", ["contiguous", "aligned_offset", "aligned_strided"])
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
+def test_cuda_kernel_classes(dtype, shape, layout, offset):
+    """x in `layout`, the residual and dh in the other aligned layouts (each kernel addresses them with their own
+    row strides), dy contiguous; the frozen-weight (dx only) kernels in the strided layout."""
+    others = {"contiguous": "aligned_strided", "aligned_offset": "contiguous", "aligned_strided": "aligned_offset"}
+    x = _aligned(shape, dtype, "cuda", layout, 0, scale=2.0)
+    residual = _aligned(shape, dtype, "cuda", others[layout], 1, scale=3.0)
+    weight = randn((shape[1],), dtype, "cuda", seed=2)
+    grads = (randn(shape, dtype, "cuda", seed=7), _aligned(shape, dtype, "cuda", others[layout], 8))
+    what = f"{shape} {layout} offset={offset}"
+    _check(x, residual, weight, dtype, offset=offset, grads=grads, what=what, frozen_weight=layout == "aligned_strided")

@@ -165,3 +165,23 @@ def test_backward_with_strided_inputs(backend, n, dtype):
     rx, rw = torch.autograd.grad(_reference(x64, w64, 1e-6), (x64, w64), dy.double().cpu())
     assert_matches(dx, rx, dtype, "rms_norm dx, strided x and dy")
     assert_matches(dw, rw, dtype, "rms_norm dw, strided x and dy")
+
+
+# ---- CUDA kernel classes past the contract's sizes (csrc/cuda/ops.cu): narrow rows on the warp-rows forward (4423
+# rows: 4 or 2 rows per warp, a ragged last block; 64 wide leaves lanes idle), with and without a weight, Gemma's
+# offset, a view 16 bytes into its storage (the vector kernels still run) ---------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4423, 64), (4423, 256), (4423, 512), (300, 256)])
+@pytest.mark.parametrize("view", [False, True], ids=["contiguous", "aligned_offset"])
+def test_cuda_narrow_rows(dtype, shape, view):
+    rows, cols = shape
+    pad = 16 // (torch.finfo(dtype).bits // 8) if view else 0
+    x = randn((pad + rows * cols,), dtype, "cuda", scale=2.0)[pad:].view(rows, cols)
+    _check(x, randn((cols,), dtype, "cuda", seed=2), dtype)
+    _check(x, None, dtype)
+    w = randn((cols,), dtype, "cuda", seed=3)
+    y = tmf.rms_norm(x, w, 1e-6, offset=1.0)
+    x64 = x.double().cpu()
+    assert_matches(y, _reference(x64, w.double().cpu() + 1.0, 1e-6), dtype, "rms_norm gemma offset, narrow rows")

@@ -109,3 +109,30 @@ def test_backward_with_a_strided_incoming_gradient(backend, n, dtype):
     dx = softmax_backward(y, dy)
     y64, dy64 = y.double().cpu(), dy.double().cpu()
     assert_matches(dx, y64 * (dy64 - (dy64 * y64).sum(-1, keepdim=True)), dtype, "softmax dx, strided dy")
+
+
+# ---- CUDA kernel classes past the contract's sizes (csrc/cuda/ops.cu): narrow rows on the warp-rows kernel (4423
+# rows: 4 or 2 rows per warp, a ragged last block), wide rows kept in shared memory (forward up to 200 KB a row:
+# 512 threads at 20000 and bf16 32768, 1024 for fp32 32768 and 40000; backward with y and dy staged where both fit:
+# 20000, bf16 32768 and 40000; fp32 32768 and 40000 take the looped kernel), NaN/-inf rows in each, a view 16 bytes
+# into its storage (the vector kernels still run) ------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4423, 64), (4423, 256), (4423, 512), (5, 20000), (3, 32768), (3, 40000)])
+@pytest.mark.parametrize("view", [False, True], ids=["contiguous", "aligned_offset"])
+def test_cuda_narrow_and_wide_rows(dtype, shape, view):
+    rows, cols = shape
+    pad = 16 // (torch.finfo(dtype).bits // 8) if view else 0
+    x = randn((pad + rows * cols,), dtype, "cuda", scale=3.0)[pad:].view(rows, cols)
+    x[1, ::3] = float("-inf")
+    x[2] = float("-inf")  # fully masked: NaN, as torch
+    x[-1, cols // 2] = float("nan")
+    x[0, 5] = float("inf")
+    y = tmf.softmax(x)
+    ref = torch.softmax(x.double().cpu(), -1)
+    assert_matches(y, ref, dtype, f"softmax {shape} with -inf/NaN")
+    assert torch.isnan(y[2]).all() and torch.isnan(y[-1]).all()
+    assert (y[1, ::3] == 0).all()
+    x = randn((pad + rows * cols,), dtype, "cuda", scale=3.0, seed=5)[pad:].view(rows, cols)
+    _check(None, x, -1, dtype)  # forward and backward

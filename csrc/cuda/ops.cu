@@ -12,6 +12,7 @@
 
 #include "ops.h"
 #include "row_kernels.cuh"
+#include "row_launch.h"
 
 namespace tmf {
 namespace {
@@ -161,15 +162,20 @@ void with_vec_layout(const VecLayout& l, F&& f) {
 }
 
 // Blocks of `kernel` resident per SM with `smem` dynamic shared memory (raising the kernel's dynamic limit first),
-// cached per kernel, block size and smem.
+// cached per kernel, block size and smem. The limit is a per-kernel maximum: raised, never lowered (a kernel launched
+// with several sizes, as the shared-memory softmax is, keeps the largest asked for).
 int resident_blocks(const void* kernel, int threads, size_t smem) {
   static std::mutex mu;
   static std::map<std::tuple<const void*, int, size_t>, int> cache;
+  static std::map<const void*, size_t> limit;
   std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_tuple(kernel, threads, smem);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  if (smem > limit[kernel]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    limit[kernel] = smem;
+  }
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
   cache.emplace(key, blocks);
@@ -177,6 +183,58 @@ int resident_blocks(const void* kernel, int threads, size_t smem) {
 }
 
 void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+
+int sm_count(const at::Tensor& t) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.device().index()));
+  return sms;
+}
+
+// Narrow forward rows (vector rows of at most 64 16-byte vectors: 1024 bytes): the warp-rows kernels
+// (row_kernels.cuh), ITEMS vectors per lane, ROWS rows per warp: up to kWarpRowVecs vectors of loads per lane in
+// flight, fewer rows per warp where that would leave under two blocks per SM.
+constexpr int kWarpRowVecs = 4;
+
+struct WarpRows {
+  int items = 0, rows_per_warp = 0;
+  bool ok = false;
+};
+
+WarpRows warp_rows_layout(int64_t rows, int64_t cols, int element_size, int sms) {
+  const int64_t nvec = cols / (16 / element_size);
+  if (nvec > 64) return {};
+  const int items = nvec <= 32 ? 1 : 2;
+  int per_warp = kWarpRowVecs / items;
+  while (per_warp > 1 && rows / (int64_t(per_warp) * cuda::kWarpRowsWarps) < 2 * int64_t(sms)) per_warp /= 2;
+  return {items, per_warp, true};
+}
+
+template <class F>
+void with_warp_rows(const WarpRows& l, F&& f) {
+  auto rows = [&]<int I>() {
+    switch (l.rows_per_warp) {
+      case 1: return f.template operator()<I, 1>();
+      case 2: return f.template operator()<I, 2>();
+      case 4: if constexpr (I * 4 <= kWarpRowVecs) return f.template operator()<I, 4>();
+      default: TORCH_CHECK(false, "torch_metal_fused: no warp-rows layout with ", l.rows_per_warp, " rows");
+    }
+  };
+  if (l.items == 1) return rows.template operator()<1>();
+  if (l.items == 2) return rows.template operator()<2>();
+  TORCH_CHECK(false, "torch_metal_fused: no warp-rows layout with ", l.items, " vectors per lane");
+}
+
+int64_t warp_rows_blocks(int64_t rows, int rows_per_warp) {
+  const int64_t per_block = int64_t(rows_per_warp) * cuda::kWarpRowsWarps;
+  return (rows + per_block - 1) / per_block;
+}
+
+// Wide softmax rows kept in shared memory (softmax_forward_smem / softmax_backward_smem): rows up to
+// kSmemRowBytes (a row's bytes; the backward stages dy too where both rows fit), 1024 threads where a block has the
+// SM's shared memory to itself, 512 where two or more rows fit per SM.
+constexpr size_t kSmemRowBytes = 200u << 10;
+
+int smem_threads(size_t smem) { return smem > (113u << 10) ? 1024 : 512; }
 
 }  // namespace
 
@@ -190,12 +248,19 @@ at::Tensor softmax_forward(const at::Tensor& x) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool vec = vec_ok(cols, x.element_size(), aligned16(x2, stride));
   const VecLayout vl = vec ? forward_vec_layout(cols, x.element_size()) : VecLayout{};
+  const WarpRows wr = vec ? warp_rows_layout(rows, cols, x.element_size(), sm_count(x)) : WarpRows{};
+  const size_t row_bytes = size_t(cols) * x.element_size();
   const RowLayout l = row_layout<kForwardElems>(cols, x.element_size(), aligned16(x2, stride));
   TMF_DISPATCH_FLOAT_TYPES(x.scalar_type(), "softmax", [&] {
     using T = scalar_t;
     const T* xp = reinterpret_cast<const T*>(x2.data_ptr());
     T* yp = reinterpret_cast<T*>(y.data_ptr());
-    if (vl.ok) {
+    if (wr.ok) {
+      with_warp_rows(wr, [&]<int ITEMS, int ROWS>() {
+        cuda::softmax_forward_warp_rows<T, ITEMS, ROWS>
+            <<<warp_rows_blocks(rows, ROWS), cuda::kWarpRowsWarps * 32, 0, stream>>>(xp, yp, rows, int(cols), stride);
+      });
+    } else if (vl.ok) {
       with_vec_layout(vl, [&]<int ITEMS, int TH>() {
         if constexpr (ITEMS * 16 / sizeof(T) <= kForwardVecElems && TH <= kForwardMaxThreads &&
                       (ITEMS == 1 ? TH <= 256 : TH >= 128))
@@ -203,6 +268,15 @@ at::Tensor softmax_forward(const at::Tensor& x) {
         else
           TORCH_CHECK(false, "softmax: no forward kernel for this layout");
       });
+    } else if (vec && row_bytes <= kSmemRowBytes) {
+      auto launch = [&]<int TH>() {
+        auto kernel = cuda::softmax_forward_smem<T, TH>;
+        TORCH_CHECK(resident_blocks(reinterpret_cast<const void*>(kernel), TH, row_bytes) > 0,
+                    "softmax: no resident block for the shared-memory kernel");
+        kernel<<<rows, TH, row_bytes, stream>>>(xp, yp, int(cols), stride);
+      };
+      if (smem_threads(row_bytes) == 1024) launch.template operator()<1024>();
+      else launch.template operator()<512>();
     } else if (vec) {
       cuda::softmax_forward_looped_vec<T><<<rows, 1024, 0, stream>>>(xp, yp, int(cols), stride);
     } else if (l.looped) {
@@ -237,10 +311,23 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy) {
       with_vec_layout(vl, [&]<int ITEMS, int TH>() {
         constexpr int base = std::max<int>(1, kBackwardVecElems * sizeof(T) / 16);
         if constexpr (ITEMS == base || (ITEMS == 2 * base && ITEMS * 16 / sizeof(T) <= 16 && TH == 1024))
-          cuda::softmax_backward_vec<T, ITEMS, TH><<<rows, TH, 0, stream>>>(yp, dyp, dxp, int(cols), stride);
+          cuda::softmax_backward_registers<T, 16 / sizeof(T), ITEMS, TH><<<rows, TH, 0, stream>>>(yp, dyp, dxp, int(cols), stride);
         else
           TORCH_CHECK(false, "softmax: no backward kernel for this layout");
       });
+    } else if (vec && 2 * size_t(cols) * sizeof(T) <= kSmemRowBytes) {
+      // y and dy staged (BOTH). Staging y alone, re-reading dy, measured slower than the looped kernel on the H200
+      // (2048x32768 fp32: 238.1 us at 1024 threads, 295.2 at 512, against 231.3), so wider rows take that.
+      const size_t row_bytes = size_t(cols) * sizeof(T);
+      auto launch = [&]<int TH, bool BOTH>() {
+        auto kernel = cuda::softmax_backward_smem<T, TH, BOTH>;
+        const size_t smem = BOTH ? 2 * row_bytes : row_bytes;
+        TORCH_CHECK(resident_blocks(reinterpret_cast<const void*>(kernel), TH, smem) > 0,
+                    "softmax backward: no resident block for the shared-memory kernel");
+        kernel<<<rows, TH, smem, stream>>>(yp, dyp, dxp, int(cols), stride);
+      };
+      if (smem_threads(2 * row_bytes) == 1024) launch.template operator()<1024, true>();
+      else launch.template operator()<512, true>();
     } else if (vec) {
       cuda::softmax_backward_looped_vec<T><<<rows, 1024, 0, stream>>>(yp, dyp, dxp, int(cols), stride);
     } else if (l.looped) {
@@ -256,52 +343,80 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy) {
   return dx;
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps,
-                                                    double offset) {
+// RMSNorm forward; with `residual` (add_rms_norm) the row normalised is h = x + residual, written to `h` (x's shape,
+// contiguous) by the same kernel: each kernel's ADD parameter (row_kernels.cuh).
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward_launch(const at::Tensor& x, const OptTensor& weight, double eps,
+                                                           double offset, const at::Tensor* residual, at::Tensor* h) {
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y, rstd;
   std::tie(y, rstd) = rms_norm_outputs(x, eps);  // not a structured binding: lambdas below capture them (C++17)
   if (x.numel() == 0) return {y, rstd};
   at::Tensor x2 = as_rows(x);
+  at::Tensor r2 = residual ? as_rows(*residual) : at::Tensor();
   at::Tensor w = weight ? weight->contiguous() : at::Tensor();
   const int64_t rows = x2.size(0), cols = x2.size(1), stride = row_stride(x2);
+  const int64_t rstride = residual ? row_stride(r2) : 0;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool aligned = aligned16(x2, stride) && (!w.defined() || aligned16(w, cols));
-  const VecLayout vl = vec_ok(cols, x.element_size(), aligned) ? forward_vec_layout(cols, x.element_size()) : VecLayout{};
+  const bool aligned = aligned16(x2, stride) && (!w.defined() || aligned16(w, cols)) &&
+                       (!residual || (aligned16(r2, rstride) && aligned16(*h, cols)));
+  const bool vec = vec_ok(cols, x.element_size(), aligned);
+  const VecLayout vl = vec ? forward_vec_layout(cols, x.element_size()) : VecLayout{};
+  const WarpRows wr = vec ? warp_rows_layout(rows, cols, x.element_size(), sm_count(x)) : WarpRows{};
   const RowLayout l = row_layout<kForwardElems>(cols, x.element_size(), aligned);
   TMF_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rms_norm", [&] {
     using T = scalar_t;
     const T* xp = reinterpret_cast<const T*>(x2.data_ptr());
     const T* wp = w.defined() ? reinterpret_cast<const T*>(w.data_ptr()) : nullptr;
+    const T* rp_in = residual ? reinterpret_cast<const T*>(r2.data_ptr()) : nullptr;
+    T* hp = residual ? reinterpret_cast<T*>(h->data_ptr()) : nullptr;
     T* yp = reinterpret_cast<T*>(y.data_ptr());
     float* rp = rstd.data_ptr<float>();
-    if (vl.ok) {
-      with_vec_layout(vl, [&]<int ITEMS, int TH>() {
-        if constexpr (ITEMS * 16 / sizeof(T) <= kForwardVecElems && TH <= kForwardMaxThreads &&
-                      (ITEMS == 1 ? TH <= 256 : TH >= 128))
-          cuda::rms_norm_forward_vec<T, ITEMS, TH>
-              <<<rows, TH, 0, stream>>>(xp, wp, yp, rp, int(cols), stride, float(eps), float(offset));
-        else
-          TORCH_CHECK(false, "rms_norm: no forward kernel for this layout");
-      });
-    } else if (l.looped) {
-      cuda::rms_norm_forward_looped<T>
-          <<<rows, l.threads, 0, stream>>>(xp, wp, yp, rp, int(cols), stride, float(eps), float(offset));
-    } else {
-      with_layout<kForwardElems, T>(l, [&]<int VEC, int ITEMS>() {
-        cuda::rms_norm_forward_registers<T, VEC, ITEMS>
-            <<<rows, l.threads, 0, stream>>>(xp, wp, yp, rp, int(cols), stride, float(eps), float(offset));
-      });
-    }
+    auto go = [&]<bool ADD>() {
+      if (wr.ok) {
+        with_warp_rows(wr, [&]<int ITEMS, int ROWS>() {
+          cuda::rms_norm_forward_warp_rows<T, ITEMS, ROWS, ADD>
+              <<<warp_rows_blocks(rows, ROWS), cuda::kWarpRowsWarps * 32, 0, stream>>>(
+                  xp, wp, yp, rp, rows, int(cols), stride, float(eps), float(offset), rp_in, rstride, hp);
+        });
+      } else if (vl.ok) {
+        with_vec_layout(vl, [&]<int ITEMS, int TH>() {
+          if constexpr (ITEMS * 16 / sizeof(T) <= kForwardVecElems && TH <= kForwardMaxThreads &&
+                        (ITEMS == 1 ? TH <= 256 : TH >= 128))
+            cuda::rms_norm_forward_vec<T, ITEMS, TH, ADD><<<rows, TH, 0, stream>>>(
+                xp, wp, yp, rp, int(cols), stride, float(eps), float(offset), rp_in, rstride, hp);
+          else
+            TORCH_CHECK(false, "rms_norm: no forward kernel for this layout");
+        });
+      } else if (l.looped) {
+        cuda::rms_norm_forward_looped<T, ADD><<<rows, l.threads, 0, stream>>>(
+            xp, wp, yp, rp, int(cols), stride, float(eps), float(offset), rp_in, rstride, hp);
+      } else {
+        with_layout<kForwardElems, T>(l, [&]<int VEC, int ITEMS>() {
+          cuda::rms_norm_forward_registers<T, VEC, ITEMS, ADD><<<rows, l.threads, 0, stream>>>(
+              xp, wp, yp, rp, int(cols), stride, float(eps), float(offset), rp_in, rstride, hp);
+        });
+      }
+    };
+    if (residual) go.template operator()<true>();
+    else go.template operator()<false>();
   });
   check_launch();
   return {y, rstd};
 }
 
-std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight,
-                                                   const at::Tensor& rstd, bool needs_dx, bool needs_dw,
-                                                   double offset) {
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps,
+                                                    double offset) {
+  return rms_norm_forward_launch(x, weight, eps, offset, nullptr, nullptr);
+}
+
+// RMSNorm backward; with `dh` (add_rms_norm: x is h, dh its incoming gradient) dx = RMSNorm's dx + dh, added by
+// the dx kernel before dx is rounded (each kernel's ADD parameter).
+std::tuple<OptTensor, OptTensor> rms_norm_backward_launch(const at::Tensor& dy, const at::Tensor& x,
+                                                          const OptTensor& weight, const at::Tensor& rstd,
+                                                          bool needs_dx, bool needs_dw, double offset,
+                                                          const at::Tensor* dh) {
   c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(!dh || needs_dx, "rms_norm backward: the residual gradient is added to dx");
   const int64_t cols = x.size(-1);
   needs_dw = needs_dw && weight.has_value();
   at::Tensor dx = needs_dx ? at::empty(x.sizes(), x.options()) : at::Tensor();
@@ -310,13 +425,14 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const a
                            : at::Tensor();
   if (x.numel() > 0 && (needs_dx || needs_dw)) {
     at::Tensor x2 = as_rows(x), dy2 = as_rows(dy);
-    const int64_t rows = x2.size(0), xs = row_stride(x2), dys = row_stride(dy2);
+    at::Tensor dh2 = dh ? as_rows(*dh) : at::Tensor();
+    const int64_t rows = x2.size(0), xs = row_stride(x2), dys = row_stride(dy2), dhs = dh ? row_stride(dh2) : 0;
     at::Tensor w = weight ? weight->contiguous() : at::Tensor();
     at::Tensor r = rstd.contiguous();
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
+    const int sms = sm_count(x);
     auto stream = c10::cuda::getCurrentCUDAStream();
-    const bool aligned = aligned16(x2, xs) && aligned16(dy2, dys) && (!w.defined() || aligned16(w, cols));
+    const bool aligned = aligned16(x2, xs) && aligned16(dy2, dys) && (!w.defined() || aligned16(w, cols)) &&
+                         (!dh || aligned16(dh2, dhs));
     const RowLayout l = row_layout<kBackwardElems>(cols, x.element_size(), aligned);
     // Pipelined kernel: vector rows of 128 to 1024 threads x 8 elements (so 1024 to 8192 wide; with 16 elements and
     // 1024 threads it spills under the 64-register cap), 3 stages of x and dy rows (3 against 2 stages measured
@@ -336,6 +452,7 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const a
       const T* xp = reinterpret_cast<const T*>(x2.data_ptr());
       const T* wp = w.defined() ? reinterpret_cast<const T*>(w.data_ptr()) : nullptr;
       T* dxp = needs_dx ? reinterpret_cast<T*>(dx.data_ptr()) : nullptr;
+      const T* dhp = dh ? reinterpret_cast<const T*>(dh2.data_ptr()) : nullptr;
       float* pp = nullptr;
       int groups_used = groups;
       auto alloc_partial = [&](int g) {
@@ -345,38 +462,40 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const a
           pp = partial.data_ptr<float>();
         }
       };
-      auto launch = [&]<bool DX, bool DW>() {
+      auto launch = [&]<bool DX, bool DW, bool ADD>() {
         if (pl.ok) {
           with_vec_layout(pl, [&]<int ITEMS, int TH>() {
             constexpr int base = std::max<int>(1, kBackwardVecElems * sizeof(T) / 16);
             if constexpr (ITEMS == base && TH >= 128) {
               constexpr int STAGES = 3;
-              auto kernel = cuda::rms_norm_backward_pipelined<T, ITEMS, TH, STAGES, DX, DW>;
+              auto kernel = cuda::rms_norm_backward_pipelined<T, ITEMS, TH, STAGES, DX, DW, ADD>;
               const size_t smem = size_t(STAGES) * 2 * ITEMS * TH * 16;
               const int per_sm = resident_blocks(reinterpret_cast<const void*>(kernel), TH, smem);
               TORCH_CHECK(per_sm > 0, "rms_norm backward: no resident block for the pipelined kernel");
               alloc_partial(int(std::min<int64_t>(rows, int64_t(per_sm) * sms)));
               kernel<<<groups_used, TH, smem, stream>>>(dyp, xp, wp, r.data_ptr<float>(), dxp, pp, rows, int(cols), xs,
-                                                        dys, float(offset));
+                                                        dys, float(offset), dhp, dhs);
             } else {
               TORCH_CHECK(false, "rms_norm backward: no pipelined kernel for this layout");
             }
           });
         } else if (l.looped) {
           alloc_partial(groups);
-          cuda::rms_norm_backward_looped<T, DX, DW><<<groups, l.threads, 0, stream>>>(
-              dyp, xp, wp, r.data_ptr<float>(), dxp, pp, rows, int(cols), xs, dys, float(offset));
+          cuda::rms_norm_backward_looped<T, DX, DW, ADD><<<groups, l.threads, 0, stream>>>(
+              dyp, xp, wp, r.data_ptr<float>(), dxp, pp, rows, int(cols), xs, dys, float(offset), dhp, dhs);
         } else {
           alloc_partial(groups);
           with_layout<kBackwardElems, T>(l, [&]<int VEC, int ITEMS>() {
-            cuda::rms_norm_backward_registers<T, VEC, ITEMS, DX, DW><<<groups, l.threads, 0, stream>>>(
-                dyp, xp, wp, r.data_ptr<float>(), dxp, pp, rows, int(cols), xs, dys, float(offset));
+            cuda::rms_norm_backward_registers<T, VEC, ITEMS, DX, DW, ADD><<<groups, l.threads, 0, stream>>>(
+                dyp, xp, wp, r.data_ptr<float>(), dxp, pp, rows, int(cols), xs, dys, float(offset), dhp, dhs);
           });
         }
       };
-      if (needs_dx && needs_dw) launch.template operator()<true, true>();
-      else if (needs_dx) launch.template operator()<true, false>();
-      else launch.template operator()<false, true>();
+      if (dh && needs_dw) launch.template operator()<true, true, true>();
+      else if (dh) launch.template operator()<true, false, true>();
+      else if (needs_dx && needs_dw) launch.template operator()<true, true, false>();
+      else if (needs_dx) launch.template operator()<true, false, false>();
+      else launch.template operator()<false, true, false>();
       check_launch();
       if (needs_dw) {
         cuda::rms_norm_dw_reduce<T>
@@ -387,6 +506,12 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const a
     });
   }
   return {needs_dx ? OptTensor(dx) : std::nullopt, needs_dw ? OptTensor(dw) : std::nullopt};
+}
+
+std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight,
+                                                   const at::Tensor& rstd, bool needs_dx, bool needs_dw,
+                                                   double offset) {
+  return rms_norm_backward_launch(dy, x, weight, rstd, needs_dx, needs_dw, offset, nullptr);
 }
 
 // ---- cross-entropy row pass --------------------------------------------------------------------------------

@@ -163,31 +163,7 @@ __global__ void softmax_forward_looped(const T* __restrict__ x, T* __restrict__ 
   for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = from_float<T>(__expf(to_float(xr[c]) - m) * inv);
 }
 
-template <typename T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(512) softmax_backward_registers(const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dx,
-                                           int cols, int64_t dy_stride) {
-  __shared__ float scratch[32];
-  const T* yr = y + blockIdx.x * int64_t(cols);
-  const T* dyr = dy + blockIdx.x * dy_stride;
-  T* dxr = dx + blockIdx.x * int64_t(cols);
-  float yv[ITEMS][VEC], gv[ITEMS][VEC];
-  float dot = 0.0f;
-#pragma unroll
-  for (int it = 0; it < ITEMS; ++it) {
-    const int col = (it * blockDim.x + threadIdx.x) * VEC;
-    load_vec<T, VEC>(yr, col, cols, yv[it], 0.0f);
-    load_vec<T, VEC>(dyr, col, cols, gv[it], 0.0f);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) dot += yv[it][k] * gv[it][k];
-  }
-  dot = block_reduce<false>(dot, scratch);
-#pragma unroll
-  for (int it = 0; it < ITEMS; ++it) {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) gv[it][k] = yv[it][k] * (gv[it][k] - dot);
-    store_vec<T, VEC>(dxr, (it * blockDim.x + threadIdx.x) * VEC, cols, gv[it]);
-  }
-}
+// softmax_backward_registers: below, with the vector kernels (one kernel for both load policies).
 
 template <typename T>
 __global__ void softmax_backward_looped(const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dx,
@@ -204,10 +180,13 @@ __global__ void softmax_backward_looped(const T* __restrict__ y, const T* __rest
 }
 
 // ---- RMSNorm --------------------------------------------------------------------------------------------
-template <typename T, int VEC, int ITEMS>
+// ADD (add_rms_norm): the row normalised is h = x + res, rounded to T as torch's add rounds it, and h is written to
+// `h` (contiguous rows) in the same pass; without ADD `res`/`h` are unused.
+template <typename T, int VEC, int ITEMS, bool ADD = false>
 __global__ void __launch_bounds__(512) rms_norm_forward_registers(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                                            float* __restrict__ rstd, int cols, int64_t x_stride, float eps,
-                                           float offset) {
+                                           float offset, const T* __restrict__ res = nullptr, int64_t res_stride = 0,
+                                           T* __restrict__ h = nullptr) {
   __shared__ float scratch[32];
   const T* xr = x + blockIdx.x * x_stride;
   T* yr = y + blockIdx.x * int64_t(cols);
@@ -215,7 +194,15 @@ __global__ void __launch_bounds__(512) rms_norm_forward_registers(const T* __res
   float ss = 0.0f;
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    load_vec<T, VEC>(xr, (it * blockDim.x + threadIdx.x) * VEC, cols, v[it], 0.0f);
+    const int col = (it * blockDim.x + threadIdx.x) * VEC;
+    load_vec<T, VEC>(xr, col, cols, v[it], 0.0f);
+    if constexpr (ADD) {
+      float rv[VEC];
+      load_vec<T, VEC>(res + blockIdx.x * res_stride, col, cols, rv, 0.0f);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[it][k] = to_float(from_float<T>(v[it][k] + rv[k]));
+      store_vec<T, VEC>(h + blockIdx.x * int64_t(cols), col, cols, v[it]);
+    }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) ss += v[it][k] * v[it][k];
   }
@@ -237,33 +224,42 @@ __global__ void __launch_bounds__(512) rms_norm_forward_registers(const T* __res
   }
 }
 
-template <typename T>
+// ADD: pass 1 writes h = x + res (rounded to T) and pass 2 reads it back (each thread its own columns).
+template <typename T, bool ADD = false>
 __global__ void rms_norm_forward_looped(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                                        float* __restrict__ rstd, int cols, int64_t x_stride, float eps, float offset) {
+                                        float* __restrict__ rstd, int cols, int64_t x_stride, float eps, float offset,
+                                        const T* __restrict__ res = nullptr, int64_t res_stride = 0, T* h = nullptr) {
   __shared__ float scratch[32];
   const T* xr = x + blockIdx.x * x_stride;
   T* yr = y + blockIdx.x * int64_t(cols);
+  T* hr = ADD ? h + blockIdx.x * int64_t(cols) : nullptr;
   float ss = 0.0f;
   for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-    const float v = to_float(xr[c]);
+    float v = to_float(xr[c]);
+    if constexpr (ADD) {
+      const T hv = from_float<T>(v + to_float(res[blockIdx.x * res_stride + c]));
+      hr[c] = hv;
+      v = to_float(hv);
+    }
     ss += v * v;
   }
   const float r = rsqrtf(block_reduce<false>(ss, scratch) / float(cols) + eps);
   if (threadIdx.x == 0) rstd[blockIdx.x] = r;
   for (int c = threadIdx.x; c < cols; c += blockDim.x) {
     const float wc = w != nullptr ? to_float(w[c]) + offset : 1.0f;
-    yr[c] = from_float<T>(to_float(xr[c]) * r * wc);
+    yr[c] = from_float<T>(to_float(ADD ? hr[c] : xr[c]) * r * wc);
   }
 }
 
 // dx for rows blockIdx.x, blockIdx.x + gridDim.x, ..., two rows per iteration (both rows' loads in flight
 // before the reduction, one barrier pair for both); with DW, each thread keeps dy * x * rstd for its columns in
-// registers and the block writes one float32 partial row (summed by rms_norm_dw_reduce).
-template <typename T, int VEC, int ITEMS, bool DX, bool DW>
+// registers and the block writes one float32 partial row (summed by rms_norm_dw_reduce). ADD (add_rms_norm's
+// backward): dx += dh, the residual stream's incoming gradient, before dx is rounded and written (DX only).
+template <typename T, int VEC, int ITEMS, bool DX, bool DW, bool ADD = false>
 __global__ void __launch_bounds__(512) rms_norm_backward_registers(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rstd,
     T* __restrict__ dx, float* __restrict__ dw_partial, int64_t rows, int cols, int64_t x_stride, int64_t dy_stride,
-    float offset) {
+    float offset, const T* __restrict__ dh = nullptr, int64_t dh_stride = 0) {
   __shared__ float2 scratch[32];
   float wv[ITEMS][VEC], acc[ITEMS][VEC];
 #pragma unroll
@@ -319,6 +315,16 @@ __global__ void __launch_bounds__(512) rms_norm_backward_registers(
           gv[0][it][k] = r0 * (gv[0][it][k] - xv[0][it][k] * coef0);
           gv[1][it][k] = r1 * (gv[1][it][k] - xv[1][it][k] * coef1);
         }
+        if constexpr (ADD) {  // loaded after the reduction: two more row arrays in registers would spill
+          float d0[VEC], d1[VEC];
+          load_vec<T, VEC>(dh + row0 * dh_stride, col, cols, d0, 0.0f);
+          if (has1) load_vec<T, VEC>(dh + row1 * dh_stride, col, cols, d1, 0.0f);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            gv[0][it][k] += d0[k];
+            if (has1) gv[1][it][k] += d1[k];
+          }
+        }
         store_vec<T, VEC>(dx + row0 * int64_t(cols), col, cols, gv[0][it]);
         if (has1) store_vec<T, VEC>(dx + row1 * int64_t(cols), col, cols, gv[1][it]);
       }
@@ -336,11 +342,12 @@ __global__ void __launch_bounds__(512) rms_norm_backward_registers(
   }
 }
 
-template <typename T, bool DX, bool DW>
+template <typename T, bool DX, bool DW, bool ADD = false>
 __global__ void rms_norm_backward_looped(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
                                          const float* __restrict__ rstd, T* __restrict__ dx,
                                          float* __restrict__ dw_partial, int64_t rows, int cols, int64_t x_stride,
-                                         int64_t dy_stride, float offset) {
+                                         int64_t dy_stride, float offset, const T* __restrict__ dh = nullptr,
+                                         int64_t dh_stride = 0) {
   __shared__ float scratch[32];
   float* partial = dw_partial + blockIdx.x * int64_t(cols);
   if (DW)
@@ -365,7 +372,8 @@ __global__ void rms_norm_backward_looped(const T* __restrict__ dy, const T* __re
       if (DW) partial[c] += d * xc * r;
       if (DX) {
         const float wc = w != nullptr ? to_float(w[c]) + offset : 1.0f;
-        dxr[c] = from_float<T>(r * (d * wc - xc * coef));
+        const float g = r * (d * wc - xc * coef);
+        dxr[c] = from_float<T>(ADD ? g + to_float(dh[row * dh_stride + c]) : g);
       }
     }
   }
@@ -431,6 +439,16 @@ __device__ __forceinline__ void store16(T* p, const float (&in)[16 / sizeof(T)])
   __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&pk));
 }
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // One barrier: warp reduce, lane 0 writes, barrier, every thread combines the warps' values (shared-memory
 // broadcast reads). `scratch` (32 floats) must not be written again before every thread has read it: use another
 // scratch for the next reduction, or a barrier between. NaN: fmaxf drops it, so the max does not carry a NaN; the
@@ -491,11 +509,17 @@ __global__ void __launch_bounds__(THREADS) softmax_forward_vec(const T* __restri
   }
 }
 
-template <typename T, int ITEMS, int THREADS>
-__global__ void __launch_bounds__(THREADS) softmax_backward_vec(const T* __restrict__ y, const T* __restrict__ dy,
-                                                             T* __restrict__ dx, int cols, int64_t dy_stride) {
-  constexpr int VEC = 16 / sizeof(T);
+// Softmax backward with y and dy in registers, ITEMS loads of VEC elements per thread. Two load policies in one
+// kernel: 16-byte rows (VEC * sizeof(T) == 16, the launch code checks alignment) take 16-byte loads and streaming
+// stores, whole vectors only; other rows (VEC == 1) element loads with the row's end guarded. THREADS: the block
+// size at compile time (one-barrier reduction), or 0 for blockDim.x (two-barrier reduction; the unaligned rows).
+template <typename T, int VEC, int ITEMS, int THREADS = 0>
+__global__ void __launch_bounds__(THREADS > 0 ? THREADS : 512) softmax_backward_registers(
+    const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dx, int cols, int64_t dy_stride) {
+  constexpr bool V16 = VEC * sizeof(T) == 16;
+  static_assert(V16 || VEC == 1, "16-byte vectors or single elements");
   __shared__ float red[32];
+  const int nthreads = THREADS > 0 ? THREADS : blockDim.x;
   const T* yr = y + blockIdx.x * int64_t(cols);
   const T* dyr = dy + blockIdx.x * dy_stride;
   T* dxr = dx + blockIdx.x * int64_t(cols);
@@ -503,33 +527,49 @@ __global__ void __launch_bounds__(THREADS) softmax_backward_vec(const T* __restr
   float dot = 0.0f;
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    const int col = (it * THREADS + threadIdx.x) * VEC;
-    if (col < cols) {
-      load16<T>(yr + col, yv[it]);
-      load16<T>(dyr + col, gv[it]);
-    } else {
+    const int col = (it * nthreads + threadIdx.x) * VEC;
+    if constexpr (V16) {
+      if (col < cols) {
+        load16<T>(yr + col, yv[it]);
+        load16<T>(dyr + col, gv[it]);
+      } else {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) yv[it][k] = gv[it][k] = 0.0f;
+        for (int k = 0; k < VEC; ++k) yv[it][k] = gv[it][k] = 0.0f;
+      }
+    } else {
+      load_vec<T, VEC>(yr, col, cols, yv[it], 0.0f);
+      load_vec<T, VEC>(dyr, col, cols, gv[it], 0.0f);
     }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) dot += yv[it][k] * gv[it][k];
   }
-  dot = block_reduce1<THREADS, false>(dot, red);
+  if constexpr (THREADS > 0) {
+    dot = block_reduce1<THREADS, false>(dot, red);
+  } else {
+    dot = block_reduce<false>(dot, red);
+  }
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    const int col = (it * THREADS + threadIdx.x) * VEC;
+    const int col = (it * nthreads + threadIdx.x) * VEC;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) gv[it][k] = yv[it][k] * (gv[it][k] - dot);
-    if (col < cols) store16<T>(dxr + col, gv[it]);
+    if constexpr (V16) {
+      if (col < cols) store16<T>(dxr + col, gv[it]);
+    } else {
+      store_vec<T, VEC>(dxr, col, cols, gv[it]);
+    }
   }
 }
 
 // The weight is read after the reduction, from L2 (a round that loaded it with x, before the reduction, together with
 // runtime block sizes, measured 56 against 38 us at 8192x4096 bf16 on an H200).
-template <typename T, int ITEMS, int THREADS>
+// ADD (add_rms_norm): h = x + res rounded to T (as torch's add), written to `h` (contiguous rows) and normalised.
+template <typename T, int ITEMS, int THREADS, bool ADD = false>
 __global__ void __launch_bounds__(THREADS) rms_norm_forward_vec(const T* __restrict__ x, const T* __restrict__ w,
                                                              T* __restrict__ y, float* __restrict__ rstd, int cols,
-                                                             int64_t x_stride, float eps, float offset) {
+                                                             int64_t x_stride, float eps, float offset,
+                                                             const T* __restrict__ res = nullptr,
+                                                             int64_t res_stride = 0, T* __restrict__ h = nullptr) {
   constexpr int VEC = 16 / sizeof(T);
   __shared__ float red[32];
   const T* xr = x + blockIdx.x * x_stride;
@@ -541,6 +581,13 @@ __global__ void __launch_bounds__(THREADS) rms_norm_forward_vec(const T* __restr
     const int col = (it * THREADS + threadIdx.x) * VEC;
     if (col < cols) {
       load16<T>(xr + col, v[it]);
+      if constexpr (ADD) {
+        float rv[VEC];
+        load16<T>(res + blockIdx.x * res_stride + col, rv);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[it][k] = to_float(from_float<T>(v[it][k] + rv[k]));
+        store16<T>(h + blockIdx.x * int64_t(cols) + col, v[it]);
+      }
     } else {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v[it][k] = 0.0f;
@@ -565,6 +612,274 @@ __global__ void __launch_bounds__(THREADS) rms_norm_forward_vec(const T* __restr
       for (int k = 0; k < VEC; ++k) v[it][k] = v[it][k] * r * (wv[k] + offset);
       store16<T>(yr + col, v[it]);
     }
+  }
+}
+
+// Narrow rows (<= 64 16-byte vectors, e.g. 256 bf16/fp32 or 512 bf16): a warp per ROWS rows, no barrier, each lane
+// ITEMS vectors of each of its warp's ROWS rows (all loads issued before the first shuffle reduction), the weight
+// loaded once per warp for its ROWS rows. One 32- or 64-thread block per row (the vector kernel's layout at 256 wide)
+// kept 16-32 bytes per thread in flight and paid a block launch per row: 65536x256 bf16 45.0 us against Liger's 21.7
+// on an H200 (Liger packs 16 rows per program). Blocks of WARPS warps.
+constexpr int kWarpRowsWarps = 4;
+
+template <typename T, int ITEMS, int ROWS, bool ADD = false>
+__global__ void __launch_bounds__(kWarpRowsWarps * 32) rms_norm_forward_warp_rows(
+    const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, float* __restrict__ rstd, int64_t rows,
+    int cols, int64_t x_stride, float eps, float offset, const T* __restrict__ res = nullptr, int64_t res_stride = 0,
+    T* __restrict__ h = nullptr) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int lane = threadIdx.x & 31;
+  const int64_t row0 = (int64_t(blockIdx.x) * kWarpRowsWarps + (threadIdx.x >> 5)) * ROWS;
+  if (row0 >= rows) return;  // warp-uniform; no block barrier below
+  float v[ROWS][ITEMS][VEC];
+  float ss[ROWS];
+#pragma unroll
+  for (int j = 0; j < ROWS; ++j) {
+    ss[j] = 0.0f;
+    const int64_t row = row0 + j;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int col = (it * 32 + lane) * VEC;
+      if (row < rows && col < cols) {
+        load16<T>(x + row * x_stride + col, v[j][it]);
+        if constexpr (ADD) {
+          float rv[VEC];
+          load16<T>(res + row * res_stride + col, rv);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) v[j][it][k] = to_float(from_float<T>(v[j][it][k] + rv[k]));
+          store16<T>(h + row * int64_t(cols) + col, v[j][it]);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[j][it][k] = 0.0f;
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ss[j] += v[j][it][k] * v[j][it][k];
+    }
+  }
+  float wv[ITEMS][VEC];
+#pragma unroll
+  for (int it = 0; it < ITEMS; ++it) {
+    const int col = (it * 32 + lane) * VEC;
+    if (w != nullptr && col < cols) {
+      load16<T>(w + col, wv[it]);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) wv[it][k] += offset;
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) wv[it][k] = 1.0f;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < ROWS; ++j) {
+    const int64_t row = row0 + j;
+    const float r = rsqrtf(warp_sum(ss[j]) / float(cols) + eps);
+    if (row < rows) {
+      if (lane == 0) rstd[row] = r;
+#pragma unroll
+      for (int it = 0; it < ITEMS; ++it) {
+        const int col = (it * 32 + lane) * VEC;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[j][it][k] *= r * wv[it][k];
+        if (col < cols) store16<T>(y + row * int64_t(cols) + col, v[j][it]);
+      }
+    }
+  }
+}
+
+// Softmax over narrow rows, the same layout as rms_norm_forward_warp_rows (65536x256: 44.5 us for one 32-thread
+// block per row on an H200, torch's 32.5).
+template <typename T, int ITEMS, int ROWS>
+__global__ void __launch_bounds__(kWarpRowsWarps * 32) softmax_forward_warp_rows(const T* __restrict__ x,
+                                                                                 T* __restrict__ y, int64_t rows,
+                                                                                 int cols, int64_t x_stride) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int lane = threadIdx.x & 31;
+  const int64_t row0 = (int64_t(blockIdx.x) * kWarpRowsWarps + (threadIdx.x >> 5)) * ROWS;
+  if (row0 >= rows) return;
+  float v[ROWS][ITEMS][VEC];
+  float m[ROWS];
+#pragma unroll
+  for (int j = 0; j < ROWS; ++j) {
+    m[j] = -INFINITY;
+    const int64_t row = row0 + j;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int col = (it * 32 + lane) * VEC;
+      if (row < rows && col < cols) {
+        load16<T>(x + row * x_stride + col, v[j][it]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[j][it][k] = -INFINITY;
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) m[j] = fmaxf(m[j], v[j][it][k]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < ROWS; ++j) {
+    const int64_t row = row0 + j;
+    const float mx = warp_max(m[j]);
+    float s = 0.0f;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        v[j][it][k] = __expf(v[j][it][k] - mx);  // exp(-inf - m) = 0 for the padding; NaN poisons the sum
+        s += v[j][it][k];
+      }
+    const float inv = 1.0f / warp_sum(s);
+    if (row < rows) {
+#pragma unroll
+      for (int it = 0; it < ITEMS; ++it) {
+        const int col = (it * 32 + lane) * VEC;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[j][it][k] *= inv;
+        if (col < cols) store16<T>(y + row * int64_t(cols) + col, v[j][it]);
+      }
+    }
+  }
+}
+
+// Wide softmax rows (past registers, up to ~200 KB a row): the row is copied once into shared memory with cp.async
+// (each thread its own 16-byte vectors, in kSmemChunks commit groups so the online (max, sum) of the first chunk
+// runs while the later ones land), then y is computed from shared memory: x is read once from memory, against
+// twice in softmax_forward_looped_vec (2048x32768 fp32: 181.5 us there, Liger 138.5, keeping the row on chip).
+// Each thread reads back only what it copied: no barrier guards the row. Dynamic shared memory: cols * sizeof(T).
+constexpr int kSmemChunks = 4;
+
+template <typename T, int THREADS>
+__global__ void __launch_bounds__(THREADS) softmax_forward_smem(const T* __restrict__ x, T* __restrict__ y, int cols,
+                                                               int64_t x_stride) {
+  constexpr int VEC = 16 / sizeof(T);
+  extern __shared__ __align__(16) unsigned char row_raw[];
+  T* srow = reinterpret_cast<T*>(row_raw);
+  __shared__ float red_max[32], red_sum[32];
+  const T* xr = x + blockIdx.x * x_stride;
+  T* yr = y + blockIdx.x * int64_t(cols);
+  const int nvec = cols / VEC;
+  const int per_thread = (nvec + THREADS - 1) / THREADS;  // vectors of this row per thread (the last ones ragged)
+  const int per_chunk = (per_thread + kSmemChunks - 1) / kSmemChunks;
+#pragma unroll
+  for (int c = 0; c < kSmemChunks; ++c) {
+    for (int j = c * per_chunk; j < min(per_thread, (c + 1) * per_chunk); ++j) {
+      const int i = j * THREADS + threadIdx.x;
+      if (i < nvec) cp_async16(srow + i * VEC, xr + i * VEC);
+    }
+    cp_async_commit();
+  }
+  float m = -INFINITY, s = 0.0f;
+  auto consume = [&](int c) {
+    for (int j = c * per_chunk; j < min(per_thread, (c + 1) * per_chunk); ++j) {
+      const int i = j * THREADS + threadIdx.x;
+      if (i >= nvec) break;
+      float v[VEC];
+      unpack16<T>(*reinterpret_cast<const uint4*>(srow + i * VEC), v);
+      float vm = v[0];
+#pragma unroll
+      for (int k = 1; k < VEC; ++k) vm = fmaxf(vm, v[k]);
+      if (vm > m) {
+        s *= __expf(m - vm);  // m = -inf: s is 0 and stays 0
+        m = vm;
+      }
+      if (m != -INFINITY) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) s += __expf(v[k] - m);  // a NaN lands here and poisons the row
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) s += v[k] != v[k] ? v[k] : 0.0f;  // NaN with no finite max yet
+      }
+    }
+  };
+  static_assert(kSmemChunks == 4, "the waits below are written out for 4 chunks");
+  cp_async_wait<3>();
+  consume(0);
+  cp_async_wait<2>();
+  consume(1);
+  cp_async_wait<1>();
+  consume(2);
+  cp_async_wait<0>();
+  consume(3);
+  const float row_max = block_reduce1<THREADS, true>(m, red_max);
+  s = m == -INFINITY ? (s != s ? s : 0.0f) : s * __expf(m - row_max);
+  const float inv = 1.0f / block_reduce1<THREADS, false>(s, red_sum);
+  for (int j = 0; j < per_thread; ++j) {
+    const int i = j * THREADS + threadIdx.x;
+    if (i >= nvec) break;
+    float v[VEC];
+    unpack16<T>(*reinterpret_cast<const uint4*>(srow + i * VEC), v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = __expf(v[k] - row_max) * inv;
+    store16<T>(yr + i * VEC, v);
+  }
+}
+
+// Wide softmax backward: y staged in shared memory once (cp.async, as the forward), dy read once into the dot and
+// again for dx; with BOTH (2 rows' bytes fit), dy is staged too, so nothing is read twice from memory.
+template <typename T, int THREADS, bool BOTH>
+__global__ void __launch_bounds__(THREADS) softmax_backward_smem(const T* __restrict__ y, const T* __restrict__ dy,
+                                                                 T* __restrict__ dx, int cols, int64_t dy_stride) {
+  constexpr int VEC = 16 / sizeof(T);
+  extern __shared__ __align__(16) unsigned char row_raw[];
+  T* sy = reinterpret_cast<T*>(row_raw);
+  T* sg = sy + cols;
+  __shared__ float red[32];
+  const T* yr = y + blockIdx.x * int64_t(cols);
+  const T* dyr = dy + blockIdx.x * dy_stride;
+  T* dxr = dx + blockIdx.x * int64_t(cols);
+  const int nvec = cols / VEC;
+  const int per_thread = (nvec + THREADS - 1) / THREADS;
+  const int per_chunk = (per_thread + kSmemChunks - 1) / kSmemChunks;
+#pragma unroll
+  for (int c = 0; c < kSmemChunks; ++c) {
+    for (int j = c * per_chunk; j < min(per_thread, (c + 1) * per_chunk); ++j) {
+      const int i = j * THREADS + threadIdx.x;
+      if (i < nvec) {
+        cp_async16(sy + i * VEC, yr + i * VEC);
+        if constexpr (BOTH) cp_async16(sg + i * VEC, dyr + i * VEC);
+      }
+    }
+    cp_async_commit();
+  }
+  float dot = 0.0f;
+  auto consume = [&](int c) {
+    for (int j = c * per_chunk; j < min(per_thread, (c + 1) * per_chunk); ++j) {
+      const int i = j * THREADS + threadIdx.x;
+      if (i >= nvec) break;
+      float a[VEC], b[VEC];
+      unpack16<T>(*reinterpret_cast<const uint4*>(sy + i * VEC), a);
+      if constexpr (BOTH) {
+        unpack16<T>(*reinterpret_cast<const uint4*>(sg + i * VEC), b);
+      } else {
+        load16<T>(dyr + i * VEC, b);
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) dot += a[k] * b[k];
+    }
+  };
+  static_assert(kSmemChunks == 4, "the waits below are written out for 4 chunks");
+  cp_async_wait<3>();
+  consume(0);
+  cp_async_wait<2>();
+  consume(1);
+  cp_async_wait<1>();
+  consume(2);
+  cp_async_wait<0>();
+  consume(3);
+  dot = block_reduce1<THREADS, false>(dot, red);
+  for (int j = 0; j < per_thread; ++j) {
+    const int i = j * THREADS + threadIdx.x;
+    if (i >= nvec) break;
+    float a[VEC], b[VEC];
+    unpack16<T>(*reinterpret_cast<const uint4*>(sy + i * VEC), a);
+    if constexpr (BOTH) {
+      unpack16<T>(*reinterpret_cast<const uint4*>(sg + i * VEC), b);
+    } else {
+      load16<T>(dyr + i * VEC, b);
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) a[k] *= b[k] - dot;
+    store16<T>(dxr + i * VEC, a);
   }
 }
 
@@ -637,16 +952,6 @@ __global__ void __launch_bounds__(1024) softmax_backward_looped_vec(const T* __r
 }
 
 // ---- RMSNorm backward, pipelined: rows staged in shared memory by cp.async, STAGES rows deep ------------------
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // Block b walks rows b, b + G, ... (G = gridDim.x, sized by the launch code to the blocks resident at once). Each
 // thread copies its own 16-byte vectors of x and dy for the row STAGES - 1 ahead into shared memory (cp.async) and
 // later reads back only those, so no barrier guards the staging slots, and (STAGES - 1) rows of x and dy per block
@@ -656,11 +961,13 @@ __device__ __forceinline__ void cp_async_wait() {
 // Measured at 8192x4096 bf16 on an H200 (dx + dw, both launches): 99.4 us for rms_norm_backward_registers with
 // 4 blocks per SM, 59.5 us here (3 stages); Liger-Kernel 0.8.5's 102.7 us.
 // Shared memory: STAGES * 2 * ITEMS * THREADS * 16 bytes (dynamic).
-template <typename T, int ITEMS, int THREADS, int STAGES, bool DX, bool DW>
+// ADD: dx += dh (add_rms_norm), dh's 16-byte vectors loaded into registers (raw, 4 registers each) before the
+// reduction so their latency hides behind it; staging dh as a third array would take 1.5x the shared memory.
+template <typename T, int ITEMS, int THREADS, int STAGES, bool DX, bool DW, bool ADD = false>
 __global__ void __launch_bounds__(THREADS) rms_norm_backward_pipelined(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rstd,
     T* __restrict__ dx, float* __restrict__ dw_partial, int64_t rows, int cols, int64_t x_stride, int64_t dy_stride,
-    float offset) {
+    float offset, const T* __restrict__ dh = nullptr, int64_t dh_stride = 0) {
   constexpr int VEC = 16 / sizeof(T);
   extern __shared__ __align__(16) unsigned char stage_raw[];
   T* stage = reinterpret_cast<T*>(stage_raw);  // [STAGES][2][row_len]
@@ -708,6 +1015,14 @@ __global__ void __launch_bounds__(THREADS) rms_norm_backward_pipelined(
     const T* sx = stage + int64_t(slot) * 2 * row_len;
     const T* sg = sx + row_len;
     const float r = rstd[row];
+    uint4 dhv[ADD ? ITEMS : 1];
+    if constexpr (ADD) {
+#pragma unroll
+      for (int it = 0; it < ITEMS; ++it) {
+        const int col = (it * THREADS + threadIdx.x) * VEC;
+        if (col < cols) dhv[it] = ldg16(dh + row * dh_stride + col);
+      }
+    }
     float xv[ITEMS][VEC], gv[ITEMS][VEC];
     float dot = 0.0f;
 #pragma unroll
@@ -735,7 +1050,15 @@ __global__ void __launch_bounds__(THREADS) rms_norm_backward_pipelined(
         const int col = (it * THREADS + threadIdx.x) * VEC;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) gv[it][k] = r * (gv[it][k] - xv[it][k] * coef);
-        if (col < cols) store16<T>(dx + row * int64_t(cols) + col, gv[it]);
+        if (col < cols) {
+          if constexpr (ADD) {
+            float d[VEC];
+            unpack16<T>(dhv[it], d);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) gv[it][k] += d[k];
+          }
+          store16<T>(dx + row * int64_t(cols) + col, gv[it]);
+        }
       }
     }
     slot = slot == STAGES - 1 ? 0 : slot + 1;

@@ -66,7 +66,7 @@ def providers(op: str, device: torch.device) -> list[str]:
         "rope": ["fused", "hf_eager"],
         "add_rms_norm": ["fused", "torch", "hf_eager"],
     }[op]
-    liger_ops = ("softmax", "rms_norm", "cross_entropy", "swiglu", "rope")
+    liger_ops = ("softmax", "rms_norm", "cross_entropy", "swiglu", "rope", "add_rms_norm")
     if device.type == "cuda" and _has("liger_kernel") and op in liger_ops:
         names.append("liger")
     if op == "lora" and _has("peft"):
@@ -401,6 +401,10 @@ def _activation_fn(op: str, provider: str) -> Callable:
             return unfused
         if provider == "hf_eager":  # the decoder layer's `residual + hidden_states`, then LlamaRMSNorm
             return lambda x, r, w: (_hf_rms_norm(x + r, w), x + r)
+        if provider == "liger":  # Liger-Kernel's fused add + RMSNorm (LigerFusedAddRMSNorm's function)
+            from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+
+            return lambda x, r, w: LigerFusedAddRMSNormFunction.apply(x, r, w, 1e-6)
     raise ValueError(f"unknown provider {provider} for {op}")
 
 
