@@ -3,8 +3,9 @@
 //   forward  out = act(gate) · up
 //   backward dgate = dout · up · act'(gate), dup = dout · act(gate)   (act recomputed from gate)
 // A thread owns ITEMS chunks of VEC contiguous elements of one row, the chunks a block apart (so a warp's accesses
-// stay contiguous), and issues all its loads before any math: 16-byte loads and stores where every operand's base
-// and row stride allow (the common case: contiguous operands, launched as one flat row), one element otherwise.
+// stay contiguous), and issues all its loads before any math (see glu_load): 16-byte loads and stores where every
+// operand's base and row stride allow (the common case: contiguous operands, launched as one flat row), one element
+// otherwise.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -53,16 +54,17 @@ struct alignas(sizeof(T) * VEC) GluPack {
   T v[VEC];
 };
 
+// A chunk's raw elements (zeros past the row's end), with no use of the loaded values: every load of a thread is
+// issued before the first conversion waits on one. Converting inside the load (as this file did first) made each
+// operand's load wait for the previous operand's data: measured on the H200 at 8192×11008 bf16, SwiGLU forward
+// 307.6 µs against 129.5 for a kernel issuing both loads first (README "SwiGLU and RoPE on CUDA").
 template <typename T, int VEC>
-__device__ __forceinline__ void glu_load(const T* p, int64_t c0, int64_t cols, float* out) {
-  if (c0 + VEC <= cols) {
-    const GluPack<T, VEC> pack = *reinterpret_cast<const GluPack<T, VEC>*>(p + c0);
+__device__ __forceinline__ GluPack<T, VEC> glu_load(const T* p, int64_t c0, int64_t cols) {
+  if (c0 + VEC <= cols) return *reinterpret_cast<const GluPack<T, VEC>*>(p + c0);
+  GluPack<T, VEC> pack;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = to_float(pack.v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = c0 + i < cols ? to_float(p[c0 + i]) : 0.0f;
-  }
+  for (int i = 0; i < VEC; ++i) pack.v[i] = c0 + i < cols ? p[c0 + i] : from_float<T>(0.0f);
+  return pack;
 }
 
 template <typename T, int VEC>
@@ -103,13 +105,13 @@ __global__ void __launch_bounds__(THREADS) glu_forward_kernel(const T* __restric
   const int64_t row = glu_block_row(s);
   const T* g_row = gate + row * s.gate_stride;
   const T* u_row = up + row * s.up_stride;
-  float g[ITEMS][VEC], u[ITEMS][VEC];
+  GluPack<T, VEC> g[ITEMS], u[ITEMS];
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, row, i);
     if (c0 < s.cols) {
-      glu_load<T, VEC>(g_row, c0, s.cols, g[i]);
-      glu_load<T, VEC>(u_row, c0, s.cols, u[i]);
+      g[i] = glu_load<T, VEC>(g_row, c0, s.cols);
+      u[i] = glu_load<T, VEC>(u_row, c0, s.cols);
     }
   }
 #pragma unroll
@@ -118,7 +120,7 @@ __global__ void __launch_bounds__(THREADS) glu_forward_kernel(const T* __restric
     if (c0 >= s.cols) continue;
     float o[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) o[k] = glu_act<ACT>(g[i][k]) * u[i][k];
+    for (int k = 0; k < VEC; ++k) o[k] = glu_act<ACT>(to_float(g[i].v[k])) * to_float(u[i].v[k]);
     glu_store<T, VEC>(out + row * s.cols, c0, s.cols, o);
   }
 }
@@ -131,14 +133,14 @@ __global__ void __launch_bounds__(THREADS) glu_backward_kernel(const T* __restri
   const T* g_row = gate + row * s.gate_stride;
   const T* u_row = up + row * s.up_stride;
   const T* d_row = dout + row * s.dout_stride;
-  float g[ITEMS][VEC], u[ITEMS][VEC], d[ITEMS][VEC];
+  GluPack<T, VEC> g[ITEMS], u[ITEMS], d[ITEMS];
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, row, i);
     if (c0 < s.cols) {
-      glu_load<T, VEC>(g_row, c0, s.cols, g[i]);
-      glu_load<T, VEC>(u_row, c0, s.cols, u[i]);
-      glu_load<T, VEC>(d_row, c0, s.cols, d[i]);
+      g[i] = glu_load<T, VEC>(g_row, c0, s.cols);
+      u[i] = glu_load<T, VEC>(u_row, c0, s.cols);
+      d[i] = glu_load<T, VEC>(d_row, c0, s.cols);
     }
   }
 #pragma unroll
@@ -148,8 +150,9 @@ __global__ void __launch_bounds__(THREADS) glu_backward_kernel(const T* __restri
     float dg[VEC], du[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      dg[k] = d[i][k] * u[i][k] * glu_act_derivative<ACT>(g[i][k]);
-      du[k] = d[i][k] * glu_act<ACT>(g[i][k]);
+      const float gk = to_float(g[i].v[k]), uk = to_float(u[i].v[k]), dk = to_float(d[i].v[k]);
+      dg[k] = dk * uk * glu_act_derivative<ACT>(gk);
+      du[k] = dk * glu_act<ACT>(gk);
     }
     glu_store<T, VEC>(dgate + row * s.cols, c0, s.cols, dg);
     glu_store<T, VEC>(dup + row * s.cols, c0, s.cols, du);
