@@ -111,8 +111,8 @@ def test_backward_with_a_strided_incoming_gradient(backend, n, dtype):
     assert_matches(dx, y64 * (dy64 - (dy64 * y64).sum(-1, keepdim=True)), dtype, "softmax dx, strided dy")
 
 
-# ---- CUDA kernel classes past the contract's sizes (csrc/cuda/ops.cu): narrow rows on the warp-rows kernel (4423
-# rows: 4 or 2 rows per warp, a ragged last block), wide rows kept in shared memory (forward up to 200 KB a row:
+# ---- CUDA kernel classes past the contract's sizes (csrc/cuda/ops.cu): narrow rows on the warp-rows kernel (a
+# warp per row, 4423 rows: a ragged last block), wide rows kept in shared memory (forward up to 200 KB a row:
 # 512 threads at 20000 and bf16 32768, 1024 for fp32 32768 and 40000; backward with y and dy staged where both fit:
 # 20000, bf16 32768 and 40000; fp32 32768 and 40000 take the looped kernel), NaN/-inf rows in each, a view 16 bytes
 # into its storage (the vector kernels still run) ------------------------------------------------------------------

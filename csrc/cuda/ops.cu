@@ -191,8 +191,11 @@ int sm_count(const at::Tensor& t) {
 }
 
 // Narrow forward rows (vector rows of at most 64 16-byte vectors: 1024 bytes): the warp-rows kernels
-// (row_kernels.cuh), ITEMS vectors per lane, ROWS rows per warp: up to kWarpRowVecs vectors of loads per lane in
-// flight, fewer rows per warp where that would leave under two blocks per SM.
+// (row_kernels.cuh), ITEMS vectors per lane, ROWS rows per warp: up to `max_vecs` vectors of loads per lane in
+// flight, fewer rows per warp where that would leave under two blocks per SM. Measured on an H200 at 65536x256
+// (benchmarks/cuda_rowbench.cu): RMSNorm bf16 1/2/4/8 rows per warp 25.3/24.1/23.9/25.2 us, fp32 (2 vectors per lane)
+// 1/2/4 rows 38.9/38.9/39.2; softmax bf16 22.2/23.1/22.7/26.1, fp32 37.2/38.5/38.7. So RMSNorm takes up to
+// kWarpRowVecs vectors per lane, softmax one row per warp.
 constexpr int kWarpRowVecs = 4;
 
 struct WarpRows {
@@ -200,11 +203,11 @@ struct WarpRows {
   bool ok = false;
 };
 
-WarpRows warp_rows_layout(int64_t rows, int64_t cols, int element_size, int sms) {
+WarpRows warp_rows_layout(int64_t rows, int64_t cols, int element_size, int sms, int max_vecs) {
   const int64_t nvec = cols / (16 / element_size);
   if (nvec > 64) return {};
   const int items = nvec <= 32 ? 1 : 2;
-  int per_warp = kWarpRowVecs / items;
+  int per_warp = std::max(1, max_vecs / items);
   while (per_warp > 1 && rows / (int64_t(per_warp) * cuda::kWarpRowsWarps) < 2 * int64_t(sms)) per_warp /= 2;
   return {items, per_warp, true};
 }
@@ -248,7 +251,7 @@ at::Tensor softmax_forward(const at::Tensor& x) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool vec = vec_ok(cols, x.element_size(), aligned16(x2, stride));
   const VecLayout vl = vec ? forward_vec_layout(cols, x.element_size()) : VecLayout{};
-  const WarpRows wr = vec ? warp_rows_layout(rows, cols, x.element_size(), sm_count(x)) : WarpRows{};
+  const WarpRows wr = vec ? warp_rows_layout(rows, cols, x.element_size(), sm_count(x), 1) : WarpRows{};
   const size_t row_bytes = size_t(cols) * x.element_size();
   const RowLayout l = row_layout<kForwardElems>(cols, x.element_size(), aligned16(x2, stride));
   TMF_DISPATCH_FLOAT_TYPES(x.scalar_type(), "softmax", [&] {
@@ -257,8 +260,11 @@ at::Tensor softmax_forward(const at::Tensor& x) {
     T* yp = reinterpret_cast<T*>(y.data_ptr());
     if (wr.ok) {
       with_warp_rows(wr, [&]<int ITEMS, int ROWS>() {
-        cuda::softmax_forward_warp_rows<T, ITEMS, ROWS>
-            <<<warp_rows_blocks(rows, ROWS), cuda::kWarpRowsWarps * 32, 0, stream>>>(xp, yp, rows, int(cols), stride);
+        if constexpr (ROWS == 1)
+          cuda::softmax_forward_warp_rows<T, ITEMS, 1>
+              <<<warp_rows_blocks(rows, 1), cuda::kWarpRowsWarps * 32, 0, stream>>>(xp, yp, rows, int(cols), stride);
+        else
+          TORCH_CHECK(false, "softmax: one row per warp");
       });
     } else if (vl.ok) {
       with_vec_layout(vl, [&]<int ITEMS, int TH>() {
@@ -361,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_launch(const at::Tensor& x, 
                        (!residual || (aligned16(r2, rstride) && aligned16(*h, cols)));
   const bool vec = vec_ok(cols, x.element_size(), aligned);
   const VecLayout vl = vec ? forward_vec_layout(cols, x.element_size()) : VecLayout{};
-  const WarpRows wr = vec ? warp_rows_layout(rows, cols, x.element_size(), sm_count(x)) : WarpRows{};
+  const WarpRows wr = vec ? warp_rows_layout(rows, cols, x.element_size(), sm_count(x), kWarpRowVecs) : WarpRows{};
   const RowLayout l = row_layout<kForwardElems>(cols, x.element_size(), aligned);
   TMF_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rms_norm", [&] {
     using T = scalar_t;
