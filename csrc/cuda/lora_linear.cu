@@ -14,7 +14,7 @@ namespace tmf {
 //    [W'; A] folded into one GEMM (y and h from one read of x) 414 / 412; one-pass W' kernel on CUDA cores
 //    422 / 540 (its r FMAs per weight make it compute-bound at rank 64).
 //  forward, 2048x4096->11008 r16 / r64 (base 245): accumulate 290 / 291; low-rank add 293 / 293; merged 375 / 375.
-//  backward (W frozen), 8192 tokens: merged 464 / 463, low-rank 496 / 495, [W' | s·B] folded 485 / 478;
+//  backward (W frozen), 8192 tokens: merged 464 / 462, low-rank 496 / 495, [W' | s·B] folded 485 / 478;
 //    2048 tokens: low-rank 298 / 300, merged 396 / 397.
 // So in half precision the forward always takes the accumulate route: h = x·Aᵀ, y = bias + s·h·Bᵀ (a K = r
 // product that only writes y), then the base GEMM adds x·Wᵀ into y (beta = 1: cuBLAS reads y in its epilogue,
