@@ -63,7 +63,7 @@ def report(what: str, provider: str, t: tuple[float, float, float, float], floor
     )
 
 
-def main() -> None:
+def main(ops: tuple[str, ...] = ("swiglu", "rope")) -> None:
     dev, dt = "cuda", torch.bfloat16
     try:
         from liger_kernel.ops.rope import LigerRopeFunction
@@ -71,7 +71,7 @@ def main() -> None:
     except ImportError:
         LigerSiLUMulFunction = LigerRopeFunction = None
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, us per call")
-    for tokens, inter in ((8192, 11008), (16384, 14336)):
+    for tokens, inter in ((8192, 11008), (16384, 14336)) if "swiglu" in ops else ():
         g = torch.randn(tokens, inter, device=dev, dtype=dt, requires_grad=True)
         u = torch.randn(tokens, inter, device=dev, dtype=dt, requires_grad=True)
         dy = torch.randn(tokens, inter, device=dev, dtype=dt)
@@ -83,7 +83,7 @@ def main() -> None:
         for name, fn in fns.items():
             t = timings(lambda: fn(g, u), lambda: torch.autograd.grad(fn(g, u), (g, u), dy))
             report(f"swiglu {tokens}x{inter}", name, t, floor_f, floor_b)
-    for batch, seq in ((4, 4096), (8, 2048)):
+    for batch, seq in ((4, 4096), (8, 2048)) if "rope" in ops else ():
         heads, kv, d = 32, 8, 128
         q = torch.randn(batch, seq, heads, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_(True)
         k = torch.randn(batch, seq, kv, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_(True)
@@ -102,4 +102,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(tuple(sys.argv[1].split(",")) if len(sys.argv) > 1 else ("swiglu", "rope"))

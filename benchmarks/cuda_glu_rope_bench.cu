@@ -115,15 +115,19 @@ static void bench_glu(int64_t tokens, int64_t inter) {
   fill_random(g, n, 4.0f);
   fill_random(u, n, 1.0f);
   fill_random(d, n, 1.0f);
-  const float before = time_us([&] { swiglu_forward_before<<<unsigned((n / 8 + 255) / 256), 256>>>(g, u, out, n); });
-  report("swiglu " + std::to_string(tokens) + "x" + std::to_string(inter) + " fwd", "before (accurate math)",
-         3.0 * n * 2, before);
-  glu_variant<256, 1>("256 threads x 1 pack", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, true);
-  glu_variant<256, 2>("256 threads x 2 packs", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, false);
-  glu_variant<256, 4>("256 threads x 4 packs", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, false);
-  glu_variant<512, 1>("512 threads x 1 pack", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, false);
-  glu_variant<512, 2>("512 threads x 2 packs", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, false);
-  glu_variant<128, 4>("128 threads x 4 packs", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, false);
+  const std::string what = "swiglu " + std::to_string(tokens) + "x" + std::to_string(inter);
+  const unsigned flat_blocks = unsigned((n / 8 + 255) / 256);
+  report(what + " fwd", "before (accurate math)", 3.0 * n * 2,
+         time_us([&] { swiglu_forward_before<<<flat_blocks, 256>>>(g, u, out, n); }));
+  report(what + " fwd", "flat (shipped)", 3.0 * n * 2,
+         time_us([&] { glu_forward_flat<bf16, 0, 8><<<flat_blocks, 256>>>(g, u, out, n); }));
+  report(what + " bwd", "flat (shipped)", 5.0 * n * 2,
+         time_us([&] { glu_backward_flat<bf16, 0, 8><<<flat_blocks, 256>>>(g, u, d, dg, du, n); }));
+  CK(cudaMemcpy(ref_out, out, n * 2, cudaMemcpyDeviceToDevice));
+  CK(cudaMemcpy(ref_dg, dg, n * 2, cudaMemcpyDeviceToDevice));
+  glu_variant<256, 2>("generic 256 threads x 2", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, false);
+  glu_variant<256, 4>("generic 256 threads x 4", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, false);
+  glu_variant<128, 4>("generic 128 threads x 4", tokens, inter, g, u, d, out, dg, du, ref_out, ref_dg, false);
   for (bf16* p : {g, u, d, out, dg, du, ref_out, ref_dg}) CK(cudaFree(p));
 }
 

@@ -16,9 +16,17 @@ using cuda::GluShape;
 
 // Block size and 16-byte chunks per thread, measured side by side on an H200 (benchmarks/cuda_glu_rope_bench.cu,
 // README "SwiGLU and RoPE on CUDA").
+// Generic kernels (rows with strides): block size and 16-byte chunks per thread, the fastest measured side by side on
+// an H200 (benchmarks/cuda_glu_rope_bench.cu); contiguous operands take the flat kernels.
 constexpr int kGluThreads = 256;
 constexpr int kGluForwardItems = 2;
-constexpr int kGluBackwardItems = 2;
+constexpr int kGluBackwardItems = 4;
+constexpr int kGluFlatThreads = 256;
+
+int64_t flat_blocks(int64_t n, int vec) {
+  const int64_t per_block = int64_t(kGluFlatThreads) * vec;
+  return (n + per_block - 1) / per_block;
+}
 
 GluShape glu_shape(const at::Tensor& lead2, std::initializer_list<int64_t> strides, int vec, int items) {
   return cuda::glu_shape(lead2.size(0), lead2.size(1), strides.begin(), int(strides.size()), vec,
@@ -69,6 +77,12 @@ at::Tensor glu_forward(const at::Tensor& gate, const at::Tensor& up, int64_t act
   if (!vec) s = glu_shape(g2, {row_stride(g2), row_stride(u2)}, 1, kGluForwardItems);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_glu(gate.scalar_type(), activation, vec, [&]<typename T, int ACT, int VEC>() {
+    if (vec && s.rows == 1) {
+      cuda::glu_forward_flat<T, ACT, VEC><<<flat_blocks(s.cols, VEC), kGluFlatThreads, 0, stream>>>(
+          reinterpret_cast<const T*>(g2.data_ptr()), reinterpret_cast<const T*>(u2.data_ptr()),
+          reinterpret_cast<T*>(out.data_ptr()), s.cols);
+      return;
+    }
     cuda::glu_forward_kernel<T, ACT, VEC, kGluThreads, kGluForwardItems><<<s.rows * s.blocks_per_row, kGluThreads, 0,
                                                                             stream>>>(
         reinterpret_cast<const T*>(g2.data_ptr()), reinterpret_cast<const T*>(u2.data_ptr()),
@@ -91,6 +105,13 @@ std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& dout, const at
   if (!vec) s = glu_shape(g2, {row_stride(g2), row_stride(u2), row_stride(d2)}, 1, kGluBackwardItems);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_glu(gate.scalar_type(), activation, vec, [&]<typename T, int ACT, int VEC>() {
+    if (vec && s.rows == 1) {
+      cuda::glu_backward_flat<T, ACT, VEC><<<flat_blocks(s.cols, VEC), kGluFlatThreads, 0, stream>>>(
+          reinterpret_cast<const T*>(g2.data_ptr()), reinterpret_cast<const T*>(u2.data_ptr()),
+          reinterpret_cast<const T*>(d2.data_ptr()), reinterpret_cast<T*>(dgate.data_ptr()),
+          reinterpret_cast<T*>(dup.data_ptr()), s.cols);
+      return;
+    }
     cuda::glu_backward_kernel<T, ACT, VEC, kGluThreads, kGluBackwardItems><<<s.rows * s.blocks_per_row, kGluThreads,
                                                                               0, stream>>>(
         reinterpret_cast<const T*>(g2.data_ptr()), reinterpret_cast<const T*>(u2.data_ptr()),

@@ -159,6 +159,54 @@ __global__ void __launch_bounds__(THREADS) glu_backward_kernel(const T* __restri
   }
 }
 
+// Flat kernels: contiguous operands as one row of n elements (the common case: separate gate and up projections),
+// one 16-byte pack per thread, the row's last partial pack element by element. The generic kernels above took 2.4×
+// as long at 8192×11008 bf16 on the H200 (307.6 against 129.9 µs for this structure; README "SwiGLU and RoPE on
+// CUDA"): straight-line loads, math and stores per thread, nothing else.
+template <typename T, int ACT, int VEC>
+__global__ void __launch_bounds__(256) glu_forward_flat(const T* __restrict__ gate, const T* __restrict__ up,
+                                                        T* __restrict__ out, int64_t n) {
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= n) return;
+  if (c0 + VEC > n) {
+    for (int64_t c = c0; c < n; ++c) out[c] = from_float<T>(glu_act<ACT>(to_float(gate[c])) * to_float(up[c]));
+    return;
+  }
+  const GluPack<T, VEC> g = *reinterpret_cast<const GluPack<T, VEC>*>(gate + c0);
+  const GluPack<T, VEC> u = *reinterpret_cast<const GluPack<T, VEC>*>(up + c0);
+  GluPack<T, VEC> o;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) o.v[k] = from_float<T>(glu_act<ACT>(to_float(g.v[k])) * to_float(u.v[k]));
+  *reinterpret_cast<GluPack<T, VEC>*>(out + c0) = o;
+}
+
+template <typename T, int ACT>
+__device__ __forceinline__ void glu_backward_element(T g, T u, T d, T& dg, T& du) {
+  const float gf = to_float(g), uf = to_float(u), df = to_float(d);
+  dg = from_float<T>(df * uf * glu_act_derivative<ACT>(gf));
+  du = from_float<T>(df * glu_act<ACT>(gf));
+}
+
+template <typename T, int ACT, int VEC>
+__global__ void __launch_bounds__(256) glu_backward_flat(const T* __restrict__ gate, const T* __restrict__ up,
+                                                         const T* __restrict__ dout, T* __restrict__ dgate,
+                                                         T* __restrict__ dup, int64_t n) {
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= n) return;
+  if (c0 + VEC > n) {
+    for (int64_t c = c0; c < n; ++c) glu_backward_element<T, ACT>(gate[c], up[c], dout[c], dgate[c], dup[c]);
+    return;
+  }
+  const GluPack<T, VEC> g = *reinterpret_cast<const GluPack<T, VEC>*>(gate + c0);
+  const GluPack<T, VEC> u = *reinterpret_cast<const GluPack<T, VEC>*>(up + c0);
+  const GluPack<T, VEC> d = *reinterpret_cast<const GluPack<T, VEC>*>(dout + c0);
+  GluPack<T, VEC> dg, du;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) glu_backward_element<T, ACT>(g.v[k], u.v[k], d.v[k], dg.v[k], du.v[k]);
+  *reinterpret_cast<GluPack<T, VEC>*>(dgate + c0) = dg;
+  *reinterpret_cast<GluPack<T, VEC>*>(dup + c0) = du;
+}
+
 // The shape for rows of `cols` elements with the inputs' row strides; operands forming one contiguous block
 // (every stride == cols) become a single flat row.
 inline GluShape glu_shape(int64_t rows, int64_t cols, const int64_t* strides, int n_strides, int vec,
