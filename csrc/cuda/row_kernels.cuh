@@ -741,6 +741,25 @@ __global__ void __launch_bounds__(kWarpRowsWarps * 32) softmax_forward_warp_rows
   }
 }
 
+// One vector into a thread's online softmax statistics: m the running max, s the sum of exp(x - m).
+template <int VEC>
+__device__ __forceinline__ void online_max_sum_update(const float (&v)[VEC], float& m, float& s) {
+  float vm = v[0];
+#pragma unroll
+  for (int k = 1; k < VEC; ++k) vm = fmaxf(vm, v[k]);
+  if (vm > m) {
+    s *= __expf(m - vm);  // m = -inf: s is 0 and stays 0
+    m = vm;
+  }
+  if (m != -INFINITY) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s += __expf(v[k] - m);  // a NaN lands here and poisons the row
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s += v[k] != v[k] ? v[k] : 0.0f;  // NaN with no finite max yet
+  }
+}
+
 // Wide softmax rows (past registers, up to ~200 KB a row): the row is copied once into shared memory with cp.async
 // (each thread its own 16-byte vectors, in kSmemChunks commit groups so the online (max, sum) of the first chunk
 // runs while the later ones land), then y is computed from shared memory: x is read once from memory, against
@@ -775,20 +794,7 @@ __global__ void __launch_bounds__(THREADS) softmax_forward_smem(const T* __restr
       if (i >= nvec) break;
       float v[VEC];
       unpack16<T>(*reinterpret_cast<const uint4*>(srow + i * VEC), v);
-      float vm = v[0];
-#pragma unroll
-      for (int k = 1; k < VEC; ++k) vm = fmaxf(vm, v[k]);
-      if (vm > m) {
-        s *= __expf(m - vm);  // m = -inf: s is 0 and stays 0
-        m = vm;
-      }
-      if (m != -INFINITY) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) s += __expf(v[k] - m);  // a NaN lands here and poisons the row
-      } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) s += v[k] != v[k] ? v[k] : 0.0f;  // NaN with no finite max yet
-      }
+      online_max_sum_update<VEC>(v, m, s);
     }
   };
   static_assert(kSmemChunks == 4, "the waits below are written out for 4 chunks");
@@ -897,20 +903,7 @@ __global__ void __launch_bounds__(1024) softmax_forward_looped_vec(const T* __re
   for (int col = threadIdx.x * VEC; col < cols; col += 1024 * VEC) {
     float v[VEC];
     load16<T>(xr + col, v);
-    float vm = v[0];
-#pragma unroll
-    for (int k = 1; k < VEC; ++k) vm = fmaxf(vm, v[k]);
-    if (vm > m) {
-      s *= __expf(m - vm);  // m = -inf: s is 0 and stays 0
-      m = vm;
-    }
-    if (m != -INFINITY) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) s += __expf(v[k] - m);  // a NaN lands here and poisons the row
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) s += v[k] != v[k] ? v[k] : 0.0f;  // NaN with no finite max yet
-    }
+    online_max_sum_update<VEC>(v, m, s);
   }
   const float row_max = block_reduce1<1024, true>(m, red_max);
   s = m == -INFINITY ? (s != s ? s : 0.0f) : s * __expf(m - row_max);
