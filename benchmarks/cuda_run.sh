@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps]
-# with steps from: build tests sanitize bench bench-quick rowbench (default: build tests sanitize bench). Results go to
-# $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu) and Liger's
+# with steps from: build tests sanitize bench bench:<ops> bench-quick rowbench glurope (default: build tests sanitize
+# bench). Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu) and Liger's
 # kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants side by side
 # (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops (benchmarks/cuda_glu_rope.py).
 set -uo pipefail
@@ -32,9 +32,12 @@ for step in $steps; do
         tail -3 "$OUT/sanitize_$tool.log"
       done
       ;;
-    bench)
-      python3 -m torch_metal_fused.bench --device cuda --suite cuda --dtypes bfloat16,float32 \
-        --modes forward,forward_backward --out "$OUT/bench" --no-plots 2>"$OUT/bench.err" | tail -80
+    bench | bench:*)
+      # bench:<ops> runs part of the suite (e.g. bench:softmax,rms_norm), so each part fits one 10-minute command
+      ops=${step#bench}
+      ops=${ops#:}
+      python3 -m torch_metal_fused.bench --device cuda --suite cuda --dtypes bfloat16,float32 ${ops:+--ops $ops} \
+        --modes forward,forward_backward --out "$OUT/bench${ops:+-${ops//,/-}}" --no-plots 2>"$OUT/bench.err" | tail -80
       ;;
     rowbench)
       nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench &&
