@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
-# comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps]
-# with steps from: build tests sanitize bench bench:<ops> bench-quick rowbench glurope (default: build tests sanitize
-# bench). Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu) and Liger's
-# kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants side by side
-# (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops (benchmarks/cuda_glu_rope.py).
+# comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
+# from: build tests sanitize bench bench:<ops> bench-quick rowbench glurope (default: build tests sanitize bench).
+# Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
+# and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
+# side by side (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops
+# (benchmarks/cuda_glu_rope.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 OUT=${OUT:-$PWD/cuda_out}
