@@ -439,6 +439,21 @@ __device__ __forceinline__ void store16(T* p, const float (&in)[16 / sizeof(T)])
   __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&pk));
 }
 
+// The RMSNorm weight's 16-byte vector at `col` plus Gemma's offset; 1 everywhere without a weight (and past the row's
+// end, where the values go unused).
+template <typename T>
+__device__ __forceinline__ void load_weight16(const T* w, int col, int cols, float offset,
+                                              float (&out)[16 / sizeof(T)]) {
+  if (w != nullptr && col < cols) {
+    load16<T>(w + col, out);
+#pragma unroll
+    for (int k = 0; k < Vec16<T>::N; ++k) out[k] += offset;
+  } else {
+#pragma unroll
+    for (int k = 0; k < Vec16<T>::N; ++k) out[k] = 1.0f;
+  }
+}
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
@@ -661,14 +676,7 @@ __global__ void __launch_bounds__(kWarpRowsWarps * 32) rms_norm_forward_warp_row
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
     const int col = (it * 32 + lane) * VEC;
-    if (w != nullptr && col < cols) {
-      load16<T>(w + col, wv[it]);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) wv[it][k] += offset;
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) wv[it][k] = 1.0f;
-    }
+    load_weight16<T>(w, col, cols, offset, wv[it]);
   }
 #pragma unroll
   for (int j = 0; j < ROWS; ++j) {
@@ -970,14 +978,7 @@ __global__ void __launch_bounds__(THREADS) rms_norm_backward_pipelined(
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
     const int col = (it * THREADS + threadIdx.x) * VEC;
-    if (w != nullptr && col < cols) {
-      load16<T>(w + col, wv[it]);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) wv[it][k] += offset;
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) wv[it][k] = 1.0f;
-    }
+    load_weight16<T>(w, col, cols, offset, wv[it]);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc[it][k] = 0.0f;
   }
