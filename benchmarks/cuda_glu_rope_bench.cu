@@ -11,44 +11,14 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench_timing.cuh"
 #include "glu_kernels.cuh"
 #include "rope_kernels.cuh"
 
 using namespace tmf::cuda;
 using bf16 = __nv_bfloat16;
 
-#define CK(x)                                                                               \
-  do {                                                                                      \
-    cudaError_t err_ = (x);                                                                 \
-    if (err_ != cudaSuccess) {                                                              \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(err_)); \
-      exit(1);                                                                              \
-    }                                                                                       \
-  } while (0)
-
-static void* g_flush;
-static const size_t kFlushBytes = size_t(512) << 20;
-static const int kReps = 30;
 static double g_copy_gbps = 0;
-
-static float time_us(const std::function<void()>& f) {
-  std::vector<cudaEvent_t> ev(2 * kReps);
-  for (auto& e : ev) CK(cudaEventCreate(&e));
-  f();
-  CK(cudaGetLastError());
-  for (int i = 0; i < kReps; ++i) {
-    CK(cudaMemsetAsync(g_flush, i & 0xff, kFlushBytes));
-    CK(cudaEventRecord(ev[2 * i]));
-    f();
-    CK(cudaEventRecord(ev[2 * i + 1]));
-  }
-  CK(cudaDeviceSynchronize());
-  std::vector<float> t(kReps);
-  for (int i = 0; i < kReps; ++i) CK(cudaEventElapsedTime(&t[i], ev[2 * i], ev[2 * i + 1]));
-  for (auto& e : ev) CK(cudaEventDestroy(e));
-  std::sort(t.begin(), t.end());
-  return t[kReps / 2] * 1000.0f;
-}
 
 static void report(const std::string& what, const std::string& variant, double bytes, float us) {
   printf("%-34s %-26s %8.1f us  %5.1f %% of copy\n", what.c_str(), variant.c_str(), us,
@@ -176,18 +146,8 @@ static void bench_rope(int64_t batch, int64_t seq) {
 }
 
 int main() {
-  CK(cudaMalloc(&g_flush, kFlushBytes));
-  {
-    const size_t bytes = size_t(1) << 30;
-    void *a, *b;
-    CK(cudaMalloc(&a, bytes));
-    CK(cudaMalloc(&b, bytes));
-    const float us = time_us([&] { CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); });
-    g_copy_gbps = 2.0 * bytes / (us * 1e-6) / 1e9;
-    printf("copy bandwidth (1 GiB device-to-device, read + write): %.0f GB/s\n", g_copy_gbps);
-    CK(cudaFree(a));
-    CK(cudaFree(b));
-  }
+  g_copy_gbps = copy_bandwidth_gbps();
+  printf("copy bandwidth (1 GiB device-to-device, read + write): %.0f GB/s\n", g_copy_gbps);
   bench_glu(8192, 11008);
   bench_glu(16384, 14336);
   bench_rope(4, 4096);

@@ -1,5 +1,5 @@
 // Side-by-side timings of row-kernel variants on the CUDA device (no PyTorch): each launch timed by CUDA events
-// after clearing a 512 MB buffer (cold L2), median of REPS. Prints µs and % of the measured copy bandwidth for the
+// after clearing a 512 MB buffer (cold L2), median of bench_reps (cuda_bench_timing.cuh). Prints µs and % of the measured copy bandwidth for the
 // minimal bytes. Build: nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o rowbench
 #include <algorithm>
 #include <cstdio>
@@ -8,44 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench_timing.cuh"
 #include "row_kernels.cuh"
 
 using namespace tmf::cuda;
 using bf16 = __nv_bfloat16;
 
-#define CK(x)                                                                        \
-  do {                                                                               \
-    cudaError_t err_ = (x);                                                             \
-    if (err_ != cudaSuccess) {                                                        \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(err_)); \
-      exit(1);                                                                       \
-    }                                                                                \
-  } while (0)
-
-static void* g_flush;
-static size_t g_flush_bytes = size_t(512) << 20;
-static int REPS = 30;
 static double g_copy_gbps = 0;
-
-static float time_us(const std::function<void()>& f) {
-  std::vector<cudaEvent_t> ev(2 * REPS);
-  for (auto& e : ev) CK(cudaEventCreate(&e));
-  f();  // warm-up
-  CK(cudaGetLastError());
-  for (int i = 0; i < REPS; ++i) {
-    CK(cudaMemsetAsync(g_flush, i & 0xff, g_flush_bytes));
-    CK(cudaEventRecord(ev[2 * i]));
-    f();
-    CK(cudaEventRecord(ev[2 * i + 1]));
-  }
-  CK(cudaDeviceSynchronize());
-  CK(cudaGetLastError());
-  std::vector<float> t(REPS);
-  for (int i = 0; i < REPS; ++i) CK(cudaEventElapsedTime(&t[i], ev[2 * i], ev[2 * i + 1]));
-  for (auto& e : ev) CK(cudaEventDestroy(e));
-  std::sort(t.begin(), t.end());
-  return t[REPS / 2] * 1000.0f;
-}
 
 static void report(const char* op, const char* dt, int rows, int cols, const std::string& var, double bytes, float us) {
   const double floor_us = bytes / (g_copy_gbps * 1e3);
@@ -490,22 +459,11 @@ int main(int argc, char** argv) {
     check_dtype<float>();
     return 0;
   }
-  if (argc > 1) REPS = atoi(argv[1]);
+  if (argc > 1) bench_reps = atoi(argv[1]);
   int sms = 0;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  CK(cudaMalloc(&g_flush, g_flush_bytes));
-  {
-    void *a, *b;
-    const size_t n = size_t(1) << 30;
-    CK(cudaMalloc(&a, n));
-    CK(cudaMalloc(&b, n));
-    CK(cudaMemset(a, 1, n));
-    float us = time_us([&] { CK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice)); });
-    g_copy_gbps = 2.0 * n / (us * 1e3);
-    printf("copy bandwidth: %.0f GB/s (1 GiB D2D, read+write), %d SMs\n", g_copy_gbps, sms);
-    CK(cudaFree(a));
-    CK(cudaFree(b));
-  }
+  g_copy_gbps = copy_bandwidth_gbps();
+  printf("copy bandwidth: %.0f GB/s (1 GiB D2D, read+write), %d SMs\n", g_copy_gbps, sms);
   for (auto [r, c] : {std::pair{8192, 4096}, std::pair{4096, 8192}, std::pair{2048, 32768}, std::pair{256, 262144},
                       std::pair{65536, 256}, std::pair{32768, 1024}, std::pair{512, 512}}) {
     const bool full = c == 4096 || c == 8192;
