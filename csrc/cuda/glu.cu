@@ -75,6 +75,7 @@ at::Tensor glu_forward(const at::Tensor& gate, const at::Tensor& up, int64_t act
   GluShape s = glu_shape(g2, {row_stride(g2), row_stride(u2)}, int(16 / es), kGluForwardItems);
   const bool vec = vectorizable({&g2, &u2, &out}, s, es);
   if (!vec) s = glu_shape(g2, {row_stride(g2), row_stride(u2)}, 1, kGluForwardItems);
+  TORCH_INTERNAL_ASSERT(!vec || s.rows == 1 || s.cols % (16 / es) == 0, "glu: generic kernels take whole chunks");
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_glu(gate.scalar_type(), activation, vec, [&]<typename T, int ACT, int VEC>() {
     if (vec && s.rows == 1) {
@@ -103,6 +104,7 @@ std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& dout, const at
   GluShape s = glu_shape(g2, {row_stride(g2), row_stride(u2), row_stride(d2)}, int(16 / es), kGluBackwardItems);
   const bool vec = vectorizable({&g2, &u2, &d2, &dgate, &dup}, s, es);
   if (!vec) s = glu_shape(g2, {row_stride(g2), row_stride(u2), row_stride(d2)}, 1, kGluBackwardItems);
+  TORCH_INTERNAL_ASSERT(!vec || s.rows == 1 || s.cols % (16 / es) == 0, "glu: generic kernels take whole chunks");
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_glu(gate.scalar_type(), activation, vec, [&]<typename T, int ACT, int VEC>() {
     if (vec && s.rows == 1) {

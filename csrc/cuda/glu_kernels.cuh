@@ -2,10 +2,11 @@
 // benchmarks/cuda_glu_rope_bench.cu). The twin of shaders/glu.metal. Elementwise, float32 math:
 //   forward  out = act(gate) · up
 //   backward dgate = dout · up · act'(gate), dup = dout · act(gate)   (act recomputed from gate)
-// A thread owns ITEMS chunks of VEC contiguous elements of one row, the chunks a block apart (so a warp's accesses
-// stay contiguous), and issues all its loads before any math (see glu_load): 16-byte loads and stores where every
-// operand's base and row stride allow (the common case: contiguous operands, launched as one flat row), one element
-// otherwise.
+// Contiguous operands (the common case) take the flat kernels: one 16-byte pack per thread over one flat row. The
+// generic kernels take rows with strides (e.g. the halves of a fused gate_up projection): a thread owns ITEMS whole
+// chunks of VEC contiguous elements of one row, the chunks a block apart (so a warp's accesses stay contiguous), and
+// issues all its loads before any math; VEC > 1 (16-byte packs) where every base and row stride is 16-byte aligned,
+// else one element per chunk.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -54,31 +55,23 @@ struct alignas(sizeof(T) * VEC) GluPack {
   T v[VEC];
 };
 
-// A chunk's raw elements (zeros past the row's end), with no use of the loaded values: every load of a thread is
-// issued before the first conversion waits on one. Converting inside the load (as this file did first) made each
-// operand's load wait for the previous operand's data: measured on the H200 at 8192×11008 bf16, SwiGLU forward
-// 307.6 µs against 129.5 for a kernel issuing both loads first (README "SwiGLU and RoPE on CUDA").
+// A whole chunk: the generic kernels are launched with VEC > 1 only on rows whose length is a multiple of VEC
+// (csrc/cuda/glu.cu: 16-byte row strides and outputs; one flat row goes to the flat kernels), so no chunk is partial.
+// A partial-chunk path here cost 2.4× (SASS: the 16-byte load's result was split into 16-bit registers right after the
+// load, inside the branch, to merge with the element-by-element path — so each operand's load waited for the previous
+// one's data before being issued; H200 8192×11008 bf16 forward, one chunk per thread: 307.6 µs against 129.5 for the
+// same work straight-line, README "SwiGLU and RoPE on CUDA").
 template <typename T, int VEC>
-__device__ __forceinline__ GluPack<T, VEC> glu_load(const T* p, int64_t c0, int64_t cols) {
-  if (c0 + VEC <= cols) return *reinterpret_cast<const GluPack<T, VEC>*>(p + c0);
-  GluPack<T, VEC> pack;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) pack.v[i] = c0 + i < cols ? p[c0 + i] : from_float<T>(0.0f);
-  return pack;
+__device__ __forceinline__ GluPack<T, VEC> glu_load(const T* p, int64_t c0) {
+  return *reinterpret_cast<const GluPack<T, VEC>*>(p + c0);
 }
 
 template <typename T, int VEC>
-__device__ __forceinline__ void glu_store(T* p, int64_t c0, int64_t cols, const float* in) {
-  if (c0 + VEC <= cols) {
-    GluPack<T, VEC> pack;
+__device__ __forceinline__ void glu_store(T* p, int64_t c0, const float* in) {
+  GluPack<T, VEC> pack;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) pack.v[i] = from_float<T>(in[i]);
-    *reinterpret_cast<GluPack<T, VEC>*>(p + c0) = pack;
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i)
-      if (c0 + i < cols) p[c0 + i] = from_float<T>(in[i]);
-  }
+  for (int i = 0; i < VEC; ++i) pack.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<GluPack<T, VEC>*>(p + c0) = pack;
 }
 
 // rows × cols elements with each input's row stride (elements); outputs contiguous (cols apart). A row is cut into
@@ -110,8 +103,8 @@ __global__ void __launch_bounds__(THREADS) glu_forward_kernel(const T* __restric
   for (int i = 0; i < ITEMS; ++i) {
     const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, row, i);
     if (c0 < s.cols) {
-      g[i] = glu_load<T, VEC>(g_row, c0, s.cols);
-      u[i] = glu_load<T, VEC>(u_row, c0, s.cols);
+      g[i] = glu_load<T, VEC>(g_row, c0);
+      u[i] = glu_load<T, VEC>(u_row, c0);
     }
   }
 #pragma unroll
@@ -121,7 +114,7 @@ __global__ void __launch_bounds__(THREADS) glu_forward_kernel(const T* __restric
     float o[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) o[k] = glu_act<ACT>(to_float(g[i].v[k])) * to_float(u[i].v[k]);
-    glu_store<T, VEC>(out + row * s.cols, c0, s.cols, o);
+    glu_store<T, VEC>(out + row * s.cols, c0, o);
   }
 }
 
@@ -138,9 +131,9 @@ __global__ void __launch_bounds__(THREADS) glu_backward_kernel(const T* __restri
   for (int i = 0; i < ITEMS; ++i) {
     const int64_t c0 = glu_item_column<THREADS, ITEMS, VEC>(s, row, i);
     if (c0 < s.cols) {
-      g[i] = glu_load<T, VEC>(g_row, c0, s.cols);
-      u[i] = glu_load<T, VEC>(u_row, c0, s.cols);
-      d[i] = glu_load<T, VEC>(d_row, c0, s.cols);
+      g[i] = glu_load<T, VEC>(g_row, c0);
+      u[i] = glu_load<T, VEC>(u_row, c0);
+      d[i] = glu_load<T, VEC>(d_row, c0);
     }
   }
 #pragma unroll
@@ -154,15 +147,15 @@ __global__ void __launch_bounds__(THREADS) glu_backward_kernel(const T* __restri
       dg[k] = dk * uk * glu_act_derivative<ACT>(gk);
       du[k] = dk * glu_act<ACT>(gk);
     }
-    glu_store<T, VEC>(dgate + row * s.cols, c0, s.cols, dg);
-    glu_store<T, VEC>(dup + row * s.cols, c0, s.cols, du);
+    glu_store<T, VEC>(dgate + row * s.cols, c0, dg);
+    glu_store<T, VEC>(dup + row * s.cols, c0, du);
   }
 }
 
 // Flat kernels: contiguous operands as one row of n elements (the common case: separate gate and up projections),
-// one 16-byte pack per thread, the row's last partial pack element by element. The generic kernels above took 2.4×
-// as long at 8192×11008 bf16 on the H200 (307.6 against 129.9 µs for this structure; README "SwiGLU and RoPE on
-// CUDA"): straight-line loads, math and stores per thread, nothing else.
+// one 16-byte pack per thread, the row's last partial pack element by element on its own path (returning early, so
+// the packed path's registers never merge with it; see glu_load). Measured on the H200 at 8192×11008 bf16: forward
+// 129.5 µs (98 % of copy), backward 214.1 (99 %).
 template <typename T, int ACT, int VEC>
 __global__ void __launch_bounds__(256) glu_forward_flat(const T* __restrict__ gate, const T* __restrict__ up,
                                                         T* __restrict__ out, int64_t n) {
