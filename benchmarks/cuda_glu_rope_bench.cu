@@ -80,6 +80,11 @@ static void glu_variant(const char* name, int64_t tokens, int64_t inter, const b
 
 static void bench_glu(int64_t tokens, int64_t inter) {
   const int64_t n = tokens * inter;
+  // The generic kernels take whole 16-byte chunks only (glu_load), and the flat timing below has no tail launch.
+  if (inter % 8 != 0) {
+    fprintf(stderr, "bench_glu: inter must be a multiple of 8, got %lld\n", static_cast<long long>(inter));
+    exit(1);
+  }
   bf16 *g, *u, *d, *out, *dg, *du, *ref_out, *ref_dg;
   for (bf16** p : {&g, &u, &d, &out, &dg, &du, &ref_out, &ref_dg}) CK(cudaMalloc(p, n * 2));
   fill_random(g, n, 4.0f);
