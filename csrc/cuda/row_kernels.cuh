@@ -775,6 +775,20 @@ __device__ __forceinline__ void online_max_sum_update(const float (&v)[VEC], flo
 // Each thread reads back only what it copied: no barrier guards the row. Dynamic shared memory: cols * sizeof(T).
 constexpr int kSmemChunks = 4;
 
+// consume(c) for each of the kSmemChunks cp.async commit groups, each as soon as it has landed.
+template <typename F>
+__device__ __forceinline__ void consume_chunks_as_they_land(const F& consume) {
+  static_assert(kSmemChunks == 4, "the waits below are written out for 4 chunks");
+  cp_async_wait<3>();
+  consume(0);
+  cp_async_wait<2>();
+  consume(1);
+  cp_async_wait<1>();
+  consume(2);
+  cp_async_wait<0>();
+  consume(3);
+}
+
 template <typename T, int THREADS>
 __global__ void __launch_bounds__(THREADS) softmax_forward_smem(const T* __restrict__ x, T* __restrict__ y, int cols,
                                                                int64_t x_stride) {
@@ -805,15 +819,7 @@ __global__ void __launch_bounds__(THREADS) softmax_forward_smem(const T* __restr
       online_max_sum_update<VEC>(v, m, s);
     }
   };
-  static_assert(kSmemChunks == 4, "the waits below are written out for 4 chunks");
-  cp_async_wait<3>();
-  consume(0);
-  cp_async_wait<2>();
-  consume(1);
-  cp_async_wait<1>();
-  consume(2);
-  cp_async_wait<0>();
-  consume(3);
+  consume_chunks_as_they_land(consume);
   const float row_max = block_reduce1<THREADS, true>(m, red_max);
   s = m == -INFINITY ? (s != s ? s : 0.0f) : s * __expf(m - row_max);
   const float inv = 1.0f / block_reduce1<THREADS, false>(s, red_sum);
@@ -855,42 +861,33 @@ __global__ void __launch_bounds__(THREADS) softmax_backward_smem(const T* __rest
     }
     cp_async_commit();
   }
-  float dot = 0.0f;
-  auto consume = [&](int c) {
-    for (int j = c * per_chunk; j < min(per_thread, (c + 1) * per_chunk); ++j) {
-      const int i = j * THREADS + threadIdx.x;
-      if (i >= nvec) break;
-      float a[VEC], b[VEC];
-      unpack16<T>(*reinterpret_cast<const uint4*>(sy + i * VEC), a);
-      if constexpr (BOTH) {
-        unpack16<T>(*reinterpret_cast<const uint4*>(sg + i * VEC), b);
-      } else {
-        load16<T>(dyr + i * VEC, b);
-      }
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) dot += a[k] * b[k];
-    }
-  };
-  static_assert(kSmemChunks == 4, "the waits below are written out for 4 chunks");
-  cp_async_wait<3>();
-  consume(0);
-  cp_async_wait<2>();
-  consume(1);
-  cp_async_wait<1>();
-  consume(2);
-  cp_async_wait<0>();
-  consume(3);
-  dot = block_reduce1<THREADS, false>(dot, red);
-  for (int j = 0; j < per_thread; ++j) {
-    const int i = j * THREADS + threadIdx.x;
-    if (i >= nvec) break;
-    float a[VEC], b[VEC];
+  // Vector i of y (staged) and of dy (staged with BOTH, else from memory).
+  auto load_y_dy = [&](int i, float (&a)[VEC], float (&b)[VEC]) {
     unpack16<T>(*reinterpret_cast<const uint4*>(sy + i * VEC), a);
     if constexpr (BOTH) {
       unpack16<T>(*reinterpret_cast<const uint4*>(sg + i * VEC), b);
     } else {
       load16<T>(dyr + i * VEC, b);
     }
+  };
+  float dot = 0.0f;
+  auto consume = [&](int c) {
+    for (int j = c * per_chunk; j < min(per_thread, (c + 1) * per_chunk); ++j) {
+      const int i = j * THREADS + threadIdx.x;
+      if (i >= nvec) break;
+      float a[VEC], b[VEC];
+      load_y_dy(i, a, b);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) dot += a[k] * b[k];
+    }
+  };
+  consume_chunks_as_they_land(consume);
+  dot = block_reduce1<THREADS, false>(dot, red);
+  for (int j = 0; j < per_thread; ++j) {
+    const int i = j * THREADS + threadIdx.x;
+    if (i >= nvec) break;
+    float a[VEC], b[VEC];
+    load_y_dy(i, a, b);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) a[k] *= b[k] - dot;
     store16<T>(dxr + i * VEC, a);
