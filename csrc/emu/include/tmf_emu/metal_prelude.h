@@ -242,19 +242,26 @@ inline simdgroup_matrix<T, Rows, Cols> make_filled_simdgroup_matrix(T value) {
   return m;
 }
 
-// Element (i, j) of the matrix is src[(origin.y + i) * elements_per_row + origin.x + j] (origin = (column, row)),
-// or, transposed, src[(origin.y + j) * elements_per_row + origin.x + i].
+// Where this lane's element e (of the two it holds) lives, for simdgroup_load and simdgroup_store alike: element
+// (i, j) of the matrix is at (origin.y + i) * elements_per_row + origin.x + j (origin = (column, row)), or, transposed,
+// at (origin.y + j) * elements_per_row + origin.x + i.
+inline ulong tmf_simdgroup_matrix_offset(uint32_t e, ulong elements_per_row, ulong2 matrix_origin,
+                                         bool transpose_matrix) {
+  uint32_t row, col;
+  ::tmf_emu::simdgroup_matrix_position(::tmf_emu::simd_lane(), row, col);
+  const ulong i = row, j = col + e;
+  const ulong r = transpose_matrix ? j : i, c = transpose_matrix ? i : j;
+  return (matrix_origin.y + r) * elements_per_row + matrix_origin.x + c;
+}
+
 template <typename T, typename P>
 inline void simdgroup_load(thread simdgroup_matrix<T, 8, 8>& d, P* src, ulong elements_per_row = 8,
                            ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false,
                            const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   ::tmf_emu::simd_collective<bool>(true, 0, ::tmf_emu::SimdOp::matrix, file, line);
-  uint32_t row, col;
-  ::tmf_emu::simdgroup_matrix_position(::tmf_emu::simd_lane(), row, col);
   for (uint32_t e = 0; e < 2; ++e) {
-    const ulong i = row, j = col + e;
-    const ulong r = transpose_matrix ? j : i, c = transpose_matrix ? i : j;
-    d.tmf_elements[e] = static_cast<T>(src[(matrix_origin.y + r) * elements_per_row + matrix_origin.x + c]);
+    const ulong at = tmf_simdgroup_matrix_offset(e, elements_per_row, matrix_origin, transpose_matrix);
+    d.tmf_elements[e] = static_cast<T>(src[at]);
   }
 }
 
@@ -263,12 +270,8 @@ inline void simdgroup_store(const thread simdgroup_matrix<T, 8, 8>& a, P* dst, u
                             ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false,
                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   ::tmf_emu::simd_collective<bool>(true, 0, ::tmf_emu::SimdOp::matrix, file, line);
-  uint32_t row, col;
-  ::tmf_emu::simdgroup_matrix_position(::tmf_emu::simd_lane(), row, col);
   for (uint32_t e = 0; e < 2; ++e) {
-    const ulong i = row, j = col + e;
-    const ulong r = transpose_matrix ? j : i, c = transpose_matrix ? i : j;
-    dst[(matrix_origin.y + r) * elements_per_row + matrix_origin.x + c] = a.tmf_elements[e];
+    dst[tmf_simdgroup_matrix_offset(e, elements_per_row, matrix_origin, transpose_matrix)] = a.tmf_elements[e];
   }
 }
 
