@@ -324,16 +324,15 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy) {
     } else if (vec && 2 * size_t(cols) * sizeof(T) <= kSmemRowBytes) {
       // y and dy staged (BOTH). Staging y alone, re-reading dy, measured slower than the looped kernel on the H200
       // (2048x32768 fp32: 238.1 us at 1024 threads, 295.2 at 512, against 231.3), so wider rows take that.
-      const size_t row_bytes = size_t(cols) * sizeof(T);
-      auto launch = [&]<int TH, bool BOTH>() {
-        auto kernel = cuda::softmax_backward_smem<T, TH, BOTH>;
-        const size_t smem = BOTH ? 2 * row_bytes : row_bytes;
+      const size_t smem = 2 * size_t(cols) * sizeof(T);
+      auto launch = [&]<int TH>() {
+        auto kernel = cuda::softmax_backward_smem<T, TH, true>;
         TORCH_CHECK(resident_blocks(reinterpret_cast<const void*>(kernel), TH, smem) > 0,
                     "softmax backward: no resident block for the shared-memory kernel");
         kernel<<<rows, TH, smem, stream>>>(yp, dyp, dxp, int(cols), stride);
       };
-      if (smem_threads(2 * row_bytes) == 1024) launch.template operator()<1024, true>();
-      else launch.template operator()<512, true>();
+      if (smem_threads(smem) == 1024) launch.template operator()<1024>();
+      else launch.template operator()<512>();
     } else if (vec) {
       cuda::softmax_backward_looped_vec<T><<<rows, 1024, 0, stream>>>(yp, dyp, dxp, int(cols), stride);
     } else if (l.looped) {
