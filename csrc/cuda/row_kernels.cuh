@@ -454,6 +454,17 @@ __device__ __forceinline__ void load_weight16(const T* w, int col, int cols, flo
   }
 }
 
+// add_rms_norm's row: v (x's 16-byte vector) += the residual's, rounded to T as torch's add rounds it, and written
+// to h.
+template <typename T>
+__device__ __forceinline__ void add_residual16(float (&v)[16 / sizeof(T)], const T* res, T* h) {
+  float rv[Vec16<T>::N];
+  load16<T>(res, rv);
+#pragma unroll
+  for (int k = 0; k < Vec16<T>::N; ++k) v[k] = to_float(from_float<T>(v[k] + rv[k]));
+  store16<T>(h, v);
+}
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
@@ -596,13 +607,8 @@ __global__ void __launch_bounds__(THREADS) rms_norm_forward_vec(const T* __restr
     const int col = (it * THREADS + threadIdx.x) * VEC;
     if (col < cols) {
       load16<T>(xr + col, v[it]);
-      if constexpr (ADD) {
-        float rv[VEC];
-        load16<T>(res + blockIdx.x * res_stride + col, rv);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) v[it][k] = to_float(from_float<T>(v[it][k] + rv[k]));
-        store16<T>(h + blockIdx.x * int64_t(cols) + col, v[it]);
-      }
+      if constexpr (ADD)
+        add_residual16<T>(v[it], res + blockIdx.x * res_stride + col, h + blockIdx.x * int64_t(cols) + col);
     } else {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v[it][k] = 0.0f;
@@ -657,13 +663,7 @@ __global__ void __launch_bounds__(kWarpRowsWarps * 32) rms_norm_forward_warp_row
       const int col = (it * 32 + lane) * VEC;
       if (row < rows && col < cols) {
         load16<T>(x + row * x_stride + col, v[j][it]);
-        if constexpr (ADD) {
-          float rv[VEC];
-          load16<T>(res + row * res_stride + col, rv);
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) v[j][it][k] = to_float(from_float<T>(v[j][it][k] + rv[k]));
-          store16<T>(h + row * int64_t(cols) + col, v[j][it]);
-        }
+        if constexpr (ADD) add_residual16<T>(v[j][it], res + row * res_stride + col, h + row * int64_t(cols) + col);
       } else {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) v[j][it][k] = 0.0f;
