@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
-# from: build tests sanitize bench bench:<ops> bench-quick rowbench glurope (default: build tests sanitize bench).
+# from: build tests sanitize bench bench:<ops> bench-quick rowbench glurope lorak (default: build tests sanitize bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
 # side by side (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops
-# (benchmarks/cuda_glu_rope.py).
+# (benchmarks/cuda_glu_rope.py). lorak: LoRA's tensor-core kernels against cuBLAS and the routes built from them
+# (benchmarks/cuda_lora_kernels_bench.cu).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 OUT=${OUT:-$PWD/cuda_out}
@@ -49,6 +50,15 @@ for step in $steps; do
       nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I csrc/include benchmarks/cuda_glu_rope_bench.cu -o /tmp/glurope &&
         /tmp/glurope 2>&1 | tee "$OUT/glu_rope_variants.txt"
       python3 benchmarks/cuda_glu_rope.py 2>&1 | tee "$OUT/glu_rope.txt"
+      ;;
+    lorak)
+      # cuBLAS from the CUDA toolkit or from the nvidia-* wheels that torch depends on
+      site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
+      inc=$(find /usr/local/cuda*/ $site -name cublas_v2.h 2>/dev/null | head -1)
+      lib=$(find /usr/local/cuda*/ $site -name 'libcublas.so*' 2>/dev/null | grep -v Lt | head -1)
+      echo "cuBLAS: $inc $lib"
+      nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kernels_bench.cu "$lib" \
+        -Xlinker -rpath,"$(dirname "$lib")" -o /tmp/lorak && /tmp/lorak 20 2>&1 | tee "$OUT/lora_kernels.txt"
       ;;
     bench-quick)
       python3 -m torch_metal_fused.bench --device cuda --quick --dtypes bfloat16 --out "$OUT/bench" --no-plots \

@@ -1,0 +1,241 @@
+// LoRA's skinny products, our tensor-core kernels (csrc/cuda/lora_kernels.cuh) against cuBLAS, and the forward and
+// backward compositions built from them against the base GEMMs, bf16, without PyTorch. Each kernel result is first
+// checked against cuBLAS's (float32 accumulation both; the worst difference in units of the larger magnitude).
+//   nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_lora_kernels_bench.cu -lcublas -o /tmp/lorak
+//   /tmp/lorak [reps]
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cuda_bench_timing.cuh"
+#include "lora_kernels.cuh"
+
+using namespace tmf::cuda;
+using bf16 = __nv_bfloat16;
+
+#define CB(x)                                                                          \
+  do {                                                                                 \
+    cublasStatus_t st_ = (x);                                                          \
+    if (st_ != CUBLAS_STATUS_SUCCESS) {                                                \
+      fprintf(stderr, "%s:%d %s: cuBLAS status %d\n", __FILE__, __LINE__, #x, int(st_)); \
+      exit(1);                                                                         \
+    }                                                                                  \
+  } while (0)
+
+static cublasHandle_t g_blas;
+static int g_sms = 0;
+static double g_copy_gbps = 0;
+
+static bf16* alloc_random(size_t n, float scale, uint32_t seed) {
+  std::vector<bf16> h(n);
+  uint32_t state = seed * 2654435761u + 12345u;
+  for (size_t i = 0; i < n; ++i) {
+    state = state * 1664525u + 1013904223u;
+    h[i] = __float2bfloat16(scale * (float(state >> 8) / float(1 << 24) * 2.0f - 1.0f));
+  }
+  bf16* d;
+  CK(cudaMalloc(&d, n * sizeof(bf16)));
+  CK(cudaMemcpy(d, h.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
+  return d;
+}
+
+static bf16* alloc(size_t n) {
+  bf16* d;
+  CK(cudaMalloc(&d, n * sizeof(bf16)));
+  return d;
+}
+
+// Row-major C[m, n] = alpha · X[m, k] · Y[n, k]ᵀ + beta · C (X, Y row-major): column-major Cᵀ = Y·Xᵀ.
+static void gemm_nt(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha, float beta) {
+  CB(cublasGemmEx(g_blas, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(k), x,
+                  CUDA_R_16BF, int(k), &beta, c, CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+// Row-major C[m, n] = alpha · X[m, k] · Y[k, n] + beta · C.
+static void gemm_nn(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha, float beta) {
+  CB(cublasGemmEx(g_blas, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(n), x,
+                  CUDA_R_16BF, int(k), &beta, c, CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+// Row-major C[m, n] = alpha · X[k, m]ᵀ · Y[k, n] (a reduction over the long dimension k: dA, dB).
+static void gemm_tn(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha) {
+  const float beta = 0.f;
+  CB(cublasGemmEx(g_blas, CUBLAS_OP_N, CUBLAS_OP_T, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(n), x,
+                  CUDA_R_16BF, int(m), &beta, c, CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+// Row-major transpose of a small [rows, cols] matrix (A -> Aᵀ, B -> Bᵀ), on the host: setup only.
+static void transpose(const bf16* src, bf16* dst, int64_t rows, int64_t cols) {
+  std::vector<bf16> hs(rows * cols), hd(rows * cols);
+  CK(cudaMemcpy(hs.data(), src, hs.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) hd[j * rows + i] = hs[i * cols + j];
+  CK(cudaMemcpy(dst, hd.data(), hd.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+}
+
+// Worst |a - b| / max(|b|, rms(b)) over the buffer.
+static double worst_diff(const bf16* a, const bf16* b, size_t n) {
+  std::vector<bf16> ha(n), hb(n);
+  CK(cudaDeviceSynchronize());
+  CK(cudaMemcpy(ha.data(), a, n * sizeof(bf16), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(hb.data(), b, n * sizeof(bf16), cudaMemcpyDeviceToHost));
+  double ss = 0;
+  for (size_t i = 0; i < n; ++i) ss += double(__bfloat162float(hb[i])) * __bfloat162float(hb[i]);
+  const double rms = std::sqrt(ss / double(n)) + 1e-30;
+  double worst = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double x = __bfloat162float(ha[i]), y = __bfloat162float(hb[i]);
+    if (std::isnan(x) != std::isnan(y)) return INFINITY;
+    worst = std::max(worst, std::fabs(x - y) / std::max(std::fabs(y), rms));
+  }
+  return worst;
+}
+
+static void report(const std::string& shape, const std::string& what, double bytes, float us, double base_us = 0) {
+  printf("%-26s %-52s %8.1f us", shape.c_str(), what.c_str(), us);
+  if (bytes > 0) printf("  %5.1f %% of copy", 100.0 * bytes / (us * 1e-6) / (g_copy_gbps * 1e9));
+  if (base_us > 0) printf("  %.3fx base", us / base_us);
+  printf("\n");
+}
+
+static void check(const std::string& shape, const char* what, const bf16* ours, const bf16* ref, size_t n) {
+  const double d = worst_diff(ours, ref, n);
+  printf("%-26s check %-46s worst diff %.2e %s\n", shape.c_str(), what, d, d < 2e-2 ? "ok" : "MISMATCH");
+}
+
+static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
+  const std::string shape = std::to_string(m) + "x" + std::to_string(k) + "->" + std::to_string(n) + " r" +
+                            std::to_string(r);
+  const float s = 2.0f;
+  bf16 *x = alloc_random(m * k, 1.f, 1), *w = alloc_random(n * k, 0.02f, 2), *a = alloc_random(r * k, 0.02f, 3);
+  bf16 *b = alloc_random(n * r, 0.25f, 4), *bias = alloc_random(n, 1.f, 5), *dy = alloc_random(m * n, 1.f, 6);
+  bf16 *at = alloc(k * r), *bt = alloc(r * n);
+  transpose(a, at, r, k);
+  transpose(b, bt, n, r);
+  bf16 *h = alloc(m * r), *h_ref = alloc(m * r), *y = alloc(m * n), *y_ref = alloc(m * n);
+  bf16 *wm = alloc(n * k), *wm_ref = alloc(n * k), *dx = alloc(m * k), *dx_ref = alloc(m * k);
+  bf16 *dh = alloc(m * r), *dh_ref = alloc(m * r), *da = alloc(r * k), *db = alloc(n * r);
+  cudaStream_t st = 0;
+  const double es = sizeof(bf16);
+
+  // Checks first.
+  launch_lora_reduce(x, k, a, h, m, k, r, 1.f, g_sms, st);
+  gemm_nt(x, a, h_ref, m, r, k, 1.f, 0.f);
+  check(shape, "h = x·Aᵀ (reduce)", h, h_ref, m * r);
+  launch_lora_reduce(dy, n, bt, dh, m, n, r, s, g_sms, st);
+  gemm_nn(dy, b, dh_ref, m, r, n, s, 0.f);
+  check(shape, "dh = s·dy·B (reduce)", dh, dh_ref, m * r);
+  launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+  CK(cudaMemcpy(wm_ref, w, n * k * es, cudaMemcpyDeviceToDevice));
+  gemm_nn(b, a, wm_ref, n, k, r, s, 1.f);
+  check(shape, "W' = W + s·B·A (expand)", wm, wm_ref, n * k);
+  launch_lora_expand(h_ref, b, ExpandAddend::kRow, bias, 0, y, n, m, n, r, s, g_sms, st);
+  for (int64_t i = 0; i < m; ++i) CK(cudaMemcpyAsync(y_ref + i * n, bias, n * es, cudaMemcpyDeviceToDevice));
+  gemm_nt(h_ref, b, y_ref, m, n, r, s, 1.f);
+  check(shape, "y = bias + s·h·Bᵀ (expand)", y, y_ref, m * n);
+  launch_lora_expand(dh_ref, at, ExpandAddend::kNone, static_cast<const bf16*>(nullptr), 0, dx, k, m, k, r, 1.f, g_sms, st);
+  gemm_nn(dh_ref, a, dx_ref, m, k, r, 1.f, 0.f);
+  check(shape, "dx_lora = dh·A (expand)", dx, dx_ref, m * k);
+
+  // Components.
+  const float base = time_us([&] { gemm_nt(x, w, y, m, n, k, 1.f, 0.f); });
+  report(shape, "base GEMM y = x·Wᵀ", 0, base);
+  report(shape, "GEMM y += x·Wᵀ (beta 1)", 0, time_us([&] { gemm_nt(x, w, y, m, n, k, 1.f, 1.f); }), base);
+  report(shape, "GEMM dx = dy·W", 0, time_us([&] { gemm_nn(dy, w, dx, m, k, n, 1.f, 0.f); }), base);
+  const double h_bytes = (m * k + m * r) * es;
+  report(shape, "h: cuBLAS", h_bytes, time_us([&] { gemm_nt(x, a, h_ref, m, r, k, 1.f, 0.f); }));
+  for (int v = 1; v <= 3; ++v)
+    report(shape, "h: reduce variant " + std::to_string(v), h_bytes,
+           time_us([&] { launch_lora_reduce(x, k, a, h, m, k, r, 1.f, g_sms, st, v); }));
+  report(shape, "h: reduce (launch rule)", h_bytes,
+         time_us([&] { launch_lora_reduce(x, k, a, h, m, k, r, 1.f, g_sms, st); }));
+  const double dh_bytes = (m * n + m * r) * es;
+  report(shape, "dh: cuBLAS", dh_bytes, time_us([&] { gemm_nn(dy, b, dh_ref, m, r, n, s, 0.f); }));
+  report(shape, "dh: reduce", dh_bytes, time_us([&] { launch_lora_reduce(dy, n, bt, dh, m, n, r, s, g_sms, st); }));
+  const double w_bytes = 2.0 * n * k * es;
+  report(shape, "W': cuBLAS (copy W, GEMM beta 1)", w_bytes, time_us([&] {
+           CK(cudaMemcpyAsync(wm_ref, w, n * k * es, cudaMemcpyDeviceToDevice));
+           gemm_nn(b, a, wm_ref, n, k, r, s, 1.f);
+         }));
+  report(shape, "W': expand", w_bytes, time_us([&] {
+           launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+         }));
+  const double y_bytes = double(m) * n * es;
+  report(shape, "y = s·h·Bᵀ: cuBLAS", y_bytes, time_us([&] { gemm_nt(h, b, y_ref, m, n, r, s, 0.f); }));
+  report(shape, "y = bias + s·h·Bᵀ: expand", y_bytes, time_us([&] {
+           launch_lora_expand(h, b, ExpandAddend::kRow, bias, 0, y, n, m, n, r, s, g_sms, st);
+         }));
+  report(shape, "dx_lora = dh·A: cuBLAS", double(m) * k * es,
+         time_us([&] { gemm_nn(dh, a, dx_ref, m, k, r, 1.f, 0.f); }));
+  report(shape, "dx_lora = dh·A: expand", double(m) * k * es, time_us([&] {
+           launch_lora_expand(dh, at, ExpandAddend::kNone, static_cast<const bf16*>(nullptr), 0, dx, k, m, k, r, 1.f, g_sms, st);
+         }));
+  report(shape, "dA = dhᵀ·x: cuBLAS", (m * k + m * r) * es, time_us([&] { gemm_tn(dh, x, da, r, k, m, 1.f); }));
+  report(shape, "dB = s·dyᵀ·h: cuBLAS", (m * n + m * r) * es, time_us([&] { gemm_tn(dy, h, db, n, r, m, s); }));
+
+  // Compositions (bias in the low-rank routes' first write; the merged route's GEMM without bias: cuBLAS's bias
+  // epilogue is what at::linear adds there).
+  const float fwd_merged = time_us([&] {
+    launch_lora_reduce(x, k, a, h, m, k, r, 1.f, g_sms, st);
+    launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+    gemm_nt(x, wm, y, m, n, k, 1.f, 0.f);
+  });
+  report(shape, "forward merged: h, W' (ours), GEMM", 0, fwd_merged, base);
+  const float fwd_acc = time_us([&] {
+    launch_lora_reduce(x, k, a, h, m, k, r, 1.f, g_sms, st);
+    launch_lora_expand(h, b, ExpandAddend::kRow, bias, 0, y, n, m, n, r, s, g_sms, st);
+    gemm_nt(x, w, y, m, n, k, 1.f, 1.f);
+  });
+  report(shape, "forward accumulate: h, y (ours), GEMM beta 1", 0, fwd_acc, base);
+  const float fwd_acc_blas = time_us([&] {
+    gemm_nt(x, a, h, m, r, k, 1.f, 0.f);
+    gemm_nt(h, b, y, m, n, r, s, 0.f);
+    gemm_nt(x, w, y, m, n, k, 1.f, 1.f);
+  });
+  report(shape, "forward accumulate, cuBLAS (current op)", 0, fwd_acc_blas, base);
+  const float base_dx = time_us([&] { gemm_nn(dy, w, dx, m, k, n, 1.f, 0.f); });
+  // dA and dB stay on cuBLAS in both backward routes.
+  const float bwd_merged = time_us([&] {
+    launch_lora_reduce(dy, n, bt, dh, m, n, r, s, g_sms, st);
+    launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+    gemm_nn(dy, wm, dx, m, k, n, 1.f, 0.f);
+    gemm_tn(dh, x, da, r, k, m, 1.f);
+    gemm_tn(dy, h, db, n, r, m, s);
+  });
+  report(shape, "backward merged: dh, W' (ours), dx, dA, dB", 0, bwd_merged, base_dx);
+  const float bwd_low = time_us([&] {
+    launch_lora_reduce(dy, n, bt, dh, m, n, r, s, g_sms, st);
+    launch_lora_expand(dh, at, ExpandAddend::kNone, static_cast<const bf16*>(nullptr), 0, dx, k, m, k, r, 1.f, g_sms, st);
+    gemm_nn(dy, w, dx, m, k, n, 1.f, 1.f);
+    gemm_tn(dh, x, da, r, k, m, 1.f);
+    gemm_tn(dy, h, db, n, r, m, s);
+  });
+  report(shape, "backward low-rank: dh, dx_lora (ours), dx += , dA, dB", 0, bwd_low, base_dx);
+  printf("%-26s forward+backward vs base fwd + dx GEMMs (%.1f + %.1f): merged/merged %.3fx, acc/merged %.3fx, "
+         "acc/low-rank %.3fx\n",
+         shape.c_str(), base, base_dx, (fwd_merged + bwd_merged) / (base + base_dx),
+         (fwd_acc + bwd_merged) / (base + base_dx), (fwd_acc + bwd_low) / (base + base_dx));
+  for (bf16* p : {x, w, a, b, bias, dy, at, bt, h, h_ref, y, y_ref, wm, wm_ref, dx, dx_ref, dh, dh_ref, da, db})
+    CK(cudaFree(p));
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1) bench_reps = atoi(argv[1]);
+  CB(cublasCreate(&g_blas));
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  g_sms = prop.multiProcessorCount;
+  g_copy_gbps = copy_bandwidth_gbps();
+  printf("%s, %d SMs, copy bandwidth %.0f GB/s\n", prop.name, g_sms, g_copy_gbps);
+  // Edge shapes for the checks only matter for correctness: ragged rows/columns and every rank.
+  for (int64_t r : {8, 16, 32, 64}) bench_shape(1000, 1048, 1016, r);
+  for (int64_t r : {16, 64}) {
+    bench_shape(8192, 4096, 4096, r);
+    bench_shape(2048, 4096, 11008, r);
+  }
+  bench_shape(512, 512, 512, 8);
+  return 0;
+}
