@@ -57,7 +57,7 @@ for step in $steps; do
       inc=$(find /usr/local/cuda*/ $site -name cublas_v2.h 2>/dev/null | head -1)
       lib=$(find /usr/local/cuda*/ $site -name 'libcublas.so*' 2>/dev/null | grep -v Lt | head -1)
       echo "cuBLAS: $inc $lib"
-      nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kernels_bench.cu "$lib" \
+      nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kernels_bench.cu -Xlinker "$lib" \
         -Xlinker -rpath,"$(dirname "$lib")" -o /tmp/lorak && /tmp/lorak 20 2>&1 | tee "$OUT/lora_kernels.txt"
       ;;
     bench-quick)
