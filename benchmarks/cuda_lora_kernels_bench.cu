@@ -2,7 +2,7 @@
 // backward compositions built from them against the base GEMMs, bf16, without PyTorch. Each kernel result is first
 // checked against cuBLAS's (float32 accumulation both; the worst difference in units of the larger magnitude).
 //   nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_lora_kernels_bench.cu -lcublas -o /tmp/lorak
-//   /tmp/lorak [reps]
+//   /tmp/lorak [reps] [pipelined]   (pipelined: only the two-stream routes, below)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
@@ -28,7 +28,8 @@ using bf16 = __nv_bfloat16;
     }                                                                                  \
   } while (0)
 
-static cublasHandle_t g_blas;
+static cublasHandle_t g_blas, g_blas_side;
+static cudaStream_t g_side;  // the skinny products' stream (highest priority) in the pipelined routes
 static int g_sms = 0;
 static double g_copy_gbps = 0;
 
@@ -52,19 +53,22 @@ static bf16* alloc(size_t n) {
 }
 
 // Row-major C[m, n] = alpha · X[m, k] · Y[n, k]ᵀ + beta · C (X, Y row-major): column-major Cᵀ = Y·Xᵀ.
-static void gemm_nt(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha, float beta) {
-  CB(cublasGemmEx(g_blas, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(k), x,
+static void gemm_nt(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha, float beta,
+                    cublasHandle_t hd = g_blas) {
+  CB(cublasGemmEx(hd, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(k), x,
                   CUDA_R_16BF, int(k), &beta, c, CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 // Row-major C[m, n] = alpha · X[m, k] · Y[k, n] + beta · C.
-static void gemm_nn(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha, float beta) {
-  CB(cublasGemmEx(g_blas, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(n), x,
+static void gemm_nn(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha, float beta,
+                    cublasHandle_t hd = g_blas) {
+  CB(cublasGemmEx(hd, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(n), x,
                   CUDA_R_16BF, int(k), &beta, c, CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 // Row-major C[m, n] = alpha · X[k, m]ᵀ · Y[k, n] (a reduction over the long dimension k: dA, dB).
-static void gemm_tn(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha) {
+static void gemm_tn(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha,
+                    cublasHandle_t hd = g_blas) {
   const float beta = 0.f;
-  CB(cublasGemmEx(g_blas, CUBLAS_OP_N, CUBLAS_OP_T, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(n), x,
+  CB(cublasGemmEx(hd, CUBLAS_OP_N, CUBLAS_OP_T, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(n), x,
                   CUDA_R_16BF, int(m), &beta, c, CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 // Row-major transpose of a small [rows, cols] matrix (A -> Aᵀ, B -> Bᵀ), on the host: setup only.
@@ -222,14 +226,116 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
     CK(cudaFree(p));
 }
 
+// ---- pipelined routes: the skinny products on a second, high-priority stream, a row chunk ahead of the GEMMs ----
+// Forward (accumulate): side: h_i = x_i·Aᵀ, y_i = bias + s·h_i·Bᵀ; main: y_i += x_i·Wᵀ once y_i is written.
+// Backward (low-rank): side: dh_i = s·dy_i·B, dx_i = dh_i·A; main: dx_i += dy_i·W; side after the last chunk:
+// dA = dhᵀ·x and dB = s·dyᵀ·h, which the main stream waits for at the end. ours: our kernels on the side stream,
+// else cuBLAS.
+struct Events {
+  std::vector<cudaEvent_t> ev;
+  explicit Events(int n) : ev(n) {
+    for (auto& e : ev) CK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
+  ~Events() {
+    for (auto& e : ev) cudaEventDestroy(e);
+  }
+};
+
+static void bench_pipelined(int64_t m, int64_t k, int64_t n, int64_t r) {
+  const std::string shape = std::to_string(m) + "x" + std::to_string(k) + "->" + std::to_string(n) + " r" +
+                            std::to_string(r);
+  const float s = 2.0f;
+  bf16 *x = alloc_random(m * k, 1.f, 1), *w = alloc_random(n * k, 0.02f, 2), *a = alloc_random(r * k, 0.02f, 3);
+  bf16 *b = alloc_random(n * r, 0.25f, 4), *bias = alloc_random(n, 1.f, 5), *dy = alloc_random(m * n, 1.f, 6);
+  bf16 *at = alloc(k * r), *bt = alloc(r * n), *h = alloc(m * r), *y = alloc(m * n), *y_ref = alloc(m * n);
+  bf16 *dx = alloc(m * k), *dx_ref = alloc(m * k), *dh = alloc(m * r), *da = alloc(r * k), *db = alloc(n * r);
+  transpose(a, at, r, k);
+  transpose(b, bt, n, r);
+  Events ev(20);
+  const float base = time_us([&] { gemm_nt(x, w, y, m, n, k, 1.f, 0.f); });
+  const float base_dx = time_us([&] { gemm_nn(dy, w, dx, m, k, n, 1.f, 0.f); });
+  report(shape, "base GEMM y = x·Wᵀ", 0, base);
+  report(shape, "base GEMM dx = dy·W", 0, base_dx);
+  for (int ours = 0; ours < 2; ++ours) {
+    for (int chunks : {1, 2, 4, 8}) {
+      if (m / chunks < 128) continue;
+      const int64_t rows = (m + chunks - 1) / chunks;
+      auto forward = [&] {
+        CK(cudaEventRecord(ev.ev[0], 0));
+        CK(cudaStreamWaitEvent(g_side, ev.ev[0]));
+        for (int i = 0; i < chunks; ++i) {
+          const int64_t r0 = i * rows, mi = std::min(rows, m - r0);
+          if (ours) {
+            launch_lora_reduce(x + r0 * k, k, a, h + r0 * r, mi, k, r, 1.f, g_sms, g_side);
+            launch_lora_expand(h + r0 * r, b, ExpandAddend::kRow, bias, 0, y + r0 * n, n, mi, n, r, s, g_sms, g_side);
+          } else {
+            gemm_nt(x + r0 * k, a, h + r0 * r, mi, r, k, 1.f, 0.f, g_blas_side);
+            gemm_nt(h + r0 * r, b, y + r0 * n, mi, n, r, s, 0.f, g_blas_side);
+          }
+          CK(cudaEventRecord(ev.ev[1 + i], g_side));
+          CK(cudaStreamWaitEvent(0, ev.ev[1 + i]));
+          gemm_nt(x + r0 * k, w, y + r0 * n, mi, n, k, 1.f, 1.f);
+        }
+      };
+      if (ours) {  // the pipelined result equals the one-stream composition
+        forward();
+        launch_lora_reduce(x, k, a, h, m, k, r, 1.f, g_sms, 0);
+        launch_lora_expand(h, b, ExpandAddend::kRow, bias, 0, y_ref, n, m, n, r, s, g_sms, 0);
+        gemm_nt(x, w, y_ref, m, n, k, 1.f, 1.f);
+        check(shape, ("pipelined forward, " + std::to_string(chunks) + " chunks").c_str(), y, y_ref, m * n);
+      }
+      const std::string tag = std::string(ours ? "ours" : "cuBLAS") + ", " + std::to_string(chunks) + " chunks";
+      report(shape, "forward pipelined (" + tag + ")", 0, time_us(forward), base);
+      auto backward = [&] {
+        CK(cudaEventRecord(ev.ev[0], 0));
+        CK(cudaStreamWaitEvent(g_side, ev.ev[0]));
+        for (int i = 0; i < chunks; ++i) {
+          const int64_t r0 = i * rows, mi = std::min(rows, m - r0);
+          if (ours) {
+            launch_lora_reduce(dy + r0 * n, n, bt, dh + r0 * r, mi, n, r, s, g_sms, g_side);
+            launch_lora_expand(dh + r0 * r, at, ExpandAddend::kNone, static_cast<const bf16*>(nullptr), 0,
+                               dx + r0 * k, k, mi, k, r, 1.f, g_sms, g_side);
+          } else {
+            gemm_nn(dy + r0 * n, b, dh + r0 * r, mi, r, n, s, 0.f, g_blas_side);
+            gemm_nn(dh + r0 * r, a, dx + r0 * k, mi, k, r, 1.f, 0.f, g_blas_side);
+          }
+          CK(cudaEventRecord(ev.ev[1 + i], g_side));
+          CK(cudaStreamWaitEvent(0, ev.ev[1 + i]));
+          gemm_nn(dy + r0 * n, w, dx + r0 * k, mi, k, n, 1.f, 1.f);
+        }
+        gemm_tn(dh, x, da, r, k, m, 1.f, g_blas_side);
+        gemm_tn(dy, h, db, n, r, m, s, g_blas_side);
+        CK(cudaEventRecord(ev.ev[19], g_side));
+        CK(cudaStreamWaitEvent(0, ev.ev[19]));
+      };
+      const float bwd = time_us(backward);
+      report(shape, "backward pipelined (" + tag + ")", 0, bwd, base_dx);
+    }
+  }
+  for (bf16* p : {x, w, a, b, bias, dy, at, bt, h, y, y_ref, dx, dx_ref, dh, da, db}) CK(cudaFree(p));
+}
+
 int main(int argc, char** argv) {
   if (argc > 1) bench_reps = atoi(argv[1]);
   CB(cublasCreate(&g_blas));
+  CB(cublasCreate(&g_blas_side));
+  int least = 0, greatest = 0;
+  CK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  CK(cudaStreamCreateWithPriority(&g_side, cudaStreamNonBlocking, greatest));
+  CB(cublasSetStream(g_blas_side, g_side));
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   g_sms = prop.multiProcessorCount;
   g_copy_gbps = copy_bandwidth_gbps();
   printf("%s, %d SMs, copy bandwidth %.0f GB/s\n", prop.name, g_sms, g_copy_gbps);
+  if (argc > 2 && std::string(argv[2]) == "pipelined") {
+    for (int64_t r : {16, 64}) {
+      bench_pipelined(8192, 4096, 4096, r);
+      bench_pipelined(2048, 4096, 11008, r);
+    }
+    bench_pipelined(512, 512, 512, 8);
+    return 0;
+  }
   // Edge shapes for the checks only matter for correctness: ragged rows/columns and every rank.
   for (int64_t r : {8, 16, 32, 64}) bench_shape(1000, 1048, 1016, r);
   for (int64_t r : {16, 64}) {
