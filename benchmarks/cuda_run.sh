@@ -52,14 +52,15 @@ for step in $steps; do
       python3 benchmarks/cuda_glu_rope.py 2>&1 | tee "$OUT/glu_rope.txt"
       ;;
     lorak | lorak:*)
-      # lorak:pipelined times only the two-stream routes
+      # lorak:pipelined times only the two-stream routes (to lora_kernels-pipelined.txt)
+      step=${step/:/-}
       # cuBLAS from the CUDA toolkit or from the nvidia-* wheels that torch depends on
       site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
       inc=$(find /usr/local/cuda*/ $site -name cublas_v2.h 2>/dev/null | head -1)
       lib=$(find /usr/local/cuda*/ $site -name 'libcublas.so*' 2>/dev/null | grep -v Lt | head -1)
       echo "cuBLAS: $inc $lib"
       nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kernels_bench.cu -Xlinker "$lib" \
-        -Xlinker -rpath,"$(dirname "$lib")" -o /tmp/lorak && /tmp/lorak 20 ${step#lorak:} 2>&1 | tee "$OUT/lora_kernels${step#lorak}.txt"
+        -Xlinker -rpath,"$(dirname "$lib")" -o /tmp/lorak && /tmp/lorak 20 ${step#lorak-} 2>&1 | tee "$OUT/lora_kernels${step#lorak}.txt"
       ;;
     bench-quick)
       python3 -m torch_metal_fused.bench --device cuda --quick --dtypes bfloat16 --out "$OUT/bench" --no-plots \
