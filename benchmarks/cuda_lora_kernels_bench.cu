@@ -19,6 +19,144 @@
 using namespace tmf::cuda;
 using bf16 = __nv_bfloat16;
 
+// ---- a reduce kernel for h = x·Aᵀ and dh = s·dy·B (measured here slower than cuBLAS: the op does not use it) ----
+// out[M, R] = scale · X[M, K] · Lᵀ, L [R, K] row-major. Lane (g, t) loads 8 consecutive K-elements of rows g and
+// g+8 of X and of row g of L; the m16n8k16 fragments take elements {0,1},{2,3} as their k-slots {2t,2t+1},
+// {2t+8,2t+9} of one mma and {4,5},{6,7} of a second.
+template <typename T>
+__device__ __forceinline__ T round_to(float v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return __float2half_rn(v);
+  }
+}
+
+// A block has ROW_TILES × K_SPLITS warps: warp (rt, ks) owns rows 16·rt .. 16·rt+15 of the block's rows and the
+// 64-column chunks ks, ks + K_SPLITS, ... of K. Warps at the same chunk read the same L vectors, so L comes from L1;
+// each warp loads its next chunk of X before the mma of the current one (two chunks, 2 KiB of X per warp in flight).
+// The K_SPLITS partial sums meet in shared memory, fixed order: the result does not depend on timing.
+constexpr int kReduceChunk = 64;
+
+template <int R, int ROW_TILES, int K_SPLITS>
+constexpr int lora_reduce_smem_bytes() {
+  return K_SPLITS > 1 ? K_SPLITS * ROW_TILES * (R / 8) * 4 * 32 * int(sizeof(float)) : 0;
+}
+
+template <typename T, int R, int ROW_TILES, int K_SPLITS>
+__global__ void __launch_bounds__(ROW_TILES* K_SPLITS * 32)
+    lora_reduce_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ l, T* __restrict__ out, int64_t m,
+                       int64_t k, float scale) {
+  constexpr int NT = R / 8;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int rt = warp % ROW_TILES, ks = warp / ROW_TILES;
+  const int64_t row_lo = (int64_t(blockIdx.x) * ROW_TILES + rt) * 16 + g, row_hi = row_lo + 8;
+  const bool lo_ok = row_lo < m, hi_ok = row_hi < m;
+  const T* x_lo = x + (lo_ok ? row_lo : 0) * ldx;
+  const T* x_hi = x + (hi_ok ? row_hi : 0) * ldx;
+
+  float acc[NT][4] = {};
+  uint4 cur[4], nxt[4];
+  auto load_x = [&](uint4 (&v)[4], int64_t c0) {
+    const int64_t c1 = c0 + 32;
+    v[0] = load16_or_zero(x_lo + c0, lo_ok && c0 < k);
+    v[1] = load16_or_zero(x_hi + c0, hi_ok && c0 < k);
+    v[2] = load16_or_zero(x_lo + c1, lo_ok && c1 < k);
+    v[3] = load16_or_zero(x_hi + c1, hi_ok && c1 < k);
+  };
+  const int64_t chunks = (k + kReduceChunk - 1) / kReduceChunk;
+  int64_t chunk = ks;
+  if (chunk < chunks) load_x(cur, chunk * kReduceChunk + 8 * t);
+  for (; chunk < chunks; chunk += K_SPLITS) {
+    const int64_t c0 = chunk * kReduceChunk + 8 * t;
+    if (chunk + K_SPLITS < chunks) load_x(nxt, c0 + K_SPLITS * kReduceChunk);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const T* lrow = l + int64_t(8 * j + g) * k;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t c = c0 + 32 * half;
+        const uint4 b = load16_or_zero(lrow + c, c < k);
+        const uint4& lo = cur[2 * half];
+        const uint4& hi = cur[2 * half + 1];
+        mma_16816<T>(acc[j], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+        mma_16816<T>(acc[j], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cur[i] = nxt[i];
+  }
+
+  // acc[j][q]: row g + 8·(q / 2), column 8j + 2t + q % 2 of the warp's 16-row tile.
+  auto store = [&](int j, int q, float v) {
+    const int64_t row = (q < 2) ? row_lo : row_hi;
+    if (row < m) out[row * R + 8 * j + 2 * t + (q % 2)] = round_to<T>(scale * v);
+  };
+  if constexpr (K_SPLITS == 1) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) store(j, q, acc[j][q]);
+  } else {
+    extern __shared__ float partial[];  // [K_SPLITS][ROW_TILES][NT·4][32], lane fastest: no bank conflicts
+    constexpr int kPerWarp = NT * 4 * 32;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) partial[(ks * ROW_TILES + rt) * kPerWarp + (j * 4 + q) * 32 + lane] = acc[j][q];
+    __syncthreads();
+    if (ks == 0) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float v = 0.f;
+#pragma unroll
+          for (int s = 0; s < K_SPLITS; ++s) v += partial[(s * ROW_TILES + rt) * kPerWarp + (j * 4 + q) * 32 + lane];
+          store(j, q, v);
+        }
+    }
+  }
+}
+
+// Reduce: two 16-row tiles × four K splits per 256-thread block while that gives two blocks per SM; fewer rows
+// (fewer blocks) take one tile × eight splits. variant > 0 forces one (the benchmark's side-by-side runs).
+template <typename T, int R, int ROW_TILES, int K_SPLITS>
+void launch_lora_reduce_config(const T* x, int64_t ldx, const T* l, T* out, int64_t m, int64_t k, float scale,
+                               cudaStream_t stream) {
+  constexpr int rows = 16 * ROW_TILES;
+  constexpr int smem = lora_reduce_smem_bytes<R, ROW_TILES, K_SPLITS>();
+  static_assert(smem <= 48 * 1024, "lora_reduce: partial sums over the default shared-memory limit");
+  const int64_t blocks = (m + rows - 1) / rows;
+  lora_reduce_kernel<T, R, ROW_TILES, K_SPLITS>
+      <<<dim3(unsigned(blocks)), ROW_TILES * K_SPLITS * 32, smem, stream>>>(x, ldx, l, out, m, k, scale);
+}
+
+template <typename T, int R>
+void launch_lora_reduce_rank(const T* x, int64_t ldx, const T* l, T* out, int64_t m, int64_t k, float scale,
+                             int sms, cudaStream_t stream, int variant) {
+  if (variant == 0) variant = (m + 31) / 32 >= 2 * int64_t(sms) ? 1 : 2;
+  switch (variant) {
+    case 1: return launch_lora_reduce_config<T, R, 2, 4>(x, ldx, l, out, m, k, scale, stream);
+    case 2: return launch_lora_reduce_config<T, R, 1, 8>(x, ldx, l, out, m, k, scale, stream);
+    default: return launch_lora_reduce_config<T, R, 4, 2>(x, ldx, l, out, m, k, scale, stream);
+  }
+}
+
+// out [m, r] = scale · x [m, k] · lᵀ (l: [r, k] contiguous). m > 0; r from lora_tensor_core_rank.
+template <typename T>
+void launch_lora_reduce(const T* x, int64_t ldx, const T* l, T* out, int64_t m, int64_t k, int64_t r, float scale,
+                        int sms, cudaStream_t stream, int variant = 0) {
+  switch (r) {
+    case 8: return launch_lora_reduce_rank<T, 8>(x, ldx, l, out, m, k, scale, sms, stream, variant);
+    case 16: return launch_lora_reduce_rank<T, 16>(x, ldx, l, out, m, k, scale, sms, stream, variant);
+    case 32: return launch_lora_reduce_rank<T, 32>(x, ldx, l, out, m, k, scale, sms, stream, variant);
+    default: return launch_lora_reduce_rank<T, 64>(x, ldx, l, out, m, k, scale, sms, stream, variant);
+  }
+}
+
+
 #define CB(x)                                                                          \
   do {                                                                                 \
     cublasStatus_t st_ = (x);                                                          \

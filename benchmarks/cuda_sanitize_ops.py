@@ -39,6 +39,13 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
     b = torch.randn(33, 8, device="cuda", dtype=dtype, requires_grad=True)
     tmf.lora_linear(x, w, a, b, 2.0).sum().backward()
     tmf.lora_linear(x, w, a, b, 2.0, dropout_p=0.1, training=True).sum().backward()
+    # many tokens: the merged-weight backward, W' from lora_expand in half precision (ragged rows and column steps)
+    for rank in (8, 64):
+        x = torch.randn(1100, 72, device="cuda", dtype=dtype, requires_grad=True)
+        w = torch.randn(200, 72, device="cuda", dtype=dtype)
+        a = torch.randn(rank, 72, device="cuda", dtype=dtype, requires_grad=True)
+        b = torch.randn(200, rank, device="cuda", dtype=dtype, requires_grad=True)
+        tmf.lora_linear(x, w, a, b, 2.0).sum().backward()
     # GLU: 16-byte packs over a flat row, ragged rows (scalar kernel), strided halves of a fused gate_up
     for gate_up in (
         torch.randn(6, 2 * 4096 + 16, device="cuda", dtype=dtype),

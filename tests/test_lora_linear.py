@@ -95,46 +95,44 @@ def test_layouts(backend, layout, dtype):
     _check(x, w, a, b, bias, 1.5, dtype)
 
 
-# The CUDA backend's tensor-core kernels (csrc/cuda/lora_kernels.cuh: float16/bfloat16, ranks 8/16/32/64, in and out
-# features multiples of 8), at shapes that reach every tail: tokens not a multiple of a 16-row tile, in_features past
-# whole 64-column chunks (the reduce's K loop), out_features past whole 64-column steps and split over several
-# blocks (the expand), both reduce configurations (from 2 · SMs · 32 tokens on, two row tiles per block: 8500 on a
-# 132-SM H200), and each route: few tokens (h, then y = bias + s·h·Bᵀ, the base GEMM adding into it; backward dh,
-# then dh·A, dy·W added into it) and many tokens (the merged W' forward and backward). Reference and CUDA only: the
-# Metal kernels have their own shapes above and run slowly on the harness.
+# The CUDA backend's W' kernel (csrc/cuda/lora_kernels.cuh: float16/bfloat16, ranks 8/16/32/64, in_features a
+# multiple of 8), used by the merged-weight backward (tokens >= 1024 and > in_features), at shapes that reach its
+# tails: out_features not a multiple of the 128-row block, in_features past whole 64-column steps, the columns split
+# over many blocks; and few-token shapes of each rank beside them (cuBLAS routes, the same contract). Reference and
+# CUDA only: the Metal kernels have their own shapes above and run slowly on the harness.
 TENSOR_CORE_SHAPES = [
     (45, 200, 136, 8),
     (45, 200, 136, 16),
     (77, 1048, 1016, 32),
     (33, 72, 264, 64),
     (1100, 72, 40, 16),
+    (1100, 264, 136, 32),
     (1100, 520, 200, 64),
-    (8500, 64, 72, 16),
+    (2100, 1048, 1016, 8),
 ]
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", TENSOR_CORE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_tensor_core_shapes(backend, shape, dtype, bias):
+def test_merged_weight_kernel_shapes(backend, shape, dtype, bias):
     if backend.name not in ("reference", "cuda"):
-        pytest.skip("CUDA kernels' shapes")
+        pytest.skip("the CUDA W' kernel's shapes")
     x, w, a, b, bias_t = _factors(*shape, dtype, backend.device, seed=31)
     _check(x, w, a, b, bias_t if bias else None, 2.0, dtype)
 
 
 @pytest.mark.parametrize("offset", [8, 3], ids=["aligned_view", "misaligned_view"])
-@pytest.mark.parametrize("tokens", [40, 1100], ids=["few_tokens", "many_tokens"])
-def test_tensor_core_views(backend, tokens, offset):
-    """x as a view whose rows are 8 elements wider than they are long, starting `offset` elements into its storage:
-    16-byte rows and base (the tensor-core kernels read it in place) or not (cuBLAS)."""
+def test_merged_weight_kernel_weight_views(backend, offset):
+    """W as a view whose rows are 8 elements wider than they are long, starting `offset` elements into its storage:
+    16-byte rows and base (the W' kernel reads it in place) or not (cuBLAS builds W')."""
     if backend.name not in ("reference", "cuda"):
-        pytest.skip("CUDA kernels' layouts")
+        pytest.skip("the CUDA W' kernel's layouts")
     dtype = torch.bfloat16
-    wide = randn((tokens, 72 + offset + 8), dtype, backend.device, seed=41)
-    x = wide[:, offset : offset + 72]
-    _, w, a, b, bias = _factors(1, 72, 48, 16, dtype, backend.device, seed=42)
-    _check(x, w, a, b, bias, 2.0, dtype)
+    x, _, a, b, bias = _factors(1100, 72, 48, 16, dtype, backend.device, seed=42)
+    wide = randn((48, 72 + offset + 8), dtype, backend.device, scale=72**-0.5, seed=41)
+    _check(x, wide[:, offset : offset + 72], a, b, bias, 2.0, dtype)
+
 
 def test_leading_dims(backend):
     x = randn((2, 3, 4, 19), torch.float32, backend.device)

@@ -28,102 +28,72 @@ namespace tmf {
 // float32 keeps the rule shared with Metal (tokens > in_features: merged weight, else low-rank add): its GEMMs run
 // 16x longer, the routes differ by less than the run-to-run spread there, and the accumulate route measured
 // 1-8% slower in that run. The backward keeps the shared rule in every dtype (merged W' for many tokens).
+// A second run (benchmarks/cuda_lora_kernels_bench.cu; results in ...-lora-kernels-first.txt, ...-lora-pipelined.txt),
+// bf16 8192x4096->4096 r16, product by product: base GEMM 339 µs (342 with beta = 1), h = x·Aᵀ 26.7 on cuBLAS (a
+// tensor-core reduce kernel of ours: 46.8), y = s·h·Bᵀ 28.1 (our expand kernel: 46.4), dh = s·dy·B 28.4 (ours
+// 51.5), W' = W + s·B·A 43.2 (ours, lora_expand: 31.6; r64 41.9 / 37.9). So W' is built by lora_expand (the merged
+// backward) and the rest stays on cuBLAS. Running the skinny products on a second, high-priority stream a row chunk
+// ahead of the GEMMs was slower at every chunk count (the GEMMs occupy every SM; nothing overlaps).
 namespace {
-
-using cuda::ExpandAddend;
 
 bool use_merged_weight(int64_t tokens, int64_t in_features, const OptTensor& dropout_mask) {
   return launch::lora_use_merged_weight(tokens, in_features, dropout_mask.has_value());
 }
 
-// ---- the tensor-core kernels (csrc/cuda/lora_kernels.cuh) -------------------------------------------------------
-// Half precision, ranks 8/16/32/64, in and out features multiples of 8 (16-byte vectors), big operands with 16-byte
-// rows; anything else takes cuBLAS.
-bool tensor_core_ok(const at::Tensor& x, int64_t rank, int64_t in_features, int64_t out_features) {
-  return (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && cuda::lora_tensor_core_rank(rank) &&
-         in_features % 8 == 0 && out_features % 8 == 0;
+// ---- W' on tensor cores (csrc/cuda/lora_kernels.cuh) ------------------------------------------------------------
+// Half precision, ranks 8/16/32/64, in_features a multiple of 8, W with 16-byte rows; anything else takes cuBLAS.
+bool expand_ok(const at::Tensor& weight, int64_t rank) {
+  return (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf) &&
+         cuda::lora_tensor_core_rank(rank) && weight.size(1) % 8 == 0 && weight.stride(1) == 1 &&
+         row_stride(weight) % 8 == 0 && reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0;
 }
 
-bool rows16(const at::Tensor& t) {
-  return t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) && row_stride(t) % 8 == 0 &&
-         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-}
-
-// A rank-sized operand as the kernels read it (contiguous, 16-byte aligned): a copy only when it is not.
+// A rank-sized operand as the kernel reads it (contiguous, 16-byte aligned): a copy only when it is not.
 at::Tensor packed(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
-template <typename F>
-void dispatch_half(const at::Tensor& t, F&& f) {
-  if (t.scalar_type() == at::kBFloat16) {
-    f(__nv_bfloat16{});
-  } else {
-    f(__half{});
-  }
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
-
-int sms(const at::Tensor& t) {
+int sm_count(const at::Tensor& t) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.device().index()));
   return count;
 }
 
-// scale · x·lᵀ (l: rank x k), one pass over x (rows16).
-at::Tensor reduce(const at::Tensor& x, const at::Tensor& l, double scale) {
-  at::Tensor out = at::empty({x.size(0), l.size(0)}, x.options());
-  if (x.size(0) == 0) return out;
-  const at::Tensor lp = packed(l);
-  dispatch_half(x, [&](auto zero) {
-    using T = decltype(zero);
-    cuda::launch_lora_reduce<T>(ptr<T>(x), row_stride(x), ptr<T>(lp), ptr<T>(out), x.size(0), x.size(1), lp.size(0),
-                                float(scale), sms(x), c10::cuda::getCurrentCUDAStream());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-// out (p x q, rows16) = addend + scale · lm·rtᵀ (lm: p x rank, rt: q x rank); addend: none, a q-vector, or a p x q
-// matrix (rows16), by `add`.
-void expand(const at::Tensor& lm, const at::Tensor& rt, ExpandAddend add, const at::Tensor* addend, at::Tensor& out,
-            double scale) {
-  if (out.numel() == 0) return;
-  const at::Tensor lp = packed(lm), rp = packed(rt);
-  const at::Tensor c = add == ExpandAddend::kRow ? packed(*addend) : add == ExpandAddend::kMatrix ? *addend : out;
-  dispatch_half(out, [&](auto zero) {
-    using T = decltype(zero);
-    cuda::launch_lora_expand<T>(ptr<T>(lp), ptr<T>(rp), add, ptr<T>(c), row_stride(c), ptr<T>(out), row_stride(out),
-                                out.size(0), out.size(1), lp.size(1), float(scale), sms(out),
-                                c10::cuda::getCurrentCUDAStream());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// W' = W + s·B·A, in W's dtype (rounded once).
-at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
-                         bool tc) {
-  if (!tc || !rows16(weight)) return at::addmm(weight, lora_b, lora_a, 1.0, scale);
+// W' = W + s·B·A in W's dtype, rounded once (cuBLAS: the same float32 sum, after a copy of W).
+at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                         double scale) {
+  if (!expand_ok(weight, lora_a.size(0)) || weight.numel() == 0) {
+    return at::addmm(weight, lora_b, lora_a, 1.0, scale);
+  }
   at::Tensor out = at::empty(weight.sizes(), weight.options());
-  expand(lora_b, lora_a.t(), ExpandAddend::kMatrix, &weight, out, scale);
+  const at::Tensor b = packed(lora_b), a_t = packed(lora_a.t());
+  auto launch = [&](auto zero) {
+    using T = decltype(zero);
+    auto p = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
+    cuda::launch_lora_expand<T>(p(b), p(a_t), cuda::ExpandAddend::kMatrix, p(weight), row_stride(weight), p(out),
+                                out.size(1), out.size(0), out.size(1), b.size(1), float(scale), sm_count(weight),
+                                c10::cuda::getCurrentCUDAStream());
+  };
+  if (weight.scalar_type() == at::kBFloat16) {
+    launch(__nv_bfloat16{});
+  } else {
+    launch(__half{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-// The accumulate route's y: bias + scale·h·Bᵀ written (no read of y), then y += x·Wᵀ on the base GEMM (beta = 1).
+// The accumulate route's y: bias + scale·h·Bᵀ written (no read of y: beta = 0 when there is no bias, so the
+// uninitialised buffer is never read), then y += x·Wᵀ on the base GEMM.
 at::Tensor accumulate_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-                              const at::Tensor& h, const at::Tensor& lora_b, double scale, bool tc) {
-  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
-  if (tc) {
-    expand(h, lora_b, bias ? ExpandAddend::kRow : ExpandAddend::kNone, bias ? &*bias : nullptr, y, scale);
-  } else if (bias) {
-    at::addmm_out(y, *bias, h, lora_b.t(), 1.0, scale);
+                              const at::Tensor& h, const at::Tensor& lora_b, double scale) {
+  at::Tensor y;
+  if (bias) {
+    y = at::addmm(*bias, h, lora_b.t(), 1.0, scale);
   } else {
-    y.addmm_(h, lora_b.t(), 0.0, scale);  // beta = 0: the uninitialised buffer is never read
+    y = at::empty({x.size(0), weight.size(0)}, x.options());
+    y.addmm_(h, lora_b.t(), 0.0, scale);
   }
   return y.addmm_(x, weight.t());
 }
@@ -135,16 +105,10 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
                                                 const OptTensor& dropout_mask) {
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x_lora = dropout_mask ? x * *dropout_mask : x;
-  const bool tc = tensor_core_ok(x, lora_a.size(0), x.size(1), weight.size(0));
-  at::Tensor h = tc && rows16(x_lora) ? reduce(x_lora, lora_a, 1.0) : at::mm(x_lora, lora_a.t());
-  if (x.scalar_type() != at::kFloat) {
-    if (tc && use_merged_weight(x.size(0), x.size(1), dropout_mask)) {
-      return {at::linear(x, merged_weight(weight, lora_a, lora_b, scale, tc), bias), h};
-    }
-    return {accumulate_forward(x, weight, bias, h, lora_b, scale, tc), h};
-  }
+  at::Tensor h = at::mm(x_lora, lora_a.t());
+  if (x.scalar_type() != at::kFloat) return {accumulate_forward(x, weight, bias, h, lora_b, scale), h};
   if (use_merged_weight(x.size(0), x.size(1), dropout_mask)) {
-    return {at::linear(x, merged_weight(weight, lora_a, lora_b, scale, false), bias), h};
+    return {at::linear(x, merged_weight(weight, lora_a, lora_b, scale), bias), h};
   }
   at::Tensor y = at::linear(x, weight, bias);
   y.addmm_(h, lora_b.t(), 1.0, scale);
@@ -158,22 +122,16 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
   c10::cuda::CUDAGuard guard(x.device());
   const auto [needs_dx, needs_dw, needs_db, needs_da, needs_dlb] = needs;
   at::Tensor dy2 = as_rows(dy);
-  const bool tc = tensor_core_ok(x, lora_a.size(0), x.size(1), weight.size(0));
   OptTensor dx, dw, dbias, da, dlb;
   if (needs_dx || needs_da) {
-    at::Tensor dh = tc && rows16(dy2) ? reduce(dy2, lora_b.t(), scale) : at::mm(dy2, lora_b).mul_(scale);
+    at::Tensor dh = at::mm(dy2, lora_b).mul_(scale);
     if (needs_dx) {
       if (use_merged_weight(x.size(0), x.size(1), dropout_mask)) {
-        dx = at::mm(dy2, merged_weight(weight, lora_a, lora_b, scale, tc));
+        dx = at::mm(dy2, merged_weight(weight, lora_a, lora_b, scale));
       } else {
-        at::Tensor lora_dx = at::empty({dy2.size(0), lora_a.size(1)}, dy2.options());
-        if (tc) {
-          expand(dh, lora_a.t(), ExpandAddend::kNone, nullptr, lora_dx, 1.0);
-        } else {
-          at::mm_out(lora_dx, dh, lora_a);
-        }
+        at::Tensor lora_dx = at::mm(dh, lora_a);
         if (dropout_mask) lora_dx.mul_(*dropout_mask);
-        dx = lora_dx.addmm_(dy2, weight);  // in place: cuBLAS reads lora_dx as C (beta = 1), no copy of it
+        dx = lora_dx.addmm_(dy2, weight);  // in place: cuBLAS takes lora_dx as C (beta = 1), no copy of it first
       }
     }
     if (needs_da) da = at::mm(dh.t(), dropout_mask ? x * *dropout_mask : x);
