@@ -248,15 +248,33 @@ static void check(const std::string& shape, const char* what, const bf16* ours, 
   printf("%-26s check %-46s worst diff %.2e %s\n", shape.c_str(), what, d, d < 2e-2 ? "ok" : "MISMATCH");
 }
 
+// One shape's inputs: random x, W, A, B, bias and dy, and Aᵀ, Bᵀ (the layouts the kernels take), freed at scope end.
+struct Operands {
+  std::string shape;
+  bf16 *x, *w, *a, *b, *bias, *dy, *at, *bt;
+  Operands(int64_t m, int64_t k, int64_t n, int64_t r)
+      : shape(std::to_string(m) + "x" + std::to_string(k) + "->" + std::to_string(n) + " r" + std::to_string(r)),
+        x(alloc_random(m * k, 1.f, 1)),
+        w(alloc_random(n * k, 0.02f, 2)),
+        a(alloc_random(r * k, 0.02f, 3)),
+        b(alloc_random(n * r, 0.25f, 4)),
+        bias(alloc_random(n, 1.f, 5)),
+        dy(alloc_random(m * n, 1.f, 6)),
+        at(alloc(k * r)),
+        bt(alloc(r * n)) {
+    transpose(a, at, r, k);
+    transpose(b, bt, n, r);
+  }
+  ~Operands() {
+    for (bf16* p : {x, w, a, b, bias, dy, at, bt}) cudaFree(p);
+  }
+};
+
 static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
-  const std::string shape = std::to_string(m) + "x" + std::to_string(k) + "->" + std::to_string(n) + " r" +
-                            std::to_string(r);
+  const Operands o(m, k, n, r);
+  const std::string& shape = o.shape;
   const float s = 2.0f;
-  bf16 *x = alloc_random(m * k, 1.f, 1), *w = alloc_random(n * k, 0.02f, 2), *a = alloc_random(r * k, 0.02f, 3);
-  bf16 *b = alloc_random(n * r, 0.25f, 4), *bias = alloc_random(n, 1.f, 5), *dy = alloc_random(m * n, 1.f, 6);
-  bf16 *at = alloc(k * r), *bt = alloc(r * n);
-  transpose(a, at, r, k);
-  transpose(b, bt, n, r);
+  bf16 *x = o.x, *w = o.w, *a = o.a, *b = o.b, *bias = o.bias, *dy = o.dy, *at = o.at, *bt = o.bt;
   bf16 *h = alloc(m * r), *h_ref = alloc(m * r), *y = alloc(m * n), *y_ref = alloc(m * n);
   bf16 *wm = alloc(n * k), *wm_ref = alloc(n * k), *dx = alloc(m * k), *dx_ref = alloc(m * k);
   bf16 *dh = alloc(m * r), *dh_ref = alloc(m * r), *da = alloc(r * k), *db = alloc(n * r);
@@ -360,7 +378,7 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
          "acc/low-rank %.3fx\n",
          shape.c_str(), base, base_dx, (fwd_merged + bwd_merged) / (base + base_dx),
          (fwd_acc + bwd_merged) / (base + base_dx), (fwd_acc + bwd_low) / (base + base_dx));
-  for (bf16* p : {x, w, a, b, bias, dy, at, bt, h, h_ref, y, y_ref, wm, wm_ref, dx, dx_ref, dh, dh_ref, da, db})
+  for (bf16* p : {h, h_ref, y, y_ref, wm, wm_ref, dx, dx_ref, dh, dh_ref, da, db})
     CK(cudaFree(p));
 }
 
@@ -380,15 +398,12 @@ struct Events {
 };
 
 static void bench_pipelined(int64_t m, int64_t k, int64_t n, int64_t r) {
-  const std::string shape = std::to_string(m) + "x" + std::to_string(k) + "->" + std::to_string(n) + " r" +
-                            std::to_string(r);
+  const Operands o(m, k, n, r);
+  const std::string& shape = o.shape;
   const float s = 2.0f;
-  bf16 *x = alloc_random(m * k, 1.f, 1), *w = alloc_random(n * k, 0.02f, 2), *a = alloc_random(r * k, 0.02f, 3);
-  bf16 *b = alloc_random(n * r, 0.25f, 4), *bias = alloc_random(n, 1.f, 5), *dy = alloc_random(m * n, 1.f, 6);
-  bf16 *at = alloc(k * r), *bt = alloc(r * n), *h = alloc(m * r), *y = alloc(m * n), *y_ref = alloc(m * n);
-  bf16 *dx = alloc(m * k), *dx_ref = alloc(m * k), *dh = alloc(m * r), *da = alloc(r * k), *db = alloc(n * r);
-  transpose(a, at, r, k);
-  transpose(b, bt, n, r);
+  bf16 *x = o.x, *w = o.w, *a = o.a, *b = o.b, *bias = o.bias, *dy = o.dy, *at = o.at, *bt = o.bt;
+  bf16 *h = alloc(m * r), *y = alloc(m * n), *y_ref = alloc(m * n);
+  bf16 *dx = alloc(m * k), *dh = alloc(m * r), *da = alloc(r * k), *db = alloc(n * r);
   Events ev(20);
   const float base = time_us([&] { gemm_nt(x, w, y, m, n, k, 1.f, 0.f); });
   const float base_dx = time_us([&] { gemm_nn(dy, w, dx, m, k, n, 1.f, 0.f); });
@@ -450,7 +465,7 @@ static void bench_pipelined(int64_t m, int64_t k, int64_t n, int64_t r) {
       report(shape, "backward pipelined (" + tag + ")", 0, bwd, base_dx);
     }
   }
-  for (bf16* p : {x, w, a, b, bias, dy, at, bt, h, y, y_ref, dx, dx_ref, dh, da, db}) CK(cudaFree(p));
+  for (bf16* p : {h, y, y_ref, dx, dh, da, db}) CK(cudaFree(p));
 }
 
 int main(int argc, char** argv) {
