@@ -1,6 +1,7 @@
-// Shared by the standalone CUDA benchmarks (cuda_rowbench.cu, cuda_glu_rope_bench.cu; no PyTorch): error checks,
-// launch timing by CUDA events after clearing a 512 MB buffer (cold L2), median of bench_reps, and the device's copy
-// bandwidth (1 GiB device-to-device, read + write) that the benchmarks' "% of copy" columns divide by.
+// Shared by the standalone CUDA benchmarks (cuda_rowbench.cu, cuda_glu_rope_bench.cu, cuda_lora_kernels_bench.cu; no
+// PyTorch): error checks, launch timing by CUDA events after clearing a 512 MB buffer (cold L2), median of bench_reps,
+// the device's copy bandwidth (1 GiB device-to-device, read + write) that the benchmarks' "% of copy" columns divide
+// by, and a bit-for-bit comparison of two device buffers.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,6 +9,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -55,4 +57,12 @@ inline double copy_bandwidth_gbps() {
   CK(cudaFree(a));
   CK(cudaFree(b));
   return 2.0 * bytes / (us * 1e-6) / 1e9;
+}
+
+// Whether two device buffers hold the same bytes (variants of a kernel that must compute identical results).
+inline bool same_bits(const void* a, const void* b, size_t bytes) {
+  std::vector<char> ha(bytes), hb(bytes);
+  CK(cudaMemcpy(ha.data(), a, bytes, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(hb.data(), b, bytes, cudaMemcpyDeviceToHost));
+  return memcmp(ha.data(), hb.data(), bytes) == 0;
 }

@@ -35,13 +35,6 @@ static void fill_random(bf16* p, size_t n, float scale) {
   CK(cudaMemcpy(p, h.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
 }
 
-static bool same_bits(const void* a, const void* b, size_t bytes) {
-  std::vector<char> ha(bytes), hb(bytes);
-  CK(cudaMemcpy(ha.data(), a, bytes, cudaMemcpyDeviceToHost));
-  CK(cudaMemcpy(hb.data(), b, bytes, cudaMemcpyDeviceToHost));
-  return memcmp(ha.data(), hb.data(), bytes) == 0;
-}
-
 // The SwiGLU forward before this comparison (accurate expf and division, one 16-byte pack per thread), for reference.
 __global__ void swiglu_forward_before(const bf16* __restrict__ gate, const bf16* __restrict__ up, bf16* __restrict__ out,
                                       int64_t n) {
