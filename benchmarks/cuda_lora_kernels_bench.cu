@@ -378,6 +378,33 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
          "acc/low-rank %.3fx\n",
          shape.c_str(), base, base_dx, (fwd_merged + bwd_merged) / (base + base_dx),
          (fwd_acc + bwd_merged) / (base + base_dx), (fwd_acc + bwd_low) / (base + base_dx));
+  // The op's routes (cuBLAS for every product but W'), as the op runs them today (accumulate forward; merged
+  // backward at many tokens) and with h deferred to the backward: the merged forward needs no h (y = x·W'ᵀ), so
+  // it can skip h, and the backward computes it once there (dB = s·dyᵀ·h is its only use).
+  const float bwd_op = time_us([&] {
+    gemm_nn(dy, b, dh, m, r, n, s, 0.f);
+    launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+    gemm_nn(dy, wm, dx, m, k, n, 1.f, 0.f);
+    gemm_tn(dh, x, da, r, k, m, 1.f);
+    gemm_tn(dy, h, db, n, r, m, s);
+  });
+  const float fwd_no_h = time_us([&] {
+    launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+    gemm_nt(x, wm, y, m, n, k, 1.f, 0.f);
+  });
+  const float bwd_with_h = time_us([&] {
+    gemm_nt(x, a, h, m, r, k, 1.f, 0.f);
+    gemm_nn(dy, b, dh, m, r, n, s, 0.f);
+    launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+    gemm_nn(dy, wm, dx, m, k, n, 1.f, 0.f);
+    gemm_tn(dh, x, da, r, k, m, 1.f);
+    gemm_tn(dy, h, db, n, r, m, s);
+  });
+  report(shape, "op today: backward merged (W' ours, rest cuBLAS)", 0, bwd_op, base_dx);
+  report(shape, "h deferred: forward W' (ours) + GEMM, no h", 0, fwd_no_h, base);
+  report(shape, "h deferred: backward h, dh, W' (ours), dx, dA, dB", 0, bwd_with_h, base_dx);
+  printf("%-26s forward+backward vs base fwd + dx GEMMs: op today %.3fx, h deferred %.3fx\n", shape.c_str(),
+         (fwd_acc_blas + bwd_op) / (base + base_dx), (fwd_no_h + bwd_with_h) / (base + base_dx));
   for (bf16* p : {h, h_ref, y, y_ref, wm, wm_ref, dx, dx_ref, dh, dh_ref, da, db})
     CK(cudaFree(p));
 }
