@@ -105,7 +105,7 @@ TENSOR_CORE_SHAPES = [
     (45, 200, 136, 16),
     (77, 1048, 1016, 32),
     (33, 72, 264, 64),
-    (1100, 72, 40, 16),
+    (1100, 72, 45, 16),
     (1100, 264, 136, 32),
     (1100, 520, 200, 64),
     (2100, 1048, 1016, 8),
@@ -122,16 +122,64 @@ def test_merged_weight_kernel_shapes(backend, shape, dtype, bias):
     _check(x, w, a, b, bias_t if bias else None, 2.0, dtype)
 
 
-@pytest.mark.parametrize("offset", [8, 3], ids=["aligned_view", "misaligned_view"])
-def test_merged_weight_kernel_weight_views(backend, offset):
-    """W as a view whose rows are 8 elements wider than they are long, starting `offset` elements into its storage:
-    16-byte rows and base (the W' kernel reads it in place) or not (cuBLAS builds W')."""
+def test_merged_weight_kernel_column_steps(backend):
+    """out_features large enough that each block of the W' kernel walks several 64-column steps of in_features and
+    the last block stops part-way through one (1160 = 18 · 64 + 8; on a 132-SM H200: blocks of 128 columns). CUDA
+    only: the float64 reference of this size takes seconds on a CPU."""
+    if backend.name != "cuda":
+        pytest.skip("the CUDA W' kernel's column loop")
+    x, w, a, b, _ = _factors(1300, 1160, 4096, 16, torch.bfloat16, backend.device, seed=51)
+    _check(x, w, a, b, None, 2.0, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "layout", ["aligned", "misaligned_base", "misaligned_rows", "lora_b_misaligned", "lora_a_transposed"]
+)
+def test_merged_weight_kernel_layouts(backend, layout):
+    """The layouts that decide between the W' kernel and cuBLAS (many tokens, so the merged route): W as a view with
+    16-byte rows and base (kernel, in place), with a base 8 bytes off or rows 8 bytes short of a multiple of 16
+    (cuBLAS); lora_b contiguous but 6 bytes off (the kernel's copy of it) and lora_a stored transposed (lora_a.t() is
+    contiguous already)."""
     if backend.name not in ("reference", "cuda"):
         pytest.skip("the CUDA W' kernel's layouts")
     dtype = torch.bfloat16
-    x, _, a, b, bias = _factors(1100, 72, 48, 16, dtype, backend.device, seed=42)
-    wide = randn((48, 72 + offset + 8), dtype, backend.device, scale=72**-0.5, seed=41)
-    _check(x, wide[:, offset : offset + 72], a, b, bias, 2.0, dtype)
+    x, w, a, b, bias = _factors(1100, 72, 48, 16, dtype, backend.device, seed=42)
+    offset, width = {"misaligned_base": (4, 88), "misaligned_rows": (0, 84)}.get(layout, (8, 88))
+    wide = randn((48, width), dtype, backend.device, scale=72**-0.5, seed=41)
+    w = wide[:, offset : offset + 72]
+    if layout == "lora_b_misaligned":
+        flat = randn((3 + b.numel(),), dtype, backend.device, scale=16**-0.5, seed=43)
+        b = flat[3:].view(b.shape)
+    if layout == "lora_a_transposed":
+        a = a.t().contiguous().t()
+    _check(x, w, a, b, bias, 2.0, dtype)
+
+
+@pytest.mark.parametrize("rank", [8, 16, 32, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merged_weight_every_element(backend, dtype, rank):
+    """dx = dy·W' with one-hot rows of dy is a row of W' itself (one product, no sum): every element of the merged
+    weight W + s·B·A is checked to within one rounding, so a single wrong vector of the W' kernel fails (the norm-wise
+    checks above would let one through). Many tokens, no dropout: the merged route. CUDA only: the reference takes the
+    low-rank route (dh rounded before dh·A: within the contract's tolerance, not within one rounding), and the
+    harness builds W' with torch's CPU addmm, whose half-precision result is not one rounding of the exact sum."""
+    if backend.name != "cuda":
+        pytest.skip("W' built with one rounding: the CUDA merged route")
+    tokens, fin, fout = 1100, 72, 45
+    x, w, a, b, _ = _factors(tokens, fin, fout, rank, dtype, backend.device, seed=61)
+    x.requires_grad_(True)
+    dy = torch.zeros(tokens, fout, dtype=dtype, device=backend.device)
+    pick = torch.arange(tokens, device=backend.device) % fout
+    dy[torch.arange(tokens, device=backend.device), pick] = 1
+    (dx,) = torch.autograd.grad(tmf.lora_linear(x, w, a, b, 2.0), (x,), dy)
+    merged = w.double() + 2.0 * b.double() @ a.double()
+    want = merged[pick].to(dtype).double()
+    err = (dx.double() - want).abs()
+    # One rounding to dtype, plus float32 accumulation over rank + 1 terms (what bounds the float32 route; far below
+    # an ulp in half precision).
+    terms = (w.double().abs() + 2.0 * b.double().abs() @ a.double().abs())[pick]
+    bound = torch.finfo(dtype).eps * want.abs() + (rank + 1) * 2.0**-24 * terms + torch.finfo(dtype).tiny
+    assert bool((err <= bound).all()), f"W' off by more than a rounding: worst {float((err / bound).max()):.2f}x bound"
 
 
 def test_leading_dims(backend):

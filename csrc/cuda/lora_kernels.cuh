@@ -16,8 +16,9 @@
 // 4t..4t+3 of each in both operands (the order of a reduction index is free as long as both operands share it).
 //
 // Preconditions (checked by the host: lora_linear.cu): T is __nv_bfloat16 or __half; R is 8, 16, 32 or 64; C/out
-// rows 16-byte aligned with row strides a multiple of 8 elements; Lm and Rt contiguous and 16-byte aligned; Q a
-// multiple of 8.
+// rows 16-byte aligned with row strides a multiple of 8 elements; Lm and Rt contiguous and 16-byte aligned (8 would
+// do: their loads are 8 bytes); Q a multiple of 8; P, Q > 0; out aliases none of C, Lm, Rt (read through the
+// read-only path); every pointer on the current device.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -60,9 +60,19 @@ int sm_count(const at::Tensor& t) {
   return count;
 }
 
-// W' = W + s·B·A in W's dtype, rounded once (cuBLAS: the same float32 sum, after a copy of W).
+// W' = W + s·B·A in W's dtype, rounded once (cuBLAS: the same formula after a copy of W; the float32 sums may differ
+// in order, so the two can differ by an ulp).
 at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                          double scale) {
+  // The Python op checks these; the raw op (torch.ops.torch_metal_fused.lora_linear_backward) must not reach the
+  // kernel with operands it would read out of bounds.
+  TORCH_CHECK(lora_a.dim() == 2 && lora_b.dim() == 2 && lora_b.size(0) == weight.size(0) &&
+                  lora_a.size(1) == weight.size(1) && lora_b.size(1) == lora_a.size(0),
+              "lora_linear: lora_a (rank, in) and lora_b (out, rank) must match weight (out, in); got ",
+              lora_a.sizes(), ", ", lora_b.sizes(), ", ", weight.sizes());
+  TORCH_CHECK(lora_a.scalar_type() == weight.scalar_type() && lora_b.scalar_type() == weight.scalar_type() &&
+                  lora_a.device() == weight.device() && lora_b.device() == weight.device(),
+              "lora_linear: lora_a and lora_b must have weight's dtype and device");
   if (!expand_ok(weight, lora_a.size(0)) || weight.numel() == 0) {
     return at::addmm(weight, lora_b, lora_a, 1.0, scale);
   }
