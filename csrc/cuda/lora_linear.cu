@@ -22,9 +22,10 @@ namespace tmf {
 //  forward, 2048x4096->11008 r16 / r64 (base 245): accumulate 290 / 291; low-rank add 293 / 293; merged 375 / 375.
 //  backward (W frozen), 8192 tokens: merged 464 / 462, low-rank 496 / 495, [W' | s·B] folded 485 / 478;
 //    2048 tokens: low-rank 298 / 300, merged 396 / 397.
-// So in half precision the forward always takes the accumulate route: h = x·Aᵀ, y = bias + s·h·Bᵀ (a K = r
-// product that only writes y), then the base GEMM adds x·Wᵀ into y (beta = 1: cuBLAS reads y in its epilogue,
-// which a compute-bound GEMM hides better than a separate read-modify-write of y, and no W' pass at all).
+// So in half precision the forward took the accumulate route (now only below the merged rule's token count, see
+// h_in_backward): h = x·Aᵀ, y = bias + s·h·Bᵀ (a K = r product that only writes y), then the base GEMM adds x·Wᵀ
+// into y (beta = 1: cuBLAS reads y in its epilogue, which a compute-bound GEMM hides better than a separate
+// read-modify-write of y, and no W' pass at all).
 // float32 keeps the rule shared with Metal (tokens > in_features: merged weight, else low-rank add): its GEMMs run
 // 16x longer, the routes differ by less than the run-to-run spread there, and the accumulate route measured
 // 1-8% slower in that run. The backward keeps the shared rule in every dtype (merged W' for many tokens).
@@ -34,10 +35,20 @@ namespace tmf {
 // 51.5), W' = W + s·B·A 43.2 (ours, lora_expand: 31.6; r64 41.9 / 37.9). So W' is built by lora_expand (the merged
 // backward) and the rest stays on cuBLAS. Running the skinny products on a second, high-priority stream a row chunk
 // ahead of the GEMMs was slower at every chunk count (the GEMMs occupy every SM; nothing overlaps).
+// From those products, half precision with many tokens (the merged-weight rule) now takes the merged forward without
+// h: y = x·W'ᵀ needs no h, and h's one use, dB = s·dyᵀ·h, computes it in the backward from the saved x. Their sum:
+// W' 31.6 + GEMM 339 ≈ 371 µs (1.09x) against 407 for accumulate, the backward 27 µs longer — not yet measured as a
+// composition (the benchmark's "h deferred" rows time it).
 namespace {
 
 bool use_merged_weight(int64_t tokens, int64_t in_features, const OptTensor& dropout_mask) {
   return launch::lora_use_merged_weight(tokens, in_features, dropout_mask.has_value());
+}
+
+// Whether h = x·Aᵀ is computed by the backward instead of the forward (which then returns h's buffer unset). The
+// forward and the backward both ask this, with the same x (tokens x in), dtype and mask.
+bool h_in_backward(const at::Tensor& x, const OptTensor& dropout_mask) {
+  return x.scalar_type() != at::kFloat && use_merged_weight(x.size(0), x.size(1), dropout_mask);
 }
 
 // ---- W' on tensor cores (csrc/cuda/lora_kernels.cuh) ------------------------------------------------------------
@@ -114,6 +125,10 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
                                                 const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
                                                 const OptTensor& dropout_mask) {
   c10::cuda::CUDAGuard guard(x.device());
+  if (h_in_backward(x, dropout_mask)) {
+    return {at::linear(x, merged_weight(weight, lora_a, lora_b, scale), bias),
+            at::empty({x.size(0), lora_a.size(0)}, x.options())};
+  }
   const at::Tensor x_lora = dropout_mask ? x * *dropout_mask : x;
   at::Tensor h = at::mm(x_lora, lora_a.t());
   if (x.scalar_type() != at::kFloat) return {accumulate_forward(x, weight, bias, h, lora_b, scale), h};
@@ -146,7 +161,10 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
     }
     if (needs_da) da = at::mm(dh.t(), dropout_mask ? x * *dropout_mask : x);
   }
-  if (needs_dlb) dlb = at::mm(dy2.t(), h).mul_(scale);
+  if (needs_dlb) {
+    // h from the forward, or computed here (h_in_backward: the merged route, so no dropout mask)
+    dlb = at::mm(dy2.t(), h_in_backward(x, dropout_mask) ? at::mm(x, lora_a.t()) : h).mul_(scale);
+  }
   if (needs_dw) dw = at::mm(dy2.t(), x);
   if (needs_db) dbias = dy2.sum(0);
   return {dx, dw, dbias, da, dlb};
