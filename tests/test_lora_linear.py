@@ -7,9 +7,10 @@ from torch_metal_fused.testing import assert_matches
 
 # (tokens, in, out, r): the seed shape, odd sizes, rank 1 and wide ranks (200: four rank blocks of 64, the last
 # partial, so four expand dispatches; 256: the largest rank the Metal kernels take).
-# (1100, 48, 40, 8): tokens >= 1024 and > in_features, so backends take the merged-weight route (on CUDA: the
-# float32 forward and every backward; the half-precision CUDA forward always takes the accumulate route,
-# y = bias + s·h·Bᵀ first, then the base GEMM adds x·Wᵀ: csrc/cuda/lora_linear.cu).
+# (1100, 48, 40, 8): tokens >= 1024 and > in_features, so backends take the merged-weight route (on CUDA in half
+# precision the forward then skips h and the backward computes it for dB: csrc/cuda/lora_linear.cu, h_in_backward;
+# with fewer tokens the half-precision CUDA forward takes the accumulate route, y = bias + s·h·Bᵀ first, then the
+# base GEMM adds x·Wᵀ).
 SHAPES = [
     (128, 512, 512, 8),
     (7, 33, 31, 4),
@@ -235,10 +236,12 @@ def test_dropout_uses_one_mask_for_forward_and_backward(backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(33, 70, 45, 8), (1100, 48, 40, 8)], ids=lambda s: "x".join(map(str, s)))
 def test_frozen_weight_without_bias_over_poisoned_memory(backend, shape, dtype):
-    """The normal LoRA case (W frozen) without a bias. On CUDA in half precision y starts as s·h·Bᵀ written into a
-    fresh buffer that must never be read (beta = 0), then x·Wᵀ is added: blocks of y's size are filled with NaN and
-    freed first, so the caching allocator hands one of them to y, and a read of the uninitialised buffer shows up
-    as NaN in the output."""
+    """The normal LoRA case (W frozen) without a bias. On CUDA in half precision with few tokens (33) y starts as
+    s·h·Bᵀ written into a fresh buffer that must never be read (beta = 0), then x·Wᵀ is added: blocks of y's size
+    are filled with NaN and freed first, so the caching allocator hands one of them to y, and a read of the
+    uninitialised buffer shows up as NaN in the output. With many tokens (1100) the forward's h is NaN by design
+    (the backward computes h: h_in_backward), so a backward that used the forward's h fails dB here and in every
+    merged-route test."""
     tokens, _, fout, _ = shape
     poison = [torch.full((tokens, fout), float("nan"), dtype=dtype, device=backend.device) for _ in range(4)]
     del poison

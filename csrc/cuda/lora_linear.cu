@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "lora_kernels.cuh"
 
@@ -45,8 +46,10 @@ bool use_merged_weight(int64_t tokens, int64_t in_features, const OptTensor& dro
   return launch::lora_use_merged_weight(tokens, in_features, dropout_mask.has_value());
 }
 
-// Whether h = x·Aᵀ is computed by the backward instead of the forward (which then returns h's buffer unset). The
-// forward and the backward both ask this, with the same x (tokens x in), dtype and mask.
+// Whether h = x·Aᵀ is computed by the backward instead of the forward (which then returns h filled with NaN, so that
+// anything reading it — e.g. another backend's backward after the backend was switched mid-step — shows NaN rather
+// than a plausible wrong gradient). The forward and the backward both ask this, with the same x (tokens x in), dtype
+// and mask.
 bool h_in_backward(const at::Tensor& x, const OptTensor& dropout_mask) {
   return x.scalar_type() != at::kFloat && use_merged_weight(x.size(0), x.size(1), dropout_mask);
 }
@@ -127,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
   c10::cuda::CUDAGuard guard(x.device());
   if (h_in_backward(x, dropout_mask)) {
     return {at::linear(x, merged_weight(weight, lora_a, lora_b, scale), bias),
-            at::empty({x.size(0), lora_a.size(0)}, x.options())};
+            at::full({x.size(0), lora_a.size(0)}, std::numeric_limits<double>::quiet_NaN(), x.options())};
   }
   const at::Tensor x_lora = dropout_mask ? x * *dropout_mask : x;
   at::Tensor h = at::mm(x_lora, lora_a.t());

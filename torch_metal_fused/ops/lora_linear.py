@@ -27,8 +27,8 @@ def _lora_linear_forward_impl(
     dropout_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x is (tokens, in). Returns y (tokens, out) and h = dropout(x)·Aᵀ (tokens, r), saved for backward. The CUDA
-    backend in half precision with many tokens (the merged-weight route) leaves h unset and its backward computes
-    h itself (csrc/cuda/lora_linear.cu: h_in_backward): h is for this op's backward only."""
+    backend in half precision with many tokens (the merged-weight route) returns h filled with NaN and its backward
+    computes h itself (csrc/cuda/lora_linear.cu: h_in_backward): h is for this op's backward only."""
     return run_kernel("lora_forward", x, weight, bias, lora_a, lora_b, scale, dropout_mask)
 
 
