@@ -461,6 +461,22 @@ static void check_dtype() {
 }
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "ncu-fwd") {  // one launch of each, for Nsight Compute (cuda_run.sh ncu)
+    const int rows = 8192, cols = 4096;
+    bf16 *x, *w, *y;
+    float* rstd;
+    CK(cudaMalloc(&x, size_t(rows) * cols * sizeof(bf16)));
+    CK(cudaMalloc(&y, size_t(rows) * cols * sizeof(bf16)));
+    CK(cudaMalloc(&w, cols * sizeof(bf16)));
+    CK(cudaMalloc(&rstd, rows * sizeof(float)));
+    CK(cudaMemset(x, 0x3c, size_t(rows) * cols * sizeof(bf16)));
+    CK(cudaMemset(w, 0x3f, cols * sizeof(bf16)));
+    softmax_forward_vec<bf16, 4, 128><<<rows, 128>>>(x, y, cols, cols);
+    rms_norm_forward_vec<bf16, 4, 128><<<rows, 128>>>(x, w, y, rstd, cols, cols, 1e-6f, 0.f);
+    rms_norm_forward_vec<bf16, 4, 128, false, true><<<rows, 128>>>(x, w, y, rstd, cols, cols, 1e-6f, 0.f);
+    CK(cudaDeviceSynchronize());
+    return 0;
+  }
   if (argc > 1 && std::string(argv[1]) == "check") {
     int optin = 0;
     CK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
-# from: build tests sanitize bench bench:<ops> bench-quick rowbench glurope lorak (default: build tests sanitize bench).
+# from: build tests sanitize bench bench:<ops> bench-quick rowbench glurope lorak ncu (default: build tests sanitize
+# bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
 # side by side (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops
 # (benchmarks/cuda_glu_rope.py). lorak: LoRA's tensor-core kernels against cuBLAS and the routes built from them
-# (benchmarks/cuda_lora_kernels_bench.cu).
+# (benchmarks/cuda_lora_kernels_bench.cu). ncu: Nsight Compute counters of the LoRA and forward row kernels.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 OUT=${OUT:-$PWD/cuda_out}
@@ -18,6 +19,16 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+# The LoRA kernel benchmark, linked against cuBLAS from the CUDA toolkit or from the nvidia-* wheels torch depends on.
+build_lorak() {
+  local site inc lib
+  site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
+  inc=$(find /usr/local/cuda*/ $site -name cublas_v2.h 2>/dev/null | head -1)
+  lib=$(find /usr/local/cuda*/ $site -name 'libcublas.so*' 2>/dev/null | grep -v Lt | head -1)
+  echo "cuBLAS: $inc $lib"
+  nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kernels_bench.cu \
+    -Xlinker "$lib" -Xlinker -rpath,"$(dirname "$lib")" -o /tmp/lorak
+}
 for step in $steps; do
   case $step in
     build)
@@ -57,13 +68,25 @@ for step in $steps; do
     lorak | lorak:*)
       # lorak:pipelined times only the two-stream routes (to lora_kernels-pipelined.txt)
       step=${step/:/-}
-      # cuBLAS from the CUDA toolkit or from the nvidia-* wheels that torch depends on
-      site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
-      inc=$(find /usr/local/cuda*/ $site -name cublas_v2.h 2>/dev/null | head -1)
-      lib=$(find /usr/local/cuda*/ $site -name 'libcublas.so*' 2>/dev/null | grep -v Lt | head -1)
-      echo "cuBLAS: $inc $lib"
-      nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kernels_bench.cu -Xlinker "$lib" \
-        -Xlinker -rpath,"$(dirname "$lib")" -o /tmp/lorak && /tmp/lorak 20 ${step#lorak-} 2>&1 | tee "$OUT/lora_kernels${step#lorak}.txt"
+      build_lorak && /tmp/lorak 20 ${step#lorak-} 2>&1 | tee "$OUT/lora_kernels${step#lorak}.txt"
+      ;;
+    ncu)
+      # Hardware counters (Nsight Compute reads them on the Firecracker machines; clocks left alone): our LoRA
+      # kernels' first launches at 8192x4096->4096 r16, and the forward row kernels at 8192x4096 bf16 beside
+      # Liger's RMSNorm forward, to explain the gaps the timings show (README, CUDA section).
+      sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
+        --section SchedulerStats --section LaunchStats)
+      build_lorak && ncu --clock-control none --kernel-name regex:lora_ --launch-count 5 "${sections[@]}" \
+        /tmp/lorak 1 ncu > "$OUT/ncu_lora.txt" 2>&1
+      echo "ncu lora: exit $? ($(grep -c 'Duration' "$OUT/ncu_lora.txt") kernel reports)"
+      nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench &&
+        ncu --clock-control none "${sections[@]}" /tmp/rowbench ncu-fwd > "$OUT/ncu_rows.txt" 2>&1
+      echo "ncu rows: exit $? ($(grep -c 'Duration' "$OUT/ncu_rows.txt") kernel reports)"
+      ncu --clock-control none --kernel-name regex:rms_norm_forward --launch-count 1 "${sections[@]}" python3 -c "
+import torch; from liger_kernel.ops import rms_norm as lr
+x = torch.randn(8192, 4096, device='cuda', dtype=torch.bfloat16); w = torch.rand(4096, device='cuda', dtype=x.dtype)
+lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" > "$OUT/ncu_liger_rms.txt" 2>&1
+      echo "ncu liger rmsnorm: exit $? ($(grep -c 'Duration' "$OUT/ncu_liger_rms.txt") kernel reports)"
       ;;
     bench-quick)
       python3 -m torch_metal_fused.bench --device cuda --quick --dtypes bfloat16 --out "$OUT/bench" --no-plots \
