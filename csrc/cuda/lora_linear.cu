@@ -9,6 +9,7 @@
 #include "lora_kernels.cuh"
 
 #include "ops.h"
+#include "row_launch.h"
 #include "tmf/launch/lora_linear.h"
 
 namespace tmf {
@@ -59,19 +60,14 @@ bool h_in_backward(const at::Tensor& x, const OptTensor& dropout_mask) {
 bool expand_ok(const at::Tensor& weight, int64_t rank) {
   return (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf) &&
          cuda::lora_tensor_core_rank(rank) && weight.size(1) % 8 == 0 && weight.stride(1) == 1 &&
-         row_stride(weight) % 8 == 0 && reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0;
+         aligned16(weight, row_stride(weight));
 }
 
-// A rank-sized operand as the kernel reads it (contiguous, 16-byte aligned): a copy only when it is not.
+// A rank-sized operand (rows of 8-64 half-precision elements: 16-byte multiples) as the kernel reads it: contiguous
+// and 16-byte aligned, a copy only when it is not.
 at::Tensor packed(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
-  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
-}
-
-int sm_count(const at::Tensor& t) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.device().index()));
-  return count;
+  return aligned16(c, c.size(1)) ? c : c.clone();
 }
 
 // W' = W + s·B·A in W's dtype, rounded once (cuBLAS: the same formula after a copy of W; the float32 sums may differ

@@ -15,6 +15,17 @@
 #include "row_launch.h"
 
 namespace tmf {
+
+bool aligned16(const at::Tensor& t, int64_t row_stride_elems) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (row_stride_elems * t.element_size()) % 16 == 0;
+}
+
+int sm_count(const at::Tensor& t) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.device().index()));
+  return sms;
+}
+
 namespace {
 
 using cuda::kMaxItems;
@@ -28,10 +39,6 @@ using cuda::kMaxItems;
       default: TORCH_CHECK(false, NAME ": CUDA kernels take float32, float16 or bfloat16, got ", dtype); \
     }                                                                                 \
   }()
-
-bool aligned16(const at::Tensor& t, int64_t row_stride_elems) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (row_stride_elems * t.element_size()) % 16 == 0;
-}
 
 // How a row is spread over a block: VEC elements per load, ITEMS loads per thread, `threads` (<= 512) threads.
 // Register-resident rows are capped at MAX_ELEMS elements per thread (32 for the forward kernels, 16 for the
@@ -183,12 +190,6 @@ int resident_blocks(const void* kernel, int threads, size_t smem) {
 }
 
 void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
-
-int sm_count(const at::Tensor& t) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.device().index()));
-  return sms;
-}
 
 // Narrow forward rows (vector rows of at most 64 16-byte vectors: 1024 bytes): the warp-rows kernels
 // (row_kernels.cuh), ITEMS vectors per lane, ROWS rows per warp: up to `max_vecs` vectors of loads per lane in
