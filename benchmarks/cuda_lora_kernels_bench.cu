@@ -424,6 +424,21 @@ struct Events {
   }
 };
 
+// For each row chunk: side(r0, rows) on the side stream, then main(r0, rows) on the default stream once its own
+// side part is done; the side stream first waits for all earlier default-stream work.
+template <class Side, class Main>
+static void pipelined_chunks(Events& ev, int64_t m, int64_t rows, int chunks, Side&& side, Main&& main) {
+  CK(cudaEventRecord(ev.ev[0], 0));
+  CK(cudaStreamWaitEvent(g_side, ev.ev[0]));
+  for (int i = 0; i < chunks; ++i) {
+    const int64_t r0 = i * rows, mi = std::min(rows, m - r0);
+    side(r0, mi);
+    CK(cudaEventRecord(ev.ev[1 + i], g_side));
+    CK(cudaStreamWaitEvent(0, ev.ev[1 + i]));
+    main(r0, mi);
+  }
+}
+
 static void bench_pipelined(int64_t m, int64_t k, int64_t n, int64_t r) {
   const Operands o(m, k, n, r);
   const std::string& shape = o.shape;
@@ -441,21 +456,19 @@ static void bench_pipelined(int64_t m, int64_t k, int64_t n, int64_t r) {
       if (m / chunks < 128) continue;
       const int64_t rows = (m + chunks - 1) / chunks;
       auto forward = [&] {
-        CK(cudaEventRecord(ev.ev[0], 0));
-        CK(cudaStreamWaitEvent(g_side, ev.ev[0]));
-        for (int i = 0; i < chunks; ++i) {
-          const int64_t r0 = i * rows, mi = std::min(rows, m - r0);
-          if (ours) {
-            launch_lora_reduce(x + r0 * k, k, a, h + r0 * r, mi, k, r, 1.f, g_sms, g_side);
-            launch_lora_expand(h + r0 * r, b, ExpandAddend::kRow, bias, 0, y + r0 * n, n, mi, n, r, s, g_sms, g_side);
-          } else {
-            gemm_nt(x + r0 * k, a, h + r0 * r, mi, r, k, 1.f, 0.f, g_blas_side);
-            gemm_nt(h + r0 * r, b, y + r0 * n, mi, n, r, s, 0.f, g_blas_side);
-          }
-          CK(cudaEventRecord(ev.ev[1 + i], g_side));
-          CK(cudaStreamWaitEvent(0, ev.ev[1 + i]));
-          gemm_nt(x + r0 * k, w, y + r0 * n, mi, n, k, 1.f, 1.f);
-        }
+        pipelined_chunks(
+            ev, m, rows, chunks,
+            [&](int64_t r0, int64_t mi) {
+              if (ours) {
+                launch_lora_reduce(x + r0 * k, k, a, h + r0 * r, mi, k, r, 1.f, g_sms, g_side);
+                launch_lora_expand(h + r0 * r, b, ExpandAddend::kRow, bias, 0, y + r0 * n, n, mi, n, r, s, g_sms,
+                                   g_side);
+              } else {
+                gemm_nt(x + r0 * k, a, h + r0 * r, mi, r, k, 1.f, 0.f, g_blas_side);
+                gemm_nt(h + r0 * r, b, y + r0 * n, mi, n, r, s, 0.f, g_blas_side);
+              }
+            },
+            [&](int64_t r0, int64_t mi) { gemm_nt(x + r0 * k, w, y + r0 * n, mi, n, k, 1.f, 1.f); });
       };
       if (ours) {  // the pipelined result equals the one-stream composition
         forward();
@@ -467,22 +480,19 @@ static void bench_pipelined(int64_t m, int64_t k, int64_t n, int64_t r) {
       const std::string tag = std::string(ours ? "ours" : "cuBLAS") + ", " + std::to_string(chunks) + " chunks";
       report(shape, "forward pipelined (" + tag + ")", 0, time_us(forward), base);
       auto backward = [&] {
-        CK(cudaEventRecord(ev.ev[0], 0));
-        CK(cudaStreamWaitEvent(g_side, ev.ev[0]));
-        for (int i = 0; i < chunks; ++i) {
-          const int64_t r0 = i * rows, mi = std::min(rows, m - r0);
-          if (ours) {
-            launch_lora_reduce(dy + r0 * n, n, bt, dh + r0 * r, mi, n, r, s, g_sms, g_side);
-            launch_lora_expand(dh + r0 * r, at, ExpandAddend::kNone, static_cast<const bf16*>(nullptr), 0,
-                               dx + r0 * k, k, mi, k, r, 1.f, g_sms, g_side);
-          } else {
-            gemm_nn(dy + r0 * n, b, dh + r0 * r, mi, r, n, s, 0.f, g_blas_side);
-            gemm_nn(dh + r0 * r, a, dx + r0 * k, mi, k, r, 1.f, 0.f, g_blas_side);
-          }
-          CK(cudaEventRecord(ev.ev[1 + i], g_side));
-          CK(cudaStreamWaitEvent(0, ev.ev[1 + i]));
-          gemm_nn(dy + r0 * n, w, dx + r0 * k, mi, k, n, 1.f, 1.f);
-        }
+        pipelined_chunks(
+            ev, m, rows, chunks,
+            [&](int64_t r0, int64_t mi) {
+              if (ours) {
+                launch_lora_reduce(dy + r0 * n, n, bt, dh + r0 * r, mi, n, r, s, g_sms, g_side);
+                launch_lora_expand(dh + r0 * r, at, ExpandAddend::kNone, static_cast<const bf16*>(nullptr), 0,
+                                   dx + r0 * k, k, mi, k, r, 1.f, g_sms, g_side);
+              } else {
+                gemm_nn(dy + r0 * n, b, dh + r0 * r, mi, r, n, s, 0.f, g_blas_side);
+                gemm_nn(dh + r0 * r, a, dx + r0 * k, mi, k, r, 1.f, 0.f, g_blas_side);
+              }
+            },
+            [&](int64_t r0, int64_t mi) { gemm_nn(dy + r0 * n, w, dx + r0 * k, mi, k, n, 1.f, 1.f); });
         gemm_tn(dh, x, da, r, k, m, 1.f, g_blas_side);
         gemm_tn(dy, h, db, n, r, m, s, g_blas_side);
         CK(cudaEventRecord(ev.ev[19], g_side));
