@@ -101,7 +101,7 @@ def test_layouts(backend, layout, dtype):
 # tails: out_features not a multiple of the 128-row block, in_features past whole 64-column steps, the columns split
 # over many blocks; and few-token shapes of each rank beside them (cuBLAS routes, the same contract). Reference and
 # CUDA only: the Metal kernels have their own shapes above and run slowly on the harness.
-TENSOR_CORE_SHAPES = [
+MERGED_WEIGHT_KERNEL_SHAPES = [
     (45, 200, 136, 8),
     (45, 200, 136, 16),
     (77, 1048, 1016, 32),
@@ -115,7 +115,7 @@ TENSOR_CORE_SHAPES = [
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", TENSOR_CORE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", MERGED_WEIGHT_KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_merged_weight_kernel_shapes(backend, shape, dtype, bias):
     if backend.name not in ("reference", "cuda"):
         pytest.skip("the CUDA W' kernel's shapes")
