@@ -7,7 +7,8 @@ GEMM x·Wᵀ alone; forward+backward is also set against the base forward + dx G
 call). Targets: forward <= 1.10x the base GEMM, forward+backward <= 1.15x the base forward + dx GEMMs at the large
 shapes; at <= 512 tokens never slower than PEFT.
 
-Run on the device: python3 benchmarks/cuda_lora_bench.py --out DIR (about 30 s per bf16 shape on an H200, the
+Run on the device: bash benchmarks/cuda_run.sh build lora, or python3 benchmarks/cuda_lora_bench.py --out DIR with
+the repository on PYTHONPATH (about 30 s per bf16 shape on an H200, the
 first one included; rows are written to DIR/lora-bench.csv as they come, so a run cut short keeps its rows).
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
-# from: build tests sanitize bench bench:<ops> bench-quick rowbench glurope lorak ncu (default: build tests sanitize
+# from: build tests sanitize bench bench:<ops> bench-quick lora rowbench glurope lorak ncu (default: build tests sanitize
 # bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
@@ -44,7 +44,8 @@ for step in $steps; do
         # excluding them (--kernel-name-exclude kns=nvjet) made the sanitizer fail in a cuBLAS GEMM instead
         # (benchmarks/results/cuda-h200-2026-12-01-sanitizer-e1da60e.txt): read the log for our kernels' names
         compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/cuda_sanitize_ops.py > "$OUT/sanitize_$tool.log" 2>&1
-        echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitize_$tool.log") clean summaries)"
+        echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitize_$tool.log") clean summaries," \
+          "$(grep 'Error:' "$OUT/sanitize_$tool.log" | grep -vc 'nvjet_') reports outside cuBLAS's nvjet kernels)"
         tail -3 "$OUT/sanitize_$tool.log"
       done
       ;;
@@ -54,6 +55,10 @@ for step in $steps; do
       ops=${ops#:}
       python3 -m torch_metal_fused.bench --device cuda --suite cuda --dtypes bfloat16,float32 ${ops:+--ops $ops} \
         --modes forward,forward_backward --out "$OUT/bench${ops:+-${ops//,/-}}" --no-plots 2>"$OUT/bench.err" | tail -80
+      ;;
+    lora)
+      # LoRA through the op (ours, eager, PEFT, the base GEMMs), bf16: benchmarks/cuda_lora_bench.py
+      python3 benchmarks/cuda_lora_bench.py --out "$OUT/lora" --dtypes bfloat16 2>&1 | tail -40
       ;;
     rowbench)
       nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench &&
