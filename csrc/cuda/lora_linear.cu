@@ -104,17 +104,17 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, con
   return out;
 }
 
-// The accumulate route's y: bias + scale·h·Bᵀ written (no read of y: beta = 0 when there is no bias, so the
-// uninitialised buffer is never read), then y += x·Wᵀ on the base GEMM.
+// scale·a·b with the scale as cuBLAS's alpha: applied in float32 before the one rounding to the output dtype, no
+// second pass over the output (at::mm then mul_ rounded twice and launched a kernel more). beta = 0, so the
+// uninitialised output is never read.
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scale) {
+  return at::empty({a.size(0), b.size(1)}, a.options()).addmm_(a, b, 0.0, scale);
+}
+
+// The accumulate route's y: bias + scale·h·Bᵀ written (y not read before), then y += x·Wᵀ on the base GEMM.
 at::Tensor accumulate_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                               const at::Tensor& h, const at::Tensor& lora_b, double scale) {
-  at::Tensor y;
-  if (bias) {
-    y = at::addmm(*bias, h, lora_b.t(), 1.0, scale);
-  } else {
-    y = at::empty({x.size(0), weight.size(0)}, x.options());
-    y.addmm_(h, lora_b.t(), 0.0, scale);
-  }
+  at::Tensor y = bias ? at::addmm(*bias, h, lora_b.t(), 1.0, scale) : scaled_mm(h, lora_b.t(), scale);
   return y.addmm_(x, weight.t());
 }
 
@@ -148,7 +148,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
   at::Tensor dy2 = as_rows(dy);
   OptTensor dx, dw, dbias, da, dlb;
   if (needs_dx || needs_da) {
-    at::Tensor dh = at::mm(dy2, lora_b).mul_(scale);
+    at::Tensor dh = scaled_mm(dy2, lora_b, scale);
     if (needs_dx) {
       if (use_merged_weight(x.size(0), x.size(1), dropout_mask)) {
         dx = at::mm(dy2, merged_weight(weight, lora_a, lora_b, scale));
@@ -162,7 +162,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
   }
   if (needs_dlb) {
     // h from the forward, or computed here (h_in_backward: the merged route, so no dropout mask)
-    dlb = at::mm(dy2.t(), h_in_backward(x, dropout_mask) ? at::mm(x, lora_a.t()) : h).mul_(scale);
+    dlb = scaled_mm(dy2.t(), h_in_backward(x, dropout_mask) ? at::mm(x, lora_a.t()) : h, scale);
   }
   if (needs_dw) dw = at::mm(dy2.t(), x);
   if (needs_db) dbias = dy2.sum(0);
