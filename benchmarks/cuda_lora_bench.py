@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import time
 
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")  # cpu: a smoke test of this script on small shapes
     p.add_argument("--shapes", default=None, help="tokens,in,out,r;... instead of the suite's CUDA shapes")
     args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     dev = torch.device(args.device)
     suite = cases.CUDA_LORA if args.shapes is None else [tuple(map(int, s.split(","))) for s in args.shapes.split(";")]
     providers = ["fused", "eager", "matmul"] + (["peft"] if cases._has("peft") else [])
