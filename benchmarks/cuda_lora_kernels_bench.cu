@@ -144,16 +144,22 @@ void launch_lora_reduce_rank(const T* x, int64_t ldx, const T* l, T* out, int64_
   }
 }
 
+// f.template operator()<R>() for the rank r (one of lora_tensor_core_rank's).
+template <typename F>
+void with_rank(int64_t r, F&& f) {
+  switch (r) {
+    case 8: return f.template operator()<8>();
+    case 16: return f.template operator()<16>();
+    case 32: return f.template operator()<32>();
+    default: return f.template operator()<64>();
+  }
+}
+
 // out [m, r] = scale · x [m, k] · lᵀ (l: [r, k] contiguous). m > 0; r from lora_tensor_core_rank.
 template <typename T>
 void launch_lora_reduce(const T* x, int64_t ldx, const T* l, T* out, int64_t m, int64_t k, int64_t r, float scale,
                         int sms, cudaStream_t stream, int variant = 0) {
-  switch (r) {
-    case 8: return launch_lora_reduce_rank<T, 8>(x, ldx, l, out, m, k, scale, sms, stream, variant);
-    case 16: return launch_lora_reduce_rank<T, 16>(x, ldx, l, out, m, k, scale, sms, stream, variant);
-    case 32: return launch_lora_reduce_rank<T, 32>(x, ldx, l, out, m, k, scale, sms, stream, variant);
-    default: return launch_lora_reduce_rank<T, 64>(x, ldx, l, out, m, k, scale, sms, stream, variant);
-  }
+  with_rank(r, [&]<int R>() { launch_lora_reduce_rank<T, R>(x, ldx, l, out, m, k, scale, sms, stream, variant); });
 }
 
 
@@ -322,6 +328,16 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
          }));
   report(shape, "W': expand", w_bytes, time_us([&] {
            launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+         }));
+  // The launch before the one-wave grid: splits for about four blocks per SM (ceil(4·SMs / row tiles)).
+  const int64_t row_tiles = lora_expand_grid(n, k, 1).row_blocks;
+  const ExpandGrid before = lora_expand_grid(n, k, 4 * int64_t(g_sms) + row_tiles - 1);
+  report(shape, "W': expand, grid of ~4 blocks per SM (before)", w_bytes, time_us([&] {
+           with_rank(r, [&]<int R>() {
+             lora_expand_kernel<bf16, R, kExpandWarps, ExpandAddend::kMatrix>
+                 <<<dim3(unsigned(before.row_blocks), unsigned(before.splits)), kExpandWarps * 32, 0, st>>>(
+                     b, at, w, k, wm, k, n, k, before.cols_per_block, s);
+           });
          }));
   const double y_bytes = double(m) * n * es;
   report(shape, "y = s·h·Bᵀ: cuBLAS", y_bytes, time_us([&] { gemm_nt(h, b, y_ref, m, n, r, s, 0.f); }));

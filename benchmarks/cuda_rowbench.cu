@@ -136,16 +136,6 @@ static void rms_fwd(Bufs<T>& b, int rows, int cols, int items, int threads, cons
     if constexpr (I * VEC <= 32 && TH <= 512) {
       float us = time_us([&] { rms_norm_forward_vec<T, I, TH><<<rows, TH>>>(b.x, b.w, b.y, b.rstd, cols, cols, 1e-6f, 0.f); });
       report("rmsnorm fwd", dname<T>(), rows, cols, lay(tag, items, threads), 2.0 * rows * cols * sizeof(T), us);
-      // The weight-first candidate (row_kernels.cuh W_EARLY): timed beside, its y and rstd compared bit for bit.
-      T* y_first = b.dx;
-      float* rstd_first = b.partial;
-      us = time_us([&] {
-        rms_norm_forward_vec<T, I, TH, false, true><<<rows, TH>>>(b.x, b.w, y_first, rstd_first, cols, cols, 1e-6f, 0.f);
-      });
-      const bool same = same_bits(b.y, y_first, size_t(rows) * cols * sizeof(T)) &&
-                        same_bits(b.rstd, rstd_first, rows * sizeof(float));
-      report("rmsnorm fwd", dname<T>(), rows, cols, lay(tag, items, threads) + " weight-first" + (same ? "" : " MISMATCH"),
-             2.0 * rows * cols * sizeof(T), us);
     }
   });
 }
@@ -473,7 +463,6 @@ int main(int argc, char** argv) {
     CK(cudaMemset(w, 0x3f, cols * sizeof(bf16)));
     softmax_forward_vec<bf16, 4, 128><<<rows, 128>>>(x, y, cols, cols);
     rms_norm_forward_vec<bf16, 4, 128><<<rows, 128>>>(x, w, y, rstd, cols, cols, 1e-6f, 0.f);
-    rms_norm_forward_vec<bf16, 4, 128, false, true><<<rows, 128>>>(x, w, y, rstd, cols, cols, 1e-6f, 0.f);
     CK(cudaDeviceSynchronize());
     return 0;
   }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
-# from: build tests sanitize bench bench:<ops> bench-quick lora rowbench glurope lorak ncu (default: build tests sanitize
-# bench).
+# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu (default:
+# build tests sanitize bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
 # side by side (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops
@@ -38,8 +38,11 @@ for step in $steps; do
     tests)
       python3 -m pytest -q -x tests -k "cuda" -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
       ;;
-    sanitize)
-      for tool in memcheck racecheck; do
+    sanitize | sanitize:*)
+      # sanitize:memcheck runs one tool
+      tools=${step#sanitize}
+      tools=${tools#:}
+      for tool in ${tools:-memcheck racecheck}; do
         # racecheck reports hazards inside cuBLAS's own GEMM kernels (nvjet_*) at the LoRA cases with 1100 tokens;
         # excluding them (--kernel-name-exclude kns=nvjet) made the sanitizer fail in a cuBLAS GEMM instead
         # (benchmarks/results/cuda-h200-2026-12-01-sanitizer-e1da60e.txt): read the log for our kernels' names

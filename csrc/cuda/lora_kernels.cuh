@@ -155,21 +155,50 @@ __global__ void __launch_bounds__(WARPS * 32)
 // ---- host launcher (shared by lora_linear.cu and benchmarks/cuda_lora_kernels_bench.cu) -------------------------
 constexpr bool lora_tensor_core_rank(int64_t r) { return r == 8 || r == 16 || r == 32 || r == 64; }
 
-// Expand: 8 warps (128 rows) per block; the columns split so that the grid has about four blocks per SM, each
-// block's range a whole number of 64-column steps.
+// Expand: 8 warps (128 rows) per block, the grid one wave: as many blocks as the SMs hold at once (the occupancy
+// API's count; register-bound, 3 per SM at r16 on an H200), the columns split into equal whole 64-column steps
+// between the blocks of a row tile. Memory-bound, the kernel needs every resident block streaming until the end: a
+// grid of about four blocks per SM (the launch before) ran 512 blocks at 3 resident per SM for W' at 4096x4096 r16,
+// 1.3 waves with the second 29 % full — Nsight Compute read 31 % achieved occupancy and 36 % of DRAM bandwidth
+// (28.1 µs; benchmarks/results/cuda-h200-2026-12-01-ncu-lora.txt).
 constexpr int kExpandWarps = 8;
+
+template <typename T, int R, ExpandAddend ADD>
+int lora_expand_blocks_per_sm() {
+  static const int blocks = [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_expand_kernel<T, R, kExpandWarps, ADD>,
+                                                      kExpandWarps * 32, 0) != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky; fall back to the kernel's register-bound count on an H100/H200
+      n = 3;
+    }
+    return n > 0 ? n : 1;
+  }();
+  return blocks;
+}
+
+// The column split of a row tile: `splits` blocks of `cols_per_block` columns (a multiple of kExpandStep) each,
+// for `resident` blocks at once. Shared with the benchmark, which also times the earlier rule.
+struct ExpandGrid {
+  int64_t row_blocks, splits, cols_per_block;
+};
+
+inline ExpandGrid lora_expand_grid(int64_t p, int64_t q, int64_t resident) {
+  const int64_t row_blocks = (p + 16 * kExpandWarps - 1) / (16 * kExpandWarps);
+  const int64_t steps = (q + kExpandStep - 1) / kExpandStep;
+  int64_t splits = resident / row_blocks;  // one wave; a single split when the row tiles alone fill it
+  splits = splits < 1 ? 1 : (splits > steps ? steps : splits);
+  const int64_t cols_per_block = (steps + splits - 1) / splits * kExpandStep;
+  return {row_blocks, (q + cols_per_block - 1) / cols_per_block, cols_per_block};
+}
 
 template <typename T, int R, ExpandAddend ADD>
 void launch_lora_expand_rank(const T* lm, const T* rt, const T* c, int64_t ldc, T* out, int64_t ldo, int64_t p,
                              int64_t q, float scale, int sms, cudaStream_t stream) {
-  const int64_t row_blocks = (p + 16 * kExpandWarps - 1) / (16 * kExpandWarps);
-  const int64_t steps = (q + kExpandStep - 1) / kExpandStep;
-  int64_t splits = (4 * int64_t(sms) + row_blocks - 1) / row_blocks;
-  splits = splits < 1 ? 1 : (splits > steps ? steps : splits);
-  const int64_t cols_per_block = (steps + splits - 1) / splits * kExpandStep;
-  splits = (q + cols_per_block - 1) / cols_per_block;
-  lora_expand_kernel<T, R, kExpandWarps, ADD><<<dim3(unsigned(row_blocks), unsigned(splits)), kExpandWarps * 32, 0,
-                                                 stream>>>(lm, rt, c, ldc, out, ldo, p, q, cols_per_block, scale);
+  const ExpandGrid grid = lora_expand_grid(p, q, int64_t(lora_expand_blocks_per_sm<T, R, ADD>()) * sms);
+  lora_expand_kernel<T, R, kExpandWarps, ADD><<<dim3(unsigned(grid.row_blocks), unsigned(grid.splits)),
+                                                 kExpandWarps * 32, 0, stream>>>(lm, rt, c, ldc, out, ldo, p, q,
+                                                                                 grid.cols_per_block, scale);
 }
 
 template <typename T, ExpandAddend ADD>

@@ -590,11 +590,11 @@ __global__ void __launch_bounds__(THREADS > 0 ? THREADS : 512) softmax_backward_
 // The weight is read after the reduction, from L2 (a round that loaded it with x, before the reduction, together with
 // runtime block sizes, measured 56 against 38 us at 8192x4096 bf16 on an H200).
 // ADD (add_rms_norm): h = x + res rounded to T (as torch's add), written to `h` (contiguous rows) and normalised.
-// W_EARLY: a candidate for the forward's 1-3 % gap to Liger (#14), timed beside the launched form in
-// benchmarks/cuda_rowbench.cu but not yet on a GPU, so ops.cu does not launch it: the weight's vectors are loaded
-// (packed, 16 registers at 4 vectors of bf16) before x's, so their L2 latency overlaps x's instead of following the
-// reduction; the same arithmetic in the same order (bit-identical results, which the benchmark checks).
-template <typename T, int ITEMS, int THREADS, bool ADD = false, bool W_EARLY = false>
+// Loading the weight with x instead (before the reduction, packed in registers) measured no consistent gain: bf16
+// 8192x4096 38.3 against 39.1 us, 4096x8192 39.9 against 39.1, and 47.3 against 39.5 at 512 threads (H200,
+// benchmarks/results/cuda-h200-2026-12-01-rowbench-992bc41.txt). Under Nsight Compute this kernel and Liger's RMSNorm
+// forward run alike (32.0 vs 32.3 us, 3.41 vs 3.43 TB/s at 8192x4096 bf16: ...-ncu-rows.txt, ...-ncu-liger-rms.txt).
+template <typename T, int ITEMS, int THREADS, bool ADD = false>
 __global__ void __launch_bounds__(THREADS) rms_norm_forward_vec(const T* __restrict__ x, const T* __restrict__ w,
                                                              T* __restrict__ y, float* __restrict__ rstd, int cols,
                                                              int64_t x_stride, float eps, float offset,
@@ -606,14 +606,6 @@ __global__ void __launch_bounds__(THREADS) rms_norm_forward_vec(const T* __restr
   T* yr = y + blockIdx.x * int64_t(cols);
   float v[ITEMS][VEC];
   float ss = 0.0f;
-  uint4 w_raw[W_EARLY ? ITEMS : 1];
-  if constexpr (W_EARLY) {
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-      const int col = (it * THREADS + threadIdx.x) * VEC;
-      if (w != nullptr && col < cols) w_raw[it] = ldg16(w + col);
-    }
-  }
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
     const int col = (it * THREADS + threadIdx.x) * VEC;
@@ -636,11 +628,7 @@ __global__ void __launch_bounds__(THREADS) rms_norm_forward_vec(const T* __restr
     if (col < cols) {
       float wv[VEC];
       if (w != nullptr) {
-        if constexpr (W_EARLY) {
-          unpack16<T>(w_raw[it], wv);
-        } else {
-          load16<T>(w + col, wv);
-        }
+        load16<T>(w + col, wv);
       } else {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) wv[k] = 1.0f - offset;
