@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -215,6 +216,14 @@ static void gemm_tn(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n,
   CB(cublasGemmEx(hd, CUBLAS_OP_N, CUBLAS_OP_T, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(n), x,
                   CUDA_R_16BF, int(m), &beta, c, CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
+// Row-major C[m, n] = alpha · op(X) · op(Y): X is [m, k], or [k, m] when tx; Y is [k, n], or [n, k] when ty.
+static void gemm_any(bool tx, bool ty, const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k,
+                     float alpha) {
+  const float beta = 0.f;
+  CB(cublasGemmEx(g_blas, ty ? CUBLAS_OP_T : CUBLAS_OP_N, tx ? CUBLAS_OP_T : CUBLAS_OP_N, int(n), int(m), int(k),
+                  &alpha, y, CUDA_R_16BF, int(ty ? k : n), x, CUDA_R_16BF, int(tx ? m : k), &beta, c, CUDA_R_16BF,
+                  int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
 // Row-major transpose of a small [rows, cols] matrix (A -> Aᵀ, B -> Bᵀ), on the host: setup only.
 static void transpose(const bf16* src, bf16* dst, int64_t rows, int64_t cols) {
   std::vector<bf16> hs(rows * cols), hd(rows * cols);
@@ -351,6 +360,40 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
          }));
   report(shape, "dA = dhᵀ·x: cuBLAS", (m * k + m * r) * es, time_us([&] { gemm_tn(dh, x, da, r, k, m, 1.f); }));
   report(shape, "dB = s·dyᵀ·h: cuBLAS", (m * n + m * r) * es, time_us([&] { gemm_tn(dy, h, db, n, r, m, s); }));
+  // The same four skinny products in the other orientation (the transposed result: [r, tokens] or [features, r]),
+  // which cuBLAS's heuristics may serve with another kernel; each checked against the orientation above.
+  {
+    gemm_nt(x, a, h_ref, m, r, k, 1.f, 0.f);
+    gemm_nn(dy, b, dh_ref, m, r, n, s, 0.f);
+    gemm_tn(dh_ref, x, da, r, k, m, 1.f);
+    gemm_tn(dy, h_ref, db, n, r, m, s);
+    bf16 *t = alloc(std::max(m, std::max(n, k)) * r), *back = alloc(std::max(m, std::max(n, k)) * r);
+    struct Skinny {
+      const char* what;
+      double bytes;
+      const bf16* want;
+      int64_t rows, cols;  // of the transposed result
+      std::function<void()> run;
+    };
+    const Skinny products[] = {
+        {"h: cuBLAS as hᵀ = A·xᵀ", h_bytes, h_ref, r, m,  //
+         [&] { gemm_any(false, true, a, x, t, r, m, k, 1.f); }},
+        {"dh: cuBLAS as dhᵀ = s·Bᵀ·dyᵀ", dh_bytes, dh_ref, r, m,  //
+         [&] { gemm_any(true, true, b, dy, t, r, m, n, s); }},
+        {"dA: cuBLAS as dAᵀ = xᵀ·dh", (m * k + m * r) * es, da, k, r,
+         [&] { gemm_any(true, false, x, dh_ref, t, k, r, m, 1.f); }},
+        {"dB: cuBLAS as dBᵀ = s·hᵀ·dy", (m * n + m * r) * es, db, r, n,
+         [&] { gemm_any(true, false, h_ref, dy, t, r, n, m, s); }},
+    };
+    for (const Skinny& p : products) {
+      p.run();
+      transpose(t, back, p.rows, p.cols);
+      check(shape, p.what, back, p.want, p.rows * p.cols);
+      report(shape, p.what, p.bytes, time_us(p.run));
+    }
+    CK(cudaFree(t));
+    CK(cudaFree(back));
+  }
 
   // Compositions (bias in the low-rank routes' first write; the merged route's GEMM without bias: cuBLAS's bias
   // epilogue is what at::linear adds there).
