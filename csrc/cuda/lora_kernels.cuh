@@ -79,7 +79,12 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
 enum class ExpandAddend { kNone, kRow, kMatrix };
 constexpr int kExpandStep = 64;
 
-template <typename T, int R, int WARPS, ExpandAddend ADD>
+// Two candidates, off in the launched kernel until the benchmark decides them (benchmarks/cuda_lora_kernels_bench.cu):
+// PREFETCH loads the next step's addend before the current step's mma, so a warp keeps its W loads in flight while
+// it computes; STAGED_STORES writes each warp's 16x64 tile through shared memory, so that each store instruction
+// writes whole 128-byte lines (four rows) instead of half lines (Nsight Compute read the L2 at 80 % of its throughput
+// for the kernel without addend while DRAM ran at 20 %).
+template <typename T, int R, int WARPS, ExpandAddend ADD, bool PREFETCH = false, bool STAGED_STORES = false>
 __global__ void __launch_bounds__(WARPS * 32)
     lora_expand_kernel(const T* __restrict__ lm, const T* __restrict__ rt, const T* __restrict__ c, int64_t ldc,
                        T* __restrict__ out, int64_t ldo, int64_t p, int64_t q, int64_t cols_per_block, float scale) {
@@ -88,6 +93,8 @@ __global__ void __launch_bounds__(WARPS * 32)
   const int g = lane / 4, t = lane % 4;
   const int64_t row_lo = (int64_t(blockIdx.x) * WARPS + warp) * 16 + g, row_hi = row_lo + 8;
   const bool lo_ok = row_lo < p, hi_ok = row_hi < p;
+  // [warp][row r of the tile][16-byte chunk, XOR 4 on odd rows: the 8 lanes of a store phase hit distinct banks]
+  __shared__ uint4 stage[STAGED_STORES ? WARPS * 16 * 8 : 1];
 
   auto load8 = [](const T* base, bool valid) -> uint2 {
     return valid ? __ldg(reinterpret_cast<const uint2*>(base)) : make_uint2(0, 0);
@@ -102,9 +109,8 @@ __global__ void __launch_bounds__(WARPS * 32)
 
   const int64_t col_begin = int64_t(blockIdx.y) * cols_per_block;
   const int64_t col_end = col_begin + cols_per_block < q ? col_begin + cols_per_block : q;
-  for (int64_t col0 = col_begin; col0 < col_end; col0 += kExpandStep) {
-    // The addend first: its loads are in flight while the mma run.
-    uint4 add[2][2];  // [group][row g, row g+8]
+  // The addend of the step at col0: [group][row g, row g+8].
+  auto load_addend = [&](int64_t col0, uint4 (&add)[2][2]) {
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
       const int64_t col = col0 + 32 * grp + 8 * t;
@@ -117,6 +123,19 @@ __global__ void __launch_bounds__(WARPS * 32)
       } else {
         add[grp][0] = add[grp][1] = make_uint4(0, 0, 0, 0);
       }
+    }
+  };
+  uint4 next[2][2];
+  if constexpr (PREFETCH) load_addend(col_begin, next);
+  for (int64_t col0 = col_begin; col0 < col_end; col0 += kExpandStep) {
+    // The addend first: its loads are in flight while the mma run.
+    uint4 add[2][2];
+    if constexpr (PREFETCH) {
+#pragma unroll
+      for (int grp = 0; grp < 2; ++grp) add[grp][0] = next[grp][0], add[grp][1] = next[grp][1];
+      if (col0 + kExpandStep < col_end) load_addend(col0 + kExpandStep, next);
+    } else {
+      load_addend(col0, add);
     }
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
@@ -134,11 +153,11 @@ __global__ void __launch_bounds__(WARPS * 32)
         }
       }
       const int64_t col = col0 + 32 * grp + 8 * t;
-      if (col >= col_end) continue;
+      if (!STAGED_STORES && col >= col_end) continue;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int64_t row = half ? row_hi : row_lo;
-        if (row >= p) continue;
+        if (!STAGED_STORES && row >= p) continue;
         const uint32_t* cv = reinterpret_cast<const uint32_t*>(&add[grp][half]);
         uint32_t o[4];
 #pragma unroll
@@ -146,8 +165,24 @@ __global__ void __launch_bounds__(WARPS * 32)
           const float2 base = unpack2<T>(cv[j]);
           o[j] = pack2<T>(base.x + scale * acc[j][2 * half], base.y + scale * acc[j][2 * half + 1]);
         }
-        *reinterpret_cast<uint4*>(out + row * ldo + col) = make_uint4(o[0], o[1], o[2], o[3]);
+        if constexpr (STAGED_STORES) {
+          const int r = g + 8 * half;
+          stage[(warp * 16 + r) * 8 + ((grp * 4 + t) ^ ((r & 1) * 4))] = make_uint4(o[0], o[1], o[2], o[3]);
+        } else {
+          *reinterpret_cast<uint4*>(out + row * ldo + col) = make_uint4(o[0], o[1], o[2], o[3]);
+        }
       }
+    }
+    if constexpr (STAGED_STORES) {
+      __syncwarp();
+#pragma unroll
+      for (int it = 0; it < 4; ++it) {  // four rows per instruction, eight lanes (128 bytes) per row
+        const int r = it * 4 + lane / 8, chunk = lane % 8;
+        const int64_t row = row_lo - g + r, col = col0 + 8 * chunk;
+        if (row < p && col < col_end)
+          *reinterpret_cast<uint4*>(out + row * ldo + col) = stage[(warp * 16 + r) * 8 + (chunk ^ ((r & 1) * 4))];
+      }
+      __syncwarp();
     }
   }
 }
@@ -163,11 +198,12 @@ constexpr bool lora_tensor_core_rank(int64_t r) { return r == 8 || r == 16 || r 
 // (28.1 µs; benchmarks/results/cuda-h200-2026-12-01-ncu-lora.txt).
 constexpr int kExpandWarps = 8;
 
-template <typename T, int R, ExpandAddend ADD>
+template <typename T, int R, ExpandAddend ADD, bool PREFETCH = false, bool STAGED_STORES = false>
 int lora_expand_blocks_per_sm() {
   static const int blocks = [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_expand_kernel<T, R, kExpandWarps, ADD>,
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_expand_kernel<T, R, kExpandWarps, ADD, PREFETCH,
+                                                                             STAGED_STORES>,
                                                       kExpandWarps * 32, 0) != cudaSuccess) {
       (void)cudaGetLastError();  // not sticky; fall back to the kernel's register-bound count on an H100/H200
       n = 3;
@@ -192,13 +228,14 @@ inline ExpandGrid lora_expand_grid(int64_t p, int64_t q, int64_t resident) {
   return {row_blocks, (q + cols_per_block - 1) / cols_per_block, cols_per_block};
 }
 
-template <typename T, int R, ExpandAddend ADD>
+template <typename T, int R, ExpandAddend ADD, bool PREFETCH = false, bool STAGED_STORES = false>
 void launch_lora_expand_rank(const T* lm, const T* rt, const T* c, int64_t ldc, T* out, int64_t ldo, int64_t p,
                              int64_t q, float scale, int sms, cudaStream_t stream) {
-  const ExpandGrid grid = lora_expand_grid(p, q, int64_t(lora_expand_blocks_per_sm<T, R, ADD>()) * sms);
-  lora_expand_kernel<T, R, kExpandWarps, ADD><<<dim3(unsigned(grid.row_blocks), unsigned(grid.splits)),
-                                                 kExpandWarps * 32, 0, stream>>>(lm, rt, c, ldc, out, ldo, p, q,
-                                                                                 grid.cols_per_block, scale);
+  const int per_sm = lora_expand_blocks_per_sm<T, R, ADD, PREFETCH, STAGED_STORES>();
+  const ExpandGrid grid = lora_expand_grid(p, q, int64_t(per_sm) * sms);
+  lora_expand_kernel<T, R, kExpandWarps, ADD, PREFETCH, STAGED_STORES>
+      <<<dim3(unsigned(grid.row_blocks), unsigned(grid.splits)), kExpandWarps * 32, 0, stream>>>(
+          lm, rt, c, ldc, out, ldo, p, q, grid.cols_per_block, scale);
 }
 
 template <typename T, ExpandAddend ADD>
