@@ -46,6 +46,13 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         a = torch.randn(rank, 72, device="cuda", dtype=dtype, requires_grad=True)
         b = torch.randn(200, rank, device="cuda", dtype=dtype, requires_grad=True)
         tmf.lora_linear(x, w, a, b, 2.0).sum().backward()
+    # few tokens at ranks 8 and 16: y = bias + s·h·Bᵀ by lora_expand with staged stores (ragged rows, 1000 columns)
+    for rank, bias in ((8, None), (16, torch.randn(1000, device="cuda", dtype=dtype))):
+        x = torch.randn(37, 64, device="cuda", dtype=dtype, requires_grad=True)
+        w = torch.randn(1000, 64, device="cuda", dtype=dtype)
+        a = torch.randn(rank, 64, device="cuda", dtype=dtype, requires_grad=True)
+        b = torch.randn(1000, rank, device="cuda", dtype=dtype, requires_grad=True)
+        tmf.lora_linear(x, w, a, b, 2.0, bias).sum().backward()
     # GLU: 16-byte packs over a flat row, ragged rows (scalar kernel), strided halves of a fused gate_up
     for gate_up in (
         torch.randn(6, 2 * 4096 + 16, device="cuda", dtype=dtype),

@@ -183,6 +183,66 @@ def test_merged_weight_every_element(backend, dtype, rank):
     assert bool((err <= bound).all()), f"W' off by more than a rounding: worst {float((err / bound).max()):.2f}x bound"
 
 
+# The CUDA backend's y = bias + s·h·Bᵀ on lora_expand with staged stores (csrc/cuda/lora_linear.cu, staged_y_ok:
+# float16/bfloat16, ranks 8 and 16, out_features a multiple of 8), the accumulate route's first write (tokens <=
+# in_features), at shapes that reach its tails: tokens not a multiple of the 16-row tile and past one 128-row block,
+# out_features past whole 64-column steps (1000 = 15 · 64 + 40). Reference and CUDA only, like the W' shapes.
+STAGED_Y_SHAPES = [(37, 64, 1000, 8), (129, 136, 264, 16), (300, 520, 136, 16)]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", STAGED_Y_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_staged_y_kernel_shapes(backend, shape, dtype, bias):
+    if backend.name not in ("reference", "cuda"):
+        pytest.skip("the CUDA staged-store y kernel's shapes")
+    x, w, a, b, bias_t = _factors(*shape, dtype, backend.device, seed=71)
+    _check(x, w, a, b, bias_t if bias else None, 2.0, dtype)
+
+
+@pytest.mark.parametrize("layout", ["bias_misaligned", "lora_b_misaligned"])
+def test_staged_y_kernel_layouts(backend, layout):
+    """A bias 2 bytes off 16 (cuBLAS takes y) and a lora_b 6 bytes off (the kernel reads a packed copy)."""
+    if backend.name not in ("reference", "cuda"):
+        pytest.skip("the CUDA staged-store y kernel's layouts")
+    dtype = torch.bfloat16
+    x, w, a, b, bias = _factors(37, 64, 1000, 8, dtype, backend.device, seed=73)
+    if layout == "bias_misaligned":
+        bias = randn((1 + bias.numel(),), dtype, backend.device, seed=74)[1:]
+    else:
+        b = randn((3 + b.numel(),), dtype, backend.device, scale=8**-0.5, seed=75)[3:].view(b.shape)
+    _check(x, w, a, b, bias, 2.0, dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("rank", [8, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_staged_y_every_element(backend, dtype, rank, bias):
+    """One-hot rows of x make h = x·Aᵀ a column of A and x·Wᵀ a column of W (one product each, no sum), so every
+    element of y = bias + s·h·Bᵀ + x·Wᵀ is within two roundings (y's first write, then the base GEMM's sum): a single
+    misplaced or unwritten 16-byte vector of the staged-store kernel fails, which the norm-wise checks could let
+    through. Few tokens (the accumulate route), 1000 outputs (a partial 64-column step). CUDA only: the reference's
+    half-precision matmuls on a CPU are not single roundings."""
+    if backend.name != "cuda":
+        pytest.skip("y's first write by the CUDA staged-store kernel")
+    tokens, fin, fout = 300, 520, 1000
+    x, w, a, b, bias_t = _factors(tokens, fin, fout, rank, dtype, backend.device, seed=77)
+    bias_t = bias_t if bias else None
+    pick = torch.arange(tokens, device=backend.device) % fin
+    x = torch.zeros(tokens, fin, dtype=dtype, device=backend.device)
+    x[torch.arange(tokens, device=backend.device), pick] = 1
+    y = tmf.lora_linear(x, w, a, b, 2.0, bias_t).double()
+    low_rank = 2.0 * a.double().t()[pick] @ b.double().t()
+    base = w.double().t()[pick]
+    bias64 = bias_t.double() if bias_t is not None else torch.zeros(fout, dtype=torch.float64, device=y.device)
+    want = bias64 + low_rank + base
+    # Two roundings to dtype, plus float32 accumulation over rank terms (far below an ulp in half precision).
+    terms = bias64.abs() + 2.0 * a.double().t().abs()[pick] @ b.double().t().abs() + base.abs()
+    bound = torch.finfo(dtype).eps * terms + rank * 2.0**-24 * terms + torch.finfo(dtype).tiny
+    err = (y - want).abs()
+    assert bool((err <= bound).all()), f"y off by more than two roundings: worst {float((err / bound).max()):.2f}x"
+
+
 def test_leading_dims(backend):
     x = randn((2, 3, 4, 19), torch.float32, backend.device)
     _, w, a, b, bias = _factors(1, 19, 23, 5, torch.float32, backend.device)

@@ -79,12 +79,15 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
 enum class ExpandAddend { kNone, kRow, kMatrix };
 constexpr int kExpandStep = 64;
 
-// Two candidates, off in the launched kernel until the benchmark decides them (benchmarks/cuda_lora_kernels_bench.cu):
-// PREFETCH loads the next step's addend before the current step's mma, so a warp keeps its W loads in flight while
-// it computes; STAGED_STORES writes each warp's 16x64 tile through shared memory, so that each store instruction
-// writes whole 128-byte lines (four rows) instead of half lines (Nsight Compute read the L2 at 80 % of its throughput
-// for the kernel without addend while DRAM ran at 20 %).
-template <typename T, int R, int WARPS, ExpandAddend ADD, bool PREFETCH = false, bool STAGED_STORES = false>
+// STAGED_STORES writes each warp's 16x64 tile through shared memory, so that each store instruction writes whole
+// 128-byte lines (four rows) instead of half lines: Nsight Compute read the L2 at 80 % of its throughput for the
+// kernel without addend while DRAM ran at 20 % (...-ncu-lora.txt). Measured (bf16, H200, ...-lora-kernels-918b59c.txt):
+// y = bias + s·h·Bᵀ at r16 22.0 against 38.5 µs (2048x4096->11008; cuBLAS 27.8) and 27.2 against 44.3 (8192 tokens,
+// 4096 out; cuBLAS 27.7), so the op's y takes it at ranks 8 and 16; at r64 it is slower (107 against 64 µs: 104
+// registers and 16 KB of shared memory per block), and for W' (with a matrix addend) slower at every rank (28.8
+// against 27.6 at r16). Loading the next step's addend before the current step's mma (a prefetch, +16-30 registers)
+// was slower or level everywhere (W' 28.3 against 27.6 at r16, 37.7 against 36.3 at r64).
+template <typename T, int R, int WARPS, ExpandAddend ADD, bool STAGED_STORES = false>
 __global__ void __launch_bounds__(WARPS * 32)
     lora_expand_kernel(const T* __restrict__ lm, const T* __restrict__ rt, const T* __restrict__ c, int64_t ldc,
                        T* __restrict__ out, int64_t ldo, int64_t p, int64_t q, int64_t cols_per_block, float scale) {
@@ -125,18 +128,10 @@ __global__ void __launch_bounds__(WARPS * 32)
       }
     }
   };
-  uint4 next[2][2];
-  if constexpr (PREFETCH) load_addend(col_begin, next);
   for (int64_t col0 = col_begin; col0 < col_end; col0 += kExpandStep) {
     // The addend first: its loads are in flight while the mma run.
     uint4 add[2][2];
-    if constexpr (PREFETCH) {
-#pragma unroll
-      for (int grp = 0; grp < 2; ++grp) add[grp][0] = next[grp][0], add[grp][1] = next[grp][1];
-      if (col0 + kExpandStep < col_end) load_addend(col0 + kExpandStep, next);
-    } else {
-      load_addend(col0, add);
-    }
+    load_addend(col0, add);
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
       float acc[4][4] = {};
@@ -198,12 +193,11 @@ constexpr bool lora_tensor_core_rank(int64_t r) { return r == 8 || r == 16 || r 
 // (28.1 µs; benchmarks/results/cuda-h200-2026-12-01-ncu-lora.txt).
 constexpr int kExpandWarps = 8;
 
-template <typename T, int R, ExpandAddend ADD, bool PREFETCH = false, bool STAGED_STORES = false>
+template <typename T, int R, ExpandAddend ADD, bool STAGED_STORES = false>
 int lora_expand_blocks_per_sm() {
   static const int blocks = [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_expand_kernel<T, R, kExpandWarps, ADD, PREFETCH,
-                                                                             STAGED_STORES>,
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_expand_kernel<T, R, kExpandWarps, ADD, STAGED_STORES>,
                                                       kExpandWarps * 32, 0) != cudaSuccess) {
       (void)cudaGetLastError();  // not sticky; fall back to the kernel's register-bound count on an H100/H200
       n = 3;
@@ -228,12 +222,12 @@ inline ExpandGrid lora_expand_grid(int64_t p, int64_t q, int64_t resident) {
   return {row_blocks, (q + cols_per_block - 1) / cols_per_block, cols_per_block};
 }
 
-template <typename T, int R, ExpandAddend ADD, bool PREFETCH = false, bool STAGED_STORES = false>
+template <typename T, int R, ExpandAddend ADD, bool STAGED_STORES = false>
 void launch_lora_expand_rank(const T* lm, const T* rt, const T* c, int64_t ldc, T* out, int64_t ldo, int64_t p,
                              int64_t q, float scale, int sms, cudaStream_t stream) {
-  const int per_sm = lora_expand_blocks_per_sm<T, R, ADD, PREFETCH, STAGED_STORES>();
+  const int per_sm = lora_expand_blocks_per_sm<T, R, ADD, STAGED_STORES>();
   const ExpandGrid grid = lora_expand_grid(p, q, int64_t(per_sm) * sms);
-  lora_expand_kernel<T, R, kExpandWarps, ADD, PREFETCH, STAGED_STORES>
+  lora_expand_kernel<T, R, kExpandWarps, ADD, STAGED_STORES>
       <<<dim3(unsigned(grid.row_blocks), unsigned(grid.splits)), kExpandWarps * 32, 0, stream>>>(
           lm, rt, c, ldc, out, ldo, p, q, grid.cols_per_block, scale);
 }
@@ -262,6 +256,28 @@ void launch_lora_expand(const T* lm, const T* rt, ExpandAddend add, const T* c, 
     default:
       return launch_lora_expand_addend<T, ExpandAddend::kMatrix>(lm, rt, c, ldc, out, ldo, p, q, r, scale, sms,
                                                                  stream);
+  }
+}
+
+// The ranks at which y = bias + s·h·Bᵀ takes lora_expand with staged stores instead of cuBLAS (STAGED_STORES).
+constexpr bool lora_staged_rank(int64_t r) { return r == 8 || r == 16; }
+
+// out [p, q] = bias + scale · lm [p, r] · rtᵀ with staged stores; bias a [q] row vector or null; r from
+// lora_staged_rank; otherwise launch_lora_expand's preconditions.
+template <typename T>
+void launch_lora_expand_staged(const T* lm, const T* rt, const T* bias, T* out, int64_t ldo, int64_t p, int64_t q,
+                               int64_t r, float scale, int sms, cudaStream_t stream) {
+  auto go = [&]<ExpandAddend ADD>() {
+    if (r == 8) {
+      launch_lora_expand_rank<T, 8, ADD, true>(lm, rt, bias, 0, out, ldo, p, q, scale, sms, stream);
+    } else {
+      launch_lora_expand_rank<T, 16, ADD, true>(lm, rt, bias, 0, out, ldo, p, q, scale, sms, stream);
+    }
+  };
+  if (bias != nullptr) {
+    go.template operator()<ExpandAddend::kRow>();
+  } else {
+    go.template operator()<ExpandAddend::kNone>();
   }
 }
 
