@@ -504,6 +504,29 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
   report(shape, "h deferred: backward h, dh, W' (ours), dx, dA, dB", 0, bwd_with_h, base_dx);
   printf("%-26s forward+backward vs base fwd + dx GEMMs: op today %.3fx, h deferred %.3fx\n", shape.c_str(),
          (fwd_acc_blas + bwd_op) / (base + base_dx), (fwd_no_h + bwd_with_h) / (base + base_dx));
+  // The op's few-token route (accumulate forward, low-rank backward, cuBLAS but for y), forward and backward timed
+  // as one call, with y = bias + s·h·Bᵀ by cuBLAS and by lora_expand with staged stores (the op's y at ranks 8 and
+  // 16 since 1dacda9): whether the kernel's gain survives beside the GEMMs that follow it.
+  if (lora_staged_rank(r)) {
+    for (bool staged : {false, true}) {
+      const float both = time_us([&] {
+        gemm_nt(x, a, h, m, r, k, 1.f, 0.f);
+        if (staged) {
+          launch_lora_expand_staged(h, b, bias, y, n, m, n, r, s, g_sms, st);
+        } else {
+          gemm_nt(h, b, y, m, n, r, s, 0.f);  // no bias here: the timing, not the sum, is compared
+        }
+        gemm_nt(x, w, y, m, n, k, 1.f, 1.f);
+        gemm_nn(dy, b, dh, m, r, n, s, 0.f);
+        gemm_nn(dh, a, dx, m, k, r, 1.f, 0.f);
+        gemm_nn(dy, w, dx, m, k, n, 1.f, 1.f);
+        gemm_tn(dh, x, da, r, k, m, 1.f);
+        gemm_tn(dy, h, db, n, r, m, s);
+      });
+      report(shape, std::string("few-token route fwd+bwd, y by ") + (staged ? "staged expand" : "cuBLAS"), 0, both,
+             base + base_dx);
+    }
+  }
   for (bf16* p : {h, h_ref, y, y_ref, wm, wm_ref, dx, dx_ref, dh, dh_ref, da, db})
     CK(cudaFree(p));
 }
