@@ -1,14 +1,15 @@
 // LoRA's merged weight W' = W + s·B·A on tensor cores (mma.sync m16n8k16, float32 accumulation), for the
-// half-precision CUDA op's backward over many tokens (csrc/cuda/lora_linear.cu). A K = r product (r: 8–64) is
-// bandwidth-bound — r multiply-adds per weight read and written — so the kernel streams W once with 16-byte loads
-// and stores and keeps the rank-sized operands in registers and L1: on an H200 (bf16 4096x4096) 31.6 µs at r16 and
-// 37.9 at r64 against 43.2 / 41.9 for cuBLAS (copy of W, then a GEMM with beta = 1), the results in
-// benchmarks/results/cuda-h200-2026-12-01-lora-kernels-first.txt.
+// half-precision CUDA op over many tokens (csrc/cuda/lora_linear.cu: the merged forward and backward). A K = r
+// product (r: 8–64) is bandwidth-bound — r multiply-adds per weight read and written — so the kernel streams W once
+// with 16-byte loads and stores and keeps the rank-sized operands in registers and L1: on an H200 (bf16 4096x4096)
+// 27.6 µs at r16 and 36.3 at r64 against 42.1 / 41.2 for cuBLAS (copy of W, then a GEMM with beta = 1), the results
+// in benchmarks/results/cuda-h200-2026-12-01-lora-kernels-918b59c.txt.
 //
 //   lora_expand: out[P, Q] = C + scale · Lm[P, R] · Rtᵀ, Rt [Q, R] row-major, C none / a row vector / a matrix.
-//   The op uses C = W (Lm = B, Rt = Aᵀ); the benchmark (benchmarks/cuda_lora_kernels_bench.cu) also times
-//   y = bias + s·h·Bᵀ and dh·A with it, and a reduce kernel for h = x·Aᵀ and dh = s·dy·B — all slower than cuBLAS
-//   there, so the op leaves those products to cuBLAS.
+//   The op uses C = W (Lm = B, Rt = Aᵀ), and with few tokens at ranks 8 and 16 C = bias, Lm = h, Rt = B for
+//   y = bias + s·h·Bᵀ (STAGED_STORES). The benchmark (benchmarks/cuda_lora_kernels_bench.cu) also times dh·A with
+//   it, and a reduce kernel for h = x·Aᵀ and dh = s·dy·B — slower than cuBLAS there, so the op leaves those to
+//   cuBLAS.
 //
 // The output columns are permuted inside each 32-column group (n-slot 2t+i of n-tile j is column 8t + 2j + i, lane
 // (g, t) = (lane / 4, lane % 4)), so each lane's accumulators are 8 consecutive columns of rows g and g+8: C is read

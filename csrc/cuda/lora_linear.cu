@@ -39,8 +39,10 @@ namespace tmf {
 // ahead of the GEMMs was slower at every chunk count (the GEMMs occupy every SM; nothing overlaps).
 // From those products, half precision with many tokens (the merged-weight rule) now takes the merged forward without
 // h: y = x·W'ᵀ needs no h, and h's one use, dB = s·dyᵀ·h, computes it in the backward from the saved x. Their sum:
-// W' 31.6 + GEMM 339 ≈ 371 µs (1.09x) against 407 for accumulate, the backward 27 µs longer — not yet measured as a
-// composition (the benchmark's "h deferred" rows time it).
+// W' 31.6 + GEMM 339 ≈ 371 µs (1.09x) against 407 for accumulate, the backward 27 µs longer. Measured through the op
+// (benchmarks/results/cuda-h200-2026-12-01-lora-8678f1d.md, with W' at 27.8 µs after its one-wave grid): forward
+// 381.2 µs = 1.097x the base GEMM at r16 (was 1.17x), forward+backward 1.20x (was 1.22x).
+// Few tokens, ranks 8 and 16: y = bias + s·h·Bᵀ by lora_expand with staged stores (staged_y_ok below).
 namespace {
 
 bool use_merged_weight(int64_t tokens, int64_t in_features, const OptTensor& dropout_mask) {
