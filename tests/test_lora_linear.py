@@ -113,12 +113,20 @@ MERGED_WEIGHT_KERNEL_SHAPES = [
 ]
 
 
+# The CUDA backend's y = bias + s·h·Bᵀ on lora_expand with staged stores (csrc/cuda/lora_linear.cu, staged_y_ok:
+# float16/bfloat16, ranks 8 and 16, out_features a multiple of 8), the accumulate route's first write (tokens <=
+# in_features), at shapes that reach its tails: tokens not a multiple of the 16-row tile and past one 128-row block,
+# out_features past whole 64-column steps (1000 = 15 · 64 + 40). Reference and CUDA only, like the W' shapes.
+STAGED_Y_SHAPES = [(37, 64, 1000, 8), (129, 136, 264, 16), (300, 520, 136, 16)]
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", MERGED_WEIGHT_KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_merged_weight_kernel_shapes(backend, shape, dtype, bias):
+@pytest.mark.parametrize("shape", MERGED_WEIGHT_KERNEL_SHAPES + STAGED_Y_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_lora_kernel_shapes(backend, shape, dtype, bias):
+    """The shapes of the CUDA LoRA kernels' tails: W' (MERGED_WEIGHT_KERNEL_SHAPES) and y (STAGED_Y_SHAPES)."""
     if backend.name not in ("reference", "cuda"):
-        pytest.skip("the CUDA W' kernel's shapes")
+        pytest.skip("the CUDA LoRA kernels' shapes")
     x, w, a, b, bias_t = _factors(*shape, dtype, backend.device, seed=31)
     _check(x, w, a, b, bias_t if bias else None, 2.0, dtype)
 
@@ -181,23 +189,6 @@ def test_merged_weight_every_element(backend, dtype, rank):
     terms = (w.double().abs() + 2.0 * b.double().abs() @ a.double().abs())[pick]
     bound = torch.finfo(dtype).eps * want.abs() + (rank + 1) * 2.0**-24 * terms + torch.finfo(dtype).tiny
     assert bool((err <= bound).all()), f"W' off by more than a rounding: worst {float((err / bound).max()):.2f}x bound"
-
-
-# The CUDA backend's y = bias + s·h·Bᵀ on lora_expand with staged stores (csrc/cuda/lora_linear.cu, staged_y_ok:
-# float16/bfloat16, ranks 8 and 16, out_features a multiple of 8), the accumulate route's first write (tokens <=
-# in_features), at shapes that reach its tails: tokens not a multiple of the 16-row tile and past one 128-row block,
-# out_features past whole 64-column steps (1000 = 15 · 64 + 40). Reference and CUDA only, like the W' shapes.
-STAGED_Y_SHAPES = [(37, 64, 1000, 8), (129, 136, 264, 16), (300, 520, 136, 16)]
-
-
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", STAGED_Y_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_staged_y_kernel_shapes(backend, shape, dtype, bias):
-    if backend.name not in ("reference", "cuda"):
-        pytest.skip("the CUDA staged-store y kernel's shapes")
-    x, w, a, b, bias_t = _factors(*shape, dtype, backend.device, seed=71)
-    _check(x, w, a, b, bias_t if bias else None, 2.0, dtype)
 
 
 @pytest.mark.parametrize("layout", ["bias_misaligned", "lora_b_misaligned"])

@@ -65,6 +65,22 @@ bool expand_ok(const at::Tensor& weight, int64_t rank) {
          aligned16(weight, row_stride(weight));
 }
 
+// f(T{}) with T the CUDA type of a half-precision dtype (bfloat16, else float16), then the launch check.
+template <typename F>
+void launch_half(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kBFloat16) {
+    f(__nv_bfloat16{});
+  } else {
+    f(__half{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
 // A rank-sized operand (rows of 8-64 half-precision elements: 16-byte multiples) as the kernel reads it: contiguous
 // and 16-byte aligned, a copy only when it is not.
 at::Tensor packed(const at::Tensor& t) {
@@ -90,19 +106,12 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, con
   }
   at::Tensor out = at::empty(weight.sizes(), weight.options());
   const at::Tensor b = packed(lora_b), a_t = packed(lora_a.t());
-  auto launch = [&](auto zero) {
+  launch_half(weight.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
-    auto p = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
-    cuda::launch_lora_expand<T>(p(b), p(a_t), cuda::ExpandAddend::kMatrix, p(weight), row_stride(weight), p(out),
-                                out.size(1), out.size(0), out.size(1), b.size(1), float(scale), sm_count(weight),
-                                c10::cuda::getCurrentCUDAStream());
-  };
-  if (weight.scalar_type() == at::kBFloat16) {
-    launch(__nv_bfloat16{});
-  } else {
-    launch(__half{});
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch_lora_expand<T>(ptr<T>(b), ptr<T>(a_t), cuda::ExpandAddend::kMatrix, ptr<T>(weight),
+                                row_stride(weight), ptr<T>(out), out.size(1), out.size(0), out.size(1), b.size(1),
+                                float(scale), sm_count(weight), c10::cuda::getCurrentCUDAStream());
+  });
   return out;
 }
 
@@ -133,19 +142,12 @@ at::Tensor accumulate_forward(const at::Tensor& x, const at::Tensor& weight, con
   if (staged_y_ok(h, lora_b, bias)) {
     y = at::empty({h.size(0), lora_b.size(0)}, h.options());
     const at::Tensor lm = packed(h), rt = packed(lora_b);
-    auto launch = [&](auto zero) {
+    launch_half(h.scalar_type(), [&](auto zero) {
       using T = decltype(zero);
-      auto p = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
-      cuda::launch_lora_expand_staged<T>(p(lm), p(rt), bias ? p(*bias) : nullptr, p(y), y.size(1), y.size(0),
-                                         y.size(1), h.size(1), float(scale), sm_count(h),
+      cuda::launch_lora_expand_staged<T>(ptr<T>(lm), ptr<T>(rt), bias ? ptr<T>(*bias) : nullptr, ptr<T>(y),
+                                         y.size(1), y.size(0), y.size(1), h.size(1), float(scale), sm_count(h),
                                          c10::cuda::getCurrentCUDAStream());
-    };
-    if (h.scalar_type() == at::kBFloat16) {
-      launch(__nv_bfloat16{});
-    } else {
-      launch(__half{});
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   } else {
     y = bias ? at::addmm(*bias, h, lora_b.t(), 1.0, scale) : scaled_mm(h, lora_b.t(), scale);
   }
