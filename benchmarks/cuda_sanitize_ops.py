@@ -46,12 +46,18 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         a = torch.randn(rank, 72, device="cuda", dtype=dtype, requires_grad=True)
         b = torch.randn(200, rank, device="cuda", dtype=dtype, requires_grad=True)
         tmf.lora_linear(x, w, a, b, 2.0).sum().backward()
-    # few tokens at ranks 8 and 16: y = bias + s·h·Bᵀ by lora_expand with staged stores (ragged rows, 1000 columns)
-    for rank, bias in ((8, None), (16, torch.randn(1000, device="cuda", dtype=dtype))):
-        x = torch.randn(37, 64, device="cuda", dtype=dtype, requires_grad=True)
-        w = torch.randn(1000, 64, device="cuda", dtype=dtype)
-        a = torch.randn(rank, 64, device="cuda", dtype=dtype, requires_grad=True)
-        b = torch.randn(1000, rank, device="cuda", dtype=dtype, requires_grad=True)
+    # few tokens at ranks 8 and 16: y = bias + s·h·Bᵀ by lora_expand with staged stores (ragged rows, 1000 columns;
+    # 2000 x 4000: several 64-column steps per block)
+    for tokens, fin, fout, rank, with_bias in (
+        (37, 64, 1000, 8, False),
+        (37, 64, 1000, 16, True),
+        (2000, 2048, 4000, 8, True),
+    ):
+        x = torch.randn(tokens, fin, device="cuda", dtype=dtype, requires_grad=True)
+        w = torch.randn(fout, fin, device="cuda", dtype=dtype)
+        a = torch.randn(rank, fin, device="cuda", dtype=dtype, requires_grad=True)
+        b = torch.randn(fout, rank, device="cuda", dtype=dtype, requires_grad=True)
+        bias = torch.randn(fout, device="cuda", dtype=dtype) if with_bias else None
         tmf.lora_linear(x, w, a, b, 2.0, bias).sum().backward()
     # GLU: 16-byte packs over a flat row, ragged rows (scalar kernel), strided halves of a fused gate_up
     for gate_up in (

@@ -208,15 +208,18 @@ def test_staged_y_kernel_layouts(backend, layout):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("rank", [8, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_staged_y_every_element(backend, dtype, rank, bias):
+@pytest.mark.parametrize("shape", [(300, 520, 1000), (2000, 2048, 4000)], ids=lambda s: "x".join(map(str, s)))
+def test_staged_y_every_element(backend, shape, dtype, rank, bias):
     """One-hot rows of x make h = x·Aᵀ a column of A and x·Wᵀ a column of W (one product each, no sum), so every
     element of y = bias + s·h·Bᵀ + x·Wᵀ is within two roundings (y's first write, then the base GEMM's sum): a single
     misplaced or unwritten 16-byte vector of the staged-store kernel fails, which the norm-wise checks could let
-    through. Few tokens (the accumulate route), 1000 outputs (a partial 64-column step). CUDA only: the reference's
-    half-precision matmuls on a CPU are not single roundings."""
+    through. Few tokens (the accumulate route); 1000 outputs end in a partial 64-column step, and 2000 tokens x 4000
+    outputs give each block two or more column steps on an H200's one-wave grid (16 row tiles, 63 steps), so the
+    shared-memory tile is reused across steps. CUDA only: the reference's half-precision matmuls on a CPU are not
+    single roundings."""
     if backend.name != "cuda":
         pytest.skip("y's first write by the CUDA staged-store kernel")
-    tokens, fin, fout = 300, 520, 1000
+    tokens, fin, fout = shape
     x, w, a, b, bias_t = _factors(tokens, fin, fout, rank, dtype, backend.device, seed=77)
     bias_t = bias_t if bias else None
     pick = torch.arange(tokens, device=backend.device) % fin

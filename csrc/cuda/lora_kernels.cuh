@@ -26,6 +26,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -80,8 +81,8 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
 enum class ExpandAddend { kNone, kRow, kMatrix };
 constexpr int kExpandStep = 64;
 
-// STAGED_STORES writes each warp's 16x64 tile through shared memory, so that each store instruction writes whole
-// 128-byte lines (four rows) instead of half lines: Nsight Compute read the L2 at 80 % of its throughput for the
+// STAGED_STORES writes each warp's 16x64 tile through shared memory, so that eight lanes store a row's 128 contiguous
+// bytes (whole lines when q is a multiple of 64) instead of four lanes storing 64: Nsight Compute read the L2 at 80 % of its throughput for the
 // kernel without addend while DRAM ran at 20 % (...-ncu-lora.txt). Measured (bf16, H200, ...-lora-kernels-918b59c.txt):
 // y = bias + s·h·Bᵀ at r16 22.0 against 38.5 µs (2048x4096->11008; cuBLAS 27.8) and 27.2 against 44.3 (8192 tokens,
 // 4096 out; cuBLAS 27.7), so the op's y takes it at ranks 8 and 16; at r64 it is slower (107 against 64 µs: 104
@@ -194,18 +195,28 @@ constexpr bool lora_tensor_core_rank(int64_t r) { return r == 8 || r == 16 || r 
 // (28.1 µs; benchmarks/results/cuda-h200-2026-12-01-ncu-lora.txt).
 constexpr int kExpandWarps = 8;
 
+// Resident blocks per SM of one kernel variant on the current device (its registers per thread depend on the
+// architecture it was built for), cached per device ordinal.
 template <typename T, int R, ExpandAddend ADD, bool STAGED_STORES = false>
 int lora_expand_blocks_per_sm() {
-  static const int blocks = [] {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_expand_kernel<T, R, kExpandWarps, ADD, STAGED_STORES>,
-                                                      kExpandWarps * 32, 0) != cudaSuccess) {
-      (void)cudaGetLastError();  // not sticky; fall back to the kernel's register-bound count on an H100/H200
-      n = 3;
-    }
-    return n > 0 ? n : 1;
-  }();
-  return blocks;
+  constexpr int kDevices = 64;
+  static std::atomic<int> cached[kDevices];  // 0: not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) {
+    (void)cudaGetLastError();
+    device = -1;
+  } else if (const int n = cached[device].load(std::memory_order_relaxed); n > 0) {
+    return n;
+  }
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_expand_kernel<T, R, kExpandWarps, ADD, STAGED_STORES>,
+                                                    kExpandWarps * 32, 0) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky; fall back to the kernel's register-bound count on an H100/H200
+    n = 3;
+  }
+  n = n > 0 ? n : 1;
+  if (device >= 0) cached[device].store(n, std::memory_order_relaxed);
+  return n;
 }
 
 // The column split of a row tile: `splits` blocks of `cols_per_block` columns (a multiple of kExpandStep) each,

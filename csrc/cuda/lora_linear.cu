@@ -118,7 +118,9 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, con
 // scale·a·b with the scale as cuBLAS's alpha: applied in float32 before the one rounding to the output dtype, no
 // second pass over the output (at::mm then mul_ rounded twice and launched a kernel more). beta = 0, so the
 // uninitialised output is never read.
+// A zero scale keeps mm then mul_: cuBLAS with alpha = 0 reads neither operand, so a NaN in them would not show.
 at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scale) {
+  if (scale == 0.0) return at::mm(a, b).mul_(scale);
   return at::empty({a.size(0), b.size(1)}, a.options()).addmm_(a, b, 0.0, scale);
 }
 
@@ -130,9 +132,9 @@ bool staged_y_ok(const at::Tensor& h, const at::Tensor& lora_b, const OptTensor&
   const auto dtype = h.scalar_type();
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && cuda::lora_staged_rank(h.size(1)) && h.size(0) > 0 &&
          lora_b.dim() == 2 && lora_b.size(1) == h.size(1) && lora_b.scalar_type() == dtype &&
-         lora_b.size(0) > 0 && lora_b.size(0) % 8 == 0 &&
+         lora_b.device() == h.device() && lora_b.size(0) > 0 && lora_b.size(0) % 8 == 0 &&
          (!bias || (bias->dim() == 1 && bias->size(0) == lora_b.size(0) && bias->scalar_type() == dtype &&
-                    bias->is_contiguous() && aligned16(*bias, 0)));
+                    bias->device() == h.device() && bias->is_contiguous() && aligned16(*bias, 0)));
 }
 
 // The accumulate route's y: bias + scale·h·Bᵀ written (y not read before), then y += x·Wᵀ on the base GEMM.
