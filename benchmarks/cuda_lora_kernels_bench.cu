@@ -16,6 +16,7 @@
 
 #include "cuda_bench_timing.cuh"
 #include "lora_kernels.cuh"
+#include "row_kernels.cuh"  // cp_async16, cp_async_commit, cp_async_wait
 
 using namespace tmf::cuda;
 using bf16 = __nv_bfloat16;
@@ -143,6 +144,187 @@ void launch_lora_reduce_rank(const T* x, int64_t ldx, const T* l, T* out, int64_
     case 2: return launch_lora_reduce_config<T, R, 1, 8>(x, ldx, l, out, m, k, scale, stream);
     default: return launch_lora_reduce_config<T, R, 4, 2>(x, ldx, l, out, m, k, scale, stream);
   }
+}
+
+// ---- Candidate: dh = s·dy·B and dB = s·dyᵀ·h from ONE read of dy (not used by the op; the README's plan for the
+// forward+backward target: cuBLAS reads dy twice, at 53-57 % of copy bandwidth each). A block takes a 256x256 tile of
+// dy in four 64-row chunks through shared memory (cp.async, double-buffered; rows padded by 16 bytes so ldmatrix's
+// eight row addresses hit distinct banks), with the tile's 256 rows of B and each chunk's rows of h beside it:
+//   dh: warp (m-tile w % 4 of the chunk, half w / 4 of the rank's n-tiles): A = dy rows (ldmatrix), B = B's rows
+//       (ldmatrix.trans), 16 k-steps over the tile's columns -> a float32 partial per column tile, p_dh [n/256][m][R];
+//   dB: warp w owns the tile's columns 32w..32w+31 (two m-tiles of dyᵀ: ldmatrix.trans of dy), B = h's chunk rows
+//       (ldmatrix.trans), accumulated over the four chunks -> a float32 partial per row tile, p_db [m/256][n][R];
+// then lora_dy_pass_finalize sums the partials (deterministic order) and scales. Ranks 16, 32, 64; m and n multiples
+// of 256; dy rows, B and h 16-byte aligned (B, h contiguous). Written without a GPU: the benchmark checks it
+// against cuBLAS before timing it.
+constexpr int kDyTile = 256, kDyChunk = 64, kDyPitch = kDyTile + 8;
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
+}
+
+template <int R>
+constexpr size_t dy_pass_smem_bytes() {
+  return (2 * kDyChunk * kDyPitch + kDyTile * (R + 8) + 2 * kDyChunk * (R + 8)) * sizeof(bf16);
+}
+
+template <int R>
+__global__ void __launch_bounds__(256) lora_dy_pass_kernel(const bf16* __restrict__ dy, int64_t ldy,
+                                                           const bf16* __restrict__ b, const bf16* __restrict__ h,
+                                                           float* __restrict__ p_dh, float* __restrict__ p_db,
+                                                           int64_t m, int64_t n) {
+  static_assert(R % 16 == 0, "two warps share a 16-row tile's rank n-tiles");
+  constexpr int NT = R / 8, PR = R + 8;
+  extern __shared__ __align__(16) unsigned char dy_pass_smem[];
+  bf16* s_dy = reinterpret_cast<bf16*>(dy_pass_smem);  // [2][kDyChunk][kDyPitch]
+  bf16* s_b = s_dy + 2 * kDyChunk * kDyPitch;          // [kDyTile][PR]
+  bf16* s_h = s_b + kDyTile * PR;                      // [2][kDyChunk][PR]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+  const int64_t col0 = int64_t(blockIdx.x) * kDyTile, row0 = int64_t(blockIdx.y) * kDyTile;
+
+  auto load_chunk = [&](int c, int buf) {
+    const int64_t r0 = row0 + int64_t(c) * kDyChunk;
+    for (int i = tid; i < kDyChunk * kDyTile / 8; i += 256) {
+      const int row = i / (kDyTile / 8), v = i % (kDyTile / 8);
+      cp_async16(s_dy + (buf * kDyChunk + row) * kDyPitch + v * 8, dy + (r0 + row) * ldy + col0 + v * 8);
+    }
+    for (int i = tid; i < kDyChunk * R / 8; i += 256) {
+      const int row = i / (R / 8), v = i % (R / 8);
+      cp_async16(s_h + (buf * kDyChunk + row) * PR + v * 8, h + (r0 + row) * R + v * 8);
+    }
+  };
+  for (int i = tid; i < kDyTile * R / 8; i += 256) {
+    const int row = i / (R / 8), v = i % (R / 8);
+    cp_async16(s_b + row * PR + v * 8, b + (col0 + row) * R + v * 8);
+  }
+  load_chunk(0, 0);
+  cp_async_commit();
+
+  float acc_db[2][NT][4] = {};
+  constexpr int kChunks = kDyTile / kDyChunk;
+  for (int c = 0; c < kChunks; ++c) {
+    const int buf = c & 1;
+    if (c + 1 < kChunks) load_chunk(c + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but the chunk just issued: chunk c (and B's rows) landed
+    __syncthreads();
+    const bf16* chunk = s_dy + buf * kDyChunk * kDyPitch;
+    {  // dh for the chunk's rows, over the tile's columns
+      const int mt = warp % 4, nb = (warp / 4) * (NT / 2);
+      float acc[NT / 2][4] = {};
+      const bf16* a_row = chunk + (16 * mt + lane % 16) * kDyPitch + 8 * (lane / 16);
+#pragma unroll 4
+      for (int ks = 0; ks < kDyTile / 16; ++ks) {
+        uint32_t a[4];
+        ldsm_x4(a, a_row + 16 * ks);
+#pragma unroll
+        for (int j = 0; j < NT / 2; ++j) {
+          uint32_t bb[2];
+          ldsm_x2_trans(bb, s_b + (16 * ks + lane % 16) * PR + 8 * (nb + j));
+          mma_16816<bf16>(acc[j], a[0], a[1], a[2], a[3], bb[0], bb[1]);
+        }
+      }
+      const int64_t row = row0 + int64_t(c) * kDyChunk + 16 * mt + g;
+      float* out = p_dh + (int64_t(blockIdx.x) * m + row) * R;
+#pragma unroll
+      for (int j = 0; j < NT / 2; ++j) {
+        const int r = 8 * (nb + j) + 2 * t;
+        *reinterpret_cast<float2*>(out + r) = make_float2(acc[j][0], acc[j][1]);
+        *reinterpret_cast<float2*>(out + 8 * R + r) = make_float2(acc[j][2], acc[j][3]);
+      }
+    }
+    {  // dB for the warp's 32 columns, over the chunk's rows
+      const bf16* h_chunk = s_h + buf * kDyChunk * PR;
+#pragma unroll
+      for (int kk = 0; kk < kDyChunk / 16; ++kk) {
+        uint32_t hb[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) ldsm_x2_trans(hb[nt], h_chunk + (16 * kk + lane % 16) * PR + 8 * nt);
+#pragma unroll
+        for (int mm = 0; mm < 2; ++mm) {
+          uint32_t a[4];
+          ldsm_x4_trans(a, chunk + (16 * kk + (lane / 16) * 8 + lane % 8) * kDyPitch + 32 * warp + 16 * mm +
+                               ((lane / 8) % 2) * 8);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_16816<bf16>(acc_db[mm][nt], a[0], a[1], a[2], a[3], hb[nt][0], hb[nt][1]);
+        }
+      }
+    }
+    __syncthreads();  // the next iteration's load overwrites this buffer
+  }
+#pragma unroll
+  for (int mm = 0; mm < 2; ++mm) {
+    const int64_t col = col0 + 32 * warp + 16 * mm + g;
+    float* out = p_db + (int64_t(blockIdx.y) * n + col) * R;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int r = 8 * nt + 2 * t;
+      *reinterpret_cast<float2*>(out + r) = make_float2(acc_db[mm][nt][0], acc_db[mm][nt][1]);
+      *reinterpret_cast<float2*>(out + 8 * R + r) = make_float2(acc_db[mm][nt][2], acc_db[mm][nt][3]);
+    }
+  }
+}
+
+// dh = s · Σ p_dh over the column tiles, dB = s · Σ p_db over the row tiles; four consecutive elements per thread.
+__global__ void lora_dy_pass_finalize(const float* __restrict__ p_dh, int col_tiles, const float* __restrict__ p_db,
+                                      int row_tiles, bf16* __restrict__ dh, bf16* __restrict__ db, int64_t dh_elems,
+                                      int64_t db_elems, float s) {
+  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  const bool is_dh = i < dh_elems;
+  const int64_t e = is_dh ? i : i - dh_elems;
+  if (!is_dh && e >= db_elems) return;
+  const float* p = is_dh ? p_dh : p_db;
+  const int tiles = is_dh ? col_tiles : row_tiles;
+  const int64_t stride = is_dh ? dh_elems : db_elems;
+  float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int k = 0; k < tiles; ++k) {
+    const float4 v = *reinterpret_cast<const float4*>(p + k * stride + e);
+    sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+  }
+  bf16* out = (is_dh ? dh : db) + e;
+  out[0] = __float2bfloat16(s * sum.x);
+  out[1] = __float2bfloat16(s * sum.y);
+  out[2] = __float2bfloat16(s * sum.z);
+  out[3] = __float2bfloat16(s * sum.w);
+}
+
+// Whether the candidate takes this shape; the partial buffers' sizes in floats.
+constexpr bool dy_pass_ok(int64_t m, int64_t n, int64_t r) {
+  return m % kDyTile == 0 && n % kDyTile == 0 && (r == 16 || r == 32 || r == 64);
+}
+
+template <int R>
+void launch_dy_pass_rank(const bf16* dy, const bf16* b, const bf16* h, float* p_dh, float* p_db, bf16* dh, bf16* db,
+                         int64_t m, int64_t n, float s, cudaStream_t st) {
+  constexpr size_t smem = dy_pass_smem_bytes<R>();
+  static const bool attr = [] {
+    return cudaFuncSetAttribute(lora_dy_pass_kernel<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) ==
+           cudaSuccess;
+  }();
+  if (!attr) {
+    fprintf(stderr, "dy pass: shared-memory attribute refused\n");
+    exit(1);
+  }
+  lora_dy_pass_kernel<R><<<dim3(unsigned(n / kDyTile), unsigned(m / kDyTile)), 256, smem, st>>>(dy, n, b, h, p_dh,
+                                                                                              p_db, m, n);
+  const int64_t groups = (m + n) * R / 4;
+  lora_dy_pass_finalize<<<unsigned((groups + 255) / 256), 256, 0, st>>>(p_dh, int(n / kDyTile), p_db,
+                                                                      int(m / kDyTile), dh, db, m * R, n * R, s);
 }
 
 // f.template operator()<R>() for the rank r (one of lora_tensor_core_rank's).
@@ -400,6 +582,37 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
   }
   report(shape, "dA = dhᵀ·x: cuBLAS", (m * k + m * r) * es, time_us([&] { gemm_tn(dh, x, da, r, k, m, 1.f); }));
   report(shape, "dB = s·dyᵀ·h: cuBLAS", (m * n + m * r) * es, time_us([&] { gemm_tn(dy, h, db, n, r, m, s); }));
+  // The dh + dB candidate (one read of dy) against cuBLAS's two products, when the shape fits its tiles.
+  if (dy_pass_ok(m, n, r)) {
+    float *p_dh, *p_db;
+    CK(cudaMalloc(&p_dh, size_t(n / kDyTile) * m * r * sizeof(float)));
+    CK(cudaMalloc(&p_db, size_t(m / kDyTile) * n * r * sizeof(float)));
+    bf16 *dh2 = alloc(m * r), *db2 = alloc(n * r);
+    auto dy_pass = [&] {
+      if (r == 16) launch_dy_pass_rank<16>(dy, b, h_ref, p_dh, p_db, dh2, db2, m, n, s, st);
+      else if (r == 32) launch_dy_pass_rank<32>(dy, b, h_ref, p_dh, p_db, dh2, db2, m, n, s, st);
+      else launch_dy_pass_rank<64>(dy, b, h_ref, p_dh, p_db, dh2, db2, m, n, s, st);
+    };
+    gemm_nt(x, a, h_ref, m, r, k, 1.f, 0.f);
+    gemm_nn(dy, b, dh_ref, m, r, n, s, 0.f);
+    gemm_tn(dy, h_ref, db, n, r, m, s);
+    CK(cudaMemset(dh2, 0xff, m * r * es));
+    CK(cudaMemset(db2, 0xff, n * r * es));
+    dy_pass();
+    CK(cudaGetLastError());
+    check(shape, "dh = s·dy·B (one pass over dy, candidate)", dh2, dh_ref, m * r);
+    check(shape, "dB = s·dyᵀ·h (one pass over dy, candidate)", db2, db, n * r);
+    const double both = (m * n + 2 * m * r + n * r) * es;
+    report(shape, "dh + dB: cuBLAS, two reads of dy", both, time_us([&] {
+             gemm_nn(dy, b, dh_ref, m, r, n, s, 0.f);
+             gemm_tn(dy, h_ref, db, n, r, m, s);
+           }));
+    report(shape, "dh + dB: one read of dy (candidate) + finalize", both, time_us(dy_pass));
+    CK(cudaFree(p_dh));
+    CK(cudaFree(p_db));
+    CK(cudaFree(dh2));
+    CK(cudaFree(db2));
+  }
   // The same four skinny products in the other orientation (the transposed result: [r, tokens] or [features, r]),
   // which cuBLAS's heuristics may serve with another kernel; each checked against the orientation above.
   {
