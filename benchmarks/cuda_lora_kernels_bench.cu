@@ -596,8 +596,10 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
     gemm_nt(x, a, h_ref, m, r, k, 1.f, 0.f);
     gemm_nn(dy, b, dh_ref, m, r, n, s, 0.f);
     gemm_tn(dy, h_ref, db, n, r, m, s);
-    CK(cudaMemset(dh2, 0xff, m * r * es));
+    CK(cudaMemset(dh2, 0xff, m * r * es));  // NaN everywhere: an output or a partial left unwritten fails the check
     CK(cudaMemset(db2, 0xff, n * r * es));
+    CK(cudaMemset(p_dh, 0xff, size_t(n / kDyTile) * m * r * sizeof(float)));
+    CK(cudaMemset(p_db, 0xff, size_t(m / kDyTile) * n * r * sizeof(float)));
     dy_pass();
     CK(cudaGetLastError());
     check(shape, "dh = s·dy·B (one pass over dy, candidate)", dh2, dh_ref, m * r);
@@ -873,5 +875,6 @@ int main(int argc, char** argv) {
     bench_shape(2048, 4096, 11008, r);
   }
   bench_shape(512, 512, 512, 8);
+  bench_shape(512, 512, 512, 32);  // the dy-pass candidate's rank 32 (its other shapes run ranks 16 and 64)
   return 0;
 }
