@@ -187,6 +187,17 @@ __global__ void __launch_bounds__(WARPS * 32)
 // ---- host launcher (shared by lora_linear.cu and benchmarks/cuda_lora_kernels_bench.cu) -------------------------
 constexpr bool lora_tensor_core_rank(int64_t r) { return r == 8 || r == 16 || r == 32 || r == 64; }
 
+// f.template operator()<R>() for the rank r (one of lora_tensor_core_rank's; anything else takes 64).
+template <typename F>
+void with_tensor_core_rank(int64_t r, F&& f) {
+  switch (r) {
+    case 8: return f.template operator()<8>();
+    case 16: return f.template operator()<16>();
+    case 32: return f.template operator()<32>();
+    default: return f.template operator()<64>();
+  }
+}
+
 // Expand: 8 warps (128 rows) per block, the grid one wave: as many blocks as the SMs hold at once (the occupancy
 // API's count; register-bound, 3 per SM at r16 on an H200), the columns split into equal whole 64-column steps
 // between the blocks of a row tile. Memory-bound, the kernel needs every resident block streaming until the end: a
@@ -247,12 +258,9 @@ void launch_lora_expand_rank(const T* lm, const T* rt, const T* c, int64_t ldc, 
 template <typename T, ExpandAddend ADD>
 void launch_lora_expand_addend(const T* lm, const T* rt, const T* c, int64_t ldc, T* out, int64_t ldo, int64_t p,
                                int64_t q, int64_t r, float scale, int sms, cudaStream_t stream) {
-  switch (r) {
-    case 8: return launch_lora_expand_rank<T, 8, ADD>(lm, rt, c, ldc, out, ldo, p, q, scale, sms, stream);
-    case 16: return launch_lora_expand_rank<T, 16, ADD>(lm, rt, c, ldc, out, ldo, p, q, scale, sms, stream);
-    case 32: return launch_lora_expand_rank<T, 32, ADD>(lm, rt, c, ldc, out, ldo, p, q, scale, sms, stream);
-    default: return launch_lora_expand_rank<T, 64, ADD>(lm, rt, c, ldc, out, ldo, p, q, scale, sms, stream);
-  }
+  with_tensor_core_rank(r, [&]<int R>() {
+    launch_lora_expand_rank<T, R, ADD>(lm, rt, c, ldc, out, ldo, p, q, scale, sms, stream);
+  });
 }
 
 // out [p, q] = addend + scale · lm [p, r] · rtᵀ (lm, rt [q, r] contiguous); addend: none, a [q] row vector or a

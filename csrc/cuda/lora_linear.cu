@@ -57,12 +57,14 @@ bool h_in_backward(const at::Tensor& x, const OptTensor& dropout_mask) {
   return x.scalar_type() != at::kFloat && use_merged_weight(x.size(0), x.size(1), dropout_mask);
 }
 
+// The dtypes of the tensor-core kernels (csrc/cuda/lora_kernels.cuh), launched through launch_half.
+bool half_precision(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
+
 // ---- W' on tensor cores (csrc/cuda/lora_kernels.cuh) ------------------------------------------------------------
 // Half precision, ranks 8/16/32/64, in_features a multiple of 8, W with 16-byte rows; anything else takes cuBLAS.
 bool expand_ok(const at::Tensor& weight, int64_t rank) {
-  return (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf) &&
-         cuda::lora_tensor_core_rank(rank) && weight.size(1) % 8 == 0 && weight.stride(1) == 1 &&
-         aligned16(weight, row_stride(weight));
+  return half_precision(weight.scalar_type()) && cuda::lora_tensor_core_rank(rank) && weight.size(1) % 8 == 0 &&
+         weight.stride(1) == 1 && aligned16(weight, row_stride(weight));
 }
 
 // f(T{}) with T the CUDA type of a half-precision dtype (bfloat16, else float16), then the launch check.
@@ -130,7 +132,7 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scale) {
 // Anything else (and operands that do not match, from a raw op call) takes cuBLAS, which also reports the mismatch.
 bool staged_y_ok(const at::Tensor& h, const at::Tensor& lora_b, const OptTensor& bias) {
   const auto dtype = h.scalar_type();
-  return (dtype == at::kBFloat16 || dtype == at::kHalf) && cuda::lora_staged_rank(h.size(1)) && h.size(0) > 0 &&
+  return half_precision(dtype) && cuda::lora_staged_rank(h.size(1)) && h.size(0) > 0 &&
          lora_b.dim() == 2 && lora_b.size(1) == h.size(1) && lora_b.scalar_type() == dtype &&
          lora_b.device() == h.device() && lora_b.size(0) > 0 && lora_b.size(0) % 8 == 0 &&
          (!bias || (bias->dim() == 1 && bias->size(0) == lora_b.size(0) && bias->scalar_type() == dtype &&
