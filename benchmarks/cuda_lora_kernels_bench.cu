@@ -327,22 +327,13 @@ void launch_dy_pass_rank(const bf16* dy, const bf16* b, const bf16* h, float* p_
                                                                       int(m / kDyTile), dh, db, m * R, n * R, s);
 }
 
-// f.template operator()<R>() for the rank r (one of lora_tensor_core_rank's).
-template <typename F>
-void with_rank(int64_t r, F&& f) {
-  switch (r) {
-    case 8: return f.template operator()<8>();
-    case 16: return f.template operator()<16>();
-    case 32: return f.template operator()<32>();
-    default: return f.template operator()<64>();
-  }
-}
-
 // out [m, r] = scale · x [m, k] · lᵀ (l: [r, k] contiguous). m > 0; r from lora_tensor_core_rank.
 template <typename T>
 void launch_lora_reduce(const T* x, int64_t ldx, const T* l, T* out, int64_t m, int64_t k, int64_t r, float scale,
                         int sms, cudaStream_t stream, int variant = 0) {
-  with_rank(r, [&]<int R>() { launch_lora_reduce_rank<T, R>(x, ldx, l, out, m, k, scale, sms, stream, variant); });
+  with_tensor_core_rank(r, [&]<int R>() {
+    launch_lora_reduce_rank<T, R>(x, ldx, l, out, m, k, scale, sms, stream, variant);
+  });
 }
 
 
@@ -353,7 +344,7 @@ const char* const kExpandVariants[] = {"launched", "staged stores"};
 template <ExpandAddend ADD>
 void launch_expand_variant(int variant, const bf16* lm, const bf16* rt, const bf16* c, int64_t ldc, bf16* out,
                            int64_t ldo, int64_t p, int64_t q, int64_t r, float s, int sms, cudaStream_t st) {
-  with_rank(r, [&]<int R>() {
+  with_tensor_core_rank(r, [&]<int R>() {
     if (variant == 1) {
       launch_lora_expand_rank<bf16, R, ADD, true>(lm, rt, c, ldc, out, ldo, p, q, s, sms, st);
     } else {
@@ -395,32 +386,28 @@ static bf16* alloc(size_t n) {
   return d;
 }
 
-// Row-major C[m, n] = alpha · X[m, k] · Y[n, k]ᵀ + beta · C (X, Y row-major): column-major Cᵀ = Y·Xᵀ.
+// Row-major C[m, n] = alpha · op(X) · op(Y) + beta · C: X is [m, k], or [k, m] when tx; Y is [k, n], or [n, k] when
+// ty (all row-major): column-major Cᵀ = op(Y)ᵀ · op(X)ᵀ.
+static void gemm(bool tx, bool ty, const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k,
+                 float alpha, float beta, cublasHandle_t hd = g_blas) {
+  CB(cublasGemmEx(hd, ty ? CUBLAS_OP_T : CUBLAS_OP_N, tx ? CUBLAS_OP_T : CUBLAS_OP_N, int(n), int(m), int(k), &alpha,
+                  y, CUDA_R_16BF, int(ty ? k : n), x, CUDA_R_16BF, int(tx ? m : k), &beta, c, CUDA_R_16BF, int(n),
+                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+// C = alpha · X · Yᵀ + beta · C (X [m, k], Y [n, k]).
 static void gemm_nt(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha, float beta,
                     cublasHandle_t hd = g_blas) {
-  CB(cublasGemmEx(hd, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(k), x,
-                  CUDA_R_16BF, int(k), &beta, c, CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  gemm(false, true, x, y, c, m, n, k, alpha, beta, hd);
 }
-// Row-major C[m, n] = alpha · X[m, k] · Y[k, n] + beta · C.
+// C = alpha · X · Y + beta · C (X [m, k], Y [k, n]).
 static void gemm_nn(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha, float beta,
                     cublasHandle_t hd = g_blas) {
-  CB(cublasGemmEx(hd, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(n), x,
-                  CUDA_R_16BF, int(k), &beta, c, CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  gemm(false, false, x, y, c, m, n, k, alpha, beta, hd);
 }
-// Row-major C[m, n] = alpha · X[k, m]ᵀ · Y[k, n] (a reduction over the long dimension k: dA, dB).
+// C = alpha · Xᵀ · Y (X [k, m], Y [k, n]: a reduction over the long dimension k: dA, dB).
 static void gemm_tn(const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k, float alpha,
                     cublasHandle_t hd = g_blas) {
-  const float beta = 0.f;
-  CB(cublasGemmEx(hd, CUBLAS_OP_N, CUBLAS_OP_T, int(n), int(m), int(k), &alpha, y, CUDA_R_16BF, int(n), x,
-                  CUDA_R_16BF, int(m), &beta, c, CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-}
-// Row-major C[m, n] = alpha · op(X) · op(Y): X is [m, k], or [k, m] when tx; Y is [k, n], or [n, k] when ty.
-static void gemm_any(bool tx, bool ty, const bf16* x, const bf16* y, bf16* c, int64_t m, int64_t n, int64_t k,
-                     float alpha) {
-  const float beta = 0.f;
-  CB(cublasGemmEx(g_blas, ty ? CUBLAS_OP_T : CUBLAS_OP_N, tx ? CUBLAS_OP_T : CUBLAS_OP_N, int(n), int(m), int(k),
-                  &alpha, y, CUDA_R_16BF, int(ty ? k : n), x, CUDA_R_16BF, int(tx ? m : k), &beta, c, CUDA_R_16BF,
-                  int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  gemm(true, false, x, y, c, m, n, k, alpha, 0.f, hd);
 }
 // Row-major transpose of a small [rows, cols] matrix (A -> Aᵀ, B -> Bᵀ), on the host: setup only.
 static void transpose(const bf16* src, bf16* dst, int64_t rows, int64_t cols) {
@@ -552,7 +539,7 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
   const int64_t row_tiles = lora_expand_grid(n, k, 1).row_blocks;
   const ExpandGrid before = lora_expand_grid(n, k, 4 * int64_t(g_sms) + row_tiles - 1);
   report(shape, "W': expand, grid of ~4 blocks per SM (before)", w_bytes, time_us([&] {
-           with_rank(r, [&]<int R>() {
+           with_tensor_core_rank(r, [&]<int R>() {
              lora_expand_kernel<bf16, R, kExpandWarps, ExpandAddend::kMatrix>
                  <<<dim3(unsigned(before.row_blocks), unsigned(before.splits)), kExpandWarps * 32, 0, st>>>(
                      b, at, w, k, wm, k, n, k, before.cols_per_block, s);
@@ -632,13 +619,13 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
     };
     const Skinny products[] = {
         {"h: cuBLAS as hᵀ = A·xᵀ", h_bytes, h_ref, r, m,  //
-         [&] { gemm_any(false, true, a, x, t, r, m, k, 1.f); }},
+         [&] { gemm(false, true, a, x, t, r, m, k, 1.f, 0.f); }},
         {"dh: cuBLAS as dhᵀ = s·Bᵀ·dyᵀ", dh_bytes, dh_ref, r, m,  //
-         [&] { gemm_any(true, true, b, dy, t, r, m, n, s); }},
+         [&] { gemm(true, true, b, dy, t, r, m, n, s, 0.f); }},
         {"dA: cuBLAS as dAᵀ = xᵀ·dh", (m * k + m * r) * es, da, k, r,
-         [&] { gemm_any(true, false, x, dh_ref, t, k, r, m, 1.f); }},
+         [&] { gemm(true, false, x, dh_ref, t, k, r, m, 1.f, 0.f); }},
         {"dB: cuBLAS as dBᵀ = s·hᵀ·dy", (m * n + m * r) * es, db, r, n,
-         [&] { gemm_any(true, false, h_ref, dy, t, r, n, m, s); }},
+         [&] { gemm(true, false, h_ref, dy, t, r, n, m, s, 0.f); }},
     };
     for (const Skinny& p : products) {
       p.run();

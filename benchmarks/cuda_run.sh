@@ -29,6 +29,7 @@ build_lorak() {
   nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kernels_bench.cu \
     -Xlinker "$lib" -Xlinker -rpath,"$(dirname "$lib")" -o /tmp/lorak
 }
+build_rowbench() { nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench; }
 for step in $steps; do
   case $step in
     build)
@@ -45,8 +46,9 @@ for step in $steps; do
       for tool in ${tools:-memcheck racecheck}; do
         # racecheck reports hazards inside cuBLAS's own GEMM kernels (nvjet_*) at the LoRA cases with 1100 tokens;
         # excluding them (--kernel-name-exclude kns=nvjet) made the sanitizer fail in a cuBLAS GEMM instead
-        # (benchmarks/results/cuda-h200-2026-12-01-sanitizer-e1da60e.txt): read the log for our kernels' names
-        # without PyTorch's caching allocator each tensor is its own allocation, so an overrun past it is reported
+        # (benchmarks/results/cuda-h200-2026-12-01-sanitizer-e1da60e.txt), so the summary line counts the reports
+        # outside them. Without PyTorch's caching allocator each tensor is its own allocation, so an overrun past
+        # it is reported.
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 9 \
           python3 benchmarks/cuda_sanitize_ops.py > "$OUT/sanitize_$tool.log" 2>&1
         echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitize_$tool.log") clean summaries," \
@@ -66,8 +68,7 @@ for step in $steps; do
       python3 benchmarks/cuda_lora_bench.py --out "$OUT/lora" --dtypes bfloat16 2>&1 | tail -40
       ;;
     rowbench)
-      nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench &&
-        /tmp/rowbench 30 2>&1 | tee "$OUT/rowbench.txt"
+      build_rowbench && /tmp/rowbench 30 2>&1 | tee "$OUT/rowbench.txt"
       python3 benchmarks/cuda_liger_rows.py 2>&1 | tee "$OUT/liger_rows.txt"
       ;;
     glurope)
@@ -89,8 +90,7 @@ for step in $steps; do
       build_lorak && ncu --clock-control none --kernel-name regex:lora_ --launch-count 5 "${sections[@]}" \
         /tmp/lorak 1 ncu > "$OUT/ncu_lora.txt" 2>&1
       echo "ncu lora: exit $? ($(grep -c 'Duration' "$OUT/ncu_lora.txt") kernel reports)"
-      nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench &&
-        ncu --clock-control none "${sections[@]}" /tmp/rowbench ncu-fwd > "$OUT/ncu_rows.txt" 2>&1
+      build_rowbench && ncu --clock-control none "${sections[@]}" /tmp/rowbench ncu-fwd > "$OUT/ncu_rows.txt" 2>&1
       echo "ncu rows: exit $? ($(grep -c 'Duration' "$OUT/ncu_rows.txt") kernel reports)"
       ncu --clock-control none --kernel-name regex:rms_norm_forward --launch-count 1 "${sections[@]}" python3 -c "
 import torch; from liger_kernel.ops import rms_norm as lr

@@ -39,16 +39,12 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
     b = torch.randn(33, 8, device="cuda", dtype=dtype, requires_grad=True)
     tmf.lora_linear(x, w, a, b, 2.0).sum().backward()
     tmf.lora_linear(x, w, a, b, 2.0, dropout_p=0.1, training=True).sum().backward()
-    # many tokens: the merged-weight backward, W' from lora_expand in half precision (ragged rows and column steps)
-    for rank in (8, 64):
-        x = torch.randn(1100, 72, device="cuda", dtype=dtype, requires_grad=True)
-        w = torch.randn(200, 72, device="cuda", dtype=dtype)
-        a = torch.randn(rank, 72, device="cuda", dtype=dtype, requires_grad=True)
-        b = torch.randn(200, rank, device="cuda", dtype=dtype, requires_grad=True)
-        tmf.lora_linear(x, w, a, b, 2.0).sum().backward()
-    # few tokens at ranks 8 and 16: y = bias + s·h·Bᵀ by lora_expand with staged stores (ragged rows, 1000 columns;
+    # many tokens: the merged-weight route, W' from lora_expand in half precision (ragged rows and column steps); few
+    # tokens at ranks 8 and 16: y = bias + s·h·Bᵀ by lora_expand with staged stores (ragged rows, 1000 columns;
     # 2000 x 4000: several 64-column steps per block)
     for tokens, fin, fout, rank, with_bias in (
+        (1100, 72, 200, 8, False),
+        (1100, 72, 200, 64, False),
         (37, 64, 1000, 8, False),
         (37, 64, 1000, 16, True),
         (2000, 2048, 4000, 8, True),
