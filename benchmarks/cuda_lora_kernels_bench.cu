@@ -16,7 +16,7 @@
 
 #include "cuda_bench_timing.cuh"
 #include "lora_kernels.cuh"
-#include "row_kernels.cuh"  // cp_async16, cp_async_commit, cp_async_wait
+#include "lora_skinny.cuh"
 
 using namespace tmf::cuda;
 using bf16 = __nv_bfloat16;
@@ -159,19 +159,6 @@ void launch_lora_reduce_rank(const T* x, int64_t ldx, const T* l, T* out, int64_
 // against cuBLAS before timing it.
 constexpr int kDyTile = 256, kDyChunk = 64, kDyPitch = kDyTile + 8;
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
 __device__ __forceinline__ void ldsm_x2_trans(uint32_t (&r)[2], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1])
@@ -601,6 +588,98 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
     CK(cudaFree(p_db));
     CK(cudaFree(dh2));
     CK(cudaFree(db2));
+  }
+  // The skinny kernels (csrc/cuda/lora_skinny.cuh) against cuBLAS: h, dh, dA, dB, each checked into a NaN-filled
+  // output (an element left unwritten fails), then timed at three grids: one wave (the launch rule), two, and one
+  // block per tile (no split, no partial sums).
+  if (lora_skinny_rank(r)) {
+    gemm_nt(x, a, h_ref, m, r, k, 1.f, 0.f);
+    gemm_nn(dy, b, dh_ref, m, r, n, s, 0.f);
+    bf16 *da_ref = alloc(r * k), *db_ref = alloc(n * r), *out = alloc(std::max(m, std::max(n, k)) * r);
+    gemm_tn(dh_ref, x, da_ref, r, k, m, 1.f);
+    gemm_tn(dy, h_ref, db_ref, n, r, m, s);
+    struct Product {
+      const char* what;
+      double bytes;
+      const bf16* want;
+      int64_t elems;
+      std::function<SkinnyPlan(int)> plan;
+      std::function<void(const SkinnyPlan&, float*)> run;
+    };
+    const Product products[] = {
+        {"h = x·Aᵀ", h_bytes, h_ref, m * r,
+         [&](int waves) { return lora_rows_plan<bf16>(m, k, r, false, g_sms, waves); },
+         [&](const SkinnyPlan& p, float* part) { launch_lora_rows(p, x, k, a, false, out, part, m, k, r, 1.f, st); }},
+        {"dh = s·dy·B", dh_bytes, dh_ref, m * r,
+         [&](int waves) { return lora_rows_plan<bf16>(m, n, r, true, g_sms, waves); },
+         [&](const SkinnyPlan& p, float* part) { launch_lora_rows(p, dy, n, b, true, out, part, m, n, r, s, st); }},
+        {"dA = dhᵀ·x", (m * k + m * r) * es, da_ref, r * k,
+         [&](int waves) { return lora_cols_plan<bf16>(m, k, r, g_sms, waves); },
+         [&](const SkinnyPlan& p, float* part) { launch_lora_cols(p, x, k, dh_ref, true, out, part, m, k, r, 1.f, st); }},
+        {"dB = s·dyᵀ·h", (m * n + m * r) * es, db_ref, n * r,
+         [&](int waves) { return lora_cols_plan<bf16>(m, n, r, g_sms, waves); },
+         [&](const SkinnyPlan& p, float* part) { launch_lora_cols(p, dy, n, h_ref, false, out, part, m, n, r, s, st); }},
+    };
+    for (const Product& p : products) {
+      for (int waves : {1, 2, 0}) {
+        const SkinnyPlan plan = p.plan(waves);
+        if (!plan.ok()) {
+          printf("%-26s %s: skinny kernel refused (shared memory)\n", shape.c_str(), p.what);
+          break;
+        }
+        float* part = nullptr;
+        if (plan.partial_floats > 0) {
+          CK(cudaMalloc(&part, plan.partial_floats * sizeof(float)));
+          CK(cudaMemset(part, 0xff, plan.partial_floats * sizeof(float)));
+        }
+        CK(cudaMemset(out, 0xff, p.elems * es));
+        p.run(plan, part);
+        CK(cudaGetLastError());
+        const std::string tag = std::string(p.what) + ": skinny, " + (waves == 0 ? "no split" :
+                                std::to_string(waves) + " wave" + (waves > 1 ? "s" : "")) + ", " +
+                                std::to_string(plan.tiles) + "x" + std::to_string(plan.splits) + " blocks";
+        check(shape, tag.c_str(), out, p.want, p.elems);
+        report(shape, tag, p.bytes, time_us([&] { p.run(plan, part); }));
+        if (part != nullptr) CK(cudaFree(part));
+      }
+    }
+    // The backward with every skinny product ours (h recomputed: the op's merged route), against cuBLAS's.
+    const SkinnyPlan ph = lora_rows_plan<bf16>(m, k, r, false, g_sms), pdh = lora_rows_plan<bf16>(m, n, r, true, g_sms);
+    const SkinnyPlan pda = lora_cols_plan<bf16>(m, k, r, g_sms), pdb = lora_cols_plan<bf16>(m, n, r, g_sms);
+    float* part;
+    const int64_t most = std::max(std::max(ph.partial_floats, pdh.partial_floats),
+                                  std::max(pda.partial_floats, pdb.partial_floats));
+    CK(cudaMalloc(&part, std::max<int64_t>(most, 1) * sizeof(float)));
+    const float bwd_cublas = time_us([&] {
+      gemm_nt(x, a, h, m, r, k, 1.f, 0.f);
+      gemm_nn(dy, b, dh, m, r, n, s, 0.f);
+      launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+      gemm_nn(dy, wm, dx, m, k, n, 1.f, 0.f);
+      gemm_tn(dh, x, da, r, k, m, 1.f);
+      gemm_tn(dy, h, db, n, r, m, s);
+    });
+    const float bwd_skinny = time_us([&] {
+      launch_lora_rows(ph, x, k, a, false, h, part, m, k, r, 1.f, st);
+      launch_lora_rows(pdh, dy, n, b, true, dh, part, m, n, r, s, st);
+      launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+      gemm_nn(dy, wm, dx, m, k, n, 1.f, 0.f);
+      launch_lora_cols(pda, x, k, dh, true, da, part, m, k, r, 1.f, st);
+      launch_lora_cols(pdb, dy, n, h, false, db, part, m, n, r, s, st);
+    });
+    const float fwd_w = time_us([&] {
+      launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+      gemm_nt(x, wm, y, m, n, k, 1.f, 0.f);
+    });
+    const float base_fwd = time_us([&] { gemm_nt(x, w, y, m, n, k, 1.f, 0.f); });
+    const float base_bwd = time_us([&] { gemm_nn(dy, w, dx, m, k, n, 1.f, 0.f); });
+    report(shape, "merged backward, skinny on cuBLAS: h, dh, W', dx, dA, dB", 0, bwd_cublas, base_bwd);
+    report(shape, "merged backward, skinny ours: h, dh, W', dx, dA, dB", 0, bwd_skinny, base_bwd);
+    printf("%-26s forward+backward (W' + GEMM forward) vs base fwd + dx GEMMs (%.1f + %.1f): skinny on cuBLAS "
+           "%.3fx, ours %.3fx\n",
+           shape.c_str(), base_fwd, base_bwd, (fwd_w + bwd_cublas) / (base_fwd + base_bwd),
+           (fwd_w + bwd_skinny) / (base_fwd + base_bwd));
+    for (bf16* q : {da_ref, db_ref, out}) CK(cudaFree(q));
+    CK(cudaFree(part));
   }
   // The same four skinny products in the other orientation (the transposed result: [r, tokens] or [features, r]),
   // which cuBLAS's heuristics may serve with another kernel; each checked against the orientation above.

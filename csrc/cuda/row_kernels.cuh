@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "cp_async.cuh"
+
 namespace tmf::cuda {
 
 constexpr int kMaxItems = 8;
@@ -463,16 +465,6 @@ __device__ __forceinline__ void add_residual16(float (&v)[16 / sizeof(T)], const
 #pragma unroll
   for (int k = 0; k < Vec16<T>::N; ++k) v[k] = to_float(from_float<T>(v[k] + rv[k]));
   store16<T>(h, v);
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // One barrier: warp reduce, lane 0 writes, barrier, every thread combines the warps' values (shared-memory
