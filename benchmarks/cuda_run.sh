@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
-# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu (default:
+# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny (default:
 # build tests sanitize bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
@@ -97,6 +97,15 @@ import torch; from liger_kernel.ops import rms_norm as lr
 x = torch.randn(8192, 4096, device='cuda', dtype=torch.bfloat16); w = torch.rand(4096, device='cuda', dtype=x.dtype)
 lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" > "$OUT/ncu_liger_rms.txt" 2>&1
       echo "ncu liger rmsnorm: exit $? ($(grep -c 'Duration' "$OUT/ncu_liger_rms.txt") kernel reports)"
+      ;;
+    ncu-skinny)
+      # The skinny kernels' (lora_skinny.cuh) first launches at 8192x4096->4096 r16: h and dh (lora_rows), then dA
+      # and dB (lora_cols), each at the benchmark's three grids.
+      sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
+        --section SchedulerStats --section LaunchStats)
+      build_lorak && ncu --clock-control none --kernel-name regex:'lora_(rows|cols)_kernel' --launch-count 24 \
+        "${sections[@]}" /tmp/lorak 1 ncu > "$OUT/ncu_skinny.txt" 2>&1
+      echo "ncu skinny: exit $? ($(grep -c 'Duration' "$OUT/ncu_skinny.txt") kernel reports)"
       ;;
     bench-quick)
       python3 -m torch_metal_fused.bench --device cuda --quick --dtypes bfloat16 --out "$OUT/bench" --no-plots \

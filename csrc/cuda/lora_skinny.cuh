@@ -52,6 +52,7 @@ struct RowsLayout {
   static constexpr int LROWS = L_KMAJOR ? kRowsChunk : R, LP = L_KMAJOR ? R + 8 : kRowsChunk + 8;
   static constexpr int STAGE = TM * XP + LROWS * LP;  // elements
   static constexpr int SMEM = kSkinnyStages * STAGE * 2;
+  static constexpr int smem(int stages) { return stages * STAGE * 2; }
 };
 
 template <int R>
@@ -59,32 +60,36 @@ struct ColsLayout {
   static constexpr int XP = kColsStrip + 8, HP = R + 8;
   static constexpr int STAGE = kColsChunk * XP + kColsChunk * HP;
   static constexpr int SMEM = kSkinnyStages * STAGE * 2;
+  static constexpr int smem(int stages) { return stages * STAGE * 2; }
 };
 
 // The chunk loop both kernels share: the first kSkinnyStages - 1 chunks issued, then per chunk: wait for it, one
 // barrier (every warp is past the previous chunk, whose stage the next load overwrites), issue the chunk
 // kSkinnyStages - 1 ahead, multiply. Every iteration commits a group (empty past the end) so the wait count holds.
-template <typename Load, typename Compute>
+// ROTATE: block b walks its chunks starting at chunk b mod count (wrapping), so that the blocks in flight at once
+// spread over the whole walked range instead of all reading the same columns (a candidate: benchmark variant).
+template <int STAGES, bool ROTATE, typename Load, typename Compute>
 __device__ __forceinline__ void skinny_pipeline(int64_t c_begin, int64_t c_end, Load&& load, Compute&& compute) {
+  const int64_t count = c_end - c_begin, rot = ROTATE ? int64_t(blockIdx.x) % count : 0;
+  auto chunk = [&](int64_t i) { return c_begin + (i + rot < count ? i + rot : i + rot - count); };
 #pragma unroll
-  for (int s = 0; s < kSkinnyStages - 1; ++s) {
-    if (c_begin + s < c_end) load(c_begin + s, s);
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < count) load(chunk(s), s);
     cp_async_commit();
   }
-  for (int64_t c = c_begin; c < c_end; ++c) {
-    const int i = int(c - c_begin);
-    cp_async_wait<kSkinnyStages - 2>();
+  for (int64_t i = 0; i < count; ++i) {
+    cp_async_wait<STAGES - 2>();
     __syncthreads();
-    if (c + kSkinnyStages - 1 < c_end) load(c + kSkinnyStages - 1, (i + kSkinnyStages - 1) % kSkinnyStages);
+    if (i + STAGES - 1 < count) load(chunk(i + STAGES - 1), int((i + STAGES - 1) % STAGES));
     cp_async_commit();
-    compute(i % kSkinnyStages);
+    compute(int(i % STAGES));
   }
   cp_async_wait<0>();
 }
 
 // out[M, R] = scale · X[M, K] · L, L [R, K] (L_KMAJOR false: A for h) or [K, R] (true: B for dh). With `partial`
 // the block writes float32 sums of its column split to partial[split][M][R] instead.
-template <typename T, int R, int MT, bool L_KMAJOR>
+template <typename T, int R, int MT, bool L_KMAJOR, int STAGES = kSkinnyStages, bool ROTATE = false>
 __global__ void __launch_bounds__(kSkinnyThreads)
     lora_rows_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ l, T* __restrict__ out,
                      float* __restrict__ partial, int64_t m, int64_t k, int64_t chunks_per_split, float scale) {
@@ -128,7 +133,7 @@ __global__ void __launch_bounds__(kSkinnyThreads)
   };
 
   float acc[NT][4] = {};
-  skinny_pipeline(c_begin, c_end, load, [&](int stage) {
+  skinny_pipeline<STAGES, ROTATE>(c_begin, c_end, load, [&](int stage) {
     const T* sx = smem + stage * Lay::STAGE;
     const T* sl = sx + Lay::TM * Lay::XP;
 #pragma unroll
@@ -188,7 +193,7 @@ __global__ void __launch_bounds__(kSkinnyThreads)
 
 // out = scale · Xᵀ · H, X [M, C], H [M, R]: out [C, R] (OUT_RC false: dB) or [R, C] (true: dA). With `partial`
 // the block writes float32 sums of its row split to partial[split][C][R] instead.
-template <typename T, int R, bool OUT_RC>
+template <typename T, int R, bool OUT_RC, int STAGES = kSkinnyStages, bool ROTATE = false>
 __global__ void __launch_bounds__(kSkinnyThreads)
     lora_cols_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ hm, T* __restrict__ out,
                      float* __restrict__ partial, int64_t m, int64_t c, int64_t chunks_per_split, float scale) {
@@ -223,7 +228,7 @@ __global__ void __launch_bounds__(kSkinnyThreads)
   };
 
   float acc[NT][4] = {};
-  skinny_pipeline(c_begin, c_end, load, [&](int stage) {
+  skinny_pipeline<STAGES, ROTATE>(c_begin, c_end, load, [&](int stage) {
     const T* sx = smem + stage * Lay::STAGE;
     const T* sh = sx + kColsChunk * Lay::XP;
 #pragma unroll
