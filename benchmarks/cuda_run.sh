@@ -103,7 +103,7 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
       # and dB (lora_cols), each at the benchmark's three grids.
       sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
         --section SchedulerStats --section LaunchStats)
-      build_lorak && ncu --clock-control none --kernel-name regex:'lora_(rows|cols)_kernel' --launch-count 24 \
+      build_lorak && ncu --clock-control none --kernel-name regex:'lora_(rows|cols)_kernel' --launch-count 40 \
         "${sections[@]}" /tmp/lorak 1 ncu > "$OUT/ncu_skinny.txt" 2>&1
       echo "ncu skinny: exit $? ($(grep -c 'Duration' "$OUT/ncu_skinny.txt") kernel reports)"
       ;;
