@@ -45,19 +45,19 @@ constexpr int kSkinnyStages = 4, kSkinnyThreads = 256;
 constexpr int kRowsChunk = 128, kRowsMT = 4;      // lora_rows: X columns per chunk (8 k-steps), m-tiles per block
 constexpr int kColsChunk = 64, kColsStrip = 128;  // lora_cols: X rows per chunk (4 k-steps), columns per block
 
-template <int R, int MT, bool L_KMAJOR>
+template <int R, int MT, bool L_KMAJOR, int CHUNK = kRowsChunk>
 struct RowsLayout {
   static constexpr int TM = 16 * MT;
-  static constexpr int XP = kRowsChunk + 8;  // X's pitch, elements
-  static constexpr int LROWS = L_KMAJOR ? kRowsChunk : R, LP = L_KMAJOR ? R + 8 : kRowsChunk + 8;
+  static constexpr int XP = CHUNK + 8;  // X's pitch, elements
+  static constexpr int LROWS = L_KMAJOR ? CHUNK : R, LP = L_KMAJOR ? R + 8 : CHUNK + 8;
   static constexpr int STAGE = TM * XP + LROWS * LP;  // elements
   static constexpr int SMEM = kSkinnyStages * STAGE * 2;
   static constexpr int smem(int stages) { return stages * STAGE * 2; }
 };
 
-template <int R>
+template <int R, int STRIP = kColsStrip>
 struct ColsLayout {
-  static constexpr int XP = kColsStrip + 8, HP = R + 8;
+  static constexpr int XP = STRIP + 8, HP = R + 8;
   static constexpr int STAGE = kColsChunk * XP + kColsChunk * HP;
   static constexpr int SMEM = kSkinnyStages * STAGE * 2;
   static constexpr int smem(int stages) { return stages * STAGE * 2; }
@@ -89,42 +89,43 @@ __device__ __forceinline__ void skinny_pipeline(int64_t c_begin, int64_t c_end, 
 
 // out[M, R] = scale · X[M, K] · L, L [R, K] (L_KMAJOR false: A for h) or [K, R] (true: B for dh). With `partial`
 // the block writes float32 sums of its column split to partial[split][M][R] instead.
-template <typename T, int R, int MT, bool L_KMAJOR, int STAGES = kSkinnyStages, bool ROTATE = false>
+template <typename T, int R, int MT, bool L_KMAJOR, int STAGES = kSkinnyStages, bool ROTATE = false,
+          int CHUNK = kRowsChunk>
 __global__ void __launch_bounds__(kSkinnyThreads)
     lora_rows_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ l, T* __restrict__ out,
                      float* __restrict__ partial, int64_t m, int64_t k, int64_t chunks_per_split, float scale) {
-  using Lay = RowsLayout<R, MT, L_KMAJOR>;
-  constexpr int NT = R / 8, KG = 8 / MT, KSTEPS = kRowsChunk / 16;
+  using Lay = RowsLayout<R, MT, L_KMAJOR, CHUNK>;
+  constexpr int NT = R / 8, KG = 8 / MT, KSTEPS = CHUNK / 16;
   static_assert(R % 16 == 0 && MT * KG == 8 && KSTEPS % KG == 0, "lora_rows: 8 warps over the m-tiles");
   extern __shared__ __align__(16) unsigned char skinny_smem[];
   T* smem = reinterpret_cast<T*>(skinny_smem);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, mt = warp % MT, kg = warp / MT;
   const int g = lane / 4, t = lane % 4;
   const int64_t row0 = int64_t(blockIdx.x) * Lay::TM;
-  const int64_t chunks = (k + kRowsChunk - 1) / kRowsChunk;
+  const int64_t chunks = (k + CHUNK - 1) / CHUNK;
   const int64_t c_begin = int64_t(blockIdx.y) * chunks_per_split;
   const int64_t c_end = c_begin + chunks_per_split < chunks ? c_begin + chunks_per_split : chunks;
 
   auto load = [&](int64_t c, int stage) {
     T* sx = smem + stage * Lay::STAGE;
     T* sl = sx + Lay::TM * Lay::XP;
-    const int64_t k0 = c * kRowsChunk;
-    for (int i = tid; i < Lay::TM * (kRowsChunk / 8); i += kSkinnyThreads) {
-      const int row = i / (kRowsChunk / 8), v = i % (kRowsChunk / 8);
+    const int64_t k0 = c * CHUNK;
+    for (int i = tid; i < Lay::TM * (CHUNK / 8); i += kSkinnyThreads) {
+      const int row = i / (CHUNK / 8), v = i % (CHUNK / 8);
       const int64_t gr = row0 + row, gk = k0 + 8 * v;
       const bool ok = gr < m && gk < k;
       cp_async16_or_zero(sx + row * Lay::XP + 8 * v, x + (ok ? gr * ldx + gk : 0), ok);
     }
     if constexpr (L_KMAJOR) {
-      for (int i = tid; i < kRowsChunk * (R / 8); i += kSkinnyThreads) {
+      for (int i = tid; i < CHUNK * (R / 8); i += kSkinnyThreads) {
         const int row = i / (R / 8), v = i % (R / 8);
         const int64_t gk = k0 + row;
         const bool ok = gk < k;
         cp_async16_or_zero(sl + row * Lay::LP + 8 * v, l + (ok ? gk * R + 8 * v : 0), ok);
       }
     } else {
-      for (int i = tid; i < R * (kRowsChunk / 8); i += kSkinnyThreads) {
-        const int row = i / (kRowsChunk / 8), v = i % (kRowsChunk / 8);
+      for (int i = tid; i < R * (CHUNK / 8); i += kSkinnyThreads) {
+        const int row = i / (CHUNK / 8), v = i % (CHUNK / 8);
         const int64_t gk = k0 + 8 * v;
         const bool ok = gk < k;
         cp_async16_or_zero(sl + row * Lay::LP + 8 * v, l + (ok ? row * k + gk : 0), ok);
@@ -193,18 +194,19 @@ __global__ void __launch_bounds__(kSkinnyThreads)
 
 // out = scale · Xᵀ · H, X [M, C], H [M, R]: out [C, R] (OUT_RC false: dB) or [R, C] (true: dA). With `partial`
 // the block writes float32 sums of its row split to partial[split][C][R] instead.
-template <typename T, int R, bool OUT_RC, int STAGES = kSkinnyStages, bool ROTATE = false>
+template <typename T, int R, bool OUT_RC, int STAGES = kSkinnyStages, bool ROTATE = false, int WARP_MT = 1>
 __global__ void __launch_bounds__(kSkinnyThreads)
     lora_cols_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ hm, T* __restrict__ out,
                      float* __restrict__ partial, int64_t m, int64_t c, int64_t chunks_per_split, float scale) {
-  using Lay = ColsLayout<R>;
+  constexpr int STRIP = 16 * WARP_MT * (kSkinnyThreads / 32);  // WARP_MT 16-column m-tiles per warp
+  using Lay = ColsLayout<R, STRIP>;
   constexpr int NT = R / 8;
-  static_assert(R % 16 == 0 && kColsStrip == 16 * (kSkinnyThreads / 32), "lora_cols: 16 columns per warp");
+  static_assert(R % 16 == 0, "lora_cols: ranks in 16-wide pairs of n-tiles");
   extern __shared__ __align__(16) unsigned char skinny_smem[];
   T* smem = reinterpret_cast<T*>(skinny_smem);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t col0 = int64_t(blockIdx.x) * kColsStrip;
+  const int64_t col0 = int64_t(blockIdx.x) * STRIP;
   const int64_t chunks = (m + kColsChunk - 1) / kColsChunk;
   const int64_t c_begin = int64_t(blockIdx.y) * chunks_per_split;
   const int64_t c_end = c_begin + chunks_per_split < chunks ? c_begin + chunks_per_split : chunks;
@@ -213,8 +215,8 @@ __global__ void __launch_bounds__(kSkinnyThreads)
     T* sx = smem + stage * Lay::STAGE;
     T* sh = sx + kColsChunk * Lay::XP;
     const int64_t r0 = ch * kColsChunk;
-    for (int i = tid; i < kColsChunk * (kColsStrip / 8); i += kSkinnyThreads) {
-      const int row = i / (kColsStrip / 8), v = i % (kColsStrip / 8);
+    for (int i = tid; i < kColsChunk * (STRIP / 8); i += kSkinnyThreads) {
+      const int row = i / (STRIP / 8), v = i % (STRIP / 8);
       const int64_t gr = r0 + row, gc = col0 + 8 * v;
       const bool ok = gr < m && gc < c;
       cp_async16_or_zero(sx + row * Lay::XP + 8 * v, x + (ok ? gr * ldx + gc : 0), ok);
@@ -227,40 +229,49 @@ __global__ void __launch_bounds__(kSkinnyThreads)
     }
   };
 
-  float acc[NT][4] = {};
+  float acc[WARP_MT][NT][4] = {};
   skinny_pipeline<STAGES, ROTATE>(c_begin, c_end, load, [&](int stage) {
     const T* sx = smem + stage * Lay::STAGE;
     const T* sh = sx + kColsChunk * Lay::XP;
 #pragma unroll
     for (int kk = 0; kk < kColsChunk / 16; ++kk) {
-      uint32_t a[4];  // Xᵀ's 16x16 tile: columns 16·warp.. of X as rows, X's rows 16·kk.. as k
-      ldsm_x4_trans(a, sx + (16 * kk + lane % 8 + 8 * (lane / 16)) * Lay::XP + 16 * warp + 8 * ((lane / 8) % 2));
+      uint32_t b[NT / 2][4];
 #pragma unroll
-      for (int j = 0; j < NT / 2; ++j) {
-        uint32_t b[4];
-        ldsm_x4_trans(b, sh + (16 * kk + lane % 16) * Lay::HP + 16 * j + 8 * (lane / 16));
-        mma_16816<T>(acc[2 * j], a[0], a[1], a[2], a[3], b[0], b[1]);
-        mma_16816<T>(acc[2 * j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+      for (int j = 0; j < NT / 2; ++j)
+        ldsm_x4_trans(b[j], sh + (16 * kk + lane % 16) * Lay::HP + 16 * j + 8 * (lane / 16));
+#pragma unroll
+      for (int mi = 0; mi < WARP_MT; ++mi) {
+        uint32_t a[4];  // Xᵀ's 16x16 tile: 16 columns of X as rows, X's rows 16·kk.. as k
+        ldsm_x4_trans(a, sx + (16 * kk + lane % 8 + 8 * (lane / 16)) * Lay::XP + 16 * (warp * WARP_MT + mi) +
+                             8 * ((lane / 8) % 2));
+#pragma unroll
+        for (int j = 0; j < NT / 2; ++j) {
+          mma_16816<T>(acc[mi][2 * j], a[0], a[1], a[2], a[3], b[j][0], b[j][1]);
+          mma_16816<T>(acc[mi][2 * j + 1], a[0], a[1], a[2], a[3], b[j][2], b[j][3]);
+        }
       }
     }
   });
-  // acc[j][q]: column col0 + 16·warp + g + 8·(q / 2) of X, rank index 8j + 2t + q % 2.
+  // acc[mi][j][q]: column col0 + 16·(warp·WARP_MT + mi) + g + 8·(q / 2) of X, rank index 8j + 2t + q % 2.
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t col = col0 + 16 * warp + g + 8 * half;
-    if (col >= c) continue;
+  for (int mi = 0; mi < WARP_MT; ++mi) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int r = 8 * j + 2 * t;
-      const float v0 = acc[j][2 * half], v1 = acc[j][2 * half + 1];
-      if (partial != nullptr) {
-        *reinterpret_cast<float2*>(partial + (int64_t(blockIdx.y) * c + col) * R + r) = make_float2(v0, v1);
-      } else if constexpr (OUT_RC) {
-        const uint32_t p = pack2<T>(scale * v0, scale * v1);
-        out[r * c + col] = reinterpret_cast<const T*>(&p)[0];
-        out[(r + 1) * c + col] = reinterpret_cast<const T*>(&p)[1];
-      } else {
-        *reinterpret_cast<uint32_t*>(out + col * R + r) = pack2<T>(scale * v0, scale * v1);
+    for (int half = 0; half < 2; ++half) {
+      const int64_t col = col0 + 16 * (warp * WARP_MT + mi) + g + 8 * half;
+      if (col >= c) continue;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int r = 8 * j + 2 * t;
+        const float v0 = acc[mi][j][2 * half], v1 = acc[mi][j][2 * half + 1];
+        if (partial != nullptr) {
+          *reinterpret_cast<float2*>(partial + (int64_t(blockIdx.y) * c + col) * R + r) = make_float2(v0, v1);
+        } else if constexpr (OUT_RC) {
+          const uint32_t p = pack2<T>(scale * v0, scale * v1);
+          out[r * c + col] = reinterpret_cast<const T*>(&p)[0];
+          out[(r + 1) * c + col] = reinterpret_cast<const T*>(&p)[1];
+        } else {
+          *reinterpret_cast<uint32_t*>(out + col * R + r) = pack2<T>(scale * v0, scale * v1);
+        }
       }
     }
   }
