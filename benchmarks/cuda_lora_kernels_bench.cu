@@ -16,7 +16,7 @@
 
 #include "cuda_bench_timing.cuh"
 #include "lora_kernels.cuh"
-#include "lora_skinny.cuh"
+#include "cuda_lora_skinny.cuh"
 
 using namespace tmf::cuda;
 using bf16 = __nv_bfloat16;
@@ -645,7 +645,7 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
     CK(cudaFree(dh2));
     CK(cudaFree(db2));
   }
-  // The skinny kernels (csrc/cuda/lora_skinny.cuh) against cuBLAS: h, dh, dA, dB, each checked into a NaN-filled
+  // The skinny kernel candidate (cuda_lora_skinny.cuh: slower than cuBLAS, the op does not use it) against cuBLAS: h, dh, dA, dB, each checked into a NaN-filled
   // output (an element left unwritten fails), then timed at three grids: one wave (the launch rule), two, and one
   // block per tile (no split, no partial sums).
   if (lora_skinny_rank(r)) {

@@ -99,7 +99,7 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
       echo "ncu liger rmsnorm: exit $? ($(grep -c 'Duration' "$OUT/ncu_liger_rms.txt") kernel reports)"
       ;;
     ncu-skinny)
-      # The skinny kernels' (lora_skinny.cuh) first launches at 8192x4096->4096 r16: h and dh (lora_rows), then dA
+      # The skinny kernel candidate's (cuda_lora_skinny.cuh) first launches at 8192x4096->4096 r16: h and dh (lora_rows), then dA
       # and dB (lora_cols), each at the benchmark's three grids.
       sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
         --section SchedulerStats --section LaunchStats)

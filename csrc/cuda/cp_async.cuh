@@ -1,5 +1,5 @@
 // cp.async helpers (sm_80+): 16-byte global -> shared copies that bypass the registers, in commit groups, shared by
-// the row kernels (row_kernels.cuh) and LoRA's skinny products (lora_skinny.cuh).
+// the row kernels (row_kernels.cuh) and the LoRA kernel benchmark's candidates (benchmarks/cuda_lora_*).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,21 +1,32 @@
-// LoRA's skinny products over a tall operand, on tensor cores: the row product out[M, R] = s·X·L (h = x·Aᵀ,
-// dh = s·dy·B) and the column product out = s·Xᵀ·H (dA = dhᵀ·x as [R, K], dB = s·dyᵀ·h as [N, R]). Each reads its
-// tall operand X (tokens x features, 16-64 MiB at 8192 tokens) once against a rank-sized one, r multiply-adds per
-// element of X: bandwidth-bound. cuBLAS runs these at 53-59 % of copy bandwidth on an H200 (bf16 8192x4096 r16:
-// 27-30 µs each; benchmarks/results/cuda-h200-2026-12-01-lora-kernels-918b59c.txt), four of them in every backward.
+// A candidate for LoRA's skinny products over a tall operand, on tensor cores — measured slower than cuBLAS, so the
+// op (csrc/cuda/lora_linear.cu) does not use it; kept here with the benchmark that measured it
+// (cuda_lora_kernels_bench.cu) for whoever tries the next design. The products: the row product out[M, R] = s·X·L
+// (h = x·Aᵀ, dh = s·dy·B) and the column product out = s·Xᵀ·H (dA = dhᵀ·x as [R, K], dB = s·dyᵀ·h as [N, R]).
+// Each reads its tall operand X (tokens x features, 16-64 MiB at 8192 tokens) once against a rank-sized one, r
+// multiply-adds per element of X: bandwidth-bound. cuBLAS runs these at 53-59 % of copy bandwidth on an H200 in the
+// benchmark's timed loop (bf16 8192x4096 r16: 27-30 µs each), four of them in every backward.
 //
-// Both kernels stream X through shared memory in chunks (cp.async, kSkinnyStages deep: three chunks in flight
-// while one is multiplied), with the chunk's slice of the rank-sized operand beside it, and multiply on mma.sync
+// Both kernels stream X through shared memory in chunks (cp.async, STAGES deep: STAGES - 1 chunks in flight while
+// one is multiplied), with the chunk's slice of the rank-sized operand beside it, and multiply on mma.sync
 // m16n8k16 (float32 accumulation) from ldmatrix fragments. Rows padded by 16 bytes, so the eight row addresses of
 // an ldmatrix phase fall on distinct bank groups.
 //   lora_rows: a block owns 16·MT rows of X and walks their columns (all of them, or one split of them: then float32
 //     partial sums per split, summed by lora_skinny_finalize in a fixed order); warp w takes m-tile w % MT and the
-//     k-steps ≡ w / MT (mod 8 / MT) of each 128-column chunk; the k-groups meet in shared memory at the end.
-//   lora_cols: a block owns a 128-column strip of X (16 columns per warp) and walks its rows (all, or one split),
-//     X's fragments transposed by ldmatrix.trans.
-// Preconditions (the host checks them): T __nv_bfloat16 or __half; R 16, 32 or 64; X's rows 16-byte aligned with a
-// row stride that is a multiple of 8 elements, its width (K or C) a multiple of 8; L and H contiguous, 16-byte
-// aligned; out 4-byte aligned; no aliasing between out / partial and the inputs; every pointer on the current device.
+//     k-steps ≡ w / MT (mod 8 / MT) of each CHUNK-column chunk; the k-groups meet in shared memory at the end.
+//   lora_cols: a block owns a strip of 128·WARP_MT columns of X (16·WARP_MT per warp) and walks its rows (all, or
+//     one split), X's fragments transposed by ldmatrix.trans.
+// Measured (H200, bf16, benchmarks/results/cuda-h200-2026-12-01-lora-kernels-{03bc8d9,f2df319}.txt; every variant
+// checked against cuBLAS into NaN-filled outputs, all within 8e-3): at 8192x4096 r16 h 30.9-34.7 µs against cuBLAS's
+// 27.7, dh 35.3-37.4 against 29.2, dA 34.7 against 30.3, dB 33.5-35.7 against 29.4; r64 h 37.2 against 28.2, dB
+// 39.9 against 29.8; at 2048 tokens h 14.7 against 13.2, dB 24.0 (8 stages, rotated) against 21.3. Neither 8 stages,
+// a rotated walk (each block starting at another chunk), 256/512-column chunks nor 256/512-column strips closed the
+// gap (all within ±3 µs). Nsight Compute (cuda-h200-2026-12-01-ncu-skinny-03bc8d9.txt) read the r16 h kernel's
+// launch at 24.0 µs, 2.90 TB/s (60 % of DRAM peak), 25 % occupancy (shared memory: 2 blocks of 8 warps per SM),
+// issue slots 46 % busy (the cp.async address arithmetic, 4-5 copies per thread per chunk): the same launch
+// takes ~10 µs longer in the benchmark's timed loop, after the 512 MB memset that leaves the L2 dirty.
+// Preconditions: T __nv_bfloat16 or __half; R 16, 32 or 64; X's rows 16-byte aligned with a row stride that is a
+// multiple of 8 elements, its width (K or C) a multiple of 8; L and H contiguous, 16-byte aligned; out 4-byte
+// aligned; no aliasing between out / partial and the inputs.
 #pragma once
 
 #include <atomic>
