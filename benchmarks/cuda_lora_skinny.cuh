@@ -371,7 +371,8 @@ SkinnyPlan lora_rows_plan(int64_t m, int64_t k, int64_t r, bool l_kmajor, int sm
                                : RowsLayout<R, kRowsMT, true>::SMEM;
       const int per_sm = l_kmajor ? skinny_blocks_per_sm<lora_rows_kernel<T, R, kRowsMT, true>>(smem)
                                   : skinny_blocks_per_sm<lora_rows_kernel<T, R, kRowsMT, false>>(smem);
-      plan = skinny_plan((m + 16 * kRowsMT - 1) / (16 * kRowsMT), (k + kRowsChunk - 1) / kRowsChunk, m * R, waves > 0 ? int64_t(per_sm) * sms * waves : 1, per_sm, smem);
+      plan = skinny_plan((m + 16 * kRowsMT - 1) / (16 * kRowsMT), (k + kRowsChunk - 1) / kRowsChunk, m * R,
+                         waves > 0 ? int64_t(per_sm) * sms * waves : 1, per_sm, smem);
     }
   });
   return plan;
