@@ -1,6 +1,7 @@
 // Side-by-side timings of row-kernel variants on the CUDA device (no PyTorch): each launch timed by CUDA events
 // after clearing a 512 MB buffer (cold L2), median of bench_reps (cuda_bench_timing.cuh). Prints µs and % of the measured copy bandwidth for the
-// minimal bytes. Build: nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o rowbench
+// minimal bytes. Build: nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o rowbench;
+// run: rowbench [reps] [targets]   (targets: only #14's target shapes, 8192x4096 and 4096x8192)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -475,6 +476,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (argc > 1) bench_reps = atoi(argv[1]);
+  const bool target_shapes_only = argc > 2 && std::string(argv[2]) == "targets";  // 8192x4096 and 4096x8192
   int sms = 0;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   g_copy_gbps = copy_bandwidth_gbps();
@@ -482,6 +484,7 @@ int main(int argc, char** argv) {
   for (auto [r, c] : {std::pair{8192, 4096}, std::pair{4096, 8192}, std::pair{2048, 32768}, std::pair{256, 262144},
                       std::pair{65536, 256}, std::pair{32768, 1024}, std::pair{512, 512}}) {
     const bool full = c == 4096 || c == 8192;
+    if (target_shapes_only && !full) continue;
     run_dtype<bf16>(r, c, sms, full);
     run_dtype<float>(r, c, sms, full);
   }

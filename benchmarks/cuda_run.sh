@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
-# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny (default:
+# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny rowstores (default:
 # build tests sanitize bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
@@ -97,6 +97,18 @@ import torch; from liger_kernel.ops import rms_norm as lr
 x = torch.randn(8192, 4096, device='cuda', dtype=torch.bfloat16); w = torch.rand(4096, device='cuda', dtype=x.dtype)
 lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" > "$OUT/ncu_liger_rms.txt" 2>&1
       echo "ncu liger rmsnorm: exit $? ($(grep -c 'Duration' "$OUT/ncu_liger_rms.txt") kernel reports)"
+      ;;
+    rowstores)
+      # The row kernels' outputs with streaming stores (__stcs, the build's) against default write-back stores
+      # (-DTMF_ROW_STORE_WB, as Liger's RMSNorm and softmax backward write), #14's target shapes, Liger beside them.
+      build_rowbench && nvcc -O3 -std=c++20 -arch=sm_90 -DTMF_ROW_STORE_WB -I csrc/cuda benchmarks/cuda_rowbench.cu \
+        -o /tmp/rowbench_wb || exit 1
+      /tmp/rowbench 30 targets > "$OUT/rowbench_stcs.txt" 2>&1
+      /tmp/rowbench_wb 30 targets > "$OUT/rowbench_wb.txt" 2>&1
+      python3 benchmarks/cuda_liger_rows.py > "$OUT/liger_rows.txt" 2>&1
+      echo "streaming stores:"; grep -E "PROD|fused" "$OUT/rowbench_stcs.txt"
+      echo "write-back stores:"; grep -E "PROD|fused" "$OUT/rowbench_wb.txt"
+      echo "Liger:"; cat "$OUT/liger_rows.txt"
       ;;
     ncu-skinny)
       # The skinny kernel candidate's (cuda_lora_skinny.cuh) first launches at 8192x4096->4096 r16: h and dh (lora_rows), then dA

@@ -438,7 +438,11 @@ __device__ __forceinline__ void store16(T* p, const float (&in)[16 / sizeof(T)])
   Vec16<T> pk;
 #pragma unroll
   for (int k = 0; k < Vec16<T>::N; ++k) pk.v[k] = from_float<T>(in[k]);
+#ifdef TMF_ROW_STORE_WB  // a candidate (benchmarks/cuda_run.sh rowstores): default write-back stores, as Liger's
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&pk);
+#else
   __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&pk));
+#endif
 }
 
 // The RMSNorm weight's 16-byte vector at `col` plus Gemma's offset; 1 everywhere without a weight (and past the row's
