@@ -169,19 +169,24 @@ void with_vec_layout(const VecLayout& l, F&& f) {
 }
 
 // Blocks of `kernel` resident per SM with `smem` dynamic shared memory (raising the kernel's dynamic limit first),
-// cached per kernel, block size and smem. The limit is a per-kernel maximum: raised, never lowered (a kernel launched
-// with several sizes, as the shared-memory softmax is, keeps the largest asked for).
+// cached per device, kernel, block size and smem. The limit is a per-kernel maximum: raised, never lowered (a kernel
+// launched with several sizes, as the shared-memory softmax is, keeps the largest asked for). Both belong to the
+// current device's context: a kernel whose limit was raised on cuda:0 still has the default 48 KB on cuda:1
+// (tests/test_cuda_multi_gpu.py).
 int resident_blocks(const void* kernel, int threads, size_t smem) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
   static std::mutex mu;
-  static std::map<std::tuple<const void*, int, size_t>, int> cache;
-  static std::map<const void*, size_t> limit;
+  static std::map<std::tuple<int, const void*, int, size_t>, int> cache;
+  static std::map<std::pair<int, const void*>, size_t> limit;
   std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(kernel, threads, smem);
+  const auto key = std::make_tuple(device, kernel, threads, smem);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  if (smem > limit[kernel]) {
+  size_t& raised = limit[{device, kernel}];
+  if (smem > raised) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    limit[kernel] = smem;
+    raised = smem;
   }
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
