@@ -359,6 +359,24 @@ inline SkinnyPlan skinny_plan(int64_t tiles, int64_t chunks, int64_t out_elems, 
   return plan;
 }
 
+// One of a kernel's two instantiations (by `flag`) on the plan's grid.
+template <typename... Args>
+void launch_planned(const SkinnyPlan& plan, bool flag, void (*if_true)(Args...), void (*if_false)(Args...),
+                    cudaStream_t stream, Args... args) {
+  const dim3 grid(unsigned(plan.tiles), unsigned(plan.splits));
+  (flag ? if_true : if_false)<<<grid, kSkinnyThreads, plan.smem, stream>>>(args...);
+}
+
+// The split launches' second kernel: out from their float32 partials (none when the plan has one split).
+template <typename T>
+void finalize_splits(const SkinnyPlan& plan, const float* partial, int64_t rows, int r, T* out, bool transposed,
+                     float scale, cudaStream_t stream) {
+  if (partial == nullptr) return;
+  const int64_t pairs = rows * r / 2;
+  lora_skinny_finalize<T><<<unsigned((pairs + 255) / 256), 256, 0, stream>>>(partial, plan.splits, rows, r, out,
+                                                                             transposed, scale);
+}
+
 // The plan of out[m, r] = scale · x[m, k] · L. `waves` scales the resident blocks the grid aims at (0: no split,
 // one block per tile); only the benchmark's variants change it.
 template <typename T>
@@ -385,20 +403,10 @@ void launch_lora_rows(const SkinnyPlan& plan, const T* x, int64_t ldx, const T* 
                       float* partial, int64_t m, int64_t k, int64_t r, float scale, cudaStream_t stream) {
   with_tensor_core_rank(r, [&]<int R>() {
     if constexpr (R % 16 == 0) {
-      const dim3 grid(unsigned(plan.tiles), unsigned(plan.splits));
       float* p = plan.partial_floats > 0 ? partial : nullptr;
-      if (l_kmajor) {
-        lora_rows_kernel<T, R, kRowsMT, true><<<grid, kSkinnyThreads, plan.smem, stream>>>(x, ldx, l, out, p, m, k,
-                                                                            plan.chunks_per_split, scale);
-      } else {
-        lora_rows_kernel<T, R, kRowsMT, false><<<grid, kSkinnyThreads, plan.smem, stream>>>(x, ldx, l, out, p, m, k,
-                                                                             plan.chunks_per_split, scale);
-      }
-      if (p != nullptr) {
-        const int64_t pairs = m * R / 2;
-        lora_skinny_finalize<T><<<unsigned((pairs + 255) / 256), 256, 0, stream>>>(p, plan.splits, m, R, out,
-                                                                                   false, scale);
-      }
+      launch_planned(plan, l_kmajor, lora_rows_kernel<T, R, kRowsMT, true>, lora_rows_kernel<T, R, kRowsMT, false>,
+                     stream, x, ldx, l, out, p, m, k, plan.chunks_per_split, scale);
+      finalize_splits(plan, p, m, R, out, false, scale, stream);
     }
   });
 }
@@ -426,20 +434,10 @@ void launch_lora_cols(const SkinnyPlan& plan, const T* x, int64_t ldx, const T* 
                       float* partial, int64_t m, int64_t c, int64_t r, float scale, cudaStream_t stream) {
   with_tensor_core_rank(r, [&]<int R>() {
     if constexpr (R % 16 == 0) {
-      const dim3 grid(unsigned(plan.tiles), unsigned(plan.splits));
       float* p = plan.partial_floats > 0 ? partial : nullptr;
-      if (out_rc) {
-        lora_cols_kernel<T, R, true><<<grid, kSkinnyThreads, plan.smem, stream>>>(x, ldx, hm, out, p, m, c,
-                                                                                 plan.chunks_per_split, scale);
-      } else {
-        lora_cols_kernel<T, R, false><<<grid, kSkinnyThreads, plan.smem, stream>>>(x, ldx, hm, out, p, m, c,
-                                                                                  plan.chunks_per_split, scale);
-      }
-      if (p != nullptr) {
-        const int64_t pairs = c * R / 2;
-        lora_skinny_finalize<T><<<unsigned((pairs + 255) / 256), 256, 0, stream>>>(p, plan.splits, c, R, out,
-                                                                                   out_rc, scale);
-      }
+      launch_planned(plan, out_rc, lora_cols_kernel<T, R, true>, lora_cols_kernel<T, R, false>, stream, x, ldx, hm,
+                     out, p, m, c, plan.chunks_per_split, scale);
+      finalize_splits(plan, p, c, R, out, out_rc, scale, stream);
     }
   });
 }

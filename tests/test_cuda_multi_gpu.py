@@ -34,6 +34,16 @@ def _targets(rows: int, classes: int) -> torch.Tensor:
     return torch.randint(0, classes, (rows,), generator=torch.Generator().manual_seed(7))
 
 
+def _lora_inputs(tokens: int) -> list[torch.Tensor]:
+    """x (tokens, 1024), W (1024, 1024), A (16, 1024), B (1024, 16)."""
+    shapes = ((tokens, 1024, 1.0), (1024, 1024, 0.03), (16, 1024, 0.03), (1024, 16, 0.03))
+    return [_randn(rows, cols, seed=i, scale=scale) for i, (rows, cols, scale) in enumerate(shapes)]
+
+
+def _lora(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return tmf.lora_linear(x, w, a, b, scale=2.0)
+
+
 # name -> (CPU inputs, the op on inputs moved to the device). Floating inputs get gradients, but rope's tables.
 CASES: dict[str, tuple[Callable[[], list[torch.Tensor]], Callable[..., object]]] = {
     # 64 KB rows: the shared-memory softmax (its limit raised past 48 KB), forward and backward
@@ -58,25 +68,9 @@ CASES: dict[str, tuple[Callable[[], list[torch.Tensor]], Callable[..., object]]]
         tmf.rope,
     ),
     # many tokens: the merged weight W' from our tensor-core kernel (its occupancy count cached per device)
-    "lora_linear_merged_weight": (
-        lambda: [
-            _randn(2048, 1024),
-            _randn(1024, 1024, seed=1, scale=0.03),
-            _randn(16, 1024, seed=2, scale=0.03),
-            _randn(1024, 16, seed=3, scale=0.03),
-        ],
-        lambda x, w, a, b: tmf.lora_linear(x, w, a, b, scale=2.0),
-    ),
+    "lora_linear_merged_weight": (lambda: _lora_inputs(2048), _lora),
     # few tokens, rank 16: y written by the staged-store kernel
-    "lora_linear_few_tokens": (
-        lambda: [
-            _randn(64, 1024),
-            _randn(1024, 1024, seed=1, scale=0.03),
-            _randn(16, 1024, seed=2, scale=0.03),
-            _randn(1024, 16, seed=3, scale=0.03),
-        ],
-        lambda x, w, a, b: tmf.lora_linear(x, w, a, b, scale=2.0),
-    ),
+    "lora_linear_few_tokens": (lambda: _lora_inputs(64), _lora),
 }
 
 
