@@ -470,7 +470,8 @@ static void skinny_candidates(const std::string& shape, const bf16* x, const bf1
   constexpr auto cols = lora_cols_kernel<bf16, R, false, STAGES, ROTATE, WARP_MT>;
   constexpr int rows_smem = RowsLayout<R, kRowsMT, false, CHUNK>::smem(STAGES);
   constexpr int cols_smem = ColsLayout<R, STRIP>::smem(STAGES);
-  const int rows_per_sm = skinny_blocks_per_sm<rows>(rows_smem), cols_per_sm = skinny_blocks_per_sm<cols>(cols_smem);
+  const int rows_per_sm = skinny_blocks_per_sm<rows, rows_smem>();
+  const int cols_per_sm = skinny_blocks_per_sm<cols, cols_smem>();
   if (rows_per_sm == 0) printf("%-26s h: skinny candidate (%s): refused (shared memory)\n", shape.c_str(), tag.c_str());
   if (cols_per_sm == 0) printf("%-26s dB: skinny candidate (%s): refused (shared memory)\n", shape.c_str(), tag.c_str());
   for (int waves : {1, 0}) {

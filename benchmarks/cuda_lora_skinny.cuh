@@ -15,15 +15,17 @@
 //     k-steps ≡ w / MT (mod 8 / MT) of each CHUNK-column chunk; the k-groups meet in shared memory at the end.
 //   lora_cols: a block owns a strip of 128·WARP_MT columns of X (16·WARP_MT per warp) and walks its rows (all, or
 //     one split), X's fragments transposed by ldmatrix.trans.
-// Measured (H200, bf16, benchmarks/results/cuda-h200-2026-12-01-lora-kernels-{03bc8d9,f2df319}.txt; every variant
-// checked against cuBLAS into NaN-filled outputs, all within 8e-3): at 8192x4096 r16 h 30.9-34.7 µs against cuBLAS's
-// 27.7, dh 35.3-37.4 against 29.2, dA 34.7 against 30.3, dB 33.5-35.7 against 29.4; r64 h 37.2 against 28.2, dB
-// 39.9 against 29.8; at 2048 tokens h 14.7 against 13.2, dB 24.0 (8 stages, rotated) against 21.3. Neither 8 stages,
-// a rotated walk (each block starting at another chunk), 256/512-column chunks nor 256/512-column strips closed the
-// gap (all within ±3 µs). Nsight Compute (cuda-h200-2026-12-01-ncu-skinny-03bc8d9.txt) read the r16 h kernel's
-// launch at 24.0 µs, 2.90 TB/s (60 % of DRAM peak), 25 % occupancy (shared memory: 2 blocks of 8 warps per SM),
-// issue slots 46 % busy (the cp.async address arithmetic, 4-5 copies per thread per chunk): the same launch
-// takes ~10 µs longer in the benchmark's timed loop, after the 512 MB memset that leaves the L2 dirty.
+// Measured (H200, bf16, benchmarks/results/cuda-h200-2026-12-01-lora-kernels-{50379cd,03bc8d9,f2df319}.txt; every
+// variant checked against cuBLAS into NaN-filled outputs, all within 8e-3): at 8192x4096 r16 in the first run h
+// 33.2-35.4 µs against cuBLAS's 27.7, dh 35.3-37.4 against 29.2, dA 34.7-36.1 against 30.3, dB 34.4-35.7 against
+// 29.4; r64 h 42.1 against 28.9. Neither 8 stages, a rotated walk (each block starting at another chunk),
+// 256/512-column chunks nor 256/512-column strips closed the gap: the best h 30.9 (cuBLAS 26.8), dB 33.5 (cuBLAS
+// 30.2), r64 h 37.2 (cuBLAS 28.2), 2048-token dB 24.0 (cuBLAS 20.9).
+// Nsight Compute (cuda-h200-2026-12-01-ncu-skinny-03bc8d9.txt) read the r16 h kernel's launch at 24.0 µs, 2.90 TB/s
+// (60 % of DRAM peak), 25 % occupancy (shared memory: 2 blocks of 8 warps per SM), issue slots 46 % busy (the
+// cp.async address arithmetic, 4-5 copies per thread per chunk): the same launch takes ~10 µs longer in the
+// benchmark's timed loop, after the 512 MB memset that leaves the L2 dirty. cuBLAS's h under Nsight Compute: 20.2 µs
+// (72 %; a warp-specialized kernel fed by the bulk-copy engine), ...-ncu-cublas-skinny-fb330d8.txt.
 // Preconditions: T __nv_bfloat16 or __half; R 16, 32 or 64; X's rows 16-byte aligned with a row stride that is a
 // multiple of 8 elements, its width (K or C) a multiple of 8; L and H contiguous, 16-byte aligned; out 4-byte
 // aligned; no aliasing between out / partial and the inputs.
@@ -314,10 +316,12 @@ __global__ void lora_skinny_finalize(const float* __restrict__ partial, int64_t 
 // ---- host side -------------------------------------------------------------------------------------------------
 constexpr bool lora_skinny_rank(int64_t r) { return r == 16 || r == 32 || r == 64; }
 
-// Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory, on the current device (the
-// shared-memory attribute set on first use), cached per device ordinal. 0 when the device refuses the attribute.
-template <auto Kernel>
-int skinny_blocks_per_sm(int smem) {
+// Resident blocks per SM of a kernel with SMEM bytes of dynamic shared memory, on the current device (the
+// shared-memory attribute set on first use), cached per kernel, size and device ordinal. 0 when the device refuses
+// the attribute.
+template <auto Kernel, int SMEM>
+int skinny_blocks_per_sm() {
+  constexpr int smem = SMEM;
   constexpr int kDevices = 64;
   static std::atomic<int> cached[kDevices];  // 0: not asked yet, -1: refused
   int device = 0;
@@ -348,6 +352,7 @@ struct SkinnyPlan {
 inline SkinnyPlan skinny_plan(int64_t tiles, int64_t chunks, int64_t out_elems, int64_t resident, int blocks_per_sm,
                               int smem) {
   SkinnyPlan plan;
+  if (tiles <= 0 || chunks <= 0) return plan;  // an empty operand: not ok(), nothing to launch
   plan.tiles = tiles;
   plan.blocks_per_sm = blocks_per_sm;
   plan.smem = smem;
@@ -387,8 +392,8 @@ SkinnyPlan lora_rows_plan(int64_t m, int64_t k, int64_t r, bool l_kmajor, int sm
       constexpr int smem = RowsLayout<R, kRowsMT, false>::SMEM > RowsLayout<R, kRowsMT, true>::SMEM
                                ? RowsLayout<R, kRowsMT, false>::SMEM
                                : RowsLayout<R, kRowsMT, true>::SMEM;
-      const int per_sm = l_kmajor ? skinny_blocks_per_sm<lora_rows_kernel<T, R, kRowsMT, true>>(smem)
-                                  : skinny_blocks_per_sm<lora_rows_kernel<T, R, kRowsMT, false>>(smem);
+      const int per_sm = l_kmajor ? skinny_blocks_per_sm<lora_rows_kernel<T, R, kRowsMT, true>, smem>()
+                                  : skinny_blocks_per_sm<lora_rows_kernel<T, R, kRowsMT, false>, smem>();
       plan = skinny_plan((m + 16 * kRowsMT - 1) / (16 * kRowsMT), (k + kRowsChunk - 1) / kRowsChunk, m * R,
                          waves > 0 ? int64_t(per_sm) * sms * waves : 1, per_sm, smem);
     }
@@ -419,8 +424,8 @@ SkinnyPlan lora_cols_plan(int64_t m, int64_t c, int64_t r, int sms, int waves = 
     if constexpr (R % 16 == 0) {
       constexpr int smem = ColsLayout<R>::SMEM;
       // Both output layouts share the layout and registers: one count serves both.
-      const int per_sm = skinny_blocks_per_sm<lora_cols_kernel<T, R, false>>(smem);
-      (void)skinny_blocks_per_sm<lora_cols_kernel<T, R, true>>(smem);  // its shared-memory attribute
+      const int per_sm = skinny_blocks_per_sm<lora_cols_kernel<T, R, false>, smem>();
+      (void)skinny_blocks_per_sm<lora_cols_kernel<T, R, true>, smem>();  // its shared-memory attribute
       plan = skinny_plan((c + kColsStrip - 1) / kColsStrip, (m + kColsChunk - 1) / kColsChunk, c * R,
                          waves > 0 ? int64_t(per_sm) * sms * waves : 1, per_sm, smem);
     }

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import torch_metal_fused as tmf
+from torch_metal_fused import _backend
 
 pytestmark = [
     pytest.mark.cuda,
@@ -48,7 +49,8 @@ def _lora(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
 CASES: dict[str, tuple[Callable[[], list[torch.Tensor]], Callable[..., object]]] = {
     # 64 KB rows: the shared-memory softmax (its limit raised past 48 KB), forward and backward
     "softmax_wide_rows_shared_memory": (lambda: [_randn(8, 32768, scale=3.0)], tmf.softmax),
-    "softmax_fp32_wide_rows": (lambda: [_randn(4, 16384, dtype=torch.float32, scale=3.0)], tmf.softmax),
+    # 96 KB rows in float32: the shared-memory softmax forward (96 KB) and backward (y and dy staged: 192 KB)
+    "softmax_fp32_wide_rows_shared_memory": (lambda: [_randn(4, 24576, dtype=torch.float32, scale=3.0)], tmf.softmax),
     "softmax": (lambda: [_randn(64, 4096, scale=3.0)], tmf.softmax),
     "rms_norm": (lambda: [_randn(128, 4096), _randn(4096, seed=1)], tmf.rms_norm),
     "add_rms_norm": (
@@ -94,7 +96,13 @@ def _run(name: str, index: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_cuda_second_device_matches_first(name: str) -> None:
+def test_cuda_second_device_matches_first(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Our CUDA kernels must serve both devices: no forced backend, and a fallback to the reference is an error.
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setenv(_backend.STRICT_ENV, "1")
+    for index in (0, 1):
+        probe = torch.zeros(1, device=torch.device("cuda", index))
+        assert _backend.backend_for(probe) == "cuda", f"cuda:{index} is served by {_backend.backend_for(probe)}"
     first = _run(name, 0)
     second = _run(name, 1)
     assert len(first) == len(second)
