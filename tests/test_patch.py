@@ -113,6 +113,34 @@ def test_peft_patched_runs_fused_and_falls_back_exactly(monkeypatch):
         layer.unmerge()
 
 
+def test_peft_patched_runs_fused_under_autocast(monkeypatch):
+    """A float32 model under torch.autocast (as HF Trainer's bf16=True runs one): every LoRA layer takes the fused
+    op, including those whose input arrives in bfloat16 from the layer before (mixed dtypes are autocast's to cast).
+    Against the float32 run, the fused logits and LoRA gradients are within bfloat16's tolerance or twice the error
+    of PEFT's own forward under autocast (flash-attention's rule: assert_matches' baseline)."""
+    ids, vocab = load_corpus()
+    model = build_model(vocab)
+    x = ids[:30].view(2, 15)
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    def run(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=x).logits
+        grads = torch.autograd.grad(logits.float().square().mean(), lora_params)
+        return logits, grads
+
+    exact, exact_grads = run(False)
+    peft_out, peft_grads = run(True)
+    tmf.patch_model(model)
+    calls = _count_calls(monkeypatch)
+    fused, fused_grads = run(True)
+    assert calls.count("lora_forward") == 2 * 7
+    assert fused.dtype == peft_out.dtype == torch.bfloat16
+    assert_matches(fused, exact.double(), torch.bfloat16, "patched logits under autocast", baseline=peft_out)
+    for i, (got, want, peft_grad) in enumerate(zip(fused_grads, exact_grads, peft_grads)):
+        assert_matches(got, want.double(), torch.bfloat16, f"LoRA gradient {i}", baseline=peft_grad)
+
+
 def test_peft_layers_the_fused_path_cannot_serve_are_reported():
     from peft import LoraConfig, get_peft_model
 

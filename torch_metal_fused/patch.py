@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from torch_metal_fused._autocast import autocast_enabled
 from torch_metal_fused.ops.cross_entropy import linear_cross_entropy
 from torch_metal_fused.ops.glu import glu
 from torch_metal_fused.ops.lora_linear import lora_linear
@@ -35,6 +36,7 @@ from torch_metal_fused.ops.rope import rope as fused_rope
 from torch_metal_fused.ops.softmax import softmax
 
 _ORIGINAL = "_tmf_original_forward"
+_AUTOCAST_ELIGIBLE = {torch.float32, torch.float16, torch.bfloat16}
 
 # Hugging Face RMSNorm classes, by the formula their forward implements.
 # Llama style: weight * (x.float() * rsqrt(mean(x²) + variance_epsilon)).to(input dtype)
@@ -199,7 +201,9 @@ def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     dtypes = {x.dtype, base.weight.dtype, a_weight.dtype, b_weight.dtype}
     if base.bias is not None:
         dtypes.add(base.bias.dtype)
-    if p is None or len(dtypes) != 1:
+    # Mixed dtypes: PEFT's code casts between them exactly, but under autocast lora_linear casts as F.linear does.
+    mixed_ok = autocast_enabled(x.device.type) and dtypes <= _AUTOCAST_ELIGIBLE
+    if p is None or (len(dtypes) != 1 and not mixed_ok):
         return original(x)  # casts between dtypes or an unknown dropout module: PEFT's code does them exactly
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
     result = lora_linear(x, weight, a_weight, b_weight, self.scaling[first], base.bias, p, self.training)

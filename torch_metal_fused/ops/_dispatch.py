@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from torch_metal_fused import reference
+from torch_metal_fused._autocast import autocast_device
 from torch_metal_fused._backend import KernelUnavailable, fall_back, family_of_entry, kernels_for, select_backend
 
 
@@ -27,10 +28,15 @@ def run_kernel(entry_point: str, lead: torch.Tensor, *args):
 def call(op, impl, *args):
     """Call custom op `op` (whose body is `impl`) from an autograd.Function. Eager calls run `impl` directly,
     skipping the dispatcher round trip (several µs per call: much of a small op's cost); under torch.compile
-    the registered op is called, so tracing sees it with its fake implementation."""
+    the registered op is called, so tracing sees it with its fake implementation. Under torch.autocast the body
+    runs with autocast off, in the dtypes the public function chose (torch_metal_fused/_autocast.py)."""
     if torch.compiler.is_compiling():
         return op(*args)
-    return impl(*args)
+    device = autocast_device(*args)
+    if device is None:
+        return impl(*args)
+    with torch.autocast(device, enabled=False):
+        return impl(*args)
 
 
 def none_to_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

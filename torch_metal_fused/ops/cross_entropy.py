@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from torch_metal_fused._autocast import autocast_enabled, cast_like_linear
 from torch_metal_fused._backend import backend_for
 from torch_metal_fused._validation import check_finite_number, check_same_device_dtype, check_tensor
 from torch_metal_fused.ops._dispatch import call, run_kernel
@@ -270,7 +271,10 @@ def cross_entropy(
     class-index targets (...,), optionally with Gemma-2's final-logit soft-capping `softcap·tanh(logits/softcap)`.
     Computed in float32 for float16/bfloat16; the loss has the logits' dtype unless `out_dtype` says otherwise
     (torch.float32 returns the float32 accumulation unrounded, as Hugging Face's loss, which upcasts the logits, does).
-    Unlike torch, "mean" over rows that are all ignored is 0 (with zero gradient), not NaN."""
+    Unlike torch, "mean" over rows that are all ignored is 0 (with zero gradient), not NaN. Under torch.autocast the
+    loss is float32 unless `out_dtype` says otherwise, as F.cross_entropy's is there."""
+    if out_dtype is None and isinstance(logits, torch.Tensor) and autocast_enabled(logits.device.type):
+        out_dtype = torch.float32
     check_tensor("logits", logits)
     if logits.ndim < 1:
         raise ValueError("logits must have at least one dimension (..., vocab)")
@@ -297,7 +301,11 @@ def linear_cross_entropy(
     `chunk_size` rows at a time (default: default_chunk_size, about 256 MB of logits (and temporaries)). hidden
     (..., hidden_size), weight (vocab, hidden_size), target (...). A weight with requires_grad=False (LoRA training)
     gets no dweight work. `out_dtype`: the loss's dtype (default hidden's, as F.cross_entropy on the logits gives;
-    torch.float32 returns the float32 accumulation unrounded)."""
+    torch.float32 returns the float32 accumulation unrounded). Under torch.autocast, as F.cross_entropy(F.linear())
+    there: hidden, weight and bias cast to the autocast dtype, the loss in float32 unless out_dtype says otherwise."""
+    if isinstance(hidden, torch.Tensor) and autocast_enabled(hidden.device.type):
+        hidden, weight, bias = cast_like_linear(hidden.device.type, hidden, weight, bias)
+        out_dtype = torch.float32 if out_dtype is None else out_dtype
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
     check_same_device_dtype("hidden", hidden, weight=weight, bias=bias)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from torch_metal_fused._autocast import autocast_enabled, cast_like_linear
 from torch_metal_fused._validation import check_dropout, check_finite_number, check_same_device_dtype, check_tensor
 from torch_metal_fused.ops._dispatch import call, empty_to_none, none_to_empty, run_kernel
 
@@ -138,8 +139,11 @@ def lora_linear(
     """`x @ weight.T + bias + scale * (dropout(x) @ lora_a.T) @ lora_b.T`.
 
     weight (out, in), lora_a (r, in), lora_b (out, r), x (..., in). Dropout applies to the LoRA branch only
-    and only when `training`. A weight with requires_grad=False gets no gradient computed at all.
+    and only when `training`. A weight with requires_grad=False gets no gradient computed at all. Under
+    torch.autocast the inputs are cast to the autocast dtype first, as F.linear's are (the result is in that dtype).
     """
+    if isinstance(x, torch.Tensor) and autocast_enabled(x.device.type):  # as F.linear under autocast
+        x, weight, lora_a, lora_b, bias = cast_like_linear(x.device.type, x, weight, lora_a, lora_b, bias)
     _check_lora_args(x, weight, lora_a, lora_b, bias)
     scale = check_finite_number("scale", scale)
     dropout_p = check_dropout(dropout_p)
