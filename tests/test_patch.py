@@ -297,8 +297,9 @@ def test_causal_lm_loss_patch_equals_hf_loss(cpu_backend, family):
 
 
 def test_causal_lm_loss_patch_bfloat16_autocast_and_what_is_left(cpu_backend):
-    """bfloat16: the loss is float32 (HF upcasts the logits) and close to HF's; under autocast the original tail
-    runs exactly; a PEFT-adapted lm_head and an unknown causal LM are left with the reason."""
+    """bfloat16: the loss is float32 (HF upcasts the logits) and close to HF's; a float32 model under autocast takes
+    the fused loss too (no logits), its loss and gradients within bfloat16's tolerance of the float32 run or twice
+    the original's error under autocast; a PEFT-adapted lm_head and an unknown causal LM are left with the reason."""
     import copy
 
     model = _tiny_causal_lm("llama", torch.bfloat16)
@@ -310,10 +311,24 @@ def test_causal_lm_loss_patch_bfloat16_autocast_and_what_is_left(cpu_backend):
     torch.testing.assert_close(ours, ref, rtol=2e-2, atol=0)
     model32, original32 = _tiny_causal_lm("llama"), _tiny_causal_lm("llama")
     tmf.patch_model(model32, rms_norm=False, lora=False, cross_entropy=True)
+    model32.train()
+    original32.train()
+    exact = original32(input_ids=ids, labels=ids).loss
+    exact.backward()
+    exact_grads = _grads(original32)
+    original32.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model32(input_ids=ids, labels=ids)
-        assert out.logits is not None  # the original tail: nn.Linear under autocast
-        torch.testing.assert_close(out.loss, original32(input_ids=ids, labels=ids).loss)
+        ref = original32(input_ids=ids, labels=ids)
+    assert out.logits is None and ref.logits is not None  # fused under autocast; the original built its logits
+    assert out.loss.dtype == ref.loss.dtype == torch.float32
+    assert_matches(out.loss, exact.double(), torch.bfloat16, "loss under autocast", baseline=ref.loss)
+    out.loss.backward()
+    ref.loss.backward()
+    ours_grads, ref_grads = _grads(model32), _grads(original32)
+    assert ours_grads.keys() == ref_grads.keys() == exact_grads.keys()
+    for name, grad in ours_grads.items():
+        assert_matches(grad, exact_grads[name].double(), torch.bfloat16, name, baseline=ref_grads[name])
 
     from peft import LoraConfig, get_peft_model
 

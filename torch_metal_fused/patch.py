@@ -11,8 +11,9 @@ and such a call runs the original forward.
 The causal-LM loss patch (`cross_entropy=True`) replaces the forward of Hugging Face `*ForCausalLM` models of the
 families listed in HF_CAUSAL_LM: a training forward with `labels` runs the decoder (`self.model`) as the original
 does, then `linear_cross_entropy` on the final hidden states and `lm_head`'s weight — the logits are never built
-(the output's `logits` is None). Everything else (no labels, eval mode, `logits_to_keep`, a custom loss function,
-mismatched dtypes, autocast) runs the original forward unchanged.
+(the output's `logits` is None), under autocast too (the linear part in the autocast dtype, the loss in float32,
+as the original computes them there). Everything else (no labels, eval mode, `logits_to_keep`, a custom loss
+function, mismatched dtypes outside autocast) runs the original forward unchanged.
 """
 
 from __future__ import annotations
@@ -371,8 +372,13 @@ def _causal_lm_forward(self: nn.Module, *args, **kwargs):
     outputs = self.model(**given)
     hidden = outputs[0]
     head = self.lm_head
-    if head.weight.dtype != hidden.dtype or torch.is_autocast_enabled(hidden.device.type):
-        # What nn.Linear would do with mixed dtypes or under autocast: the original tail, exactly.
+    head_dtypes = {hidden.dtype, head.weight.dtype} | ({head.bias.dtype} if head.bias is not None else set())
+    if autocast_enabled(hidden.device.type):  # linear_cross_entropy casts as nn.Linear does under autocast
+        use_original = not head_dtypes <= _AUTOCAST_ELIGIBLE
+    else:
+        use_original = head.weight.dtype != hidden.dtype
+    if use_original:
+        # What nn.Linear would do with mixed dtypes (float64 among them under autocast): the original tail, exactly.
         logits = head(hidden)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:
