@@ -141,6 +141,20 @@ def test_peft_patched_runs_fused_under_autocast(monkeypatch):
         assert_matches(got, want.double(), torch.bfloat16, f"LoRA gradient {i}", baseline=peft_grad)
 
 
+def test_peft_fan_in_fan_out_flag_on_a_linear_base_is_ignored_as_peft_does():
+    """PEFT's forward calls an nn.Linear base layer as it is whatever fan_in_fan_out says (the flag only matters
+    when merging); the patched forward used the transposed weight then: wrong values on square layers."""
+    _, vocab = load_corpus()
+    model = build_model(vocab)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.fan_in_fan_out = True
+    h = torch.randn(3, layer.base_layer.in_features)
+    with torch.no_grad():
+        ref = layer(h)
+        tmf.patch_model(model)
+        assert_matches(layer(h), ref.double(), torch.float32, "fan_in_fan_out=True on an nn.Linear base")
+
+
 def test_peft_layers_the_fused_path_cannot_serve_are_reported():
     from peft import LoraConfig, get_peft_model
 

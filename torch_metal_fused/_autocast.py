@@ -8,11 +8,14 @@ dtypes ("self and mat2 must have the same dtype"). So every op's implementation 
 - lora_linear, like F.linear: its floating inputs cast to the autocast dtype (so the result is in that dtype,
   and inputs may arrive in different dtypes, as autocast allows);
 - linear_cross_entropy, like F.cross_entropy(F.linear(...)): the linear part in the autocast dtype, the loss in
-  float32 unless out_dtype says otherwise;
-- cross_entropy on given logits: the loss in float32 unless out_dtype says otherwise, as F.cross_entropy's;
+  float32 unless out_dtype says otherwise, and a float32 weight's gradient summed over the chunks in float32 and
+  rounded to the autocast dtype once, as F.linear's backward rounds it;
+- cross_entropy on given logits: the loss in float32 unless out_dtype says otherwise, as F.cross_entropy's (float64
+  logits keep float64);
 - the row ops (softmax, RMSNorm, add-RMSNorm, GLU, RoPE) keep their inputs' dtype. They reduce in float32 anyway;
-  torch's softmax under autocast would return float32, which for a bfloat16 input doubles the bytes written, the
-  cost these kernels exist to avoid (Hugging Face's eager attention asks for a float32 softmax explicitly).
+  torch's softmax under CUDA autocast would return float32 (CPU autocast leaves it alone), which for a bfloat16
+  input doubles the bytes written, the cost these kernels exist to avoid (Hugging Face's eager attention asks for a
+  float32 softmax explicitly).
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ def autocast_device(*args: object) -> str | None:
             device = a.device.type
             return device if autocast_enabled(device) else None
     return None
+
+
+def float32_loss_under_autocast(t: torch.Tensor) -> bool:
+    """Whether F.cross_entropy would return a float32 loss for logits like `t` here: autocast on for its device and
+    its dtype one autocast casts (float64 stays float64)."""
+    return t.dtype in _ELIGIBLE and autocast_enabled(t.device.type)
 
 
 def cast_like_linear(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

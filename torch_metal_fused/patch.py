@@ -206,8 +206,9 @@ def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     mixed_ok = autocast_enabled(x.device.type) and dtypes <= _AUTOCAST_ELIGIBLE
     if p is None or (len(dtypes) != 1 and not mixed_ok):
         return original(x)  # casts between dtypes or an unknown dropout module: PEFT's code does them exactly
-    weight = base.weight.t() if self.fan_in_fan_out else base.weight
-    result = lora_linear(x, weight, a_weight, b_weight, self.scaling[first], base.bias, p, self.training)
+    # The base is an nn.Linear (_lora_static_problem): its weight is (out, in) whatever fan_in_fan_out says (PEFT
+    # reads that flag when merging; its forward calls the base layer as it is).
+    result = lora_linear(x, base.weight, a_weight, b_weight, self.scaling[first], base.bias, p, self.training)
     for name in active[1:]:  # further active adapters: PEFT's own formula, added on top
         result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
     return result

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from torch_metal_fused._autocast import autocast_enabled, cast_like_linear
+from torch_metal_fused._autocast import autocast_enabled, cast_like_linear, float32_loss_under_autocast
 from torch_metal_fused._backend import backend_for
 from torch_metal_fused._validation import check_finite_number, check_same_device_dtype, check_tensor
 from torch_metal_fused.ops._dispatch import call, run_kernel
@@ -78,15 +78,18 @@ def _linear_impl(
     row_scale: torch.Tensor | None,
     chunk_size: int,
     needs: list[bool],
+    dweight_float32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row losses and, with row_scale, (dhidden, dweight, dbias) of Σ row_scale·loss; gradients not needed come
-    back as 0-element tensors."""
+    back as 0-element tensors. dweight_float32: dweight summed over the chunks in float32 (returned in float32; the
+    autograd Function's caller rounds it once), for a float32 weight cast to half precision under autocast."""
     needs_dh, needs_dw, needs_db = needs
     rows = hidden.shape[0]
     loss = hidden.new_empty(rows, dtype=_loss_dtype(hidden.dtype))
     grads_wanted = row_scale is not None
     dh = torch.empty_like(hidden) if grads_wanted and needs_dh else hidden.new_empty(0)
-    dw = torch.zeros_like(weight) if grads_wanted and needs_dw else hidden.new_empty(0)
+    dw_dtype = torch.float32 if dweight_float32 else weight.dtype
+    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if grads_wanted and needs_dw else None
     db = torch.zeros(weight.shape[0], dtype=_loss_dtype(hidden.dtype), device=hidden.device) if needs_db else None
     for start in range(0, rows, chunk_size):
         end = min(rows, start + chunk_size)
@@ -100,13 +103,17 @@ def _linear_impl(
         if g is not None:
             if needs_dh:
                 torch.mm(g, weight, out=dh[start:end])
-            if needs_dw:
-                dw.addmm_(g.t(), h)
+            if dw is not None:
+                if dw.dtype == g.dtype:
+                    dw.addmm_(g.t(), h)
+                else:  # each chunk's product rounded once, the sum over chunks in float32
+                    dw += torch.mm(g.t(), h)
             if needs_db:
                 db += g.sum(0, dtype=db.dtype)
         # Free this chunk before the next one's GEMM allocates its logits: otherwise `logits = linear(...)` keeps the
         # old chunk alive while it builds the new one, two chunks at the peak.
         del logits, g
+    dw = dw if dw is not None else hidden.new_empty(0)
     return loss, dh, dw, db.to(hidden.dtype) if grads_wanted and needs_db else hidden.new_empty(0)
 
 
@@ -116,12 +123,13 @@ linear_cross_entropy_chunked = torch.library.custom_op(
 
 
 @linear_cross_entropy_chunked.register_fake
-def _(hidden, weight, bias, target, ignore_index, label_smoothing, softcap, row_scale, chunk_size, needs):
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, softcap, row_scale, chunk_size, needs, dw32=False):
     grads = row_scale is not None
     shapes = (hidden.shape, weight.shape, weight.shape[:1])
+    dtypes = (hidden.dtype, torch.float32 if dw32 else weight.dtype, hidden.dtype)
     return (
         hidden.new_empty(hidden.shape[:1], dtype=_loss_dtype(hidden.dtype)),
-        *(hidden.new_empty(s if grads and need else (0,)) for s, need in zip(shapes, needs)),
+        *(hidden.new_empty(s if grads and need else (0,), dtype=d) for s, d, need in zip(shapes, dtypes, needs)),
     )
 
 
@@ -173,7 +181,18 @@ class CrossEntropyFunction(torch.autograd.Function):
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size, out_dtype
+        ctx,
+        hidden,
+        weight,
+        target,
+        bias,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        softcap,
+        chunk_size,
+        out_dtype,
+        dweight_float32=False,
     ):
         hidden2, target2 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
         row_scale = _row_scale(target2, ignore_index, reduction, _loss_dtype(hidden.dtype))
@@ -181,10 +200,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         eager = any(needs) and reduction != "none"  # with "none", backward recomputes with the rows' gradients
         args = (hidden2, weight, bias, target2, ignore_index, label_smoothing, softcap)
         loss_rows, dh, dw, db = call(
-            linear_cross_entropy_chunked, _linear_impl, *args, row_scale if eager else None, chunk_size, needs
+            linear_cross_entropy_chunked,
+            _linear_impl,
+            *args,
+            row_scale if eager else None,
+            chunk_size,
+            needs,
+            dweight_float32,
         )
         ctx.needs, ctx.eager, ctx.hidden_shape = needs, eager, hidden.shape
         ctx.args = (ignore_index, label_smoothing, softcap, chunk_size)
+        ctx.dweight_float32 = dweight_float32
         if eager:
             ctx.save_for_backward(dh, dw, db)
         else:
@@ -206,12 +232,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ignore_index, label_smoothing, softcap, chunk_size = ctx.args
             row_scale = grad_out.reshape(-1).to(_loss_dtype(hidden2.dtype))
             args = (hidden2, weight, bias, target2, ignore_index, label_smoothing, softcap, row_scale, chunk_size)
-            _, dh, dw, db = call(linear_cross_entropy_chunked, _linear_impl, *args, needs)
+            _, dh, dw, db = call(linear_cross_entropy_chunked, _linear_impl, *args, needs, ctx.dweight_float32)
             grads = [t if need else None for t, need in zip((dh, dw, db), needs)]
         dh, dw, db = grads
         if dh is not None:
             dh = dh.reshape(ctx.hidden_shape)
-        return dh, dw, None, db, None, None, None, None, None, None
+        return dh, dw, None, db, None, None, None, None, None, None, None
 
 
 # ---- public functions ----------------------------------------------------------------------------------------
@@ -273,7 +299,7 @@ def cross_entropy(
     (torch.float32 returns the float32 accumulation unrounded, as Hugging Face's loss, which upcasts the logits, does).
     Unlike torch, "mean" over rows that are all ignored is 0 (with zero gradient), not NaN. Under torch.autocast the
     loss is float32 unless `out_dtype` says otherwise, as F.cross_entropy's is there."""
-    if out_dtype is None and isinstance(logits, torch.Tensor) and autocast_enabled(logits.device.type):
+    if out_dtype is None and isinstance(logits, torch.Tensor) and float32_loss_under_autocast(logits):
         out_dtype = torch.float32
     check_tensor("logits", logits)
     if logits.ndim < 1:
@@ -303,9 +329,13 @@ def linear_cross_entropy(
     gets no dweight work. `out_dtype`: the loss's dtype (default hidden's, as F.cross_entropy on the logits gives;
     torch.float32 returns the float32 accumulation unrounded). Under torch.autocast, as F.cross_entropy(F.linear())
     there: hidden, weight and bias cast to the autocast dtype, the loss in float32 unless out_dtype says otherwise."""
+    dweight_float32 = False
     if isinstance(hidden, torch.Tensor) and autocast_enabled(hidden.device.type):
+        if out_dtype is None and float32_loss_under_autocast(hidden):
+            out_dtype = torch.float32
+        weight_dtype = weight.dtype if isinstance(weight, torch.Tensor) else None
         hidden, weight, bias = cast_like_linear(hidden.device.type, hidden, weight, bias)
-        out_dtype = torch.float32 if out_dtype is None else out_dtype
+        dweight_float32 = weight_dtype == torch.float32 and weight.dtype != torch.float32
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
     check_same_device_dtype("hidden", hidden, weight=weight, bias=bias)
@@ -327,7 +357,17 @@ def linear_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int (or None), got {chunk_size!r}")
     out_dtype = _check_out_dtype(out_dtype, hidden.dtype)
     return LinearCrossEntropyFunction.apply(
-        hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, max(1, chunk_size), out_dtype
+        hidden,
+        weight,
+        target,
+        bias,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        softcap,
+        max(1, chunk_size),
+        out_dtype,
+        dweight_float32,
     )
 
 
