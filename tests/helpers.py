@@ -44,6 +44,23 @@ def _numel(shape) -> int:
     return n
 
 
+def record_kernel_calls(monkeypatch, modules: tuple[str, ...], entry=lambda name, lead: name) -> list:
+    """Every kernel call the ops of `modules` (torch_metal_fused.ops.<module>) make from now on, each recorded as
+    entry(entry point name, lead tensor), in call order; the calls themselves go through unchanged."""
+    from torch_metal_fused.ops import _dispatch
+
+    calls = []
+    real = _dispatch.run_kernel
+
+    def record(name, lead, *args):
+        calls.append(entry(name, lead))
+        return real(name, lead, *args)
+
+    for mod in modules:
+        monkeypatch.setattr(f"torch_metal_fused.ops.{mod}.run_kernel", record)
+    return calls
+
+
 def harness_required() -> bool:
     """In CI on Linux (.ci/run sets CI; tools/setup.sh installs clang 19 and boost there) the Metal-on-CPU harness
     must work, so its tests fail rather than skip; elsewhere (macOS, Linux without root) they skip without it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randn
+from helpers import randn, record_kernel_calls
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -117,18 +117,9 @@ KERNEL_MODULES = ("softmax", "rms_norm", "lora_linear", "cross_entropy", "glu", 
 
 def _record_kernel_calls(monkeypatch) -> list[tuple[str, bool, torch.dtype]]:
     """(entry point, autocast on for its lead tensor's device, lead dtype) of every kernel call."""
-    from torch_metal_fused.ops import _dispatch
-
-    calls = []
-    real = _dispatch.run_kernel
-
-    def record(name, lead, *args):
-        calls.append((name, torch.is_autocast_enabled(lead.device.type), lead.dtype))
-        return real(name, lead, *args)
-
-    for mod in KERNEL_MODULES:
-        monkeypatch.setattr(f"torch_metal_fused.ops.{mod}.run_kernel", record)
-    return calls
+    return record_kernel_calls(
+        monkeypatch, KERNEL_MODULES, lambda name, lead: (name, torch.is_autocast_enabled(lead.device.type), lead.dtype)
+    )
 
 
 def test_kernels_run_with_autocast_off_and_the_linear_part_in_the_autocast_dtype(backend, monkeypatch):

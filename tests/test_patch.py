@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from helpers import record_kernel_calls
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -26,15 +27,7 @@ def cpu_backend(request, monkeypatch):
 
 
 def _count_calls(monkeypatch):
-    from torch_metal_fused.ops import _dispatch
-
-    calls = []
-    real = _dispatch.run_kernel
-    for mod in ("softmax", "rms_norm", "lora_linear"):
-        monkeypatch.setattr(
-            f"torch_metal_fused.ops.{mod}.run_kernel", lambda name, *a: calls.append(name) or real(name, *a)
-        )
-    return calls
+    return record_kernel_calls(monkeypatch, ("softmax", "rms_norm", "lora_linear"))
 
 
 def test_torch_rms_norm_patch_and_unpatch(monkeypatch):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, randn
+from helpers import DTYPES, randn, record_kernel_calls
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -202,11 +202,7 @@ def test_patched_attention_equals_hf_and_other_models_keep_hf_rope(backend, fami
 
     from test_patch import _tiny_causal_lm
 
-    from torch_metal_fused.ops import _dispatch
-
-    calls = []
-    real = _dispatch.run_kernel
-    monkeypatch.setattr("torch_metal_fused.ops.rope.run_kernel", lambda n, *a: calls.append(n) or real(n, *a))
+    calls = record_kernel_calls(monkeypatch, ("rope",))
     from torch_metal_fused import patch as tmf_patch
 
     model = _tiny_causal_lm(family)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 # Autocast casts these; float64 stays float64 (as it does for torch's own ops).
-_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+AUTOCAST_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -46,7 +46,7 @@ def autocast_device(*args: object) -> str | None:
 def float32_loss_under_autocast(t: torch.Tensor) -> bool:
     """Whether F.cross_entropy would return a float32 loss for logits like `t` here: autocast on for its device and
     its dtype one autocast casts (float64 stays float64)."""
-    return t.dtype in _ELIGIBLE and autocast_enabled(t.device.type)
+    return t.dtype in AUTOCAST_DTYPES and autocast_enabled(t.device.type)
 
 
 def cast_like_linear(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -55,5 +55,6 @@ def cast_like_linear(device_type: str, *tensors: torch.Tensor | None) -> tuple[t
     (None, float64, non-tensors: the argument checks that follow report those)."""
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _ELIGIBLE and t.dtype != dtype else t for t in tensors
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in AUTOCAST_DTYPES and t.dtype != dtype else t
+        for t in tensors
     )

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from torch_metal_fused._autocast import autocast_enabled
+from torch_metal_fused._autocast import AUTOCAST_DTYPES, autocast_enabled
 from torch_metal_fused.ops.cross_entropy import linear_cross_entropy
 from torch_metal_fused.ops.glu import glu
 from torch_metal_fused.ops.lora_linear import lora_linear
@@ -37,7 +37,6 @@ from torch_metal_fused.ops.rope import rope as fused_rope
 from torch_metal_fused.ops.softmax import softmax
 
 _ORIGINAL = "_tmf_original_forward"
-_AUTOCAST_ELIGIBLE = {torch.float32, torch.float16, torch.bfloat16}
 
 # Hugging Face RMSNorm classes, by the formula their forward implements.
 # Llama style: weight * (x.float() * rsqrt(mean(x²) + variance_epsilon)).to(input dtype)
@@ -203,7 +202,7 @@ def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     if base.bias is not None:
         dtypes.add(base.bias.dtype)
     # Mixed dtypes: PEFT's code casts between them exactly, but under autocast lora_linear casts as F.linear does.
-    mixed_ok = autocast_enabled(x.device.type) and dtypes <= _AUTOCAST_ELIGIBLE
+    mixed_ok = autocast_enabled(x.device.type) and dtypes <= AUTOCAST_DTYPES
     if p is None or (len(dtypes) != 1 and not mixed_ok):
         return original(x)  # casts between dtypes or an unknown dropout module: PEFT's code does them exactly
     # The base is an nn.Linear (_lora_static_problem): its weight is (out, in) whatever fan_in_fan_out says (PEFT
@@ -375,7 +374,7 @@ def _causal_lm_forward(self: nn.Module, *args, **kwargs):
     head = self.lm_head
     head_dtypes = {hidden.dtype, head.weight.dtype} | ({head.bias.dtype} if head.bias is not None else set())
     if autocast_enabled(hidden.device.type):  # linear_cross_entropy casts as nn.Linear does under autocast
-        use_original = not head_dtypes <= _AUTOCAST_ELIGIBLE
+        use_original = not head_dtypes <= AUTOCAST_DTYPES
     else:
         use_original = head.weight.dtype != hidden.dtype
     if use_original:

@@ -19,7 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from torch_metal_fused._autocast import autocast_enabled, cast_like_linear, float32_loss_under_autocast
+from torch_metal_fused._autocast import (
+    AUTOCAST_DTYPES,
+    autocast_enabled,
+    cast_like_linear,
+    float32_loss_under_autocast,
+)
 from torch_metal_fused._backend import backend_for
 from torch_metal_fused._validation import check_finite_number, check_same_device_dtype, check_tensor
 from torch_metal_fused.ops._dispatch import call, run_kernel
@@ -331,7 +336,7 @@ def linear_cross_entropy(
     there: hidden, weight and bias cast to the autocast dtype, the loss in float32 unless out_dtype says otherwise."""
     dweight_float32 = False
     if isinstance(hidden, torch.Tensor) and autocast_enabled(hidden.device.type):
-        if out_dtype is None and float32_loss_under_autocast(hidden):
+        if out_dtype is None and hidden.dtype in AUTOCAST_DTYPES:  # F.cross_entropy's float32 loss there
             out_dtype = torch.float32
         weight_dtype = weight.dtype if isinstance(weight, torch.Tensor) else None
         hidden, weight, bias = cast_like_linear(hidden.device.type, hidden, weight, bias)
