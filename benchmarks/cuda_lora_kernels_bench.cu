@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -963,6 +964,69 @@ static void bench_pipelined(int64_t m, int64_t k, int64_t n, int64_t r) {
   for (bf16* p : {h, y, y_ref, dx, dh, da, db}) CK(cudaFree(p));
 }
 
+// The order of the backward's products (the L2 question): a product that reads the operand the one before it read
+// finds that operand's tail still in the L2 (50 MB), so dh then dB (both over dy) or h then dA (both over x) might
+// save a part of a pass; a product after the dx GEMM starts with the GEMM's dirty dx lines in the L2. Forward and
+// backward timed as one call (the forward of the op's route first, as the suite times them), every product on
+// cuBLAS but W' (the op's kernels). Only the order differs; each composition's results equal the others'.
+static void bench_orders(int64_t m, int64_t k, int64_t n, int64_t r) {
+  const Operands o(m, k, n, r);
+  const std::string& shape = o.shape;
+  const float s = 2.0f;
+  bf16 *x = o.x, *w = o.w, *a = o.a, *b = o.b, *dy = o.dy, *at = o.at;
+  bf16 *h = alloc(m * r), *y = alloc(m * n), *wm = alloc(n * k), *dx = alloc(m * k), *dh = alloc(m * r);
+  bf16 *da = alloc(r * k), *db = alloc(n * r);
+  cudaStream_t st = 0;
+  const float base = time_us([&] { gemm_nt(x, w, y, m, n, k, 1.f, 0.f); });
+  const float base_dx = time_us([&] { gemm_nn(dy, w, dx, m, k, n, 1.f, 0.f); });
+  const bool merged = m > k;  // the op's rule for many tokens (half precision): merged forward without h
+  auto forward = [&] {
+    if (merged) {
+      launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
+      gemm_nt(x, wm, y, m, n, k, 1.f, 0.f);
+    } else {
+      gemm_nt(x, a, h, m, r, k, 1.f, 0.f);
+      gemm_nt(h, b, y, m, n, r, s, 0.f);
+      gemm_nt(x, w, y, m, n, k, 1.f, 1.f);
+    }
+  };
+  std::map<char, std::function<void()>> step = {
+      {'h', [&] { gemm_nt(x, a, h, m, r, k, 1.f, 0.f); }},
+      {'d', [&] { gemm_nn(dy, b, dh, m, r, n, s, 0.f); }},
+      {'A', [&] { gemm_tn(dh, x, da, r, k, m, 1.f); }},
+      {'B', [&] { gemm_tn(dy, h, db, n, r, m, s); }},
+      {'W', [&] { launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st); }},
+      {'X', [&] { gemm_nn(dy, wm, dx, m, k, n, 1.f, 0.f); }},  // dx = dy·W'
+      {'L', [&] { gemm_nn(dh, a, dx, m, k, r, 1.f, 0.f); }},   // dx = dh·A, then
+      {'G', [&] { gemm_nn(dy, w, dx, m, k, n, 1.f, 1.f); }},   // dx += dy·W
+  };
+  // h: x·Aᵀ, d: dh = s·dy·B, A: dA = dhᵀ·x, B: dB = s·dyᵀ·h, W: W', X: dx = dy·W', L + G: the low-rank dx.
+  const std::vector<std::string> orders =
+      merged ? std::vector<std::string>{"dWXAhB", "hdBAWX", "dhABWX", "hdWXBA", "dhAWXB", "hdBWXA"}
+             : std::vector<std::string>{"dLGAB", "dBALG", "dBLGA", "dLGBA", "dALGB"};
+  const std::string today = merged ? "dWXAhB" : "dLGAB";
+  for (const std::string& ord : orders) {
+    const float t = time_us([&] {
+      forward();
+      for (char c : ord) step.at(c)();
+    });
+    const float bwd = time_us([&] {
+      for (char c : ord) step.at(c)();
+    });
+    printf("%-26s order %-8s%s fwd+bwd %7.1f us  %.3fx base fwd + dx (%.1f + %.1f); backward alone %7.1f us\n",
+           shape.c_str(), ord.c_str(), ord == today ? " (op)" : "     ", t, t / (base + base_dx), base, base_dx, bwd);
+  }
+  if (merged) {  // for scale: the backward without rebuilding W' (the forward's kept: one weight's memory more)
+    const float t = time_us([&] {
+      forward();
+      for (char c : std::string("hdBAX")) step.at(c)();
+    });
+    printf("%-26s order hdBAX (W' kept from the forward, for scale) fwd+bwd %7.1f us  %.3fx\n", shape.c_str(), t,
+           t / (base + base_dx));
+  }
+  for (bf16* p : {h, y, wm, dx, dh, da, db}) CK(cudaFree(p));
+}
+
 int main(int argc, char** argv) {
   if (argc > 1) bench_reps = atoi(argv[1]);
   CB(cublasCreate(&g_blas));
@@ -979,6 +1043,13 @@ int main(int argc, char** argv) {
   if (argc > 2 && std::string(argv[2]) == "ncu") {  // for Nsight Compute: the first launches are the checks'
     bench_reps = 1;
     bench_shape(8192, 4096, 4096, 16);
+    return 0;
+  }
+  if (argc > 2 && std::string(argv[2]) == "orders") {
+    for (int64_t r : {16, 64}) {
+      bench_orders(8192, 4096, 4096, r);
+      bench_orders(2048, 4096, 11008, r);
+    }
     return 0;
   }
   if (argc > 2 && std::string(argv[2]) == "pipelined") {
