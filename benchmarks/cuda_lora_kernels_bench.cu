@@ -6,6 +6,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -977,8 +978,6 @@ static void bench_orders(int64_t m, int64_t k, int64_t n, int64_t r) {
   bf16 *h = alloc(m * r), *y = alloc(m * n), *wm = alloc(n * k), *dx = alloc(m * k), *dh = alloc(m * r);
   bf16 *da = alloc(r * k), *db = alloc(n * r);
   cudaStream_t st = 0;
-  const float base = time_us([&] { gemm_nt(x, w, y, m, n, k, 1.f, 0.f); });
-  const float base_dx = time_us([&] { gemm_nn(dy, w, dx, m, k, n, 1.f, 0.f); });
   const bool merged = m > k;  // the op's rule for many tokens (half precision): merged forward without h
   auto forward = [&] {
     if (merged) {
@@ -1005,24 +1004,45 @@ static void bench_orders(int64_t m, int64_t k, int64_t n, int64_t r) {
       merged ? std::vector<std::string>{"dWXAhB", "hdBAWX", "dhABWX", "hdWXBA", "dhAWXB", "hdBWXA"}
              : std::vector<std::string>{"dLGAB", "dBALG", "dBLGA", "dLGBA", "dALGB"};
   const std::string today = merged ? "dWXAhB" : "dLGAB";
-  for (const std::string& ord : orders) {
-    const float t = time_us([&] {
-      forward();
-      for (char c : ord) step.at(c)();
+  // W' kept from the forward (one weight's memory more), for scale only.
+  std::vector<std::string> timed = orders;
+  if (merged) timed.push_back("hdBAX");
+  // The GPU drifts over a run (a first run of this in one sequence timed the later orders slower, monotonically at
+  // one shape), so every round times the base pair (x·Wᵀ then dy·W as one call) and then each order, in an order
+  // rotated from round to round; each order's ratio is to its round's base, and the median over rounds is reported.
+  constexpr int kRounds = 5;
+  std::map<std::string, std::vector<float>> ratio, fwd_bwd;
+  std::vector<float> bases;
+  for (int round = 0; round < kRounds; ++round) {
+    const float pair = time_us([&] {
+      gemm_nt(x, w, y, m, n, k, 1.f, 0.f);
+      gemm_nn(dy, w, dx, m, k, n, 1.f, 0.f);
     });
-    const float bwd = time_us([&] {
-      for (char c : ord) step.at(c)();
-    });
-    printf("%-26s order %-8s%s fwd+bwd %7.1f us  %.3fx base fwd + dx (%.1f + %.1f); backward alone %7.1f us\n",
-           shape.c_str(), ord.c_str(), ord == today ? " (op)" : "     ", t, t / (base + base_dx), base, base_dx, bwd);
+    bases.push_back(pair);
+    for (size_t i = 0; i < timed.size(); ++i) {
+      const std::string& ord = timed[(i + round) % timed.size()];
+      const float t = time_us([&] {
+        forward();
+        for (char c : ord) step.at(c)();
+      });
+      ratio[ord].push_back(t / pair);
+      fwd_bwd[ord].push_back(t);
+    }
   }
-  if (merged) {  // for scale: the backward without rebuilding W' (the forward's kept: one weight's memory more)
-    const float t = time_us([&] {
-      forward();
-      for (char c : std::string("hdBAX")) step.at(c)();
-    });
-    printf("%-26s order hdBAX (W' kept from the forward, for scale) fwd+bwd %7.1f us  %.3fx\n", shape.c_str(), t,
-           t / (base + base_dx));
+  auto median = [](std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  auto spread = [](std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v.back() - v.front();
+  };
+  printf("%-26s base x·Wᵀ + dy·W as one call: median %.1f us over %d rounds (range %.1f)\n", shape.c_str(),
+         median(bases), kRounds, spread(bases));
+  for (const std::string& ord : timed) {
+    printf("%-26s order %-8s%s fwd+bwd %7.1f us (range %5.1f)  %.3fx the round's base pair\n", shape.c_str(),
+           ord.c_str(), ord == today ? " (op)" : (ord == "hdBAX" ? " (W' kept)" : "     "), median(fwd_bwd[ord]),
+           spread(fwd_bwd[ord]), median(ratio[ord]));
   }
   for (bf16* p : {h, y, wm, dx, dh, da, db}) CK(cudaFree(p));
 }
