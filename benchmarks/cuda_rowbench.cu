@@ -51,8 +51,8 @@ static int round_warp(long n) {  // the power of two from 32 covering n (as ops.
   while (t < n) t *= 2;
   return t;
 }
-static void fwd_layout(int cols, int es, int& items, int& threads) {
-  const int vec = 16 / es, max_items = 32 / vec;
+static void fwd_layout(int cols, int es, int& items, int& threads, int max_elems = 32) {
+  const int vec = 16 / es, max_items = max_elems / vec;
   const long nvec = cols / vec;
   items = 1;
   while (items < max_items && nvec / (2 * items) >= 128) items *= 2;
@@ -328,9 +328,15 @@ static void run_dtype(int rows, int cols, int sms, bool full) {
   }
   if (items < 0 && cols <= 32768) {  // registers at 1024 threads?
   }
-  if (items > 0) {
-    rms_fwd(b, rows, cols, items, threads, cols * es <= 1024 ? "block-per-row" : "PROD");
-    if (full && items > 1) rms_fwd(b, rows, cols, items / 2, round_warp(nvec / (items / 2)), "alt");
+  if (items > 0) {  // ops.cu: float32 takes 16 elements per thread where the block stays within 512 threads
+    int rms_items = items, rms_threads = threads;
+    if (es == 4) {
+      fwd_layout(cols, es, rms_items, rms_threads, 16);
+      if (rms_items < 0) rms_items = items, rms_threads = threads;
+    }
+    rms_fwd(b, rows, cols, rms_items, rms_threads, cols * es <= 1024 ? "block-per-row" : "PROD");
+    if (full && rms_items > 1) rms_fwd(b, rows, cols, rms_items / 2, round_warp(nvec / (rms_items / 2)), "alt");
+    if (full && rms_items < items) rms_fwd(b, rows, cols, items, threads, "alt (32 per thread, before)");
   }
   // softmax backward on y = softmax(x)
   bwd_layout(cols, es, 16, items, threads);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
-# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny rowstores rowweights (default:
+# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny rowstores (default:
 # build tests sanitize bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
@@ -97,17 +97,6 @@ import torch; from liger_kernel.ops import rms_norm as lr
 x = torch.randn(8192, 4096, device='cuda', dtype=torch.bfloat16); w = torch.rand(4096, device='cuda', dtype=x.dtype)
 lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" > "$OUT/ncu_liger_rms.txt" 2>&1
       echo "ncu liger rmsnorm: exit $? ($(grep -c 'Duration' "$OUT/ncu_liger_rms.txt") kernel reports)"
-      ;;
-    rowweights)
-      # RMSNorm forward with the weight loaded before the reduction (-DTMF_RMS_WEIGHT_FIRST, as Liger's forward loads
-      # it) against the build's (after it), #14's target shapes, alternated twice (the run-to-run spread is ~1 us).
-      build_rowbench && nvcc -O3 -std=c++20 -arch=sm_90 -DTMF_RMS_WEIGHT_FIRST -I csrc/cuda \
-        benchmarks/cuda_rowbench.cu -o /tmp/rowbench_wf || exit 1
-      for round in 1 2; do
-        /tmp/rowbench 30 targets > "$OUT/rowbench_after_$round.txt" 2>&1
-        /tmp/rowbench_wf 30 targets > "$OUT/rowbench_first_$round.txt" 2>&1
-      done
-      for f in "$OUT"/rowbench_after_* "$OUT"/rowbench_first_*; do echo "== $f"; grep -E "(rmsnorm|add_rms) fwd" "$f"; done
       ;;
     rowstores)
       # The row kernels' outputs with streaming stores (__stcs, the build's) against default write-back stores

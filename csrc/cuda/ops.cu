@@ -109,6 +109,7 @@ struct VecLayout {
 constexpr int kForwardVecElems = 32;
 constexpr int kForwardMinThreads = 128;
 constexpr int kForwardMaxThreads = 512;
+constexpr int kRmsForwardFloatElems = 16;  // rms_norm_forward_launch
 constexpr int kBackwardVecElems = 8;
 constexpr int kBackwardMaxThreads = 1024;
 
@@ -123,9 +124,9 @@ int pow2_threads(int64_t n) {
   return t;
 }
 
-// Forward: the most vectors per thread (up to kForwardVecElems elements) that leave >= kForwardMinThreads threads.
-VecLayout forward_vec_layout(int64_t cols, int element_size) {
-  const int vec = 16 / element_size, max_items = kForwardVecElems / vec;
+// Forward: the most vectors per thread (up to max_elems elements) that leave >= kForwardMinThreads threads.
+VecLayout forward_vec_layout(int64_t cols, int element_size, int max_elems = kForwardVecElems) {
+  const int vec = 16 / element_size, max_items = max_elems / vec;
   const int64_t nvec = cols / vec;
   int items = 1;
   while (items < max_items && nvec / (2 * items) >= kForwardMinThreads) items *= 2;
@@ -371,7 +372,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_launch(const at::Tensor& x, 
   const bool aligned = aligned16(x2, stride) && (!w.defined() || aligned16(w, cols)) &&
                        (!residual || (aligned16(r2, rstride) && aligned16(*h, cols)));
   const bool vec = vec_ok(cols, x.element_size(), aligned);
-  const VecLayout vl = vec ? forward_vec_layout(cols, x.element_size()) : VecLayout{};
+  // float32 RMSNorm (no residual) takes 16 elements per thread where that block still fits kForwardMaxThreads:
+  // 0.4-1.1 us faster than 32 at 8192x4096 and 4096x8192 on an H200 in 7 of 8 timings over two runs
+  // (benchmarks/results/cuda-h200-2026-12-01-rowstores-7b4be74.txt and ...-rowweights.txt: "alt items=4"); the
+  // softmax forward and bf16 measured level or slower that way.
+  VecLayout vl{};
+  if (vec && x.scalar_type() == at::kFloat && !residual) vl = forward_vec_layout(cols, 4, kRmsForwardFloatElems);
+  if (vec && !vl.ok) vl = forward_vec_layout(cols, x.element_size());
   const WarpRows wr = vec ? warp_rows_layout(rows, cols, x.element_size(), sm_count(x), kWarpRowVecs) : WarpRows{};
   const RowLayout l = row_layout<kForwardElems>(cols, x.element_size(), aligned);
   TMF_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rms_norm", [&] {

@@ -616,16 +616,6 @@ __global__ void __launch_bounds__(THREADS) rms_norm_forward_vec(const T* __restr
 #pragma unroll
     for (int k = 0; k < VEC; ++k) ss += v[it][k] * v[it][k];
   }
-#ifdef TMF_RMS_WEIGHT_FIRST  // a candidate (benchmarks/cuda_run.sh rowweights): the weight loaded before the
-  // reduction, as Liger's forward loads it with the row, instead of after it (L2 hits, but their latency then
-  // delays the stores)
-  uint4 wraw[ITEMS];
-#pragma unroll
-  for (int it = 0; it < ITEMS; ++it) {
-    const int col = (it * THREADS + threadIdx.x) * VEC;
-    if (w != nullptr && col < cols) wraw[it] = ldg16(w + col);
-  }
-#endif
   const float r = rsqrtf(block_reduce1<THREADS, false>(ss, red) / float(cols) + eps);
   if (threadIdx.x == 0) rstd[blockIdx.x] = r;
 #pragma unroll
@@ -634,11 +624,7 @@ __global__ void __launch_bounds__(THREADS) rms_norm_forward_vec(const T* __restr
     if (col < cols) {
       float wv[VEC];
       if (w != nullptr) {
-#ifdef TMF_RMS_WEIGHT_FIRST
-        unpack16<T>(wraw[it], wv);
-#else
         load16<T>(w + col, wv);
-#endif
       } else {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) wv[k] = 1.0f - offset;
