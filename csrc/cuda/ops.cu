@@ -373,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_launch(const at::Tensor& x, 
                        (!residual || (aligned16(r2, rstride) && aligned16(*h, cols)));
   const bool vec = vec_ok(cols, x.element_size(), aligned);
   // float32 RMSNorm (no residual) takes 16 elements per thread where that block still fits kForwardMaxThreads:
-  // 0.4-1.1 us faster than 32 at 8192x4096 and 4096x8192 on an H200 in 7 of 8 timings over two runs
+  // 0.4-1.2 us faster than 32 at 8192x4096 and 4096x8192 on an H200 in 7 of 8 timings over two runs (one level)
   // (benchmarks/results/cuda-h200-2026-12-01-rowstores-7b4be74.txt and ...-rowweights.txt: "alt items=4"); the
   // softmax forward and bf16 measured level or slower that way.
   VecLayout vl{};
