@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
-# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny rowstores (default:
+# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny rowstores kconcat (default:
 # build tests sanitize bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
@@ -80,6 +80,19 @@ for step in $steps; do
       # lorak:pipelined times only the two-stream routes (to lora_kernels-pipelined.txt)
       step=${step/:/-}
       build_lorak && /tmp/lorak 20 ${step#lorak-} 2>&1 | tee "$OUT/lora_kernels${step#lorak}.txt"
+      ;;
+    kconcat)
+      # LoRA's base GEMM over K-concatenated operands (CUTLASS's Hopper GEMM with our producer) against cuBLAS and the
+      # op's routes: benchmarks/cuda_lora_kconcat_bench.cu. Needs CUTLASS's headers: the nvidia-cutlass wheel in .whl/.
+      cutlass=$(python3 -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source"))') ||
+        { echo "kconcat: no cutlass_library (put the nvidia-cutlass wheel in .whl/)"; exit 1; }
+      site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
+      inc=$(find /usr/local/cuda*/ $site -name cublas_v2.h 2>/dev/null | head -1)
+      lib=$(find /usr/local/cuda*/ $site -name 'libcublas.so*' 2>/dev/null | grep -v Lt | head -1)
+      nvcc -O3 -DNDEBUG -std=c++20 -arch=sm_90a --expt-relaxed-constexpr -I "$cutlass/include" \
+        -I "$cutlass/tools/util/include" -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kconcat_bench.cu \
+        -Xlinker "$lib" -Xlinker -rpath,"$(dirname "$lib")" -lcuda -o /tmp/kconcat &&
+        /tmp/kconcat 20 2>&1 | tee "$OUT/lora_kconcat.txt"
       ;;
     ncu)
       # Hardware counters (Nsight Compute reads them on the Firecracker machines; clocks left alone): our LoRA

@@ -1,0 +1,480 @@
+// LoRA's base GEMM over K-concatenated operands, a candidate for #14's forward+backward target (README: "What
+// closing the LoRA forward+backward target would take"): y = [x | s·h]·[W | B]ᵀ and dx = [dy | dh]·[W; A] in one
+// GEMM each, so that neither W' = W + s·B·A (28-36 µs per pass at 4096x4096) nor a second write of y is needed.
+// cuBLAS cannot run two operand pairs in one K loop, so the GEMM is CUTLASS's Hopper kernel (TMA, wgmma,
+// warp-specialized cooperative, persistent) with our mainloop on top of CUTLASS's: it inherits the stock
+// collective's shared storage, pipeline and consumer (mma), and replaces the producer so that after the K tiles of
+// the first pair it loads one more K tile from the second pair (the rank-sized operands, zero-padded to the tile's
+// K of 64 columns). Benchmark only: timed against cuBLAS and against the op's routes (W' by csrc/cuda/lora_kernels.cuh),
+// each result checked against a float32 cuBLAS reference first.
+//
+// Build (benchmarks/cuda_run.sh kconcat): nvcc -O3 -std=c++17 -arch=sm_90a --expt-relaxed-constexpr
+//   -DNDEBUG -I <cutlass>/include -I <cutlass>/tools/util/include -I csrc/cuda benchmarks/cuda_lora_kconcat_bench.cu -lcublas
+// with CUTLASS's headers from the nvidia-cutlass wheel (cutlass_library/source/include) carried in .whl/.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+#include "cuda_bench_timing.cuh"
+#include "lora_kernels.cuh"
+
+using namespace cute;
+using bf16 = __nv_bfloat16;
+
+#define CB(x)                                                                             \
+  do {                                                                                    \
+    cublasStatus_t st_ = (x);                                                             \
+    if (st_ != CUBLAS_STATUS_SUCCESS) {                                                   \
+      fprintf(stderr, "%s:%d %s: cuBLAS status %d\n", __FILE__, __LINE__, #x, int(st_)); \
+      exit(1);                                                                            \
+    }                                                                                     \
+  } while (0)
+#define CS(x)                                                                                               \
+  do {                                                                                                      \
+    cutlass::Status s_ = (x);                                                                               \
+    if (s_ != cutlass::Status::kSuccess) {                                                                  \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cutlassGetStatusString(s_));               \
+      exit(1);                                                                                              \
+    }                                                                                                       \
+  } while (0)
+
+// ---- the mainloop: CUTLASS's sm90 TMA warp-specialized collective, one more K tile from a second operand pair ----
+// The problem's K is the first pair's K plus one tile (kTileK): the kernel layer then runs that many k-tiles through
+// the pipeline and the consumer, unchanged; the producer below takes the last one from the second pair. Both pairs
+// share the strides' types (the same majorness) and the tile's shared-memory layout.
+template <class Base>
+struct KConcatMainloop : Base {
+  using typename Base::ElementA;
+  using typename Base::ElementB;
+  using typename Base::StrideA;
+  using typename Base::StrideB;
+  using typename Base::TileShape;
+  using typename Base::MainloopPipeline;
+  using typename Base::PipelineState;
+  using typename Base::TensorStorage;
+  using typename Base::SmemLayoutA;
+  using typename Base::SmemLayoutB;
+  using typename Base::GmemTiledCopyA;
+  using typename Base::GmemTiledCopyB;
+  using typename Base::DispatchPolicy;
+  static constexpr int kTileK = size<2>(TileShape{});
+
+  struct Arguments {
+    ElementA const* ptr_A;  // [M, K1] (first pair)
+    StrideA dA;
+    ElementB const* ptr_B;  // [N, K1]
+    StrideB dB;
+    ElementA const* ptr_A2;  // [M, kTileK] (second pair: the rank-sized operands, zero past r)
+    StrideA dA2;
+    ElementB const* ptr_B2;  // [N, kTileK]
+    StrideB dB2;
+  };
+
+  struct Params : Base::Params {
+    typename Base::Params::TMA_A tma_load_a2;
+    typename Base::Params::TMA_B tma_load_b2;
+    int k_first;
+  };
+
+  static typename Base::Arguments first_args(Arguments const& a, bool second) {
+    typename Base::Arguments b{};
+    b.ptr_A = second ? a.ptr_A2 : a.ptr_A;
+    b.dA = second ? a.dA2 : a.dA;
+    b.ptr_B = second ? a.ptr_B2 : a.ptr_B;
+    b.dB = second ? a.dB2 : a.dB;
+    return b;
+  }
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape const& problem_shape, Arguments const& args, void* workspace) {
+    auto [M, N, K, L] = append<4>(problem_shape, 1);
+    const int k_first = int(K) - kTileK;
+    Params p;
+    static_cast<typename Base::Params&>(p) = Base::to_underlying_arguments(
+        make_shape(M, N, k_first, L), first_args(args, false), workspace);
+    const typename Base::Params second = Base::to_underlying_arguments(
+        make_shape(M, N, kTileK, L), first_args(args, true), workspace);
+    p.tma_load_a2 = second.tma_load_a;
+    p.tma_load_b2 = second.tma_load_b;
+    p.k_first = k_first;
+    return p;
+  }
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
+    auto [M, N, K, L] = append<4>(problem_shape, 1);
+    const int k_first = int(K) - kTileK;
+    return k_first > 0 &&
+           Base::can_implement(make_shape(M, N, k_first, L), first_args(args, false)) &&
+           Base::can_implement(make_shape(M, N, kTileK, L), first_args(args, true));
+  }
+
+  CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& p) {
+    Base::prefetch_tma_descriptors(p);
+    cute::prefetch_tma_descriptor(p.tma_load_a2.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(p.tma_load_b2.get_tma_descriptor());
+  }
+
+  // (gA, gB) over the first pair's K tiles (the kernel layer walks its k-tile coordinates over gA's), then the
+  // second pair's single K tile.
+  template <class ProblemShape_MNKL>
+  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& p) const {
+    auto [M, N, K, L] = problem_shape_MNKL;
+    using X = Underscore;
+    Tensor mA = p.tma_load_a.get_tma_tensor(make_shape(M, p.k_first, L));
+    Tensor mB = p.tma_load_b.get_tma_tensor(make_shape(N, p.k_first, L));
+    Tensor mA2 = p.tma_load_a2.get_tma_tensor(make_shape(M, Int<kTileK>{}, L));
+    Tensor mB2 = p.tma_load_b2.get_tma_tensor(make_shape(N, Int<kTileK>{}, L));
+    return cute::make_tuple(local_tile(mA, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{}),
+                            local_tile(mB, TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{}),
+                            local_tile(mA2, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{}),
+                            local_tile(mB2, TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{}));
+  }
+
+  // The producer: k_tile_count - 1 tiles of the first pair, then the second pair's tile, each stage filled by one
+  // TMA copy per operand (multicast across the cluster where the stock collective multicasts).
+  template <class TensorA, class TensorB, class TensorA2, class TensorB2, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& p, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                           cute::tuple<TensorA, TensorB, TensorA2, TensorB2> const& load_inputs,
+                           BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
+                           uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
+    if (!cute::elect_one_sync()) return;
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
+    using Cluster = typename DispatchPolicy::ClusterShape;
+    constexpr uint32_t cluster_x = get<0>(Cluster{});
+    const uint32_t cx = block_rank_in_cluster % cluster_x, cy = block_rank_in_cluster / cluster_x;
+    auto tma_a = p.tma_load_a.get_slice(cy), tma_a2 = p.tma_load_a2.get_slice(cy);
+    auto tma_b = p.tma_load_b.get_slice(cx), tma_b2 = p.tma_load_b2.get_slice(cx);
+    auto [m, n, k, l] = blk_coord;
+    Tensor tAgA = tma_a.partition_S(get<0>(load_inputs)(_, _, m, _, l));
+    Tensor tBgB = tma_b.partition_S(get<1>(load_inputs)(_, _, n, _, l));
+    Tensor tAgA2 = tma_a2.partition_S(get<2>(load_inputs)(_, _, m, _, l));
+    Tensor tBgB2 = tma_b2.partition_S(get<3>(load_inputs)(_, _, n, _, l));
+    Tensor tAsA = tma_a.partition_D(sA);
+    Tensor tBsB = tma_b.partition_D(sB);
+    // A's tile goes to every block of the cluster with this block's m (one per n), B's to every block with its n.
+    uint16_t mask_a = 0, mask_b = 0;
+    auto blocks = Layout<Cluster>{};
+    if constexpr (cute::is_same_v<GmemTiledCopyA, SM90_TMA_LOAD_MULTICAST>) {
+      for (int j = 0; j < size<1>(blocks); ++j) mask_a |= uint16_t(1) << blocks(cx, j, Int<0>{});
+    }
+    if constexpr (cute::is_same_v<GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
+      for (int i = 0; i < size<0>(blocks); ++i) mask_b |= uint16_t(1) << blocks(i, cy, Int<0>{});
+    }
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = 0; t < k_tile_count; ++t) {
+      pipeline.producer_acquire(smem_pipe_write);
+      auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
+      const int stage = smem_pipe_write.index();
+      if (t < k_tile_count - 1) {
+        copy(p.tma_load_a.with(*barrier, mask_a), tAgA(_, _, _, *k_tile_iter), tAsA(_, _, _, stage));
+        copy(p.tma_load_b.with(*barrier, mask_b), tBgB(_, _, _, *k_tile_iter), tBsB(_, _, _, stage));
+        ++k_tile_iter;
+      } else {
+        copy(p.tma_load_a2.with(*barrier, mask_a), tAgA2(_, _, _, 0), tAsA(_, _, _, stage));
+        copy(p.tma_load_b2.with(*barrier, mask_b), tBgB2(_, _, _, 0), tBsB(_, _, _, stage));
+      }
+      ++smem_pipe_write;
+    }
+  }
+};
+
+// ---- the GEMMs: bf16 operands, float32 accumulation, bf16 row-major D, no C ----------------------------------------
+// B's layout: ColumnMajor for y = x·Wᵀ (W [N, K] row-major), RowMajor for dx = dy·W (W [K, N] row-major). A macro,
+// not a template: GCC rejects CUTLASS's epilogue builder in a dependent context.
+namespace gemm_config {
+using T = cutlass::bfloat16_t;
+using TileShape = Shape<_128, _256, _64>;
+using ClusterShape = Shape<_2, _1, _1>;
+using Epilogue = cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, 8, T,
+    cutlass::layout::RowMajor, 8, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+}  // namespace gemm_config
+
+#define TMF_KCONCAT_GEMMS(NAME, LAYOUT_B)                                                                          \
+  struct NAME {                                                                                                    \
+    using T = gemm_config::T;                                                                                      \
+    using Epilogue = gemm_config::Epilogue;                                                                        \
+    using Mainloop = cutlass::gemm::collective::CollectiveBuilder<                                                 \
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, cutlass::layout::RowMajor, 8, T, LAYOUT_B, 8,      \
+        float, gemm_config::TileShape, gemm_config::ClusterShape,                                                  \
+        cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(Epilogue::SharedStorage))>,      \
+        cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;                                         \
+    using Plain = cutlass::gemm::device::GemmUniversalAdapter<                                                     \
+        cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>>;                      \
+    using KConcat = cutlass::gemm::device::GemmUniversalAdapter<                                                   \
+        cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, KConcatMainloop<Mainloop>, Epilogue>>;     \
+    using StrideA = Mainloop::StrideA;                                                                             \
+    using StrideB = Mainloop::StrideB;                                                                             \
+    using StrideD = Plain::GemmKernel::StrideD;                                                                    \
+    static constexpr int kTileK = 64;                                                                              \
+  }
+TMF_KCONCAT_GEMMS(FwdGemms, cutlass::layout::ColumnMajor);
+TMF_KCONCAT_GEMMS(BwdGemms, cutlass::layout::RowMajor);
+
+static cutlass::KernelHardwareInfo g_hw;
+static void* g_workspace = nullptr;
+static size_t g_workspace_bytes = 0;
+
+template <class Gemm>
+static void run_gemm(Gemm& gemm, typename Gemm::Arguments const& args) {
+  const size_t need = Gemm::get_workspace_size(args);
+  if (need > g_workspace_bytes) {
+    if (g_workspace) CK(cudaFree(g_workspace));
+    CK(cudaMalloc(&g_workspace, need));
+    g_workspace_bytes = need;
+  }
+  CS(gemm.can_implement(args));
+  CS(gemm.initialize(args, g_workspace));
+  CS(gemm.run());
+}
+
+// D [m, n] = A [m, k] · op(B) (B [n, k] row-major for the forward, [k, n] for the backward), CUTLASS.
+template <class G>
+static void cutlass_plain(const bf16* a, const bf16* b, bf16* d, int m, int n, int k) {
+  static typename G::Plain gemm;
+  using T = typename G::T;
+  typename G::Plain::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {m, n, k, 1},
+      {reinterpret_cast<const T*>(a), cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, k, 1}),
+       reinterpret_cast<const T*>(b), cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1})},
+      {{1.f, 0.f}, nullptr, {}, reinterpret_cast<T*>(d),
+       cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1})},
+      g_hw};
+  run_gemm(gemm, args);
+}
+
+// D = [A | A2]·op([B | B2]) with A2 [m, 64] and B2 [n, 64] (forward) or [64, n] (backward), zero past the rank.
+template <class G>
+static void cutlass_kconcat(const bf16* a, const bf16* b, const bf16* a2, const bf16* b2, bf16* d, int m, int n,
+                            int k) {
+  static typename G::KConcat gemm;
+  using T = typename G::T;
+  constexpr int kt = G::kTileK;
+  typename G::KConcat::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {m, n, k + kt, 1},
+      {reinterpret_cast<const T*>(a), cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, k, 1}),
+       reinterpret_cast<const T*>(b), cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1}),
+       reinterpret_cast<const T*>(a2), cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, kt, 1}),
+       reinterpret_cast<const T*>(b2), cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, kt, 1})},
+      {{1.f, 0.f}, nullptr, {}, reinterpret_cast<T*>(d),
+       cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1})},
+      g_hw};
+  run_gemm(gemm, args);
+}
+
+// ---- cuBLAS and buffers --------------------------------------------------------------------------------------------
+static cublasHandle_t g_blas;
+
+// Row-major C [m, n] = alpha · op(X) · op(Y) + beta · C (X [m, k] or [k, m] when tx; Y [k, n] or [n, k] when ty), C
+// bf16 or float32 (c32); row strides ldc, ldx, ldy where given (0: the packed one).
+static void gemm(bool tx, bool ty, const bf16* x, const bf16* y, void* c, int64_t m, int64_t n, int64_t k, float alpha,
+                 float beta, bool c32 = false, int64_t ldc = 0, int64_t ldx = 0, int64_t ldy = 0) {
+  CB(cublasGemmEx(g_blas, ty ? CUBLAS_OP_T : CUBLAS_OP_N, tx ? CUBLAS_OP_T : CUBLAS_OP_N, int(n), int(m), int(k),
+                  &alpha, y, CUDA_R_16BF, int(ldy ? ldy : (ty ? k : n)), x, CUDA_R_16BF, int(ldx ? ldx : (tx ? m : k)),
+                  &beta, c, c32 ? CUDA_R_32F : CUDA_R_16BF, int(ldc ? ldc : n), CUBLAS_COMPUTE_32F,
+                  CUBLAS_GEMM_DEFAULT));
+}
+
+static bf16* alloc_random(size_t n, float scale, uint32_t seed) {
+  std::vector<bf16> h(n);
+  uint32_t state = seed * 2654435761u + 12345u;
+  for (size_t i = 0; i < n; ++i) {
+    state = state * 1664525u + 1013904223u;
+    h[i] = __float2bfloat16(scale * (float(state >> 8) / float(1 << 24) * 2.0f - 1.0f));
+  }
+  bf16* d;
+  CK(cudaMalloc(&d, n * sizeof(bf16)));
+  CK(cudaMemcpy(d, h.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
+  return d;
+}
+template <class E = bf16>
+static E* alloc(size_t n) {
+  E* d;
+  CK(cudaMalloc(&d, n * sizeof(E)));
+  return d;
+}
+// dst [rows, ld] = src [rows, cols] (rows of cols elements) with columns cols..ld-1 zero.
+static void pad_columns(const bf16* src, bf16* dst, int64_t rows, int64_t cols, int64_t ld) {
+  CK(cudaMemset(dst, 0, rows * ld * sizeof(bf16)));
+  CK(cudaMemcpy2D(dst, ld * sizeof(bf16), src, cols * sizeof(bf16), cols * sizeof(bf16), rows,
+                  cudaMemcpyDeviceToDevice));
+}
+
+// Worst |got - want| over the worst |want| (a float32 reference).
+static void check(const std::string& what, const bf16* got, const float* want, size_t n) {
+  std::vector<bf16> g(n);
+  std::vector<float> w(n);
+  CK(cudaMemcpy(g.data(), got, n * sizeof(bf16), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(w.data(), want, n * sizeof(float), cudaMemcpyDeviceToHost));
+  double worst = 0, scale = 0;
+  for (size_t i = 0; i < n; ++i) {
+    worst = std::max(worst, double(std::fabs(__bfloat162float(g[i]) - w[i])));
+    scale = std::max(scale, double(std::fabs(w[i])));
+  }
+  const bool ok = worst <= 1e-2 * scale;  // bf16 output: 2^-8 relative, and float32 sums in another order
+  printf("check %-58s worst |diff| %.2e of max |ref| %.2e %s\n", what.c_str(), worst, scale, ok ? "ok" : "FAILED");
+  if (!ok) exit(1);
+}
+
+static float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// One LoRA shape: tokens m, in k, out n, rank r (r <= 64), scale s.
+static void bench_shape(int m, int k, int n, int r) {
+  using tmf::cuda::ExpandAddend;
+  const float s = 2.0f;
+  const int kt = FwdGemms::kTileK;
+  const std::string shape =
+      std::to_string(m) + "x" + std::to_string(k) + "->" + std::to_string(n) + " r" + std::to_string(r);
+  bf16 *x = alloc_random(size_t(m) * k, 1.f, 1), *w = alloc_random(size_t(n) * k, 0.02f, 2);
+  bf16 *a = alloc_random(size_t(r) * k, 0.02f, 3), *b = alloc_random(size_t(n) * r, 0.25f, 4);
+  bf16* dy = alloc_random(size_t(m) * n, 1.f, 6);
+  bf16 *at = alloc(size_t(k) * r), *y = alloc(size_t(m) * n), *dx = alloc(size_t(m) * k), *wm = alloc(size_t(n) * k);
+  bf16 *h = alloc(size_t(m) * r), *dh = alloc(size_t(m) * r), *da = alloc(size_t(r) * k), *db = alloc(size_t(n) * r);
+  bf16 *hs_pad = alloc(size_t(m) * kt), *dh_pad = alloc(size_t(m) * kt);  // [m, 64]: s·h and dh, zero past r
+  bf16 *b_pad = alloc(size_t(n) * kt), *a_pad = alloc(size_t(kt) * k);     // [n, 64] B; [64, k] A (rows past r zero)
+  float *y32 = alloc<float>(size_t(m) * n), *dx32 = alloc<float>(size_t(m) * k);
+  {  // Aᵀ for the W' kernel; the padded operands (setup, not timed)
+    std::vector<bf16> ha(size_t(r) * k), hat(size_t(k) * r);
+    CK(cudaMemcpy(ha.data(), a, ha.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
+    for (int i = 0; i < r; ++i)
+      for (int j = 0; j < k; ++j) hat[size_t(j) * r + i] = ha[size_t(i) * k + j];
+    CK(cudaMemcpy(at, hat.data(), hat.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+    pad_columns(b, b_pad, n, r, kt);
+    CK(cudaMemset(a_pad, 0, size_t(kt) * k * sizeof(bf16)));
+    CK(cudaMemcpy(a_pad, a, size_t(r) * k * sizeof(bf16), cudaMemcpyDeviceToDevice));
+    CK(cudaMemset(hs_pad, 0, size_t(m) * kt * sizeof(bf16)));
+    CK(cudaMemset(dh_pad, 0, size_t(m) * kt * sizeof(bf16)));
+  }
+  // The routes' skinny products write into the padded buffers' first r columns (ldc 64).
+  auto hs_into_pad = [&] { gemm(false, true, x, a, hs_pad, m, r, k, s, 0.f, false, kt); };     // s·x·Aᵀ
+  auto dh_into_pad = [&] { gemm(false, false, dy, b, dh_pad, m, r, n, s, 0.f, false, kt); };  // s·dy·B
+  // Checks against float32 references: y = x·Wᵀ + (s·h)·Bᵀ, dx = dy·W + dh·A (the padded s·h and dh as computed).
+  hs_into_pad();
+  dh_into_pad();
+  CK(cudaDeviceSynchronize());
+  gemm(false, true, x, w, y32, m, n, k, 1.f, 0.f, true);
+  cutlass_plain<FwdGemms>(x, w, y, m, n, k);
+  check(shape + " y = x·Wᵀ, CUTLASS", y, y32, size_t(m) * n);
+  gemm(false, true, hs_pad, b_pad, y32, m, n, kt, 1.f, 1.f, true);
+  cutlass_kconcat<FwdGemms>(x, w, hs_pad, b_pad, y, m, n, k);
+  check(shape + " y = [x | s·h]·[W | B]ᵀ, CUTLASS K-concat", y, y32, size_t(m) * n);
+  gemm(false, false, dy, w, dx32, m, k, n, 1.f, 0.f, true);
+  cutlass_plain<BwdGemms>(dy, w, dx, m, k, n);
+  check(shape + " dx = dy·W, CUTLASS", dx, dx32, size_t(m) * k);
+  gemm(false, false, dh_pad, a_pad, dx32, m, k, kt, 1.f, 1.f, true);
+  cutlass_kconcat<BwdGemms>(dy, w, dh_pad, a_pad, dx, m, k, n);
+  check(shape + " dx = [dy | dh]·[W; A], CUTLASS K-concat", dx, dx32, size_t(m) * k);
+
+  // GEMMs alone.
+  auto row = [&](const char* what, float us, float base) {
+    printf("%-24s %-52s %7.1f us  %.3fx\n", shape.c_str(), what, us, us / base);
+  };
+  const float base = time_us([&] { gemm(false, true, x, w, y, m, n, k, 1.f, 0.f); });
+  row("base y = x·Wᵀ, cuBLAS", base, base);
+  row("y = x·Wᵀ, CUTLASS", time_us([&] { cutlass_plain<FwdGemms>(x, w, y, m, n, k); }), base);
+  row("y = [x | s·h]·[W | B]ᵀ, CUTLASS K-concat", time_us([&] { cutlass_kconcat<FwdGemms>(x, w, hs_pad, b_pad, y, m, n, k); }),
+      base);
+  const float base_dx = time_us([&] { gemm(false, false, dy, w, dx, m, k, n, 1.f, 0.f); });
+  row("base dx = dy·W, cuBLAS", base_dx, base_dx);
+  row("dx = dy·W, CUTLASS", time_us([&] { cutlass_plain<BwdGemms>(dy, w, dx, m, k, n); }), base_dx);
+  row("dx = [dy | dh]·[W; A], CUTLASS K-concat",
+      time_us([&] { cutlass_kconcat<BwdGemms>(dy, w, dh_pad, a_pad, dx, m, k, n); }), base_dx);
+
+  // Forward and backward as one call (W frozen; as the suite times the op), ratio to the base pair timed in the
+  // same round, median over rounds with the order rotated (the GPU drifts within a run: lorak:orders).
+  const bool merged = m > k;  // the op's rule: many tokens take the merged forward (no h) and backward
+  auto today = [&] {
+    if (merged) {
+      tmf::cuda::launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_hw.sm_count, 0);
+      gemm(false, true, x, wm, y, m, n, k, 1.f, 0.f);
+      gemm(false, false, dy, b, dh, m, r, n, s, 0.f);                                   // dh = s·dy·B
+      tmf::cuda::launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_hw.sm_count, 0);
+      gemm(false, false, dy, wm, dx, m, k, n, 1.f, 0.f);                                // dx = dy·W'
+      gemm(true, false, dh, x, da, r, k, m, 1.f, 0.f);                                  // dA = dhᵀ·x
+      gemm(false, true, x, a, h, m, r, k, 1.f, 0.f);                                    // h
+      gemm(true, false, dy, h, db, n, r, m, s, 0.f);                                    // dB = s·dyᵀ·h
+    } else {
+      gemm(false, true, x, a, h, m, r, k, 1.f, 0.f);
+      gemm(false, true, h, b, y, m, n, r, s, 0.f);
+      gemm(false, true, x, w, y, m, n, k, 1.f, 1.f);
+      gemm(false, false, dy, b, dh, m, r, n, s, 0.f);
+      gemm(false, false, dh, a, dx, m, k, r, 1.f, 0.f);
+      gemm(false, false, dy, w, dx, m, k, n, 1.f, 1.f);
+      gemm(true, false, dh, x, da, r, k, m, 1.f, 0.f);
+      gemm(true, false, dy, h, db, n, r, m, s, 0.f);
+    }
+  };
+  auto kconcat = [&] {
+    hs_into_pad();                                                           // s·h (kept for dB: dB = dyᵀ·(s·h))
+    cutlass_kconcat<FwdGemms>(x, w, hs_pad, b_pad, y, m, n, k);              // y
+    dh_into_pad();                                                           // dh = s·dy·B
+    cutlass_kconcat<BwdGemms>(dy, w, dh_pad, a_pad, dx, m, k, n);            // dx
+    gemm(true, false, dh_pad, x, da, r, k, m, 1.f, 0.f, false, 0, kt);       // dA = dhᵀ·x
+    gemm(true, false, dy, hs_pad, db, n, r, m, 1.f, 0.f, false, 0, 0, kt);   // dB = dyᵀ·(s·h)
+  };
+  constexpr int kRounds = 5;
+  std::vector<float> pair, t_today, t_kc, r_today, r_kc;
+  for (int round = 0; round < kRounds; ++round) {
+    const float p = time_us([&] {
+      gemm(false, true, x, w, y, m, n, k, 1.f, 0.f);
+      gemm(false, false, dy, w, dx, m, k, n, 1.f, 0.f);
+    });
+    float a1, a2;
+    if (round % 2 == 0) {
+      a1 = time_us(today);
+      a2 = time_us(kconcat);
+    } else {
+      a2 = time_us(kconcat);
+      a1 = time_us(today);
+    }
+    pair.push_back(p);
+    t_today.push_back(a1);
+    t_kc.push_back(a2);
+    r_today.push_back(a1 / p);
+    r_kc.push_back(a2 / p);
+  }
+  printf("%-24s fwd+bwd: base pair %.1f us; op's route on cuBLAS + W' kernel %.1f us (%.3fx); K-concat %.1f us "
+         "(%.3fx)\n",
+         shape.c_str(), median(pair), median(t_today), median(r_today), median(t_kc), median(r_kc));
+  for (void* p : std::vector<void*>{x, w, a, b, dy, at, y, dx, wm, h, dh, da, db, hs_pad, dh_pad, b_pad, a_pad, y32,
+                                    dx32})
+    CK(cudaFree(p));
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1) bench_reps = atoi(argv[1]);
+  CB(cublasCreate(&g_blas));
+  g_hw.device_id = 0;
+  g_hw.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(0);
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  printf("%s, %d SMs\n", prop.name, g_hw.sm_count);
+  bench_shape(1000, 1048, 1016, 16);  // ragged tiles: M, N and the first pair's K not multiples of the tile
+  for (int r : {16, 64}) {
+    bench_shape(8192, 4096, 4096, r);
+    bench_shape(2048, 4096, 11008, r);
+  }
+  return 0;
+}
