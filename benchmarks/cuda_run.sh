@@ -84,14 +84,14 @@ for step in $steps; do
     kconcat)
       # LoRA's base GEMM over K-concatenated operands (CUTLASS's Hopper GEMM with our producer) against cuBLAS and the
       # op's routes: benchmarks/cuda_lora_kconcat_bench.cu. Needs CUTLASS's headers: the nvidia-cutlass wheel in .whl/.
-      cutlass=$(python3 -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source"))') ||
-        { echo "kconcat: no cutlass_library (put the nvidia-cutlass wheel in .whl/)"; exit 1; }
+      cutlass=$(dirname "$(find /tmp/site ${PYTHONPATH//:/ } -path '*cutlass_library/source/include' -type d 2>/dev/null | head -1)")
+      [ -d "$cutlass/include/cute" ] || { echo "kconcat: no CUTLASS headers (put the nvidia-cutlass wheel in .whl/)"; exit 1; }
       site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
       inc=$(find /usr/local/cuda*/ $site -name cublas_v2.h 2>/dev/null | head -1)
       lib=$(find /usr/local/cuda*/ $site -name 'libcublas.so*' 2>/dev/null | grep -v Lt | head -1)
       nvcc -O3 -DNDEBUG -std=c++20 -arch=sm_90a --expt-relaxed-constexpr -I "$cutlass/include" \
         -I "$cutlass/tools/util/include" -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kconcat_bench.cu \
-        -Xlinker "$lib" -Xlinker -rpath,"$(dirname "$lib")" -lcuda -o /tmp/kconcat &&
+        -Xlinker "$lib" -Xlinker -rpath,"$(dirname "$lib")" -L /usr/local/cuda/lib64/stubs -lcuda -o /tmp/kconcat &&
         /tmp/kconcat 20 2>&1 | tee "$OUT/lora_kconcat.txt"
       ;;
     ncu)
