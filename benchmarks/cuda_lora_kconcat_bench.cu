@@ -195,27 +195,18 @@ struct KConcatMainloop : Base {
 };
 
 // ---- the GEMMs: bf16 operands, float32 accumulation, bf16 row-major D, no C ----------------------------------------
-// B's layout: ColumnMajor for y = x·Wᵀ (W [N, K] row-major), RowMajor for dx = dy·W (W [K, N] row-major). A macro,
-// not a template: GCC rejects CUTLASS's epilogue builder in a dependent context.
-namespace gemm_config {
-using T = cutlass::bfloat16_t;
-using TileShape = Shape<_128, _256, _64>;
-using ClusterShape = Shape<_2, _1, _1>;
-using Epilogue = cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, 8, T,
-    cutlass::layout::RowMajor, 8, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
-}  // namespace gemm_config
-
-#define TMF_KCONCAT_GEMMS(NAME, LAYOUT_B)                                                                          \
+// A configuration: tile, cluster, kernel and epilogue schedules; each gives the forward GEMM (B = W [N, K] row-major:
+// ColumnMajor) and the backward one (B = W [K, N] row-major: RowMajor), plain and K-concatenated. Macros, not
+// templates: GCC rejects CUTLASS's epilogue builder in a dependent context.
+#define TMF_GEMM_PAIR(NAME, EPI, LAYOUT_B, TILE, CLUSTER, SCHEDULE)                                                  \
   struct NAME {                                                                                                    \
-    using T = gemm_config::T;                                                                                      \
-    using Epilogue = gemm_config::Epilogue;                                                                        \
+    using T = cutlass::bfloat16_t;                                                                                 \
+    using Epilogue = EPI;                                                                                          \
     using Mainloop = cutlass::gemm::collective::CollectiveBuilder<                                                 \
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, cutlass::layout::RowMajor, 8, T, LAYOUT_B, 8,      \
-        float, gemm_config::TileShape, gemm_config::ClusterShape,                                                  \
+        float, TILE, CLUSTER,                                                                                      \
         cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(Epilogue::SharedStorage))>,      \
-        cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;                                         \
+        SCHEDULE>::CollectiveOp;                                                                                   \
     using Plain = cutlass::gemm::device::GemmUniversalAdapter<                                                     \
         cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>>;                      \
     using KConcat = cutlass::gemm::device::GemmUniversalAdapter<                                                   \
@@ -223,10 +214,33 @@ using Epilogue = cutlass::epilogue::collective::CollectiveBuilder<
     using StrideA = Mainloop::StrideA;                                                                             \
     using StrideB = Mainloop::StrideB;                                                                             \
     using StrideD = Plain::GemmKernel::StrideD;                                                                    \
-    static constexpr int kTileK = 64;                                                                              \
+    static constexpr int kTileK = size<2>(TILE{});                                                                 \
   }
-TMF_KCONCAT_GEMMS(FwdGemms, cutlass::layout::ColumnMajor);
-TMF_KCONCAT_GEMMS(BwdGemms, cutlass::layout::RowMajor);
+#define TMF_GEMM_CONFIG(NAME, TILE, CLUSTER, SCHEDULE, EPI_SCHEDULE)                                                 \
+  namespace NAME {                                                                                                 \
+  using Epilogue = cutlass::epilogue::collective::CollectiveBuilder<                                               \
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TILE, CLUSTER,                                          \
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, 8,           \
+      cutlass::bfloat16_t, cutlass::layout::RowMajor, 8, EPI_SCHEDULE>::CollectiveOp;                              \
+  TMF_GEMM_PAIR(Fwd, Epilogue, cutlass::layout::ColumnMajor, TILE, CLUSTER, SCHEDULE);                             \
+  TMF_GEMM_PAIR(Bwd, Epilogue, cutlass::layout::RowMajor, TILE, CLUSTER, SCHEDULE);                                \
+  }
+
+using Tile128x256 = Shape<_128, _256, _64>;
+using Tile128x128 = Shape<_128, _128, _64>;
+using Cluster2x1 = Shape<_2, _1, _1>;
+using Cluster1x2 = Shape<_1, _2, _1>;
+TMF_GEMM_CONFIG(coop_128x256_c2x1, Tile128x256, Cluster2x1, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                cutlass::epilogue::TmaWarpSpecializedCooperative)
+TMF_GEMM_CONFIG(coop_128x256_c1x2, Tile128x256, Cluster1x2, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                cutlass::epilogue::TmaWarpSpecializedCooperative)
+TMF_GEMM_CONFIG(pingpong_128x128_c2x1, Tile128x128, Cluster2x1, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                cutlass::epilogue::TmaWarpSpecialized)
+
+// The persistent scheduler's runtime knobs (swept below).
+using RasterOrder = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90Params::RasterOrderOptions;
+static int g_swizzle = 1;
+static RasterOrder g_raster = RasterOrder::Heuristic;
 
 static cutlass::KernelHardwareInfo g_hw;
 static void* g_workspace = nullptr;
@@ -258,6 +272,8 @@ static void cutlass_plain(const bf16* a, const bf16* b, bf16* d, int m, int n, i
       {{1.f, 0.f}, nullptr, {}, reinterpret_cast<T*>(d),
        cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1})},
       g_hw};
+  args.scheduler.max_swizzle_size = g_swizzle;
+  args.scheduler.raster_order = g_raster;
   run_gemm(gemm, args);
 }
 
@@ -278,6 +294,8 @@ static void cutlass_kconcat(const bf16* a, const bf16* b, const bf16* a2, const 
       {{1.f, 0.f}, nullptr, {}, reinterpret_cast<T*>(d),
        cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1})},
       g_hw};
+  args.scheduler.max_swizzle_size = g_swizzle;
+  args.scheduler.raster_order = g_raster;
   run_gemm(gemm, args);
 }
 
@@ -340,23 +358,37 @@ static float median(std::vector<float> v) {
   return v[v.size() / 2];
 }
 
-// One LoRA shape: tokens m, in k, out n, rank r (r <= 64), scale s.
-static void bench_shape(int m, int k, int n, int r) {
-  using tmf::cuda::ExpandAddend;
-  const float s = 2.0f;
-  const int kt = FwdGemms::kTileK;
-  const std::string shape =
-      std::to_string(m) + "x" + std::to_string(k) + "->" + std::to_string(n) + " r" + std::to_string(r);
-  bf16 *x = alloc_random(size_t(m) * k, 1.f, 1), *w = alloc_random(size_t(n) * k, 0.02f, 2);
-  bf16 *a = alloc_random(size_t(r) * k, 0.02f, 3), *b = alloc_random(size_t(n) * r, 0.25f, 4);
-  bf16* dy = alloc_random(size_t(m) * n, 1.f, 6);
-  bf16 *at = alloc(size_t(k) * r), *y = alloc(size_t(m) * n), *dx = alloc(size_t(m) * k), *wm = alloc(size_t(n) * k);
-  bf16 *h = alloc(size_t(m) * r), *dh = alloc(size_t(m) * r), *da = alloc(size_t(r) * k), *db = alloc(size_t(n) * r);
-  bf16 *hs_pad = alloc(size_t(m) * kt), *dh_pad = alloc(size_t(m) * kt);  // [m, 64]: s·h and dh, zero past r
-  bf16 *b_pad = alloc(size_t(n) * kt), *a_pad = alloc(size_t(kt) * k);     // [n, 64] B; [64, k] A (rows past r zero)
-  float *y32 = alloc<float>(size_t(m) * n), *dx32 = alloc<float>(size_t(m) * k);
-  {  // Aᵀ for the W' kernel; the padded operands (setup, not timed)
-    std::vector<bf16> ha(size_t(r) * k), hat(size_t(k) * r);
+// One LoRA shape's operands: tokens m, in k, out n, rank r (r <= 64), scale s; the rank-sized operands also
+// zero-padded to the tile's K of 64 (s·h [m, 64], dh [m, 64], B [n, 64], A [64, k]).
+struct Lora {
+  int m, k, n, r;
+  float s = 2.0f;
+  static constexpr int kt = 64;
+  std::string shape;
+  bf16 *x, *w, *a, *b, *dy, *at, *y, *dx, *wm, *h, *dh, *da, *db, *hs_pad, *dh_pad, *b_pad, *a_pad;
+  float *y32, *dx32;  // float32 references: y = x·Wᵀ (+ (s·h)·Bᵀ), dx = dy·W (+ dh·A)
+  Lora(int m_, int k_, int n_, int r_) : m(m_), k(k_), n(n_), r(r_) {
+    shape = std::to_string(m) + "x" + std::to_string(k) + "->" + std::to_string(n) + " r" + std::to_string(r);
+    x = alloc_random(size_t(m) * k, 1.f, 1);
+    w = alloc_random(size_t(n) * k, 0.02f, 2);
+    a = alloc_random(size_t(r) * k, 0.02f, 3);
+    b = alloc_random(size_t(n) * r, 0.25f, 4);
+    dy = alloc_random(size_t(m) * n, 1.f, 6);
+    at = alloc(size_t(k) * r);
+    y = alloc(size_t(m) * n);
+    dx = alloc(size_t(m) * k);
+    wm = alloc(size_t(n) * k);
+    h = alloc(size_t(m) * r);
+    dh = alloc(size_t(m) * r);
+    da = alloc(size_t(r) * k);
+    db = alloc(size_t(n) * r);
+    hs_pad = alloc(size_t(m) * kt);
+    dh_pad = alloc(size_t(m) * kt);
+    b_pad = alloc(size_t(n) * kt);
+    a_pad = alloc(size_t(kt) * k);
+    y32 = alloc<float>(size_t(m) * n);
+    dx32 = alloc<float>(size_t(m) * k);
+    std::vector<bf16> ha(size_t(r) * k), hat(size_t(k) * r);  // Aᵀ for the W' kernel
     CK(cudaMemcpy(ha.data(), a, ha.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
     for (int i = 0; i < r; ++i)
       for (int j = 0; j < k; ++j) hat[size_t(j) * r + i] = ha[size_t(i) * k + j];
@@ -366,55 +398,30 @@ static void bench_shape(int m, int k, int n, int r) {
     CK(cudaMemcpy(a_pad, a, size_t(r) * k * sizeof(bf16), cudaMemcpyDeviceToDevice));
     CK(cudaMemset(hs_pad, 0, size_t(m) * kt * sizeof(bf16)));
     CK(cudaMemset(dh_pad, 0, size_t(m) * kt * sizeof(bf16)));
+    hs_into_pad();
+    dh_into_pad();
   }
-  // The routes' skinny products write into the padded buffers' first r columns (ldc 64).
-  auto hs_into_pad = [&] { gemm(false, true, x, a, hs_pad, m, r, k, s, 0.f, false, kt); };     // s·x·Aᵀ
-  auto dh_into_pad = [&] { gemm(false, false, dy, b, dh_pad, m, r, n, s, 0.f, false, kt); };  // s·dy·B
-  // Checks against float32 references: y = x·Wᵀ + (s·h)·Bᵀ, dx = dy·W + dh·A (the padded s·h and dh as computed).
-  hs_into_pad();
-  dh_into_pad();
-  CK(cudaDeviceSynchronize());
-  gemm(false, true, x, w, y32, m, n, k, 1.f, 0.f, true);
-  cutlass_plain<FwdGemms>(x, w, y, m, n, k);
-  check(shape + " y = x·Wᵀ, CUTLASS", y, y32, size_t(m) * n);
-  gemm(false, true, hs_pad, b_pad, y32, m, n, kt, 1.f, 1.f, true);
-  cutlass_kconcat<FwdGemms>(x, w, hs_pad, b_pad, y, m, n, k);
-  check(shape + " y = [x | s·h]·[W | B]ᵀ, CUTLASS K-concat", y, y32, size_t(m) * n);
-  gemm(false, false, dy, w, dx32, m, k, n, 1.f, 0.f, true);
-  cutlass_plain<BwdGemms>(dy, w, dx, m, k, n);
-  check(shape + " dx = dy·W, CUTLASS", dx, dx32, size_t(m) * k);
-  gemm(false, false, dh_pad, a_pad, dx32, m, k, kt, 1.f, 1.f, true);
-  cutlass_kconcat<BwdGemms>(dy, w, dh_pad, a_pad, dx, m, k, n);
-  check(shape + " dx = [dy | dh]·[W; A], CUTLASS K-concat", dx, dx32, size_t(m) * k);
-
-  // GEMMs alone.
-  auto row = [&](const char* what, float us, float base) {
-    printf("%-24s %-52s %7.1f us  %.3fx\n", shape.c_str(), what, us, us / base);
-  };
-  const float base = time_us([&] { gemm(false, true, x, w, y, m, n, k, 1.f, 0.f); });
-  row("base y = x·Wᵀ, cuBLAS", base, base);
-  row("y = x·Wᵀ, CUTLASS", time_us([&] { cutlass_plain<FwdGemms>(x, w, y, m, n, k); }), base);
-  row("y = [x | s·h]·[W | B]ᵀ, CUTLASS K-concat", time_us([&] { cutlass_kconcat<FwdGemms>(x, w, hs_pad, b_pad, y, m, n, k); }),
-      base);
-  const float base_dx = time_us([&] { gemm(false, false, dy, w, dx, m, k, n, 1.f, 0.f); });
-  row("base dx = dy·W, cuBLAS", base_dx, base_dx);
-  row("dx = dy·W, CUTLASS", time_us([&] { cutlass_plain<BwdGemms>(dy, w, dx, m, k, n); }), base_dx);
-  row("dx = [dy | dh]·[W; A], CUTLASS K-concat",
-      time_us([&] { cutlass_kconcat<BwdGemms>(dy, w, dh_pad, a_pad, dx, m, k, n); }), base_dx);
-
-  // Forward and backward as one call (W frozen; as the suite times the op), ratio to the base pair timed in the
-  // same round, median over rounds with the order rotated (the GPU drifts within a run: lorak:orders).
-  const bool merged = m > k;  // the op's rule: many tokens take the merged forward (no h) and backward
-  auto today = [&] {
-    if (merged) {
+  ~Lora() {
+    for (void* p : std::vector<void*>{x, w, a, b, dy, at, y, dx, wm, h, dh, da, db, hs_pad, dh_pad, b_pad, a_pad, y32,
+                                      dx32})
+      cudaFree(p);
+  }
+  // The skinny products of the K-concatenated route write into the padded buffers' first r columns.
+  void hs_into_pad() const { gemm(false, true, x, a, hs_pad, m, r, k, s, 0.f, false, kt); }     // s·x·Aᵀ
+  void dh_into_pad() const { gemm(false, false, dy, b, dh_pad, m, r, n, s, 0.f, false, kt); }  // s·dy·B
+  bool merged() const { return m > k; }  // the op's rule: many tokens take the merged forward and backward
+  // The op's route as it runs today (cuBLAS, W' by our kernel), forward and backward.
+  void today() const {
+    using tmf::cuda::ExpandAddend;
+    if (merged()) {
       tmf::cuda::launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_hw.sm_count, 0);
       gemm(false, true, x, wm, y, m, n, k, 1.f, 0.f);
-      gemm(false, false, dy, b, dh, m, r, n, s, 0.f);                                   // dh = s·dy·B
+      gemm(false, false, dy, b, dh, m, r, n, s, 0.f);  // dh = s·dy·B
       tmf::cuda::launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_hw.sm_count, 0);
-      gemm(false, false, dy, wm, dx, m, k, n, 1.f, 0.f);                                // dx = dy·W'
-      gemm(true, false, dh, x, da, r, k, m, 1.f, 0.f);                                  // dA = dhᵀ·x
-      gemm(false, true, x, a, h, m, r, k, 1.f, 0.f);                                    // h
-      gemm(true, false, dy, h, db, n, r, m, s, 0.f);                                    // dB = s·dyᵀ·h
+      gemm(false, false, dy, wm, dx, m, k, n, 1.f, 0.f);  // dx = dy·W'
+      gemm(true, false, dh, x, da, r, k, m, 1.f, 0.f);    // dA = dhᵀ·x
+      gemm(false, true, x, a, h, m, r, k, 1.f, 0.f);      // h
+      gemm(true, false, dy, h, db, n, r, m, s, 0.f);      // dB = s·dyᵀ·h
     } else {
       gemm(false, true, x, a, h, m, r, k, 1.f, 0.f);
       gemm(false, true, h, b, y, m, n, r, s, 0.f);
@@ -425,42 +432,104 @@ static void bench_shape(int m, int k, int n, int r) {
       gemm(true, false, dh, x, da, r, k, m, 1.f, 0.f);
       gemm(true, false, dy, h, db, n, r, m, s, 0.f);
     }
-  };
-  auto kconcat = [&] {
-    hs_into_pad();                                                           // s·h (kept for dB: dB = dyᵀ·(s·h))
-    cutlass_kconcat<FwdGemms>(x, w, hs_pad, b_pad, y, m, n, k);              // y
-    dh_into_pad();                                                           // dh = s·dy·B
-    cutlass_kconcat<BwdGemms>(dy, w, dh_pad, a_pad, dx, m, k, n);            // dx
-    gemm(true, false, dh_pad, x, da, r, k, m, 1.f, 0.f, false, 0, kt);       // dA = dhᵀ·x
-    gemm(true, false, dy, hs_pad, db, n, r, m, 1.f, 0.f, false, 0, 0, kt);   // dB = dyᵀ·(s·h)
-  };
-  constexpr int kRounds = 5;
-  std::vector<float> pair, t_today, t_kc, r_today, r_kc;
-  for (int round = 0; round < kRounds; ++round) {
-    const float p = time_us([&] {
+  }
+  float base_pair() const {
+    return time_us([&] {
       gemm(false, true, x, w, y, m, n, k, 1.f, 0.f);
       gemm(false, false, dy, w, dx, m, k, n, 1.f, 0.f);
     });
-    float a1, a2;
-    if (round % 2 == 0) {
-      a1 = time_us(today);
-      a2 = time_us(kconcat);
-    } else {
-      a2 = time_us(kconcat);
-      a1 = time_us(today);
-    }
-    pair.push_back(p);
-    t_today.push_back(a1);
-    t_kc.push_back(a2);
-    r_today.push_back(a1 / p);
-    r_kc.push_back(a2 / p);
   }
-  printf("%-24s fwd+bwd: base pair %.1f us; op's route on cuBLAS + W' kernel %.1f us (%.3fx); K-concat %.1f us "
-         "(%.3fx)\n",
-         shape.c_str(), median(pair), median(t_today), median(r_today), median(t_kc), median(r_kc));
-  for (void* p : std::vector<void*>{x, w, a, b, dy, at, y, dx, wm, h, dh, da, db, hs_pad, dh_pad, b_pad, a_pad, y32,
-                                    dx32})
-    CK(cudaFree(p));
+};
+
+// One configuration at one shape: the checks, the GEMMs alone under each scheduler setting, then forward+backward
+// through the K-concatenated route (with the setting that ran the plain pair fastest) against the op's route and the
+// base pair, each round timing all three with the order alternated (the GPU drifts within a run: lorak:orders).
+template <class Fwd, class Bwd>
+static void bench_config(const char* config, const Lora& d, float base_fwd, float base_dx) {
+  const int m = d.m, k = d.k, n = d.n, r = d.r, kt = Lora::kt;
+  const std::string tag = d.shape + " " + config;
+  g_swizzle = 1;
+  g_raster = RasterOrder::Heuristic;
+  gemm(false, true, d.x, d.w, d.y32, m, n, k, 1.f, 0.f, true);
+  cutlass_plain<Fwd>(d.x, d.w, d.y, m, n, k);
+  check(tag + ": y = x·Wᵀ", d.y, d.y32, size_t(m) * n);
+  gemm(false, true, d.hs_pad, d.b_pad, d.y32, m, n, kt, 1.f, 1.f, true);
+  cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k);
+  check(tag + ": y = [x | s·h]·[W | B]ᵀ", d.y, d.y32, size_t(m) * n);
+  gemm(false, false, d.dy, d.w, d.dx32, m, k, n, 1.f, 0.f, true);
+  cutlass_plain<Bwd>(d.dy, d.w, d.dx, m, k, n);
+  check(tag + ": dx = dy·W", d.dx, d.dx32, size_t(m) * k);
+  gemm(false, false, d.dh_pad, d.a_pad, d.dx32, m, k, kt, 1.f, 1.f, true);
+  cutlass_kconcat<Bwd>(d.dy, d.w, d.dh_pad, d.a_pad, d.dx, m, k, n);
+  check(tag + ": dx = [dy | dh]·[W; A]", d.dx, d.dx32, size_t(m) * k);
+
+  struct Setting {
+    RasterOrder raster;
+    int swizzle;
+    const char* name;
+  };
+  const Setting settings[] = {{RasterOrder::Heuristic, 1, "heuristic"}, {RasterOrder::AlongM, 1, "along M"},
+                              {RasterOrder::AlongN, 1, "along N"},      {RasterOrder::AlongM, 2, "along M, swizzle 2"},
+                              {RasterOrder::AlongN, 2, "along N, swizzle 2"}, {RasterOrder::AlongM, 4, "along M, swizzle 4"},
+                              {RasterOrder::AlongN, 4, "along N, swizzle 4"}, {RasterOrder::AlongN, 8, "along N, swizzle 8"}};
+  Setting best = settings[0];
+  float best_sum = 1e30f;
+  for (const Setting& st : settings) {
+    g_raster = st.raster;
+    g_swizzle = st.swizzle;
+    const float f = time_us([&] { cutlass_plain<Fwd>(d.x, d.w, d.y, m, n, k); });
+    const float b = time_us([&] { cutlass_plain<Bwd>(d.dy, d.w, d.dx, m, k, n); });
+    const float fk = time_us([&] { cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k); });
+    const float bk = time_us([&] { cutlass_kconcat<Bwd>(d.dy, d.w, d.dh_pad, d.a_pad, d.dx, m, k, n); });
+    printf("%-44s %-20s y %6.1f (%.3fx cuBLAS) K-concat %6.1f | dx %6.1f (%.3fx) K-concat %6.1f us\n", tag.c_str(),
+           st.name, f, f / base_fwd, fk, b, b / base_dx, bk);
+    if (f + b < best_sum) best_sum = f + b, best = st;
+  }
+  g_raster = best.raster;
+  g_swizzle = best.swizzle;
+  auto kconcat = [&] {
+    d.hs_into_pad();                                                               // s·h (kept: dB = dyᵀ·(s·h))
+    cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k);              // y
+    d.dh_into_pad();                                                               // dh = s·dy·B
+    cutlass_kconcat<Bwd>(d.dy, d.w, d.dh_pad, d.a_pad, d.dx, m, k, n);            // dx
+    gemm(true, false, d.dh_pad, d.x, d.da, r, k, m, 1.f, 0.f, false, 0, kt);       // dA = dhᵀ·x
+    gemm(true, false, d.dy, d.hs_pad, d.db, n, r, m, 1.f, 0.f, false, 0, 0, kt);   // dB = dyᵀ·(s·h)
+  };
+  auto kconcat_fwd = [&] {
+    d.hs_into_pad();
+    cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k);
+  };
+  constexpr int kRounds = 5;
+  std::vector<float> r_today, r_kc, r_fwd;
+  for (int round = 0; round < kRounds; ++round) {
+    const float pair = d.base_pair();
+    const float fwd_base = time_us([&] { gemm(false, true, d.x, d.w, d.y, m, n, k, 1.f, 0.f); });
+    float t1, t2;
+    if (round % 2 == 0) {
+      t1 = time_us([&] { d.today(); });
+      t2 = time_us(kconcat);
+    } else {
+      t2 = time_us(kconcat);
+      t1 = time_us([&] { d.today(); });
+    }
+    r_today.push_back(t1 / pair);
+    r_kc.push_back(t2 / pair);
+    r_fwd.push_back(time_us(kconcat_fwd) / fwd_base);
+  }
+  printf("%-44s fwd+bwd / base pair (median of %d rounds; scheduler %s): op's route %.3fx, K-concat %.3fx; "
+         "K-concat forward (s·h, GEMM) / base GEMM %.3fx\n",
+         tag.c_str(), kRounds, best.name, median(r_today), median(r_kc), median(r_fwd));
+}
+
+static void bench_shape(int m, int k, int n, int r) {
+  const Lora d(m, k, n, r);
+  const float base_fwd = time_us([&] { gemm(false, true, d.x, d.w, d.y, m, n, k, 1.f, 0.f); });
+  const float base_dx = time_us([&] { gemm(false, false, d.dy, d.w, d.dx, m, k, n, 1.f, 0.f); });
+  printf("%-44s cuBLAS: y = x·Wᵀ %.1f us, dx = dy·W %.1f us\n", d.shape.c_str(), base_fwd, base_dx);
+  bench_config<coop_128x256_c2x1::Fwd, coop_128x256_c2x1::Bwd>("coop 128x256 c2x1", d, base_fwd, base_dx);
+  bench_config<coop_128x256_c1x2::Fwd, coop_128x256_c1x2::Bwd>("coop 128x256 c1x2", d, base_fwd, base_dx);
+  bench_config<pingpong_128x128_c2x1::Fwd, pingpong_128x128_c2x1::Bwd>("pingpong 128x128 c2x1", d, base_fwd,
+                                                                       base_dx);
 }
 
 int main(int argc, char** argv) {
