@@ -78,16 +78,17 @@ struct KConcatMainloop : Base {
     StrideA dA;
     ElementB const* ptr_B;  // [N, K1]
     StrideB dB;
-    ElementA const* ptr_A2;  // [M, kTileK] (second pair: the rank-sized operands, zero past r)
-    StrideA dA2;
-    ElementB const* ptr_B2;  // [N, kTileK]
+    ElementA const* ptr_A2;  // [M, k2] (second pair: the rank-sized operands, k2 <= kTileK; the TMA fills the tile's
+    StrideA dA2;             // columns past k2 with zeros, as it does for the last partial tile of any K)
+    ElementB const* ptr_B2;  // [N, k2]
     StrideB dB2;
+    int k2 = kTileK;
   };
 
   struct Params : Base::Params {
     typename Base::Params::TMA_A tma_load_a2;
     typename Base::Params::TMA_B tma_load_b2;
-    int k_first;
+    int k_first, k2;
   };
 
   static typename Base::Arguments first_args(Arguments const& a, bool second) {
@@ -107,10 +108,11 @@ struct KConcatMainloop : Base {
     static_cast<typename Base::Params&>(p) = Base::to_underlying_arguments(
         make_shape(M, N, k_first, L), first_args(args, false), workspace);
     const typename Base::Params second = Base::to_underlying_arguments(
-        make_shape(M, N, kTileK, L), first_args(args, true), workspace);
+        make_shape(M, N, args.k2, L), first_args(args, true), workspace);
     p.tma_load_a2 = second.tma_load_a;
     p.tma_load_b2 = second.tma_load_b;
     p.k_first = k_first;
+    p.k2 = args.k2;
     return p;
   }
 
@@ -118,9 +120,9 @@ struct KConcatMainloop : Base {
   static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
     auto [M, N, K, L] = append<4>(problem_shape, 1);
     const int k_first = int(K) - kTileK;
-    return k_first > 0 &&
+    return k_first > 0 && args.k2 > 0 && args.k2 <= kTileK &&
            Base::can_implement(make_shape(M, N, k_first, L), first_args(args, false)) &&
-           Base::can_implement(make_shape(M, N, kTileK, L), first_args(args, true));
+           Base::can_implement(make_shape(M, N, args.k2, L), first_args(args, true));
   }
 
   CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& p) {
@@ -137,8 +139,8 @@ struct KConcatMainloop : Base {
     using X = Underscore;
     Tensor mA = p.tma_load_a.get_tma_tensor(make_shape(M, p.k_first, L));
     Tensor mB = p.tma_load_b.get_tma_tensor(make_shape(N, p.k_first, L));
-    Tensor mA2 = p.tma_load_a2.get_tma_tensor(make_shape(M, Int<kTileK>{}, L));
-    Tensor mB2 = p.tma_load_b2.get_tma_tensor(make_shape(N, Int<kTileK>{}, L));
+    Tensor mA2 = p.tma_load_a2.get_tma_tensor(make_shape(M, p.k2, L));
+    Tensor mB2 = p.tma_load_b2.get_tma_tensor(make_shape(N, p.k2, L));
     return cute::make_tuple(local_tile(mA, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{}),
                             local_tile(mB, TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{}),
                             local_tile(mA2, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{}),
@@ -277,10 +279,11 @@ static void cutlass_plain(const bf16* a, const bf16* b, bf16* d, int m, int n, i
   run_gemm(gemm, args);
 }
 
-// D = [A | A2]·op([B | B2]) with A2 [m, 64] and B2 [n, 64] (forward) or [64, n] (backward), zero past the rank.
+// D = [A | A2]·op([B | B2]) with A2 [m, k2] and B2 [n, k2] (forward) or [k2, n] (backward), k2 <= 64: the rank
+// (the TMA zero-fills the tile past it) or 64 (operands zero-padded to the tile).
 template <class G>
 static void cutlass_kconcat(const bf16* a, const bf16* b, const bf16* a2, const bf16* b2, bf16* d, int m, int n,
-                            int k) {
+                            int k, int k2 = G::kTileK) {
   static typename G::KConcat gemm;
   using T = typename G::T;
   constexpr int kt = G::kTileK;
@@ -289,8 +292,8 @@ static void cutlass_kconcat(const bf16* a, const bf16* b, const bf16* a2, const 
       {m, n, k + kt, 1},
       {reinterpret_cast<const T*>(a), cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, k, 1}),
        reinterpret_cast<const T*>(b), cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1}),
-       reinterpret_cast<const T*>(a2), cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, kt, 1}),
-       reinterpret_cast<const T*>(b2), cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, kt, 1})},
+       reinterpret_cast<const T*>(a2), cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, k2, 1}),
+       reinterpret_cast<const T*>(b2), cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k2, 1}), k2},
       {{1.f, 0.f}, nullptr, {}, reinterpret_cast<T*>(d),
        cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1})},
       g_hw};
@@ -353,6 +356,11 @@ static void check(const std::string& what, const bf16* got, const float* want, s
   if (!ok) exit(1);
 }
 
+__global__ void scale_kernel(const bf16* in, bf16* out, float s, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16(s * __bfloat162float(in[i]));
+}
+
 static float median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -365,7 +373,7 @@ struct Lora {
   float s = 2.0f;
   static constexpr int kt = 64;
   std::string shape;
-  bf16 *x, *w, *a, *b, *dy, *at, *y, *dx, *wm, *h, *dh, *da, *db, *hs_pad, *dh_pad, *b_pad, *a_pad;
+  bf16 *x, *w, *a, *b, *dy, *at, *y, *dx, *wm, *h, *dh, *da, *db, *hs_pad, *dh_pad, *b_pad, *a_pad, *bs;
   float *y32, *dx32;  // float32 references: y = x·Wᵀ (+ (s·h)·Bᵀ), dx = dy·W (+ dh·A)
   Lora(int m_, int k_, int n_, int r_) : m(m_), k(k_), n(n_), r(r_) {
     shape = std::to_string(m) + "x" + std::to_string(k) + "->" + std::to_string(n) + " r" + std::to_string(r);
@@ -386,6 +394,7 @@ struct Lora {
     dh_pad = alloc(size_t(m) * kt);
     b_pad = alloc(size_t(n) * kt);
     a_pad = alloc(size_t(kt) * k);
+    bs = alloc(size_t(n) * r);
     y32 = alloc<float>(size_t(m) * n);
     dx32 = alloc<float>(size_t(m) * k);
     std::vector<bf16> ha(size_t(r) * k), hat(size_t(k) * r);  // Aᵀ for the W' kernel
@@ -402,13 +411,18 @@ struct Lora {
     dh_into_pad();
   }
   ~Lora() {
-    for (void* p : std::vector<void*>{x, w, a, b, dy, at, y, dx, wm, h, dh, da, db, hs_pad, dh_pad, b_pad, a_pad, y32,
-                                      dx32})
+    for (void* p : std::vector<void*>{x, w, a, b, dy, at, y, dx, wm, h, dh, da, db, hs_pad, dh_pad, b_pad, a_pad, bs,
+                                      y32, dx32})
       cudaFree(p);
   }
   // The skinny products of the K-concatenated route write into the padded buffers' first r columns.
   void hs_into_pad() const { gemm(false, true, x, a, hs_pad, m, r, k, s, 0.f, false, kt); }     // s·x·Aᵀ
   void dh_into_pad() const { gemm(false, false, dy, b, dh_pad, m, r, n, s, 0.f, false, kt); }  // s·dy·B
+  // The unpadded operands of the K-concatenated route as the op would build them: h = x·Aᵀ (as the op saves it),
+  // s·B (a copy of B scaled: the GEMM's one alpha covers both pairs), dh = s·dy·B.
+  void h_packed() const { gemm(false, true, x, a, h, m, r, k, 1.f, 0.f); }
+  void bs_packed() const { scale_kernel<<<64, 256>>>(b, bs, s, int64_t(n) * r); }
+  void dh_packed() const { gemm(false, false, dy, b, dh, m, r, n, s, 0.f); }
   bool merged() const { return m > k; }  // the op's rule: many tokens take the merged forward and backward
   // The op's route as it runs today (cuBLAS, W' by our kernel), forward and backward.
   void today() const {
@@ -462,6 +476,14 @@ static void bench_config(const char* config, const Lora& d, float base_fwd, floa
   gemm(false, false, d.dh_pad, d.a_pad, d.dx32, m, k, kt, 1.f, 1.f, true);
   cutlass_kconcat<Bwd>(d.dy, d.w, d.dh_pad, d.a_pad, d.dx, m, k, n);
   check(tag + ": dx = [dy | dh]·[W; A]", d.dx, d.dx32, size_t(m) * k);
+  // The same with the rank-sized operands unpadded (k2 = r: the TMA zero-fills the tile past r).
+  d.h_packed();
+  d.bs_packed();
+  d.dh_packed();
+  cutlass_kconcat<Fwd>(d.x, d.w, d.h, d.bs, d.y, m, n, k, r);
+  check(tag + ": y = [x | h]·[W | s·B]ᵀ, unpadded", d.y, d.y32, size_t(m) * n);
+  cutlass_kconcat<Bwd>(d.dy, d.w, d.dh, d.a, d.dx, m, k, n, r);
+  check(tag + ": dx = [dy | dh]·[W; A], unpadded", d.dx, d.dx32, size_t(m) * k);
 
   struct Setting {
     RasterOrder raster;
@@ -499,8 +521,18 @@ static void bench_config(const char* config, const Lora& d, float base_fwd, floa
     d.hs_into_pad();
     cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k);
   };
+  // As the op would run it: unpadded rank-sized operands, h saved unscaled, s·B built each forward.
+  auto kconcat_unpadded = [&] {
+    d.h_packed();
+    d.bs_packed();
+    cutlass_kconcat<Fwd>(d.x, d.w, d.h, d.bs, d.y, m, n, k, r);
+    d.dh_packed();
+    cutlass_kconcat<Bwd>(d.dy, d.w, d.dh, d.a, d.dx, m, k, n, r);
+    gemm(true, false, d.dh, d.x, d.da, r, k, m, 1.f, 0.f);  // dA = dhᵀ·x
+    gemm(true, false, d.dy, d.h, d.db, n, r, m, d.s, 0.f);  // dB = s·dyᵀ·h
+  };
   constexpr int kRounds = 5;
-  std::vector<float> r_today, r_kc, r_fwd;
+  std::vector<float> r_today, r_kc, r_fwd, r_unpadded;
   for (int round = 0; round < kRounds; ++round) {
     const float pair = d.base_pair();
     const float fwd_base = time_us([&] { gemm(false, true, d.x, d.w, d.y, m, n, k, 1.f, 0.f); });
@@ -515,10 +547,11 @@ static void bench_config(const char* config, const Lora& d, float base_fwd, floa
     r_today.push_back(t1 / pair);
     r_kc.push_back(t2 / pair);
     r_fwd.push_back(time_us(kconcat_fwd) / fwd_base);
+    r_unpadded.push_back(time_us(kconcat_unpadded) / pair);
   }
   printf("%-44s fwd+bwd / base pair (median of %d rounds; scheduler %s): op's route %.3fx, K-concat %.3fx; "
-         "K-concat forward (s·h, GEMM) / base GEMM %.3fx\n",
-         tag.c_str(), kRounds, best.name, median(r_today), median(r_kc), median(r_fwd));
+         "K-concat forward (s·h, GEMM) / base GEMM %.3fx; K-concat unpadded fwd+bwd %.3fx\n",
+         tag.c_str(), kRounds, best.name, median(r_today), median(r_kc), median(r_fwd), median(r_unpadded));
 }
 
 static void bench_shape(int m, int k, int n, int r) {
