@@ -88,6 +88,30 @@ def _macos_extension():
     )
 
 
+def _cutlass_include_dirs() -> list[str]:
+    """CUTLASS's headers for the LoRA op's K-concatenated GEMM (csrc/cuda/cutlass_kconcat.cuh), optional: from
+    $CUTLASS_DIR (a CUTLASS checkout) or the nvidia-cutlass wheel (cutlass_library/source), and only for a Hopper build
+    with the architecture-specific features (TORCH_CUDA_ARCH_LIST with 9.0a: wgmma). Empty otherwise: the op then never
+    takes that route."""
+    if "9.0a" not in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split():
+        return []
+    import importlib.util
+
+    roots = [Path(os.environ["CUTLASS_DIR"])] if os.environ.get("CUTLASS_DIR") else []
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        roots.append(Path(next(iter(spec.submodule_search_locations))) / "source")
+    for root in roots:
+        if (root / "include" / "cute").is_dir():
+            return [str(root / "include"), str(root / "tools" / "util" / "include")]
+    print(
+        "warning: TORCH_CUDA_ARCH_LIST has 9.0a but no CUTLASS headers were found: building without the LoRA "
+        "K-concatenated GEMM",
+        file=sys.stderr,
+    )
+    return []
+
+
 def _cuda_extension():
     from torch.utils.cpp_extension import CUDAExtension
 
@@ -95,12 +119,16 @@ def _cuda_extension():
     if not sources:
         return None
     sources.append("csrc/bindings.cpp")
+    cutlass = _cutlass_include_dirs()
+    defines = [("TMF_WITH_CUDA", "1")] + ([("TMF_WITH_CUTLASS", "1")] if cutlass else [])
+    # -DNDEBUG with CUTLASS: its device asserts would serialize the wgmma pipeline.
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"] + (["-DNDEBUG"] if cutlass else [])
     return CUDAExtension(
         "torch_metal_fused._C",
         sources,
-        include_dirs=[str(ROOT / "csrc"), str(ROOT / "csrc" / "include")],
-        define_macros=[("TMF_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+        include_dirs=[str(ROOT / "csrc"), str(ROOT / "csrc" / "include"), *cutlass],
+        define_macros=defines,
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc},
     )
 
 

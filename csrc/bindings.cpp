@@ -5,6 +5,9 @@
 #ifdef TMF_WITH_METAL
 #include "mps/metal_status.h"
 #endif
+#ifdef TMF_WITH_CUDA
+#include "cuda/lora_kconcat.h"
+#endif
 
 namespace {
 
@@ -70,6 +73,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
 #ifdef TMF_WITH_CUDA
   m.attr("HAS_CUDA") = true;
+  m.def("lora_kconcat_enabled", &tmf::cuda::lora_kconcat_enabled,
+        "whether the LoRA op takes its K-concatenated GEMM (built with CUTLASS and TORCH_METAL_FUSED_LORA_KCONCAT=1)");
 #else
   m.attr("HAS_CUDA") = false;
 #endif

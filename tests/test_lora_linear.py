@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from helpers import DTYPES, make_layout, randn
@@ -129,6 +131,18 @@ def test_cuda_lora_kernel_shapes(backend, shape, dtype, bias):
         pytest.skip("the CUDA LoRA kernels' shapes")
     x, w, a, b, bias_t = _factors(*shape, dtype, backend.device, seed=31)
     _check(x, w, a, b, bias_t if bias else None, 2.0, dtype)
+
+
+def test_cuda_kconcat_route_is_built_when_requested(backend):
+    """`bash benchmarks/cuda_run.sh tests-kconcat` runs the LoRA tests with TORCH_METAL_FUSED_LORA_KCONCAT=1 so that
+    the bfloat16 shapes above with ranks 8-64 (multiples of 8) and in/out features multiples of 8 take the
+    K-concatenated GEMM (csrc/cuda/lora_kconcat.cu): a build without CUTLASS would silently run the other routes
+    instead, so the request must find the route built."""
+    if backend.name != "cuda" or os.environ.get("TORCH_METAL_FUSED_LORA_KCONCAT", "") in ("", "0"):
+        pytest.skip("the CUDA backend with the K-concatenated route requested")
+    from torch_metal_fused import _C
+
+    assert _C.lora_kconcat_enabled(), "TORCH_METAL_FUSED_LORA_KCONCAT=1 but the extension was built without CUTLASS"
 
 
 def test_merged_weight_kernel_column_steps(backend):

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "lora_kconcat.h"
 #include "lora_kernels.cuh"
 
 #include "ops.h"
@@ -49,12 +50,38 @@ bool use_merged_weight(int64_t tokens, int64_t in_features, const OptTensor& dro
   return launch::lora_use_merged_weight(tokens, in_features, dropout_mask.has_value());
 }
 
+// The K-concatenated route (lora_kconcat.h): y = [x | h]·[W | s·B]ᵀ and dx = [dy | dh]·[W; A] on CUTLASS's Hopper
+// GEMM, no W'. Measured as a composition (benchmarks/cuda_lora_kconcat_bench.cu, H200, bf16): forward+backward 1.166x
+// the base GEMM pair at 8192x4096->4096 r16 and r64 against 1.197x / 1.277x for the route below, its GEMM 2.3 % behind
+// cuBLAS's; not yet timed through the op, so it is taken only on request (TORCH_METAL_FUSED_LORA_KCONCAT=1, read once)
+// in a build with CUTLASS. bfloat16, no dropout (dx's LoRA part is masked), ranks 8-64 in steps of 8, K and N
+// multiples of 8 (the TMA's 16-byte strides), a compute capability 9.0 device. The forward and the backward both ask
+// this with the same tensors; the answer does not depend on dy or the bias.
+bool kconcat_route(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+                   const OptTensor& dropout_mask) {
+  if (!cuda::lora_kconcat_enabled() || dropout_mask || x.scalar_type() != at::kBFloat16) return false;
+  const int64_t r = lora_a.size(0);
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.device().index()));
+  return r >= 8 && r <= 64 && r % 8 == 0 && x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 && x.size(0) > 0 &&
+         weight.scalar_type() == at::kBFloat16 && lora_a.scalar_type() == at::kBFloat16 && major == 9 && minor == 0;
+}
+
 // Whether h = x·Aᵀ is computed by the backward instead of the forward (which then returns h filled with NaN, so that
 // anything reading it — e.g. another backend's backward after the backend was switched mid-step — shows NaN rather
 // than a plausible wrong gradient). The forward and the backward both ask this, with the same x (tokens x in), dtype
 // and mask.
-bool h_in_backward(const at::Tensor& x, const OptTensor& dropout_mask) {
-  return x.scalar_type() != at::kFloat && use_merged_weight(x.size(0), x.size(1), dropout_mask);
+bool h_in_backward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+                   const OptTensor& dropout_mask) {
+  return x.scalar_type() != at::kFloat && use_merged_weight(x.size(0), x.size(1), dropout_mask) &&
+         !kconcat_route(x, weight, lora_a, dropout_mask);
+}
+
+// A contiguous copy with a 16-byte aligned base where t is not already one (the TMA's requirement).
+at::Tensor tma_ready(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
 // The dtypes of the tensor-core kernels (csrc/cuda/lora_kernels.cuh), launched through launch_half.
@@ -164,7 +191,14 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
                                                 const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
                                                 const OptTensor& dropout_mask) {
   c10::cuda::CUDAGuard guard(x.device());
-  if (h_in_backward(x, dropout_mask)) {
+  if (kconcat_route(x, weight, lora_a, dropout_mask)) {
+    const at::Tensor xc = tma_ready(x);
+    at::Tensor h = at::mm(xc, lora_a.t());
+    at::Tensor y = cuda::lora_kconcat_forward(xc, tma_ready(weight), h, tma_ready(lora_b * scale));
+    if (bias) y.add_(*bias);
+    return {y, h};
+  }
+  if (h_in_backward(x, weight, lora_a, dropout_mask)) {
     return {at::linear(x, merged_weight(weight, lora_a, lora_b, scale), bias),
             at::full({x.size(0), lora_a.size(0)}, std::numeric_limits<double>::quiet_NaN(), x.options())};
   }
@@ -189,7 +223,9 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
   OptTensor dx, dw, dbias, da, dlb;
   if (needs_dx || needs_da) {
     at::Tensor dh = scaled_mm(dy2, lora_b, scale);
-    if (needs_dx) {
+    if (needs_dx && kconcat_route(x, weight, lora_a, dropout_mask)) {
+      dx = cuda::lora_kconcat_dx(tma_ready(dy2), tma_ready(weight), tma_ready(dh), tma_ready(lora_a));
+    } else if (needs_dx) {
       if (use_merged_weight(x.size(0), x.size(1), dropout_mask)) {
         dx = at::mm(dy2, merged_weight(weight, lora_a, lora_b, scale));
       } else {
@@ -202,7 +238,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
   }
   if (needs_dlb) {
     // h from the forward, or computed here (h_in_backward: the merged route, so no dropout mask)
-    dlb = scaled_mm(dy2.t(), h_in_backward(x, dropout_mask) ? at::mm(x, lora_a.t()) : h, scale);
+    dlb = scaled_mm(dy2.t(), h_in_backward(x, weight, lora_a, dropout_mask) ? at::mm(x, lora_a.t()) : h, scale);
   }
   if (needs_dw) dw = at::mm(dy2.t(), x);
   if (needs_db) dbias = dy2.sum(0);

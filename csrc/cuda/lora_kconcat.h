@@ -1,0 +1,23 @@
+// The CUDA LoRA op's K-concatenated route (csrc/cuda/lora_kconcat.cu; the GEMM in cutlass_kconcat.cuh): built only
+// with CUTLASS (setup.py: TMF_WITH_CUTLASS, sm_90a), taken only on request (TORCH_METAL_FUSED_LORA_KCONCAT=1) until its
+// op-level measurement says where it wins.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace tmf::cuda {
+
+// Whether the route was built and requested (the environment variable is read once, at the first call, so a
+// forward and its backward always agree on the route).
+bool lora_kconcat_enabled();
+
+// y [M, N] = x [M, K]·W [N, K]ᵀ + h [M, r]·bs [N, r]ᵀ (bs = s·B), bfloat16, in one GEMM. Every operand contiguous with a
+// 16-byte aligned base, K, N and r multiples of 8, r <= 64, on a compute capability 9.0 device.
+at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& h,
+                                const at::Tensor& bs);
+
+// dx [M, K] = dy [M, N]·W [N, K] + dh [M, r]·A [r, K], the same preconditions.
+at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dh,
+                           const at::Tensor& lora_a);
+
+}  // namespace tmf::cuda
