@@ -125,6 +125,71 @@ def test_missing_restaging_barrier_in_the_lora_kernel_is_a_race(tmp_path):
     )
 
 
+def _cross_entropy_in_place(harness, rows, vocab, target, checked):
+    """The cross-entropy kernel with the gradient written over the logits (one storage bound at buffers 0 and 4, as
+    the in-place chunked loss binds it); returns (logits after, loss)."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(3))
+    loss = torch.empty(rows)
+    args = (logits, vocab, target, torch.ones(rows), loss, logits, rows, vocab, runner.SignedInt(-100), 0.0, 0.0)
+    if checked:
+        with runner.checking():
+            harness.launch("cross_entropy_rows", torch.float32, *args)
+    else:
+        harness.launch("cross_entropy_rows", torch.float32, *args)
+    return logits, loss
+
+
+def test_in_place_gradient_race_in_the_cross_entropy_kernel(tmp_path):
+    # Thread 0 re-reading z[target] for the loss after the reductions, instead of reducing what pass 1 read: with the
+    # gradient written over the logits, the thread that owns column `target` may already have overwritten it in pass 2
+    # (no barrier between). A race on the GPU whatever the order the harness runs the SIMD-groups in: the checker
+    # tracks device memory between barriers, and the storage bound twice is one copy, as on the GPU.
+    old = "      row_loss = lse - (1.0f - eps) * z_target;"
+    new = "      row_loss = lse - (1.0f - eps) * capped_logit(float(zr[t]), p.softcap);"
+    _, line = _plant(tmp_path, "cross_entropy.metal", old, new)
+    source = tmp_path / "shaders" / "cross_entropy.metal"
+    harness = runner.Harness(compile_libraries(tmp_path / "build", [source]))
+    target = torch.tensor([5, 517, 999], dtype=torch.int32)  # columns owned by threads other than thread 0
+    with pytest.raises(runner.KernelCheckError) as exc:
+        _cross_entropy_in_place(harness, 3, 1000, target, checked=True)
+    # Reported at the second access of the pair: thread 0's read (planted) or the owner's overwrite in pass 2.
+    store = 1 + next(i for i, ln in enumerate(source.read_text().splitlines()) if "gr[c] = static_cast<T>(g);" in ln)
+    assert any(f"cross_entropy.metal:{n}: device-race" in f for n in (line, store) for f in _findings(exc)), _findings(
+        exc
+    )
+
+
+def test_in_place_cross_entropy_kernel_is_clean(tmp_path):
+    """The unmodified kernel in place, under the checker: no device-memory race (each thread re-reads and overwrites
+    only its own columns, and the loss uses the reduced z[target]); the gradient and loss match torch's."""
+    harness = runner.Harness(compile_libraries(tmp_path / "build", [SHADERS / "cross_entropy.metal"]))
+    target = torch.tensor([5, 517, 999], dtype=torch.int32)
+    logits0 = torch.randn(3, 1000, generator=torch.Generator().manual_seed(3))
+    grad, loss = _cross_entropy_in_place(harness, 3, 1000, target, checked=True)
+    want = torch.nn.functional.cross_entropy(logits0.double(), target.long(), reduction="none")
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
+    want_grad = torch.softmax(logits0.double(), -1) - torch.nn.functional.one_hot(target.long(), 1000).double()
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_device_race_between_threadgroups(tmp_path):
+    """Two threadgroups of one dispatch writing the same device memory race (nothing orders threadgroups): the
+    row kernel made to write every row's gradient into row 0."""
+    old = "  device T* gr = grad + ulong(row) * p.vocab;"
+    new = "  device T* gr = grad;"
+    _plant(tmp_path, "cross_entropy.metal", old, new)
+    source = tmp_path / "shaders" / "cross_entropy.metal"
+    harness = runner.Harness(compile_libraries(tmp_path / "build", [source]))
+    target = torch.tensor([5, 517, 999], dtype=torch.int32)
+    with pytest.raises(runner.KernelCheckError) as exc:
+        _cross_entropy_in_place(harness, 3, 1000, target, checked=True)
+    store = 1 + next(i for i, ln in enumerate(source.read_text().splitlines()) if "gr[c] = static_cast<T>(g);" in ln)
+    findings = _findings(exc)
+    assert any(f"cross_entropy.metal:{store}: device-race" in f and "between threadgroups" in f for f in findings), (
+        findings
+    )
+
+
 def test_barrier_in_divergent_code(tmp_path):
     old = """  v = Op::simd(v);
   threadgroup_barrier(mem_flags::mem_threadgroup);"""

@@ -393,6 +393,15 @@ MUTANTS: list[Mutant] = [
         "ignore_index rows contribute a gradient",
     ),
     _m(
+        "cross_entropy_loss_rereads_the_target_in_place",
+        CE,
+        "      row_loss = lse - (1.0f - eps) * z_target;",
+        "      row_loss = lse - (1.0f - eps) * capped_logit(float(zr[t]), p.softcap);",
+        CROSS_ENTROPY,
+        "thread 0 re-reads z[target] for the loss while the gradient is written over the logits (a race: another "
+        "thread may have overwritten it; the checker's device-memory shadow, through the storage bound twice)",
+    ),
+    _m(
         "cross_entropy_grad_rows_at_the_logits_stride",
         CE,
         "  device T* gr = grad + ulong(row) * p.vocab;",

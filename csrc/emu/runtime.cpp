@@ -144,6 +144,17 @@ struct Shadow {
   bool init = false;
 };
 
+// Checked runs: the last writer and reader of each 2-byte granule of a bound buffer within the dispatch
+// (threadgroups as 1 + their linear index, 0: none), so that conflicting accesses to device memory are races: two
+// threads of one threadgroup between the same barriers, or two threadgroups at all (nothing orders threadgroups
+// within a dispatch). The shadow belongs to the buffer's private copy, which one storage bound twice shares (the
+// cross-entropy gradient written over its logits), so an in-place race shows whatever the schedule.
+struct DeviceShadow {
+  int16_t writer = -1, reader = -1;  // reader -2: several readers of one threadgroup between barriers
+  uint32_t write_group = 0, read_group = 0;
+  uint32_t write_epoch = 0, read_epoch = 0;
+};
+
 // An anonymous mapping released with the object.
 struct Mapping {
   unsigned char* base = nullptr;
@@ -233,6 +244,8 @@ struct BufferCopy {
   size_t rw_bytes = 0;
   unsigned char* data = nullptr;
   size_t size = 0;
+  std::vector<int> aliases;  // the other binding indices of the same storage (same address and size): this copy
+  std::vector<DeviceShadow> shadow;  // checked runs: one granule per 2 bytes of data
 
   bool reserves(uintptr_t a) const {
     return a >= uintptr_t(mapping.base) && a - uintptr_t(mapping.base) < mapping.bytes;
@@ -695,6 +708,7 @@ struct BufferRange {
   uintptr_t lo, hi;  // the bound range [buffer start + offset, buffer end)
   int index;
   Traffic* traffic;  // the report's row; null for setBytes arguments, which do not count as traffic
+  DeviceShadow* shadow = nullptr;  // checked runs: the private copy's shadow (granule 0 at lo)
 };
 std::vector<BufferRange> g_ranges;
 
@@ -718,6 +732,42 @@ bool report_bad_access(Run& r, uintptr_t addr, size_t size, bool store, void* pc
             place.buffer);
   r.report->aborted = place.kind;
   return true;
+}
+
+// A conflicting access to device memory (see DeviceShadow): reported once per site.
+void check_device_race(Run& r, const BufferRange& b, uintptr_t addr, size_t size, bool store, void* pc) {
+  const int16_t me = int16_t(r.current->index);
+  const uint32_t group = 1 + r.group[0] + r.groups[0] * (r.group[1] + r.groups[1] * r.group[2]);
+  const std::string where = "buffer(" + std::to_string(b.index) + ") offset " + std::to_string(addr - b.lo);
+  auto race = [&](const std::string& what) {
+    add_error("device-race", nullptr, 0, module_offset(pc),
+              what + " at " + where + " (" + thread_name(r, *r.current) + ")", b.index);
+  };
+  for (size_t g = (addr - b.lo) / 2; g < (addr - b.lo + size + 1) / 2; ++g) {
+    DeviceShadow& s = b.shadow[g];
+    const bool other_writer = s.write_group != 0 && (s.write_group != group || s.writer != me);
+    const bool written_here = s.write_group == group && s.write_epoch == r.epoch;
+    if (store) {
+      if (other_writer && (s.write_group != group || written_here))
+        race(s.write_group != group ? "write-write race on device memory between threadgroups"
+                                    : "write-write race on device memory between barriers (thread " +
+                                          std::to_string(s.writer) + " wrote it too)");
+      else if (s.read_group != 0 && s.read_group != group)
+        race("device memory written after another threadgroup of the dispatch read it");
+      else if (s.read_group == group && s.read_epoch == r.epoch && s.reader != -1 && s.reader != me)
+        race("device memory written after another thread read it, with no barrier between");
+      s.writer = me, s.write_group = group, s.write_epoch = r.epoch;
+    } else {
+      if (other_writer && (s.write_group != group || written_here))
+        race(s.write_group != group ? "device memory read after another threadgroup of the dispatch wrote it"
+                                    : "device memory read after thread " + std::to_string(s.writer) +
+                                          " wrote it, with no barrier between");
+      if (s.read_group != group || s.read_epoch != r.epoch)
+        s.reader = me, s.read_group = group, s.read_epoch = r.epoch;
+      else if (s.reader != me)
+        s.reader = -2;
+    }
+  }
 }
 
 void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
@@ -769,6 +819,7 @@ void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
   for (const auto& b : g_ranges) {
     if (addr >= b.lo && addr + size <= b.hi) {
       if (b.traffic) (store ? b.traffic->bytes_written : b.traffic->bytes_read) += size;
+      if (b.shadow) check_device_race(r, b, addr, size, store, pc);
       return;
     }
   }
@@ -1245,16 +1296,33 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
   r.copies.reserve(enc.buffers.size());
   try {
     for (auto& [index, buf] : enc.buffers) {
-      r.copies.emplace_back();
-      BufferCopy& c = r.copies.back();
-      c.index = index, c.host = buf;
-      const size_t alignment = buffer_alignment(*r.kernel, index, &c.writable);
-      place_copy(c, alignment, enc.checking);
+      bool writable = false;
+      const size_t alignment = buffer_alignment(*r.kernel, index, &writable);
+      // One storage bound twice (the same address and size, e.g. a gradient written over its input) shares one
+      // copy, as on the GPU: a kernel that reads what it overwrites in place sees its own writes.
+      BufferCopy* shared = nullptr;
+      if (!buf.argument_bytes && buf.size())
+        for (auto& o : r.copies)
+          if (!o.host.argument_bytes && o.host.address() == buf.address() && o.size == buf.size() &&
+              uintptr_t(o.data) % alignment == 0)
+            shared = &o;
+      if (shared) {
+        shared->aliases.push_back(index);
+        shared->writable = shared->writable || writable;
+      } else {
+        r.copies.emplace_back();
+        shared = &r.copies.back();
+        shared->index = index, shared->host = buf, shared->writable = writable;
+        place_copy(*shared, alignment, enc.checking);
+        if (enc.checking && !buf.argument_bytes) shared->shadow.assign((shared->size + 1) / 2 + 1, DeviceShadow{});
+      }
+      BufferCopy& c = *shared;
       const BoundBuffer b{c.data, c.size, 0, buf.argument_bytes};
       r.view[index] = b;
       // A row for every bound buffer, even if untouched (std::map: the pointer stays valid).
       Traffic* traffic = b.argument_bytes ? nullptr : &report.traffic[index];
-      g_ranges.push_back({uintptr_t(c.data), uintptr_t(c.data) + c.size, index, traffic});
+      g_ranges.push_back({uintptr_t(c.data), uintptr_t(c.data) + c.size, index, traffic,
+                          c.shadow.empty() ? nullptr : c.shadow.data()});
     }
   } catch (...) {
     g_ranges.clear();
@@ -1294,7 +1362,10 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
     for (size_t i = 0; i < r.copies.size(); ++i) {
       const BufferCopy& c = r.copies[i];
       if (c.host.argument_bytes || !c.size) continue;
-      if (enc.checking) changed[i] = report.traffic[c.index].bytes_written != 0;
+      if (enc.checking) {
+        changed[i] = report.traffic[c.index].bytes_written != 0;
+        for (int alias : c.aliases) changed[i] = changed[i] || report.traffic[alias].bytes_written != 0;
+      }
       else if (c.writable)
         changed[i] = !overlaps_another(c) || std::memcmp(c.host.address(), c.data, c.size) != 0;
     }
