@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench_buffers.cuh"
 #include "cuda_bench_timing.cuh"
 #include "cutlass_kconcat.cuh"
 #include "lora_kernels.cuh"
@@ -126,24 +127,6 @@ static void gemm(bool tx, bool ty, const bf16* x, const bf16* y, void* c, int64_
                   CUBLAS_GEMM_DEFAULT));
 }
 
-static bf16* alloc_random(size_t n, float scale, uint32_t seed) {
-  std::vector<bf16> h(n);
-  uint32_t state = seed * 2654435761u + 12345u;
-  for (size_t i = 0; i < n; ++i) {
-    state = state * 1664525u + 1013904223u;
-    h[i] = __float2bfloat16(scale * (float(state >> 8) / float(1 << 24) * 2.0f - 1.0f));
-  }
-  bf16* d;
-  CK(cudaMalloc(&d, n * sizeof(bf16)));
-  CK(cudaMemcpy(d, h.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
-  return d;
-}
-template <class E = bf16>
-static E* alloc(size_t n) {
-  E* d;
-  CK(cudaMalloc(&d, n * sizeof(E)));
-  return d;
-}
 // dst [rows, ld] = src [rows, cols] (rows of cols elements) with columns cols..ld-1 zero.
 static void pad_columns(const bf16* src, bf16* dst, int64_t rows, int64_t cols, int64_t ld) {
   CK(cudaMemset(dst, 0, rows * ld * sizeof(bf16)));

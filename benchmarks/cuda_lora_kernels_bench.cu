@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench_buffers.cuh"
 #include "cuda_bench_timing.cuh"
 #include "lora_kernels.cuh"
 #include "cuda_lora_skinny.cuh"
@@ -355,25 +356,6 @@ static cublasHandle_t g_blas, g_blas_side;
 static cudaStream_t g_side;  // the skinny products' stream (highest priority) in the pipelined routes
 static int g_sms = 0;
 static double g_copy_gbps = 0;
-
-static bf16* alloc_random(size_t n, float scale, uint32_t seed) {
-  std::vector<bf16> h(n);
-  uint32_t state = seed * 2654435761u + 12345u;
-  for (size_t i = 0; i < n; ++i) {
-    state = state * 1664525u + 1013904223u;
-    h[i] = __float2bfloat16(scale * (float(state >> 8) / float(1 << 24) * 2.0f - 1.0f));
-  }
-  bf16* d;
-  CK(cudaMalloc(&d, n * sizeof(bf16)));
-  CK(cudaMemcpy(d, h.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
-  return d;
-}
-
-static bf16* alloc(size_t n) {
-  bf16* d;
-  CK(cudaMalloc(&d, n * sizeof(bf16)));
-  return d;
-}
 
 // Row-major C[m, n] = alpha · op(X) · op(Y) + beta · C: X is [m, k], or [k, m] when tx; Y is [k, n], or [n, k] when
 // ty (all row-major): column-major Cᵀ = op(Y)ᵀ · op(X)ᵀ.
