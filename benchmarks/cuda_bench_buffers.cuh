@@ -1,14 +1,24 @@
-// Device buffers for the standalone LoRA benchmarks (cuda_lora_kernels_bench.cu, cuda_lora_kconcat_bench.cu):
-// uninitialised ones and bfloat16 ones filled with a seeded uniform draw in [-scale, scale) (the same values on every
-// run and machine, so two benchmarks' checks see the same operands).
+// Device buffers and cuBLAS status checks for the standalone LoRA benchmarks (cuda_lora_kernels_bench.cu,
+// cuda_lora_kconcat_bench.cu): uninitialised buffers and bfloat16 ones filled with a seeded uniform draw in
+// [-scale, scale) (the same values on every run and machine, so two benchmarks' checks see the same operands).
 #pragma once
 
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 
 #include <cstdint>
 #include <vector>
 
 #include "cuda_bench_timing.cuh"
+
+#define CB(x)                                                                             \
+  do {                                                                                    \
+    cublasStatus_t st_ = (x);                                                             \
+    if (st_ != CUBLAS_STATUS_SUCCESS) {                                                   \
+      fprintf(stderr, "%s:%d %s: cuBLAS status %d\n", __FILE__, __LINE__, #x, int(st_)); \
+      exit(1);                                                                            \
+    }                                                                                     \
+  } while (0)
 
 template <class E = __nv_bfloat16>
 E* alloc(size_t n) {

@@ -25,14 +25,6 @@
 using namespace cute;
 using bf16 = __nv_bfloat16;
 
-#define CB(x)                                                                             \
-  do {                                                                                    \
-    cublasStatus_t st_ = (x);                                                             \
-    if (st_ != CUBLAS_STATUS_SUCCESS) {                                                   \
-      fprintf(stderr, "%s:%d %s: cuBLAS status %d\n", __FILE__, __LINE__, #x, int(st_)); \
-      exit(1);                                                                            \
-    }                                                                                     \
-  } while (0)
 #define CS(x)                                                                                               \
   do {                                                                                                      \
     cutlass::Status s_ = (x);                                                                               \

@@ -343,14 +343,6 @@ void launch_expand_variant(int variant, const bf16* lm, const bf16* rt, const bf
   });
 }
 
-#define CB(x)                                                                          \
-  do {                                                                                 \
-    cublasStatus_t st_ = (x);                                                          \
-    if (st_ != CUBLAS_STATUS_SUCCESS) {                                                \
-      fprintf(stderr, "%s:%d %s: cuBLAS status %d\n", __FILE__, __LINE__, #x, int(st_)); \
-      exit(1);                                                                         \
-    }                                                                                  \
-  } while (0)
 
 static cublasHandle_t g_blas, g_blas_side;
 static cudaStream_t g_side;  // the skinny products' stream (highest priority) in the pipelined routes
