@@ -91,9 +91,12 @@ def _macos_extension():
 def _cutlass_include_dirs() -> list[str]:
     """CUTLASS's headers for the LoRA op's K-concatenated GEMM (csrc/cuda/cutlass_kconcat.cuh), optional: from
     $CUTLASS_DIR (a CUTLASS checkout) or the nvidia-cutlass wheel (cutlass_library/source), and only for a Hopper build
-    with the architecture-specific features (TORCH_CUDA_ARCH_LIST with 9.0a: wgmma). Empty otherwise: the op then never
-    takes that route."""
-    if "9.0a" not in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split():
+    with the architecture-specific features (TORCH_CUDA_ARCH_LIST with 9.0a and no other 9.x entry: wgmma). Empty
+    otherwise: the op then never takes that route."""
+    arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split()
+    # Only 9.0a among the 9.x entries: a 9.0 (or +PTX) image would hold the GEMM without its body (CUTLASS compiles
+    # an empty kernel there), which the driver could load and which would return uninitialised outputs.
+    if "9.0a" not in arches or any(a.startswith("9.") and a != "9.0a" for a in arches):
         return []
     import importlib.util
 

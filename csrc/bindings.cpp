@@ -73,8 +73,15 @@ PYBIND11_MODULE(_C, m) {
 #endif
 #ifdef TMF_WITH_CUDA
   m.attr("HAS_CUDA") = true;
+  m.attr("HAS_LORA_KCONCAT") = tmf::cuda::lora_kconcat_built();
   m.def("lora_kconcat_enabled", &tmf::cuda::lora_kconcat_enabled,
         "whether the LoRA op takes its K-concatenated GEMM (built with CUTLASS and TORCH_METAL_FUSED_LORA_KCONCAT=1)");
+  m.def("lora_takes_kconcat_route", &tmf::lora_takes_kconcat_route,
+        "whether the LoRA op takes the K-concatenated GEMM for x, weight and lora_a (no dropout)");
+  m.def("lora_kconcat_forward", &tmf::cuda::lora_kconcat_forward, py::call_guard<py::gil_scoped_release>(),
+        "for tests: y = x·weightᵀ + h·bsᵀ by the K-concatenated GEMM");
+  m.def("lora_kconcat_dx", &tmf::cuda::lora_kconcat_dx, py::call_guard<py::gil_scoped_release>(),
+        "for tests: dx = dy·weight + dh·lora_a by the K-concatenated GEMM");
 #else
   m.attr("HAS_CUDA") = false;
 #endif

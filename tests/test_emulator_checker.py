@@ -342,6 +342,51 @@ def test_watchdog_ends_an_endless_dispatch(bugs, monkeypatch, kernel, checked):
     _still_works(bugs)  # with the short timeout still set: a normal dispatch is not cut short
 
 
+def test_halo_read_overwritten_by_the_next_threadgroup_is_a_race(bugs):
+    # Threadgroup 0 reads row 1, threadgroup 1 reads and then overwrites it: a race whichever threadgroup runs first
+    # on the GPU (the shadow remembers that several threadgroups read the row).
+    x = torch.arange(96, dtype=torch.float32)
+    with pytest.raises(runner.KernelCheckError) as exc, runner.checking():
+        bugs.dispatch("halo_in_place", {0: x}, (2, 1, 1), (32, 1, 1))
+    line = _bug_line("halo_in_place")
+    assert any(f"planted_bugs.metal:{line}: device-race" in f and "another threadgroup" in f for f in _findings(exc)), (
+        _findings(exc)
+    )
+
+
+@pytest.mark.parametrize("device_barrier", [0, 1], ids=["mem_threadgroup", "mem_device"])
+def test_device_memory_needs_a_mem_device_barrier(bugs, device_barrier):
+    # A neighbour's device-memory write read after a barrier: ordered by mem_flags::mem_device only.
+    x, out = torch.zeros(64), torch.zeros(64)
+    buffers = {0: x, 1: out, 2: torch.tensor([device_barrier], dtype=torch.int32)}
+    if device_barrier:
+        with runner.checking():
+            bugs.dispatch("neighbour_after_threadgroup_barrier", buffers, (1, 1, 1), (64, 1, 1))
+        assert torch.equal(out, ((torch.arange(64) + 1) % 64).float())
+        return
+    with pytest.raises(runner.KernelCheckError) as exc, runner.checking():
+        bugs.dispatch("neighbour_after_threadgroup_barrier", buffers, (1, 1, 1), (64, 1, 1))
+    line = _bug_line("neighbour_after_threadgroup_barrier")
+    assert any(f"planted_bugs.metal:{line}: device-race" in f and "mem_device" in f for f in _findings(exc)), _findings(
+        exc
+    )
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["plain", "checked"])
+def test_a_storage_bound_twice_is_one_buffer(bugs, checked):
+    # Writes through one binding are seen through the other (as on the GPU); the traffic rows count the loads on the
+    # binding read and the stores on the binding written.
+    x, seen = torch.zeros(64), torch.zeros(64)
+    buffers = {0: x, 1: x, 2: seen}
+    if checked:
+        with runner.checking():
+            (d,) = bugs.dispatch("write_then_read_an_alias", buffers, (1, 1, 1), (64, 1, 1))
+        assert d.traffic[0] == (256, 0) and d.traffic[1] == (0, 256), d.traffic
+    else:
+        bugs.dispatch("write_then_read_an_alias", buffers, (1, 1, 1), (64, 1, 1))
+    assert torch.equal(seen, torch.full((64,), 7.0)) and torch.equal(x, torch.full((64,), 7.0))
+
+
 def test_watchdog_and_schedule_settings_are_validated(bugs, monkeypatch):
     monkeypatch.setenv("TORCH_METAL_FUSED_EMU_SEED", "often")
     with pytest.raises(RuntimeError, match="TORCH_METAL_FUSED_EMU_SEED=often is not an integer"):

@@ -133,16 +133,58 @@ def test_cuda_lora_kernel_shapes(backend, shape, dtype, bias):
     _check(x, w, a, b, bias_t if bias else None, 2.0, dtype)
 
 
-def test_cuda_kconcat_route_is_built_when_requested(backend):
+def _kconcat(backend):
+    """The extension module when its K-concatenated GEMM was built (CUDA, CUTLASS, sm_90a)."""
+    if backend.name != "cuda":
+        pytest.skip("the CUDA backend's K-concatenated GEMM")
+    from torch_metal_fused import _C
+
+    if not getattr(_C, "HAS_LORA_KCONCAT", False):
+        pytest.skip("built without CUTLASS (setup.py: the K-concatenated GEMM)")
+    return _C
+
+
+@pytest.mark.parametrize("rank", [8, 24, 40, 64])
+@pytest.mark.parametrize("shape", [(1000, 1048, 1016), (130, 64, 264), (1, 8, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_kconcat_gemm(backend, shape, rank):
+    """The K-concatenated GEMM alone (csrc/cuda/lora_kconcat.cu) against float64: y = x·Wᵀ + h·bsᵀ and
+    dx = dy·W + dh·A, at ranks that end partway into the GEMM's 64-column K tile (the TMA fills the rest with zeros)
+    and tokens, features and the first pair's K that are not multiples of the 128x256x64 tile."""
+    lib = _kconcat(backend)
+    tokens, fin, fout = shape
+    dt, dev = torch.bfloat16, backend.device
+    x, w = randn((tokens, fin), dt, dev, seed=71), randn((fout, fin), dt, dev, scale=fin**-0.5, seed=72)
+    h, bs = randn((tokens, rank), dt, dev, seed=73), randn((fout, rank), dt, dev, scale=rank**-0.5, seed=74)
+    y = lib.lora_kconcat_forward(x, w, h, bs)
+    c = [t.cpu() for t in (x, w, h, bs)]
+    want = c[0].double() @ c[1].double().t() + c[2].double() @ c[3].double().t()
+    base = (c[0].float() @ c[1].float().t() + c[2].float() @ c[3].float().t()).to(dt)
+    assert_matches(y, want, dt, "K-concatenated y", baseline=base)
+    dy, dh = randn((tokens, fout), dt, dev, seed=75), randn((tokens, rank), dt, dev, seed=76)
+    a = randn((rank, fin), dt, dev, scale=fin**-0.5, seed=77)
+    dx = lib.lora_kconcat_dx(dy, w, dh, a)
+    c = [t.cpu() for t in (dy, w, dh, a)]
+    want = c[0].double() @ c[1].double() + c[2].double() @ c[3].double()
+    base = (c[0].float() @ c[1].float() + c[2].float() @ c[3].float()).to(dt)
+    assert_matches(dx, want, dt, "K-concatenated dx", baseline=base)
+
+
+def test_cuda_kconcat_route_is_taken_when_requested(backend):
     """`bash benchmarks/cuda_run.sh tests-kconcat` runs the LoRA tests with TORCH_METAL_FUSED_LORA_KCONCAT=1 so that
     the bfloat16 shapes above with ranks 8-64 (multiples of 8) and in/out features multiples of 8 take the
-    K-concatenated GEMM (csrc/cuda/lora_kconcat.cu): a build without CUTLASS would silently run the other routes
-    instead, so the request must find the route built."""
+    K-concatenated GEMM: the request must find the route built, and the op must take it for such operands (and only
+    for them), or those runs would silently test the other routes."""
     if backend.name != "cuda" or os.environ.get("TORCH_METAL_FUSED_LORA_KCONCAT", "") in ("", "0"):
         pytest.skip("the CUDA backend with the K-concatenated route requested")
     from torch_metal_fused import _C
 
     assert _C.lora_kconcat_enabled(), "TORCH_METAL_FUSED_LORA_KCONCAT=1 but the extension was built without CUTLASS"
+    dt, dev = torch.bfloat16, backend.device
+    x, w, a = randn((300, 520), dt, dev), randn((136, 520), dt, dev), randn((16, 520), dt, dev)
+    assert _C.lora_takes_kconcat_route(x, w, a)
+    assert not _C.lora_takes_kconcat_route(x.half(), w.half(), a.half())  # bfloat16 only
+    assert not _C.lora_takes_kconcat_route(x, w, a[:4])  # rank 4: not a multiple of 8
+    assert not _C.lora_takes_kconcat_route(x[:, :65], w[:, :65], a[:, :65])  # 65 inputs: TMA strides
 
 
 def test_merged_weight_kernel_column_steps(backend):

@@ -166,6 +166,9 @@ struct KConcatMainloop : Base {
   }
 };
 
+// The kernels use CUTLASS's default (persistent, data-parallel) tile scheduler, whose work units each cover all of
+// K: the producer above relies on that (the last k-tile of every unit is the second pair's). A stream-K or split-K
+// scheduler would hand the second pair's tile to another unit and must not be used with KConcatMainloop.
 // ---- the GEMMs: bf16 operands, float32 accumulation, bf16 row-major D, no C ----------------------------------------
 // A configuration: tile, cluster, kernel and epilogue schedules; each gives the forward GEMM (B = W [N, K] row-major:
 // ColumnMajor) and the backward one (B = W [K, N] row-major: RowMajor), plain and K-concatenated. Macros, not

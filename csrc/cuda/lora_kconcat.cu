@@ -19,6 +19,8 @@ namespace tmf::cuda {
 
 #ifdef TMF_WITH_CUTLASS
 
+bool lora_kconcat_built() { return true; }
+
 bool lora_kconcat_enabled() {
   static const bool requested = [] {
     const char* v = std::getenv("TORCH_METAL_FUSED_LORA_KCONCAT");
@@ -31,12 +33,14 @@ namespace {
 
 namespace config = kconcat::coop_128x256_c2x1;
 
-void check_operand(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_cuda() && t.dim() == 2 && t.is_contiguous() &&
-                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.size(1) % 8 == 0,
-              "lora_linear (K-concatenated GEMM): ", name,
-              " must be a contiguous, 16-byte aligned bfloat16 CUDA matrix with a multiple of 8 columns; got ",
-              t.sizes(), " ", t.scalar_type());
+// Every operand on `first`'s device (the raw op does not check it; the TMA descriptors would address a foreign
+// device's memory).
+void check_operand(const at::Tensor& t, const char* name, const at::Tensor& first) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_cuda() && t.device() == first.device() && t.dim() == 2 &&
+                  t.is_contiguous() && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.size(1) % 8 == 0,
+              "lora_linear (K-concatenated GEMM): ", name, " must be a contiguous, 16-byte aligned bfloat16 matrix "
+              "with a multiple of 8 columns on ", first.device(), "; got ", t.sizes(), " ", t.scalar_type(), " on ",
+              t.device());
 }
 
 // D [m, n] = [A | A2]·op([B | B2]) with k columns in the first pair and k2 (<= the tile's K) in the second, on the
@@ -81,10 +85,10 @@ at::Tensor run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, c
 
 at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& h,
                                 const at::Tensor& bs) {
-  check_operand(x, "x");
-  check_operand(weight, "weight");
-  check_operand(h, "h");
-  check_operand(bs, "s·lora_b");
+  check_operand(x, "x", x);
+  check_operand(weight, "weight", x);
+  check_operand(h, "h", x);
+  check_operand(bs, "s·lora_b", x);
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0), r = h.size(1);
   TORCH_CHECK(weight.size(1) == k && h.size(0) == m && bs.size(0) == n && bs.size(1) == r && r <= config::Fwd::kTileK,
               "lora_linear (K-concatenated GEMM): operands do not match: x ", x.sizes(), ", weight ", weight.sizes(),
@@ -94,10 +98,10 @@ at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, c
 
 at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dh,
                            const at::Tensor& lora_a) {
-  check_operand(dy, "dy");
-  check_operand(weight, "weight");
-  check_operand(dh, "dh");
-  check_operand(lora_a, "lora_a");
+  check_operand(dy, "dy", dy);
+  check_operand(weight, "weight", dy);
+  check_operand(dh, "dh", dy);
+  check_operand(lora_a, "lora_a", dy);
   const int64_t m = dy.size(0), n_out = dy.size(1), k_in = weight.size(1), r = dh.size(1);
   TORCH_CHECK(weight.size(0) == n_out && dh.size(0) == m && lora_a.size(0) == r && lora_a.size(1) == k_in &&
                   r <= config::Bwd::kTileK,
@@ -108,6 +112,8 @@ at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const
 }
 
 #else  // no CUTLASS: the route is never enabled
+
+bool lora_kconcat_built() { return false; }
 
 bool lora_kconcat_enabled() { return false; }
 

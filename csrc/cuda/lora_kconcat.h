@@ -7,6 +7,9 @@
 
 namespace tmf::cuda {
 
+// Whether the GEMM was built (CUTLASS's headers and sm_90a: setup.py).
+bool lora_kconcat_built();
+
 // Whether the route was built and requested (the environment variable is read once, at the first call, so a
 // forward and its backward always agree on the route).
 bool lora_kconcat_enabled();
@@ -21,3 +24,8 @@ at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const
                            const at::Tensor& lora_a);
 
 }  // namespace tmf::cuda
+
+namespace tmf {
+// Whether the CUDA LoRA op takes the route for these operands (csrc/cuda/lora_linear.cu: kconcat_route, no dropout).
+bool lora_takes_kconcat_route(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a);
+}  // namespace tmf

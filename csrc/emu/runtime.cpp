@@ -128,6 +128,7 @@ struct Thread {
   int line = 0;
   SimdResolver resolver = nullptr;
   SimdOp op = SimdOp::none;
+  int barrier_flags = 0;  // the mem_flags of the barrier the thread waits at
   LaneIO io;
   // While the thread is in runtime code it called (a checker callback, a barrier, a SIMD-group operation): the
   // return address into the kernel, which a watchdog tick or fault landing there reports as the location.
@@ -149,11 +150,17 @@ struct Shadow {
 // threads of one threadgroup between the same barriers, or two threadgroups at all (nothing orders threadgroups
 // within a dispatch). The shadow belongs to the buffer's private copy, which one storage bound twice shares (the
 // cross-entropy gradient written over its logits), so an in-place race shows whatever the schedule.
+// Device memory is ordered between the threads of a threadgroup only by a barrier with mem_flags::mem_device (a
+// mem_threadgroup barrier orders threadgroup memory alone), so the epochs here are the threadgroup's device epochs
+// (Run::device_epoch). Granules of 2 bytes: 1-byte device elements written by neighbouring threads would be reported
+// as a race (no shader of ours writes any).
 struct DeviceShadow {
   int16_t writer = -1, reader = -1;  // reader -2: several readers of one threadgroup between barriers
-  uint32_t write_group = 0, read_group = 0;
+  uint32_t write_group = 0, read_group = 0;  // read_group kSeveralGroups: read by several threadgroups
   uint32_t write_epoch = 0, read_epoch = 0;
 };
+constexpr uint32_t kSeveralGroups = UINT32_MAX;
+constexpr int kMemDevice = 1;  // mem_flags::mem_device (tmf_emu/metal_prelude.h)
 
 // An anonymous mapping released with the object.
 struct Mapping {
@@ -284,6 +291,7 @@ struct Run {
   std::vector<size_t> tg_args;  // arena offsets of [[threadgroup(n)]] arguments
   Shadow* shadow = nullptr;  // one granule per 2 bytes of the arena
   uint32_t epoch = 1;
+  uint32_t device_epoch = 1;  // advanced by barriers with mem_flags::mem_device only (DeviceShadow)
   uint32_t round = 0;  // scheduling rounds of this threadgroup
   std::vector<uint32_t> simd_order;
   bool aborted = false;
@@ -561,6 +569,7 @@ bool resolve_barrier(Run& r) {
   }
   for (auto& t : r.th) t.wait = Wait::none;
   ++r.epoch;
+  if (first->barrier_flags & kMemDevice) ++r.device_epoch;
   return true;
 }
 
@@ -597,6 +606,7 @@ void run_threadgroup(Run& r) {
   r.arena_used = 0;
   r.locals.clear();
   r.epoch = 1;
+  r.device_epoch = 1;
   // [[threadgroup(n)]] arguments, sized by the host's setThreadgroupMemoryLength.
   r.tg_args.assign(r.enc->threadgroup_memory.size(), 0);
   for (auto& [index, bytes] : r.enc->threadgroup_memory) {
@@ -709,6 +719,8 @@ struct BufferRange {
   int index;
   Traffic* traffic;  // the report's row; null for setBytes arguments, which do not count as traffic
   DeviceShadow* shadow = nullptr;  // checked runs: the private copy's shadow (granule 0 at lo)
+  bool writable = false;           // bound to a kernel parameter that is not const-qualified
+  std::string names;               // "buffer(n)", or every binding of a storage bound twice: "buffer(0)/buffer(4)"
 };
 std::vector<BufferRange> g_ranges;
 
@@ -734,38 +746,46 @@ bool report_bad_access(Run& r, uintptr_t addr, size_t size, bool store, void* pc
   return true;
 }
 
-// A conflicting access to device memory (see DeviceShadow): reported once per site.
+// A conflicting access to device memory (see DeviceShadow): reported once per site. `b` is the first binding of
+// the storage; `names` every binding of it (a storage bound twice), for the message.
 void check_device_race(Run& r, const BufferRange& b, uintptr_t addr, size_t size, bool store, void* pc) {
   const int16_t me = int16_t(r.current->index);
   const uint32_t group = 1 + r.group[0] + r.groups[0] * (r.group[1] + r.groups[1] * r.group[2]);
-  const std::string where = "buffer(" + std::to_string(b.index) + ") offset " + std::to_string(addr - b.lo);
+  const uint32_t epoch = r.device_epoch;
   auto race = [&](const std::string& what) {
+    BusyScope busy;  // the message allocates: a watchdog tick must not escape from inside the allocator
     add_error("device-race", nullptr, 0, module_offset(pc),
-              what + " at " + where + " (" + thread_name(r, *r.current) + ")", b.index);
+              what + " at " + b.names + " offset " + std::to_string(addr - b.lo) + " (" +
+                  thread_name(r, *r.current) + ")",
+              b.index);
   };
   for (size_t g = (addr - b.lo) / 2; g < (addr - b.lo + size + 1) / 2; ++g) {
     DeviceShadow& s = b.shadow[g];
     const bool other_writer = s.write_group != 0 && (s.write_group != group || s.writer != me);
-    const bool written_here = s.write_group == group && s.write_epoch == r.epoch;
+    const bool written_here = s.write_group == group && s.write_epoch == epoch;
     if (store) {
       if (other_writer && (s.write_group != group || written_here))
         race(s.write_group != group ? "write-write race on device memory between threadgroups"
-                                    : "write-write race on device memory between barriers (thread " +
-                                          std::to_string(s.writer) + " wrote it too)");
+                                    : "write-write race on device memory with no mem_device barrier between "
+                                      "(thread " + std::to_string(s.writer) + " wrote it too)");
       else if (s.read_group != 0 && s.read_group != group)
         race("device memory written after another threadgroup of the dispatch read it");
-      else if (s.read_group == group && s.read_epoch == r.epoch && s.reader != -1 && s.reader != me)
-        race("device memory written after another thread read it, with no barrier between");
-      s.writer = me, s.write_group = group, s.write_epoch = r.epoch;
+      else if (s.read_group == group && s.read_epoch == epoch && s.reader != -1 && s.reader != me)
+        race("device memory written after another thread read it, with no mem_device barrier between");
+      s.writer = me, s.write_group = group, s.write_epoch = epoch;
     } else {
       if (other_writer && (s.write_group != group || written_here))
         race(s.write_group != group ? "device memory read after another threadgroup of the dispatch wrote it"
                                     : "device memory read after thread " + std::to_string(s.writer) +
-                                          " wrote it, with no barrier between");
-      if (s.read_group != group || s.read_epoch != r.epoch)
-        s.reader = me, s.read_group = group, s.read_epoch = r.epoch;
-      else if (s.reader != me)
+                                          " wrote it, with no mem_device barrier between");
+      if (s.read_group == kSeveralGroups) {
+      } else if (s.read_group != 0 && s.read_group != group) {
+        s.read_group = kSeveralGroups;  // a later write by any threadgroup races one of the readers
+      } else if (s.read_group != group || s.read_epoch != epoch) {
+        s.reader = me, s.read_group = group, s.read_epoch = epoch;
+      } else if (s.reader != me) {
         s.reader = -2;
+      }
     }
   }
 }
@@ -818,7 +838,15 @@ void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
   r.current->last_site_pc = uintptr_t(pc);
   for (const auto& b : g_ranges) {
     if (addr >= b.lo && addr + size <= b.hi) {
-      if (b.traffic) (store ? b.traffic->bytes_written : b.traffic->bytes_read) += size;
+      // A storage bound twice has one range per binding: loads count on the first, stores on the first writable.
+      const BufferRange* row = &b;
+      if (store && !b.writable)
+        for (const auto& o : g_ranges)
+          if (o.lo == b.lo && o.hi == b.hi && o.writable) {
+            row = &o;
+            break;
+          }
+      if (row->traffic) (store ? row->traffic->bytes_written : row->traffic->bytes_read) += size;
       if (b.shadow) check_device_race(r, b, addr, size, store, pc);
       return;
     }
@@ -1113,11 +1141,12 @@ void simd_rendezvous(SimdResolver resolver, SimdOp op, const void* in, void* out
 
 uint32_t simd_lane() { return current_thread().index % kSimdWidth; }
 
-void barrier(const char* file, int line) {
+void barrier(const char* file, int line, int mem_flags) {
   KernelCall call(__builtin_return_address(0));
   Thread& t = current_thread();
   t.last_site_pc = uintptr_t(__builtin_return_address(0));
   t.file = file, t.line = line;
+  t.barrier_flags = mem_flags;
   t.wait = Wait::barrier;
   yield_to_scheduler();
 }
@@ -1295,34 +1324,54 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
   g_ranges.clear();
   r.copies.reserve(enc.buffers.size());
   try {
+    // One storage bound twice (the same address and size, e.g. a gradient written over its input) shares one copy,
+    // as on the GPU: a kernel that reads what it overwrites in place sees its own writes. The copy is placed at the
+    // largest alignment any of its bindings' parameter types needs.
+    struct Binding {
+      int index;
+      size_t alignment;
+      bool writable;
+      size_t copy;
+    };
+    std::vector<Binding> bindings;
     for (auto& [index, buf] : enc.buffers) {
-      bool writable = false;
-      const size_t alignment = buffer_alignment(*r.kernel, index, &writable);
-      // One storage bound twice (the same address and size, e.g. a gradient written over its input) shares one
-      // copy, as on the GPU: a kernel that reads what it overwrites in place sees its own writes.
-      BufferCopy* shared = nullptr;
+      Binding bd{index, 0, false, 0};
+      bd.alignment = buffer_alignment(*r.kernel, index, &bd.writable);
+      size_t same = r.copies.size();
       if (!buf.argument_bytes && buf.size())
-        for (auto& o : r.copies)
-          if (!o.host.argument_bytes && o.host.address() == buf.address() && o.size == buf.size() &&
-              uintptr_t(o.data) % alignment == 0)
-            shared = &o;
-      if (shared) {
-        shared->aliases.push_back(index);
-        shared->writable = shared->writable || writable;
-      } else {
+        for (size_t i = 0; i < r.copies.size(); ++i)
+          if (!r.copies[i].host.argument_bytes && r.copies[i].host.address() == buf.address() &&
+              r.copies[i].host.size() == buf.size())
+            same = i;
+      if (same == r.copies.size()) {
         r.copies.emplace_back();
-        shared = &r.copies.back();
-        shared->index = index, shared->host = buf, shared->writable = writable;
-        place_copy(*shared, alignment, enc.checking);
-        if (enc.checking && !buf.argument_bytes) shared->shadow.assign((shared->size + 1) / 2 + 1, DeviceShadow{});
+        r.copies.back().index = index, r.copies.back().host = buf;
+      } else {
+        r.copies[same].aliases.push_back(index);
       }
-      BufferCopy& c = *shared;
-      const BoundBuffer b{c.data, c.size, 0, buf.argument_bytes};
-      r.view[index] = b;
+      bd.copy = same;
+      r.copies[same].writable = r.copies[same].writable || bd.writable;
+      bindings.push_back(bd);
+    }
+    for (size_t i = 0; i < r.copies.size(); ++i) {
+      BufferCopy& c = r.copies[i];
+      size_t alignment = 1;
+      for (const Binding& bd : bindings)
+        if (bd.copy == i) alignment = std::max(alignment, bd.alignment);
+      place_copy(c, alignment, enc.checking);
+      // Checked runs: a shadow for the storages the kernel may write (nothing races on memory no one writes).
+      if (enc.checking && !c.host.argument_bytes && c.writable) c.shadow.assign((c.size + 1) / 2, DeviceShadow{});
+    }
+    for (const Binding& bd : bindings) {
+      BufferCopy& c = r.copies[bd.copy];
+      const BoundBuffer b{c.data, c.size, 0, c.host.argument_bytes};
+      r.view[bd.index] = b;
       // A row for every bound buffer, even if untouched (std::map: the pointer stays valid).
-      Traffic* traffic = b.argument_bytes ? nullptr : &report.traffic[index];
-      g_ranges.push_back({uintptr_t(c.data), uintptr_t(c.data) + c.size, index, traffic,
-                          c.shadow.empty() ? nullptr : c.shadow.data()});
+      Traffic* traffic = b.argument_bytes ? nullptr : &report.traffic[bd.index];
+      std::string names = "buffer(" + std::to_string(c.index) + ")";
+      for (int alias : c.aliases) names += "/buffer(" + std::to_string(alias) + ")";
+      g_ranges.push_back({uintptr_t(c.data), uintptr_t(c.data) + c.size, bd.index, traffic,
+                          c.shadow.empty() ? nullptr : c.shadow.data(), bd.writable, names});
     }
   } catch (...) {
     g_ranges.clear();

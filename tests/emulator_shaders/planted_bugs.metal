@@ -81,3 +81,47 @@ using namespace metal;
   published[tid] = float(lane) + 1.0f;
   out[gid] = published[lane];  // BUG: read_without_barrier
 }
+
+// Threadgroup g (32 threads) reads rows g and g + 1 of x, then overwrites row g: threadgroup g - 1 read row g, and
+// nothing orders threadgroups within a dispatch, so row g's overwrite races that read (a halo read in place).
+[[kernel]] void halo_in_place(
+    device float* x [[buffer(0)]],
+    uint group [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]]) {
+  const float a = x[group * 32 + tid];
+  const float b = x[(group + 1) * 32 + tid];
+  threadgroup_barrier(mem_flags::mem_device);
+  x[group * 32 + tid] = a + b;  // BUG: halo_in_place
+}
+
+// Each thread writes x[tid], then reads its neighbour's x[tid + 1] after a barrier that orders threadgroup memory
+// only (mem_threadgroup): device memory is not ordered by it on Metal. With device_barrier set, the barrier is
+// mem_device and the kernel is correct.
+[[kernel]] void neighbour_after_threadgroup_barrier(
+    device float* x [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    constant uint& device_barrier [[buffer(2)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint n [[threads_per_threadgroup]]) {
+  x[tid] = float(tid);
+  if (device_barrier != 0) {
+    threadgroup_barrier(mem_flags::mem_device);
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  out[tid] = x[(tid + 1) % n];  // BUG: neighbour_after_threadgroup_barrier
+}
+
+// One storage bound at buffers 0 (read) and 1 (written): each thread writes 7 through buffer 1, then after a
+// mem_device barrier reads its neighbour's element through buffer 0 into buffer 2. On the GPU (one storage) every
+// element reads 7.
+[[kernel]] void write_then_read_an_alias(
+    device const float* in [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    device float* seen [[buffer(2)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint n [[threads_per_threadgroup]]) {
+  out[tid] = 7.0f;
+  threadgroup_barrier(mem_flags::mem_device);
+  seen[tid] = in[(tid + 1) % n];
+}

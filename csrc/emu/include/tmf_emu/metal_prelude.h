@@ -174,9 +174,9 @@ inline T clamp(T x, T lo, T hi) {
 }
 
 // ---- synchronisation -----------------------------------------------------------------------------
-inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, const char* file = __builtin_FILE(),
+inline void threadgroup_barrier(mem_flags flags = mem_flags::mem_none, const char* file = __builtin_FILE(),
                                 int line = __builtin_LINE()) {
-  ::tmf_emu::barrier(file, line);
+  ::tmf_emu::barrier(file, line, int(flags));
 }
 inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, const char* file = __builtin_FILE(),
                               int line = __builtin_LINE()) {

@@ -51,7 +51,7 @@ using SimdResolver = uint32_t (*)(SimdOp op, LaneIO* lanes, uint32_t active_mask
 
 void simd_rendezvous(SimdResolver resolver, SimdOp op, const void* in, void* out, size_t size, uint32_t arg,
                      const char* file, int line);
-void barrier(const char* file, int line);
+void barrier(const char* file, int line, int mem_flags);  // mem_flags: Metal's, as an int
 void* threadgroup_local(uint64_t site, size_t bytes, const char* file, int line);
 
 template <typename T>
