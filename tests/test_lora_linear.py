@@ -144,21 +144,26 @@ def _kconcat(backend):
     return _C
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("rank", [8, 24, 40, 64])
 @pytest.mark.parametrize("shape", [(1000, 1048, 1016), (130, 64, 264), (1, 8, 8)], ids=lambda s: "x".join(map(str, s)))
-def test_cuda_kconcat_gemm(backend, shape, rank):
-    """The K-concatenated GEMM alone (csrc/cuda/lora_kconcat.cu) against float64: y = x·Wᵀ + h·bsᵀ and
-    dx = dy·W + dh·A, at ranks that end partway into the GEMM's 64-column K tile (the TMA fills the rest with zeros)
-    and tokens, features and the first pair's K that are not multiples of the 128x256x64 tile."""
+def test_cuda_kconcat_gemm(backend, shape, rank, bias):
+    """The K-concatenated GEMM alone (csrc/cuda/lora_kconcat.cu) against float64: y = x·Wᵀ + h·bsᵀ (+ bias, added in
+    the epilogue) and dx = dy·W + dh·A, at ranks that end partway into the GEMM's 64-column K tile (the TMA fills the
+    rest with zeros) and tokens, features and the first pair's K that are not multiples of the 128x256x64 tile."""
     lib = _kconcat(backend)
     tokens, fin, fout = shape
     dt, dev = torch.bfloat16, backend.device
     x, w = randn((tokens, fin), dt, dev, seed=71), randn((fout, fin), dt, dev, scale=fin**-0.5, seed=72)
     h, bs = randn((tokens, rank), dt, dev, seed=73), randn((fout, rank), dt, dev, scale=rank**-0.5, seed=74)
-    y = lib.lora_kconcat_forward(x, w, h, bs)
+    b = randn((fout,), dt, dev, seed=78) if bias else None
+    y = lib.lora_kconcat_forward(x, w, h, bs, b)
     c = [t.cpu() for t in (x, w, h, bs)]
     want = c[0].double() @ c[1].double().t() + c[2].double() @ c[3].double().t()
-    base = (c[0].float() @ c[1].float().t() + c[2].float() @ c[3].float().t()).to(dt)
+    base = c[0].float() @ c[1].float().t() + c[2].float() @ c[3].float().t()
+    if bias:
+        want, base = want + b.cpu().double(), base + b.cpu().float()
+    base = base.to(dt)
     assert_matches(y, want, dt, "K-concatenated y", baseline=base)
     dy, dh = randn((tokens, fout), dt, dev, seed=75), randn((tokens, rank), dt, dev, seed=76)
     a = randn((rank, fin), dt, dev, scale=fin**-0.5, seed=77)

@@ -166,6 +166,8 @@ struct KConcatMainloop : Base {
   }
 };
 
+// The epilogue adds an optional bias per output column (LinCombPerColBias: `thread.bias_ptr`, null for none) in
+// float32 before the one rounding to bfloat16; no C operand is read.
 // The kernels use CUTLASS's default (persistent, data-parallel) tile scheduler, whose work units each cover all of
 // K: the producer above relies on that (the last k-tile of every unit is the second pair's). A stream-K or split-K
 // scheduler would hand the second pair's tile to another unit and must not be used with KConcatMainloop.
@@ -196,7 +198,9 @@ struct KConcatMainloop : Base {
   using Epilogue = cutlass::epilogue::collective::CollectiveBuilder<                                               \
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TILE, CLUSTER,                                          \
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, 8,           \
-      cutlass::bfloat16_t, cutlass::layout::RowMajor, 8, EPI_SCHEDULE>::CollectiveOp;                              \
+      cutlass::bfloat16_t, cutlass::layout::RowMajor, 8, EPI_SCHEDULE,                                             \
+      cutlass::epilogue::fusion::LinCombPerColBias<cutlass::bfloat16_t, float, cutlass::bfloat16_t, void,          \
+                                                   float>>::CollectiveOp;                                          \
   TMF_GEMM_PAIR(Fwd, Epilogue, cutlass::layout::ColumnMajor, TILE, CLUSTER, SCHEDULE);                             \
   TMF_GEMM_PAIR(Bwd, Epilogue, cutlass::layout::RowMajor, TILE, CLUSTER, SCHEDULE);                                \
   }

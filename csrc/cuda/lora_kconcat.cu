@@ -47,7 +47,7 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& firs
 // current stream.
 template <class G>
 at::Tensor run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, const at::Tensor& b2, int m, int n,
-               int k, int k2) {
+               int k, int k2, const at::Tensor* bias = nullptr) {
   using T = typename G::T;
   at::Tensor d = at::empty({m, n}, a.options());
   if (m == 0 || n == 0) return d;
@@ -65,6 +65,7 @@ at::Tensor run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, c
       {{1.f, 0.f}, nullptr, {}, reinterpret_cast<T*>(d.data_ptr()),
        cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1})},
       hw};
+  if (bias != nullptr) args.epilogue.thread.bias_ptr = reinterpret_cast<const T*>(bias->data_ptr());
   typename G::KConcat gemm;
   TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
               "lora_linear (K-concatenated GEMM): CUTLASS cannot run ", m, "x", n, "x", k, " + ", k2);
@@ -84,7 +85,7 @@ at::Tensor run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, c
 }  // namespace
 
 at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& h,
-                                const at::Tensor& bs) {
+                                const at::Tensor& bs, const std::optional<at::Tensor>& bias) {
   check_operand(x, "x", x);
   check_operand(weight, "weight", x);
   check_operand(h, "h", x);
@@ -93,7 +94,15 @@ at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, c
   TORCH_CHECK(weight.size(1) == k && h.size(0) == m && bs.size(0) == n && bs.size(1) == r && r <= config::Fwd::kTileK,
               "lora_linear (K-concatenated GEMM): operands do not match: x ", x.sizes(), ", weight ", weight.sizes(),
               ", h ", h.sizes(), ", s·lora_b ", bs.sizes());
-  return run<config::Fwd>(x, weight, h, bs, int(m), int(n), int(k), int(r));
+  if (bias) {
+    // The epilogue reads it in 16-byte vectors of 8 columns.
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->device() == x.device() && bias->dim() == 1 &&
+                    bias->size(0) == n && bias->is_contiguous() &&
+                    reinterpret_cast<uintptr_t>(bias->data_ptr()) % 16 == 0,
+                "lora_linear (K-concatenated GEMM): bias must be a contiguous, 16-byte aligned bfloat16 vector of ", n,
+                " on ", x.device(), "; got ", bias->sizes(), " ", bias->scalar_type(), " on ", bias->device());
+  }
+  return run<config::Fwd>(x, weight, h, bs, int(m), int(n), int(k), int(r), bias ? &*bias : nullptr);
 }
 
 at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dh,
@@ -117,7 +126,8 @@ bool lora_kconcat_built() { return false; }
 
 bool lora_kconcat_enabled() { return false; }
 
-at::Tensor lora_kconcat_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+at::Tensor lora_kconcat_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&) {
   TORCH_CHECK(false, "lora_linear: built without CUTLASS (the K-concatenated GEMM)");
 }
 

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace tmf::cuda {
 
 // Whether the GEMM was built (CUTLASS's headers and sm_90a: setup.py).
@@ -14,10 +16,11 @@ bool lora_kconcat_built();
 // forward and its backward always agree on the route).
 bool lora_kconcat_enabled();
 
-// y [M, N] = x [M, K]·W [N, K]ᵀ + h [M, r]·bs [N, r]ᵀ (bs = s·B), bfloat16, in one GEMM. Every operand contiguous with a
-// 16-byte aligned base, K, N and r multiples of 8, r <= 64, on a compute capability 9.0 device.
+// y [M, N] = x [M, K]·W [N, K]ᵀ + h [M, r]·bs [N, r]ᵀ (+ bias [N]) (bs = s·B), bfloat16, in one GEMM (the bias added in
+// its epilogue). Every operand contiguous with a 16-byte aligned base, K, N and r multiples of 8, r <= 64, on a
+// compute capability 9.0 device.
 at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& h,
-                                const at::Tensor& bs);
+                                const at::Tensor& bs, const std::optional<at::Tensor>& bias);
 
 // dx [M, K] = dy [M, N]·W [N, K] + dh [M, r]·A [r, K], the same preconditions.
 at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dh,
