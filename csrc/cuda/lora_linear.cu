@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -57,16 +58,27 @@ bool use_merged_weight(int64_t tokens, int64_t in_features, const OptTensor& dro
 // in a build with CUTLASS. bfloat16, no dropout (dx's LoRA part is masked), ranks 8-64 in steps of 8, K and N
 // multiples of 8 (the TMA's 16-byte strides), a compute capability 9.0 device. The forward and the backward both ask
 // this with the same tensors; the answer does not depend on dy or the bias.
+// Whether the device is compute capability 9.0 (the GEMM is built for sm_90a only), asked once per device.
+bool compute_capability_9_0(int device) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> cached[kDevices];  // 0: not asked yet, 1: no, 2: yes
+  if (device >= 0 && device < kDevices)
+    if (const int c = cached[device].load(std::memory_order_relaxed); c != 0) return c == 2;
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const bool yes = major == 9 && minor == 0;
+  if (device >= 0 && device < kDevices) cached[device].store(yes ? 2 : 1, std::memory_order_relaxed);
+  return yes;
+}
+
 bool kconcat_route(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
                    const OptTensor& dropout_mask) {
   if (!cuda::lora_kconcat_enabled() || dropout_mask || x.scalar_type() != at::kBFloat16) return false;
   const int64_t r = lora_a.size(0);
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.device().index()));
   return r >= 8 && r <= 64 && r % 8 == 0 && x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 && x.size(0) > 0 &&
-         x.size(1) > 0 && weight.size(0) > 0 &&
-         weight.scalar_type() == at::kBFloat16 && lora_a.scalar_type() == at::kBFloat16 && major == 9 && minor == 0;
+         x.size(1) > 0 && weight.size(0) > 0 && weight.scalar_type() == at::kBFloat16 &&
+         lora_a.scalar_type() == at::kBFloat16 && compute_capability_9_0(x.device().index());
 }
 
 // Whether h = x·Aᵀ is computed by the backward instead of the forward (which then returns h filled with NaN, so that
