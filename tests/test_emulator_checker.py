@@ -139,6 +139,11 @@ def _cross_entropy_in_place(harness, rows, vocab, target, checked):
     return logits, loss
 
 
+def _gradient_store_line(source: Path) -> int:
+    """The 1-based line of the cross-entropy kernel's gradient store (pass 2) in `source`."""
+    return 1 + next(i for i, ln in enumerate(source.read_text().splitlines()) if "gr[c] = static_cast<T>(g);" in ln)
+
+
 def test_in_place_gradient_race_in_the_cross_entropy_kernel(tmp_path):
     # Thread 0 re-reading z[target] for the loss after the reductions, instead of reducing what pass 1 read: with the
     # gradient written over the logits, the thread that owns column `target` may already have overwritten it in pass 2
@@ -153,7 +158,7 @@ def test_in_place_gradient_race_in_the_cross_entropy_kernel(tmp_path):
     with pytest.raises(runner.KernelCheckError) as exc:
         _cross_entropy_in_place(harness, 3, 1000, target, checked=True)
     # Reported at the second access of the pair: thread 0's read (planted) or the owner's overwrite in pass 2.
-    store = 1 + next(i for i, ln in enumerate(source.read_text().splitlines()) if "gr[c] = static_cast<T>(g);" in ln)
+    store = _gradient_store_line(source)
     assert any(f"cross_entropy.metal:{n}: device-race" in f for n in (line, store) for f in _findings(exc)), _findings(
         exc
     )
@@ -183,7 +188,7 @@ def test_device_race_between_threadgroups(tmp_path):
     target = torch.tensor([5, 517, 999], dtype=torch.int32)
     with pytest.raises(runner.KernelCheckError) as exc:
         _cross_entropy_in_place(harness, 3, 1000, target, checked=True)
-    store = 1 + next(i for i, ln in enumerate(source.read_text().splitlines()) if "gr[c] = static_cast<T>(g);" in ln)
+    store = _gradient_store_line(source)
     findings = _findings(exc)
     assert any(f"cross_entropy.metal:{store}: device-race" in f and "between threadgroups" in f for f in findings), (
         findings

@@ -3,7 +3,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -51,6 +50,15 @@ bool use_merged_weight(int64_t tokens, int64_t in_features, const OptTensor& dro
   return launch::lora_use_merged_weight(tokens, in_features, dropout_mask.has_value());
 }
 
+// Whether the device is compute capability 9.0 (the K-concatenated GEMM is built for sm_90a only). The runtime
+// answers from its cached device properties, as for sm_count at every launch.
+bool compute_capability_9_0(int device) {
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+}
+
 // The K-concatenated route (lora_kconcat.h): y = [x | h]·[W | s·B]ᵀ and dx = [dy | dh]·[W; A] on CUTLASS's Hopper
 // GEMM, no W'. Measured as a composition (benchmarks/cuda_lora_kconcat_bench.cu, H200, bf16): forward+backward 1.166x
 // the base GEMM pair at 8192x4096->4096 r16 and r64 against 1.197x / 1.277x for the route below, its GEMM 2.3 % behind
@@ -58,20 +66,6 @@ bool use_merged_weight(int64_t tokens, int64_t in_features, const OptTensor& dro
 // in a build with CUTLASS. bfloat16, no dropout (dx's LoRA part is masked), ranks 8-64 in steps of 8, K and N
 // multiples of 8 (the TMA's 16-byte strides), a compute capability 9.0 device. The forward and the backward both ask
 // this with the same tensors; the answer does not depend on dy or the bias.
-// Whether the device is compute capability 9.0 (the GEMM is built for sm_90a only), asked once per device.
-bool compute_capability_9_0(int device) {
-  constexpr int kDevices = 64;
-  static std::atomic<int> cached[kDevices];  // 0: not asked yet, 1: no, 2: yes
-  if (device >= 0 && device < kDevices)
-    if (const int c = cached[device].load(std::memory_order_relaxed); c != 0) return c == 2;
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  const bool yes = major == 9 && minor == 0;
-  if (device >= 0 && device < kDevices) cached[device].store(yes ? 2 : 1, std::memory_order_relaxed);
-  return yes;
-}
-
 bool kconcat_route(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
                    const OptTensor& dropout_mask) {
   if (!cuda::lora_kconcat_enabled() || dropout_mask || x.scalar_type() != at::kBFloat16) return false;
@@ -89,12 +83,6 @@ bool h_in_backward(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                    const OptTensor& dropout_mask) {
   return x.scalar_type() != at::kFloat && use_merged_weight(x.size(0), x.size(1), dropout_mask) &&
          !kconcat_route(x, weight, lora_a, dropout_mask);
-}
-
-// A contiguous copy with a 16-byte aligned base where t is not already one (the TMA's requirement).
-at::Tensor tma_ready(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
 // The dtypes of the tensor-core kernels (csrc/cuda/lora_kernels.cuh), launched through launch_half.
@@ -123,11 +111,11 @@ T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
-// A rank-sized operand (rows of 8-64 half-precision elements: 16-byte multiples) as the kernel reads it: contiguous
-// and 16-byte aligned, a copy only when it is not.
+// An operand as the tensor-core kernels and the K-concatenated GEMM's TMA read it (a matrix whose rows are 16-byte
+// multiples, or a vector): contiguous and 16-byte aligned, a copy only when it is not.
 at::Tensor packed(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
-  return aligned16(c, c.size(1)) ? c : c.clone();
+  return aligned16(c, c.dim() == 2 ? c.size(1) : 0) ? c : c.clone();
 }
 
 // W' = W + s·B·A in W's dtype, rounded once (cuBLAS: the same formula after a copy of W; the float32 sums may differ
@@ -209,12 +197,12 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
                                                 const OptTensor& dropout_mask) {
   c10::cuda::CUDAGuard guard(x.device());
   if (kconcat_route(x, weight, lora_a, dropout_mask)) {
-    const at::Tensor xc = tma_ready(x);
+    const at::Tensor xc = packed(x);
     at::Tensor h = at::mm(xc, lora_a.t());
     // The bias in the GEMM's epilogue: a separate pass over y would cost about what the route gains (~30 µs at
     // 8192x4096 bf16 on an H200).
-    const OptTensor bias_ready = bias ? OptTensor(tma_ready(*bias)) : std::nullopt;
-    return {cuda::lora_kconcat_forward(xc, tma_ready(weight), h, tma_ready(lora_b * scale), bias_ready), h};
+    const OptTensor bias_ready = bias ? OptTensor(packed(*bias)) : std::nullopt;
+    return {cuda::lora_kconcat_forward(xc, packed(weight), h, packed(lora_b * scale), bias_ready), h};
   }
   if (h_in_backward(x, weight, lora_a, dropout_mask)) {
     return {at::linear(x, merged_weight(weight, lora_a, lora_b, scale), bias),
@@ -242,7 +230,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
   if (needs_dx || needs_da) {
     at::Tensor dh = scaled_mm(dy2, lora_b, scale);
     if (needs_dx && kconcat_route(x, weight, lora_a, dropout_mask)) {
-      dx = cuda::lora_kconcat_dx(tma_ready(dy2), tma_ready(weight), tma_ready(dh), tma_ready(lora_a));
+      dx = cuda::lora_kconcat_dx(packed(dy2), packed(weight), packed(dh), packed(lora_a));
     } else if (needs_dx) {
       if (use_merged_weight(x.size(0), x.size(1), dropout_mask)) {
         dx = at::mm(dy2, merged_weight(weight, lora_a, lora_b, scale));

@@ -252,6 +252,7 @@ struct BufferCopy {
   unsigned char* data = nullptr;
   size_t size = 0;
   std::vector<int> aliases;  // the other binding indices of the same storage (same address and size): this copy
+  int store_row = 0;  // the binding whose traffic row counts the copy's stores: its first writable one (else index)
   std::vector<DeviceShadow> shadow;  // checked runs: one granule per 2 bytes of data
 
   bool reserves(uintptr_t a) const {
@@ -719,8 +720,8 @@ struct BufferRange {
   int index;
   Traffic* traffic;  // the report's row; null for setBytes arguments, which do not count as traffic
   DeviceShadow* shadow = nullptr;  // checked runs: the private copy's shadow (granule 0 at lo)
-  bool writable = false;           // bound to a kernel parameter that is not const-qualified
-  std::string names;               // "buffer(n)", or every binding of a storage bound twice: "buffer(0)/buffer(4)"
+  Traffic* store_traffic = nullptr;  // the row that counts stores: the storage's first writable binding's
+  std::string names;  // "buffer(n)", or every binding of a storage bound twice: "buffer(0)/buffer(4)"
 };
 std::vector<BufferRange> g_ranges;
 
@@ -839,14 +840,7 @@ void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
   for (const auto& b : g_ranges) {
     if (addr >= b.lo && addr + size <= b.hi) {
       // A storage bound twice has one range per binding: loads count on the first, stores on the first writable.
-      const BufferRange* row = &b;
-      if (store && !b.writable)
-        for (const auto& o : g_ranges)
-          if (o.lo == b.lo && o.hi == b.hi && o.writable) {
-            row = &o;
-            break;
-          }
-      if (row->traffic) (store ? row->traffic->bytes_written : row->traffic->bytes_read) += size;
+      if (Traffic* row = store ? b.store_traffic : b.traffic) (store ? row->bytes_written : row->bytes_read) += size;
       if (b.shadow) check_device_race(r, b, addr, size, store, pc);
       return;
     }
@@ -1345,12 +1339,14 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
             same = i;
       if (same == r.copies.size()) {
         r.copies.emplace_back();
-        r.copies.back().index = index, r.copies.back().host = buf;
+        r.copies.back().index = r.copies.back().store_row = index, r.copies.back().host = buf;
       } else {
         r.copies[same].aliases.push_back(index);
       }
       bd.copy = same;
-      r.copies[same].writable = r.copies[same].writable || bd.writable;
+      BufferCopy& c = r.copies[same];
+      if (bd.writable && !c.writable) c.store_row = index;
+      c.writable = c.writable || bd.writable;
       bindings.push_back(bd);
     }
     for (size_t i = 0; i < r.copies.size(); ++i) {
@@ -1370,8 +1366,9 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
       Traffic* traffic = b.argument_bytes ? nullptr : &report.traffic[bd.index];
       std::string names = "buffer(" + std::to_string(c.index) + ")";
       for (int alias : c.aliases) names += "/buffer(" + std::to_string(alias) + ")";
+      Traffic* store_traffic = b.argument_bytes ? nullptr : &report.traffic[c.store_row];
       g_ranges.push_back({uintptr_t(c.data), uintptr_t(c.data) + c.size, bd.index, traffic,
-                          c.shadow.empty() ? nullptr : c.shadow.data(), bd.writable, names});
+                          c.shadow.empty() ? nullptr : c.shadow.data(), store_traffic, names});
     }
   } catch (...) {
     g_ranges.clear();
@@ -1396,8 +1393,9 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
   report.threadgroup_memory = std::max(report.threadgroup_memory, r.arena_used);
   if (!enc.checking && report.aborted.empty()) check_poison(r);
   if (report.aborted.empty()) {
-    // Checked runs know what was written. Plain runs copy back every writable binding, but compare first where
-    // one storage is bound twice (LoRA's dh at buffers 4 and 5, a missing mask bound as the input), all before
+    // Checked runs know what was written (every store to a copy counts on its store_row). Plain runs copy back every
+    // writable copy, but compare first where its storage overlaps another copy's (a storage bound twice at the same
+    // address and size shares one copy; a partial overlap, e.g. a view bound beside its base, keeps two), all before
     // any is copied back: the storage must not get the stale copy of the binding the kernel did not write.
     auto overlaps_another = [&](const BufferCopy& c) {
       const uintptr_t lo = uintptr_t(c.host.address()), hi = lo + c.size;
@@ -1411,10 +1409,7 @@ void run_dispatch(const EmuEncoder& enc, const Size3& groups, const Size3& threa
     for (size_t i = 0; i < r.copies.size(); ++i) {
       const BufferCopy& c = r.copies[i];
       if (c.host.argument_bytes || !c.size) continue;
-      if (enc.checking) {
-        changed[i] = report.traffic[c.index].bytes_written != 0;
-        for (int alias : c.aliases) changed[i] = changed[i] || report.traffic[alias].bytes_written != 0;
-      }
+      if (enc.checking) changed[i] = report.traffic[c.store_row].bytes_written != 0;
       else if (c.writable)
         changed[i] = !overlaps_another(c) || std::memcmp(c.host.address(), c.data, c.size) != 0;
     }
