@@ -2,7 +2,7 @@
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
 # from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny
-# rowstores kconcat tests-kconcat lora-kconcat (default: build tests sanitize bench).
+# rowstores kconcat tests-kconcat lora-no-kconcat (default: build tests sanitize bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
 # side by side (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops
@@ -37,14 +37,14 @@ for step in $steps; do
     build)
       ( time python3 setup.py -q build_ext --inplace ) > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
       python3 -c "import torch, torch_metal_fused as t; print('backend:', t.backend_for(torch.empty(1, device='cuda')))"
-      TORCH_METAL_FUSED_LORA_KCONCAT=1 python3 -c \
-        "from torch_metal_fused import _C; print('LoRA K-concatenated GEMM built:', _C.lora_kconcat_enabled())"
+      python3 -c "from torch_metal_fused import _C; print('LoRA K-concatenated GEMM:', _C.lora_kconcat_mode())"
       ;;
     tests)
       python3 -m pytest -q -x tests -k "cuda" -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
       ;;
     tests-kconcat)
-      # The LoRA op's K-concatenated route (opt-in until measured through the op): the LoRA and patch tests again
+      # The LoRA op's K-concatenated route for every eligible shape (by default only large ones take it, and the tests'
+      # shapes are small): the LoRA, patch and autocast tests again
       TORCH_METAL_FUSED_LORA_KCONCAT=1 python3 -m pytest -q -x tests/test_lora_linear.py tests/test_patch.py \
         tests/test_autocast.py -k "cuda" -p no:cacheprovider 2>&1 | tee "$OUT/tests-kconcat.log" | tail -15
       ;;
@@ -76,9 +76,9 @@ for step in $steps; do
       # LoRA through the op (ours, eager, PEFT, the base GEMMs), bf16: benchmarks/cuda_lora_bench.py
       python3 benchmarks/cuda_lora_bench.py --out "$OUT/lora" --dtypes bfloat16 2>&1 | tail -40
       ;;
-    lora-kconcat)
-      # the same with the op's K-concatenated route
-      TORCH_METAL_FUSED_LORA_KCONCAT=1 python3 benchmarks/cuda_lora_bench.py --out "$OUT/lora-kconcat" \
+    lora-no-kconcat)
+      # the same without the op's K-concatenated route (the routes it replaces at the large shapes)
+      TORCH_METAL_FUSED_LORA_KCONCAT=0 python3 benchmarks/cuda_lora_bench.py --out "$OUT/lora-no-kconcat" \
         --dtypes bfloat16 2>&1 | tail -40
       ;;
     rowbench)

@@ -74,8 +74,15 @@ PYBIND11_MODULE(_C, m) {
 #ifdef TMF_WITH_CUDA
   m.attr("HAS_CUDA") = true;
   m.attr("HAS_LORA_KCONCAT") = tmf::cuda::lora_kconcat_built();
-  m.def("lora_kconcat_enabled", &tmf::cuda::lora_kconcat_enabled,
-        "whether the LoRA op takes its K-concatenated GEMM (built with CUTLASS and TORCH_METAL_FUSED_LORA_KCONCAT=1)");
+  m.def("lora_kconcat_mode", [] {
+        switch (tmf::cuda::lora_kconcat_mode()) {
+          case tmf::cuda::KConcatMode::never: return "never";
+          case tmf::cuda::KConcatMode::by_size: return "by_size";
+          default: return "always";
+        }
+      },
+      "how the LoRA op chooses its K-concatenated GEMM: 'never' (built without CUTLASS, or "
+      "TORCH_METAL_FUSED_LORA_KCONCAT=0), 'by_size' (the default: where its tiles fill the GPU) or 'always' (=1)");
   m.def("lora_takes_kconcat_route", &tmf::lora_takes_kconcat_route,
         "whether the LoRA op takes the K-concatenated GEMM for x, weight and lora_a (no dropout)");
   m.def("lora_kconcat_forward", &tmf::cuda::lora_kconcat_forward, py::call_guard<py::gil_scoped_release>(),

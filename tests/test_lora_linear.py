@@ -174,22 +174,32 @@ def test_cuda_kconcat_gemm(backend, shape, rank, bias):
     assert_matches(dx, want, dt, "K-concatenated dx", baseline=base)
 
 
-def test_cuda_kconcat_route_is_taken_when_requested(backend):
-    """`bash benchmarks/cuda_run.sh tests-kconcat` runs the LoRA tests with TORCH_METAL_FUSED_LORA_KCONCAT=1 so that
-    the bfloat16 shapes above with ranks 8-64 (multiples of 8) and in/out features multiples of 8 take the
-    K-concatenated GEMM: the request must find the route built, and the op must take it for such operands (and only
-    for them), or those runs would silently test the other routes."""
-    if backend.name != "cuda" or os.environ.get("TORCH_METAL_FUSED_LORA_KCONCAT", "") in ("", "0"):
-        pytest.skip("the CUDA backend with the K-concatenated route requested")
+def test_cuda_kconcat_route_choice(backend):
+    """Which LoRA calls take the K-concatenated GEMM: by default (a build with CUTLASS) only shapes whose tiles fill the
+    GPU; with TORCH_METAL_FUSED_LORA_KCONCAT=1 every eligible shape — `bash benchmarks/cuda_run.sh tests-kconcat` runs
+    the LoRA tests so, making the small bfloat16 shapes above (ranks 8-64 in steps of 8, features multiples of 8) take
+    it —; with =0 none. A wrong answer would silently test, or run, another route than the one named."""
+    if backend.name != "cuda":
+        pytest.skip("the CUDA backend's choice of the K-concatenated GEMM")
     from torch_metal_fused import _C
 
-    assert _C.lora_kconcat_enabled(), "TORCH_METAL_FUSED_LORA_KCONCAT=1 but the extension was built without CUTLASS"
-    dt, dev = torch.bfloat16, backend.device
-    x, w, a = randn((300, 520), dt, dev), randn((136, 520), dt, dev), randn((16, 520), dt, dev)
-    assert _C.lora_takes_kconcat_route(x, w, a)
-    assert not _C.lora_takes_kconcat_route(x.half(), w.half(), a.half())  # bfloat16 only
-    assert not _C.lora_takes_kconcat_route(x, w, a[:4])  # rank 4: not a multiple of 8
-    assert not _C.lora_takes_kconcat_route(x[:, :65], w[:, :65], a[:, :65])  # 65 inputs: TMA strides
+    env = os.environ.get("TORCH_METAL_FUSED_LORA_KCONCAT", "")
+    want_mode = "never" if not _C.HAS_LORA_KCONCAT or env == "0" else "by_size" if env == "" else "always"
+    mode = _C.lora_kconcat_mode()
+    assert mode == want_mode, f"TORCH_METAL_FUSED_LORA_KCONCAT={env!r}, built with CUTLASS: {_C.HAS_LORA_KCONCAT}"
+    dev = backend.device
+    hopper = torch.cuda.get_device_capability(dev) == (9, 0)
+
+    def takes(tokens: int, fin: int, fout: int, rank: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+        x, w, a = (torch.empty(s, dtype=dtype, device=dev) for s in ((tokens, fin), (fout, fin), (rank, fin)))
+        return _C.lora_takes_kconcat_route(x, w, a)
+
+    assert takes(300, 520, 136, 16) == (hopper and mode == "always")  # 3 x 1 tiles of 128x256
+    assert takes(8192, 4096, 4096, 16) == (hopper and mode != "never")  # 64 x 16 tiles for y and for dx
+    assert takes(2048, 4096, 11008, 64) == (hopper and mode != "never")  # 16 x 43 for y, 16 x 16 for dx
+    assert not takes(8192, 4096, 4096, 16, torch.float16)  # bfloat16 only
+    assert not takes(8192, 4096, 4096, 12)  # ranks in steps of 8
+    assert not takes(8192, 4096, 4100, 16)  # out_features a multiple of 8 (the TMA's 16-byte rows)
 
 
 def test_merged_weight_kernel_column_steps(backend):

@@ -21,12 +21,13 @@ namespace tmf::cuda {
 
 bool lora_kconcat_built() { return true; }
 
-bool lora_kconcat_enabled() {
-  static const bool requested = [] {
+KConcatMode lora_kconcat_mode() {
+  static const KConcatMode mode = [] {
     const char* v = std::getenv("TORCH_METAL_FUSED_LORA_KCONCAT");
-    return v != nullptr && std::strcmp(v, "") != 0 && std::strcmp(v, "0") != 0;
+    if (v == nullptr || std::strcmp(v, "") == 0) return KConcatMode::by_size;
+    return std::strcmp(v, "0") == 0 ? KConcatMode::never : KConcatMode::always;
   }();
-  return requested;
+  return mode;
 }
 
 namespace {
@@ -124,7 +125,7 @@ at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const
 
 bool lora_kconcat_built() { return false; }
 
-bool lora_kconcat_enabled() { return false; }
+KConcatMode lora_kconcat_mode() { return KConcatMode::never; }
 
 at::Tensor lora_kconcat_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const std::optional<at::Tensor>&) {

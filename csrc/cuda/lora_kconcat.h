@@ -1,6 +1,6 @@
 // The CUDA LoRA op's K-concatenated route (csrc/cuda/lora_kconcat.cu; the GEMM in cutlass_kconcat.cuh): built only
-// with CUTLASS (setup.py: TMF_WITH_CUTLASS, sm_90a), taken only on request (TORCH_METAL_FUSED_LORA_KCONCAT=1) until its
-// op-level measurement says where it wins.
+// with CUTLASS (setup.py: TMF_WITH_CUTLASS, sm_90a); taken by default where its tiles fill the GPU
+// (launch::lora_kconcat_fills_device), for every eligible shape with TORCH_METAL_FUSED_LORA_KCONCAT=1, never with =0.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,9 +12,12 @@ namespace tmf::cuda {
 // Whether the GEMM was built (CUTLASS's headers and sm_90a: setup.py).
 bool lora_kconcat_built();
 
-// Whether the route was built and requested (the environment variable is read once, at the first call, so a
-// forward and its backward always agree on the route).
-bool lora_kconcat_enabled();
+// How the route is chosen: never (not built, or TORCH_METAL_FUSED_LORA_KCONCAT=0), by size (unset: the default), or
+// for every eligible shape (=1: what the tests use, their shapes being small). The environment variable is read once,
+// at the first call, so a forward and its backward always agree on the route.
+enum class KConcatMode { never, by_size, always };
+KConcatMode lora_kconcat_mode();
+
 
 // y [M, N] = x [M, K]·W [N, K]ᵀ + h [M, r]·bs [N, r]ᵀ (+ bias [N]) (bs = s·B), bfloat16, in one GEMM (the bias added in
 // its epilogue). Every operand contiguous with a 16-byte aligned base, K, N and r multiples of 8, r <= 64, on a

@@ -60,19 +60,22 @@ bool compute_capability_9_0(int device) {
 }
 
 // The K-concatenated route (lora_kconcat.h): y = [x | h]·[W | s·B]ᵀ and dx = [dy | dh]·[W; A] on CUTLASS's Hopper
-// GEMM, no W'. Measured as a composition (benchmarks/cuda_lora_kconcat_bench.cu, H200, bf16): forward+backward 1.166x
-// the base GEMM pair at 8192x4096->4096 r16 and r64 against 1.197x / 1.277x for the route below, its GEMM 2.3 % behind
-// cuBLAS's; not yet timed through the op, so it is taken only on request (TORCH_METAL_FUSED_LORA_KCONCAT=1, read once)
-// in a build with CUTLASS. bfloat16, no dropout (dx's LoRA part is masked), ranks 8-64 in steps of 8, K and N
-// multiples of 8 (the TMA's 16-byte strides), a compute capability 9.0 device. The forward and the backward both ask
-// this with the same tensors; the answer does not depend on dy or the bias.
+// GEMM, no W'. Taken by default where its tiles fill the GPU (launch::lora_kconcat_fills_device says where it was
+// measured to win through the op and where it lost), for every eligible shape with TORCH_METAL_FUSED_LORA_KCONCAT=1,
+// never with =0, and only in a build with CUTLASS. Eligible: bfloat16, no dropout (dx's LoRA part is masked), ranks
+// 8-64 in steps of 8, K and N multiples of 8 (the TMA's 16-byte strides), a compute capability 9.0 device. The forward
+// and the backward both ask this with the same tensors; the answer does not depend on dy or the bias.
 bool kconcat_route(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
                    const OptTensor& dropout_mask) {
-  if (!cuda::lora_kconcat_enabled() || dropout_mask || x.scalar_type() != at::kBFloat16) return false;
+  const cuda::KConcatMode mode = cuda::lora_kconcat_mode();
+  if (mode == cuda::KConcatMode::never || dropout_mask || x.scalar_type() != at::kBFloat16) return false;
   const int64_t r = lora_a.size(0);
-  return r >= 8 && r <= 64 && r % 8 == 0 && x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 && x.size(0) > 0 &&
-         x.size(1) > 0 && weight.size(0) > 0 && weight.scalar_type() == at::kBFloat16 &&
-         lora_a.scalar_type() == at::kBFloat16 && compute_capability_9_0(x.device().index());
+  const bool eligible = r >= 8 && r <= 64 && r % 8 == 0 && x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 &&
+                        x.size(0) > 0 && x.size(1) > 0 && weight.size(0) > 0 &&
+                        weight.scalar_type() == at::kBFloat16 && lora_a.scalar_type() == at::kBFloat16 &&
+                        compute_capability_9_0(x.device().index());
+  return eligible && (mode == cuda::KConcatMode::always ||
+                      launch::lora_kconcat_fills_device(x.size(0), x.size(1), weight.size(0), sm_count(x)));
 }
 
 // Whether h = x·Aᵀ is computed by the backward instead of the forward (which then returns h filled with NaN, so that
