@@ -40,8 +40,9 @@ using Cluster1x2 = Shape<_1, _2, _1>;
 TMF_GEMM_CONFIG(coop_128x256_c1x2, Tile128x256, Cluster1x2, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                 cutlass::epilogue::TmaWarpSpecializedCooperative)
 // The ping-pong kernel (128x128, clusters 2x1) is not swept: with our producer it computed a wrong K-concatenated y
-// (worst |diff| 0.15 of 1.7 at 1000x1048->1016 r16, H200, benchmarks/results/cuda-h200-2026-12-01-lora-kconcat-sweep.txt)
-// while its plain GEMM was right; the producer follows the cooperative kernel's one-tile-per-call contract only.
+// (worst |diff| 0.15 of 1.7 at 1000x1048->1016 r16, H200,
+// benchmarks/results/cuda-h200-2026-12-01-lora-kconcat-pingpong.txt)
+// while its plain GEMM was right: our producer was written and checked against the cooperative kernel only.
 
 // The persistent scheduler's runtime knobs (swept below).
 using RasterOrder = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90Params::RasterOrderOptions;
