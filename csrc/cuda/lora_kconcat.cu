@@ -13,6 +13,7 @@
 
 #include "cutlass_kconcat.cuh"
 #include "row_launch.h"
+#include "tmf/launch/lora_linear.h"
 #endif
 
 namespace tmf::cuda {
@@ -33,6 +34,10 @@ KConcatMode lora_kconcat_mode() {
 namespace {
 
 namespace config = kconcat::coop_128x256_c2x1;
+// The op's size rule (launch::lora_kconcat_fills_device) counts this configuration's output tiles.
+static_assert(int(cute::size<0>(kconcat::Tile128x256{})) == int(launch::kLoraKConcatTileM) &&
+                  int(cute::size<1>(kconcat::Tile128x256{})) == int(launch::kLoraKConcatTileN),
+              "lora_kconcat_fills_device counts another tile than the GEMM's");
 
 // Every operand on `first`'s device (the raw op does not check it; the TMA descriptors would address a foreign
 // device's memory).
