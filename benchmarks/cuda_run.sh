@@ -2,7 +2,7 @@
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
 # from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny
-# rowstores kconcat tests-kconcat lora-no-kconcat (default: build tests sanitize bench).
+# rowstores kconcat ncu-kconcat tests-kconcat lora-no-kconcat (default: build tests sanitize bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
 # side by side (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops
@@ -30,6 +30,18 @@ build_lorak() {
   echo "cuBLAS: $inc $lib"
   nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kernels_bench.cu \
     -Xlinker "$lib" -Xlinker -rpath,"$(dirname "$lib")" -o /tmp/lorak
+}
+# The K-concatenated GEMM's benchmark, with CUTLASS's headers from the nvidia-cutlass wheel (.whl/).
+build_kconcat() {
+  local cutlass site inc lib
+  cutlass=$(dirname "$(find /tmp/site ${PYTHONPATH//:/ } -path '*cutlass_library/source/include' -type d 2>/dev/null | head -1)")
+  [ -d "$cutlass/include/cute" ] || { echo "kconcat: no CUTLASS headers (put the nvidia-cutlass wheel in .whl/)"; return 1; }
+  site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
+  inc=$(find /usr/local/cuda*/ $site -name cublas_v2.h 2>/dev/null | head -1)
+  lib=$(find /usr/local/cuda*/ $site -name 'libcublas.so*' 2>/dev/null | grep -v Lt | head -1)
+  nvcc -O3 -DNDEBUG -std=c++20 -arch=sm_90a --expt-relaxed-constexpr -I "$cutlass/include" \
+    -I "$cutlass/tools/util/include" -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kconcat_bench.cu \
+    -Xlinker "$lib" -Xlinker -rpath,"$(dirname "$lib")" -L /usr/local/cuda/lib64/stubs -lcuda -o /tmp/kconcat
 }
 build_rowbench() { nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench; }
 for step in $steps; do
@@ -98,15 +110,18 @@ for step in $steps; do
     kconcat)
       # LoRA's base GEMM over K-concatenated operands (CUTLASS's Hopper GEMM with our producer) against cuBLAS and the
       # op's routes: benchmarks/cuda_lora_kconcat_bench.cu. Needs CUTLASS's headers: the nvidia-cutlass wheel in .whl/.
-      cutlass=$(dirname "$(find /tmp/site ${PYTHONPATH//:/ } -path '*cutlass_library/source/include' -type d 2>/dev/null | head -1)")
-      [ -d "$cutlass/include/cute" ] || { echo "kconcat: no CUTLASS headers (put the nvidia-cutlass wheel in .whl/)"; exit 1; }
-      site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
-      inc=$(find /usr/local/cuda*/ $site -name cublas_v2.h 2>/dev/null | head -1)
-      lib=$(find /usr/local/cuda*/ $site -name 'libcublas.so*' 2>/dev/null | grep -v Lt | head -1)
-      nvcc -O3 -DNDEBUG -std=c++20 -arch=sm_90a --expt-relaxed-constexpr -I "$cutlass/include" \
-        -I "$cutlass/tools/util/include" -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kconcat_bench.cu \
-        -Xlinker "$lib" -Xlinker -rpath,"$(dirname "$lib")" -L /usr/local/cuda/lib64/stubs -lcuda -o /tmp/kconcat &&
-        /tmp/kconcat 20 2>&1 | tee "$OUT/lora_kconcat.txt"
+      build_kconcat && /tmp/kconcat 20 2>&1 | tee "$OUT/lora_kconcat.txt"
+      ;;
+    ncu-kconcat)
+      # Nsight Compute on that benchmark's GEMMs launched once at the r16 target shapes: cuBLAS's kernel (nvjet_*, its
+      # name giving tile, stages and cluster) beside CUTLASS's (device_kernel), to find the 2-7 % between them.
+      sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
+        --section LaunchStats)
+      build_kconcat && ncu --clock-control none --kernel-name regex:'nvjet|device_kernel' --launch-count 40 \
+        "${sections[@]}" /tmp/kconcat ncu > "$OUT/ncu_kconcat.txt" 2>&1
+      echo "ncu kconcat: exit $? ($(grep -c 'Duration' "$OUT/ncu_kconcat.txt") kernel reports)"
+      grep -E "^  [a-z_]*(nvjet|device_kernel)|Duration|Memory Throughput|Compute \(SM\) Throughput" \
+        "$OUT/ncu_kconcat.txt" | cut -c1-160
       ;;
     ncu)
       # Hardware counters (Nsight Compute reads them on the Firecracker machines; clocks left alone): our LoRA
