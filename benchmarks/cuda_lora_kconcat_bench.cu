@@ -1,7 +1,7 @@
 // LoRA's base GEMM over K-concatenated operands (csrc/cuda/cutlass_kconcat.cuh: y = [x | h]·[W | s·B]ᵀ and
 // dx = [dy | dh]·[W; A] on CUTLASS's Hopper GEMM with our producer), a candidate for #14's forward+backward target
 // (README: "The K-concatenated GEMM, measured"), timed against cuBLAS and against the op's routes (W' by
-// csrc/cuda/lora_kernels.cuh) after each result is checked against a float32 cuBLAS reference: two CUTLASS
+// csrc/cuda/lora_kernels.cuh) after each result is checked against a float32 cuBLAS reference: four CUTLASS
 // configurations, the persistent scheduler's raster order and swizzle, the rank-sized operands zero-padded to the
 // tile's K of 64 or unpadded (k2 = r).
 //
@@ -36,15 +36,22 @@ using bf16 = __nv_bfloat16;
     }                                                                                                       \
   } while (0)
 
-// The configurations swept here besides the header's (coop_128x256_c2x1).
+// The configurations swept here besides the header's (coop_128x256_c2x1): 1x2 clusters; stream-K (CUTLASS's
+// StreamKScheduler: units of any K range, against the last wave's idle SMs — 2048x4096->11008 has 688 tiles of
+// 128x256, 5.2 waves on 132 SMs); ping-pong 128x128. The last two need the producer's kTileByIndex: the first run of
+// ping-pong without it computed a wrong y (worst |diff| 0.15 of 1.7 at 1000x1048->1016 r16, H200,
+// benchmarks/results/cuda-h200-2026-12-01-lora-kconcat-pingpong.txt), the ping-pong kernel counting one K tile fewer
+// (size<3>(gA)) than the K-concatenated problem has.
 using namespace tmf::cuda::kconcat;
 using Cluster1x2 = Shape<_1, _2, _1>;
+using Tile128x128 = Shape<_128, _128, _64>;
 TMF_GEMM_CONFIG(coop_128x256_c1x2, Tile128x256, Cluster1x2, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                cutlass::epilogue::TmaWarpSpecializedCooperative)
-// The ping-pong kernel (128x128, clusters 2x1) is not swept: with our producer it computed a wrong K-concatenated y
-// (worst |diff| 0.15 of 1.7 at 1000x1048->1016 r16, H200,
-// benchmarks/results/cuda-h200-2026-12-01-lora-kconcat-pingpong.txt)
-// while its plain GEMM was right: our producer was written and checked against the cooperative kernel only.
+                cutlass::epilogue::TmaWarpSpecializedCooperative, void)
+TMF_GEMM_CONFIG(coop_128x256_c2x1_streamk, Tile128x256, Cluster2x1,
+                cutlass::gemm::KernelTmaWarpSpecializedCooperative, cutlass::epilogue::TmaWarpSpecializedCooperative,
+                cutlass::gemm::StreamKScheduler)
+TMF_GEMM_CONFIG(pingpong_128x128_c2x1, Tile128x128, Cluster2x1, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                cutlass::epilogue::TmaWarpSpecialized, void)
 
 // The persistent scheduler's runtime knobs (swept below).
 using RasterOrder = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90Params::RasterOrderOptions;
@@ -63,7 +70,10 @@ static void run_gemm(Gemm& gemm, typename Gemm::Arguments const& args) {
     CK(cudaMalloc(&g_workspace, need));
     g_workspace_bytes = need;
   }
-  CS(gemm.can_implement(args));
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {  // the output stays stale: the check reports it
+    fprintf(stderr, "a configuration cannot implement this GEMM\n");
+    return;
+  }
   CS(gemm.initialize(args, g_workspace));
   CS(gemm.run());
 }
@@ -129,20 +139,27 @@ static void pad_columns(const bf16* src, bf16* dst, int64_t rows, int64_t cols, 
                   cudaMemcpyDeviceToDevice));
 }
 
-// Worst |got - want| over the worst |want| (a float32 reference).
-static void check(const std::string& what, const bf16* got, const float* want, size_t n) {
+static void nan_fill(bf16* p, size_t n) { CK(cudaMemset(p, 0xff, n * sizeof(bf16))); }  // 0xffff: a NaN
+
+static bool g_failed = false;  // a check failed: that configuration is not timed, and the exit status is 1
+
+// Worst |got - want| over the worst |want| (a float32 reference); a NaN counts as the worst (the outputs are filled
+// with NaN before each checked GEMM, so a GEMM that wrote nothing fails).
+static bool check(const std::string& what, const bf16* got, const float* want, size_t n) {
   std::vector<bf16> g(n);
   std::vector<float> w(n);
   CK(cudaMemcpy(g.data(), got, n * sizeof(bf16), cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(w.data(), want, n * sizeof(float), cudaMemcpyDeviceToHost));
   double worst = 0, scale = 0;
   for (size_t i = 0; i < n; ++i) {
-    worst = std::max(worst, double(std::fabs(__bfloat162float(g[i]) - w[i])));
+    const double diff = std::fabs(double(__bfloat162float(g[i])) - w[i]);
+    worst = std::isnan(diff) ? INFINITY : std::max(worst, diff);
     scale = std::max(scale, double(std::fabs(w[i])));
   }
   const bool ok = worst <= 1e-2 * scale;  // bf16 output: 2^-8 relative, and float32 sums in another order
   printf("check %-58s worst |diff| %.2e of max |ref| %.2e %s\n", what.c_str(), worst, scale, ok ? "ok" : "FAILED");
-  if (!ok) exit(1);
+  g_failed |= !ok;
+  return ok;
 }
 
 __global__ void scale_kernel(const bf16* in, bf16* out, float s, int64_t n) {
@@ -251,28 +268,39 @@ template <class Fwd, class Bwd>
 static void bench_config(const char* config, const Lora& d) {
   const int m = d.m, k = d.k, n = d.n, r = d.r, kt = Lora::kt;
   const std::string tag = d.shape + " " + config;
+  bool ok = true;
   g_swizzle = 1;
   g_raster = RasterOrder::Heuristic;
   gemm(false, true, d.x, d.w, d.y32, m, n, k, 1.f, 0.f, true);
+  nan_fill(d.y, size_t(m) * n);
   cutlass_plain<Fwd>(d.x, d.w, d.y, m, n, k);
-  check(tag + ": y = x·Wᵀ", d.y, d.y32, size_t(m) * n);
+  ok &= check(tag + ": y = x·Wᵀ", d.y, d.y32, size_t(m) * n);
   gemm(false, true, d.hs_pad, d.b_pad, d.y32, m, n, kt, 1.f, 1.f, true);
+  nan_fill(d.y, size_t(m) * n);
   cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k);
-  check(tag + ": y = [x | s·h]·[W | B]ᵀ", d.y, d.y32, size_t(m) * n);
+  ok &= check(tag + ": y = [x | s·h]·[W | B]ᵀ", d.y, d.y32, size_t(m) * n);
   gemm(false, false, d.dy, d.w, d.dx32, m, k, n, 1.f, 0.f, true);
+  nan_fill(d.dx, size_t(m) * k);
   cutlass_plain<Bwd>(d.dy, d.w, d.dx, m, k, n);
-  check(tag + ": dx = dy·W", d.dx, d.dx32, size_t(m) * k);
+  ok &= check(tag + ": dx = dy·W", d.dx, d.dx32, size_t(m) * k);
   gemm(false, false, d.dh_pad, d.a_pad, d.dx32, m, k, kt, 1.f, 1.f, true);
+  nan_fill(d.dx, size_t(m) * k);
   cutlass_kconcat<Bwd>(d.dy, d.w, d.dh_pad, d.a_pad, d.dx, m, k, n);
-  check(tag + ": dx = [dy | dh]·[W; A]", d.dx, d.dx32, size_t(m) * k);
+  ok &= check(tag + ": dx = [dy | dh]·[W; A]", d.dx, d.dx32, size_t(m) * k);
   // The same with the rank-sized operands unpadded (k2 = r: the TMA zero-fills the tile past r).
   d.h_packed();
   d.bs_packed();
   d.dh_packed();
+  nan_fill(d.y, size_t(m) * n);
   cutlass_kconcat<Fwd>(d.x, d.w, d.h, d.bs, d.y, m, n, k, r);
-  check(tag + ": y = [x | h]·[W | s·B]ᵀ, unpadded", d.y, d.y32, size_t(m) * n);
+  ok &= check(tag + ": y = [x | h]·[W | s·B]ᵀ, unpadded", d.y, d.y32, size_t(m) * n);
+  nan_fill(d.dx, size_t(m) * k);
   cutlass_kconcat<Bwd>(d.dy, d.w, d.dh, d.a, d.dx, m, k, n, r);
-  check(tag + ": dx = [dy | dh]·[W; A], unpadded", d.dx, d.dx32, size_t(m) * k);
+  ok &= check(tag + ": dx = [dy | dh]·[W; A], unpadded", d.dx, d.dx32, size_t(m) * k);
+  if (!ok) {
+    printf("%-44s a result was wrong: not timed\n", tag.c_str());
+    return;
+  }
 
   struct Setting {
     RasterOrder raster;
@@ -354,6 +382,8 @@ static void bench_shape(int m, int k, int n, int r) {
   printf("%-44s cuBLAS: y = x·Wᵀ %.1f us, dx = dy·W %.1f us\n", d.shape.c_str(), base_fwd, base_dx);
   bench_config<coop_128x256_c2x1::Fwd, coop_128x256_c2x1::Bwd>("coop 128x256 c2x1", d);
   bench_config<coop_128x256_c1x2::Fwd, coop_128x256_c1x2::Bwd>("coop 128x256 c1x2", d);
+  bench_config<coop_128x256_c2x1_streamk::Fwd, coop_128x256_c2x1_streamk::Bwd>("coop 128x256 c2x1 stream-K", d);
+  bench_config<pingpong_128x128_c2x1::Fwd, pingpong_128x128_c2x1::Bwd>("pingpong 128x128 c2x1", d);
 }
 
 // One launch of each GEMM (cuBLAS, CUTLASS plain, K-concatenated; forward and dx) for Nsight Compute.
@@ -390,5 +420,5 @@ int main(int argc, char** argv) {
     bench_shape(8192, 4096, 4096, r);
     bench_shape(2048, 4096, 11008, r);
   }
-  return 0;
+  return g_failed ? 1 : 0;
 }

@@ -11,6 +11,8 @@
 // with zeros, as it does for the last partial tile of any K).
 #pragma once
 
+#include <type_traits>
+
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -26,7 +28,13 @@ using namespace cute;
 // The problem's K is the first pair's K plus one tile (kTileK): the kernel layer then runs that many k-tiles through
 // the pipeline and the consumer, unchanged; the producer below takes the last one from the second pair. Both pairs
 // share the strides' types (the same majorness) and the tile's shared-memory layout.
-template <class Base>
+// kTileByIndex: which pair a K tile comes from is read from its index (the first pair's tiles, then the second pair's
+// at index k_first_tiles), and the first operand's K extent counts the second pair's tile too, so that any kernel and
+// scheduler finds K + one tile: the ping-pong kernel counts K tiles from that extent (size<3>(gA)), a stream-K
+// scheduler hands a unit any range of them. Off, the producer takes the last tile of each unit as the second pair's,
+// which holds only for the cooperative kernel's data-parallel scheduler (every unit all of K): the op's route, as
+// measured and tested on the H200. On is for the benchmark's ping-pong and stream-K configurations (not yet run).
+template <class Base, bool kTileByIndex = false>
 struct KConcatMainloop : Base {
   using typename Base::ElementA;
   using typename Base::ElementB;
@@ -59,6 +67,7 @@ struct KConcatMainloop : Base {
     typename Base::Params::TMA_A tma_load_a2;
     typename Base::Params::TMA_B tma_load_b2;
     int k_first, k2;
+    int k_first_tiles;  // the second pair's tile index (kTileByIndex)
   };
 
   static typename Base::Arguments first_args(Arguments const& a, bool second) {
@@ -83,6 +92,7 @@ struct KConcatMainloop : Base {
     p.tma_load_b2 = second.tma_load_b;
     p.k_first = k_first;
     p.k2 = args.k2;
+    p.k_first_tiles = (k_first + kTileK - 1) / kTileK;
     return p;
   }
 
@@ -107,8 +117,11 @@ struct KConcatMainloop : Base {
   CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& p) const {
     auto [M, N, K, L] = problem_shape_MNKL;
     using X = Underscore;
-    Tensor mA = p.tma_load_a.get_tma_tensor(make_shape(M, p.k_first, L));
-    Tensor mB = p.tma_load_b.get_tma_tensor(make_shape(N, p.k_first, L));
+    // With kTileByIndex the first pair's coordinates run one tile further (k_first_tiles + 1 tiles: the TMA would
+    // zero-fill that tile, but the producer loads the second pair's there instead).
+    const int k_extent = kTileByIndex ? p.k_first_tiles * kTileK + kTileK : p.k_first;
+    Tensor mA = p.tma_load_a.get_tma_tensor(make_shape(M, k_extent, L));
+    Tensor mB = p.tma_load_b.get_tma_tensor(make_shape(N, k_extent, L));
     Tensor mA2 = p.tma_load_a2.get_tma_tensor(make_shape(M, p.k2, L));
     Tensor mB2 = p.tma_load_b2.get_tma_tensor(make_shape(N, p.k2, L));
     return cute::make_tuple(local_tile(mA, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{}),
@@ -153,7 +166,8 @@ struct KConcatMainloop : Base {
       pipeline.producer_acquire(smem_pipe_write);
       auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
       const int stage = smem_pipe_write.index();
-      if (t < k_tile_count - 1) {
+      const bool first_pair = kTileByIndex ? int(*k_tile_iter) < p.k_first_tiles : t < k_tile_count - 1;
+      if (first_pair) {
         copy(p.tma_load_a.with(*barrier, mask_a), tAgA(_, _, _, *k_tile_iter), tAsA(_, _, _, stage));
         copy(p.tma_load_b.with(*barrier, mask_b), tBgB(_, _, _, *k_tile_iter), tBsB(_, _, _, stage));
         ++k_tile_iter;
@@ -168,14 +182,14 @@ struct KConcatMainloop : Base {
 
 // The epilogue adds an optional bias per output column (LinCombPerColBias: `thread.bias_ptr`, null for none) in
 // float32 before the one rounding to bfloat16; no C operand is read.
-// The kernels use CUTLASS's default (persistent, data-parallel) tile scheduler, whose work units each cover all of
-// K: the producer above relies on that (the last k-tile of every unit is the second pair's). A stream-K or split-K
-// scheduler would hand the second pair's tile to another unit and must not be used with KConcatMainloop.
+// The op's configuration uses CUTLASS's default (persistent, data-parallel) tile scheduler, whose work units each
+// cover all of K, with KConcatMainloop<..., false>; a stream-K or split-K scheduler, or the ping-pong kernel, needs
+// kTileByIndex (TMF_GEMM_CONFIG's SCHEDULER argument other than void turns it on, as does the ping-pong schedule).
 // ---- the GEMMs: bf16 operands, float32 accumulation, bf16 row-major D, no C ----------------------------------------
 // A configuration: tile, cluster, kernel and epilogue schedules; each gives the forward GEMM (B = W [N, K] row-major:
 // ColumnMajor) and the backward one (B = W [K, N] row-major: RowMajor), plain and K-concatenated. Macros, not
 // templates: GCC rejects CUTLASS's epilogue builder in a dependent context.
-#define TMF_GEMM_PAIR(NAME, EPI, LAYOUT_B, TILE, CLUSTER, SCHEDULE)                                                  \
+#define TMF_GEMM_PAIR(NAME, EPI, LAYOUT_B, TILE, CLUSTER, SCHEDULE, SCHEDULER, BY_INDEX)                             \
   struct NAME {                                                                                                    \
     using T = cutlass::bfloat16_t;                                                                                 \
     using Epilogue = EPI;                                                                                          \
@@ -185,15 +199,16 @@ struct KConcatMainloop : Base {
         cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(Epilogue::SharedStorage))>,      \
         SCHEDULE>::CollectiveOp;                                                                                   \
     using Plain = cutlass::gemm::device::GemmUniversalAdapter<                                                     \
-        cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>>;                      \
+        cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, SCHEDULER>>;           \
     using KConcat = cutlass::gemm::device::GemmUniversalAdapter<                                                   \
-        cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, KConcatMainloop<Mainloop>, Epilogue>>;     \
+        cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, KConcatMainloop<Mainloop, BY_INDEX>,       \
+                                             Epilogue, SCHEDULER>>;                                                \
     using StrideA = Mainloop::StrideA;                                                                             \
     using StrideB = Mainloop::StrideB;                                                                             \
     using StrideD = Plain::GemmKernel::StrideD;                                                                    \
     static constexpr int kTileK = size<2>(TILE{});                                                                 \
   }
-#define TMF_GEMM_CONFIG(NAME, TILE, CLUSTER, SCHEDULE, EPI_SCHEDULE)                                                 \
+#define TMF_GEMM_CONFIG(NAME, TILE, CLUSTER, SCHEDULE, EPI_SCHEDULE, SCHEDULER)                                      \
   namespace NAME {                                                                                                 \
   using Epilogue = cutlass::epilogue::collective::CollectiveBuilder<                                               \
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TILE, CLUSTER,                                          \
@@ -201,8 +216,10 @@ struct KConcatMainloop : Base {
       cutlass::bfloat16_t, cutlass::layout::RowMajor, 8, EPI_SCHEDULE,                                             \
       cutlass::epilogue::fusion::LinCombPerColBias<cutlass::bfloat16_t, float, cutlass::bfloat16_t, void,          \
                                                    float>>::CollectiveOp;                                          \
-  TMF_GEMM_PAIR(Fwd, Epilogue, cutlass::layout::ColumnMajor, TILE, CLUSTER, SCHEDULE);                             \
-  TMF_GEMM_PAIR(Bwd, Epilogue, cutlass::layout::RowMajor, TILE, CLUSTER, SCHEDULE);                                \
+  constexpr bool kByIndex = !std::is_void_v<SCHEDULER> ||                                                          \
+                           std::is_same_v<SCHEDULE, cutlass::gemm::KernelTmaWarpSpecializedPingpong>;             \
+  TMF_GEMM_PAIR(Fwd, Epilogue, cutlass::layout::ColumnMajor, TILE, CLUSTER, SCHEDULE, SCHEDULER, kByIndex);        \
+  TMF_GEMM_PAIR(Bwd, Epilogue, cutlass::layout::RowMajor, TILE, CLUSTER, SCHEDULE, SCHEDULER, kByIndex);           \
   }
 
 // The configuration measured first (cooperative, 128x256x64 tiles, 2x1 clusters): 2.3 % behind cuBLAS at
@@ -210,6 +227,6 @@ struct KConcatMainloop : Base {
 using Tile128x256 = Shape<_128, _256, _64>;
 using Cluster2x1 = Shape<_2, _1, _1>;
 TMF_GEMM_CONFIG(coop_128x256_c2x1, Tile128x256, Cluster2x1, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                cutlass::epilogue::TmaWarpSpecializedCooperative)
+                cutlass::epilogue::TmaWarpSpecializedCooperative, void)
 
 }  // namespace tmf::cuda::kconcat
