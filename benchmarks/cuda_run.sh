@@ -120,7 +120,7 @@ for step in $steps; do
       build_kconcat && ncu --clock-control none --kernel-name regex:'nvjet|device_kernel' --launch-count 40 \
         "${sections[@]}" /tmp/kconcat ncu > "$OUT/ncu_kconcat.txt" 2>&1
       echo "ncu kconcat: exit $? ($(grep -c 'Duration' "$OUT/ncu_kconcat.txt") kernel reports)"
-      grep -E "^  [a-z_]*(nvjet|device_kernel)|Duration|Memory Throughput|Compute \(SM\) Throughput" \
+      grep -E "^  (void )?[A-Za-z_:]*(nvjet|device_kernel)|Duration|Memory Throughput|Compute \(SM\) Throughput" \
         "$OUT/ncu_kconcat.txt" | cut -c1-160
       ;;
     ncu)

@@ -189,6 +189,8 @@ def test_cuda_kconcat_route_choice(backend):
     assert mode == want_mode, f"TORCH_METAL_FUSED_LORA_KCONCAT={env!r}, built with CUTLASS: {_C.HAS_LORA_KCONCAT}"
     dev = backend.device
     hopper = torch.cuda.get_device_capability(dev) == (9, 0)
+    if env not in ("", "0") and hopper:  # the route was asked for: a build without it would test the others silently
+        assert _C.HAS_LORA_KCONCAT, "TORCH_METAL_FUSED_LORA_KCONCAT=1 but the extension was built without CUTLASS"
 
     def takes(tokens: int, fin: int, fout: int, rank: int, dtype: torch.dtype = torch.bfloat16) -> bool:
         x, w, a = (torch.empty(s, dtype=dtype, device=dev) for s in ((tokens, fin), (fout, fin), (rank, fin)))
@@ -197,6 +199,9 @@ def test_cuda_kconcat_route_choice(backend):
     assert takes(300, 520, 136, 16) == (hopper and mode == "always")  # 3 x 1 tiles of 128x256
     assert takes(8192, 4096, 4096, 16) == (hopper and mode != "never")  # 64 x 16 tiles for y and for dx
     assert takes(2048, 4096, 11008, 64) == (hopper and mode != "never")  # 16 x 43 for y, 16 x 16 for dx
+    # One GEMM's tiles fill the GPU, the other's do not (4 x 64 = 256 against 4 x 4 = 16): the rule asks both.
+    assert takes(512, 1024, 16384, 16) == (hopper and mode == "always")  # y fills, dx does not
+    assert takes(512, 16384, 1024, 16) == (hopper and mode == "always")  # dx fills, y does not
     assert not takes(8192, 4096, 4096, 16, torch.float16)  # bfloat16 only
     assert not takes(8192, 4096, 4096, 12)  # ranks in steps of 8
     assert not takes(8192, 4096, 4100, 16)  # out_features a multiple of 8 (the TMA's 16-byte rows)

@@ -27,8 +27,9 @@ inline bool lora_use_merged_weight(uint64_t tokens, uint64_t in_features, bool h
 // default only where each of its GEMMs, y (tokens x out) and dx (tokens x in), has at least one 128x256 output tile
 // per SM. Measured through the op on an H200 (benchmarks/results/cuda-h200-2026-12-01-lora-kconcat-op.md): it wins
 // forward+backward at 8192x4096->4096 (1.166x / 1.165x the base GEMM pair at r16 / r64, against 1.206x / 1.248x) and
-// 2048x4096->11008 r64 (1.161x against 1.177x), ties at 2048x4096->11008 r16 (1.173x against 1.164x), and loses where
-// the tiles do not fill the GPU (1000x1048->1016 r16: 3.02x against 2.74x; 512 tokens: forward 18.8 against 14.7 µs).
+// 2048x4096->11008 r64 (1.161x against 1.177x), is 0.8 % slower at 2048x4096->11008 r16 (1.173x against 1.164x,
+// inside that shape's run-to-run spread), and loses clearly where the tiles do not fill the GPU (1000x1048->1016 r16:
+// 3.02x against 2.74x; 512 tokens: forward 18.8 against 14.7 µs). Nothing between was measured.
 constexpr uint64_t kLoraKConcatTileM = 128, kLoraKConcatTileN = 256;
 
 inline bool lora_kconcat_fills_device(uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t sms) {
