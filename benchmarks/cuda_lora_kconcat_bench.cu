@@ -1,7 +1,7 @@
 // LoRA's base GEMM over K-concatenated operands (csrc/cuda/cutlass_kconcat.cuh: y = [x | h]·[W | s·B]ᵀ and
 // dx = [dy | dh]·[W; A] on CUTLASS's Hopper GEMM with our producer), a candidate for #14's forward+backward target
 // (README: "The K-concatenated GEMM, measured"), timed against cuBLAS and against the op's routes (W' by
-// csrc/cuda/lora_kernels.cuh) after each result is checked against a float32 cuBLAS reference: four CUTLASS
+// csrc/cuda/lora_kernels.cuh) after each result is checked against a float32 cuBLAS reference: six CUTLASS
 // configurations, the persistent scheduler's raster order and swizzle, the rank-sized operands zero-padded to the
 // tile's K of 64 or unpadded (k2 = r).
 //
@@ -52,6 +52,15 @@ TMF_GEMM_CONFIG(coop_128x256_c2x1_streamk, Tile128x256, Cluster2x1,
                 cutlass::gemm::StreamKScheduler)
 TMF_GEMM_CONFIG(pingpong_128x128_c2x1, Tile128x128, Cluster2x1, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                 cutlass::epilogue::TmaWarpSpecialized, void)
+// The op's configuration with a plain linear combination for an epilogue (no bias path), and 256x128 tiles with 1x2
+// clusters (cuBLAS's nvjet_sm90_tst_256x128_64x4_1x2 kernel ran at one of the sanitizer's LoRA shapes).
+using Tile256x128 = Shape<_256, _128, _64>;
+using LinComb = cutlass::epilogue::fusion::LinearCombination<cutlass::bfloat16_t, float, void, float>;
+TMF_GEMM_CONFIG_FUSION(coop_128x256_c2x1_lincomb, Tile128x256, Cluster2x1,
+                       cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                       cutlass::epilogue::TmaWarpSpecializedCooperative, void, LinComb)
+TMF_GEMM_CONFIG(coop_256x128_c1x2, Tile256x128, Cluster1x2, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                cutlass::epilogue::TmaWarpSpecializedCooperative, void)
 
 // The persistent scheduler's runtime knobs (swept below).
 using RasterOrder = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90Params::RasterOrderOptions;
@@ -396,6 +405,8 @@ static void bench_shape(int m, int k, int n, int r) {
   bench_config<coop_128x256_c1x2::Fwd, coop_128x256_c1x2::Bwd>("coop 128x256 c1x2", d);
   bench_config<coop_128x256_c2x1_streamk::Fwd, coop_128x256_c2x1_streamk::Bwd>("coop 128x256 c2x1 stream-K", d);
   bench_config<pingpong_128x128_c2x1::Fwd, pingpong_128x128_c2x1::Bwd>("pingpong 128x128 c2x1", d);
+  bench_config<coop_128x256_c2x1_lincomb::Fwd, coop_128x256_c2x1_lincomb::Bwd>("coop 128x256 c2x1 lincomb", d);
+  bench_config<coop_256x128_c1x2::Fwd, coop_256x128_c1x2::Bwd>("coop 256x128 c1x2", d);
 }
 
 // One launch of each GEMM (cuBLAS, CUTLASS plain, K-concatenated; forward and dx) for Nsight Compute.

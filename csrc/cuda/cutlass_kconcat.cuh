@@ -208,19 +208,23 @@ struct KConcatMainloop : Base {
     using StrideD = Plain::GemmKernel::StrideD;                                                                    \
     static constexpr int kTileK = size<2>(TILE{});                                                                 \
   }
-#define TMF_GEMM_CONFIG(NAME, TILE, CLUSTER, SCHEDULE, EPI_SCHEDULE, SCHEDULER)                                      \
+// FUSION: the epilogue's operation; TMF_GEMM_CONFIG takes the per-column bias (the op's), and the benchmark also
+// sweeps a plain linear combination, to see what the bias path costs when the bias is absent.
+using PerColBias = cutlass::epilogue::fusion::LinCombPerColBias<cutlass::bfloat16_t, float, cutlass::bfloat16_t, void,
+                                                                 float>;
+#define TMF_GEMM_CONFIG_FUSION(NAME, TILE, CLUSTER, SCHEDULE, EPI_SCHEDULE, SCHEDULER, FUSION)                       \
   namespace NAME {                                                                                                 \
   using Epilogue = cutlass::epilogue::collective::CollectiveBuilder<                                               \
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TILE, CLUSTER,                                          \
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, 8,           \
-      cutlass::bfloat16_t, cutlass::layout::RowMajor, 8, EPI_SCHEDULE,                                             \
-      cutlass::epilogue::fusion::LinCombPerColBias<cutlass::bfloat16_t, float, cutlass::bfloat16_t, void,          \
-                                                   float>>::CollectiveOp;                                          \
+      cutlass::bfloat16_t, cutlass::layout::RowMajor, 8, EPI_SCHEDULE, FUSION>::CollectiveOp;                      \
   constexpr bool kByIndex = !std::is_void_v<SCHEDULER> ||                                                          \
                            std::is_same_v<SCHEDULE, cutlass::gemm::KernelTmaWarpSpecializedPingpong>;             \
   TMF_GEMM_PAIR(Fwd, Epilogue, cutlass::layout::ColumnMajor, TILE, CLUSTER, SCHEDULE, SCHEDULER, kByIndex);        \
   TMF_GEMM_PAIR(Bwd, Epilogue, cutlass::layout::RowMajor, TILE, CLUSTER, SCHEDULE, SCHEDULER, kByIndex);           \
   }
+#define TMF_GEMM_CONFIG(NAME, TILE, CLUSTER, SCHEDULE, EPI_SCHEDULE, SCHEDULER) \
+  TMF_GEMM_CONFIG_FUSION(NAME, TILE, CLUSTER, SCHEDULE, EPI_SCHEDULE, SCHEDULER, PerColBias)
 
 // The configuration measured first (cooperative, 128x256x64 tiles, 2x1 clusters): 2.3 % behind cuBLAS at
 // 8192x4096x4096 on an H200 (benchmarks/results/cuda-h200-2026-12-01-lora-kconcat.txt).
