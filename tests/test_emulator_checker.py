@@ -377,6 +377,51 @@ def test_device_memory_needs_a_mem_device_barrier(bugs, device_barrier):
     )
 
 
+# (memory, barrier, mask, ordered): which barrier orders an exchange between thread tid and thread tid ^ mask (mask 1:
+# the same SIMD-group; 32: the other one). Barriers: simdgroup_barrier with mem_none / mem_device / mem_threadgroup,
+# threadgroup_barrier with mem_device / mem_threadgroup (planted_bugs.metal: exchange_after_barrier).
+SIMD_NONE, SIMD_DEVICE, SIMD_TG, TG_DEVICE, TG_TG = range(5)
+EXCHANGES = [
+    ("threadgroup", SIMD_TG, 1, True),
+    ("threadgroup", SIMD_NONE, 1, False),
+    ("threadgroup", SIMD_DEVICE, 1, False),
+    ("threadgroup", SIMD_TG, 32, False),  # a simdgroup_barrier orders its own SIMD-group only
+    ("threadgroup", TG_DEVICE, 1, False),  # mem_device does not order threadgroup memory
+    ("threadgroup", TG_TG, 32, True),
+    ("device", SIMD_DEVICE, 1, True),
+    ("device", SIMD_TG, 1, False),
+    ("device", SIMD_DEVICE, 32, False),
+    ("device", TG_DEVICE, 32, True),
+    ("device", TG_TG, 1, False),
+]
+
+
+BARRIER_NAMES = ["simd-none", "simd-device", "simd-threadgroup", "tg-device", "tg-threadgroup"]
+
+
+@pytest.mark.parametrize(
+    ("memory", "barrier", "mask", "ordered"),
+    EXCHANGES,
+    ids=[f"{m}-{BARRIER_NAMES[b]}-{'same' if k == 1 else 'other'}-simdgroup" for m, b, k, _ in EXCHANGES],
+)
+def test_barriers_order_what_their_mem_flags_name(bugs, memory, barrier, mask, ordered):
+    # Metal's memory model: a barrier orders the kinds of memory its mem_flags name, a simdgroup_barrier only between
+    # the lanes of its SIMD-group. The checker must report exactly the unordered exchanges.
+    x, out = torch.zeros(64), torch.full((64,), -1.0)
+    params = [torch.tensor([v], dtype=torch.int32) for v in (int(memory == "device"), barrier, mask)]
+    buffers = {0: x, 1: out, 2: params[0], 3: params[1], 4: params[2]}
+    if ordered:
+        with runner.checking():
+            bugs.dispatch("exchange_after_barrier", buffers, (1, 1, 1), (64, 1, 1), {0: 64 * 4})
+        assert torch.equal(out, (torch.arange(64) ^ mask).float())
+        return
+    with pytest.raises(runner.KernelCheckError) as exc, runner.checking():
+        bugs.dispatch("exchange_after_barrier", buffers, (1, 1, 1), (64, 1, 1), {0: 64 * 4})
+    kind = "device-race" if memory == "device" else "threadgroup-race"
+    site = f"planted_bugs.metal:{_bug_line('exchange_after_barrier')}: {kind}"
+    assert any(site in f for f in _findings(exc)), _findings(exc)
+
+
 @pytest.mark.parametrize("checked", [False, True], ids=["plain", "checked"])
 def test_a_storage_bound_twice_is_one_buffer(bugs, checked):
     # Writes through one binding are seen through the other (as on the GPU); the traffic rows count the loads on the

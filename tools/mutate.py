@@ -161,6 +161,15 @@ MUTANTS: list[Mutant] = [
         ci=True,
     ),
     _m(
+        "reduce_publishes_with_a_device_barrier",
+        H,
+        "  }\n  threadgroup_barrier(mem_flags::mem_threadgroup);\n  return Op::simd",
+        "  }\n  threadgroup_barrier(mem_flags::mem_device);\n  return Op::simd",
+        SOFTMAX,
+        "the SIMD-groups' partials published with a mem_device barrier, which does not order threadgroup memory on "
+        "Metal (right on the harness's schedule; the checker orders memory by the barrier's mem_flags)",
+    ),
+    _m(
         "reduce_reads_one_slot_too_many",
         H,
         "lane < n_simd ? scratch[lane]",

@@ -139,9 +139,16 @@ struct Thread {
   uintptr_t last_site_pc = 0;
 };
 
+// Checked runs: the last writer and reader of each 2-byte granule of threadgroup memory. Threadgroup memory is
+// ordered between threads by a threadgroup_barrier with mem_flags::mem_threadgroup (Run::epoch), and between the
+// lanes of one SIMD-group also by a simdgroup_barrier with mem_threadgroup (Run::simd_tg_epoch): the SIMD-group epoch
+// of each access is kept so that such an exchange is not reported. read_simd: the SIMD-group of every reader of the
+// current epoch (-1: none, -2: readers of several SIMD-groups).
 struct Shadow {
   int16_t writer = -1, reader = -1;  // reader -2: several readers
+  int16_t read_simd = -1;
   uint32_t write_epoch = 0, read_epoch = 0;
+  uint32_t write_simd_epoch = 0, read_simd_epoch = 0;
   bool init = false;
 };
 
@@ -152,15 +159,41 @@ struct Shadow {
 // cross-entropy gradient written over its logits), so an in-place race shows whatever the schedule.
 // Device memory is ordered between the threads of a threadgroup only by a barrier with mem_flags::mem_device (a
 // mem_threadgroup barrier orders threadgroup memory alone), so the epochs here are the threadgroup's device epochs
-// (Run::device_epoch). Granules of 2 bytes: 1-byte device elements written by neighbouring threads would be reported
-// as a race (no shader of ours writes any).
+// (Run::device_epoch), and between the lanes of one SIMD-group also by a simdgroup_barrier with mem_device
+// (Run::simd_device_epoch; as for Shadow). Granules of 2 bytes: 1-byte device elements written by neighbouring
+// threads would be reported as a race (no shader of ours writes any).
 struct DeviceShadow {
   int16_t writer = -1, reader = -1;  // reader -2: several readers of one threadgroup between barriers
+  int16_t read_simd = -1;
   uint32_t write_group = 0, read_group = 0;  // read_group kSeveralGroups: read by several threadgroups
   uint32_t write_epoch = 0, read_epoch = 0;
+  uint32_t write_simd_epoch = 0, read_simd_epoch = 0;
 };
 constexpr uint32_t kSeveralGroups = UINT32_MAX;
-constexpr int kMemDevice = 1;  // mem_flags::mem_device (tmf_emu/metal_prelude.h)
+constexpr int kMemDevice = 1;       // mem_flags::mem_device (tmf_emu/metal_prelude.h)
+constexpr int kMemThreadgroup = 2;  // mem_flags::mem_threadgroup
+
+// Whether an earlier access by thread `other` (with its SIMD-group's epoch `then`) is ordered before thread `me`'s
+// now by a simdgroup_barrier: both threads in one SIMD-group, whose epoch has advanced since.
+bool simd_ordered(int16_t other, uint32_t then, int16_t me, const std::vector<uint32_t>& simd_epochs) {
+  return other >= 0 && other / kSimdWidth == me / kSimdWidth && simd_epochs[size_t(me / kSimdWidth)] != then;
+}
+
+// Whether the readers recorded in a shadow (one thread, or several of SIMD-group read_simd) are ordered before `me`.
+template <class S>
+bool readers_ordered(const S& s, int16_t me, const std::vector<uint32_t>& simd_epochs) {
+  if (s.reader >= 0) return simd_ordered(s.reader, s.read_simd_epoch, me, simd_epochs);
+  return s.read_simd == me / kSimdWidth && simd_epochs[size_t(me / kSimdWidth)] != s.read_simd_epoch;
+}
+
+// Records a read by `me` in the current epoch (`same_epoch`: the shadow's readers are of this epoch).
+template <class S>
+void record_read(S& s, int16_t me, bool same_epoch, const std::vector<uint32_t>& simd_epochs) {
+  const int16_t simd = int16_t(me / kSimdWidth);
+  if (!same_epoch) s.reader = me, s.read_simd = simd;
+  else if (s.reader != me) s.reader = -2, s.read_simd = s.read_simd == simd ? simd : int16_t(-2);
+  s.read_simd_epoch = simd_epochs[size_t(simd)];
+}
 
 // An anonymous mapping released with the object.
 struct Mapping {
@@ -291,8 +324,10 @@ struct Run {
   std::unordered_map<uint64_t, size_t> locals;
   std::vector<size_t> tg_args;  // arena offsets of [[threadgroup(n)]] arguments
   Shadow* shadow = nullptr;  // one granule per 2 bytes of the arena
-  uint32_t epoch = 1;
-  uint32_t device_epoch = 1;  // advanced by barriers with mem_flags::mem_device only (DeviceShadow)
+  uint32_t epoch = 1;         // advanced by barriers with mem_flags::mem_threadgroup (Shadow)
+  uint32_t device_epoch = 1;  // advanced by barriers with mem_flags::mem_device (DeviceShadow)
+  // Per SIMD-group: advanced by simdgroup_barrier with mem_threadgroup, with mem_device.
+  std::vector<uint32_t> simd_tg_epoch, simd_device_epoch;
   uint32_t round = 0;  // scheduling rounds of this threadgroup
   std::vector<uint32_t> simd_order;
   bool aborted = false;
@@ -533,6 +568,10 @@ bool resolve_simd_ops(Run& r) {
         std::memcpy(t.io.out, io[l].out, kMaxSimdValueBytes);
         t.wait = Wait::none;
       }
+    if (lead->op == SimdOp::none) {  // simdgroup_barrier: its mem_flags order the SIMD-group's memory accesses
+      if (lead->io.arg & kMemThreadgroup) ++r.simd_tg_epoch[s];
+      if (lead->io.arg & kMemDevice) ++r.simd_device_epoch[s];
+    }
     any = true;
   }
   return any;
@@ -569,7 +608,7 @@ bool resolve_barrier(Run& r) {
     return false;
   }
   for (auto& t : r.th) t.wait = Wait::none;
-  ++r.epoch;
+  if (first->barrier_flags & kMemThreadgroup) ++r.epoch;
   if (first->barrier_flags & kMemDevice) ++r.device_epoch;
   return true;
 }
@@ -608,6 +647,8 @@ void run_threadgroup(Run& r) {
   r.locals.clear();
   r.epoch = 1;
   r.device_epoch = 1;
+  r.simd_tg_epoch.assign((r.nthreads + kSimdWidth - 1) / kSimdWidth, 1);
+  r.simd_device_epoch.assign(r.simd_tg_epoch.size(), 1);
   // [[threadgroup(n)]] arguments, sized by the host's setThreadgroupMemoryLength.
   r.tg_args.assign(r.enc->threadgroup_memory.size(), 0);
   for (auto& [index, bytes] : r.enc->threadgroup_memory) {
@@ -760,10 +801,12 @@ void check_device_race(Run& r, const BufferRange& b, uintptr_t addr, size_t size
                   thread_name(r, *r.current) + ")",
               b.index);
   };
+  const auto& simd_epochs = r.simd_device_epoch;
   for (size_t g = (addr - b.lo) / 2; g < (addr - b.lo + size + 1) / 2; ++g) {
     DeviceShadow& s = b.shadow[g];
     const bool other_writer = s.write_group != 0 && (s.write_group != group || s.writer != me);
-    const bool written_here = s.write_group == group && s.write_epoch == epoch;
+    const bool written_here = s.write_group == group && s.write_epoch == epoch &&
+                              !simd_ordered(s.writer, s.write_simd_epoch, me, simd_epochs);
     if (store) {
       if (other_writer && (s.write_group != group || written_here))
         race(s.write_group != group ? "write-write race on device memory between threadgroups"
@@ -771,9 +814,11 @@ void check_device_race(Run& r, const BufferRange& b, uintptr_t addr, size_t size
                                       "(thread " + std::to_string(s.writer) + " wrote it too)");
       else if (s.read_group != 0 && s.read_group != group)
         race("device memory written after another threadgroup of the dispatch read it");
-      else if (s.read_group == group && s.read_epoch == epoch && s.reader != -1 && s.reader != me)
+      else if (s.read_group == group && s.read_epoch == epoch && s.reader != -1 && s.reader != me &&
+               !readers_ordered(s, me, simd_epochs))
         race("device memory written after another thread read it, with no mem_device barrier between");
       s.writer = me, s.write_group = group, s.write_epoch = epoch;
+      s.write_simd_epoch = simd_epochs[size_t(me / kSimdWidth)];
     } else {
       if (other_writer && (s.write_group != group || written_here))
         race(s.write_group != group ? "device memory read after another threadgroup of the dispatch wrote it"
@@ -782,10 +827,9 @@ void check_device_race(Run& r, const BufferRange& b, uintptr_t addr, size_t size
       if (s.read_group == kSeveralGroups) {
       } else if (s.read_group != 0 && s.read_group != group) {
         s.read_group = kSeveralGroups;  // a later write by any threadgroup races one of the readers
-      } else if (s.read_group != group || s.read_epoch != epoch) {
-        s.reader = me, s.read_group = group, s.read_epoch = epoch;
-      } else if (s.reader != me) {
-        s.reader = -2;
+      } else {
+        record_read(s, me, s.read_group == group && s.read_epoch == epoch, simd_epochs);
+        s.read_group = group, s.read_epoch = epoch;
       }
     }
   }
@@ -805,30 +849,34 @@ void on_access(uintptr_t addr, size_t size, bool store, void* pc) {
       return;
     }
     int16_t me = int16_t(r.current->index);
+    const auto& simd_epochs = r.simd_tg_epoch;
     for (size_t g = off / 2; g < (off + size + 1) / 2; ++g) {
       Shadow& s = r.shadow[g];
+      const bool written_here =
+          s.write_epoch == r.epoch && s.writer != me && !simd_ordered(s.writer, s.write_simd_epoch, me, simd_epochs);
       if (store) {
-        if (s.write_epoch == r.epoch && s.writer != me)
+        if (written_here)
           add_error("threadgroup-race", nullptr, 0, module_offset(pc),
                     "write-write race on threadgroup memory between barriers (threads " +
                         std::to_string(s.writer) + " and " + std::to_string(me) + ")");
-        else if (s.read_epoch == r.epoch && s.reader != -1 && s.reader != me)
+        else if (s.read_epoch == r.epoch && s.reader != -1 && s.reader != me && !readers_ordered(s, me, simd_epochs))
           add_error("threadgroup-race", nullptr, 0, module_offset(pc),
                     "read-write race on threadgroup memory between barriers: written by thread " +
                         std::to_string(me) + " after another thread read it");
         s.writer = me, s.write_epoch = r.epoch, s.init = true;
+        s.write_simd_epoch = simd_epochs[size_t(me / kSimdWidth)];
       } else {
         if (!s.init) {
           add_error("uninitialised-read", nullptr, 0, module_offset(pc),
                     "read of threadgroup memory that no thread has written");
           s.init = true;  // report once per location
-        } else if (s.write_epoch == r.epoch && s.writer != me) {
+        } else if (written_here) {
           add_error("threadgroup-race", nullptr, 0, module_offset(pc),
                     "read-after-write race on threadgroup memory without a barrier between (written by thread " +
                         std::to_string(s.writer) + ", read by thread " + std::to_string(me) + ")");
         }
-        if (s.read_epoch != r.epoch) s.reader = me, s.read_epoch = r.epoch;
-        else if (s.reader != me) s.reader = -2;
+        record_read(s, me, s.read_epoch == r.epoch, simd_epochs);
+        s.read_epoch = r.epoch;
       }
     }
     return;

@@ -125,3 +125,34 @@ using namespace metal;
   threadgroup_barrier(mem_flags::mem_device);
   seen[tid] = in[(tid + 1) % n];
 }
+
+// Thread tid writes its slot (threadgroup memory: scratch; device memory: x), waits at the barrier `barrier` picks,
+// then reads the slot of thread tid ^ mask: in its own SIMD-group for mask 1, in the other one for mask 32 (64
+// threads). A simdgroup_barrier orders memory between the lanes of one SIMD-group for the kinds of memory its
+// mem_flags name, a threadgroup_barrier between all threads for those it names; anything else is a race.
+[[kernel]] void exchange_after_barrier(
+    device float* x [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    constant uint& device_memory [[buffer(2)]],
+    constant uint& barrier [[buffer(3)]],
+    constant uint& mask [[buffer(4)]],
+    threadgroup float* scratch [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]]) {
+  if (device_memory != 0) {
+    x[tid] = float(tid);
+  } else {
+    scratch[tid] = float(tid);
+  }
+  if (barrier == 0) {
+    simdgroup_barrier(mem_flags::mem_none);
+  } else if (barrier == 1) {
+    simdgroup_barrier(mem_flags::mem_device);
+  } else if (barrier == 2) {
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+  } else if (barrier == 3) {
+    threadgroup_barrier(mem_flags::mem_device);
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  out[tid] = device_memory != 0 ? x[tid ^ mask] : scratch[tid ^ mask];  // BUG: exchange_after_barrier
+}

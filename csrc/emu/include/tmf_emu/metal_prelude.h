@@ -178,9 +178,10 @@ inline void threadgroup_barrier(mem_flags flags = mem_flags::mem_none, const cha
                                 int line = __builtin_LINE()) {
   ::tmf_emu::barrier(file, line, int(flags));
 }
-inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, const char* file = __builtin_FILE(),
+// Its mem_flags order the SIMD-group's own accesses to threadgroup (device) memory, which the checker honours.
+inline void simdgroup_barrier(mem_flags flags = mem_flags::mem_none, const char* file = __builtin_FILE(),
                               int line = __builtin_LINE()) {
-  ::tmf_emu::simd_collective<bool>(true, 0, ::tmf_emu::SimdOp::none, file, line);
+  ::tmf_emu::simd_collective<bool>(true, uint32_t(flags), ::tmf_emu::SimdOp::none, file, line);
 }
 
 // ---- SIMD-group functions: a rendezvous of the lanes of one SIMD-group that reach the same call site --
