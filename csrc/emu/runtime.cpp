@@ -179,10 +179,10 @@ bool simd_ordered(int16_t other, uint32_t then, int16_t me, const std::vector<ui
   return other >= 0 && other / kSimdWidth == me / kSimdWidth && simd_epochs[size_t(me / kSimdWidth)] != then;
 }
 
-// Whether the readers recorded in a shadow (one thread, or several of SIMD-group read_simd) are ordered before `me`.
+// Whether the readers recorded in a shadow are ordered before `me`: read_simd is the SIMD-group of every one of them
+// (record_read keeps it for one reader as for several), and read_simd_epoch that group's epoch at the latest read.
 template <class S>
 bool readers_ordered(const S& s, int16_t me, const std::vector<uint32_t>& simd_epochs) {
-  if (s.reader >= 0) return simd_ordered(s.reader, s.read_simd_epoch, me, simd_epochs);
   return s.read_simd == me / kSimdWidth && simd_epochs[size_t(me / kSimdWidth)] != s.read_simd_epoch;
 }
 
