@@ -148,8 +148,6 @@ static void pad_columns(const bf16* src, bf16* dst, int64_t rows, int64_t cols, 
                   cudaMemcpyDeviceToDevice));
 }
 
-static void nan_fill(bf16* p, size_t n) { CK(cudaMemset(p, 0xff, n * sizeof(bf16))); }  // 0xffff: a NaN
-
 static bool g_failed = false;  // a check failed: that configuration is not timed, and the exit status is 1
 
 // Worst |got - want| over the worst |want| (a float32 reference); a NaN counts as the worst (the outputs are filled
@@ -169,6 +167,14 @@ static bool check(const std::string& what, const bf16* got, const float* want, s
   printf("check %-58s worst |diff| %.2e of max |ref| %.2e %s\n", what.c_str(), worst, scale, ok ? "ok" : "FAILED");
   g_failed |= !ok;
   return ok;
+}
+
+// Fills `out` with NaN (so a launch that writes nothing fails), runs `launch` into it and checks it.
+template <class F>
+static bool check_launch(const std::string& what, bf16* out, const float* want, size_t n, F&& launch) {
+  CK(cudaMemset(out, 0xff, n * sizeof(bf16)));  // 0xffff: a bfloat16 NaN
+  launch();
+  return check(what, out, want, n);
 }
 
 __global__ void scale_kernel(const bf16* in, bf16* out, float s, int64_t n) {
@@ -277,35 +283,31 @@ template <class Fwd, class Bwd>
 static void bench_config(const char* config, const Lora& d) {
   const int m = d.m, k = d.k, n = d.n, r = d.r, kt = Lora::kt;
   const std::string tag = d.shape + " " + config;
+  const size_t ny = size_t(m) * n, ndx = size_t(m) * k;
+  // The GEMMs checked and timed below: CUTLASS plain, and K-concatenated over the padded rank-sized operands.
+  auto y_plain = [&] { cutlass_plain<Fwd>(d.x, d.w, d.y, m, n, k); };
+  auto dx_plain = [&] { cutlass_plain<Bwd>(d.dy, d.w, d.dx, m, k, n); };
+  auto y_kconcat = [&] { cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k); };
+  auto dx_kconcat = [&] { cutlass_kconcat<Bwd>(d.dy, d.w, d.dh_pad, d.a_pad, d.dx, m, k, n); };
   bool ok = true;
   g_swizzle = 1;
   g_raster = RasterOrder::Heuristic;
   gemm(false, true, d.x, d.w, d.y32, m, n, k, 1.f, 0.f, true);
-  nan_fill(d.y, size_t(m) * n);
-  cutlass_plain<Fwd>(d.x, d.w, d.y, m, n, k);
-  ok &= check(tag + ": y = x·Wᵀ", d.y, d.y32, size_t(m) * n);
+  ok &= check_launch(tag + ": y = x·Wᵀ", d.y, d.y32, ny, y_plain);
   gemm(false, true, d.hs_pad, d.b_pad, d.y32, m, n, kt, 1.f, 1.f, true);
-  nan_fill(d.y, size_t(m) * n);
-  cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k);
-  ok &= check(tag + ": y = [x | s·h]·[W | B]ᵀ", d.y, d.y32, size_t(m) * n);
+  ok &= check_launch(tag + ": y = [x | s·h]·[W | B]ᵀ", d.y, d.y32, ny, y_kconcat);
   gemm(false, false, d.dy, d.w, d.dx32, m, k, n, 1.f, 0.f, true);
-  nan_fill(d.dx, size_t(m) * k);
-  cutlass_plain<Bwd>(d.dy, d.w, d.dx, m, k, n);
-  ok &= check(tag + ": dx = dy·W", d.dx, d.dx32, size_t(m) * k);
+  ok &= check_launch(tag + ": dx = dy·W", d.dx, d.dx32, ndx, dx_plain);
   gemm(false, false, d.dh_pad, d.a_pad, d.dx32, m, k, kt, 1.f, 1.f, true);
-  nan_fill(d.dx, size_t(m) * k);
-  cutlass_kconcat<Bwd>(d.dy, d.w, d.dh_pad, d.a_pad, d.dx, m, k, n);
-  ok &= check(tag + ": dx = [dy | dh]·[W; A]", d.dx, d.dx32, size_t(m) * k);
+  ok &= check_launch(tag + ": dx = [dy | dh]·[W; A]", d.dx, d.dx32, ndx, dx_kconcat);
   // The same with the rank-sized operands unpadded (k2 = r: the TMA zero-fills the tile past r).
   d.h_packed();
   d.bs_packed();
   d.dh_packed();
-  nan_fill(d.y, size_t(m) * n);
-  cutlass_kconcat<Fwd>(d.x, d.w, d.h, d.bs, d.y, m, n, k, r);
-  ok &= check(tag + ": y = [x | h]·[W | s·B]ᵀ, unpadded", d.y, d.y32, size_t(m) * n);
-  nan_fill(d.dx, size_t(m) * k);
-  cutlass_kconcat<Bwd>(d.dy, d.w, d.dh, d.a, d.dx, m, k, n, r);
-  ok &= check(tag + ": dx = [dy | dh]·[W; A], unpadded", d.dx, d.dx32, size_t(m) * k);
+  ok &= check_launch(tag + ": y = [x | h]·[W | s·B]ᵀ, unpadded", d.y, d.y32, ny,
+                     [&] { cutlass_kconcat<Fwd>(d.x, d.w, d.h, d.bs, d.y, m, n, k, r); });
+  ok &= check_launch(tag + ": dx = [dy | dh]·[W; A], unpadded", d.dx, d.dx32, ndx,
+                     [&] { cutlass_kconcat<Bwd>(d.dy, d.w, d.dh, d.a, d.dx, m, k, n, r); });
   if (!ok) {
     printf("%-44s a result was wrong: not timed\n", tag.c_str());
     return;
@@ -328,11 +330,11 @@ static void bench_config(const char* config, const Lora& d) {
     // cuBLAS timed beside each setting: the GPU's speed drifts over a sweep (times rose by up to 15 % from the first
     // setting to the last at 3bb7304), so each setting is compared with cuBLAS timed next to it.
     const float f0 = time_us([&] { gemm(false, true, d.x, d.w, d.y, m, n, k, 1.f, 0.f); });
-    const float f = time_us([&] { cutlass_plain<Fwd>(d.x, d.w, d.y, m, n, k); });
+    const float f = time_us(y_plain);
     const float b0 = time_us([&] { gemm(false, false, d.dy, d.w, d.dx, m, k, n, 1.f, 0.f); });
-    const float b = time_us([&] { cutlass_plain<Bwd>(d.dy, d.w, d.dx, m, k, n); });
-    const float fk = time_us([&] { cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k); });
-    const float bk = time_us([&] { cutlass_kconcat<Bwd>(d.dy, d.w, d.dh_pad, d.a_pad, d.dx, m, k, n); });
+    const float b = time_us(dx_plain);
+    const float fk = time_us(y_kconcat);
+    const float bk = time_us(dx_kconcat);
     printf("%-44s %-20s y %6.1f (%.3fx cuBLAS beside it) K-concat %6.1f | dx %6.1f (%.3fx) K-concat %6.1f us\n",
            tag.c_str(), st.name, f, f / f0, fk, b, b / b0, bk);
     if (f / f0 + b / b0 < best_sum) best_sum = f / f0 + b / b0, best = st;
@@ -341,27 +343,23 @@ static void bench_config(const char* config, const Lora& d) {
   g_swizzle = best.swizzle;
   // The checks above ran under the heuristic setting; the rounds below run under `best`, which (for stream-K above
   // all) maps work to tiles differently: checked again.
-  nan_fill(d.y, size_t(m) * n);
-  cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k);
-  bool best_ok = check(tag + ", " + best.name + ": y = [x | s·h]·[W | B]ᵀ", d.y, d.y32, size_t(m) * n);
-  nan_fill(d.dx, size_t(m) * k);
-  cutlass_kconcat<Bwd>(d.dy, d.w, d.dh_pad, d.a_pad, d.dx, m, k, n);
-  best_ok &= check(tag + ", " + best.name + ": dx = [dy | dh]·[W; A]", d.dx, d.dx32, size_t(m) * k);
+  bool best_ok = check_launch(tag + ", " + best.name + ": y = [x | s·h]·[W | B]ᵀ", d.y, d.y32, ny, y_kconcat);
+  best_ok &= check_launch(tag + ", " + best.name + ": dx = [dy | dh]·[W; A]", d.dx, d.dx32, ndx, dx_kconcat);
   if (!best_ok) {
     printf("%-44s a result was wrong under %s: not timed\n", tag.c_str(), best.name);
     return;
   }
   auto kconcat = [&] {
     d.hs_into_pad();                                                               // s·h (kept: dB = dyᵀ·(s·h))
-    cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k);              // y
+    y_kconcat();
     d.dh_into_pad();                                                               // dh = s·dy·B
-    cutlass_kconcat<Bwd>(d.dy, d.w, d.dh_pad, d.a_pad, d.dx, m, k, n);            // dx
+    dx_kconcat();
     gemm(true, false, d.dh_pad, d.x, d.da, r, k, m, 1.f, 0.f, false, 0, kt);       // dA = dhᵀ·x
     gemm(true, false, d.dy, d.hs_pad, d.db, n, r, m, 1.f, 0.f, false, 0, 0, kt);   // dB = dyᵀ·(s·h)
   };
   auto kconcat_fwd = [&] {
     d.hs_into_pad();
-    cutlass_kconcat<Fwd>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k);
+    y_kconcat();
   };
   // As the op would run it: unpadded rank-sized operands, h saved unscaled, s·B built each forward.
   auto kconcat_unpadded = [&] {

@@ -21,27 +21,32 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
-# The LoRA kernel benchmark, linked against cuBLAS from the CUDA toolkit or from the nvidia-* wheels torch depends on.
-build_lorak() {
+# cuBLAS for the standalone LoRA benchmarks, from the CUDA toolkit or from the nvidia-* wheels torch depends on: sets
+# cublas_inc (its header's directory) and cublas_link (the nvcc flags that link it and find it at run time).
+find_cublas() {
   local site inc lib
   site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
   inc=$(find /usr/local/cuda*/ $site -name cublas_v2.h 2>/dev/null | head -1)
   lib=$(find /usr/local/cuda*/ $site -name 'libcublas.so*' 2>/dev/null | grep -v Lt | head -1)
   echo "cuBLAS: $inc $lib"
-  nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kernels_bench.cu \
-    -Xlinker "$lib" -Xlinker -rpath,"$(dirname "$lib")" -o /tmp/lorak
+  cublas_inc=$(dirname "$inc")
+  cublas_link=(-Xlinker "$lib" -Xlinker -rpath,"$(dirname "$lib")")
+}
+# The LoRA kernel benchmark.
+build_lorak() {
+  find_cublas
+  nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda -I "$cublas_inc" benchmarks/cuda_lora_kernels_bench.cu \
+    "${cublas_link[@]}" -o /tmp/lorak
 }
 # The K-concatenated GEMM's benchmark, with CUTLASS's headers from the nvidia-cutlass wheel (.whl/).
 build_kconcat() {
-  local cutlass site inc lib
+  local cutlass
   cutlass=$(dirname "$(find /tmp/site ${PYTHONPATH//:/ } -path '*cutlass_library/source/include' -type d 2>/dev/null | head -1)")
   [ -d "$cutlass/include/cute" ] || { echo "kconcat: no CUTLASS headers (put the nvidia-cutlass wheel in .whl/)"; return 1; }
-  site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
-  inc=$(find /usr/local/cuda*/ $site -name cublas_v2.h 2>/dev/null | head -1)
-  lib=$(find /usr/local/cuda*/ $site -name 'libcublas.so*' 2>/dev/null | grep -v Lt | head -1)
+  find_cublas
   nvcc -O3 -DNDEBUG -std=c++20 -arch=sm_90a --expt-relaxed-constexpr -I "$cutlass/include" \
-    -I "$cutlass/tools/util/include" -I csrc/cuda -I "$(dirname "$inc")" benchmarks/cuda_lora_kconcat_bench.cu \
-    -Xlinker "$lib" -Xlinker -rpath,"$(dirname "$lib")" -L /usr/local/cuda/lib64/stubs -lcuda -o /tmp/kconcat
+    -I "$cutlass/tools/util/include" -I csrc/cuda -I "$cublas_inc" benchmarks/cuda_lora_kconcat_bench.cu \
+    "${cublas_link[@]}" -L /usr/local/cuda/lib64/stubs -lcuda -o /tmp/kconcat
 }
 build_rowbench() { nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench; }
 for step in $steps; do
