@@ -343,7 +343,6 @@ void launch_expand_variant(int variant, const bf16* lm, const bf16* rt, const bf
   });
 }
 
-
 static cublasHandle_t g_blas, g_blas_side;
 static cudaStream_t g_side;  // the skinny products' stream (highest priority) in the pipelined routes
 static int g_sms = 0;

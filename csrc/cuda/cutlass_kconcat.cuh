@@ -1,8 +1,8 @@
 // LoRA's base GEMM over K-concatenated operands on CUTLASS's Hopper GEMM: y = [x | h]·[W | s·B]ᵀ and
 // dx = [dy | dh]·[W; A] in one GEMM each, so that neither W' = W + s·B·A nor a second write of y is needed. Shared by
 // csrc/cuda/lora_kconcat.cu (the op's route for large bf16 shapes) and benchmarks/cuda_lora_kconcat_bench.cu (where
-// it was measured: README, "The K-concatenated GEMM, measured"). Needs CUTLASS 3.x/4.x headers and sm_90a, and -DNDEBUG (CUTLASS's
-// device asserts otherwise serialize the wgmma pipeline).
+// it was measured: README, "The K-concatenated GEMM, measured"). Needs CUTLASS 3.x/4.x headers and sm_90a, and
+// -DNDEBUG (CUTLASS's device asserts otherwise serialize the wgmma pipeline).
 //
 // cuBLAS cannot run two operand pairs in one K loop, so the GEMM is CUTLASS's Hopper kernel (TMA, wgmma,
 // warp-specialized, persistent) with our producer on top of CUTLASS's collective: KConcatMainloop inherits the stock

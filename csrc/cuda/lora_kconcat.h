@@ -18,7 +18,6 @@ bool lora_kconcat_built();
 enum class KConcatMode { never, by_size, always };
 KConcatMode lora_kconcat_mode();
 
-
 // y [M, N] = x [M, K]·W [N, K]ᵀ + h [M, r]·bs [N, r]ᵀ (+ bias [N]) (bs = s·B), bfloat16, in one GEMM (the bias added in
 // its epilogue). Every operand contiguous with a 16-byte aligned base, K, N and r multiples of 8, r <= 64, on a
 // compute capability 9.0 device.
