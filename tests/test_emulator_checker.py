@@ -379,8 +379,8 @@ def test_device_memory_needs_a_mem_device_barrier(bugs, device_barrier):
 
 # (memory, barrier, mask, ordered): which barrier orders an exchange between thread tid and thread tid ^ mask (mask 1:
 # the same SIMD-group; 32: the other one). Barriers: simdgroup_barrier with mem_none / mem_device / mem_threadgroup,
-# threadgroup_barrier with mem_device / mem_threadgroup (planted_bugs.metal: exchange_after_barrier).
-SIMD_NONE, SIMD_DEVICE, SIMD_TG, TG_DEVICE, TG_TG = range(5)
+# threadgroup_barrier with mem_device / mem_threadgroup, and a simd_sum (planted_bugs.metal: exchange_after_barrier).
+SIMD_NONE, SIMD_DEVICE, SIMD_TG, TG_DEVICE, TG_TG, SIMD_SUM = range(6)
 EXCHANGES = [
     ("threadgroup", SIMD_TG, 1, True),
     ("threadgroup", SIMD_NONE, 1, False),
@@ -388,15 +388,17 @@ EXCHANGES = [
     ("threadgroup", SIMD_TG, 32, False),  # a simdgroup_barrier orders its own SIMD-group only
     ("threadgroup", TG_DEVICE, 1, False),  # mem_device does not order threadgroup memory
     ("threadgroup", TG_TG, 32, True),
+    ("threadgroup", SIMD_SUM, 1, False),  # lanes meeting at a reduction order no memory
     ("device", SIMD_DEVICE, 1, True),
     ("device", SIMD_TG, 1, False),
     ("device", SIMD_DEVICE, 32, False),
     ("device", TG_DEVICE, 32, True),
     ("device", TG_TG, 1, False),
+    ("device", SIMD_SUM, 1, False),
 ]
 
 
-BARRIER_NAMES = ["simd-none", "simd-device", "simd-threadgroup", "tg-device", "tg-threadgroup"]
+BARRIER_NAMES = ["simd-none", "simd-device", "simd-threadgroup", "tg-device", "tg-threadgroup", "simd-sum"]
 
 
 @pytest.mark.parametrize(

@@ -129,7 +129,8 @@ using namespace metal;
 // Thread tid writes its slot (threadgroup memory: scratch; device memory: x), waits at the barrier `barrier` picks,
 // then reads the slot of thread tid ^ mask: in its own SIMD-group for mask 1, in the other one for mask 32 (64
 // threads). A simdgroup_barrier orders memory between the lanes of one SIMD-group for the kinds of memory its
-// mem_flags name, a threadgroup_barrier between all threads for those it names; anything else is a race.
+// mem_flags name, a threadgroup_barrier between all threads for those it names; anything else (a SIMD-group
+// reduction too, though its lanes meet there) is a race.
 [[kernel]] void exchange_after_barrier(
     device float* x [[buffer(0)]],
     device float* out [[buffer(1)]],
@@ -151,8 +152,10 @@ using namespace metal;
     simdgroup_barrier(mem_flags::mem_threadgroup);
   } else if (barrier == 3) {
     threadgroup_barrier(mem_flags::mem_device);
-  } else {
+  } else if (barrier == 4) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
+  } else {
+    out[tid] = simd_sum(1.0f);  // a SIMD-group rendezvous that orders no memory
   }
   out[tid] = device_memory != 0 ? x[tid ^ mask] : scratch[tid ^ mask];  // BUG: exchange_after_barrier
 }
