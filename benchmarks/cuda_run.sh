@@ -43,10 +43,14 @@ build_kconcat() {
   local cutlass
   cutlass=$(dirname "$(find /tmp/site ${PYTHONPATH//:/ } -path '*cutlass_library/source/include' -type d 2>/dev/null | head -1)")
   [ -d "$cutlass/include/cute" ] || { echo "kconcat: no CUTLASS headers (put the nvidia-cutlass wheel in .whl/)"; return 1; }
+  # One build per source state: steps kconcat and ncu-kconcat in one command share it.
+  local stamp
+  stamp=$(cat benchmarks/cuda_lora_kconcat_bench.cu csrc/cuda/*.cuh | md5sum | cut -c1-32)
+  [ -x /tmp/kconcat ] && [ "$(cat /tmp/kconcat.stamp 2>/dev/null)" = "$stamp" ] && return 0
   find_cublas
   nvcc -O3 -DNDEBUG -std=c++20 -arch=sm_90a --expt-relaxed-constexpr -I "$cutlass/include" \
     -I "$cutlass/tools/util/include" -I csrc/cuda -I "$cublas_inc" benchmarks/cuda_lora_kconcat_bench.cu \
-    "${cublas_link[@]}" -L /usr/local/cuda/lib64/stubs -lcuda -o /tmp/kconcat
+    "${cublas_link[@]}" -L /usr/local/cuda/lib64/stubs -lcuda -o /tmp/kconcat && echo "$stamp" > /tmp/kconcat.stamp
 }
 build_rowbench() { nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench; }
 for step in $steps; do
