@@ -150,7 +150,7 @@ def _kconcat(backend):
 def test_cuda_kconcat_gemm(backend, shape, rank, bias):
     """The K-concatenated GEMM alone (csrc/cuda/lora_kconcat.cu) against float64: y = x·Wᵀ + h·bsᵀ (+ bias, added in
     the epilogue) and dx = dy·W + dh·A, at ranks that end partway into the GEMM's 64-column K tile (the TMA fills the
-    rest with zeros) and tokens, features and the first pair's K that are not multiples of the 128x256x64 tile."""
+    rest with zeros) and tokens, features and the first pair's K that are not multiples of the 128x128x64 tile."""
     lib = _kconcat(backend)
     tokens, fin, fout = shape
     dt, dev = torch.bfloat16, backend.device
@@ -196,10 +196,10 @@ def test_cuda_kconcat_route_choice(backend):
         x, w, a = (torch.empty(s, dtype=dtype, device=dev) for s in ((tokens, fin), (fout, fin), (rank, fin)))
         return _C.lora_takes_kconcat_route(x, w, a)
 
-    assert takes(300, 520, 136, 16) == (hopper and mode == "always")  # 3 x 1 tiles of 128x256
-    assert takes(8192, 4096, 4096, 16) == (hopper and mode != "never")  # 64 x 16 tiles for y and for dx
-    assert takes(2048, 4096, 11008, 64) == (hopper and mode != "never")  # 16 x 43 for y, 16 x 16 for dx
-    # One GEMM's tiles fill the GPU, the other's do not (4 x 64 = 256 against 4 x 4 = 16): the rule asks both.
+    assert takes(300, 520, 136, 16) == (hopper and mode == "always")  # 3 x 2 tiles of 128x128 for y, 3 x 5 for dx
+    assert takes(8192, 4096, 4096, 16) == (hopper and mode != "never")  # 64 x 32 tiles for y and for dx
+    assert takes(2048, 4096, 11008, 64) == (hopper and mode != "never")  # 16 x 86 for y, 16 x 32 for dx
+    # One GEMM's tiles fill the GPU, the other's do not (4 x 128 = 512 against 4 x 8 = 32, on 132 SMs): the rule asks both.
     assert takes(512, 1024, 16384, 16) == (hopper and mode == "always")  # y fills, dx does not
     assert takes(512, 16384, 1024, 16) == (hopper and mode == "always")  # dx fills, y does not
     assert not takes(8192, 4096, 4096, 16, torch.float16)  # bfloat16 only

@@ -33,10 +33,10 @@ KConcatMode lora_kconcat_mode() {
 
 namespace {
 
-namespace config = kconcat::coop_128x256_c2x1;
+namespace config = kconcat::pingpong_128x128_c2x1;
 // The op's size rule (launch::lora_kconcat_fills_device) counts this configuration's output tiles.
-static_assert(int(cute::size<0>(kconcat::Tile128x256{})) == int(launch::kLoraKConcatTileM) &&
-                  int(cute::size<1>(kconcat::Tile128x256{})) == int(launch::kLoraKConcatTileN),
+static_assert(int(cute::size<0>(kconcat::Tile128x128{})) == int(launch::kLoraKConcatTileM) &&
+                  int(cute::size<1>(kconcat::Tile128x128{})) == int(launch::kLoraKConcatTileN),
               "lora_kconcat_fills_device counts another tile than the GEMM's");
 
 // Every operand on `first`'s device (the raw op does not check it; the TMA descriptors would address a foreign

@@ -23,14 +23,14 @@ inline bool lora_use_merged_weight(uint64_t tokens, uint64_t in_features, bool h
   return !has_dropout && tokens >= kLoraMergedMinTokens && tokens > in_features;
 }
 
-// The CUDA backend's K-concatenated GEMM (csrc/cuda/lora_kconcat.cu, bfloat16 on CUTLASS's Hopper GEMM) is taken by
-// default only where each of its GEMMs, y (tokens x out) and dx (tokens x in), has at least one 128x256 output tile
-// per SM. Measured through the op on an H200 (benchmarks/results/cuda-h200-2026-12-01-lora-kconcat-op.md): it wins
-// forward+backward at 8192x4096->4096 (1.166x / 1.165x the base GEMM pair at r16 / r64, against 1.206x / 1.248x) and
-// 2048x4096->11008 r64 (1.161x against 1.177x), is 0.8 % slower at 2048x4096->11008 r16 (1.173x against 1.164x,
-// inside that shape's run-to-run spread), and loses clearly where the tiles do not fill the GPU (1000x1048->1016 r16:
-// 3.02x against 2.74x; 512 tokens: forward 18.8 against 14.7 µs). Nothing between was measured.
-constexpr uint64_t kLoraKConcatTileM = 128, kLoraKConcatTileN = 256;
+// The CUDA backend's K-concatenated GEMM (csrc/cuda/lora_kconcat.cu, bfloat16 on CUTLASS's Hopper ping-pong GEMM)
+// is taken by default only where each of its GEMMs, y (tokens x out) and dx (tokens x in), has at least one 128x128
+// output tile per SM. In the GEMM benchmark on an H200 (benchmarks/results/cuda-h200-2026-12-02-lora-kconcat-sweep.txt)
+// it beat the cuBLAS route forward+backward at 8192x4096->4096 and 2048x4096->11008, r16 and r64 (1.10-1.14x the base
+// GEMM pair against 1.19-1.23x), and also at 1000x1048->1016 r16 (2.48x against 2.72x), whose 64 tiles fill half the
+// GPU. Smaller shapes were not measured with it (the cooperative 128x256 configuration it replaced lost there: forward
+// at 512 tokens 18.8 against 14.7 µs), so the rule keeps to shapes with a full wave of tiles.
+constexpr uint64_t kLoraKConcatTileM = 128, kLoraKConcatTileN = 128;
 
 inline bool lora_kconcat_fills_device(uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t sms) {
   const auto tiles = [tokens](uint64_t cols) {
