@@ -71,10 +71,12 @@ at::Tensor run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, c
       {{1.f, 0.f}, nullptr, {}, reinterpret_cast<T*>(d.data_ptr()),
        cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1})},
       hw};
-  // The scheduler's own raster order (along the longer side's tiles) with swizzle 4: the ping-pong kernel's swizzle 1
-  // cost 5-8 % through the op at 8192x4096->4096 (1.164x the base GEMM forward, against 1.053x for the K-concatenated
-  // forward with along N, swizzle 4 in the GEMM benchmark, benchmarks/results/cuda-h200-2026-12-02-lora-kconcat-*).
-  args.scheduler.max_swizzle_size = 4;
+  // The scheduler's own raster order (along M where there are more tiles along N, else along N), swizzled by 4 only
+  // when it runs along N. Through the op on an H200 (benchmarks/results/cuda-h200-2026-12-02-lora-op-swizzle*): at
+  // 8192x4096->4096 (64 x 32 tiles, along N) swizzle 4 took forward+backward from 1.222x to 1.204x the base pair; at
+  // 2048x4096->11008 (16 x 86 and 16 x 32, along M) it went from 1.133x to 1.199x.
+  const bool along_n = (n + 127) / 128 <= (m + 127) / 128;
+  args.scheduler.max_swizzle_size = along_n ? 4 : 1;
   if (bias != nullptr) args.epilogue.thread.bias_ptr = reinterpret_cast<const T*>(bias->data_ptr());
   typename G::KConcat gemm;
   TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
