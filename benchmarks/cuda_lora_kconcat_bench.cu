@@ -36,7 +36,7 @@ using bf16 = __nv_bfloat16;
     }                                                                                                       \
   } while (0)
 
-// The configurations swept here besides the header's two (coop_128x256_c2x1; pingpong_128x128_c2x1, the op's): 1x2
+// The configurations swept here besides the header's two (the op's: coop_128x256_c2x1, pingpong_128x128_c2x1): 1x2
 // clusters; stream-K (CUTLASS's StreamKScheduler: units of any K range, against the last wave's idle SMs —
 // 2048x4096->11008 has 688 tiles of 128x256, 5.2 waves on 132 SMs). Stream-K and ping-pong need the producer's
 // kTileByIndex: the first run of
@@ -407,7 +407,7 @@ static void bench_shape(int m, int k, int n, int r) {
 
 // One launch of each GEMM (cuBLAS, CUTLASS plain, K-concatenated; forward and dx) for Nsight Compute.
 static void launch_once(int m, int k, int n, int r) {
-  using G = pingpong_128x128_c2x1::Fwd;  // the op's configuration
+  using G = pingpong_128x128_c2x1::Fwd;  // the op's configuration for wide outputs
   using GB = pingpong_128x128_c2x1::Bwd;
   const Lora d(m, k, n, r);
   gemm(false, true, d.x, d.w, d.y, m, n, k, 1.f, 0.f);

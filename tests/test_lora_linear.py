@@ -144,13 +144,36 @@ def _kconcat(backend):
     return _C
 
 
+# (tokens, in_features, out_features): y (tokens x out) and dx (tokens x in) on each of the GEMM's two configurations
+# (test_cuda_kconcat_gemm_shapes_cover_both_configurations).
+KCONCAT_SHAPES = [(1000, 1048, 1016), (130, 64, 264), (1, 8, 8)]
+
+
+def test_cuda_kconcat_gemm_shapes_cover_both_configurations(backend):
+    """The launch rule (launch::lora_kconcat_gemm_for) runs tall outputs on the cooperative 128x256 configuration and
+    wide ones on the ping-pong 128x128 one: the shapes of test_cuda_kconcat_gemm put y and dx on each, so a wrong
+    result in either configuration, forward or backward, fails there."""
+    lib = _kconcat(backend)
+    assert lib.lora_kconcat_gemm_for(8192, 4096) == "cooperative_128x256"  # 64 x 32 tiles of 128
+    assert lib.lora_kconcat_gemm_for(2048, 11008) == "pingpong_128x128"  # 16 x 86
+    assert lib.lora_kconcat_gemm_for(1000, 1016) == "cooperative_128x256"  # 8 x 8: ties go to the cooperative one
+    ran = {
+        (gemm, lib.lora_kconcat_gemm_for(t, cols))
+        for t, fin, fout in KCONCAT_SHAPES
+        for gemm, cols in (("y", fout), ("dx", fin))
+    }
+    want = {(gemm, cfg) for gemm in ("y", "dx") for cfg in ("cooperative_128x256", "pingpong_128x128")}
+    assert ran == want
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("rank", [8, 24, 40, 64])
-@pytest.mark.parametrize("shape", [(1000, 1048, 1016), (130, 64, 264), (1, 8, 8)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", KCONCAT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_kconcat_gemm(backend, shape, rank, bias):
     """The K-concatenated GEMM alone (csrc/cuda/lora_kconcat.cu) against float64: y = x·Wᵀ + h·bsᵀ (+ bias, added in
     the epilogue) and dx = dy·W + dh·A, at ranks that end partway into the GEMM's 64-column K tile (the TMA fills the
-    rest with zeros) and tokens, features and the first pair's K that are not multiples of the 128x128x64 tile."""
+    rest with zeros) and tokens, features and the first pair's K that are not multiples of the 128x256x64 or
+    128x128x64 tiles, on both configurations (test_cuda_kconcat_gemm_shapes_cover_both_configurations)."""
     lib = _kconcat(backend)
     tokens, fin, fout = shape
     dt, dev = torch.bfloat16, backend.device
@@ -196,10 +219,11 @@ def test_cuda_kconcat_route_choice(backend):
         x, w, a = (torch.empty(s, dtype=dtype, device=dev) for s in ((tokens, fin), (fout, fin), (rank, fin)))
         return _C.lora_takes_kconcat_route(x, w, a)
 
-    assert takes(300, 520, 136, 16) == (hopper and mode == "always")  # 3 x 2 tiles of 128x128 for y, 3 x 5 for dx
-    assert takes(8192, 4096, 4096, 16) == (hopper and mode != "never")  # 64 x 32 tiles for y and for dx
-    assert takes(2048, 4096, 11008, 64) == (hopper and mode != "never")  # 16 x 86 for y, 16 x 32 for dx
-    # One GEMM's tiles fill the GPU, the other's do not (4 x 128 = 512 against 4 x 8 = 32, on 132 SMs): the rule asks both.
+    assert takes(300, 520, 136, 16) == (hopper and mode == "always")  # y: 3 x 1 tiles, dx: 3 x 5
+    assert takes(8192, 4096, 4096, 16) == (hopper and mode != "never")  # 64 x 16 (cooperative) for y and dx
+    assert takes(2048, 4096, 11008, 64) == (hopper and mode != "never")  # ping-pong: 16 x 86 for y, 16 x 32
+    # One GEMM's tiles fill the GPU, the other's do not (ping-pong: 4 x 128 = 512 tiles against 4 x 8 = 32, on 132
+    # SMs): the rule asks both.
     assert takes(512, 1024, 16384, 16) == (hopper and mode == "always")  # y fills, dx does not
     assert takes(512, 16384, 1024, 16) == (hopper and mode == "always")  # dx fills, y does not
     assert not takes(8192, 4096, 4096, 16, torch.float16)  # bfloat16 only

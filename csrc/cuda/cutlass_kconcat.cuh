@@ -183,8 +183,8 @@ struct KConcatMainloop : Base {
 // The epilogue adds an optional bias per output column (LinCombPerColBias: `thread.bias_ptr`, null for none) in
 // float32 before the one rounding to bfloat16; no C operand is read.
 // The cooperative kernel with CUTLASS's default (persistent, data-parallel) tile scheduler, whose work units each
-// cover all of K, runs KConcatMainloop<..., false>; a stream-K or split-K scheduler, or the ping-pong kernel (the
-// op's), needs kTileByIndex (TMF_GEMM_CONFIG's SCHEDULER argument other than void turns it on, as does the ping-pong
+// cover all of K, runs KConcatMainloop<..., false>; a stream-K or split-K scheduler, or the ping-pong kernel, needs
+// kTileByIndex (TMF_GEMM_CONFIG's SCHEDULER argument other than void turns it on, as does the ping-pong
 // schedule).
 // ---- the GEMMs: bf16 operands, float32 accumulation, bf16 row-major D, no C ----------------------------------------
 // A configuration: tile, cluster, kernel and epilogue schedules; each gives the forward GEMM (B = W [N, K] row-major:
@@ -227,18 +227,16 @@ using PerColBias = cutlass::epilogue::fusion::LinCombPerColBias<cutlass::bfloat1
 #define TMF_GEMM_CONFIG(NAME, TILE, CLUSTER, SCHEDULE, EPI_SCHEDULE, SCHEDULER) \
   TMF_GEMM_CONFIG_FUSION(NAME, TILE, CLUSTER, SCHEDULE, EPI_SCHEDULE, SCHEDULER, PerColBias)
 
-// The configuration measured first (cooperative, 128x256x64 tiles, 2x1 clusters): 2.3 % behind cuBLAS at
-// 8192x4096x4096 on an H200 (benchmarks/results/cuda-h200-2026-12-01-lora-kconcat.txt); the op's until the ping-pong
-// one below was measured.
+// The op's two configurations (launch::lora_kconcat_gemm_for picks one per GEMM by its output's shape; the
+// measurements behind the choice are in tmf/launch/lora_linear.h):
+// - cooperative, 128x256x64 tiles, 2x1 clusters, for tall outputs: 2.3 % behind cuBLAS at 8192x4096x4096 on an H200
+//   (benchmarks/results/cuda-h200-2026-12-01-lora-kconcat.txt);
 using Tile128x256 = Shape<_128, _256, _64>;
 using Cluster2x1 = Shape<_2, _1, _1>;
 TMF_GEMM_CONFIG(coop_128x256_c2x1, Tile128x256, Cluster2x1, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                 cutlass::epilogue::TmaWarpSpecializedCooperative, void)
-// The op's configuration: ping-pong (two consumer warp groups on alternate 128x128 tiles, one's epilogue overlapping
-// the other's MMAs), 2x1 clusters, with kTileByIndex. In the six-configuration sweep on an H200
-// (benchmarks/results/cuda-h200-2026-12-02-lora-kconcat-sweep.txt) it was the fastest at every shape: K-concatenated
-// forward+backward 1.102x / 1.116x the cuBLAS base pair at 8192x4096->4096 r16 / r64 and 1.139x / 1.116x at
-// 2048x4096->11008, against 1.179x / 1.193x / 1.196x / 1.203x for coop_128x256_c2x1 in the same run.
+// - ping-pong (two consumer warp groups on alternate 128x128 tiles, one's epilogue overlapping the other's MMAs), 2x1
+//   clusters, with kTileByIndex, for wide outputs.
 using Tile128x128 = Shape<_128, _128, _64>;
 TMF_GEMM_CONFIG(pingpong_128x128_c2x1, Tile128x128, Cluster2x1, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                 cutlass::epilogue::TmaWarpSpecialized, void)

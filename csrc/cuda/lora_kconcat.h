@@ -1,4 +1,5 @@
-// The CUDA LoRA op's K-concatenated route (csrc/cuda/lora_kconcat.cu; the GEMM in cutlass_kconcat.cuh): built only
+// The CUDA LoRA op's K-concatenated route (csrc/cuda/lora_kconcat.cu; the GEMM in cutlass_kconcat.cuh, its two
+// configurations in lora_kconcat_cooperative.cu and lora_kconcat_pingpong.cu): built only
 // with CUTLASS (setup.py: TMF_WITH_CUTLASS, sm_90a); taken by default where its tiles fill the GPU
 // (launch::lora_kconcat_fills_device), for every eligible shape with TORCH_METAL_FUSED_LORA_KCONCAT=1, never with =0.
 #pragma once
@@ -27,6 +28,15 @@ at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, c
 // dx [M, K] = dy [M, N]·W [N, K] + dh [M, r]·A [r, K], the same preconditions.
 at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dh,
                            const at::Tensor& lora_a);
+
+// The two configurations' GEMMs (CUTLASS builds only; launch::lora_kconcat_gemm_for picks one per GEMM): D [m, n] =
+// [a | a2]·op([b | b2]) with k columns in the first pair and k2 <= 64 in the second; op(b) = bᵀ (b = W [n, k]) when
+// forward, else b (W [k, n]).
+at::Tensor kconcat_gemm_cooperative_128x256(bool forward, const at::Tensor& a, const at::Tensor& b,
+                                            const at::Tensor& a2, const at::Tensor& b2, int m, int n, int k, int k2,
+                                            const at::Tensor* bias);
+at::Tensor kconcat_gemm_pingpong_128x128(bool forward, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2,
+                                         const at::Tensor& b2, int m, int n, int k, int k2, const at::Tensor* bias);
 
 }  // namespace tmf::cuda
 

@@ -23,20 +23,43 @@ inline bool lora_use_merged_weight(uint64_t tokens, uint64_t in_features, bool h
   return !has_dropout && tokens >= kLoraMergedMinTokens && tokens > in_features;
 }
 
-// The CUDA backend's K-concatenated GEMM (csrc/cuda/lora_kconcat.cu, bfloat16 on CUTLASS's Hopper ping-pong GEMM)
-// is taken by default only where each of its GEMMs, y (tokens x out) and dx (tokens x in), has at least one 128x128
-// output tile per SM. In the GEMM benchmark on an H200 (benchmarks/results/cuda-h200-2026-12-02-lora-kconcat-sweep.txt)
-// it beat the cuBLAS route forward+backward at 8192x4096->4096 and 2048x4096->11008, r16 and r64 (1.10-1.14x the base
-// GEMM pair against 1.19-1.23x), and also at 1000x1048->1016 r16 (2.48x against 2.72x), whose 64 tiles fill half the
-// GPU. Smaller shapes were not measured with it (the cooperative 128x256 configuration it replaced lost there: forward
-// at 512 tokens 18.8 against 14.7 µs), so the rule keeps to shapes with a full wave of tiles.
-constexpr uint64_t kLoraKConcatTileM = 128, kLoraKConcatTileN = 128;
+// The CUDA backend's K-concatenated GEMM (csrc/cuda/lora_kconcat.cu, bfloat16 on CUTLASS's Hopper GEMMs) comes in
+// two configurations, chosen per GEMM (y: tokens x out_features, dx: tokens x in_features) by its output's shape:
+// - cooperative, 128x256 tiles, where the tokens' 128-row tiles are at least as many as the features' 128-column
+//   ones (a tall output); through the op on an H200 at 8192x4096->4096 it ran forward+backward at 1.166x / 1.165x the
+//   base GEMM pair at r16 / r64 (benchmarks/results/cuda-h200-2026-12-01-lora-kconcat-op.md), where the ping-pong
+//   one ran at 1.194-1.203x (cuda-h200-2026-12-02-lora-op-pingpong-*; the route without the K-concatenated GEMM,
+//   the control, measured 1.206x / 1.248x and 1.212x / 1.253x on the two days);
+// - ping-pong, 128x128 tiles, where the features' tiles are more (a wide output): at 2048x4096->11008 it ran
+//   forward+backward at 1.124-1.152x and forward at 1.074-1.080x in three runs, where the cooperative one ran at
+//   1.161-1.173x and 1.149-1.153x.
+// In the GEMM benchmark alone (cuda-h200-2026-12-02-lora-kconcat-sweep.txt) ping-pong was the faster at both shapes;
+// through the op, with the cache flushed before each call and the LoRA GEMMs around it, it was not at the tall one.
+// The route is taken by default only where each of the two GEMMs has at least one of its tiles per SM: the
+// cooperative configuration lost where its tiles did not fill the GPU (1000x1048->1016 r16: 3.02x against 2.74x; 512
+// tokens: forward 18.8 against 14.7 µs).
+enum class LoraKConcatGemm : uint8_t { cooperative_128x256, pingpong_128x128 };
+constexpr uint64_t kLoraKConcatTileM = 128;      // both configurations' tile rows
+constexpr uint64_t kLoraKConcatCoopTileN = 256;  // the cooperative configuration's tile columns
+constexpr uint64_t kLoraKConcatPingpongTileN = 128;
+constexpr uint64_t kLoraKConcatTileK = 64;  // both: the LoRA rank's K tile, so ranks up to 64
+
+inline LoraKConcatGemm lora_kconcat_gemm_for(uint64_t rows, uint64_t cols) {
+  const uint64_t row_tiles = (rows + kLoraKConcatTileM - 1) / kLoraKConcatTileM;
+  const uint64_t col_tiles = (cols + kLoraKConcatPingpongTileN - 1) / kLoraKConcatPingpongTileN;
+  return col_tiles > row_tiles ? LoraKConcatGemm::pingpong_128x128 : LoraKConcatGemm::cooperative_128x256;
+}
+
+// The output tiles of the configuration that runs a rows x cols GEMM.
+inline uint64_t lora_kconcat_tiles(uint64_t rows, uint64_t cols) {
+  const uint64_t tile_n = lora_kconcat_gemm_for(rows, cols) == LoraKConcatGemm::pingpong_128x128
+                              ? kLoraKConcatPingpongTileN
+                              : kLoraKConcatCoopTileN;
+  return ((rows + kLoraKConcatTileM - 1) / kLoraKConcatTileM) * ((cols + tile_n - 1) / tile_n);
+}
 
 inline bool lora_kconcat_fills_device(uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t sms) {
-  const auto tiles = [tokens](uint64_t cols) {
-    return ((tokens + kLoraKConcatTileM - 1) / kLoraKConcatTileM) * ((cols + kLoraKConcatTileN - 1) / kLoraKConcatTileN);
-  };
-  return tiles(out_features) >= sms && tiles(in_features) >= sms;
+  return lora_kconcat_tiles(tokens, out_features) >= sms && lora_kconcat_tiles(tokens, in_features) >= sms;
 }
 
 // Threadgroup memory a kernel may use: 64 bytes per thread (16 KiB per 256 threads, so at least kGroupsPerCore
