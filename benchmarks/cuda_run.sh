@@ -2,7 +2,7 @@
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
 # from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny
-# rowstores kconcat ncu-kconcat tests-kconcat lora-no-kconcat (default: build tests sanitize bench).
+# rowstores kconcat ncu-kconcat tests-kconcat lora-no-kconcat lora-gemms (default: build tests sanitize bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
 # side by side (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops
@@ -101,6 +101,17 @@ for step in $steps; do
       # the same without the op's K-concatenated route (the routes it replaces at the large shapes)
       TORCH_METAL_FUSED_LORA_KCONCAT=0 python3 benchmarks/cuda_lora_bench.py --out "$OUT/lora-no-kconcat" \
         --dtypes bfloat16 2>&1 | tail -40
+      ;;
+    lora-gemms)
+      # the K-concatenated GEMM's two configurations through the op, each forced at the four large bf16 shapes,
+      # alternated twice (cooperative, ping-pong, cooperative, ping-pong) so drift shows as a difference between rounds
+      for round in 1 2; do
+        for gemm in cooperative pingpong; do
+          TORCH_METAL_FUSED_LORA_KCONCAT_GEMM=$gemm python3 benchmarks/cuda_lora_bench.py --dtypes bfloat16 \
+            --shapes "8192,4096,4096,16;8192,4096,4096,64;2048,4096,11008,16;2048,4096,11008,64" \
+            --out "$OUT/lora-$gemm-$round" 2>&1 | grep -E "^\| bfloat16" | sed "s/^/$gemm $round /"
+        done
+      done
       ;;
     rowbench)
       build_rowbench && /tmp/rowbench 30 2>&1 | tee "$OUT/rowbench.txt"

@@ -7,7 +7,6 @@
 #endif
 #ifdef TMF_WITH_CUDA
 #include "cuda/lora_kconcat.h"
-#include "tmf/launch/lora_linear.h"
 #endif
 
 namespace {
@@ -86,12 +85,13 @@ PYBIND11_MODULE(_C, m) {
       "TORCH_METAL_FUSED_LORA_KCONCAT=0), 'by_size' (the default: where its tiles fill the GPU) or 'always' (=1)");
   m.def("lora_takes_kconcat_route", &tmf::lora_takes_kconcat_route,
         "whether the LoRA op takes the K-concatenated GEMM for x, weight and lora_a (no dropout)");
-  m.def("lora_kconcat_gemm_for", [](uint64_t rows, uint64_t cols) {
-        return tmf::launch::lora_kconcat_gemm_for(rows, cols) == tmf::launch::LoraKConcatGemm::pingpong_128x128
+  m.def("lora_kconcat_gemm_for", [](int64_t rows, int64_t cols) {
+        return tmf::cuda::lora_kconcat_gemm_for(rows, cols) == tmf::launch::LoraKConcatGemm::pingpong_128x128
                    ? "pingpong_128x128"
                    : "cooperative_128x256";
       },
-      "for tests: which configuration of the K-concatenated GEMM runs a rows x cols output");
+      "which configuration of the K-concatenated GEMM runs a rows x cols output (by shape, or the one "
+      "TORCH_METAL_FUSED_LORA_KCONCAT_GEMM forces)");
   m.def("lora_kconcat_forward", &tmf::cuda::lora_kconcat_forward, py::call_guard<py::gil_scoped_release>(),
         "for tests: y = x·weightᵀ + h·bsᵀ by the K-concatenated GEMM");
   m.def("lora_kconcat_dx", &tmf::cuda::lora_kconcat_dx, py::call_guard<py::gil_scoped_release>(),

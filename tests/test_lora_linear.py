@@ -154,6 +154,11 @@ def test_cuda_kconcat_gemm_shapes_cover_both_configurations(backend):
     wide ones on the ping-pong 128x128 one: the shapes of test_cuda_kconcat_gemm put y and dx on each, so a wrong
     result in either configuration, forward or backward, fails there."""
     lib = _kconcat(backend)
+    forced = os.environ.get("TORCH_METAL_FUSED_LORA_KCONCAT_GEMM", "")
+    if forced:  # benchmarking one configuration through the op: every GEMM runs on it
+        want_forced = {"cooperative": "cooperative_128x256", "pingpong": "pingpong_128x128"}[forced]
+        assert {lib.lora_kconcat_gemm_for(m, n) for m, n in ((8192, 4096), (2048, 11008), (1, 8))} == {want_forced}
+        pytest.skip(f"TORCH_METAL_FUSED_LORA_KCONCAT_GEMM={forced}: the tests below ran on one configuration")
     assert lib.lora_kconcat_gemm_for(8192, 4096) == "cooperative_128x256"  # 64 x 32 tiles of 128
     assert lib.lora_kconcat_gemm_for(2048, 11008) == "pingpong_128x128"  # 16 x 86
     assert lib.lora_kconcat_gemm_for(1000, 1016) == "cooperative_128x256"  # 8 x 8: ties go to the cooperative one

@@ -8,9 +8,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#ifdef TMF_WITH_CUTLASS
-#include "tmf/launch/lora_linear.h"
-#endif
 
 namespace tmf::cuda {
 
@@ -29,6 +26,20 @@ KConcatMode lora_kconcat_mode() {
 
 namespace {
 
+// TORCH_METAL_FUSED_LORA_KCONCAT_GEMM=cooperative or =pingpong runs every K-concatenated GEMM on that configuration
+// (for benchmarking the two through the op in one session: `bash benchmarks/cuda_run.sh lora-gemms`); unset or empty,
+// the launch rule chooses by shape. Read once.
+std::optional<launch::LoraKConcatGemm> forced_gemm() {
+  static const std::optional<launch::LoraKConcatGemm> forced = []() -> std::optional<launch::LoraKConcatGemm> {
+    const char* v = std::getenv("TORCH_METAL_FUSED_LORA_KCONCAT_GEMM");
+    if (v == nullptr || std::strcmp(v, "") == 0) return std::nullopt;
+    if (std::strcmp(v, "cooperative") == 0) return launch::LoraKConcatGemm::cooperative_128x256;
+    if (std::strcmp(v, "pingpong") == 0) return launch::LoraKConcatGemm::pingpong_128x128;
+    TORCH_CHECK(false, "TORCH_METAL_FUSED_LORA_KCONCAT_GEMM must be 'cooperative', 'pingpong' or empty; got '", v, "'");
+  }();
+  return forced;
+}
+
 // Every operand on `first`'s device (the raw op does not check it; the TMA descriptors would address a foreign
 // device's memory).
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& first) {
@@ -42,7 +53,7 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& firs
 // D [m, n] = [A | A2]·op([B | B2]) (op(B) = Bᵀ forward, B for dx) on the configuration the launch rule gives its shape.
 at::Tensor gemm(bool forward, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, const at::Tensor& b2,
                 int m, int n, int k, int k2, const at::Tensor* bias = nullptr) {
-  switch (launch::lora_kconcat_gemm_for(uint64_t(m), uint64_t(n))) {
+  switch (lora_kconcat_gemm_for(m, n)) {
     case launch::LoraKConcatGemm::pingpong_128x128:
       return kconcat_gemm_pingpong_128x128(forward, a, b, a2, b2, m, n, k, k2, bias);
     case launch::LoraKConcatGemm::cooperative_128x256:
@@ -52,6 +63,10 @@ at::Tensor gemm(bool forward, const at::Tensor& a, const at::Tensor& b, const at
 }
 
 }  // namespace
+
+launch::LoraKConcatGemm lora_kconcat_gemm_for(int64_t rows, int64_t cols) {
+  return forced_gemm().value_or(launch::lora_kconcat_gemm_for(uint64_t(rows), uint64_t(cols)));
+}
 
 at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& h,
                                 const at::Tensor& bs, const std::optional<at::Tensor>& bias) {
@@ -95,6 +110,10 @@ at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const
 bool lora_kconcat_built() { return false; }
 
 KConcatMode lora_kconcat_mode() { return KConcatMode::never; }
+
+launch::LoraKConcatGemm lora_kconcat_gemm_for(int64_t rows, int64_t cols) {
+  return launch::lora_kconcat_gemm_for(uint64_t(rows), uint64_t(cols));
+}
 
 at::Tensor lora_kconcat_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const std::optional<at::Tensor>&) {

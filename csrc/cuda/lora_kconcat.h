@@ -8,6 +8,8 @@
 
 #include <optional>
 
+#include "tmf/launch/lora_linear.h"
+
 namespace tmf::cuda {
 
 // Whether the GEMM was built (CUTLASS's headers and sm_90a: setup.py).
@@ -28,6 +30,10 @@ at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, c
 // dx [M, K] = dy [M, N]·W [N, K] + dh [M, r]·A [r, K], the same preconditions.
 at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dh,
                            const at::Tensor& lora_a);
+
+// The configuration a rows x cols GEMM runs on: launch::lora_kconcat_gemm_for's, or the one that
+// TORCH_METAL_FUSED_LORA_KCONCAT_GEMM (cooperative, pingpong) forces.
+launch::LoraKConcatGemm lora_kconcat_gemm_for(int64_t rows, int64_t cols);
 
 // The two configurations' GEMMs (CUTLASS builds only; launch::lora_kconcat_gemm_for picks one per GEMM): D [m, n] =
 // [a | a2]·op([b | b2]) with k columns in the first pair and k2 <= 64 in the second; op(b) = bᵀ (b = W [n, k]) when
