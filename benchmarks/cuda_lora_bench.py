@@ -82,6 +82,14 @@ def base_fwd_dx(shape, dtype, device):
     return run
 
 
+def us(r: dict, key: str) -> str:
+    return f"{r[key]:.1f}" if key in r else "–"
+
+
+def table_row(r: dict, cells: list[str]) -> str:
+    return "| " + " | ".join([r["dtype"], r["shape"], *cells]) + " |"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -151,13 +159,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        f = lambda k: f"{r[k]:.1f}" if k in r else "–"  # noqa: E731
-        lines.append(
-            f"| {r['dtype']} | {r['shape']} | {f('forward_fused')} | {f('forward_matmul')} | {r['fwd_ratio']:.3f} | "
-            f"{f('forward_eager')} | {f('forward_peft')} | {f('forward_backward_fused')} | "
-            f"{f('forward_backward_base')} | {r['fwd_bwd_ratio']:.3f} | {f('forward_backward_eager')} | "
-            f"{f('forward_backward_peft')} | {r['verdict']} |"
-        )
+        cells = [us(r, "forward_fused"), us(r, "forward_matmul"), f"{r['fwd_ratio']:.3f}", us(r, "forward_eager")]
+        cells += [us(r, "forward_peft"), us(r, "forward_backward_fused"), us(r, "forward_backward_base")]
+        cells += [f"{r['fwd_bwd_ratio']:.3f}", us(r, "forward_backward_eager"), us(r, "forward_backward_peft")]
+        lines.append(table_row(r, [*cells, r["verdict"]]))
     small_rows = [r for r in rows if "forward_fused_b2b" in r]
     if small_rows:
         lines += [
@@ -167,13 +172,8 @@ def main() -> None:
             "| dtype | tokens×in×out×r | fwd ours | eager | PEFT | fwd+bwd ours | eager | PEFT |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for r in small_rows:
-            f = lambda k: f"{r[k]:.1f}" if k in r else "–"  # noqa: E731
-            lines.append(
-                f"| {r['dtype']} | {r['shape']} | {f('forward_fused_b2b')} | {f('forward_eager_b2b')} | "
-                f"{f('forward_peft_b2b')} | {f('forward_backward_fused_b2b')} | {f('forward_backward_eager_b2b')} | "
-                f"{f('forward_backward_peft_b2b')} |"
-            )
+        keys = [f"{m}_{p}_b2b" for m in ("forward", "forward_backward") for p in ("fused", "eager", "peft")]
+        lines += [table_row(r, [us(r, k) for k in keys]) for r in small_rows]
     with open(f"{args.out}/lora-bench.md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
