@@ -53,7 +53,24 @@ build_kconcat() {
     "${cublas_link[@]}" -L /usr/local/cuda/lib64/stubs -lcuda -o /tmp/kconcat && echo "$stamp" > /tmp/kconcat.stamp
 }
 build_rowbench() { nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_rowbench.cu -o /tmp/rowbench; }
+# The GPU's SM clock, power, temperature and clock-limiting reasons once a second while each step runs
+# ($OUT/clocks-<step>.csv): the 2026-12-02 K-concat sweep ran on a GPU that slowed by up to 25 % after its first
+# timings (cuBLAS's own GEMM beside it rose from 343 to 430 µs), which only the times showed.
+clock_log_start() {
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv -lms 1000 > "$OUT/clocks-${1//[:,]/-}.csv" 2>&1 &
+  clock_log_pid=$!
+}
+clock_log_stop() {
+  [ -n "${clock_log_pid:-}" ] || return 0
+  kill "$clock_log_pid" 2>/dev/null
+  wait "$clock_log_pid" 2>/dev/null
+  clock_log_pid=
+}
+trap clock_log_stop EXIT
+trap 'clock_log_stop; exit 143' TERM INT
 for step in $steps; do
+  clock_log_start "$step"
   case $step in
     build)
       ( time python3 setup.py -q build_ext --inplace ) > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
@@ -186,4 +203,5 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
         2>"$OUT/bench.err" | tail -40
       ;;
   esac
+  clock_log_stop
 done

@@ -4,19 +4,5 @@
 #include "lora_kconcat.h"
 #include "lora_kconcat_gemm.cuh"
 
-namespace tmf::cuda {
-
-namespace config = kconcat::coop_128x256_c2x1;
-static_assert(kconcat::tiles_match_launch_rule<config::Fwd, launch::kLoraKConcatCoopTileN>() &&
-                  kconcat::tiles_match_launch_rule<config::Bwd, launch::kLoraKConcatCoopTileN>(),
-              "the launch rule (tmf/launch/lora_linear.h) counts other tiles than this configuration's");
-
-at::Tensor kconcat_gemm_cooperative_128x256(bool forward, const at::Tensor& a, const at::Tensor& b,
-                                            const at::Tensor& a2, const at::Tensor& b2, int m, int n, int k, int k2,
-                                            const at::Tensor* bias) {
-  return forward ? kconcat::run_kconcat_gemm<config::Fwd>(a, b, a2, b2, m, n, k, k2, bias)
-                 : kconcat::run_kconcat_gemm<config::Bwd>(a, b, a2, b2, m, n, k, k2, bias);
-}
-
-}  // namespace tmf::cuda
+TMF_KCONCAT_GEMM_DEFINE(cooperative_128x256, coop_128x256_c2x1, kLoraKConcatCoopTileN)
 #endif

@@ -63,3 +63,17 @@ at::Tensor run_kconcat_gemm(const at::Tensor& a, const at::Tensor& b, const at::
 
 
 }  // namespace tmf::cuda::kconcat
+
+// Defines tmf::cuda::kconcat_gemm_<NAME> (lora_kconcat.h) on configuration CONFIG of cutlass_kconcat.cuh, whose tiles
+// have TILE_N columns in the launch rule: the whole of each configuration's translation unit.
+#define TMF_KCONCAT_GEMM_DEFINE(NAME, CONFIG, TILE_N)                                                                \
+  namespace tmf::cuda {                                                                                            \
+  static_assert(kconcat::tiles_match_launch_rule<kconcat::CONFIG::Fwd, launch::TILE_N>() &&                        \
+                    kconcat::tiles_match_launch_rule<kconcat::CONFIG::Bwd, launch::TILE_N>(),                      \
+                "the launch rule (tmf/launch/lora_linear.h) counts other tiles than " #CONFIG "'s");               \
+  at::Tensor kconcat_gemm_##NAME(bool forward, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2,    \
+                                 const at::Tensor& b2, int m, int n, int k, int k2, const at::Tensor* bias) {     \
+    return forward ? kconcat::run_kconcat_gemm<kconcat::CONFIG::Fwd>(a, b, a2, b2, m, n, k, k2, bias)             \
+                   : kconcat::run_kconcat_gemm<kconcat::CONFIG::Bwd>(a, b, a2, b2, m, n, k, k2, bias);            \
+  }                                                                                                                \
+  }
