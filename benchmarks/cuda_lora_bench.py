@@ -96,11 +96,20 @@ def main() -> None:
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--device", default="cuda")  # cpu: a smoke test of this script on small shapes
     p.add_argument("--shapes", default=None, help="tokens,in,out,r;... instead of the suite's CUDA shapes")
+    p.add_argument(
+        "--providers", default=None, help="a subset of fused,eager,matmul,peft (default: all; matmul is always timed)"
+    )
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device(args.device)
     suite = cases.CUDA_LORA if args.shapes is None else [tuple(map(int, s.split(","))) for s in args.shapes.split(";")]
     providers = ["fused", "eager", "matmul"] + (["peft"] if cases._has("peft") else [])
+    if args.providers:
+        wanted = set(args.providers.split(",")) | {"matmul"}  # the ratios' denominator
+        unknown = wanted - {"fused", "eager", "matmul", "peft"}
+        if unknown:
+            p.error(f"--providers: unknown {sorted(unknown)}")
+        providers = [q for q in providers if q in wanted]
     rows = []
     name = torch.cuda.get_device_name() if dev.type == "cuda" else dev.type
     head = f"{name}, torch {torch.__version__}, providers {providers}"

@@ -50,7 +50,7 @@ TMF_GEMM_CONFIG(coop_128x256_c1x2, Tile128x256, Cluster1x2, cutlass::gemm::Kerne
 TMF_GEMM_CONFIG(coop_128x256_c2x1_streamk, Tile128x256, Cluster2x1,
                 cutlass::gemm::KernelTmaWarpSpecializedCooperative, cutlass::epilogue::TmaWarpSpecializedCooperative,
                 cutlass::gemm::StreamKScheduler)
-// The op's configuration with a plain linear combination for an epilogue (no bias path), and 256x128 tiles with 1x2
+// The op's cooperative configuration with a plain linear combination for an epilogue (no bias path), and 256x128 tiles with 1x2
 // clusters (cuBLAS's nvjet_sm90_tst_256x128_64x4_1x2 kernel ran at one of the sanitizer's LoRA shapes).
 using Tile256x128 = Shape<_256, _128, _64>;
 using LinComb = cutlass::epilogue::fusion::LinearCombination<cutlass::bfloat16_t, float, void, float>;
@@ -406,16 +406,22 @@ static void bench_shape(int m, int k, int n, int r) {
 }
 
 // One launch of each GEMM (cuBLAS, CUTLASS plain, K-concatenated; forward and dx) for Nsight Compute.
-static void launch_once(int m, int k, int n, int r) {
-  using G = pingpong_128x128_c2x1::Fwd;  // the op's configuration for wide outputs
-  using GB = pingpong_128x128_c2x1::Bwd;
-  const Lora d(m, k, n, r);
-  gemm(false, true, d.x, d.w, d.y, m, n, k, 1.f, 0.f);
-  gemm(false, false, d.dy, d.w, d.dx, m, k, n, 1.f, 0.f);
+template <class G, class GB>
+static void launch_once_config(const Lora& d, int m, int k, int n) {
   cutlass_plain<G>(d.x, d.w, d.y, m, n, k);
   cutlass_plain<GB>(d.dy, d.w, d.dx, m, k, n);
   cutlass_kconcat<G>(d.x, d.w, d.hs_pad, d.b_pad, d.y, m, n, k);
   cutlass_kconcat<GB>(d.dy, d.w, d.dh_pad, d.a_pad, d.dx, m, k, n);
+}
+
+// cuBLAS's two GEMMs, then CUTLASS's plain and K-concatenated ones on both of the op's configurations (cooperative
+// for tall outputs, ping-pong for wide), in that order.
+static void launch_once(int m, int k, int n, int r) {
+  const Lora d(m, k, n, r);
+  gemm(false, true, d.x, d.w, d.y, m, n, k, 1.f, 0.f);
+  gemm(false, false, d.dy, d.w, d.dx, m, k, n, 1.f, 0.f);
+  launch_once_config<coop_128x256_c2x1::Fwd, coop_128x256_c2x1::Bwd>(d, m, k, n);
+  launch_once_config<pingpong_128x128_c2x1::Fwd, pingpong_128x128_c2x1::Bwd>(d, m, k, n);
   CK(cudaDeviceSynchronize());
   printf("%s: launched once each\n", d.shape.c_str());
 }

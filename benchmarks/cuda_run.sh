@@ -120,14 +120,22 @@ for step in $steps; do
         --dtypes bfloat16 2>&1 | tail -40
       ;;
     lora-gemms)
-      # the K-concatenated GEMM's two configurations through the op, each forced at the four large bf16 shapes,
-      # alternated twice (cooperative, ping-pong, cooperative, ping-pong) so drift shows as a difference between rounds
-      for round in 1 2; do
-        for gemm in cooperative pingpong; do
-          TORCH_METAL_FUSED_LORA_KCONCAT_GEMM=$gemm python3 benchmarks/cuda_lora_bench.py --dtypes bfloat16 \
-            --shapes "8192,4096,4096,16;8192,4096,4096,64;2048,4096,11008,16;2048,4096,11008,64" \
-            --out "$OUT/lora-$gemm-$round" 2>&1 | grep -E "^\| bfloat16" | sed "s/^/$gemm $round /"
-        done
+      # the K-concatenated GEMM's two configurations through the op, each forced at the four large bf16 shapes, ours
+      # and the base GEMMs only, in the order cooperative, ping-pong, ping-pong, cooperative (linear drift cancels in
+      # the two runs' mean); each run first checks that the route is on and the configuration is the forced one
+      gemm_runs=0
+      for gemm in cooperative pingpong pingpong cooperative; do
+        run=$gemm-$((++gemm_runs))
+        TORCH_METAL_FUSED_LORA_KCONCAT_GEMM=$gemm python3 -c "
+from torch_metal_fused import _C
+got = {_C.lora_kconcat_gemm_for(8192, 4096), _C.lora_kconcat_gemm_for(2048, 11008)}
+print('$run: route', _C.lora_kconcat_mode(), 'configuration', got)
+assert _C.HAS_LORA_KCONCAT and _C.lora_kconcat_mode() == 'by_size' and got == {'$gemm'}" || continue
+        TORCH_METAL_FUSED_LORA_KCONCAT_GEMM=$gemm python3 benchmarks/cuda_lora_bench.py --dtypes bfloat16 \
+          --providers fused --shapes "8192,4096,4096,16;8192,4096,4096,64;2048,4096,11008,16;2048,4096,11008,64" \
+          --out "$OUT/lora-$run" > "$OUT/lora-$run.log" 2>&1
+        echo "$run: exit $?"
+        grep -E "^\| bfloat16" "$OUT/lora-$run.log" | sed "s/^/$run /"
       done
       ;;
     rowbench)

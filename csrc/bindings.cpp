@@ -86,16 +86,31 @@ PYBIND11_MODULE(_C, m) {
   m.def("lora_takes_kconcat_route", &tmf::lora_takes_kconcat_route,
         "whether the LoRA op takes the K-concatenated GEMM for x, weight and lora_a (no dropout)");
   m.def("lora_kconcat_gemm_for", [](int64_t rows, int64_t cols) {
-        return tmf::cuda::lora_kconcat_gemm_for(rows, cols) == tmf::launch::LoraKConcatGemm::pingpong_128x128
-                   ? "pingpong_128x128"
-                   : "cooperative_128x256";
+        return tmf::cuda::lora_kconcat_gemm_in_effect(rows, cols) == tmf::launch::LoraKConcatGemm::pingpong_128x128
+                   ? "pingpong"
+                   : "cooperative";
       },
-      "which configuration of the K-concatenated GEMM runs a rows x cols output (by shape, or the one "
-      "TORCH_METAL_FUSED_LORA_KCONCAT_GEMM forces)");
-  m.def("lora_kconcat_forward", &tmf::cuda::lora_kconcat_forward, py::call_guard<py::gil_scoped_release>(),
-        "for tests: y = x·weightᵀ + h·bsᵀ by the K-concatenated GEMM");
-  m.def("lora_kconcat_dx", &tmf::cuda::lora_kconcat_dx, py::call_guard<py::gil_scoped_release>(),
-        "for tests: dx = dy·weight + dh·lora_a by the K-concatenated GEMM");
+      "which configuration of the K-concatenated GEMM runs a rows x cols output: 'cooperative' or 'pingpong' (by "
+      "shape, or the one TORCH_METAL_FUSED_LORA_KCONCAT_GEMM forces)");
+  m.def("lora_kconcat_forward",
+        [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& h, const at::Tensor& bs,
+           const std::optional<at::Tensor>& bias, const std::string& gemm) {
+          const auto choice = tmf::cuda::lora_kconcat_gemm_named(gemm);
+          py::gil_scoped_release release;
+          return tmf::cuda::lora_kconcat_forward(x, w, h, bs, bias, choice);
+        },
+        py::arg("x"), py::arg("weight"), py::arg("h"), py::arg("bs"), py::arg("bias"), py::arg("gemm") = "auto",
+        "for tests: y = x·weightᵀ + h·bsᵀ by the K-concatenated GEMM on configuration gemm ('auto': the one in "
+        "effect)");
+  m.def("lora_kconcat_dx",
+        [](const at::Tensor& dy, const at::Tensor& w, const at::Tensor& dh, const at::Tensor& a,
+           const std::string& gemm) {
+          const auto choice = tmf::cuda::lora_kconcat_gemm_named(gemm);
+          py::gil_scoped_release release;
+          return tmf::cuda::lora_kconcat_dx(dy, w, dh, a, choice);
+        },
+        py::arg("dy"), py::arg("weight"), py::arg("dh"), py::arg("lora_a"), py::arg("gemm") = "auto",
+        "for tests: dx = dy·weight + dh·lora_a by the K-concatenated GEMM on configuration gemm");
 #else
   m.attr("HAS_CUDA") = false;
 #endif

@@ -144,48 +144,49 @@ def _kconcat(backend):
     return _C
 
 
-# (tokens, in_features, out_features): y (tokens x out) and dx (tokens x in) on each of the GEMM's two configurations
-# (test_cuda_kconcat_gemm_shapes_cover_both_configurations).
-KCONCAT_SHAPES = [(1000, 1048, 1016), (130, 64, 264), (1, 8, 8)]
+# (tokens, in_features, out_features): by the launch rule y (tokens x out) and dx (tokens x in) each run on both
+# configurations across these (test_cuda_kconcat_gemm_shapes_cover_both_configurations); test_cuda_kconcat_gemm also
+# runs every shape on each configuration explicitly. 1 x 8 -> 264: a ping-pong y with one 128-row tile (one block of
+# its 2x1 cluster idle).
+KCONCAT_SHAPES = [(1000, 1048, 1016), (130, 64, 264), (1, 8, 8), (1, 8, 264)]
 
 
 def test_cuda_kconcat_gemm_shapes_cover_both_configurations(backend):
     """The launch rule (launch::lora_kconcat_gemm_for) runs tall outputs on the cooperative 128x256 configuration and
-    wide ones on the ping-pong 128x128 one: the shapes of test_cuda_kconcat_gemm put y and dx on each, so a wrong
-    result in either configuration, forward or backward, fails there."""
+    wide ones on the ping-pong 128x128 one; TORCH_METAL_FUSED_LORA_KCONCAT_GEMM forces one everywhere."""
     lib = _kconcat(backend)
     forced = os.environ.get("TORCH_METAL_FUSED_LORA_KCONCAT_GEMM", "")
+    chosen = {lib.lora_kconcat_gemm_for(m, n) for m, n in ((8192, 4096), (2048, 11008), (1, 8))}  # raises if invalid
     if forced:  # benchmarking one configuration through the op: every GEMM runs on it
-        want_forced = {"cooperative": "cooperative_128x256", "pingpong": "pingpong_128x128"}[forced]
-        assert {lib.lora_kconcat_gemm_for(m, n) for m, n in ((8192, 4096), (2048, 11008), (1, 8))} == {want_forced}
-        pytest.skip(f"TORCH_METAL_FUSED_LORA_KCONCAT_GEMM={forced}: the tests below ran on one configuration")
-    assert lib.lora_kconcat_gemm_for(8192, 4096) == "cooperative_128x256"  # 64 x 32 tiles of 128
-    assert lib.lora_kconcat_gemm_for(2048, 11008) == "pingpong_128x128"  # 16 x 86
-    assert lib.lora_kconcat_gemm_for(1000, 1016) == "cooperative_128x256"  # 8 x 8: ties go to the cooperative one
+        assert chosen == {forced}
+        return
+    assert lib.lora_kconcat_gemm_for(8192, 4096) == "cooperative"  # 64 x 32 tiles of 128
+    assert lib.lora_kconcat_gemm_for(2048, 11008) == "pingpong"  # 16 x 86
+    assert lib.lora_kconcat_gemm_for(1000, 1016) == "cooperative"  # 8 x 8: ties go to the cooperative one
     ran = {
         (gemm, lib.lora_kconcat_gemm_for(t, cols))
         for t, fin, fout in KCONCAT_SHAPES
         for gemm, cols in (("y", fout), ("dx", fin))
     }
-    want = {(gemm, cfg) for gemm in ("y", "dx") for cfg in ("cooperative_128x256", "pingpong_128x128")}
-    assert ran == want
+    assert ran == {(gemm, cfg) for gemm in ("y", "dx") for cfg in ("cooperative", "pingpong")}
 
 
+@pytest.mark.parametrize("gemm", ["auto", "cooperative", "pingpong"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("rank", [8, 24, 40, 64])
 @pytest.mark.parametrize("shape", KCONCAT_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cuda_kconcat_gemm(backend, shape, rank, bias):
+def test_cuda_kconcat_gemm(backend, shape, rank, bias, gemm):
     """The K-concatenated GEMM alone (csrc/cuda/lora_kconcat.cu) against float64: y = x·Wᵀ + h·bsᵀ (+ bias, added in
     the epilogue) and dx = dy·W + dh·A, at ranks that end partway into the GEMM's 64-column K tile (the TMA fills the
     rest with zeros) and tokens, features and the first pair's K that are not multiples of the 128x256x64 or
-    128x128x64 tiles, on both configurations (test_cuda_kconcat_gemm_shapes_cover_both_configurations)."""
+    128x128x64 tiles, on each configuration ("auto": the one the launch rule picks, as the op runs it)."""
     lib = _kconcat(backend)
     tokens, fin, fout = shape
     dt, dev = torch.bfloat16, backend.device
     x, w = randn((tokens, fin), dt, dev, seed=71), randn((fout, fin), dt, dev, scale=fin**-0.5, seed=72)
     h, bs = randn((tokens, rank), dt, dev, seed=73), randn((fout, rank), dt, dev, scale=rank**-0.5, seed=74)
     b = randn((fout,), dt, dev, seed=78) if bias else None
-    y = lib.lora_kconcat_forward(x, w, h, bs, b)
+    y = lib.lora_kconcat_forward(x, w, h, bs, b, gemm=gemm)
     c = [t.cpu() for t in (x, w, h, bs)]
     want = c[0].double() @ c[1].double().t() + c[2].double() @ c[3].double().t()
     base = c[0].float() @ c[1].float().t() + c[2].float() @ c[3].float().t()
@@ -195,11 +196,18 @@ def test_cuda_kconcat_gemm(backend, shape, rank, bias):
     assert_matches(y, want, dt, "K-concatenated y", baseline=base)
     dy, dh = randn((tokens, fout), dt, dev, seed=75), randn((tokens, rank), dt, dev, seed=76)
     a = randn((rank, fin), dt, dev, scale=fin**-0.5, seed=77)
-    dx = lib.lora_kconcat_dx(dy, w, dh, a)
+    dx = lib.lora_kconcat_dx(dy, w, dh, a, gemm=gemm)
     c = [t.cpu() for t in (dy, w, dh, a)]
     want = c[0].double() @ c[1].double() + c[2].double() @ c[3].double()
     base = (c[0].float() @ c[1].float() + c[2].float() @ c[3].float()).to(dt)
     assert_matches(dx, want, dt, "K-concatenated dx", baseline=base)
+
+
+def test_cuda_kconcat_gemm_rejects_an_unknown_configuration(backend):
+    lib = _kconcat(backend)
+    t = torch.zeros((8, 8), dtype=torch.bfloat16, device=backend.device)
+    with pytest.raises(RuntimeError, match="gemm must be 'cooperative', 'pingpong' or empty; got 'coop'"):
+        lib.lora_kconcat_forward(t, t, t, t, None, gemm="coop")
 
 
 def test_cuda_kconcat_route_choice(backend):
@@ -231,6 +239,8 @@ def test_cuda_kconcat_route_choice(backend):
     # SMs): the rule asks both.
     assert takes(512, 1024, 16384, 16) == (hopper and mode == "always")  # y fills, dx does not
     assert takes(512, 16384, 1024, 16) == (hopper and mode == "always")  # dx fills, y does not
+    # Each GEMM's tiles counted in its own configuration: cooperative 32 x 3 = 96 (128x128 tiles would be 160).
+    assert takes(4096, 640, 640, 16) == (hopper and mode == "always")
     assert not takes(8192, 4096, 4096, 16, torch.float16)  # bfloat16 only
     assert not takes(8192, 4096, 4096, 12)  # ranks in steps of 8
     assert not takes(8192, 4096, 4100, 16)  # out_features a multiple of 8 (the TMA's 16-byte rows)

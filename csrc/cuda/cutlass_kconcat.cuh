@@ -1,7 +1,8 @@
 // LoRA's base GEMM over K-concatenated operands on CUTLASS's Hopper GEMM: y = [x | h]·[W | s·B]ᵀ and
 // dx = [dy | dh]·[W; A] in one GEMM each, so that neither W' = W + s·B·A nor a second write of y is needed. Shared by
-// csrc/cuda/lora_kconcat.cu (the op's route for large bf16 shapes) and benchmarks/cuda_lora_kconcat_bench.cu (where
-// it was measured: README, "The K-concatenated GEMM, measured"). Needs CUTLASS 3.x/4.x headers and sm_90a, and
+// the op's route for large bf16 shapes (csrc/cuda/lora_kconcat_gemm.cuh, launched from lora_kconcat_cooperative.cu
+// and lora_kconcat_pingpong.cu) and benchmarks/cuda_lora_kconcat_bench.cu (where it was measured: README, "The
+// K-concatenated GEMM, measured"). Needs CUTLASS 3.x/4.x headers and sm_90a, and
 // -DNDEBUG (CUTLASS's device asserts otherwise serialize the wgmma pipeline).
 //
 // cuBLAS cannot run two operand pairs in one K loop, so the GEMM is CUTLASS's Hopper kernel (TMA, wgmma,
@@ -32,8 +33,9 @@ using namespace cute;
 // at index k_first_tiles), and the first operand's K extent counts the second pair's tile too, so that any kernel and
 // scheduler finds K + one tile: the ping-pong kernel counts K tiles from that extent (size<3>(gA)), a stream-K
 // scheduler hands a unit any range of them. Off, the producer takes the last tile of each unit as the second pair's,
-// which holds only for the cooperative kernel's data-parallel scheduler (every unit all of K): the op's route, as
-// measured and tested on the H200. On is for the benchmark's ping-pong and stream-K configurations (not yet run).
+// which holds only for the cooperative kernel's data-parallel scheduler (every unit all of K): the op's cooperative
+// configuration. On: the op's ping-pong configuration and the benchmark's stream-K one (both checked against a float32
+// reference on the H200; the ping-pong one also through the op's tests).
 template <class Base, bool kTileByIndex = false>
 struct KConcatMainloop : Base {
   using typename Base::ElementA;

@@ -7,9 +7,42 @@
 
 #include <cstdlib>
 #include <cstring>
-
+#include <string>
 
 namespace tmf::cuda {
+
+namespace {
+
+// "cooperative" or "pingpong" names a configuration; "" (or "auto" where `what` allows it) none.
+std::optional<launch::LoraKConcatGemm> parse_gemm(const std::string& v, const char* what) {
+  if (v == "cooperative") return launch::LoraKConcatGemm::cooperative_128x256;
+  if (v == "pingpong") return launch::LoraKConcatGemm::pingpong_128x128;
+  TORCH_CHECK(v.empty() || v == "auto", what, " must be 'cooperative', 'pingpong' or empty; got '", v, "'");
+  return std::nullopt;
+}
+
+// TORCH_METAL_FUSED_LORA_KCONCAT_GEMM=cooperative or =pingpong runs every K-concatenated GEMM on that configuration
+// (for benchmarking the two through the op in one session: `bash benchmarks/cuda_run.sh lora-gemms`); unset or empty,
+// the launch rule chooses by shape. It does not change where the route is taken (launch::lora_kconcat_fills_device
+// counts the tiles of the configuration the rule would choose), so both configurations run the same calls. Read at
+// the first K-concatenated GEMM (or _C.lora_kconcat_gemm_for); an invalid value raises there, at every call.
+std::optional<launch::LoraKConcatGemm> forced_gemm() {
+  static const std::optional<launch::LoraKConcatGemm> forced = [] {
+    const char* v = std::getenv("TORCH_METAL_FUSED_LORA_KCONCAT_GEMM");
+    return parse_gemm(v ? v : "", "TORCH_METAL_FUSED_LORA_KCONCAT_GEMM");
+  }();
+  return forced;
+}
+
+}  // namespace
+
+launch::LoraKConcatGemm lora_kconcat_gemm_in_effect(int64_t rows, int64_t cols) {
+  return forced_gemm().value_or(launch::lora_kconcat_gemm_for(uint64_t(rows), uint64_t(cols)));
+}
+
+std::optional<launch::LoraKConcatGemm> lora_kconcat_gemm_named(const std::string& name) {
+  return parse_gemm(name, "gemm");
+}
 
 #ifdef TMF_WITH_CUTLASS
 
@@ -26,20 +59,6 @@ KConcatMode lora_kconcat_mode() {
 
 namespace {
 
-// TORCH_METAL_FUSED_LORA_KCONCAT_GEMM=cooperative or =pingpong runs every K-concatenated GEMM on that configuration
-// (for benchmarking the two through the op in one session: `bash benchmarks/cuda_run.sh lora-gemms`); unset or empty,
-// the launch rule chooses by shape. Read once.
-std::optional<launch::LoraKConcatGemm> forced_gemm() {
-  static const std::optional<launch::LoraKConcatGemm> forced = []() -> std::optional<launch::LoraKConcatGemm> {
-    const char* v = std::getenv("TORCH_METAL_FUSED_LORA_KCONCAT_GEMM");
-    if (v == nullptr || std::strcmp(v, "") == 0) return std::nullopt;
-    if (std::strcmp(v, "cooperative") == 0) return launch::LoraKConcatGemm::cooperative_128x256;
-    if (std::strcmp(v, "pingpong") == 0) return launch::LoraKConcatGemm::pingpong_128x128;
-    TORCH_CHECK(false, "TORCH_METAL_FUSED_LORA_KCONCAT_GEMM must be 'cooperative', 'pingpong' or empty; got '", v, "'");
-  }();
-  return forced;
-}
-
 // Every operand on `first`'s device (the raw op does not check it; the TMA descriptors would address a foreign
 // device's memory).
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& first) {
@@ -50,10 +69,12 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& firs
               t.device());
 }
 
-// D [m, n] = [A | A2]·op([B | B2]) (op(B) = Bᵀ forward, B for dx) on the configuration the launch rule gives its shape.
-at::Tensor gemm(bool forward, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, const at::Tensor& b2,
-                int m, int n, int k, int k2, const at::Tensor* bias = nullptr) {
-  switch (lora_kconcat_gemm_for(m, n)) {
+// D [m, n] = [A | A2]·op([B | B2]) (op(B) = Bᵀ forward, B for dx) on `choice`, or else the configuration in effect
+// for its shape.
+at::Tensor gemm(std::optional<launch::LoraKConcatGemm> choice, bool forward, const at::Tensor& a, const at::Tensor& b,
+                const at::Tensor& a2, const at::Tensor& b2, int m, int n, int k, int k2,
+                const at::Tensor* bias = nullptr) {
+  switch (choice.value_or(lora_kconcat_gemm_in_effect(m, n))) {
     case launch::LoraKConcatGemm::pingpong_128x128:
       return kconcat_gemm_pingpong_128x128(forward, a, b, a2, b2, m, n, k, k2, bias);
     case launch::LoraKConcatGemm::cooperative_128x256:
@@ -64,12 +85,9 @@ at::Tensor gemm(bool forward, const at::Tensor& a, const at::Tensor& b, const at
 
 }  // namespace
 
-launch::LoraKConcatGemm lora_kconcat_gemm_for(int64_t rows, int64_t cols) {
-  return forced_gemm().value_or(launch::lora_kconcat_gemm_for(uint64_t(rows), uint64_t(cols)));
-}
-
 at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& h,
-                                const at::Tensor& bs, const std::optional<at::Tensor>& bias) {
+                                const at::Tensor& bs, const std::optional<at::Tensor>& bias,
+                                std::optional<launch::LoraKConcatGemm> gemm_choice) {
   check_operand(x, "x", x);
   check_operand(weight, "weight", x);
   check_operand(h, "h", x);
@@ -87,11 +105,11 @@ at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, c
                 "lora_linear (K-concatenated GEMM): bias must be a contiguous, 16-byte aligned bfloat16 vector of ", n,
                 " on ", x.device(), "; got ", bias->sizes(), " ", bias->scalar_type(), " on ", bias->device());
   }
-  return gemm(true, x, weight, h, bs, int(m), int(n), int(k), int(r), bias ? &*bias : nullptr);
+  return gemm(gemm_choice, true, x, weight, h, bs, int(m), int(n), int(k), int(r), bias ? &*bias : nullptr);
 }
 
 at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dh,
-                           const at::Tensor& lora_a) {
+                           const at::Tensor& lora_a, std::optional<launch::LoraKConcatGemm> gemm_choice) {
   check_operand(dy, "dy", dy);
   check_operand(weight, "weight", dy);
   check_operand(dh, "dh", dy);
@@ -102,7 +120,7 @@ at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const
               "lora_linear (K-concatenated GEMM): operands do not match: dy ", dy.sizes(), ", weight ",
               weight.sizes(), ", dh ", dh.sizes(), ", lora_a ", lora_a.sizes());
   // dx = dy·W: the GEMM's K is out_features, its N in_features (W read as [K, N] row-major).
-  return gemm(false, dy, weight, dh, lora_a, int(m), int(k_in), int(n_out), int(r));
+  return gemm(gemm_choice, false, dy, weight, dh, lora_a, int(m), int(k_in), int(n_out), int(r));
 }
 
 #else  // no CUTLASS: the route is never enabled
@@ -111,16 +129,13 @@ bool lora_kconcat_built() { return false; }
 
 KConcatMode lora_kconcat_mode() { return KConcatMode::never; }
 
-launch::LoraKConcatGemm lora_kconcat_gemm_for(int64_t rows, int64_t cols) {
-  return launch::lora_kconcat_gemm_for(uint64_t(rows), uint64_t(cols));
-}
-
 at::Tensor lora_kconcat_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const std::optional<at::Tensor>&) {
+                                const std::optional<at::Tensor>&, std::optional<launch::LoraKConcatGemm>) {
   TORCH_CHECK(false, "lora_linear: built without CUTLASS (the K-concatenated GEMM)");
 }
 
-at::Tensor lora_kconcat_dx(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+at::Tensor lora_kconcat_dx(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           std::optional<launch::LoraKConcatGemm>) {
   TORCH_CHECK(false, "lora_linear: built without CUTLASS (the K-concatenated GEMM)");
 }
 

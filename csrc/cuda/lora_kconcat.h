@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 
 #include "tmf/launch/lora_linear.h"
 
@@ -23,17 +24,21 @@ KConcatMode lora_kconcat_mode();
 
 // y [M, N] = x [M, K]·W [N, K]ᵀ + h [M, r]·bs [N, r]ᵀ (+ bias [N]) (bs = s·B), bfloat16, in one GEMM (the bias added in
 // its epilogue). Every operand contiguous with a 16-byte aligned base, K, N and r multiples of 8, r <= 64, on a
-// compute capability 9.0 device.
+// compute capability 9.0 device. gemm_choice: a configuration (tests, to run both), or none for the one in effect.
 at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& h,
-                                const at::Tensor& bs, const std::optional<at::Tensor>& bias);
+                                const at::Tensor& bs, const std::optional<at::Tensor>& bias,
+                                std::optional<launch::LoraKConcatGemm> gemm_choice = std::nullopt);
 
 // dx [M, K] = dy [M, N]·W [N, K] + dh [M, r]·A [r, K], the same preconditions.
 at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dh,
-                           const at::Tensor& lora_a);
+                           const at::Tensor& lora_a,
+                           std::optional<launch::LoraKConcatGemm> gemm_choice = std::nullopt);
 
 // The configuration a rows x cols GEMM runs on: launch::lora_kconcat_gemm_for's, or the one that
 // TORCH_METAL_FUSED_LORA_KCONCAT_GEMM (cooperative, pingpong) forces.
-launch::LoraKConcatGemm lora_kconcat_gemm_for(int64_t rows, int64_t cols);
+launch::LoraKConcatGemm lora_kconcat_gemm_in_effect(int64_t rows, int64_t cols);
+// "cooperative", "pingpong", or "auto"/"" (none: the one in effect); anything else raises.
+std::optional<launch::LoraKConcatGemm> lora_kconcat_gemm_named(const std::string& name);
 
 // The two configurations' GEMMs (CUTLASS builds only; launch::lora_kconcat_gemm_for picks one per GEMM): D [m, n] =
 // [a | a2]·op([b | b2]) with k columns in the first pair and k2 <= 64 in the second; op(b) = bᵀ (b = W [n, k]) when

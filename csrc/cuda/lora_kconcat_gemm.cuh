@@ -61,7 +61,6 @@ at::Tensor run_kconcat_gemm(const at::Tensor& a, const at::Tensor& b, const at::
   return d;
 }
 
-
 }  // namespace tmf::cuda::kconcat
 
 // Defines tmf::cuda::kconcat_gemm_<NAME> (lora_kconcat.h) on configuration CONFIG of cutlass_kconcat.cuh, whose tiles
