@@ -415,6 +415,26 @@ def test_threadgroup_memory_within_16_kib_per_256_threads():
     assert over == set()
 
 
+def test_cuda_lora_kconcat_rule():
+    """The CUDA backend's K-concatenated GEMM rule, from the launch header shared with csrc/cuda (CI has no GPU, so
+    this is where it is tested on every change): tall outputs on the cooperative 128x256 configuration, wide ones on
+    ping-pong 128x128, ties cooperative; taken by default only where y's and dx's tiles, each counted on its own
+    configuration, number at least one per SM."""
+    gemm, fills = runner.lora_kconcat_gemm_for, runner.lora_kconcat_fills_device
+    assert gemm(8192, 4096) == "cooperative" and gemm(2048, 11008) == "pingpong" and gemm(2048, 4096) == "pingpong"
+    assert gemm(1000, 1016) == "cooperative"  # 8 x 8 tiles of 128: a tie
+    assert gemm(1000, 1048) == "pingpong" and gemm(1024, 1025) == "pingpong"  # one more column tile (9 against 8)
+    assert gemm(1, 8) == "cooperative" and gemm(1, 264) == "pingpong"
+    assert fills(8192, 4096, 4096, 132)  # cooperative: 64 x 16 tiles for y and dx
+    assert fills(2048, 4096, 11008, 132)  # ping-pong: 16 x 86 for y, 16 x 32 for dx
+    assert not fills(4096, 640, 640, 132)  # cooperative 32 x 3 = 96; counted as 128x128 tiles it would be 160
+    assert fills(4096, 640, 640, 96) and not fills(4096, 640, 640, 97)
+    assert not fills(512, 1024, 16384, 132) and not fills(512, 16384, 1024, 132)  # one GEMM fills (512), one not (32)
+    assert fills(512, 1024, 16384, 32) and not fills(512, 1024, 16384, 33)
+    assert not fills(1000, 1048, 1016, 132)  # 8 x 4 (cooperative y) and 8 x 9 (ping-pong dx)
+    assert not fills(0, 4096, 4096, 1)
+
+
 def test_lora_route_chosen_by_shape():
     """Many tokens (>= 1024 and > in_features) without dropout: the merged-weight route, no low-rank kernel;
     with dropout, or few tokens: the fused low-rank kernel."""

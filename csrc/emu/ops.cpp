@@ -162,6 +162,15 @@ int tmf_emu_lora_use_merged_weight(uint64_t tokens, uint64_t in_features, int ha
   return tmf::launch::lora_use_merged_weight(tokens, in_features, has_dropout != 0) ? 1 : 0;
 }
 
+// The CUDA backend's K-concatenated GEMM rules (no Metal kernel: exposed here so that CI tests the shared rule).
+int tmf_emu_lora_kconcat_gemm_is_pingpong(uint64_t rows, uint64_t cols) {
+  return tmf::launch::lora_kconcat_gemm_for(rows, cols) == tmf::launch::LoraKConcatGemm::pingpong_128x128 ? 1 : 0;
+}
+
+int tmf_emu_lora_kconcat_fills_device(uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t sms) {
+  return tmf::launch::lora_kconcat_fills_device(tokens, in_features, out_features, sms) ? 1 : 0;
+}
+
 const char* tmf_emu_lora_forward_lowrank(int checking, uint32_t max_threads, int dtype, TensorArg x,
                                          uint64_t x_stride, TensorArg lora_a, TensorArg lora_b, TensorArg mask,
                                          TensorArg y, TensorArg h, uint64_t tokens, uint64_t in_features,

@@ -235,6 +235,21 @@ def lora_use_merged_weight(tokens: int, in_features: int, has_dropout: bool) -> 
     return bool(fn(tokens, in_features, int(has_dropout)))
 
 
+def lora_kconcat_gemm_for(rows: int, cols: int) -> str:
+    """The shared launch rule's configuration of the CUDA K-concatenated GEMM for a rows x cols output
+    (tmf::launch::lora_kconcat_gemm_for): "cooperative" or "pingpong"."""
+    fn = default_harness().library(False).tmf_emu_lora_kconcat_gemm_is_pingpong
+    fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
+    return "pingpong" if fn(rows, cols) else "cooperative"
+
+
+def lora_kconcat_fills_device(tokens: int, in_features: int, out_features: int, sms: int) -> bool:
+    """Whether the CUDA LoRA op takes its K-concatenated GEMM by default (tmf::launch::lora_kconcat_fills_device)."""
+    fn = default_harness().library(False).tmf_emu_lora_kconcat_fills_device
+    fn.argtypes = [ctypes.c_uint64] * 4
+    return bool(fn(tokens, in_features, out_features, sms))
+
+
 def launch(entry: str, dtype: torch.dtype, *args) -> list[Dispatch]:
     return default_harness().launch(entry, dtype, *args)
 
