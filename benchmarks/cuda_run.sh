@@ -2,7 +2,8 @@
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
 # from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny
-# rowstores kconcat ncu-kconcat tests-kconcat lora-no-kconcat lora-gemms (default: build tests sanitize bench).
+# rowstores kconcat ncu-kconcat tests-kconcat lora-no-kconcat lora-gemms lora-step (default: build tests sanitize
+# bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
 # side by side (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops
@@ -156,6 +157,26 @@ assert _C.HAS_LORA_KCONCAT and _C.lora_kconcat_mode() == 'by_size' and got == {'
       # LoRA's base GEMM over K-concatenated operands (CUTLASS's Hopper GEMM with our producer) against cuBLAS and the
       # op's routes: benchmarks/cuda_lora_kconcat_bench.cu. Needs CUTLASS's headers: the nvidia-cutlass wheel in .whl/.
       build_kconcat && /tmp/kconcat 20 2>&1 | tee "$OUT/lora_kconcat.txt"
+      ;;
+    lora-step)
+      # one LoRA training step through the op at 8192x4096->4096 r16 and 2048x4096->11008 r16, kernel by kernel
+      # (torch.profiler), on each configuration of the K-concatenated GEMM, then Nsight Compute on one step of each
+      # at 8192 tokens (benchmarks/cuda_lora_step.py)
+      for shape in 8192,4096,4096,16 2048,4096,11008,16; do
+        for gemm in cooperative pingpong; do
+          echo "== $shape $gemm"
+          TORCH_METAL_FUSED_LORA_KCONCAT_GEMM=$gemm python3 benchmarks/cuda_lora_step.py --shape $shape 2>&1 |
+            tee "$OUT/lora-step-$shape-$gemm.txt" | head -20
+        done
+      done
+      sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats)
+      for gemm in cooperative pingpong; do
+        TORCH_METAL_FUSED_LORA_KCONCAT_GEMM=$gemm ncu --clock-control none --profile-from-start off "${sections[@]}" \
+          python3 benchmarks/cuda_lora_step.py --ncu > "$OUT/ncu-lora-step-$gemm.txt" 2>&1
+        echo "ncu lora-step $gemm: exit $? ($(grep -c 'Duration' "$OUT/ncu-lora-step-$gemm.txt") kernel reports)"
+        grep -E "^  [A-Za-z_].*Context|Duration|DRAM Throughput|Compute \(SM\) Throughput" \
+          "$OUT/ncu-lora-step-$gemm.txt" | cut -c1-120
+      done
       ;;
     ncu-kconcat)
       # Nsight Compute on that benchmark's GEMMs launched once at the r16 target shapes: cuBLAS's kernel (nvjet_*, its
