@@ -105,6 +105,24 @@ def test_minus_inf_logits_and_a_target_on_one(backend):
     assert_matches(dlogits, ref_grad, torch.float32, "dlogits with -inf logits")
 
 
+def test_minus_inf_logits_ahead_of_finite_ones_in_a_threads_columns(backend):
+    """Masked (-inf) classes at the start of a vocabulary wide enough that each thread reads several columns: a thread
+    meets -inf before its first finite logit, which the online max/sum must skip (exp(-inf - -inf) is NaN). The test
+    above has one column per thread, where such a thread's sum is discarded anyway."""
+    logits = randn((3, 5000), torch.float32, backend.device).requires_grad_(True)
+    with torch.no_grad():
+        logits[:, :2600] = float("-inf")
+        logits[1, 2600:4000:3] = float("-inf")  # and some among the finite ones
+    target = torch.tensor([2600, 4999, 3001], device=backend.device)
+    loss = tmf.cross_entropy(logits, target, reduction="none")
+    (dlogits,) = torch.autograd.grad(loss.sum(), logits)
+    z64 = logits.detach().double().cpu().requires_grad_(True)
+    ref = F.cross_entropy(z64, target.cpu(), reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), z64)
+    assert_matches(loss, ref, torch.float32, "loss with leading -inf logits")
+    assert_matches(dlogits, ref_grad, torch.float32, "dlogits with leading -inf logits")
+
+
 @pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
 def test_a_batch_with_every_row_ignored_has_zero_loss_and_gradient(backend, op):
     """torch's "mean" gives NaN here; ours gives 0 (documented), so one fully padded batch cannot poison training."""
