@@ -85,6 +85,20 @@ def test_contract(backend, dtype, interleaved, batch, q_heads, k_heads, seq, hea
     _check(q, k, cos, sin, dtype, interleaved=interleaved)
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
+def test_tables_whose_halves_differ(backend, interleaved):
+    """The op is HF's formula, x·cos + rotate(x)·sin, for any cos/sin: each element of a rotated pair takes its own
+    cosine and sine. HF's tables repeat their values across the pair, so they cannot tell a kernel that reads the
+    partner's; these random ones can."""
+    batch, heads, seq, d = 2, 3, 5, 16
+    q = randn((batch, heads, seq, d), torch.float32, backend.device, scale=2.0)
+    k = randn((batch, 1, seq, d), torch.float32, backend.device, seed=1, scale=2.0)
+    g = torch.Generator().manual_seed(4)
+    angles = torch.rand(batch, seq, d, generator=g, dtype=torch.float64) * 50.0  # every element its own angle
+    cos, sin = (t.float().to(backend.device) for t in (angles.cos(), angles.sin()))
+    _check(q, k, cos, sin, torch.float32, interleaved=interleaved, what="arbitrary tables")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_hf_layouts_and_strided_gradients(backend, dtype):
     """q and k as HF's attention makes them (projection outputs viewed (batch, seq, heads, head_dim), transposed),

@@ -576,6 +576,23 @@ MUTANTS: list[Mutant] = [
         ROPE,
         "cos/sin shared by the batch indexed as if per sequence",
     ),
+    _m(
+        "rope_cos_per_sequence_read_from_the_first",
+        RP,
+        "const ulong cs = ulong(bi) * p.cos_batch_stride + ulong(s) * p.rotary_dim;",
+        "const ulong cs = ulong(s) * p.rotary_dim;",
+        ROPE,
+        "cos/sin given per sequence (position_ids differing by sequence) all read from the first sequence's table",
+    ),
+    _m(
+        "rope_partner_takes_the_first_elements_cosine",
+        RP,
+        "const float cos_b = float(cos_table[cs + b]);",
+        "const float cos_b = float(cos_table[cs + a]);",
+        ROPE,
+        "the pair's second element rotated by the first's cosine: right for HF's tables (duplicated halves), wrong for "
+        "any cos table whose halves differ",
+    ),
     # ---- launch code shared with MPS (csrc/include/tmf) ----
     _m(
         "launch_simd_rows_threshold",
