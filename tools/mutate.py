@@ -102,6 +102,22 @@ MUTANTS: list[Mutant] = [
         "each thread's sum added at its own max instead of rescaled to the row's",
     ),
     _m(
+        "softmax_looped_output_at_the_input_row_stride",
+        S,
+        "device T* yr = y + ulong(row) * p.cols;\n  // Pass 1: online max",
+        "device T* yr = y + ulong(row) * p.x_row_stride;\n  // Pass 1: online max",
+        SOFTMAX,
+        "long rows: the contiguous output addressed with the input's row stride (wrong for a view with wider rows)",
+    ),
+    _m(
+        "softmax_single_row_output_at_the_input_row_stride",
+        S,
+        "device T* yr = y + ulong(row) * p.cols;\n  const uint c0 = tid * READS;",
+        "device T* yr = y + ulong(row) * p.x_row_stride;\n  const uint c0 = tid * READS;",
+        SOFTMAX,
+        "mid-size rows: the contiguous output addressed with the input's row stride",
+    ),
+    _m(
         "softmax_looped_neg_inf_guard_dropped",
         S,
         "} else if (xv != -INFINITY) {",
@@ -218,6 +234,14 @@ MUTANTS: list[Mutant] = [
         RMS_NORM,
         "eps dropped (short rows): all-zero rows give NaN",
         ci=True,
+    ),
+    _m(
+        "rms_norm_looped_output_at_the_input_row_stride",
+        R,
+        "device T* yr = y + ulong(row) * p.cols;\n  device T* hr = h + ulong(row) * p.cols;\n  float ss",
+        "device T* yr = y + ulong(row) * p.x_row_stride;\n  device T* hr = h + ulong(row) * p.cols;\n  float ss",
+        RMS_NORM,
+        "long rows: the contiguous output addressed with the input's row stride (wrong for a view with wider rows)",
     ),
     _m(
         "rms_norm_single_row_no_eps",
