@@ -24,7 +24,7 @@ import time
 import torch
 
 from torch_metal_fused.bench import cases
-from torch_metal_fused.bench.run import time_fn
+from torch_metal_fused.bench.run import _time_back_to_back_ms, synchronize, time_fn
 
 FWD_TARGET, FWD_BWD_TARGET = 1.10, 1.15
 SMALL_TOKENS = 512  # at most this many tokens: "never slower than PEFT", also timed back to back
@@ -35,27 +35,13 @@ def median_us(fn, device) -> float:
     return statistics.median(times) * 1e3
 
 
-def back_to_back_us(fn, device, calls: int = 100, batches: int = 7) -> float:
-    """Per-call wall time of `calls` calls issued back to back (no flush between them), synchronized once per batch;
-    median of `batches`. At the small shapes the flushed timing measures mostly when the host gets to launch (the
-    same code gave 37-591 µs forward+backward at 512 tokens on an H200): a training loop's steps run back to back,
-    so this is the cost a user sees there, host overhead included."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(10):
-        fn()
-    sync()
-    per_call = []
-    for _ in range(batches):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        per_call.append((time.perf_counter() - t) / calls * 1e6)
-    return statistics.median(per_call)
+def back_to_back_us(fn, device) -> float:
+    """Per-call µs of calls issued back to back (no flush between them; bench.run's back-to-back method: batches of
+    at least MIN_SPAN_MS between two synchronizations), median of 7 batches. At the small shapes the flushed timing
+    measures mostly when the host gets to launch (the same code gave 37-591 µs forward+backward at 512 tokens on an
+    H200): a training loop's steps run back to back, so this is the cost a user sees there, host overhead included."""
+    per_call_ms = _time_back_to_back_ms(fn, lambda: synchronize(device), samples=7)
+    return statistics.median(per_call_ms) * 1e3
 
 
 def base_fwd_dx(shape, dtype, device):
@@ -176,7 +162,7 @@ def main() -> None:
     if small_rows:
         lines += [
             "",
-            "Small shapes back to back (µs per call, 100 calls without a flush between them, median of 7 batches):",
+            "Small shapes back to back (µs per call: batches of >= 20 ms of calls without a flush, median of 7):",
             "",
             "| dtype | tokens×in×out×r | fwd ours | eager | PEFT | fwd+bwd ours | eager | PEFT |",
             "|---|---|---|---|---|---|---|---|",

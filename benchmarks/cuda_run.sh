@@ -70,6 +70,8 @@ clock_log_stop() {
 }
 trap clock_log_stop EXIT
 trap 'clock_log_stop; exit 143' TERM INT
+# Nsight Compute's sections every ncu step reads (some add more).
+ncu_sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats)
 for step in $steps; do
   clock_log_start "$step"
   case $step in
@@ -169,7 +171,7 @@ assert _C.HAS_LORA_KCONCAT and _C.lora_kconcat_mode() == 'by_size' and got == {'
             tee "$OUT/lora-step-$shape-$gemm.txt" | head -20
         done
       done
-      sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats)
+      sections=("${ncu_sections[@]}")
       for gemm in cooperative pingpong; do
         TORCH_METAL_FUSED_LORA_KCONCAT_GEMM=$gemm ncu --clock-control none --profile-from-start off "${sections[@]}" \
           python3 benchmarks/cuda_lora_step.py --ncu > "$OUT/ncu-lora-step-$gemm.txt" 2>&1
@@ -181,8 +183,7 @@ assert _C.HAS_LORA_KCONCAT and _C.lora_kconcat_mode() == 'by_size' and got == {'
     ncu-kconcat)
       # Nsight Compute on that benchmark's GEMMs launched once at the r16 target shapes: cuBLAS's kernel (nvjet_*, its
       # name giving tile, stages and cluster) beside CUTLASS's (device_kernel), to find the 2-7 % between them.
-      sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
-        --section LaunchStats)
+      sections=("${ncu_sections[@]}" --section LaunchStats)
       build_kconcat && ncu --clock-control none --kernel-name regex:'nvjet|device_kernel' --launch-count 40 \
         "${sections[@]}" /tmp/kconcat ncu > "$OUT/ncu_kconcat.txt" 2>&1
       echo "ncu kconcat: exit $? ($(grep -c 'Duration' "$OUT/ncu_kconcat.txt") kernel reports)"
@@ -193,8 +194,7 @@ assert _C.HAS_LORA_KCONCAT and _C.lora_kconcat_mode() == 'by_size' and got == {'
       # Hardware counters (Nsight Compute reads them on the Firecracker machines; clocks left alone): our LoRA
       # kernels' first launches at 8192x4096->4096 r16, and the forward row kernels at 8192x4096 bf16 beside
       # Liger's RMSNorm forward, to explain the gaps the timings show (README, CUDA section).
-      sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
-        --section SchedulerStats --section LaunchStats)
+      sections=("${ncu_sections[@]}" --section SchedulerStats --section LaunchStats)
       build_lorak && ncu --clock-control none --kernel-name regex:lora_ --launch-count 5 "${sections[@]}" \
         /tmp/lorak 1 ncu > "$OUT/ncu_lora.txt" 2>&1
       echo "ncu lora: exit $? ($(grep -c 'Duration' "$OUT/ncu_lora.txt") kernel reports)"
@@ -221,8 +221,7 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
     ncu-skinny)
       # The skinny kernel candidate's (cuda_lora_skinny.cuh) first launches at 8192x4096->4096 r16: h and dh (lora_rows), then dA
       # and dB (lora_cols), each at the benchmark's three grids.
-      sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
-        --section SchedulerStats --section LaunchStats)
+      sections=("${ncu_sections[@]}" --section SchedulerStats --section LaunchStats)
       build_lorak && ncu --clock-control none --kernel-name regex:'lora_(rows|cols)_kernel' --launch-count 40 \
         "${sections[@]}" /tmp/lorak 1 ncu > "$OUT/ncu_skinny.txt" 2>&1
       echo "ncu skinny: exit $? ($(grep -c 'Duration' "$OUT/ncu_skinny.txt") kernel reports)"

@@ -86,9 +86,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("lora_takes_kconcat_route", &tmf::lora_takes_kconcat_route,
         "whether the LoRA op takes the K-concatenated GEMM for x, weight and lora_a (no dropout)");
   m.def("lora_kconcat_gemm_for", [](int64_t rows, int64_t cols) {
-        return tmf::cuda::lora_kconcat_gemm_in_effect(rows, cols) == tmf::launch::LoraKConcatGemm::pingpong_128x128
-                   ? "pingpong"
-                   : "cooperative";
+        return tmf::cuda::lora_kconcat_gemm_name(tmf::cuda::lora_kconcat_gemm_in_effect(rows, cols));
       },
       "which configuration of the K-concatenated GEMM runs a rows x cols output: 'cooperative' or 'pingpong' (by "
       "shape, or the one TORCH_METAL_FUSED_LORA_KCONCAT_GEMM forces)");

@@ -11,12 +11,17 @@
 
 namespace tmf::cuda {
 
+const char* lora_kconcat_gemm_name(launch::LoraKConcatGemm gemm) {
+  return gemm == launch::LoraKConcatGemm::pingpong_128x128 ? "pingpong" : "cooperative";
+}
+
 namespace {
 
-// "cooperative" or "pingpong" names a configuration; "" (or "auto" where `what` allows it) none.
+// A configuration by its name (lora_kconcat_gemm_name); "" or "auto": none.
 std::optional<launch::LoraKConcatGemm> parse_gemm(const std::string& v, const char* what) {
-  if (v == "cooperative") return launch::LoraKConcatGemm::cooperative_128x256;
-  if (v == "pingpong") return launch::LoraKConcatGemm::pingpong_128x128;
+  for (auto g : {launch::LoraKConcatGemm::cooperative_128x256, launch::LoraKConcatGemm::pingpong_128x128}) {
+    if (v == lora_kconcat_gemm_name(g)) return g;
+  }
   TORCH_CHECK(v.empty() || v == "auto", what, " must be 'cooperative', 'pingpong' or empty; got '", v, "'");
   return std::nullopt;
 }

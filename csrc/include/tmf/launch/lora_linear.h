@@ -47,9 +47,9 @@ constexpr uint64_t kLoraKConcatPingpongTileN = 128;
 constexpr uint64_t kLoraKConcatTileK = 64;  // both: the LoRA rank's K tile, so ranks up to 64
 
 inline LoraKConcatGemm lora_kconcat_gemm_for(uint64_t rows, uint64_t cols) {
-  const uint64_t row_tiles = (rows + kLoraKConcatTileM - 1) / kLoraKConcatTileM;
-  const uint64_t col_tiles = (cols + kLoraKConcatPingpongTileN - 1) / kLoraKConcatPingpongTileN;
-  return col_tiles > row_tiles ? LoraKConcatGemm::pingpong_128x128 : LoraKConcatGemm::cooperative_128x256;
+  return ceil_div(cols, kLoraKConcatPingpongTileN) > ceil_div(rows, kLoraKConcatTileM)
+             ? LoraKConcatGemm::pingpong_128x128
+             : LoraKConcatGemm::cooperative_128x256;
 }
 
 // The output tiles of the configuration that runs a rows x cols GEMM.
@@ -57,7 +57,7 @@ inline uint64_t lora_kconcat_tiles(uint64_t rows, uint64_t cols) {
   const uint64_t tile_n = lora_kconcat_gemm_for(rows, cols) == LoraKConcatGemm::pingpong_128x128
                               ? kLoraKConcatPingpongTileN
                               : kLoraKConcatCoopTileN;
-  return ((rows + kLoraKConcatTileM - 1) / kLoraKConcatTileM) * ((cols + tile_n - 1) / tile_n);
+  return uint64_t(ceil_div(rows, kLoraKConcatTileM)) * ceil_div(cols, tile_n);
 }
 
 inline bool lora_kconcat_fills_device(uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t sms) {
