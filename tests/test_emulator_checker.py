@@ -347,6 +347,24 @@ def test_watchdog_ends_an_endless_dispatch(bugs, monkeypatch, kernel, checked):
     _still_works(bugs)  # with the short timeout still set: a normal dispatch is not cut short
 
 
+@pytest.mark.parametrize(
+    ("symbolized", "expected"),
+    [("k.metal:66", "k.metal:66"), ("k.metal:0", "k.metal:65"), ("lib.so+0x40", "k.metal:65")],
+    ids=["pc-line", "pc-line-0", "pc-unresolved"],
+)
+def test_a_watchdog_pc_without_a_line_falls_back_to_the_threads_last_call(symbolized, expected):
+    # A tick can land in compiler-generated code (line 0) of a loop of SIMD-group operations; the runtime then sends
+    # the thread's latest SIMD-group call's line beside the pc (CI once reported planted_bugs.metal:0).
+    report = "dispatch\tk\t1,1,1\t64,1,1\t0\nerror\twatchdog-timeout\tk.metal\t65\t4096\t1\tran too long\n"
+    (d,) = runner._parse(report, lambda pc: symbolized, [])
+    assert d.findings[0].location == expected
+    # A pc alone is symbolized as it comes; a file:line alone is kept.
+    (d,) = runner._parse(report.replace("k.metal\t65", "\t0"), lambda pc: symbolized, [])
+    assert d.findings[0].location == symbolized
+    (d,) = runner._parse(report.replace("\t4096\t", "\t0\t"), lambda pc: symbolized, [])
+    assert d.findings[0].location == "k.metal:65"
+
+
 def test_halo_read_overwritten_by_the_next_threadgroup_is_a_race(bugs):
     # Threadgroup 0 reads row 1, threadgroup 1 reads and then overwrites it: a race whichever threadgroup runs first
     # on the GPU (the shadow remembers that several threadgroups read the row).

@@ -364,6 +364,8 @@ volatile sig_atomic_t g_timeout_pending = 0;  // the watchdog fired at a point i
 // is abandoned wherever it is, and the report falls back to the kernel's last call into the runtime. A kernel that
 // spins through SIMD-group operations spends most of its time in the runtime: 25 ticks (0.5 s) once all missed in
 // CI (test_watchdog_ends_an_endless_dispatch[spin_in_simd_ops-plain] reported no line), so up to 4 s of ticks.
+// A tick in the kernel's own code can still land on an instruction without a line (planted_bugs.metal:0, in CI
+// again): the report then carries the thread's latest SIMD-group operation or barrier too (report_escape).
 volatile sig_atomic_t g_watchdog_misses = 0;
 constexpr int kMaxWatchdogMisses = 200;
 // The thread running the dispatch (signal handlers see other threads' signals too). Not a thread_local: a
@@ -1104,12 +1106,17 @@ void report_escape(Run& r, int why) {
     const double limit = r.timeout_s;
     const char* file = nullptr;
     int line = 0;
-    if (!pc)  // escaped from the scheduler: point at where the threads are waiting
+    if (!pc) {  // escaped from the scheduler: point at where the threads are waiting
       for (const auto& th : r.th)
         if (!th.done && th.file) {
           file = th.file, line = th.line;
           break;
         }
+    } else if (t && t->file) {
+      // Beside the pc, the thread's latest SIMD-group operation or barrier: the report falls back to it where the
+      // pc has no line (compiler-generated code, which a tick in a loop of SIMD-group operations can land in).
+      file = t->file, line = t->line;
+    }
     char seconds[32];
     std::snprintf(seconds, sizeof(seconds), "%g", limit);
     add_error("watchdog-timeout", file, line, pc,

@@ -350,12 +350,23 @@ def _parse(report: str, symbolizer, unavailable: list[KernelUnavailable]) -> lis
             dispatches[-1].traffic[int(parts[1])] = (int(parts[2]), int(parts[3]))
         elif parts[0] == "error":
             kind, file, line_no, pc, count, message = parts[1:7]
-            location = f"{file}:{line_no}" if file else symbolizer(int(pc))
+            location = _location(file, line_no, int(pc), symbolizer)
             buffer = int(parts[7]) if len(parts) > 7 and int(parts[7]) >= 0 else None
             dispatches[-1].findings.append(Finding(kind, location, message, int(count), dispatches[-1].kernel, buffer))
         elif parts[0] == "aborted":
             dispatches[-1].aborted = parts[1]
     return dispatches
+
+
+def _location(file: str, line_no: str, pc: int, symbolizer) -> str:
+    """A finding's file:line: its pc's where it has one, else the file:line the runtime sent beside it (for a
+    watchdog tick, the thread's latest SIMD-group operation or barrier)."""
+    if not pc:
+        return f"{file}:{line_no}" if file else "?"
+    location = symbolizer(pc)
+    if file and not re.search(r"\.(?:metal|h):[1-9]\d*$", location):
+        return f"{file}:{line_no}"
+    return location
 
 
 @functools.lru_cache(maxsize=4096)
@@ -378,6 +389,6 @@ def symbolize(library: Path, pc_offset: int) -> str:
     # The innermost frame that lies in a shader source (.metal or a shader header).
     for ln in out:
         m = re.search(r"(\S+\.(?:metal|h)):(\d+)", ln)
-        if m and "tmf_emu" not in m.group(1):
+        if m and "tmf_emu" not in m.group(1) and m.group(2) != "0":  # line 0: compiler-generated code
             return f"{m.group(1)}:{m.group(2)}"
     return f"{library.name}+{pc_offset:#x}"
