@@ -139,6 +139,9 @@ assert _C.HAS_LORA_KCONCAT and _C.lora_kconcat_mode() == 'by_size' and got == {'
           --out "$OUT/lora-$run" > "$OUT/lora-$run.log" 2>&1
         echo "$run: exit $?"
         grep -E "^\| bfloat16" "$OUT/lora-$run.log" | sed "s/^/$run /"
+        # the op's launches went to the forced configuration (launch counts: both compute the same numbers)
+        [ "$gemm_runs" -le 2 ] && TORCH_METAL_FUSED_LORA_KCONCAT_GEMM=$gemm python3 -m pytest -q \
+          tests/test_lora_linear.py -k "runs_the_configuration_chosen and cuda" -p no:cacheprovider 2>&1 | tail -1
       done
       ;;
     rowbench)

@@ -90,6 +90,14 @@ PYBIND11_MODULE(_C, m) {
       },
       "which configuration of the K-concatenated GEMM runs a rows x cols output: 'cooperative' or 'pingpong' (by "
       "shape, or the one TORCH_METAL_FUSED_LORA_KCONCAT_GEMM forces)");
+  m.def("lora_kconcat_gemm_launches", [] {
+        py::dict counts;
+        using tmf::launch::LoraKConcatGemm;
+        for (auto g : {LoraKConcatGemm::cooperative_128x256, LoraKConcatGemm::pingpong_128x128})
+          counts[tmf::cuda::lora_kconcat_gemm_name(g)] = tmf::cuda::lora_kconcat_gemm_launches(g);
+        return counts;
+      },
+      "for tests: how many K-concatenated GEMMs this process launched on each configuration");
   m.def("lora_kconcat_forward",
         [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& h, const at::Tensor& bs,
            const std::optional<at::Tensor>& bias, const std::string& gemm) {

@@ -246,6 +246,46 @@ def test_cuda_kconcat_route_choice(backend):
     assert not takes(8192, 4096, 4100, 16)  # out_features a multiple of 8 (the TMA's 16-byte rows)
 
 
+@pytest.mark.parametrize(
+    ("tokens", "fin", "fout", "y_by_shape", "dx_by_shape"),
+    [
+        (8192, 1024, 4096, "cooperative", "cooperative"),  # y 64 x 32 tiles of 128, dx 64 x 8
+        (2048, 4096, 11008, "pingpong", "pingpong"),  # y 16 x 86, dx 16 x 32
+        (8192, 1024, 16384, "pingpong", "cooperative"),  # y 64 x 128, dx 64 x 8
+    ],
+    ids=["tall", "wide", "mixed"],
+)
+def test_cuda_kconcat_runs_the_configuration_chosen(backend, tokens, fin, fout, y_by_shape, dx_by_shape):
+    """The op's forward (y) and backward (dx) GEMMs each launch on the configuration the rule gives their output (or
+    the one TORCH_METAL_FUSED_LORA_KCONCAT_GEMM forces). Both configurations compute the same numbers, so only the
+    launch counts show a dispatch that sends every GEMM to one of them. Each shape's tiles fill a 132-SM GPU in both
+    GEMMs, so the default build takes the route."""
+    if backend.name != "cuda":
+        pytest.skip("the CUDA backend's K-concatenated GEMM configurations")
+    from torch_metal_fused import _C
+
+    x, w, a, b, _ = _factors(tokens, fin, fout, 16, torch.bfloat16, backend.device, seed=61)
+    if not _C.lora_takes_kconcat_route(x, w, a):
+        pytest.skip("the K-concatenated GEMM is not taken here (no CUTLASS, not a Hopper GPU, or =0)")
+    forced = os.environ.get("TORCH_METAL_FUSED_LORA_KCONCAT_GEMM", "")
+    y_config, dx_config = forced or y_by_shape, forced or dx_by_shape
+    assert _C.lora_kconcat_gemm_for(tokens, fout) == y_config and _C.lora_kconcat_gemm_for(tokens, fin) == dx_config
+    before = _C.lora_kconcat_gemm_launches()
+    x = x.requires_grad_(True)
+    y = tmf.lora_linear(x, w, a, b, 2.0)
+    after_forward = _C.lora_kconcat_gemm_launches()
+    (dx,) = torch.autograd.grad(y, [x], randn(y.shape, torch.bfloat16, y.device, seed=62))
+    after_backward = _C.lora_kconcat_gemm_launches()
+    assert {k: after_forward[k] - before[k] for k in before} == {k: int(k == y_config) for k in before}
+    assert {k: after_backward[k] - after_forward[k] for k in before} == {k: int(k == dx_config) for k in before}
+    # And the numbers: the float64 reference on the GPU (this size on a CPU takes seconds).
+    x64, w64, a64, b64 = (t.detach().double() for t in (x, w, a, b))
+    want = x64 @ w64.t() + 2.0 * (x64 @ a64.t()) @ b64.t()
+    base = (x64.float() @ w64.float().t() + 2.0 * (x64.float() @ a64.float().t()) @ b64.float().t()).bfloat16()
+    assert_matches(y, want, torch.bfloat16, "K-concatenated y", baseline=base)
+    assert dx.shape == x.shape and torch.isfinite(dx).all()
+
+
 def test_merged_weight_kernel_column_steps(backend):
     """out_features large enough that each block of the W' kernel walks several 64-column steps of in_features and
     the last block stops part-way through one (1160 = 18 · 64 + 8; on a 132-SM H200: blocks of 128 columns). CUDA

@@ -5,6 +5,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -40,6 +41,15 @@ std::optional<launch::LoraKConcatGemm> forced_gemm() {
 }
 
 }  // namespace
+
+namespace {
+// GEMMs launched per configuration (both TUs run identical numbers, so only this shows which one ran).
+std::atomic<uint64_t> g_gemm_launches[2];
+}  // namespace
+
+uint64_t lora_kconcat_gemm_launches(launch::LoraKConcatGemm gemm) {
+  return g_gemm_launches[gemm == launch::LoraKConcatGemm::pingpong_128x128].load(std::memory_order_relaxed);
+}
 
 launch::LoraKConcatGemm lora_kconcat_gemm_in_effect(int64_t rows, int64_t cols) {
   return forced_gemm().value_or(launch::lora_kconcat_gemm_for(uint64_t(rows), uint64_t(cols)));
@@ -79,7 +89,9 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& firs
 at::Tensor gemm(std::optional<launch::LoraKConcatGemm> choice, bool forward, const at::Tensor& a, const at::Tensor& b,
                 const at::Tensor& a2, const at::Tensor& b2, int m, int n, int k, int k2,
                 const at::Tensor* bias = nullptr) {
-  switch (choice.value_or(lora_kconcat_gemm_in_effect(m, n))) {
+  const launch::LoraKConcatGemm config = choice.value_or(lora_kconcat_gemm_in_effect(m, n));
+  g_gemm_launches[config == launch::LoraKConcatGemm::pingpong_128x128].fetch_add(1, std::memory_order_relaxed);
+  switch (config) {
     case launch::LoraKConcatGemm::pingpong_128x128:
       return kconcat_gemm_pingpong_128x128(forward, a, b, a2, b2, m, n, k, k2, bias);
     case launch::LoraKConcatGemm::cooperative_128x256:

@@ -37,6 +37,8 @@ at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const
 // The configuration a rows x cols GEMM runs on: launch::lora_kconcat_gemm_for's, or the one that
 // TORCH_METAL_FUSED_LORA_KCONCAT_GEMM (cooperative, pingpong) forces.
 launch::LoraKConcatGemm lora_kconcat_gemm_in_effect(int64_t rows, int64_t cols);
+// How many K-concatenated GEMMs this process has launched on a configuration (tests: which one the op ran).
+uint64_t lora_kconcat_gemm_launches(launch::LoraKConcatGemm gemm);
 // A configuration's name, as TORCH_METAL_FUSED_LORA_KCONCAT_GEMM and the test bindings spell it.
 const char* lora_kconcat_gemm_name(launch::LoraKConcatGemm gemm);
 // "cooperative", "pingpong", or "auto"/"" (none: the one in effect); anything else raises.
