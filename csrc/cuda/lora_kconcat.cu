@@ -89,15 +89,13 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& firs
 at::Tensor gemm(std::optional<launch::LoraKConcatGemm> choice, bool forward, const at::Tensor& a, const at::Tensor& b,
                 const at::Tensor& a2, const at::Tensor& b2, int m, int n, int k, int k2,
                 const at::Tensor* bias = nullptr) {
-  const launch::LoraKConcatGemm config = choice.value_or(lora_kconcat_gemm_in_effect(m, n));
-  g_gemm_launches[config == launch::LoraKConcatGemm::pingpong_128x128].fetch_add(1, std::memory_order_relaxed);
-  switch (config) {
-    case launch::LoraKConcatGemm::pingpong_128x128:
-      return kconcat_gemm_pingpong_128x128(forward, a, b, a2, b2, m, n, k, k2, bias);
-    case launch::LoraKConcatGemm::cooperative_128x256:
-      break;
-  }
-  return kconcat_gemm_cooperative_128x256(forward, a, b, a2, b2, m, n, k, k2, bias);
+  // Not value_or: the configuration in effect reads the override, which must not raise where a call names one.
+  const launch::LoraKConcatGemm config = choice ? *choice : lora_kconcat_gemm_in_effect(m, n);
+  const bool pingpong = config == launch::LoraKConcatGemm::pingpong_128x128;
+  at::Tensor d = pingpong ? kconcat_gemm_pingpong_128x128(forward, a, b, a2, b2, m, n, k, k2, bias)
+                          : kconcat_gemm_cooperative_128x256(forward, a, b, a2, b2, m, n, k, k2, bias);
+  g_gemm_launches[pingpong].fetch_add(1, std::memory_order_relaxed);  // launched (each step raises on failure)
+  return d;
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "cutlass_kconcat.cuh"
@@ -22,12 +23,14 @@ constexpr bool tiles_match_launch_rule() {
          G::kTileK == int(launch::kLoraKConcatTileK);
 }
 
-// D [m, n] = [A | A2]·op([B | B2]) with k columns in the first pair and k2 (<= the tile's K) in the second, on the
-// current stream.
-template <class G>
+// D [m, n] = [A | A2]·op([B | B2]) with k columns in the first pair and k2 (<= the tile's K) in the second, on a's
+// device and its current stream. kSwizzleAlongN: the tile scheduler's swizzle where it rasters along N (where there
+// are no more tiles along N than along M; along M it keeps CUTLASS's default, 1).
+template <class G, int kSwizzleAlongN>
 at::Tensor run_kconcat_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, const at::Tensor& b2, int m,
                             int n, int k, int k2, const at::Tensor* bias) {
   using T = typename G::T;
+  const c10::cuda::CUDAGuard guard(a.device());  // the kernel attribute and the launch go to the current device
   at::Tensor d = at::empty({m, n}, a.options());
   if (m == 0 || n == 0) return d;
   cutlass::KernelHardwareInfo hw;
@@ -44,6 +47,9 @@ at::Tensor run_kconcat_gemm(const at::Tensor& a, const at::Tensor& b, const at::
       {{1.f, 0.f}, nullptr, {}, reinterpret_cast<T*>(d.data_ptr()),
        cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1})},
       hw};
+  const bool along_n = launch::ceil_div(uint64_t(n), uint64_t(launch::kLoraKConcatPingpongTileN)) <=
+                       launch::ceil_div(uint64_t(m), uint64_t(launch::kLoraKConcatTileM));
+  args.scheduler.max_swizzle_size = along_n ? kSwizzleAlongN : 1;
   if (bias != nullptr) args.epilogue.thread.bias_ptr = reinterpret_cast<const T*>(bias->data_ptr());
   typename G::KConcat gemm;
   TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
@@ -64,15 +70,18 @@ at::Tensor run_kconcat_gemm(const at::Tensor& a, const at::Tensor& b, const at::
 }  // namespace tmf::cuda::kconcat
 
 // Defines tmf::cuda::kconcat_gemm_<NAME> (lora_kconcat.h) on configuration CONFIG of cutlass_kconcat.cuh, whose tiles
-// have TILE_N columns in the launch rule: the whole of each configuration's translation unit.
-#define TMF_KCONCAT_GEMM_DEFINE(NAME, CONFIG, TILE_N)                                                                \
-  namespace tmf::cuda {                                                                                            \
-  static_assert(kconcat::tiles_match_launch_rule<kconcat::CONFIG::Fwd, launch::TILE_N>() &&                        \
-                    kconcat::tiles_match_launch_rule<kconcat::CONFIG::Bwd, launch::TILE_N>(),                      \
-                "the launch rule (tmf/launch/lora_linear.h) counts other tiles than " #CONFIG "'s");               \
-  at::Tensor kconcat_gemm_##NAME(bool forward, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2,    \
-                                 const at::Tensor& b2, int m, int n, int k, int k2, const at::Tensor* bias) {     \
-    return forward ? kconcat::run_kconcat_gemm<kconcat::CONFIG::Fwd>(a, b, a2, b2, m, n, k, k2, bias)             \
-                   : kconcat::run_kconcat_gemm<kconcat::CONFIG::Bwd>(a, b, a2, b2, m, n, k, k2, bias);            \
-  }                                                                                                                \
+// have TILE_N columns in the launch rule, its scheduler swizzled by SWIZZLE_ALONG_N where it runs along N: the whole
+// of each configuration's translation unit.
+#define TMF_KCONCAT_GEMM_DEFINE(NAME, CONFIG, TILE_N, SWIZZLE_ALONG_N)                                              \
+  namespace tmf::cuda {                                                                                             \
+  static_assert(kconcat::tiles_match_launch_rule<kconcat::CONFIG::Fwd, launch::TILE_N>() &&                         \
+                    kconcat::tiles_match_launch_rule<kconcat::CONFIG::Bwd, launch::TILE_N>(),                       \
+                "the launch rule (tmf/launch/lora_linear.h) counts other tiles than " #CONFIG "'s");                \
+  at::Tensor kconcat_gemm_##NAME(bool forward, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2,      \
+                                 const at::Tensor& b2, int m, int n, int k, int k2, const at::Tensor* bias) {       \
+    using Fwd = kconcat::CONFIG::Fwd;                                                                               \
+    using Bwd = kconcat::CONFIG::Bwd;                                                                               \
+    return forward ? kconcat::run_kconcat_gemm<Fwd, SWIZZLE_ALONG_N>(a, b, a2, b2, m, n, k, k2, bias)               \
+                   : kconcat::run_kconcat_gemm<Bwd, SWIZZLE_ALONG_N>(a, b, a2, b2, m, n, k, k2, bias);              \
+  }                                                                                                                 \
   }
