@@ -92,8 +92,7 @@ PYBIND11_MODULE(_C, m) {
       "shape, or the one TORCH_METAL_FUSED_LORA_KCONCAT_GEMM forces)");
   m.def("lora_kconcat_gemm_launches", [] {
         py::dict counts;
-        using tmf::launch::LoraKConcatGemm;
-        for (auto g : {LoraKConcatGemm::cooperative_128x256, LoraKConcatGemm::pingpong_128x128})
+        for (auto g : tmf::cuda::kLoraKConcatGemms)
           counts[tmf::cuda::lora_kconcat_gemm_name(g)] = tmf::cuda::lora_kconcat_gemm_launches(g);
         return counts;
       },

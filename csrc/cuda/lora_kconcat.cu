@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
 
 namespace tmf::cuda {
@@ -20,7 +21,7 @@ namespace {
 
 // A configuration by its name (lora_kconcat_gemm_name); "" or "auto": none.
 std::optional<launch::LoraKConcatGemm> parse_gemm(const std::string& v, const char* what) {
-  for (auto g : {launch::LoraKConcatGemm::cooperative_128x256, launch::LoraKConcatGemm::pingpong_128x128}) {
+  for (auto g : kLoraKConcatGemms) {
     if (v == lora_kconcat_gemm_name(g)) return g;
   }
   TORCH_CHECK(v.empty() || v == "auto", what, " must be 'cooperative', 'pingpong' or empty; got '", v, "'");
@@ -40,15 +41,14 @@ std::optional<launch::LoraKConcatGemm> forced_gemm() {
   return forced;
 }
 
-}  // namespace
+// GEMMs launched per configuration, indexed by its enumerator (both TUs compute identical numbers, so only this shows
+// which one ran).
+std::atomic<uint64_t> g_gemm_launches[std::size(kLoraKConcatGemms)];
 
-namespace {
-// GEMMs launched per configuration (both TUs run identical numbers, so only this shows which one ran).
-std::atomic<uint64_t> g_gemm_launches[2];
 }  // namespace
 
 uint64_t lora_kconcat_gemm_launches(launch::LoraKConcatGemm gemm) {
-  return g_gemm_launches[gemm == launch::LoraKConcatGemm::pingpong_128x128].load(std::memory_order_relaxed);
+  return g_gemm_launches[size_t(gemm)].load(std::memory_order_relaxed);
 }
 
 launch::LoraKConcatGemm lora_kconcat_gemm_in_effect(int64_t rows, int64_t cols) {
@@ -91,10 +91,10 @@ at::Tensor gemm(std::optional<launch::LoraKConcatGemm> choice, bool forward, con
                 const at::Tensor* bias = nullptr) {
   // Not value_or: the configuration in effect reads the override, which must not raise where a call names one.
   const launch::LoraKConcatGemm config = choice ? *choice : lora_kconcat_gemm_in_effect(m, n);
-  const bool pingpong = config == launch::LoraKConcatGemm::pingpong_128x128;
-  at::Tensor d = pingpong ? kconcat_gemm_pingpong_128x128(forward, a, b, a2, b2, m, n, k, k2, bias)
-                          : kconcat_gemm_cooperative_128x256(forward, a, b, a2, b2, m, n, k, k2, bias);
-  g_gemm_launches[pingpong].fetch_add(1, std::memory_order_relaxed);  // launched (each step raises on failure)
+  at::Tensor d = config == launch::LoraKConcatGemm::pingpong_128x128
+                     ? kconcat_gemm_pingpong_128x128(forward, a, b, a2, b2, m, n, k, k2, bias)
+                     : kconcat_gemm_cooperative_128x256(forward, a, b, a2, b2, m, n, k, k2, bias);
+  g_gemm_launches[size_t(config)].fetch_add(1, std::memory_order_relaxed);  // launched (each step raises on failure)
   return d;
 }
 

@@ -39,6 +39,9 @@ at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const
 launch::LoraKConcatGemm lora_kconcat_gemm_in_effect(int64_t rows, int64_t cols);
 // How many K-concatenated GEMMs this process has launched on a configuration (tests: which one the op ran).
 uint64_t lora_kconcat_gemm_launches(launch::LoraKConcatGemm gemm);
+// Every configuration, for what names or counts them all.
+constexpr launch::LoraKConcatGemm kLoraKConcatGemms[] = {launch::LoraKConcatGemm::cooperative_128x256,
+                                                         launch::LoraKConcatGemm::pingpong_128x128};
 // A configuration's name, as TORCH_METAL_FUSED_LORA_KCONCAT_GEMM and the test bindings spell it.
 const char* lora_kconcat_gemm_name(launch::LoraKConcatGemm gemm);
 // "cooperative", "pingpong", or "auto"/"" (none: the one in effect); anything else raises.
