@@ -365,6 +365,19 @@ def test_a_watchdog_pc_without_a_line_falls_back_to_the_threads_last_call(symbol
     assert d.findings[0].location == "k.metal:65"
 
 
+@pytest.mark.parametrize("checked", [False, True], ids=["plain", "checked"])
+def test_the_watchdog_report_carries_the_threads_last_call(bugs, monkeypatch, checked):
+    # The runtime's half of the fallback above: with every pc unsymbolizable (as a tick on a line-0 instruction is),
+    # the report still names the loop, from the SIMD-group operation the runtime sends beside the pc.
+    monkeypatch.setenv("TORCH_METAL_FUSED_EMU_TIMEOUT_S", "0.3")
+    monkeypatch.setattr(runner, "symbolize", lambda library, pc: f"{library.name}+{pc:#x}")
+    with runner.checking(checked), pytest.raises(runner.KernelAbortedError) as exc:
+        bugs.dispatch("spin_in_simd_ops", {0: torch.ones(64), 1: torch.zeros(64)}, (1, 1, 1), (64, 1, 1))
+    (f,) = exc.value.findings
+    line = _bug_line("spin_in_simd_ops")
+    assert f.kind == "watchdog-timeout" and f.location.endswith(f"planted_bugs.metal:{line}"), f
+
+
 def test_halo_read_overwritten_by_the_next_threadgroup_is_a_race(bugs):
     # Threadgroup 0 reads row 1, threadgroup 1 reads and then overwrites it: a race whichever threadgroup runs first
     # on the GPU (the shadow remembers that several threadgroups read the row).
