@@ -65,3 +65,19 @@ def harness_required() -> bool:
     """In CI on Linux (.ci/run sets CI; tools/setup.sh installs clang 19 and boost there) the Metal-on-CPU harness
     must work, so its tests fail rather than skip; elsewhere (macOS, Linux without root) they skip without it."""
     return bool(os.environ.get("CI")) and sys.platform.startswith("linux")
+
+
+# Every public op of the package: the autograd/IEEE contract (tests/test_nan_inf.py, tests/test_autograd_contract.py)
+# must cover each, and a test there fails when torch_metal_fused exports an op missing here.
+PUBLIC_OPS = (
+    "softmax",
+    "rms_norm",
+    "add_rms_norm",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "glu",
+    "swiglu",
+    "geglu",
+    "rope",
+    "lora_linear",
+)
