@@ -46,3 +46,27 @@ def none_to_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 def empty_to_none(t: torch.Tensor, wanted: bool) -> torch.Tensor | None:
     return t if wanted else None
+
+
+# ---- double backward ------------------------------------------------------------------------------------------
+# Autograd runs an autograd.Function's backward with grad mode on only when the caller asked for a differentiable
+# backward (`create_graph=True`: gradient penalties, Hessian-vector products, MAML). Our kernels' backward is not
+# differentiable, so ops that support double backward then compute their backward with the reference's backward
+# formula in torch ops, from inputs that carry their autograd history (intermediates such as RMSNorm's rstd are
+# recomputed from them): autograd differentiates that formula exactly, and the second-order pass runs our
+# first-order kernels again where it flows back through an op. Explicit formulas, not a nested autograd.grad over
+# a recomputed forward: that would also run the graph upstream of the inputs (total derivatives through a weight
+# shared with an earlier op). Ops that do not support double backward say so (`refuse_double_backward`) rather
+# than return gradients whose own gradient would be silently wrong or missing.
+def create_graph_requested() -> bool:
+    """Inside an autograd.Function's backward: whether the caller asked for create_graph=True."""
+    return torch.is_grad_enabled()
+
+
+def refuse_double_backward(op: str) -> None:
+    """Raise a clear error when the caller asked for a differentiable backward of `op`, which it does not support."""
+    if create_graph_requested():
+        raise RuntimeError(
+            f"torch_metal_fused.{op} does not support double backward (backward with create_graph=True): its fused "
+            "backward is not differentiable. Use the unfused PyTorch op where second derivatives are needed."
+        )

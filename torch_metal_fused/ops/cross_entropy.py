@@ -27,7 +27,7 @@ from torch_metal_fused._autocast import (
 )
 from torch_metal_fused._backend import backend_for
 from torch_metal_fused._validation import check_finite_number, check_same_device_dtype, check_tensor
-from torch_metal_fused.ops._dispatch import call, run_kernel
+from torch_metal_fused.ops._dispatch import call, refuse_double_backward, run_kernel
 
 REDUCTIONS = ("mean", "sum", "none")
 # Extra memory the chunked op aims for, per chunk: the chunk's logits in their dtype (our kernels write the gradient
@@ -163,6 +163,8 @@ def _is_one(grad_out: torch.Tensor) -> bool:
 
 
 class CrossEntropyFunction(torch.autograd.Function):
+    """Keeps only d(loss)/d(logits), computed in forward (not the logits): double backward is refused."""
+
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, softcap, out_dtype):
         vocab = logits.shape[-1]
@@ -178,12 +180,19 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward("cross_entropy")
         (grad,) = ctx.saved_tensors
         scale = grad_out.reshape(-1, 1) if ctx.reduction == "none" else grad_out
         return (grad * scale.to(grad.dtype)).reshape(ctx.shape), None, None, None, None, None, None
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
+    """With reduction "mean" or "sum" the gradients are computed in forward. The first backward with an output
+    gradient of 1 (`loss.backward()`) hands those tensors to autograd without a copy and lets go of them (autograd
+    may accumulate into them); any other backward, or one after the hand-over (a retained graph), computes fresh
+    gradients, from the kept ones scaled or by recomputing the chunks from the saved inputs. So no returned gradient
+    shares storage with state this Function still holds. Double backward is refused."""
+
     @staticmethod
     def forward(
         ctx,
@@ -213,29 +222,34 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             needs,
             dweight_float32,
         )
-        ctx.needs, ctx.eager, ctx.hidden_shape = needs, eager, hidden.shape
+        ctx.needs, ctx.hidden_shape = needs, hidden.shape
         ctx.args = (ignore_index, label_smoothing, softcap, chunk_size)
         ctx.dweight_float32 = dweight_float32
-        if eager:
-            ctx.save_for_backward(dh, dw, db)
-        else:
-            ctx.save_for_backward(hidden2, weight, bias, target2)
+        # The eager gradients live on ctx (not save_for_backward) so that backward can drop them once handed over.
+        ctx.eager_grads = [dh, dw, db] if eager else None
+        ctx.row_scale = row_scale if eager else None
+        ctx.save_for_backward(hidden2, weight, bias, target2)
         return _reduce(loss_rows, row_scale, reduction, target.shape, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward("linear_cross_entropy")
         needs = ctx.needs
-        if ctx.eager:
-            dh, dw, db = ctx.saved_tensors
+        if ctx.eager_grads is not None:
+            dh, dw, db = ctx.eager_grads
             if _is_one(grad_out):  # loss.backward(): the gradients as forward computed them, no copy of dweight
                 grads = [t if need else None for t, need in zip((dh, dw, db), needs)]
-            else:  # out of place: a retained graph's second backward must see the unscaled gradients
+                ctx.eager_grads = None  # autograd owns them now; a retained graph's next backward recomputes
+            else:  # out of place: the kept gradients stay unscaled for a retained graph's next backward
                 g = grad_out.to(dh.dtype if needs[0] else dw.dtype if needs[1] else db.dtype)
                 grads = [t * g if need else None for t, need in zip((dh, dw, db), needs)]
         else:
             hidden2, weight, bias, target2 = ctx.saved_tensors
             ignore_index, label_smoothing, softcap, chunk_size = ctx.args
-            row_scale = grad_out.reshape(-1).to(_loss_dtype(hidden2.dtype))
+            if ctx.row_scale is not None:  # "mean"/"sum" after the hand-over: each row's scale times the output's
+                row_scale = ctx.row_scale * grad_out.to(ctx.row_scale.dtype)
+            else:  # "none": the rows' own output gradients
+                row_scale = grad_out.reshape(-1).to(_loss_dtype(hidden2.dtype))
             args = (hidden2, weight, bias, target2, ignore_index, label_smoothing, softcap, row_scale, chunk_size)
             _, dh, dw, db = call(linear_cross_entropy_chunked, _linear_impl, *args, needs, ctx.dweight_float32)
             grads = [t if need else None for t, need in zip((dh, dw, db), needs)]

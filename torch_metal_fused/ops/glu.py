@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from torch_metal_fused import reference
 from torch_metal_fused._validation import check_same_device_dtype, check_tensor
-from torch_metal_fused.ops._dispatch import call, run_kernel
+from torch_metal_fused.ops._dispatch import call, create_graph_requested, run_kernel
 from torch_metal_fused.reference import GLU_GELU_TANH, GLU_SILU
 
 ACTIVATIONS = {"silu": GLU_SILU, "gelu_tanh": GLU_GELU_TANH}
@@ -51,6 +52,9 @@ def _(dout, gate, up, activation):
 
 
 class GluFunction(torch.autograd.Function):
+    """Double backward is supported: with create_graph=True backward is the reference formula in torch ops over the
+    saved gate and up."""
+
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
@@ -60,6 +64,9 @@ class GluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         gate, up = ctx.saved_tensors
+        if create_graph_requested():
+            dgate, dup = reference.glu_backward(dout, gate, up, ctx.activation)
+            return dgate, dup, None
         dgate, dup = call(glu_backward, _glu_backward_impl, dout, gate, up, ctx.activation)
         return dgate, dup, None
 

@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import torch
 
+from torch_metal_fused import reference
 from torch_metal_fused._autocast import autocast_enabled, cast_like_linear
 from torch_metal_fused._validation import check_dropout, check_finite_number, check_same_device_dtype, check_tensor
-from torch_metal_fused.ops._dispatch import call, empty_to_none, none_to_empty, run_kernel
+from torch_metal_fused.ops._dispatch import (
+    call,
+    create_graph_requested,
+    empty_to_none,
+    none_to_empty,
+    run_kernel,
+)
 
 
 def _lora_linear_forward_impl(
@@ -71,6 +78,10 @@ def _(dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, needs):
 
 
 class LoRALinearFunction(torch.autograd.Function):
+    """Double backward is supported: with create_graph=True backward is the reference formula in torch ops over the
+    saved inputs, with h recomputed from them (x itself is saved, not its 2-D view, so the formula reaches x's
+    history)."""
+
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale, bias, dropout_p, training):
         x2 = x.reshape(-1, x.shape[-1])
@@ -79,7 +90,7 @@ class LoRALinearFunction(torch.autograd.Function):
             # The mask is pre-scaled by 1/(1-p), so dropout(x) = x * mask.
             mask = x2.new_empty(x2.shape).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
         y, h = call(lora_linear_forward, _lora_linear_forward_impl, x2, weight, bias, lora_a, lora_b, scale, mask)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, h, mask)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h, mask)
         ctx.scale = scale
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
@@ -87,14 +98,18 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_a, lora_b, h, mask = ctx.saved_tensors
+        x, weight, lora_a, lora_b, h, mask = ctx.saved_tensors
         n = ctx.needs_input_grad
         needs = [n[0], n[1], ctx.has_bias and n[5], n[2], n[3]]
         if not any(needs):
             return (None,) * 8
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        args = (dy2, x2, weight, lora_a, lora_b, h, ctx.scale, mask, needs)
-        grads = call(lora_linear_backward, _lora_linear_backward_impl, *args)
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        if create_graph_requested():
+            h = (x2 if mask is None else x2 * mask) @ lora_a.t()
+            grads = reference.lora_backward(dy2, x2, weight, lora_a, lora_b, h, ctx.scale, mask, tuple(needs))
+        else:
+            args = (dy2, x2, weight, lora_a, lora_b, h, ctx.scale, mask, needs)
+            grads = call(lora_linear_backward, _lora_linear_backward_impl, *args)
         dx, dw, db, da, dlb = (empty_to_none(g, need) for g, need in zip(grads, needs))
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)

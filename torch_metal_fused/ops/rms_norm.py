@@ -17,8 +17,15 @@ from __future__ import annotations
 
 import torch
 
+from torch_metal_fused import reference
 from torch_metal_fused._validation import check_eps, check_finite_number, check_same_device_dtype, check_tensor
-from torch_metal_fused.ops._dispatch import call, empty_to_none, none_to_empty, run_kernel
+from torch_metal_fused.ops._dispatch import (
+    call,
+    create_graph_requested,
+    empty_to_none,
+    none_to_empty,
+    run_kernel,
+)
 
 
 def _rstd_dtype(x: torch.Tensor) -> torch.dtype:
@@ -70,11 +77,14 @@ def _(dy, x, weight, rstd, needs_dx, needs_dw, offset):
 
 
 class RMSNormFunction(torch.autograd.Function):
+    """Double backward is supported: with create_graph=True backward is the reference formula in torch ops, with rstd
+    recomputed from x (torch_metal_fused/ops/_dispatch.py says why)."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float) -> torch.Tensor:
         y, rstd = call(rms_norm_forward, _rms_norm_forward_impl, x, weight, eps, offset)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.offset = offset
+        ctx.eps, ctx.offset = eps, offset
         return y
 
     @staticmethod
@@ -84,6 +94,10 @@ class RMSNormFunction(torch.autograd.Function):
         needs_dw = weight is not None and ctx.needs_input_grad[1]
         if not (needs_dx or needs_dw):
             return None, None, None, None
+        if create_graph_requested():
+            rstd = reference.rms_norm_forward(x, weight, ctx.eps, ctx.offset)[1]
+            dx, dw = reference.rms_norm_backward(dy, x, weight, rstd, needs_dx, needs_dw, ctx.offset)
+            return dx, dw, None, None
         dx, dw = call(rms_norm_backward, _rms_norm_backward_impl, dy, x, weight, rstd, needs_dx, needs_dw, ctx.offset)
         return empty_to_none(dx, needs_dx), empty_to_none(dw, needs_dw), None, None
 
@@ -131,11 +145,16 @@ def _(dy, dh, h, weight, rstd, needs_dw, offset):
 
 
 class AddRMSNormFunction(torch.autograd.Function):
+    """x and residual get one gradient tensor, as torch's own `x + residual` hands one to both (leaves' .grad are
+    separate copies, autograd's rule). Double backward is supported: with create_graph=True backward is the reference
+    formula in torch ops over the saved h (an output of this Function, so the second-order pass flows back through
+    it), with rstd recomputed from h."""
+
     @staticmethod
     def forward(ctx, x, residual, weight, eps: float, offset: float):
         y, h, rstd = call(add_rms_norm_forward, _add_forward_impl, x, residual, weight, eps, offset)
         ctx.save_for_backward(h, weight, rstd)
-        ctx.offset = offset
+        ctx.eps, ctx.offset = eps, offset
         return y, h
 
     @staticmethod
@@ -144,6 +163,10 @@ class AddRMSNormFunction(torch.autograd.Function):
         needs_dw = ctx.needs_input_grad[2]
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or needs_dw):
             return None, None, None, None, None
+        if create_graph_requested():
+            rstd = reference.rms_norm_forward(h, weight, ctx.eps, ctx.offset)[1]
+            dx, dw = reference.rms_norm_add_backward(dy, dh, h, weight, rstd, needs_dw, ctx.offset)
+            return dx, dx, dw, None, None
         dx, dw = call(add_rms_norm_backward, _add_backward_impl, dy, dh, h, weight, rstd, needs_dw, ctx.offset)
         return dx, dx, empty_to_none(dw, needs_dw), None, None
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from torch_metal_fused import reference
 from torch_metal_fused._validation import check_same_device_dtype, check_tensor
-from torch_metal_fused.ops._dispatch import call, run_kernel
+from torch_metal_fused.ops._dispatch import call, create_graph_requested, run_kernel
 
 
 def _rope_apply_impl(
@@ -36,7 +37,9 @@ def _(q, k, cos, sin, interleaved, backward):
 
 
 class RopeFunction(torch.autograd.Function):
-    """q, k: (batch, heads, seq, head_dim) views; cos, sin: contiguous (1 or batch, seq, rotary_dim)."""
+    """q, k: (batch, heads, seq, head_dim) views; cos, sin: contiguous (1 or batch, seq, rotary_dim). Backward is
+    linear in the incoming gradients; with create_graph=True (double backward) it is the reference composition, so
+    its own gradient is the forward rotation again."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, interleaved: bool):
@@ -47,6 +50,9 @@ class RopeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
+        if create_graph_requested():
+            dq, dk = reference.rope_apply(dq_out, dk_out, cos, sin, ctx.interleaved, True)
+            return dq, dk, None, None, None
         dq, dk = call(rope_apply, _rope_apply_impl, dq_out, dk_out, cos, sin, ctx.interleaved, True)
         return dq, dk, None, None, None
 

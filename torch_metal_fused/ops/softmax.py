@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from torch_metal_fused import reference
 from torch_metal_fused._validation import check_dim, check_tensor
-from torch_metal_fused.ops._dispatch import call, run_kernel
+from torch_metal_fused.ops._dispatch import call, create_graph_requested, run_kernel
 
 
 def _softmax_forward_impl(x: torch.Tensor) -> torch.Tensor:
@@ -42,21 +43,28 @@ def _(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
 class SoftmaxFunction(torch.autograd.Function):
     """Softmax over `dim`. A dim other than the last is moved last by a transposing copy (one extra read and
-    write of x and of y); the kernels themselves always reduce contiguous rows."""
+    write of x and of y); the kernels themselves always reduce contiguous rows. Double backward is supported: with
+    create_graph=True, backward is the composite y·(dy - Σ dy·y) of torch ops on the saved output, whose own
+    gradient flows back through this Function (as torch's softmax does it)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
         last = x.ndim - 1
         y = call(softmax_forward, _softmax_forward_impl, x if dim == last else x.movedim(dim, -1))
-        ctx.save_for_backward(y)
+        out = y if dim == last else y.movedim(-1, dim).contiguous()
+        ctx.save_for_backward(out)  # the output itself (not a copy), so double backward can differentiate through it
         ctx.dim = dim
-        return y if dim == last else y.movedim(-1, dim).contiguous()
+        return out
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        (y,) = ctx.saved_tensors
+        (out,) = ctx.saved_tensors
         dim, last = ctx.dim, dy.ndim - 1
-        dx = call(softmax_backward, _softmax_backward_impl, y, dy if dim == last else dy.movedim(dim, -1))
+        y, dy_rows = (out, dy) if dim == last else (out.movedim(dim, -1), dy.movedim(dim, -1))
+        if create_graph_requested():
+            dx = reference.softmax_backward(y, dy_rows)
+        else:
+            dx = call(softmax_backward, _softmax_backward_impl, y, dy_rows)
         return (dx if dim == last else dx.movedim(-1, dim).contiguous()), None
 
 

@@ -1,0 +1,293 @@
+"""Every public op behaves like PyTorch's own ops under autograd, on every backend:
+
+- backward may run again on a retained graph (`retain_graph=True`) and gives the same gradients each time, also
+  after the user edits `.grad` in place between the calls (gradient clipping does);
+- no gradient handed to autograd shares storage with an input, a tensor the op still holds for backward, or another
+  gradient (add_rms_norm's x and residual excepted: one tensor for both, as torch's own `x + residual` hands out);
+- double backward (`create_graph=True`) equals the float64 formula where the op supports it, and raises an error
+  naming the op where it does not (cross_entropy, linear_cross_entropy) — never a silently wrong second derivative;
+- gradcheck and gradgradcheck (or the refusal) in float64 on the reference.
+
+Each op's case is a function of the inputs and its unfused torch composition, the float64 reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import PUBLIC_OPS, randn
+
+import torch_metal_fused as tmf
+from torch_metal_fused.testing import assert_matches
+
+EPS = 1e-5
+
+
+def _rms(x, w, eps=EPS):
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+
+def _rope_torch(q, k, cos, sin):
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+
+def _rope_tables(seq: int, dim: int, dtype, device):
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    ang = torch.arange(seq, dtype=torch.float64)[:, None] * inv[None, :]
+    emb = torch.cat((ang, ang), -1)[None]
+    return emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
+
+
+@dataclass
+class Case:
+    """op(*grad_inputs, *fixed) and the same computed by torch's unfused ops (`composite`)."""
+
+    op: Callable
+    composite: Callable
+    grad_inputs: list[torch.Tensor]
+    fixed: tuple = ()
+    double_backward: bool = True
+    scalar_output: bool = False  # a reduced loss: backward() with no gradient argument (an output gradient of 1)
+
+
+T = torch.tensor
+TARGET = [3, 0, 38, -100, 7, 21, 39, 1, 12]  # one ignored row
+
+
+def _case(name: str, device, dtype=torch.float32, reduction: str = "mean") -> Case:
+    def r(shape, seed, scale=1.0):
+        return randn(shape, dtype, device, scale=scale, seed=seed)
+
+    if name == "softmax":
+        return Case(lambda x: tmf.softmax(x, 0), lambda x: torch.softmax(x, 0), [r((37, 5), 1)])
+    if name == "rms_norm":
+        return Case(lambda x, w: tmf.rms_norm(x, w, EPS), _rms, [r((6, 45), 1), r((45,), 2) + 1])
+    if name == "add_rms_norm":
+        ins = [r((6, 45), 1), r((6, 45), 2), r((45,), 3) + 1]
+        return Case(
+            lambda x, res, w: tmf.add_rms_norm(x, res, w, EPS), lambda x, res, w: (_rms(x + res, w), x + res), ins
+        )
+    if name in ("cross_entropy", "linear_cross_entropy"):
+        target = T(TARGET, device=device)
+        if name == "cross_entropy":
+            return Case(
+                lambda z: tmf.cross_entropy(z, target, reduction=reduction),
+                lambda z: F.cross_entropy(z, target, reduction=reduction),
+                [r((9, 40), 1, 3.0)],
+                double_backward=False,
+                scalar_output=reduction != "none",
+            )
+        ins = [r((9, 16), 1), r((40, 16), 2, 0.5), r((40,), 3)]
+        return Case(
+            lambda h, w, b: tmf.linear_cross_entropy(h, w, target, b, reduction=reduction, chunk_size=4),
+            lambda h, w, b: F.cross_entropy(F.linear(h, w, b), target, reduction=reduction),
+            ins,
+            double_backward=False,
+            scalar_output=reduction != "none",
+        )
+    if name in ("glu", "swiglu", "geglu"):
+        gelu = name == "geglu"
+        fn = {"glu": lambda g, u: tmf.glu(g, u, "silu"), "swiglu": tmf.swiglu, "geglu": tmf.geglu}[name]
+        act = (lambda g: F.gelu(g, approximate="tanh")) if gelu else F.silu
+        return Case(fn, lambda g, u: act(g) * u, [r((5, 67), 1, 2.0), r((5, 67), 2)])
+    if name == "rope":
+        cos, sin = _rope_tables(7, 16, dtype, device)
+        ins = [r((2, 4, 7, 16), 1), r((2, 2, 7, 16), 2)]
+        return Case(
+            lambda q, k: tmf.rope(q, k, cos, sin), lambda q, k: _rope_torch(q, k, cos.double(), sin.double()), ins
+        )
+    if name == "lora_linear":
+        ins = [r((3, 11, 24), 1), r((20, 24), 2, 24**-0.5), r((4, 24), 3, 0.3), r((20, 4), 4, 0.3), r((20,), 5)]
+        return Case(
+            lambda x, w, a, b, bias: tmf.lora_linear(x, w, a, b, 1.5, bias),
+            lambda x, w, a, b, bias: F.linear(x, w, bias) + 1.5 * (x @ a.t()) @ b.t(),
+            ins,
+        )
+    raise KeyError(name)
+
+
+def _leaves(case: Case) -> list[torch.Tensor]:
+    return [t.detach().clone().requires_grad_(True) for t in case.grad_inputs]
+
+
+def _outputs(out) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _output_grads(outs, seed: int = 100) -> list[torch.Tensor]:
+    return [randn(o.shape, o.dtype, o.device, seed=seed + i) for i, o in enumerate(outs)]
+
+
+def _backward(outs, dys, scalar: bool, **kw) -> None:
+    if scalar:
+        outs[0].backward(**kw)  # loss.backward(): an output gradient of exactly 1, the eager fast path
+    else:
+        torch.autograd.backward(outs, dys, **kw)
+
+
+CE_CASES = [
+    pytest.param(op, red, id=f"{op}-{red}")
+    for op in ("cross_entropy", "linear_cross_entropy")
+    for red in ("mean", "sum", "none")
+]
+OP_CASES = [pytest.param(op, "mean", id=op) for op in PUBLIC_OPS if "cross_entropy" not in op] + CE_CASES
+
+
+def test_the_contract_covers_every_public_op():
+    """A new op cannot skip this contract: it must be added to PUBLIC_OPS (and so to _case)."""
+    exported = {n for n in tmf.__all__ if n[0].islower() and callable(getattr(tmf, n))}
+    not_ops = {"backend_for", "patch_model", "unpatch_model"}
+    assert exported - not_ops == set(PUBLIC_OPS)
+    for name in PUBLIC_OPS:
+        _case(name, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name, reduction", OP_CASES)
+def test_retain_graph_backward_three_times_with_in_place_grad_edits(backend, name, reduction):
+    """loss.backward(retain_graph=True) three times accumulates the same gradient each time; halving .grad in
+    place after the first (as clipping does) changes nothing the op holds. The linear cross-entropy bug this
+    catches: the gradients computed in forward were handed to autograd and kept, so the second call accumulated
+    into the kept tensors and the third raised 'modified by an inplace operation'."""
+    case = _case(name, backend.device, reduction=reduction)
+    leaves = _leaves(case)
+    outs = _outputs(case.op(*leaves))
+    dys = _output_grads(outs)
+    _backward(outs, dys, case.scalar_output, retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad.mul_(0.5)
+    _backward(outs, dys, case.scalar_output, retain_graph=True)
+    _backward(outs, dys, case.scalar_output, retain_graph=True)
+    for i, (t, g) in enumerate(zip(leaves, first)):
+        torch.testing.assert_close(t.grad, 2.5 * g, rtol=1e-5, atol=1e-6, msg=f"{name}: input {i} after 3 backwards")
+    # and the first gradient is right
+    ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+    ref_outs = _outputs(case.composite(*ref_leaves))
+    _backward(ref_outs, [d.double().cpu() for d in dys], case.scalar_output)
+    for i, (g, ref) in enumerate(zip(first, ref_leaves)):
+        assert_matches(g, ref.grad, torch.float32, f"{name} gradient of input {i}")
+
+
+def _custom_node(outs):
+    """The op's autograd.Function node (its ctx) behind its first output."""
+    todo, seen = [o.grad_fn for o in outs if o.grad_fn is not None], set()
+    while todo:
+        fn = todo.pop(0)
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if hasattr(fn, "saved_tensors") and type(fn).__name__.endswith("FunctionBackward"):
+            return fn
+        todo += [f for f, _ in fn.next_functions]
+    raise AssertionError("no autograd.Function node behind the op's output")
+
+
+def _storages(tensors) -> dict[int, str]:
+    return {t.untyped_storage().data_ptr(): what for what, t in tensors if t is not None and t.numel() > 0}
+
+
+@pytest.mark.parametrize("name, reduction", OP_CASES)
+def test_no_gradient_aliases_inputs_saved_state_or_another_gradient(backend, name, reduction):
+    case = _case(name, backend.device, reduction=reduction)
+    leaves = _leaves(case)
+    outs = _outputs(case.op(*leaves))
+    node = _custom_node(outs)
+    if case.scalar_output:
+        grads = torch.autograd.grad(outs[0], leaves, retain_graph=True)
+    else:
+        grads = torch.autograd.grad(outs, leaves, _output_grads(outs), retain_graph=True)
+    held = [(f"saved tensor {i}", t) for i, t in enumerate(node.saved_tensors)]
+    for attr, v in vars(node).items():  # tensors the Function still keeps on its ctx for the next backward
+        for i, t in enumerate(v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(t, torch.Tensor):
+                held.append((f"ctx.{attr}[{i}]", t))
+    forbidden = _storages([(f"input {i}", t) for i, t in enumerate(leaves)] + held)
+    seen: dict[int, int] = {}
+    for i, g in enumerate(grads):
+        if g is None or g.numel() == 0:
+            continue
+        ptr = g.untyped_storage().data_ptr()
+        assert ptr not in forbidden, f"{name}: the gradient of input {i} shares storage with {forbidden[ptr]}"
+        if ptr in seen:
+            assert name == "add_rms_norm" and (seen[ptr], i) == (0, 1), (
+                f"{name}: the gradients of inputs {seen[ptr]} and {i} share storage"
+            )
+        seen[ptr] = i
+    # Leaves' .grad never alias (autograd copies a gradient it hands to two leaves).
+    _backward(outs, _output_grads(outs), case.scalar_output)
+    ptrs = [t.grad.untyped_storage().data_ptr() for t in leaves if t.grad is not None and t.grad.numel()]
+    assert len(set(ptrs)) == len(ptrs), f"{name}: two inputs' .grad share storage"
+
+
+def _vector_hessian_product(fn, leaves, dys, vs):
+    """The first-order gradients g of Σ_j <fn(leaves)_j, dys_j> (create_graph=True) and the gradient of Σ_i <g_i, vs_i>
+    with respect to the leaves and the output gradients dys (a Hessian-vector product and its mixed part)."""
+    outs = _outputs(fn(*leaves))
+    dys = [d.detach().requires_grad_(True) for d in dys]
+    grads = torch.autograd.grad(outs, leaves, dys, create_graph=True)
+    total = sum((g * v).sum() for g, v in zip(grads, vs) if g is not None)
+    wrt = [*leaves, *dys]
+    second = torch.autograd.grad(total, wrt, allow_unused=True)
+    return grads, [torch.zeros_like(t) if s is None else s for s, t in zip(second, wrt)]
+
+
+@pytest.mark.parametrize("name, reduction", OP_CASES)
+def test_double_backward_equals_the_float64_formula_or_is_refused(backend, name, reduction):
+    case = _case(name, backend.device, reduction=reduction)
+    leaves = _leaves(case)
+    outs = _outputs(case.op(*leaves))
+    dys = [torch.ones_like(o) if case.scalar_output else d for o, d in zip(outs, _output_grads(outs))]
+    if not case.double_backward:
+        with pytest.raises(RuntimeError, match=rf"torch_metal_fused\.{name} does not support double backward"):
+            torch.autograd.grad(outs, leaves, dys, create_graph=True)
+        with pytest.raises(RuntimeError, match=rf"torch_metal_fused\.{name} does not support double backward"):
+            outs[0].sum().backward(create_graph=True)
+        return
+    vs = [randn(t.shape, t.dtype, t.device, seed=200 + i) for i, t in enumerate(leaves)]
+    grads, second = _vector_hessian_product(case.op, leaves, dys, vs)
+    ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+    to64 = [t.double().cpu() for t in dys], [v.double().cpu() for v in vs]
+    ref_grads, ref_second = _vector_hessian_product(case.composite, ref_leaves, *to64)
+    for i in range(len(leaves)):
+        assert_matches(grads[i], ref_grads[i], torch.float32, f"{name} create_graph gradient of input {i}")
+    for i in range(len(second)):
+        assert_matches(second[i], ref_second[i], torch.float32, f"{name} second derivative, input/output gradient {i}")
+
+
+@pytest.mark.parametrize("name, reduction", OP_CASES)
+def test_gradcheck_and_gradgradcheck_in_float64_on_the_reference(monkeypatch, name, reduction):
+    monkeypatch.setenv("TORCH_METAL_FUSED_BACKEND", "reference")
+    case = _case(name, torch.device("cpu"), torch.float64, reduction)
+    leaves = _leaves(case)
+    assert torch.autograd.gradcheck(case.op, leaves)
+    if case.double_backward:
+        assert torch.autograd.gradgradcheck(case.op, leaves)
+    else:
+        with pytest.raises(RuntimeError, match=rf"torch_metal_fused\.{name} does not support double backward"):
+            torch.autograd.gradgradcheck(case.op, leaves)
+
+
+def test_linear_cross_entropy_retain_graph_repro_from_the_issue(backend):
+    """The report's exact repro: three backward calls on a retained graph."""
+    h = torch.randn(9, 16, device=backend.device, requires_grad=True)
+    w = torch.randn(40, 16, device=backend.device, requires_grad=True)
+    loss = tmf.linear_cross_entropy(h, w, torch.randint(0, 40, (9,), device=backend.device))
+    grads = []
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+        grads.append((h.grad.clone(), w.grad.clone()))
+    for k, (gh, gw) in enumerate(grads, start=1):
+        torch.testing.assert_close(gh, k * grads[0][0])
+        torch.testing.assert_close(gw, k * grads[0][1])
+    assert math.isfinite(float(loss.detach()))
