@@ -67,7 +67,9 @@ inline void lora_reduce_tile(device const T* in, device const T* factor, device 
   device const T* in_rows = in + ulong(t0) * p.in_row_stride;
   device const T* mask_rows = mask + ulong(t0) * p.reduce_dim;  // forward: dropout on x, contiguous
   simdgroup_float8x8 acc[TOKEN_TILES][RANK_TILES];
+  #pragma clang loop unroll(full)
   for (uint m = 0; m < TOKEN_TILES; ++m) {
+    #pragma clang loop unroll(full)
     for (uint q = 0; q < RANK_TILES; ++q) {
       acc[m][q] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
@@ -88,8 +90,10 @@ inline void lora_reduce_tile(device const T* in, device const T* factor, device 
       // This lane's elements of the SIMD-group's 4 input tiles (8 token rows x 8 columns each), read from device
       // memory once (dropout applied), zero past the tokens and the reduced dimension.
       simdgroup_float8x8 x_tiles[TOKEN_TILES];
+      #pragma clang loop unroll(full)
       for (uint m = 0; m < TOKEN_TILES; ++m) {
         const uint t = tok0 + m * TILE + at.row;
+        #pragma clang loop unroll(full)
         for (uint e = 0; e < 2; ++e) {
           const uint k = k0 + kk + at.col + e;
           float v = 0.0f;
@@ -102,10 +106,12 @@ inline void lora_reduce_tile(device const T* in, device const T* factor, device 
           x_tiles[m].thread_elements()[e] = v;
         }
       }
+      #pragma clang loop unroll(full)
       for (uint q = 0; q < RANK_TILES; ++q) {
         if (q < rank_tiles && token_tiles > 0) {
           simdgroup_float8x8 f_tile;
           simdgroup_load(f_tile, factor_tile + kk * r8 + j0 + q * TILE, r8);
+          #pragma clang loop unroll(full)
           for (uint m = 0; m < TOKEN_TILES; ++m) {
             if (m < token_tiles) {
               simdgroup_multiply_accumulate(acc[m][q], x_tiles[m], f_tile, acc[m][q]);
@@ -116,9 +122,12 @@ inline void lora_reduce_tile(device const T* in, device const T* factor, device 
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are restaged by the next chunk
   }
+  #pragma clang loop unroll(full)
   for (uint m = 0; m < TOKEN_TILES; ++m) {
+    #pragma clang loop unroll(full)
     for (uint q = 0; q < RANK_TILES; ++q) {
       const uint t = tok0 + m * TILE + at.row;
+      #pragma clang loop unroll(full)
       for (uint e = 0; e < 2; ++e) {
         const uint j = j0 + q * TILE + at.col + e;
         if (m < token_tiles && q < rank_tiles && t < nt && j < r) {
@@ -142,8 +151,11 @@ inline void lora_expand_tile(device const T* h, device const T* factor, device c
   const uint rank_tiles = nr8 / TILE;
   const LanePosition at = lane_matrix_position(lane);
   simdgroup_float8x8 s_tiles[RANK_TILES][COLUMN_TILES];  // S[j0 + 8q + row][o0 + 8c + col]: read once per group
+  #pragma clang loop unroll(full)
   for (uint q = 0; q < RANK_TILES; ++q) {
+    #pragma clang loop unroll(full)
     for (uint c = 0; c < COLUMN_TILES; ++c) {
+      #pragma clang loop unroll(full)
       for (uint e = 0; e < 2; ++e) {
         const uint j = q * TILE + at.row, o = o0 + c * TILE + at.col + e;
         float v = 0.0f;
@@ -166,20 +178,25 @@ inline void lora_expand_tile(device const T* h, device const T* factor, device c
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint i0 = 0; i0 < n8 && has_columns; i0 += TILE) {
       simdgroup_float8x8 sums[COLUMN_TILES];
+      #pragma clang loop unroll(full)
       for (uint c = 0; c < COLUMN_TILES; ++c) {
         sums[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       }
+      #pragma clang loop unroll(full)
       for (uint q = 0; q < RANK_TILES; ++q) {
         if (q < rank_tiles) {
           simdgroup_float8x8 h_part;
           simdgroup_load(h_part, h_tile + i0 * nr8 + q * TILE, nr8);
+          #pragma clang loop unroll(full)
           for (uint c = 0; c < COLUMN_TILES; ++c) {
             simdgroup_multiply_accumulate(sums[c], h_part, s_tiles[q][c], sums[c]);
           }
         }
       }
       const uint t = t0 + i0 + at.row;
+      #pragma clang loop unroll(full)
       for (uint c = 0; c < COLUMN_TILES; ++c) {
+        #pragma clang loop unroll(full)
         for (uint e = 0; e < 2; ++e) {
           const uint o = o0 + c * TILE + at.col + e;
           if (i0 + at.row < n && o < p.out_dim) {
@@ -221,11 +238,11 @@ template <typename T>
     constant tmf::LoraExpandParams& p [[buffer(4)]],
     threadgroup float* h_tile [[threadgroup(0)]],
     uint2 group [[threadgroup_position_in_grid]],
-    uint tid [[thread_position_in_threadgroup]],
-    uint threads [[threads_per_threadgroup]],
+    uint2 tid [[thread_position_in_threadgroup]],  // vectors like `group`: MSL forbids mixing
+    uint2 threads [[threads_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]]) {
-  lora_expand_tile<T, true>(h, lora_b, mask, y, p, group, tid, threads, lane, simd_group, h_tile);
+  lora_expand_tile<T, true>(h, lora_b, mask, y, p, group, tid.x, threads.x, lane, simd_group, h_tile);
 }
 
 // dh = scale · dy·B
@@ -255,11 +272,11 @@ template <typename T>
     constant tmf::LoraExpandParams& p [[buffer(4)]],
     threadgroup float* h_tile [[threadgroup(0)]],
     uint2 group [[threadgroup_position_in_grid]],
-    uint tid [[thread_position_in_threadgroup]],
-    uint threads [[threads_per_threadgroup]],
+    uint2 tid [[thread_position_in_threadgroup]],  // vectors like `group`: MSL forbids mixing
+    uint2 threads [[threads_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]]) {
-  lora_expand_tile<T, false>(dh, lora_a, mask, dx, p, group, tid, threads, lane, simd_group, h_tile);
+  lora_expand_tile<T, false>(dh, lora_a, mask, dx, p, group, tid.x, threads.x, lane, simd_group, h_tile);
 }
 
 template [[host_name("lora_forward_h_tiled_float")]] [[kernel]] decltype(lora_forward_h<float>) lora_forward_h<float>;

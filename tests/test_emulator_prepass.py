@@ -168,3 +168,38 @@ def test_a_host_name_defined_in_two_files_is_rejected(tmp_path):
         (tmp_path / name).write_text(kernel)
     with pytest.raises(build.ShaderCompileError, match=r"'same_name' is also defined in .*a\.metal"):
         build.generate(tmp_path / "gen", [tmp_path / "a.metal", tmp_path / "b.metal"])
+
+
+POSITIONS = """#include <metal_stdlib>
+using namespace metal;
+
+[[kernel]] void k(device float* x [[buffer(0)]],
+                  {group} group [[threadgroup_position_in_grid]],
+                  {tid} tid [[thread_position_in_threadgroup]],
+                  uint lane [[thread_index_in_simdgroup]]) {{
+  x[0] = 0.0f;
+}}
+"""
+
+
+@pytest.mark.parametrize(
+    "group, tid, ok",
+    [
+        ("uint", "uint", True),
+        ("uint2", "uint2", True),
+        ("ushort3", "ushort3", True),
+        ("uint2", "uint", False),
+        ("uint", "uint3", False),
+        ("uint2", "uint3", False),
+    ],
+)
+def test_position_attributes_must_be_all_scalars_or_all_vectors_of_one_width(tmp_path, group, tid, ok):
+    """Apple's compiler rejects a kernel whose position attributes mix scalars and vectors (the LoRA expand kernels
+    did: `uint2 group` beside `uint tid`), clang does not: the pre-pass must. SIMD-group indices are exempt."""
+    src = tmp_path / "positions.metal"
+    src.write_text(POSITIONS.format(group=group, tid=tid))
+    if ok:
+        prepass(src)
+        return
+    with pytest.raises(PrepassError, match=r"positions\.metal:4: kernel k mixes scalar and vector"):
+        prepass(src)

@@ -61,6 +61,18 @@ VECTOR_CTOR_RE = re.compile(
     r"(?<![\w.])((?:float|half|bfloat|int|uint|long|ulong|short|ushort|char|uchar|bool)[234])\s*\("
 )
 PARAM_ATTR_RE = re.compile(r"\[\[\s*(\w+)\s*(?:\(\s*(\d+)\s*\))?\s*\]\]")
+# MSL: a kernel's position attributes must all be scalars or all vectors of one width (Apple's compiler: "expecting
+# input declarations with either all scalar types or all vector types with the same number of elements"); clang
+# accepts any mix. thread_index_in_threadgroup and the SIMD-group attributes are scalars and exempt.
+POSITION_ATTRS = (
+    "thread_position_in_grid",
+    "threadgroup_position_in_grid",
+    "thread_position_in_threadgroup",
+    "threads_per_threadgroup",
+    "threads_per_grid",
+    "threadgroups_per_grid",
+)
+PARAM_TYPE_RE = re.compile(r"^\s*(?:const\s+)?(\w+?)([234])?\s+\w+\s*\[\[")
 
 
 class PrepassError(ValueError):
@@ -127,10 +139,29 @@ def _parse_kernels(text: str, path: str) -> dict[str, Kernel]:
             if attr not in ROLES:
                 raise PrepassError(f"{path}:{line}: unsupported parameter attribute [[{attr}]] in kernel {name}")
             kernel.bindings.append((ROLES[attr], int(index or 0)))
+        _check_position_widths(text[m.end() : close], f"{path}:{line}", name)
         if name in kernels:
             raise PrepassError(f"{path}:{line}: kernel {name} defined twice")
         kernels[name] = kernel
     return kernels
+
+
+def _check_position_widths(params: str, where: str, kernel: str) -> None:
+    """The MSL rule of POSITION_ATTRS (above), which the harness's clang does not enforce."""
+    widths: dict[str, int] = {}
+    for param in _split_params(COMMENT_RE.sub(" ", params)):
+        attrs = PARAM_ATTR_RE.findall(param)
+        if not attrs or attrs[-1][0] not in POSITION_ATTRS:
+            continue
+        m = PARAM_TYPE_RE.match(param)
+        if not m:
+            raise PrepassError(f"{where}: cannot read the type of {param.strip()!r} in kernel {kernel}")
+        widths[f"{' '.join(param.split()[:2])} [[{attrs[-1][0]}]]"] = int(m.group(2) or 1)
+    if len(set(widths.values())) > 1:
+        raise PrepassError(
+            f"{where}: kernel {kernel} mixes scalar and vector (or different-width) position attributes: "
+            f"{', '.join(widths)}; Apple's Metal compiler rejects this (all scalars, or all vectors of one width)"
+        )
 
 
 def _tokens(text: str) -> list[str]:
