@@ -76,7 +76,7 @@ for step in $steps; do
   clock_log_start "$step"
   case $step in
     build)
-      ( time python3 setup.py -q build_ext --inplace ) > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+      ( time TORCH_METAL_FUSED_REQUIRE_EXTENSION=1 python3 setup.py -q build_ext --inplace ) > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
       python3 -c "import torch, torch_metal_fused as t; print('backend:', t.backend_for(torch.empty(1, device='cuda')))"
       python3 -c "from torch_metal_fused import _C; print('LoRA K-concatenated GEMM:', _C.lora_kconcat_mode())"
       ;;

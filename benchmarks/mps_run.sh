@@ -17,7 +17,7 @@ mkdir -p "$out"
   sysctl -n machdep.cpu.brand_string
   xcrun -sdk macosx metal --version 2>&1 || echo "no xcrun metal: shaders compiled at first use"
 } > "$out/system.txt"
-export TORCH_METAL_FUSED_STRICT=1
+export TORCH_METAL_FUSED_STRICT=1 TORCH_METAL_FUSED_REQUIRE_EXTENSION=1
 # A metallib is required where the Metal toolchain compiles a probe shader (tools/metal_toolchain.py says why not).
 if python3 tools/metal_toolchain.py >> "$out/system.txt" 2>&1; then
   export TORCH_METAL_FUSED_REQUIRE_METALLIB=1

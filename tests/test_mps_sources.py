@@ -37,8 +37,11 @@ def _clang() -> str:
         pytest.skip(str(e))
 
 
-def _syntax_check(source: Path, generated: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Quoted includes resolve next to `source` first, so a planted copy of csrc/mps/ checks its own headers."""
+def _syntax_check(
+    source: Path, generated: Path, extra: tuple[str, ...] = (), first_includes: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess:
+    """Quoted includes resolve next to `source` first, so a planted copy of csrc/mps/ checks its own headers;
+    `first_includes` shadow any header (an older torch's, say)."""
     flags = [f for f in MPS_CXX_FLAGS if not f.startswith("-O")]
     cmd = [
         _clang(),
@@ -51,6 +54,7 @@ def _syntax_check(source: Path, generated: Path, extra: tuple[str, ...] = ()) ->
         "-fconstant-string-class=NSString",
         "-Werror=objc-method-access",  # calling a selector the receiver does not declare
         *[f"-D{k}={v}" for k, v in MPS_DEFINES],
+        *[f"-I{d}" for d in first_includes],
         f"-I{STUBS}",
         *[f"-I{d}" for d in mps_include_dirs(generated)],
         *[f"-I{d}" for d in cpp_extension.include_paths()],
@@ -102,6 +106,37 @@ def test_compile_options_build_with_the_macos_14_sdk(generated, tmp_path):
     unguarded.write_text(text.replace("#if defined(__MAC_15_0)", "#if 1"))
     result = _syntax_check(unguarded, generated, ("-DTMF_STUB_MACOS_14_SDK",))
     assert result.returncode != 0 and "mathMode" in result.stderr, result.stderr
+
+
+def _torch_before_2_9(tmp_path: Path, minor: int | None) -> Path:
+    """Headers that shadow torch's: MPSDevice without getCoreCount() (added in torch 2.9) and, with `minor`, a
+    torch/version.h of 2.<minor>."""
+    real = Path(cpp_extension.include_paths()[0]) / "ATen" / "mps" / "MPSDevice.h"
+    text = real.read_text()
+    assert "getCoreCount()" in text
+    (tmp_path / "ATen" / "mps").mkdir(parents=True)
+    (tmp_path / "ATen" / "mps" / "MPSDevice.h").write_text(
+        "\n".join(line for line in text.splitlines() if "getCoreCount" not in line)
+    )
+    if minor is not None:
+        (tmp_path / "torch").mkdir()
+        (tmp_path / "torch" / "version.h").write_text(
+            f"#pragma once\n#define TORCH_VERSION_MAJOR 2\n#define TORCH_VERSION_MINOR {minor}\n"
+            f'#define TORCH_VERSION_PATCH 0\n#define TORCH_VERSION "2.{minor}.0"\n'
+        )
+    return tmp_path
+
+
+def test_the_extension_builds_against_torch_before_2_9(generated, tmp_path):
+    """setup.py accepts torch >= 2.4, but MPSDevice::getCoreCount() first shipped in 2.9: the encoder must not call it
+    there (its version guard); with 2.13's version and an MPSDevice without it, the same source must fail (the guard
+    is what makes it build)."""
+    old = _torch_before_2_9(tmp_path / "old", minor=8)
+    result = _syntax_check(ROOT / "csrc" / "mps" / "softmax.mm", generated, first_includes=(old,))
+    assert result.returncode == 0, result.stderr
+    unguarded = _torch_before_2_9(tmp_path / "unguarded", minor=None)
+    result = _syntax_check(ROOT / "csrc" / "mps" / "softmax.mm", generated, first_includes=(unguarded,))
+    assert result.returncode != 0 and "getCoreCount" in result.stderr, result.stderr
 
 
 def test_arc_would_reject_the_manual_release(generated):

@@ -36,8 +36,9 @@ def metal_compile_command(src: str | Path, air: str | Path, include_dirs: Iterab
 
 
 def metallib_command(airs: Iterable[str | Path], out: str | Path) -> list[str]:
-    """`.air` files -> one `.metallib`. The deployment target again: the link stamps the library's OS version too."""
-    return [*XCRUN, "metallib", MACOS_VERSION_MIN_FLAG, *[str(a) for a in airs], "-o", str(out)]
+    """`.air` files -> one `.metallib`, linked by the `metal` driver with the deployment target (as MLX links its
+    library): the link stamps the library's OS version too, and `metallib` itself takes no -mmacosx-version-min."""
+    return [*XCRUN, "metal", MACOS_VERSION_MIN_FLAG, *[str(a) for a in airs], "-o", str(out)]
 
 
 def _trim(text: str) -> str:
@@ -71,25 +72,33 @@ def _diagnose(returncode: int, stdout: str, stderr: str) -> str:
 def probe_metal_toolchain(
     run: Callable[..., subprocess.CompletedProcess] = subprocess.run, tmpdir: str | Path | None = None
 ) -> tuple[bool, str]:
-    """Compile a one-line shader with metal_compile_command's flags, in a temporary directory under `tmpdir`.
-    Returns (True, "") or (False, why, with what to install)."""
+    """Compile a one-line shader with metal_compile_command's flags and link it with metallib_command's, in a
+    temporary directory under `tmpdir`: both steps setup.py runs. Returns (True, "") or (False, why, with what to
+    install)."""
     with tempfile.TemporaryDirectory(prefix="tmf-metal-probe-", dir=tmpdir) as d:
-        src, air = Path(d) / "probe.metal", Path(d) / "probe.air"
+        src, air, lib = Path(d) / "probe.metal", Path(d) / "probe.air", Path(d) / "probe.metallib"
         src.write_text(PROBE_SOURCE)
-        cmd = metal_compile_command(src, air, [])
-        try:
-            result = run(cmd, capture_output=True, text=True, errors="replace", timeout=PROBE_TIMEOUT_S)
-        except FileNotFoundError:
-            return False, "xcrun was not found: install the Xcode command-line tools (`xcode-select --install`)"
-        except OSError as e:
-            return False, f"xcrun cannot be run ({e}): install the Xcode command-line tools (`xcode-select --install`)"
-        except subprocess.TimeoutExpired:
-            return False, f"`xcrun metal` did not compile a one-line probe shader within {PROBE_TIMEOUT_S} s"
-        if result.returncode != 0:
-            return False, _diagnose(result.returncode, result.stdout or "", result.stderr or "")
-        if not air.is_file():
-            # Exit status 0 and no output: trust the file, not the status.
-            return False, f"`xcrun metal` exited 0 but wrote no {air.name} (command: {' '.join(cmd)})"
+        for step, cmd, out in (
+            ("compile", metal_compile_command(src, air, []), air),
+            ("link", metallib_command([air], lib), lib),
+        ):
+            try:
+                result = run(cmd, capture_output=True, text=True, errors="replace", timeout=PROBE_TIMEOUT_S)
+            except FileNotFoundError:
+                return False, "xcrun was not found: install the Xcode command-line tools (`xcode-select --install`)"
+            except OSError as e:
+                return (
+                    False,
+                    f"xcrun cannot be run ({e}): install the Xcode command-line tools (`xcode-select --install`)",
+                )
+            except subprocess.TimeoutExpired:
+                return False, f"`xcrun metal` did not {step} a one-line probe shader within {PROBE_TIMEOUT_S} s"
+            if result.returncode != 0:
+                why = _diagnose(result.returncode, result.stdout or "", result.stderr or "")
+                return False, why if step == "compile" else f"linking the probe's metallib failed: {why}"
+            if not out.is_file():
+                # Exit status 0 and no output: trust the file, not the status.
+                return False, f"`xcrun metal` exited 0 but wrote no {out.name} (command: {' '.join(cmd)})"
     return True, ""
 
 

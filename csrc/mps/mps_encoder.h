@@ -7,6 +7,7 @@
 #include <ATen/mps/MPSDevice.h>
 #include <ATen/mps/MPSStream.h>
 #include <torch/extension.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <exception>
@@ -21,10 +22,22 @@ using launch::DType;
 using launch::Pipeline;
 using launch::Size3;
 
+// MPSDevice::getCoreCount() first shipped in torch 2.9; the package accepts older torch (setup.py).
+#ifndef TMF_TORCH_HAS_MPS_CORE_COUNT
+#define TMF_TORCH_HAS_MPS_CORE_COUNT (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9))
+#endif
+// Without it, the launch plans assume the harness's stand-in core count (launch/common.h): the count only sizes
+// grids and the RMSNorm backward's partial buffer, so a wrong guess costs speed, never correctness.
+constexpr uint32_t kCoreCountBeforeTorch29 = 10;
+
 // The GPU's core count (IORegistry, through ATen), read once: launch plans size their grids and the RMSNorm
 // backward's partial buffer from it.
 inline uint32_t gpu_core_count() {
+#if TMF_TORCH_HAS_MPS_CORE_COUNT
   static const uint32_t cores = std::max<uint32_t>(1, at::mps::MPSDevice::getInstance()->getCoreCount());
+#else
+  static const uint32_t cores = kCoreCountBeforeTorch29;
+#endif
   return cores;
 }
 
