@@ -316,8 +316,9 @@ def cross_entropy(
     class-index targets (...,), optionally with Gemma-2's final-logit soft-capping `softcap·tanh(logits/softcap)`.
     Computed in float32 for float16/bfloat16; the loss has the logits' dtype unless `out_dtype` says otherwise
     (torch.float32 returns the float32 accumulation unrounded, as Hugging Face's loss, which upcasts the logits, does).
-    Unlike torch, "mean" over rows that are all ignored is 0 (with zero gradient), not NaN. Under torch.autocast the
-    loss is float32 unless `out_dtype` says otherwise, as F.cross_entropy's is there."""
+    Unlike torch, "mean" over rows that are all ignored is 0 (with zero gradient), not NaN, and an ignored row gets a
+    zero gradient even when it holds NaN (torch's is NaN there). Under torch.autocast the loss is float32 unless
+    `out_dtype` says otherwise, as F.cross_entropy's is there. Double backward is refused (a RuntimeError)."""
     if out_dtype is None and isinstance(logits, torch.Tensor) and float32_loss_under_autocast(logits):
         out_dtype = torch.float32
     check_tensor("logits", logits)
