@@ -203,3 +203,67 @@ def test_position_attributes_must_be_all_scalars_or_all_vectors_of_one_width(tmp
         return
     with pytest.raises(PrepassError, match=r"positions\.metal:4: kernel k mixes scalar and vector"):
         prepass(src)
+
+
+MSL_RULES = """#include <metal_stdlib>
+using namespace metal;
+
+[[kernel]] void k(device float* x [[buffer(0)]], uint i [[thread_position_in_grid]]) {{
+  {body}
+}}
+{tail}"""
+
+
+@pytest.mark.parametrize(
+    "body, tail, message",
+    [
+        ("x[i] = std::max(x[i], 0.0f);", "", r"k\.metal:5: 'std::' is C\+\+"),
+        ("if (i > 9) { throw 1; }", "", r"k\.metal:5: 'throw' is C\+\+"),
+        ("device float* p = new float[4];", "", r"k\.metal:5: 'new' is C\+\+"),
+        ("x[i] = float(bfloat(x[i]));", "", r"k\.metal:5: bfloat outside"),
+        ("", "template <typename T> void f(device T* p) {}\ntemplate void f<bfloat>(device bfloat*);\n", ":8: bfloat"),
+        (
+            "",
+            "[[kernel]] void g(float* y [[buffer(0)]]) {}\n",
+            r"k\.metal:7: 'float\* y \[\[buffer\(0\)\]\]' .*address",
+        ),
+        ("", "[[kernel]] void g(thread float* y [[buffer(1)]]) {}\n", r"needs the device or constant"),
+        ("", "[[kernel]] void g(device float* y [[buffer(31)]]) {}\n", r"buffer indices 0-30"),
+    ],
+)
+def test_msl_rules_clang_does_not_enforce(tmp_path, body, tail, message):
+    """Planted violations of MSL rules that the harness's clang accepts: each is rejected with file:line."""
+    src = tmp_path / "k.metal"
+    src.write_text(MSL_RULES.format(body=body, tail=tail))
+    with pytest.raises(PrepassError, match=message):
+        prepass(src, msl_subset=True)
+
+
+def test_msl_rules_accept_what_msl_allows(tmp_path):
+    """bfloat inside the guard (and nested #if within it), words in comments and strings, constant buffers."""
+    src = tmp_path / "k.metal"
+    src.write_text(
+        MSL_RULES.format(
+            body="x[i] = 1.0f;  // std::max, throw, new and bfloat in a comment are fine",
+            tail=(
+                "[[kernel]] void c(constant float& s [[buffer(30)]], device float* y [[buffer(1)]]) { y[0] = s; }\n"
+                "#if defined(__HAVE_BFLOAT__)\n#if 1\n"
+                "[[kernel]] void b(device bfloat* y [[buffer(0)]]) { y[0] = bfloat(1.0f); }\n#endif\n#else\n"
+                "/* no bfloat */\n#endif\n"
+            ),
+        )
+    )
+    assert set(prepass(src, msl_subset=True).kernels) == {"k", "c", "b"}
+
+
+def test_the_msl_rules_apply_to_the_shipped_shaders_by_default():
+    from torch_metal_fused.emulator.prepass import SHIPPED_SHADERS
+
+    assert SHIPPED_SHADERS == SHADERS.resolve()
+
+
+@pytest.mark.parametrize("header", sorted(p.name for p in SHADERS.glob("*.h")), ids=str)
+def test_shared_shader_headers_satisfy_the_msl_rules(header):
+    from torch_metal_fused.emulator.prepass import _check_msl_subset
+
+    _check_msl_subset((SHADERS / header).read_text(), header)

@@ -72,6 +72,11 @@ POSITION_ATTRS = (
     "threads_per_grid",
     "threadgroups_per_grid",
 )
+MAX_BUFFER_INDEX = 30  # MSL: buffer indices 0-30 (31 argument buffers)
+ADDRESS_SPACE_RE = re.compile(r"\b(device|constant|threadgroup|thread|ray_data|object_data)\b")
+# C++ that MSL does not have and clang accepts: the standard library, exceptions, dynamic allocation.
+FORBIDDEN_CXX_RE = re.compile(r"\bstd::|\b(throw|try|catch|new|delete|virtual|goto)\b")
+BFLOAT_GUARD_RE = re.compile(r"^\s*#\s*if\s+(?:defined\s*\(\s*__HAVE_BFLOAT__\s*\)|__METAL_VERSION__\s*>=\s*310)")
 PARAM_TYPE_RE = re.compile(r"^\s*(?:const\s+)?(\w+?)([234])?\s+\w+\s*\[\[")
 
 
@@ -140,6 +145,7 @@ def _parse_kernels(text: str, path: str) -> dict[str, Kernel]:
                 raise PrepassError(f"{path}:{line}: unsupported parameter attribute [[{attr}]] in kernel {name}")
             kernel.bindings.append((ROLES[attr], int(index or 0)))
         _check_position_widths(text[m.end() : close], f"{path}:{line}", name)
+        _check_buffer_params(text[m.end() : close], f"{path}:{line}", name)
         if name in kernels:
             raise PrepassError(f"{path}:{line}: kernel {name} defined twice")
         kernels[name] = kernel
@@ -162,6 +168,54 @@ def _check_position_widths(params: str, where: str, kernel: str) -> None:
             f"{where}: kernel {kernel} mixes scalar and vector (or different-width) position attributes: "
             f"{', '.join(widths)}; Apple's Metal compiler rejects this (all scalars, or all vectors of one width)"
         )
+
+
+def _check_buffer_params(params: str, where: str, kernel: str) -> None:
+    """MSL: a [[buffer(n)]] parameter is a pointer or reference in the device or constant address space (clang
+    accepts a plain pointer), and n <= 30."""
+    for param in _split_params(COMMENT_RE.sub(" ", params)):
+        attrs = PARAM_ATTR_RE.findall(param)
+        if not attrs or attrs[-1][0] != "buffer":
+            continue
+        shown = " ".join(param.split())
+        if int(attrs[-1][1] or 0) > MAX_BUFFER_INDEX:
+            raise PrepassError(f"{where}: {shown!r} in kernel {kernel}: MSL allows buffer indices 0-{MAX_BUFFER_INDEX}")
+        space = ADDRESS_SPACE_RE.search(param)
+        if not space or space.group(1) not in ("device", "constant"):
+            raise PrepassError(
+                f"{where}: {shown!r} in kernel {kernel} needs the device or constant address space "
+                "(Apple's compiler rejects a buffer argument without one)"
+            )
+
+
+def _check_msl_subset(text: str, shown: str) -> None:
+    """Rules of the MSL specification that the harness's C++ compiler does not enforce, checked on the source text
+    (comments and string literals blanked, lines kept): no standard library, exceptions, dynamic allocation, virtual
+    functions or goto; every use of bfloat inside a `#if defined(__HAVE_BFLOAT__)` (or `__METAL_VERSION__ >= 310`)
+    block, since Metal before 3.1 (macOS 13) has no bfloat and the file must still compile there for float and half."""
+    code = COMMENT_RE.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+    code = re.sub(r'"(?:[^"\\\n]|\\.)*"', lambda m: " " * len(m.group(0)), code)
+    depth_guard: list[bool] = []  # one entry per open #if: whether it is (or is inside) a bfloat guard
+    for number, line in enumerate(code.split("\n"), start=1):
+        directive = line.strip()
+        if directive.startswith("#"):
+            word = directive[1:].strip().split(" ", 1)[0].split("(", 1)[0]
+            if word in ("if", "ifdef", "ifndef"):
+                inside = bool(depth_guard and depth_guard[-1])
+                depth_guard.append(inside or bool(BFLOAT_GUARD_RE.match(line)))
+            elif word in ("else", "elif") and depth_guard:
+                depth_guard[-1] = bool(len(depth_guard) > 1 and depth_guard[-2])
+            elif word == "endif" and depth_guard:
+                depth_guard.pop()
+            continue
+        m = FORBIDDEN_CXX_RE.search(line)
+        if m:
+            raise PrepassError(f"{shown}:{number}: {m.group(0)!r} is C++ that the Metal Shading Language does not have")
+        if re.search(r"\bbfloat\d?\b", line) and not (depth_guard and depth_guard[-1]):
+            raise PrepassError(
+                f"{shown}:{number}: bfloat outside `#if defined(__HAVE_BFLOAT__)`: Metal before 3.1 has no bfloat, "
+                "and the whole file would fail to compile there (float and half kernels included)"
+            )
 
 
 def _tokens(text: str) -> list[str]:
@@ -216,9 +270,17 @@ def _check_unconverted_host_names(text: str, shown: str) -> None:
         )
 
 
-def prepass(path: Path) -> Prepassed:
+# The shaders the package ships: the MSL-subset rules (_check_msl_subset) apply to them; the harness's own test shaders
+# (tests/emulator_shaders/) may use what only the harness has.
+SHIPPED_SHADERS = Path(__file__).resolve().parents[2] / "shaders"
+
+
+def prepass(path: Path, msl_subset: bool | None = None) -> Prepassed:
+    """msl_subset: check _check_msl_subset's rules (default: for the shipped shaders)."""
     text = path.read_text()
     shown = str(path)
+    if msl_subset if msl_subset is not None else path.resolve().parent == SHIPPED_SHADERS:
+        _check_msl_subset(text, shown)
     kernels = _parse_kernels(text, shown)
     host_names: list[str] = []
     host_lines: dict[str, int] = {}
