@@ -59,7 +59,9 @@ template <typename T>
     }
   }
   const float row_max = threadgroup_max(m, scratch, lane, simd_group, n_simd);
-  s = m == -INFINITY ? 0.0f : s * exp_nonpositive(m - row_max);
+  // m = -inf (no finite or +inf element): s is 0, or NaN from a NaN element, and must stay so (not exp(-inf - -inf)
+  // = NaN for an all -inf thread, not 0 for a NaN one: max drops a NaN, only the sum carries it to the row's lse).
+  s = m == -INFINITY ? (isnan(s) ? s : 0.0f) : s * exp_nonpositive(m - row_max);
   const float lse = row_max + precise::log(threadgroup_sum(s, scratch, lane, simd_group, n_simd));
   z_sum = threadgroup_sum(z_sum, scratch, lane, simd_group, n_simd);
   // Reduced, not re-read by thread 0: with grad == logits another thread may already overwrite z[target] below.

@@ -122,7 +122,9 @@ template <typename T>
     }
   }
   const float row_max = threadgroup_max(m, scratch, lane, simd_group, n_simd);
-  s = m == -INFINITY ? 0.0f : s * exp_nonpositive(m - row_max);
+  // m = -inf (no finite or +inf element): s is 0, or NaN from a NaN element, and must stay so (not exp(-inf - -inf)
+  // = NaN for an all -inf thread, not 0 for a NaN one: max drops a NaN, only the sum carries it to the row).
+  s = m == -INFINITY ? (isnan(s) ? s : 0.0f) : s * exp_nonpositive(m - row_max);
   const float inv = 1.0f / threadgroup_sum(s, scratch, lane, simd_group, n_simd);
   // Pass 2: re-read x, write y.
   for (uint c = tid; c < p.cols; c += threads) {

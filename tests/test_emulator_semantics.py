@@ -2,6 +2,7 @@
 ordering, half/bfloat conversions, vector swizzles and constructors, grid positions and threadgroup
 arguments, and the limits it enforces."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,58 @@ def test_simd_ops_on_full_and_partial_groups(harness, mode):
             assert out[t, 7] == (1.0 if lane == 0 else 0.0)
             assert out[t, 8] == float(bool((vals > 30.5).any()))
             assert out[t, 9] == float(bool((vals >= 0).all()))
+
+
+def _same(got: float, expected: float) -> bool:
+    return got == expected or (math.isnan(expected) and math.isnan(got))
+
+
+def _max_dropping_nan(values: torch.Tensor, largest: bool) -> float:
+    finite = values[~torch.isnan(values)]
+    if finite.numel() == 0:
+        return float("nan")
+    return float(finite.max() if largest else finite.min())
+
+
+def test_max_min_and_simd_max_min_drop_nan(harness, mode):
+    """max/min/fmax/fmin (scalar, float2, half), clamp and simd_max/simd_min return the other operand where one is
+    NaN, NaN only where all are: Metal's documented fmax/fmin semantics. A kernel that needs a NaN to reach its
+    output must carry it through a sum (tests/test_nan_inf.py checks every kernel against torch's NaN/inf)."""
+    nan, inf = float("nan"), float("inf")
+    n = 72  # SIMD-group 0: a NaN among finite lanes; 1: NaN in every lane; 2 (8 lanes, partial): NaN and +-inf
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(n, generator=g)
+    a[[3, 17, 31]] = nan
+    a[32:64] = nan
+    a[64:72] = torch.tensor([nan, -inf, 0.5, nan, inf, -2.0, nan, 0.25])
+    b = torch.randn(n, generator=g)
+    b[[0, 3, 40]] = nan  # lane 3: both NaN
+    b[65] = inf
+    out = torch.full((n, 10), 123.0)
+    out_h = torch.full((n, 2), 123.0, dtype=torch.float16)
+    harness.dispatch("nan_max_min", {0: a, 1: b, 2: out, 3: out_h}, (1, 1, 1), (n, 1, 1))
+    for t in range(n):
+        pair = torch.tensor([a[t].item(), b[t].item()])
+        hi, lo = _max_dropping_nan(pair, True), _max_dropping_nan(pair, False)
+        got = out[t].tolist()
+        expected = [hi, lo, hi, lo, hi, lo]
+        for k, e in enumerate(expected):
+            assert _same(got[k], e), f"thread {t}, output {k}: {got[k]} != {e}"
+        half_hi = _max_dropping_nan(pair.half().float(), True)
+        assert _same(got[8], half_hi), f"thread {t}: half max {got[8]}"
+        clamped = -1.0 if math.isnan(a[t]) else min(max(a[t].item(), -1.0), 1.0)
+        assert got[9] == clamped, f"thread {t}: clamp {got[9]}"
+    for lanes in _groups(n):
+        vals = a[lanes]
+        hi, lo = _max_dropping_nan(vals, True), _max_dropping_nan(vals, False)
+        for t in lanes:
+            for k, e in ((6, hi), (7, lo)):
+                got = out[t, k].item()
+                assert _same(got, e), f"thread {t}, simd output {k}: {got} != {e}"
+            halves = vals.half().float()
+            for k, e in ((0, _max_dropping_nan(halves, True)), (1, _max_dropping_nan(halves, False))):
+                got = out_h[t, k].item()
+                assert _same(got, e), f"thread {t}, half simd output {k}: {got} != {e}"
 
 
 def test_simd_shuffle_down_up_keep_values_outside_the_group(harness, mode):

@@ -35,6 +35,10 @@ KERNELS = ("tests/test_emulator_kernels.py",)
 CROSS_ENTROPY = ("tests/test_cross_entropy.py",)
 GLU = ("tests/test_glu.py",)
 ROPE = ("tests/test_rope.py",)
+# The NaN/±inf contract (issue 31), per op.
+NAN_INF_SOFTMAX = ("tests/test_nan_inf.py::test_softmax",)
+NAN_INF_CROSS_ENTROPY = ("tests/test_nan_inf.py::test_cross_entropy", "tests/test_nan_inf.py::test_issue_31_repro")
+NAN_INF_GLU = ("tests/test_nan_inf.py::test_glu",)
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,8 @@ MUTANTS: list[Mutant] = [
     _m(
         "softmax_looped_thread_sum_not_moved_to_row_max",
         S,
-        "s = m == -INFINITY ? 0.0f : s * exp_nonpositive(m - row_max);",
-        "s = m == -INFINITY ? 0.0f : s;",
+        "s = m == -INFINITY ? (isnan(s) ? s : 0.0f) : s * exp_nonpositive(m - row_max);",
+        "s = m == -INFINITY ? (isnan(s) ? s : 0.0f) : s;",
         SOFTMAX,
         "each thread's sum added at its own max instead of rescaled to the row's",
     ),
@@ -124,6 +128,24 @@ MUTANTS: list[Mutant] = [
         "} else {",
         SOFTMAX,
         "a masked (-inf) element seen before any finite one adds exp(-inf - -inf) = NaN to the sum",
+    ),
+    _m(
+        "softmax_looped_nan_sum_dropped_without_a_max",
+        S,
+        "s = m == -INFINITY ? (isnan(s) ? s : 0.0f) : s * exp_nonpositive(m - row_max);",
+        "s = m == -INFINITY ? 0.0f : s * exp_nonpositive(m - row_max);",
+        NAN_INF_SOFTMAX,
+        "issue 31: a thread whose elements are all NaN or -inf keeps m = -inf and its NaN sum is thrown away (max "
+        "drops the NaN), so a NaN among -inf gives a finite softmax",
+    ),
+    _m(
+        "softmax_looped_nan_never_summed",
+        S,
+        "} else if (xv != -INFINITY) {",
+        "} else if (xv > -INFINITY) {",
+        NAN_INF_SOFTMAX,
+        "the online loop's -inf test written as a comparison that is false for NaN: a NaN element never reaches the "
+        "sum, and the row is finite",
     ),
     _m(
         "softmax_looped_noop_statement",
@@ -442,6 +464,24 @@ MUTANTS: list[Mutant] = [
         "a masked (-inf) logit seen before any finite one adds exp(-inf - -inf) = NaN to the sum",
     ),
     _m(
+        "cross_entropy_nan_sum_dropped_without_a_max",
+        CE,
+        "s = m == -INFINITY ? (isnan(s) ? s : 0.0f) : s * exp_nonpositive(m - row_max);",
+        "s = m == -INFINITY ? 0.0f : s * exp_nonpositive(m - row_max);",
+        NAN_INF_CROSS_ENTROPY,
+        "issue 31 as reported: a thread holding only a NaN logit (vocab 8, 33, 300: one logit per thread) keeps "
+        "m = -inf and its NaN sum is thrown away, so the loss is finite while the gradient row is NaN",
+    ),
+    _m(
+        "cross_entropy_nan_never_summed",
+        CE,
+        "} else if (z != -INFINITY) {",
+        "} else if (z > -INFINITY) {",
+        NAN_INF_CROSS_ENTROPY,
+        "the online loop's -inf test written as a comparison that is false for NaN: a NaN logit never reaches the "
+        "logsumexp (the loss stays finite unless the NaN is the target)",
+    ),
+    _m(
         "cross_entropy_smoothing_over_threads",
         CE,
         "row_loss -= eps * z_sum / float(p.vocab);",
@@ -499,6 +539,15 @@ MUTANTS: list[Mutant] = [
         "sech2 < 1e-3f && isfinite(g) ? 0.0f",
         GLU,
         "the GeGLU derivative's second term zeroed too early (|g| > ~2.5, not only where tanh saturates)",
+    ),
+    _m(
+        "glu_gelu_slope_guard_drops_the_isfinite_test",
+        GL,
+        "sech2 == 0.0f && isfinite(g) ? 0.0f",
+        "sech2 == 0.0f ? 0.0f",
+        NAN_INF_GLU,
+        "GeGLU's derivative guard (slope 0 where tanh saturates) taken at ±inf too: a finite dgate where torch's "
+        "is NaN (±inf · 0)",
     ),
     _m(
         "glu_dup_from_the_derivative",

@@ -176,7 +176,14 @@ def cross_entropy_rows(
     if softcap > 0:
         capped = torch.tanh(z / softcap)
         z = capped * softcap
-    lse = torch.logsumexp(z, dim=-1)
+    # log_softmax's composition, not torch.logsumexp: logsumexp returns +inf for a row holding +inf, where
+    # F.cross_entropy's log_softmax gives NaN (inf - inf) for the loss and every gradient element; the kernels follow
+    # F.cross_entropy.
+    if z.numel():
+        row_max = z.amax(-1, keepdim=True)  # NaN-propagating; exp(NaN) below makes the row NaN either way
+        lse = (row_max + torch.exp(z - row_max).sum(-1, keepdim=True).log()).squeeze(-1)
+    else:  # no rows (amax refuses an empty vocabulary)
+        lse = z.sum(-1)
     valid = target != ignore_index
     z_target = z.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
     loss = lse - (1.0 - label_smoothing) * z_target

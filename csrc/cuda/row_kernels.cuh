@@ -1100,7 +1100,8 @@ __global__ void cross_entropy_rows_looped(const T* logits, int64_t stride, const
     }
   }
   const float row_max = block_reduce<true>(m, scratch);
-  s = m == -INFINITY ? 0.0f : s * expf(m - row_max);
+  // m = -inf: s is 0, or NaN from a NaN logit (fmaxf drops NaN, only the sum carries it), as softmax_forward_smem.
+  s = m == -INFINITY ? (s != s ? s : 0.0f) : s * expf(m - row_max);
   const float lse = row_max + logf(block_reduce<false>(s, scratch));
   z_sum = block_reduce<false>(z_sum, scratch);
   z_target = block_reduce<false>(z_target, scratch);  // not re-read: with grad == logits it may be overwritten below

@@ -23,6 +23,34 @@ constant constexpr uint SIMD_OUTS = 10;
   o[9] = simd_all(v >= 0.0f) ? 1.0f : 0.0f;
 }
 
+// NaN operands of max/min/fmax/fmin (scalar, vector, half) and of simd_max/simd_min: the harness drops a NaN, as
+// the MSL specification documents fmax/fmin (NaN only when every operand is one).
+constant constexpr uint NAN_OUTS = 10;
+
+[[kernel]] void nan_max_min(
+    device const float* a [[buffer(0)]],
+    device const float* b [[buffer(1)]],
+    device float* out [[buffer(2)]],
+    device half* out_h [[buffer(3)]],
+    uint tid [[thread_index_in_threadgroup]]) {
+  const float x = a[tid], y = b[tid];
+  device float* o = out + tid * NAN_OUTS;
+  o[0] = max(x, y);
+  o[1] = min(x, y);
+  o[2] = fmax(x, y);
+  o[3] = fmin(x, y);
+  const float2 v = max(float2(x, y), float2(y, x));
+  const float2 w = min(float2(x, y), float2(y, x));
+  o[4] = v.x;
+  o[5] = w.y;
+  o[6] = simd_max(x);
+  o[7] = simd_min(x);
+  o[8] = float(max(half(x), half(y)));
+  o[9] = clamp(x, -1.0f, 1.0f);
+  out_h[tid * 2] = simd_max(half(x));
+  out_h[tid * 2 + 1] = simd_min(half(x));
+}
+
 // Full SIMD-groups only: shuffle_down/up keep the value where the source lane is outside the group.
 [[kernel]] void simd_shifts(
     device const float* in [[buffer(0)]],

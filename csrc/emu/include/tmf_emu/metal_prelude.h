@@ -143,13 +143,37 @@ using metal::rsqrt;
 using metal::sqrt;
 }  // namespace fast
 
+// max/min/fmax/fmin as the Metal Shading Language specification documents fmax/fmin (as OpenCL does): when one
+// argument is a NaN the other is returned, NaN only when both are. Whatever Apple's compiler does for `max` on a
+// given GPU, a kernel must not rely on a max or min carrying a NaN: it carries NaN through sums (IEEE), and these
+// NaN-dropping semantics make a kernel that relies on a max fail here. Vectors: element by element.
+template <typename T>
+inline T tmf_select_non_nan(T a, T b, bool greater) {
+  if constexpr (tmf_is_scalar<T>) {
+    if (a != a) return b;
+    if (b != b) return a;
+    return (greater ? a > b : a < b) ? a : b;
+  } else {
+    T r = a;
+    for (int i = 0; i < int(__builtin_vectorelements(T)); ++i) r[i] = tmf_select_non_nan(a[i], b[i], greater);
+    return r;
+  }
+}
 template <typename T>
 inline T max(T a, T b) {
-  return a > b ? a : b;
+  return tmf_select_non_nan(a, b, true);
 }
 template <typename T>
 inline T min(T a, T b) {
-  return a < b ? a : b;
+  return tmf_select_non_nan(a, b, false);
+}
+template <typename T>
+inline T fmax(T a, T b) {
+  return tmf_select_non_nan(a, b, true);
+}
+template <typename T>
+inline T fmin(T a, T b) {
+  return tmf_select_non_nan(a, b, false);
 }
 template <typename T>
 inline T fma(T a, T b, T c) {

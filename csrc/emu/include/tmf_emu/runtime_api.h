@@ -107,9 +107,10 @@ uint32_t resolve_simd(SimdOp op, LaneIO* lanes, uint32_t active) {
         for (int l = 0; l < kSimdWidth; ++l) {
           if (!(active >> l & 1u)) continue;
           T v = in(l);
-          // NaN propagates, as on the GPU's fmax/fmin reductions of our kernels' inputs.
-          if (v != v || total != total) total = v != v ? v : total;
-          else if (op == SimdOp::max ? v > total : v < total) total = v;
+          // NaN is dropped, as Metal's fmax/fmin drop it (metal_prelude.h): the result is NaN only when every
+          // active lane holds one, so a kernel cannot rely on simd_max/simd_min carrying a NaN.
+          if (v != v) continue;
+          if (total != total || (op == SimdOp::max ? v > total : v < total)) total = v;
         }
       }
     }
