@@ -83,7 +83,7 @@ def _case(name: str, device, dtype=torch.float32, reduction: str = "mean") -> Ca
         if name == "cross_entropy":
             return Case(
                 lambda z: tmf.cross_entropy(z, target, reduction=reduction),
-                lambda z: F.cross_entropy(z, target, reduction=reduction),
+                lambda z: F.cross_entropy(z, target.to(z.device), reduction=reduction),
                 [r((9, 40), 1, 3.0)],
                 double_backward=False,
                 scalar_output=reduction != "none",
@@ -91,7 +91,7 @@ def _case(name: str, device, dtype=torch.float32, reduction: str = "mean") -> Ca
         ins = [r((9, 16), 1), r((40, 16), 2, 0.5), r((40,), 3)]
         return Case(
             lambda h, w, b: tmf.linear_cross_entropy(h, w, target, b, reduction=reduction, chunk_size=4),
-            lambda h, w, b: F.cross_entropy(F.linear(h, w, b), target, reduction=reduction),
+            lambda h, w, b: F.cross_entropy(F.linear(h, w, b), target.to(h.device), reduction=reduction),
             ins,
             double_backward=False,
             scalar_output=reduction != "none",
@@ -105,7 +105,9 @@ def _case(name: str, device, dtype=torch.float32, reduction: str = "mean") -> Ca
         cos, sin = _rope_tables(7, 16, dtype, device)
         ins = [r((2, 4, 7, 16), 1), r((2, 2, 7, 16), 2)]
         return Case(
-            lambda q, k: tmf.rope(q, k, cos, sin), lambda q, k: _rope_torch(q, k, cos.double(), sin.double()), ins
+            lambda q, k: tmf.rope(q, k, cos, sin),
+            lambda q, k: _rope_torch(q, k, cos.to(q.device, q.dtype), sin.to(q.device, q.dtype)),
+            ins,
         )
     if name == "lora_linear":
         ins = [r((3, 11, 24), 1), r((20, 24), 2, 24**-0.5), r((4, 24), 3, 0.3), r((20, 4), 4, 0.3), r((20,), 5)]
