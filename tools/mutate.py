@@ -36,6 +36,7 @@ CROSS_ENTROPY = ("tests/test_cross_entropy.py",)
 GLU = ("tests/test_glu.py",)
 ROPE = ("tests/test_rope.py",)
 # The NaN/±inf contract (issue 31), per op.
+AUTOGRAD_CONTRACT = ("tests/test_autograd_contract.py",)
 NAN_INF_SOFTMAX = ("tests/test_nan_inf.py::test_softmax",)
 NAN_INF_CROSS_ENTROPY = ("tests/test_nan_inf.py::test_cross_entropy", "tests/test_nan_inf.py::test_issue_31_repro")
 NAN_INF_GLU = ("tests/test_nan_inf.py::test_glu",)
@@ -763,6 +764,34 @@ MUTANTS: list[Mutant] = [
         "      if (c0 + i <= cols) {",
         (*SOFTMAX, *RMS_NORM),
         "an off-by-one bound in the tail's stores: one element past the row written (the next row's first)",
+    ),
+    # The op layer's autograd semantics (issue 31): Python, guarded by the contract on the reference and the harness.
+    _m(
+        "linear_cross_entropy_keeps_the_gradients_it_hands_over",
+        "torch_metal_fused/ops/cross_entropy.py",
+        "                ctx.eager_grads = None  # autograd owns them now; a retained graph's next backward recomputes\n",
+        "",
+        AUTOGRAD_CONTRACT,
+        "issue 31 as reported: loss.backward() hands the gradients computed in forward to autograd and keeps them, so "
+        "a retained graph's next backward accumulates into them (third call: 'modified by an inplace operation')",
+    ),
+    _m(
+        "softmax_double_backward_through_the_kernel",
+        "torch_metal_fused/ops/softmax.py",
+        "        if create_graph_requested():",
+        "        if False:",
+        AUTOGRAD_CONTRACT,
+        "issue 31: backward with create_graph=True runs the non-differentiable kernel, so the second derivative "
+        "silently misses the terms through dy and y",
+    ),
+    _m(
+        "rms_norm_double_backward_with_the_saved_rstd",
+        "torch_metal_fused/ops/rms_norm.py",
+        "            rstd = reference.rms_norm_forward(x, weight, ctx.eps, ctx.offset)[1]\n",
+        "",
+        AUTOGRAD_CONTRACT,
+        "issue 31 as reported (11-75 % off in gradgradcheck): the double-backward formula uses the rstd saved in "
+        "forward, which carries no gradient of x",
     ),
     _m(
         "shared_dw_reduce_columns",
