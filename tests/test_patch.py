@@ -505,3 +505,43 @@ def test_fsdp2_two_processes_match_one(tmp_path, backend_name, monkeypatch):
     tensors, so sharded training equals one process."""
     monkeypatch.setenv("TORCH_METAL_FUSED_BACKEND", backend_name)
     _two_processes_match_one(tmp_path, backend_name, "fsdp2")
+
+
+def test_peft_default_float32_adapters_on_a_bfloat16_base_are_reported_and_warned(monkeypatch):
+    """PEFT's default (autocast_adapter_dtype=True) keeps adapters in float32 on a bfloat16 model: the fused op serves
+    such a layer only under autocast. The report says so (never a plain "patched" for a layer whose every call
+    outside autocast runs PEFT's forward), a call outside autocast warns once and equals PEFT's, and under autocast
+    the fused op runs."""
+    from peft import LoraConfig, get_peft_model
+
+    from torch_metal_fused import patch
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.proj = torch.nn.Linear(12, 10, dtype=torch.bfloat16)
+    model = get_peft_model(holder, LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False))
+    layer = model.base_model.model.proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's default, which users have
+    x = torch.randn(5, 12, dtype=torch.bfloat16)
+    ref = layer(x)
+    report = tmf.patch_model(model)
+    (what,) = [w for n, w in report.patched if n.endswith("proj")]
+    assert "fused only under torch.autocast" in what and "float32 on a bfloat16 base" in what
+    assert "autocast_adapter_dtype=False" in str(report)
+    monkeypatch.setattr(patch, "_warned_lora_dtypes", set())
+    calls = _count_calls(monkeypatch)
+    with pytest.warns(UserWarning, match="mixes dtypes .* runs PEFT's own"):
+        out = layer(x)
+    assert calls == [] and torch.equal(out, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert calls == ["lora_forward"]
+    same = get_peft_model(_holder_bf16(), LoraConfig(r=4, target_modules=["proj"]), autocast_adapter_dtype=False)
+    (what,) = [w for n, w in tmf.patch_model(same).patched if n.endswith("proj")]
+    assert what == "PEFT lora.Linear"
+
+
+def _holder_bf16() -> torch.nn.Module:
+    holder = torch.nn.Module()
+    holder.proj = torch.nn.Linear(12, 10, dtype=torch.bfloat16)
+    return holder

@@ -23,6 +23,7 @@ import inspect
 import sys
 import threading
 import types
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -95,7 +96,7 @@ class PatchReport:
                 "  (a patched causal LM computes the loss of training forwards with labels from the hidden states; "
                 "their output's logits is None. Other forwards run the original code)"
             )
-        if any(what == "PEFT lora.Linear" for _, what in self.patched):
+        if any(what.startswith("PEFT lora.Linear") for _, what in self.patched):
             lines.append(
                 "  (a patched PEFT layer runs PEFT's own forward for calls with disabled or merged adapters, "
                 "adapter_names, or mixed dtypes; active adapters after the first use PEFT's formula)"
@@ -181,6 +182,39 @@ def _lora_static_problem(module: nn.Module) -> str | None:
     return None
 
 
+def _lora_dtype_caveat(module: nn.Module) -> str:
+    """ "" or why this layer's calls run PEFT's forward outside autocast: adapters in another dtype than the base
+    (PEFT's default `autocast_adapter_dtype=True` keeps them in float32 on a bfloat16/float16 model)."""
+    base = module.base_layer.weight.dtype
+    adapters = {p.dtype for name in module.lora_A for p in (module.lora_A[name].weight, module.lora_B[name].weight)}
+    if adapters <= {base}:
+        return ""
+    names = "/".join(sorted(str(d).removeprefix("torch.") for d in adapters))
+    return (
+        f" — fused only under torch.autocast: its adapters are {names} on a {str(base).removeprefix('torch.')} base, "
+        "so other calls run PEFT's own forward (get_peft_model(..., autocast_adapter_dtype=False) keeps the "
+        "adapters in the base's dtype)"
+    )
+
+
+_warned_lora_dtypes: set[tuple[torch.dtype, ...]] = set()
+
+
+def _warn_lora_dtype_fallback(dtypes: set[torch.dtype]) -> None:
+    """Once per dtype combination: a patched LoRA layer whose call runs PEFT's forward because of mixed dtypes."""
+    key = tuple(sorted(dtypes, key=str))
+    if key in _warned_lora_dtypes:
+        return
+    _warned_lora_dtypes.add(key)
+    warnings.warn(
+        "torch_metal_fused: a patched PEFT LoRA layer mixes dtypes ("
+        + ", ".join(str(d).removeprefix("torch.") for d in key)
+        + ") outside torch.autocast, so it runs PEFT's own (unfused) forward. PEFT keeps adapters in float32 by "
+        "default: pass autocast_adapter_dtype=False to get_peft_model, or train under torch.autocast.",
+        stacklevel=3,
+    )
+
+
 def _dropout_p(dropout: nn.Module) -> float | None:
     if isinstance(dropout, nn.Identity):
         return 0.0
@@ -204,6 +238,8 @@ def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     # Mixed dtypes: PEFT's code casts between them exactly, but under autocast lora_linear casts as F.linear does.
     mixed_ok = autocast_enabled(x.device.type) and dtypes <= AUTOCAST_DTYPES
     if p is None or (len(dtypes) != 1 and not mixed_ok):
+        if p is not None:
+            _warn_lora_dtype_fallback(dtypes)
         return original(x)  # casts between dtypes or an unknown dropout module: PEFT's code does them exactly
     # The base is an nn.Linear (_lora_static_problem): its weight is (out, in) whatever fan_in_fan_out says (PEFT
     # reads that flag when merging; its forward calls the base layer as it is).
@@ -453,7 +489,7 @@ def patch_model(
                 report.skipped.append((name, f"PEFT lora.Linear kept on PEFT's forward: {problem}"))
             else:
                 _install(module, _peft_lora_forward)
-                report.patched.append((name, "PEFT lora.Linear"))
+                report.patched.append((name, "PEFT lora.Linear" + _lora_dtype_caveat(module)))
             continue
         if softmax and isinstance(module, nn.Softmax):
             _install(module, _softmax_forward)
