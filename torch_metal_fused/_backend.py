@@ -11,6 +11,10 @@ import warnings
 
 import torch
 
+# Defined below the dispatcher, so that the harness runner can raise it without importing this module (no import
+# cycle _backend -> backends.emulated -> emulator.runner -> _backend); re-exported here, where callers look for it.
+from torch_metal_fused._errors import KernelUnavailable  # noqa: F401
+
 BACKENDS = ("metal", "cuda", "reference", "metal-emulated")
 ENV_VAR = "TORCH_METAL_FUSED_BACKEND"
 STRICT_ENV = "TORCH_METAL_FUSED_STRICT"
@@ -42,20 +46,6 @@ class FallbackError(RuntimeError):
 
     def __reduce__(self):
         return type(self), (str(self), self.family, self.reason)
-
-
-class KernelUnavailable(RuntimeError):
-    """Our kernels cannot serve a call; raised before anything was encoded (by the compiled extension, translated
-    from tmf::launch::KernelUnavailable, and by the harness runner). scope "family": the family's library or a
-    pipeline cannot be built, or it does not run 32-wide SIMD-groups; scope "call": no launch plan fits this
-    call on this device's pipelines."""
-
-    def __init__(self, family: str, scope: str, reason: str) -> None:
-        super().__init__(f"the {family} kernels are unavailable: {reason}")
-        self.family, self.scope, self.reason = family, scope, reason
-
-    def __reduce__(self):
-        return type(self), (self.family, self.scope, self.reason)
 
 
 @functools.cache

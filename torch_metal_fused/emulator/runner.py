@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from torch_metal_fused._backend import KernelUnavailable
+from torch_metal_fused._errors import KernelUnavailable
 from torch_metal_fused.emulator.build import Libraries, ensure_built
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
