@@ -293,3 +293,70 @@ def test_linear_cross_entropy_retain_graph_repro_from_the_issue(backend):
         torch.testing.assert_close(gh, k * grads[0][0])
         torch.testing.assert_close(gw, k * grads[0][1])
     assert math.isfinite(float(loss.detach()))
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_retained_backwards_with_output_gradients_other_than_one(backend, name, reduction):
+    """(loss · s).backward(retain_graph=True) for s = 2, 1, 1, 0.5: the first call scales the gradients computed in
+    forward, the later ones recompute; each adds s times the float64 gradient. A recompute that dropped the output
+    gradient, or a scaling rounded to the loss's dtype, fails here."""
+    case = _case(name, backend.device, reduction=reduction)
+    leaves = _leaves(case)
+    loss = case.op(*leaves)
+    ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+    ref_grads = torch.autograd.grad(case.composite(*ref_leaves), ref_leaves)
+    total = 0.0
+    for s in (2.0, 1.0, 1.0, 0.5):
+        (loss * s).backward(retain_graph=True)
+        total += s
+        for i, (t, ref) in enumerate(zip(leaves, ref_grads)):
+            assert_matches(
+                t.grad, total * ref, torch.float32, f"{name} input {i} after output gradients summing to {total}"
+            )
+
+
+def test_linear_cross_entropy_keeps_nothing_after_a_scaled_backward_and_no_cast_weight(backend):
+    """After a backward with an output gradient other than 1 (GradScaler, gradient accumulation) the op holds no
+    gradient; under autocast it keeps the original float32 weight for a recompute, not the cast vocab x hidden copy."""
+    h = randn((9, 16), torch.float32, backend.device).requires_grad_(True)
+    w = randn((40, 16), torch.float32, backend.device, seed=1).requires_grad_(True)
+    target = T(TARGET, device=backend.device)
+    loss = tmf.linear_cross_entropy(h, w, target)
+    node = _custom_node((loss,))
+    (loss * 0.5).backward()
+    assert node.eager_grads is None
+    with torch.autocast(backend.device.type, dtype=torch.bfloat16):
+        loss = tmf.linear_cross_entropy(h, w, target)
+    node = _custom_node((loss,))
+    assert all(t is None or t.numel() != w.numel() for t in node.saved_tensors)
+    assert node.weight_before_cast is w
+    g1 = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (h, w))  # the recompute, from the original weight cast again
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm"])
+def test_double_backward_with_gemma_offset(backend, name):
+    """offset=1 ((1 + weight), Gemma): the create_graph formula must use it too."""
+    x, res = randn((5, 33), torch.float32, backend.device), randn((5, 33), torch.float32, backend.device, seed=1)
+    w = randn((33,), torch.float32, backend.device, scale=0.1, seed=2)
+    if name == "rms_norm":
+        op = lambda x, w: tmf.rms_norm(x, w, EPS, offset=1.0)  # noqa: E731
+        composite = lambda x, w: _rms(x, w + 1.0)  # noqa: E731
+        leaves = [x, w]
+    else:
+        op = lambda x, r, w: tmf.add_rms_norm(x, r, w, EPS, offset=1.0)[0]  # noqa: E731
+        composite = lambda x, r, w: _rms(x + r, w + 1.0)  # noqa: E731
+        leaves = [x, res, w]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    dys = [randn((5, 33), torch.float32, backend.device, seed=3)]
+    vs = [randn(t.shape, t.dtype, t.device, seed=10 + i) for i, t in enumerate(leaves)]
+    _, second = _vector_hessian_product(op, leaves, dys, vs)
+    ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+    _, ref = _vector_hessian_product(
+        composite, ref_leaves, [d.double().cpu() for d in dys], [v.double().cpu() for v in vs]
+    )
+    for i, (a, b) in enumerate(zip(second, ref)):
+        assert_matches(a, b, torch.float32, f"{name} offset=1 second derivative {i}")

@@ -155,13 +155,6 @@ def _reduce(loss_rows: torch.Tensor, row_scale: torch.Tensor, reduction: str, sh
     return (loss_rows * row_scale).sum().to(dtype)
 
 
-def _is_one(grad_out: torch.Tensor) -> bool:
-    """Whether the scalar output gradient is exactly 1 (one device sync, once per loss backward): then the eagerly
-    computed gradients are returned as they are, and the weight's gradient (vocab x hidden, the largest tensor of
-    the step) is not copied by a multiplication (Liger-Kernel's fused linear cross-entropy does the same)."""
-    return grad_out.numel() == 1 and bool(grad_out == 1)
-
-
 class CrossEntropyFunction(torch.autograd.Function):
     """Keeps only d(loss)/d(logits), computed in forward (not the logits): double backward is refused."""
 
@@ -187,11 +180,13 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """With reduction "mean" or "sum" the gradients are computed in forward. The first backward with an output
-    gradient of 1 (`loss.backward()`) hands those tensors to autograd without a copy and lets go of them (autograd
-    may accumulate into them); any other backward, or one after the hand-over (a retained graph), computes fresh
-    gradients, from the kept ones scaled or by recomputing the chunks from the saved inputs. So no returned gradient
-    shares storage with state this Function still holds. Double backward is refused."""
+    """With reduction "mean" or "sum" the gradients are computed in forward. The first backward scales them in place
+    by the output gradient (a Python float: one device sync per loss backward), hands them to autograd without a
+    copy of dweight (the largest tensor of the step, as Liger-Kernel's fused linear cross-entropy does) and lets go
+    of them; a later backward on a retained graph recomputes the chunks from the saved inputs. So no returned
+    gradient shares storage with state this Function still holds. For that recompute it keeps hidden (tokens x
+    hidden) and, where autocast cast the weight, the original weight (alive anyway) rather than the cast copy.
+    Double backward is refused."""
 
     @staticmethod
     def forward(
@@ -207,6 +202,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         chunk_size,
         out_dtype,
         dweight_float32=False,
+        weight_before_cast=None,
     ):
         hidden2, target2 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
         row_scale = _row_scale(target2, ignore_index, reduction, _loss_dtype(hidden.dtype))
@@ -228,7 +224,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # The eager gradients live on ctx (not save_for_backward) so that backward can drop them once handed over.
         ctx.eager_grads = [dh, dw, db] if eager else None
         ctx.row_scale = row_scale if eager else None
-        ctx.save_for_backward(hidden2, weight, bias, target2)
+        # Under autocast `weight` is a cast copy (vocab x hidden): keep the original (a parameter) and cast again in
+        # the recompute, rather than hold the copy until backward.
+        ctx.weight_before_cast, ctx.weight_dtype = weight_before_cast, weight.dtype
+        ctx.save_for_backward(hidden2, weight if weight_before_cast is None else None, bias, target2)
         return _reduce(loss_rows, row_scale, reduction, target.shape, out_dtype)
 
     @staticmethod
@@ -236,15 +235,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         refuse_double_backward("linear_cross_entropy")
         needs = ctx.needs
         if ctx.eager_grads is not None:
-            dh, dw, db = ctx.eager_grads
-            if _is_one(grad_out):  # loss.backward(): the gradients as forward computed them, no copy of dweight
-                grads = [t if need else None for t, need in zip((dh, dw, db), needs)]
-                ctx.eager_grads = None  # autograd owns them now; a retained graph's next backward recomputes
-            else:  # out of place: the kept gradients stay unscaled for a retained graph's next backward
-                g = grad_out.to(dh.dtype if needs[0] else dw.dtype if needs[1] else db.dtype)
-                grads = [t * g if need else None for t, need in zip((dh, dw, db), needs)]
+            grads = [t if need else None for t, need in zip(ctx.eager_grads, needs)]
+            ctx.eager_grads = None  # autograd owns them now; a retained graph's next backward recomputes
+            scale = float(grad_out)  # a Python float: each tensor scaled at its own precision, not in grad_out's
+            if scale != 1.0:
+                for t in grads:
+                    if t is not None:
+                        t.mul_(scale)  # in place: no second copy of dweight
         else:
             hidden2, weight, bias, target2 = ctx.saved_tensors
+            if weight is None:
+                weight = ctx.weight_before_cast.to(ctx.weight_dtype)
             ignore_index, label_smoothing, softcap, chunk_size = ctx.args
             if ctx.row_scale is not None:  # "mean"/"sum" after the hand-over: each row's scale times the output's
                 row_scale = ctx.row_scale * grad_out.to(ctx.row_scale.dtype)
@@ -256,7 +257,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dh, dw, db = grads
         if dh is not None:
             dh = dh.reshape(ctx.hidden_shape)
-        return dh, dw, None, db, None, None, None, None, None, None, None
+        return dh, dw, None, db, None, None, None, None, None, None, None, None
 
 
 # ---- public functions ----------------------------------------------------------------------------------------
@@ -350,12 +351,15 @@ def linear_cross_entropy(
     torch.float32 returns the float32 accumulation unrounded). Under torch.autocast, as F.cross_entropy(F.linear())
     there: hidden, weight and bias cast to the autocast dtype, the loss in float32 unless out_dtype says otherwise."""
     dweight_float32 = False
+    weight_before_cast = None
     if isinstance(hidden, torch.Tensor) and autocast_enabled(hidden.device.type):
         if out_dtype is None and hidden.dtype in AUTOCAST_DTYPES:  # F.cross_entropy's float32 loss there
             out_dtype = torch.float32
-        weight_dtype = weight.dtype if isinstance(weight, torch.Tensor) else None
+        original = weight
         hidden, weight, bias = cast_like_linear(hidden.device.type, hidden, weight, bias)
-        dweight_float32 = weight_dtype == torch.float32 and weight.dtype != torch.float32
+        if isinstance(original, torch.Tensor) and weight is not original:
+            weight_before_cast = original
+        dweight_float32 = weight_before_cast is not None and weight_before_cast.dtype == torch.float32
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
     check_same_device_dtype("hidden", hidden, weight=weight, bias=bias)
@@ -388,6 +392,7 @@ def linear_cross_entropy(
         max(1, chunk_size),
         out_dtype,
         dweight_float32,
+        weight_before_cast,
     )
 
 
