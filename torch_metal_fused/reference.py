@@ -24,6 +24,15 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return (yf * (dyf - (dyf * yf).sum(-1, keepdim=True))).to(y.dtype)
 
 
+def rms_norm_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """rsqrt(mean(x², -1) + eps) per row, in float32 (float64 for float64 x), shape x.shape[:-1]; differentiable."""
+    ct = _compute_dtype(x.dtype)
+    if x.shape[-1] > 0:
+        return torch.rsqrt(x.to(ct).square().mean(-1) + eps)
+    # empty rows: rsqrt(0 + eps), inf for eps = 0 (a Python eps ** -0.5 would raise)
+    return torch.full(x.shape[:-1], eps, dtype=ct, device=x.device).rsqrt()
+
+
 def rms_norm_forward(
     x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,10 +40,7 @@ def rms_norm_forward(
     shape x.shape[:-1]."""
     ct = _compute_dtype(x.dtype)
     xf = x.to(ct)
-    if x.shape[-1] > 0:
-        rstd = torch.rsqrt(xf.square().mean(-1) + eps)
-    else:  # empty rows: rsqrt(0 + eps), inf for eps = 0 (a Python eps ** -0.5 would raise)
-        rstd = torch.full(x.shape[:-1], eps, dtype=ct, device=x.device).rsqrt()
+    rstd = rms_norm_rstd(x, eps)
     y = xf * rstd.unsqueeze(-1)
     if weight is not None:
         y = y * (weight.to(ct) + offset)

@@ -26,9 +26,6 @@ using launch::Size3;
 #ifndef TMF_TORCH_HAS_MPS_CORE_COUNT
 #define TMF_TORCH_HAS_MPS_CORE_COUNT (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9))
 #endif
-// Without it, the launch plans assume the harness's stand-in core count (launch/common.h): the count only sizes
-// grids and the RMSNorm backward's partial buffer, so a wrong guess costs speed, never correctness.
-constexpr uint32_t kCoreCountBeforeTorch29 = 10;
 
 // The GPU's core count (IORegistry, through ATen), read once: launch plans size their grids and the RMSNorm
 // backward's partial buffer from it.
@@ -36,7 +33,7 @@ inline uint32_t gpu_core_count() {
 #if TMF_TORCH_HAS_MPS_CORE_COUNT
   static const uint32_t cores = std::max<uint32_t>(1, at::mps::MPSDevice::getInstance()->getCoreCount());
 #else
-  static const uint32_t cores = kCoreCountBeforeTorch29;
+  static const uint32_t cores = launch::kStandInGpuCores;  // no core count before torch 2.9
 #endif
   return cores;
 }

@@ -144,18 +144,20 @@ def _parse_kernels(text: str, path: str) -> dict[str, Kernel]:
             if attr not in ROLES:
                 raise PrepassError(f"{path}:{line}: unsupported parameter attribute [[{attr}]] in kernel {name}")
             kernel.bindings.append((ROLES[attr], int(index or 0)))
-        _check_position_widths(text[m.end() : close], f"{path}:{line}", name)
-        _check_buffer_params(text[m.end() : close], f"{path}:{line}", name)
+        params = _split_params(COMMENT_RE.sub(" ", text[m.end() : close]))
+        _check_position_widths(params, f"{path}:{line}", name)
+        _check_buffer_params(params, f"{path}:{line}", name)
         if name in kernels:
             raise PrepassError(f"{path}:{line}: kernel {name} defined twice")
         kernels[name] = kernel
     return kernels
 
 
-def _check_position_widths(params: str, where: str, kernel: str) -> None:
-    """The MSL rule of POSITION_ATTRS (above), which the harness's clang does not enforce."""
+def _check_position_widths(params: list[str], where: str, kernel: str) -> None:
+    """The MSL rule of POSITION_ATTRS (above), which the harness's clang does not enforce. params: the kernel's
+    parameters, comments removed."""
     widths: dict[str, int] = {}
-    for param in _split_params(COMMENT_RE.sub(" ", params)):
+    for param in params:
         attrs = PARAM_ATTR_RE.findall(param)
         if not attrs or attrs[-1][0] not in POSITION_ATTRS:
             continue
@@ -170,10 +172,10 @@ def _check_position_widths(params: str, where: str, kernel: str) -> None:
         )
 
 
-def _check_buffer_params(params: str, where: str, kernel: str) -> None:
+def _check_buffer_params(params: list[str], where: str, kernel: str) -> None:
     """MSL: a [[buffer(n)]] parameter is a pointer or reference in the device or constant address space (clang
-    accepts a plain pointer), and n <= 30."""
-    for param in _split_params(COMMENT_RE.sub(" ", params)):
+    accepts a plain pointer), and n <= 30. params: as _check_position_widths's."""
+    for param in params:
         attrs = PARAM_ATTR_RE.findall(param)
         if not attrs or attrs[-1][0] != "buffer":
             continue

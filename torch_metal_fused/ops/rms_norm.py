@@ -95,7 +95,7 @@ class RMSNormFunction(torch.autograd.Function):
         if not (needs_dx or needs_dw):
             return None, None, None, None
         if create_graph_requested():
-            rstd = reference.rms_norm_forward(x, weight, ctx.eps, ctx.offset)[1]
+            rstd = reference.rms_norm_rstd(x, ctx.eps)
             dx, dw = reference.rms_norm_backward(dy, x, weight, rstd, needs_dx, needs_dw, ctx.offset)
             return dx, dw, None, None
         dx, dw = call(rms_norm_backward, _rms_norm_backward_impl, dy, x, weight, rstd, needs_dx, needs_dw, ctx.offset)
@@ -164,7 +164,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or needs_dw):
             return None, None, None, None, None
         if create_graph_requested():
-            rstd = reference.rms_norm_forward(h, weight, ctx.eps, ctx.offset)[1]
+            rstd = reference.rms_norm_rstd(h, ctx.eps)
             dx, dw = reference.rms_norm_add_backward(dy, dh, h, weight, rstd, needs_dw, ctx.offset)
             return dx, dx, dw, None, None
         dx, dw = call(add_rms_norm_backward, _add_backward_impl, dy, dh, h, weight, rstd, needs_dw, ctx.offset)

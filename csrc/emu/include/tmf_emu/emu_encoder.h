@@ -27,9 +27,9 @@ using tmf::launch::Size3;
 //   max_threads:<target>=<n>     the pipeline's maxTotalThreadsPerThreadgroup is n
 //   simd_width:<target>=<n>      the pipeline's threadExecutionWidth is n
 // where <target> is a family name or a kernel host name. (`no_bfloat` is read by the Python backend.)
-// The GPU core count launch plans see in the harness (on a Mac: MPSDevice::getCoreCount()). 10 is the largest
-// base chip's (M2, M3, M4 with 10 GPU cores); Pro and Max chips have 14-40: runner.gpu_cores() emulates them.
-constexpr uint32_t kHarnessGpuCores = 10;
+// The GPU core count launch plans see in the harness (on a Mac: MPSDevice::getCoreCount()): the launch code's
+// stand-in; runner.gpu_cores() emulates Pro and Max chips.
+constexpr uint32_t kHarnessGpuCores = tmf::launch::kStandInGpuCores;
 
 struct Faults {
   std::string spec;

@@ -110,6 +110,10 @@ constexpr uint32_t kSimdRowsMaxCols = 256;    // simd_rows variants: at most 8 e
 constexpr uint32_t kSimdRowsPerGroup = 8;     // simd_rows variants: rows (SIMD-groups) per threadgroup
 // Threadgroups per GPU core a launch aims for before it packs more rows into a group (latency hiding).
 constexpr uint32_t kGroupsPerCore = 4;
+// The GPU core count a launch plans for where the real one is not known: the harness's default, and on a Mac with
+// torch < 2.9 (no MPSDevice::getCoreCount()). 10 is the largest base chip's (M2, M3, M4); Pro and Max chips have
+// 14-40. The count only sizes grids and the RMSNorm backward's partial buffer: a wrong one costs speed, not results.
+constexpr uint32_t kStandInGpuCores = 10;
 // A kernel that keeps a per-column operand in registers (RMSNorm's weight) re-reads it for every row walker (a
 // threadgroup, or a SIMD-group in simd_rows): walking at least this many rows keeps the re-reads under
 // 1 / (2 · 20) = 2.5 % of the traffic (x read and y written once per row).
