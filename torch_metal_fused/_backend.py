@@ -58,9 +58,33 @@ def _compiled_extension():
     return _C
 
 
-def has_metal_kernels() -> bool:
+def has_metal_extension() -> bool:
     ext = _compiled_extension()
     return ext is not None and getattr(ext, "HAS_METAL", False)
+
+
+# torch.mps.compile_shader's kernels take `arg_casts` from PyTorch 2.9: our argument structs are bound as int32 words.
+COMPILE_SHADER_MIN_TORCH = (2, 9)
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def has_compile_shader() -> bool:
+    """Whether this torch compiles our shaders at run time on MPS (torch.mps.compile_shader, PyTorch 2.9+)."""
+    return (
+        torch_version() >= COMPILE_SHADER_MIN_TORCH
+        and hasattr(torch.mps, "compile_shader")
+        and torch.backends.mps.is_available()
+    )
+
+
+def has_metal_kernels() -> bool:
+    """Whether MPS tensors can run on our Metal kernels: through torch.mps.compile_shader, or the compiled
+    extension (LoRA's kernels still need it: see torch_metal_fused/backends/metal.py)."""
+    return has_compile_shader() or has_metal_extension()
 
 
 def has_cuda_kernels() -> bool:
@@ -111,7 +135,10 @@ def system_description(backend: str) -> str:
     if backend == "metal":
         ext = _compiled_extension()
         metal = getattr(ext, "metal_language_version", lambda: "?")()
-        return f"macOS {platform.mac_ver()[0] or '?'} on {platform.machine()}, Metal language {metal}"
+        return (
+            f"macOS {platform.mac_ver()[0] or '?'} on {platform.machine()}, torch {torch.__version__}, "
+            f"Metal language {metal}"
+        )
     if backend == "metal-emulated":
         return f"Metal-on-CPU harness on {platform.system()} {platform.machine()}"
     return f"{backend} on {platform.platform()}"
@@ -144,8 +171,11 @@ def fall_back(backend: str, family: str, scope: str, reason: str) -> None:
 
 @functools.cache
 def _metal_supports_bfloat16() -> bool:
-    ext = _compiled_extension()
-    return bool(ext is not None and ext.metal_supports_bfloat16())
+    if has_metal_extension():
+        return bool(_compiled_extension().metal_supports_bfloat16())
+    # compile_shader compiles with the OS's newest Metal; a library without bfloat kernels (Metal < 3.1) is found
+    # at the first bfloat16 call and served by the reference (backends/metal_library.py).
+    return has_compile_shader()
 
 
 def bfloat16_supported(backend: str) -> bool:
@@ -225,10 +255,10 @@ def kernels_for(backend: str):
     Every backend exposes the same functions (softmax_forward, rms_norm_backward, lora_forward, ...),
     so each op dispatches with one line.
     """
-    if backend in ("metal", "cuda"):
+    if backend == "cuda":
         return _compiled_extension()
-    if backend == "metal-emulated":
-        from torch_metal_fused.backends import emulated
+    if backend in METAL_BACKENDS:
+        from torch_metal_fused.backends import metal
 
-        return emulated
+        return metal
     raise ValueError(f"no kernels for backend {backend!r}")

@@ -109,7 +109,43 @@ def _families_report(list_kernels: Callable[[str], list[str]], family_status, pi
     return families
 
 
+def compile_shader_families(device: torch.device) -> dict[str, Any]:
+    """The families as torch.mps.compile_shader serves them (on "cpu": the harness's stand-in for it)."""
+    from torch_metal_fused.backends.metal_library import libraries_for
+
+    libs = libraries_for(device)
+
+    def family_status(family: str) -> dict[str, Any]:
+        if family == "lora_linear":  # see backends/metal.py: still launched from the compiled extension
+            error = "launched from the compiled extension, not through compile_shader (dynamic threadgroup memory)"
+            return {"compiled": False, "source": libs.name, "compile_ms": 0.0, "error": error}
+        t0 = time.perf_counter()
+        try:
+            libs.library(family)
+        except _backend.KernelUnavailable as exc:
+            return {"compiled": False, "source": libs.name, "compile_ms": 0.0, "error": exc.reason}
+        return {"compiled": True, "source": libs.name, "compile_ms": (time.perf_counter() - t0) * 1e3, "error": ""}
+
+    def list_kernels(family: str) -> list[str]:
+        return sorted(k for k in dir(libs.library(family)) if k.startswith(_backend.FAMILIES[family]))
+
+    def pipeline_info(kernel: str) -> dict[str, int]:
+        p = libs.pipeline(_backend.family_of_entry(kernel), kernel)
+        return {"max_threads": p.max_threads, "execution_width": p.execution_width}
+
+    return _families_report(list_kernels, family_status, pipeline_info)
+
+
 def metal_report() -> dict[str, Any]:
+    if not _backend.has_metal_extension():
+        name = getattr(torch._C, "_mps_get_name", lambda: "?")()
+        return {
+            "kind": "metal",
+            "device_name": name,
+            "launch": f"torch.mps.compile_shader (torch {torch.__version__}); no compiled extension",
+            "bfloat16": _backend.bfloat16_supported("metal"),
+            "families": compile_shader_families(torch.device("mps")),
+        }
     ext = _backend._compiled_extension()
     return {
         "kind": "metal",
@@ -360,7 +396,12 @@ def collect(device: str | None = None, run_timing: bool = True) -> dict[str, Any
         if device == "mps":
             kernels = metal_report() if _backend.has_metal_kernels() else {"kind": "none"}
             if not _backend.has_metal_kernels():
-                problems.append("the compiled Metal extension is missing: reinstall with `pip install -e .` on the Mac")
+                problems.append(
+                    f"no Metal kernels: torch.mps.compile_shader needs torch >= 2.9 (this is {torch.__version__}), "
+                    "or reinstall with `pip install -e .` on the Mac to build the extension"
+                )
+            elif not _backend.has_metal_extension():
+                problems.append("LoRA is served by the reference: its kernels still need the compiled extension")
         elif device == "cuda":
             kernels = cuda_report()
             if not kernels["kernels_built"]:

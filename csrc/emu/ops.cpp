@@ -238,6 +238,22 @@ const char* tmf_emu_rope_apply(int checking, uint32_t max_threads, int dtype, Te
 
 extern "C" {
 
+// One dispatch as torch.mps.compile_shader encodes it (torch_metal_fused/emulator/compile_shader.py): the kernel's
+// pipeline as a Mac builds it (faults and the pipeline's thread limit applied), buffers by [[buffer(n)]] index, and
+// constant data (Python ints, floats and lists) set with setBytes, not counted as device traffic.
+const char* tmf_emu_encode(int checking, uint32_t max_threads, const char* kernel, int n_buffers,
+                           const int* buffer_indices, const TensorArg* buffers, int n_bytes, const int* bytes_indices,
+                           const void* const* bytes_data, const uint64_t* bytes_sizes, const uint32_t* groups,
+                           const uint32_t* threads) {
+  return run(checking, max_threads, [&](auto& enc) {
+    enc.set_pipeline(enc.pipeline(kernel));
+    for (int i = 0; i < n_buffers; ++i) enc.set_buffer(buffer_indices[i], buf(buffers[i]));
+    for (int i = 0; i < n_bytes; ++i) enc.set_bytes(bytes_indices[i], bytes_data[i], size_t(bytes_sizes[i]));
+    enc.dispatch_threadgroups(tmf::launch::Size3{groups[0], groups[1], groups[2]},
+                              tmf::launch::Size3{threads[0], threads[1], threads[2]});
+  });
+}
+
 // A raw dispatch of any kernel, for the harness's own tests: buffers by [[buffer(n)]] index, threadgroup
 // memory lengths by [[threadgroup(n)]] index.
 const char* tmf_emu_dispatch(int checking, uint32_t max_threads, const char* kernel, int n_buffers,

@@ -11,6 +11,7 @@ Builds are cached by a hash of every input under ~/.cache/torch_metal_fused (or 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -78,14 +79,18 @@ def shader_paths() -> list[Path]:
     return sorted(SHADERS.glob("*.metal"))
 
 
-def _inputs_digest(clang: str) -> str:
+@functools.cache
+def _clang_version(clang: str) -> str:
+    return subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
+
+
+def _inputs_digest(clang: str, shaders: bool = True) -> str:
     h = hashlib.sha256()
-    version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
-    h.update(version.encode())
+    h.update(_clang_version(clang).encode())
     h.update(" ".join(COMMON_FLAGS + CHECK_FLAGS).encode())
     files = sorted(
         [
-            *SHADERS.rglob("*"),
+            *(SHADERS.rglob("*") if shaders else ()),
             *EMU_SRC.rglob("*"),
             *(REPO / "csrc" / "include").rglob("*"),
             Path(__file__),
@@ -109,13 +114,14 @@ def _run(cmd: list[str]) -> None:
         raise ShaderCompileError(f"command failed: {' '.join(cmd)}\n{proc.stderr[-8000:]}")
 
 
-def generate(out_dir: Path, sources: list[Path] | None = None) -> list[Path]:
-    """Pre-pass each shader into out_dir/<stem>.cpp (+ bindings header); returns the .cpp paths."""
+def generate(out_dir: Path, sources: list[Path] | None = None, msl_subset: bool | None = None) -> list[Path]:
+    """Pre-pass each shader into out_dir/<stem>.cpp (+ bindings header); returns the .cpp paths. msl_subset: as
+    prepass's (default: the MSL-subset rules for the shipped shaders only)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     generated = []
     defined_in: dict[str, Path] = {}
     for src in sources or shader_paths():
-        result = prepass(src)
+        result = prepass(src, msl_subset)
         for host in result.host_names:  # one registry for all files: a second definition would replace the first
             if host in defined_in:
                 raise ShaderCompileError(f"{src}: host name {host!r} is also defined in {defined_in[host]}")
@@ -134,12 +140,14 @@ def _include_flags(sources: list[Path] | None, gen_dir: Path) -> list[str]:
     return [f"-iquote{d}" for d in own] + [f"-I{p}" for p in INCLUDES] + [f"-I{gen_dir}"]
 
 
-def compile_libraries(out_dir: Path, sources: list[Path] | None = None, jobs: int | None = None) -> Libraries:
+def compile_libraries(
+    out_dir: Path, sources: list[Path] | None = None, jobs: int | None = None, msl_subset: bool | None = None
+) -> Libraries:
     """Compile and link both libraries into out_dir (no caching; see `ensure_built`)."""
     clang = find_clang()
     _check_boost()
     gen_dir = out_dir / "gen"
-    shaders = generate(gen_dir, sources)
+    shaders = generate(gen_dir, sources, msl_subset)
     include_flags = _include_flags(sources, gen_dir)
     jobs_list = []
     runtime_objs = []
@@ -168,9 +176,35 @@ def compile_libraries(out_dir: Path, sources: list[Path] | None = None, jobs: in
 def ensure_built() -> Libraries:
     """The cached build for the current sources, building it first if needed (under a file lock)."""
     clang = find_clang()
+    return _cached_build(cache_root() / "emulator" / _inputs_digest(clang), lambda: _inputs_digest(clang))
+
+
+def ensure_built_source(source: str, name: str) -> Libraries:
+    """The cached build of one self-contained MSL source (what torch.mps.compile_shader is given), as `name`.metal,
+    with the MSL-subset rules of the shipped shaders."""
+    clang = find_clang()
+
+    def digest() -> str:
+        h = hashlib.sha256(_inputs_digest(clang, shaders=False).encode())
+        h.update(name.encode())
+        h.update(source.encode())
+        return h.hexdigest()[:16]
+
+    out = cache_root() / "emulator" / f"source-{digest()}"
+    path = out / "src" / f"{name}.metal"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    return _cached_build(out, digest, [path], msl_subset=True)
+
+
+def _cached_build(
+    out: Path, digest_now, sources: list[Path] | None = None, msl_subset: bool | None = None
+) -> Libraries:
     _check_boost()
-    digest = _inputs_digest(clang)
-    out = cache_root() / "emulator" / digest
+    digest = digest_now()
     libs = Libraries(out / "libtmf_emu.so", out / "libtmf_emu_checked.so", out / "gen")
     if libs.plain.exists() and libs.checked.exists():
         return libs
@@ -180,8 +214,8 @@ def ensure_built() -> Libraries:
         if not (libs.plain.exists() and libs.checked.exists()):
             tmp = out / "tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            built = compile_libraries(tmp)
-            if _inputs_digest(clang) != digest:
+            built = compile_libraries(tmp, sources, msl_subset=msl_subset)
+            if digest_now() != digest:
                 # A source changed while it compiled (someone editing the checkout): this build may mix the two
                 # versions, so it is used once but never cached under the digest of the first.
                 return built

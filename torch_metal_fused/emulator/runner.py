@@ -157,6 +157,39 @@ class Harness:
         )
         return self._finish(report.decode(), checked)
 
+    def encode(
+        self,
+        kernel: str,
+        buffers: dict[int, torch.Tensor],
+        constants: dict[int, bytes],
+        groups: tuple[int, int, int],
+        threads: tuple[int, int, int],
+    ) -> list[Dispatch]:
+        """One dispatch as torch.mps.compile_shader encodes it: the kernel's pipeline (faults and thread limit
+        applied), tensors bound as buffers, constant data set with setBytes (see tmf_emu_encode)."""
+        checked = is_checking()
+        lib = self.library(checked)
+        self._configure(lib)
+        fn = lib.tmf_emu_encode
+        fn.restype = ctypes.c_char_p
+        b_idx, c_idx = list(buffers), list(constants)
+        data = [ctypes.create_string_buffer(constants[i], len(constants[i])) for i in c_idx]
+        report = fn(
+            ctypes.c_int(int(checked)),
+            ctypes.c_uint32(_state.max_threads),
+            kernel.encode(),
+            len(b_idx),
+            (ctypes.c_int * len(b_idx))(*b_idx),
+            (TensorArg * len(b_idx))(*(TensorArg.of(buffers[i]) for i in b_idx)),
+            len(c_idx),
+            (ctypes.c_int * len(c_idx))(*c_idx),
+            (ctypes.c_void_p * len(c_idx))(*(ctypes.cast(d, ctypes.c_void_p) for d in data)),
+            (ctypes.c_uint64 * len(c_idx))(*(len(constants[i]) for i in c_idx)),
+            (ctypes.c_uint32 * 3)(*groups),
+            (ctypes.c_uint32 * 3)(*threads),
+        )
+        return self._finish(report.decode(), checked)
+
     def dispatch(
         self,
         kernel: str,
@@ -218,6 +251,11 @@ def kernel_names() -> list[str]:
 
 def pipeline_info(kernel: str) -> dict[str, int]:
     return default_harness().pipeline_info(kernel)
+
+
+def current_gpu_cores() -> int:
+    """The GPU core count launch plans see in the harness (gpu_cores() blocks; HARNESS_GPU_CORES otherwise)."""
+    return _state.gpu_cores
 
 
 def rms_norm_backward_groups(rows: int) -> int:

@@ -1,0 +1,200 @@
+"""Our shaders as `torch.mps.compile_shader` takes them, and the kernels it returns.
+
+One library per kernel family (shaders/<family>.metal), compiled at first use from a self-contained source (our own
+`#include "..."` headers inlined, with `#line` marks so compiler messages and the harness's findings name the original
+files), then cached for the process. On a Mac the compiler is PyTorch's binding of the OS's Metal compiler (no Xcode);
+in CI it is the harness's stand-in (torch_metal_fused/emulator/compile_shader.py), which follows the same binding
+rules. The launch plans (torch_metal_fused/backends/metal.py) bind every argument struct as int32 words with
+`arg_casts` (PyTorch 2.9+), which reproduces the struct's bytes exactly: every field of tmf/shader_args.h is 32 bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from torch_metal_fused._errors import KernelUnavailable
+
+REPO = Path(__file__).resolve().parents[2]
+SHADERS = REPO / "shaders"
+# Where a shader's `#include "x"` is looked up: beside the shader, then the shared host/shader headers.
+INCLUDE_DIRS = (SHADERS, REPO / "csrc" / "include")
+SIMD_WIDTH = 32  # every kernel assumes 32-wide SIMD-groups (simd_sum, simd_shuffle, lanes)
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"')
+
+
+@functools.cache
+def shader_source(family: str) -> str:
+    """shaders/<family>.metal with its quoted includes inlined once each (angle-bracket ones, <metal_stdlib>, stay),
+    `#pragma once` dropped, and `#line` marks back to every original file."""
+    path = SHADERS / f"{family}.metal"
+    if not path.is_file():
+        raise ValueError(f"no shader file for kernel family {family!r} ({path})")
+    return _inline(path, set())
+
+
+def _inline(path: Path, seen: set[Path]) -> str:
+    out = [f'#line 1 "{path}"\n']
+    for number, line in enumerate(path.read_text().splitlines(keepends=True), start=1):
+        m = _INCLUDE_RE.match(line)
+        if m:
+            header = _find_header(m.group(1), path)
+            if header not in seen:
+                seen.add(header)
+                out.append(_inline(header, seen))
+            out.append(f'#line {number + 1} "{path}"\n')
+        elif line.lstrip().startswith("#pragma once"):
+            out.append("\n")
+        else:
+            out.append(line)
+    if out[-1] and not out[-1].endswith("\n"):
+        out.append("\n")
+    return "".join(out)
+
+
+def _find_header(name: str, includer: Path) -> Path:
+    for folder in (includer.parent, *INCLUDE_DIRS):
+        candidate = (folder / name).resolve()
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f'{includer}: #include "{name}" found in none of {", ".join(map(str, INCLUDE_DIRS))}')
+
+
+def struct_words(fmt: str, *values) -> list[int]:
+    """A host/shader argument struct (tmf/shader_args.h; `fmt` is its struct-module format, 4-byte fields only) as the
+    int32 words of its bytes: bound with arg_casts "int32", the shader reads exactly these bytes."""
+    data = struct.pack("<" + fmt, *values)
+    return list(struct.unpack(f"<{len(data) // 4}i", data))
+
+
+@dataclass(frozen=True)
+class Params:
+    """Constant data bound at one argument index (setBytes): an argument struct's int32 words."""
+
+    words: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A kernel as the launch plans see it: its callable and the two limits every plan depends on."""
+
+    kernel: str
+    function: object
+    max_threads: int  # maxTotalThreadsPerThreadgroup
+    execution_width: int  # threadExecutionWidth
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One kernel launch: arguments in [[buffer(n)]] order (tensors or Params), whole threadgroups."""
+
+    pipeline: Pipeline
+    args: tuple
+    groups: tuple[int, int, int]
+    threads: tuple[int, int, int]
+
+
+class KernelLibraries:
+    """The compiled family libraries of one compiler (torch.mps.compile_shader, or the harness's stand-in), and the
+    pipelines of their kernels; failures are reported as KernelUnavailable, before anything is encoded."""
+
+    def __init__(self, compile_shader: Callable[[str], object], name: str, cache: bool = True) -> None:
+        self.compile_shader = compile_shader
+        self.name = name
+        # The stand-in is asked again at every launch (it caches its builds itself), so the faults a test sets take
+        # effect as they would in a fresh process on a Mac.
+        self.cache = cache
+        self._lock = threading.Lock()
+        self._libraries: dict[str, object] = {}
+        self._pipelines: dict[str, Pipeline] = {}
+
+    def library(self, family: str):
+        with self._lock:
+            lib = self._libraries.get(family) if self.cache else None
+            if lib is None:
+                try:
+                    lib = self.compile_shader(shader_source(family))
+                except Exception as exc:  # a SyntaxError or RuntimeError from the Metal compiler
+                    raise KernelUnavailable(family, "family", f"compiling {family}.metal failed: {exc}") from exc
+                if self.cache:
+                    self._libraries[family] = lib
+            return lib
+
+    def pipeline(self, family: str, kernel: str) -> Pipeline:
+        """The pipeline of `kernel`, checked against what every kernel assumes: 32-wide SIMD-groups (else the family
+        is unusable here) and room for at least one SIMD-group (else no plan fits this call)."""
+        cached = self._pipelines.get(kernel)
+        if cached is not None:
+            return cached
+        lib = self.library(family)
+        if kernel.endswith("_bfloat") and kernel not in dir(lib):
+            # The library was compiled without bfloat (Metal < 3.1): bfloat16 calls only are served by the reference.
+            raise KernelUnavailable(family, "dtype", f"the {family} library has no {kernel}: this Metal lacks bfloat")
+        try:
+            function = getattr(lib, kernel)
+        except Exception as exc:  # no such function, or its pipeline could not be built
+            raise KernelUnavailable(family, "family", f"building the pipeline for {kernel} failed: {exc}") from exc
+        p = Pipeline(kernel, function, int(function.max_threads_per_threadgroup), int(function.thread_execution_width))
+        if p.execution_width != SIMD_WIDTH:
+            raise KernelUnavailable(
+                family,
+                "family",
+                f"pipeline {kernel} has threadExecutionWidth {p.execution_width}; the kernels assume 32-wide "
+                "SIMD-groups",
+            )
+        if p.max_threads < SIMD_WIDTH:
+            raise KernelUnavailable(
+                family,
+                "call",
+                f"pipeline {kernel} allows {p.max_threads} threads per threadgroup, fewer than one SIMD-group",
+            )
+        if self.cache:
+            self._pipelines[kernel] = p
+        return p
+
+    @staticmethod
+    def encode(dispatches: Sequence[Dispatch]) -> None:
+        """Encode each dispatch as compile_shader's kernels take it: total threads (dispatchThreads) in whole groups."""
+        for d in dispatches:
+            casts = {i: "int32" for i, a in enumerate(d.args) if isinstance(a, Params)}
+            args = [list(a.words) if isinstance(a, Params) else a for a in d.args]
+            total = [g * t for g, t in zip(d.groups, d.threads)]
+            d.pipeline.function(*args, threads=total, group_size=list(d.threads), arg_casts=casts)
+
+
+_libraries: dict[str, KernelLibraries] = {}
+_libraries_lock = threading.Lock()
+
+
+def libraries_for(device: torch.device) -> KernelLibraries:
+    """The kernel libraries serving tensors on `device`: PyTorch's compile_shader on "mps", the harness's stand-in
+    on "cpu" (the metal-emulated backend)."""
+    kind = device.type
+    with _libraries_lock:
+        libs = _libraries.get(kind)
+        if libs is None:
+            if kind == "mps":
+                libs = KernelLibraries(torch.mps.compile_shader, "torch.mps.compile_shader")
+            elif kind == "cpu":
+                from torch_metal_fused.emulator import compile_shader
+
+                libs = KernelLibraries(
+                    compile_shader.compile_shader, "the harness's compile_shader stand-in", cache=False
+                )
+            else:
+                raise ValueError(f"no Metal kernels for {kind} tensors")
+            _libraries[kind] = libs
+        return libs
+
+
+def reset() -> None:
+    """Forget compiled libraries (tests that change the harness's faults between compilations)."""
+    with _libraries_lock:
+        _libraries.clear()
