@@ -137,3 +137,24 @@ def test_the_doctor_reports_the_compile_shader_route(stand_in):
     assert not families["softmax"]["ok"] and "injected fault" in families["softmax"]["error"]
     assert not families["rms_norm"]["ok"] and "threadExecutionWidth 16" in str(families["rms_norm"]["pipelines"])
     assert families["glu"]["ok"]
+
+
+def test_the_metal_backend_launches_through_compile_shader_from_torch_2_9(monkeypatch):
+    from torch_metal_fused.backends import metal
+
+    fake_extension = object()
+    monkeypatch.setattr(_backend, "_compiled_extension", lambda: fake_extension)
+    monkeypatch.setattr(_backend, "has_compile_shader", lambda: True)
+    assert _backend.kernels_for("metal") is metal and _backend.kernels_for("metal-emulated") is metal
+    monkeypatch.setattr(_backend, "has_compile_shader", lambda: False)  # torch < 2.9: the extension's C++ plans
+    assert _backend.kernels_for("metal") is fake_extension
+
+
+def test_lora_on_mps_without_the_extension_is_unavailable_not_a_crash(monkeypatch):
+    from torch_metal_fused.backends import metal
+
+    monkeypatch.setattr(_backend, "has_metal_extension", lambda: False)
+    x = torch.empty(2, 3, device="meta")
+    with pytest.raises(_backend.KernelUnavailable) as info:
+        metal.lora_forward(x, x, None, x, x, 1.0, None)
+    assert info.value.family == "lora_linear" and info.value.scope == "family" and "extension" in info.value.reason

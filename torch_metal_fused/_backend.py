@@ -73,9 +73,13 @@ def torch_version() -> tuple[int, int]:
 
 
 def has_compile_shader() -> bool:
-    """Whether this torch compiles our shaders at run time on MPS (torch.mps.compile_shader, PyTorch 2.9+)."""
+    """Whether this torch compiles our shaders at run time on MPS (torch.mps.compile_shader, PyTorch 2.9+), from
+    shaders/ beside the package (an editable or source-tree install: the wheel does not carry them yet)."""
+    from torch_metal_fused.backends.metal_library import SHADERS
+
     return (
-        torch_version() >= COMPILE_SHADER_MIN_TORCH
+        SHADERS.is_dir()
+        and torch_version() >= COMPILE_SHADER_MIN_TORCH
         and hasattr(torch.mps, "compile_shader")
         and torch.backends.mps.is_available()
     )
@@ -255,7 +259,9 @@ def kernels_for(backend: str):
     Every backend exposes the same functions (softmax_forward, rms_norm_backward, lora_forward, ...),
     so each op dispatches with one line.
     """
-    if backend == "cuda":
+    if backend == "cuda" or (backend == "metal" and not has_compile_shader()):
+        # On torch < 2.9 a Mac launches every op from the compiled extension's C++ plans (csrc/include/tmf/launch),
+        # which no CI runs: torch.mps.compile_shader's kernels take no arg_casts there.
         return _compiled_extension()
     if backend in METAL_BACKENDS:
         from torch_metal_fused.backends import metal

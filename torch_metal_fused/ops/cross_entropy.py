@@ -9,8 +9,8 @@ tokens × vocabulary. With reduction "mean" or "sum" the gradients are computed 
 backward only scales them; with "none" backward recomputes the chunks with the per-row output gradient.
 
 The row pass (`cross_entropy_rows`: loss per row and, in one more pass over the row, the gradient) runs on our Metal
-kernel for MPS tensors (shaders/cross_entropy.metal, launch code csrc/include/tmf/launch/cross_entropy.h, dispatch
-csrc/mps/cross_entropy.mm; the harness runs it for metal-emulated), on its CUDA twin for CUDA tensors
+kernel for MPS tensors (shaders/cross_entropy.metal, launch code torch_metal_fused/backends/metal.py; the harness runs
+the same code for metal-emulated), on its CUDA twin for CUDA tensors
 (csrc/cuda/row_kernels.cuh, csrc/cuda/ops.cu), and on the plain-PyTorch reference (`reference.cross_entropy_rows`,
 float32 for float16/bfloat16) elsewhere.
 """

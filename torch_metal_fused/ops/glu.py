@@ -6,7 +6,7 @@ outputs are anyway) and no activation tensor; it reads gate, up and the incoming
 gradients once. Math in float32 for float16/bfloat16 (one rounding per output, where the unfused
 `act_fn(gate) * up` rounds the activation too).
 
-Kernel launch code: Metal `csrc/mps/glu.mm` + `csrc/include/tmf/launch/glu.h` (shared with the Metal-on-CPU
+Kernel launch code: Metal `torch_metal_fused/backends/metal.py` (glu_*) (shared with the Metal-on-CPU
 harness), shaders `shaders/glu.metal`; CUDA `csrc/cuda/glu.cu`; reference `reference.glu_forward/glu_backward`.
 """
 

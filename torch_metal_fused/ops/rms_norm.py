@@ -9,7 +9,7 @@ and dw = sum over rows of dy * x * rstd (not computed at all when the weight nee
 `h = x + residual` is written once and normalised in the same pass; backward adds h's incoming gradient (the residual
 stream) to dx in the same kernel, and that sum is the gradient of both x and the residual.
 
-Kernel launch code: Metal `csrc/mps/rms_norm.mm` + `csrc/include/tmf/launch/rms_norm.h`
+Kernel launch code: Metal `torch_metal_fused/backends/metal.py` (rms_norm_*)
 (shared with the Metal-on-CPU harness), shaders `shaders/rms_norm.metal`.
 """
 

@@ -6,7 +6,7 @@ elementwise kernels forward, more backward. Ours reads q, k and, once per positi
 outputs: the minimum traffic, float32 math with one rounding. Outputs are new contiguous tensors (batch, heads,
 seq, head_dim) — transposed back to q's layout when `unsqueeze_dim=2`.
 
-Kernel launch code: Metal `csrc/mps/rope.mm` + `csrc/include/tmf/launch/rope.h` (shared with the Metal-on-CPU
+Kernel launch code: Metal `torch_metal_fused/backends/metal.py` (rope_apply) (shared with the Metal-on-CPU
 harness), shaders `shaders/rope.metal`; CUDA `csrc/cuda/rope.cu`; reference `reference.rope_apply`.
 """
 

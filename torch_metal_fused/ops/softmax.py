@@ -1,6 +1,6 @@
 """Fused softmax: forward y = softmax(x, dim), backward dx = y * (dy - sum(dy * y)).
 
-Kernel launch code: Metal `csrc/mps/softmax.mm` + `csrc/include/tmf/launch/softmax.h`
+Kernel launch code: Metal `torch_metal_fused/backends/metal.py` (softmax_forward/backward)
 (shared with the Metal-on-CPU harness), shaders `shaders/softmax.metal`; CUDA `csrc/cuda/softmax.cu`.
 """
 
