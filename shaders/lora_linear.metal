@@ -1,7 +1,7 @@
 // LoRA low-rank kernels in float32, float16 and bfloat16 (accumulation in float32, products on 8x8
 // simdgroup_matrix tiles: simdgroup_multiply_accumulate in float).
-// Launch code and every size below: csrc/include/tmf/launch/lora_linear.h. The big GEMMs are the platform's
-// native matmul. Each op call is two kinds of dispatch, variant "tiled":
+// Launch code and every size below: torch_metal_fused/backends/metal.py (lora_*). The big GEMMs are the platform's
+// native matmul. Each op call is two kinds of dispatch, variants "tg<threadgroup floats>":
 //   reduce (lora_forward_h, lora_backward_dh): h = scale · in·Fᵀ. One threadgroup per tile of BM token rows; each
 //     SIMD-group owns 32 token rows and one rank block of up to kLoraRanksPerThread (64) rank entries, whose
 //     32 x 64 float accumulators (4 x 8 simdgroup matrices, 64 floats per lane) stay in registers for the whole
@@ -22,8 +22,9 @@
 // Traffic per call (rank <= 64): in, mask and out (read and written) once; h written once and read once per
 // expand column block (1024 columns); F once per reduce tile, S once per expand tile (32 · rank token rows):
 // within 7 % of the minimum at tokens >= 1024, in/out 1024..8192 (pinned by tests/test_emulator_kernels.py).
-// Threadgroup memory: one [[threadgroup(0)]] buffer sized by the host, at most 64 bytes per thread (16 KiB per
-// 256 threads) and 32 KiB.
+// Threadgroup memory: a static array of TG_FLOATS floats (torch.mps.compile_shader cannot size threadgroup memory
+// at launch), one variant per size: tg512 .. tg8192 (2 to 32 KiB; tg1536 for rank blocks of 3 at 32 token rows). The
+// launch plan takes the largest within 64 bytes per thread (16 KiB per 256 threads) and sizes its tiles to it.
 // The lanes' elements of a simdgroup matrix follow Apple's layout as MLX uses it (lane_matrix_position); the
 // harness implements the same layout and runs simdgroup_matrix operations as 32-lane collectives.
 #include <metal_stdlib>
@@ -212,84 +213,144 @@ inline void lora_expand_tile(device const T* h, device const T* factor, device c
 }
 
 // h = dropout(x)·Aᵀ
-template <typename T>
+template <typename T, uint TG_FLOATS>
 [[kernel]] void lora_forward_h(
     device const T* x [[buffer(0)]],
     device const T* lora_a [[buffer(1)]],
     device const T* mask [[buffer(2)]],
     device T* h [[buffer(3)]],
     constant tmf::LoraReduceParams& p [[buffer(4)]],
-    threadgroup float* tiles [[threadgroup(0)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]]) {
+  threadgroup float tiles[TG_FLOATS];
   lora_reduce_tile<T, true>(x, lora_a, mask, h, p, group, tid, threads, lane, simd_group, tiles);
 }
 
 // y += scale · h·Bᵀ
-template <typename T>
+template <typename T, uint TG_FLOATS>
 [[kernel]] void lora_forward_y(
     device const T* h [[buffer(0)]],
     device const T* lora_b [[buffer(1)]],
     device const T* mask [[buffer(2)]],
     device T* y [[buffer(3)]],
     constant tmf::LoraExpandParams& p [[buffer(4)]],
-    threadgroup float* h_tile [[threadgroup(0)]],
     uint2 group [[threadgroup_position_in_grid]],
     uint2 tid [[thread_position_in_threadgroup]],  // vectors like `group`: MSL forbids mixing
     uint2 threads [[threads_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]]) {
+  threadgroup float h_tile[TG_FLOATS];
   lora_expand_tile<T, true>(h, lora_b, mask, y, p, group, tid.x, threads.x, lane, simd_group, h_tile);
 }
 
 // dh = scale · dy·B
-template <typename T>
+template <typename T, uint TG_FLOATS>
 [[kernel]] void lora_backward_dh(
     device const T* dy [[buffer(0)]],
     device const T* lora_b [[buffer(1)]],
     device const T* mask [[buffer(2)]],
     device T* dh [[buffer(3)]],
     constant tmf::LoraReduceParams& p [[buffer(4)]],
-    threadgroup float* tiles [[threadgroup(0)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]]) {
+  threadgroup float tiles[TG_FLOATS];
   lora_reduce_tile<T, false>(dy, lora_b, mask, dh, p, group, tid, threads, lane, simd_group, tiles);
 }
 
 // dx += (dh·A) · mask
-template <typename T>
+template <typename T, uint TG_FLOATS>
 [[kernel]] void lora_backward_dx(
     device const T* dh [[buffer(0)]],
     device const T* lora_a [[buffer(1)]],
     device const T* mask [[buffer(2)]],
     device T* dx [[buffer(3)]],
     constant tmf::LoraExpandParams& p [[buffer(4)]],
-    threadgroup float* h_tile [[threadgroup(0)]],
     uint2 group [[threadgroup_position_in_grid]],
     uint2 tid [[thread_position_in_threadgroup]],  // vectors like `group`: MSL forbids mixing
     uint2 threads [[threads_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]]) {
+  threadgroup float h_tile[TG_FLOATS];
   lora_expand_tile<T, false>(dh, lora_a, mask, dx, p, group, tid.x, threads.x, lane, simd_group, h_tile);
 }
 
-template [[host_name("lora_forward_h_tiled_float")]] [[kernel]] decltype(lora_forward_h<float>) lora_forward_h<float>;
-template [[host_name("lora_forward_y_tiled_float")]] [[kernel]] decltype(lora_forward_y<float>) lora_forward_y<float>;
-template [[host_name("lora_backward_dh_tiled_float")]] [[kernel]] decltype(lora_backward_dh<float>) lora_backward_dh<float>;
-template [[host_name("lora_backward_dx_tiled_float")]] [[kernel]] decltype(lora_backward_dx<float>) lora_backward_dx<float>;
-template [[host_name("lora_forward_h_tiled_half")]] [[kernel]] decltype(lora_forward_h<half>) lora_forward_h<half>;
-template [[host_name("lora_forward_y_tiled_half")]] [[kernel]] decltype(lora_forward_y<half>) lora_forward_y<half>;
-template [[host_name("lora_backward_dh_tiled_half")]] [[kernel]] decltype(lora_backward_dh<half>) lora_backward_dh<half>;
-template [[host_name("lora_backward_dx_tiled_half")]] [[kernel]] decltype(lora_backward_dx<half>) lora_backward_dx<half>;
+template [[host_name("lora_forward_h_tg512_float")]] [[kernel]] decltype(lora_forward_h<float, 512>) lora_forward_h<float, 512>;
+template [[host_name("lora_forward_h_tg1024_float")]] [[kernel]] decltype(lora_forward_h<float, 1024>) lora_forward_h<float, 1024>;
+template [[host_name("lora_forward_h_tg1536_float")]] [[kernel]] decltype(lora_forward_h<float, 1536>) lora_forward_h<float, 1536>;
+template [[host_name("lora_forward_h_tg2048_float")]] [[kernel]] decltype(lora_forward_h<float, 2048>) lora_forward_h<float, 2048>;
+template [[host_name("lora_forward_h_tg4096_float")]] [[kernel]] decltype(lora_forward_h<float, 4096>) lora_forward_h<float, 4096>;
+template [[host_name("lora_forward_h_tg8192_float")]] [[kernel]] decltype(lora_forward_h<float, 8192>) lora_forward_h<float, 8192>;
+template [[host_name("lora_forward_y_tg512_float")]] [[kernel]] decltype(lora_forward_y<float, 512>) lora_forward_y<float, 512>;
+template [[host_name("lora_forward_y_tg1024_float")]] [[kernel]] decltype(lora_forward_y<float, 1024>) lora_forward_y<float, 1024>;
+template [[host_name("lora_forward_y_tg1536_float")]] [[kernel]] decltype(lora_forward_y<float, 1536>) lora_forward_y<float, 1536>;
+template [[host_name("lora_forward_y_tg2048_float")]] [[kernel]] decltype(lora_forward_y<float, 2048>) lora_forward_y<float, 2048>;
+template [[host_name("lora_forward_y_tg4096_float")]] [[kernel]] decltype(lora_forward_y<float, 4096>) lora_forward_y<float, 4096>;
+template [[host_name("lora_forward_y_tg8192_float")]] [[kernel]] decltype(lora_forward_y<float, 8192>) lora_forward_y<float, 8192>;
+template [[host_name("lora_backward_dh_tg512_float")]] [[kernel]] decltype(lora_backward_dh<float, 512>) lora_backward_dh<float, 512>;
+template [[host_name("lora_backward_dh_tg1024_float")]] [[kernel]] decltype(lora_backward_dh<float, 1024>) lora_backward_dh<float, 1024>;
+template [[host_name("lora_backward_dh_tg1536_float")]] [[kernel]] decltype(lora_backward_dh<float, 1536>) lora_backward_dh<float, 1536>;
+template [[host_name("lora_backward_dh_tg2048_float")]] [[kernel]] decltype(lora_backward_dh<float, 2048>) lora_backward_dh<float, 2048>;
+template [[host_name("lora_backward_dh_tg4096_float")]] [[kernel]] decltype(lora_backward_dh<float, 4096>) lora_backward_dh<float, 4096>;
+template [[host_name("lora_backward_dh_tg8192_float")]] [[kernel]] decltype(lora_backward_dh<float, 8192>) lora_backward_dh<float, 8192>;
+template [[host_name("lora_backward_dx_tg512_float")]] [[kernel]] decltype(lora_backward_dx<float, 512>) lora_backward_dx<float, 512>;
+template [[host_name("lora_backward_dx_tg1024_float")]] [[kernel]] decltype(lora_backward_dx<float, 1024>) lora_backward_dx<float, 1024>;
+template [[host_name("lora_backward_dx_tg1536_float")]] [[kernel]] decltype(lora_backward_dx<float, 1536>) lora_backward_dx<float, 1536>;
+template [[host_name("lora_backward_dx_tg2048_float")]] [[kernel]] decltype(lora_backward_dx<float, 2048>) lora_backward_dx<float, 2048>;
+template [[host_name("lora_backward_dx_tg4096_float")]] [[kernel]] decltype(lora_backward_dx<float, 4096>) lora_backward_dx<float, 4096>;
+template [[host_name("lora_backward_dx_tg8192_float")]] [[kernel]] decltype(lora_backward_dx<float, 8192>) lora_backward_dx<float, 8192>;
+template [[host_name("lora_forward_h_tg512_half")]] [[kernel]] decltype(lora_forward_h<half, 512>) lora_forward_h<half, 512>;
+template [[host_name("lora_forward_h_tg1024_half")]] [[kernel]] decltype(lora_forward_h<half, 1024>) lora_forward_h<half, 1024>;
+template [[host_name("lora_forward_h_tg1536_half")]] [[kernel]] decltype(lora_forward_h<half, 1536>) lora_forward_h<half, 1536>;
+template [[host_name("lora_forward_h_tg2048_half")]] [[kernel]] decltype(lora_forward_h<half, 2048>) lora_forward_h<half, 2048>;
+template [[host_name("lora_forward_h_tg4096_half")]] [[kernel]] decltype(lora_forward_h<half, 4096>) lora_forward_h<half, 4096>;
+template [[host_name("lora_forward_h_tg8192_half")]] [[kernel]] decltype(lora_forward_h<half, 8192>) lora_forward_h<half, 8192>;
+template [[host_name("lora_forward_y_tg512_half")]] [[kernel]] decltype(lora_forward_y<half, 512>) lora_forward_y<half, 512>;
+template [[host_name("lora_forward_y_tg1024_half")]] [[kernel]] decltype(lora_forward_y<half, 1024>) lora_forward_y<half, 1024>;
+template [[host_name("lora_forward_y_tg1536_half")]] [[kernel]] decltype(lora_forward_y<half, 1536>) lora_forward_y<half, 1536>;
+template [[host_name("lora_forward_y_tg2048_half")]] [[kernel]] decltype(lora_forward_y<half, 2048>) lora_forward_y<half, 2048>;
+template [[host_name("lora_forward_y_tg4096_half")]] [[kernel]] decltype(lora_forward_y<half, 4096>) lora_forward_y<half, 4096>;
+template [[host_name("lora_forward_y_tg8192_half")]] [[kernel]] decltype(lora_forward_y<half, 8192>) lora_forward_y<half, 8192>;
+template [[host_name("lora_backward_dh_tg512_half")]] [[kernel]] decltype(lora_backward_dh<half, 512>) lora_backward_dh<half, 512>;
+template [[host_name("lora_backward_dh_tg1024_half")]] [[kernel]] decltype(lora_backward_dh<half, 1024>) lora_backward_dh<half, 1024>;
+template [[host_name("lora_backward_dh_tg1536_half")]] [[kernel]] decltype(lora_backward_dh<half, 1536>) lora_backward_dh<half, 1536>;
+template [[host_name("lora_backward_dh_tg2048_half")]] [[kernel]] decltype(lora_backward_dh<half, 2048>) lora_backward_dh<half, 2048>;
+template [[host_name("lora_backward_dh_tg4096_half")]] [[kernel]] decltype(lora_backward_dh<half, 4096>) lora_backward_dh<half, 4096>;
+template [[host_name("lora_backward_dh_tg8192_half")]] [[kernel]] decltype(lora_backward_dh<half, 8192>) lora_backward_dh<half, 8192>;
+template [[host_name("lora_backward_dx_tg512_half")]] [[kernel]] decltype(lora_backward_dx<half, 512>) lora_backward_dx<half, 512>;
+template [[host_name("lora_backward_dx_tg1024_half")]] [[kernel]] decltype(lora_backward_dx<half, 1024>) lora_backward_dx<half, 1024>;
+template [[host_name("lora_backward_dx_tg1536_half")]] [[kernel]] decltype(lora_backward_dx<half, 1536>) lora_backward_dx<half, 1536>;
+template [[host_name("lora_backward_dx_tg2048_half")]] [[kernel]] decltype(lora_backward_dx<half, 2048>) lora_backward_dx<half, 2048>;
+template [[host_name("lora_backward_dx_tg4096_half")]] [[kernel]] decltype(lora_backward_dx<half, 4096>) lora_backward_dx<half, 4096>;
+template [[host_name("lora_backward_dx_tg8192_half")]] [[kernel]] decltype(lora_backward_dx<half, 8192>) lora_backward_dx<half, 8192>;
 #if defined(__HAVE_BFLOAT__)
-template [[host_name("lora_forward_h_tiled_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat>) lora_forward_h<bfloat>;
-template [[host_name("lora_forward_y_tiled_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat>) lora_forward_y<bfloat>;
-template [[host_name("lora_backward_dh_tiled_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat>) lora_backward_dh<bfloat>;
-template [[host_name("lora_backward_dx_tiled_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat>) lora_backward_dx<bfloat>;
+template [[host_name("lora_forward_h_tg512_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 512>) lora_forward_h<bfloat, 512>;
+template [[host_name("lora_forward_h_tg1024_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 1024>) lora_forward_h<bfloat, 1024>;
+template [[host_name("lora_forward_h_tg1536_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 1536>) lora_forward_h<bfloat, 1536>;
+template [[host_name("lora_forward_h_tg2048_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 2048>) lora_forward_h<bfloat, 2048>;
+template [[host_name("lora_forward_h_tg4096_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 4096>) lora_forward_h<bfloat, 4096>;
+template [[host_name("lora_forward_h_tg8192_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 8192>) lora_forward_h<bfloat, 8192>;
+template [[host_name("lora_forward_y_tg512_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 512>) lora_forward_y<bfloat, 512>;
+template [[host_name("lora_forward_y_tg1024_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 1024>) lora_forward_y<bfloat, 1024>;
+template [[host_name("lora_forward_y_tg1536_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 1536>) lora_forward_y<bfloat, 1536>;
+template [[host_name("lora_forward_y_tg2048_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 2048>) lora_forward_y<bfloat, 2048>;
+template [[host_name("lora_forward_y_tg4096_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 4096>) lora_forward_y<bfloat, 4096>;
+template [[host_name("lora_forward_y_tg8192_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 8192>) lora_forward_y<bfloat, 8192>;
+template [[host_name("lora_backward_dh_tg512_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 512>) lora_backward_dh<bfloat, 512>;
+template [[host_name("lora_backward_dh_tg1024_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 1024>) lora_backward_dh<bfloat, 1024>;
+template [[host_name("lora_backward_dh_tg1536_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 1536>) lora_backward_dh<bfloat, 1536>;
+template [[host_name("lora_backward_dh_tg2048_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 2048>) lora_backward_dh<bfloat, 2048>;
+template [[host_name("lora_backward_dh_tg4096_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 4096>) lora_backward_dh<bfloat, 4096>;
+template [[host_name("lora_backward_dh_tg8192_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 8192>) lora_backward_dh<bfloat, 8192>;
+template [[host_name("lora_backward_dx_tg512_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 512>) lora_backward_dx<bfloat, 512>;
+template [[host_name("lora_backward_dx_tg1024_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 1024>) lora_backward_dx<bfloat, 1024>;
+template [[host_name("lora_backward_dx_tg1536_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 1536>) lora_backward_dx<bfloat, 1536>;
+template [[host_name("lora_backward_dx_tg2048_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 2048>) lora_backward_dx<bfloat, 2048>;
+template [[host_name("lora_backward_dx_tg4096_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 4096>) lora_backward_dx<bfloat, 4096>;
+template [[host_name("lora_backward_dx_tg8192_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 8192>) lora_backward_dx<bfloat, 8192>;
 #endif

@@ -127,11 +127,8 @@ def test_the_doctor_reports_the_compile_shader_route(stand_in):
 
     families = doctor.compile_shader_families(torch.device("cpu"))
     for family, status in families.items():
-        if family == "lora_linear":
-            assert not status["ok"] and "extension" in status["error"]
-        else:
-            assert status["ok"], (family, status)
-            assert any(k.endswith("_bfloat") for k in status["pipelines"])
+        assert status["ok"], (family, status)
+        assert any(k.endswith("_bfloat") for k in status["pipelines"])
     with runner.faults("compile:softmax,simd_width:rms_norm=16"):
         families = doctor.compile_shader_families(torch.device("cpu"))
     assert not families["softmax"]["ok"] and "injected fault" in families["softmax"]["error"]
@@ -148,13 +145,3 @@ def test_the_metal_backend_launches_through_compile_shader_from_torch_2_9(monkey
     assert _backend.kernels_for("metal") is metal and _backend.kernels_for("metal-emulated") is metal
     monkeypatch.setattr(_backend, "has_compile_shader", lambda: False)  # torch < 2.9: the extension's C++ plans
     assert _backend.kernels_for("metal") is fake_extension
-
-
-def test_lora_on_mps_without_the_extension_is_unavailable_not_a_crash(monkeypatch):
-    from torch_metal_fused.backends import metal
-
-    monkeypatch.setattr(_backend, "has_metal_extension", lambda: False)
-    x = torch.empty(2, 3, device="meta")
-    with pytest.raises(_backend.KernelUnavailable) as info:
-        metal.lora_forward(x, x, None, x, x, 1.0, None)
-    assert info.value.family == "lora_linear" and info.value.scope == "family" and "extension" in info.value.reason

@@ -2,12 +2,14 @@
 and dispatches per op call, as counted by the harness, against the minimum."""
 
 import math
+import re
 
 import pytest
 import torch
 from helpers import DTYPES, randn
 
 import torch_metal_fused as tmf
+from torch_metal_fused.backends import metal
 from torch_metal_fused.emulator import runner
 from torch_metal_fused.testing import assert_matches
 
@@ -266,10 +268,14 @@ def test_lora_traffic_is_the_launch_plans(dtype, tokens, fin, fout, r, max_threa
     fwd, bwd = _lora_step(tokens, fin, fout, r, dtype, dropout, max_threads=max_threads)
     suffix = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}[dtype]
     blocks = -(-r // 64)  # one expand dispatch per rank block of 64
-    assert [d.kernel for d in fwd] == [f"lora_forward_h_tiled_{suffix}", *[f"lora_forward_y_tiled_{suffix}"] * blocks]
-    assert [d.kernel for d in bwd] == [
-        f"lora_backward_dh_tiled_{suffix}",
-        *[f"lora_backward_dx_tiled_{suffix}"] * blocks,
+    # Variants are named by their threadgroup array (tg<floats>; test_lora_linear.py drives each).
+    assert [re.sub(r"_tg\d+_", "_", d.kernel) for d in fwd] == [
+        f"lora_forward_h_{suffix}",
+        *[f"lora_forward_y_{suffix}"] * blocks,
+    ]
+    assert [re.sub(r"_tg\d+_", "_", d.kernel) for d in bwd] == [
+        f"lora_backward_dh_{suffix}",
+        *[f"lora_backward_dx_{suffix}"] * blocks,
     ]
     bm, threads = _lora_reduce_plan(tokens, r, max_threads)
     assert fwd[0].groups == (-(-tokens // bm), 1, 1) and fwd[0].threads == (threads, 1, 1)
@@ -283,7 +289,7 @@ def test_lora_frozen_input_computes_dh_only():
     """For a frozen input only dh = scale · dy·B is computed: one reduce dispatch, no A, no dx, no mask."""
     tokens, fin, fout, r = 260, 48, 88, 8
     _, bwd = _lora_step(tokens, fin, fout, r, torch.float32, True, frozen_input=True)
-    assert [d.kernel for d in bwd] == ["lora_backward_dh_tiled_float"]
+    assert [re.sub(r"_tg\d+_", "_", d.kernel) for d in bwd] == ["lora_backward_dh_float"]
     _assert_counts(bwd, _lora_backward_counts(tokens, fin, fout, r, True, False), 4)
 
 
@@ -383,6 +389,10 @@ def _drive_every_kernel():
                 rec += _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())
                 lx.requires_grad_(False)
                 rec += _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())
+        for n in (20, 50, 80, 110, 250, 600):  # LoRA: each threadgroup-array variant (test_lora_linear.py)
+            lx, lw = randn((n, n), dtype, "cpu").requires_grad_(True), randn((n, n), dtype, "cpu", scale=n**-0.5)
+            la, lb = randn((40, n), dtype, "cpu").requires_grad_(True), randn((n, 40), dtype, "cpu")
+            rec += _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())
         logits = randn((3, 50), dtype, "cpu").requires_grad_(True)
         rec += _record(lambda: tmf.cross_entropy(logits, torch.tensor([1, 2, 3])).backward())
         gate, up = randn((3, 50), dtype, "cpu").requires_grad_(True), randn((3, 50), dtype, "cpu").requires_grad_(True)
@@ -441,13 +451,14 @@ def test_lora_route_chosen_by_shape():
     x = randn((1100, 48), torch.float32, "cpu").requires_grad_(True)
     w, a = randn((40, 48), torch.float32, "cpu"), randn((8, 48), torch.float32, "cpu").requires_grad_(True)
     b = randn((40, 8), torch.float32, "cpu").requires_grad_(True)
-    assert runner.lora_use_merged_weight(1100, 48, False) and not runner.lora_use_merged_weight(1100, 48, True)
-    assert not runner.lora_use_merged_weight(1000, 48, False) and not runner.lora_use_merged_weight(2048, 4096, False)
+    for rule in (metal.lora_use_merged_weight, runner.lora_use_merged_weight):  # the Metal plans' and CUDA's (C++)
+        assert rule(1100, 48, False) and not rule(1100, 48, True)
+        assert not rule(1000, 48, False) and not rule(2048, 4096, False)
     assert _record(lambda: tmf.lora_linear(x, w, a, b, 2.0).sum().backward()) == []
     rec = _record(lambda: tmf.lora_linear(x, w, a, b, 2.0, dropout_p=0.1, training=True).sum().backward())
-    assert [d.kernel for d in rec] == [
-        "lora_forward_h_tiled_float",
-        "lora_forward_y_tiled_float",
-        "lora_backward_dh_tiled_float",
-        "lora_backward_dx_tiled_float",
+    assert [re.sub(r"_tg\d+_", "_", d.kernel) for d in rec] == [
+        "lora_forward_h_float",
+        "lora_forward_y_float",
+        "lora_backward_dh_float",
+        "lora_backward_dx_float",
     ]

@@ -162,7 +162,7 @@ def test_lora_rank_above_the_pipelines_thread_cap_is_served_by_the_reference_for
         assert_matches(y, ref, torch.float32)
         assert kernels == [] and len(warned) == 1 and "rank 200 needs 128 threads" in warned[0]
         y, kernels, warned = _run(lambda: tmf.lora_linear(x, w, a[:100], b[:, :100], 0.5))  # 2 blocks: 64 threads
-        assert kernels == ["lora_forward_h_tiled_float", "lora_forward_y_tiled_float", "lora_forward_y_tiled_float"]
+        assert kernels == ["lora_forward_h_tg1024_float", "lora_forward_y_tg512_float", "lora_forward_y_tg512_float"]
         assert not warned
         ref100 = x.double() @ w.double().t() + 0.5 * (x.double() @ a[:100].double().t()) @ b[:, :100].double().t()
         assert_matches(y, ref100, torch.float32)

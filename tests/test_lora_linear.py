@@ -81,6 +81,28 @@ def test_contract_shapes(backend, shape, dtype):
     _check(x, w, a, b, bias, 2.0, dtype)
 
 
+# Sizes whose reduce (token rows) and expand (columns) threadgroups take each static threadgroup array of the Metal
+# kernels (torch_metal_fused/backends/metal.py, LORA_THREADGROUP_FLOATS): 32, 64, 96, 128, 256 and 608 threads.
+THREADGROUP_VARIANTS = {512: 20, 1024: 50, 1536: 80, 2048: 110, 4096: 250, 8192: 600}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("floats", list(THREADGROUP_VARIANTS))
+def test_every_threadgroup_array_variant(backend, floats, dtype):
+    """tokens = in = out = n at rank 40: forward and backward dispatch the tg<floats> variant of all four kernels."""
+    n = THREADGROUP_VARIANTS[floats]
+    x, w, a, b, bias = _factors(n, n, n, 40, dtype, backend.device)
+    if backend.name != "metal-emulated":
+        _check(x, w, a, b, bias, 2.0, dtype)
+        return
+    from torch_metal_fused.emulator import runner
+
+    with runner.record() as dispatches:
+        _check(x, w, a, b, bias, 2.0, dtype)
+    kinds = ("lora_forward_h", "lora_forward_y", "lora_backward_dh", "lora_backward_dx")
+    assert {d.kernel.rsplit("_", 1)[0] for d in dispatches} == {f"{k}_tg{floats}" for k in kinds}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_trainable_base_and_no_bias(backend, dtype):
     x, w, a, b, _ = _factors(33, 70, 45, 8, dtype, backend.device)

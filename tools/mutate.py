@@ -425,9 +425,9 @@ MUTANTS: list[Mutant] = [
     ),
     _m(
         "lora_backward_dh_unscaled",
-        "csrc/include/tmf/launch/lora_linear.h",
-        "lora_reduce_plan(reduce, tokens, out_features, rank, dy_row_stride, scale, false);",
-        "lora_reduce_plan(reduce, tokens, out_features, rank, dy_row_stride, 1.0f, false);",
+        MP,
+        "reduce_scale, expand_scale = (1.0, scale) if forward else (scale, 1.0)",
+        "reduce_scale, expand_scale = (1.0, scale) if forward else (1.0, 1.0)",
         LORA,
         "dh = dy·B without the adapter's scale",
     ),
@@ -669,7 +669,7 @@ MUTANTS: list[Mutant] = [
         "the pair's second element rotated by the first's cosine: right for HF's tables (duplicated halves), wrong for "
         "any cos table whose halves differ",
     ),
-    # ---- launch plans (torch_metal_fused/backends/metal.py; LoRA's still csrc/include/tmf/launch/lora_linear.h) ----
+    # ---- launch plans (torch_metal_fused/backends/metal.py) ----
     _m(
         "launch_simd_rows_threshold",
         MP,
@@ -689,25 +689,25 @@ MUTANTS: list[Mutant] = [
     ),
     _m(
         "launch_lora_group_too_tall",
-        "csrc/include/tmf/launch/lora_linear.h",
-        "{wanted, round_down(cap / blocks, kSimdWidth),",
-        "{wanted, round_down(cap / blocks + kSimdWidth, kSimdWidth),",
+        MP,
+        "bm = min(wanted, round_down(cap // blocks, SIMD_WIDTH),",
+        "bm = min(wanted, round_down(cap // blocks + SIMD_WIDTH, SIMD_WIDTH),",
         (*LORA, *KERNELS),
         "more token rows per tile than the pipeline's threads allow",
     ),
     _m(
         "launch_lora_reduce_tiles_too_short",
-        "csrc/include/tmf/launch/lora_linear.h",
-        "constexpr uint32_t kLoraReduceTokensPerRank = 16;",
-        "constexpr uint32_t kLoraReduceTokensPerRank = 4;",
+        MP,
+        "LORA_REDUCE_TOKENS_PER_RANK = 16",
+        "LORA_REDUCE_TOKENS_PER_RANK = 4",
         KERNELS,
         "A (B backward) re-read once per 4 · rank token rows: 1.2x the minimum at rank 64 (traffic)",
     ),
     _m(
         "launch_lora_threadgroup_memory_over_budget",
-        "csrc/include/tmf/launch/lora_linear.h",
-        "return std::min(kMaxThreadgroupBytes, threads * kThreadgroupBytesPerThread) / uint32_t(sizeof(float));",
-        "return std::min(kMaxThreadgroupBytes, 2 * threads * kThreadgroupBytesPerThread) / uint32_t(sizeof(float));",
+        MP,
+        "budget = min(MAX_THREADGROUP_BYTES, threads * THREADGROUP_BYTES_PER_THREAD) // 4",
+        "budget = min(MAX_THREADGROUP_BYTES, 2 * threads * THREADGROUP_BYTES_PER_THREAD) // 4",
         KERNELS,
         "staging tiles sized past 16 KiB per 256 threads (fewer groups per core)",
     ),

@@ -86,8 +86,8 @@ def has_compile_shader() -> bool:
 
 
 def has_metal_kernels() -> bool:
-    """Whether MPS tensors can run on our Metal kernels: through torch.mps.compile_shader, or the compiled
-    extension (LoRA's kernels still need it: see torch_metal_fused/backends/metal.py)."""
+    """Whether MPS tensors can run on our Metal kernels: through torch.mps.compile_shader, or (torch < 2.9) the
+    compiled extension."""
     return has_compile_shader() or has_metal_extension()
 
 

@@ -116,9 +116,6 @@ def compile_shader_families(device: torch.device) -> dict[str, Any]:
     libs = libraries_for(device)
 
     def family_status(family: str) -> dict[str, Any]:
-        if family == "lora_linear":  # see backends/metal.py: still launched from the compiled extension
-            error = "launched from the compiled extension, not through compile_shader (dynamic threadgroup memory)"
-            return {"compiled": False, "source": libs.name, "compile_ms": 0.0, "error": error}
         t0 = time.perf_counter()
         try:
             libs.library(family)
@@ -400,8 +397,6 @@ def collect(device: str | None = None, run_timing: bool = True) -> dict[str, Any
                     f"no Metal kernels: torch.mps.compile_shader needs torch >= 2.9 (this is {torch.__version__}), "
                     "or reinstall with `pip install -e .` on the Mac to build the extension"
                 )
-            elif not _backend.has_metal_extension():
-                problems.append("LoRA is served by the reference: its kernels still need the compiled extension")
         elif device == "cuda":
             kernels = cuda_report()
             if not kernels["kernels_built"]:

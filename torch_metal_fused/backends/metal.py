@@ -8,6 +8,8 @@ nothing half-encoded and the caller serves the call with the reference (torch_me
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from torch_metal_fused import reference
@@ -490,32 +492,274 @@ def rope_apply(q, k, cos, sin, interleaved: bool, backward: bool) -> tuple[torch
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------------------
-# Not yet on these launch plans: the LoRA kernels size their staging tiles with setThreadgroupMemoryLength, which
-# compile_shader cannot do, so they still launch from C++ (csrc/include/tmf/launch/lora_linear.h): on a Mac through
-# the compiled extension, in the harness through its per-op C entry points (backends/emulated.py).
-def _lora_kernels(lead: torch.Tensor):
-    if lead.device.type == "cpu":
-        from torch_metal_fused.backends import emulated
+# The big GEMMs (x·Wᵀ, dy·W, dyᵀ·x, dyᵀ·h, dhᵀ·x) run on the platform's native matmul; shaders/lora_linear.metal does
+# the rank-r work: a reduce dispatch (h = in·Fᵀ) and, unless only dh is wanted, an expand dispatch per rank block of
+# 64 (out += s·h·S).
+LORA_MAX_RANK = constant("kLoraMaxRank")
+LORA_RANKS_PER_THREAD = constant("kLoraRanksPerThread")
+# The merged-weight route: W' = W + s·B·A (a K = r product: one read and one write of W), then y = x·W'ᵀ and
+# h = x·Aᵀ on the native matmul, and dx = dy·W' in backward (W' recomputed, not saved). It replaces the low-rank
+# kernels' read-modify-write of y (tokens x out) with a pass over W (out x in): chosen when tokens > in_features (fewer
+# bytes), never for few tokens (launch-bound either way), never with dropout (the adapter then sees another input than
+# the base weight). W' is rounded to the weight's dtype once. The CUDA backend uses the same rule
+# (tmf::launch::lora_use_merged_weight).
+LORA_MERGED_MIN_TOKENS = 1024
+# Threadgroup memory a kernel may use: 64 bytes per thread (16 KiB per 256 threads, so at least GROUPS_PER_CORE
+# groups of 256 threads fit a GPU core: issue #13's budget), and never more than Apple GPUs' 32 KiB per group.
+THREADGROUP_BYTES_PER_THREAD = 64
+MAX_THREADGROUP_BYTES = 32 * 1024
+# The kernels' static threadgroup arrays, one variant per size (floats): the largest within the budget is taken.
+# 1536 serves three rank blocks at 32 token rows (8 staged columns x a rank of up to 192).
+LORA_THREADGROUP_FLOATS = (512, 1024, 1536, 2048, 4096, 8192)
+LORA_MAX_THREADS = 1024  # threads per threadgroup: up to 1024, whole SIMD-groups, within the pipeline's limit
+# Reduce tiles hold this many token rows per rank entry: F (A or Bᵀ: rank x reduce_dim) is read once per tile, so its
+# re-reads cost at most 1/16 of the input's bytes; at least LORA_REDUCE_MIN_TOKENS rows (small ranks: F re-read at
+# most rank/256 of the input, and groups of >= 256 threads).
+LORA_REDUCE_TOKENS_PER_RANK = 16
+LORA_REDUCE_MIN_TOKENS = 256
+# Expand groups walk this many token rows per rank entry: S (out_dim x rank) is read once per group, at most
+# rank / (2 · 32 · rank) = 1/64 of out's read-and-write; at least LORA_REDUCE_MIN_TOKENS rows.
+LORA_EXPAND_TOKENS_PER_RANK = 32
+SIMDGROUP_MATRIX = 8  # products run on 8 x 8 simdgroup matrices: staged tiles come in whole 8-row/column steps
+LORA_REDUCE_TILE_COLUMNS = 64  # reduced columns of F staged per step at most (64 x 64 floats: 16 KiB at rank 64)
 
-        return emulated
-    from torch_metal_fused import _backend
 
-    if not _backend.has_metal_extension():
+def lora_use_merged_weight(tokens: int, in_features: int, has_dropout: bool) -> bool:
+    return not has_dropout and tokens >= LORA_MERGED_MIN_TOKENS and tokens > in_features
+
+
+def lora_threadgroup_floats(threads: int) -> int:
+    """The largest static threadgroup array (floats) within the budget of `threads` threads."""
+    budget = min(MAX_THREADGROUP_BYTES, threads * THREADGROUP_BYTES_PER_THREAD) // 4
+    return max(c for c in LORA_THREADGROUP_FLOATS if c <= budget)
+
+
+def _lora_threads_cap(max_threads: int) -> int:
+    return min(LORA_MAX_THREADS, round_down(max_threads, SIMD_WIDTH))
+
+
+def _lora_reduce_plan(max_threads, tokens, reduce_dim, rank, in_row_stride, scale, has_mask):
+    """The reduce dispatch: tiles of bm token rows (a multiple of 32: each SIMD-group shares one rank block, so its
+    reads of staged F are broadcasts), bm · rank blocks threads, bm = 16 · rank (>= 256) within the threads cap and the
+    tokens; the staging width fills the threadgroup array ([width][rank] F floats). Needs 32 threads per rank block (a
+    SIMD-group of tokens each): a pipeline capped lower than that gets no plan, and the call is served by the
+    reference. Returns (params, groups, threads, threadgroup floats)."""
+    check_u32(tokens, "tokens"), check_u32(reduce_dim, "reduce_dim"), check_u32(in_row_stride, "row stride")
+    if not 1 <= rank <= LORA_MAX_RANK:
+        raise ValueError(f"LoRA rank must be in [1, {LORA_MAX_RANK}] for the kernels")
+    blocks, cap = ceil_div(rank, LORA_RANKS_PER_THREAD), _lora_threads_cap(max_threads)
+    if cap < blocks * SIMD_WIDTH:
         raise KernelUnavailable(
             "lora_linear",
-            "family",
-            "the LoRA kernels still launch from the compiled extension (dynamic threadgroup memory), which is not "
-            "installed; reinstall with `pip install -e .` and Xcode's command-line tools on the Mac",
+            "call",
+            f"LoRA rank {rank} needs {blocks * SIMD_WIDTH} threads per threadgroup (32 token rows per rank block of "
+            f"{LORA_RANKS_PER_THREAD}); this device allows {cap} for the LoRA kernels",
         )
-    return _backend._compiled_extension()
+    wanted = max(LORA_REDUCE_MIN_TOKENS, LORA_REDUCE_TOKENS_PER_RANK * rank)
+    bm = min(wanted, round_down(cap // blocks, SIMD_WIDTH), round_up(max(tokens, 1), SIMD_WIDTH))
+    threads = bm * blocks
+    floats = lora_threadgroup_floats(threads)
+    rank8 = round_up(rank, SIMDGROUP_MATRIX)
+    # F's staged columns: whole 8-column steps, as many as the array holds up to LORA_REDUCE_TILE_COLUMNS (fewer
+    # barriers per byte staged); at least one step (the smallest array for these threads holds 8 x rank8 floats).
+    width = max(
+        SIMDGROUP_MATRIX,
+        min(
+            LORA_REDUCE_TILE_COLUMNS,
+            round_down(floats // rank8, SIMDGROUP_MATRIX),
+            round_up(max(reduce_dim, 1), SIMDGROUP_MATRIX),
+        ),
+    )
+    p = params(
+        "LoraReduceParams",
+        tokens=tokens,
+        reduce_dim=reduce_dim,
+        rank=rank,
+        in_row_stride=in_row_stride,
+        scale=scale,
+        has_mask=int(has_mask),
+        tokens_per_group=bm,
+        reduce_tile=width,
+    )
+    return p, (ceil_div(tokens, bm), 1, 1), (threads, 1, 1), floats
+
+
+def _lora_expand_plans(max_threads, tokens, out_dim, rank, scale, has_mask):
+    """The expand dispatches, one per rank block of 64: one thread per output column (up to 1024 per group, so h is
+    read once per 1024 columns), 32 · block rank token rows per group (>= 256), h staged as many rows per step as the
+    threadgroup array holds. Returns [(params, groups, threads, threadgroup floats)]."""
+    check_u32(tokens, "tokens"), check_u32(out_dim, "out_dim")
+    columns = min(_lora_threads_cap(max_threads), round_up(max(out_dim, 1), SIMD_WIDTH))
+    floats = lora_threadgroup_floats(columns)
+    plans = []
+    for j0 in range(0, rank, LORA_RANKS_PER_THREAD):
+        nr = min(LORA_RANKS_PER_THREAD, rank - j0)
+        tokens_per_group = min(max(tokens, 1), max(LORA_REDUCE_MIN_TOKENS, LORA_EXPAND_TOKENS_PER_RANK * nr))
+        nr8 = round_up(nr, SIMDGROUP_MATRIX)
+        step = min(round_up(tokens_per_group, SIMDGROUP_MATRIX), round_down(floats // nr8, SIMDGROUP_MATRIX))
+        p = params(
+            "LoraExpandParams",
+            tokens=tokens,
+            out_dim=out_dim,
+            rank=rank,
+            rank_offset=j0,
+            rank_count=nr,
+            scale=scale,
+            has_mask=int(has_mask),
+            columns_per_group=columns,
+            tokens_per_group=tokens_per_group,
+            tokens_per_step=step,
+        )
+        plans.append((p, (ceil_div(out_dim, columns), ceil_div(tokens, tokens_per_group), 1), (columns, 1, 1), floats))
+    return plans
+
+
+def _lora_pipeline(launcher: Launcher, base: str, dtype, plan):
+    """The pipeline of the variant whose threadgroup array the plan sizes, and the plan: planned for the smallest
+    variant's thread limit, replanned (at most twice) if the chosen variant allows fewer threads."""
+    max_threads = launcher.pipeline(kernel_name(base, f"tg{LORA_THREADGROUP_FLOATS[0]}", dtype)).max_threads
+    for _ in range(3):
+        planned = plan(max_threads)
+        floats = max(f for *_, f in planned)
+        pipeline = launcher.pipeline(kernel_name(base, f"tg{floats}", dtype))
+        if all(pipeline.max_threads >= math.prod(t) for _, _, t, _ in planned):
+            return pipeline, planned
+        max_threads = pipeline.max_threads
+    raise KernelUnavailable("lora_linear", "call", f"no {base} variant's thread limit fits its own plan")
+
+
+def _lora_lowrank(
+    in2, factor_reduce, factor_expand, mask, reduce_out, expand_out, reduce_dim, out_dim, rank, scale, forward: bool
+) -> None:
+    """Forward: h = dropout(x)·Aᵀ written (saved for backward), then y += scale · h·Bᵀ in place (y holds x·Wᵀ + bias).
+    Backward: dh = scale · dy·B written, and, if dx is given, dx += (dh·A) · mask in place (dx holds dy·W). Every
+    pipeline and plan is chosen before anything is encoded. A missing mask binds the input in its place (never read:
+    has_mask is 0)."""
+    tokens = in2.shape[0]
+    launcher = Launcher("lora_linear", in2.device)
+    reduce_base, expand_base = (
+        ("lora_forward_h", "lora_forward_y") if forward else ("lora_backward_dh", "lora_backward_dx")
+    )
+    has_mask = mask is not None
+    reduce_scale, expand_scale = (1.0, scale) if forward else (scale, 1.0)
+    reduce_mask, expand_mask = (has_mask, False) if forward else (False, has_mask)
+    reduce_pipeline, (reduce_plan,) = _lora_pipeline(
+        launcher,
+        reduce_base,
+        in2.dtype,
+        lambda t: [_lora_reduce_plan(t, tokens, reduce_dim, rank, _row_stride(in2), reduce_scale, reduce_mask)],
+    )
+    expands = []
+    if expand_out is not None:
+        expand_pipeline, expands = _lora_pipeline(
+            launcher,
+            expand_base,
+            in2.dtype,
+            lambda t: _lora_expand_plans(t, tokens, out_dim, rank, expand_scale, expand_mask),
+        )
+    p, groups, threads, _ = reduce_plan
+    dispatches = [
+        Dispatch(reduce_pipeline, (in2, factor_reduce, mask if reduce_mask else in2, reduce_out, p), groups, threads)
+    ]
+    for p, groups, threads, _ in expands:
+        args = (reduce_out, factor_expand, mask if expand_mask else reduce_out, expand_out, p)
+        dispatches.append(Dispatch(expand_pipeline, args, groups, threads))
+    launcher.encode(*dispatches)
+
+
+# The native GEMMs in the harness run float16 in float32 and round once to float16: torch's CPU float16 GEMM is a slow
+# fallback (torch 2.13.0: 56 s for 512x4096 @ 4096x4096, against 0.06 s in bfloat16), and a GPU's float16 GEMM
+# accumulates in float32 too. On MPS the native matmul takes them as they are.
+def _wide(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.float() if t is not None and t.dtype == torch.float16 and t.device.type == "cpu" else t
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (_wide(a) @ _wide(b)).to(a.dtype)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(_wide(x), _wide(weight), _wide(bias)).to(x.dtype)
+
+
+def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W' = W + s·B·A, rounded once to W's dtype (as the native addmm gives it)."""
+    return torch.addmm(_wide(weight), _wide(lora_b), _wide(lora_a), alpha=scale).to(weight.dtype)
 
 
 def lora_forward(x, weight, bias, lora_a, lora_b, scale: float, dropout_mask):
-    return _lora_kernels(x).lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_mask)
+    """(y, h): y = x·Wᵀ + bias + scale · dropout(x)·Aᵀ·Bᵀ, h = dropout(x)·Aᵀ saved for backward."""
+    tokens, in_features = x.shape
+    rank = lora_a.shape[0]
+    if rank > LORA_MAX_RANK:  # the kernels' tiles take rank <= kLoraMaxRank
+        return reference.lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_mask)
+    if lora_use_merged_weight(tokens, in_features, dropout_mask is not None):
+        merged = _merged_weight(weight, lora_a, lora_b, scale)  # W + s·B·A on the native matmul
+        return _linear(x, merged, bias), _mm(x, lora_a.t())
+    y = _linear(x, weight, bias).contiguous()  # the native GEMM; the expand adds the adapter in place
+    h = _output((tokens, rank), x.dtype, x)
+    if tokens == 0:
+        return y, h
+    mask = dropout_mask.contiguous() if dropout_mask is not None else None
+    _lora_lowrank(
+        _rows(x),
+        lora_a.contiguous(),
+        lora_b.contiguous(),
+        mask,
+        h,
+        y,
+        in_features,
+        weight.shape[0],
+        rank,
+        float(scale),
+        forward=True,
+    )
+    return y, h
 
 
 def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, needs):
-    return _lora_kernels(dy).lora_backward(dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, needs)
+    """(dx, dW, dbias, dA, dB) for the gradients `needs` asks for."""
+    needs_dx, needs_dw, needs_db, needs_da, needs_dlb = needs
+    rank = lora_a.shape[0]
+    tokens = x.shape[0]
+    if rank > LORA_MAX_RANK:
+        return reference.lora_backward(dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, needs)
+    dy2 = _rows(dy)
+    dx = dw = dbias = da = dlb = None
+    if lora_use_merged_weight(tokens, x.shape[1], dropout_mask is not None):
+        if needs_dx:
+            dx = _mm(dy2, _merged_weight(weight, lora_a, lora_b, scale))  # dy·W' = dy·W + dh·A
+        if needs_da:
+            da = _mm((_mm(dy2, lora_b) * scale).t(), x)
+    elif needs_dx or needs_da:
+        if needs_dx:
+            dx = _mm(dy2, weight).contiguous()  # native GEMM; the expand adds (dh·A)·mask in place
+        dh = _output((tokens, rank), x.dtype, x)
+        if tokens:
+            mask = dropout_mask.contiguous() if dropout_mask is not None else None
+            _lora_lowrank(
+                dy2,
+                lora_b.contiguous(),
+                lora_a.contiguous(),
+                mask,
+                dh,
+                dx,
+                weight.shape[0],
+                x.shape[1],
+                rank,
+                float(scale),
+                forward=False,
+            )
+        if needs_da:
+            x_lora = x if dropout_mask is None else x * dropout_mask
+            da = _mm(dh.t(), x_lora)
+    if needs_dlb:
+        dlb = _mm(dy2.t(), h) * scale
+    if needs_dw:
+        dw = _mm(dy2.t(), x)
+    if needs_db:
+        dbias = dy2.sum(0)
+    return dx, dw, dbias, da, dlb
 
 
 __all__ = [
