@@ -4,13 +4,17 @@ out-of-bounds access in a plain run, a barrier some threads never reach, an endl
 name the kernel and line, never as a crash or a hang of the test process; a race that index order hides shows in
 plain runs."""
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from torch_metal_fused.backends import metal, metal_library
 from torch_metal_fused.emulator import runner
 from torch_metal_fused.emulator.build import (
     SHADERS,
@@ -36,12 +40,10 @@ def _plant(tmp_path: Path, file: str, old: str, new: str) -> tuple[Path, int]:
 
 
 def _run_softmax(tmp_path, source, rows, cols):
-    harness = runner.Harness(compile_libraries(tmp_path / "build", [source]))
+    """softmax over the planted copy, through the launch plans (backends/metal.py), under the checker."""
     x = torch.randn(rows, cols)
-    y = torch.empty_like(x)
-    with runner.checking():
-        harness.launch("softmax_forward", torch.float32, x, cols, y, rows, cols)
-    return y
+    with metal_library.shaders_from(source.parent), runner.checking():
+        return metal.softmax_forward(x)
 
 
 def _findings(exc_info) -> list[str]:
@@ -95,10 +97,13 @@ def test_uninitialised_scratch_read(tmp_path):
 def test_uninitialised_scratch_shows_as_nan_without_the_checker(tmp_path):
     old = "  return Op::simd(lane < n_simd ? scratch[lane] : Op::identity());"
     source, _ = _plant(tmp_path, "reduce.h", old, "  return Op::simd(scratch[lane]);")
-    harness = runner.Harness(compile_libraries(tmp_path / "build", [source]))
     x = torch.randn(2, 1000)
-    y = torch.empty_like(x)
-    harness.launch("softmax_forward", torch.float32, x, 1000, y, 2, 1000)
+    y = torch.zeros_like(x)  # not the plans' NaN-poisoned output: the NaN must come from the kernel
+    with metal_library.shaders_from(source.parent):
+        launcher = metal.Launcher("softmax", x.device)
+        pipeline, groups, threads, rows_per_group = metal.plan_rows(launcher, "softmax_forward", x.dtype, 2, 1000)
+        params = metal._row_params(2, 1000, 1000, 0, rows_per_group)
+        launcher.encode(metal_library.Dispatch(pipeline, (x, y, params), groups, threads))
     assert torch.isnan(y).all()  # threadgroup memory starts poisoned
 
 
@@ -107,12 +112,11 @@ def test_missing_restaging_barrier_in_the_lora_kernel_is_a_race(tmp_path):
     # fast threads restage the A tile while slow ones still read it.
     old = """    threadgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are restaged by the next chunk"""
     _, line = _plant(tmp_path, "lora_linear.metal", old, "")
-    harness = runner.Harness(compile_libraries(tmp_path / "build", [tmp_path / "shaders" / "lora_linear.metal"]))
     tokens, fin, fout, r = 20, 70, 30, 8  # 70 inputs: several staged chunks of reduce_tile columns
-    x, a, b = torch.randn(tokens, fin), torch.randn(r, fin), torch.randn(fout, r)
-    y, h = torch.randn(tokens, fout), torch.empty(tokens, r)
+    x, w, a, b = torch.randn(tokens, fin), torch.randn(fout, fin), torch.randn(r, fin), torch.randn(fout, r)
     with pytest.raises(runner.KernelCheckError) as exc, runner.checking():
-        harness.launch("lora_forward_lowrank", torch.float32, x, fin, a, b, None, y, h, tokens, fin, fout, r, 1.0)
+        with metal_library.shaders_from(tmp_path / "shaders"):
+            metal.lora_forward(x, w, None, a, b, 1.0, None)
     text = (tmp_path / "shaders" / "lora_linear.metal").read_text().splitlines()
     # Reported where a thread restages a tile element that another thread read since the last barrier, or reads
     # one that another thread has already restaged.
@@ -125,17 +129,12 @@ def test_missing_restaging_barrier_in_the_lora_kernel_is_a_race(tmp_path):
     )
 
 
-def _cross_entropy_in_place(harness, rows, vocab, target, checked):
-    """The cross-entropy kernel with the gradient written over the logits (one storage bound at buffers 0 and 4, as
-    the in-place chunked loss binds it); returns (logits after, loss)."""
+def _cross_entropy_in_place(shaders: Path, rows, vocab, target, checked):
+    """The cross-entropy kernel of `shaders` with the gradient written over the logits (one storage bound at buffers
+    0 and 4, as the in-place chunked loss binds it); returns (logits after, loss)."""
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(3))
-    loss = torch.empty(rows)
-    args = (logits, vocab, target, torch.ones(rows), loss, logits, rows, vocab, runner.SignedInt(-100), 0.0, 0.0)
-    if checked:
-        with runner.checking():
-            harness.launch("cross_entropy_rows", torch.float32, *args)
-    else:
-        harness.launch("cross_entropy_rows", torch.float32, *args)
+    with metal_library.shaders_from(shaders), runner.checking(checked):
+        loss, _ = metal.cross_entropy_rows(logits, target, -100, 0.0, 0.0, torch.ones(rows), True)
     return logits, loss
 
 
@@ -153,10 +152,9 @@ def test_in_place_gradient_race_in_the_cross_entropy_kernel(tmp_path):
     new = "      row_loss = lse - (1.0f - eps) * capped_logit(float(zr[t]), p.softcap);"
     _, line = _plant(tmp_path, "cross_entropy.metal", old, new)
     source = tmp_path / "shaders" / "cross_entropy.metal"
-    harness = runner.Harness(compile_libraries(tmp_path / "build", [source]))
     target = torch.tensor([5, 517, 999], dtype=torch.int32)  # columns owned by threads other than thread 0
     with pytest.raises(runner.KernelCheckError) as exc:
-        _cross_entropy_in_place(harness, 3, 1000, target, checked=True)
+        _cross_entropy_in_place(source.parent, 3, 1000, target, checked=True)
     # Reported at the second access of the pair: thread 0's read (planted) or the owner's overwrite in pass 2.
     store = _gradient_store_line(source)
     assert any(f"cross_entropy.metal:{n}: device-race" in f for n in (line, store) for f in _findings(exc)), _findings(
@@ -167,10 +165,9 @@ def test_in_place_gradient_race_in_the_cross_entropy_kernel(tmp_path):
 def test_in_place_cross_entropy_kernel_is_clean(tmp_path):
     """The unmodified kernel in place, under the checker: no device-memory race (each thread re-reads and overwrites
     only its own columns, and the loss uses the reduced z[target]); the gradient and loss match torch's."""
-    harness = runner.Harness(compile_libraries(tmp_path / "build", [SHADERS / "cross_entropy.metal"]))
     target = torch.tensor([5, 517, 999], dtype=torch.int32)
     logits0 = torch.randn(3, 1000, generator=torch.Generator().manual_seed(3))
-    grad, loss = _cross_entropy_in_place(harness, 3, 1000, target, checked=True)
+    grad, loss = _cross_entropy_in_place(SHADERS, 3, 1000, target, checked=True)
     want = torch.nn.functional.cross_entropy(logits0.double(), target.long(), reduction="none")
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
     want_grad = torch.softmax(logits0.double(), -1) - torch.nn.functional.one_hot(target.long(), 1000).double()
@@ -184,10 +181,9 @@ def test_device_race_between_threadgroups(tmp_path):
     new = "  device T* gr = grad;"
     _plant(tmp_path, "cross_entropy.metal", old, new)
     source = tmp_path / "shaders" / "cross_entropy.metal"
-    harness = runner.Harness(compile_libraries(tmp_path / "build", [source]))
     target = torch.tensor([5, 517, 999], dtype=torch.int32)
     with pytest.raises(runner.KernelCheckError) as exc:
-        _cross_entropy_in_place(harness, 3, 1000, target, checked=True)
+        _cross_entropy_in_place(source.parent, 3, 1000, target, checked=True)
     store = _gradient_store_line(source)
     findings = _findings(exc)
     assert any(f"cross_entropy.metal:{store}: device-race" in f and "between threadgroups" in f for f in findings), (
@@ -345,6 +341,36 @@ def test_watchdog_ends_an_endless_dispatch(bugs, monkeypatch, kernel, checked):
     assert f.kind == "watchdog-timeout" and f.kernel == kernel and "longer than 0.3 s" in f.message, f
     assert any(f.location.endswith(f"planted_bugs.metal:{n}") for n in (line, line + 1, line + 2)), f  # the loop
     _still_works(bugs)  # with the short timeout still set: a normal dispatch is not cut short
+
+
+def test_the_watchdog_outlives_many_harness_libraries(bugs, tmp_path):
+    """A process loads many harness libraries (every source the compile_shader stand-in builds, plain and checked, and
+    the tests' planted copies): more than there are real-time signals. The watchdog must still end an endless dispatch
+    after 25 other libraries have dispatched (each library once claimed a signal of its own, and the 23rd found none:
+    a hang). In a subprocess, so that a regression fails instead of hanging the suite."""
+    script = f"""
+import shutil, sys, torch
+from pathlib import Path
+from torch_metal_fused.emulator import runner
+from torch_metal_fused.emulator.build import Libraries
+plain = Path({str(bugs.libs.plain)!r})
+harnesses = []
+for i in range(25):
+    copy = Path({str(tmp_path)!r}) / f"copy{{i}}.so"
+    shutil.copy(plain, copy)
+    h = runner.Harness(Libraries(copy, copy, plain.parent))
+    out = torch.zeros(64)
+    h.dispatch("store_shifted", {{0: out, 1: torch.tensor([0])}}, (1, 1, 1), (64, 1, 1))
+    harnesses.append(h)
+try:
+    runner.Harness(Libraries(plain, plain, plain.parent)).dispatch(
+        "spin_before_barrier", {{0: torch.ones(64), 1: torch.zeros(64)}}, (1, 1, 1), (64, 1, 1))
+except runner.KernelAbortedError as exc:
+    print("aborted:", exc.findings[0].kind)
+"""
+    env = {**os.environ, "TORCH_METAL_FUSED_EMU_TIMEOUT_S": "0.3"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert "aborted: watchdog-timeout" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize(

@@ -930,8 +930,20 @@ void on_fault(int sig, siginfo_t* info, void* ucontext) {
   escape(kEscapeFault);
 }
 
+// When this library's running dispatch times out (CLOCK_MONOTONIC nanoseconds; 0: no dispatch armed the timer).
+volatile int64_t g_watchdog_deadline_ns = 0;
+
+int64_t monotonic_ns() {
+  timespec now{};
+  clock_gettime(CLOCK_MONOTONIC, &now);  // async-signal-safe
+  return int64_t(now.tv_sec) * 1000000000 + now.tv_nsec;
+}
+
 void on_watchdog(int, siginfo_t*, void* ucontext) {
   if (!(on_dispatch_thread() && g_escape_armed)) return;  // a late tick of a finished dispatch
+  // Every harness library shares the signal (see watchdog_signal): a late tick of another library's finished dispatch
+  // can land here, before this dispatch's own deadline.
+  if (!g_watchdog_deadline_ns || monotonic_ns() < g_watchdog_deadline_ns) return;
   if (g_runtime_busy || !g_run || !g_run->current) {
     g_timeout_pending = 1;  // the scheduler or the runtime's allocations: escape at the next safe point
     return;
@@ -946,23 +958,29 @@ void on_watchdog(int, siginfo_t*, void* ucontext) {
   escape(kEscapeWatchdog);
 }
 
-// A real-time signal for this library's watchdog: the first one nobody handles. Each harness library (plain,
-// checked) claims its own, so the two never take each other's ticks.
+// The real-time signal of the watchdog, shared by every harness library of the process (a process loads many: plain
+// and checked builds of the shaders, of each source the compile_shader stand-in compiles, of the tests' planted
+// copies; real-time signals are too few for one each). Each dispatch installs its own library's handler on it
+// (install_watchdog_handler), and a handler acts on a tick only while its own dispatch is past its deadline, so ticks
+// never cross libraries. Never restored to the default action, which would end the process on a late tick: a harness
+// library stays loaded for the life of the process.
 int watchdog_signal() {
   static const int sig = [] {
-    for (int s = SIGRTMAX - 4; s > SIGRTMIN + 4; --s) {
-      struct sigaction current;
-      if (sigaction(s, nullptr, &current) != 0) continue;
-      if ((current.sa_flags & SA_SIGINFO) || current.sa_handler != SIG_DFL) continue;
-      struct sigaction sa {};
-      sa.sa_sigaction = on_watchdog;
-      sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
-      sigemptyset(&sa.sa_mask);
-      if (sigaction(s, &sa, nullptr) == 0) return s;  // kept for the life of the process: late ticks are ignored
-    }
-    return 0;
+    const int shared = SIGRTMAX - 4;
+    struct sigaction current;
+    if (sigaction(shared, nullptr, &current) != 0) return 0;
+    // Free, or a harness library's (SA_SIGINFO): anything else belongs to someone else; then no watchdog.
+    return (current.sa_flags & SA_SIGINFO) || current.sa_handler == SIG_DFL ? shared : 0;
   }();
   return sig;
+}
+
+bool install_watchdog_handler(int sig) {
+  struct sigaction sa {};
+  sa.sa_sigaction = on_watchdog;
+  sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  return sigaction(sig, &sa, nullptr) == 0;
 }
 
 double timeout_seconds() {
@@ -992,7 +1010,7 @@ struct WatchdogTimer {
 
 bool watchdog_timer() {
   const int sig = watchdog_signal();
-  if (!sig || !timer_create) return false;
+  if (!sig || !timer_create || !install_watchdog_handler(sig)) return false;
   const pid_t tid = pid_t(syscall(SYS_gettid));
   if (g_watchdog.tid == tid) return true;
   if (g_watchdog.tid) timer_delete(g_watchdog.timer);
@@ -1028,6 +1046,7 @@ class DispatchGuard {
       when.it_value.tv_nsec = long((timeout_s - double(time_t(timeout_s))) * 1e9);
       if (when.it_value.tv_sec == 0 && when.it_value.tv_nsec == 0) when.it_value.tv_nsec = 1;
       when.it_interval.tv_nsec = kWatchdogRetryNs;
+      g_watchdog_deadline_ns = monotonic_ns() + int64_t(timeout_s * 1e9);
       timer_armed_ = timer_settime(g_watchdog.timer, 0, &when, nullptr) == 0;
     }
     g_timeout_pending = 0;
@@ -1042,6 +1061,7 @@ class DispatchGuard {
       const itimerspec off{};
       timer_settime(g_watchdog.timer, 0, &off, nullptr);
     }
+    g_watchdog_deadline_ns = 0;
     g_timeout_pending = 0;
     restore(SIGSEGV, g_previous_segv);
     restore(SIGBUS, g_previous_bus);

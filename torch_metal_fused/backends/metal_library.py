@@ -10,11 +10,12 @@ rules. The launch plans (torch_metal_fused/backends/metal.py) bind every argumen
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +32,10 @@ _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"')
 
 
 @functools.cache
-def shader_source(family: str) -> str:
-    """shaders/<family>.metal with its quoted includes inlined once each (angle-bracket ones, <metal_stdlib>, stay),
+def shader_source(family: str, folder: Path = SHADERS) -> str:
+    """<folder>/<family>.metal with its quoted includes inlined once each (angle-bracket ones, <metal_stdlib>, stay),
     `#pragma once` dropped, and `#line` marks back to every original file."""
-    path = SHADERS / f"{family}.metal"
+    path = folder / f"{family}.metal"
     if not path.is_file():
         raise ValueError(f"no shader file for kernel family {family!r} ({path})")
     return _inline(path, set())
@@ -105,9 +106,12 @@ class KernelLibraries:
     """The compiled family libraries of one compiler (torch.mps.compile_shader, or the harness's stand-in), and the
     pipelines of their kernels; failures are reported as KernelUnavailable, before anything is encoded."""
 
-    def __init__(self, compile_shader: Callable[[str], object], name: str, cache: bool = True) -> None:
+    def __init__(
+        self, compile_shader: Callable[[str], object], name: str, cache: bool = True, shaders: Path = SHADERS
+    ) -> None:
         self.compile_shader = compile_shader
         self.name = name
+        self.shaders = shaders
         # The stand-in is asked again at every launch (it caches its builds itself), so the faults a test sets take
         # effect as they would in a fresh process on a Mac.
         self.cache = cache
@@ -120,7 +124,7 @@ class KernelLibraries:
             lib = self._libraries.get(family) if self.cache else None
             if lib is None:
                 try:
-                    lib = self.compile_shader(shader_source(family))
+                    lib = self.compile_shader(shader_source(family, self.shaders))
                 except Exception as exc:  # a SyntaxError or RuntimeError from the Metal compiler
                     raise KernelUnavailable(family, "family", f"compiling {family}.metal failed: {exc}") from exc
                 if self.cache:
@@ -171,12 +175,28 @@ class KernelLibraries:
 
 _libraries: dict[str, KernelLibraries] = {}
 _libraries_lock = threading.Lock()
+_planted: list[KernelLibraries] = []  # shaders_from() blocks, innermost last
+
+
+@contextlib.contextmanager
+def shaders_from(folder: Path) -> Iterator[None]:
+    """Inside the block, CPU tensors (the harness's stand-in) run the shaders in `folder` instead of shaders/: the
+    checker's tests plant bugs in a copy and launch it through the same plans."""
+    from torch_metal_fused.emulator import compile_shader
+
+    _planted.append(KernelLibraries(compile_shader.compile_shader, f"stand-in ({folder})", cache=False, shaders=folder))
+    try:
+        yield
+    finally:
+        _planted.pop()
 
 
 def libraries_for(device: torch.device) -> KernelLibraries:
     """The kernel libraries serving tensors on `device`: PyTorch's compile_shader on "mps", the harness's stand-in
     on "cpu" (the metal-emulated backend)."""
     kind = device.type
+    if kind == "cpu" and _planted:
+        return _planted[-1]
     with _libraries_lock:
         libs = _libraries.get(kind)
         if libs is None:
