@@ -1,10 +1,9 @@
-"""Build torch_metal_fused with torch.utils.cpp_extension.
+"""Build torch_metal_fused.
 
-- macOS: the Objective-C++ MPS dispatch (csrc/mps/*.mm) with the Metal shader sources embedded as strings
-  (compiled once per process at first use, so the Xcode command-line tools suffice); a prebuilt
-  metallib is added where `xcrun metal` compiles a probe shader (full Xcode with its Metal Toolchain component:
-  tools/metal_toolchain.py says what is missing otherwise).
-- Linux/Windows with a CUDA build of torch and nvcc: the CUDA kernels (csrc/cuda/*.cu).
+- macOS: nothing to compile. The Metal kernels (shaders/) are compiled at first use by the OS's Metal compiler through
+  torch.mps.compile_shader (PyTorch 2.9+) and launched from Python (torch_metal_fused/backends/metal.py); the shaders
+  and their shared header ship in the package (torch_metal_fused/shaders/, copied at build time).
+- Linux/Windows with a CUDA build of torch and nvcc: the CUDA kernels (csrc/cuda/*.cu) with torch.utils.cpp_extension.
 - Anything else (e.g. CPU-only Linux): no compiled extension; the package installs and imports, serving
   the plain-PyTorch reference and, on request, the Metal-on-CPU harness (built at first use).
 
@@ -14,81 +13,17 @@ Build with `pip install --no-build-isolation -e .` so the extension compiles aga
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
+import shutil
 import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
-# build_flags, embed_shaders and metal_toolchain (pure Python: importable on any platform).
-if str(ROOT / "tools") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tools"))
-
-REQUIRE_METALLIB = "TORCH_METAL_FUSED_REQUIRE_METALLIB"
 # The compiled extension is optional: where it fails to build, the package installs without it (the reference, and
 # on a Mac nothing fused until it builds) and says so. Set to 1 to fail instead (CI jobs that build it on purpose).
 REQUIRE_EXTENSION = "TORCH_METAL_FUSED_REQUIRE_EXTENSION"
-
-
-def _no_metallib(why: str) -> None:
-    """Without a metallib the sources are compiled at first use; CI on macOS sets TORCH_METAL_FUSED_REQUIRE_METALLIB=1
-    so that Apple's compiler rejecting a shader fails the build instead."""
-    if os.environ.get(REQUIRE_METALLIB, "") not in ("", "0"):
-        raise SystemExit(f"{REQUIRE_METALLIB} is set and {why}")
-    print(f"warning: {why}; the shader sources will be compiled at first use", file=sys.stderr)
-
-
-def _build_metallib(out_dir: Path) -> Path | None:
-    """A prebuilt metallib where full Xcode's Metal Toolchain works (the command-line tools lack it); the
-    extension then skips compiling the sources at first use."""
-    from metal_toolchain import metal_compile_command, metallib_command, probe_metal_toolchain
-
-    # A compile, not `xcrun -f metal`: Xcode 26 resolves `metal` before its Metal Toolchain is downloaded.
-    ok, why = probe_metal_toolchain(tmpdir=out_dir)
-    if not ok:
-        _no_metallib(why)
-        return None
-    airs = []
-    for src in sorted((ROOT / "shaders").glob("*.metal")):
-        air = out_dir / f"{src.stem}.air"
-        cmd = metal_compile_command(src, air, [ROOT / "shaders", ROOT / "csrc" / "include"])
-        if subprocess.run(cmd).returncode != 0:
-            _no_metallib(f"xcrun metal failed on {src.name}")
-            return None
-        airs.append(air)
-    lib = out_dir / "torch_metal_fused.metallib"
-    if subprocess.run(metallib_command(airs, lib)).returncode != 0:
-        _no_metallib("xcrun metallib failed")
-        return None
-    return lib
-
-
-def _macos_extension():
-    from build_flags import (
-        MPS_CXX_FLAGS,
-        MPS_DEFINES,
-        MPS_DEPLOYMENT_FLAGS,
-        MPS_LINK_FLAGS,
-        mps_include_dirs,
-        mps_sources,
-    )
-    from embed_shaders import write_embedded_header
-    from torch.utils.cpp_extension import CppExtension
-
-    generated = ROOT / "build" / "generated"
-    generated.mkdir(parents=True, exist_ok=True)
-    metallib = _build_metallib(generated)
-    write_embedded_header(ROOT / "shaders", ROOT / "csrc" / "include", generated / "tmf_embedded_shaders.h", metallib)
-    return CppExtension(
-        "torch_metal_fused._C",
-        mps_sources(),
-        include_dirs=mps_include_dirs(generated),
-        define_macros=MPS_DEFINES,
-        extra_compile_args={"cxx": [*MPS_CXX_FLAGS, *MPS_DEPLOYMENT_FLAGS]},
-        extra_link_args=MPS_LINK_FLAGS,
-    )
 
 
 def _cutlass_include_dirs() -> list[str]:
@@ -138,6 +73,21 @@ def _cuda_extension():
     )
 
 
+class BuildPyWithShaders(build_py):
+    """Ships shaders/ and their shared header (csrc/include/tmf/shader_args.h, as tmf/shader_args.h beside them) in
+    the package, where torch_metal_fused/backends/metal_library.py looks first: a wheel compiles them on a Mac with no
+    source tree."""
+
+    def run(self) -> None:
+        super().run()
+        dest = Path(self.build_lib) / "torch_metal_fused" / "shaders"
+        (dest / "tmf").mkdir(parents=True, exist_ok=True)
+        for src in sorted((ROOT / "shaders").iterdir()):
+            if src.suffix in (".metal", ".h"):
+                shutil.copy2(src, dest / src.name)
+        shutil.copy2(ROOT / "csrc" / "include" / "tmf" / "shader_args.h", dest / "tmf" / "shader_args.h")
+
+
 def _optional_build_ext(base: type) -> type:
     """`base` (torch's BuildExtension) made optional: a failed compile or link installs the package without the
     extension and says so, unless REQUIRE_EXTENSION is set."""
@@ -169,9 +119,7 @@ def _extensions():
         print("torch is not installed: building without the compiled extension", file=sys.stderr)
         return [], {}
     ext = None
-    if platform.system() == "Darwin":
-        ext = _macos_extension()
-    elif torch.version.cuda and CUDA_HOME and (ROOT / "csrc" / "cuda").is_dir():
+    if torch.version.cuda and CUDA_HOME and (ROOT / "csrc" / "cuda").is_dir():
         ext = _cuda_extension()
     if ext is None:
         return [], {}
@@ -180,6 +128,7 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
+cmdclass["build_py"] = BuildPyWithShaders
 
 setup(
     name="torch-metal-fused",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On a Mac with Apple Silicon: the first run of what no machine of this project could run. Builds the extension
-# (where Apple's Metal toolchain works, it must accept every shader: the build fails otherwise), runs
-# `python -m torch_metal_fused.doctor` (its JSON is stored with the results), the whole test suite (its `metal`
+# On a Mac with Apple Silicon: the first run of what no machine of this project could run. Installs the package
+# (nothing is compiled: the shaders are compiled at first use by the OS's Metal compiler through
+# torch.mps.compile_shader, PyTorch 2.9+), runs `python -m torch_metal_fused.doctor` (every family compiled and
+# each pipeline's limits; its JSON is stored with the results), the whole test suite (its `metal`
 # parameter asserts our kernels, not a fallback, served the MPS tensors) and the benchmark against the native MPS
 # ops. TORCH_METAL_FUSED_STRICT=1: a fallback to the reference is an error, so nothing passes by falling back.
 # Logs and results go to benchmarks/results/mps-<chip>-<date>/; commit that folder and update the README's status
@@ -15,13 +16,8 @@ mkdir -p "$out"
 {
   sw_vers
   sysctl -n machdep.cpu.brand_string
-  xcrun -sdk macosx metal --version 2>&1 || echo "no xcrun metal: shaders compiled at first use"
 } > "$out/system.txt"
-export TORCH_METAL_FUSED_STRICT=1 TORCH_METAL_FUSED_REQUIRE_EXTENSION=1
-# A metallib is required where the Metal toolchain compiles a probe shader (tools/metal_toolchain.py says why not).
-if python3 tools/metal_toolchain.py >> "$out/system.txt" 2>&1; then
-  export TORCH_METAL_FUSED_REQUIRE_METALLIB=1
-fi
+export TORCH_METAL_FUSED_STRICT=1
 bash tools/setup.sh > "$out/setup.log" 2>&1 || { tail -40 "$out/setup.log"; echo "setup failed: $out/setup.log" >&2; exit 1; }
 python3 -c "import torch, torch_metal_fused as t; print('torch', torch.__version__, '| mps available:', \
 torch.backends.mps.is_available(), '| backend:', t.backend_for(torch.empty(1, device='mps')))" | tee -a "$out/system.txt"

@@ -2,9 +2,6 @@
 #include "ops.h"
 #include "tmf/launch/common.h"
 
-#ifdef TMF_WITH_METAL
-#include "mps/metal_status.h"
-#endif
 #ifdef TMF_WITH_CUDA
 #include "cuda/lora_kconcat.h"
 #endif
@@ -39,38 +36,6 @@ PYBIND11_MODULE(_C, m) {
         throw tmf::launch::KernelUnavailable(family, whole_family ? Scope::family : Scope::call, "raised on request");
       },
       "for tests: the translation of tmf::launch::KernelUnavailable into the Python class");
-#ifdef TMF_WITH_METAL
-  m.attr("HAS_METAL") = true;
-  m.def("metal_supports_bfloat16", &tmf::mps::supports_bfloat16, "whether this system's Metal has bfloat");
-  m.def("metal_language_version", &tmf::mps::metal_language_version);
-  m.def("metal_device_name", &tmf::mps::device_name);
-  m.def("metal_prebuilt_metallib_error", &tmf::mps::prebuilt_metallib_error);
-  m.def("metal_kernel_names", &tmf::mps::kernel_names, "the kernel host names of a family's shader file");
-  m.def(
-      "metal_family_status",
-      [](const std::string& family) {
-        tmf::mps::FamilyStatus s = tmf::mps::family_status(family);
-        py::dict d;
-        d["compiled"] = s.compiled;
-        d["source"] = s.source;
-        d["compile_ms"] = s.compile_ms;
-        d["error"] = s.error;
-        return d;
-      },
-      "compiles a kernel family's library if not tried yet; whether it compiled, from what, how long, the error");
-  m.def(
-      "metal_pipeline_info",
-      [](const std::string& kernel) {
-        tmf::launch::Pipeline p = tmf::mps::pipeline(kernel);  // KernelUnavailable when it cannot be built
-        py::dict d;
-        d["max_threads"] = p.max_threads;
-        d["execution_width"] = p.execution_width;
-        return d;
-      },
-      "builds a kernel's pipeline if not yet built; its maxTotalThreadsPerThreadgroup and threadExecutionWidth");
-#else
-  m.attr("HAS_METAL") = false;
-#endif
 #ifdef TMF_WITH_CUDA
   m.attr("HAS_CUDA") = true;
   m.attr("HAS_LORA_KCONCAT") = tmf::cuda::lora_kconcat_built();

@@ -1,5 +1,5 @@
-// The kernel entry points every compiled backend (Metal: csrc/mps/ops.mm, CUDA: csrc/cuda/ops.cu) provides,
-// with the signatures of torch_metal_fused/reference.py and torch_metal_fused/backends/emulated.py.
+// The kernel entry points the compiled CUDA backend (csrc/cuda/ops.cu) provides, with the signatures of
+// torch_metal_fused/reference.py and torch_metal_fused/backends/metal.py.
 #pragma once
 
 #include <torch/extension.h>
@@ -21,8 +21,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const O
 std::tuple<OptTensor, OptTensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight,
                                                    const at::Tensor& rstd, bool needs_dx, bool needs_dw,
                                                    double offset);
-// add_rms_norm: (y, h, rstd) with h = x + residual; backward (dx, dw), dx = RMSNorm's dx + dh (Metal: one fused
-// kernel each in csrc/mps/rms_norm.mm; CUDA: csrc/cuda/add_rms_norm.cu composes the add with the RMSNorm kernels).
+// add_rms_norm: (y, h, rstd) with h = x + residual; backward (dx, dw), dx = RMSNorm's dx + dh (CUDA:
+// csrc/cuda/add_rms_norm.cu composes the add with the RMSNorm kernels).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_add_forward(const at::Tensor& x, const at::Tensor& residual,
                                                                     const at::Tensor& weight, double eps,
                                                                     double offset);
@@ -37,18 +37,18 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> lora_backward(
     const at::Tensor& lora_b, const at::Tensor& h, double scale, const OptTensor& dropout_mask,
     std::array<bool, 5> needs);
 
-// The cross-entropy row pass (Metal: csrc/mps/cross_entropy.mm, CUDA: csrc/cuda/ops.cu).
+// The cross-entropy row pass (CUDA: csrc/cuda/ops.cu).
 std::tuple<at::Tensor, OptTensor> cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target,
                                                      int64_t ignore_index, double label_smoothing, double softcap,
                                                      const OptTensor& row_scale, bool in_place);
 
-// SwiGLU / GeGLU: activation tmf::kGluSilu or tmf::kGluGeluTanh (Metal: csrc/mps/glu.mm, CUDA: csrc/cuda/glu.cu).
+// SwiGLU / GeGLU: activation tmf::kGluSilu or tmf::kGluGeluTanh (CUDA: csrc/cuda/glu.cu).
 at::Tensor glu_forward(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
 std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up,
                                                 int64_t activation);
 
 // Rotary embedding of q and k (batch, heads, seq, head_dim), cos/sin contiguous (1 or batch, seq, rotary_dim);
-// outputs contiguous (Metal: csrc/mps/rope.mm, CUDA: csrc/cuda/rope.cu).
+// outputs contiguous (CUDA: csrc/cuda/rope.cu).
 std::tuple<at::Tensor, at::Tensor> rope_apply(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                               const at::Tensor& sin, bool interleaved, bool backward);
 

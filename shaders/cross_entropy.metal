@@ -1,5 +1,5 @@
 // Cross-entropy row pass in float32, float16 and bfloat16 (statistics in float32).
-// Launch code: csrc/include/tmf/launch/cross_entropy.h; used by torch_metal_fused/ops/cross_entropy.py for both
+// Launch code: torch_metal_fused/backends/metal.py (cross_entropy_rows); used by torch_metal_fused/ops/cross_entropy.py for both
 // cross_entropy and the chunked linear_cross_entropy (there on each chunk of logits, with the gradient written in
 // place over the chunk).
 //

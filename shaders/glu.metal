@@ -1,6 +1,6 @@
 // Gated activations of the MLP of Llama-family models (SwiGLU: silu) and Gemma (GeGLU: gelu, tanh approximation),
 // forward and backward, in float32 math for float32, float16 and bfloat16.
-// Launch code: csrc/include/tmf/launch/glu.h; used by torch_metal_fused/ops/glu.py.
+// Launch code: torch_metal_fused/backends/metal.py (glu_*); used by torch_metal_fused/ops/glu.py.
 //   forward:  out = act(gate) · up
 //   backward: dgate = dout · up · act'(gate), dup = dout · act(gate) — act recomputed from gate, so training saves
 //             only the two inputs (no activation tensor).

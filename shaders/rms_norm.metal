@@ -1,5 +1,5 @@
 // RMSNorm over rows, forward and backward, in float32, float16 and bfloat16 (statistics in float32).
-// Launch code: csrc/include/tmf/launch/rms_norm.h.
+// Launch code: torch_metal_fused/backends/metal.py (rms_norm_*).
 //
 // Forward: y = x * rstd * (w + offset) (offset 0, or 1 for Gemma's (1 + w)) with rstd = rsqrt(mean(x²) + eps) saved as float32 per row (4 B per row).
 //   simd_rows  (cols <= 256)  up to 8 SIMD-groups per threadgroup, each walking >= 20 rows, <= 8 elements per lane.

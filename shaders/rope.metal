@@ -1,5 +1,5 @@
 // Rotary position embedding of q and k, forward and backward (the transposed rotation), in one dispatch, float32 math
-// for float32, float16 and bfloat16. Launch code: csrc/include/tmf/launch/rope.h; used by torch_metal_fused/ops/rope.py.
+// for float32, float16 and bfloat16. Launch code: torch_metal_fused/backends/metal.py (rope_apply); used by torch_metal_fused/ops/rope.py.
 //
 // Hugging Face's apply_rotary_pos_emb computes q·cos + rotate_half(q)·sin (and the same for k) in four elementwise
 // kernels per tensor, plus a rotate_half temporary; here one thread per (batch, position, slot) loads its cos/sin

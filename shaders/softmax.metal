@@ -1,5 +1,5 @@
 // Softmax over rows, forward and backward, in float32, float16 and bfloat16 (accumulation in float32).
-// Launch code: csrc/include/tmf/launch/softmax.h (plan_rows in common.h picks the variant).
+// Launch code: torch_metal_fused/backends/metal.py (plan_rows picks the variant).
 //
 // Variants (one dispatch per op call; exponentials are exp2-based, exp_nonpositive in reduce.h):
 //   simd_rows  (cols <= 256)  8 rows per threadgroup, one SIMD-group (32 threads) per row, <= 8 elements

@@ -136,12 +136,11 @@ def test_the_doctor_reports_the_compile_shader_route(stand_in):
     assert families["glu"]["ok"]
 
 
-def test_the_metal_backend_launches_through_compile_shader_from_torch_2_9(monkeypatch):
+def test_the_metal_backends_launch_from_the_python_plans(monkeypatch):
     from torch_metal_fused.backends import metal
 
-    fake_extension = object()
-    monkeypatch.setattr(_backend, "_compiled_extension", lambda: fake_extension)
-    monkeypatch.setattr(_backend, "has_compile_shader", lambda: True)
     assert _backend.kernels_for("metal") is metal and _backend.kernels_for("metal-emulated") is metal
-    monkeypatch.setattr(_backend, "has_compile_shader", lambda: False)  # torch < 2.9: the extension's C++ plans
-    assert _backend.kernels_for("metal") is fake_extension
+    # Before PyTorch 2.9 compile_shader's kernels take no arg_casts: MPS tensors get the reference, and the warning
+    # (an error under TORCH_METAL_FUSED_STRICT=1) says why and what to do.
+    monkeypatch.setattr(_backend, "torch_version", lambda: (2, 8))
+    assert "PyTorch 2.9" in _backend._no_metal_reason() and "pip install -U torch" in _backend._no_metal_reason()

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -78,45 +77,25 @@ def test_doctor_reports_forced_failures_and_exits_nonzero(tmp_path):
     assert "Please paste this output" in text
 
 
-def _fake_metal_extension(broken_family: str, narrow_kernel: str):
-    kernels = {f: [f"{p}k1_float", f"{p}k2_float"] for f, p in _backend.FAMILIES.items()}
+@pytest.mark.emulated
+def test_metal_report_of_the_compile_shader_route(monkeypatch):
+    """The Mac path's report, executed here: compile_shader's libraries (the harness's stand-in serving as the MPS
+    one), with a family that does not compile and one whose pipelines run 16-wide SIMD-groups."""
+    from torch_metal_fused.backends import metal_library
+    from torch_metal_fused.emulator import runner
 
-    def family_status(family):
-        if family == broken_family:
-            return {"compiled": False, "source": "source", "compile_ms": 12.0, "error": "compiling x.metal failed: E"}
-        return {"compiled": True, "source": "metallib", "compile_ms": 1.5, "error": ""}
-
-    def pipeline_info(kernel):
-        return {"max_threads": 1024, "execution_width": 16 if kernel == narrow_kernel else 32}
-
-    return SimpleNamespace(
-        HAS_METAL=True,
-        HAS_CUDA=False,
-        metal_device_name=lambda: "Apple M9",
-        metal_language_version=lambda: "3.1",
-        metal_prebuilt_metallib_error=lambda: "",
-        metal_kernel_names=lambda f: kernels[f],
-        metal_family_status=family_status,
-        metal_pipeline_info=pipeline_info,
-        metal_supports_bfloat16=lambda: True,
-    )
-
-
-def test_metal_report_from_the_extensions_status(monkeypatch):
-    """The Mac path: the extension's per-family status and pipeline limits become the report's families."""
-    fake = _fake_metal_extension("rms_norm", "lora_k2_float")
-    monkeypatch.setattr(_backend, "_compiled_extension", lambda: fake)
-    _backend._metal_supports_bfloat16.cache_clear()
-    try:
+    stand_in = metal_library.libraries_for(torch.device("cpu"))
+    monkeypatch.setattr(metal_library, "libraries_for", lambda device: stand_in)
+    monkeypatch.setattr(torch._C, "_mps_get_name", lambda: "Apple M9", raising=False)
+    with runner.faults("compile:rms_norm,simd_width:lora_linear=16"):
         report = doctor.metal_report()
-    finally:
-        _backend._metal_supports_bfloat16.cache_clear()
     fams = report["families"]
-    assert report["device_name"] == "Apple M9" and report["bfloat16"]
-    assert fams["softmax"]["ok"] and fams["softmax"]["source"] == "metallib"
+    assert report["device_name"] == "Apple M9" and "compile_shader" in report["launch"]
+    assert fams["softmax"]["ok"] and "stand-in" in fams["softmax"]["source"]
     assert not fams["rms_norm"]["ok"] and fams["rms_norm"]["pipelines"] == {}
+    assert "injected fault" in fams["rms_norm"]["error"]
     assert not fams["lora_linear"]["ok"]
-    assert "threadExecutionWidth 16" in fams["lora_linear"]["pipelines"]["lora_k2_float"]["error"]
+    assert all("threadExecutionWidth 16" in p["error"] for p in fams["lora_linear"]["pipelines"].values())
     full = {
         "schema": 1,
         "device": "mps",

@@ -1,5 +1,5 @@
 """Mutation check of the Metal kernels' tests: plant one bug at a time in a copy of the repository (a shader, a
-shared shader header or the launch code shared with MPS), run the tests that guard that code on the Metal-on-CPU
+shared shader header or the launch plans of backends/metal.py), run the tests that guard that code on the Metal-on-CPU
 harness, and require every planted bug to be caught. Controls (edits that change nothing observable) must pass.
 
     python3 tools/mutate.py            # every mutant (docs/metal-on-cpu.md has the last full result)

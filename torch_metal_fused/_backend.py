@@ -58,11 +58,6 @@ def _compiled_extension():
     return _C
 
 
-def has_metal_extension() -> bool:
-    ext = _compiled_extension()
-    return ext is not None and getattr(ext, "HAS_METAL", False)
-
-
 # torch.mps.compile_shader's kernels take `arg_casts` from PyTorch 2.9: our argument structs are bound as int32 words.
 COMPILE_SHADER_MIN_TORCH = (2, 9)
 
@@ -72,6 +67,7 @@ def torch_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+@functools.cache
 def has_compile_shader() -> bool:
     """Whether this torch compiles our shaders at run time on MPS (torch.mps.compile_shader, PyTorch 2.9+), from
     shaders/ beside the package (an editable or source-tree install: the wheel does not carry them yet)."""
@@ -86,9 +82,8 @@ def has_compile_shader() -> bool:
 
 
 def has_metal_kernels() -> bool:
-    """Whether MPS tensors can run on our Metal kernels: through torch.mps.compile_shader, or (torch < 2.9) the
-    compiled extension."""
-    return has_compile_shader() or has_metal_extension()
+    """Whether MPS tensors can run on our Metal kernels (through torch.mps.compile_shader)."""
+    return has_compile_shader()
 
 
 def has_cuda_kernels() -> bool:
@@ -137,12 +132,7 @@ def unavailable_families(backend: str = "metal") -> dict[str, str]:
 def system_description(backend: str) -> str:
     """The system in a warning: macOS and Metal versions on a Mac, the harness elsewhere."""
     if backend == "metal":
-        ext = _compiled_extension()
-        metal = getattr(ext, "metal_language_version", lambda: "?")()
-        return (
-            f"macOS {platform.mac_ver()[0] or '?'} on {platform.machine()}, torch {torch.__version__}, "
-            f"Metal language {metal}"
-        )
+        return f"macOS {platform.mac_ver()[0] or '?'} on {platform.machine()}, torch {torch.__version__}"
     if backend == "metal-emulated":
         return f"Metal-on-CPU harness on {platform.system()} {platform.machine()}"
     return f"{backend} on {platform.platform()}"
@@ -173,10 +163,7 @@ def fall_back(backend: str, family: str, scope: str, reason: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-@functools.cache
 def _metal_supports_bfloat16() -> bool:
-    if has_metal_extension():
-        return bool(_compiled_extension().metal_supports_bfloat16())
     # compile_shader compiles with the OS's newest Metal; a library without bfloat kernels (Metal < 3.1) is found
     # at the first bfloat16 call and served by the reference (backends/metal_library.py).
     return has_compile_shader()
@@ -206,6 +193,9 @@ def _metal_unavailable_reason(backend: str, family: str, dtype: torch.dtype) -> 
 def select_backend(x: torch.Tensor, family: str) -> str:
     """backend_for(x, family), announcing (once) or, when strict, raising for a fallback to the reference."""
     backend = backend_for(x)
+    if backend == "reference" and x.device.type == "mps" and x.dtype in KERNEL_DTYPES and forced_backend() is None:
+        fall_back("metal", family, "torch", _no_metal_reason())
+        return backend
     if backend in METAL_BACKENDS:
         why = _metal_unavailable_reason(backend, family, x.dtype)
         if why is not None:
@@ -213,6 +203,17 @@ def select_backend(x: torch.Tensor, family: str) -> str:
                 fall_back(backend, family, *why)
             return "reference"
     return backend
+
+
+def _no_metal_reason() -> str:
+    if torch_version() < COMPILE_SHADER_MIN_TORCH:
+        return (
+            f"torch {torch.__version__} cannot launch them: they are compiled and launched through "
+            "torch.mps.compile_shader with arg_casts, from PyTorch 2.9 (pip install -U torch)"
+        )
+    from torch_metal_fused.backends.metal_library import SHADERS
+
+    return f"their shader sources are missing ({SHADERS}): reinstall torch-metal-fused"
 
 
 def forced_backend() -> str | None:
@@ -259,9 +260,7 @@ def kernels_for(backend: str):
     Every backend exposes the same functions (softmax_forward, rms_norm_backward, lora_forward, ...),
     so each op dispatches with one line.
     """
-    if backend == "cuda" or (backend == "metal" and not has_compile_shader()):
-        # On torch < 2.9 a Mac launches every op from the compiled extension's C++ plans (csrc/include/tmf/launch),
-        # which no CI runs: torch.mps.compile_shader's kernels take no arg_casts there.
+    if backend == "cuda":
         return _compiled_extension()
     if backend in METAL_BACKENDS:
         from torch_metal_fused.backends import metal

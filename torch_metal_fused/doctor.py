@@ -134,23 +134,12 @@ def compile_shader_families(device: torch.device) -> dict[str, Any]:
 
 
 def metal_report() -> dict[str, Any]:
-    if not _backend.has_metal_extension():
-        name = getattr(torch._C, "_mps_get_name", lambda: "?")()
-        return {
-            "kind": "metal",
-            "device_name": name,
-            "launch": f"torch.mps.compile_shader (torch {torch.__version__}); no compiled extension",
-            "bfloat16": _backend.bfloat16_supported("metal"),
-            "families": compile_shader_families(torch.device("mps")),
-        }
-    ext = _backend._compiled_extension()
     return {
         "kind": "metal",
-        "device_name": ext.metal_device_name(),
-        "metal_language_version": ext.metal_language_version(),
+        "device_name": getattr(torch._C, "_mps_get_name", lambda: "?")(),
+        "launch": f"torch.mps.compile_shader (torch {torch.__version__})",
         "bfloat16": _backend.bfloat16_supported("metal"),
-        "prebuilt_metallib_error": ext.metal_prebuilt_metallib_error() or None,
-        "families": _families_report(ext.metal_kernel_names, ext.metal_family_status, ext.metal_pipeline_info),
+        "families": compile_shader_families(torch.device("mps")),
     }
 
 
@@ -393,10 +382,7 @@ def collect(device: str | None = None, run_timing: bool = True) -> dict[str, Any
         if device == "mps":
             kernels = metal_report() if _backend.has_metal_kernels() else {"kind": "none"}
             if not _backend.has_metal_kernels():
-                problems.append(
-                    f"no Metal kernels: torch.mps.compile_shader needs torch >= 2.9 (this is {torch.__version__}), "
-                    "or reinstall with `pip install -e .` on the Mac to build the extension"
-                )
+                problems.append(f"no Metal kernels: {_backend._no_metal_reason()}")
         elif device == "cuda":
             kernels = cuda_report()
             if not kernels["kernels_built"]:
@@ -443,9 +429,7 @@ def format_report(report: dict[str, Any]) -> str:
     k = report["kernels"]
     if k.get("kind") in ("metal", "metal-emulated"):
         if k.get("kind") == "metal":
-            lines.append(f"  metal    : {k['device_name']} | Metal language {k['metal_language_version']}")
-            if k.get("prebuilt_metallib_error"):
-                lines.append(f"  metallib : did not load ({k['prebuilt_metallib_error']}); sources compiled instead")
+            lines.append(f"  metal    : {k['device_name']} | {k['launch']}")
         elif not k.get("available"):
             lines.append(f"  harness  : unavailable ({k['error']})")
         else:

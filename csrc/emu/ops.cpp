@@ -1,22 +1,17 @@
-// C entry points of the Metal-on-CPU harness, called from torch_metal_fused/backends/emulated.py through
-// ctypes. Each runs the same launch code as the MPS dispatch (csrc/include/tmf/launch/*.h) on an EmuEncoder
-// and returns a report of the dispatches (kernel, grid, traffic per buffer, checker findings).
+// C entry points of the Metal-on-CPU harness, called from torch_metal_fused/emulator/runner.py through ctypes: a
+// dispatch as torch.mps.compile_shader encodes it (the stand-in, emulator/compile_shader.py), a raw dispatch (the
+// harness's own tests), pipeline limits and kernel names; each dispatch returns a report (kernel, grid, traffic per
+// buffer, checker findings). Plus the CUDA backend's shared C++ rules, so that CI tests them.
 #include <cstdio>
 #include <sstream>
 #include <string>
 
-#include "tmf/launch/cross_entropy.h"
-#include "tmf/launch/glu.h"
-#include "tmf/launch/rope.h"
 #include "tmf/launch/lora_linear.h"
-#include "tmf/launch/rms_norm.h"
-#include "tmf/launch/softmax.h"
 #include "tmf_emu/emu_encoder.h"
 
 namespace {
 
 using tmf::launch::DeviceBuffer;
-using tmf::launch::DType;
 
 struct TensorArg {  // mirrors TensorArg in emulated.py
   void* base;
@@ -100,64 +95,6 @@ const char* tmf_emu_kernel_names() {
   return names.c_str();
 }
 
-const char* tmf_emu_softmax_forward(int checking, uint32_t max_threads, int dtype, TensorArg x, uint64_t x_stride,
-                                    TensorArg y, uint64_t rows, uint64_t cols) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::softmax_forward(enc, DType(dtype), buf(x), x_stride, buf(y), rows, cols);
-  });
-}
-
-const char* tmf_emu_softmax_backward(int checking, uint32_t max_threads, int dtype, TensorArg y, TensorArg dy,
-                                     uint64_t dy_stride, TensorArg dx, uint64_t rows, uint64_t cols) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::softmax_backward(enc, DType(dtype), buf(y), buf(dy), dy_stride, buf(dx), rows, cols);
-  });
-}
-
-const char* tmf_emu_rms_norm_forward(int checking, uint32_t max_threads, int dtype, TensorArg x, uint64_t x_stride,
-                                     TensorArg weight, TensorArg y, TensorArg rstd, uint64_t rows, uint64_t cols,
-                                     float eps, float weight_offset) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::rms_norm_forward(enc, DType(dtype), buf(x), x_stride, buf(weight), buf(y), buf(rstd), rows, cols,
-                                  eps, weight_offset);
-  });
-}
-
-const char* tmf_emu_rms_norm_backward(int checking, uint32_t max_threads, int dtype, TensorArg dy, uint64_t dy_stride,
-                                      TensorArg x, uint64_t x_stride, TensorArg weight, TensorArg rstd, TensorArg dx,
-                                      TensorArg dw_partial, TensorArg dw, uint64_t rows, uint64_t cols,
-                                      float weight_offset) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::rms_norm_backward(enc, DType(dtype), buf(dy), dy_stride, buf(x), x_stride, buf(weight), buf(rstd),
-                                   buf(dx), buf(dw_partial), buf(dw), rows, cols, weight_offset);
-  });
-}
-
-// add_rms_norm: h = x + residual written and normalised in one pass; backward adds h's incoming gradient to dx.
-const char* tmf_emu_rms_norm_add_forward(int checking, uint32_t max_threads, int dtype, TensorArg x, uint64_t x_stride,
-                                         TensorArg residual, uint64_t residual_stride, TensorArg weight, TensorArg y,
-                                         TensorArg h, TensorArg rstd, uint64_t rows, uint64_t cols, float eps,
-                                         float weight_offset) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::rms_norm_forward(enc, DType(dtype), buf(x), x_stride, buf(weight), buf(y), buf(rstd), rows, cols,
-                                  eps, weight_offset, buf(residual), residual_stride, buf(h));
-  });
-}
-
-const char* tmf_emu_rms_norm_add_backward(int checking, uint32_t max_threads, int dtype, TensorArg dy,
-                                          uint64_t dy_stride, TensorArg dh, uint64_t dh_stride, TensorArg h,
-                                          TensorArg weight, TensorArg rstd, TensorArg dx, TensorArg dw_partial,
-                                          TensorArg dw, uint64_t rows, uint64_t cols, float weight_offset) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::rms_norm_backward(enc, DType(dtype), buf(dy), dy_stride, buf(h), cols, buf(weight), buf(rstd),
-                                   buf(dx), buf(dw_partial), buf(dw), rows, cols, weight_offset, buf(dh), dh_stride);
-  });
-}
-
-uint32_t tmf_emu_rms_norm_backward_groups(uint64_t rows) {
-  return tmf::launch::rms_norm_backward_groups(rows, g_gpu_cores);
-}
-
 int tmf_emu_lora_use_merged_weight(uint64_t tokens, uint64_t in_features, int has_dropout) {
   return tmf::launch::lora_use_merged_weight(tokens, in_features, has_dropout != 0) ? 1 : 0;
 }
@@ -169,69 +106,6 @@ int tmf_emu_lora_kconcat_gemm_is_pingpong(uint64_t rows, uint64_t cols) {
 
 int tmf_emu_lora_kconcat_fills_device(uint64_t tokens, uint64_t in_features, uint64_t out_features, uint64_t sms) {
   return tmf::launch::lora_kconcat_fills_device(tokens, in_features, out_features, sms) ? 1 : 0;
-}
-
-const char* tmf_emu_lora_forward_lowrank(int checking, uint32_t max_threads, int dtype, TensorArg x,
-                                         uint64_t x_stride, TensorArg lora_a, TensorArg lora_b, TensorArg mask,
-                                         TensorArg y, TensorArg h, uint64_t tokens, uint64_t in_features,
-                                         uint64_t out_features, uint64_t rank, float scale) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::lora_forward_lowrank(enc, DType(dtype), buf(x), x_stride, buf(lora_a), buf(lora_b), buf(mask),
-                                      buf(y), buf(h), tokens, in_features, out_features, rank, scale);
-  });
-}
-
-const char* tmf_emu_lora_backward_lowrank(int checking, uint32_t max_threads, int dtype, TensorArg dy,
-                                          uint64_t dy_stride, TensorArg lora_a, TensorArg lora_b, TensorArg mask,
-                                          TensorArg dh, TensorArg dx, uint64_t tokens, uint64_t in_features,
-                                          uint64_t out_features, uint64_t rank, float scale) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::lora_backward_lowrank(enc, DType(dtype), buf(dy), dy_stride, buf(lora_a), buf(lora_b), buf(mask),
-                                       buf(dh), buf(dx), tokens, in_features, out_features, rank, scale);
-  });
-}
-
-const char* tmf_emu_cross_entropy_rows(int checking, uint32_t max_threads, int dtype, TensorArg logits,
-                                      uint64_t row_stride, TensorArg target, TensorArg row_scale, TensorArg loss,
-                                      TensorArg grad, uint64_t rows, uint64_t vocab, int64_t ignore_index,
-                                      float label_smoothing, float softcap) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::cross_entropy_rows(enc, DType(dtype), buf(logits), row_stride, buf(target), buf(row_scale),
-                                    buf(loss), buf(grad), rows, vocab, ignore_index, label_smoothing, softcap);
-  });
-}
-
-const char* tmf_emu_glu_forward(int checking, uint32_t max_threads, int dtype, uint64_t activation, TensorArg gate,
-                                uint64_t gate_stride, TensorArg up, uint64_t up_stride, TensorArg out, uint64_t rows,
-                                uint64_t cols) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::glu_forward(enc, DType(dtype), uint32_t(activation), buf(gate), gate_stride, buf(up), up_stride, buf(out), rows,
-                             cols);
-  });
-}
-
-const char* tmf_emu_glu_backward(int checking, uint32_t max_threads, int dtype, uint64_t activation, TensorArg gate,
-                                 uint64_t gate_stride, TensorArg up, uint64_t up_stride, TensorArg dout,
-                                 uint64_t dout_stride, TensorArg dgate, TensorArg dup, uint64_t rows, uint64_t cols) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::glu_backward(enc, DType(dtype), uint32_t(activation), buf(gate), gate_stride, buf(up), up_stride, buf(dout),
-                              dout_stride, buf(dgate), buf(dup), rows, cols);
-  });
-}
-
-// q and k: {buffer, batch stride, head stride, seq stride, heads} each, as tmf::launch::RopeOperand.
-const char* tmf_emu_rope_apply(int checking, uint32_t max_threads, int dtype, TensorArg q, uint64_t q_batch_stride,
-                               uint64_t q_head_stride, uint64_t q_seq_stride, uint64_t q_heads, TensorArg k,
-                               uint64_t k_batch_stride, uint64_t k_head_stride, uint64_t k_seq_stride,
-                               uint64_t k_heads, TensorArg cos_table, TensorArg sin_table, uint64_t cos_batches,
-                               TensorArg q_out, TensorArg k_out, uint64_t batch, uint64_t seq, uint64_t head_dim,
-                               uint64_t rotary_dim, uint64_t interleaved, uint64_t backward) {
-  return run(checking, max_threads, [&](auto& enc) {
-    tmf::launch::rope_apply(enc, DType(dtype), {buf(q), q_batch_stride, q_head_stride, q_seq_stride, q_heads},
-                            {buf(k), k_batch_stride, k_head_stride, k_seq_stride, k_heads}, buf(cos_table),
-                            buf(sin_table), cos_batches, buf(q_out), buf(k_out), batch, seq, head_dim, rotary_dim,
-                            interleaved != 0, backward != 0);
-  });
 }
 
 }  // extern "C"

@@ -23,10 +23,13 @@ import torch
 
 from torch_metal_fused._errors import KernelUnavailable
 
+# An installed wheel carries the shaders and their shared header in the package (setup.py copies them:
+# torch_metal_fused/shaders/, tmf/shader_args.h inside it); a source tree (an editable install, CI) has them at the top.
+PACKAGED_SHADERS = Path(__file__).resolve().parents[1] / "shaders"
 REPO = Path(__file__).resolve().parents[2]
-SHADERS = REPO / "shaders"
+SHADERS = PACKAGED_SHADERS if PACKAGED_SHADERS.is_dir() else REPO / "shaders"
 # Where a shader's `#include "x"` is looked up: beside the shader, then the shared host/shader headers.
-INCLUDE_DIRS = (SHADERS, REPO / "csrc" / "include")
+INCLUDE_DIRS = (SHADERS,) if SHADERS == PACKAGED_SHADERS else (SHADERS, REPO / "csrc" / "include")
 SIMD_WIDTH = 32  # every kernel assumes 32-wide SIMD-groups (simd_sum, simd_shuffle, lanes)
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"')
 
@@ -46,7 +49,7 @@ def _inline(path: Path, seen: set[Path]) -> str:
     for number, line in enumerate(path.read_text().splitlines(keepends=True), start=1):
         m = _INCLUDE_RE.match(line)
         if m:
-            header = _find_header(m.group(1), path)
+            header = find_header(m.group(1), path)
             if header not in seen:
                 seen.add(header)
                 out.append(_inline(header, seen))
@@ -60,7 +63,7 @@ def _inline(path: Path, seen: set[Path]) -> str:
     return "".join(out)
 
 
-def _find_header(name: str, includer: Path) -> Path:
+def find_header(name: str, includer: Path) -> Path:
     for folder in (includer.parent, *INCLUDE_DIRS):
         candidate = (folder / name).resolve()
         if candidate.is_file():

@@ -4,11 +4,10 @@ plans and the shaders share one definition (as PyTorch's c10/metal/common.h does
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from torch_metal_fused.backends.metal_library import Params, struct_words
+from torch_metal_fused.backends.metal_library import SHADERS, Params, find_header, struct_words
 
-HEADER = Path(__file__).resolve().parents[2] / "csrc" / "include" / "tmf" / "shader_args.h"
+HEADER = find_header("tmf/shader_args.h", SHADERS / "shader_args")  # packaged beside the shaders, or csrc/include
 _CONSTANT_RE = re.compile(r"TMF_SHARED_CONSTANT\s+uint\s+(k\w+)\s*=\s*(\d+)\s*;")
 _STRUCT_RE = re.compile(r"struct\s+(\w+)\s*\{(.*?)\};", re.S)
 _FIELD_RE = re.compile(r"^\s*(uint|int|float)\s+(\w+)\s*;", re.M)

@@ -50,8 +50,8 @@ INSTANTIATION_RE = re.compile(
 HOST_NAME_ATTR_RE = re.compile(r"\[\[\s*host_name\s*\(")
 COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
 TOKEN_RE = re.compile(r"\w+|\S")
-# The element types of our kernels and the host-name suffix of each (csrc/include/tmf/launch/common.h,
-# dtype_suffix: the host asks for `<base>_<variant>_<suffix>`).
+# The element types of our kernels and the host-name suffix of each (torch_metal_fused/backends/metal.py,
+# DTYPE_SUFFIX: the host asks for `<base>_<variant>_<suffix>`).
 ELEMENT_TYPES = ("float", "half", "bfloat")
 THREADGROUP_ATTR_RE = re.compile(r"\[\[\s*threadgroup\s*\(")
 LOCAL_TG_RE = re.compile(

@@ -1,5 +1,6 @@
-"""Calls into the harness libraries: runs a launch function on tensors' storage, parses its dispatch
-report, symbolizes checker findings to `.metal` file:line, and records per-dispatch device traffic."""
+"""Calls into the harness libraries: runs a dispatch on tensors' storage (as the compile_shader stand-in encodes it,
+or raw), parses its dispatch report, symbolizes checker findings to `.metal` file:line, and records per-dispatch
+device traffic."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import torch
 from torch_metal_fused._errors import KernelUnavailable
 from torch_metal_fused.emulator.build import Libraries, ensure_built
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CHECK_ENV = "TORCH_METAL_FUSED_EMU_CHECK"
 # Failures the harness emulates, so the fallback path runs end to end on Linux: a comma-separated list of
 # compile:<family>, pipeline:<family or kernel>, max_threads:<family or kernel>=<n>,
@@ -116,8 +116,6 @@ class Harness:
         if checked not in self._loaded:
             lib = ctypes.CDLL(str(self.libs.checked if checked else self.libs.plain))
             lib.tmf_emu_kernel_names.restype = ctypes.c_char_p
-            lib.tmf_emu_rms_norm_backward_groups.restype = ctypes.c_uint32
-            lib.tmf_emu_rms_norm_backward_groups.argtypes = [ctypes.c_uint64]
             lib.tmf_emu_set_faults.argtypes = [ctypes.c_char_p]
             lib.tmf_emu_set_gpu_cores.argtypes = [ctypes.c_uint32]
             self._loaded[checked] = lib
@@ -141,21 +139,6 @@ class Harness:
         if parts[0] == "unavailable":
             raise KernelUnavailable(parts[1], parts[2], parts[3])
         return {"max_threads": int(parts[1]), "execution_width": int(parts[2])}
-
-    def launch(self, entry: str, dtype: torch.dtype, *args) -> list[Dispatch]:
-        """Run `tmf_emu_<entry>` (a shared launch function) with tensors / ints / floats as arguments."""
-        checked = is_checking()
-        lib = self.library(checked)
-        self._configure(lib)
-        fn = getattr(lib, f"tmf_emu_{entry}")
-        fn.restype = ctypes.c_char_p
-        report = fn(
-            ctypes.c_int(int(checked)),
-            ctypes.c_uint32(_state.max_threads),
-            ctypes.c_int(DTYPE_CODES[dtype]),
-            *(_arg(a) for a in args),
-        )
-        return self._finish(report.decode(), checked)
 
     def encode(
         self,
@@ -258,16 +241,9 @@ def current_gpu_cores() -> int:
     return _state.gpu_cores
 
 
-def rms_norm_backward_groups(rows: int) -> int:
-    """Rows of the RMSNorm backward's dw partial buffer (tmf::launch::rms_norm_backward_groups) for the
-    current gpu_cores(), as the launch the caller makes next will use."""
-    lib = default_harness().library(False)
-    Harness._configure(lib)
-    return int(lib.tmf_emu_rms_norm_backward_groups(rows))
-
-
 def lora_use_merged_weight(tokens: int, in_features: int, has_dropout: bool) -> bool:
-    """The shared launch code's choice of the LoRA merged-weight route (tmf::launch::lora_use_merged_weight)."""
+    """The CUDA backend's choice of the LoRA merged-weight route (tmf::launch::lora_use_merged_weight; the Metal
+    plans' is backends/metal.py's, tested to agree)."""
     fn = default_harness().library(False).tmf_emu_lora_use_merged_weight
     fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
     return bool(fn(tokens, in_features, int(has_dropout)))
@@ -286,10 +262,6 @@ def lora_kconcat_fills_device(tokens: int, in_features: int, out_features: int, 
     fn = default_harness().library(False).tmf_emu_lora_kconcat_fills_device
     fn.argtypes = [ctypes.c_uint64] * 4
     return bool(fn(tokens, in_features, out_features, sms))
-
-
-def launch(entry: str, dtype: torch.dtype, *args) -> list[Dispatch]:
-    return default_harness().launch(entry, dtype, *args)
 
 
 def is_checking() -> bool:
@@ -354,22 +326,6 @@ def gpu_cores(n: int) -> contextlib.AbstractContextManager[None]:
 def pipeline_max_threads(n: int) -> contextlib.AbstractContextManager[None]:
     """Emulate pipelines whose maxTotalThreadsPerThreadgroup is `n` (register pressure on a real GPU)."""
     return _overriding("max_threads", n)
-
-
-def _arg(value):
-    if isinstance(value, TensorArg):
-        return value
-    if isinstance(value, torch.Tensor) or value is None:
-        return TensorArg.of(value)
-    if isinstance(value, float):
-        return ctypes.c_float(value)
-    if isinstance(value, SignedInt):
-        return ctypes.c_int64(int(value))
-    return ctypes.c_uint64(int(value))
-
-
-class SignedInt(int):
-    """An int the C entry point takes as int64_t (e.g. ignore_index); plain ints travel as uint64_t."""
 
 
 def _parse(report: str, symbolizer, unavailable: list[KernelUnavailable]) -> list[Dispatch]:

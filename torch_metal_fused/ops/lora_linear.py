@@ -5,7 +5,7 @@ into one kernel that adds into the base output in place. Backward: dB = scale·d
 dA = dhᵀx, dx = dy·W + dh·A, dW = dyᵀx, dbias = Σdy — each only when its input needs a gradient
 (a frozen weight costs nothing).
 
-Kernel launch code: Metal `csrc/mps/lora_linear.mm` + `csrc/include/tmf/launch/lora_linear.h`
+Kernel launch code: Metal `torch_metal_fused/backends/metal.py` (lora_*)
 (shared with the Metal-on-CPU harness), shaders `shaders/lora_linear.metal`; CUDA `csrc/cuda/lora_linear.cu`.
 """
 

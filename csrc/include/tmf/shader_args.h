@@ -1,5 +1,6 @@
-// Argument structs shared by the host launch code (C++/Objective-C++) and the Metal shaders, so their
-// layouts cannot drift apart. Only 32-bit fields: identical layout in MSL and C++.
+// Argument structs shared by the host launch code (torch_metal_fused/backends/shader_args.py reads this file) and the
+// Metal shaders, so their layouts cannot drift apart. Only 32-bit fields: identical layout in MSL and on the host,
+// where each struct is bound as int32 words (torch.mps.compile_shader's arg_casts).
 #pragma once
 
 #ifndef __METAL_VERSION__
@@ -57,7 +58,7 @@ struct RmsNormBackwardParams {
 // LoRA reduce kernels (lora_forward_h, lora_backward_dh): h = scale · in·Fᵀ over `reduce_dim` columns, one
 // threadgroup per `tokens_per_group` token rows, with tokens_per_group · ceil(rank / kLoraRanksPerThread) threads
 // (one per token and rank block). Forward: in = x (dropout mask applied while staging), F = A, scale 1. Backward:
-// in = dy, F = Bᵀ, scale = the adapter's scale. Chosen by the host (tmf/launch/lora_linear.h).
+// in = dy, F = Bᵀ, scale = the adapter's scale. Chosen by the host (torch_metal_fused/backends/metal.py).
 struct LoraReduceParams {
   uint tokens;
   uint reduce_dim;     // in_features forward, out_features backward

@@ -1,4 +1,4 @@
-// The harness's Encoder (see csrc/include/tmf/launch/common.h): the same calls the MPS dispatch makes on an
+// The harness's Encoder: the calls torch.mps.compile_shader's kernels make on an
 // MTLComputeCommandEncoder, executed at once on the CPU by the runner in runtime.cpp.
 #pragma once
 
