@@ -45,6 +45,12 @@ def test_cpu_default_is_the_emulated_report_with_model_floors(tmp_path, capsys):
     }
     m1 = by_name("M1")
     assert m1.copy_gbps == 56 and m1.kind == "measured copy"
+    # The launch plans' host cost per entry point (a do-nothing executor), with the dispatches each call encodes.
+    host = {r["entry_point"]: r for r in csv.DictReader((out / "host_cost.csv").open())}
+    assert {"softmax_forward", "rms_norm_backward", "lora_lowrank", "rope_apply", "cross_entropy_rows"} <= set(host)
+    assert host["rms_norm_backward"]["dispatches"] == "2" and host["softmax_forward"]["dispatches"] == "1"
+    assert all(float(r["median_us"]) > 0 for r in host.values())
+    assert "Host cost per call" in (out / "summary.md").read_text()
     for r in rows:
         assert not r["error"], r
         moved = int(r["device_bytes_read"]) + int(r["device_bytes_written"])

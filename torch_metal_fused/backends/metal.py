@@ -74,14 +74,23 @@ class Launcher:
         count = getattr(torch._C, "_mps_get_core_count", None)
         return int(count()) if count is not None else STAND_IN_GPU_CORES
 
+    def plan(self, key: tuple, build):
+        """build(), cached per key (the call's shapes, strides, dtype and scalars) where the libraries cache their
+        pipelines (on a Mac): a warm call then only binds its tensors."""
+        return self.libraries.plan((self.family, *key), build)
+
     def encode(self, *dispatches: Dispatch) -> None:
         self.libraries.encode(dispatches)
+
+
+# Outputs on the CPU (the harness) are poisoned with NaN (bench/host_cost.py turns it off to time a Mac's allocation).
+POISON_OUTPUTS = True
 
 
 def _output(shape, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     """A kernel output. In the harness poisoned with NaN: an element a kernel never writes fails the contract instead
     of silently keeping what the allocator held (on a Mac it holds garbage, and filling it would cost a pass)."""
-    if like.device.type == "cpu":
+    if like.device.type == "cpu" and POISON_OUTPUTS:
         return torch.full(tuple(shape), float("nan"), dtype=dtype)
     return torch.empty(tuple(shape), dtype=dtype, device=like.device)
 
@@ -163,8 +172,12 @@ def softmax_forward(x: torch.Tensor) -> torch.Tensor:
     x2 = _rows(x)
     rows, cols = x2.shape
     launcher = Launcher("softmax", x.device)
-    pipeline, groups, threads, rpg = plan_rows(launcher, "softmax_forward", x.dtype, rows, cols)
-    p = _row_params(rows, cols, _row_stride(x2), 0, rpg)
+
+    def build():
+        pipeline, groups, threads, rpg = plan_rows(launcher, "softmax_forward", x.dtype, rows, cols)
+        return pipeline, groups, threads, _row_params(rows, cols, _row_stride(x2), 0, rpg)
+
+    pipeline, groups, threads, p = launcher.plan(("forward", x.dtype, rows, cols, _row_stride(x2)), build)
     launcher.encode(Dispatch(pipeline, (x2, y, p), groups, threads))
     return y
 
@@ -177,8 +190,12 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     y2, dy2 = _rows(y.contiguous()), _rows(dy)
     rows, cols = y2.shape
     launcher = Launcher("softmax", y.device)
-    pipeline, groups, threads, rpg = plan_rows(launcher, "softmax_backward", y.dtype, rows, cols)
-    p = _row_params(rows, cols, cols, _row_stride(dy2), rpg)
+
+    def build():
+        pipeline, groups, threads, rpg = plan_rows(launcher, "softmax_backward", y.dtype, rows, cols)
+        return pipeline, groups, threads, _row_params(rows, cols, cols, _row_stride(dy2), rpg)
+
+    pipeline, groups, threads, p = launcher.plan(("backward", y.dtype, rows, cols, _row_stride(dy2)), build)
     launcher.encode(Dispatch(pipeline, (y2, dy2, dx, p), groups, threads))
     return dx
 
@@ -205,9 +222,15 @@ def _rms_norm_forward(x2, weight, y, rstd, eps, offset, residual2=None, h=None) 
         raise ValueError("rms_norm_add_forward needs a weight")
     base = "rms_norm_add_forward" if add else "rms_norm_forward" if weight is not None else "rms_norm_forward_noweight"
     launcher = Launcher("rms_norm", x2.device)
-    # The weight is kept in registers and read once per row walker (plan_rows: >= 20 rows each).
-    pipeline, groups, threads, rpg = plan_rows(launcher, base, x2.dtype, rows, cols, reuses_column_operand=True)
-    p = _row_params(rows, cols, _row_stride(x2), 0, rpg, eps, offset, _row_stride(residual2) if add else 0)
+    residual_stride = _row_stride(residual2) if add else 0
+
+    def build():
+        # The weight is kept in registers and read once per row walker (plan_rows: >= 20 rows each).
+        pipeline, groups, threads, rpg = plan_rows(launcher, base, x2.dtype, rows, cols, reuses_column_operand=True)
+        return pipeline, groups, threads, _row_params(rows, cols, _row_stride(x2), 0, rpg, eps, offset, residual_stride)
+
+    key = (base, x2.dtype, rows, cols, _row_stride(x2), residual_stride, eps, offset)
+    pipeline, groups, threads, p = launcher.plan(key, build)
     # Metal wants every index bound: x stands in for the absent weight, residual and h (never read or written).
     args = (x2, weight if weight is not None else x2, y, rstd, p, residual2 if add else x2, h if add else x2)
     launcher.encode(Dispatch(pipeline, args, groups, threads))
@@ -245,36 +268,49 @@ def _rms_norm_backward(dy2, x2, weight, rstd, dx, dw, offset, d_residual2=None) 
     if add and not wants_dx:
         raise ValueError("rms_norm_add_backward computes dx")
     launcher = Launcher("rms_norm", x2.device)
-    groups = rms_norm_backward_groups(rows, launcher.gpu_cores())
-    for v, what in (
-        (rows, "rows"),
-        (cols, "row length"),
-        (_row_stride(x2), "row stride"),
-        (_row_stride(dy2), "row stride"),
-    ):
-        check_u32(v, what)
     d_residual_stride = _row_stride(d_residual2) if add else 0
-    check_u32(d_residual_stride, "row stride")
-    p = params(
-        "RmsNormBackwardParams",
-        rows=rows,
-        cols=cols,
-        x_row_stride=_row_stride(x2),
-        dy_row_stride=_row_stride(dy2),
-        groups=groups,
-        has_weight=int(weight is not None),
-        weight_offset=offset,
-        d_residual_row_stride=d_residual_stride,
-    )
     mode = ("dx_dw" if wants_dw else "dx") if wants_dx else "dw"
     kernel = ("rms_norm_add_backward_" if add else "rms_norm_backward_") + mode
-    # Both pipelines are selected before anything is encoded.
-    needed = round_up(ceil_div(cols, READS_PER_THREAD), SIMD_WIDTH)
-    rows_pipeline = launcher.pipeline(kernel_name(kernel, "single_row", x2.dtype))
-    threads = needed
-    if needed > rows_pipeline.max_threads:
-        rows_pipeline = launcher.pipeline(kernel_name(kernel, "looped", x2.dtype))
-        threads = min(1024, round_down(rows_pipeline.max_threads, SIMD_WIDTH))
+
+    def build():
+        groups = rms_norm_backward_groups(rows, launcher.gpu_cores())
+        for v, what in (
+            (rows, "rows"),
+            (cols, "row length"),
+            (_row_stride(x2), "row stride"),
+            (_row_stride(dy2), "row stride"),
+            (d_residual_stride, "row stride"),
+        ):
+            check_u32(v, what)
+        p = params(
+            "RmsNormBackwardParams",
+            rows=rows,
+            cols=cols,
+            x_row_stride=_row_stride(x2),
+            dy_row_stride=_row_stride(dy2),
+            groups=groups,
+            has_weight=int(weight is not None),
+            weight_offset=offset,
+            d_residual_row_stride=d_residual_stride,
+        )
+        # Both pipelines are selected before anything is encoded.
+        needed = round_up(ceil_div(cols, READS_PER_THREAD), SIMD_WIDTH)
+        rows_pipeline = launcher.pipeline(kernel_name(kernel, "single_row", x2.dtype))
+        threads = needed
+        if needed > rows_pipeline.max_threads:
+            rows_pipeline = launcher.pipeline(kernel_name(kernel, "looped", x2.dtype))
+            threads = min(1024, round_down(rows_pipeline.max_threads, SIMD_WIDTH))
+        reduce = None
+        if wants_dw:
+            reduce_pipeline = launcher.pipeline(kernel_name("rms_norm_backward_dw_reduce", "columns", x2.dtype))
+            # 32 columns x (threads / 32) slices of partial rows per threadgroup (see the kernel).
+            reduce_threads = min(256, round_down(reduce_pipeline.max_threads, SIMD_WIDTH))
+            columns = constant("kDwReduceColumns")
+            reduce = (reduce_pipeline, (ceil_div(cols, columns), 1, 1), (reduce_threads, 1, 1))
+        return groups, p, rows_pipeline, threads, reduce
+
+    key = (kernel, x2.dtype, rows, cols, _row_stride(x2), _row_stride(dy2), d_residual_stride, weight is None, offset)
+    groups, p, rows_pipeline, threads, reduce = launcher.plan(key, build)
     partial = _output((groups, cols), torch.float32, x2) if wants_dw else None
     dispatches = [
         Dispatch(
@@ -294,13 +330,8 @@ def _rms_norm_backward(dy2, x2, weight, rstd, dx, dw, offset, d_residual2=None) 
         )
     ]
     if wants_dw:
-        reduce_pipeline = launcher.pipeline(kernel_name("rms_norm_backward_dw_reduce", "columns", x2.dtype))
-        # 32 columns x (threads / 32) slices of partial rows per threadgroup (see the kernel).
-        reduce_threads = min(256, round_down(reduce_pipeline.max_threads, SIMD_WIDTH))
-        columns = constant("kDwReduceColumns")
-        dispatches.append(
-            Dispatch(reduce_pipeline, (partial, dw, p), (ceil_div(cols, columns), 1, 1), (reduce_threads, 1, 1))
-        )
+        reduce_pipeline, reduce_groups, reduce_threads = reduce
+        dispatches.append(Dispatch(reduce_pipeline, (partial, dw, p), reduce_groups, reduce_threads))
     launcher.encode(*dispatches)
 
 
@@ -347,20 +378,26 @@ def cross_entropy_rows(logits, target, ignore_index: int, label_smoothing: float
     for v, what in ((rows, "rows"), (vocab, "vocabulary size"), (_row_stride(logits2), "row stride")):
         check_u32(v, what)
     launcher = Launcher("cross_entropy", logits.device)
-    pipeline = launcher.pipeline(kernel_name("cross_entropy_rows", "looped", logits.dtype))
-    # Long rows: as many threads as the pipeline allows, but no more than the row has 32-element chunks.
-    threads = min(1024, round_down(pipeline.max_threads, SIMD_WIDTH), round_up(vocab, SIMD_WIDTH))
+
+    def build():
+        pipeline = launcher.pipeline(kernel_name("cross_entropy_rows", "looped", logits.dtype))
+        # Long rows: as many threads as the pipeline allows, but no more than the row has 32-element chunks.
+        threads = min(1024, round_down(pipeline.max_threads, SIMD_WIDTH), round_up(vocab, SIMD_WIDTH))
+        p = params(
+            "CrossEntropyParams",
+            rows=rows,
+            vocab=vocab,
+            logits_row_stride=_row_stride(logits2),
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            softcap=softcap,
+            want_grad=int(want_grad),
+        )
+        return pipeline, threads, p
+
+    key = (logits.dtype, rows, vocab, _row_stride(logits2), ignore_index, label_smoothing, softcap, want_grad)
+    pipeline, threads, p = launcher.plan(key, build)
     grad = (logits if in_place else _output(logits.shape, logits.dtype, logits)) if want_grad else None
-    p = params(
-        "CrossEntropyParams",
-        rows=rows,
-        vocab=vocab,
-        logits_row_stride=_row_stride(logits2),
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        softcap=softcap,
-        want_grad=int(want_grad),
-    )
     target32 = target.to(torch.int32).contiguous()
     scale = row_scale.to(torch.float32).contiguous() if want_grad else None
     # Without a gradient, unread/unwritten stand-ins keep every index bound (Metal wants them all).
@@ -414,8 +451,10 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.
         return out
     g2, u2 = _rows(gate), _rows(up)
     launcher = Launcher("glu", gate.device)
-    pipeline, groups, threads, p = _plan_glu(
-        launcher, "glu_forward", activation, gate.dtype, *g2.shape, [_row_stride(g2), _row_stride(u2)]
+    strides = [_row_stride(g2), _row_stride(u2)]
+    pipeline, groups, threads, p = launcher.plan(
+        ("forward", activation, gate.dtype, *g2.shape, *strides),
+        lambda: _plan_glu(launcher, "glu_forward", activation, gate.dtype, *g2.shape, strides),
     )
     launcher.encode(Dispatch(pipeline, (g2, u2, out, p), groups, threads))
     return out
@@ -429,7 +468,10 @@ def glu_backward(dout, gate, up, activation: int) -> tuple[torch.Tensor, torch.T
     g2, u2, d2 = _rows(gate), _rows(up), _rows(dout)
     launcher = Launcher("glu", gate.device)
     strides = [_row_stride(g2), _row_stride(u2), _row_stride(d2)]
-    pipeline, groups, threads, p = _plan_glu(launcher, "glu_backward", activation, gate.dtype, *g2.shape, strides)
+    pipeline, groups, threads, p = launcher.plan(
+        ("backward", activation, gate.dtype, *g2.shape, *strides),
+        lambda: _plan_glu(launcher, "glu_backward", activation, gate.dtype, *g2.shape, strides),
+    )
     launcher.encode(Dispatch(pipeline, (g2, u2, d2, dgate, dup, p), groups, threads))
     return dgate, dup
 
@@ -454,40 +496,44 @@ def rope_apply(q, k, cos, sin, interleaved: bool, backward: bool) -> tuple[torch
         return q_out, k_out
     if rotary_dim % 2 != 0 or rotary_dim > head_dim:
         raise ValueError("rotary_dim must be even and at most head_dim")
-    slots = rotary_dim // 2 + (head_dim - rotary_dim)
-    total = batch * seq * slots
-    check_u32(total, "threads (batch x seq x slots)")
     strides = [*q.stride()[:3], *k.stride()[:3]]
-    for v in (*strides, q_heads, k_heads, seq * head_dim, seq * rotary_dim):
-        check_u32(v, "a stride or head count")
     launcher = Launcher("rope", q.device)
-    pipeline = launcher.pipeline(kernel_name("rope", "apply", q.dtype))
-    threads = min(
-        round_up(min(total, ROPE_THREADS_PER_GROUP), SIMD_WIDTH),
-        ROPE_THREADS_PER_GROUP,
-        round_down(pipeline.max_threads, SIMD_WIDTH),
-    )
-    p = params(
-        "RopeParams",
-        batch=batch,
-        seq=seq,
-        head_dim=head_dim,
-        rotary_dim=rotary_dim,
-        q_heads=q_heads,
-        k_heads=k_heads,
-        q_batch_stride=strides[0],
-        q_head_stride=strides[1],
-        q_seq_stride=strides[2],
-        k_batch_stride=strides[3],
-        k_head_stride=strides[4],
-        k_seq_stride=strides[5],
-        cos_batch_stride=0 if cos.shape[0] == 1 else seq * rotary_dim,
-        interleaved=int(interleaved),
-        backward=int(backward),
-    )
-    launcher.encode(
-        Dispatch(pipeline, (q, k, cos, sin, q_out, k_out, p), (ceil_div(total, threads), 1, 1), (threads, 1, 1))
-    )
+
+    def build():
+        slots = rotary_dim // 2 + (head_dim - rotary_dim)
+        total = batch * seq * slots
+        check_u32(total, "threads (batch x seq x slots)")
+        for v in (*strides, q_heads, k_heads, seq * head_dim, seq * rotary_dim):
+            check_u32(v, "a stride or head count")
+        pipeline = launcher.pipeline(kernel_name("rope", "apply", q.dtype))
+        threads = min(
+            round_up(min(total, ROPE_THREADS_PER_GROUP), SIMD_WIDTH),
+            ROPE_THREADS_PER_GROUP,
+            round_down(pipeline.max_threads, SIMD_WIDTH),
+        )
+        p = params(
+            "RopeParams",
+            batch=batch,
+            seq=seq,
+            head_dim=head_dim,
+            rotary_dim=rotary_dim,
+            q_heads=q_heads,
+            k_heads=k_heads,
+            q_batch_stride=strides[0],
+            q_head_stride=strides[1],
+            q_seq_stride=strides[2],
+            k_batch_stride=strides[3],
+            k_head_stride=strides[4],
+            k_seq_stride=strides[5],
+            cos_batch_stride=0 if cos.shape[0] == 1 else seq * rotary_dim,
+            interleaved=int(interleaved),
+            backward=int(backward),
+        )
+        return pipeline, (ceil_div(total, threads), 1, 1), (threads, 1, 1), p
+
+    key = (q.dtype, *q.shape, k_heads, rotary_dim, *strides, cos.shape[0], interleaved, backward)
+    pipeline, groups, threads, p = launcher.plan(key, build)
+    launcher.encode(Dispatch(pipeline, (q, k, cos, sin, q_out, k_out, p), groups, threads))
     return q_out, k_out
 
 
@@ -643,20 +689,27 @@ def _lora_lowrank(
     has_mask = mask is not None
     reduce_scale, expand_scale = (1.0, scale) if forward else (scale, 1.0)
     reduce_mask, expand_mask = (has_mask, False) if forward else (False, has_mask)
-    reduce_pipeline, (reduce_plan,) = _lora_pipeline(
-        launcher,
-        reduce_base,
-        in2.dtype,
-        lambda t: [_lora_reduce_plan(t, tokens, reduce_dim, rank, _row_stride(in2), reduce_scale, reduce_mask)],
-    )
-    expands = []
-    if expand_out is not None:
-        expand_pipeline, expands = _lora_pipeline(
+    wants_expand = expand_out is not None
+
+    def build():
+        reduce_pipeline, (reduce_plan,) = _lora_pipeline(
             launcher,
-            expand_base,
+            reduce_base,
             in2.dtype,
-            lambda t: _lora_expand_plans(t, tokens, out_dim, rank, expand_scale, expand_mask),
+            lambda t: [_lora_reduce_plan(t, tokens, reduce_dim, rank, _row_stride(in2), reduce_scale, reduce_mask)],
         )
+        expand_pipeline, expands = None, []
+        if wants_expand:
+            expand_pipeline, expands = _lora_pipeline(
+                launcher,
+                expand_base,
+                in2.dtype,
+                lambda t: _lora_expand_plans(t, tokens, out_dim, rank, expand_scale, expand_mask),
+            )
+        return reduce_pipeline, reduce_plan, expand_pipeline, expands
+
+    key = (forward, in2.dtype, tokens, reduce_dim, out_dim, rank, _row_stride(in2), scale, has_mask, wants_expand)
+    reduce_pipeline, reduce_plan, expand_pipeline, expands = launcher.plan(key, build)
     p, groups, threads, _ = reduce_plan
     dispatches = [
         Dispatch(reduce_pipeline, (in2, factor_reduce, mask if reduce_mask else in2, reduce_out, p), groups, threads)

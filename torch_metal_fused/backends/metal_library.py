@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHADERS = PACKAGED_SHADERS if PACKAGED_SHADERS.is_dir() else REPO / "shaders"
 # Where a shader's `#include "x"` is looked up: beside the shader, then the shared host/shader headers.
 INCLUDE_DIRS = (SHADERS,) if SHADERS == PACKAGED_SHADERS else (SHADERS, REPO / "csrc" / "include")
+PLAN_CACHE_ENTRIES = 4096
 SIMD_WIDTH = 32  # every kernel assumes 32-wide SIMD-groups (simd_sum, simd_shuffle, lanes)
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"')
 
@@ -121,6 +122,7 @@ class KernelLibraries:
         self._lock = threading.Lock()
         self._libraries: dict[str, object] = {}
         self._pipelines: dict[str, Pipeline] = {}
+        self._plans: dict[tuple, object] = {}
 
     def library(self, family: str):
         with self._lock:
@@ -166,14 +168,28 @@ class KernelLibraries:
             self._pipelines[kernel] = p
         return p
 
+    def plan(self, key: tuple, build: Callable[[], object]):
+        """build() (a launch plan: pipelines, grids, argument bytes), kept per key where pipelines are kept. Bounded: a
+        workload of ever-new shapes (variable sequence lengths) starts over rather than grow without end."""
+        if not self.cache:
+            return build()
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= PLAN_CACHE_ENTRIES:
+                self._plans.clear()
+            plan = self._plans[key] = build()
+        return plan
+
     @staticmethod
     def encode(dispatches: Sequence[Dispatch]) -> None:
         """Encode each dispatch as compile_shader's kernels take it: total threads (dispatchThreads) in whole groups."""
         for d in dispatches:
-            casts = {i: "int32" for i, a in enumerate(d.args) if isinstance(a, Params)}
-            args = [list(a.words) if isinstance(a, Params) else a for a in d.args]
-            total = [g * t for g, t in zip(d.groups, d.threads)]
-            d.pipeline.function(*args, threads=total, group_size=list(d.threads), arg_casts=casts)
+            args, casts = list(d.args), {}
+            for i, a in enumerate(args):
+                if type(a) is Params:
+                    args[i], casts[i] = list(a.words), "int32"
+            (gx, gy, gz), (tx, ty, tz) = d.groups, d.threads
+            d.pipeline.function(*args, threads=[gx * tx, gy * ty, gz * tz], group_size=[tx, ty, tz], arg_casts=casts)
 
 
 _libraries: dict[str, KernelLibraries] = {}
@@ -200,6 +216,9 @@ def libraries_for(device: torch.device) -> KernelLibraries:
     kind = device.type
     if kind == "cpu" and _planted:
         return _planted[-1]
+    libs = _libraries.get(kind)
+    if libs is not None:
+        return libs
     with _libraries_lock:
         libs = _libraries.get(kind)
         if libs is None:

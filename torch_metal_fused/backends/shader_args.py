@@ -3,9 +3,11 @@ plans and the shaders share one definition (as PyTorch's c10/metal/common.h does
 
 from __future__ import annotations
 
+import functools
 import re
+import struct
 
-from torch_metal_fused.backends.metal_library import SHADERS, Params, find_header, struct_words
+from torch_metal_fused.backends.metal_library import SHADERS, Params, find_header
 
 HEADER = find_header("tmf/shader_args.h", SHADERS / "shader_args")  # packaged beside the shaders, or csrc/include
 _CONSTANT_RE = re.compile(r"TMF_SHARED_CONSTANT\s+uint\s+(k\w+)\s*=\s*(\d+)\s*;")
@@ -24,15 +26,21 @@ def _parse(text: str) -> tuple[dict[str, int], dict[str, list[tuple[str, str]]]]
 CONSTANTS, STRUCTS = _parse(HEADER.read_text())
 
 
+@functools.cache
+def _layout(struct_name: str) -> tuple[tuple[str, ...], tuple[bool, ...], struct.Struct, int]:
+    fields = STRUCTS[struct_name]
+    packed = struct.Struct("<" + "".join(_FORMATS[t] for _, t in fields))
+    return tuple(f for f, _ in fields), tuple(t == "float" for _, t in fields), packed, packed.size // 4
+
+
 def params(struct_name: str, **fields) -> Params:
     """An argument struct's bytes (as int32 words) from its fields by name: every field must be given."""
-    layout = STRUCTS[struct_name]
-    names = [f for f, _ in layout]
-    if set(fields) != set(names):
+    names, is_float, packed, words = _layout(struct_name)
+    if len(fields) != len(names) or not all(n in fields for n in names):
         missing, extra = set(names) - set(fields), set(fields) - set(names)
         raise TypeError(f"tmf::{struct_name}: missing fields {sorted(missing)}, unknown fields {sorted(extra)}")
-    values = [float(fields[f]) if t == "float" else int(fields[f]) for f, t in layout]
-    return Params(tuple(struct_words("".join(_FORMATS[t] for _, t in layout), *values)))
+    values = [float(fields[n]) if f else int(fields[n]) for n, f in zip(names, is_float)]
+    return Params(struct.unpack(f"<{words}i", packed.pack(*values)))
 
 
 def constant(name: str) -> int:

@@ -30,6 +30,7 @@ from torch_metal_fused.bench.cases import (
     training_step,
 )
 from torch_metal_fused.bench.chips import CHIPS, DEFAULT_TABLE_CHIPS, Chip, by_name
+from torch_metal_fused.bench.host_cost import host_cost_rows, host_cost_table
 
 _KEY_COLUMNS = ["op", "provider", "backend", "mode", "dtype", "shape"]
 _META_COLUMNS = ["device", "device_name", "torch_version", "project_version", "timestamp"]
@@ -675,6 +676,10 @@ def run_benchmarks(cfg: BenchConfig, notes: list[str] | None = None) -> Path:
         meta["timing"] = timing_method(cfg.device, cfg.reps)
     (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
     summary = _summary(cfg, env, rows, fused_backend)
+    if cfg.emulated:  # the launch plans' own cost, the part of a Mac's per-call time this CPU can measure
+        host_rows = host_cost_rows()
+        _write_csv(out / "host_cost.csv", host_rows, ["entry_point", "dispatches", "median_us", "per_dispatch_us"])
+        summary += "\n" + host_cost_table(host_rows)
     (out / "summary.md").write_text(summary)
     plots, plot_message = _plots(out, rows, cfg.emulated) if cfg.plots else ([], None)
     print(summary)

@@ -1,0 +1,118 @@
+"""Host cost of a Metal kernel launch: the launch plans' Python (backends/metal.py) with a do-nothing executor in
+place of torch.mps.compile_shader's kernels, plans cached as on a Mac, outputs allocated but not NaN-filled. What is
+timed is what a Mac's CPU spends per call before PyTorch's own binding encodes the dispatch."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from torch_metal_fused.backends import metal, metal_library
+
+
+class _NullKernel:
+    max_threads_per_threadgroup = 1024
+    thread_execution_width = 32
+    calls = 0  # dispatches "encoded", all kernels together
+
+    def __call__(self, *args, **kwargs) -> None:
+        _NullKernel.calls += 1
+
+
+class _NullLibrary:
+    def __getattr__(self, name: str) -> _NullKernel:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _NullKernel()
+
+    def __dir__(self) -> list[str]:
+        return []
+
+
+@contextlib.contextmanager
+def null_executor() -> Iterator[None]:
+    """CPU tensors launch on kernels that do nothing, with pipelines and plans cached as on a Mac."""
+    libs = metal_library.KernelLibraries(lambda source: _NullLibrary(), "do-nothing executor", cache=True)
+    metal_library._planted.append(libs)
+    poison, metal.POISON_OUTPUTS = metal.POISON_OUTPUTS, False
+    try:
+        yield
+    finally:
+        metal.POISON_OUTPUTS = poison
+        metal_library._planted.remove(libs)
+
+
+def _median_us(fn: Callable[[], object], calls: int) -> float:
+    for _ in range(20):  # warm: plans built and cached
+        fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def _calls() -> dict[str, Callable[[], object]]:
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    x, w, dy = r(64, 1000), r(1000), r(64, 1000)
+    rstd = torch.ones(64)
+    logits, target = r(16, 4000), torch.randint(0, 4000, (16,), generator=g)
+    q, k, cos, sin = r(2, 8, 64, 64), r(2, 2, 64, 64), r(1, 64, 64), r(1, 64, 64)
+    xs, a, b = r(256, 512), r(16, 512), r(512, 16)
+    h, out = torch.empty(256, 16), torch.empty(256, 512)
+    return {
+        "softmax_forward": lambda: metal.softmax_forward(x),
+        "softmax_backward": lambda: metal.softmax_backward(x, dy),
+        "rms_norm_forward": lambda: metal.rms_norm_forward(x, w, 1e-6),
+        "rms_norm_backward": lambda: metal.rms_norm_backward(dy, x, w, rstd, True, True),
+        "rms_norm_add_forward": lambda: metal.rms_norm_add_forward(x, dy, w, 1e-6, 0.0),
+        "cross_entropy_rows": lambda: metal.cross_entropy_rows(logits, target, -100, 0.0, 0.0, torch.ones(16), True),
+        "glu_forward": lambda: metal.glu_forward(x, dy, 0),
+        "glu_backward": lambda: metal.glu_backward(dy, x, dy, 0),
+        "rope_apply": lambda: metal.rope_apply(q, k, cos, sin, False, False),
+        # The rank-r dispatches of lora_forward, without its native GEMMs (not launch cost).
+        "lora_lowrank": lambda: metal._lora_lowrank(xs, a, b.t().contiguous(), None, h, out, 512, 512, 16, 2.0, True),
+    }
+
+
+def host_cost_rows(calls: int = 2000) -> list[dict]:
+    """Per entry point: the median host microseconds per call, its dispatches, and the cost per dispatch."""
+    rows = []
+    with null_executor():
+        for name, fn in _calls().items():
+            before = _NullKernel.calls
+            fn()
+            dispatches = _NullKernel.calls - before
+            us = _median_us(fn, calls)
+            rows.append(
+                {
+                    "entry_point": name,
+                    "dispatches": dispatches,
+                    "median_us": round(us, 2),
+                    "per_dispatch_us": round(us / dispatches, 2),
+                }
+            )
+    return rows
+
+
+def host_cost_table(rows: list[dict]) -> str:
+    lines = [
+        "Host cost per call, do-nothing executor (planning, argument binding, output allocation; plans cached as on a "
+        "Mac; this CPU, not a Mac's):",
+        "",
+        "| entry point | dispatches | median µs per call | per dispatch |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['entry_point']} | {r['dispatches']} | {r['median_us']:.1f} | {r['per_dispatch_us']:.1f} |" for r in rows
+    ]
+    return "\n".join(lines) + "\n"
