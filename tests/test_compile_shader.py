@@ -144,3 +144,64 @@ def test_the_metal_backends_launch_from_the_python_plans(monkeypatch):
     # (an error under TORCH_METAL_FUSED_STRICT=1) says why and what to do.
     monkeypatch.setattr(_backend, "torch_version", lambda: (2, 8))
     assert "PyTorch 2.9" in _backend._no_metal_reason() and "pip install -U torch" in _backend._no_metal_reason()
+
+
+def test_cached_plans_are_keyed_by_everything_they_depend_on():
+    """On a Mac each plan is cached per call (its shapes, strides, dtype and scalars). Calls that differ in one such
+    thing, run back to back through a caching stand-in: a key missing it would reuse the other call's plan (another
+    eps, stride, activation, mask...) and the results would not match the reference."""
+    from torch_metal_fused import reference
+    from torch_metal_fused.backends import metal
+    from torch_metal_fused.emulator import compile_shader
+    from torch_metal_fused.testing import assert_matches
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    wide = r(4, 600)
+    x, w, x5 = r(4, 300), r(300), r(5, 300)
+    logits, target = r(6, 50), torch.tensor([1, 2, 3, 4, 5, 2])
+    q, k = r(2, 3, 5, 8), r(2, 1, 5, 8)
+    cos1, sin1, cos2, sin2 = r(1, 5, 8), r(1, 5, 8), r(2, 5, 8), r(2, 5, 8)
+    lx, lw, la, lb = r(20, 24), r(10, 24), r(4, 24), r(10, 4)
+    mask = (torch.rand(20, 24, generator=g) > 0.2).float() / 0.8
+    ones = torch.ones(6)
+    calls = [
+        ("softmax_forward", (x,)),
+        ("softmax_forward", (wide[:, :300],)),  # another row stride
+        ("softmax_forward", (x5,)),  # another row count
+        ("rms_norm_forward", (x, w, 1e-6, 0.0)),
+        ("rms_norm_forward", (x, w, 1e-1, 0.0)),  # eps
+        ("rms_norm_forward", (x, w, 1e-1, 1.0)),  # Gemma's offset
+        ("rms_norm_forward", (x, None, 1e-1, 0.0)),  # no weight
+        ("rms_norm_backward", (x5[:4], x, w, reference.rms_norm_rstd(x, 1e-6), True, True, 0.0)),
+        ("rms_norm_backward", (x5[:4], x, w, reference.rms_norm_rstd(x, 1e-6), True, True, 1.0)),
+        ("cross_entropy_rows", (logits, target, -100, 0.0, 0.0, ones, False)),
+        ("cross_entropy_rows", (logits, target, 2, 0.0, 0.0, ones, False)),  # ignore_index
+        ("cross_entropy_rows", (logits, target, 2, 0.1, 0.0, ones, False)),  # label smoothing
+        ("cross_entropy_rows", (logits, target, 2, 0.1, 3.0, ones, False)),  # softcap
+        ("cross_entropy_rows", (logits, target, 2, 0.1, 3.0, None, False)),  # loss only
+        ("glu_forward", (x, x5[:4], 0)),
+        ("glu_forward", (x, x5[:4], 1)),  # activation
+        ("rope_apply", (q, k, cos1, sin1, False, False)),
+        ("rope_apply", (q, k, cos1, sin1, True, False)),  # interleaved
+        ("rope_apply", (q, k, cos1, sin1, True, True)),  # backward
+        ("rope_apply", (q, k, cos2, sin2, True, True)),  # cos per sequence
+        ("lora_forward", (lx, lw, None, la, lb, 1.0, None)),
+        ("lora_forward", (lx, lw, None, la, lb, 2.0, None)),  # scale
+        ("lora_forward", (lx, lw, None, la, lb, 2.0, mask)),  # dropout mask
+    ]
+    libs = metal_library.KernelLibraries(compile_shader.compile_shader, "caching stand-in", cache=True)
+    metal_library._planted.append(libs)
+    try:
+        for entry, args in calls:
+            got, want = getattr(metal, entry)(*args), getattr(reference, entry)(*args)
+            got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+            for i, (a, b) in enumerate(zip(got, want)):
+                if b is not None:
+                    assert_matches(a, b, torch.float32, f"{entry} output {i} after a cached plan")
+    finally:
+        metal_library._planted.remove(libs)
+    assert len(libs._plans) >= 15  # the calls were planned (and cached), not served another way

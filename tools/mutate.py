@@ -42,6 +42,8 @@ AUTOGRAD_CONTRACT = ("tests/test_autograd_contract.py",)
 NAN_INF_SOFTMAX = ("tests/test_nan_inf.py::test_softmax",)
 NAN_INF_CROSS_ENTROPY = ("tests/test_nan_inf.py::test_cross_entropy", "tests/test_nan_inf.py::test_issue_31_repro")
 NAN_INF_GLU = ("tests/test_nan_inf.py::test_glu",)
+# The plan cache a Mac uses (the suite's stand-in re-plans every call).
+PLAN_CACHE = ("tests/test_compile_shader.py::test_cached_plans_are_keyed_by_everything_they_depend_on",)
 
 
 @dataclass(frozen=True)
@@ -670,6 +672,22 @@ MUTANTS: list[Mutant] = [
         "any cos table whose halves differ",
     ),
     # ---- launch plans (torch_metal_fused/backends/metal.py) ----
+    _m(
+        "plan_cache_key_without_eps",
+        MP,
+        "    key = (base, x2.dtype, rows, cols, _row_stride(x2), residual_stride, eps, offset)",
+        "    key = (base, x2.dtype, rows, cols, _row_stride(x2), residual_stride, offset)",
+        PLAN_CACHE,
+        "a Mac's cached RMSNorm plan reused for another eps: the first call's eps in every later one",
+    ),
+    _m(
+        "plan_cache_key_without_the_activation",
+        MP,
+        '        ("forward", activation, gate.dtype, *g2.shape, *strides),',
+        '        ("forward", gate.dtype, *g2.shape, *strides),',
+        PLAN_CACHE,
+        "SwiGLU's cached plan (its kernel) reused for GeGLU of the same shape",
+    ),
     _m(
         "launch_simd_rows_threshold",
         MP,
