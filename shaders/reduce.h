@@ -48,8 +48,8 @@ inline T load_uniform(device const T* values, uint index, uint lane) {
 // exp(x) for x <= 0 (softmax's x - max), as exp2(x · log2 e): exp2 is a native instruction on Apple GPUs while
 // precise::exp is a multi-instruction sequence (MLX's softmax uses fast::exp likewise). Safe for these arguments: the
 // result lies in [0, 1] (no overflow); rounding x · log2 e adds a relative error of about |x| · 2^-24 to a term of
-// size exp(x), far inside the float32 contract after normalisation; exp2(-inf) = 0 and NaN stays NaN, as the
-// contract's masked and NaN rows require.
+// size exp(x), far inside the float32 contract after normalisation; exp2(-inf) = 0 (MLX relies on it too). NaN is
+// passed through explicitly: what fast::exp2 returns for NaN is not documented, and the contract's NaN rows need NaN.
 inline float exp_nonpositive(float x) {
-  return fast::exp2(x * 1.4426950408889634f);
+  return isnan(x) ? x : fast::exp2(x * 1.4426950408889634f);
 }

@@ -5,6 +5,7 @@ binding does (torch/csrc/mps/Module.cpp). The ops' own tests run every op throug
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,28 @@ def test_every_family_source_is_self_contained(family):
     assert f'#line 1 "{metal_library.SHADERS / (family + ".metal")}"' in src
     # tmf/shader_args.h inlined once, however often it is included
     assert src.count("struct RowParams {") == 1
+    assert src.isascii()  # PyTorch hands Metal the source decoded as ASCII (our comments have ·, ᵀ, —)
+
+
+def test_line_marks_quote_the_path():
+    assert metal_library._line_mark(7, Path('/x/a"b\\c.metal')) == '#line 7 "/x/a\\"b\\\\c.metal"\n'
+
+
+def test_the_stand_in_refuses_non_ascii_source(stand_in):
+    with pytest.raises(SyntaxError, match="non-ASCII"):
+        stand_in.compile_shader(PROBE + "// x · y\n")
+
+
+def test_fast_math_is_refused(monkeypatch, stand_in):
+    """PYTORCH_MPS_FAST_MATH=1 makes PyTorch compile with fast math (NaN/inf may be assumed away): every family is
+    served by the reference, saying why; unset or 0 it is not in the way."""
+    libs = metal_library.KernelLibraries(stand_in.compile_shader, "x", refusal=metal_library.fast_math_refusal)
+    monkeypatch.setenv("PYTORCH_MPS_FAST_MATH", "1")
+    with pytest.raises(_backend.KernelUnavailable) as info:
+        libs.library("softmax")
+    assert info.value.scope == "family" and "PYTORCH_MPS_FAST_MATH=1" in info.value.reason
+    monkeypatch.setenv("PYTORCH_MPS_FAST_MATH", "0")
+    assert "softmax_forward_simd_rows_float" in dir(libs.library("softmax"))
 
 
 def test_the_stand_in_binds_as_pytorch_does(stand_in):

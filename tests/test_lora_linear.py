@@ -103,6 +103,32 @@ def test_every_threadgroup_array_variant(backend, floats, dtype):
     assert {d.kernel.rsplit("_", 1)[0] for d in dispatches} == {f"{k}_tg{floats}" for k in kinds}
 
 
+@pytest.mark.emulated
+def test_a_threadgroup_array_variant_that_does_not_build_takes_the_next_smaller():
+    """A 16 KiB variant whose pipeline cannot be built (the 32 KiB one may not on some Mac): the plan takes the
+    8 KiB one; LoRA stays fused, with no warning, and correct."""
+    import warnings
+
+    from torch_metal_fused.emulator import runner
+
+    n = THREADGROUP_VARIANTS[4096]
+    x, w, a, b, bias = _factors(n, n, n, 40, torch.float32, "cpu")
+    with (
+        runner.faults("pipeline:lora_forward_h_tg4096_float,pipeline:lora_forward_y_tg4096_float"),
+        runner.record() as dispatches,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error")
+        os.environ["TORCH_METAL_FUSED_BACKEND"] = "metal-emulated"
+        try:
+            y = tmf.lora_linear(x, w, a, b, 2.0, bias)
+        finally:
+            del os.environ["TORCH_METAL_FUSED_BACKEND"]
+    assert [d.kernel for d in dispatches] == ["lora_forward_h_tg2048_float", "lora_forward_y_tg2048_float"]
+    to64 = [t.double() for t in (x, w, a, b, bias)]
+    assert_matches(y, _reference(*to64, 2.0), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_trainable_base_and_no_bias(backend, dtype):
     x, w, a, b, _ = _factors(33, 70, 45, 8, dtype, backend.device)

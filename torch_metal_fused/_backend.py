@@ -164,8 +164,8 @@ def fall_back(backend: str, family: str, scope: str, reason: str) -> None:
 
 
 def _metal_supports_bfloat16() -> bool:
-    # compile_shader compiles with the OS's newest Metal; a library without bfloat kernels (Metal < 3.1) is found
-    # at the first bfloat16 call and served by the reference (backends/metal_library.py).
+    # compile_shader compiles with the Metal language version PyTorch pins (3.1 in 2.9, so bfloat); a library without
+    # bfloat kernels would be found at the first bfloat16 call and served by the reference (backends/metal_library.py).
     return has_compile_shader()
 
 

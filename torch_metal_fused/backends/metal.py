@@ -574,17 +574,17 @@ def lora_use_merged_weight(tokens: int, in_features: int, has_dropout: bool) -> 
     return not has_dropout and tokens >= LORA_MERGED_MIN_TOKENS and tokens > in_features
 
 
-def lora_threadgroup_floats(threads: int) -> int:
-    """The largest static threadgroup array (floats) within the budget of `threads` threads."""
+def lora_threadgroup_floats(threads: int, max_floats: int = LORA_THREADGROUP_FLOATS[-1]) -> int:
+    """The largest static threadgroup array (floats) within the budget of `threads` threads (and max_floats)."""
     budget = min(MAX_THREADGROUP_BYTES, threads * THREADGROUP_BYTES_PER_THREAD) // 4
-    return max(c for c in LORA_THREADGROUP_FLOATS if c <= budget)
+    return max(c for c in LORA_THREADGROUP_FLOATS if c <= min(budget, max_floats) or c == LORA_THREADGROUP_FLOATS[0])
 
 
 def _lora_threads_cap(max_threads: int) -> int:
     return min(LORA_MAX_THREADS, round_down(max_threads, SIMD_WIDTH))
 
 
-def _lora_reduce_plan(max_threads, tokens, reduce_dim, rank, in_row_stride, scale, has_mask):
+def _lora_reduce_plan(max_threads, max_floats, tokens, reduce_dim, rank, in_row_stride, scale, has_mask):
     """The reduce dispatch: tiles of bm token rows (a multiple of 32: each SIMD-group shares one rank block, so its
     reads of staged F are broadcasts), bm · rank blocks threads, bm = 16 · rank (>= 256) within the threads cap and the
     tokens; the staging width fills the threadgroup array ([width][rank] F floats). Needs 32 threads per rank block (a
@@ -604,7 +604,7 @@ def _lora_reduce_plan(max_threads, tokens, reduce_dim, rank, in_row_stride, scal
     wanted = max(LORA_REDUCE_MIN_TOKENS, LORA_REDUCE_TOKENS_PER_RANK * rank)
     bm = min(wanted, round_down(cap // blocks, SIMD_WIDTH), round_up(max(tokens, 1), SIMD_WIDTH))
     threads = bm * blocks
-    floats = lora_threadgroup_floats(threads)
+    floats = lora_threadgroup_floats(threads, max_floats)
     rank8 = round_up(rank, SIMDGROUP_MATRIX)
     # F's staged columns: whole 8-column steps, as many as the array holds up to LORA_REDUCE_TILE_COLUMNS (fewer
     # barriers per byte staged); at least one step (the smallest array for these threads holds 8 x rank8 floats).
@@ -630,13 +630,13 @@ def _lora_reduce_plan(max_threads, tokens, reduce_dim, rank, in_row_stride, scal
     return p, (ceil_div(tokens, bm), 1, 1), (threads, 1, 1), floats
 
 
-def _lora_expand_plans(max_threads, tokens, out_dim, rank, scale, has_mask):
+def _lora_expand_plans(max_threads, max_floats, tokens, out_dim, rank, scale, has_mask):
     """The expand dispatches, one per rank block of 64: one thread per output column (up to 1024 per group, so h is
     read once per 1024 columns), 32 · block rank token rows per group (>= 256), h staged as many rows per step as the
     threadgroup array holds. Returns [(params, groups, threads, threadgroup floats)]."""
     check_u32(tokens, "tokens"), check_u32(out_dim, "out_dim")
     columns = min(_lora_threads_cap(max_threads), round_up(max(out_dim, 1), SIMD_WIDTH))
-    floats = lora_threadgroup_floats(columns)
+    floats = lora_threadgroup_floats(columns, max_floats)
     plans = []
     for j0 in range(0, rank, LORA_RANKS_PER_THREAD):
         nr = min(LORA_RANKS_PER_THREAD, rank - j0)
@@ -662,12 +662,21 @@ def _lora_expand_plans(max_threads, tokens, out_dim, rank, scale, has_mask):
 
 def _lora_pipeline(launcher: Launcher, base: str, dtype, plan):
     """The pipeline of the variant whose threadgroup array the plan sizes, and the plan: planned for the smallest
-    variant's thread limit, replanned (at most twice) if the chosen variant allows fewer threads."""
-    max_threads = launcher.pipeline(kernel_name(base, f"tg{LORA_THREADGROUP_FLOATS[0]}", dtype)).max_threads
-    for _ in range(3):
-        planned = plan(max_threads)
+    variant's thread limit; replanned if the chosen variant allows fewer threads, or with the next smaller array if
+    its pipeline cannot be built (a 32 KiB array right at the device's limit), so LoRA stays fused on the others."""
+    smallest = LORA_THREADGROUP_FLOATS[0]
+    max_threads = launcher.pipeline(kernel_name(base, f"tg{smallest}", dtype)).max_threads
+    max_floats = LORA_THREADGROUP_FLOATS[-1]
+    for _ in range(2 * len(LORA_THREADGROUP_FLOATS)):
+        planned = plan(max_threads, max_floats)
         floats = max(f for *_, f in planned)
-        pipeline = launcher.pipeline(kernel_name(base, f"tg{floats}", dtype))
+        try:
+            pipeline = launcher.pipeline(kernel_name(base, f"tg{floats}", dtype))
+        except KernelUnavailable:
+            if floats == smallest:
+                raise
+            max_floats = max(f for f in LORA_THREADGROUP_FLOATS if f < floats)
+            continue
         if all(pipeline.max_threads >= math.prod(t) for _, _, t, _ in planned):
             return pipeline, planned
         max_threads = pipeline.max_threads
@@ -696,7 +705,9 @@ def _lora_lowrank(
             launcher,
             reduce_base,
             in2.dtype,
-            lambda t: [_lora_reduce_plan(t, tokens, reduce_dim, rank, _row_stride(in2), reduce_scale, reduce_mask)],
+            lambda t, f: [
+                _lora_reduce_plan(t, f, tokens, reduce_dim, rank, _row_stride(in2), reduce_scale, reduce_mask)
+            ],
         )
         expand_pipeline, expands = None, []
         if wants_expand:
@@ -704,7 +715,7 @@ def _lora_lowrank(
                 launcher,
                 expand_base,
                 in2.dtype,
-                lambda t: _lora_expand_plans(t, tokens, out_dim, rank, expand_scale, expand_mask),
+                lambda t, f: _lora_expand_plans(t, f, tokens, out_dim, rank, expand_scale, expand_mask),
             )
         return reduce_pipeline, reduce_plan, expand_pipeline, expands
 

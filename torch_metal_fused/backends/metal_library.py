@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 import struct
 import threading
@@ -45,16 +46,24 @@ def shader_source(family: str, folder: Path = SHADERS) -> str:
     return _inline(path, set())
 
 
+def _line_mark(number: int, path: Path) -> str:
+    quoted = str(path).replace("\\", "\\\\").replace('"', '\\"')
+    return f'#line {number} "{quoted}"\n'
+
+
 def _inline(path: Path, seen: set[Path]) -> str:
-    out = [f'#line 1 "{path}"\n']
-    for number, line in enumerate(path.read_text().splitlines(keepends=True), start=1):
+    """ASCII only: PyTorch hands the source to Metal decoded as NSASCIIStringEncoding, so non-ASCII characters (in
+    our comments: ·, ᵀ, —) become '?'."""
+    out = [_line_mark(1, path)]
+    text = path.read_text().encode("ascii", "replace").decode("ascii")
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
         m = _INCLUDE_RE.match(line)
         if m:
             header = find_header(m.group(1), path)
             if header not in seen:
                 seen.add(header)
                 out.append(_inline(header, seen))
-            out.append(f'#line {number + 1} "{path}"\n')
+            out.append(_line_mark(number + 1, path))
         elif line.lstrip().startswith("#pragma once"):
             out.append("\n")
         else:
@@ -111,11 +120,17 @@ class KernelLibraries:
     pipelines of their kernels; failures are reported as KernelUnavailable, before anything is encoded."""
 
     def __init__(
-        self, compile_shader: Callable[[str], object], name: str, cache: bool = True, shaders: Path = SHADERS
+        self,
+        compile_shader: Callable[[str], object],
+        name: str,
+        cache: bool = True,
+        shaders: Path = SHADERS,
+        refusal: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.compile_shader = compile_shader
         self.name = name
         self.shaders = shaders
+        self.refusal = refusal  # a reason this compiler must not build our kernels, or None
         # The stand-in is asked again at every launch (it caches its builds itself), so the faults a test sets take
         # effect as they would in a fresh process on a Mac.
         self.cache = cache
@@ -128,6 +143,9 @@ class KernelLibraries:
         with self._lock:
             lib = self._libraries.get(family) if self.cache else None
             if lib is None:
+                refused = self.refusal()
+                if refused:
+                    raise KernelUnavailable(family, "family", refused)
                 try:
                     lib = self.compile_shader(shader_source(family, self.shaders))
                 except Exception as exc:  # a SyntaxError or RuntimeError from the Metal compiler
@@ -192,6 +210,18 @@ class KernelLibraries:
             d.pipeline.function(*args, threads=[gx * tx, gy * ty, gz * tz], group_size=[tx, ty, tz], arg_casts=casts)
 
 
+def fast_math_refusal() -> str | None:
+    """PyTorch compiles with fast math where PYTORCH_MPS_FAST_MATH is set (to anything but 0): the compiler may then
+    assume no NaN or infinity, and drop the NaN propagation and -inf masking our kernels keep (the IEEE contract)."""
+    value = os.environ.get("PYTORCH_MPS_FAST_MATH", "")
+    if value and value != "0":
+        return (
+            f"PYTORCH_MPS_FAST_MATH={value} makes PyTorch compile Metal with fast math, which may drop the kernels' "
+            "NaN and infinity handling; unset it for fused kernels"
+        )
+    return None
+
+
 _libraries: dict[str, KernelLibraries] = {}
 _libraries_lock = threading.Lock()
 _planted: list[KernelLibraries] = []  # shaders_from() blocks, innermost last
@@ -223,7 +253,7 @@ def libraries_for(device: torch.device) -> KernelLibraries:
         libs = _libraries.get(kind)
         if libs is None:
             if kind == "mps":
-                libs = KernelLibraries(torch.mps.compile_shader, "torch.mps.compile_shader")
+                libs = KernelLibraries(torch.mps.compile_shader, "torch.mps.compile_shader", refusal=fast_math_refusal)
             elif kind == "cpu":
                 from torch_metal_fused.emulator import compile_shader
 

@@ -37,6 +37,9 @@ _builds_lock = threading.Lock()
 
 def compile_shader(source: str) -> ShaderLibrary:
     """Compile `source` with the harness (as torch.mps.compile_shader compiles it with the OS's Metal compiler)."""
+    if not source.isascii():  # PyTorch decodes the source as NSASCIIStringEncoding before Metal compiles it
+        where = next(i for i, c in enumerate(source) if not c.isascii())
+        raise SyntaxError(f"program_source: non-ASCII character {source[where]!r} at offset {where}")
     digest = hashlib.sha256(source.encode()).hexdigest()
     with _builds_lock:
         harness = _builds.get(digest)
