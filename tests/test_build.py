@@ -69,7 +69,8 @@ def test_the_wheel_carries_the_shaders_and_their_header(wheel):
 
 def test_the_installed_wheel_assembles_the_same_sources_and_serves_every_op(wheel, tmp_path):
     """Installed into a fresh venv (torch from the system site): the package finds its own shaders, assembles the very
-    sources the source tree assembles (but for the #line paths), and serves every op (the reference, on this CPU)."""
+    sources the source tree assembles (but for the #line paths), and serves every public op (the reference, on this
+    CPU), each against its torch composite."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -87,10 +88,23 @@ assert not metal_library.SHADERS.is_relative_to({str(ROOT)!r}), metal_library.SH
 for family in _backend.FAMILIES:
     text = re.sub(r'#line (\\d+) "[^"]*/', r'#line \\1 "', metal_library.shader_source(family))
     print(family, hashlib.sha256(text.encode()).hexdigest())
-x = torch.randn(4, 40)
-assert torch.allclose(tmf.softmax(x), torch.softmax(x, -1), atol=1e-6)
-w = torch.randn(40)
-torch.testing.assert_close(tmf.rms_norm(x, w), torch.nn.functional.rms_norm(x, (40,), w, 1e-6))
+F = torch.nn.functional
+x, w, r, t = torch.randn(4, 40), torch.randn(40), torch.randn(4, 40), torch.tensor([1, 2, 3, 4])
+close = torch.testing.assert_close
+close(tmf.softmax(x), torch.softmax(x, -1))
+close(tmf.rms_norm(x, w), F.rms_norm(x, (40,), w, 1e-6))
+close(tmf.add_rms_norm(x, r, w)[0], F.rms_norm(x + r, (40,), w, 1e-6))
+close(tmf.cross_entropy(x, t), F.cross_entropy(x, t))
+close(tmf.swiglu(x, r), F.silu(x) * r)
+close(tmf.geglu(x, r), F.gelu(x, approximate="tanh") * r)
+close(tmf.glu(x, r, "silu"), F.silu(x) * r)
+a, b = torch.randn(8, 40), torch.randn(30, 8)
+close(tmf.lora_linear(x, torch.randn(30, 40).zero_(), a, b, 2.0), 2.0 * (x @ a.t()) @ b.t(), rtol=1e-4, atol=1e-4)
+q, k, cos, sin = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+half = lambda v: torch.cat((-v[..., 4:], v[..., :4]), -1)
+close(tmf.rope(q, k, cos, sin)[0], q * cos + half(q) * sin)
+hw = torch.randn(30, 40)
+close(tmf.linear_cross_entropy(x, hw, t), F.cross_entropy(x @ hw.t(), t), rtol=1e-5, atol=1e-5)
 print("ok")
 """
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
