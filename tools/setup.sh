@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh clone: system tools for the Metal-on-CPU harness (Linux), Python dependencies, and the
-# package itself (its compiled extension is built where the platform has Metal or CUDA).
+# package itself (its compiled extension is built where torch has CUDA; on a Mac nothing is compiled).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
