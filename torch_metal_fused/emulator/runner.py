@@ -111,6 +111,7 @@ class Harness:
     def __init__(self, libs: Libraries) -> None:
         self.libs = libs
         self._loaded: dict[bool, ctypes.CDLL] = {}
+        self._names: list[str] | None = None
 
     def library(self, checked: bool) -> ctypes.CDLL:
         if checked not in self._loaded:
@@ -127,7 +128,9 @@ class Harness:
         lib.tmf_emu_set_gpu_cores(_state.gpu_cores)
 
     def kernel_names(self) -> list[str]:
-        return self.library(False).tmf_emu_kernel_names().decode().split()
+        if self._names is None:  # a library's kernels never change
+            self._names = self.library(False).tmf_emu_kernel_names().decode().split()
+        return list(self._names)
 
     def pipeline_info(self, kernel: str) -> dict[str, int]:
         """The kernel's pipeline limits as the launch code sees them (faults applied), or KernelUnavailable."""
