@@ -12,7 +12,7 @@ import torch
 
 from torch_metal_fused import _backend
 from torch_metal_fused.backends import metal_library, shader_args
-from torch_metal_fused.backends.metal_library import shader_source, struct_words
+from torch_metal_fused.backends.metal_library import shader_source
 
 pytestmark = pytest.mark.emulated
 
@@ -118,8 +118,10 @@ def test_the_stand_in_refuses_what_it_does_not_model(stand_in):
 
 
 def test_argument_structs_are_their_bytes_as_int32_words():
-    words = struct_words("IIf", 3, 2**32 - 1, 1.5)
-    assert struct.pack("<3i", *words) == struct.pack("<IIf", 3, 2**32 - 1, 1.5)
+    g = shader_args.params(
+        "GluParams", rows=3, cols=2**32 - 1, groups_per_row=1, gate_row_stride=5, up_row_stride=5, dout_row_stride=5
+    )
+    assert struct.pack("<6i", *g.words) == struct.pack("<6I", 3, 2**32 - 1, 1, 5, 5, 5)
     p = shader_args.params(
         "CrossEntropyParams",
         rows=2,

@@ -163,16 +163,12 @@ def fall_back(backend: str, family: str, scope: str, reason: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _metal_supports_bfloat16() -> bool:
-    # compile_shader compiles with the Metal language version PyTorch pins (3.1 in 2.9, so bfloat); a library without
-    # bfloat kernels would be found at the first bfloat16 call and served by the reference (backends/metal_library.py).
-    return has_compile_shader()
-
-
 def bfloat16_supported(backend: str) -> bool:
     """bfloat kernels need Metal 3.1 (macOS 14+); the harness emulates their absence with the no_bfloat fault."""
     if backend == "metal":
-        return _metal_supports_bfloat16()
+        # compile_shader compiles with the Metal language version PyTorch pins (3.1 in 2.9, so bfloat); a library
+        # without bfloat kernels would be found at the first bfloat16 call and served by the reference.
+        return has_compile_shader()
     if backend == "metal-emulated":
         from torch_metal_fused.emulator import runner
 

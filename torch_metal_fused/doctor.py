@@ -155,23 +155,14 @@ def harness_report() -> dict[str, Any]:
 
     clang = build.find_clang()
     version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout.splitlines()
-    names = runner.kernel_names()
     faults = runner.active_faults()
-
-    def family_status(family: str) -> dict[str, Any]:
-        if runner.fault_active(f"compile:{family}"):  # the fault the harness's encoder applies to the whole family
-            error = f"compiling {family}.metal failed: injected fault ({runner.FAULTS_ENV})"
-            return {"compiled": False, "source": "harness", "compile_ms": 0.0, "error": error}
-        return {"compiled": True, "source": "harness", "compile_ms": 0.0, "error": ""}
-
     report.update(
         clang=f"{clang}: {version[0] if version else '?'}",
         faults=faults or None,
         metal_language_version="3.1 (clang's MSL subset, see docs/metal-on-cpu.md)",
         bfloat16=_backend.bfloat16_supported("metal-emulated"),
-        families=_families_report(
-            lambda f: [k for k in names if k.startswith(_backend.FAMILIES[f])], family_status, runner.pipeline_info
-        ),
+        # The route the metal-emulated backend takes: the compile_shader stand-in, faults applied.
+        families=compile_shader_families(torch.device("cpu")),
     )
     return report
 

@@ -23,7 +23,6 @@ DeviceBuffer buf(const TensorArg& t) { return DeviceBuffer{t.base, size_t(t.offs
 
 thread_local std::string g_report;
 thread_local std::string g_faults;  // tmf_emu_set_faults
-thread_local uint32_t g_gpu_cores = tmf_emu::kHarnessGpuCores;  // tmf_emu_set_gpu_cores
 
 const char* write_report(const tmf_emu::EmuEncoder& enc) {
   std::ostringstream out;
@@ -47,7 +46,6 @@ const char* run(int checking, uint32_t max_threads, F&& launch) {
   enc.checking = checking != 0;
   enc.max_threads = max_threads;
   enc.faults.spec = g_faults;
-  enc.cores = g_gpu_cores;
   try {
     launch(enc);
   } catch (const tmf::launch::KernelUnavailable& e) {
@@ -70,8 +68,6 @@ extern "C" {
 // The faults the next launches on this thread emulate (see tmf_emu::Faults).
 void tmf_emu_set_faults(const char* spec) { g_faults = spec ? spec : ""; }
 
-// The GPU core count the next launches on this thread plan for (see tmf_emu::kHarnessGpuCores).
-void tmf_emu_set_gpu_cores(uint32_t cores) { g_gpu_cores = cores; }
 
 // A kernel's pipeline as the launch code would get it (faults applied): "pipeline\t<max threads>\t<execution
 // width>", or an "unavailable" line. For `python -m torch_metal_fused.doctor`.

@@ -14,7 +14,6 @@ import contextlib
 import functools
 import os
 import re
-import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -79,13 +78,6 @@ def find_header(name: str, includer: Path) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f'{includer}: #include "{name}" found in none of {", ".join(map(str, INCLUDE_DIRS))}')
-
-
-def struct_words(fmt: str, *values) -> list[int]:
-    """A host/shader argument struct (tmf/shader_args.h; `fmt` is its struct-module format, 4-byte fields only) as the
-    int32 words of its bytes: bound with arg_casts "int32", the shader reads exactly these bytes."""
-    data = struct.pack("<" + fmt, *values)
-    return list(struct.unpack(f"<{len(data) // 4}i", data))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import threading
 
 import torch
 
+from torch_metal_fused._backend import family_of_entry
 from torch_metal_fused.emulator import runner
 from torch_metal_fused.emulator.build import ensure_built_source
 
@@ -45,9 +46,8 @@ def compile_shader(source: str) -> ShaderLibrary:
         harness = _build(source)
         _by_identity[id(source)] = (source, harness)  # keeps the string alive, so its id is not reused
     names = harness.kernel_names()
-    families = {runner_family(n) for n in names}
-    for family in families:
-        if family and _fault_targets("compile", family):
+    for family in {family_of_entry(n) for n in names}:
+        if runner.fault_active(f"compile:{family}"):
             raise SyntaxError(f"injected fault ({runner.FAULTS_ENV})")
     return ShaderLibrary(harness, names)
 
@@ -65,18 +65,6 @@ def _build(source: str) -> runner.Harness:
             harness = runner.Harness(ensure_built_source(source, name))
             _builds[digest] = harness
     return harness
-
-
-def runner_family(kernel: str) -> str | None:
-    from torch_metal_fused._backend import FAMILIES
-
-    return next((f for f, prefix in FAMILIES.items() if kernel.startswith(prefix)), None)
-
-
-def _fault_targets(kind: str, target: str) -> bool:
-    return any(
-        item.strip().split("=")[0] == f"{kind}:{target}" for item in runner.active_faults().split(",") if item.strip()
-    )
 
 
 class ShaderLibrary:

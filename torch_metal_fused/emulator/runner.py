@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from torch_metal_fused._errors import KernelUnavailable
+from torch_metal_fused.backends.metal import STAND_IN_GPU_CORES
 from torch_metal_fused.emulator.build import Libraries, ensure_built
 
 CHECK_ENV = "TORCH_METAL_FUSED_EMU_CHECK"
@@ -26,8 +27,8 @@ CHECK_ENV = "TORCH_METAL_FUSED_EMU_CHECK"
 # compile:<family>, pipeline:<family or kernel>, max_threads:<family or kernel>=<n>,
 # simd_width:<family or kernel>=<n>, no_bfloat (see csrc/emu/include/tmf_emu/emu_encoder.h).
 FAULTS_ENV = "TORCH_METAL_FUSED_EMU_FAULTS"
-# The GPU core count launch plans see by default (tmf_emu::kHarnessGpuCores; a Mac reports its own).
-HARNESS_GPU_CORES = 10
+# The GPU core count launch plans see in the harness by default: the plans' stand-in (a Mac reports its own).
+HARNESS_GPU_CORES = STAND_IN_GPU_CORES
 
 
 class TensorArg(ctypes.Structure):
@@ -118,14 +119,12 @@ class Harness:
             lib = ctypes.CDLL(str(self.libs.checked if checked else self.libs.plain))
             lib.tmf_emu_kernel_names.restype = ctypes.c_char_p
             lib.tmf_emu_set_faults.argtypes = [ctypes.c_char_p]
-            lib.tmf_emu_set_gpu_cores.argtypes = [ctypes.c_uint32]
             self._loaded[checked] = lib
         return self._loaded[checked]
 
     @staticmethod
     def _configure(lib: ctypes.CDLL) -> None:
         lib.tmf_emu_set_faults(active_faults().encode())
-        lib.tmf_emu_set_gpu_cores(_state.gpu_cores)
 
     def kernel_names(self) -> list[str]:
         if self._names is None:  # a library's kernels never change
@@ -153,28 +152,15 @@ class Harness:
     ) -> list[Dispatch]:
         """One dispatch as torch.mps.compile_shader encodes it: the kernel's pipeline (faults and thread limit
         applied), tensors bound as buffers, constant data set with setBytes (see tmf_emu_encode)."""
-        checked = is_checking()
-        lib = self.library(checked)
-        self._configure(lib)
-        fn = lib.tmf_emu_encode
-        fn.restype = ctypes.c_char_p
-        b_idx, c_idx = list(buffers), list(constants)
+        c_idx = list(constants)
         data = [ctypes.create_string_buffer(constants[i], len(constants[i])) for i in c_idx]
-        report = fn(
-            ctypes.c_int(int(checked)),
-            ctypes.c_uint32(_state.max_threads),
-            kernel.encode(),
-            len(b_idx),
-            (ctypes.c_int * len(b_idx))(*b_idx),
-            (TensorArg * len(b_idx))(*(TensorArg.of(buffers[i]) for i in b_idx)),
+        extra = (
             len(c_idx),
             (ctypes.c_int * len(c_idx))(*c_idx),
             (ctypes.c_void_p * len(c_idx))(*(ctypes.cast(d, ctypes.c_void_p) for d in data)),
             (ctypes.c_uint64 * len(c_idx))(*(len(constants[i]) for i in c_idx)),
-            (ctypes.c_uint32 * 3)(*groups),
-            (ctypes.c_uint32 * 3)(*threads),
         )
-        return self._finish(report.decode(), checked)
+        return self._call("tmf_emu_encode", kernel, buffers, extra, groups, threads, configure=True)
 
     def dispatch(
         self,
@@ -185,11 +171,19 @@ class Harness:
         threadgroup_memory: dict[int, int] | None = None,
     ) -> list[Dispatch]:
         """One raw dispatch of `kernel` (for the harness's own tests)."""
+        tg = threadgroup_memory or {}
+        extra = (len(tg), (ctypes.c_int * len(tg))(*tg), (ctypes.c_uint64 * len(tg))(*tg.values()))
+        return self._call("tmf_emu_dispatch", kernel, buffers, extra, groups, threads, configure=False)
+
+    def _call(self, entry: str, kernel: str, buffers: dict, extra: tuple, groups, threads, configure: bool):
+        """A dispatch entry point: (checking, thread limit, kernel, buffers by index, `extra`, grid, group)."""
         checked = is_checking()
-        fn = self.library(checked).tmf_emu_dispatch
+        lib = self.library(checked)
+        if configure:
+            self._configure(lib)
+        fn = getattr(lib, entry)
         fn.restype = ctypes.c_char_p
         idx = list(buffers)
-        tg = threadgroup_memory or {}
         report = fn(
             ctypes.c_int(int(checked)),
             ctypes.c_uint32(_state.max_threads),
@@ -197,9 +191,7 @@ class Harness:
             len(idx),
             (ctypes.c_int * len(idx))(*idx),
             (TensorArg * len(idx))(*(TensorArg.of(buffers[i]) for i in idx)),
-            len(tg),
-            (ctypes.c_int * len(tg))(*tg),
-            (ctypes.c_uint64 * len(tg))(*tg.values()),
+            *extra,
             (ctypes.c_uint32 * 3)(*groups),
             (ctypes.c_uint32 * 3)(*threads),
         )

@@ -27,9 +27,6 @@ using tmf::launch::Size3;
 //   max_threads:<target>=<n>     the pipeline's maxTotalThreadsPerThreadgroup is n
 //   simd_width:<target>=<n>      the pipeline's threadExecutionWidth is n
 // where <target> is a family name or a kernel host name. (`no_bfloat` is read by the Python backend.)
-// The GPU core count launch plans see in the harness (on a Mac: MPSDevice::getCoreCount()): the launch code's
-// stand-in; runner.gpu_cores() emulates Pro and Max chips.
-constexpr uint32_t kHarnessGpuCores = tmf::launch::kStandInGpuCores;
 
 struct Faults {
   std::string spec;
@@ -100,7 +97,6 @@ class EmuEncoder {
   bool checking = false;
   uint32_t max_threads = 1024;  // what the emulated pipelines report as maxTotalThreadsPerThreadgroup
   uint32_t pipeline_max_threads = 1024;  // the bound pipeline's limit (faults applied)
-  uint32_t cores = kHarnessGpuCores;
   Faults faults;
 
   // As the MPS pipeline cache: a kernel missing from its family's library, or a pipeline that cannot be built,
@@ -130,7 +126,6 @@ class EmuEncoder {
     kernel = p.kernel;
     pipeline_max_threads = p.max_threads;
   }
-  uint32_t gpu_cores() const { return cores; }
   // Any registered kernel, family or not (the harness's own test shaders), without the pipeline checks.
   void set_kernel_unchecked(const std::string& name) {
     if (!kernel_exists(name)) throw std::invalid_argument("no Metal kernel named " + name);

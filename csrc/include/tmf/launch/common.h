@@ -76,10 +76,6 @@ struct DeviceBuffer {
   size_t nbytes = 0;
 };
 
-// The GPU core count the harness reports where a plan asks (torch_metal_fused/backends/metal.py has the same
-// stand-in for a Mac whose torch cannot tell): 10 is the largest base chip's (M2, M3, M4).
-constexpr uint32_t kStandInGpuCores = 10;
-
 inline uint32_t ceil_div(uint64_t a, uint64_t b) { return uint32_t((a + b - 1) / b); }
 
 }  // namespace tmf::launch
