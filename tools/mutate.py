@@ -671,6 +671,15 @@ MUTANTS: list[Mutant] = [
         "the pair's second element rotated by the first's cosine: right for HF's tables (duplicated halves), wrong for "
         "any cos table whose halves differ",
     ),
+    _m(
+        "exp_nonpositive_trusts_fast_exp2_with_nan",
+        H,
+        "  return isnan(x) ? x : fast::exp2(x * 1.4426950408889634f);",
+        "  return fast::exp2(x * 1.4426950408889634f);",
+        NAN_INF_SOFTMAX,
+        "a NaN left to fast::exp2, whose result for NaN Apple does not document (the harness returns 0): a NaN logit "
+        "dropped from its softmax row",
+    ),
     # ---- launch plans (torch_metal_fused/backends/metal.py) ----
     _m(
         "plan_cache_key_without_eps",
