@@ -1,9 +1,10 @@
-"""torch_metal_fused: fused softmax, RMSNorm, LoRA linear, (linear) cross-entropy and SwiGLU/GeGLU for PyTorch
-training, forward and backward,
-on Apple GPUs (Metal), NVIDIA GPUs (CUDA) and a plain-PyTorch reference elsewhere."""
+"""torch_metal_fused: fused attention, softmax, RMSNorm, LoRA linear, (linear) cross-entropy, SwiGLU/GeGLU and
+RoPE for PyTorch training, forward and backward, on Apple GPUs (Metal), NVIDIA GPUs (CUDA) and a plain-PyTorch
+reference elsewhere."""
 
 from torch_metal_fused import nn
 from torch_metal_fused._backend import BACKENDS, backend_for
+from torch_metal_fused.ops.attention import AttentionFunction, attention
 from torch_metal_fused.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from torch_metal_fused.ops.glu import GluFunction, geglu, glu, swiglu
 from torch_metal_fused.ops.lora_linear import LoRALinearFunction, lora_linear
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "AddRMSNormFunction",
+    "AttentionFunction",
     "GluFunction",
     "LoRALinearFunction",
     "PatchReport",
@@ -25,6 +27,7 @@ __all__ = [
     "SoftmaxFunction",
     "__version__",
     "add_rms_norm",
+    "attention",
     "backend_for",
     "cross_entropy",
     "geglu",

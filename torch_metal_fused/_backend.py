@@ -29,6 +29,7 @@ FAMILIES = {
     "cross_entropy": "cross_entropy_",
     "glu": "glu_",
     "rope": "rope_",
+    "attention": "attention_",
 }
 METAL_BACKENDS = ("metal", "metal-emulated")
 REPORT_HINT = (

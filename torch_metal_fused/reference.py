@@ -277,3 +277,122 @@ def rope_apply(
         return torch.cat((rotated, xf[..., r:]), -1).to(x.dtype).contiguous()
 
     return rotate(q), rotate(k)
+
+
+# ---- attention ----------------------------------------------------------------------------------------------------
+# Query rows per chunk: at most this many scores (chunk rows x keys x heads x batch) live at once, so the reference
+# stays O(sequence) in memory like the kernels (never a batch x heads x S x Sk tensor for long sequences).
+ATTENTION_CHUNK_SCORES = 2**22
+
+
+def _attention_chunks(batch: int, heads: int, q_len: int, kv_len: int) -> int:
+    return max(1, min(q_len, ATTENTION_CHUNK_SCORES // max(1, batch * heads * kv_len)))
+
+
+def attention_visible(rows: torch.Tensor, kv_len: int, q_len: int, causal: bool, window: int) -> torch.Tensor | None:
+    """(len(rows), kv_len) bool: which keys query rows `rows` may see. Causal is aligned bottom-right (query i sees
+    keys j <= i + kv_len - q_len, as FlashAttention); a window W (causal only) also drops keys j <= i + offset - W.
+    None when every key is visible."""
+    if not causal:
+        return None
+    offset = kv_len - q_len
+    i = rows.unsqueeze(-1) + offset
+    j = torch.arange(kv_len, device=rows.device)
+    visible = j <= i
+    if window > 0:
+        visible = visible & (j > i - window)
+    return visible
+
+
+def _attention_scores(qc, k, bias_c, rows, q_len, causal, window, scale, softcap):
+    """Scores of a chunk of query rows, grouped by kv head: qc (B, Hkv, G, C, D), k (B, Hkv, 1, Sk, D) ->
+    (scores (B, Hkv, G, C, Sk) with invisible keys at -inf, tanh of the soft-capped logits or None)."""
+    s = (qc @ k.transpose(-1, -2)) * scale
+    t = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    if bias_c is not None:
+        s = s + bias_c
+    visible = attention_visible(rows, k.shape[-2], q_len, causal, window)
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
+    return s, t
+
+
+def _grouped(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, Hq, ...) -> (B, Hkv, G, ...): query heads grouped by the kv head they share."""
+    return t.unflatten(1, (kv_heads, t.shape[1] // kv_heads))
+
+
+def _bias_chunk(bias, batch, heads, kv_heads, lo, hi, ct):
+    if bias is None:
+        return None
+    b = bias[:, :, lo:hi] if bias.shape[2] > 1 else bias
+    return _grouped(b.to(ct).expand(batch, heads, -1, -1), kv_heads)
+
+
+def attention_forward(q, k, v, bias, causal: bool, window: int, scale: float, softcap: float, heads_last: bool):
+    """(out, lse): softmax(q·kᵀ·scale (soft-capped: softcap·tanh(·/softcap)) + bias, invisible keys dropped)·v per
+    query head, kv head h // (Hq / Hkv). q (B, Hq, S, D), k and v (B, Hkv, Sk, D); bias None or (B|1, Hq|1, S|1, Sk)
+    additive (-inf drops a key); rows with no visible key give zeros and lse = -inf. lse (B, Hq, S) in float32
+    (float64 for float64 input); out (B, Hq, S, D), laid out (B, S, Hq, D) in memory when heads_last."""
+    ct = _compute_dtype(q.dtype)
+    batch, heads, q_len, d = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    out = torch.zeros(batch, heads, q_len, d, dtype=ct, device=q.device)
+    lse = torch.full((batch, heads, q_len), float("-inf"), dtype=ct, device=q.device)
+    kf, vf = k.to(ct).unsqueeze(2), v.to(ct).unsqueeze(2)
+    chunk = _attention_chunks(batch, heads, q_len, kv_len)
+    for lo in range(0, q_len if kv_len else 0, chunk):
+        hi = min(q_len, lo + chunk)
+        rows = torch.arange(lo, hi, device=q.device)
+        qc = _grouped(q[:, :, lo:hi].to(ct), kv_heads)
+        s, _ = _attention_scores(
+            qc, kf, _bias_chunk(bias, batch, heads, kv_heads, lo, hi, ct), rows, q_len, causal, window, scale, softcap
+        )
+        m = s.amax(-1, keepdim=True)
+        m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+        p = torch.exp(s - m_safe)
+        denom = p.sum(-1, keepdim=True)
+        o = (p @ vf) / torch.where(denom == 0, torch.ones_like(denom), denom)
+        out[:, :, lo:hi] = o.flatten(1, 2)
+        lse[:, :, lo:hi] = (m_safe + torch.log(denom)).squeeze(-1).flatten(1, 2)
+    out = out.to(q.dtype)
+    if heads_last:
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, bias, causal: bool, window: int, scale: float, softcap: float):
+    """(dq, dk, dv) of attention_forward, probabilities recomputed per query chunk from lse; delta = rowsum(dout·out)
+    of the rounded output, as the kernels compute it. Gradients in q's, k's and v's shapes (contiguous)."""
+    ct = _compute_dtype(q.dtype)
+    batch, heads, q_len, _ = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    kf, vf = k.to(ct).unsqueeze(2), v.to(ct).unsqueeze(2)
+    dq = torch.zeros(q.shape, dtype=ct, device=q.device)
+    dk = torch.zeros((batch, kv_heads, kv_len, q.shape[3]), dtype=ct, device=q.device)
+    dv = torch.zeros_like(dk)
+    delta = (dout.to(ct) * out.to(ct)).sum(-1)
+    chunk = _attention_chunks(batch, heads, q_len, kv_len)
+    for lo in range(0, q_len if kv_len else 0, chunk):
+        hi = min(q_len, lo + chunk)
+        rows = torch.arange(lo, hi, device=q.device)
+        qc = _grouped(q[:, :, lo:hi].to(ct), kv_heads)
+        doc = _grouped(dout[:, :, lo:hi].to(ct), kv_heads)
+        s, t = _attention_scores(
+            qc, kf, _bias_chunk(bias, batch, heads, kv_heads, lo, hi, ct), rows, q_len, causal, window, scale, softcap
+        )
+        lse_c = _grouped(lse[:, :, lo:hi].to(ct), kv_heads).unsqueeze(-1)
+        dropped = (s == float("-inf")) | (lse_c == float("-inf"))
+        p = torch.exp(s - torch.where(lse_c == float("-inf"), torch.zeros_like(lse_c), lse_c)).masked_fill(dropped, 0)
+        dv += (p.transpose(-1, -2) @ doc).sum(2)
+        dp = doc @ vf.transpose(-1, -2)
+        ds = (p * (dp - _grouped(delta[:, :, lo:hi], kv_heads).unsqueeze(-1))).masked_fill(dropped, 0)
+        if t is not None:
+            ds = ds * (1 - t * t)
+        ds = ds * scale
+        dq[:, :, lo:hi] = (ds @ kf).flatten(1, 2)
+        dk += (ds.transpose(-1, -2) @ qc).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -27,6 +27,7 @@ inline constexpr KernelFamily kKernelFamilies[] = {
     {"cross_entropy", "cross_entropy_"},
     {"glu", "glu_"},
     {"rope", "rope_"},
+    {"attention", "attention_"},
 };
 
 inline const char* family_of(const std::string& kernel) {

@@ -1,0 +1,260 @@
+"""Fused attention, forward and backward, FlashAttention-2 style: out = softmax(q·kᵀ·scale + mask)·v without ever
+materialising the (batch, heads, S, Sk) probabilities. Forward saves only out and the float32 log-sum-exp per query
+row; backward recomputes the probabilities block by block (a delta = rowsum(dout·out) pass, then separate dQ and
+dK/dV kernels, no atomics). Grouped-query and multi-query heads, causal (aligned bottom-right when S != Sk), sliding
+window, logit soft-capping, boolean or additive masks; rows with no visible key give zeros.
+
+Kernel launch code: Metal `torch_metal_fused/backends/metal.py` (attention_forward/backward), shaders
+`shaders/attention.metal`; reference `reference.attention_forward/backward` (chunked over queries). CUDA tensors go to
+`torch.nn.functional.scaled_dot_product_attention`, which is fused there (no CUDA kernel of ours); soft-capping,
+which SDPA lacks, takes the reference there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from torch_metal_fused import reference
+from torch_metal_fused._backend import forced_backend
+from torch_metal_fused._validation import check_finite_number, check_same_device_dtype, check_tensor
+from torch_metal_fused.ops._dispatch import call, refuse_double_backward, run_kernel
+
+LAYOUTS = ("bhsd", "bshd")
+
+
+def _run(entry: str, lead: torch.Tensor, *args):
+    # CUDA tensors reach the entry points only for what SDPA cannot do (soft-capping): the reference serves them.
+    if lead.device.type == "cuda":
+        return getattr(reference, entry)(lead, *args)
+    return run_kernel(entry, lead, *args)
+
+
+def _attention_forward_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    causal: bool,
+    window: int,
+    scale: float,
+    softcap: float,
+    heads_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run("attention_forward", q, k, v, bias, causal, window, scale, softcap, heads_last)
+
+
+attention_forward = torch.library.custom_op(
+    "torch_metal_fused::attention_forward", _attention_forward_impl, mutates_args=()
+)
+
+
+@attention_forward.register_fake
+def _(q, k, v, bias, causal, window, scale, softcap, heads_last):
+    b, h, s, d = q.shape
+    out = q.new_empty((b, s, h, d)).transpose(1, 2) if heads_last else q.new_empty((b, h, s, d))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out, q.new_empty((b, h, s), dtype=lse_dtype)
+
+
+def _attention_backward_impl(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    causal: bool,
+    window: int,
+    scale: float,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _run("attention_backward", dout, q, k, v, out, lse, bias, causal, window, scale, softcap)
+
+
+attention_backward = torch.library.custom_op(
+    "torch_metal_fused::attention_backward", _attention_backward_impl, mutates_args=()
+)
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, out, lse, bias, causal, window, scale, softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class AttentionFunction(torch.autograd.Function):
+    """q (B, Hq, S, D), k and v (B, Hkv, Sk, D) views with a unit inner stride; bias None or an additive mask in q's
+    dtype broadcast to (B, Hq, S, Sk) (stride 0 where broadcast). Saves q, k, v, bias, out and the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, causal: bool, window: int, scale: float, softcap: float, heads_last: bool):
+        out, lse = call(
+            attention_forward, _attention_forward_impl, q, k, v, bias, causal, window, scale, softcap, heads_last
+        )
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.options = (causal, window, scale, softcap)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        refuse_double_backward("attention")
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = call(attention_backward, _attention_backward_impl, dout, q, k, v, out, lse, bias, *ctx.options)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _unit_inner_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _mask_bias(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """One additive mask in q's dtype (-inf drops a key), broadcast to (B, Hq, S, Sk) without copies where the
+    masks allow; None without masks."""
+    batch, kv_len = shape[0], shape[3]
+    bias = None
+    if attn_mask is not None:
+        check_tensor_or_bool("attn_mask", attn_mask)
+        if attn_mask.device != device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {device}")
+        if attn_mask.requires_grad:
+            raise ValueError("attn_mask gets no gradient here: pass a tensor that does not require grad")
+        if attn_mask.dtype not in (torch.bool, dtype):
+            raise TypeError(
+                f"attn_mask must be boolean (True = attend) or have q's dtype {dtype} (additive), got {attn_mask.dtype}"
+            )
+        if attn_mask.ndim > 4:
+            raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {tuple(attn_mask.shape)}")
+        m = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape))
+        if any(have not in (1, want) for have, want in zip(m.shape, shape)):
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, q_heads, q_len, kv_len) = "
+                f"{shape}"
+            )
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, float("-inf"))
+        bias = m
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a boolean tensor (batch, kv_len), True for keys to attend")
+        if key_padding_mask.shape != (batch, kv_len):
+            raise ValueError(f"key_padding_mask must have shape {(batch, kv_len)}, got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {device}")
+        pad = torch.zeros((batch, 1, 1, kv_len), dtype=dtype, device=device)
+        pad.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+        bias = pad if bias is None else bias + pad
+    if bias is None:
+        return None
+    return _unit_inner_stride(bias).expand(shape)
+
+
+def check_tensor_or_bool(name: str, t: object) -> None:
+    if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
+        return
+    check_tensor(name, t)
+
+
+def _sdpa(q, k, v, bias, causal: bool, window: int, scale: float) -> torch.Tensor:
+    """CUDA: PyTorch's fused SDPA (flash or memory-efficient kernels) with our semantics: bottom-right causal and
+    windows as an explicit mask (SDPA's is_causal is aligned top-left), grouped heads expanded by SDPA itself, and rows
+    with no visible key zeroed (as our kernels give them)."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    visible = reference.attention_visible(torch.arange(q_len, device=q.device), kv_len, q_len, causal, window)
+    groups = q.shape[1] // k.shape[1]
+    kwargs = {"enable_gqa": True} if groups > 1 else {}
+    if bias is None and (visible is None or (q_len == kv_len and window == 0)):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=visible is not None, scale=scale, **kwargs
+        )
+    mask = torch.zeros((q_len, kv_len), dtype=q.dtype, device=q.device)
+    if visible is not None:
+        mask.masked_fill_(~visible, float("-inf"))
+    mask = mask if bias is None else bias + mask
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kwargs)
+    empty_rows = (mask == float("-inf")).all(-1, keepdim=True)
+    return out.masked_fill(empty_rows, 0) if bool(empty_rows.any()) else out
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    layout: str = "bhsd",
+) -> torch.Tensor:
+    """`softmax(q·kᵀ·scale + mask)·v` as `torch.nn.functional.scaled_dot_product_attention` computes it, fused forward
+    and backward with memory linear in the sequence length.
+
+    q (B, Hq, S, D), k and v (B, Hkv, Sk, D) with Hq a multiple of Hkv (grouped-query / multi-query heads); with
+    `layout="bshd"` all three are (B, S, H, D), as Hugging Face's projections give them (read in place; the output is
+    (B, S, Hq, D) too). Any strides with the last dimension contiguous are read without copies.
+    `causal`: query i sees keys j <= i + Sk - S (aligned bottom-right, as FlashAttention). `window` (causal only):
+    also not keys j <= i + Sk - S - window (Mistral's and Gemma's sliding window). `softcap`: logits become
+    softcap·tanh(logits / softcap) (Gemma 2) before the mask is added. `attn_mask`: boolean (True = attend) or
+    additive in q's dtype, broadcastable to (B, Hq, S, Sk) (Hugging Face's 4-D masks). `key_padding_mask`: boolean
+    (B, Sk), True for real tokens. `scale` defaults to 1/sqrt(D). Rows whose keys are all masked give zeros.
+    Dropout is not supported (dropout_p must be 0). Metal and the reference run our kernels / our chunked
+    composite; CUDA runs PyTorch's SDPA (the reference when softcap is set)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be 4-D ({layout}), got shape {tuple(t.shape)}")
+    check_same_device_dtype("q", q, k=k, v=v)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'bhsd' (batch, heads, seq, head_dim) or 'bshd', got {layout!r}")
+    if check_finite_number("dropout_p", dropout_p) != 0.0:
+        raise ValueError(f"attention does not support dropout: dropout_p must be 0, got {dropout_p}")
+    heads_last = layout == "bshd"
+    if heads_last:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k must match q in batch and head_dim, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if head_dim == 0:
+        raise ValueError("head_dim must be positive")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q's heads ({heads}) must be a multiple of k's and v's heads ({kv_heads})")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else check_finite_number("scale", scale)
+    if softcap is None:
+        softcap = 0.0
+    elif check_finite_number("softcap", softcap) <= 0:
+        raise ValueError(f"softcap must be positive (or None), got {softcap}")
+    softcap = float(softcap)
+    if window is None:
+        window = 0
+    elif isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int (keys per query, itself included), got {window!r}")
+    elif not causal:
+        raise ValueError("window needs causal=True: the sliding window is the causal window of the last `window` keys")
+    causal = bool(causal)
+    bias = _mask_bias(attn_mask, key_padding_mask, (batch, heads, q_len, kv_len), q.dtype, q.device)
+    q, k, v = _unit_inner_stride(q), _unit_inner_stride(k), _unit_inner_stride(v)
+    empty = q.numel() == 0 or kv_len == 0
+    if q.device.type == "cuda" and softcap == 0 and not empty and forced_backend() != "reference":
+        out = _sdpa(q, k, v, bias, causal, window, scale)
+        return out.transpose(1, 2) if heads_last else out
+    out = AttentionFunction.apply(q, k, v, bias, causal, window, scale, softcap, heads_last)
+    return out.transpose(1, 2) if heads_last else out
+
+
+__all__ = ["AttentionFunction", "attention"]
