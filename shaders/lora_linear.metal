@@ -28,23 +28,12 @@
 // The lanes' elements of a simdgroup matrix follow Apple's layout as MLX uses it (lane_matrix_position); the
 // harness implements the same layout and runs simdgroup_matrix operations as 32-lane collectives.
 #include <metal_stdlib>
+#include "simdgroup_matrix.h"
 #include "tmf/shader_args.h"
 using namespace metal;
 
 constant constexpr uint RANKS_PER_THREAD = tmf::kLoraRanksPerThread;
 
-// The two elements of an 8x8 simdgroup matrix that a lane holds: (row, col) and (row, col + 1). Apple's layout,
-// as MLX uses it (steel/gemm/mma.h): lanes 0-7 rows 0-3 x columns 0-3, lanes 8-15 rows 0-3 x columns 4-7, lanes
-// 16-31 rows 4-7 alike. The harness implements the same (csrc/emu/include/tmf_emu/runtime_api.h).
-struct LanePosition {
-  uint row, col;
-};
-inline LanePosition lane_matrix_position(uint lane) {
-  const uint quad = lane / 4;
-  return LanePosition{(quad & 4) + (lane / 2) % 4, (quad & 2) * 2 + (lane % 2) * 2};
-}
-
-constant constexpr uint TILE = 8;                                  // simdgroup matrices are 8 x 8
 constant constexpr uint RANK_TILES = RANKS_PER_THREAD / TILE;      // 8x8 tiles across a rank block
 constant constexpr uint TOKEN_TILES = 32 / TILE;                   // a SIMD-group's 32 token rows (reduce)
 constant constexpr uint COLUMN_TILES = 32 / TILE;                  // a SIMD-group's 32 output columns (expand)

@@ -826,8 +826,153 @@ def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, 
     return dx, dw, dbias, da, dlb
 
 
+# ---- attention ---------------------------------------------------------------------------------------------------
+# shaders/attention.metal: one forward dispatch; backward a delta pass, then the dQ and the dK/dV dispatches. A
+# threadgroup takes 8 rows per SIMD-group, up to ATTENTION_SIMD_GROUPS of them: query rows (forward, dQ) or key rows
+# (dK/dV). Its two staged tiles take 16 KiB, 64 bytes per thread at 256 threads (the budget of the LoRA kernels); K
+# and V are read once per threadgroup of query rows (forward, dQ), q and dout once per threadgroup of key rows and
+# query head (dK/dV). Head dims outside ATTENTION_HEAD_DIMS are served by the reference.
+ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+ATTENTION_SIMD_GROUPS = 8
+ATTENTION_TILE_FLOATS = constant("kAttentionTileFloats")
+ATTENTION_MAX_BLOCK_ROWS = constant("kAttentionMaxBlockRows")
+DELTA_ROWS_PER_GROUP = 8  # the delta pass: one SIMD-group per row
+
+
+def attention_block_rows(head_dim: int) -> int:
+    """Rows of K and V (forward, dQ) or of q and dout (dK/dV) staged per block, as the shader computes them."""
+    return min(ATTENTION_MAX_BLOCK_ROWS, ATTENTION_TILE_FLOATS // head_dim // SIMDGROUP_MATRIX * SIMDGROUP_MATRIX)
+
+
+def _bhs_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
+    return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _attention_params(shapes, strides: dict, causal: bool, window: int, scale: float, softcap: float, rows: int):
+    batch, q_heads, kv_heads, q_len, kv_len, head_dim = shapes
+    fields = {"batch": batch, "q_heads": q_heads, "kv_heads": kv_heads, "q_len": q_len, "kv_len": kv_len}
+    fields["head_dim"] = head_dim
+    for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv", "mask"):
+        for axis, value in zip(("batch", "head", "row"), strides.get(name, (0, 0, 0))):
+            check_u32(value, f"{name}'s {axis} stride")
+            fields[f"{name}_{axis}_stride"] = value
+    for value, what in ((batch * q_heads * q_len, "batch x heads x q_len"), (kv_len, "kv_len")):
+        check_u32(value, what)
+    return params(
+        "AttentionParams",
+        **fields,
+        has_mask=int("mask" in strides),
+        causal=int(causal),
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        rows_per_group=rows,
+    )
+
+
+def _attention_variant(head_dim: int) -> str:
+    if head_dim not in ATTENTION_HEAD_DIMS:
+        raise KernelUnavailable(
+            "attention", "call", f"head_dim {head_dim} has no kernel (head dims {ATTENTION_HEAD_DIMS} do)"
+        )
+    return f"d{head_dim}"
+
+
+def _row_groups(pipeline: Pipeline, rows: int) -> tuple[int, int]:
+    """(rows per threadgroup, threads per threadgroup): 8 rows per SIMD-group, as many SIMD-groups as the rows
+    need, up to ATTENTION_SIMD_GROUPS and the pipeline's limit."""
+    simd_groups = min(ATTENTION_SIMD_GROUPS, pipeline.max_threads // SIMD_WIDTH, ceil_div(rows, SIMDGROUP_MATRIX))
+    return simd_groups * SIMDGROUP_MATRIX, simd_groups * SIMD_WIDTH
+
+
+def _output_like(t: torch.Tensor) -> torch.Tensor:
+    """An output with t's shape and, where t is dense, its strides (a transposed (B, S, H, D) view stays one)."""
+    out = torch.empty_like(t)
+    if out.device.type == "cpu" and POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+def attention_forward(q, k, v, bias, causal: bool, window: int, scale: float, softcap: float, heads_last: bool):
+    """(out, lse) as reference.attention_forward: out (B, Hq, S, D), laid out (B, S, Hq, D) when heads_last; lse
+    float32 (B, Hq, S)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    if q.numel() == 0 or kv_len == 0:
+        return reference.attention_forward(q, k, v, bias, causal, window, scale, softcap, heads_last)
+    shape = (batch, q_len, q_heads, head_dim) if heads_last else (batch, q_heads, q_len, head_dim)
+    out = _output(shape, q.dtype, q)
+    out = out.transpose(1, 2) if heads_last else out
+    lse = _output((batch, q_heads, q_len), torch.float32, q)
+    strides = {"q": _bhs_strides(q), "k": _bhs_strides(k), "v": _bhs_strides(v), "o": _bhs_strides(out)}
+    if bias is not None:
+        strides["mask"] = _bhs_strides(bias)
+    shapes = (batch, q_heads, kv_heads, q_len, kv_len, head_dim)
+    launcher = Launcher("attention", q.device)
+
+    def build():
+        pipeline = launcher.pipeline(kernel_name("attention_forward", _attention_variant(head_dim), q.dtype))
+        rows, threads = _row_groups(pipeline, q_len)
+        p = _attention_params(shapes, strides, causal, window, scale, softcap, rows)
+        return pipeline, p, (ceil_div(q_len, rows), q_heads, batch), (threads, 1, 1)
+
+    key = ("forward", q.dtype, shapes, tuple(strides.items()), causal, window, scale, softcap)
+    pipeline, p, groups, threads = launcher.plan(key, build)
+    args = (q, k, v, q if bias is None else bias, out, lse, p)
+    launcher.encode(Dispatch(pipeline, args, groups, threads))
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, bias, causal: bool, window: int, scale: float, softcap: float):
+    """(dq, dk, dv) as reference.attention_backward, each laid out like its input where that is dense."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    if q.numel() == 0 or kv_len == 0:
+        return reference.attention_backward(dout, q, k, v, out, lse, bias, causal, window, scale, softcap)
+    dq, dk, dv = _output_like(q), _output_like(k), _output_like(v)
+    delta = _output((batch, q_heads, q_len), torch.float32, q)
+    strides = {name: _bhs_strides(t) for name, t in (("q", q), ("k", k), ("v", v), ("o", out), ("do", dout))}
+    strides.update(dq=_bhs_strides(dq), dk=_bhs_strides(dk), dv=_bhs_strides(dv))
+    if bias is not None:
+        strides["mask"] = _bhs_strides(bias)
+    shapes = (batch, q_heads, kv_heads, q_len, kv_len, head_dim)
+    launcher = Launcher("attention", q.device)
+
+    def build():
+        variant = _attention_variant(head_dim)
+        delta_pipeline = launcher.pipeline(kernel_name("attention_backward_delta", "rows", q.dtype))
+        dq_pipeline = launcher.pipeline(kernel_name("attention_backward_dq", variant, q.dtype))
+        dkdv_pipeline = launcher.pipeline(kernel_name("attention_backward_dkdv", variant, q.dtype))
+        delta_rows = min(DELTA_ROWS_PER_GROUP, delta_pipeline.max_threads // SIMD_WIDTH)
+        plans = [
+            (
+                delta_pipeline,
+                _attention_params(shapes, strides, causal, window, scale, softcap, delta_rows),
+                (ceil_div(batch * q_heads * q_len, delta_rows), 1, 1),
+                (delta_rows * SIMD_WIDTH, 1, 1),
+            )
+        ]
+        for pipeline, rows_total, heads in ((dq_pipeline, q_len, q_heads), (dkdv_pipeline, kv_len, kv_heads)):
+            rows, threads = _row_groups(pipeline, rows_total)
+            p = _attention_params(shapes, strides, causal, window, scale, softcap, rows)
+            plans.append((pipeline, p, (ceil_div(rows_total, rows), heads, batch), (threads, 1, 1)))
+        return plans
+
+    key = ("backward", q.dtype, shapes, tuple(strides.items()), causal, window, scale, softcap)
+    (delta_plan, dq_plan, dkdv_plan) = launcher.plan(key, build)
+    mask = q if bias is None else bias
+    launcher.encode(
+        Dispatch(delta_plan[0], (out, dout, delta, delta_plan[1]), *delta_plan[2:]),
+        Dispatch(dq_plan[0], (q, k, v, mask, dout, lse, delta, dq, dq_plan[1]), *dq_plan[2:]),
+        Dispatch(dkdv_plan[0], (q, k, v, mask, dout, lse, delta, dk, dv, dkdv_plan[1]), *dkdv_plan[2:]),
+    )
+    return dq, dk, dv
+
+
 __all__ = [
     "KernelUnavailable",
+    "attention_backward",
+    "attention_forward",
     "cross_entropy_rows",
     "glu_backward",
     "glu_forward",

@@ -143,4 +143,57 @@ struct RopeParams {
   uint backward;
 };
 
+// Attention (shaders/attention.metal): rows of K and V (forward, dQ) or of Q and dout (dK/dV) are staged in
+// threadgroup memory as float, kAttentionTileFloats / head_dim rows per block (a multiple of 8, at most
+// kAttentionMaxBlockRows), two such tiles per threadgroup: 16 KiB.
+TMF_SHARED_CONSTANT uint kAttentionTileFloats = 2048;
+TMF_SHARED_CONSTANT uint kAttentionMaxBlockRows = 32;
+
+// Attention kernels. Every tensor is (batch, heads, rows, head_dim) with a contiguous last dimension and these
+// strides (elements); lse and delta are contiguous float32 (batch, q_heads, q_len). Query head h reads kv head
+// h / (q_heads / kv_heads). Causal: query i sees key j <= i + kv_len - q_len; window > 0 (causal only) also drops
+// keys j <= i + kv_len - q_len - window. softcap > 0: logits become softcap * tanh(logit / softcap). A threadgroup
+// takes rows_per_group rows (8 per SIMD-group): query rows (forward, dQ, delta) or key rows (dK/dV).
+struct AttentionParams {
+  uint batch;
+  uint q_heads;
+  uint kv_heads;
+  uint q_len;
+  uint kv_len;
+  uint head_dim;
+  uint q_batch_stride;  // q (B, Hq, S, D)
+  uint q_head_stride;
+  uint q_row_stride;
+  uint k_batch_stride;  // k (B, Hkv, Sk, D)
+  uint k_head_stride;
+  uint k_row_stride;
+  uint v_batch_stride;  // v, like k
+  uint v_head_stride;
+  uint v_row_stride;
+  uint o_batch_stride;  // out: written forward, read by the delta pass
+  uint o_head_stride;
+  uint o_row_stride;
+  uint do_batch_stride;  // the incoming gradient dout (like out)
+  uint do_head_stride;
+  uint do_row_stride;
+  uint dq_batch_stride;  // dq (like q)
+  uint dq_head_stride;
+  uint dq_row_stride;
+  uint dk_batch_stride;  // dk (like k)
+  uint dk_head_stride;
+  uint dk_row_stride;
+  uint dv_batch_stride;  // dv (like v)
+  uint dv_head_stride;
+  uint dv_row_stride;
+  uint mask_batch_stride;  // the additive mask (B, Hq, S, Sk); 0 where broadcast
+  uint mask_head_stride;
+  uint mask_row_stride;
+  uint has_mask;
+  uint causal;
+  uint window;  // 0: none
+  float scale;
+  float softcap;  // 0: none
+  uint rows_per_group;
+};
+
 }  // namespace tmf
