@@ -193,6 +193,9 @@ def test_cached_plans_are_keyed_by_everything_they_depend_on():
     lx, lw, la, lb = r(20, 24), r(10, 24), r(4, 24), r(10, 4)
     mask = (torch.rand(20, 24, generator=g) > 0.2).float() / 0.8
     ones = torch.ones(6)
+    aq, ak, av = r(1, 2, 20, 32), r(1, 1, 20, 32), r(1, 1, 20, 32)
+    abias = r(1, 1, 20, 20).expand(1, 2, 20, 20)
+    aout, alse = reference.attention_forward(aq, ak, av, None, True, 0, 0.3, 0.0, False)
     calls = [
         ("softmax_forward", (x,)),
         ("softmax_forward", (wide[:, :300],)),  # another row stride
@@ -217,6 +220,14 @@ def test_cached_plans_are_keyed_by_everything_they_depend_on():
         ("lora_forward", (lx, lw, None, la, lb, 1.0, None)),
         ("lora_forward", (lx, lw, None, la, lb, 2.0, None)),  # scale
         ("lora_forward", (lx, lw, None, la, lb, 2.0, mask)),  # dropout mask
+        ("attention_forward", (aq, ak, av, None, False, 0, 0.3, 0.0, False)),
+        ("attention_forward", (aq, ak, av, None, True, 0, 0.3, 0.0, False)),  # causal
+        ("attention_forward", (aq, ak, av, None, True, 5, 0.3, 0.0, False)),  # window
+        ("attention_forward", (aq, ak, av, None, True, 5, 0.2, 0.0, False)),  # scale
+        ("attention_forward", (aq, ak, av, None, True, 5, 0.2, 2.0, False)),  # softcap
+        ("attention_forward", (aq, ak, av, abias, True, 5, 0.2, 2.0, False)),  # mask
+        ("attention_backward", (aq, aq, ak, av, aout, alse, None, True, 0, 0.3, 0.0)),
+        ("attention_backward", (aq, aq, ak, av, aout, alse, None, True, 0, 0.3, 2.0)),  # softcap
     ]
     libs = metal_library.KernelLibraries(compile_shader.compile_shader, "caching stand-in", cache=True)
     metal_library._planted.append(libs)

@@ -37,6 +37,7 @@ KERNELS = ("tests/test_emulator_kernels.py",)
 CROSS_ENTROPY = ("tests/test_cross_entropy.py",)
 GLU = ("tests/test_glu.py",)
 ROPE = ("tests/test_rope.py",)
+ATTENTION = ("tests/test_attention.py",)
 # The NaN/±inf contract (issue 31), per op.
 AUTOGRAD_CONTRACT = ("tests/test_autograd_contract.py",)
 NAN_INF_SOFTMAX = ("tests/test_nan_inf.py::test_softmax",)
@@ -66,6 +67,7 @@ S, R, L, H = "shaders/softmax.metal", "shaders/rms_norm.metal", "shaders/lora_li
 CE = "shaders/cross_entropy.metal"
 GL = "shaders/glu.metal"
 RP = "shaders/rope.metal"
+AT = "shaders/attention.metal"
 MUTANTS: list[Mutant] = [
     # ---- softmax ----
     _m(
@@ -679,6 +681,112 @@ MUTANTS: list[Mutant] = [
         NAN_INF_SOFTMAX,
         "a NaN left to fast::exp2, whose result for NaN Apple does not document (the harness returns 0): a NaN logit "
         "dropped from its softmax row",
+    ),
+    # ---- attention ----
+    _m(
+        "attention_online_softmax_without_rescale",
+        AT,
+        "        o_acc[d].thread_elements() *= alpha;",
+        "        o_acc[d].thread_elements() *= 1.0f;",
+        ATTENTION,
+        "the output accumulators not rescaled when a later key block raises the row maximum",
+        ci=True,
+    ),
+    _m(
+        "attention_causal_key_visible_off_by_one",
+        AT,
+        "return long(kj) <= last && (p.window == 0 || long(kj) > last - long(p.window));",
+        "return long(kj) < last && (p.window == 0 || long(kj) > last - long(p.window));",
+        ATTENTION,
+        "causal mask drops the diagonal (each query's own key)",
+    ),
+    _m(
+        "attention_causal_key_range_ends_one_early",
+        AT,
+        "const long end = clamp(long(q1) - 1 + offset + 1, 0L, long(p.kv_len));",
+        "const long end = clamp(long(q1) - 1 + offset, 0L, long(p.kv_len));",
+        ATTENTION,
+        "the key blocks walked by a group of query rows stop one key before the last row's diagonal",
+    ),
+    _m(
+        "attention_window_edge_inclusive",
+        AT,
+        "return long(kj) <= last && (p.window == 0 || long(kj) > last - long(p.window));",
+        "return long(kj) <= last && (p.window == 0 || long(kj) >= last - long(p.window));",
+        ATTENTION,
+        "the sliding window one key wider than HF's (kv_idx > q_idx - sliding_window)",
+    ),
+    _m(
+        "attention_dkdv_query_range_starts_one_late",
+        AT,
+        "const long begin = clamp(long(k0) - offset, 0L, long(p.q_len));",
+        "const long begin = clamp(long(k0) - offset + 1, 0L, long(p.q_len));",
+        ATTENTION,
+        "dK/dV skip the first query that sees a group's first key (causal)",
+    ),
+    _m(
+        "attention_dkdv_gqa_head_mapping",
+        AT,
+        "const uint h = hk * heads_per_kv + g;",
+        "const uint h = g * p.kv_heads + hk;",
+        ATTENTION,
+        "dK/dV sum the query heads of a kv head interleaved (h % kv_heads) instead of grouped (h / group)",
+    ),
+    _m(
+        "attention_dq_without_delta",
+        AT,
+        "ds = pe * (dp[j].thread_elements()[e] - row_delta) * (1.0f - t * t) * p.scale;",
+        "ds = pe * dp[j].thread_elements()[e] * (1.0f - t * t) * p.scale;",
+        ATTENTION,
+        "dS = P * dP: the softmax backward's delta term dropped (dQ)",
+    ),
+    _m(
+        "attention_delta_of_dout_alone",
+        AT,
+        "    sum += float(do_row[d]) * float(o_row[d]);",
+        "    sum += float(do_row[d]);",
+        ATTENTION,
+        "delta = rowsum(dout) instead of rowsum(dout * out)",
+    ),
+    _m(
+        "attention_dkdv_softcap_without_chain_rule",
+        AT,
+        "ds = pe * (dpt[j].thread_elements()[e] - delta_tile[c]) * (1.0f - t * t) * p.scale;",
+        "ds = pe * (dpt[j].thread_elements()[e] - delta_tile[c]) * p.scale;",
+        ATTENTION,
+        "dK ignores the soft-cap's tanh derivative",
+    ),
+    _m(
+        "attention_forward_tiles_restaged_without_barrier",
+        AT,
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are restaged by the next block",
+        "",
+        ATTENTION,
+        "K and V restaged while slower SIMD-groups still read the previous block (a race)",
+    ),
+    _m(
+        "attention_lse_of_the_sum_alone",
+        AT,
+        "lse[(ulong(b) * p.q_heads + h) * p.q_len + qi] = l == 0.0f ? -INFINITY : m + log(l);",
+        "lse[(ulong(b) * p.q_heads + h) * p.q_len + qi] = l == 0.0f ? -INFINITY : log(l);",
+        ATTENTION,
+        "the saved log-sum-exp without the row maximum (backward probabilities off by exp(max))",
+    ),
+    _m(
+        "attention_launch_dkdv_for_one_kv_head",
+        MP,
+        "for pipeline, rows_total, heads in ((dq_pipeline, q_len, q_heads), (dkdv_pipeline, kv_len, kv_heads)):",
+        "for pipeline, rows_total, heads in ((dq_pipeline, q_len, q_heads), (dkdv_pipeline, kv_len, 1)):",
+        ATTENTION,
+        "the dK/dV grid covers the first kv head only",
+    ),
+    _m(
+        "attention_plan_cache_key_without_window",
+        MP,
+        'key = ("forward", q.dtype, shapes, tuple(strides.items()), causal, window, scale, softcap)',
+        'key = ("forward", q.dtype, shapes, tuple(strides.items()), causal, scale, softcap)',
+        PLAN_CACHE,
+        "a Mac's cached attention plan reused for another sliding window",
     ),
     # ---- launch plans (torch_metal_fused/backends/metal.py) ----
     _m(

@@ -211,6 +211,10 @@ def _cases(device: str, dtype: torch.dtype):
     rq, rk = _randn((2, 4, 7, 64), dtype, device, 11), _randn((2, 2, 7, 64), dtype, device, 12)
     angles = _randn((1, 7, 32), torch.float64, "cpu", 13) * 10
     rc, rs = (f(torch.cat((angles, angles), -1)).to(dtype).to(device) for f in (torch.cos, torch.sin))
+    aq, ak, av = (
+        _randn((1, 4, 45, 64), dtype, device, 14),
+        *(_randn((1, 2, 45, 64), dtype, device, s) for s in (15, 16)),
+    )
     return [
         ("softmax", lambda t: tmf.softmax(t[0], -1), lambda t: torch.softmax(t[0], -1), [x]),
         ("softmax", lambda t: tmf.softmax(t[0], -1), lambda t: torch.softmax(t[0], -1), [xs]),
@@ -249,6 +253,14 @@ def _cases(device: str, dtype: torch.dtype):
             lambda t: torch.cat([o.flatten() for o in tmf.rope(t[0], t[1], rc, rs)]),
             lambda t: torch.cat([o.flatten() for o in _hf_rope(t[0], t[1], rc.double().cpu(), rs.double().cpu())]),
             [rq, rk],
+        ),
+        (
+            "attention",
+            lambda t: tmf.attention(t[0], t[1], t[2], causal=True),
+            lambda t: torch.nn.functional.scaled_dot_product_attention(
+                t[0], t[1].repeat_interleave(2, 1), t[2].repeat_interleave(2, 1), is_causal=True
+            ),
+            [aq, ak, av],
         ),
     ]
 
