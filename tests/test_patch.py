@@ -208,6 +208,22 @@ def test_state_dict_and_peft_save_load_unchanged(tmp_path):
             assert n1 == n2 and torch.equal(p1, p2)
 
 
+def test_peft_wrappers_do_not_look_patched_when_the_model_inside_is():
+    """PeftModel and LoraModel forward unknown attributes to the model they wrap: when the causal LM inside is patched,
+    a second patch_model reported the wrappers "already patched" too, and unpatch_model deleted their (class) forward,
+    an AttributeError."""
+    ids, vocab = load_corpus()
+    model = build_model(vocab)
+    report = tmf.patch_model(model, cross_entropy=True)
+    assert dict(report.patched)["base_model.model"] == "LlamaForCausalLM loss (linear cross-entropy)"
+    again = dict(tmf.patch_model(model, cross_entropy=True).skipped)
+    assert again["base_model.model"] == "already patched"
+    assert "" not in again and "base_model" not in again
+    assert tmf.unpatch_model(model) == len(report.patched)
+    x = ids[:20].view(1, 20)
+    assert model(input_ids=x, labels=x).logits is not None
+
+
 # ---- causal-LM loss (patch_model(cross_entropy=True)) ------------------------------------------------------
 def _tiny_causal_lm(family: str, dtype=torch.float32):
     """A tiny random model of each family patch_model's loss patch knows (Gemma-2/3 with soft-capping)."""

@@ -104,6 +104,12 @@ class PatchReport:
         return "\n".join(lines)
 
 
+def _is_patched(module: nn.Module) -> bool:
+    """Whether patch_model() installed a forward on this module itself (not hasattr: PEFT's PeftModel and LoraModel
+    forward unknown attributes to the model they wrap, so they would look patched when that model is)."""
+    return _ORIGINAL in vars(module)
+
+
 def _install(module: nn.Module, fused_forward) -> None:
     setattr(module, _ORIGINAL, module.forward)
     module.forward = types.MethodType(fused_forward, module)
@@ -471,7 +477,7 @@ def patch_model(
     """
     report = PatchReport()
     for name, module in model.named_modules():
-        if hasattr(module, _ORIGINAL):
+        if _is_patched(module):
             report.skipped.append((name, "already patched"))
             continue
         if rms_norm:
@@ -510,7 +516,7 @@ def unpatch_model(model: nn.Module) -> int:
     """Restore every module patch_model() patched; returns how many."""
     n = 0
     for module in model.modules():
-        if hasattr(module, _ORIGINAL):
+        if _is_patched(module):
             del module.forward  # the instance attribute; the class's forward shows through again
             delattr(module, _ORIGINAL)
             _rope_unpatch(module)
