@@ -76,14 +76,19 @@ inline float attention_logit(float dot, uint qi, uint kj, constant tmf::Attentio
   return x;
 }
 
+// MSL's clamp is declared for 32-bit and smaller integers; the bounds below are signed 64-bit.
+inline long clamp_long(long v, long lo, long hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
 // [begin, end) of the keys any of the query rows [q0, q1) may see (q1 > q0).
 inline uint2 key_range(uint q0, uint q1, constant tmf::AttentionParams& p) {
   if (p.causal == 0) {
     return uint2(0, p.kv_len);
   }
   const long offset = long(p.kv_len) - long(p.q_len);
-  const long end = clamp(long(q1) - 1 + offset + 1, 0L, long(p.kv_len));
-  const long begin = p.window == 0 ? 0L : clamp(long(q0) + offset - long(p.window) + 1, 0L, end);
+  const long end = clamp_long(long(q1) - 1 + offset + 1, 0, long(p.kv_len));
+  const long begin = p.window == 0 ? 0L : clamp_long(long(q0) + offset - long(p.window) + 1, 0, end);
   return uint2(uint(begin), uint(end));
 }
 
@@ -93,8 +98,11 @@ inline uint2 query_range(uint k0, uint k1, constant tmf::AttentionParams& p) {
     return uint2(0, p.q_len);
   }
   const long offset = long(p.kv_len) - long(p.q_len);
-  const long begin = clamp(long(k0) - offset, 0L, long(p.q_len));
-  const long end = p.window == 0 ? long(p.q_len) : clamp(long(k1) - 1 - offset + long(p.window), begin, long(p.q_len));
+  const long begin = clamp_long(long(k0) - offset, 0, long(p.q_len));
+  if (p.window == 0) {
+    return uint2(uint(begin), p.q_len);
+  }
+  const long end = clamp_long(long(k1) - 1 - offset + long(p.window), begin, long(p.q_len));
   return uint2(uint(begin), uint(end));
 }
 

@@ -703,8 +703,8 @@ MUTANTS: list[Mutant] = [
     _m(
         "attention_causal_key_range_ends_one_early",
         AT,
-        "const long end = clamp(long(q1) - 1 + offset + 1, 0L, long(p.kv_len));",
-        "const long end = clamp(long(q1) - 1 + offset, 0L, long(p.kv_len));",
+        "const long end = clamp_long(long(q1) - 1 + offset + 1, 0, long(p.kv_len));",
+        "const long end = clamp_long(long(q1) - 1 + offset, 0, long(p.kv_len));",
         ATTENTION,
         "the key blocks walked by a group of query rows stop one key before the last row's diagonal",
     ),
@@ -719,8 +719,8 @@ MUTANTS: list[Mutant] = [
     _m(
         "attention_dkdv_query_range_starts_one_late",
         AT,
-        "const long begin = clamp(long(k0) - offset, 0L, long(p.q_len));",
-        "const long begin = clamp(long(k0) - offset + 1, 0L, long(p.q_len));",
+        "const long begin = clamp_long(long(k0) - offset, 0, long(p.q_len));",
+        "const long begin = clamp_long(long(k0) - offset + 1, 0, long(p.q_len));",
         ATTENTION,
         "dK/dV skip the first query that sees a group's first key (causal)",
     ),
