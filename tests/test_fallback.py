@@ -138,6 +138,31 @@ def test_a_pipeline_that_cannot_be_built_serves_the_family_by_the_reference(faul
     assert kernels == [] and warned == []
 
 
+def test_a_kernel_call_that_raises_at_encode_time_serves_the_family_by_the_reference():
+    """PyTorch's kernel call refusing its arguments (an API change, or a binding bug of ours) is found while encoding,
+    possibly after other dispatches of the same call: the call is served by the reference from its inputs (the
+    dispatches wrote only outputs the entry point allocated, now discarded) and the family is off for the process.
+    The attention backward encodes three dispatches: the third one raises."""
+    q, k, v = (randn((1, 2, 40, 32), torch.float32, "cpu", seed=s).requires_grad_(True) for s in (1, 2, 3))
+    dout = randn((1, 2, 40, 32), torch.float32, "cpu", seed=4)
+
+    def grads():
+        out = tmf.attention(q, k, v, causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    want, kernels, warned = _run(grads)
+    assert "attention_backward_dkdv_d32_float" in kernels and not warned
+    _backend.reset_fallbacks()
+    with runner.faults("encode:attention_backward_dkdv_d32_float"):
+        got, kernels, warned = _run(grads)
+    assert "attention_backward_dq_d32_float" in kernels and "attention_backward_dkdv_d32_float" not in kernels
+    assert len(warned) == 1 and "encoding attention_backward_dkdv_d32_float failed" in warned[0], warned
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_matches(a, b.double(), torch.float32, f"output {i}")
+    _, kernels, warned = _run(grads)
+    assert kernels == [] and warned == []
+
+
 def test_a_non_32_wide_simd_group_falls_back_with_a_warning():
     x = randn((5, 1000), torch.float16, "cpu")
     w = randn((1000,), torch.float16, "cpu", seed=2)

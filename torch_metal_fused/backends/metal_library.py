@@ -95,6 +95,7 @@ class Pipeline:
     function: object
     max_threads: int  # maxTotalThreadsPerThreadgroup
     execution_width: int  # threadExecutionWidth
+    family: str = ""
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,9 @@ class KernelLibraries:
             function = getattr(lib, kernel)
         except Exception as exc:  # no such function, or its pipeline could not be built
             raise KernelUnavailable(family, "family", f"building the pipeline for {kernel} failed: {exc}") from exc
-        p = Pipeline(kernel, function, int(function.max_threads_per_threadgroup), int(function.thread_execution_width))
+        p = Pipeline(
+            kernel, function, int(function.max_threads_per_threadgroup), int(function.thread_execution_width), family
+        )
         if p.execution_width != SIMD_WIDTH:
             raise KernelUnavailable(
                 family,
@@ -192,14 +195,23 @@ class KernelLibraries:
 
     @staticmethod
     def encode(dispatches: Sequence[Dispatch]) -> None:
-        """Encode each dispatch as compile_shader's kernels take it: total threads (dispatchThreads) in whole groups."""
+        """Encode each dispatch as compile_shader's kernels take it: total threads (dispatchThreads) in whole groups.
+        A kernel call that raises (PyTorch's binding refusing an argument: a bug of ours or an API change) makes the
+        family unusable: the caller serves the call with the reference, which is safe because every entry point
+        writes only outputs it allocated itself, discarded with whatever the dispatches encoded so far wrote."""
         for d in dispatches:
             args, casts = list(d.args), {}
             for i, a in enumerate(args):
                 if type(a) is Params:
                     args[i], casts[i] = list(a.words), "int32"
             (gx, gy, gz), (tx, ty, tz) = d.groups, d.threads
-            d.pipeline.function(*args, threads=[gx * tx, gy * ty, gz * tz], group_size=[tx, ty, tz], arg_casts=casts)
+            try:
+                d.pipeline.function(
+                    *args, threads=[gx * tx, gy * ty, gz * tz], group_size=[tx, ty, tz], arg_casts=casts
+                )
+            except (RuntimeError, TypeError, ValueError) as exc:
+                family = d.pipeline.family
+                raise KernelUnavailable(family, "family", f"encoding {d.pipeline.kernel} failed: {exc}") from exc
 
 
 def fast_math_refusal() -> str | None:

@@ -14,7 +14,8 @@ returns a library whose kernels bind and launch the way PyTorch's binding does (
 What it does not model, and refuses rather than runs differently: grids that are not whole threadgroups (Metal's
 non-uniform edge groups), lists of tensors (argument buffers), non-CPU tensors. The harness's fault injection
 (runner.faults) applies: compile:<family>, pipeline:<target>, max_threads:<target>=n, simd_width:<target>=n,
-no_bfloat (a library compiled without bfloat kernels).
+no_bfloat (a library compiled without bfloat kernels), and encode:<kernel> (the kernel call raises, as PyTorch's
+binding does for arguments it cannot bind).
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ class StandInKernel:
     def __call__(self, *args, threads=None, group_size=None, arg_casts=None, error_buf_idx=None) -> None:
         if error_buf_idx is not None:
             raise NotImplementedError("the compile_shader stand-in does not model error buffers")
+        if runner.fault_active(f"encode:{self.name}"):
+            raise RuntimeError(f"injected fault ({runner.FAULTS_ENV}): encoding {self.name} failed")
         casts = _arg_casts(arg_casts)
         buffers: dict[int, torch.Tensor] = {}
         constants: dict[int, bytes] = {}
