@@ -2,7 +2,9 @@
 per-chip floors labelled as a model), --timed --quick --device cpu produces every output file of the timed run with
 the expected columns, the fallback to the timed run where the harness is missing, the plots or the one-line
 matplotlib message; the MPS timing method (back-to-back batches between two synchronize() calls), exercised with
-fakes on Linux."""
+fakes on Linux. Attention: the providers agree, the minimum bytes, FLOPs and bytes kept for backward follow their
+formulas, and the emulated report's K/V reads and device bytes match the launch plan's model, with compute floors
+per chip labelled a model."""
 
 import csv
 import json
@@ -13,10 +15,10 @@ import pytest
 import torch
 
 from torch_metal_fused.bench import __main__ as bench_main
-from torch_metal_fused.bench import run
+from torch_metal_fused.bench import cases, run
 from torch_metal_fused.bench.__main__ import main
 from torch_metal_fused.bench.chips import CHIPS, by_name
-from torch_metal_fused.bench.run import CSV_COLUMNS, EMULATED_COLUMNS
+from torch_metal_fused.bench.run import CSV_COLUMNS, EMULATED_COLUMNS, PROJECTION_COLUMNS
 
 MPS_METHOD = "N back-to-back calls between two torch.mps.synchronize(), per-call = span/N; first call separate"
 
@@ -49,6 +51,7 @@ def test_cpu_default_is_the_emulated_report_with_model_floors(tmp_path, capsys):
     host = {r["entry_point"]: r for r in csv.DictReader((out / "host_cost.csv").open())}
     assert {"softmax_forward", "rms_norm_backward", "lora_lowrank", "rope_apply", "cross_entropy_rows"} <= set(host)
     assert host["rms_norm_backward"]["dispatches"] == "2" and host["softmax_forward"]["dispatches"] == "1"
+    assert host["attention_forward"]["dispatches"] == "1" and host["attention_backward"]["dispatches"] == "3"
     assert all(float(r["median_us"]) > 0 for r in host.values())
     assert "Host cost per call" in (out / "summary.md").read_text()
     for r in rows:
@@ -87,7 +90,13 @@ def test_timed_quick_cpu_run_writes_every_output(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert set(CSV_COLUMNS) <= set(rows[0])
     seen = {(r["op"], r["provider"], r["mode"]) for r in rows}
-    for op, baselines in (("softmax", ["torch"]), ("rms_norm", ["torch", "hf_eager"]), ("lora", ["eager"])):
+    baselines_per_op = (
+        ("softmax", ["torch"]),
+        ("rms_norm", ["torch", "hf_eager"]),
+        ("lora", ["eager"]),
+        ("attention", ["sdpa", "hf_eager"]),
+    )
+    for op, baselines in baselines_per_op:
         for mode in ("forward", "backward", "forward_backward"):
             for prov in ["fused", *baselines]:
                 assert (op, prov, mode) in seen
@@ -106,7 +115,9 @@ def test_timed_quick_cpu_run_writes_every_output(tmp_path, capsys):
     assert "- timing: host clock around each call" in summary and data["timing"] == run.timing_method(
         torch.device("cpu"), 3
     )
-    for op in ("softmax", "rms_norm", "lora"):  # bars of % of copy bandwidth per shape
+    attention = [r for r in rows if r["op"] == "attention"]
+    assert attention and all(float(r["tflops"]) > 0 for r in attention)  # the FLOPs convention's rate
+    for op in ("softmax", "rms_norm", "lora", "attention"):  # bars of % of copy bandwidth per shape
         assert (out / f"{op}.png").stat().st_size > 1000
     assert "| op" in capsys.readouterr().out
 
@@ -166,6 +177,133 @@ def test_emulated_cross_entropy_counts_the_row_pass_against_its_minimum(tmp_path
         assert int(r["min_bytes"]) == 2 * tokens * vocab * 2 + 8 * tokens
         assert float(r["traffic_over_min"]) == pytest.approx(1.5, abs=0.02), r
     assert "cross_entropy_rows_looped" in (out / "summary.md").read_text()
+
+
+def test_attention_providers_agree_with_the_reference():
+    """fused (the reference on a CPU), SDPA and Hugging Face's eager attention compute the same causal grouped-query
+    attention and the same gradients of q, k and v, from q, k, v made as HF makes them (transposed projections)."""
+    case = cases.Case("attention", (2, 24, 4, 2, 32), torch.float32, "forward")  # HF's softmax runs in float32
+    g = torch.Generator().manual_seed(1)
+    (q, k, v), (dout,) = cases._attention_inputs(case.shape, case.dtype, torch.device("cpu"), g)()
+    assert q.shape == (2, 4, 24, 32) and k.shape == (2, 2, 24, 32) and q.stride(1) == 32  # (B, S, H, D) transposed
+    results = {}
+    for provider in cases.providers("attention", torch.device("cpu")):
+        out = cases._attention_fn(provider, 24, case.dtype, torch.device("cpu"))(q, k, v)
+        results[provider] = (out, *torch.autograd.grad(out, (q, k, v), dout))
+    assert set(results) == {"fused", "sdpa", "hf_eager"}
+    for provider in ("sdpa", "hf_eager"):
+        for got, want in zip(results[provider], results["fused"]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for mode in ("forward", "backward", "forward_backward"):  # each mode's callable runs
+        prep = cases.prepare(cases.Case("attention", (1, 16, 2, 1, 32), torch.float32, mode), "hf_eager", q.device)
+        prep.run()
+        assert prep.flops > 0 and prep.min_bytes > 0
+
+
+def test_attention_min_bytes_flops_and_saved_bytes():
+    b, s, h, kv, d = shape = (2, 64, 8, 2, 32)
+    es, stats = 2, 4 * b * h * s
+    q, k = b * h * s * d * es, b * kv * s * d * es
+
+    def of(mode):
+        return cases.attention_min_bytes_flops(cases.Case("attention", shape, torch.bfloat16, mode))
+
+    fwd_flops = 4 * b * h * s * s * d // 2  # causal: half of q·kᵀ and p·v
+    assert of("forward") == (q + 2 * k + q + stats, fwd_flops)  # q, k, v read; out and the fp32 lse written
+    # backward: q, k, v, out, dout, lse read; dq, dk, dv and the fp32 delta written
+    assert of("backward") == (3 * q + 2 * k + stats + q + 2 * k + stats, fwd_flops * 5 // 2)
+    assert of("forward_backward") == (of("forward")[0] + of("backward")[0], fwd_flops * 7 // 2)
+    assert cases.min_bytes(cases.Case("attention", shape, torch.bfloat16, "forward")) == of("forward")[0]
+    # ours (out + lse) against the composite path's probabilities: ≈33 MiB against 1 GiB at Llama-3-8B's 4096 tokens
+    ours, composite = cases.attention_saved_bytes((1, 4096, 32, 8, 128), torch.bfloat16)
+    assert ours == 32 * 4096 * (128 * 2 + 4) and ours / 2**20 == 32.5 and composite == 2**30
+    assert cases.providers("attention", torch.device("cuda")) == ["fused", "sdpa", "hf_eager"]  # no Liger attention
+    assert (1, 4096, 32, 8, 128) in cases.shapes("attention", "cuda") and "attention" in cases.OPS
+    assert set(cases.shapes("attention", "cuda")) <= set(cases.shapes("attention", "full"))
+    assert "attention" in bench_main.parse(["--device", "cpu"]).cfg.ops  # in the default run
+
+
+def test_attention_model_reads_k_and_v_once_per_query_block():
+    """The launch plan's model: with 64 query rows per threadgroup, a causal call's forward stages, per query head,
+    K and V up to each group's last key: (seq / 64 + 1) / 2 passes, times the query heads per kv head."""
+    for seq, groups in ((4096, 4), (2048, 4), (256, 2)):
+        model = cases.attention_model((1, seq, 4 * groups, 4, 128), torch.bfloat16, "forward")
+        assert model["kv_reads"] == pytest.approx(groups * (seq / 64 + 1) / 2)
+        assert model["q_reads"] == 1
+    small = cases.attention_model((1, 40, 2, 2, 64), torch.float32, "forward")  # one group of 40 rows, blocks of 32
+    assert small["kv_reads"] == 1 and cases.AttentionPlan.of((1, 40, 2, 2, 64)).query_rows == 40
+    assert cases.AttentionPlan.of((1, 4096, 32, 8, 128)) == cases.AttentionPlan(64, 64, 16)
+    backward = cases.attention_model((1, 256, 4, 2, 64), torch.float32, "backward")
+    assert backward["kv_reads"] == 5 + 1 and backward["q_reads"] == 1 + 2.5  # dQ as the forward; dK/dV's q blocks
+
+
+def test_chip_compute_rates_are_cited_models():
+    m1 = by_name("M1")
+    assert m1.peak_tflops == pytest.approx(2.617, abs=1e-3)  # Apple's 2.6 TFLOPS: 8 cores x 1.278 GHz x 256
+    assert by_name("M1 Max").peak_tflops == pytest.approx(10.62, abs=0.01)
+    assert m1.compute_floor_us(2.617e12) == pytest.approx(1e6 * 2.617 / m1.peak_tflops)
+    for chip in CHIPS:
+        if chip.name.startswith("M4"):  # no citable clock: no compute floor
+            assert chip.peak_tflops is None and chip.compute_floor_us(1e9) is None
+        else:
+            assert chip.clock_source and chip.gpu_cores > 0
+        assert "TFLOPS" in chip.describe_compute() or "no citable GPU clock" in chip.describe_compute()
+
+
+@pytest.mark.emulated
+def test_emulated_attention_counts_kv_reads_against_the_model(tmp_path):
+    """The emulated suite's attention rows: the harness's device bytes match the launch plan's model (exactly in the
+    forward; the backward's dQ kernel loads each row's lse and delta once per lane, ~1 % more), K and V are read as
+    often as the model says, and each row has FLOPs, compute floors per chip (a model, none without a citable clock)
+    and the bytes kept for backward; the summary has the attention section and the projection at the LLM shapes."""
+    out = tmp_path / "attention"
+    args = ["--device", "cpu", "--emulated", "--ops", "attention", "--dtypes", "bfloat16", "--out", str(out)]
+    assert main(args) == 0
+    rows = _csv_rows(out)
+    assert {(r["shape"], r["mode"]) for r in rows} == {
+        ("x".join(map(str, shape)), m)
+        for shape in cases.shapes("attention", "emulated")
+        for m in ("forward", "backward", "forward_backward")
+    }
+    for r in rows:
+        assert not r["error"], r
+        shape = tuple(map(int, r["shape"].split("x")))
+        case = cases.Case("attention", shape, torch.bfloat16, r["mode"])
+        model = cases.attention_model(shape, torch.bfloat16, r["mode"])
+        moved = int(r["bytes_moved"])
+        assert int(r["min_bytes"]) == cases.attention_min_bytes_flops(case)[0]
+        assert int(r["model_device_bytes"]) == model["device_bytes"]
+        if r["mode"] == "forward":
+            assert moved == model["device_bytes"] and r["kernels"].startswith("attention_forward_d")
+        else:
+            assert model["device_bytes"] <= moved <= 1.02 * model["device_bytes"], r
+            assert int(r["dispatches"]) == (3 if r["mode"] == "backward" else 4)
+        assert float(r["kv_reads"]) == pytest.approx(model["kv_reads"])
+        assert float(r["q_reads"]) == pytest.approx(model["q_reads"])
+        assert float(r["kv_reads"]) > 1  # K and V are re-read per query block: the traffic is above the minimum
+        assert float(r["traffic_over_min"]) > 1
+        flops = int(r["flops"])
+        assert flops == cases.attention_min_bytes_flops(case)[1] and int(r["model_matrix_flops"]) >= flops
+        for chip in CHIPS:
+            floor = r[f"compute_floor_us_{chip.key}"]
+            if chip.peak_tflops is None:
+                assert floor == ""
+            else:
+                assert float(floor) == pytest.approx(flops / (chip.peak_tflops * 1e12) * 1e6)
+        ours, composite = cases.attention_saved_bytes(shape, torch.bfloat16)
+        assert int(r["saved_for_backward_bytes"]) == ours and int(r["composite_saved_bytes"]) == composite
+    projection = list(csv.DictReader((out / "attention_projection.csv").open()))
+    assert set(PROJECTION_COLUMNS) <= set(projection[0])
+    assert {r["shape"] for r in projection} == {"x".join(map(str, s)) for s in cases.LLM_ATTENTION}
+    llama = next(r for r in projection if r["shape"] == "1x4096x32x8x128" and r["mode"] == "forward")
+    assert float(llama["kv_reads"]) == 4 * (4096 / 64 + 1) / 2
+    assert float(llama["min_floor_us_M1"]) == pytest.approx(int(llama["min_bytes"]) / 56e3)
+    data = json.loads((out / "results.json").read_text())
+    assert data["attention_projection"] and "not a measurement" in data["projection"]["compute"]
+    summary = (out / "summary.md").read_text()
+    assert "## attention: K/V reads and floors per chip (models, not measurements)" in summary
+    assert "| M1 compute floor µs" in summary and "M1: 2.62 TFLOPS = 8 cores x 1.278 GHz" in summary
+    assert "32.5 MiB against 1·32·4096·4096·2 B = 1024 MiB (1 GiB)" in summary
 
 
 def test_timed_cpu_cross_entropy_against_the_unfused_path(tmp_path):

@@ -13,6 +13,17 @@ forward_backward across providers.
 swiglu (tokens, intermediate), rope (batch, seq, q_heads, kv_heads, head_dim) and add_rms_norm (rows, hidden) compare
 the fused ops with the unfused formulas Hugging Face's models run ("torch"/"hf_eager") and Liger-Kernel's SwiGLU and
 RoPE ("liger", CUDA).
+
+attention (batch, seq, q_heads, kv_heads, head_dim), causal self-attention with grouped-query heads, q, k and v made
+as Hugging Face's attention makes them ((batch, seq, heads, head_dim) projections transposed to (batch, heads, seq,
+head_dim) views): `tmf.attention` ("fused"), `F.scaled_dot_product_attention(is_causal=True, enable_gqa=True)`
+("sdpa": on MPS under autograd the composite math path, which keeps the batch x heads x seq² probabilities for
+backward; on CUDA PyTorch's fused flash / memory-efficient kernels, which our op also routes to there, so on CUDA the
+two rows differ only by our wrapper) and transformers' eager attention ("hf_eager": repeat_kv, q·kᵀ·scale plus an
+additive causal mask, softmax in float32, ·v). Every provider returns (batch, heads, seq, head_dim); Hugging Face's
+final transpose to (batch, seq, heads, head_dim) is left out of all of them. FLOPs (the FlashAttention papers'
+convention): forward 4 x batch x q_heads x seq x kv_seq x head_dim, halved for causal; backward 2.5 x the forward
+(five matmuls against two); forward_backward 3.5 x.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import torch
 import torch_metal_fused as tmf
 
 MODES = ("forward", "backward", "forward_backward")
-OPS = ("softmax", "rms_norm", "lora", "cross_entropy", "swiglu", "rope", "add_rms_norm")
+OPS = ("softmax", "rms_norm", "lora", "cross_entropy", "swiglu", "rope", "add_rms_norm", "attention")
 # Ops whose inputs are a few same-shaped activations (no weights but RMSNorm's): prepared by _prepare_activation.
 ACTIVATION_OPS = ("swiglu", "rope", "add_rms_norm")
 
@@ -34,7 +45,8 @@ ACTIVATION_OPS = ("swiglu", "rope", "add_rms_norm")
 @dataclass(frozen=True)
 class Case:
     op: str
-    # softmax/rms_norm: (rows, cols); lora: (tokens, in, out, r); cross_entropy: (tokens, hidden, vocab)
+    # softmax/rms_norm: (rows, cols); lora: (tokens, in, out, r); cross_entropy: (tokens, hidden, vocab);
+    # rope/attention: (batch, seq, q_heads, kv_heads, head_dim)
     shape: tuple[int, ...]
     dtype: torch.dtype
     mode: str
@@ -65,6 +77,7 @@ def providers(op: str, device: torch.device) -> list[str]:
         "swiglu": ["fused", "torch"],
         "rope": ["fused", "hf_eager"],
         "add_rms_norm": ["fused", "torch", "hf_eager"],
+        "attention": ["fused", "sdpa", "hf_eager"],
     }[op]
     liger_ops = ("softmax", "rms_norm", "cross_entropy", "swiglu", "rope", "add_rms_norm")
     if device.type == "cuda" and _has("liger_kernel") and op in liger_ops:
@@ -487,12 +500,213 @@ def _prepare_activation(case: Case, provider: str, device: torch.device) -> Prep
     return Prepared(run, bytes_per_mode[case.mode], 0, n)
 
 
+# ---- attention ----------------------------------------------------------------------------------------------------
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """transformers' repeat_kv: (batch, kv_heads, seq, d) -> (batch, kv_heads x groups, seq, d)."""
+    if groups == 1:
+        return x
+    b, kv, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, kv, groups, s, d).reshape(b, kv * groups, s, d)
+
+
+def _attention_fn(provider: str, seq: int, dtype: torch.dtype, device: torch.device) -> Callable:
+    """provider -> fn(q, k, v) -> out (batch, q_heads, seq, head_dim), causal, scale 1/sqrt(head_dim)."""
+    if provider == "fused":
+        return lambda q, k, v: tmf.attention(q, k, v, causal=True)
+    if provider == "sdpa":  # what transformers' sdpa_attention_forward calls for a causal batch without padding
+        return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
+        )
+    if provider == "hf_eager":  # transformers' eager_attention_forward with its 4-D additive causal mask
+        mask = torch.full((seq, seq), torch.finfo(dtype).min, device=device, dtype=dtype).triu_(1)[None, None]
+
+        def eager(q, k, v):
+            groups = q.shape[1] // k.shape[1]
+            weights = torch.matmul(q, _repeat_kv(k, groups).transpose(2, 3)) * q.shape[-1] ** -0.5
+            weights = torch.softmax(weights + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+            return torch.matmul(weights, _repeat_kv(v, groups))
+
+        return eager
+    raise ValueError(f"unknown provider {provider} for attention")
+
+
+def _attention_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, g: torch.Generator):
+    """make() -> ((q, k, v) requiring grad, (dout,)): q, k, v as transposed (batch, seq, heads, d) projections."""
+    batch, seq, heads, kv, d = shape
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+
+    def make():
+        q = rnd(batch, seq, heads, d).transpose(1, 2).requires_grad_()
+        k = rnd(batch, seq, kv, d).transpose(1, 2).requires_grad_()
+        v = rnd(batch, seq, kv, d).transpose(1, 2).requires_grad_()
+        return (q, k, v), (rnd(batch, heads, seq, d),)
+
+    return make
+
+
+def attention_min_bytes_flops(case: Case) -> tuple[int, int]:
+    """Forward reads q, k, v and writes out and the float32 log-sum-exp (one per query row and head); backward reads
+    q, k, v, out, dout and the log-sum-exp and writes dq, dk, dv and the float32 delta = rowsum(dout·out). FLOPs as
+    the FlashAttention papers count them: forward 4·B·Hq·S·Sk·D (q·kᵀ and p·v), halved for causal; backward 2.5x the
+    forward (q·kᵀ recomputed, dout·vᵀ, dq, dk, dv)."""
+    batch, seq, heads, kv, d = case.shape
+    es = torch.finfo(case.dtype).bits // 8
+    q = out = batch * heads * seq * d * es
+    k = v = batch * kv * seq * d * es
+    stats = batch * heads * seq * 4  # lse, delta: float32 per (batch, head, query)
+    fwd_bytes = q + k + v + out + stats
+    bwd_bytes = q + k + v + 2 * out + stats + q + k + v + stats
+    fwd_flops = 4 * batch * heads * seq * seq * d // 2  # causal: half the (S x Sk) products
+    per_mode = {
+        "forward": (fwd_bytes, fwd_flops),
+        "backward": (bwd_bytes, fwd_flops * 5 // 2),
+        "forward_backward": (fwd_bytes + bwd_bytes, fwd_flops * 7 // 2),
+    }
+    return per_mode[case.mode]
+
+
+def attention_saved_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, int]:
+    """(ours, the composite path's): what the forward keeps for backward besides q, k and v (which every
+    implementation keeps). Ours: out (B·Hq·S·D elements) and the float32 log-sum-exp (B·Hq·S). The composite math
+    path (SDPA on MPS under autograd, Hugging Face's eager attention): at least the probabilities, B·Hq·S·Sk
+    elements."""
+    batch, seq, heads, _, d = shape
+    es = torch.finfo(dtype).bits // 8
+    return batch * heads * seq * (d * es + 4), batch * heads * seq * seq * es
+
+
+def _prepare_attention(case: Case, provider: str, device: torch.device) -> Prepared:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    make = _attention_inputs(case.shape, case.dtype, device, g)
+    fn = _attention_fn(provider, case.shape[1], case.dtype, device)
+    min_bytes, flops = attention_min_bytes_flops(case)
+    # Input sets by the op's own tensors; the composite paths' probabilities come on top of them.
+    n = _n_sets(attention_min_bytes_flops(Case(case.op, case.shape, case.dtype, "forward_backward"))[0] // 2)
+    sets = [make() for _ in range(n)]
+    nxt = _rotate(sets)
+    if case.mode == "forward":
+
+        def run():
+            inputs, _ = nxt()
+            return fn(*inputs)
+
+    elif case.mode == "backward":
+        outs = [(fn(*inputs), dys, inputs) for inputs, dys in sets]
+        nxt_out = _rotate(outs)
+
+        def run():
+            y, dys, inputs = nxt_out()
+            _activation_grads(y, dys, inputs, retain_graph=True)
+
+    else:
+
+        def run():
+            inputs, dys = nxt()
+            _activation_grads(fn(*inputs), dys, inputs)
+
+    return Prepared(run, min_bytes, flops, n)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The launch plan of the attention kernels as backends/metal.py makes it (no window, no mask), for the traffic
+    and product model: query rows per threadgroup (forward, dQ), key rows per threadgroup (dK/dV), rows per staged
+    block."""
+
+    query_rows: int
+    key_rows: int
+    block_rows: int
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...]) -> AttentionPlan:
+        """8 rows per SIMD-group, ATTENTION_SIMD_GROUPS of them or fewer where the rows are fewer; assumes the
+        pipeline allows ATTENTION_SIMD_GROUPS x 32 threads (the harness does; a register-heavy kernel on a Mac may
+        allow fewer, and then K and V are read more often)."""
+        from torch_metal_fused.backends import metal
+
+        _, seq, _, _, d = shape
+        tile = metal.SIMDGROUP_MATRIX
+
+        def rows(n: int) -> int:
+            return min(metal.ATTENTION_SIMD_GROUPS, -(-n // tile)) * tile
+
+        return cls(rows(seq), rows(seq), metal.attention_block_rows(d))
+
+
+def _causal_key_end(q1: int, seq: int) -> int:
+    return min(seq, q1)  # causal, S == Sk: the last query of [q0, q1) sees keys [0, q1)
+
+
+def attention_model(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> dict:
+    """What our Metal kernels do for a causal (batch, seq, q_heads, kv_heads, head_dim) call, from their launch plan
+    (`AttentionPlan`), a model checked against the harness's counts at the emulated shapes (tests/test_bench.py):
+
+    - kv_reads: bytes of K and V read ÷ their size. The forward and dQ kernels stage K and V once per threadgroup of
+      query rows and per query head, up to the group's last visible key (whole blocks, causal blocks skipped); the
+      dK/dV kernel reads its own key rows once.
+    - q_reads: likewise for q (and dout): once by the forward and the dQ kernel, once per threadgroup of key rows
+      (from its first visible query on) by the dK/dV kernel.
+    - device_bytes: every byte those kernels read or write, with the small per-row statistics (lse, delta) at one
+      read per use (the harness counts each lane's load: a few % more in backward).
+    - matrix_flops: the products the kernels issue on 8x8 simdgroup matrices (whole staged blocks, zero-filled
+      rows included): forward 2 per staged block, dQ 3, dK/dV 4, against the FLOPs convention's 2 and 5.
+    """
+    batch, seq, heads, kv, d = shape
+    es = torch.finfo(dtype).bits // 8
+    plan = AttentionPlan.of(shape)
+    bk = plan.block_rows
+    tile = 8
+    # forward and dQ: per (batch, q head) and query group [q0, q1), keys staged up to the group's last visible one
+    staged_keys = padded_keys = products_q = 0
+    for q0 in range(0, seq, plan.query_rows):
+        q1 = min(seq, q0 + plan.query_rows)
+        end = _causal_key_end(q1, seq)
+        blocks = -(-end // bk)
+        staged_keys += min(blocks * bk, seq)
+        padded_keys += blocks * bk
+        products_q += -(-(q1 - q0) // tile) * tile * blocks * bk
+    # dK/dV: per (batch, kv head) and key group [k0, k1), for each q head of the group: queries from k0 on
+    staged_queries = products_k = 0
+    for k0 in range(0, seq, plan.key_rows):
+        k1 = min(seq, k0 + plan.key_rows)
+        blocks = -(-(seq - k0) // bk)
+        staged_queries += seq - k0
+        products_k += -(-(k1 - k0) // tile) * tile * blocks * bk
+    kv_reads_fwd = heads / kv * staged_keys / seq
+    q_reads_dkdv = staged_queries / seq
+    row = batch * heads * seq * d * es  # q, out, dout, dq
+    kv_bytes = 2 * batch * kv * seq * d * es  # k and v together
+    stats = batch * heads * seq * 4
+    forward = {
+        "kv_reads": kv_reads_fwd,
+        "q_reads": 1.0,
+        "device_bytes": row + kv_reads_fwd * kv_bytes + row + stats,
+        "matrix_flops": batch * heads * products_q * d * 2 * 2,
+    }
+    delta_pass = 2 * row + stats
+    dq = 2 * row + kv_reads_fwd * kv_bytes + 2 * stats + row
+    dkdv = kv_bytes + q_reads_dkdv * (2 * row + 2 * stats) + kv_bytes
+    backward = {
+        "kv_reads": kv_reads_fwd + 1,
+        "q_reads": 1 + q_reads_dkdv,
+        "device_bytes": delta_pass + dq + dkdv,
+        "matrix_flops": batch * heads * (products_q * 3 + products_k * 4) * d * 2,
+    }
+    per_mode = {"forward": forward, "backward": backward}
+    out = per_mode.get(mode) or {key: forward[key] + backward[key] for key in forward}
+    return {**out, "device_bytes": round(out["device_bytes"]), "matrix_flops": round(out["matrix_flops"])}
+
+
 def min_bytes(case: Case) -> int:
     """The minimum bytes of the op's work (the timed cases' `Prepared.min_bytes`)."""
     if case.op == "lora":
         return _lora_min_bytes_flops(case)[0]
     if case.op == "cross_entropy":
         return _ce_min_bytes_flops(case)[0]
+    if case.op == "attention":
+        return attention_min_bytes_flops(case)[0]
     if case.op in ACTIVATION_OPS:
         g = torch.Generator(device="cpu").manual_seed(0)
         return _activation_inputs(case.op, case.shape, case.dtype, torch.device("meta"), g)[2][case.mode]
@@ -535,6 +749,12 @@ def training_step(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: t
             lambda: tmf.linear_cross_entropy(hidden, weight, target),
             lambda y: _grads(y, dy, hidden, weight, retain_graph=True),
         )
+    if op == "attention":
+        (q, k, v), dys = _attention_inputs(shape, dtype, device, g)()
+        return TrainingStep(
+            lambda: tmf.attention(q, k, v, causal=True),
+            lambda y: _activation_grads(y, dys, (q, k, v), retain_graph=True),
+        )
     if op in ACTIVATION_OPS:
         make, constants, _ = _activation_inputs(op, shape, dtype, device, g)
         inputs, dys = make()
@@ -558,6 +778,8 @@ def prepare(case: Case, provider: str, device: torch.device) -> Prepared:
         return _prepare_lora(case, provider, device)
     if case.op == "cross_entropy":
         return _prepare_ce(case, provider, device)
+    if case.op == "attention":
+        return _prepare_attention(case, provider, device)
     if case.op in ACTIVATION_OPS:
         return _prepare_activation(case, provider, device)
     return _prepare_rows(case, provider, device)
@@ -572,6 +794,7 @@ SEED_SHAPES = {
     "swiglu": [(128, 1024)],
     "rope": [(1, 128, 8, 2, 64)],
     "add_rms_norm": [(128, 1024)],
+    "attention": [(1, 128, 8, 2, 64)],
 }
 # MLP activations (tokens x intermediate: Llama-2-7B's 11008, Llama-3-8B's 14336), attention heads (batch, seq,
 # q heads, kv heads, head_dim: Llama-3-8B's 32/8 x 128), the residual stream (rows x hidden).
@@ -580,6 +803,9 @@ LLM_ACTIVATIONS = {
     "rope": [(4, 4096, 32, 8, 128), (8, 2048, 32, 8, 128)],
     "add_rms_norm": [(8192, 4096), (4096, 8192)],
 }
+# Causal self-attention (batch, seq, q heads, kv heads, head_dim): Llama-3-8B's 32 query and 8 kv heads of 128, at
+# 4096 tokens, a batch of 2048-token sequences, and 8192 tokens.
+LLM_ATTENTION = [(1, 4096, 32, 8, 128), (4, 2048, 32, 8, 128), (1, 8192, 32, 8, 128)]
 LLM_ROWS = [(r, h) for r in (2048, 8192, 16384) for h in (1024, 4096, 8192)]
 LLM_LORA = [(4096, 4096, 4096, r) for r in (8, 16, 64)] + [(4096, 4096, 11008, r) for r in (8, 16, 64)]
 # tokens x hidden x vocab: a Llama-2-sized vocabulary (32000) and Llama-3's (128256)
@@ -592,6 +818,7 @@ QUICK_SHAPES = {
     "swiglu": [(128, 1024), (1024, 4096)],
     "rope": [(1, 128, 8, 2, 64)],
     "add_rms_norm": [(128, 1024), (1024, 4096)],
+    "attention": [(1, 128, 8, 2, 64)],
 }
 # The CUDA issue's comparison shapes (rows x hidden; tokens, in, out, r).
 CUDA_ROWS = [(8192, 4096), (4096, 8192), (32768, 1024), (512, 512), (65536, 256)]
@@ -602,13 +829,15 @@ CUDA_LORA += [(512, 512, 512, 8)]
 CUDA_CE = [*LLM_CE, (16384, 4096, 128256)]
 
 
-# The emulated report's default (the harness runs a kernel at about a microsecond per element and pass on a CPU
-# core: ~40 s for these on 2 cores). Row widths from 256 to beyond the widest row a threadgroup caches in registers,
-# so each launch variant of the row kernels is counted (simd_rows, single_row, looped: csrc/include/tmf/launch/
-# common.h): LLM hidden sizes 4096, 8192 and 16384 (RMSNorm) and vocabulary-sized logits (softmax, 32768). LoRA: a
-# small adapter and a 4096 x 4096 projection at rank 16 with 512 tokens (with 1024 tokens or more, and more tokens
-# than in_features, the merged-weight route runs instead: native GEMMs only, no Metal kernel to count). Cross-entropy:
-# few tokens (the row pass costs tokens x vocab) at the two vocabulary sizes of the LLM suite.
+# The emulated report's default (the harness runs a kernel at about a microsecond per element and pass on a CPU core:
+# ~50-65 s for these on 2 cores, attention ~10 s of it). Row widths from 256 to beyond the widest row a threadgroup
+# caches in registers, so each launch variant of the row kernels is counted (simd_rows, single_row, looped:
+# csrc/include/tmf/launch/common.h): LLM hidden sizes 4096, 8192 and 16384 (RMSNorm) and vocabulary-sized logits
+# (softmax, 32768). LoRA: a small adapter and a 4096 x 4096 projection at rank 16 with 512 tokens (with 1024 tokens or
+# more, and more tokens than in_features, the merged-weight route runs instead: native GEMMs only, no Metal kernel to
+# count). Cross-entropy: few tokens (the row pass costs tokens x vocab) at the two vocabulary sizes of the LLM suite.
+# Attention: 4 query blocks of 64 rows, grouped-query heads, at head_dim 64 (32-row K/V blocks) and 128 (16-row blocks),
+# about 3 s per dtype on the harness; the LLM shapes are projected from the launch plan's model (run.py), not emulated.
 EMULATED_SHAPES = {
     "softmax": [(4096, 256), (1024, 4096), (512, 8192), (128, 32768)],
     "rms_norm": [(4096, 256), (1024, 4096), (512, 8192), (256, 16384)],
@@ -617,6 +846,7 @@ EMULATED_SHAPES = {
     "swiglu": [(32, 11008)],
     "rope": [(1, 64, 8, 2, 128)],
     "add_rms_norm": [(256, 4096)],
+    "attention": [(1, 256, 4, 2, 64), (1, 256, 4, 1, 128)],
 }
 SUITES = ("full", "quick", "cuda", "emulated")
 
@@ -630,5 +860,8 @@ def shapes(op: str, suite: str) -> list[tuple[int, ...]]:
         wide = CUDA_ROWS + CUDA_SOFTMAX_WIDE
         if op in ACTIVATION_OPS:
             return LLM_ACTIVATIONS[op]
-        return {"lora": CUDA_LORA, "cross_entropy": CUDA_CE, "softmax": wide}.get(op, CUDA_ROWS)
-    return SEED_SHAPES[op] + {"lora": LLM_LORA, "cross_entropy": LLM_CE, **LLM_ACTIVATIONS}.get(op, LLM_ROWS)
+        return {"lora": CUDA_LORA, "cross_entropy": CUDA_CE, "softmax": wide, "attention": LLM_ATTENTION}.get(
+            op, CUDA_ROWS
+        )
+    full = {"lora": LLM_LORA, "cross_entropy": LLM_CE, "attention": LLM_ATTENTION, **LLM_ACTIVATIONS}
+    return SEED_SHAPES[op] + full.get(op, LLM_ROWS)

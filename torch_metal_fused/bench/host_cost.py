@@ -69,6 +69,10 @@ def _calls() -> dict[str, Callable[[], object]]:
     q, k, cos, sin = r(2, 8, 64, 64), r(2, 2, 64, 64), r(1, 64, 64), r(1, 64, 64)
     xs, a, b = r(256, 512), r(16, 512), r(512, 16)
     h, out = torch.empty(256, 16), torch.empty(256, 512)
+    # attention: (batch, heads, seq, head_dim) views of (batch, seq, heads, head_dim) projections, grouped heads
+    aq, ak, av = (r(2, 64, n, 64).transpose(1, 2) for n in (8, 2, 2))
+    a_out, a_lse = torch.empty(2, 8, 64, 64), torch.zeros(2, 8, 64)
+    a_dout = r(2, 8, 64, 64)
     return {
         "softmax_forward": lambda: metal.softmax_forward(x),
         "softmax_backward": lambda: metal.softmax_backward(x, dy),
@@ -81,6 +85,10 @@ def _calls() -> dict[str, Callable[[], object]]:
         "rope_apply": lambda: metal.rope_apply(q, k, cos, sin, False, False),
         # The rank-r dispatches of lora_forward, without its native GEMMs (not launch cost).
         "lora_lowrank": lambda: metal._lora_lowrank(xs, a, b.t().contiguous(), None, h, out, 512, 512, 16, 2.0, True),
+        "attention_forward": lambda: metal.attention_forward(aq, ak, av, None, True, 0, 0.125, 0.0, False),
+        "attention_backward": lambda: metal.attention_backward(
+            a_dout, aq, ak, av, a_out, a_lse, None, True, 0, 0.125, 0.0
+        ),
     }
 
 

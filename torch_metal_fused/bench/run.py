@@ -19,8 +19,12 @@ import torch
 
 import torch_metal_fused as tmf
 from torch_metal_fused.bench.cases import (
+    LLM_ATTENTION,
     MODES,
     Case,
+    attention_min_bytes_flops,
+    attention_model,
+    attention_saved_bytes,
     ce_rows_min_bytes,
     lora_lowrank_min_bytes,
     min_bytes,
@@ -41,12 +45,30 @@ CSV_COLUMNS = [
     *_META_COLUMNS,
 ]
 FLOOR_COLUMNS = [f"floor_us_{c.key}" for c in CHIPS]  # bytes moved ÷ the chip's copy bandwidth (a model)
+# attention: FLOPs ÷ the chip's peak matrix rate (a model; empty for chips without a citable clock and other ops)
+COMPUTE_FLOOR_COLUMNS = [f"compute_floor_us_{c.key}" for c in CHIPS]
+# attention only: the FLOPs (convention of cases.attention_min_bytes_flops), how often the kernels read K and V and q
+# (counted ÷ one read), the launch plan's model of their bytes and products, and the bytes the forward keeps for
+# backward, ours against the composite path's probabilities (cases.attention_saved_bytes)
+ATTENTION_COLUMNS = [
+    *["flops", "kv_reads", "q_reads", "model_device_bytes", "model_matrix_flops"],
+    *["saved_for_backward_bytes", "composite_saved_bytes"],
+]
 EMULATED_COLUMNS = [
     *_KEY_COLUMNS,
     *["kernels", "dispatches", "threadgroup_bytes", "max_threadgroup_bytes"],
     *["device_bytes_read", "device_bytes_written", "bytes_moved", "min_bytes", "traffic_over_min"],
     *FLOOR_COLUMNS,
+    *ATTENTION_COLUMNS,
+    *COMPUTE_FLOOR_COLUMNS,
     *_META_COLUMNS,
+]
+PROJECTION_COLUMNS = [
+    *["op", "mode", "dtype", "shape", "min_bytes", "model_device_bytes", "traffic_over_min", "kv_reads", "q_reads"],
+    *["flops", "model_matrix_flops", "saved_for_backward_bytes", "composite_saved_bytes"],
+    *[f"min_floor_us_{c.key}" for c in CHIPS],
+    *FLOOR_COLUMNS,
+    *COMPUTE_FLOOR_COLUMNS,
 ]
 PLOT_HINT = "pip install matplotlib, or the package's extra: pip install -e '.[plot]'"
 
@@ -412,6 +434,8 @@ def _emulated_row(case: Case, dispatches: list, env: Environment, device: torch.
     )
     if dispatches:
         row.update({f"floor_us_{c.key}": c.floor_us(read + written) for c in CHIPS})
+    if case.op == "attention" and dispatches:
+        row.update(_attention_counts(case, dispatches))
     if case.op == "lora":
         row["note"] = "LoRA: the low-rank kernels against their own minimum; the native GEMMs are not counted"
     if case.op == "cross_entropy":
@@ -424,6 +448,73 @@ def _emulated_row(case: Case, dispatches: list, env: Environment, device: torch.
         if case.op == "cross_entropy" and case.mode == "backward":
             row["note"] = "no Metal dispatch: the forward computed the gradients, backward only scales them"
     return row
+
+
+# The buffer indices of q, k and v in the attention kernels that take them (shaders/attention.metal: the forward, dQ
+# and dK/dV kernels); the delta pass reads out and dout only.
+_ATTENTION_Q, _ATTENTION_K, _ATTENTION_V = 0, 1, 2
+
+
+def _attention_model_columns(case: Case) -> dict:
+    """The columns the FLOPs convention and the launch plan's model give (no kernel run needed)."""
+    model = attention_model(case.shape, case.dtype, case.mode)
+    flops = attention_min_bytes_flops(case)[1]
+    ours, composite = attention_saved_bytes(case.shape, case.dtype)
+    return {
+        "flops": flops,
+        "model_device_bytes": model["device_bytes"],
+        "model_matrix_flops": model["matrix_flops"],
+        "saved_for_backward_bytes": ours,
+        "composite_saved_bytes": composite,
+        **{f"compute_floor_us_{c.key}": c.compute_floor_us(flops) for c in CHIPS},
+    }
+
+
+def _attention_counts(case: Case, dispatches: list) -> dict:
+    """Attention rows: how often the kernels read K and V, and q, counted by the harness per buffer (bytes read ÷ the
+    tensor's bytes), beside the model's columns and the compute floors."""
+    batch, seq, heads, kv, d = case.shape
+    es = torch.finfo(case.dtype).bits // 8
+    q_bytes, kv_bytes = batch * heads * seq * d * es, 2 * batch * kv * seq * d * es
+    staged = [x for x in dispatches if not x.kernel.startswith("attention_backward_delta")]
+
+    def read(x, buffer: int) -> int:
+        return x.traffic.get(buffer, (0, 0))[0]
+
+    kv_read = sum(read(x, _ATTENTION_K) + read(x, _ATTENTION_V) for x in staged)
+    return {
+        **_attention_model_columns(case),
+        "kv_reads": kv_read / kv_bytes,
+        "q_reads": sum(read(x, _ATTENTION_Q) for x in staged) / q_bytes,
+    }
+
+
+def attention_projection_rows(cfg: BenchConfig) -> list[dict]:
+    """The launch plan's model at the LLM shapes (cases.LLM_ATTENTION), which the harness is too slow to run: per
+    mode, the kernels' device bytes and products, and per chip the floors of the minimum bytes, of the modelled bytes
+    and of the FLOPs. One dtype: bfloat16 where asked for (else the first asked for)."""
+    dtype = torch.bfloat16 if torch.bfloat16 in cfg.dtypes else cfg.dtypes[0]
+    rows = []
+    for shape in LLM_ATTENTION:
+        for mode in [m for m in MODES if m in cfg.modes]:
+            case = Case("attention", shape, dtype, mode)
+            model = attention_model(shape, dtype, mode)
+            minimum = attention_min_bytes_flops(case)[0]
+            row = {
+                "op": "attention",
+                "mode": mode,
+                "dtype": str(dtype).removeprefix("torch."),
+                "shape": case.shape_str,
+                "min_bytes": minimum,
+                "traffic_over_min": model["device_bytes"] / minimum,
+                "kv_reads": model["kv_reads"],
+                "q_reads": model["q_reads"],
+                **_attention_model_columns(case),
+            }
+            row.update({f"min_floor_us_{c.key}": c.floor_us(minimum) for c in CHIPS})
+            row.update({f"floor_us_{c.key}": c.floor_us(model["device_bytes"]) for c in CHIPS})
+            rows.append(row)
+    return rows
 
 
 def harness_unavailable_reason() -> str | None:
@@ -523,6 +614,11 @@ def _table(rows: list[dict], emulated: bool, chips: list[Chip] | None = None) ->
             ]
             for r in rows
         ]
+    return _grid(head, body)
+
+
+def _grid(head: list[str], body: list[list]) -> str:
+    """A markdown table, columns padded to their widest cell."""
     widths = [max(len(str(h)), *(len(str(b[i])) for b in body)) if body else len(h) for i, h in enumerate(head)]
     lines = [
         "| " + " | ".join(str(h).ljust(w) for h, w in zip(head, widths)) + " |",
@@ -530,6 +626,131 @@ def _table(rows: list[dict], emulated: bool, chips: list[Chip] | None = None) ->
     ]
     lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(b, widths)) + " |" for b in body]
     return "\n".join(lines)
+
+
+ATTENTION_NOTES = [
+    "K/V reads: the forward and the dQ kernel stage K and V in threadgroup memory once per threadgroup of query rows "
+    "(8 per SIMD-group, up to ATTENTION_SIMD_GROUPS = 8 of them: 64 rows) and per query head, up to the group's last "
+    "visible key, in blocks of kAttentionTileFloats / head_dim rows (32 at head_dim 64, 16 at 128); the dK/dV kernel "
+    "reads its key rows once and q and dout once per threadgroup of 64 key rows. So a causal call reads K and V "
+    "about (q_heads / kv_heads) x (seq / 64 + 1) / 2 times in the forward, and once more than that in the backward. "
+    "`K/V reads` = the bytes of K and V the kernels read ÷ their size, counted per buffer by the harness (model: the "
+    "launch plan's count, cases.attention_model, which the harness's counts match at these shapes: exactly in the "
+    "forward, within ~1 % in the backward, whose dQ kernel loads each row's lse and delta once per lane).",
+    "These are device-memory accesses, not DRAM traffic: a GPU serves most re-reads of K and V from its L2 and "
+    "system-level cache (one kv head's K and V at 4096 tokens x 128 in bf16 are 2 MiB). The floor of the counted "
+    "bytes is a pessimistic bandwidth bound, the floor of the minimum bytes (q, k, v read and out, lse written "
+    "once; backward: q, k, v, out, dout, lse read, dq, dk, dv and delta written once) an optimistic one.",
+    "compute floor (model) = FLOPs ÷ the chip's peak rate: GPU cores x clock x 256 FLOPs per core-cycle (FP32, which "
+    "FP16 matches; simdgroup_matrix runs on these ALUs, and our kernels multiply float32 8x8 matrices in every "
+    "dtype). FLOPs: forward 4·B·Hq·S·Sk·D, halved for causal; backward 2.5 x the forward (the FlashAttention "
+    "convention). Our kernels issue more products (`model_matrix_flops` in the CSV): whole staged blocks, and the "
+    "backward recomputes the probabilities and dP in both the dQ and the dK/dV kernel (7 block products against 5). "
+    "Measured matmul kernels reach 80-93 % of this peak. M4-generation chips: no citable GPU clock, no compute floor "
+    "(–). Neither floor is a measurement: a call takes at least the larger of the two, and small shapes far more.",
+]
+
+
+def _pair(a, b, digits: int = 1) -> str:
+    return f"{_fmt(a, digits)} / {_fmt(b, digits)}"
+
+
+def _attention_tables(rows: list[dict], projection: list[dict], chips: list[Chip]) -> str:
+    """The attention section of the emulated summary: the emulated rows' reads and floors, the model at the LLM
+    shapes, and the bytes the forward keeps for backward."""
+    mib = 2**20
+    floors = [h for c in chips for h in (f"{c.name} bandwidth floor µs (min / counted)", f"{c.name} compute floor µs")]
+    head = ["mode", "dtype", "shape", "x minimum", "K/V reads (counted / model)", "q reads", *floors]
+    emulated = [r for r in rows if r["op"] == "attention" and r.get("kv_reads") is not None]
+    body = [
+        [
+            r["mode"],
+            r["dtype"],
+            r["shape"],
+            _fmt(r.get("traffic_over_min"), 2),
+            _pair(r["kv_reads"], attention_model(_shape(r), _dtype(r), r["mode"])["kv_reads"], 2),
+            _fmt(r["q_reads"], 2),
+            *[
+                v
+                for c in chips
+                for v in (
+                    _pair(c.floor_us(r["min_bytes"]), r.get(f"floor_us_{c.key}")),
+                    _fmt(r.get(f"compute_floor_us_{c.key}")),
+                )
+            ],
+        ]
+        for r in emulated
+    ]
+    lines = ["## attention: K/V reads and floors per chip (models, not measurements)", ""]
+    lines += [f"- {n}" for n in ATTENTION_NOTES]
+    if body:
+        lines += ["", "Emulated (the harness ran the kernels):", "", _grid(head, body)]
+    if projection:
+        head_p = ["mode", "dtype", "shape", "min MB", "x minimum (model)", "K/V reads (model)", "q reads", *floors]
+        head_p = [h.replace("min / counted", "min / model") for h in head_p]
+        body_p = [
+            [
+                r["mode"],
+                r["dtype"],
+                r["shape"],
+                _fmt(r["min_bytes"] / 1e6, 1),
+                _fmt(r["traffic_over_min"], 1),
+                _fmt(r["kv_reads"], 1),
+                _fmt(r["q_reads"], 1),
+                *[
+                    v
+                    for c in chips
+                    for v in (
+                        _pair(r[f"min_floor_us_{c.key}"], r[f"floor_us_{c.key}"], 0),
+                        _fmt(r[f"compute_floor_us_{c.key}"], 0),
+                    )
+                ],
+            ]
+            for r in projection
+        ]
+        lines += [
+            "",
+            "Projected at the LLM shapes (the launch plan's model, cases.attention_model; no kernel ran at these "
+            "shapes; results.json `attention_projection`, attention_projection.csv):",
+            "",
+            _grid(head_p, body_p),
+        ]
+        kept = {}
+        for r in projection:
+            kept.setdefault(r["shape"], (r["dtype"], r["saved_for_backward_bytes"], r["composite_saved_bytes"]))
+        lines += [
+            "",
+            "Bytes the forward keeps for backward besides q, k and v: ours = out + lse = B·Hq·S·(D·element size + 4); "
+            "the composite path (SDPA on MPS under autograd, Hugging Face's eager attention) at least the "
+            "probabilities, B·Hq·S·Sk·element size. At B=1, Hq=32, S=Sk=4096, D=128, bf16: "
+            f"{_saved_mib((1, 4096, 32, 8, 128))}.",
+            "",
+            _grid(
+                ["shape", "dtype", "ours MiB (out + lse)", "composite MiB (probabilities)", "ratio"],
+                [
+                    [shape, dtype, _fmt(ours / mib, 1), _fmt(comp / mib, 0), f"{comp / ours:.0f}x"]
+                    for shape, (dtype, ours, comp) in kept.items()
+                ],
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _saved_mib(shape: tuple[int, ...]) -> str:
+    batch, seq, heads, _, d = shape
+    ours, composite = attention_saved_bytes(shape, torch.bfloat16)
+    return (
+        f"{batch}·{heads}·{seq}·({d}·2 + 4) B = {ours / 2**20:.1f} MiB against {batch}·{heads}·{seq}·{seq}·2 B = "
+        f"{composite / 2**20:.0f} MiB ({composite / 2**30:.0f} GiB)"
+    )
+
+
+def _shape(row: dict) -> tuple[int, ...]:
+    return tuple(int(v) for v in row["shape"].split("x"))
+
+
+def _dtype(row: dict) -> torch.dtype:
+    return getattr(torch, row["dtype"])
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -560,7 +781,9 @@ EMULATED_NOTES = [
 ]
 
 
-def _summary(cfg: BenchConfig, env: Environment, rows: list[dict], fused_backend: str) -> str:
+def _summary(
+    cfg: BenchConfig, env: Environment, rows: list[dict], fused_backend: str, projection: list[dict] | None = None
+) -> str:
     lines = [
         "# torch_metal_fused benchmark",
         "",
@@ -579,6 +802,10 @@ def _summary(cfg: BenchConfig, env: Environment, rows: list[dict], fused_backend
         lines.append("- copy bandwidth behind each floor (torch_metal_fused/bench/chips.py cites the sources):")
         lines += [f"  - {c.describe()}" for c in CHIPS]
     lines += ["", _table(rows, cfg.emulated, table_chips(cfg) if cfg.emulated else None), ""]
+    if cfg.emulated and "attention" in cfg.ops:
+        lines += ["- compute rate behind each compute floor (torch_metal_fused/bench/chips.py cites the sources):"]
+        lines += [f"  - {c.describe_compute()}" for c in CHIPS]
+        lines += ["", _attention_tables(rows, projection or [], table_chips(cfg))]
     return "\n".join(lines)
 
 
@@ -651,10 +878,14 @@ def run_benchmarks(cfg: BenchConfig, notes: list[str] | None = None) -> Path:
     out = cfg.out or Path("bench_results") / f"{stamp.replace(':', '')}-{cfg.device.type}"
     out.mkdir(parents=True, exist_ok=True)
     fused_backend = tmf.backend_for(torch.empty(0, device=cfg.device))
+    projection: list[dict] = []
     if cfg.emulated:
         fused_backend = "metal-emulated"
         rows = _emulated_rows(cfg, env)
         columns = EMULATED_COLUMNS
+        if "attention" in cfg.ops:
+            projection = attention_projection_rows(cfg)
+            _write_csv(out / "attention_projection.csv", projection, PROJECTION_COLUMNS)
     else:
         if fused_backend == "reference":
             env.notes.append(
@@ -671,11 +902,16 @@ def run_benchmarks(cfg: BenchConfig, notes: list[str] | None = None) -> Path:
             "what": "floor_us_<chip> = bytes_moved / the chip's copy bandwidth: a floor from a bandwidth model, "
             "not a measurement",
             "chips": [{**c.__dict__, "column": f"floor_us_{c.key}"} for c in CHIPS],
+            "compute": "compute_floor_us_<chip> (attention) = FLOPs / the chip's peak rate, GPU cores x clock x 256 "
+            "FLOPs per core-cycle: a floor from a compute model, not a measurement",
+            "peak_tflops": {c.name: c.peak_tflops for c in CHIPS},
         }
+        if projection:
+            meta["attention_projection"] = projection
     else:
         meta["timing"] = timing_method(cfg.device, cfg.reps)
     (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
-    summary = _summary(cfg, env, rows, fused_backend)
+    summary = _summary(cfg, env, rows, fused_backend, projection)
     if cfg.emulated:  # the launch plans' own cost, the part of a Mac's per-call time this CPU can measure
         host_rows = host_cost_rows()
         _write_csv(out / "host_cost.csv", host_rows, ["entry_point", "dispatches", "median_us", "per_dispatch_us"])
