@@ -1,5 +1,5 @@
-"""patch_model(): route a model's RMSNorm, PEFT LoRA, (optionally) Softmax modules and causal-LM loss through the
-fused ops.
+"""patch_model(): route a model's RMSNorm, PEFT LoRA, (optionally) Softmax modules, gated MLPs, rotary embeddings,
+attention and causal-LM loss through the fused ops.
 
 Patching is per instance and by module type — no per-model code: each matching module gets a fused `forward`
 as an instance attribute (its parameters, buffers and state-dict keys are untouched, so saving and loading,
@@ -14,11 +14,19 @@ does, then `linear_cross_entropy` on the final hidden states and `lm_head`'s wei
 (the output's `logits` is None), under autocast too (the linear part in the autocast dtype, the loss in float32,
 as the original computes them there). Everything else (no labels, eval mode, `logits_to_keep`, a custom loss
 function, mismatched dtypes outside autocast) runs the original forward unchanged.
+
+The attention patch (`attention=True`) is not per module: it switches a Hugging Face model to the attention
+implementation "tmf" that this module registers with transformers (`register_hf_attention`, done at import as soon as
+transformers' modeling code is loaded; `hf_attention_forward` is the function), as
+`from_pretrained(..., attn_implementation="tmf")` would; `unpatch_model()` restores the previous implementation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.abc
+import importlib.util
 import inspect
 import sys
 import threading
@@ -29,7 +37,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from torch_metal_fused._autocast import AUTOCAST_DTYPES, autocast_enabled
+from torch_metal_fused._autocast import AUTOCAST_DTYPES, autocast_device, autocast_enabled, cast_like_linear
+from torch_metal_fused.ops.attention import attention as fused_attention
 from torch_metal_fused.ops.cross_entropy import linear_cross_entropy
 from torch_metal_fused.ops.glu import glu
 from torch_metal_fused.ops.lora_linear import lora_linear
@@ -66,6 +75,10 @@ HF_ROPE_ATTENTION = {
     "Gemma2Attention",
     "Gemma3Attention",
 }
+# Hugging Face attention classes whose models patch_model(attention=True) switches to the "tmf" attention
+# implementation (each family tested against sdpa/eager: tests/test_attention_hf.py); a model with any other attention
+# class is left as it is (from_pretrained(..., attn_implementation="tmf") still selects it).
+HF_ATTENTION = frozenset(HF_ROPE_ATTENTION)
 # Hugging Face causal LMs whose forward is `decoder -> lm_head -> (Gemma-2/3: final-logit soft-capping) ->
 # ForCausalLMLoss`, each tested against its original forward (tests/test_patch.py). MoE models (router aux loss)
 # and multimodal wrappers are not in the list.
@@ -355,6 +368,324 @@ def _rope_unpatch(module: nn.Module) -> None:
         hf_module.apply_rotary_pos_emb = getattr(fn, "_tmf_original", fn)
 
 
+# ---- attention (Hugging Face's attention interface) ---------------------------------------------------------------
+HF_ATTENTION_IMPLEMENTATION = "tmf"
+# Keyword arguments of the attention interface that change the result and that the fused op does not take (attention
+# sinks, T5-style position bias, head masks): a call that passes one runs the model's eager attention instead.
+_HF_UNSUPPORTED_KWARGS = ("s_aux", "sinks", "position_bias", "head_mask")
+_HF_MODELING_UTILS = "transformers.modeling_utils"  # AttentionInterface (4.50+; a dict in 4.48 and 4.49)
+_HF_MASKING_UTILS = "transformers.masking_utils"  # AttentionMaskInterface (transformers 4.53+)
+_ATTN_SAVED = "_tmf_saved_attn_implementation"
+_warned_attention: set[str] = set()
+
+
+def _warn_attention_once(message: str) -> None:
+    if message in _warned_attention:
+        return
+    _warned_attention.add(message)
+    warnings.warn(f"torch_metal_fused attention (attn_implementation='tmf'): {message}", stacklevel=3)
+
+
+def hf_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Hugging Face's attention-interface function for attn_implementation "tmf", with the contract of transformers'
+    `sdpa_attention_forward`: query (B, Hq, S, D), key and value (B, Hkv, Sk, D) (grouped heads are not repeated: the
+    op takes Hq a multiple of Hkv); returns (attn_output (B, S, Hq, D), None).
+
+    The 4-D mask transformers builds (boolean from sdpa's mask function, registered for "tmf"; additive where a model
+    builds its own) already holds causality, the sliding window and padding: it is passed as it is (sliced to the key
+    length, an additive one cast to the query's dtype), never combined with causal=True. Without a mask the call is
+    causal as sdpa's is (`is_causal`, else `module.is_causal`, and more than one query), aligned top-left as sdpa's
+    (keys past the query length, an empty static cache's, are dropped as sdpa drops them), with `sliding_window` as
+    the op's window. `softcap` (Gemma 2's attn_logit_softcapping) and `scaling` go to the op. Under torch.autocast q,
+    k and v are cast to the autocast dtype first, as autocast casts sdpa's inputs.
+
+    What the op cannot compute — attention dropout (dropout > 0: Hugging Face passes it in training only), attention
+    sinks (s_aux/sinks), a position_bias or head_mask, value heads of another size than the keys' — runs the model's
+    own eager attention (its modeling module's eager_attention_forward, with the mask it expects), with one warning
+    per reason. Attention weights are never returned (output_attentions: one warning, as sdpa)."""
+    why = _hf_attention_fallback_reason(key, value, dropout, kwargs)
+    if why is not None:
+        return _hf_eager_attention(why, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    if kwargs.get("output_attentions", False):
+        _warn_attention_once("output_attentions=True is not supported; attention weights are returned as None")
+    device_type = autocast_device(query)
+    if device_type is not None:  # autocast runs sdpa in its lower-precision dtype
+        query, key, value = cast_like_linear(device_type, query, key, value)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    mask, causal, window = attention_mask, False, None
+    if mask is not None:
+        if mask.ndim != 4:
+            raise ValueError(
+                f"attn_implementation='tmf' takes the 4-D attention masks transformers builds for sdpa, got shape "
+                f"{tuple(mask.shape)}"
+            )
+        if mask.shape[-1] > kv_len:  # a static cache's mask may be longer than the keys given
+            mask = mask[..., :kv_len]
+        if mask.dtype not in (torch.bool, query.dtype):
+            mask = mask.to(query.dtype)
+    elif is_causal and q_len > 1:
+        if kv_len > q_len:  # sdpa's is_causal is aligned top-left: the keys past the queries are never seen
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+            kv_len = q_len
+        sliding_window = kwargs.get("sliding_window")
+        if kv_len == q_len:  # top-left and the op's bottom-right alignment coincide
+            causal = True
+            if sliding_window is not None and sliding_window < kv_len:
+                window = int(sliding_window)
+        else:  # more queries than keys: sdpa's top-left causal pattern, explicitly
+            mask = _top_left_causal(q_len, kv_len, sliding_window, query.device)
+    out = fused_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        mask,
+        causal=causal,
+        scale=scaling,
+        window=window,
+        softcap=kwargs.get("softcap"),
+        layout="bshd",
+    )
+    return out, None
+
+
+def _top_left_causal(q_len: int, kv_len: int, sliding_window: int | None, device) -> torch.Tensor:
+    """(1, 1, q_len, kv_len) bool: query i sees keys j <= i (and j > i - sliding_window), sdpa's is_causal pattern
+    with Hugging Face's sliding window (kv_idx > q_idx - sliding_window)."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(kv_len, device=device)[None, :]
+    visible = j <= i
+    if sliding_window is not None:
+        visible = visible & (j > i - sliding_window)
+    return visible[None, None]
+
+
+def _hf_attention_fallback_reason(key: torch.Tensor, value: torch.Tensor, dropout, kwargs: dict) -> str | None:
+    if dropout:
+        return f"attention dropout (p={dropout}) is not supported by the fused op"
+    given = [name for name in _HF_UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
+    if given:
+        return f"{'/'.join(given)} is not supported by the fused op"
+    if value.shape[-1] != key.shape[-1]:
+        return f"value head_dim {value.shape[-1]} differs from the keys' {key.shape[-1]}"
+    return None
+
+
+def _hf_eager_attention(why, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    """The model's own eager attention for a call the fused op cannot serve, with the additive mask eager expects
+    (sdpa's boolean mask converted; without a mask, sdpa's causal pattern made explicit)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(
+            f"torch_metal_fused attention (attn_implementation='tmf'): {why}, and {type(module).__name__}'s module "
+            "has no eager_attention_forward to run instead; use attn_implementation='eager' or 'sdpa' for this model"
+        )
+    _warn_attention_once(f"{why}: such calls run the model's eager attention")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    mask = attention_mask
+    if mask is None and is_causal and q_len > 1:
+        mask = _top_left_causal(q_len, kv_len, kwargs.get("sliding_window"), query.device)
+    if mask is not None:
+        mask = mask[..., :kv_len]
+        if mask.dtype == torch.bool:
+            filled = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+            mask = filled.masked_fill_(~mask, torch.finfo(query.dtype).min)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    out, _ = eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    return out, None
+
+
+def _register_loaded() -> bool:
+    """Register "tmf" with whichever of transformers' attention and mask interfaces are loaded (imports nothing);
+    whether the attention interface was there."""
+    modeling_utils = sys.modules.get(_HF_MODELING_UTILS)
+    interface = getattr(modeling_utils, "AttentionInterface", None)
+    functions = getattr(modeling_utils, "ALL_ATTENTION_FUNCTIONS", None)
+    if interface is not None:
+        interface.register(HF_ATTENTION_IMPLEMENTATION, hf_attention_forward)
+    elif isinstance(functions, dict):  # transformers 4.48 and 4.49: a plain dict
+        functions[HF_ATTENTION_IMPLEMENTATION] = hf_attention_forward
+    else:
+        return False
+    masks = getattr(sys.modules.get(_HF_MASKING_UTILS), "AttentionMaskInterface", None)
+    if masks is not None:
+        # sdpa's: 4-D boolean masks, None where the pattern is plainly causal (the op's causal=True serves those)
+        masks.register(HF_ATTENTION_IMPLEMENTATION, masks._global_mapping["sdpa"])
+    return True
+
+
+def register_hf_attention() -> bool:
+    """Register torch_metal_fused's attention with Hugging Face transformers as attn_implementation "tmf"
+    (`hf_attention_forward` in AttentionInterface, and sdpa's mask function under the same name in
+    AttentionMaskInterface, without which transformers 4.53+ builds no mask, padding included, for a name it does
+    not know). Idempotent. Returns False where transformers is not installed or has no AttentionInterface.
+
+    `import torch_metal_fused` does this by itself as soon as transformers' modeling code is imported (before or
+    after it), without importing transformers (which takes seconds); patch_model(attention=True) calls it too."""
+    for name in (_HF_MODELING_UTILS, _HF_MASKING_UTILS):  # masking_utils: transformers 4.53+ (before, models
+        try:  # build their own masks)
+            importlib.import_module(name)
+        except ImportError:
+            if name == _HF_MODELING_UTILS:
+                return False
+    return _register_loaded()
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """The loader of transformers' modeling_utils or masking_utils, which registers "tmf" once the module has run."""
+
+    def __init__(self, loader, hook: _RegisterOnImport) -> None:
+        self.loader, self.hook = loader, hook
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = self.loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        if not self.hook.names and self.hook in sys.meta_path:  # both seen: the hook has done its work
+            sys.meta_path.remove(self.hook)
+        try:
+            _register_loaded()
+        except Exception as exc:  # never break the user's import of transformers
+            warnings.warn(
+                f"torch_metal_fused could not register attn_implementation='tmf' with transformers ({exc!r}); "
+                "call torch_metal_fused.patch.register_hf_attention() to see why",
+                stacklevel=2,
+            )
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Registers "tmf" right after transformers' modeling_utils / masking_utils are imported, whether
+    torch_metal_fused was imported before or after transformers, at no import cost (it imports nothing itself)."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in self.names:
+            return None
+        self.names.discard(fullname)
+        for finder in list(sys.meta_path):  # the spec the other finders give, its loader wrapped
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _RegisteringLoader(spec.loader, self)
+                return spec
+        return None
+
+
+def _install_registration() -> None:
+    loaded = [n for n in (_HF_MODELING_UTILS, _HF_MASKING_UTILS) if n in sys.modules]
+    if loaded:
+        _register_loaded()
+    missing = {_HF_MODELING_UTILS, _HF_MASKING_UTILS} - set(loaded)
+    if missing and importlib.util.find_spec("transformers") is not None:
+        sys.meta_path.insert(0, _RegisterOnImport(missing))
+
+
+def _hf_pretrained_model_class():
+    return getattr(sys.modules.get(_HF_MODELING_UTILS), "PreTrainedModel", None)
+
+
+def _configs_of(model: nn.Module) -> list:
+    """The model's config, its sub-configs (at any depth) and those of its PreTrainedModel submodules, each once."""
+    pretrained = _hf_pretrained_model_class()
+    pending = [model.config] + [m.config for m in model.modules() if pretrained and isinstance(m, pretrained)]
+    seen: dict[int, object] = {}
+    while pending:
+        config = pending.pop(0)
+        if config is None or id(config) in seen:
+            continue
+        seen[id(config)] = config
+        pending += [getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {}]
+    return list(seen.values())
+
+
+def _attention_patch(report: PatchReport, name: str, model: nn.Module) -> set[int]:
+    """Switch a Hugging Face model (and its submodels) to attn_implementation "tmf", or report why not; the ids of
+    the configs it covers (so that its submodels are not switched again)."""
+    cls = type(model).__name__
+    configs = _configs_of(model)
+    handled = {id(c) for c in configs}
+    current = getattr(model.config, "_attn_implementation", None)
+    if _ATTN_SAVED in vars(model) or current == HF_ATTENTION_IMPLEMENTATION:
+        report.skipped.append((name, f"{cls}: attention already runs attn_implementation 'tmf'"))
+        return handled
+    classes = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")})
+    if not classes:
+        return handled
+    unknown = [c for c in classes if c not in HF_ATTENTION]
+    if unknown:
+        report.skipped.append(
+            (
+                name,
+                f"{cls}: attention left on {current!r}: {', '.join(unknown)} not among the attention classes tested "
+                "with the fused op (patch.HF_ATTENTION); attn_implementation='tmf' at from_pretrained still selects it",
+            )
+        )
+        return handled
+    if not register_hf_attention():
+        report.skipped.append((name, f"{cls}: attention left on {current!r}: transformers has no AttentionInterface"))
+        return handled
+    saved = [(c, getattr(c, "_attn_implementation_internal", None)) for c in configs]
+    if hasattr(model, "set_attn_implementation"):  # transformers 4.54+: checks, and sets the submodels' too
+        model.set_attn_implementation(HF_ATTENTION_IMPLEMENTATION)
+    else:
+        for config in configs:
+            config._attn_implementation = HF_ATTENTION_IMPLEMENTATION
+    if model.config._attn_implementation != HF_ATTENTION_IMPLEMENTATION:
+        _restore_attention(saved)
+        report.skipped.append((name, f"{cls}: transformers refused to switch its attention implementation"))
+        return handled
+    setattr(model, _ATTN_SAVED, saved)
+    modules = sum(type(m).__name__ in HF_ATTENTION for m in model.modules())
+    what = f"{cls} attention: attn_implementation {current!r} -> 'tmf' ({modules} {'/'.join(classes)} modules)"
+    dropout = {getattr(c, "attention_dropout", 0.0) for c in configs} - {0, None}
+    if dropout:
+        what += (
+            f" — training forwards run eager attention: attention_dropout {'/'.join(map(str, sorted(dropout)))} "
+            "(the fused op has no dropout)"
+        )
+    report.patched.append((name, what))
+    return handled
+
+
+def _restore_attention(saved) -> None:
+    for config, implementation in saved:
+        config._attn_implementation_internal = implementation
+
+
+def _attention_unpatch(module: nn.Module) -> bool:
+    saved = vars(module).get(_ATTN_SAVED)  # not getattr: PEFT's wrappers forward it from the model they wrap
+    if saved is None:
+        return False
+    _restore_attention(saved)
+    delattr(module, _ATTN_SAVED)
+    return True
+
+
 # ---- softmax -------------------------------------------------------------------------------------------
 def _softmax_forward(self: nn.Softmax, x: torch.Tensor) -> torch.Tensor:
     dim = self.dim if self.dim is not None else -1
@@ -463,6 +794,7 @@ def patch_model(
     cross_entropy: bool = False,
     swiglu: bool = False,
     rope: bool = False,
+    attention: bool = False,
 ) -> PatchReport:
     """Route `model`'s modules through the fused ops, in place; returns what was patched and what was left.
 
@@ -474,9 +806,19 @@ def patch_model(
     SwiGLU, and GeGLU for Gemma) by the fused glu op; their projections (PEFT-wrapped or not) are untouched.
     rope: the rotary embedding of q and k in Hugging Face attention modules (HF_ROPE_ATTENTION) by the fused rope op
     (see _fused_apply_rotary_pos_emb: installed in the family's modeling module, active only in patched models).
+    attention: Hugging Face models whose attention classes are in HF_ATTENTION (Llama, Mistral, Qwen2/3, Gemma 1/2/3
+    text; PEFT-wrapped too) switched to attn_implementation "tmf" (see register_hf_attention and
+    hf_attention_forward: masks, causality, GQA, sliding windows and Gemma 2's soft-capping as sdpa/eager compute them;
+    attention dropout runs the model's eager attention, with a warning); composes with rope (which wraps the same
+    modules' forward). Off by default, as every option added after rms_norm and lora; unpatch_model restores the
+    previous implementation.
     """
     report = PatchReport()
+    pretrained = _hf_pretrained_model_class() if attention else None
+    attention_done: set[int] = set()
     for name, module in model.named_modules():
+        if pretrained is not None and isinstance(module, pretrained) and id(module.config) not in attention_done:
+            attention_done |= _attention_patch(report, name, module)
         if _is_patched(module):
             report.skipped.append((name, "already patched"))
             continue
@@ -513,12 +855,17 @@ def patch_model(
 
 
 def unpatch_model(model: nn.Module) -> int:
-    """Restore every module patch_model() patched; returns how many."""
+    """Restore every module patch_model() patched, and the attention implementation of every model it switched;
+    returns how many patches it undid."""
     n = 0
     for module in model.modules():
+        n += _attention_unpatch(module)
         if _is_patched(module):
             del module.forward  # the instance attribute; the class's forward shows through again
             delattr(module, _ORIGINAL)
             _rope_unpatch(module)
             n += 1
     return n
+
+
+_install_registration()
