@@ -7,6 +7,7 @@ dtypes ("self and mat2 must have the same dtype"). So every op's implementation 
 (ops/_dispatch.call), and the public functions apply autocast's rule for the op they replace first:
 - lora_linear, like F.linear: its floating inputs cast to the autocast dtype (so the result is in that dtype,
   and inputs may arrive in different dtypes, as autocast allows);
+- attention, like F.scaled_dot_product_attention: q, k, v and a float mask cast to the autocast dtype;
 - linear_cross_entropy, like F.cross_entropy(F.linear(...)): the linear part in the autocast dtype, the loss in
   float32 unless out_dtype says otherwise, and a float32 weight's gradient summed over the chunks in float32 and
   rounded to the autocast dtype once, as F.linear's backward rounds it;

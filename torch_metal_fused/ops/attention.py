@@ -17,6 +17,7 @@ import math
 import torch
 
 from torch_metal_fused import reference
+from torch_metal_fused._autocast import autocast_enabled, cast_like_linear
 from torch_metal_fused._backend import forced_backend
 from torch_metal_fused._validation import check_finite_number, check_same_device_dtype, check_tensor
 from torch_metal_fused.ops._dispatch import call, refuse_double_backward, run_kernel
@@ -128,10 +129,8 @@ def _mask_bias(
             raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {device}")
         if attn_mask.requires_grad:
             raise ValueError("attn_mask gets no gradient here: pass a tensor that does not require grad")
-        if attn_mask.dtype not in (torch.bool, dtype):
-            raise TypeError(
-                f"attn_mask must be boolean (True = attend) or have q's dtype {dtype} (additive), got {attn_mask.dtype}"
-            )
+        if attn_mask.dtype == torch.float64 and dtype != torch.float64:
+            raise TypeError(f"attn_mask is float64 but q is {dtype}: pass a boolean mask or one in q's dtype")
         if attn_mask.ndim > 4:
             raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {tuple(attn_mask.shape)}")
         m = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape))
@@ -142,7 +141,7 @@ def _mask_bias(
             )
         if m.dtype == torch.bool:
             m = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, float("-inf"))
-        bias = m
+        bias = m.to(dtype)  # an additive mask is added in q's dtype, as SDPA does
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a boolean tensor (batch, kv_len), True for keys to attend")
@@ -208,14 +207,19 @@ def attention(
     `causal`: query i sees keys j <= i + Sk - S (aligned bottom-right, as FlashAttention). `window` (causal only):
     also not keys j <= i + Sk - S - window (Mistral's and Gemma's sliding window). `softcap`: logits become
     softcap·tanh(logits / softcap) (Gemma 2) before the mask is added. `attn_mask`: boolean (True = attend) or
-    additive in q's dtype, broadcastable to (B, Hq, S, Sk) (Hugging Face's 4-D masks). `key_padding_mask`: boolean
-    (B, Sk), True for real tokens. `scale` defaults to 1/sqrt(D). Rows whose keys are all masked give zeros.
-    Dropout is not supported (dropout_p must be 0). Metal and the reference run our kernels / our chunked
-    composite; CUDA runs PyTorch's SDPA (the reference when softcap is set)."""
+    additive (added in q's dtype), broadcastable to (B, Hq, S, Sk) (Hugging Face's 4-D masks); it gets no gradient.
+    `key_padding_mask`: boolean (B, Sk), True for real tokens. `scale` defaults to 1/sqrt(D). Rows whose keys are
+    all masked give zeros. Dropout is not supported (dropout_p must be 0). Metal and the reference run our kernels /
+    our chunked composite; CUDA runs PyTorch's SDPA (the reference when softcap is set). Under torch.autocast q, k, v
+    and a float mask are cast to the autocast dtype first, as SDPA's are."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
         if t.ndim != 4:
             raise ValueError(f"{name} must be 4-D ({layout}), got shape {tuple(t.shape)}")
+    if autocast_enabled(q.device.type):  # as SDPA under autocast: q, k, v and a float mask in the autocast dtype
+        q, k, v = cast_like_linear(q.device.type, q, k, v)
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
+            (attn_mask,) = cast_like_linear(q.device.type, attn_mask)
     check_same_device_dtype("q", q, k=k, v=v)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'bhsd' (batch, heads, seq, head_dim) or 'bshd', got {layout!r}")
