@@ -80,4 +80,5 @@ PUBLIC_OPS = (
     "geglu",
     "rope",
     "lora_linear",
+    "attention",
 )

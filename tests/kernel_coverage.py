@@ -18,6 +18,7 @@ CONTRACT_FILES = frozenset(
         "test_add_rms_norm.py",
         "test_edge_values.py",
         "test_emulator_kernels.py",
+        "test_attention.py",
     }
 )
 

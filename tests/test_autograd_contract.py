@@ -116,6 +116,22 @@ def _case(name: str, device, dtype=torch.float32, reduction: str = "mean") -> Ca
             lambda x, w, a, b, bias: F.linear(x, w, bias) + 1.5 * (x @ a.t()) @ b.t(),
             ins,
         )
+    if name == "attention":
+        # grouped heads, causal with S < Sk (bottom-right), key padding: the float64 formula of tests/test_attention.py
+        from test_attention import attention64
+
+        kpm = torch.ones((2, 6), dtype=torch.bool, device=device)
+        kpm[1, :2] = False
+        bias = torch.zeros((2, 1, 1, 6), dtype=dtype, device=device).masked_fill(~kpm[:, None, None, :], -math.inf)
+        # head dim 32, the smallest the kernels take; 8 in float64, which the reference serves (a quick gradcheck)
+        d = 8 if dtype == torch.float64 else 32
+        ins = [r((2, 2, 5, d), 1), r((2, 1, 6, d), 2), r((2, 1, 6, d), 3)]
+        return Case(
+            lambda q, k, v: tmf.attention(q, k, v, causal=True, key_padding_mask=kpm),
+            lambda q, k, v: attention64(q, k, v, bias.to(q.device, q.dtype), causal=True),
+            ins,
+            double_backward=False,
+        )
     raise KeyError(name)
 
 
