@@ -97,7 +97,7 @@ def test_softmax_vocab_rows_within_the_documented_ratio(dtype, cols):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("rows", "cols"), [(1, 8192), (7, 300), (2000, 200), (128, 1024), (1024, 4096), (64, 8192)])
-@pytest.mark.parametrize("cores", [runner.HARNESS_GPU_CORES, 40])
+@pytest.mark.parametrize("cores", [metal.STAND_IN_GPU_CORES, 40])
 def test_rms_norm_forward_within_3_percent_of_minimum(dtype, rows, cols, cores):
     """x read once, y written once, the weight once per row walker of >= 20 rows, rstd 4 B per row."""
     es = _size(dtype)
@@ -112,7 +112,7 @@ def test_rms_norm_forward_within_3_percent_of_minimum(dtype, rows, cols, cores):
 @pytest.mark.parametrize(
     ("rows", "cols", "limit"), [(4096, 1024, 1.10), (4096, 8192, 1.10), (1024, 4096, 1.25), (2048, 1024, 1.25)]
 )
-@pytest.mark.parametrize("cores", [runner.HARNESS_GPU_CORES, 40])
+@pytest.mark.parametrize("cores", [metal.STAND_IN_GPU_CORES, 40])
 def test_rms_norm_backward_traffic_targets(dtype, rows, cols, limit, cores):
     """dx and dw, both launches: x, dy read and dx written once; the float32 dw partial rows (4 per GPU core, at
     most one per 16 rows) and the weight per partial row are the excess — with the harness's stand-in core count

@@ -11,26 +11,16 @@ import warnings
 
 import torch
 
-# Defined below the dispatcher, so that the harness runner can raise it without importing this module (no import
-# cycle _backend -> backends.emulated -> emulator.runner -> _backend); re-exported here, where callers look for it.
+# Defined below the dispatcher, so that the harness (runner, compile_shader) can use them without importing this
+# module (no import cycle _backend -> backends -> emulator -> _backend); re-exported here, where callers look for them.
 from torch_metal_fused._errors import KernelUnavailable  # noqa: F401
+from torch_metal_fused._families import FAMILIES, family_of_entry  # noqa: F401
 
 BACKENDS = ("metal", "cuda", "reference", "metal-emulated")
 ENV_VAR = "TORCH_METAL_FUSED_BACKEND"
 STRICT_ENV = "TORCH_METAL_FUSED_STRICT"
 # dtypes our kernels implement; anything else (float64) is served by the reference.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Kernel families: one per shader file (shaders/<family>.metal) and the prefix of their kernel entry points
-# (as tmf::launch::kKernelFamilies in csrc/include/tmf/launch/common.h).
-FAMILIES = {
-    "softmax": "softmax_",
-    "rms_norm": "rms_norm_",
-    "lora_linear": "lora_",
-    "cross_entropy": "cross_entropy_",
-    "glu": "glu_",
-    "rope": "rope_",
-    "attention": "attention_",
-}
 METAL_BACKENDS = ("metal", "metal-emulated")
 REPORT_HINT = (
     "Please report it with the output of `python -m torch_metal_fused.doctor` "
@@ -90,14 +80,6 @@ def has_metal_kernels() -> bool:
 def has_cuda_kernels() -> bool:
     ext = _compiled_extension()
     return ext is not None and getattr(ext, "HAS_CUDA", False)
-
-
-def family_of_entry(entry_point: str) -> str:
-    """The kernel family of a kernel entry point (e.g. "rms_norm_backward" -> "rms_norm")."""
-    for family, prefix in FAMILIES.items():
-        if entry_point.startswith(prefix):
-            return family
-    raise ValueError(f"{entry_point!r} belongs to no kernel family")
 
 
 def strict() -> bool:

@@ -70,7 +70,8 @@ class Launcher:
         if self.device.type == "cpu":
             from torch_metal_fused.emulator import runner
 
-            return runner.current_gpu_cores()
+            cores = runner.current_gpu_cores()
+            return STAND_IN_GPU_CORES if cores is None else cores
         count = getattr(torch._C, "_mps_get_core_count", None)
         return int(count()) if count is not None else STAND_IN_GPU_CORES
 

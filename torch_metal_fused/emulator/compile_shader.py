@@ -27,7 +27,7 @@ import threading
 
 import torch
 
-from torch_metal_fused._backend import family_of_entry
+from torch_metal_fused._families import family_of_entry
 from torch_metal_fused.emulator import runner
 from torch_metal_fused.emulator.build import ensure_built_source
 

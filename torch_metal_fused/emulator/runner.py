@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from torch_metal_fused._errors import KernelUnavailable
-from torch_metal_fused.backends.metal import STAND_IN_GPU_CORES
 from torch_metal_fused.emulator.build import Libraries, ensure_built
 
 CHECK_ENV = "TORCH_METAL_FUSED_EMU_CHECK"
@@ -27,8 +26,6 @@ CHECK_ENV = "TORCH_METAL_FUSED_EMU_CHECK"
 # compile:<family>, pipeline:<family or kernel>, max_threads:<family or kernel>=<n>,
 # simd_width:<family or kernel>=<n>, no_bfloat (see csrc/emu/include/tmf_emu/emu_encoder.h).
 FAULTS_ENV = "TORCH_METAL_FUSED_EMU_FAULTS"
-# The GPU core count launch plans see in the harness by default: the plans' stand-in (a Mac reports its own).
-HARNESS_GPU_CORES = STAND_IN_GPU_CORES
 
 
 class TensorArg(ctypes.Structure):
@@ -97,7 +94,7 @@ class _State(threading.local):
         self.recorders: list[list[Dispatch]] = []
         self.max_threads = 1024
         self.faults: str | None = None  # None: read FAULTS_ENV
-        self.gpu_cores = HARNESS_GPU_CORES
+        self.gpu_cores: int | None = None  # None: the launch plans' stand-in (backends.metal.STAND_IN_GPU_CORES)
 
 
 _state = _State()
@@ -231,8 +228,9 @@ def pipeline_info(kernel: str) -> dict[str, int]:
     return default_harness().pipeline_info(kernel)
 
 
-def current_gpu_cores() -> int:
-    """The GPU core count launch plans see in the harness (gpu_cores() blocks; HARNESS_GPU_CORES otherwise)."""
+def current_gpu_cores() -> int | None:
+    """The GPU core count launch plans see in the harness: the innermost gpu_cores() block's, else None (the plans'
+    stand-in, backends.metal.STAND_IN_GPU_CORES: the harness does not import the launch code above it)."""
     return _state.gpu_cores
 
 
@@ -314,7 +312,7 @@ def faults(spec: str) -> contextlib.AbstractContextManager[None]:
 
 
 def gpu_cores(n: int) -> contextlib.AbstractContextManager[None]:
-    """Plan launches for a GPU of `n` cores inside the block (the default is HARNESS_GPU_CORES)."""
+    """Plan launches for a GPU of `n` cores inside the block (the default is backends.metal.STAND_IN_GPU_CORES)."""
     return _overriding("gpu_cores", n)
 
 
