@@ -12,7 +12,7 @@ Build with `pip install --no-build-isolation -e .` so the extension compiles aga
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -21,9 +21,24 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
+
+
+def _load_config():
+    """torch_metal_fused/_config.py (the settings, read through its accessors), loaded by its path: importing the
+    package would import torch and the ops before they are built."""
+    spec = importlib.util.spec_from_file_location(
+        "_torch_metal_fused_setup_config", ROOT / "torch_metal_fused" / "_config.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+config = _load_config()
 # The compiled extension is optional: where it fails to build, the package installs without it (the reference, and
 # on a Mac nothing fused until it builds) and says so. Set to 1 to fail instead (CI jobs that build it on purpose).
-REQUIRE_EXTENSION = "TORCH_METAL_FUSED_REQUIRE_EXTENSION"
+REQUIRE_EXTENSION = config.REQUIRE_EXTENSION.name
 
 
 def _cutlass_include_dirs() -> list[str]:
@@ -31,14 +46,12 @@ def _cutlass_include_dirs() -> list[str]:
     $CUTLASS_DIR (a CUTLASS checkout) or the nvidia-cutlass wheel (cutlass_library/source), and only for a Hopper build
     with the architecture-specific features (TORCH_CUDA_ARCH_LIST with 9.0a and no other 9.x entry: wgmma). Empty
     otherwise: the op then never takes that route."""
-    arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split()
+    arches = config.cuda_arch_list()
     # Only 9.0a among the 9.x entries: a 9.0 (or +PTX) image would hold the GEMM without its body (CUTLASS compiles
     # an empty kernel there), which the driver could load and which would return uninitialised outputs.
     if "9.0a" not in arches or any(a.startswith("9.") and a != "9.0a" for a in arches):
         return []
-    import importlib.util
-
-    roots = [Path(os.environ["CUTLASS_DIR"])] if os.environ.get("CUTLASS_DIR") else []
+    roots = [config.cutlass_dir()] if config.cutlass_dir() else []
     spec = importlib.util.find_spec("cutlass_library")
     if spec is not None and spec.submodule_search_locations:
         roots.append(Path(next(iter(spec.submodule_search_locations))) / "source")
@@ -97,7 +110,7 @@ def _optional_build_ext(base: type) -> type:
             try:
                 super().build_extension(extension)
             except Exception as exc:  # a compile or link error: install the pure-Python package
-                if os.environ.get(REQUIRE_EXTENSION, "") not in ("", "0"):
+                if config.require_extension():
                     raise
                 print(
                     f"warning: building {extension.name} failed ({exc}); installing torch_metal_fused without it: "
@@ -110,7 +123,7 @@ def _optional_build_ext(base: type) -> type:
 
 
 def _extensions():
-    if os.environ.get("TORCH_METAL_FUSED_NO_EXTENSION"):
+    if config.no_extension():
         return [], {}
     try:
         import torch

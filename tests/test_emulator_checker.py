@@ -5,6 +5,7 @@ name the kernel and line, never as a crash or a hang of the test process; a race
 plain runs."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch_metal_fused import _config
 from torch_metal_fused.backends import metal, metal_library
 from torch_metal_fused.emulator import runner
 from torch_metal_fused.emulator.build import (
@@ -506,6 +508,27 @@ def test_watchdog_and_schedule_settings_are_validated(bugs, monkeypatch):
         _still_works(bugs)
     monkeypatch.setenv("TORCH_METAL_FUSED_EMU_TIMEOUT_S", "0")  # no watchdog
     _still_works(bugs)
+
+
+@pytest.mark.parametrize(
+    ("setting", "values"),
+    [
+        (_config.EMU_SEED, ["7", "0x1f", "010", "often", "-1", "+5", " 5", "5 ", "1.5"]),
+        (_config.EMU_TIMEOUT_S, ["100", "1e3", ".5e3", "100.", "soon", "-1", "+100", " 100", "inf", "nan", "0x10"]),
+    ],
+    ids=lambda v: v.name if isinstance(v, _config.Setting) else None,
+)
+def test_the_harness_takes_the_values_config_takes(bugs, monkeypatch, setting, values):
+    """The C++ reader (csrc/emu/runtime.cpp) and _config's parser, which checks the value at import, agree."""
+    for value in values:
+        monkeypatch.setenv(setting.name, value)
+        try:
+            setting.value()
+        except _config.ConfigError:
+            with pytest.raises(RuntimeError, match=re.escape(f"{setting.name}={value}")):
+                _still_works(bugs)
+        else:
+            _still_works(bugs)
 
 
 def test_race_that_index_order_hides_shows_in_a_plain_run(bugs, monkeypatch):

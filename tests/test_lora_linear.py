@@ -1,10 +1,9 @@
-import os
-
 import pytest
 import torch
 from helpers import DTYPES, make_layout, randn
 
 import torch_metal_fused as tmf
+from torch_metal_fused import _config
 from torch_metal_fused.testing import assert_matches
 
 # (tokens, in, out, r): the seed shape, odd sizes, rank 1 and wide ranks (200: four rank blocks of 64, the last
@@ -117,13 +116,10 @@ def test_a_threadgroup_array_variant_that_does_not_build_takes_the_next_smaller(
         runner.faults("pipeline:lora_forward_h_tg4096_float,pipeline:lora_forward_y_tg4096_float"),
         runner.record() as dispatches,
         warnings.catch_warnings(),
+        _config.overriding({_config.BACKEND.name: "metal-emulated"}),
     ):
         warnings.simplefilter("error")
-        os.environ["TORCH_METAL_FUSED_BACKEND"] = "metal-emulated"
-        try:
-            y = tmf.lora_linear(x, w, a, b, 2.0, bias)
-        finally:
-            del os.environ["TORCH_METAL_FUSED_BACKEND"]
+        y = tmf.lora_linear(x, w, a, b, 2.0, bias)
     assert [d.kernel for d in dispatches] == ["lora_forward_h_tg2048_float", "lora_forward_y_tg2048_float"]
     to64 = [t.double() for t in (x, w, a, b, bias)]
     assert_matches(y, _reference(*to64, 2.0), torch.float32)
@@ -203,7 +199,7 @@ def test_cuda_kconcat_gemm_shapes_cover_both_configurations(backend):
     """The launch rule (launch::lora_kconcat_gemm_for) runs tall outputs on the cooperative 128x256 configuration and
     wide ones on the ping-pong 128x128 one; TORCH_METAL_FUSED_LORA_KCONCAT_GEMM forces one everywhere."""
     lib = _kconcat(backend)
-    forced = os.environ.get("TORCH_METAL_FUSED_LORA_KCONCAT_GEMM", "")
+    forced = _config.lora_kconcat_gemm()
     chosen = {lib.lora_kconcat_gemm_for(m, n) for m, n in ((8192, 4096), (2048, 11008), (1, 8))}  # raises if invalid
     if forced:  # benchmarking one configuration through the op: every GEMM runs on it
         assert chosen == {forced}
@@ -267,13 +263,13 @@ def test_cuda_kconcat_route_choice(backend):
         pytest.skip("the CUDA backend's choice of the K-concatenated GEMM")
     from torch_metal_fused import _C
 
-    env = os.environ.get("TORCH_METAL_FUSED_LORA_KCONCAT", "")
-    want_mode = "never" if not _C.HAS_LORA_KCONCAT or env == "0" else "by_size" if env == "" else "always"
+    asked = _config.lora_kconcat()  # "by_size", "never" or "always"
+    want_mode = asked if _C.HAS_LORA_KCONCAT else "never"
     mode = _C.lora_kconcat_mode()
-    assert mode == want_mode, f"TORCH_METAL_FUSED_LORA_KCONCAT={env!r}, built with CUTLASS: {_C.HAS_LORA_KCONCAT}"
+    assert mode == want_mode, f"{_config.LORA_KCONCAT.name} asks {asked}, built with CUTLASS: {_C.HAS_LORA_KCONCAT}"
     dev = backend.device
     hopper = torch.cuda.get_device_capability(dev) == (9, 0)
-    if env not in ("", "0") and hopper:  # the route was asked for: a build without it would test the others silently
+    if asked == "always" and hopper:  # the route was asked for: a build without it would test the others silently
         assert _C.HAS_LORA_KCONCAT, "TORCH_METAL_FUSED_LORA_KCONCAT=1 but the extension was built without CUTLASS"
 
     def takes(tokens: int, fin: int, fout: int, rank: int, dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -315,7 +311,7 @@ def test_cuda_kconcat_runs_the_configuration_chosen(backend, tokens, fin, fout, 
     x, w, a, b, _ = _factors(tokens, fin, fout, 16, torch.bfloat16, backend.device, seed=61)
     if not _C.lora_takes_kconcat_route(x, w, a):
         pytest.skip("the K-concatenated GEMM is not taken here (no CUTLASS, not a Hopper GPU, or =0)")
-    forced = os.environ.get("TORCH_METAL_FUSED_LORA_KCONCAT_GEMM", "")
+    forced = _config.lora_kconcat_gemm()
     y_config, dx_config = forced or y_by_shape, forced or dx_by_shape
     assert _C.lora_kconcat_gemm_for(tokens, fout) == y_config and _C.lora_kconcat_gemm_for(tokens, fin) == dx_config
     before = _C.lora_kconcat_gemm_launches()

@@ -2,7 +2,7 @@
 RoPE for PyTorch training, forward and backward, on Apple GPUs (Metal), NVIDIA GPUs (CUDA) and a plain-PyTorch
 reference elsewhere."""
 
-from torch_metal_fused import nn
+from torch_metal_fused import _config, nn
 from torch_metal_fused._backend import BACKENDS, backend_for
 from torch_metal_fused.ops.attention import AttentionFunction, attention
 from torch_metal_fused.ops.cross_entropy import cross_entropy, linear_cross_entropy
@@ -14,6 +14,10 @@ from torch_metal_fused.ops.softmax import SoftmaxFunction, softmax
 from torch_metal_fused.patch import PatchReport, patch_model, unpatch_model
 
 __version__ = "0.1.0"
+
+# A TORCH_METAL_FUSED_* value that would do nothing is an error at import, not only at the call that reads it; a name
+# no setting has (a typo) is a warning.
+_config.check_environment()
 
 __all__ = [
     "BACKENDS",

@@ -4,12 +4,13 @@ harness, or the plain-PyTorch reference."""
 from __future__ import annotations
 
 import functools
-import os
 import platform
 import threading
 import warnings
 
 import torch
+
+from torch_metal_fused import _config
 
 # Defined below the dispatcher, so that the harness (runner, compile_shader) can use them without importing this
 # module (no import cycle _backend -> backends -> emulator -> _backend); re-exported here, where callers look for them.
@@ -17,8 +18,8 @@ from torch_metal_fused._errors import KernelUnavailable  # noqa: F401
 from torch_metal_fused._families import FAMILIES, family_of_entry  # noqa: F401
 
 BACKENDS = ("metal", "cuda", "reference", "metal-emulated")
-ENV_VAR = "TORCH_METAL_FUSED_BACKEND"
-STRICT_ENV = "TORCH_METAL_FUSED_STRICT"
+ENV_VAR = _config.BACKEND.name
+STRICT_ENV = _config.STRICT.name
 # dtypes our kernels implement; anything else (float64) is served by the reference.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 METAL_BACKENDS = ("metal", "metal-emulated")
@@ -85,7 +86,7 @@ def has_cuda_kernels() -> bool:
 def strict() -> bool:
     """TORCH_METAL_FUSED_STRICT=1: a fallback from our Metal kernels to the reference is an error, not a warning
     (the test suite and benchmarks/mps_run.sh set it, so a Mac run cannot pass by silently falling back)."""
-    return os.environ.get(STRICT_ENV, "").strip() not in ("", "0")
+    return _config.strict()
 
 
 class _Fallbacks:
@@ -196,12 +197,8 @@ def _no_metal_reason() -> str:
 
 
 def forced_backend() -> str | None:
-    value = os.environ.get(ENV_VAR, "").strip()
-    if not value:
-        return None
-    if value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(BACKENDS)}")
-    return value
+    """The backend TORCH_METAL_FUSED_BACKEND forces: "reference", "metal-emulated" or None (_config.BACKEND)."""
+    return _config.backend()
 
 
 def backend_for(x: torch.Tensor, family: str | None = None) -> str:

@@ -13,20 +13,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import torch_metal_fused as tmf
-from torch_metal_fused import _backend
+from torch_metal_fused import _backend, _config
 from torch_metal_fused.testing import REL_TOL, rel_error
 
 SCHEMA_VERSION = 1
@@ -66,24 +65,6 @@ def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "cpu"
-
-
-def _set_env(values: dict[str, str | None]) -> None:
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@contextlib.contextmanager
-def _env(**values: str | None) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        _set_env(values)
-        yield
-    finally:
-        _set_env(old)
 
 
 def _families_report(list_kernels: Callable[[str], list[str]], family_status, pipeline_info) -> dict[str, Any]:
@@ -326,7 +307,7 @@ def _failure(row: dict) -> str:
 def self_test(device: str, dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[dict]:
     """Every op forward and backward in every dtype, strict: a fallback to the reference is a failure here."""
     rows: list[dict] = []
-    with _env(**{_backend.STRICT_ENV: "1"}):
+    with _config.overriding({_config.STRICT.name: "1"}):
         for dtype in dtypes:
             for op, fn, ref_fn, inputs in _cases(device, dtype):
                 backend = _backend.backend_for(inputs[0], op)
@@ -393,7 +374,7 @@ def collect(device: str | None = None, run_timing: bool = True) -> dict[str, Any
         else:
             kernels = harness_report()
             if kernels["available"]:
-                env[_backend.ENV_VAR] = "metal-emulated"
+                env[_config.BACKEND.name] = "metal-emulated"
     except Exception as exc:
         kernels = {"kind": "error", "error": f"{type(exc).__name__}: {exc}"}
         problems.append(f"inspecting the kernels failed: {kernels['error']}")
@@ -406,7 +387,7 @@ def collect(device: str | None = None, run_timing: bool = True) -> dict[str, Any
     if kernels.get("bfloat16") is False:
         dtypes = (torch.float32, torch.float16)
         problems.append("no bfloat16 kernels on this system (bfloat16 tensors use the reference)")
-    with _env(**env):
+    with _config.overriding(env):
         report["backend"] = _backend.backend_for(torch.empty(0, device=device))
         report["self_test"] = self_test(device, dtypes)
         failed = [r for r in report["self_test"] if not r["ok"]]

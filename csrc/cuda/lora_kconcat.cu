@@ -67,6 +67,8 @@ KConcatMode lora_kconcat_mode() {
   static const KConcatMode mode = [] {
     const char* v = std::getenv("TORCH_METAL_FUSED_LORA_KCONCAT");
     if (v == nullptr || std::strcmp(v, "") == 0) return KConcatMode::by_size;
+    TORCH_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "TORCH_METAL_FUSED_LORA_KCONCAT='", v,
+                "' does nothing: it takes 0 or 1 (unset or empty: by shape)");
     return std::strcmp(v, "0") == 0 ? KConcatMode::never : KConcatMode::always;
   }();
   return mode;

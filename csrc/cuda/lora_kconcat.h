@@ -17,8 +17,9 @@ namespace tmf::cuda {
 bool lora_kconcat_built();
 
 // How the route is chosen: never (not built, or TORCH_METAL_FUSED_LORA_KCONCAT=0), by size (unset: the default), or
-// for every eligible shape (=1: what the tests use, their shapes being small). The environment variable is read once,
-// at the first call, so a forward and its backward always agree on the route.
+// for every eligible shape (=1: what the tests use, their shapes being small); any other value raises. The environment
+// variable is read once, at the first call, so a forward and its backward always agree on the route
+// (torch_metal_fused/_config.py declares it).
 enum class KConcatMode { never, by_size, always };
 KConcatMode lora_kconcat_mode();
 

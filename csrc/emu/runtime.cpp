@@ -31,10 +31,12 @@
 
 #include <boost/context/detail/fcontext.hpp>
 #include <algorithm>
+#include <cctype>
 #include <csetjmp>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <map>
 #include <memory>
@@ -983,12 +985,16 @@ bool install_watchdog_handler(int sig) {
   return sigaction(sig, &sa, nullptr) == 0;
 }
 
+// The two settings below take plain non-negative numbers only (no sign, space, inf/nan or hex float), as
+// torch_metal_fused/_config.py's parsers, which check them at `import torch_metal_fused`.
 double timeout_seconds() {
   const char* text = std::getenv("TORCH_METAL_FUSED_EMU_TIMEOUT_S");
   if (!text || !*text) return kDefaultTimeoutS;
   char* end = nullptr;
   const double v = std::strtod(text, &end);
-  if (*end || v != v) throw std::invalid_argument(std::string("TORCH_METAL_FUSED_EMU_TIMEOUT_S=") + text +
+  const bool plain = (std::isdigit(static_cast<unsigned char>(*text)) || *text == '.') &&
+                     std::strspn(text, "0123456789.eE+-") == std::strlen(text);
+  if (*end || !plain) throw std::invalid_argument(std::string("TORCH_METAL_FUSED_EMU_TIMEOUT_S=") + text +
                                                   " is not a number of seconds (0: no watchdog)");
   return v;
 }
@@ -998,7 +1004,9 @@ uint64_t schedule_seed() {
   if (!text || !*text) return kDefaultScheduleSeed;
   char* end = nullptr;
   const unsigned long long v = std::strtoull(text, &end, 0);
-  if (*end) throw std::invalid_argument(std::string("TORCH_METAL_FUSED_EMU_SEED=") + text + " is not an integer");
+  if (*end || !std::isdigit(static_cast<unsigned char>(*text))) {
+    throw std::invalid_argument(std::string("TORCH_METAL_FUSED_EMU_SEED=") + text + " is not an integer");
+  }
   return v;
 }
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from torch_metal_fused import _config
 from torch_metal_fused._errors import KernelUnavailable
 
 # An installed wheel carries the shaders and their shared header in the package (setup.py copies them:
@@ -217,8 +217,8 @@ class KernelLibraries:
 def fast_math_refusal() -> str | None:
     """PyTorch compiles with fast math where PYTORCH_MPS_FAST_MATH is set (to anything but 0): the compiler may then
     assume no NaN or infinity, and drop the NaN propagation and -inf masking our kernels keep (the IEEE contract)."""
-    value = os.environ.get("PYTORCH_MPS_FAST_MATH", "")
-    if value and value != "0":
+    value = _config.mps_fast_math()
+    if value is not None:
         return (
             f"PYTORCH_MPS_FAST_MATH={value} makes PyTorch compile Metal with fast math, which may drop the kernels' "
             "NaN and infinity handling; unset it for fused kernels"

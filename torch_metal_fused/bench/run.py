@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import torch_metal_fused as tmf
+from torch_metal_fused import _config
 from torch_metal_fused.bench.cases import (
     LLM_ATTENTION,
     MODES,
@@ -385,9 +386,7 @@ def _emulated_rows(cfg: BenchConfig, env: Environment) -> list[dict]:
     groups = [(op, shape, dtype) for op in cfg.ops for shape in shapes(op, cfg.suite) for dtype in cfg.dtypes]
     modes = [m for m in MODES if m in cfg.modes]
     progress = Progress(len(groups))
-    old = os.environ.get("TORCH_METAL_FUSED_BACKEND")
-    os.environ["TORCH_METAL_FUSED_BACKEND"] = "metal-emulated"
-    try:
+    with _config.overriding({_config.BACKEND.name: "metal-emulated"}):
         for op, shape, dtype in groups:
             cases = [Case(op, shape, dtype, m) for m in modes]
             try:
@@ -407,11 +406,6 @@ def _emulated_rows(cfg: BenchConfig, env: Environment) -> list[dict]:
                     row["error"] = f"{type(exc).__name__}: {exc}"
                     rows.append(row)
             progress.step(f"{op} {'x'.join(map(str, shape))} {str(dtype)[6:]}")
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_METAL_FUSED_BACKEND", None)
-        else:
-            os.environ["TORCH_METAL_FUSED_BACKEND"] = old
     return rows
 
 

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch_metal_fused import _config
 from torch_metal_fused.emulator.prepass import prepass
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,14 +60,21 @@ class Libraries:
 
 
 def find_clang() -> str:
-    override = os.environ.get("TORCH_METAL_FUSED_CLANG")
-    for name in ([override] if override else []) + list(CLANG_CANDIDATES):
+    override = _config.clang()
+    if override:  # named: that one or an error (falling back to another clang would make the setting do nothing)
+        path = shutil.which(override)
+        if not path:
+            raise HarnessUnavailable(
+                f"{_config.CLANG.name}={override!r} is not found: it takes {_config.CLANG.allowed}"
+            )
+        return path
+    for name in CLANG_CANDIDATES:
         path = shutil.which(name)
         if path:
             return path
     raise HarnessUnavailable(
         "clang 19 (or newer) not found: the harness needs its _Float16/__bf16 support "
-        "(Debian/Ubuntu: apt-get install clang-19 libboost-context-dev; or set TORCH_METAL_FUSED_CLANG)"
+        f"(Debian/Ubuntu: apt-get install clang-19 libboost-context-dev; or set {_config.CLANG.name})"
     )
 
 
@@ -105,7 +113,7 @@ def _inputs_digest(clang: str, shaders: bool = True) -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TORCH_METAL_FUSED_CACHE", Path.home() / ".cache" / "torch_metal_fused"))
+    return _config.cache_dir()
 
 
 def _run(cmd: list[str]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import os
 import re
 import shutil
 import subprocess
@@ -18,14 +17,15 @@ from pathlib import Path
 
 import torch
 
+from torch_metal_fused import _config
 from torch_metal_fused._errors import KernelUnavailable
 from torch_metal_fused.emulator.build import Libraries, ensure_built
 
-CHECK_ENV = "TORCH_METAL_FUSED_EMU_CHECK"
+CHECK_ENV = _config.EMU_CHECK.name
 # Failures the harness emulates, so the fallback path runs end to end on Linux: a comma-separated list of
-# compile:<family>, pipeline:<family or kernel>, max_threads:<family or kernel>=<n>,
-# simd_width:<family or kernel>=<n>, no_bfloat (see csrc/emu/include/tmf_emu/emu_encoder.h).
-FAULTS_ENV = "TORCH_METAL_FUSED_EMU_FAULTS"
+# compile:<family>, pipeline:<family or kernel>, encode:<kernel>, max_threads:<family or kernel>=<n>,
+# simd_width:<family or kernel>=<n>, no_bfloat (_config.FAULT_KINDS; csrc/emu/include/tmf_emu/emu_encoder.h).
+FAULTS_ENV = _config.EMU_FAULTS.name
 
 
 class TensorArg(ctypes.Structure):
@@ -258,7 +258,7 @@ def lora_kconcat_fills_device(tokens: int, in_features: int, out_features: int, 
 
 
 def is_checking() -> bool:
-    return _state.checking or os.environ.get(CHECK_ENV, "") not in ("", "0")
+    return _state.checking or _config.emu_check()
 
 
 @contextlib.contextmanager
@@ -298,17 +298,22 @@ def take_dispatched_kernels() -> set[str]:
 
 def active_faults() -> str:
     """The faults the harness emulates now: the innermost faults() block, else TORCH_METAL_FUSED_EMU_FAULTS."""
-    return _state.faults if _state.faults is not None else os.environ.get(FAULTS_ENV, "")
+    return _state.faults if _state.faults is not None else _config.emu_faults()
 
 
 def fault_active(kind: str) -> bool:
     """Whether a fault without a target (e.g. "no_bfloat") is active."""
-    return kind in (item.strip() for item in active_faults().split(","))
+    return kind in active_faults().split(",")
 
 
 def faults(spec: str) -> contextlib.AbstractContextManager[None]:
-    """Emulate failures inside the block (see FAULTS_ENV), e.g. faults("compile:softmax")."""
-    return _overriding("faults", spec)
+    """Emulate failures inside the block (see FAULTS_ENV), e.g. faults("compile:softmax"); ValueError for a fault the
+    harness does not know (it would do nothing)."""
+    try:
+        normalised = _config.parse_faults(spec)
+    except ValueError as exc:
+        raise ValueError(f"faults({spec!r}): {exc}; the faults are {_config.FAULTS_ALLOWED}") from None
+    return _overriding("faults", normalised)
 
 
 def gpu_cores(n: int) -> contextlib.AbstractContextManager[None]:
