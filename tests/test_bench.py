@@ -122,6 +122,62 @@ def test_timed_quick_cpu_run_writes_every_output(tmp_path, capsys):
     assert "| op" in capsys.readouterr().out
 
 
+def test_record_appends_the_run_to_the_ledger(tmp_path):
+    """--record LEDGER: every timed row becomes one ledger row (the ledger's columns, the run's device, torch and
+    commit, median and percentiles, minimum bytes, % of the floor); a second run appends under the same header."""
+    from torch_metal_fused.bench import ledger as ledger_mod
+
+    book = tmp_path / "ledger.csv"
+    argv = ["--timed", "--quick", "--device", "cpu", "--ops", "softmax", "--dtypes", "float32", "--reps", "3"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--no-plots", "--record", str(book)]) == 0
+    rows = ledger_mod.read(book)
+    timed = _csv_rows(tmp_path / "a")
+    assert len(rows) == len(timed) > 0
+    assert book.read_text().splitlines()[0] == ",".join(ledger_mod.COLUMNS)
+    for r, t in zip(rows, timed):
+        assert (r["op"], r["provider"], r["mode"], r["shape"]) == (t["op"], t["provider"], t["mode"], t["shape"])
+        assert r["run"] == t["timestamp"] and r["date"] == t["timestamp"][:10] and r["source"] == "bench"
+        assert r["torch"] == torch.__version__ and r["level"] == "op" and r["method"] == "host-clock"
+        assert float(r["p50_us"]) == pytest.approx(float(t["median_us"]), abs=0.006)
+        assert float(r["p20_us"]) <= float(r["p50_us"]) <= float(r["p80_us"])
+        assert int(r["bytes"]) == int(t["min_bytes"]) and float(r["pct_floor"]) > 0 and float(r["copy_gbps"]) > 0
+        assert r["commit"] == ledger_mod.current_commit()
+    assert main([*argv, "--out", str(tmp_path / "b"), "--no-plots", "--record", str(book)]) == 0
+    assert len(ledger_mod.read(book)) == 2 * len(rows)
+    assert book.read_text().count("run,date,commit") == 1
+
+
+def test_record_refuses_a_ledger_of_other_columns_and_a_missing_default(tmp_path, monkeypatch, capsys):
+    from torch_metal_fused.bench import ledger as ledger_mod
+
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not the ledger's"):
+        ledger_mod.append([{"op": "softmax"}], other)
+    with pytest.raises(KeyError, match="not ledger columns"):
+        ledger_mod.normalise({"median_us": 1.0})
+    monkeypatch.setattr(bench_main, "DEFAULT_LEDGER", tmp_path / "none" / "ledger.csv")
+    with pytest.raises(SystemExit):
+        bench_main.parse(["--device", "cpu", "--record"])
+    assert "--record: no ledger at" in capsys.readouterr().err
+
+
+@pytest.mark.emulated
+def test_record_of_an_emulated_run_holds_counted_bytes(tmp_path):
+    """The emulated report's rows go into the ledger as counted rows: the harness's bytes, no time."""
+    from torch_metal_fused.bench import ledger as ledger_mod
+
+    book = tmp_path / "ledger.csv"
+    argv = ["--device", "cpu", "--emulated", "--ops", "softmax", "--dtypes", "float32", "--modes", "forward"]
+    assert main([*argv, "--out", str(tmp_path / "e"), "--no-plots", "--record", str(book)]) == 0
+    rows, emulated = ledger_mod.read(book), _csv_rows(tmp_path / "e")
+    assert len(rows) == len(emulated) > 0
+    for r, e in zip(rows, emulated):
+        assert r["method"] == "counted" and r["device"] == "Metal-on-CPU harness" and r["backend"] == "metal-emulated"
+        assert r["bytes_moved"] == e["bytes_moved"] and r["bytes"] == e["min_bytes"]
+        assert not r["p50_us"] and not r["copy_gbps"]
+
+
 @pytest.mark.emulated
 def test_emulated_run_reports_traffic_not_timings(tmp_path):
     out = tmp_path / "emu"

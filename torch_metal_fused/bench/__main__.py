@@ -3,13 +3,15 @@
     python -m torch_metal_fused.bench            # mps, else cuda: timed; else cpu: the emulated report
     python -m torch_metal_fused.bench --quick    # a subset that finishes in about a minute
     python -m torch_metal_fused.bench --timed    # cpu: time the plain-PyTorch reference instead
+    python -m torch_metal_fused.bench --record   # also append the rows to benchmarks/results/ledger.csv
 
 Without an Apple or NVIDIA GPU the default is the emulated report: our Metal kernels run on the Metal-on-CPU harness,
 which counts their device bytes, dispatches and threadgroup memory per op call, and projects a floor per Apple chip
 (bytes ÷ the chip's copy bandwidth: a model, not a measurement). Where the harness is unavailable (no clang 19), the
 CPU run times the plain-PyTorch reference, as --timed does.
 
-Writes results.csv, results.json, summary.md and plots (PNG, with matplotlib) under --out.
+Writes results.csv, results.json, summary.md and plots (PNG, with matplotlib) under --out. With --record, the rows also
+go into the results ledger (torch_metal_fused/bench/ledger.py: its columns), and docs/results.md is regenerated from it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from torch_metal_fused.bench.cases import MODES, OPS, SUITES
 from torch_metal_fused.bench.chips import CHIPS, DEFAULT_TABLE_CHIPS, by_name
+from torch_metal_fused.bench.ledger import DEFAULT_LEDGER
 from torch_metal_fused.bench.run import BenchConfig, harness_unavailable_reason, run_benchmarks
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -74,7 +77,18 @@ def parse(argv: list[str] | None = None) -> Request:
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: bench_results/<stamp>-<device>)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--record",
+        nargs="?",
+        const=DEFAULT_LEDGER,
+        type=Path,
+        metavar="LEDGER",
+        help="append the run's rows to the results ledger (default: this checkout's benchmarks/results/ledger.csv) "
+        "and, for that ledger, regenerate docs/results.md",
+    )
     a = p.parse_args(argv)
+    if a.record == DEFAULT_LEDGER and not DEFAULT_LEDGER.exists():
+        p.error(f"--record: no ledger at {DEFAULT_LEDGER} (an installed package has none): give its path")
     device = a.device or (
         "mps" if torch.backends.mps.is_available() else "cuda" if torch.cuda.is_available() else "cpu"
     )
@@ -104,6 +118,7 @@ def parse(argv: list[str] | None = None) -> Request:
     emulated_by_default = device == "cpu" and not a.emulated and not a.timed
     emulated = a.emulated or emulated_by_default
     cfg = BenchConfig(torch.device(device), ops, dtypes, modes, "", emulated, a.reps, a.out, not a.no_plots, chips)
+    cfg.record = a.record
     cfg.suite = a.suite or default_suite(cfg, a.quick)
     return Request(cfg, emulated_by_default, bool(a.suite or a.quick))
 

@@ -86,6 +86,7 @@ class BenchConfig:
     out: Path | None = None
     plots: bool = True
     chips: list[str] = field(default_factory=lambda: list(DEFAULT_TABLE_CHIPS))  # floors in the terminal table
+    record: Path | None = None  # the results ledger to append this run's rows to (--record)
 
 
 @dataclass
@@ -918,4 +919,20 @@ def run_benchmarks(cfg: BenchConfig, notes: list[str] | None = None) -> Path:
     )
     if plot_message:
         print(plot_message)
+    if cfg.record is not None:
+        record_run(cfg, env, rows)
     return out
+
+
+def record_run(cfg: BenchConfig, env: Environment, rows: list[dict]) -> int:
+    """Append the run's rows to the ledger (--record); for the checkout's own ledger, regenerate docs/results.md."""
+    from torch_metal_fused.bench import ledger, results
+
+    assert cfg.record is not None
+    new = ledger.bench_rows(rows, emulated=cfg.emulated, copy_gbps=env.copy_gbps, commit=ledger.current_commit())
+    n = ledger.append(new, cfg.record)
+    print(f"recorded {n} rows in {cfg.record}")
+    if cfg.record.resolve() == ledger.DEFAULT_LEDGER and ledger.DEFAULT_RESULTS_MD.exists():
+        ledger.DEFAULT_RESULTS_MD.write_text(results.render(ledger.read(cfg.record)))
+        print(f"regenerated {ledger.DEFAULT_RESULTS_MD} from it")
+    return n
