@@ -2,6 +2,7 @@
 
     python3 -m torch_metal_fused.bench.results           # rewrite docs/results.md
     python3 -m torch_metal_fused.bench.results --check   # exit 1 if docs/results.md is not what the ledger gives
+    python3 -m torch_metal_fused.bench.results --add cuda_out/ledger.csv  # append a device run's rows, then rewrite
 
 Every table shows, per cell, the latest row of the ledger for that device, op, provider, dtype, shape, mode, level,
 method and variant (the ledger is in the order the runs were made), and names the runs its cells come from.
@@ -15,7 +16,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from torch_metal_fused.bench.ledger import DEFAULT_LEDGER, DEFAULT_RESULTS_MD, SCHEMA, read
+from torch_metal_fused.bench.ledger import DEFAULT_LEDGER, DEFAULT_RESULTS_MD, SCHEMA, append, read
 
 Row = dict[str, str]
 
@@ -369,7 +370,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ledger", type=Path, default=DEFAULT_LEDGER)
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS_MD)
     p.add_argument("--check", action="store_true", help="exit 1 if --out differs from what the ledger gives")
+    p.add_argument(
+        "--add",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="LEDGER",
+        help="first append the rows of another ledger file (e.g. a device run's --record output)",
+    )
     a = p.parse_args(argv)
+    for extra in a.add:
+        print(f"appended {append(read(extra), a.ledger)} rows of {extra} to {a.ledger}")
     text = render(read(a.ledger))
     if a.check:
         if not a.out.exists() or a.out.read_text() != text:
