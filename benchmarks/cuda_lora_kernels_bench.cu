@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -19,7 +18,7 @@
 #include "cuda_bench_buffers.cuh"
 #include "cuda_bench_timing.cuh"
 #include "lora_kernels.cuh"
-#include "cuda_lora_skinny.cuh"
+#include "cp_async.cuh"
 
 using namespace tmf::cuda;
 using bf16 = __nv_bfloat16;
@@ -162,6 +161,20 @@ void launch_lora_reduce_rank(const T* x, int64_t ldx, const T* l, T* out, int64_
 // against cuBLAS before timing it.
 constexpr int kDyTile = 256, kDyChunk = 64, kDyPitch = kDyTile + 8;
 
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give matrix i's row addresses.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
 __device__ __forceinline__ void ldsm_x2_trans(uint32_t (&r)[2], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1])
@@ -432,63 +445,6 @@ struct Operands {
   }
 };
 
-// Candidates for the skinny kernels' pipeline: STAGES deep, ROTATE (each block starts its walk at another chunk),
-// for h = x·Aᵀ (lora_rows) and dB = s·dyᵀ·h (lora_cols), one wave and no split; checked like the launch rule's.
-template <int R, int STAGES, bool ROTATE, int CHUNK = kRowsChunk, int WARP_MT = 1>
-static void skinny_candidates(const std::string& shape, const bf16* x, const bf16* a, const bf16* dy, const bf16* hm,
-                              const bf16* h_want, const bf16* db_want, bf16* out, int64_t m, int64_t k, int64_t n,
-                              float s) {
-  constexpr int STRIP = 16 * WARP_MT * (kSkinnyThreads / 32);
-  const std::string tag = std::to_string(STAGES) + " stages" + (ROTATE ? ", rotated" : "") + ", chunk " +
-                          std::to_string(CHUNK) + ", strip " + std::to_string(STRIP);
-  constexpr auto rows = lora_rows_kernel<bf16, R, kRowsMT, false, STAGES, ROTATE, CHUNK>;
-  constexpr auto cols = lora_cols_kernel<bf16, R, false, STAGES, ROTATE, WARP_MT>;
-  constexpr int rows_smem = RowsLayout<R, kRowsMT, false, CHUNK>::smem(STAGES);
-  constexpr int cols_smem = ColsLayout<R, STRIP>::smem(STAGES);
-  const int rows_per_sm = skinny_blocks_per_sm<rows, rows_smem>();
-  const int cols_per_sm = skinny_blocks_per_sm<cols, cols_smem>();
-  if (rows_per_sm == 0) printf("%-26s h: skinny candidate (%s): refused (shared memory)\n", shape.c_str(), tag.c_str());
-  if (cols_per_sm == 0) printf("%-26s dB: skinny candidate (%s): refused (shared memory)\n", shape.c_str(), tag.c_str());
-  for (int waves : {1, 0}) {
-    const SkinnyPlan ph = skinny_plan((m + 16 * kRowsMT - 1) / (16 * kRowsMT), (k + CHUNK - 1) / CHUNK,
-                                      m * R, waves ? int64_t(rows_per_sm) * g_sms : 1, rows_per_sm, rows_smem);
-    const SkinnyPlan pb = skinny_plan((n + STRIP - 1) / STRIP, (m + kColsChunk - 1) / kColsChunk, n * R,
-                                      waves ? int64_t(cols_per_sm) * g_sms : 1, cols_per_sm, cols_smem);
-    float* part;
-    CK(cudaMalloc(&part, std::max<int64_t>(1, std::max(ph.partial_floats, pb.partial_floats)) * sizeof(float)));
-    auto run_h = [&] {
-      float* p = ph.partial_floats ? part : nullptr;
-      rows<<<dim3(unsigned(ph.tiles), unsigned(ph.splits)), kSkinnyThreads, rows_smem>>>(x, k, a, out, p, m, k,
-                                                                                          ph.chunks_per_split, 1.f);
-      if (p) lora_skinny_finalize<bf16><<<unsigned((m * R / 2 + 255) / 256), 256>>>(p, ph.splits, m, R, out, false, 1.f);
-    };
-    auto run_db = [&] {
-      float* p = pb.partial_floats ? part : nullptr;
-      cols<<<dim3(unsigned(pb.tiles), unsigned(pb.splits)), kSkinnyThreads, cols_smem>>>(dy, n, hm, out, p, m, n,
-                                                                                          pb.chunks_per_split, s);
-      if (p) lora_skinny_finalize<bf16><<<unsigned((n * R / 2 + 255) / 256), 256>>>(p, pb.splits, n, R, out, false, s);
-    };
-    const std::string grid = waves ? "1 wave" : "no split";
-    const std::string th = "h: skinny candidate, " + tag + ", " + grid + ", " + std::to_string(ph.tiles) + "x" +
-                           std::to_string(ph.splits);
-    const std::string tb = "dB: skinny candidate, " + tag + ", " + grid + ", " + std::to_string(pb.tiles) + "x" +
-                           std::to_string(pb.splits);
-    if (rows_per_sm > 0) {
-      CK(cudaMemset(out, 0xff, m * R * sizeof(bf16)));
-      run_h();
-      check(shape, th.c_str(), out, h_want, m * R);
-      report(shape, th, (m * k + m * R) * 2.0, time_us(run_h));
-    }
-    if (cols_per_sm > 0) {
-      CK(cudaMemset(out, 0xff, n * R * sizeof(bf16)));
-      run_db();
-      check(shape, tb.c_str(), out, db_want, n * R);
-      report(shape, tb, (m * n + m * R) * 2.0, time_us(run_db));
-    }
-    CK(cudaFree(part));
-  }
-}
-
 static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
   const Operands o(m, k, n, r);
   const std::string& shape = o.shape;
@@ -621,91 +577,6 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
     CK(cudaFree(dh2));
     CK(cudaFree(db2));
   }
-  float bwd_skinny = 0;  // the h-deferred backward with the skinny kernel candidate, when it takes the rank
-  // The skinny kernel candidate (cuda_lora_skinny.cuh: slower than cuBLAS, the op does not use it) against cuBLAS:
-  // h, dh, dA, dB, each checked into a NaN-filled output (an element left unwritten fails), then timed at three
-  // grids: one wave (the launch rule), two, and one block per tile (no split, no partial sums).
-  if (lora_skinny_rank(r)) {
-    gemm_nt(x, a, h_ref, m, r, k, 1.f, 0.f);
-    gemm_nn(dy, b, dh_ref, m, r, n, s, 0.f);
-    bf16 *da_ref = alloc(r * k), *db_ref = alloc(n * r), *out = alloc(std::max(m, std::max(n, k)) * r);
-    gemm_tn(dh_ref, x, da_ref, r, k, m, 1.f);
-    gemm_tn(dy, h_ref, db_ref, n, r, m, s);
-    struct Product {
-      const char* what;
-      double bytes;
-      const bf16* want;
-      int64_t elems;
-      std::function<SkinnyPlan(int)> plan;
-      std::function<void(const SkinnyPlan&, float*)> run;
-    };
-    const Product products[] = {
-        {"h = x·Aᵀ", h_bytes, h_ref, m * r,
-         [&](int waves) { return lora_rows_plan<bf16>(m, k, r, false, g_sms, waves); },
-         [&](const SkinnyPlan& p, float* part) { launch_lora_rows(p, x, k, a, false, out, part, m, k, r, 1.f, st); }},
-        {"dh = s·dy·B", dh_bytes, dh_ref, m * r,
-         [&](int waves) { return lora_rows_plan<bf16>(m, n, r, true, g_sms, waves); },
-         [&](const SkinnyPlan& p, float* part) { launch_lora_rows(p, dy, n, b, true, out, part, m, n, r, s, st); }},
-        {"dA = dhᵀ·x", (m * k + m * r) * es, da_ref, r * k,
-         [&](int waves) { return lora_cols_plan<bf16>(m, k, r, g_sms, waves); },
-         [&](const SkinnyPlan& p, float* part) { launch_lora_cols(p, x, k, dh_ref, true, out, part, m, k, r, 1.f, st); }},
-        {"dB = s·dyᵀ·h", (m * n + m * r) * es, db_ref, n * r,
-         [&](int waves) { return lora_cols_plan<bf16>(m, n, r, g_sms, waves); },
-         [&](const SkinnyPlan& p, float* part) { launch_lora_cols(p, dy, n, h_ref, false, out, part, m, n, r, s, st); }},
-    };
-    for (const Product& p : products) {
-      for (int waves : {1, 2, 0}) {
-        const SkinnyPlan plan = p.plan(waves);
-        if (!plan.ok()) {
-          printf("%-26s %s: skinny kernel refused (shared memory)\n", shape.c_str(), p.what);
-          break;
-        }
-        float* part = nullptr;
-        if (plan.partial_floats > 0) {
-          CK(cudaMalloc(&part, plan.partial_floats * sizeof(float)));
-          CK(cudaMemset(part, 0xff, plan.partial_floats * sizeof(float)));
-        }
-        CK(cudaMemset(out, 0xff, p.elems * es));
-        p.run(plan, part);
-        CK(cudaGetLastError());
-        const std::string tag = std::string(p.what) + ": skinny, " + (waves == 0 ? "no split" :
-                                std::to_string(waves) + " wave" + (waves > 1 ? "s" : "")) + ", " +
-                                std::to_string(plan.tiles) + "x" + std::to_string(plan.splits) + " blocks";
-        check(shape, tag.c_str(), out, p.want, p.elems);
-        report(shape, tag, p.bytes, time_us([&] { p.run(plan, part); }));
-        if (part != nullptr) CK(cudaFree(part));
-      }
-    }
-    if (m >= 2048) {
-      with_tensor_core_rank(r, [&]<int R>() {
-        if constexpr (R == 16 || R == 64) {
-          skinny_candidates<R, 4, true>(shape, x, a, dy, h_ref, h_ref, db_ref, out, m, k, n, s);
-          skinny_candidates<R, 8, true>(shape, x, a, dy, h_ref, h_ref, db_ref, out, m, k, n, s);
-          skinny_candidates<R, 4, false, 256, 2>(shape, x, a, dy, h_ref, h_ref, db_ref, out, m, k, n, s);
-          skinny_candidates<R, 4, true, 256, 2>(shape, x, a, dy, h_ref, h_ref, db_ref, out, m, k, n, s);
-          skinny_candidates<R, 3, true, 512, 4>(shape, x, a, dy, h_ref, h_ref, db_ref, out, m, k, n, s);
-        }
-      });
-    }
-    // The backward with every skinny product ours (h recomputed: the op's merged route), reported beside the
-    // same composition on cuBLAS ("h deferred" below).
-    const SkinnyPlan ph = lora_rows_plan<bf16>(m, k, r, false, g_sms), pdh = lora_rows_plan<bf16>(m, n, r, true, g_sms);
-    const SkinnyPlan pda = lora_cols_plan<bf16>(m, k, r, g_sms), pdb = lora_cols_plan<bf16>(m, n, r, g_sms);
-    float* part;
-    const int64_t most = std::max(std::max(ph.partial_floats, pdh.partial_floats),
-                                  std::max(pda.partial_floats, pdb.partial_floats));
-    CK(cudaMalloc(&part, std::max<int64_t>(most, 1) * sizeof(float)));
-    bwd_skinny = time_us([&] {
-      launch_lora_rows(ph, x, k, a, false, h, part, m, k, r, 1.f, st);
-      launch_lora_rows(pdh, dy, n, b, true, dh, part, m, n, r, s, st);
-      launch_lora_expand(b, at, ExpandAddend::kMatrix, w, k, wm, k, n, k, r, s, g_sms, st);
-      gemm_nn(dy, wm, dx, m, k, n, 1.f, 0.f);
-      launch_lora_cols(pda, x, k, dh, true, da, part, m, k, r, 1.f, st);
-      launch_lora_cols(pdb, dy, n, h, false, db, part, m, n, r, s, st);
-    });
-    CK(cudaFree(part));
-    for (bf16* q : {da_ref, db_ref, out}) CK(cudaFree(q));
-  }
   // The same four skinny products in the other orientation (the transposed result: [r, tokens] or [features, r]),
   // which cuBLAS's heuristics may serve with another kernel; each checked against the orientation above.
   {
@@ -810,11 +681,6 @@ static void bench_shape(int64_t m, int64_t k, int64_t n, int64_t r) {
   report(shape, "h deferred: backward h, dh, W' (ours), dx, dA, dB", 0, bwd_with_h, base_dx);
   printf("%-26s forward+backward vs base fwd + dx GEMMs: op today %.3fx, h deferred %.3fx\n", shape.c_str(),
          (fwd_acc_blas + bwd_op) / (base + base_dx), (fwd_no_h + bwd_with_h) / (base + base_dx));
-  if (bwd_skinny > 0) {
-    report(shape, "h deferred: backward, h, dh, dA, dB by the skinny candidate", 0, bwd_skinny, base_dx);
-    printf("%-26s forward+backward vs base fwd + dx GEMMs: h deferred with the skinny candidate %.3fx\n",
-           shape.c_str(), (fwd_no_h + bwd_skinny) / (base + base_dx));
-  }
   // The op's few-token route (accumulate forward, low-rank backward, cuBLAS but for y), forward and backward timed
   // as one call, with y = bias + s·h·Bᵀ by cuBLAS and by lora_expand with staged stores (the op's y at ranks 8 and
   // 16 since 1dacda9): whether the kernel's gain survives beside the GEMMs that follow it.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
-# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu ncu-skinny
+# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu
 # rowstores kconcat ncu-kconcat tests-kconcat lora-no-kconcat lora-gemms lora-step (default: build tests sanitize
 # bench).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
@@ -220,14 +220,6 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
       echo "streaming stores:"; grep -E "PROD|fused" "$OUT/rowbench_stcs.txt"
       echo "write-back stores:"; grep -E "PROD|fused" "$OUT/rowbench_wb.txt"
       echo "Liger:"; cat "$OUT/liger_rows.txt"
-      ;;
-    ncu-skinny)
-      # The skinny kernel candidate's (cuda_lora_skinny.cuh) first launches at 8192x4096->4096 r16: h and dh (lora_rows), then dA
-      # and dB (lora_cols), each at the benchmark's three grids.
-      sections=("${ncu_sections[@]}" --section SchedulerStats --section LaunchStats)
-      build_lorak && ncu --clock-control none --kernel-name regex:'lora_(rows|cols)_kernel' --launch-count 40 \
-        "${sections[@]}" /tmp/lorak 1 ncu > "$OUT/ncu_skinny.txt" 2>&1
-      echo "ncu skinny: exit $? ($(grep -c 'Duration' "$OUT/ncu_skinny.txt") kernel reports)"
       ;;
     bench-quick)
       python3 -m torch_metal_fused.bench --device cuda --quick --dtypes bfloat16 --out "$OUT/bench" --no-plots \
