@@ -1,6 +1,6 @@
 // LoRA's base GEMM over K-concatenated operands (csrc/cuda/cutlass_kconcat.cuh: y = [x | h]·[W | s·B]ᵀ and
 // dx = [dy | dh]·[W; A] on CUTLASS's Hopper GEMM with our producer), a candidate for #14's forward+backward target
-// (README: "The K-concatenated GEMM, measured"), timed against cuBLAS and against the op's routes (W' by
+// (docs/cuda.md; its rows in the results ledger), timed against cuBLAS and against the op's routes (W' by
 // csrc/cuda/lora_kernels.cuh) after each result is checked against a float32 cuBLAS reference: six CUTLASS
 // configurations, the persistent scheduler's raster order and swizzle, the rank-sized operands zero-padded to the
 // tile's K of 64 or unpadded (k2 = r).
@@ -40,8 +40,8 @@ using bf16 = __nv_bfloat16;
 // clusters; stream-K (CUTLASS's StreamKScheduler: units of any K range, against the last wave's idle SMs —
 // 2048x4096->11008 has 688 tiles of 128x256, 5.2 waves on 132 SMs). Stream-K and ping-pong need the producer's
 // kTileByIndex: the first run of
-// ping-pong without it computed a wrong y (worst |diff| 0.15 of 1.7 at 1000x1048->1016 r16, H200,
-// benchmarks/results/cuda-h200-2026-12-01-lora-kconcat-pingpong.txt), the ping-pong kernel counting one K tile fewer
+// ping-pong without it computed a wrong y (worst |diff| 0.15 of 1.7 at 1000x1048->1016 r16, in its first run on a
+// GPU, 2026-12-01), the ping-pong kernel counting one K tile fewer
 // (size<3>(gA)) than the K-concatenated problem has.
 using namespace tmf::cuda::kconcat;
 using Cluster1x2 = Shape<_1, _2, _1>;

@@ -148,7 +148,7 @@ void launch_lora_reduce_rank(const T* x, int64_t ldx, const T* l, T* out, int64_
   }
 }
 
-// ---- Candidate: dh = s·dy·B and dB = s·dyᵀ·h from ONE read of dy (not used by the op; the README's plan for the
+// ---- Candidate: dh = s·dy·B and dB = s·dyᵀ·h from ONE read of dy (not used by the op; docs/cuda.md's plan for the
 // forward+backward target: cuBLAS reads dy twice, at 53-57 % of copy bandwidth each). A block takes a 256x256 tile of
 // dy in four 64-row chunks through shared memory (cp.async, double-buffered; rows padded by 16 bytes so ldmatrix's
 // eight row addresses hit distinct banks), with the tile's 256 rows of B and each chunk's rows of h beside it:
@@ -341,7 +341,8 @@ void launch_lora_reduce(const T* x, int64_t ldx, const T* l, T* out, int64_t m, 
 
 
 // lora_expand's variants with the launch rule's grid: 0 the W' kernel's form, 1 STAGED_STORES (the op's y at ranks
-// 8 and 16). A prefetch of the next step's addend was timed in 918b59c and dropped (results in README).
+// 8 and 16). A prefetch of the next step's addend was timed and dropped (ledger run
+// cuda-h200-2026-12-01-lora-kernels-918b59c, variants "…, prefetch").
 const char* const kExpandVariants[] = {"launched", "staged stores"};
 
 template <ExpandAddend ADD>

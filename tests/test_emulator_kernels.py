@@ -60,7 +60,7 @@ def test_looped_forward_traffic_is_documented(cols):
     assert d.traffic[0] == (2 * rows * cols * es, 0)
 
 
-# ---- the traffic targets (README "Device traffic"): harness counts against the minimum, every dtype ----------
+# ---- the traffic targets (docs/metal-on-cpu.md#traffic): harness counts against the minimum, every dtype ------
 def _moved(rec) -> int:
     return sum(d.bytes_read + d.bytes_written for d in rec)
 

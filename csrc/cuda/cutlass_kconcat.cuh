@@ -1,8 +1,8 @@
 // LoRA's base GEMM over K-concatenated operands on CUTLASS's Hopper GEMM: y = [x | h]·[W | s·B]ᵀ and
 // dx = [dy | dh]·[W; A] in one GEMM each, so that neither W' = W + s·B·A nor a second write of y is needed. Shared by
 // the op's route for large bf16 shapes (csrc/cuda/lora_kconcat_gemm.cuh, launched from lora_kconcat_cooperative.cu
-// and lora_kconcat_pingpong.cu) and benchmarks/cuda_lora_kconcat_bench.cu (where it was measured: README, "The
-// K-concatenated GEMM, measured"). Needs CUTLASS 3.x/4.x headers and sm_90a, and
+// and lora_kconcat_pingpong.cu) and benchmarks/cuda_lora_kconcat_bench.cu (where it was measured: docs/cuda.md,
+// ledger runs cuda-h200-2026-12-0[12]-lora-kconcat*). Needs CUTLASS 3.x/4.x headers and sm_90a, and
 // -DNDEBUG (CUTLASS's device asserts otherwise serialize the wgmma pipeline).
 //
 // cuBLAS cannot run two operand pairs in one K loop, so the GEMM is CUTLASS's Hopper kernel (TMA, wgmma,
@@ -35,7 +35,7 @@ using namespace cute;
 // scheduler hands a unit any range of them. Off, the producer takes the last tile of each unit as the second pair's,
 // which holds only for the cooperative kernel's data-parallel scheduler (every unit all of K): the op's cooperative
 // configuration. On: the op's ping-pong configuration and the benchmark's stream-K one (both checked against a float32
-// reference on the H200; the ping-pong one also through the op's tests).
+// reference by the benchmark; the ping-pong one also through the op's tests).
 template <class Base, bool kTileByIndex = false>
 struct KConcatMainloop : Base {
   using typename Base::ElementA;
@@ -231,8 +231,9 @@ using PerColBias = cutlass::epilogue::fusion::LinCombPerColBias<cutlass::bfloat1
 
 // The op's two configurations (launch::lora_kconcat_gemm_for picks one per GEMM by its output's shape; the
 // measurements behind the choice are in tmf/launch/lora_linear.h):
-// - cooperative, 128x256x64 tiles, 2x1 clusters, for tall outputs: 2.3 % behind cuBLAS at 8192x4096x4096 on an H200
-//   (benchmarks/results/cuda-h200-2026-12-01-lora-kconcat.txt);
+// - cooperative, 128x256x64 tiles, 2x1 clusters, for tall outputs: a few % behind cuBLAS's own GEMM at 8192 tokens
+//   (ledger: lora, kernel, H200, bfloat16 8192x4096x4096x16, run cuda-h200-2026-12-01-lora-kconcat, variants
+//   "y = x·Wᵀ, CUTLASS" against "base y = x·Wᵀ, cuBLAS");
 using Tile128x256 = Shape<_128, _256, _64>;
 using Cluster2x1 = Shape<_2, _1, _1>;
 TMF_GEMM_CONFIG(coop_128x256_c2x1, Tile128x256, Cluster2x1, cutlass::gemm::KernelTmaWarpSpecializedCooperative,

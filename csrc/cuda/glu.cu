@@ -14,10 +14,11 @@ namespace {
 
 using cuda::GluShape;
 
-// Generic kernels (rows with strides): block size and 16-byte chunks per thread, the fastest measured side by side on
-// an H200 (benchmarks/cuda_glu_rope_bench.cu, README "SwiGLU and RoPE on CUDA"); contiguous operands take the flat
-// kernels. With whole-chunk loads (all of a thread's loads issued back to back), 8192x11008 bf16 forward: 256 x 4
-// 143.2 us (89 % of copy), 128 x 4 160.7, 256 x 2 200.6 (the rule before); backward 256 x 4 278.6 (77 %).
+// Generic kernels (rows with strides): block size and 16-byte chunks per thread, the fastest measured side by side
+// (benchmarks/cuda_glu_rope_bench.cu); contiguous operands take the flat kernels. With whole-chunk loads (all of a
+// thread's loads issued back to back) more chunks per thread means more bytes in flight: 256 threads x 4 beat 128 x 4
+// and 256 x 2, the rule before, forward and backward (ledger: swiglu, kernel, H200, bfloat16 8192x11008 and
+// 16384x14336, run cuda-h200-2026-12-01-glu-rope-variants-379d040, variants "generic <threads> threads x <chunks>").
 constexpr int kGluThreads = 256;
 constexpr int kGluForwardItems = 4;
 constexpr int kGluBackwardItems = 4;

@@ -22,7 +22,7 @@ namespace tmf::cuda {
 
 // The activations of shaders/glu.metal (same edge values: NaN/inf where float64 torch has them), written for few
 // instructions per element: at 16-byte packs the accurate expf/tanhf and IEEE divisions made the kernels
-// instruction-bound on the H200 (README "SwiGLU and RoPE on CUDA"). __expf is within ~|x|·2^-23 relative; the GeGLU
+// instruction-bound rather than memory-bound (docs/cuda.md). __expf is within ~|x|·2^-23 relative; the GeGLU
 // tanh approximation is evaluated as g·σ(2y) (0.5·(1 + tanh y) = σ(2y), no cancellation for negative g).
 __device__ __forceinline__ float glu_sigmoid(float z) { return __fdividef(1.0f, 1.0f + __expf(-z)); }
 
@@ -57,10 +57,11 @@ struct alignas(sizeof(T) * VEC) GluPack {
 
 // A whole chunk: the generic kernels are launched with VEC > 1 only on rows whose length is a multiple of VEC
 // (csrc/cuda/glu.cu: 16-byte row strides and outputs; one flat row goes to the flat kernels), so no chunk is partial.
-// A partial-chunk path here cost 2.4× (SASS: the 16-byte load's result was split into 16-bit registers right after the
-// load, inside the branch, to merge with the element-by-element path — so each operand's load waited for the previous
-// one's data before being issued; H200 8192×11008 bf16 forward, one chunk per thread: 307.6 µs against 129.5 for the
-// same work straight-line, README "SwiGLU and RoPE on CUDA").
+// A partial-chunk path here cost more than twice the time (SASS: the 16-byte load's result was split into 16-bit
+// registers right after the load, inside the branch, to merge with the element-by-element path — so each operand's
+// load waited for the previous one's data before being issued; ledger: swiglu, kernel, H200, bfloat16 8192x11008
+// forward, run cuda-h200-2026-12-01-glu-rope-variants, variant "256 threads x 1 pack" against "before (accurate
+// math)", the same work straight-line).
 template <typename T, int VEC>
 __device__ __forceinline__ GluPack<T, VEC> glu_load(const T* p, int64_t c0) {
   return *reinterpret_cast<const GluPack<T, VEC>*>(p + c0);
@@ -154,8 +155,9 @@ __global__ void __launch_bounds__(THREADS) glu_backward_kernel(const T* __restri
 
 // Flat kernels: contiguous operands as one row of n elements (the common case: separate gate and up projections),
 // one 16-byte pack per thread, the row's last partial pack element by element on its own path (returning early, so
-// the packed path's registers never merge with it; see glu_load). Measured on the H200 at 8192×11008 bf16: forward
-// 129.5 µs (98 % of copy), backward 214.1 (99 %).
+// the packed path's registers never merge with it; see glu_load). They run at copy bandwidth (ledger: swiglu,
+// kernel, H200, bfloat16 8192x11008, run cuda-h200-2026-12-01-glu-rope-variants-379d040, variant ''
+// ("flat (shipped)")).
 template <typename T, int ACT, int VEC>
 __global__ void __launch_bounds__(256) glu_forward_flat(const T* __restrict__ gate, const T* __restrict__ up,
                                                         T* __restrict__ out, int64_t n) {

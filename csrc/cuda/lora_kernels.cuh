@@ -1,9 +1,9 @@
 // LoRA's merged weight W' = W + s·B·A on tensor cores (mma.sync m16n8k16, float32 accumulation), for the
 // half-precision CUDA op over many tokens (csrc/cuda/lora_linear.cu: the merged forward and backward). A K = r
 // product (r: 8–64) is bandwidth-bound — r multiply-adds per weight read and written — so the kernel streams W once
-// with 16-byte loads and stores and keeps the rank-sized operands in registers and L1: on an H200 (bf16 4096x4096)
-// 27.6 µs at r16 and 36.3 at r64 against 42.1 / 41.2 for cuBLAS (copy of W, then a GEMM with beta = 1), the results
-// in benchmarks/results/cuda-h200-2026-12-01-lora-kernels-918b59c.txt.
+// with 16-byte loads and stores and keeps the rank-sized operands in registers and L1, where cuBLAS needs a copy of W
+// and then a GEMM with beta = 1, i.e. W moved twice (ledger: lora, kernel, H200, bfloat16 8192x4096x4096x16 and x64,
+// variants "W': expand" against "W': cuBLAS (copy W, GEMM beta 1)").
 //
 //   lora_expand: out[P, Q] = C + scale · Lm[P, R] · Rtᵀ, Rt [Q, R] row-major, C none / a row vector / a matrix.
 //   The op uses C = W (Lm = B, Rt = Aᵀ), and with few tokens at ranks 8 and 16 C = bias, Lm = h, Rt = B for
@@ -82,13 +82,13 @@ enum class ExpandAddend { kNone, kRow, kMatrix };
 constexpr int kExpandStep = 64;
 
 // STAGED_STORES writes each warp's 16x64 tile through shared memory, so that eight lanes store a row's 128 contiguous
-// bytes (whole lines when q is a multiple of 64) instead of four lanes storing 64: Nsight Compute read the L2 at 80 % of its throughput for the
-// kernel without addend while DRAM ran at 20 % (...-ncu-lora.txt). Measured (bf16, H200, ...-lora-kernels-918b59c.txt):
-// y = bias + s·h·Bᵀ at r16 22.0 against 38.5 µs (2048x4096->11008; cuBLAS 27.8) and 27.2 against 44.3 (8192 tokens,
-// 4096 out; cuBLAS 27.7), so the op's y takes it at ranks 8 and 16; at r64 it is slower (107 against 64 µs: 104
-// registers and 16 KB of shared memory per block), and for W' (with a matrix addend) slower at every rank (28.8
-// against 27.6 at r16). Loading the next step's addend before the current step's mma (a prefetch, +16-30 registers)
-// was slower or level everywhere (W' 28.3 against 27.6 at r16, 37.7 against 36.3 at r64).
+// bytes (whole lines when q is a multiple of 64) instead of four lanes storing 64: without it the kernel without
+// addend is bound by the L2 (each store instruction writes half of eight lines) while DRAM idles. The op's y takes it
+// at ranks 8 and 16, where it beats cuBLAS (ledger: lora, kernel, H200, bfloat16 2048x4096x11008x16, variant
+// "y = bias + s·h·Bᵀ: expand, staged stores"); at r64 the staging tile costs registers and shared memory per block
+// (fewer blocks resident) and it is slower, as it is for W' with a matrix addend at every rank (same rows, x64).
+// Loading the next step's addend before the current step's mma (a prefetch, +16-30 registers) was slower or level
+// everywhere (variants "…, prefetch").
 template <typename T, int R, int WARPS, ExpandAddend ADD, bool STAGED_STORES = false>
 __global__ void __launch_bounds__(WARPS * 32)
     lora_expand_kernel(const T* __restrict__ lm, const T* __restrict__ rt, const T* __restrict__ c, int64_t ldc,
@@ -199,11 +199,10 @@ void with_tensor_core_rank(int64_t r, F&& f) {
 }
 
 // Expand: 8 warps (128 rows) per block, the grid one wave: as many blocks as the SMs hold at once (the occupancy
-// API's count; register-bound, 3 per SM at r16 on an H200), the columns split into equal whole 64-column steps
-// between the blocks of a row tile. Memory-bound, the kernel needs every resident block streaming until the end: a
-// grid of about four blocks per SM (the launch before) ran 512 blocks at 3 resident per SM for W' at 4096x4096 r16,
-// 1.3 waves with the second 29 % full — Nsight Compute read 31 % achieved occupancy and 36 % of DRAM bandwidth
-// (28.1 µs; benchmarks/results/cuda-h200-2026-12-01-ncu-lora.txt).
+// API's count; the kernel is register-bound), the columns split into equal whole 64-column steps between the blocks
+// of a row tile. Memory-bound, the kernel needs every resident block streaming until the end: a grid of a fixed
+// number of blocks per SM leaves a partial last wave in which most SMs idle (ledger: lora, kernel, H200, bfloat16
+// 8192x4096x4096x16, variant "W': expand, grid of ~4 blocks per SM (before)").
 constexpr int kExpandWarps = 8;
 
 // Resident blocks per SM of one kernel variant on the current device (its registers per thread depend on the
@@ -222,7 +221,7 @@ int lora_expand_blocks_per_sm() {
   int n = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_expand_kernel<T, R, kExpandWarps, ADD, STAGED_STORES>,
                                                     kExpandWarps * 32, 0) != cudaSuccess) {
-    (void)cudaGetLastError();  // not sticky; fall back to the kernel's register-bound count on an H100/H200
+    (void)cudaGetLastError();  // not sticky; fall back to the kernel's register-bound count on sm_90
     n = 3;
   }
   n = n > 0 ? n : 1;

@@ -16,33 +16,27 @@
 namespace tmf {
 
 // ---- LoRA: the products on cuBLAS ----------------------------------------------------------------------------
-// Routes, from one H200 run of the candidates side by side (benchmarks/cuda_lora_variants.py, results in
-// benchmarks/results/cuda-h200-2026-12-01-lora-variants.txt; bf16, median µs, cold L2):
-//  forward, 8192x4096->4096 r16 / r64 (base GEMM x·Wᵀ 346 / 348):
-//    accumulate (below) 406 / 403; merged weight 415 / 416; low-rank add after the GEMM 423 / 423;
-//    [W'; A] folded into one GEMM (y and h from one read of x) 414 / 412; one-pass W' kernel on CUDA cores
-//    422 / 540 (its r FMAs per weight make it compute-bound at rank 64).
-//  forward, 2048x4096->11008 r16 / r64 (base 245): accumulate 290 / 291; low-rank add 293 / 293; merged 375 / 375.
-//  backward (W frozen), 8192 tokens: merged 464 / 462, low-rank 496 / 495, [W' | s·B] folded 485 / 478;
-//    2048 tokens: low-rank 298 / 300, merged 396 / 397.
-// So in half precision the forward took the accumulate route (now only below the merged rule's token count, see
-// h_in_backward): h = x·Aᵀ, y = bias + s·h·Bᵀ (a K = r product that only writes y), then the base GEMM adds x·Wᵀ
-// into y (beta = 1: cuBLAS reads y in its epilogue, which a compute-bound GEMM hides better than a separate
-// read-modify-write of y, and no W' pass at all).
+// Routes. The base GEMM x·Wᵀ dominates, so a route is judged by the bytes it adds around it: the low-rank terms are
+// K = r products (bandwidth-bound), and a pass over x, y or W costs about as much as any of them. Six candidates were
+// composed side by side (ledger: lora, composition, H200, bfloat16 8192x4096x4096x16 / x64 and 2048x4096x11008x16 /
+// x64, variants "route: …"): in half precision the forward takes the accumulate route (below the merged rule's token
+// count, see h_in_backward): h = x·Aᵀ, y = bias + s·h·Bᵀ (a K = r product that only writes y), then the base GEMM adds
+// x·Wᵀ into y (beta = 1: cuBLAS reads y in its epilogue, which a compute-bound GEMM hides better than a separate
+// read-modify-write of y, and no W' pass at all) — "route: lowrank_beta" against "lowrank", "merged", "merged_kernel",
+// "fold_cublas", "fold_kernel".
 // float32 keeps the rule shared with Metal (tokens > in_features: merged weight, else low-rank add): its GEMMs run
-// 16x longer, the routes differ by less than the run-to-run spread there, and the accumulate route measured
-// 1-8% slower in that run. The backward keeps the shared rule in every dtype (merged W' for many tokens).
-// A second run (benchmarks/cuda_lora_kernels_bench.cu; results in ...-lora-kernels-first.txt, ...-lora-pipelined.txt),
-// bf16 8192x4096->4096 r16, product by product: base GEMM 339 µs (342 with beta = 1), h = x·Aᵀ 26.7 on cuBLAS (a
-// tensor-core reduce kernel of ours: 46.8), y = s·h·Bᵀ 28.1 (our expand kernel: 46.4), dh = s·dy·B 28.4 (ours
-// 51.5), W' = W + s·B·A 43.2 (ours, lora_expand: 31.6; r64 41.9 / 37.9). So W' is built by lora_expand (the merged
-// backward) and the rest stays on cuBLAS. Running the skinny products on a second, high-priority stream a row chunk
-// ahead of the GEMMs was slower at every chunk count (the GEMMs occupy every SM; nothing overlaps).
-// From those products, half precision with many tokens (the merged-weight rule) now takes the merged forward without
-// h: y = x·W'ᵀ needs no h, and h's one use, dB = s·dyᵀ·h, computes it in the backward from the saved x. Their sum:
-// W' 31.6 + GEMM 339 ≈ 371 µs (1.09x) against 407 for accumulate, the backward 27 µs longer. Measured through the op
-// (benchmarks/results/cuda-h200-2026-12-01-lora-8678f1d.md, with W' at 27.8 µs after its one-wave grid): forward
-// 381.2 µs = 1.097x the base GEMM at r16 (was 1.17x), forward+backward 1.20x (was 1.22x).
+// 16x longer and the routes differ by less than the run-to-run spread there (same rows, float32). The backward keeps
+// the shared rule in every dtype (merged W' for many tokens).
+// Product by product (ledger: lora, kernel, H200, bfloat16 8192x4096x4096x16, run cuda-h200-2026-12-01-lora-kernels-
+// first): cuBLAS is faster than our tensor-core reduce and expand kernels for h, y and dh (ours keep too few bytes in
+// flight), but W' = W + s·B·A is faster by lora_expand (one read and one write of W, where cuBLAS copies W first), so
+// W' is built by lora_expand and the rest stays on cuBLAS. Running the skinny products on a second, high-priority
+// stream a row chunk ahead of the GEMMs was slower at every chunk count: the GEMMs occupy every SM, nothing overlaps
+// (run cuda-h200-2026-12-01-lora-pipelined).
+// So half precision with many tokens (the merged-weight rule) takes the merged forward without h: y = x·W'ᵀ needs no
+// h, and h's one use, dB = s·dyᵀ·h, computes it in the backward from the saved x — a K = r pass moved from the forward
+// to the backward, which the forward's target needs and forward+backward does not notice (ledger: lora, op, H200,
+// bfloat16 8192x4096x4096x16, run cuda-h200-2026-12-01-lora-8678f1d against -lora-1dacda9).
 // Few tokens, ranks 8 and 16: y = bias + s·h·Bᵀ by lora_expand with staged stores (staged_y_ok below).
 namespace {
 
@@ -158,8 +152,8 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scale) {
 }
 
 // Whether the accumulate route's first write, y = bias + s·h·Bᵀ, takes lora_expand with staged stores (ranks 8
-// and 16, half precision, out_features a multiple of 8, a 16-byte aligned contiguous bias): 22.0 against cuBLAS's
-// 27.8 µs at 2048x4096->11008 r16 (bf16, H200; lora_kernels.cuh, STAGED_STORES).
+// and 16, half precision, out_features a multiple of 8, a 16-byte aligned contiguous bias), where it beats cuBLAS
+// (lora_kernels.cuh, STAGED_STORES, names the ledger rows).
 // Anything else (and operands that do not match, from a raw op call) takes cuBLAS, which also reports the mismatch.
 bool staged_y_ok(const at::Tensor& h, const at::Tensor& lora_b, const OptTensor& bias) {
   const auto dtype = h.scalar_type();
@@ -202,8 +196,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
   if (kconcat_route(x, weight, lora_a, dropout_mask)) {
     const at::Tensor xc = packed(x);
     at::Tensor h = at::mm(xc, lora_a.t());
-    // The bias in the GEMM's epilogue: a separate pass over y would cost about what the route gains (~30 µs at
-    // 8192x4096 bf16 on an H200).
+    // The bias in the GEMM's epilogue: a separate pass over y (tokens x out read and written once more) would cost
+    // about what the route gains by not building W'.
     const OptTensor bias_ready = bias ? OptTensor(packed(*bias)) : std::nullopt;
     return {cuda::lora_kconcat_forward(xc, packed(weight), h, packed(lora_b * scale), bias_ready), h};
   }

@@ -54,8 +54,8 @@ template <int MAX_ELEMS>
 RowLayout row_layout(int64_t cols, int element_size, bool aligned) {
   const int vec = aligned && (cols * element_size) % 16 == 0 ? 16 / element_size : 1;
   const int64_t nvec = (cols + vec - 1) / vec;
-  // The fewest items per thread that fit 512 threads. (Preferring 256-thread blocks with more items was
-  // measured on an H100: no better at 8192x4096, 5-20 % slower at 4096x8192.)
+  // The fewest items per thread that fit 512 threads. (Preferring 256-thread blocks with more items measured no
+  // faster at 8192x4096 and slower at 4096x8192 in the first CUDA session, whose numbers predate the ledger.)
   for (int items = 1; items <= kMaxItems && items * vec <= MAX_ELEMS; items *= 2) {
     const int64_t threads = (nvec + items - 1) / items;
     if (threads <= kMaxThreads) {
@@ -93,12 +93,14 @@ constexpr int kForwardElems = 32;
 constexpr int kBackwardElems = 16;
 
 // ---- vector kernels (row_kernels.cuh, "vector row kernels"): rows 16-byte aligned, a multiple of 16 bytes long --
-// Layouts from side-by-side timings on an H200 (benchmarks/cuda_rowbench.cu, cold L2, 8192x4096 and 4096x8192):
-// - forward (softmax, RMSNorm): 32 elements per thread (bf16 4 vectors, fp32 8), blocks of >= 128 threads. At
-//   8192x4096 bf16 softmax: 128 threads x 4 vectors 38.2 us, 256 x 2 38.6, 512 x 1 49.9 (one vector per thread,
-//   the old layout: 60.2 with the old kernel), 1024 x 1 95.0; fp32 128 x 8 69.8, 256 x 4 70.8, 512 x 2 74.8.
-// - softmax backward: 8 elements per thread (two arrays of them), up to 1024 threads: bf16 4096 512 x 1 51.8 us,
-//   256 x 2 54.4; bf16 8192 1024 x 1 54.6, 512 x 2 60.4.
+// Layouts from side-by-side timings of the candidates (benchmarks/cuda_rowbench.cu, cold L2, 8192x4096 and
+// 4096x8192; ledger: softmax and rms_norm, kernel, H200, runs cuda-h200-2026-12-01-rowbench and -rows-rowbench, the
+// variants named "<kernel> items=<vectors per thread> thr=<threads>"):
+// - forward (softmax, RMSNorm): 32 elements per thread (bf16 4 vectors, fp32 8), blocks of >= 128 threads: a row's
+//   loads are all issued before the reduction, so more bytes per thread means more bytes in flight per SM; one
+//   vector per thread in 512-thread blocks (the old layout) and 1024-thread blocks were slower.
+// - softmax backward: 8 elements per thread (two arrays of them: y and dy), up to 1024 threads (512 x 1 vector at
+//   4096 wide and 1024 x 1 at 8192 beat the 2-vector layouts).
 // - RMSNorm backward (pipelined kernel): 8 elements per thread, up to 1024 threads (rows to 8192), 3 stages
 //   where they fit.
 struct VecLayout {
@@ -116,8 +118,8 @@ constexpr int kBackwardMaxThreads = 1024;
 bool vec_ok(int64_t cols, int element_size, bool aligned) { return aligned && (cols * element_size) % 16 == 0; }
 
 // Block sizes are compile-time in these kernels (the index arithmetic and the reductions fold; a runtime-sized
-// round measured 10-20 % slower on the H200, together with two other changes: see the README's CUDA section): a power
-// of two from 32 to 1024 covering the row.
+// round was slower, together with two other changes: ledger run cuda-h200-2026-12-01-rowbench, variants "runtime
+// block sizes …", and docs/cuda.md): a power of two from 32 to 1024 covering the row.
 int pow2_threads(int64_t n) {
   int t = 32;
   while (t < n) t *= 2;
@@ -199,10 +201,10 @@ void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 
 // Narrow forward rows (vector rows of at most 64 16-byte vectors: 1024 bytes): the warp-rows kernels
 // (row_kernels.cuh), ITEMS vectors per lane, ROWS rows per warp: up to `max_vecs` vectors of loads per lane in
-// flight, fewer rows per warp where that would leave under two blocks per SM. Measured on an H200 at 65536x256
-// (benchmarks/cuda_rowbench.cu): RMSNorm bf16 1/2/4/8 rows per warp 25.3/24.1/23.9/25.2 us, fp32 (2 vectors per lane)
-// 1/2/4 rows 38.9/38.9/39.2; softmax bf16 22.2/23.1/22.7/26.1, fp32 37.2/38.5/38.7. So RMSNorm takes up to
-// kWarpRowVecs vectors per lane, softmax one row per warp.
+// flight, fewer rows per warp where that would leave under two blocks per SM. RMSNorm gains from more rows per warp
+// (more loads in flight, the weight loaded once per warp) up to kWarpRowVecs vectors per lane; softmax was fastest at
+// one row per warp (ledger: rms_norm and softmax, kernel, H200, bfloat16 and float32
+// 65536x256, run cuda-h200-2026-12-01-rows-rowbench, variants "warp_rows rows/warp=1 / 2 / 4 / 8").
 constexpr int kWarpRowVecs = 4;
 
 struct WarpRows {
@@ -329,8 +331,9 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy) {
           TORCH_CHECK(false, "softmax: no backward kernel for this layout");
       });
     } else if (vec && 2 * size_t(cols) * sizeof(T) <= kSmemRowBytes) {
-      // y and dy staged (BOTH). Staging y alone, re-reading dy, measured slower than the looped kernel on the H200
-      // (2048x32768 fp32: 238.1 us at 1024 threads, 295.2 at 512, against 231.3), so wider rows take that.
+      // y and dy staged (BOTH). Staging y alone and re-reading dy was slower than the looped kernel (ledger:
+      // softmax, kernel, H200, float32 2048x32768 backward, run cuda-h200-2026-12-01-rows-rowbench, variants
+      // "smem y thr=…" against the looped kernel as shipped), so wider rows take that.
       const size_t smem = 2 * size_t(cols) * sizeof(T);
       auto launch = [&]<int TH>() {
         auto kernel = cuda::softmax_backward_smem<T, TH, true>;
@@ -372,10 +375,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_launch(const at::Tensor& x, 
   const bool aligned = aligned16(x2, stride) && (!w.defined() || aligned16(w, cols)) &&
                        (!residual || (aligned16(r2, rstride) && aligned16(*h, cols)));
   const bool vec = vec_ok(cols, x.element_size(), aligned);
-  // float32 RMSNorm (no residual) takes 16 elements per thread where that block still fits kForwardMaxThreads:
-  // 0.4-1.2 us faster than 32 at 8192x4096 and 4096x8192 on an H200 in 7 of 8 timings over two runs (one level)
-  // (benchmarks/results/cuda-h200-2026-12-01-rowstores-7b4be74.txt and ...-rowweights.txt: "alt items=4"); the
-  // softmax forward and bf16 measured level or slower that way.
+  // float32 RMSNorm (no residual) takes 16 elements per thread where that block still fits kForwardMaxThreads (twice
+  // the threads per row, Liger's layout): faster than 32 at 8192x4096 and 4096x8192 in 7 of 8 timings over two runs
+  // (ledger: rms_norm, kernel, H200, float32 forward, runs cuda-h200-2026-12-01-rowstores-7b4be74 and -rowweights,
+  // variant "alt items=4 thr=…" against the shipped 8 vectors); the softmax forward and bf16 measured level or slower
+  // that way.
   VecLayout vl{};
   if (vec && x.scalar_type() == at::kFloat && !residual) vl = forward_vec_layout(cols, 4, kRmsForwardFloatElems);
   if (vec && !vl.ok) vl = forward_vec_layout(cols, x.element_size());
@@ -458,8 +462,9 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward_launch(const at::Tensor& dy, 
     // rows number (resident blocks per SM) x SMs, at most rows: 264 at 8192x4096 bf16 (4.3 MB written and re-read,
     // 2 % of the minimum traffic). Other rows: the register/looped kernels above.
     VecLayout pl = vec_ok(cols, x.element_size(), aligned) ? backward_vec_layout(cols, x.element_size(), 8) : VecLayout{};
-    // 3 stages of 2 rows: at most 192 KB of shared memory (fp32 8192 wide, one block per SM: 107.9 us at 4096x8192
-    // on an H200 against 137.6 for the register kernel).
+    // 3 stages of 2 rows: at most 192 KB of shared memory (fp32 8192 wide: one block per SM, still faster than the
+    // register kernel; ledger: rms_norm, kernel, H200, float32 4096x8192 backward, run cuda-h200-2026-12-01-rowbench,
+    // variant "not-prod items=2 thr=1024 st=3 g=132" against "current items=4 thr=512 g=264").
     if (pl.threads < 128 || size_t(3) * 2 * cols * x.element_size() > (192u << 10)) pl = VecLayout{};
     // dw partial rows, one per block: the pipelined kernel's grid, else few next to x's rows.
     const int groups = int(std::min<int64_t>(rows, 4 * int64_t(sms)));

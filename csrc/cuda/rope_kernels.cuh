@@ -75,9 +75,11 @@ struct alignas(16) RopePack {
 // pairs (a .. a+VEC-1 and their partners a + rotary_dim/2 ..) of one head, in 16-byte packs. Positions are the fastest
 // index after the pack, so a warp writes 4 positions of a head as one contiguous 1 KB run (bf16, head_dim 128) and
 // reads 4 runs of 256 B of the projection's (batch, seq, heads, head_dim) layout. cos/sin are re-read per head, from
-// L1/L2 (the table is (seq, rotary_dim): ~1 MB at 4096 × 128 bf16). Measured on an H200 against a thread per position
-// walking every head with cos/sin in registers (the general kernel's design) and against 2, 4 or 8 heads per thread:
-// every head in flight at once wins (README "SwiGLU and RoPE on CUDA"). Taken when rotary_dim == head_dim,
+// L1/L2 (the table is (seq, rotary_dim): ~1 MB at 4096 × 128 bf16). Against a thread per position walking every head
+// with cos/sin in registers (the general kernel's design) and against 2, 4 or 8 heads per thread, every head in
+// flight at once wins: more independent loads per SM (ledger: rope, kernel, H200, bfloat16 4x4096x32x8x128, run
+// cuda-h200-2026-12-01-glu-rope-variants, variants "head-parallel, <n> heads", "per position (before)", "general
+// (thread per slot)"). Taken when rotary_dim == head_dim,
 // (rotary_dim / 2) % VEC == 0 and every pointer and stride is 16-byte aligned (HF's q/k/cos/sin are).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) rope_rotate_half_heads_kernel(const T* __restrict__ q, const T* __restrict__ k,

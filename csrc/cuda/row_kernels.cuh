@@ -383,7 +383,8 @@ __global__ void rms_norm_backward_looped(const T* __restrict__ dy, const T* __re
 
 // dw[c] = sum over g of partial[g][c]. A block takes kDwReduceCols columns and sums the groups in
 // kDwReduceSlices interleaved slices at once (one thread per column was 16 blocks for 4096 columns, each thread
-// walking all ~500 partial rows one dependent load at a time: 17 us on an H100), then adds the slices.
+// walking all ~500 partial rows one dependent load at a time: latency-bound on a handful of SMs), then adds the
+// slices.
 constexpr int kDwReduceCols = 32;
 constexpr int kDwReduceSlices = 16;
 
@@ -409,11 +410,11 @@ __global__ void __launch_bounds__(kDwReduceCols * kDwReduceSlices) rms_norm_dw_r
 // For rows whose length is a multiple of 16 bytes and whose rows start 16-byte aligned (the launch code checks).
 // The register kernels above size the block to the row (512 threads, one 16-byte vector each at 4096 bf16): an SM
 // then holds 4 rows = 32 KB of loads in flight, and each row pays two barrier pairs. These give each thread ITEMS
-// vectors (the launch code picks ITEMS and the block size per op, from side-by-side timings on an H200:
-// benchmarks/cuda_rowbench.cu), reduce with one barrier per reduction (separate scratch per reduction, every thread
-// combining the per-warp values itself), and write with streaming stores (__stcs: nothing re-reads the output here).
-// Measured at 8192x4096 bf16 on an H200: softmax forward 60.2 -> 38.2 us, backward 57.2 -> 51.8 us; RMSNorm
-// forward 42.5 -> 37.7 us.
+// vectors (the launch code picks ITEMS and the block size per op, from side-by-side timings: ops.cu names the ledger
+// rows), reduce with one barrier per reduction (separate scratch per reduction, every thread combining the per-warp
+// values itself), and write with streaming stores (__stcs: nothing re-reads the output here). Against the register
+// kernels: ledger: softmax and rms_norm, kernel, H200, bfloat16 8192x4096, run cuda-h200-2026-12-01-rowbench, variants
+// "wide nc,cs items=…" against "current items=1 thr=512".
 template <typename T>
 struct alignas(16) Vec16 {
   static constexpr int N = 16 / sizeof(T);
@@ -583,13 +584,13 @@ __global__ void __launch_bounds__(THREADS > 0 ? THREADS : 512) softmax_backward_
   }
 }
 
-// The weight is read after the reduction, from L2 (a round that loaded it with x, before the reduction, together with
-// runtime block sizes, measured 56 against 38 us at 8192x4096 bf16 on an H200).
+// The weight is read after the reduction, from L2: x's loads come first, and the weight's registers are not held
+// across the reduction.
 // ADD (add_rms_norm): h = x + res rounded to T (as torch's add), written to `h` (contiguous rows) and normalised.
-// Loading the weight with x instead (before the reduction, packed in registers) measured no consistent gain: bf16
-// 8192x4096 38.3 against 39.1 us, 4096x8192 39.9 against 39.1, and 47.3 against 39.5 at 512 threads (H200,
-// benchmarks/results/cuda-h200-2026-12-01-rowbench-992bc41.txt). Under Nsight Compute this kernel and Liger's RMSNorm
-// forward run alike (32.0 vs 32.3 us, 3.41 vs 3.43 TB/s at 8192x4096 bf16: ...-ncu-rows.txt, ...-ncu-liger-rms.txt).
+// Loading the weight with x instead (before the reduction, packed in registers) measured no consistent gain (ledger:
+// rms_norm, kernel, H200, bfloat16 forward, run cuda-h200-2026-12-01-rowbench-992bc41, variants "… weight-first";
+// and the slower round 2 of cuda-h200-2026-12-01-rowbench). Under Nsight Compute this kernel and Liger's RMSNorm
+// forward run alike at 8192x4096 bf16, both load-bound (docs/cuda.md).
 template <typename T, int ITEMS, int THREADS, bool ADD = false>
 __global__ void __launch_bounds__(THREADS) rms_norm_forward_vec(const T* __restrict__ x, const T* __restrict__ w,
                                                              T* __restrict__ y, float* __restrict__ rstd, int cols,
@@ -639,8 +640,9 @@ __global__ void __launch_bounds__(THREADS) rms_norm_forward_vec(const T* __restr
 // Narrow rows (<= 64 16-byte vectors, e.g. 256 bf16/fp32 or 512 bf16): a warp per ROWS rows, no barrier, each lane
 // ITEMS vectors of each of its warp's ROWS rows (all loads issued before the first shuffle reduction), the weight
 // loaded once per warp for its ROWS rows. One 32- or 64-thread block per row (the vector kernel's layout at 256 wide)
-// kept 16-32 bytes per thread in flight and paid a block launch per row: 65536x256 bf16 45.0 us against Liger's 21.7
-// on an H200 (Liger packs 16 rows per program). Blocks of WARPS warps.
+// kept 16-32 bytes per thread in flight and paid a block launch per row, about half Liger's speed (Liger packs 16
+// rows per program; ledger: rms_norm, kernel, H200, bfloat16 65536x256 forward, run cuda-h200-2026-12-01-rows-rowbench,
+// variants "block-per-row" against "warp_rows …"). Blocks of WARPS warps.
 constexpr int kWarpRowsWarps = 4;
 
 template <typename T, int ITEMS, int ROWS, bool ADD = false>
@@ -695,8 +697,8 @@ __global__ void __launch_bounds__(kWarpRowsWarps * 32) rms_norm_forward_warp_row
   }
 }
 
-// Softmax over narrow rows, the same layout as rms_norm_forward_warp_rows (65536x256: 44.5 us for one 32-thread
-// block per row on an H200, torch's 32.5).
+// Softmax over narrow rows, the same layout as rms_norm_forward_warp_rows (one 32-thread block per row was slower
+// than torch's softmax: ledger: softmax, op, H200, bfloat16 65536x256 forward, run cuda-h200-2026-12-01-morning).
 template <typename T, int ITEMS, int ROWS>
 __global__ void __launch_bounds__(kWarpRowsWarps * 32) softmax_forward_warp_rows(const T* __restrict__ x,
                                                                                  T* __restrict__ y, int64_t rows,
@@ -771,7 +773,8 @@ __device__ __forceinline__ void online_max_sum_update(const float (&v)[VEC], flo
 // Wide softmax rows (past registers, up to ~200 KB a row): the row is copied once into shared memory with cp.async
 // (each thread its own 16-byte vectors, in kSmemChunks commit groups so the online (max, sum) of the first chunk
 // runs while the later ones land), then y is computed from shared memory: x is read once from memory, against
-// twice in softmax_forward_looped_vec (2048x32768 fp32: 181.5 us there, Liger 138.5, keeping the row on chip).
+// twice in softmax_forward_looped_vec, as Liger's kernel keeps the row on chip (ledger: softmax, kernel, H200,
+// 2048x32768 forward, run cuda-h200-2026-12-01-rows-rowbench, variants "smem thr=…" against the looped kernel).
 // Each thread reads back only what it copied: no barrier guards the row. Dynamic shared memory: cols * sizeof(T).
 constexpr int kSmemChunks = 4;
 
@@ -956,8 +959,9 @@ __global__ void __launch_bounds__(1024) softmax_backward_looped_vec(const T* __r
 // stay in flight without holding registers. One barrier per row (the dot product; its scratch alternates by row
 // parity, so a fast thread's next write cannot overwrite a value a slow one has yet to read). dw: the block's
 // float32 partial row in registers, written once at the end (rms_norm_dw_reduce sums the G partial rows).
-// Measured at 8192x4096 bf16 on an H200 (dx + dw, both launches): 99.4 us for rms_norm_backward_registers with
-// 4 blocks per SM, 59.5 us here (3 stages); Liger-Kernel 0.8.5's 102.7 us.
+// Against rms_norm_backward_registers and Liger-Kernel's backward (dx + dw, both launches): ledger: rms_norm, kernel,
+// H200, bfloat16 8192x4096 backward, run cuda-h200-2026-12-01-rowbench, variants "pipe items=1 thr=512 st=3 …"
+// against "current items=1 thr=512 g=528", and Liger's "in place" row of the same run.
 // Shared memory: STAGES * 2 * ITEMS * THREADS * 16 bytes (dynamic).
 // ADD: dx += dh (add_rms_norm), dh's 16-byte vectors loaded into registers (raw, 4 registers each) before the
 // reduction so their latency hides behind it; staging dh as a third array would take 1.5x the shared memory.

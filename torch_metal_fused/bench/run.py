@@ -121,8 +121,8 @@ _FLUSH: dict[str, torch.Tensor] = {}
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
-    # 1 GiB: clearing it takes longer (~0.3 ms on an H100) than the host needs to queue a forward+backward
-    # through autograd, so the events time device work rather than Python and launch overhead.
+    # 1 GiB: clearing it (2 GiB of traffic at the device's copy bandwidth) takes longer than the host needs to queue a
+    # forward+backward through autograd, so the events time device work rather than Python and launch overhead.
     if device.type not in _FLUSH:
         _FLUSH[device.type] = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     return _FLUSH[device.type]

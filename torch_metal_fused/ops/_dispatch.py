@@ -27,7 +27,7 @@ def run_kernel(entry_point: str, lead: torch.Tensor, *args):
 
 def call(op, impl, *args):
     """Call custom op `op` (whose body is `impl`) from an autograd.Function. Eager calls run `impl` directly,
-    skipping the dispatcher round trip (several µs per call: much of a small op's cost); under torch.compile
+    skipping the dispatcher round trip (host time per call, much of a small op's cost); under torch.compile
     the registered op is called, so tracing sees it with its fake implementation. Under torch.autocast the body
     runs with autocast off, in the dtypes the public function chose (torch_metal_fused/_autocast.py)."""
     if torch.compiler.is_compiling():

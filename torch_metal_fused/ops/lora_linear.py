@@ -131,7 +131,7 @@ def _check_lora_args(x, weight, lora_a, lora_b, bias) -> None:
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in_features ({in_features})")
     if lora_a.shape[1] != in_features:
         raise ValueError(f"lora_a must have shape (r, {in_features}) to match weight, got {tuple(lora_a.shape)}")
-    if tuple(lora_b.shape) != (out_features, rank):  # a torch.Size against a tuple goes through sym_eq: µs per call
+    if tuple(lora_b.shape) != (out_features, rank):  # a torch.Size against a tuple goes through sym_eq: slow
         raise ValueError(
             f"lora_b must have shape ({out_features}, {rank}) = (out_features, r of lora_a), got {tuple(lora_b.shape)}"
         )

@@ -20,22 +20,22 @@ inline bool lora_use_merged_weight(uint64_t tokens, uint64_t in_features, bool h
 }
 
 // The CUDA backend's K-concatenated GEMM (csrc/cuda/lora_kconcat.cu, bfloat16 on CUTLASS's Hopper GEMMs) comes in
-// two configurations, chosen per GEMM (y: tokens x out_features, dx: tokens x in_features) by its output's shape.
-// Through the op on an H200 (README, CUDA section; benchmarks/results/cuda-h200-2026-12-0[12]-lora-*):
+// two configurations, chosen per GEMM (y: tokens x out_features, dx: tokens x in_features) by its output's shape:
 // - cooperative, 128x256 tiles, where the tokens' 128-row tiles are at least as many as the features' 128-column
-//   ones (tall outputs, ties included): at 8192x4096->4096 forward+backward 1.165-1.175x the base GEMM pair in three
-//   runs on 12-01, where ping-pong ran 1.222x / 1.236x (r16 / r64) with this scheduler's default swizzle on 12-02
-//   (...-lora-op-pingpong-swizzle1-63ab3ac.md) and 1.194-1.204x with swizzle 4; the op without this GEMM, the
-//   control, measured 1.206x / 1.248x and 1.212x / 1.253x on the two days;
-// - ping-pong, 128x128 tiles, where the features' tiles are more (wide outputs): at 2048x4096->11008 forward
-//   1.074-1.080x in three runs against the cooperative one's 1.146-1.157x, forward+backward 1.133-1.152x (r16) and
-//   1.124-1.143x (r64) against 1.173-1.182x and 1.133-1.161x.
+//   ones (tall outputs, ties included; both consumer warp groups on one 128x256 tile): through the op it was the
+//   faster at 8192x4096->4096 (ledger: lora, op, H200, bfloat16 8192x4096x4096x16
+//   and x64, variant "TORCH_METAL_FUSED_LORA_KCONCAT=1 (cooperative GEMM)" against "…, ping-pong GEMM, swizzle 1 / 4"
+//   and the control "TORCH_METAL_FUSED_LORA_KCONCAT=0");
+// - ping-pong, 128x128 tiles, where the features' tiles are more (wide outputs; each consumer warp group on its own
+//   tile, one's epilogue overlapping the other's mainloop): through the op it was the faster at 2048x4096->11008
+//   (same rows, 2048x4096x11008x16 and x64).
 // Only those two shapes (2:1 tall, 1:2.7 wide) were measured through the op; the split between is an extrapolation.
-// The route is taken by default only where each of the two GEMMs has at least one of its own tiles per SM. The
-// cooperative configuration lost where its tiles did not fill the GPU (1000x1048->1016 r16: 3.02x against 2.74x; 512
-// tokens: forward 18.8 against 14.7 µs). A ping-pong tile keeps one of its two consumer warp groups busy, so that
-// threshold lets ping-pong in at half the output area the cooperative one needs; in the GEMM benchmark ping-pong won
-// at 1000x1048->1016 (64 tiles of 128x128: 2.48x against 2.72x), which supports the leniency.
+// The route is taken by default only where each of the two GEMMs has at least one of its own tiles per SM: with fewer
+// tiles than SMs part of the GPU idles while the merged-weight route keeps it busy (ledger: lora, op, H200, bfloat16
+// 512x512x512x8, variant "…=1 (cooperative GEMM)" against "…=0"). A ping-pong tile keeps one of its two consumer warp
+// groups busy, so that threshold lets ping-pong in at half the output area the cooperative one needs; in the GEMM
+// benchmark ping-pong won at 1000x1048->1016, 64 tiles of 128x128 (ledger: lora, kernel, H200, bfloat16
+// 1000x1048x1016x16, variants "pingpong 128x128 c2x1, …" against "coop 128x256 c2x1, …"), which supports the leniency.
 enum class LoraKConcatGemm : uint8_t { cooperative_128x256, pingpong_128x128 };
 constexpr uint64_t kLoraKConcatTileM = 128;      // both configurations' tile rows
 constexpr uint64_t kLoraKConcatCoopTileN = 256;  // the cooperative configuration's tile columns
