@@ -96,7 +96,7 @@ for step in $steps; do
       for tool in ${tools:-memcheck racecheck}; do
         # racecheck reports hazards inside cuBLAS's own GEMM kernels (nvjet_*) at the LoRA cases with 1100 tokens;
         # excluding them (--kernel-name-exclude kns=nvjet) made the sanitizer fail in a cuBLAS GEMM instead
-        # (benchmarks/results/cuda-h200-2026-12-01-sanitizer-e1da60e.txt), so the summary line counts the reports
+        # (docs/status.md, compute-sanitizer), so the summary line counts the reports
         # outside them. Without PyTorch's caching allocator each tensor is its own allocation, so an overrun past
         # it is reported.
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 9 \
@@ -110,8 +110,11 @@ for step in $steps; do
       # bench:<ops> runs part of the suite (e.g. bench:softmax,rms_norm), so each part fits one 10-minute command
       ops=${step#bench}
       ops=${ops#:}
+      # --record: the rows go to $OUT/ledger.csv; `python3 -m torch_metal_fused.bench.results --add` puts them in the
+      # checkout's ledger (benchmarks/results/ledger.csv) and regenerates docs/results.md.
       python3 -m torch_metal_fused.bench --device cuda --suite cuda --dtypes bfloat16,float32 ${ops:+--ops $ops} \
-        --modes forward,forward_backward --out "$OUT/bench${ops:+-${ops//,/-}}" --no-plots 2>"$OUT/bench.err" | tail -80
+        --modes forward,forward_backward --out "$OUT/bench${ops:+-${ops//,/-}}" --no-plots \
+        --record "$OUT/ledger.csv" 2>"$OUT/bench.err" | tail -80
       ;;
     lora)
       # LoRA through the op (ours, eager, PEFT, the base GEMMs), bf16: benchmarks/cuda_lora_bench.py
@@ -196,7 +199,7 @@ assert _C.HAS_LORA_KCONCAT and _C.lora_kconcat_mode() == 'by_size' and got == {'
     ncu)
       # Hardware counters (Nsight Compute reads them on the Firecracker machines; clocks left alone): our LoRA
       # kernels' first launches at 8192x4096->4096 r16, and the forward row kernels at 8192x4096 bf16 beside
-      # Liger's RMSNorm forward, to explain the gaps the timings show (README, CUDA section).
+      # Liger's RMSNorm forward, to explain the gaps the timings show (docs/cuda.md).
       sections=("${ncu_sections[@]}" --section SchedulerStats --section LaunchStats)
       build_lorak && ncu --clock-control none --kernel-name regex:lora_ --launch-count 5 "${sections[@]}" \
         /tmp/lorak 1 ncu > "$OUT/ncu_lora.txt" 2>&1
