@@ -277,30 +277,37 @@ def _counted_section(rows: list[Row]) -> list[str]:
     sub = [r for r in rows if r["method"] == "counted"]
     if not sub:
         return []
-    latest = list(_latest(sub).values())
-    out = [
+    latest = _latest(sub)
+    dtypes = list(dict.fromkeys(r["dtype"] for r in latest.values()))
+    lines: dict[tuple, dict[str, Row]] = {}
+    for r in latest.values():
+        lines.setdefault((r["op"], r["shape"], r["mode"]), {})[r["dtype"]] = r
+    body = []
+    for (op, shape, mode), cells in lines.items():
+        body.append(
+            [
+                op,
+                shape,
+                mode,
+                *[
+                    f"{int(c['bytes_moved']) / int(c['bytes']):.3f}" if (c := cells.get(d)) and c["bytes"] else "–"
+                    for d in dtypes
+                ],
+                "; ".join(sorted({_run_name(c) for c in cells.values()})),
+            ]
+        )
+    return [
         "## Metal kernels on the harness: device bytes counted (a model, not a measurement)",
         "",
         "`python -m torch_metal_fused.bench --record` on a machine without an Apple or NVIDIA GPU: the Metal kernels "
-        "ran on the Metal-on-CPU harness, which counted the bytes they read and wrote (*moved*) against the minimum. "
-        "LoRA and cross_entropy rows count only our kernels (the native GEMMs are not counted).",
+        "ran on the Metal-on-CPU harness, which counted the bytes they read and wrote against the minimum (each input "
+        "read once, each output written once). Each cell is that ratio (*x minimum*); the ledger has both byte counts. "
+        "LoRA and cross_entropy rows count only our kernels (the native GEMMs are not counted), attention's re-reads "
+        "of K and V are device-memory accesses that a GPU's caches mostly serve "
+        "([bench-attention.md](bench-attention.md)).",
         "",
+        _table(["op", "shape", "mode", *[f"{d} x minimum" for d in dtypes], "runs"], body),
     ]
-    body = [
-        [
-            r["op"],
-            r["dtype"],
-            r["shape"],
-            r["mode"],
-            f"{int(r['bytes']) / 1e6:.2f}" if r["bytes"] else "–",
-            f"{int(r['bytes_moved']) / 1e6:.2f}",
-            f"{int(r['bytes_moved']) / int(r['bytes']):.3f}" if r["bytes"] else "–",
-            _run_name(r),
-        ]
-        for r in latest
-    ]
-    out.append(_table(["op", "dtype", "shape", "mode", "minimum MB", "moved MB", "x minimum", "run"], body))
-    return out
 
 
 def _runs_section(rows: list[Row]) -> list[str]:
