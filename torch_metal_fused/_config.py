@@ -11,7 +11,7 @@ them). An empty value means unset everywhere. docs/configuration.md lists the sa
 step, and checks that every TORCH_METAL_FUSED_* name in the tree is declared here).
 
 This module imports nothing from the package (setup.py loads it by its path, before the package is importable): it is
-the bottom layer, with _errors.py.
+the bottom layer, with _errors.py and _families.py.
 """
 
 from __future__ import annotations
