@@ -13,8 +13,8 @@
 //     probabilities recomputed from the log-sum-exp, dS = P * (dP - delta).
 //   dK/dV (attention_backward_dkdv_d<D>): a threadgroup takes rows_per_group key rows of one kv head; each
 //     SIMD-group owns 8, holding k, v and the dk, dv accumulators in registers, and walks every query head of the
-//     group (grouped-query attention sums in registers, no atomics) through blocks of q, dout, lse and delta
-//     staged in threadgroup memory.
+//     group (grouped-query attention sums in registers, no atomics) through blocks of q and dout staged in
+//     threadgroup memory (the block's lse and delta one per lane, shared by shuffles).
 // Blocks that no row of the group may see (causal, window) are skipped; a block's keys or queries past the end are
 // zero-filled and dropped. Rows with no visible key give zeros (lse = -inf). NaN propagates: the row maxima keep
 // NaN (MSL's max drops it), and exp_nonpositive passes it through.
@@ -388,10 +388,9 @@ template <typename T, uint D>
     uint simd_group [[simdgroup_index_in_threadgroup]]) {
   constexpr uint BQ = AttentionBlock<D>::rows;
   constexpr uint DT = D / TILE, QT = BQ / TILE;
+  static_assert(BQ <= 32, "a block's lse and delta are held one per lane");
   threadgroup float q_tile[BQ * D];
   threadgroup float do_tile[BQ * D];
-  threadgroup float lse_tile[BQ];
-  threadgroup float delta_tile[BQ];
   const uint b = group.z, hk = group.y, heads_per_kv = p.q_heads / p.kv_heads;
   const uint k0 = group.x * p.rows_per_group, k1 = min(k0 + p.rows_per_group, p.kv_len);
   const uint row0 = k0 + simd_group * TILE;  // this SIMD-group's 8 key rows
@@ -419,12 +418,12 @@ template <typename T, uint D>
       const uint n = min(BQ, p.q_len - i0);
       stage_rows<T, D, BQ>(q_bh, p.q_row_stride, i0, n, q_tile, tid.x, threads.x);
       stage_rows<T, D, BQ>(do_bh, p.do_row_stride, i0, n, do_tile, tid.x, threads.x);
-      for (uint r = tid.x; r < BQ; r += threads.x) {
-        lse_tile[r] = r < n ? lse[stats + i0 + r] : -INFINITY;
-        delta_tile[r] = r < n ? delta[stats + i0 + r] : 0.0f;
-      }
       threadgroup_barrier(mem_flags::mem_threadgroup);
       if (has_rows) {
+        // The block's lse and delta, lane r holding query i0 + r's; each lane takes its columns' by shuffles. Kept
+        // out of threadgroup memory, so the two tiles stay within the occupancy budget (64 bytes per thread).
+        const float lane_lse = lane < n ? lse[stats + i0 + lane] : -INFINITY;
+        const float lane_delta = lane < n ? delta[stats + i0 + lane] : 0.0f;
         simdgroup_float8x8 pt[QT], dpt[QT];  // (8 keys x BQ queries): probabilities, then dP
         products_with_staged<D, BQ>(pt, k_rows, q_tile);
         products_with_staged<D, BQ>(dpt, v_rows, do_tile);
@@ -433,12 +432,13 @@ template <typename T, uint D>
           #pragma clang loop unroll(full)
           for (uint e = 0; e < 2; ++e) {
             const uint c = j * TILE + at.col + e;
+            const float c_lse = simd_shuffle(lane_lse, ushort(c)), c_delta = simd_shuffle(lane_delta, ushort(c));
             float t;
             const float x = attention_logit(pt[j].thread_elements()[e], i0 + c, kj, p, mask_bh, t);
             float pe = 0.0f, ds = 0.0f;
             if (x != -INFINITY) {
-              pe = exp_nonpositive(x - lse_tile[c]);
-              ds = pe * (dpt[j].thread_elements()[e] - delta_tile[c]) * (1.0f - t * t) * p.scale;
+              pe = exp_nonpositive(x - c_lse);
+              ds = pe * (dpt[j].thread_elements()[e] - c_delta) * (1.0f - t * t) * p.scale;
             }
             pt[j].thread_elements()[e] = pe;
             dpt[j].thread_elements()[e] = ds;

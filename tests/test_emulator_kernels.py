@@ -405,6 +405,10 @@ def _drive_every_kernel():
             ax, ar = randn((3, cols), dtype, "cpu").requires_grad_(True), randn((3, cols), dtype, "cpu")
             for aw in (randn((cols,), dtype, "cpu").requires_grad_(True), randn((cols,), dtype, "cpu")):
                 rec += _record(lambda: sum(t.sum() for t in tmf.add_rms_norm(ax, ar, aw)).backward())
+        for d in (32, 64, 80, 96, 128, 256):  # attention: every head dim's kernels (causal GQA, 9 > 8 query rows)
+            aq = randn((1, 2, 9, d), dtype, "cpu").requires_grad_(True)
+            ak, av = (randn((1, 1, 9, d), dtype, "cpu", seed=s).requires_grad_(True) for s in (1, 2))
+            rec += _record(lambda: tmf.attention(aq, ak, av, causal=True).sum().backward())
     return rec
 
 

@@ -751,8 +751,8 @@ MUTANTS: list[Mutant] = [
     _m(
         "attention_dkdv_softcap_without_chain_rule",
         AT,
-        "ds = pe * (dpt[j].thread_elements()[e] - delta_tile[c]) * (1.0f - t * t) * p.scale;",
-        "ds = pe * (dpt[j].thread_elements()[e] - delta_tile[c]) * p.scale;",
+        "ds = pe * (dpt[j].thread_elements()[e] - c_delta) * (1.0f - t * t) * p.scale;",
+        "ds = pe * (dpt[j].thread_elements()[e] - c_delta) * p.scale;",
         ATTENTION,
         "dK ignores the soft-cap's tanh derivative",
     ),

@@ -879,10 +879,11 @@ def _attention_variant(head_dim: int) -> str:
     return f"d{head_dim}"
 
 
-def _row_groups(pipeline: Pipeline, rows: int) -> tuple[int, int]:
-    """(rows per threadgroup, threads per threadgroup): 8 rows per SIMD-group, as many SIMD-groups as the rows
-    need, up to ATTENTION_SIMD_GROUPS and the pipeline's limit."""
-    simd_groups = min(ATTENTION_SIMD_GROUPS, pipeline.max_threads // SIMD_WIDTH, ceil_div(rows, SIMDGROUP_MATRIX))
+def _row_groups(pipeline: Pipeline) -> tuple[int, int]:
+    """(rows per threadgroup, threads per threadgroup): 8 rows per SIMD-group, ATTENTION_SIMD_GROUPS of them (fewer
+    only where the pipeline allows fewer threads): the 16 KiB of staged tiles is then 64 bytes per thread, the
+    occupancy budget, also for short sequences (whose idle SIMD-groups still stage)."""
+    simd_groups = min(ATTENTION_SIMD_GROUPS, pipeline.max_threads // SIMD_WIDTH)
     return simd_groups * SIMDGROUP_MATRIX, simd_groups * SIMD_WIDTH
 
 
@@ -913,7 +914,7 @@ def attention_forward(q, k, v, bias, causal: bool, window: int, scale: float, so
 
     def build():
         pipeline = launcher.pipeline(kernel_name("attention_forward", _attention_variant(head_dim), q.dtype))
-        rows, threads = _row_groups(pipeline, q_len)
+        rows, threads = _row_groups(pipeline)
         p = _attention_params(shapes, strides, causal, window, scale, softcap, rows)
         return pipeline, p, (ceil_div(q_len, rows), q_heads, batch), (threads, 1, 1)
 
@@ -954,7 +955,7 @@ def attention_backward(dout, q, k, v, out, lse, bias, causal: bool, window: int,
             )
         ]
         for pipeline, rows_total, heads in ((dq_pipeline, q_len, q_heads), (dkdv_pipeline, kv_len, kv_heads)):
-            rows, threads = _row_groups(pipeline, rows_total)
+            rows, threads = _row_groups(pipeline)
             p = _attention_params(shapes, strides, causal, window, scale, softcap, rows)
             plans.append((pipeline, p, (ceil_div(rows_total, rows), heads, batch), (threads, 1, 1)))
         return plans

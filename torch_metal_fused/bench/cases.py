@@ -649,7 +649,8 @@ def attention_model(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> di
     - q_reads: likewise for q (and dout): once by the forward and the dQ kernel, once per threadgroup of key rows
       (from its first visible query on) by the dK/dV kernel.
     - device_bytes: every byte those kernels read or write, with the small per-row statistics (lse, delta) at one
-      read per use (the harness counts each lane's load: a few % more in backward).
+      read per use: in dK/dV by each SIMD-group holding key rows (the dQ kernel's lanes load their row's once
+      each, which the harness counts per lane: a few % more in backward).
     - matrix_flops: the products the kernels issue on 8x8 simdgroup matrices (whole staged blocks, zero-filled
       rows included): forward 2 per staged block, dQ 3, dK/dV 4, against the FLOPs convention's 2 and 5.
     """
@@ -668,12 +669,13 @@ def attention_model(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> di
         padded_keys += blocks * bk
         products_q += -(-(q1 - q0) // tile) * tile * blocks * bk
     # dK/dV: per (batch, kv head) and key group [k0, k1), for each q head of the group: queries from k0 on
-    staged_queries = products_k = 0
+    staged_queries = products_k = stat_loads = 0
     for k0 in range(0, seq, plan.key_rows):
         k1 = min(seq, k0 + plan.key_rows)
         blocks = -(-(seq - k0) // bk)
         staged_queries += seq - k0
         products_k += -(-(k1 - k0) // tile) * tile * blocks * bk
+        stat_loads += (seq - k0) * -(-(k1 - k0) // tile)  # each SIMD-group holding key rows loads lse and delta
     kv_reads_fwd = heads / kv * staged_keys / seq
     q_reads_dkdv = staged_queries / seq
     row = batch * heads * seq * d * es  # q, out, dout, dq
@@ -687,7 +689,7 @@ def attention_model(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> di
     }
     delta_pass = 2 * row + stats
     dq = 2 * row + kv_reads_fwd * kv_bytes + 2 * stats + row
-    dkdv = kv_bytes + q_reads_dkdv * (2 * row + 2 * stats) + kv_bytes
+    dkdv = kv_bytes + q_reads_dkdv * 2 * row + batch * heads * stat_loads * 2 * 4 + kv_bytes
     backward = {
         "kv_reads": kv_reads_fwd + 1,
         "q_reads": 1 + q_reads_dkdv,
