@@ -413,10 +413,10 @@ MUTANTS: list[Mutant] = [
     ),
     _m(
         "lora_lane_matrix_position_transposed",
-        L,
+        "shaders/simdgroup_matrix.h",
         "return LanePosition{(quad & 4) + (lane / 2) % 4, (quad & 2) * 2 + (lane % 2) * 2};",
         "return LanePosition{(quad & 2) * 2 + (lane % 2) * 2, (quad & 4) + (lane / 2) % 4};",
-        LORA,
+        LORA + ATTENTION,
         "a lane's simdgroup-matrix elements placed at the transposed position (row and column swapped)",
     ),
     _m(
