@@ -769,3 +769,25 @@ def test_cuda_route_uses_sdpa(monkeypatch):
     calls.clear()
     tmf.attention(q, k, v, softcap=20.0)
     assert calls == ["function"]
+
+
+def test_sdpa_route_hands_sdpa_aligned_operands_and_gradients():
+    """SDPA's CUDA kernels read 16-byte vectors: a view with a storage offset or odd-width rows (HF's projections
+    sliced from a wider buffer) failed on an H100 with "misaligned address", a sticky error that took down the process.
+    The route copies such operands, and such incoming gradients, into aligned storage; aligned ones pass untouched."""
+    from torch_metal_fused.ops import attention as op
+
+    aligned = torch.randn(2, 4, 16, 32)
+    assert op._aligned(aligned) is aligned
+    for t in (
+        torch.randn(3 + 2 * 4 * 16 * 32)[3:].view(2, 4, 16, 32),  # storage offset of 3 elements
+        torch.randn(2, 16, 4 * 32 + 5)[..., 5:].reshape(2, 16, 4, 32).transpose(1, 2),  # odd row width
+        torch.randn(2, 4, 16, 33)[..., :32],  # rows of 33 elements
+    ):
+        got = op._aligned(t)
+        assert got is not t and torch.equal(got, t) and got.is_contiguous() and got.data_ptr() % 16 == 0
+    g = torch.randn(2, 4, 16, 33)[..., 1:]
+    x = torch.randn(2, 4, 16, 32, requires_grad=True)
+    y = op._AlignedGradient.apply(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(dx, g) and dx.data_ptr() % 16 == 0 and dx.is_contiguous()

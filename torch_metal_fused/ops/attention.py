@@ -163,23 +163,48 @@ def check_tensor_or_bool(name: str, t: object) -> None:
     check_tensor(name, t)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy where its start or a row stride is not 16-byte aligned: SDPA's CUDA kernels read
+    16-byte vectors and fail with "misaligned address" on such views (a storage offset, odd-width rows)."""
+    es = t.element_size()
+    rows_aligned = all(st * es % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+    if t.data_ptr() % 16 == 0 and rows_aligned:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+class _AlignedGradient(torch.autograd.Function):
+    """Identity whose backward hands SDPA's backward an aligned incoming gradient (see _aligned)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _aligned(grad)
+
+
 def _sdpa(q, k, v, bias, causal: bool, window: int, scale: float) -> torch.Tensor:
     """CUDA: PyTorch's fused SDPA (flash or memory-efficient kernels) with our semantics: bottom-right causal and
     windows as an explicit mask (SDPA's is_causal is aligned top-left), grouped heads expanded by SDPA itself, and rows
     with no visible key zeroed (as our kernels give them)."""
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     q_len, kv_len = q.shape[2], k.shape[2]
     visible = reference.attention_visible(torch.arange(q_len, device=q.device), kv_len, q_len, causal, window)
     groups = q.shape[1] // k.shape[1]
     kwargs = {"enable_gqa": True} if groups > 1 else {}
     if bias is None and (visible is None or (q_len == kv_len and window == 0)):
-        return torch.nn.functional.scaled_dot_product_attention(
+        out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=visible is not None, scale=scale, **kwargs
         )
+        return _AlignedGradient.apply(out)
     mask = torch.zeros((q_len, kv_len), dtype=q.dtype, device=q.device)
     if visible is not None:
         mask.masked_fill_(~visible, float("-inf"))
-    mask = mask if bias is None else bias + mask
+    mask = _aligned(mask if bias is None else bias + mask)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kwargs)
+    out = _AlignedGradient.apply(out)
     empty_rows = (mask == float("-inf")).all(-1, keepdim=True)
     return out.masked_fill(empty_rows, 0) if bool(empty_rows.any()) else out
 
@@ -255,8 +280,8 @@ def attention(
     q, k, v = _unit_inner_stride(q), _unit_inner_stride(k), _unit_inner_stride(v)
     empty = q.numel() == 0 or kv_len == 0
     if q.device.type == "cuda" and softcap == 0 and not empty and forced_backend() != "reference":
-        out = _sdpa(q, k, v, bias, causal, window, scale)
-        return out.transpose(1, 2) if heads_last else out
+        out = _sdpa(q, k, v, bias, causal, window, scale)  # laid out as SDPA's kernel chose: made contiguous
+        return out.transpose(1, 2).contiguous() if heads_last else out.contiguous()
     out = AttentionFunction.apply(q, k, v, bias, causal, window, scale, softcap, heads_last)
     return out.transpose(1, 2) if heads_last else out
 
