@@ -282,6 +282,57 @@ def test_padded_batch_matches_eager_and_sdpa(backend, family, padding, monkeypat
             assert_matches(grad, ref_grads[name].double(), torch.float32, f"{what}: {name}")
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_a_causal_padding_mask_reaches_the_op_as_causal_and_key_padding(family, monkeypatch):
+    """transformers' boolean mask of a padded training batch is causality (and the sliding window) and key padding
+    combined: the op gets causal=True, the window and a (B, S) key-padding mask — block skipping, no (B, S, S) bias —
+    with the logits unchanged against eager."""
+    monkeypatch.setenv("TORCH_METAL_FUSED_BACKEND", "reference")
+    model = _model(family, attn="tmf")
+    ids, mask = _padded_batch("left", "cpu")
+    seen = []
+    real_op = patch.fused_attention
+
+    def op(*args, **kwargs):
+        seen.append((args[3] is None, kwargs["causal"], kwargs["window"], kwargs["key_padding_mask"] is not None))
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(patch, "fused_attention", op)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        ref = _twin(model, "eager")(input_ids=ids, attention_mask=mask).logits
+    assert len(seen) == model.config.num_hidden_layers
+    assert all(no_mask and causal and padding for no_mask, causal, _, padding in seen), seen
+    windows = {w for *_, w, _ in seen}
+    assert windows == ({None} if family == "llama" else {8} if family == "mistral" else {8, None}), windows
+    real = mask.bool()
+    assert_matches(logits[real], ref[real].double(), torch.float32, f"{family}: logits")
+
+
+def test_other_boolean_masks_are_passed_as_they_are():
+    """A mask that is not causal and key padding (a bidirectional block, one query blind to an earlier real key) is
+    handed to the op unchanged. The check is made once per mask tensor (transformers hands every layer the same one),
+    and again for a mask changed in place since."""
+    n = 6
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    padding = torch.tensor([[False, True, True, True, True, True], [True] * n])
+    mask = (causal & padding[:, None, :])[:, None].clone()
+    factors = patch._causal_padding_factors(mask, None)
+    assert factors is not None and torch.equal(factors[0], padding) and factors[1] is None
+    assert patch._causal_padding_factors(mask, None) is factors  # the second layer's call: from the cache
+    assert patch._causal_padding_factors(mask, 3) is None  # not the window's band
+    mask[0, 0, 2, 4] = True  # a later key seen (a bidirectional block): in place, so its version changes
+    assert patch._causal_padding_factors(mask, None) is None
+    holes = (causal & padding[:, None, :])[:, None].clone()
+    holes[1, 0, 5, 1] = False  # one query blind to one earlier real key
+    assert patch._causal_padding_factors(holes, None) is None
+    assert patch._causal_padding_factors(holes.float(), None) is None  # additive masks: passed as they are
+    band = torch.ones(n, n, dtype=torch.bool).tril() & ~torch.ones(n, n, dtype=torch.bool).tril(-3)
+    windowed = (band & padding[:, None, :])[:, None]
+    factors = patch._causal_padding_factors(windowed, 3)
+    assert factors is not None and factors[1] == 3
+
+
 def test_the_tiny_models_exercise_windows_and_soft_capping():
     """The configurations above matter at these sizes: without Gemma-2's window, its soft-capping or Mistral's
     window, the eager logits change (so the comparisons test them)."""

@@ -32,6 +32,7 @@ import sys
 import threading
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -424,7 +425,7 @@ def hf_attention_forward(
     q_len, kv_len = query.shape[2], key.shape[2]
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    mask, causal, window = attention_mask, False, None
+    mask, causal, window, key_padding = attention_mask, False, None, None
     if mask is not None:
         if mask.ndim != 4:
             raise ValueError(
@@ -433,7 +434,10 @@ def hf_attention_forward(
             )
         if mask.shape[-1] > kv_len:  # a static cache's mask may be longer than the keys given
             mask = mask[..., :kv_len]
-        if mask.dtype not in (torch.bool, query.dtype):
+        factored = _causal_padding_factors(mask, kwargs.get("sliding_window")) if q_len == kv_len > 1 else None
+        if factored is not None:  # causal ∧ window ∧ key padding: the op skips blocks, no (B, S, Sk) bias is built
+            mask, causal, window, key_padding = None, True, factored[1], factored[0]
+        elif mask.dtype not in (torch.bool, query.dtype):
             mask = mask.to(query.dtype)
     elif is_causal and q_len > 1:
         if kv_len > q_len:  # sdpa's is_causal is aligned top-left: the keys past the queries are never seen
@@ -455,9 +459,44 @@ def hf_attention_forward(
         scale=scaling,
         window=window,
         softcap=kwargs.get("softcap"),
+        key_padding_mask=key_padding,
         layout="bshd",
     )
     return out, None
+
+
+# A training batch with padding gets from transformers a boolean (B, 1, S, S) mask that is causality (and the sliding
+# window) and key padding combined. Handed to the op as it is, it becomes an additive (B, S, S) bias per call and no
+# key block can be skipped; as causal=True, window and a (B, S) key-padding mask it costs neither. The factors are
+# verified against the mask itself (one comparison, a device sync), once per mask tensor: transformers builds it once
+# per forward and hands the same tensor to every layer. Entries hold a weak reference and the tensor's version, so a
+# freed mask (whose address may be reused) or one changed in place is never served from here.
+_MASK_FACTORS: dict[int, tuple] = {}
+_MASK_FACTORS_MAX = 8
+
+
+def _causal_padding_factors(mask: torch.Tensor, sliding_window) -> tuple[torch.Tensor, int | None] | None:
+    """(key_padding (B, S) bool, window or None) when the boolean (B, 1, S, S) `mask` is exactly causal (within
+    `sliding_window`, HF's kv_idx > q_idx - sliding_window) and key padding, else None."""
+    if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
+        return None
+    window = int(sliding_window) if sliding_window is not None and sliding_window < mask.shape[3] else None
+    entry = _MASK_FACTORS.get(id(mask))
+    if entry is not None:
+        ref, version, cached_window, factors = entry
+        if ref() is mask and version == mask._version and cached_window == window:
+            return factors
+    rows = mask[:, 0]
+    key_padding = rows.any(dim=1)  # a real key is seen at least by its own query (the diagonal)
+    n = rows.shape[-1]
+    i = torch.arange(n, device=mask.device)[:, None]
+    j = torch.arange(n, device=mask.device)[None, :]
+    band = j <= i if window is None else (j <= i) & (j > i - window)
+    factors = (key_padding, window) if torch.equal(rows, band & key_padding[:, None, :]) else None
+    if len(_MASK_FACTORS) >= _MASK_FACTORS_MAX:
+        _MASK_FACTORS.clear()
+    _MASK_FACTORS[id(mask)] = (weakref.ref(mask), mask._version, window, factors)
+    return factors
 
 
 def _top_left_causal(q_len: int, kv_len: int, sliding_window: int | None, device) -> torch.Tensor:
