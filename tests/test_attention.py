@@ -791,3 +791,31 @@ def test_sdpa_route_hands_sdpa_aligned_operands_and_gradients():
     y = op._AlignedGradient.apply(x)
     (dx,) = torch.autograd.grad(y, x, g)
     assert torch.equal(dx, g) and dx.data_ptr() % 16 == 0 and dx.is_contiguous()
+
+
+def test_sdpa_route_never_hands_sdpa_a_row_without_keys(monkeypatch):
+    """SDPA's CUDA kernels need not give zeros for a row whose keys are all masked (exp(-inf - -inf) is NaN, forward
+    and backward). With an SDPA that does exactly that (a naive softmax), the route still gives zero rows and zero,
+    finite gradients: such rows attend to every key inside SDPA, and are zeroed after it."""
+    from torch_metal_fused.ops import attention as op
+
+    def naive_sdpa(q, k, v, attn_mask=None, scale=None, enable_gqa=False, **_):
+        if enable_gqa:
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+        scores = q @ k.transpose(-1, -2) * scale + attn_mask
+        assert not (scores == float("-inf")).all(-1).any(), "a row without keys reached SDPA"
+        return torch.softmax(scores, -1) @ v
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", naive_sdpa)
+    q = torch.randn(2, 4, 9, 32, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 5, 32, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    pad = torch.tensor([[True] * 5, [False] * 5])  # the second sequence has no key at all
+    bias = op._mask_bias(None, pad, (2, 4, 9, 5), torch.float64, q.device)
+    out = op._sdpa(q, k, v, bias, True, 0, 0.2)  # causal with S > Sk: the first 4 queries see no key either
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(out[0, :, :4], torch.zeros_like(out[0, :, :4]))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert torch.equal(dq[1], torch.zeros_like(dq[1])) and torch.equal(dk[1], torch.zeros_like(dk[1]))
+    assert torch.equal(dv[1], torch.zeros_like(dv[1])) and torch.equal(dq[0, :, :4], torch.zeros_like(dq[0, :, :4]))
+    want = reference.attention_forward(q.detach(), k.detach(), v.detach(), bias, True, 0, 0.2, 0.0, False)[0]
+    assert torch.allclose(out, want)

@@ -202,11 +202,17 @@ def _sdpa(q, k, v, bias, causal: bool, window: int, scale: float) -> torch.Tenso
     mask = torch.zeros((q_len, kv_len), dtype=q.dtype, device=q.device)
     if visible is not None:
         mask.masked_fill_(~visible, float("-inf"))
-    mask = _aligned(mask if bias is None else bias + mask)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kwargs)
-    out = _AlignedGradient.apply(out)
+    mask = mask if bias is None else bias + mask
+    # Rows with no visible key: SDPA's kernels may give NaN there, forward or backward (exp(-inf - -inf)). Such rows
+    # attend to every key instead (as Hugging Face's _unmask_unattended does), then their outputs are zeroed, which
+    # also zeroes their incoming gradient: their probabilities meet dP = 0 and delta = 0, so dq, dk and dv get 0.
     empty_rows = (mask == float("-inf")).all(-1, keepdim=True)
-    return out.masked_fill(empty_rows, 0) if bool(empty_rows.any()) else out
+    has_empty_rows = bool(empty_rows.any())
+    if has_empty_rows:
+        mask = mask.masked_fill(empty_rows, 0.0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=_aligned(mask), scale=scale, **kwargs)
+    out = _AlignedGradient.apply(out)
+    return out.masked_fill(empty_rows, 0) if has_empty_rows else out
 
 
 def attention(
