@@ -69,9 +69,9 @@ def _visible(q_len: int, kv_len: int, causal: bool, window: int) -> torch.Tensor
     return visible
 
 
-def _probabilities(q, k, bias, causal, window, scale, softcap):
-    """(p, tanh of the soft-capped logits or None, dropped): the attention probabilities of q (B, H, S, D) against k
-    (B, H, Sk, D), in q's precision, differentiable."""
+def _logits(q, k, bias, causal, window, scale, softcap):
+    """(logits, tanh of the soft-capped logits or None) of q (B, H, S, D) against k (B, H, Sk, D): scaled,
+    soft-capped, the mask added, invisible keys at -inf; in q's precision, differentiable."""
     s = (q @ k.transpose(-1, -2)) * scale
     t = None
     if softcap:
@@ -82,6 +82,13 @@ def _probabilities(q, k, bias, causal, window, scale, softcap):
     visible = _visible(q.shape[2], k.shape[2], causal, window)
     if visible is not None:
         s = s.masked_fill(~visible, NEG_INF)
+    return s, t
+
+
+def _probabilities(q, k, bias, causal, window, scale, softcap):
+    """(p, tanh of the soft-capped logits or None, dropped): the attention probabilities of q (B, H, S, D) against k
+    (B, H, Sk, D), in q's precision, differentiable."""
+    s, t = _logits(q, k, bias, causal, window, scale, softcap)
     dropped = s.detach() == NEG_INF
     m = s.detach().amax(-1, keepdim=True)
     m = m.masked_fill(m == NEG_INF, 0.0)  # a NaN row keeps its NaN
@@ -112,16 +119,7 @@ def _flash_float32(q, k, v, dout, dtype, bias, causal, window, scale, softcap, l
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     groups = q.shape[1] // k.shape[1]
     kr, vr = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    s = (q @ kr.transpose(-1, -2)) * scale
-    t = None
-    if softcap:
-        t = torch.tanh(s / softcap)
-        s = softcap * t
-    if bias is not None:
-        s = s + bias.float()
-    visible = _visible(q.shape[2], k.shape[2], causal, window)
-    if visible is not None:
-        s = s.masked_fill(~visible, NEG_INF)
+    s, t = _logits(q, kr, None if bias is None else bias.float(), causal, window, scale, softcap)
     exp, log = (torch.exp2, torch.log2) if log2 else (torch.exp, torch.log)
     if log2:
         s = s * math.log2(math.e)

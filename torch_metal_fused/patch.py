@@ -488,10 +488,7 @@ def _causal_padding_factors(mask: torch.Tensor, sliding_window) -> tuple[torch.T
             return factors
     rows = mask[:, 0]
     key_padding = rows.any(dim=1)  # a real key is seen at least by its own query (the diagonal)
-    n = rows.shape[-1]
-    i = torch.arange(n, device=mask.device)[:, None]
-    j = torch.arange(n, device=mask.device)[None, :]
-    band = j <= i if window is None else (j <= i) & (j > i - window)
+    band = _top_left_causal(rows.shape[-1], rows.shape[-1], window, mask.device)[0]
     factors = (key_padding, window) if torch.equal(rows, band & key_padding[:, None, :]) else None
     if len(_MASK_FACTORS) >= _MASK_FACTORS_MAX:
         _MASK_FACTORS.clear()

@@ -845,8 +845,8 @@ def attention_block_rows(head_dim: int) -> int:
     return min(ATTENTION_MAX_BLOCK_ROWS, ATTENTION_TILE_FLOATS // head_dim // SIMDGROUP_MATRIX * SIMDGROUP_MATRIX)
 
 
-def _bhs_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
-    return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
+def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def _attention_params(shapes, strides: dict, causal: bool, window: int, scale: float, softcap: float, rows: int):

@@ -112,6 +112,11 @@ def _unit_inner_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as an additive one in `dtype`: 0 where kept, -inf where dropped."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+
 def _mask_bias(
     attn_mask: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
@@ -124,7 +129,8 @@ def _mask_bias(
     batch, kv_len = shape[0], shape[3]
     bias = None
     if attn_mask is not None:
-        check_tensor_or_bool("attn_mask", attn_mask)
+        if not (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool):
+            check_tensor("attn_mask", attn_mask)
         if attn_mask.device != device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {device}")
         if attn_mask.requires_grad:
@@ -139,9 +145,8 @@ def _mask_bias(
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, q_heads, q_len, kv_len) = "
                 f"{shape}"
             )
-        if m.dtype == torch.bool:
-            m = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, float("-inf"))
-        bias = m.to(dtype)  # an additive mask is added in q's dtype, as SDPA does
+        # an additive mask is added in q's dtype, as SDPA does
+        bias = _additive(m, dtype) if m.dtype == torch.bool else m.to(dtype)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a boolean tensor (batch, kv_len), True for keys to attend")
@@ -149,18 +154,11 @@ def _mask_bias(
             raise ValueError(f"key_padding_mask must have shape {(batch, kv_len)}, got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {device}")
-        pad = torch.zeros((batch, 1, 1, kv_len), dtype=dtype, device=device)
-        pad.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+        pad = _additive(key_padding_mask[:, None, None, :], dtype)
         bias = pad if bias is None else bias + pad
     if bias is None:
         return None
     return _unit_inner_stride(bias).expand(shape)
-
-
-def check_tensor_or_bool(name: str, t: object) -> None:
-    if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
-        return
-    check_tensor(name, t)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -199,10 +197,10 @@ def _sdpa(q, k, v, bias, causal: bool, window: int, scale: float) -> torch.Tenso
             q, k, v, is_causal=visible is not None, scale=scale, **kwargs
         )
         return _AlignedGradient.apply(out)
-    mask = torch.zeros((q_len, kv_len), dtype=q.dtype, device=q.device)
+    causal_mask = torch.zeros((q_len, kv_len), dtype=q.dtype, device=q.device)
     if visible is not None:
-        mask.masked_fill_(~visible, float("-inf"))
-    mask = mask if bias is None else bias + mask
+        causal_mask = _additive(visible, q.dtype)
+    mask = causal_mask if bias is None else bias + causal_mask
     # Rows with no visible key: SDPA's kernels may give NaN there, forward or backward (exp(-inf - -inf)). Such rows
     # attend to every key instead (as Hugging Face's _unmask_unattended does), then their outputs are zeroed, which
     # also zeroes their incoming gradient: their probabilities meet dP = 0 and delta = 0, so dq, dk and dv get 0.
