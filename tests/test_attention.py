@@ -368,6 +368,19 @@ def test_every_head_dim(backend, dtype, head_dim):
         _run_case(backend, dtype, case)
 
 
+@pytest.mark.parametrize(("backend",), _on_backends([pytest.param(id="window_sweep")], set()), indirect=["backend"])
+def test_window_edges_at_every_block_boundary(backend):
+    """Every window from 2 to 41 keys (a run longer than a staged block, so every residue), S = Sk and S < Sk: the
+    kernels skip key blocks (forward, dQ) and query blocks (dK/dV) outside each group's window, and some window puts
+    each edge exactly on a staged block's boundary, where a bound off by one drops a whole row's contribution (a
+    dK/dV range ending one query early survived the fixed-window cases). Not 1: a row then sees only its own key, its
+    probability is exactly 1 and dq is a cancellation residue."""
+    for sk, s in ((100, 100), (100, 70)):
+        for window in range(2, 42):
+            case = Case(f"window{window}_{s}x{sk}", 1, 1, 1, s, sk, causal=True, window=window)
+            _run_case(backend, torch.float32, case)
+
+
 # ---- huge logits ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("backend", "dtype", "q_scale", "offset"),

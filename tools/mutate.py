@@ -725,6 +725,15 @@ MUTANTS: list[Mutant] = [
         "dK/dV skip the first query that sees a group's first key (causal)",
     ),
     _m(
+        "attention_dkdv_window_query_range_ends_one_early",
+        AT,
+        "const long end = clamp_long(long(k1) - 1 - offset + long(p.window), begin, long(p.q_len));",
+        "const long end = clamp_long(long(k1) - 2 - offset + long(p.window), begin, long(p.q_len));",
+        ATTENTION,
+        "dK/dV stop one query before the last that sees a group's last key within the window (caught only where the "
+        "edge falls on a staged block's boundary)",
+    ),
+    _m(
         "attention_dkdv_gqa_head_mapping",
         AT,
         "const uint h = hk * heads_per_kv + g;",
