@@ -1,5 +1,8 @@
 // LoRA low-rank kernels in float32, float16 and bfloat16 (accumulation in float32, products on 8x8
-// simdgroup_matrix tiles: simdgroup_multiply_accumulate in float).
+// simdgroup_matrix tiles: simdgroup_multiply_accumulate in float). T is the activations' type (x, y, dy, dx, the
+// dropout mask), W the adapters' (A, B) and the rank-r intermediates' (h, dh): W = T, or float ("float_adapters"
+// variants) for PEFT's default of float32 adapters on a half/bfloat model, whose activations are then widened in
+// registers, never copied to float32 in memory.
 // Launch code and every size below: torch_metal_fused/backends/metal.py (lora_*). The big GEMMs are the platform's
 // native matmul. Each op call is two kinds of dispatch, variants "tg<threadgroup floats>":
 //   reduce (lora_forward_h, lora_backward_dh): h = scale · in·Fᵀ. One threadgroup per tile of BM token rows; each
@@ -41,8 +44,8 @@ constant constexpr uint COLUMN_TILES = 32 / TILE;                  // a SIMD-gro
 // h[t][j] = p.scale · Σ_k in[t][k]·F[j][k] for the group's token rows (see the header comment). FORWARD picks F:
 // A (rank x reduce_dim, row-major) or Bᵀ (B is reduce_dim x rank, row-major). SIMD-group s takes 32 token rows
 // and one rank block: its 32 x 64 accumulators are 4 x 8 simdgroup matrices (64 floats per lane).
-template <typename T, bool FORWARD>
-inline void lora_reduce_tile(device const T* in, device const T* factor, device const T* mask, device T* h,
+template <typename T, typename W, bool FORWARD>
+inline void lora_reduce_tile(device const T* in, device const W* factor, device const T* mask, device W* h,
                              constant tmf::LoraReduceParams& p, uint group, uint tid, uint threads, uint lane,
                              uint simd_group, threadgroup float* factor_tile) {
   const uint r = p.rank, r8 = (r + TILE - 1) / TILE * TILE, bm = p.tokens_per_group, bk = p.reduce_tile;
@@ -121,7 +124,7 @@ inline void lora_reduce_tile(device const T* in, device const T* factor, device 
       for (uint e = 0; e < 2; ++e) {
         const uint j = j0 + q * TILE + at.col + e;
         if (m < token_tiles && q < rank_tiles && t < nt && j < r) {
-          h[ulong(t0 + t) * r + j] = static_cast<T>(acc[m][q].thread_elements()[e] * p.scale);
+          h[ulong(t0 + t) * r + j] = static_cast<W>(acc[m][q].thread_elements()[e] * p.scale);
         }
       }
     }
@@ -131,8 +134,8 @@ inline void lora_reduce_tile(device const T* in, device const T* factor, device 
 // out[t][o] += p.scale · Σ_j h[t][j]·S[j][o] (· mask[t][o] when has_mask) over the rank block and the group's
 // columns and token rows (see the header comment). FORWARD picks S: Bᵀ (B is out_dim x rank) or A (rank x out_dim).
 // SIMD-group s takes 32 output columns: their S values are 8 x 4 simdgroup matrices (64 floats per lane).
-template <typename T, bool FORWARD>
-inline void lora_expand_tile(device const T* h, device const T* factor, device const T* mask, device T* out,
+template <typename T, typename W, bool FORWARD>
+inline void lora_expand_tile(device const W* h, device const W* factor, device const T* mask, device T* out,
                              constant tmf::LoraExpandParams& p, uint2 group, uint tid, uint threads, uint lane,
                              uint simd_group, threadgroup float* h_tile) {
   const uint r = p.rank, j0 = p.rank_offset, nr = p.rank_count, nr8 = (nr + TILE - 1) / TILE * TILE;
@@ -202,12 +205,12 @@ inline void lora_expand_tile(device const T* h, device const T* factor, device c
 }
 
 // h = dropout(x)·Aᵀ
-template <typename T, uint TG_FLOATS>
+template <typename T, typename W, uint TG_FLOATS>
 [[kernel]] void lora_forward_h(
     device const T* x [[buffer(0)]],
-    device const T* lora_a [[buffer(1)]],
+    device const W* lora_a [[buffer(1)]],
     device const T* mask [[buffer(2)]],
-    device T* h [[buffer(3)]],
+    device W* h [[buffer(3)]],
     constant tmf::LoraReduceParams& p [[buffer(4)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
@@ -215,14 +218,14 @@ template <typename T, uint TG_FLOATS>
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]]) {
   threadgroup float tiles[TG_FLOATS];
-  lora_reduce_tile<T, true>(x, lora_a, mask, h, p, group, tid, threads, lane, simd_group, tiles);
+  lora_reduce_tile<T, W, true>(x, lora_a, mask, h, p, group, tid, threads, lane, simd_group, tiles);
 }
 
 // y += scale · h·Bᵀ
-template <typename T, uint TG_FLOATS>
+template <typename T, typename W, uint TG_FLOATS>
 [[kernel]] void lora_forward_y(
-    device const T* h [[buffer(0)]],
-    device const T* lora_b [[buffer(1)]],
+    device const W* h [[buffer(0)]],
+    device const W* lora_b [[buffer(1)]],
     device const T* mask [[buffer(2)]],
     device T* y [[buffer(3)]],
     constant tmf::LoraExpandParams& p [[buffer(4)]],
@@ -232,16 +235,16 @@ template <typename T, uint TG_FLOATS>
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]]) {
   threadgroup float h_tile[TG_FLOATS];
-  lora_expand_tile<T, true>(h, lora_b, mask, y, p, group, tid.x, threads.x, lane, simd_group, h_tile);
+  lora_expand_tile<T, W, true>(h, lora_b, mask, y, p, group, tid.x, threads.x, lane, simd_group, h_tile);
 }
 
 // dh = scale · dy·B
-template <typename T, uint TG_FLOATS>
+template <typename T, typename W, uint TG_FLOATS>
 [[kernel]] void lora_backward_dh(
     device const T* dy [[buffer(0)]],
-    device const T* lora_b [[buffer(1)]],
+    device const W* lora_b [[buffer(1)]],
     device const T* mask [[buffer(2)]],
-    device T* dh [[buffer(3)]],
+    device W* dh [[buffer(3)]],
     constant tmf::LoraReduceParams& p [[buffer(4)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
@@ -249,14 +252,14 @@ template <typename T, uint TG_FLOATS>
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]]) {
   threadgroup float tiles[TG_FLOATS];
-  lora_reduce_tile<T, false>(dy, lora_b, mask, dh, p, group, tid, threads, lane, simd_group, tiles);
+  lora_reduce_tile<T, W, false>(dy, lora_b, mask, dh, p, group, tid, threads, lane, simd_group, tiles);
 }
 
 // dx += (dh·A) · mask
-template <typename T, uint TG_FLOATS>
+template <typename T, typename W, uint TG_FLOATS>
 [[kernel]] void lora_backward_dx(
-    device const T* dh [[buffer(0)]],
-    device const T* lora_a [[buffer(1)]],
+    device const W* dh [[buffer(0)]],
+    device const W* lora_a [[buffer(1)]],
     device const T* mask [[buffer(2)]],
     device T* dx [[buffer(3)]],
     constant tmf::LoraExpandParams& p [[buffer(4)]],
@@ -266,80 +269,128 @@ template <typename T, uint TG_FLOATS>
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]]) {
   threadgroup float h_tile[TG_FLOATS];
-  lora_expand_tile<T, false>(dh, lora_a, mask, dx, p, group, tid.x, threads.x, lane, simd_group, h_tile);
+  lora_expand_tile<T, W, false>(dh, lora_a, mask, dx, p, group, tid.x, threads.x, lane, simd_group, h_tile);
 }
 
-template [[host_name("lora_forward_h_tg512_float")]] [[kernel]] decltype(lora_forward_h<float, 512>) lora_forward_h<float, 512>;
-template [[host_name("lora_forward_h_tg1024_float")]] [[kernel]] decltype(lora_forward_h<float, 1024>) lora_forward_h<float, 1024>;
-template [[host_name("lora_forward_h_tg1536_float")]] [[kernel]] decltype(lora_forward_h<float, 1536>) lora_forward_h<float, 1536>;
-template [[host_name("lora_forward_h_tg2048_float")]] [[kernel]] decltype(lora_forward_h<float, 2048>) lora_forward_h<float, 2048>;
-template [[host_name("lora_forward_h_tg4096_float")]] [[kernel]] decltype(lora_forward_h<float, 4096>) lora_forward_h<float, 4096>;
-template [[host_name("lora_forward_h_tg8192_float")]] [[kernel]] decltype(lora_forward_h<float, 8192>) lora_forward_h<float, 8192>;
-template [[host_name("lora_forward_y_tg512_float")]] [[kernel]] decltype(lora_forward_y<float, 512>) lora_forward_y<float, 512>;
-template [[host_name("lora_forward_y_tg1024_float")]] [[kernel]] decltype(lora_forward_y<float, 1024>) lora_forward_y<float, 1024>;
-template [[host_name("lora_forward_y_tg1536_float")]] [[kernel]] decltype(lora_forward_y<float, 1536>) lora_forward_y<float, 1536>;
-template [[host_name("lora_forward_y_tg2048_float")]] [[kernel]] decltype(lora_forward_y<float, 2048>) lora_forward_y<float, 2048>;
-template [[host_name("lora_forward_y_tg4096_float")]] [[kernel]] decltype(lora_forward_y<float, 4096>) lora_forward_y<float, 4096>;
-template [[host_name("lora_forward_y_tg8192_float")]] [[kernel]] decltype(lora_forward_y<float, 8192>) lora_forward_y<float, 8192>;
-template [[host_name("lora_backward_dh_tg512_float")]] [[kernel]] decltype(lora_backward_dh<float, 512>) lora_backward_dh<float, 512>;
-template [[host_name("lora_backward_dh_tg1024_float")]] [[kernel]] decltype(lora_backward_dh<float, 1024>) lora_backward_dh<float, 1024>;
-template [[host_name("lora_backward_dh_tg1536_float")]] [[kernel]] decltype(lora_backward_dh<float, 1536>) lora_backward_dh<float, 1536>;
-template [[host_name("lora_backward_dh_tg2048_float")]] [[kernel]] decltype(lora_backward_dh<float, 2048>) lora_backward_dh<float, 2048>;
-template [[host_name("lora_backward_dh_tg4096_float")]] [[kernel]] decltype(lora_backward_dh<float, 4096>) lora_backward_dh<float, 4096>;
-template [[host_name("lora_backward_dh_tg8192_float")]] [[kernel]] decltype(lora_backward_dh<float, 8192>) lora_backward_dh<float, 8192>;
-template [[host_name("lora_backward_dx_tg512_float")]] [[kernel]] decltype(lora_backward_dx<float, 512>) lora_backward_dx<float, 512>;
-template [[host_name("lora_backward_dx_tg1024_float")]] [[kernel]] decltype(lora_backward_dx<float, 1024>) lora_backward_dx<float, 1024>;
-template [[host_name("lora_backward_dx_tg1536_float")]] [[kernel]] decltype(lora_backward_dx<float, 1536>) lora_backward_dx<float, 1536>;
-template [[host_name("lora_backward_dx_tg2048_float")]] [[kernel]] decltype(lora_backward_dx<float, 2048>) lora_backward_dx<float, 2048>;
-template [[host_name("lora_backward_dx_tg4096_float")]] [[kernel]] decltype(lora_backward_dx<float, 4096>) lora_backward_dx<float, 4096>;
-template [[host_name("lora_backward_dx_tg8192_float")]] [[kernel]] decltype(lora_backward_dx<float, 8192>) lora_backward_dx<float, 8192>;
-template [[host_name("lora_forward_h_tg512_half")]] [[kernel]] decltype(lora_forward_h<half, 512>) lora_forward_h<half, 512>;
-template [[host_name("lora_forward_h_tg1024_half")]] [[kernel]] decltype(lora_forward_h<half, 1024>) lora_forward_h<half, 1024>;
-template [[host_name("lora_forward_h_tg1536_half")]] [[kernel]] decltype(lora_forward_h<half, 1536>) lora_forward_h<half, 1536>;
-template [[host_name("lora_forward_h_tg2048_half")]] [[kernel]] decltype(lora_forward_h<half, 2048>) lora_forward_h<half, 2048>;
-template [[host_name("lora_forward_h_tg4096_half")]] [[kernel]] decltype(lora_forward_h<half, 4096>) lora_forward_h<half, 4096>;
-template [[host_name("lora_forward_h_tg8192_half")]] [[kernel]] decltype(lora_forward_h<half, 8192>) lora_forward_h<half, 8192>;
-template [[host_name("lora_forward_y_tg512_half")]] [[kernel]] decltype(lora_forward_y<half, 512>) lora_forward_y<half, 512>;
-template [[host_name("lora_forward_y_tg1024_half")]] [[kernel]] decltype(lora_forward_y<half, 1024>) lora_forward_y<half, 1024>;
-template [[host_name("lora_forward_y_tg1536_half")]] [[kernel]] decltype(lora_forward_y<half, 1536>) lora_forward_y<half, 1536>;
-template [[host_name("lora_forward_y_tg2048_half")]] [[kernel]] decltype(lora_forward_y<half, 2048>) lora_forward_y<half, 2048>;
-template [[host_name("lora_forward_y_tg4096_half")]] [[kernel]] decltype(lora_forward_y<half, 4096>) lora_forward_y<half, 4096>;
-template [[host_name("lora_forward_y_tg8192_half")]] [[kernel]] decltype(lora_forward_y<half, 8192>) lora_forward_y<half, 8192>;
-template [[host_name("lora_backward_dh_tg512_half")]] [[kernel]] decltype(lora_backward_dh<half, 512>) lora_backward_dh<half, 512>;
-template [[host_name("lora_backward_dh_tg1024_half")]] [[kernel]] decltype(lora_backward_dh<half, 1024>) lora_backward_dh<half, 1024>;
-template [[host_name("lora_backward_dh_tg1536_half")]] [[kernel]] decltype(lora_backward_dh<half, 1536>) lora_backward_dh<half, 1536>;
-template [[host_name("lora_backward_dh_tg2048_half")]] [[kernel]] decltype(lora_backward_dh<half, 2048>) lora_backward_dh<half, 2048>;
-template [[host_name("lora_backward_dh_tg4096_half")]] [[kernel]] decltype(lora_backward_dh<half, 4096>) lora_backward_dh<half, 4096>;
-template [[host_name("lora_backward_dh_tg8192_half")]] [[kernel]] decltype(lora_backward_dh<half, 8192>) lora_backward_dh<half, 8192>;
-template [[host_name("lora_backward_dx_tg512_half")]] [[kernel]] decltype(lora_backward_dx<half, 512>) lora_backward_dx<half, 512>;
-template [[host_name("lora_backward_dx_tg1024_half")]] [[kernel]] decltype(lora_backward_dx<half, 1024>) lora_backward_dx<half, 1024>;
-template [[host_name("lora_backward_dx_tg1536_half")]] [[kernel]] decltype(lora_backward_dx<half, 1536>) lora_backward_dx<half, 1536>;
-template [[host_name("lora_backward_dx_tg2048_half")]] [[kernel]] decltype(lora_backward_dx<half, 2048>) lora_backward_dx<half, 2048>;
-template [[host_name("lora_backward_dx_tg4096_half")]] [[kernel]] decltype(lora_backward_dx<half, 4096>) lora_backward_dx<half, 4096>;
-template [[host_name("lora_backward_dx_tg8192_half")]] [[kernel]] decltype(lora_backward_dx<half, 8192>) lora_backward_dx<half, 8192>;
+template [[host_name("lora_forward_h_tg512_float")]] [[kernel]] decltype(lora_forward_h<float, float, 512>) lora_forward_h<float, float, 512>;
+template [[host_name("lora_forward_h_tg1024_float")]] [[kernel]] decltype(lora_forward_h<float, float, 1024>) lora_forward_h<float, float, 1024>;
+template [[host_name("lora_forward_h_tg1536_float")]] [[kernel]] decltype(lora_forward_h<float, float, 1536>) lora_forward_h<float, float, 1536>;
+template [[host_name("lora_forward_h_tg2048_float")]] [[kernel]] decltype(lora_forward_h<float, float, 2048>) lora_forward_h<float, float, 2048>;
+template [[host_name("lora_forward_h_tg4096_float")]] [[kernel]] decltype(lora_forward_h<float, float, 4096>) lora_forward_h<float, float, 4096>;
+template [[host_name("lora_forward_h_tg8192_float")]] [[kernel]] decltype(lora_forward_h<float, float, 8192>) lora_forward_h<float, float, 8192>;
+template [[host_name("lora_forward_y_tg512_float")]] [[kernel]] decltype(lora_forward_y<float, float, 512>) lora_forward_y<float, float, 512>;
+template [[host_name("lora_forward_y_tg1024_float")]] [[kernel]] decltype(lora_forward_y<float, float, 1024>) lora_forward_y<float, float, 1024>;
+template [[host_name("lora_forward_y_tg1536_float")]] [[kernel]] decltype(lora_forward_y<float, float, 1536>) lora_forward_y<float, float, 1536>;
+template [[host_name("lora_forward_y_tg2048_float")]] [[kernel]] decltype(lora_forward_y<float, float, 2048>) lora_forward_y<float, float, 2048>;
+template [[host_name("lora_forward_y_tg4096_float")]] [[kernel]] decltype(lora_forward_y<float, float, 4096>) lora_forward_y<float, float, 4096>;
+template [[host_name("lora_forward_y_tg8192_float")]] [[kernel]] decltype(lora_forward_y<float, float, 8192>) lora_forward_y<float, float, 8192>;
+template [[host_name("lora_backward_dh_tg512_float")]] [[kernel]] decltype(lora_backward_dh<float, float, 512>) lora_backward_dh<float, float, 512>;
+template [[host_name("lora_backward_dh_tg1024_float")]] [[kernel]] decltype(lora_backward_dh<float, float, 1024>) lora_backward_dh<float, float, 1024>;
+template [[host_name("lora_backward_dh_tg1536_float")]] [[kernel]] decltype(lora_backward_dh<float, float, 1536>) lora_backward_dh<float, float, 1536>;
+template [[host_name("lora_backward_dh_tg2048_float")]] [[kernel]] decltype(lora_backward_dh<float, float, 2048>) lora_backward_dh<float, float, 2048>;
+template [[host_name("lora_backward_dh_tg4096_float")]] [[kernel]] decltype(lora_backward_dh<float, float, 4096>) lora_backward_dh<float, float, 4096>;
+template [[host_name("lora_backward_dh_tg8192_float")]] [[kernel]] decltype(lora_backward_dh<float, float, 8192>) lora_backward_dh<float, float, 8192>;
+template [[host_name("lora_backward_dx_tg512_float")]] [[kernel]] decltype(lora_backward_dx<float, float, 512>) lora_backward_dx<float, float, 512>;
+template [[host_name("lora_backward_dx_tg1024_float")]] [[kernel]] decltype(lora_backward_dx<float, float, 1024>) lora_backward_dx<float, float, 1024>;
+template [[host_name("lora_backward_dx_tg1536_float")]] [[kernel]] decltype(lora_backward_dx<float, float, 1536>) lora_backward_dx<float, float, 1536>;
+template [[host_name("lora_backward_dx_tg2048_float")]] [[kernel]] decltype(lora_backward_dx<float, float, 2048>) lora_backward_dx<float, float, 2048>;
+template [[host_name("lora_backward_dx_tg4096_float")]] [[kernel]] decltype(lora_backward_dx<float, float, 4096>) lora_backward_dx<float, float, 4096>;
+template [[host_name("lora_backward_dx_tg8192_float")]] [[kernel]] decltype(lora_backward_dx<float, float, 8192>) lora_backward_dx<float, float, 8192>;
+template [[host_name("lora_forward_h_tg512_half")]] [[kernel]] decltype(lora_forward_h<half, half, 512>) lora_forward_h<half, half, 512>;
+template [[host_name("lora_forward_h_tg1024_half")]] [[kernel]] decltype(lora_forward_h<half, half, 1024>) lora_forward_h<half, half, 1024>;
+template [[host_name("lora_forward_h_tg1536_half")]] [[kernel]] decltype(lora_forward_h<half, half, 1536>) lora_forward_h<half, half, 1536>;
+template [[host_name("lora_forward_h_tg2048_half")]] [[kernel]] decltype(lora_forward_h<half, half, 2048>) lora_forward_h<half, half, 2048>;
+template [[host_name("lora_forward_h_tg4096_half")]] [[kernel]] decltype(lora_forward_h<half, half, 4096>) lora_forward_h<half, half, 4096>;
+template [[host_name("lora_forward_h_tg8192_half")]] [[kernel]] decltype(lora_forward_h<half, half, 8192>) lora_forward_h<half, half, 8192>;
+template [[host_name("lora_forward_y_tg512_half")]] [[kernel]] decltype(lora_forward_y<half, half, 512>) lora_forward_y<half, half, 512>;
+template [[host_name("lora_forward_y_tg1024_half")]] [[kernel]] decltype(lora_forward_y<half, half, 1024>) lora_forward_y<half, half, 1024>;
+template [[host_name("lora_forward_y_tg1536_half")]] [[kernel]] decltype(lora_forward_y<half, half, 1536>) lora_forward_y<half, half, 1536>;
+template [[host_name("lora_forward_y_tg2048_half")]] [[kernel]] decltype(lora_forward_y<half, half, 2048>) lora_forward_y<half, half, 2048>;
+template [[host_name("lora_forward_y_tg4096_half")]] [[kernel]] decltype(lora_forward_y<half, half, 4096>) lora_forward_y<half, half, 4096>;
+template [[host_name("lora_forward_y_tg8192_half")]] [[kernel]] decltype(lora_forward_y<half, half, 8192>) lora_forward_y<half, half, 8192>;
+template [[host_name("lora_backward_dh_tg512_half")]] [[kernel]] decltype(lora_backward_dh<half, half, 512>) lora_backward_dh<half, half, 512>;
+template [[host_name("lora_backward_dh_tg1024_half")]] [[kernel]] decltype(lora_backward_dh<half, half, 1024>) lora_backward_dh<half, half, 1024>;
+template [[host_name("lora_backward_dh_tg1536_half")]] [[kernel]] decltype(lora_backward_dh<half, half, 1536>) lora_backward_dh<half, half, 1536>;
+template [[host_name("lora_backward_dh_tg2048_half")]] [[kernel]] decltype(lora_backward_dh<half, half, 2048>) lora_backward_dh<half, half, 2048>;
+template [[host_name("lora_backward_dh_tg4096_half")]] [[kernel]] decltype(lora_backward_dh<half, half, 4096>) lora_backward_dh<half, half, 4096>;
+template [[host_name("lora_backward_dh_tg8192_half")]] [[kernel]] decltype(lora_backward_dh<half, half, 8192>) lora_backward_dh<half, half, 8192>;
+template [[host_name("lora_backward_dx_tg512_half")]] [[kernel]] decltype(lora_backward_dx<half, half, 512>) lora_backward_dx<half, half, 512>;
+template [[host_name("lora_backward_dx_tg1024_half")]] [[kernel]] decltype(lora_backward_dx<half, half, 1024>) lora_backward_dx<half, half, 1024>;
+template [[host_name("lora_backward_dx_tg1536_half")]] [[kernel]] decltype(lora_backward_dx<half, half, 1536>) lora_backward_dx<half, half, 1536>;
+template [[host_name("lora_backward_dx_tg2048_half")]] [[kernel]] decltype(lora_backward_dx<half, half, 2048>) lora_backward_dx<half, half, 2048>;
+template [[host_name("lora_backward_dx_tg4096_half")]] [[kernel]] decltype(lora_backward_dx<half, half, 4096>) lora_backward_dx<half, half, 4096>;
+template [[host_name("lora_backward_dx_tg8192_half")]] [[kernel]] decltype(lora_backward_dx<half, half, 8192>) lora_backward_dx<half, half, 8192>;
+template [[host_name("lora_forward_h_tg512_float_adapters_half")]] [[kernel]] decltype(lora_forward_h<half, float, 512>) lora_forward_h<half, float, 512>;
+template [[host_name("lora_forward_h_tg1024_float_adapters_half")]] [[kernel]] decltype(lora_forward_h<half, float, 1024>) lora_forward_h<half, float, 1024>;
+template [[host_name("lora_forward_h_tg1536_float_adapters_half")]] [[kernel]] decltype(lora_forward_h<half, float, 1536>) lora_forward_h<half, float, 1536>;
+template [[host_name("lora_forward_h_tg2048_float_adapters_half")]] [[kernel]] decltype(lora_forward_h<half, float, 2048>) lora_forward_h<half, float, 2048>;
+template [[host_name("lora_forward_h_tg4096_float_adapters_half")]] [[kernel]] decltype(lora_forward_h<half, float, 4096>) lora_forward_h<half, float, 4096>;
+template [[host_name("lora_forward_h_tg8192_float_adapters_half")]] [[kernel]] decltype(lora_forward_h<half, float, 8192>) lora_forward_h<half, float, 8192>;
+template [[host_name("lora_forward_y_tg512_float_adapters_half")]] [[kernel]] decltype(lora_forward_y<half, float, 512>) lora_forward_y<half, float, 512>;
+template [[host_name("lora_forward_y_tg1024_float_adapters_half")]] [[kernel]] decltype(lora_forward_y<half, float, 1024>) lora_forward_y<half, float, 1024>;
+template [[host_name("lora_forward_y_tg1536_float_adapters_half")]] [[kernel]] decltype(lora_forward_y<half, float, 1536>) lora_forward_y<half, float, 1536>;
+template [[host_name("lora_forward_y_tg2048_float_adapters_half")]] [[kernel]] decltype(lora_forward_y<half, float, 2048>) lora_forward_y<half, float, 2048>;
+template [[host_name("lora_forward_y_tg4096_float_adapters_half")]] [[kernel]] decltype(lora_forward_y<half, float, 4096>) lora_forward_y<half, float, 4096>;
+template [[host_name("lora_forward_y_tg8192_float_adapters_half")]] [[kernel]] decltype(lora_forward_y<half, float, 8192>) lora_forward_y<half, float, 8192>;
+template [[host_name("lora_backward_dh_tg512_float_adapters_half")]] [[kernel]] decltype(lora_backward_dh<half, float, 512>) lora_backward_dh<half, float, 512>;
+template [[host_name("lora_backward_dh_tg1024_float_adapters_half")]] [[kernel]] decltype(lora_backward_dh<half, float, 1024>) lora_backward_dh<half, float, 1024>;
+template [[host_name("lora_backward_dh_tg1536_float_adapters_half")]] [[kernel]] decltype(lora_backward_dh<half, float, 1536>) lora_backward_dh<half, float, 1536>;
+template [[host_name("lora_backward_dh_tg2048_float_adapters_half")]] [[kernel]] decltype(lora_backward_dh<half, float, 2048>) lora_backward_dh<half, float, 2048>;
+template [[host_name("lora_backward_dh_tg4096_float_adapters_half")]] [[kernel]] decltype(lora_backward_dh<half, float, 4096>) lora_backward_dh<half, float, 4096>;
+template [[host_name("lora_backward_dh_tg8192_float_adapters_half")]] [[kernel]] decltype(lora_backward_dh<half, float, 8192>) lora_backward_dh<half, float, 8192>;
+template [[host_name("lora_backward_dx_tg512_float_adapters_half")]] [[kernel]] decltype(lora_backward_dx<half, float, 512>) lora_backward_dx<half, float, 512>;
+template [[host_name("lora_backward_dx_tg1024_float_adapters_half")]] [[kernel]] decltype(lora_backward_dx<half, float, 1024>) lora_backward_dx<half, float, 1024>;
+template [[host_name("lora_backward_dx_tg1536_float_adapters_half")]] [[kernel]] decltype(lora_backward_dx<half, float, 1536>) lora_backward_dx<half, float, 1536>;
+template [[host_name("lora_backward_dx_tg2048_float_adapters_half")]] [[kernel]] decltype(lora_backward_dx<half, float, 2048>) lora_backward_dx<half, float, 2048>;
+template [[host_name("lora_backward_dx_tg4096_float_adapters_half")]] [[kernel]] decltype(lora_backward_dx<half, float, 4096>) lora_backward_dx<half, float, 4096>;
+template [[host_name("lora_backward_dx_tg8192_float_adapters_half")]] [[kernel]] decltype(lora_backward_dx<half, float, 8192>) lora_backward_dx<half, float, 8192>;
 #if defined(__HAVE_BFLOAT__)
-template [[host_name("lora_forward_h_tg512_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 512>) lora_forward_h<bfloat, 512>;
-template [[host_name("lora_forward_h_tg1024_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 1024>) lora_forward_h<bfloat, 1024>;
-template [[host_name("lora_forward_h_tg1536_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 1536>) lora_forward_h<bfloat, 1536>;
-template [[host_name("lora_forward_h_tg2048_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 2048>) lora_forward_h<bfloat, 2048>;
-template [[host_name("lora_forward_h_tg4096_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 4096>) lora_forward_h<bfloat, 4096>;
-template [[host_name("lora_forward_h_tg8192_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, 8192>) lora_forward_h<bfloat, 8192>;
-template [[host_name("lora_forward_y_tg512_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 512>) lora_forward_y<bfloat, 512>;
-template [[host_name("lora_forward_y_tg1024_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 1024>) lora_forward_y<bfloat, 1024>;
-template [[host_name("lora_forward_y_tg1536_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 1536>) lora_forward_y<bfloat, 1536>;
-template [[host_name("lora_forward_y_tg2048_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 2048>) lora_forward_y<bfloat, 2048>;
-template [[host_name("lora_forward_y_tg4096_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 4096>) lora_forward_y<bfloat, 4096>;
-template [[host_name("lora_forward_y_tg8192_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, 8192>) lora_forward_y<bfloat, 8192>;
-template [[host_name("lora_backward_dh_tg512_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 512>) lora_backward_dh<bfloat, 512>;
-template [[host_name("lora_backward_dh_tg1024_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 1024>) lora_backward_dh<bfloat, 1024>;
-template [[host_name("lora_backward_dh_tg1536_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 1536>) lora_backward_dh<bfloat, 1536>;
-template [[host_name("lora_backward_dh_tg2048_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 2048>) lora_backward_dh<bfloat, 2048>;
-template [[host_name("lora_backward_dh_tg4096_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 4096>) lora_backward_dh<bfloat, 4096>;
-template [[host_name("lora_backward_dh_tg8192_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, 8192>) lora_backward_dh<bfloat, 8192>;
-template [[host_name("lora_backward_dx_tg512_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 512>) lora_backward_dx<bfloat, 512>;
-template [[host_name("lora_backward_dx_tg1024_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 1024>) lora_backward_dx<bfloat, 1024>;
-template [[host_name("lora_backward_dx_tg1536_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 1536>) lora_backward_dx<bfloat, 1536>;
-template [[host_name("lora_backward_dx_tg2048_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 2048>) lora_backward_dx<bfloat, 2048>;
-template [[host_name("lora_backward_dx_tg4096_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 4096>) lora_backward_dx<bfloat, 4096>;
-template [[host_name("lora_backward_dx_tg8192_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, 8192>) lora_backward_dx<bfloat, 8192>;
+template [[host_name("lora_forward_h_tg512_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, bfloat, 512>) lora_forward_h<bfloat, bfloat, 512>;
+template [[host_name("lora_forward_h_tg1024_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, bfloat, 1024>) lora_forward_h<bfloat, bfloat, 1024>;
+template [[host_name("lora_forward_h_tg1536_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, bfloat, 1536>) lora_forward_h<bfloat, bfloat, 1536>;
+template [[host_name("lora_forward_h_tg2048_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, bfloat, 2048>) lora_forward_h<bfloat, bfloat, 2048>;
+template [[host_name("lora_forward_h_tg4096_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, bfloat, 4096>) lora_forward_h<bfloat, bfloat, 4096>;
+template [[host_name("lora_forward_h_tg8192_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, bfloat, 8192>) lora_forward_h<bfloat, bfloat, 8192>;
+template [[host_name("lora_forward_y_tg512_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, bfloat, 512>) lora_forward_y<bfloat, bfloat, 512>;
+template [[host_name("lora_forward_y_tg1024_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, bfloat, 1024>) lora_forward_y<bfloat, bfloat, 1024>;
+template [[host_name("lora_forward_y_tg1536_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, bfloat, 1536>) lora_forward_y<bfloat, bfloat, 1536>;
+template [[host_name("lora_forward_y_tg2048_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, bfloat, 2048>) lora_forward_y<bfloat, bfloat, 2048>;
+template [[host_name("lora_forward_y_tg4096_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, bfloat, 4096>) lora_forward_y<bfloat, bfloat, 4096>;
+template [[host_name("lora_forward_y_tg8192_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, bfloat, 8192>) lora_forward_y<bfloat, bfloat, 8192>;
+template [[host_name("lora_backward_dh_tg512_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, bfloat, 512>) lora_backward_dh<bfloat, bfloat, 512>;
+template [[host_name("lora_backward_dh_tg1024_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, bfloat, 1024>) lora_backward_dh<bfloat, bfloat, 1024>;
+template [[host_name("lora_backward_dh_tg1536_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, bfloat, 1536>) lora_backward_dh<bfloat, bfloat, 1536>;
+template [[host_name("lora_backward_dh_tg2048_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, bfloat, 2048>) lora_backward_dh<bfloat, bfloat, 2048>;
+template [[host_name("lora_backward_dh_tg4096_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, bfloat, 4096>) lora_backward_dh<bfloat, bfloat, 4096>;
+template [[host_name("lora_backward_dh_tg8192_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, bfloat, 8192>) lora_backward_dh<bfloat, bfloat, 8192>;
+template [[host_name("lora_backward_dx_tg512_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, bfloat, 512>) lora_backward_dx<bfloat, bfloat, 512>;
+template [[host_name("lora_backward_dx_tg1024_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, bfloat, 1024>) lora_backward_dx<bfloat, bfloat, 1024>;
+template [[host_name("lora_backward_dx_tg1536_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, bfloat, 1536>) lora_backward_dx<bfloat, bfloat, 1536>;
+template [[host_name("lora_backward_dx_tg2048_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, bfloat, 2048>) lora_backward_dx<bfloat, bfloat, 2048>;
+template [[host_name("lora_backward_dx_tg4096_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, bfloat, 4096>) lora_backward_dx<bfloat, bfloat, 4096>;
+template [[host_name("lora_backward_dx_tg8192_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, bfloat, 8192>) lora_backward_dx<bfloat, bfloat, 8192>;
+template [[host_name("lora_forward_h_tg512_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, float, 512>) lora_forward_h<bfloat, float, 512>;
+template [[host_name("lora_forward_h_tg1024_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, float, 1024>) lora_forward_h<bfloat, float, 1024>;
+template [[host_name("lora_forward_h_tg1536_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, float, 1536>) lora_forward_h<bfloat, float, 1536>;
+template [[host_name("lora_forward_h_tg2048_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, float, 2048>) lora_forward_h<bfloat, float, 2048>;
+template [[host_name("lora_forward_h_tg4096_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, float, 4096>) lora_forward_h<bfloat, float, 4096>;
+template [[host_name("lora_forward_h_tg8192_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_h<bfloat, float, 8192>) lora_forward_h<bfloat, float, 8192>;
+template [[host_name("lora_forward_y_tg512_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, float, 512>) lora_forward_y<bfloat, float, 512>;
+template [[host_name("lora_forward_y_tg1024_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, float, 1024>) lora_forward_y<bfloat, float, 1024>;
+template [[host_name("lora_forward_y_tg1536_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, float, 1536>) lora_forward_y<bfloat, float, 1536>;
+template [[host_name("lora_forward_y_tg2048_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, float, 2048>) lora_forward_y<bfloat, float, 2048>;
+template [[host_name("lora_forward_y_tg4096_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, float, 4096>) lora_forward_y<bfloat, float, 4096>;
+template [[host_name("lora_forward_y_tg8192_float_adapters_bfloat")]] [[kernel]] decltype(lora_forward_y<bfloat, float, 8192>) lora_forward_y<bfloat, float, 8192>;
+template [[host_name("lora_backward_dh_tg512_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, float, 512>) lora_backward_dh<bfloat, float, 512>;
+template [[host_name("lora_backward_dh_tg1024_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, float, 1024>) lora_backward_dh<bfloat, float, 1024>;
+template [[host_name("lora_backward_dh_tg1536_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, float, 1536>) lora_backward_dh<bfloat, float, 1536>;
+template [[host_name("lora_backward_dh_tg2048_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, float, 2048>) lora_backward_dh<bfloat, float, 2048>;
+template [[host_name("lora_backward_dh_tg4096_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, float, 4096>) lora_backward_dh<bfloat, float, 4096>;
+template [[host_name("lora_backward_dh_tg8192_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dh<bfloat, float, 8192>) lora_backward_dh<bfloat, float, 8192>;
+template [[host_name("lora_backward_dx_tg512_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, float, 512>) lora_backward_dx<bfloat, float, 512>;
+template [[host_name("lora_backward_dx_tg1024_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, float, 1024>) lora_backward_dx<bfloat, float, 1024>;
+template [[host_name("lora_backward_dx_tg1536_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, float, 1536>) lora_backward_dx<bfloat, float, 1536>;
+template [[host_name("lora_backward_dx_tg2048_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, float, 2048>) lora_backward_dx<bfloat, float, 2048>;
+template [[host_name("lora_backward_dx_tg4096_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, float, 4096>) lora_backward_dx<bfloat, float, 4096>;
+template [[host_name("lora_backward_dx_tg8192_float_adapters_bfloat")]] [[kernel]] decltype(lora_backward_dx<bfloat, float, 8192>) lora_backward_dx<bfloat, float, 8192>;
 #endif

@@ -784,8 +784,9 @@ def test_cuda_route_uses_sdpa(monkeypatch):
 
 def test_sdpa_route_hands_sdpa_aligned_operands_and_gradients():
     """SDPA's CUDA kernels read 16-byte vectors: a view with a storage offset or odd-width rows (HF's projections
-    sliced from a wider buffer) failed on an H100 with "misaligned address", a sticky error that took down the process.
-    The route copies such operands, and such incoming gradients, into aligned storage; aligned ones pass untouched."""
+    sliced from a wider buffer) failed on an H100 with "misaligned address", a sticky error that took down the process,
+    and an incoming gradient with a strided last dimension gave a wrong float16 dq on an H200. The route copies such
+    operands and incoming gradients into contiguous storage; aligned ones pass untouched."""
     from torch_metal_fused.ops import attention as op
 
     aligned = torch.randn(2, 4, 16, 32)
@@ -794,6 +795,7 @@ def test_sdpa_route_hands_sdpa_aligned_operands_and_gradients():
         torch.randn(3 + 2 * 4 * 16 * 32)[3:].view(2, 4, 16, 32),  # storage offset of 3 elements
         torch.randn(2, 16, 4 * 32 + 5)[..., 5:].reshape(2, 16, 4, 32).transpose(1, 2),  # odd row width
         torch.randn(2, 4, 16, 33)[..., :32],  # rows of 33 elements
+        torch.randn(2, 4, 32, 16).transpose(2, 3),  # a strided last dimension (SDPA's float16 backward, dq wrong)
     ):
         got = op._aligned(t)
         assert got is not t and torch.equal(got, t) and got.is_contiguous() and got.data_ptr() % 16 == 0

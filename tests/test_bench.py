@@ -550,3 +550,29 @@ def test_report_header_names_the_timing_method():
     assert f"- timing: {MPS_METHOD}" in summary and "- fused backend on this device: metal" in summary
     cfg.emulated = True  # emulated runs time nothing
     assert "- timing:" not in run._summary(cfg, env, [], "metal-emulated")
+
+
+def test_train_bench_providers_agree_on_the_losses(tmp_path):
+    """`python -m torch_metal_fused.bench --train` on the tiny preset (CPU): Hugging Face + PEFT and ours with every
+    patch option, LoRA with PEFT's defaults (float32 adapters on bf16) and full fine-tuning, each provider in its own
+    process: every run completes and the first two losses agree (the fused path computes the same training step)."""
+    pytest.importorskip("peft")
+    import json
+
+    from torch_metal_fused.bench import train
+
+    args = ["--modes", "lora,full", "--providers", "hf,tmf", "--steps", "1", "--warmup", "1", "--device", "cpu"]
+    assert train.main([*args, "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["mode"], r["provider"], r["ok"]) for r in results] == [
+        ("lora", "hf", True),
+        ("lora", "tmf", True),
+        ("full", "hf", True),
+        ("full", "tmf", True),
+    ]
+    for mode in ("lora", "full"):
+        hf, ours = (r["losses"] for r in results if r["mode"] == mode)
+        assert len(hf) == len(ours) == 2
+        for a, b in zip(hf, ours):
+            assert abs(a - b) <= 1e-2 * abs(a), (mode, hf, ours)
+    assert "| lora | tmf |" in (tmp_path / "summary.md").read_text()

@@ -389,10 +389,12 @@ def _drive_every_kernel():
                 rec += _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())
                 lx.requires_grad_(False)
                 rec += _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())
-        for n in (20, 50, 80, 110, 250, 600):  # LoRA: each threadgroup-array variant (test_lora_linear.py)
+        # LoRA: each threadgroup-array variant (test_lora_linear.py), with adapters in x's dtype and in float32
+        for n in (20, 50, 80, 110, 250, 600):
             lx, lw = randn((n, n), dtype, "cpu").requires_grad_(True), randn((n, n), dtype, "cpu", scale=n**-0.5)
-            la, lb = randn((40, n), dtype, "cpu").requires_grad_(True), randn((n, 40), dtype, "cpu")
-            rec += _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())
+            for adapters in dict.fromkeys((dtype, torch.float32)):
+                la, lb = randn((40, n), adapters, "cpu").requires_grad_(True), randn((n, 40), adapters, "cpu")
+                rec += _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())
         logits = randn((3, 50), dtype, "cpu").requires_grad_(True)
         rec += _record(lambda: tmf.cross_entropy(logits, torch.tensor([1, 2, 3])).backward())
         gate, up = randn((3, 50), dtype, "cpu").requires_grad_(True), randn((3, 50), dtype, "cpu").requires_grad_(True)

@@ -3,8 +3,8 @@ import torch
 from helpers import DTYPES, make_layout, randn
 
 import torch_metal_fused as tmf
-from torch_metal_fused import _config
-from torch_metal_fused.testing import assert_matches
+from torch_metal_fused import _config, reference
+from torch_metal_fused.testing import assert_matches, rel_error
 
 # (tokens, in, out, r): the seed shape, odd sizes, rank 1 and wide ranks (200: four rank blocks of 64, the last
 # partial, so four expand dispatches; 256: the largest rank the Metal kernels take).
@@ -85,12 +85,22 @@ def test_contract_shapes(backend, shape, dtype):
 THREADGROUP_VARIANTS = {512: 20, 1024: 50, 1536: 80, 2048: 110, 4096: 250, 8192: 600}
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# The adapters' dtype beside each activation dtype: x's own, and float32 on float16/bfloat16 (PEFT's default).
+ADAPTER_DTYPES = [
+    pytest.param(dtype, adapters, id=f"{dtype}-{'float32_adapters' if adapters != dtype else 'same'}")
+    for dtype in DTYPES
+    for adapters in dict.fromkeys((dtype, torch.float32))
+]
+
+
+@pytest.mark.parametrize(("dtype", "adapter_dtype"), ADAPTER_DTYPES)
 @pytest.mark.parametrize("floats", list(THREADGROUP_VARIANTS))
-def test_every_threadgroup_array_variant(backend, floats, dtype):
-    """tokens = in = out = n at rank 40: forward and backward dispatch the tg<floats> variant of all four kernels."""
+def test_every_threadgroup_array_variant(backend, floats, dtype, adapter_dtype):
+    """tokens = in = out = n at rank 40: forward and backward dispatch the tg<floats> variant of all four kernels
+    (the float_adapters one for float32 adapters on half-precision activations)."""
     n = THREADGROUP_VARIANTS[floats]
-    x, w, a, b, bias = _factors(n, n, n, 40, dtype, backend.device)
+    x, w, _, _, bias = _factors(n, n, n, 40, dtype, backend.device)
+    _, _, a, b, _ = _factors(n, n, n, 40, adapter_dtype, backend.device)
     if backend.name != "metal-emulated":
         _check(x, w, a, b, bias, 2.0, dtype)
         return
@@ -99,7 +109,87 @@ def test_every_threadgroup_array_variant(backend, floats, dtype):
     with runner.record() as dispatches:
         _check(x, w, a, b, bias, 2.0, dtype)
     kinds = ("lora_forward_h", "lora_forward_y", "lora_backward_dh", "lora_backward_dx")
-    assert {d.kernel.rsplit("_", 1)[0] for d in dispatches} == {f"{k}_tg{floats}" for k in kinds}
+    variant = f"tg{floats}" + ("_float_adapters" if adapter_dtype != dtype else "")
+    assert {d.kernel.rsplit("_", 1)[0] for d in dispatches} == {f"{k}_{variant}" for k in kinds}
+
+
+# Float32 adapters on float16/bfloat16 activations: few tokens; 1100 tokens (the same-dtype op's merged-weight route,
+# which float32 adapters never take); two rank blocks of the Metal kernels; a rank above their tiles (the reference).
+MIXED_SHAPES = [(7, 33, 31, 4), (300, 96, 130, 16), (1100, 48, 40, 8), (90, 70, 50, 100), (20, 30, 21, 300)]
+# The adapters' gradients are float32 products of half-precision values (dy, x) and float32 ones: against the float64
+# formula over the same values they are float32-accurate (the CUDA route carries float32 operands as two bfloat16
+# terms: 16 bits). A kernel that rounded h, dh or an adapter to x's dtype is off by 2^-9 (bfloat16) or 2^-12.
+ADAPTER_GRAD_TOL = 1e-4
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", MIXED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_float32_adapters_on_half_precision_activations(backend, shape, dtype, dropout):
+    """PEFT's default: y and dx in x's dtype within its tolerance; dA and dB in float32, float32-accurate."""
+    x, w, _, _, bias = _factors(*shape, dtype, backend.device, seed=31)
+    _, _, a, b, _ = _factors(*shape, torch.float32, backend.device, seed=31)
+    leaves = [t.detach().requires_grad_(True) for t in (x, a, b)]
+    torch.manual_seed(7)
+    y = tmf.lora_linear(leaves[0], w, leaves[1], leaves[2], 1.5, bias, dropout_p=dropout, training=True)
+    dy = randn(y.shape, dtype, y.device, seed=9)
+    dx, da, db = torch.autograd.grad(y, leaves, dy)
+    assert y.dtype == dx.dtype == dtype and da.dtype == db.dtype == torch.float32
+    mask = None
+    if dropout:
+        torch.manual_seed(7)
+        mask = torch.empty_like(x).bernoulli_(1 - dropout).double().cpu() / (1 - dropout)
+    ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in (x, a, b)]
+    y64 = _reference(ref_leaves[0], w.double().cpu(), *ref_leaves[1:], bias.double().cpu(), 1.5, mask)
+    rx, ra, rb = torch.autograd.grad(y64, ref_leaves, dy.double().cpu())
+    assert_matches(y, y64, dtype, "float32-adapter forward")
+    assert_matches(dx, rx, dtype, "float32-adapter dx")
+    for name, g, r in (("dlora_a", da, ra), ("dlora_b", db, rb)):
+        assert rel_error(g, r) <= ADAPTER_GRAD_TOL, f"{name}: {rel_error(g, r):.3g}"
+
+
+def test_cuda_float32_adapter_route_on_cpu():
+    """The CUDA backend's float32-adapter route (torch_metal_fused/backends/cuda.py: float32 operands as bfloat16
+    hi + lo terms), run here on CPU tensors: h, dA and dB float32-accurate against the float64 formula, y and dx
+    within bfloat16's tolerance, an infinite input stays infinite (hi + lo of inf is not NaN)."""
+    from torch_metal_fused.backends import cuda
+
+    x, w, _, _, bias = _factors(70, 48, 40, 8, torch.bfloat16, "cpu", seed=41)
+    _, _, a, b, _ = _factors(70, 48, 40, 8, torch.float32, "cpu", seed=41)
+    dy = randn((70, 40), torch.bfloat16, "cpu", seed=9)
+    for mask in (None, torch.empty_like(x).bernoulli_(0.7)):
+        y, h = cuda.lora_forward(x, w, bias, a, b, 1.5, mask)
+        grads = cuda.lora_backward(dy, x, w, a, b, h, 1.5, mask, (True, True, True, True, True))
+        leaves = [t.double().requires_grad_(True) for t in (x, w, a, b, bias)]
+        m64 = None if mask is None else mask.double()
+        y64 = _reference(*leaves, 1.5, m64)
+        refs = torch.autograd.grad(y64, leaves, dy.double())
+        h64 = (x.double() * (1 if m64 is None else m64)) @ a.double().t()
+        assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+        assert rel_error(h, h64) <= ADAPTER_GRAD_TOL
+        assert_matches(y, y64, torch.bfloat16, "cuda route forward")
+        for name, g, r in zip(("dx", "dweight", "dbias", "dlora_a", "dlora_b"), grads, refs[:2] + refs[4:] + refs[2:4]):
+            if name.startswith("dlora"):
+                assert g.dtype == torch.float32 and rel_error(g, r) <= ADAPTER_GRAD_TOL, name
+            else:
+                assert_matches(g, r, torch.bfloat16, f"cuda route {name}")
+    x_inf = x.clone()
+    x_inf[3, 5] = float("inf")
+    y, h = cuda.lora_forward(x_inf, w, None, a, b, 1.5, None)
+    y64, _ = reference.lora_forward(x_inf.double(), w.double(), None, a.double(), b.double(), 1.5, None)
+    assert torch.equal(torch.isnan(y), torch.isnan(y64)) and torch.equal(torch.isinf(y), torch.isinf(y64))
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "adapter_dtype"),
+    [(torch.float32, torch.float16), (torch.bfloat16, torch.float16), (torch.float16, torch.float64)],
+)
+def test_adapter_dtypes_the_op_does_not_take_are_refused(x_dtype, adapter_dtype):
+    x, w, a, b, bias = _factors(4, 8, 6, 2, x_dtype, "cpu")
+    with pytest.raises(TypeError, match="lora_a and lora_b have dtype .* float32 on a float16/bfloat16 x"):
+        tmf.lora_linear(x, w, a.to(adapter_dtype), b.to(adapter_dtype), 1.0, bias)
+    with pytest.raises(TypeError, match="lora_b has dtype"):
+        tmf.lora_linear(x, w, a.float(), b.double(), 1.0, bias)
 
 
 @pytest.mark.emulated

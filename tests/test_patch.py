@@ -8,7 +8,7 @@ import torch
 from helpers import record_kernel_calls
 
 import torch_metal_fused as tmf
-from torch_metal_fused.testing import assert_matches
+from torch_metal_fused.testing import assert_matches, rel_error
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -523,27 +523,65 @@ def test_fsdp2_two_processes_match_one(tmp_path, backend_name, monkeypatch):
     _two_processes_match_one(tmp_path, backend_name, "fsdp2")
 
 
-def test_peft_default_float32_adapters_on_a_bfloat16_base_are_reported_and_warned(monkeypatch):
-    """PEFT's default (autocast_adapter_dtype=True) keeps adapters in float32 on a bfloat16 model: the fused op serves
-    such a layer only under autocast. The report says so (never a plain "patched" for a layer whose every call
-    outside autocast runs PEFT's forward), a call outside autocast warns once and equals PEFT's, and under autocast
-    the fused op runs."""
+def test_peft_default_float32_adapters_on_a_bfloat16_model_run_fused(cpu_backend, monkeypatch):
+    """PEFT's default (autocast_adapter_dtype=True) keeps adapters in float32 on a bfloat16 model, the configuration
+    most users have: patch_model reports every LoRA layer patched with no caveat, every one of them runs the fused op
+    forward and backward (no warning, no fallback to PEFT's forward), and the loss and every adapter gradient match
+    PEFT's own run of the same model."""
+    import warnings
+
+    from train_lora import batches
+
+    ids, vocab = load_corpus()
+    chunk = next(batches(ids, 4, 32, 1))
+    runs = []
+    for patched in (False, True):
+        model = build_model(vocab, dtype=torch.bfloat16)
+        layers = [n for n, m in model.named_modules() if _is_peft_linear(m)]
+        adapters = [p for n, p in model.named_parameters() if p.requires_grad]
+        assert layers and all(p.dtype == torch.float32 for p in adapters)  # PEFT's default, which users have
+        calls = []
+        if patched:
+            report = tmf.patch_model(model)
+            assert {n for n, what in report.patched if what == "PEFT lora.Linear"} == set(layers)
+            calls = _count_calls(monkeypatch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss = model(input_ids=chunk, labels=chunk).loss
+            loss.backward()
+        if patched:
+            assert calls.count("lora_forward") == calls.count("lora_backward") == len(layers)
+        runs.append((loss.detach(), [p.grad for p in adapters]))
+    (ref_loss, ref_grads), (loss, grads) = runs
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=0)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32 and rel_error(g, r) <= 2e-2
+
+
+def _is_peft_linear(module: torch.nn.Module) -> bool:
+    from peft.tuners.lora.layer import Linear
+
+    return isinstance(module, Linear)
+
+
+def test_peft_adapters_in_a_dtype_the_op_does_not_take_are_reported_and_warned(monkeypatch):
+    """float16 adapters on a bfloat16 base: the fused op serves such a layer only under autocast. The report says so
+    (never a plain "patched" for a layer whose every call outside autocast runs PEFT's forward), a call outside
+    autocast warns once and equals PEFT's, and under autocast the fused op runs."""
     from peft import LoraConfig, get_peft_model
 
     from torch_metal_fused import patch
 
     torch.manual_seed(0)
-    holder = torch.nn.Module()
-    holder.proj = torch.nn.Linear(12, 10, dtype=torch.bfloat16)
-    model = get_peft_model(holder, LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False))
+    model = get_peft_model(_holder_bf16(), LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False))
     layer = model.base_model.model.proj
-    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's default, which users have
+    layer.lora_A["default"].half()
+    layer.lora_B["default"].half()
     x = torch.randn(5, 12, dtype=torch.bfloat16)
     ref = layer(x)
     report = tmf.patch_model(model)
     (what,) = [w for n, w in report.patched if n.endswith("proj")]
-    assert "fused only under torch.autocast" in what and "float32 on a bfloat16 base" in what
-    assert "autocast_adapter_dtype=False" in str(report)
+    assert "fused only under torch.autocast" in what and "float16 on a bfloat16 base" in what
     monkeypatch.setattr(patch, "_warned_lora_dtypes", set())
     calls = _count_calls(monkeypatch)
     with pytest.warns(UserWarning, match="mixes dtypes .* runs PEFT's own"):
@@ -552,9 +590,6 @@ def test_peft_default_float32_adapters_on_a_bfloat16_base_are_reported_and_warne
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(x)
     assert calls == ["lora_forward"]
-    same = get_peft_model(_holder_bf16(), LoraConfig(r=4, target_modules=["proj"]), autocast_adapter_dtype=False)
-    (what,) = [w for n, w in tmf.patch_model(same).patched if n.endswith("proj")]
-    assert what == "PEFT lora.Linear"
 
 
 def _holder_bf16() -> torch.nn.Module:

@@ -436,6 +436,22 @@ MUTANTS: list[Mutant] = [
         "dh = dy·B without the adapter's scale",
     ),
     _m(
+        "lora_h_rounded_to_the_activations_dtype",
+        L,
+        "h[ulong(t0 + t) * r + j] = static_cast<W>(acc[m][q].thread_elements()[e] * p.scale);",
+        "h[ulong(t0 + t) * r + j] = static_cast<W>(static_cast<T>(acc[m][q].thread_elements()[e] * p.scale));",
+        LORA,
+        "float32 adapters: h and dh rounded to x's half precision before they are stored in float32",
+    ),
+    _m(
+        "lora_float_adapter_variant_taken_for_same_dtype",
+        MP,
+        'return f"tg{floats}" + ("" if adapter_dtype == dtype else "_float_adapters")',
+        'return f"tg{floats}" + ("_float_adapters" if dtype != torch.float32 else "")',
+        LORA,
+        "the float_adapters variant bound to half-precision adapters (reads them as float32)",
+    ),
+    _m(
         "lora_input_rounded_to_its_dtype_again",
         L,
         "            v = float(in_rows[ulong(t) * p.in_row_stride + k]);",

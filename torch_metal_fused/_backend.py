@@ -237,7 +237,9 @@ def kernels_for(backend: str):
     so each op dispatches with one line.
     """
     if backend == "cuda":
-        return _compiled_extension()
+        from torch_metal_fused.backends import cuda
+
+        return cuda
     if backend in METAL_BACKENDS:
         from torch_metal_fused.backends import metal
 

@@ -202,18 +202,24 @@ def _lora_static_problem(module: nn.Module) -> str | None:
     return None
 
 
+def _lora_dtypes_fused(activation: torch.dtype, adapters: set[torch.dtype]) -> bool:
+    """Whether lora_linear takes adapters of these dtypes on a base of `activation` outside autocast: the base's
+    dtype, or float32 on a float16/bfloat16 base (PEFT's default, autocast_adapter_dtype=True)."""
+    return adapters <= {activation} or (adapters == {torch.float32} and activation in (torch.float16, torch.bfloat16))
+
+
 def _lora_dtype_caveat(module: nn.Module) -> str:
-    """ "" or why this layer's calls run PEFT's forward outside autocast: adapters in another dtype than the base
-    (PEFT's default `autocast_adapter_dtype=True` keeps them in float32 on a bfloat16/float16 model)."""
+    """ "" or why this layer's calls run PEFT's forward outside autocast: adapters in a dtype lora_linear does not
+    take beside the base's."""
     base = module.base_layer.weight.dtype
     adapters = {p.dtype for name in module.lora_A for p in (module.lora_A[name].weight, module.lora_B[name].weight)}
-    if adapters <= {base}:
+    if _lora_dtypes_fused(base, adapters):
         return ""
     names = "/".join(sorted(str(d).removeprefix("torch.") for d in adapters))
     return (
-        f" — fused only under torch.autocast: its adapters are {names} on a {str(base).removeprefix('torch.')} base, "
-        "so other calls run PEFT's own forward (get_peft_model(..., autocast_adapter_dtype=False) keeps the "
-        "adapters in the base's dtype)"
+        f" — fused only under torch.autocast: its adapters are {names} on a {str(base).removeprefix('torch.')} base "
+        "(fused: adapters in the base's dtype, or float32 on a float16/bfloat16 base), so other calls run PEFT's own "
+        "forward"
     )
 
 
@@ -221,7 +227,7 @@ _warned_lora_dtypes: set[tuple[torch.dtype, ...]] = set()
 
 
 def _warn_lora_dtype_fallback(dtypes: set[torch.dtype]) -> None:
-    """Once per dtype combination: a patched LoRA layer whose call runs PEFT's forward because of mixed dtypes."""
+    """Once per dtype combination: a patched LoRA layer whose call runs PEFT's forward because of its dtypes."""
     key = tuple(sorted(dtypes, key=str))
     if key in _warned_lora_dtypes:
         return
@@ -229,8 +235,8 @@ def _warn_lora_dtype_fallback(dtypes: set[torch.dtype]) -> None:
     warnings.warn(
         "torch_metal_fused: a patched PEFT LoRA layer mixes dtypes ("
         + ", ".join(str(d).removeprefix("torch.") for d in key)
-        + ") outside torch.autocast, so it runs PEFT's own (unfused) forward. PEFT keeps adapters in float32 by "
-        "default: pass autocast_adapter_dtype=False to get_peft_model, or train under torch.autocast.",
+        + ") that the fused op does not take outside torch.autocast (x, the base weight and bias in one dtype; the "
+        "adapters in it or in float32 on float16/bfloat16), so it runs PEFT's own (unfused) forward.",
         stacklevel=3,
     )
 
@@ -252,20 +258,28 @@ def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     first = active[0]
     a_weight, b_weight = self.lora_A[first].weight, self.lora_B[first].weight
     p = _dropout_p(self.lora_dropout[first])
-    dtypes = {x.dtype, base.weight.dtype, a_weight.dtype, b_weight.dtype}
-    if base.bias is not None:
-        dtypes.add(base.bias.dtype)
-    # Mixed dtypes: PEFT's code casts between them exactly, but under autocast lora_linear casts as F.linear does.
-    mixed_ok = autocast_enabled(x.device.type) and dtypes <= AUTOCAST_DTYPES
-    if p is None or (len(dtypes) != 1 and not mixed_ok):
+    base_dtypes = {x.dtype, base.weight.dtype} | ({base.bias.dtype} if base.bias is not None else set())
+    adapter_dtypes = {a_weight.dtype, b_weight.dtype}
+    dtypes = base_dtypes | adapter_dtypes
+    # Under autocast lora_linear casts everything as F.linear does; outside it, it takes the base's dtype throughout
+    # with adapters in that dtype or float32 (PEFT's default), computing as PEFT's forward does.
+    fused = (autocast_enabled(x.device.type) and dtypes <= AUTOCAST_DTYPES) or (
+        len(base_dtypes) == 1 and _lora_dtypes_fused(x.dtype, adapter_dtypes)
+    )
+    if p is None or not fused:
         if p is not None:
             _warn_lora_dtype_fallback(dtypes)
-        return original(x)  # casts between dtypes or an unknown dropout module: PEFT's code does them exactly
+        return original(x)  # other dtype mixes or an unknown dropout module: PEFT's code handles them
     # The base is an nn.Linear (_lora_static_problem): its weight is (out, in) whatever fan_in_fan_out says (PEFT
     # reads that flag when merging; its forward calls the base layer as it is).
     result = lora_linear(x, base.weight, a_weight, b_weight, self.scaling[first], base.bias, p, self.training)
-    for name in active[1:]:  # further active adapters: PEFT's own formula, added on top
-        result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+    if len(active) > 1:  # further active adapters: PEFT's own formula, added on top, in the result's dtype
+        result_dtype = result.dtype
+        for name in active[1:]:
+            lora_a = self.lora_A[name]
+            x_lora = x.to(lora_a.weight.dtype)
+            result = result + self.lora_B[name](lora_a(self.lora_dropout[name](x_lora))) * self.scaling[name]
+        result = result.to(result_dtype)
     return result
 
 

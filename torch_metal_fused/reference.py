@@ -118,10 +118,14 @@ def lora_forward(
     scale: float,
     dropout_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x is 2-D (tokens, in). Returns y (tokens, out) and h = dropout(x) @ lora_aᵀ (tokens, r)."""
+    """x is 2-D (tokens, in). Returns y (tokens, out) and h = dropout(x) @ lora_aᵀ (tokens, r). Adapters in another
+    dtype than x (PEFT's float32 adapters on a half-precision model) follow PEFT's forward: x cast to the adapters'
+    dtype for the low-rank product, the base output cast to it for the sum, the sum cast back to x's dtype."""
     y = torch.nn.functional.linear(x, weight, bias)
     x_lora = x if dropout_mask is None else x * dropout_mask
-    h = x_lora @ lora_a.t()
+    h = x_lora.to(lora_a.dtype) @ lora_a.t()
+    if lora_a.dtype != y.dtype:
+        return torch.addmm(y.to(lora_a.dtype), h, lora_b.t(), alpha=scale).to(y.dtype), h
     y.addmm_(h, lora_b.t(), alpha=scale)
     return y, h
 
@@ -137,22 +141,25 @@ def lora_backward(
     dropout_mask: torch.Tensor | None,
     needs: tuple[bool, bool, bool, bool, bool],
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients (dx, dweight, dbias, dlora_a, dlora_b); entries not needed are None and not computed."""
+    """Gradients (dx, dweight, dbias, dlora_a, dlora_b); entries not needed are None and not computed. dlora_a and
+    dlora_b come in the adapters' dtype; with adapters in another dtype than x, the adapter path's part of dx is
+    computed in theirs and cast to x's before the sum (as autograd does through PEFT's cast of x)."""
     needs_dx, needs_dw, needs_db, needs_da, needs_dlb = needs
+    adapter_dtype = lora_a.dtype
     dx = dw = dbias = da = dlb = None
     dh = None
     if needs_dx or needs_da:
-        dh = (dy @ lora_b) * scale
+        dh = (dy.to(adapter_dtype) @ lora_b) * scale
     if needs_dlb:
-        dlb = (dy.t() @ h) * scale
+        dlb = (dy.t().to(adapter_dtype) @ h) * scale
     if needs_da:
         x_lora = x if dropout_mask is None else x * dropout_mask
-        da = dh.t() @ x_lora
+        da = dh.t() @ x_lora.to(adapter_dtype)
     if needs_dx:
         lora_dx = dh @ lora_a
         if dropout_mask is not None:
             lora_dx = lora_dx * dropout_mask
-        dx = torch.addmm(lora_dx, dy, weight)
+        dx = torch.addmm(lora_dx.to(dy.dtype), dy, weight)
     if needs_dw:
         dw = dy.t() @ x
     if needs_db:

@@ -661,18 +661,24 @@ def _lora_expand_plans(max_threads, max_floats, tokens, out_dim, rank, scale, ha
     return plans
 
 
-def _lora_pipeline(launcher: Launcher, base: str, dtype, plan):
+def lora_variant(floats: int, dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+    """The variant of a LoRA kernel: its threadgroup array, and "_float_adapters" for float32 adapters (and h) on
+    half/bfloat activations (PEFT's default), which the kernels widen in registers."""
+    return f"tg{floats}" + ("" if adapter_dtype == dtype else "_float_adapters")
+
+
+def _lora_pipeline(launcher: Launcher, base: str, dtype, adapter_dtype, plan):
     """The pipeline of the variant whose threadgroup array the plan sizes, and the plan: planned for the smallest
     variant's thread limit; replanned if the chosen variant allows fewer threads, or with the next smaller array if
     its pipeline cannot be built (a 32 KiB array right at the device's limit), so LoRA stays fused on the others."""
     smallest = LORA_THREADGROUP_FLOATS[0]
-    max_threads = launcher.pipeline(kernel_name(base, f"tg{smallest}", dtype)).max_threads
+    max_threads = launcher.pipeline(kernel_name(base, lora_variant(smallest, dtype, adapter_dtype), dtype)).max_threads
     max_floats = LORA_THREADGROUP_FLOATS[-1]
     for _ in range(2 * len(LORA_THREADGROUP_FLOATS)):
         planned = plan(max_threads, max_floats)
         floats = max(f for *_, f in planned)
         try:
-            pipeline = launcher.pipeline(kernel_name(base, f"tg{floats}", dtype))
+            pipeline = launcher.pipeline(kernel_name(base, lora_variant(floats, dtype, adapter_dtype), dtype))
         except KernelUnavailable:
             if floats == smallest:
                 raise
@@ -692,6 +698,7 @@ def _lora_lowrank(
     pipeline and plan is chosen before anything is encoded. A missing mask binds the input in its place (never read:
     has_mask is 0)."""
     tokens = in2.shape[0]
+    adapter_dtype = factor_reduce.dtype
     launcher = Launcher("lora_linear", in2.device)
     reduce_base, expand_base = (
         ("lora_forward_h", "lora_forward_y") if forward else ("lora_backward_dh", "lora_backward_dx")
@@ -706,6 +713,7 @@ def _lora_lowrank(
             launcher,
             reduce_base,
             in2.dtype,
+            adapter_dtype,
             lambda t, f: [
                 _lora_reduce_plan(t, f, tokens, reduce_dim, rank, _row_stride(in2), reduce_scale, reduce_mask)
             ],
@@ -716,11 +724,24 @@ def _lora_lowrank(
                 launcher,
                 expand_base,
                 in2.dtype,
+                adapter_dtype,
                 lambda t, f: _lora_expand_plans(t, f, tokens, out_dim, rank, expand_scale, expand_mask),
             )
         return reduce_pipeline, reduce_plan, expand_pipeline, expands
 
-    key = (forward, in2.dtype, tokens, reduce_dim, out_dim, rank, _row_stride(in2), scale, has_mask, wants_expand)
+    key = (
+        forward,
+        in2.dtype,
+        adapter_dtype,
+        tokens,
+        reduce_dim,
+        out_dim,
+        rank,
+        _row_stride(in2),
+        scale,
+        has_mask,
+        wants_expand,
+    )
     reduce_pipeline, reduce_plan, expand_pipeline, expands = launcher.plan(key, build)
     p, groups, threads, _ = reduce_plan
     dispatches = [
@@ -752,17 +773,38 @@ def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Ten
     return torch.addmm(_wide(weight), _wide(lora_b), _wide(lora_a), alpha=scale).to(weight.dtype)
 
 
+# Float32 adapters on half/bfloat activations: the two products that reduce over tokens (dA = dhᵀ·x, dB = dyᵀ·h) mix
+# a float32 rank-r operand with the activations, which the native matmul does not take. They widen the activations
+# a slice of tokens at a time, so no float32 copy of a whole activation exists (backward only, nothing saved).
+WIDENED_SLICE_ELEMENTS = 1 << 24
+
+
+def _adapter_mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a·b in `dtype` (the adapters'): the native GEMM when both are in it, else float32 over token slices."""
+    if a.dtype == b.dtype == dtype:
+        return _mm(a, b)
+    rows_per_token = a.shape[0] if a.dtype != dtype else b.shape[1]  # the activation operand's extent
+    step = max(1, WIDENED_SLICE_ELEMENTS // max(1, rows_per_token))
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=dtype, device=a.device)
+    for k0 in range(0, a.shape[1], step):
+        out.addmm_(a[:, k0 : k0 + step].to(dtype), b[k0 : k0 + step].to(dtype))
+    return out
+
+
 def lora_forward(x, weight, bias, lora_a, lora_b, scale: float, dropout_mask):
-    """(y, h): y = x·Wᵀ + bias + scale · dropout(x)·Aᵀ·Bᵀ, h = dropout(x)·Aᵀ saved for backward."""
+    """(y, h): y = x·Wᵀ + bias + scale · dropout(x)·Aᵀ·Bᵀ, h = dropout(x)·Aᵀ saved for backward (in the adapters'
+    dtype). Float32 adapters on half/bfloat x (PEFT's default) take the low-rank kernels' float_adapters variants:
+    y = x·Wᵀ + bias rounded, then the adapter term added in float32 and rounded once, as PEFT's forward does."""
     tokens, in_features = x.shape
     rank = lora_a.shape[0]
+    mixed = lora_a.dtype != x.dtype
     if rank > LORA_MAX_RANK:  # the kernels' tiles take rank <= kLoraMaxRank
         return reference.lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_mask)
-    if lora_use_merged_weight(tokens, in_features, dropout_mask is not None):
+    if not mixed and lora_use_merged_weight(tokens, in_features, dropout_mask is not None):
         merged = _merged_weight(weight, lora_a, lora_b, scale)  # W + s·B·A on the native matmul
         return _linear(x, merged, bias), _mm(x, lora_a.t())
     y = _linear(x, weight, bias).contiguous()  # the native GEMM; the expand adds the adapter in place
-    h = _output((tokens, rank), x.dtype, x)
+    h = _output((tokens, rank), lora_a.dtype, x)
     if tokens == 0:
         return y, h
     mask = dropout_mask.contiguous() if dropout_mask is not None else None
@@ -783,15 +825,16 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scale: float, dropout_mask):
 
 
 def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, needs):
-    """(dx, dW, dbias, dA, dB) for the gradients `needs` asks for."""
+    """(dx, dW, dbias, dA, dB) for the gradients `needs` asks for; dA and dB in the adapters' dtype."""
     needs_dx, needs_dw, needs_db, needs_da, needs_dlb = needs
     rank = lora_a.shape[0]
     tokens = x.shape[0]
+    adapter_dtype = lora_a.dtype
     if rank > LORA_MAX_RANK:
         return reference.lora_backward(dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, needs)
     dy2 = _rows(dy)
     dx = dw = dbias = da = dlb = None
-    if lora_use_merged_weight(tokens, x.shape[1], dropout_mask is not None):
+    if adapter_dtype == x.dtype and lora_use_merged_weight(tokens, x.shape[1], dropout_mask is not None):
         if needs_dx:
             dx = _mm(dy2, _merged_weight(weight, lora_a, lora_b, scale))  # dy·W' = dy·W + dh·A
         if needs_da:
@@ -799,7 +842,7 @@ def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, 
     elif needs_dx or needs_da:
         if needs_dx:
             dx = _mm(dy2, weight).contiguous()  # native GEMM; the expand adds (dh·A)·mask in place
-        dh = _output((tokens, rank), x.dtype, x)
+        dh = _output((tokens, rank), adapter_dtype, x)
         if tokens:
             mask = dropout_mask.contiguous() if dropout_mask is not None else None
             _lora_lowrank(
@@ -817,9 +860,9 @@ def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, 
             )
         if needs_da:
             x_lora = x if dropout_mask is None else x * dropout_mask
-            da = _mm(dh.t(), x_lora)
+            da = _adapter_mm(dh.t(), x_lora, adapter_dtype)
     if needs_dlb:
-        dlb = _mm(dy2.t(), h) * scale
+        dlb = _adapter_mm(dy2.t(), h, adapter_dtype) * scale
     if needs_dw:
         dw = _mm(dy2.t(), x)
     if needs_db:

@@ -4,6 +4,7 @@
     python -m torch_metal_fused.bench --quick    # a subset that finishes in about a minute
     python -m torch_metal_fused.bench --timed    # cpu: time the plain-PyTorch reference instead
     python -m torch_metal_fused.bench --record   # also append the rows to benchmarks/results/ledger.csv
+    python -m torch_metal_fused.bench --train    # whole training steps per provider (bench/train.py has its flags)
 
 Without an Apple or NVIDIA GPU the default is the emulated report: our Metal kernels run on the Metal-on-CPU harness,
 which counts their device bytes, dispatches and threadgroup memory per op call, and projects a floor per Apple chip
@@ -139,6 +140,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--train" in argv:  # whole training steps per provider: torch_metal_fused/bench/train.py
+        from torch_metal_fused.bench import train
+
+        return train.main([a for a in argv if a != "--train"])
     req = parse(argv)
     cfg = req.cfg
     notes = []

@@ -162,11 +162,13 @@ def _mask_bias(
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t, or a contiguous copy where its start or a row stride is not 16-byte aligned: SDPA's CUDA kernels read
-    16-byte vectors and fail with "misaligned address" on such views (a storage offset, odd-width rows)."""
+    """t, or a contiguous copy where its last dimension is strided or its start or a row stride is not 16-byte
+    aligned: SDPA's CUDA kernels read 16-byte vectors and fail with "misaligned address" on such views (a storage
+    offset, odd-width rows), and its float16 backward gave a wrong dq for an incoming gradient whose last dimension
+    was strided (torch 2.11, H200)."""
     es = t.element_size()
     rows_aligned = all(st * es % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
-    if t.data_ptr() % 16 == 0 and rows_aligned:
+    if t.data_ptr() % 16 == 0 and rows_aligned and (t.shape[-1] <= 1 or t.stride(-1) == 1):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
@@ -189,14 +191,12 @@ def _sdpa(q, k, v, bias, causal: bool, window: int, scale: float) -> torch.Tenso
     with no visible key zeroed (as our kernels give them)."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     q_len, kv_len = q.shape[2], k.shape[2]
-    visible = reference.attention_visible(torch.arange(q_len, device=q.device), kv_len, q_len, causal, window)
     groups = q.shape[1] // k.shape[1]
     kwargs = {"enable_gqa": True} if groups > 1 else {}
-    if bias is None and (visible is None or (q_len == kv_len and window == 0)):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=visible is not None, scale=scale, **kwargs
-        )
+    if bias is None and (not causal or (q_len == kv_len and window == 0)):  # no (S, Sk) mask built
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kwargs)
         return _AlignedGradient.apply(out)
+    visible = reference.attention_visible(torch.arange(q_len, device=q.device), kv_len, q_len, causal, window)
     causal_mask = torch.zeros((q_len, kv_len), dtype=q.dtype, device=q.device)
     if visible is not None:
         causal_mask = _additive(visible, q.dtype)

@@ -1,5 +1,10 @@
 """Fused LoRA linear: y = x @ weightᵀ + bias + scale * (dropout(x) @ lora_aᵀ) @ lora_bᵀ.
 
+The adapters (lora_a, lora_b) come in x's dtype, or in float32 on a float16/bfloat16 x: PEFT's default
+(`autocast_adapter_dtype=True`), served with PEFT's semantics (the low-rank product in float32, added to the base
+output in float32 and rounded once) by kernels that widen the activations in registers, so no float32 copy of an
+activation is made or saved. dlora_a and dlora_b come in the adapters' dtype.
+
 The base GEMM runs on the platform's native matmul; the rank-r path (h = x·Aᵀ, y += scale·h·Bᵀ) is fused
 into one kernel that adds into the base output in place. Backward: dB = scale·dyᵀh, dh = scale·dy·B,
 dA = dhᵀx, dx = dy·W + dh·A, dW = dyᵀx, dbias = Σdy — each only when its input needs a gradient
@@ -24,6 +29,8 @@ from torch_metal_fused.ops._dispatch import (
     run_kernel,
 )
 
+_HALF_PRECISION = (torch.float16, torch.bfloat16)
+
 
 def _lora_linear_forward_impl(
     x: torch.Tensor,
@@ -47,7 +54,7 @@ lora_linear_forward = torch.library.custom_op(
 
 @lora_linear_forward.register_fake
 def _(x, weight, bias, lora_a, lora_b, scale, dropout_mask):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0], dtype=lora_a.dtype)
 
 
 def _lora_linear_backward_impl(
@@ -74,7 +81,8 @@ lora_linear_backward = torch.library.custom_op(
 @lora_linear_backward.register_fake
 def _(dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, needs):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_a.shape, lora_b.shape)
-    return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, needs))
+    dtypes = (x.dtype, x.dtype, x.dtype, lora_a.dtype, lora_a.dtype)
+    return tuple(x.new_empty(s if need else (0,), dtype=d) for s, d, need in zip(shapes, dtypes, needs))
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -87,8 +95,10 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         mask = None
         if training and dropout_p > 0.0:
-            # The mask is pre-scaled by 1/(1-p), so dropout(x) = x * mask.
-            mask = x2.new_empty(x2.shape).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+            # A 0/1 mask, exact in any dtype, with dropout's 1/(1-p) folded into the scale (in float32 in the
+            # kernels): the kernels then compute scale/(1-p) · (x∘mask)·Aᵀ·Bᵀ, and h is (x∘mask)·Aᵀ.
+            mask = x2.new_empty(x2.shape).bernoulli_(1.0 - dropout_p)
+            scale = scale / (1.0 - dropout_p)
         y, h = call(lora_linear_forward, _lora_linear_forward_impl, x2, weight, bias, lora_a, lora_b, scale, mask)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h, mask)
         ctx.scale = scale
@@ -119,7 +129,15 @@ class LoRALinearFunction(torch.autograd.Function):
 def _check_lora_args(x, weight, lora_a, lora_b, bias) -> None:
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         check_tensor(name, t)
-    check_same_device_dtype("x", x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    check_same_device_dtype("x", x, weight=weight, bias=bias)
+    check_same_device_dtype("lora_a", lora_a, lora_b=lora_b)
+    if lora_a.device != x.device:
+        raise ValueError(f"lora_a is on {lora_a.device} but x is on {x.device}; move them to one device")
+    if lora_a.dtype != x.dtype and not (lora_a.dtype == torch.float32 and x.dtype in _HALF_PRECISION):
+        raise TypeError(
+            f"lora_a and lora_b have dtype {lora_a.dtype} but x has dtype {x.dtype}: the adapters must have x's "
+            "dtype, or float32 on a float16/bfloat16 x (PEFT's default)"
+        )
     if x.ndim < 1:
         raise ValueError("x must have at least one dimension (..., in_features)")
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
@@ -153,8 +171,9 @@ def lora_linear(
 ) -> torch.Tensor:
     """`x @ weight.T + bias + scale * (dropout(x) @ lora_a.T) @ lora_b.T`.
 
-    weight (out, in), lora_a (r, in), lora_b (out, r), x (..., in). Dropout applies to the LoRA branch only
-    and only when `training`. A weight with requires_grad=False gets no gradient computed at all. Under
+    weight (out, in), lora_a (r, in), lora_b (out, r), x (..., in). lora_a and lora_b in x's dtype, or in float32 on
+    a float16/bfloat16 x (PEFT's default: computed as PEFT does, the result in x's dtype). Dropout applies to the LoRA
+    branch only and only when `training`. A weight with requires_grad=False gets no gradient computed at all. Under
     torch.autocast the inputs are cast to the autocast dtype first, as F.linear's are (the result is in that dtype).
     """
     if isinstance(x, torch.Tensor) and autocast_enabled(x.device.type):  # as F.linear under autocast

@@ -1,0 +1,328 @@
+"""Whole training steps of a Llama- or Gemma-2-shaped causal LM (random weights), per provider, each provider in a
+process of its own: step time, tokens/s, peak memory and the first losses, in LoRA and full fine-tuning.
+
+    python -m torch_metal_fused.bench --train                  # llama-1b on cuda/mps, the tiny preset on cpu
+    python -m torch_metal_fused.bench --train --modes lora --providers hf,tmf,liger --batch 4 --seq 2048
+    python -m torch_metal_fused.bench --train --fit 24         # the longest sequence (batch 1) that fits 24 GiB
+
+Modes: lora (PEFT's defaults: r 16 on all seven projections, adapters kept in float32 on the bf16 model), lora-bf16
+(`autocast_adapter_dtype=False`: adapters in bf16), full (every weight trained). Providers: hf (transformers + PEFT as
+they are), tmf (patch_model with every option), tmf:<option> (patch_model with that option alone: what it buys),
+liger (Liger-Kernel's apply_liger_kernel_to_<arch>, where it imports), torch_lce (the loss through torch's own
+F.linear_cross_entropy, where this torch has it). AdamW; the median of --steps steps after --warmup. Peak memory:
+torch.cuda.max_memory_allocated on CUDA, torch.mps.driver_allocated_memory after the steps on a Mac, and on a CPU the
+process's peak resident size (which includes torch itself: compare providers, not absolute numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+PRESETS: dict[str, dict] = {
+    # Llama-3.2-1B's shape.
+    "llama-1b": dict(
+        arch="llama", layers=16, hidden=2048, intermediate=8192, vocab=128256, heads=32, kv_heads=8, head_dim=64
+    ),
+    # Gemma-2-2B's shape (sliding-window layers, soft-capping).
+    "gemma2-2b": dict(
+        arch="gemma2", layers=26, hidden=2304, intermediate=9216, vocab=256000, heads=8, kv_heads=4, head_dim=256
+    ),
+    "tiny": dict(arch="llama", layers=2, hidden=64, intermediate=128, vocab=512, heads=4, kv_heads=2, head_dim=16),
+}
+MODES = ("lora", "lora-bf16", "full")
+PATCH_OPTIONS = ("rms_norm", "lora", "cross_entropy", "swiglu", "rope", "attention")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class StepResult:
+    provider: str
+    mode: str
+    preset: str
+    batch: int
+    seq: int
+    device: str
+    ok: bool
+    step_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_gib: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def _model(preset: str, mode: str, device: torch.device):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    p = PRESETS[preset]
+    common = dict(
+        vocab_size=p["vocab"],
+        hidden_size=p["hidden"],
+        intermediate_size=p["intermediate"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        head_dim=p["head_dim"],
+        max_position_embeddings=131072,
+    )
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    with torch.device(device):
+        config = Gemma2Config(**common) if p["arch"] == "gemma2" else LlamaConfig(**common)
+        model = (Gemma2ForCausalLM if p["arch"] == "gemma2" else LlamaForCausalLM)(config).to(dtype)
+    if mode != "full":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
+        model = get_peft_model(model, config, autocast_adapter_dtype=mode == "lora")
+    return model
+
+
+def _apply_provider(model, provider: str, arch: str):
+    """Returns a loss function (model, ids) -> loss."""
+    if provider == "tmf" or provider.startswith("tmf:"):
+        import torch_metal_fused as tmf
+
+        options = dict.fromkeys(PATCH_OPTIONS, provider == "tmf")
+        if provider.startswith("tmf:"):
+            options[provider.split(":", 1)[1]] = True
+        tmf.patch_model(model, **options)
+    elif provider == "liger":
+        import liger_kernel.transformers as liger
+
+        apply = getattr(liger, f"apply_liger_kernel_to_{arch}")
+        apply(model=model.get_base_model() if hasattr(model, "get_base_model") else model)
+    elif provider == "torch_lce":
+        fn = torch.nn.functional.linear_cross_entropy
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+        def loss_fn(_, ids):
+            hidden = base.model(input_ids=ids).last_hidden_state[:, :-1]
+            return fn(hidden.reshape(-1, hidden.shape[-1]), base.lm_head.weight, ids[:, 1:].reshape(-1))
+
+        return loss_fn
+    elif provider != "hf":
+        raise ValueError(f"unknown provider {provider!r}")
+    return lambda m, ids: m(input_ids=ids, labels=ids).loss
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_worker(provider: str, mode: str, preset: str, batch: int, seq: int, steps: int, warmup: int, device: str):
+    """One provider's steps in this process (python -m torch_metal_fused.bench.train --worker ...)."""
+    dev = torch.device(device)
+    result = StepResult(provider, mode, preset, batch, seq, device, ok=False)
+    try:
+        model = _model(preset, mode, dev)
+        loss_fn = _apply_provider(model, provider, PRESETS[preset]["arch"])
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        g = torch.Generator().manual_seed(1)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        times = []
+        for step in range(warmup + steps):
+            ids = torch.randint(0, PRESETS[preset]["vocab"], (batch, seq), generator=g).to(dev)
+            _synchronize(dev)
+            t0 = time.perf_counter()
+            loss = loss_fn(model, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _synchronize(dev)
+            if step >= warmup:
+                times.append(time.perf_counter() - t0)
+            result.losses.append(round(float(loss), 4))
+        result.step_ms = statistics.median(times) * 1e3
+        result.tokens_per_s = batch * seq / statistics.median(times)
+        result.peak_gib = _peak_gib(dev)
+        result.ok = True
+    except Exception as exc:  # an out-of-memory or a provider that does not run here: reported, not raised
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    return result
+
+
+def _spawn(args: argparse.Namespace, provider: str, mode: str, seq: int, batch: int, steps: int) -> StepResult:
+    cmd = [sys.executable, "-m", "torch_metal_fused.bench.train", "--worker", provider, "--modes", mode]
+    cmd += ["--preset", args.preset, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps)]
+    cmd += ["--warmup", str(args.warmup), "--device", args.device, "--fit", str(args.fit)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return StepResult(provider, mode, args.preset, batch, seq, args.device, ok=False, error=tail[0][:300])
+    return StepResult(**json.loads(lines[-1]))
+
+
+def _fits(result: StepResult, gib: float) -> bool:
+    return result.ok and result.peak_gib <= gib
+
+
+def fit(args: argparse.Namespace, provider: str, mode: str) -> tuple[int, list[StepResult]]:
+    """The longest sequence at batch 1 whose steps fit args.fit GiB: doubling from 512, then bisecting to 256."""
+    tried, lo, hi, seq = [], 0, None, 512
+    while hi is None and seq <= 1 << 20:
+        r = _spawn(args, provider, mode, seq, 1, 1)
+        tried.append(r)
+        if _fits(r, args.fit):
+            lo, seq = seq, seq * 2
+        else:
+            hi = seq
+    while hi is not None and hi - lo > 256:
+        mid = (lo + hi) // 2 // 256 * 256
+        r = _spawn(args, provider, mode, mid, 1, 1)
+        tried.append(r)
+        lo, hi = (mid, hi) if _fits(r, args.fit) else (lo, mid)
+    return lo, tried
+
+
+def table(results: list[StepResult]) -> str:
+    lines = [
+        "| mode | provider | step ms | tokens/s | peak GiB | first losses |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.ok:
+            losses = " ".join(f"{x:.4f}" for x in r.losses[:2])
+            lines.append(
+                f"| {r.mode} | {r.provider} | {r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.peak_gib:.2f} | {losses} |"
+            )
+        else:
+            lines.append(f"| {r.mode} | {r.provider} | - | - | - | did not run: {r.error} |")
+    return "\n".join(lines)
+
+
+def _ledger_rows(results: list[StepResult], commit: str) -> list[dict]:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else results[0].device if results else ""
+    return [
+        dict(
+            run=stamp,
+            date=stamp[:10],
+            commit=commit,
+            device=name,
+            torch=torch.__version__,
+            source="bench --train",
+            op="train_step",
+            provider=r.provider,
+            backend=r.device,
+            dtype="bfloat16",
+            shape=f"{r.preset} {r.batch}x{r.seq}",
+            mode=r.mode,
+            level="op",
+            method="wall",
+            p50_us=round(r.step_ms * 1e3, 1),
+            peak_mb=round(r.peak_gib * 1024, 1),
+            note=f"tokens/s {r.tokens_per_s:.0f}; first losses {' '.join(map(str, r.losses[:2]))}",
+        )
+        for r in results
+        if r.ok
+    ]
+
+
+def default_providers() -> list[str]:
+    providers = ["hf", "tmf", *(f"tmf:{o}" for o in PATCH_OPTIONS)]
+    if hasattr(torch.nn.functional, "linear_cross_entropy"):
+        providers.append("torch_lce")
+    try:
+        import liger_kernel  # noqa: F401
+
+        providers.append("liger")
+    except ImportError:
+        pass
+    return providers
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m torch_metal_fused.bench --train", description=__doc__.split("\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    device = "mps" if torch.backends.mps.is_available() else "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=device)
+    p.add_argument("--preset", choices=PRESETS, default=None, help="default: llama-1b on a GPU, tiny on cpu")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--providers", default=None, help="comma-separated (default: every one that runs here)")
+    p.add_argument("--batch", type=int, default=None, help="default 4 (1 on cpu)")
+    p.add_argument("--seq", type=int, default=None, help="default 2048 (128 on cpu)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--fit", type=float, default=0.0, help="GiB: also find the longest sequence at batch 1 that fits")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per provider process")
+    p.add_argument("--out", type=Path, default=None, help="write results.json and summary.md there")
+    p.add_argument("--record", nargs="?", const="default", default=None, metavar="LEDGER")
+    a = p.parse_args(argv)
+    gpu = a.device != "cpu"
+    a.preset = a.preset or ("llama-1b" if gpu else "tiny")
+    a.batch = a.batch or (4 if gpu else 1)
+    a.seq = a.seq or (2048 if gpu else 128)
+    for m in a.modes.split(","):
+        if m not in MODES:
+            p.error(f"--modes: unknown mode {m!r} (choose from {', '.join(MODES)})")
+    a.providers = a.providers.split(",") if a.providers else default_providers()
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.worker:
+        if args.fit and args.device == "cuda":  # --fit: an allocation past the budget fails as out-of-memory
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.fit / total))
+        r = run_worker(args.worker, args.modes, args.preset, args.batch, args.seq, args.steps, args.warmup, args.device)
+        print(json.dumps(asdict(r)))
+        return 0
+    results, fits = [], []
+    jobs = [(m, prov) for m in args.modes.split(",") for prov in args.providers]
+    for i, (mode, provider) in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {mode} {provider} ...", file=sys.stderr, flush=True)
+        results.append(_spawn(args, provider, mode, args.seq, args.batch, args.steps))
+        if args.fit:
+            seq, _ = fit(args, provider, mode)
+            fits.append((mode, provider, seq))
+    head = (
+        f"{args.preset}, bf16, batch {args.batch} x seq {args.seq}, device {args.device}, torch {torch.__version__}; "
+        f"median of {args.steps} steps after {args.warmup}"
+        + ("; peak = the CPU process's peak resident size" if args.device == "cpu" else "")
+    )
+    text = head + "\n\n" + table(results)
+    if fits:
+        text += f"\n\nlongest sequence at batch 1 within {args.fit:g} GiB:\n" + "\n".join(
+            f"- {m} {prov}: {seq}" for m, prov, seq in fits
+        )
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "summary.md").write_text(text + "\n")
+        (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    if args.record:
+        from torch_metal_fused.bench import ledger
+
+        path = ledger.DEFAULT_LEDGER if args.record == "default" else Path(args.record)
+        ledger.append(_ledger_rows(results, ledger.current_commit()), path)
+    return 0 if all(r.ok for r in results if r.provider in ("hf", "tmf")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
