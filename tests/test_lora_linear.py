@@ -641,3 +641,26 @@ def test_gradcheck_reference():
         for s in ((3, 5), (4, 5), (2, 5), (4, 2), (4,))
     ]
     assert torch.autograd.gradcheck(lambda x, w, a, b, bias: tmf.lora_linear(x, w, a, b, 0.7, bias), tuple(args))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no_dropout", "dropout"])
+def test_float32_adapters_save_no_float32_activation(backend, dropout):
+    """PEFT's own float32-adapter path keeps a float32 copy of x for backward (about 0.6 GB per Llama-1B layer at 8k
+    tokens). The fused op saves x in its own dtype and only rank-r float32 tensors (h): no saved tensor is a float32
+    one with an activation's number of elements."""
+    tokens, fin, fout, r = 64, 96, 80, 8
+    x, w, _, _, bias = _factors(tokens, fin, fout, r, torch.bfloat16, backend.device)
+    _, _, a, b, _ = _factors(tokens, fin, fout, r, torch.float32, backend.device)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = tmf.lora_linear(
+            x.requires_grad_(True), w, a.requires_grad_(True), b.requires_grad_(True), 2.0, bias, dropout, True
+        )
+    y.sum().backward()
+    assert (torch.bfloat16, tokens * fin) in saved  # x itself
+    assert all(n < tokens * min(fin, fout) for dt, n in saved if dt == torch.float32), saved

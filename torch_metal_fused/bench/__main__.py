@@ -5,6 +5,7 @@
     python -m torch_metal_fused.bench --timed    # cpu: time the plain-PyTorch reference instead
     python -m torch_metal_fused.bench --record   # also append the rows to benchmarks/results/ledger.csv
     python -m torch_metal_fused.bench --train    # whole training steps per provider (bench/train.py has its flags)
+    python -m torch_metal_fused.bench --overhead # dispatch cost per call at tiny shapes, ours against native ops
 
 Without an Apple or NVIDIA GPU the default is the emulated report: our Metal kernels run on the Metal-on-CPU harness,
 which counts their device bytes, dispatches and threadgroup memory per op call, and projects a floor per Apple chip
@@ -37,6 +38,10 @@ class Request:
     cfg: BenchConfig
     emulated_by_default: bool  # cpu without --emulated/--timed: emulated, or timed where the harness is missing
     suite_given: bool  # --suite or --quick
+
+
+def _default_device() -> str:
+    return "mps" if torch.backends.mps.is_available() else "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse(argv: list[str] | None = None) -> Request:
@@ -90,9 +95,7 @@ def parse(argv: list[str] | None = None) -> Request:
     a = p.parse_args(argv)
     if a.record == DEFAULT_LEDGER and not DEFAULT_LEDGER.exists():
         p.error(f"--record: no ledger at {DEFAULT_LEDGER} (an installed package has none): give its path")
-    device = a.device or (
-        "mps" if torch.backends.mps.is_available() else "cuda" if torch.cuda.is_available() else "cpu"
-    )
+    device = a.device or _default_device()
     if device == "mps" and not torch.backends.mps.is_available():
         p.error("--device mps: no MPS device on this machine")
     if device == "cuda" and not torch.cuda.is_available():
@@ -145,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         from torch_metal_fused.bench import train
 
         return train.main([a for a in argv if a != "--train"])
+    if "--overhead" in argv:  # dispatch cost per call at tiny shapes, ours against the native ops
+        from torch_metal_fused.bench.host_cost import op_overhead_rows, op_overhead_table
+
+        rest = [a for a in argv if a != "--overhead"]
+        device = torch.device(rest[rest.index("--device") + 1] if "--device" in rest else _default_device())
+        print(op_overhead_table(op_overhead_rows(device), device))
+        return 0
     req = parse(argv)
     cfg = req.cfg
     notes = []

@@ -124,3 +124,110 @@ def host_cost_table(rows: list[dict]) -> str:
         f"| {r['entry_point']} | {r['dispatches']} | {r['median_us']:.1f} | {r['per_dispatch_us']:.1f} |" for r in rows
     ]
     return "\n".join(lines) + "\n"
+
+
+# ---- dispatch overhead of the public ops against the native ones ----------------------------------------------------
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _per_call_us(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Wall time per call over back-to-back calls at tiny shapes (the device's work is negligible: the host's cost
+    of the call is what is left), median of 5 spans."""
+    for _ in range(10):
+        fn()
+    _synchronize(device)
+    spans = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _synchronize(device)
+        spans.append((time.perf_counter() - t0) / calls)
+    return statistics.median(spans) * 1e6
+
+
+def _op_pairs(device: torch.device) -> dict[str, tuple[Callable, Callable, Callable[[], tuple]]]:
+    """op -> (ours, native, make inputs): tiny shapes, float32, inputs requiring grad as in training."""
+    import torch.nn.functional as F
+
+    import torch_metal_fused as tmf
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int, grad: bool = True) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device).requires_grad_(grad)
+
+    def rotate_half(t: torch.Tensor) -> torch.Tensor:
+        a, b = t.chunk(2, -1)
+        return torch.cat((-b, a), -1)
+
+    def native_rope(q, k, cos, sin):
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    target = torch.randint(0, 64, (8,), generator=g).to(device)
+    return {
+        "softmax": (tmf.softmax, lambda x: torch.softmax(x, -1), lambda: (r(8, 64),)),
+        "rms_norm": (tmf.rms_norm, lambda x, w: F.rms_norm(x, (64,), w, 1e-6), lambda: (r(8, 64), r(64))),
+        "add_rms_norm": (
+            lambda x, res, w: tmf.add_rms_norm(x, res, w)[0],
+            lambda x, res, w: F.rms_norm(x + res, (64,), w, 1e-6),
+            lambda: (r(8, 64), r(8, 64), r(64)),
+        ),
+        "cross_entropy": (
+            lambda x: tmf.cross_entropy(x, target),
+            lambda x: F.cross_entropy(x, target),
+            lambda: (r(8, 64),),
+        ),
+        "glu": (lambda a, b: tmf.glu(a, b, "silu"), lambda a, b: F.silu(a) * b, lambda: (r(8, 64), r(8, 64))),
+        "rope": (
+            lambda q, k, c, s: tmf.rope(q, k, c, s)[0],
+            lambda q, k, c, s: native_rope(q, k, c, s)[0],
+            lambda: (r(1, 4, 8, 32), r(1, 2, 8, 32), r(1, 8, 32, grad=False), r(1, 8, 32, grad=False)),
+        ),
+        "lora_linear": (
+            lambda x, w, a, b: tmf.lora_linear(x, w, a, b, 2.0),
+            lambda x, w, a, b: F.linear(x, w) + F.linear(F.linear(x, a), b) * 2.0,
+            lambda: (r(8, 64), r(64, 64, grad=False), r(8, 64), r(64, 8)),
+        ),
+        "attention": (
+            lambda q, k, v: tmf.attention(q, k, v, causal=True),
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            lambda: (r(1, 4, 8, 32), r(1, 4, 8, 32), r(1, 4, 8, 32)),
+        ),
+    }
+
+
+def op_overhead_rows(device: torch.device, calls: int = 200) -> list[dict]:
+    """Per op, the wall time per call at tiny shapes of ours and of the native op(s) it replaces: forward (building
+    the autograd graph, as in training) and forward + backward."""
+    rows = []
+    for op, (ours, native, make) in _op_pairs(device).items():
+        row = {"op": op}
+        for name, fn in (("ours", ours), ("native", native)):
+            inputs = make()
+            row[f"{name}_forward_us"] = round(_per_call_us(lambda: fn(*inputs), device, calls), 1)
+            row[f"{name}_forward_backward_us"] = round(
+                _per_call_us(lambda: fn(*inputs).sum().backward(), device, calls), 1
+            )
+        rows.append(row)
+    return rows
+
+
+def op_overhead_table(rows: list[dict], device: torch.device) -> str:
+    lines = [
+        f"Dispatch cost per call at tiny shapes on {device.type} (wall µs per call back to back; the device's work is "
+        "negligible there), ours against the native ops:",
+        "",
+        "| op | ours forward | native forward | ours fwd+bwd | native fwd+bwd |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['op']} | {r['ours_forward_us']:.1f} | {r['native_forward_us']:.1f} | "
+        f"{r['ours_forward_backward_us']:.1f} | {r['native_forward_backward_us']:.1f} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"

@@ -215,6 +215,32 @@ def table(results: list[StepResult]) -> str:
     return "\n".join(lines)
 
 
+def _plot(results: list[StepResult], path: Path, title: str) -> str:
+    """Tokens/s and peak memory per mode and provider, side by side (matplotlib, an optional extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    ran = [r for r in results if r.ok]
+    labels = [f"{r.mode}\n{r.provider}" for r in ran]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 0.9 * len(ran)) * 2, 4))
+    for ax, values, what in (
+        (axes[0], [r.tokens_per_s for r in ran], "tokens/s"),
+        (axes[1], [r.peak_gib for r in ran], "peak GiB"),
+    ):
+        ax.bar(range(len(ran)), values)
+        ax.set_xticks(range(len(ran)), labels, fontsize=7)
+        ax.set_ylabel(what)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
 def _ledger_rows(results: list[StepResult], commit: str) -> list[dict]:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else results[0].device if results else ""
@@ -316,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "summary.md").write_text(text + "\n")
         (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+        print(_plot(results, args.out / "train.png", head))
     if args.record:
         from torch_metal_fused.bench import ledger
 
