@@ -91,9 +91,16 @@ POISON_OUTPUTS = True
 def _output(shape, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     """A kernel output. In the harness poisoned with NaN: an element a kernel never writes fails the contract instead
     of silently keeping what the allocator held (on a Mac it holds garbage, and filling it would cost a pass)."""
-    if like.device.type == "cpu" and POISON_OUTPUTS:
+    if POISON_OUTPUTS and like.device.type == "cpu":
         return torch.full(tuple(shape), float("nan"), dtype=dtype)
-    return torch.empty(tuple(shape), dtype=dtype, device=like.device)
+    return like.new_empty(shape, dtype=dtype)  # new_empty: about half a microsecond less host time than torch.empty
+
+
+def _output_as(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous kernel output of t's shape and dtype (empty_like: the cheapest allocation on the host)."""
+    if POISON_OUTPUTS and t.device.type == "cpu":
+        return torch.full(tuple(t.shape), float("nan"), dtype=t.dtype)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -167,7 +174,7 @@ def _row_params(rows, cols, x_row_stride, dy_row_stride, rows_per_group, eps=0.0
 
 def softmax_forward(x: torch.Tensor) -> torch.Tensor:
     """y = softmax(x) over rows. One dispatch."""
-    y = _output(x.shape, x.dtype, x)
+    y = _output_as(x)
     if x.numel() == 0:
         return y
     x2 = _rows(x)
@@ -185,7 +192,7 @@ def softmax_forward(x: torch.Tensor) -> torch.Tensor:
 
 def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """dx = y * (dy - sum(dy * y)) over rows; y and dx contiguous, dy with its own row stride. One dispatch."""
-    dx = _output(y.shape, y.dtype, y)
+    dx = _output_as(y)
     if y.numel() == 0:
         return dx
     y2, dy2 = _rows(y.contiguous()), _rows(dy)
@@ -240,7 +247,7 @@ def _rms_norm_forward(x2, weight, y, rstd, eps, offset, residual2=None, h=None) 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 0.0):
     if x.shape[-1] == 0:  # no kernel work: empty y, rstd = rsqrt(eps) as the reference defines it
         return reference.rms_norm_forward(x, weight, eps, offset)
-    y = _output(x.shape, x.dtype, x)
+    y = _output_as(x)
     rstd = _output(x.shape[:-1], torch.float32, x)
     if x.numel() == 0:
         return y, rstd
@@ -253,7 +260,7 @@ def rms_norm_add_forward(x, residual, weight, eps: float, offset: float):
     """(y, h, rstd) with h = x + residual (contiguous) normalised in one pass."""
     if x.shape[-1] == 0 or x.numel() == 0:
         return reference.rms_norm_add_forward(x, residual, weight, eps, offset)
-    y, h = _output(x.shape, x.dtype, x), _output(x.shape, x.dtype, x)
+    y, h = _output_as(x), _output_as(x)
     rstd = _output(x.shape[:-1], torch.float32, x)
     _rms_norm_forward(_rows(x), weight.contiguous(), y, rstd, float(eps), float(offset), _rows(residual), h)
     return y, h, rstd
@@ -339,7 +346,7 @@ def _rms_norm_backward(dy2, x2, weight, rstd, dx, dw, offset, d_residual2=None) 
 def rms_norm_backward(dy, x, weight, rstd, needs_dx: bool, needs_dw: bool, offset: float = 0.0):
     cols = x.shape[-1]
     needs_dw = needs_dw and weight is not None
-    dx = _output(x.shape, x.dtype, x) if needs_dx else None
+    dx = _output_as(x) if needs_dx else None
     if x.numel() == 0 or not (needs_dx or needs_dw):
         return dx, (torch.zeros(cols, dtype=x.dtype, device=x.device) if needs_dw else None)
     dw = _output((cols,), x.dtype, x) if needs_dw else None  # not zero-filled: the reduce writes every column
@@ -352,7 +359,7 @@ def rms_norm_add_backward(dy, dh, h, weight, rstd, needs_dw: bool, offset: float
     """(dx, dw): dx = RMSNorm's dx from dy plus dh (the gradient of both x and the residual)."""
     if h.numel() == 0:
         return reference.rms_norm_add_backward(dy, dh, h, weight, rstd, needs_dw, offset)
-    dx = _output(h.shape, h.dtype, h)
+    dx = _output_as(h)
     dw = _output((h.shape[-1],), h.dtype, h) if needs_dw else None
     h2 = h.contiguous().reshape(-1, h.shape[-1])
     _rms_norm_backward(_rows(dy), h2, weight.contiguous(), rstd.contiguous(), dx, dw, float(offset), _rows(dh))
@@ -398,9 +405,11 @@ def cross_entropy_rows(logits, target, ignore_index: int, label_smoothing: float
 
     key = (logits.dtype, rows, vocab, _row_stride(logits2), ignore_index, label_smoothing, softcap, want_grad)
     pipeline, threads, p = launcher.plan(key, build)
-    grad = (logits if in_place else _output(logits.shape, logits.dtype, logits)) if want_grad else None
-    target32 = target.to(torch.int32).contiguous()
-    scale = row_scale.to(torch.float32).contiguous() if want_grad else None
+    grad = (logits if in_place else _output_as(logits)) if want_grad else None
+    target32 = (target if target.dtype == torch.int32 else target.to(torch.int32)).contiguous()
+    scale = None
+    if want_grad:
+        scale = (row_scale if row_scale.dtype == torch.float32 else row_scale.to(torch.float32)).contiguous()
     # Without a gradient, unread/unwritten stand-ins keep every index bound (Metal wants them all).
     args = (logits2, target32, scale if want_grad else loss, loss, grad if want_grad else logits2, p)
     launcher.encode(Dispatch(pipeline, args, (rows, 1, 1), (threads, 1, 1)))
@@ -447,7 +456,7 @@ def _plan_glu(launcher: Launcher, base: str, activation: int, dtype, rows: int, 
 
 def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
     """shaders/glu.metal: act(gate) · up (contiguous). One dispatch."""
-    out = _output(gate.shape, gate.dtype, gate)
+    out = _output_as(gate)
     if gate.numel() == 0:
         return out
     g2, u2 = _rows(gate), _rows(up)
@@ -463,7 +472,7 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.
 
 def glu_backward(dout, gate, up, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
     """shaders/glu.metal: (dout · up · act'(gate), dout · act(gate)), both contiguous. One dispatch."""
-    dgate, dup = _output(gate.shape, gate.dtype, gate), _output(gate.shape, gate.dtype, gate)
+    dgate, dup = _output_as(gate), _output_as(gate)
     if gate.numel() == 0:
         return dgate, dup
     g2, u2, d2 = _rows(gate), _rows(up), _rows(dout)
@@ -486,7 +495,7 @@ ROPE_THREADS_PER_GROUP = 256
 def rope_apply(q, k, cos, sin, interleaved: bool, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """shaders/rope.metal: q and k (batch, heads, seq, head_dim; any strides with head_dim contiguous) rotated by
     cos/sin (contiguous (1 or batch, seq, rotary_dim)) in one dispatch; outputs contiguous."""
-    q_out, k_out = _output(q.shape, q.dtype, q), _output(k.shape, k.dtype, k)
+    q_out, k_out = _output_as(q), _output_as(k)
     if q.numel() + k.numel() == 0:
         return q_out, k_out
     q, k = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k))
@@ -889,7 +898,7 @@ def attention_block_rows(head_dim: int) -> int:
 
 
 def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]
 
 
 def _attention_params(shapes, strides: dict, causal: bool, window: int, scale: float, softcap: float, rows: int):
