@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from torch_metal_fused._families import OPS
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Last-dimension sizes of the contract, with a row count that keeps each case quick on the CPU harness.
 ROW_SIZES = {1: 300, 7: 257, 31: 65, 32: 2048, 33: 129, 1000: 9, 1023: 3, 4096: 5, 4097: 3, 8192: 2, 8193: 2, 10000: 2}
@@ -69,16 +71,4 @@ def harness_required() -> bool:
 
 # Every public op of the package: the autograd/IEEE contract (tests/test_nan_inf.py, tests/test_autograd_contract.py)
 # must cover each, and a test there fails when torch_metal_fused exports an op missing here.
-PUBLIC_OPS = (
-    "softmax",
-    "rms_norm",
-    "add_rms_norm",
-    "cross_entropy",
-    "linear_cross_entropy",
-    "glu",
-    "swiglu",
-    "geglu",
-    "rope",
-    "lora_linear",
-    "attention",
-)
+PUBLIC_OPS = tuple(op.name for op in OPS)  # the manifest's (torch_metal_fused/_families.py)
