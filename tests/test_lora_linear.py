@@ -125,8 +125,12 @@ ADAPTER_GRAD_TOL = 1e-4
 @pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", MIXED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_float32_adapters_on_half_precision_activations(backend, shape, dtype, dropout):
-    """PEFT's default: y and dx in x's dtype within its tolerance; dA and dB in float32, float32-accurate."""
+def test_float32_adapters_on_half_precision_activations(backend, shape, dtype, dropout, monkeypatch):
+    """PEFT's default: y and dx in x's dtype within its tolerance; dA and dB in float32, float32-accurate. The Metal
+    backward's widened token slices made small, so dA and dB sum several of them."""
+    from torch_metal_fused.backends import metal
+
+    monkeypatch.setattr(metal, "WIDENED_SLICE_ELEMENTS", 64 * 130)
     x, w, _, _, bias = _factors(*shape, dtype, backend.device, seed=31)
     _, _, a, b, _ = _factors(*shape, torch.float32, backend.device, seed=31)
     leaves = [t.detach().requires_grad_(True) for t in (x, a, b)]
@@ -664,3 +668,47 @@ def test_float32_adapters_save_no_float32_activation(backend, dropout):
     y.sum().backward()
     assert (torch.bfloat16, tokens * fin) in saved  # x itself
     assert all(n < tokens * min(fin, fout) for dt, n in saved if dt == torch.float32), saved
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no_dropout", "dropout"])
+def test_double_backward_with_float32_adapters(backend, dropout):
+    """create_graph=True through float32 adapters on bfloat16 activations (the backward is then the reference's formula
+    over the saved inputs, h recomputed in the adapters' dtype with the same 0/1 mask and folded scale): the gradient of
+    the adapters' gradient norm with respect to x, A and B against the float64 formula with the same mask."""
+    x, w, _, _, bias = _factors(30, 24, 20, 4, torch.bfloat16, backend.device, seed=51)
+    _, _, a, b, _ = _factors(30, 24, 20, 4, torch.float32, backend.device, seed=51)
+    dy = randn((30, 20), torch.bfloat16, backend.device, seed=9)
+
+    def second_order(x_, a_, b_, y_fn):
+        leaves = [t.detach().requires_grad_(True) for t in (x_, a_, b_)]
+        y = y_fn(*leaves)
+        ga, gb = torch.autograd.grad(y, leaves[1:], dy.to(y.dtype), create_graph=True)
+        return torch.autograd.grad(ga.square().sum() + gb.square().sum(), leaves)
+
+    torch.manual_seed(3)
+    got = second_order(x, a, b, lambda x_, a_, b_: tmf.lora_linear(x_, w, a_, b_, 1.5, bias, dropout, True))
+    torch.manual_seed(3)
+    mask = torch.empty_like(x).bernoulli_(1 - dropout).double().cpu() / (1 - dropout) if dropout else None
+    w64, bias64 = w.double().cpu(), bias.double().cpu()
+    want = second_order(
+        x.double().cpu(),
+        a.double().cpu(),
+        b.double().cpu(),
+        lambda *t: _reference(t[0], w64, *t[1:], bias64, 1.5, mask),
+    )
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == got[2].dtype == torch.float32
+    for name, g, r in zip(("x", "lora_a", "lora_b"), got, want):
+        assert_matches(g, r, torch.bfloat16, f"double backward d{name}")
+
+
+def test_backward_op_agrees_with_its_fake_for_float32_adapters():
+    """torch.compile traces the custom op through its fake implementation: with float32 adapters on bfloat16 x, the
+    real op's outputs (placeholders for gradients not asked for included) have the fake's dtypes and shapes."""
+    from torch_metal_fused.ops import lora_linear as op
+
+    x, w, _, _, _ = _factors(5, 8, 6, 2, torch.bfloat16, "cpu")
+    _, _, a, b, _ = _factors(5, 8, 6, 2, torch.float32, "cpu")
+    h, dy = x.float() @ a.t(), randn((5, 6), torch.bfloat16, "cpu", seed=3)
+    for needs in ([True, False, False, False, False], [False, False, False, True, True], [True] * 5):
+        torch.library.opcheck(op.lora_linear_backward, (dy, x, w, a, b, h, 1.0, None, needs))
+    torch.library.opcheck(op.lora_linear_forward, (x, w, None, a, b, 1.0, None))

@@ -558,6 +558,39 @@ def test_peft_default_float32_adapters_on_a_bfloat16_model_run_fused(cpu_backend
         assert g.dtype == torch.float32 and rel_error(g, r) <= 2e-2
 
 
+def test_peft_several_active_adapters_on_a_bfloat16_model(monkeypatch):
+    """Two active adapters on a bfloat16 layer. float32 adapters (PEFT's default): PEFT sums them onto the base output
+    in float32 and rounds once, so such a call runs PEFT's forward, exactly. bfloat16 adapters: the first is fused, the
+    second added by PEFT's formula, within bfloat16 rounding of PEFT's result."""
+    from peft import LoraConfig, get_peft_model
+
+    x = torch.randn(6, 12, dtype=torch.bfloat16)
+    for autocast_adapter_dtype in (True, False):
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False)
+        model = get_peft_model(_holder_bf16(), config, autocast_adapter_dtype=autocast_adapter_dtype)
+        model.add_adapter("second", config)
+        layer = model.base_model.model.proj
+        if not autocast_adapter_dtype:  # add_adapter keeps PEFT's default (float32) for the new adapter
+            layer.lora_A["second"].to(torch.bfloat16)
+            layer.lora_B["second"].to(torch.bfloat16)
+        layer.set_adapter(["default", "second"])
+        for adapter in ("default", "second"):  # PEFT initialises B to zero: make both adapters matter
+            torch.nn.init.normal_(layer.lora_B[adapter].weight, std=0.5)
+        ref = layer(x)
+        tmf.patch_model(model)
+        calls = _count_calls(monkeypatch)
+        out = layer(x)
+        assert out.dtype == torch.bfloat16
+        if autocast_adapter_dtype:
+            assert layer.lora_A["second"].weight.dtype == torch.float32
+            assert calls == [] and torch.equal(out, ref)
+        else:
+            assert calls == ["lora_forward"]
+            assert_matches(out, ref.double(), torch.bfloat16, "two bf16 adapters")
+        tmf.unpatch_model(model)
+
+
 def _is_peft_linear(module: torch.nn.Module) -> bool:
     from peft.tuners.lora.layer import Linear
 

@@ -113,7 +113,8 @@ class PatchReport:
         if any(what.startswith("PEFT lora.Linear") for _, what in self.patched):
             lines.append(
                 "  (a patched PEFT layer runs PEFT's own forward for calls with disabled or merged adapters, "
-                "adapter_names, or mixed dtypes; active adapters after the first use PEFT's formula)"
+                "adapter_names, several active float32 adapters, or dtype mixes the op does not take; active adapters "
+                "after the first use PEFT's formula)"
             )
         return "\n".join(lines)
 
@@ -270,16 +271,17 @@ def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         if p is not None:
             _warn_lora_dtype_fallback(dtypes)
         return original(x)  # other dtype mixes or an unknown dropout module: PEFT's code handles them
+    if len(active) > 1 and not autocast_enabled(x.device.type):
+        others = {t.dtype for name in active for t in (self.lora_A[name].weight, self.lora_B[name].weight)}
+        if others != {x.dtype}:
+            # PEFT sums several float32 adapters onto the base output in float32 and rounds once; the fused op
+            # rounds after the first, so such calls keep PEFT's forward (documented in docs/patching.md).
+            return original(x)
     # The base is an nn.Linear (_lora_static_problem): its weight is (out, in) whatever fan_in_fan_out says (PEFT
     # reads that flag when merging; its forward calls the base layer as it is).
     result = lora_linear(x, base.weight, a_weight, b_weight, self.scaling[first], base.bias, p, self.training)
-    if len(active) > 1:  # further active adapters: PEFT's own formula, added on top, in the result's dtype
-        result_dtype = result.dtype
-        for name in active[1:]:
-            lora_a = self.lora_A[name]
-            x_lora = x.to(lora_a.weight.dtype)
-            result = result + self.lora_B[name](lora_a(self.lora_dropout[name](x_lora))) * self.scaling[name]
-        result = result.to(result_dtype)
+    for name in active[1:]:  # further active adapters (in x's dtype, or under autocast): PEFT's formula on top
+        result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
     return result
 
 

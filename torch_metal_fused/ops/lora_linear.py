@@ -70,7 +70,7 @@ def _lora_linear_backward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dlora_a, dlora_b); gradients not asked for come back as 0-element tensors."""
     grads = run_kernel("lora_backward", dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, tuple(needs))
-    return tuple(none_to_empty(g, x) for g in grads)
+    return tuple(none_to_empty(g, like) for g, like in zip(grads, (x, x, x, lora_a, lora_a)))  # as the fake impl
 
 
 lora_linear_backward = torch.library.custom_op(
@@ -115,7 +115,7 @@ class LoRALinearFunction(torch.autograd.Function):
             return (None,) * 8
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         if create_graph_requested():
-            h = (x2 if mask is None else x2 * mask) @ lora_a.t()
+            h = (x2 if mask is None else x2 * mask).to(lora_a.dtype) @ lora_a.t()
             grads = reference.lora_backward(dy2, x2, weight, lora_a, lora_b, h, ctx.scale, mask, tuple(needs))
         else:
             args = (dy2, x2, weight, lora_a, lora_b, h, ctx.scale, mask, needs)
