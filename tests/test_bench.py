@@ -576,3 +576,29 @@ def test_train_bench_providers_agree_on_the_losses(tmp_path):
         for a, b in zip(hf, ours):
             assert abs(a - b) <= 1e-2 * abs(a), (mode, hf, ours)
     assert "| lora | tmf |" in (tmp_path / "summary.md").read_text()
+
+
+def test_train_bench_fit_bisects_and_caps_memory_only_in_its_trials(monkeypatch, capsys):
+    """--fit: sequence lengths double from 512 until one does not fit, then bisect to 256 tokens; only those trial
+    processes get the memory cap (the timed run at the configured batch and length must not)."""
+    import json
+    import types
+    from dataclasses import asdict
+
+    from torch_metal_fused.bench import train
+
+    cmds = []
+
+    def fake_run(cmd, **_):
+        cmds.append(cmd)
+        seq = int(cmd[cmd.index("--seq") + 1])
+        result = train.StepResult("hf", "lora", "tiny", 1, seq, "cpu", ok=seq <= 2600, peak_gib=0.1, losses=[1.0])
+        return types.SimpleNamespace(stdout=json.dumps(asdict(result)), stderr="")
+
+    monkeypatch.setattr(train.subprocess, "run", fake_run)
+    train.main(["--modes", "lora", "--providers", "hf", "--device", "cpu", "--fit", "1.5"])
+    caps = [float(c[c.index("--fit") + 1]) for c in cmds]
+    assert caps[0] == 0.0 and all(cap == 1.5 for cap in caps[1:])
+    seqs = [int(c[c.index("--seq") + 1]) for c in cmds[1:]]
+    assert seqs == [512, 1024, 2048, 4096, 3072, 2560, 2816]
+    assert "- lora hf: 2560" in capsys.readouterr().out

@@ -165,10 +165,13 @@ def run_worker(provider: str, mode: str, preset: str, batch: int, seq: int, step
     return result
 
 
-def _spawn(args: argparse.Namespace, provider: str, mode: str, seq: int, batch: int, steps: int) -> StepResult:
+def _spawn(
+    args: argparse.Namespace, provider: str, mode: str, seq: int, batch: int, steps: int, limit_gib: float = 0.0
+) -> StepResult:
+    """One provider's run in a process of its own; limit_gib (--fit's trials) caps its CUDA memory."""
     cmd = [sys.executable, "-m", "torch_metal_fused.bench.train", "--worker", provider, "--modes", mode]
     cmd += ["--preset", args.preset, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps)]
-    cmd += ["--warmup", str(args.warmup), "--device", args.device, "--fit", str(args.fit)]
+    cmd += ["--warmup", str(args.warmup), "--device", args.device, "--fit", str(limit_gib)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
@@ -185,7 +188,7 @@ def fit(args: argparse.Namespace, provider: str, mode: str) -> tuple[int, list[S
     """The longest sequence at batch 1 whose steps fit args.fit GiB: doubling from 512, then bisecting to 256."""
     tried, lo, hi, seq = [], 0, None, 512
     while hi is None and seq <= 1 << 20:
-        r = _spawn(args, provider, mode, seq, 1, 1)
+        r = _spawn(args, provider, mode, seq, 1, 1, args.fit)
         tried.append(r)
         if _fits(r, args.fit):
             lo, seq = seq, seq * 2
@@ -193,7 +196,7 @@ def fit(args: argparse.Namespace, provider: str, mode: str) -> tuple[int, list[S
             hi = seq
     while hi is not None and hi - lo > 256:
         mid = (lo + hi) // 2 // 256 * 256
-        r = _spawn(args, provider, mode, mid, 1, 1)
+        r = _spawn(args, provider, mode, mid, 1, 1, args.fit)
         tried.append(r)
         lo, hi = (mid, hi) if _fits(r, args.fit) else (lo, mid)
     return lo, tried
