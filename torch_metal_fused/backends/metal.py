@@ -96,11 +96,14 @@ def _output(shape, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(shape, dtype=dtype)  # new_empty: about half a microsecond less host time than torch.empty
 
 
-def _output_as(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous kernel output of t's shape and dtype (empty_like: the cheapest allocation on the host)."""
-    if POISON_OUTPUTS and t.device.type == "cpu":
-        return torch.full(tuple(t.shape), float("nan"), dtype=t.dtype)
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
+def _output_like(t: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """A kernel output of t's shape and dtype (empty_like: the cheapest allocation on the host), contiguous, or with
+    torch.preserve_format t's strides where t is dense (a transposed (B, S, H, D) view stays one); poisoned as
+    _output's."""
+    out = torch.empty_like(t, memory_format=memory_format)
+    if POISON_OUTPUTS and out.device.type == "cpu":
+        out.fill_(float("nan"))
+    return out
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -174,7 +177,7 @@ def _row_params(rows, cols, x_row_stride, dy_row_stride, rows_per_group, eps=0.0
 
 def softmax_forward(x: torch.Tensor) -> torch.Tensor:
     """y = softmax(x) over rows. One dispatch."""
-    y = _output_as(x)
+    y = _output_like(x)
     if x.numel() == 0:
         return y
     x2 = _rows(x)
@@ -192,7 +195,7 @@ def softmax_forward(x: torch.Tensor) -> torch.Tensor:
 
 def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """dx = y * (dy - sum(dy * y)) over rows; y and dx contiguous, dy with its own row stride. One dispatch."""
-    dx = _output_as(y)
+    dx = _output_like(y)
     if y.numel() == 0:
         return dx
     y2, dy2 = _rows(y.contiguous()), _rows(dy)
@@ -247,7 +250,7 @@ def _rms_norm_forward(x2, weight, y, rstd, eps, offset, residual2=None, h=None) 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 0.0):
     if x.shape[-1] == 0:  # no kernel work: empty y, rstd = rsqrt(eps) as the reference defines it
         return reference.rms_norm_forward(x, weight, eps, offset)
-    y = _output_as(x)
+    y = _output_like(x)
     rstd = _output(x.shape[:-1], torch.float32, x)
     if x.numel() == 0:
         return y, rstd
@@ -260,7 +263,7 @@ def rms_norm_add_forward(x, residual, weight, eps: float, offset: float):
     """(y, h, rstd) with h = x + residual (contiguous) normalised in one pass."""
     if x.shape[-1] == 0 or x.numel() == 0:
         return reference.rms_norm_add_forward(x, residual, weight, eps, offset)
-    y, h = _output_as(x), _output_as(x)
+    y, h = _output_like(x), _output_like(x)
     rstd = _output(x.shape[:-1], torch.float32, x)
     _rms_norm_forward(_rows(x), weight.contiguous(), y, rstd, float(eps), float(offset), _rows(residual), h)
     return y, h, rstd
@@ -346,7 +349,7 @@ def _rms_norm_backward(dy2, x2, weight, rstd, dx, dw, offset, d_residual2=None) 
 def rms_norm_backward(dy, x, weight, rstd, needs_dx: bool, needs_dw: bool, offset: float = 0.0):
     cols = x.shape[-1]
     needs_dw = needs_dw and weight is not None
-    dx = _output_as(x) if needs_dx else None
+    dx = _output_like(x) if needs_dx else None
     if x.numel() == 0 or not (needs_dx or needs_dw):
         return dx, (torch.zeros(cols, dtype=x.dtype, device=x.device) if needs_dw else None)
     dw = _output((cols,), x.dtype, x) if needs_dw else None  # not zero-filled: the reduce writes every column
@@ -359,7 +362,7 @@ def rms_norm_add_backward(dy, dh, h, weight, rstd, needs_dw: bool, offset: float
     """(dx, dw): dx = RMSNorm's dx from dy plus dh (the gradient of both x and the residual)."""
     if h.numel() == 0:
         return reference.rms_norm_add_backward(dy, dh, h, weight, rstd, needs_dw, offset)
-    dx = _output_as(h)
+    dx = _output_like(h)
     dw = _output((h.shape[-1],), h.dtype, h) if needs_dw else None
     h2 = h.contiguous().reshape(-1, h.shape[-1])
     _rms_norm_backward(_rows(dy), h2, weight.contiguous(), rstd.contiguous(), dx, dw, float(offset), _rows(dh))
@@ -405,7 +408,7 @@ def cross_entropy_rows(logits, target, ignore_index: int, label_smoothing: float
 
     key = (logits.dtype, rows, vocab, _row_stride(logits2), ignore_index, label_smoothing, softcap, want_grad)
     pipeline, threads, p = launcher.plan(key, build)
-    grad = (logits if in_place else _output_as(logits)) if want_grad else None
+    grad = (logits if in_place else _output_like(logits)) if want_grad else None
     target32 = (target if target.dtype == torch.int32 else target.to(torch.int32)).contiguous()
     scale = None
     if want_grad:
@@ -456,7 +459,7 @@ def _plan_glu(launcher: Launcher, base: str, activation: int, dtype, rows: int, 
 
 def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
     """shaders/glu.metal: act(gate) · up (contiguous). One dispatch."""
-    out = _output_as(gate)
+    out = _output_like(gate)
     if gate.numel() == 0:
         return out
     g2, u2 = _rows(gate), _rows(up)
@@ -472,7 +475,7 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.
 
 def glu_backward(dout, gate, up, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
     """shaders/glu.metal: (dout · up · act'(gate), dout · act(gate)), both contiguous. One dispatch."""
-    dgate, dup = _output_as(gate), _output_as(gate)
+    dgate, dup = _output_like(gate), _output_like(gate)
     if gate.numel() == 0:
         return dgate, dup
     g2, u2, d2 = _rows(gate), _rows(up), _rows(dout)
@@ -495,7 +498,7 @@ ROPE_THREADS_PER_GROUP = 256
 def rope_apply(q, k, cos, sin, interleaved: bool, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """shaders/rope.metal: q and k (batch, heads, seq, head_dim; any strides with head_dim contiguous) rotated by
     cos/sin (contiguous (1 or batch, seq, rotary_dim)) in one dispatch; outputs contiguous."""
-    q_out, k_out = _output_as(q), _output_as(k)
+    q_out, k_out = _output_like(q), _output_like(k)
     if q.numel() + k.numel() == 0:
         return q_out, k_out
     q, k = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k))
@@ -939,14 +942,6 @@ def _row_groups(pipeline: Pipeline) -> tuple[int, int]:
     return simd_groups * SIMDGROUP_MATRIX, simd_groups * SIMD_WIDTH
 
 
-def _output_like(t: torch.Tensor) -> torch.Tensor:
-    """An output with t's shape and, where t is dense, its strides (a transposed (B, S, H, D) view stays one)."""
-    out = torch.empty_like(t)
-    if out.device.type == "cpu" and POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
-
-
 def attention_forward(q, k, v, bias, causal: bool, window: int, scale: float, softcap: float, heads_last: bool):
     """(out, lse) as reference.attention_forward: out (B, Hq, S, D), laid out (B, S, Hq, D) when heads_last; lse
     float32 (B, Hq, S)."""
@@ -983,7 +978,7 @@ def attention_backward(dout, q, k, v, out, lse, bias, causal: bool, window: int,
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if q.numel() == 0 or kv_len == 0:
         return reference.attention_backward(dout, q, k, v, out, lse, bias, causal, window, scale, softcap)
-    dq, dk, dv = _output_like(q), _output_like(k), _output_like(v)
+    dq, dk, dv = (_output_like(t, torch.preserve_format) for t in (q, k, v))
     delta = _output((batch, q_heads, q_len), torch.float32, q)
     strides = {name: _bhs_strides(t) for name, t in (("q", q), ("k", k), ("v", v), ("o", out), ("do", dout))}
     strides.update(dq=_bhs_strides(dq), dk=_bhs_strides(dk), dv=_bhs_strides(dv))

@@ -127,9 +127,10 @@ def host_cost_table(rows: list[dict]) -> str:
 
 
 # ---- dispatch overhead of the public ops against the native ones ----------------------------------------------------
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (the benchmarks' one helper: bench/run.py and bench/train.py use it)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
 
@@ -139,13 +140,13 @@ def _per_call_us(fn: Callable[[], object], device: torch.device, calls: int) -> 
     of the call is what is left), median of 5 spans."""
     for _ in range(10):
         fn()
-    _synchronize(device)
+    synchronize(device)
     spans = []
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        _synchronize(device)
+        synchronize(device)
         spans.append((time.perf_counter() - t0) / calls)
     return statistics.median(spans) * 1e6
 
@@ -155,18 +156,15 @@ def _op_pairs(device: torch.device) -> dict[str, tuple[Callable, Callable, Calla
     import torch.nn.functional as F
 
     import torch_metal_fused as tmf
+    from torch_metal_fused.bench.cases import _rotate_half
 
     g = torch.Generator().manual_seed(0)
 
     def r(*shape: int, grad: bool = True) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device).requires_grad_(grad)
 
-    def rotate_half(t: torch.Tensor) -> torch.Tensor:
-        a, b = t.chunk(2, -1)
-        return torch.cat((-b, a), -1)
-
-    def native_rope(q, k, cos, sin):
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    def native_rope(q, k, cos, sin):  # Hugging Face's formula, as the benchmark's hf_eager provider
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
     target = torch.randint(0, 64, (8,), generator=g).to(device)
     return {

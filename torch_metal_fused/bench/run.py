@@ -35,7 +35,7 @@ from torch_metal_fused.bench.cases import (
     training_step,
 )
 from torch_metal_fused.bench.chips import CHIPS, DEFAULT_TABLE_CHIPS, Chip, by_name
-from torch_metal_fused.bench.host_cost import host_cost_rows, host_cost_table
+from torch_metal_fused.bench.host_cost import host_cost_rows, host_cost_table, synchronize
 
 _KEY_COLUMNS = ["op", "provider", "backend", "mode", "dtype", "shape"]
 _META_COLUMNS = ["device", "device_name", "torch_version", "project_version", "timestamp"]
@@ -101,13 +101,6 @@ class Environment:
 
 
 # ---- timing -------------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def _time_once_ms(fn: Callable[[], object], device: torch.device) -> float:
     """One call from idle, synchronised: the latency a first call sees."""
     synchronize(device)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from torch_metal_fused.bench.host_cost import synchronize
+
 PRESETS: dict[str, dict] = {
     # Llama-3.2-1B's shape.
     "llama-1b": dict(
@@ -114,13 +116,6 @@ def _apply_provider(model, provider: str, arch: str):
     return lambda m, ids: m(input_ids=ids, labels=ids).loss
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def _peak_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -146,13 +141,13 @@ def run_worker(provider: str, mode: str, preset: str, batch: int, seq: int, step
         times = []
         for step in range(warmup + steps):
             ids = torch.randint(0, PRESETS[preset]["vocab"], (batch, seq), generator=g).to(dev)
-            _synchronize(dev)
+            synchronize(dev)
             t0 = time.perf_counter()
             loss = loss_fn(model, ids)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            _synchronize(dev)
+            synchronize(dev)
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
             result.losses.append(round(float(loss), 4))
