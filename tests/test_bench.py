@@ -602,3 +602,17 @@ def test_train_bench_fit_bisects_and_caps_memory_only_in_its_trials(monkeypatch,
     seqs = [int(c[c.index("--seq") + 1]) for c in cmds[1:]]
     assert seqs == [512, 1024, 2048, 4096, 3072, 2560, 2816]
     assert "- lora hf: 2560" in capsys.readouterr().out
+
+
+def test_overhead_pairs_compute_the_same_thing():
+    """--overhead times each public op against the native op(s) it replaces: at its tiny shapes the two give the same
+    values (so the table compares like with like), and the table has a row per pair with both timings."""
+    from torch_metal_fused.bench import host_cost
+
+    cpu = torch.device("cpu")
+    for op, (ours, native, make) in host_cost._op_pairs(cpu).items():
+        inputs = make()
+        torch.testing.assert_close(ours(*inputs), native(*inputs), rtol=1e-4, atol=1e-5, msg=op)
+    rows = host_cost.op_overhead_rows(cpu, calls=2)
+    assert [r["op"] for r in rows] == list(host_cost._op_pairs(cpu))
+    assert all(v > 0 for r in rows for k, v in r.items() if k != "op")

@@ -192,6 +192,7 @@ def test_cached_plans_are_keyed_by_everything_they_depend_on():
     cos1, sin1, cos2, sin2 = r(1, 5, 8), r(1, 5, 8), r(2, 5, 8), r(2, 5, 8)
     lx, lw, la, lb = r(20, 24), r(10, 24), r(4, 24), r(10, 4)
     mask = (torch.rand(20, 24, generator=g) > 0.2).float() / 0.8
+    lx16, lw16 = lx.bfloat16(), lw.bfloat16()
     ones = torch.ones(6)
     aq, ak, av = r(1, 2, 20, 32), r(1, 1, 20, 32), r(1, 1, 20, 32)
     abias = r(1, 1, 20, 20).expand(1, 2, 20, 20)
@@ -220,6 +221,8 @@ def test_cached_plans_are_keyed_by_everything_they_depend_on():
         ("lora_forward", (lx, lw, None, la, lb, 1.0, None)),
         ("lora_forward", (lx, lw, None, la, lb, 2.0, None)),  # scale
         ("lora_forward", (lx, lw, None, la, lb, 2.0, mask)),  # dropout mask
+        ("lora_forward", (lx16, lw16, None, la.bfloat16(), lb.bfloat16(), 2.0, None)),
+        ("lora_forward", (lx16, lw16, None, la, lb, 2.0, None)),  # float32 adapters on bfloat16 x
         ("attention_forward", (aq, ak, av, None, False, 0, 0.3, 0.0, False)),
         ("attention_forward", (aq, ak, av, None, True, 0, 0.3, 0.0, False)),  # causal
         ("attention_forward", (aq, ak, av, None, True, 5, 0.3, 0.0, False)),  # window
@@ -237,7 +240,7 @@ def test_cached_plans_are_keyed_by_everything_they_depend_on():
             got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
             for i, (a, b) in enumerate(zip(got, want)):
                 if b is not None:
-                    assert_matches(a, b, torch.float32, f"{entry} output {i} after a cached plan")
+                    assert_matches(a, b, a.dtype, f"{entry} output {i} after a cached plan")
     finally:
         metal_library._planted.remove(libs)
     assert len(libs._plans) >= 15  # the calls were planned (and cached), not served another way
