@@ -2,8 +2,8 @@
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
 # from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu
-# rowstores kconcat ncu-kconcat tests-kconcat lora-no-kconcat lora-gemms lora-step (default: build tests sanitize
-# bench).
+# rowstores kconcat ncu-kconcat tests-kconcat lora-no-kconcat lora-gemms lora-step lora-f32 attention train fit
+# overhead (default: build tests sanitize bench). CLOCK_LOG=0: no per-step clock log (the device returns 8 files).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
 # side by side (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops
@@ -58,6 +58,7 @@ build_rowbench() { nvcc -O3 -std=c++20 -arch=sm_90 -I csrc/cuda benchmarks/cuda_
 # ($OUT/clocks-<step>.csv): the 2026-12-02 K-concat sweep ran on a GPU that slowed by up to 25 % after its first
 # timings (cuBLAS's own GEMM beside it rose from 343 to 430 µs), which only the times showed.
 clock_log_start() {
+  [ "${CLOCK_LOG:-1}" = 1 ] || return 0
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
     --format=csv -lms 1000 > "$OUT/clocks-${1//[:,]/-}.csv" 2>&1 &
   clock_log_pid=$!
@@ -223,6 +224,26 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
       echo "streaming stores:"; grep -E "PROD|fused" "$OUT/rowbench_stcs.txt"
       echo "write-back stores:"; grep -E "PROD|fused" "$OUT/rowbench_wb.txt"
       echo "Liger:"; cat "$OUT/liger_rows.txt"
+      ;;
+    lora-f32)
+      # #30: float32 adapters on 16-bit activations (PEFT's default): the CUDA tests, then the composition's error
+      python3 -m pytest -q tests/test_lora_linear.py tests/test_patch.py -k "cuda" -p no:cacheprovider 2>&1 \
+        | tee "$OUT/tests-lora.log" | tail -8
+      python3 benchmarks/cuda_lora_float32_adapters.py 2>&1 | tee "$OUT/lora_f32.txt"
+      ;;
+    attention)
+      python3 -m pytest -q tests/test_attention.py -k "cuda" -p no:cacheprovider 2>&1 | tee "$OUT/tests-attention.log" \
+        | tail -8
+      ;;
+    train)
+      # #30's table: whole training steps, llama-1b, 4 x 2048 tokens (needs PEFT and Liger in .whl/)
+      python3 -m torch_metal_fused.bench --train --modes lora,lora-bf16,full --providers hf,tmf,liger --out "$OUT/train"
+      ;;
+    fit)
+      python3 -m torch_metal_fused.bench --train --modes lora --providers hf,tmf --fit 24 --steps 3 --out "$OUT/fit"
+      ;;
+    overhead)
+      python3 -m torch_metal_fused.bench --overhead --device cuda 2>&1 | tee "$OUT/overhead.txt"
       ;;
     bench-quick)
       python3 -m torch_metal_fused.bench --device cuda --quick --dtypes bfloat16 --out "$OUT/bench" --no-plots \
