@@ -38,7 +38,7 @@ template <typename T>
     uint n_simd [[simdgroups_per_threadgroup]]) {
   threadgroup float scratch[32];
   device const T* zr = logits + ulong(row) * p.logits_row_stride;
-  const int t = load_uniform(target, row, lane);
+  const int t = load_uniform(target + ulong(row) * p.target_word_stride, 0, lane);
   const bool valid = t != p.ignore_index;
   // Pass 1: online max m and sum s of exp(z - m), and the sum of z.
   float m = -INFINITY;

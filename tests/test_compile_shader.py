@@ -131,8 +131,9 @@ def test_argument_structs_are_their_bytes_as_int32_words():
         label_smoothing=0.1,
         softcap=0.0,
         want_grad=1,
+        target_word_stride=2,
     )
-    assert struct.pack("<7i", *p.words) == struct.pack("<IIIiffI", 2, 5, 5, -100, 0.1, 0.0, 1)
+    assert struct.pack("<8i", *p.words) == struct.pack("<IIIiffII", 2, 5, 5, -100, 0.1, 0.0, 1, 2)
     with pytest.raises(TypeError, match="missing fields"):
         shader_args.params("GluParams", rows=1)
 
@@ -212,6 +213,7 @@ def test_cached_plans_are_keyed_by_everything_they_depend_on():
         ("cross_entropy_rows", (logits, target, 2, 0.1, 0.0, ones, False)),  # label smoothing
         ("cross_entropy_rows", (logits, target, 2, 0.1, 3.0, ones, False)),  # softcap
         ("cross_entropy_rows", (logits, target, 2, 0.1, 3.0, None, False)),  # loss only
+        ("cross_entropy_rows", (logits, target.int(), 2, 0.1, 3.0, None, False)),  # int32 targets
         ("glu_forward", (x, x5[:4], 0)),
         ("glu_forward", (x, x5[:4], 1)),  # activation
         ("rope_apply", (q, k, cos1, sin1, False, False)),

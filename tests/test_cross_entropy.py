@@ -162,6 +162,34 @@ def test_views(backend):
     assert_matches(tmf.linear_cross_entropy(h, w, t, chunk_size=4), ref, torch.float32)
 
 
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32], ids=str)
+def test_targets_of_either_index_dtype_as_strided_views(backend, target_dtype):
+    """The kernels read targets as they come (an int64 one by its low 32-bit word, no conversion pass): int64 and
+    int32, contiguous and every third element of a wider tensor at a storage offset, a vocabulary past 2^16, a custom
+    negative ignore_index; also through linear_cross_entropy's chunks (slices of the target)."""
+    vocab, rows = 70001, 6
+    logits = randn((rows, vocab), torch.float32, backend.device, scale=2.0).requires_grad_(True)
+    ids = torch.tensor([69999, 3, -7, 65536, 0, 70000])
+    wide = torch.full((3 * rows + 2,), 12345, dtype=target_dtype, device=backend.device)
+    wide[2::3] = ids.to(wide)
+    for target in (ids.to(wide), wide[2::3]):
+        loss = tmf.cross_entropy(logits, target, ignore_index=-7, reduction="sum")
+        (g,) = torch.autograd.grad(loss, logits)
+        z64 = logits.detach().double().cpu().requires_grad_(True)
+        ref = F.cross_entropy(z64, ids, ignore_index=-7, reduction="sum")
+        (ref_g,) = torch.autograd.grad(ref, z64)
+        assert target.dtype == target_dtype
+        assert_matches(loss, ref, torch.float32, f"loss, {target_dtype} target with stride {target.stride(0)}")
+        assert_matches(g, ref_g, torch.float32, f"dlogits, {target_dtype} target with stride {target.stride(0)}")
+    h = randn((rows, 8), torch.float32, backend.device, seed=3)
+    w = randn((40, 8), torch.float32, backend.device, seed=4)
+    small = torch.tensor([39, 3, -7, 20, 0, 1])
+    wide[2::3] = small.to(wide)
+    target = wide[2::3]
+    ref = F.cross_entropy(h.double().cpu() @ w.double().cpu().t(), small, ignore_index=-7)
+    assert_matches(tmf.linear_cross_entropy(h, w, target, ignore_index=-7, chunk_size=4), ref, torch.float32)
+
+
 def test_leading_dimensions_and_the_module(backend):
     h = randn((2, 5, 12), torch.float32, backend.device)
     w = randn((19, 12), torch.float32, backend.device, seed=1)

@@ -479,6 +479,22 @@ MUTANTS: list[Mutant] = [
         "online logsumexp: a thread's running sum kept at the old max when a larger logit arrives",
     ),
     _m(
+        "cross_entropy_target_words_not_strided",
+        CE,
+        "load_uniform(target + ulong(row) * p.target_word_stride, 0, lane)",
+        "load_uniform(target, row, lane)",
+        CROSS_ENTROPY,
+        "targets read as contiguous int32: an int64 target's row reads another row's words",
+    ),
+    _m(
+        "cross_entropy_plan_key_without_the_target_stride",
+        "torch_metal_fused/backends/metal.py",
+        "_row_stride(logits2), target_word_stride, ignore_index",
+        "_row_stride(logits2), ignore_index",
+        PLAN_CACHE,
+        "a cached plan built for int64 targets serves int32 ones (every other row's target read)",
+    ),
+    _m(
         "cross_entropy_neg_inf_guard_dropped",
         CE,
         "} else if (z != -INFINITY) {",

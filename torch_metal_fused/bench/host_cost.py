@@ -65,7 +65,7 @@ def _calls() -> dict[str, Callable[[], object]]:
 
     x, w, dy = r(64, 1000), r(1000), r(64, 1000)
     rstd = torch.ones(64)
-    logits, target = r(16, 4000), torch.randint(0, 4000, (16,), generator=g)
+    logits, target, row_scale = r(16, 4000), torch.randint(0, 4000, (16,), generator=g), torch.ones(16)
     q, k, cos, sin = r(2, 8, 64, 64), r(2, 2, 64, 64), r(1, 64, 64), r(1, 64, 64)
     xs, a, b = r(256, 512), r(16, 512), r(512, 16)
     h, out = torch.empty(256, 16), torch.empty(256, 512)
@@ -79,7 +79,7 @@ def _calls() -> dict[str, Callable[[], object]]:
         "rms_norm_forward": lambda: metal.rms_norm_forward(x, w, 1e-6),
         "rms_norm_backward": lambda: metal.rms_norm_backward(dy, x, w, rstd, True, True),
         "rms_norm_add_forward": lambda: metal.rms_norm_add_forward(x, dy, w, 1e-6, 0.0),
-        "cross_entropy_rows": lambda: metal.cross_entropy_rows(logits, target, -100, 0.0, 0.0, torch.ones(16), True),
+        "cross_entropy_rows": lambda: metal.cross_entropy_rows(logits, target, -100, 0.0, 0.0, row_scale, True),
         "glu_forward": lambda: metal.glu_forward(x, dy, 0),
         "glu_backward": lambda: metal.glu_backward(dy, x, dy, 0),
         "rope_apply": lambda: metal.rope_apply(q, k, cos, sin, False, False),

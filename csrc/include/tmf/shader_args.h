@@ -99,6 +99,9 @@ struct CrossEntropyParams {
   float label_smoothing;
   float softcap;  // 0: none; else z = softcap · tanh(logits / softcap)
   uint want_grad;
+  // 32-bit words from one row's target to the next: int64 targets are read as their low word (Apple GPUs are
+  // little-endian), exact because the op checks every target against [0, vocab) or ignore_index first.
+  uint target_word_stride;
 };
 
 // Gated activations (shaders/glu.metal): out = act(gate) · up over `rows` rows of `cols` elements (gate, up and the
