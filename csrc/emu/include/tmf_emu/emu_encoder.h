@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "tmf/launch/common.h"
+#include "tmf_emu_families.h"  // generated from torch_metal_fused/_families.py by emulator/build.py
 
 namespace tmf_emu {
 
@@ -43,7 +44,7 @@ struct Faults {
         value = target.substr(eq + 1);
         target = target.substr(0, eq);
       }
-      if (target == kernel || target == tmf::launch::family_of(kernel)) return value;
+      if (target == kernel || target == family_of(kernel)) return value;
     }
     return "";
   }
@@ -102,7 +103,7 @@ class EmuEncoder {
   // As the MPS pipeline cache: a kernel missing from its family's library, or a pipeline that cannot be built,
   // makes the family unavailable.
   Pipeline pipeline(const std::string& name) const {
-    const std::string family = tmf::launch::family_of(name);
+    const std::string family = family_of(name);
     if (!faults.find("compile", name).empty()) {
       throw KernelUnavailable(family, KernelUnavailable::Scope::family,
                               "compiling " + family + ".metal failed: injected fault (TORCH_METAL_FUSED_EMU_FAULTS)");

@@ -1,5 +1,5 @@
-// Host-side definitions shared by the Metal-on-CPU harness (csrc/emu/) and the compiled CUDA extension: kernel
-// families, the KernelUnavailable error, and what the harness's encoder reports about a pipeline. The Metal launch
+// Host-side definitions shared by the Metal-on-CPU harness (csrc/emu/) and the compiled CUDA extension: the
+// KernelUnavailable error, and what the harness's encoder reports about a pipeline. The Metal launch
 // plans themselves are Python (torch_metal_fused/backends/metal.py), executed on a Mac through
 // torch.mps.compile_shader and in CI through the harness's stand-in for it.
 #pragma once
@@ -12,30 +12,6 @@
 #include <utility>
 
 namespace tmf::launch {
-
-// Kernel families: one per shader file (shaders/<name>.metal), compiled as one library on first use of one of
-// its kernels; every kernel host name starts with its family's prefix. A family whose library or a pipeline
-// cannot be built is served by the reference for the rest of the process.
-struct KernelFamily {
-  const char* name;
-  const char* kernel_prefix;
-};
-inline constexpr KernelFamily kKernelFamilies[] = {
-    {"softmax", "softmax_"},
-    {"rms_norm", "rms_norm_"},
-    {"lora_linear", "lora_"},
-    {"cross_entropy", "cross_entropy_"},
-    {"glu", "glu_"},
-    {"rope", "rope_"},
-    {"attention", "attention_"},
-};
-
-inline const char* family_of(const std::string& kernel) {
-  for (const KernelFamily& f : kKernelFamilies) {
-    if (kernel.rfind(f.kernel_prefix, 0) == 0) return f.name;
-  }
-  throw std::invalid_argument("kernel " + kernel + " belongs to no kernel family (tmf/launch/common.h)");
-}
 
 // Why a launch cannot run on our kernels. Thrown before anything is encoded.
 //  - scope family: the family's library or one of its pipelines cannot be built, or the pipeline does not run
