@@ -322,9 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     for i, (mode, provider) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {mode} {provider} ...", file=sys.stderr, flush=True)
         results.append(_spawn(args, provider, mode, args.seq, args.batch, args.steps))
+        print("    " + table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)  # a cut run keeps its rows
         if args.fit:
             seq, _ = fit(args, provider, mode)
             fits.append((mode, provider, seq))
+            print(f"    longest sequence within {args.fit:g} GiB: {seq}", file=sys.stderr, flush=True)
     head = (
         f"{args.preset}, bf16, batch {args.batch} x seq {args.seq}, device {args.device}, torch {torch.__version__}; "
         f"median of {args.steps} steps after {args.warmup}"
