@@ -475,6 +475,27 @@ def test_a_float_mask_of_another_dtype_is_added_in_qs_dtype(backend, dtype, mask
     _check(q, k, v, dtype, attn_mask=mask.to(dev), bias64=mask.to(dtype).double(), what=f"{mask_dtype} mask")
 
 
+@pytest.mark.parametrize("grad_layout", ["bhsd", "bshd", "last_dim_strided", "offset"])
+def test_the_sdpa_route_hands_its_backward_a_gradient_laid_out_as_its_output(grad_layout):
+    """CUDA's route (_sdpa): SDPA's float16/bfloat16 backward gave a wrong dq for an incoming gradient laid out
+    otherwise than its output (a (B, S, H, D) memory layout when q is a transposed view), so the gradient reaching
+    it is copied into the output's strides, 16-byte aligned. Checked on CPU with an output in (B, S, H, D) memory."""
+    base = torch.randn(2, 5, 3, 8, requires_grad=True)
+    out = base.transpose(1, 2)  # (B, H, S, D) logical, (B, S, H, D) in memory: SDPA's output from transposed q
+    seen = []
+    out.register_hook(seen.append)
+    g = torch.Generator().manual_seed(1)
+    dout = {
+        "bhsd": lambda: torch.randn(2, 3, 5, 8, generator=g),
+        "bshd": lambda: torch.randn(2, 5, 3, 8, generator=g).transpose(1, 2),
+        "last_dim_strided": lambda: torch.randn(2, 3, 8, 5, generator=g).transpose(2, 3),
+        "offset": lambda: torch.randn(241, generator=g)[1:].view(2, 5, 3, 8).transpose(1, 2),
+    }[grad_layout]()
+    attention_op._AlignedGradient.apply(out).backward(dout)
+    assert torch.equal(seen[0], dout)
+    assert seen[0].stride() == out.stride() and seen[0].data_ptr() % 16 == 0
+
+
 # ---- strided inputs ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("backend", "dtype"),

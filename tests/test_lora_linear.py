@@ -152,15 +152,20 @@ def test_float32_adapters_on_half_precision_activations(backend, shape, dtype, d
         assert rel_error(g, r) <= ADAPTER_GRAD_TOL, f"{name}: {rel_error(g, r):.3g}"
 
 
-def test_cuda_float32_adapter_route_on_cpu():
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+def test_cuda_float32_adapter_route(device):
     """The CUDA backend's float32-adapter route (torch_metal_fused/backends/cuda.py: float32 operands as bfloat16
-    hi + lo terms), run here on CPU tensors: h, dA and dB float32-accurate against the float64 formula, y and dx
-    within bfloat16's tolerance, an infinite input stays infinite (hi + lo of inf is not NaN)."""
+    hi + lo terms; Python over cuBLAS products, so it runs on CPU tensors too, with the upcast products): h, dA and dB
+    float32-accurate against the float64 formula, y and dx within bfloat16's tolerance, an infinite input stays
+    infinite (hi + lo of inf is not NaN)."""
     from torch_metal_fused.backends import cuda
 
-    x, w, _, _, bias = _factors(70, 48, 40, 8, torch.bfloat16, "cpu", seed=41)
-    _, _, a, b, _ = _factors(70, 48, 40, 8, torch.float32, "cpu", seed=41)
-    dy = randn((70, 40), torch.bfloat16, "cpu", seed=9)
+    x, w, _, _, bias = _factors(70, 48, 40, 8, torch.bfloat16, device, seed=41)
+    _, _, a, b, _ = _factors(70, 48, 40, 8, torch.float32, device, seed=41)
+    dy = randn((70, 40), torch.bfloat16, device, seed=9)
     for mask in (None, torch.empty_like(x).bernoulli_(0.7)):
         y, h = cuda.lora_forward(x, w, bias, a, b, 1.5, mask)
         grads = cuda.lora_backward(dy, x, w, a, b, h, 1.5, mask, (True, True, True, True, True))
@@ -177,11 +182,23 @@ def test_cuda_float32_adapter_route_on_cpu():
                 assert g.dtype == torch.float32 and rel_error(g, r) <= ADAPTER_GRAD_TOL, name
             else:
                 assert_matches(g, r, torch.bfloat16, f"cuda route {name}")
+    # An infinite activation gives the float32 product's infinities, not NaN: inf·a_lo may have the other sign than
+    # inf·a_hi, or be inf·0. One adapter column (rank 1) so that y's row holds infinities, not only NaN.
     x_inf = x.clone()
     x_inf[3, 5] = float("inf")
-    y, h = cuda.lora_forward(x_inf, w, None, a, b, 1.5, None)
-    y64, _ = reference.lora_forward(x_inf.double(), w.double(), None, a.double(), b.double(), 1.5, None)
-    assert torch.equal(torch.isnan(y), torch.isnan(y64)) and torch.equal(torch.isinf(y), torch.isinf(y64))
+    for rank in (1, 8):
+        y, h = cuda.lora_forward(x_inf, w, None, a[:rank], b[:, :rank], 1.5, None)
+        args64 = (x_inf.double(), w.double(), None, a[:rank].double(), b[:, :rank].double(), 1.5, None)
+        y64, h64 = reference.lora_forward(*args64)
+        for name, got, want in (("h", h, h64), ("y", y, y64)):
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), (rank, name)
+            assert torch.equal(got[got.isinf()].sign(), want[want.isinf()].to(got.dtype).sign()), (rank, name)
+        grads = cuda.lora_backward(dy, x_inf, w, a[:rank], b[:, :rank], h, 1.5, None, (True, False, False, True, True))
+        leaves = [t.double().requires_grad_(True) for t in (x_inf, a[:rank], b[:, :rank])]
+        y64 = reference.lora_forward(leaves[0], w.double(), None, leaves[1], leaves[2], 1.5, None)[0]
+        refs = torch.autograd.grad(y64, leaves, dy.double())
+        for name, got, want in zip(("dx", "dlora_a", "dlora_b"), (grads[0], grads[3], grads[4]), refs):
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), (rank, name)
 
 
 @pytest.mark.parametrize(
@@ -682,7 +699,7 @@ def test_double_backward_with_float32_adapters(backend, dropout):
     def second_order(x_, a_, b_, y_fn):
         leaves = [t.detach().requires_grad_(True) for t in (x_, a_, b_)]
         y = y_fn(*leaves)
-        ga, gb = torch.autograd.grad(y, leaves[1:], dy.to(y.dtype), create_graph=True)
+        ga, gb = torch.autograd.grad(y, leaves[1:], dy.to(y.device, y.dtype), create_graph=True)
         return torch.autograd.grad(ga.square().sum() + gb.square().sum(), leaves)
 
     torch.manual_seed(3)

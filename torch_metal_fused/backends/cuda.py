@@ -58,8 +58,16 @@ def _paired(t: torch.Tensor, dtype: torch.dtype, dim: int) -> torch.Tensor:
 
 
 def _sum_halves(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """hi + lo products summed; where the hi product is not finite (an infinite activation), the hi product alone,
+    as the single float32 product gives: inf·a_lo may have the other sign (inf - inf = NaN) or be inf·0."""
     a, b = t.chunk(2, dim)
-    return a + b
+    return torch.where(a.isfinite(), a + b, a)
+
+
+def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
+    """t with its non-finite entries zeroed: the hi factor of a cross term (hi·lo) beside the hi·hi term, which
+    already carries an infinite entry with the float32 product's sign."""
+    return torch.where(t.isfinite(), t, 0.0)
 
 
 def _mixed(x: torch.Tensor, lora_a: torch.Tensor) -> bool:
@@ -78,7 +86,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scale: float, dropout_mask):
     # same-dtype accumulate route does: no separate read-modify-write pass over y.
     h_hi, h_lo = _split(h * scale, dtype)
     b_hi, b_lo = _split(lora_b, dtype)
-    lowrank = torch.cat((h_hi, h_lo, h_hi), 1)
+    lowrank = torch.cat((h_hi, h_lo, _finite_or_zero(h_hi)), 1)
     factor = torch.cat((b_hi, b_hi, b_lo), 1)
     y = torch.addmm(bias, lowrank, factor.t()) if bias is not None else lowrank @ factor.t()
     return y.addmm_(x, weight.t()), h
@@ -100,7 +108,7 @@ def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, 
             a_hi, a_lo = _split(lora_a, dtype)
             # The adapter path's part rounded to x's dtype, masked, then the base GEMM adds dy·W into it (beta = 1):
             # PEFT's order (its cast of x gives the adapter part back in x's dtype before the sum).
-            dx = torch.cat((dh_hi, dh_lo, dh_hi), 1) @ torch.cat((a_hi, a_hi, a_lo), 0)
+            dx = torch.cat((dh_hi, dh_lo, _finite_or_zero(dh_hi)), 1) @ torch.cat((a_hi, a_hi, a_lo), 0)
             if dropout_mask is not None:
                 dx.mul_(dropout_mask)
             dx.addmm_(dy2, weight)

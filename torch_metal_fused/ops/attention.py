@@ -174,15 +174,21 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 class _AlignedGradient(torch.autograd.Function):
-    """Identity whose backward hands SDPA's backward an aligned incoming gradient (see _aligned)."""
+    """Identity whose backward hands SDPA's backward an aligned incoming gradient laid out as SDPA's output (its
+    strides: a (B, S, H, D) memory layout when q was a transposed view). SDPA's float16/bfloat16 backward on CUDA
+    gave a wrong dq for an incoming gradient whose layout differed from its output's (torch 2.11, H100 and H200)."""
 
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        ctx.out_strides = t.stride()
         return t.view_as(t)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _aligned(grad)
+        if grad.stride() == ctx.out_strides and _aligned(grad) is grad:
+            return grad
+        laid_out = torch.empty_strided(grad.shape, ctx.out_strides, dtype=grad.dtype, device=grad.device)
+        return laid_out.copy_(grad)
 
 
 def _sdpa(q, k, v, bias, causal: bool, window: int, scale: float) -> torch.Tensor:
