@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from torch_metal_fused.bench import __main__ as bench_main
-from torch_metal_fused.bench import cases, run
+from torch_metal_fused.bench import cases, ledger, run
+from torch_metal_fused.bench import results as results_page
 from torch_metal_fused.bench.__main__ import main
 from torch_metal_fused.bench.chips import CHIPS, by_name
 from torch_metal_fused.bench.run import CSV_COLUMNS, EMULATED_COLUMNS, PROJECTION_COLUMNS
@@ -562,7 +563,16 @@ def test_train_bench_providers_agree_on_the_losses(tmp_path):
     from torch_metal_fused.bench import train
 
     args = ["--modes", "lora,full", "--providers", "hf,tmf", "--steps", "1", "--warmup", "1", "--device", "cpu"]
-    assert train.main([*args, "--out", str(tmp_path)]) == 0
+    book = tmp_path / "ledger.csv"
+    assert train.main([*args, "--out", str(tmp_path), "--record", str(book)]) == 0
+    # --record: rows by the ledger's rules (ours is "fused", a step is forward_backward, the training mode in the
+    # shape), which the results page renders with ours against the other provider
+    rows = ledger.read(book)
+    assert [(r["provider"], r["mode"], r["shape"]) for r in rows] == [
+        (p, "forward_backward", f"tiny {m} 1x128") for m in ("lora", "full") for p in ("hf", "fused")
+    ]
+    page = results_page.render(rows)
+    assert "### train_step" in page and "| – |" not in page
     results = json.loads((tmp_path / "results.json").read_text())
     assert [(r["mode"], r["provider"], r["ok"]) for r in results] == [
         ("lora", "hf", True),

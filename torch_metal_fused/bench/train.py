@@ -251,11 +251,13 @@ def _ledger_rows(results: list[StepResult], commit: str) -> list[dict]:
             torch=torch.__version__,
             source="bench --train",
             op="train_step",
-            provider=r.provider,
+            # The ledger's conventions: ours is "fused", a training step is forward_backward; the training mode
+            # (lora, lora-bf16, full) belongs to what is measured, so it goes with the shape.
+            provider="fused" + r.provider[3:] if r.provider.startswith("tmf") else r.provider,
             backend=r.device,
             dtype="bfloat16",
-            shape=f"{r.preset} {r.batch}x{r.seq}",
-            mode=r.mode,
+            shape=f"{r.preset} {r.mode} {r.batch}x{r.seq}",
+            mode="forward_backward",
             level="op",
             method="wall",
             p50_us=round(r.step_ms * 1e3, 1),
