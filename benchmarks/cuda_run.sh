@@ -237,10 +237,13 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
       ;;
     train)
       # #30's table: whole training steps, llama-1b, 4 x 2048 tokens (needs PEFT and Liger in .whl/)
-      python3 -m torch_metal_fused.bench --train --modes lora,lora-bf16,full --providers hf,tmf,liger --out "$OUT/train"
+      # Ledger rows to $OUT/train (merge: tail -n +2 "$OUT"/train/ledger.csv >> benchmarks/results/ledger.csv)
+      python3 -m torch_metal_fused.bench --train --modes lora,lora-bf16,full --providers hf,tmf,liger --out "$OUT/train" \
+        --record "$OUT/train/ledger.csv"
       ;;
     fit)
-      python3 -m torch_metal_fused.bench --train --modes lora --providers hf,tmf --fit 24 --steps 3 --out "$OUT/fit"
+      python3 -m torch_metal_fused.bench --train --modes lora --providers hf,tmf --fit 24 --steps 3 --out "$OUT/fit" \
+        --record "$OUT/fit/ledger.csv"
       ;;
     overhead)
       python3 -m torch_metal_fused.bench --overhead --device cuda 2>&1 | tee "$OUT/overhead.txt"
