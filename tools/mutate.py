@@ -57,6 +57,7 @@ class Mutant:
     why: str  # the real bug it models
     control: bool = False  # an equivalent edit: must survive
     ci: bool = False  # part of the CI subset
+    keyword: str = "emulated"  # pytest -k: the tests on the harness, unless the code is not a kernel's
 
 
 def _m(name, path, find, replace, tests, why, **kw) -> Mutant:
@@ -459,6 +460,34 @@ MUTANTS: list[Mutant] = [
         LORA,
         "(control) the input rounded to its own dtype once more before the mask: nothing changes",
         control=True,
+    ),
+    # ---- the CUDA float32-adapter route (Python over cuBLAS products; its tests run on CPU tensors) ----
+    _m(
+        "cuda_f32_adapters_cross_term_dropped",
+        "torch_metal_fused/backends/cuda.py",
+        "        second.copy_(first)",
+        "        second.zero_()",
+        ("tests/test_lora_linear.py",),
+        "y and dx lose the lo·hi cross term: 8 significant bits of the adapter term, within bfloat16's tolerance",
+        keyword="float32_adapter_route",
+    ),
+    _m(
+        "cuda_f32_adapters_infinite_lo_product_summed",
+        "torch_metal_fused/backends/cuda.py",
+        "return torch.add(a, b.nan_to_num_(0.0, 0.0, 0.0))",
+        "return torch.add(a, b)",
+        ("tests/test_lora_linear.py",),
+        "an infinite activation: inf·a_hi + inf·a_lo of the other sign gives NaN where PEFT's product gives inf",
+        keyword="float32_adapter_route",
+    ),
+    _m(
+        "cuda_f32_adapters_infinite_hi_in_the_cross_term",
+        "torch_metal_fused/backends/cuda.py",
+        "torch.nan_to_num(first, 0.0, 0.0, 0.0, out=third)",
+        "third.copy_(first)",
+        ("tests/test_lora_linear.py",),
+        "an infinite h: the hi·lo cross term adds inf·b_lo, possibly of the other sign",
+        keyword="float32_adapter_route",
     ),
     # ---- cross-entropy ----
     _m(
@@ -1016,7 +1045,7 @@ def run_mutant(m: Mutant, copy: Path, timeout_s: float) -> Result:
     if count != 1:
         return Result(m, "error", 0.0, f"stale mutant: the text occurs {count} times in {m.path}")
     target.write_text(original.replace(m.find, m.replace))
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "emulated", *m.tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", m.keyword, *m.tests]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=copy, env=_env(copy), capture_output=True, text=True, timeout=timeout_s)
