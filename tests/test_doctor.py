@@ -122,10 +122,10 @@ def test_metal_report_of_the_compile_shader_route(monkeypatch):
 
 def test_self_test_catches_a_wrong_kernel(monkeypatch):
     """The self-test is not vacuous: an op that returns a wrong result fails it (and the exit status)."""
-    import torch_metal_fused as tmf
+    from torch_metal_fused.ops import softmax as softmax_module
 
-    real = tmf.softmax
-    monkeypatch.setattr(tmf, "softmax", lambda x, dim=-1: real(x, dim) * 1.01)
+    real = softmax_module.softmax
+    monkeypatch.setattr(softmax_module, "softmax", lambda x, dim=-1: real(x, dim) * 1.01)
     rows = doctor.self_test("cpu", (torch.float32,))
     bad = [r for r in rows if not r["ok"]]
     assert bad and {r["op"] for r in bad} == {"softmax"}

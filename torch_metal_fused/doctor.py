@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import platform
 import subprocess
@@ -26,7 +27,7 @@ import torch
 
 import torch_metal_fused as tmf
 from torch_metal_fused import _backend, _config
-from torch_metal_fused.testing import REL_TOL, rel_error
+from torch_metal_fused.testing import REL_TOL, rel_error, sample
 
 SCHEMA_VERSION = 1
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -160,90 +161,13 @@ def cuda_report() -> dict[str, Any]:
 
 
 # ---- self-test --------------------------------------------------------------------------------------------
-def _randn(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(device)
-
-
-def _hf_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Hugging Face's apply_rotary_pos_emb (rotate_half convention), the rope self-test's reference."""
-
-    def rotate_half(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), -1)
-
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
-
-
 def _cases(device: str, dtype: torch.dtype):
-    """(op, fn(inputs) -> output, inputs) on small odd shapes; every op's forward and backward."""
-    x = _randn((37, 300), dtype, device, 0)  # 300 > 256: the single-row variants
-    xs = _randn((5, 3, 19), dtype, device, 1)  # short rows: the SIMD-group-per-row variants
-    w = _randn((300,), dtype, device, 2)
-    lx = _randn((67, 72), dtype, device, 3)
-    lw, la, lb = (
-        _randn((40, 72), dtype, device, 4),
-        _randn((8, 72), dtype, device, 5),
-        _randn((40, 8), dtype, device, 6),
-    )
-    ch, cw = _randn((37, 24), dtype, device, 7), _randn((1001, 24), dtype, device, 8) * 0.2
-    target = torch.arange(37, dtype=torch.long) * 27 % 1001
-    gx, gu = _randn((9, 1003), dtype, device, 9) * 3, _randn((9, 1003), dtype, device, 10)
-    rq, rk = _randn((2, 4, 7, 64), dtype, device, 11), _randn((2, 2, 7, 64), dtype, device, 12)
-    angles = _randn((1, 7, 32), torch.float64, "cpu", 13) * 10
-    rc, rs = (f(torch.cat((angles, angles), -1)).to(dtype).to(device) for f in (torch.cos, torch.sin))
-    aq, ak, av = (
-        _randn((1, 4, 45, 64), dtype, device, 14),
-        *(_randn((1, 2, 45, 64), dtype, device, s) for s in (15, 16)),
-    )
-    return [
-        ("softmax", lambda t: tmf.softmax(t[0], -1), lambda t: torch.softmax(t[0], -1), [x]),
-        ("softmax", lambda t: tmf.softmax(t[0], -1), lambda t: torch.softmax(t[0], -1), [xs]),
-        (
-            "rms_norm",
-            lambda t: tmf.rms_norm(t[0], t[1], eps=1e-6),
-            lambda t: t[0] * torch.rsqrt(t[0].square().mean(-1, keepdim=True) + 1e-6) * t[1],
-            [x, w],
-        ),
-        (
-            "rms_norm",
-            lambda t: tmf.rms_norm(t[0], None, eps=1e-6),
-            lambda t: t[0] * torch.rsqrt(t[0].square().mean(-1, keepdim=True) + 1e-6),
-            [xs],
-        ),
-        (
-            "lora_linear",
-            lambda t: tmf.lora_linear(t[0], t[1], t[2], t[3], scale=2.0),
-            lambda t: t[0] @ t[1].t() + 2.0 * (t[0] @ t[2].t()) @ t[3].t(),
-            [lx, lw, la, lb],
-        ),
-        (
-            "cross_entropy",
-            lambda t: tmf.linear_cross_entropy(t[0], t[1], target.to(t[0].device), reduction="none", chunk_size=16),
-            lambda t: torch.nn.functional.cross_entropy(t[0] @ t[1].t(), target.cpu(), reduction="none"),
-            [ch, cw],
-        ),
-        (
-            "glu",
-            lambda t: tmf.swiglu(t[0], t[1]) + tmf.geglu(t[0], t[1]),
-            lambda t: (torch.nn.functional.silu(t[0]) + torch.nn.functional.gelu(t[0], approximate="tanh")) * t[1],
-            [gx, gu],
-        ),
-        (
-            "rope",
-            lambda t: torch.cat([o.flatten() for o in tmf.rope(t[0], t[1], rc, rs)]),
-            lambda t: torch.cat([o.flatten() for o in _hf_rope(t[0], t[1], rc.double().cpu(), rs.double().cpu())]),
-            [rq, rk],
-        ),
-        (
-            "attention",
-            lambda t: tmf.attention(t[0], t[1], t[2], causal=True),
-            lambda t: torch.nn.functional.scaled_dot_product_attention(
-                t[0], t[1].repeat_interleave(2, 1), t[2].repeat_interleave(2, 1), is_causal=True
-            ),
-            [aq, ak, av],
-        ),
-    ]
+    """(family, fn(inputs) -> output, reference, inputs): each kernel family's op module declares its cases
+    (`self_test_cases`), small odd shapes that reach its kernels forward and backward."""
+    for family in _backend.FAMILIES:
+        module = importlib.import_module(f"torch_metal_fused.ops.{family}")
+        for case in module.self_test_cases(dtype, device):
+            yield family, case.fn, case.reference, case.inputs
 
 
 def _check(op: str, dtype: torch.dtype, device: str, fn, ref_fn, inputs: list[torch.Tensor]) -> list[dict]:
@@ -254,7 +178,7 @@ def _check(op: str, dtype: torch.dtype, device: str, fn, ref_fn, inputs: list[to
     try:
         ins = [t.detach().clone().requires_grad_(True) for t in inputs]
         out = fn(ins)
-        dy = _randn(tuple(out.shape), dtype, device, 7)
+        dy = sample(tuple(out.shape), dtype, device, 7)
         grads = torch.autograd.grad(out, ins, dy)
         if device != "cpu":
             getattr(torch, device).synchronize()
@@ -324,10 +248,10 @@ def timing(device: str) -> list[dict]:
 
     dev = torch.device(device)
     dt = torch.float16
-    x = _randn((2048, 4096), dt, device, 0)
-    w = _randn((4096,), dt, device, 1)
-    lx, lw = _randn((512, 1024), dt, device, 2), _randn((1024, 1024), dt, device, 3)
-    la, lb = _randn((16, 1024), dt, device, 4), _randn((1024, 16), dt, device, 5)
+    x = sample((2048, 4096), dt, device, 0)
+    w = sample((4096,), dt, device, 1)
+    lx, lw = sample((512, 1024), dt, device, 2), sample((1024, 1024), dt, device, 3)
+    la, lb = sample((16, 1024), dt, device, 4), sample((1024, 16), dt, device, 5)
     pairs = {
         "softmax 2048x4096 float16 forward": (lambda: tmf.softmax(x, -1), lambda: torch.softmax(x, -1)),
         "rms_norm 2048x4096 float16 forward": (

@@ -3,6 +3,9 @@ anyone validating a new backend)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
 # Relative error ‖out − ref‖ / ‖ref‖ allowed against a float64 reference, per input dtype.
@@ -59,3 +62,18 @@ def assert_matches(
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g} for {dtype}"
     global _numerical_checks
     _numerical_checks += 1
+
+
+class SelfTestCase(NamedTuple):
+    """One case of the doctor's self-test, declared by each op module (`self_test_cases(dtype, device)`): fn(inputs)
+    runs our op, reference(inputs) the same in plain PyTorch on float64 CPU copies of the inputs."""
+
+    fn: Callable[[list[torch.Tensor]], torch.Tensor]
+    reference: Callable[[list[torch.Tensor]], torch.Tensor]
+    inputs: list[torch.Tensor]
+
+
+def sample(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device, seed: int) -> torch.Tensor:
+    """Standard-normal values drawn in float64 on the CPU (the same on every device), then cast and moved."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(device)

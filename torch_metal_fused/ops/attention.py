@@ -297,3 +297,19 @@ def attention(
 
 
 __all__ = ["AttentionFunction", "attention"]
+
+
+def self_test_cases(dtype: torch.dtype, device: str) -> list:
+    """The doctor's self-test: causal grouped-query attention, 45 tokens (not a multiple of the blocks), head dim
+    64, against PyTorch's scaled_dot_product_attention."""
+    from torch_metal_fused.testing import SelfTestCase, sample
+
+    return [
+        SelfTestCase(
+            lambda t: attention(t[0], t[1], t[2], causal=True),
+            lambda t: torch.nn.functional.scaled_dot_product_attention(
+                t[0], t[1].repeat_interleave(2, 1), t[2].repeat_interleave(2, 1), is_causal=True
+            ),
+            [sample((1, 4, 45, 64), dtype, device, 14), *(sample((1, 2, 45, 64), dtype, device, s) for s in (15, 16))],
+        )
+    ]

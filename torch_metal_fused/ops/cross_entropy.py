@@ -397,3 +397,19 @@ def linear_cross_entropy(
 
 
 __all__ = ["CrossEntropyFunction", "LinearCrossEntropyFunction", "cross_entropy", "linear_cross_entropy"]
+
+
+def self_test_cases(dtype: torch.dtype, device: str) -> list:
+    """The doctor's self-test: the chunked linear cross-entropy (its row pass is cross_entropy's kernel), an odd
+    vocabulary."""
+    from torch_metal_fused.testing import SelfTestCase, sample
+
+    target = torch.arange(37, dtype=torch.long) * 27 % 1001
+    hidden, weight = sample((37, 24), dtype, device, 7), sample((1001, 24), dtype, device, 8) * 0.2
+    return [
+        SelfTestCase(
+            lambda t: linear_cross_entropy(t[0], t[1], target.to(t[0].device), reduction="none", chunk_size=16),
+            lambda t: torch.nn.functional.cross_entropy(t[0] @ t[1].t(), target, reduction="none"),
+            [hidden, weight],
+        )
+    ]

@@ -98,3 +98,17 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["GluFunction", "geglu", "glu", "swiglu"]
+
+
+def self_test_cases(dtype: torch.dtype, device: str) -> list:
+    """The doctor's self-test: SwiGLU and GeGLU over odd-width rows."""
+    from torch_metal_fused.testing import SelfTestCase, sample
+
+    F = torch.nn.functional
+    return [
+        SelfTestCase(
+            lambda t: swiglu(t[0], t[1]) + geglu(t[0], t[1]),
+            lambda t: (F.silu(t[0]) + F.gelu(t[0], approximate="tanh")) * t[1],
+            [sample((9, 1003), dtype, device, 9) * 3, sample((9, 1003), dtype, device, 10)],
+        )
+    ]

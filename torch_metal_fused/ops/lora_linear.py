@@ -182,3 +182,18 @@ def lora_linear(
     scale = check_finite_number("scale", scale)
     dropout_p = check_dropout(dropout_p)
     return LoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, dropout_p, bool(training))
+
+
+def self_test_cases(dtype: torch.dtype, device: str) -> list:
+    """The doctor's self-test: odd token and feature counts, rank 8."""
+    from torch_metal_fused.testing import SelfTestCase, sample
+
+    x, w = sample((67, 72), dtype, device, 3), sample((40, 72), dtype, device, 4)
+    a, b = sample((8, 72), dtype, device, 5), sample((40, 8), dtype, device, 6)
+    return [
+        SelfTestCase(
+            lambda t: lora_linear(t[0], t[1], t[2], t[3], scale=2.0),
+            lambda t: t[0] @ t[1].t() + 2.0 * (t[0] @ t[2].t()) @ t[3].t(),
+            [x, w, a, b],
+        )
+    ]

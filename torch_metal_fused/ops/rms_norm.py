@@ -216,3 +216,28 @@ def rms_norm(
     elif offset != 0.0:
         raise ValueError("offset applies to a weight: pass weight, or offset=0")
     return RMSNormFunction.apply(x, weight, eps, offset)
+
+
+def self_test_cases(dtype: torch.dtype, device: str) -> list:
+    """The doctor's self-test: with a weight on rows over 256 wide, without one on short rows, and add + RMSNorm."""
+    from torch_metal_fused.testing import SelfTestCase, sample
+
+    def norm64(x, w=None):
+        y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+        return y if w is None else y * w
+
+    x, xs, w = (
+        sample((37, 300), dtype, device, 0),
+        sample((5, 3, 19), dtype, device, 1),
+        sample((300,), dtype, device, 2),
+    )
+    residual = sample((37, 300), dtype, device, 3)
+    return [
+        SelfTestCase(lambda t: rms_norm(t[0], t[1], eps=1e-6), lambda t: norm64(t[0], t[1]), [x, w]),
+        SelfTestCase(lambda t: rms_norm(t[0], None, eps=1e-6), lambda t: norm64(t[0]), [xs]),
+        SelfTestCase(
+            lambda t: add_rms_norm(t[0], t[1], t[2], eps=1e-6)[0],
+            lambda t: norm64(t[0] + t[1], t[2]),
+            [x, residual, w],
+        ),
+    ]

@@ -148,3 +148,28 @@ def rope(
 
 
 __all__ = ["RopeFunction", "rope"]
+
+
+def self_test_cases(dtype: torch.dtype, device: str) -> list:
+    """The doctor's self-test: grouped k heads, against Hugging Face's apply_rotary_pos_emb (rotate_half)."""
+    from torch_metal_fused.testing import SelfTestCase, sample
+
+    angles = sample((1, 7, 32), torch.float64, "cpu", 13) * 10
+    cos, sin = (f(torch.cat((angles, angles), -1)) for f in (torch.cos, torch.sin))
+
+    def rotate_half(x):
+        return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), -1)
+
+    c, s = cos.to(dtype).to(device), sin.to(dtype).to(device)
+    c64, s64 = c.double().cpu().unsqueeze(1), s.double().cpu().unsqueeze(1)  # the tables the op is given
+
+    def hf_rope(q, k):
+        return q * c64 + rotate_half(q) * s64, k * c64 + rotate_half(k) * s64
+
+    return [
+        SelfTestCase(
+            lambda t: torch.cat([o.flatten() for o in rope(t[0], t[1], c, s)]),
+            lambda t: torch.cat([o.flatten() for o in hf_rope(t[0], t[1])]),
+            [sample((2, 4, 7, 64), dtype, device, 11), sample((2, 2, 7, 64), dtype, device, 12)],
+        )
+    ]

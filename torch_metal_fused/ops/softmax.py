@@ -78,3 +78,19 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 __all__ = ["SoftmaxFunction", "softmax"]
+
+
+def self_test_cases(dtype: torch.dtype, device: str) -> list:
+    """The doctor's self-test: rows over 256 wide (one threadgroup per row) and short ones (a SIMD-group per row)."""
+    from torch_metal_fused.testing import SelfTestCase, sample
+
+    def fn(t):
+        return softmax(t[0], -1)
+
+    def ref(t):
+        return torch.softmax(t[0], -1)
+
+    return [
+        SelfTestCase(fn, ref, [sample((37, 300), dtype, device, 0)]),
+        SelfTestCase(fn, ref, [sample((5, 3, 19), dtype, device, 1)]),
+    ]
