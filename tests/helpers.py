@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -72,3 +74,22 @@ def harness_required() -> bool:
 # Every public op of the package: the autograd/IEEE contract (tests/test_nan_inf.py, tests/test_autograd_contract.py)
 # must cover each, and a test there fails when torch_metal_fused exports an op missing here.
 PUBLIC_OPS = tuple(op.name for op in OPS)  # the manifest's (torch_metal_fused/_families.py)
+
+
+@dataclass
+class AutogradCase:
+    """op(*grad_inputs, *fixed) and the same computed by torch's unfused ops (`composite`), for the autograd contract
+    (tests/test_autograd_contract.py). Each op's contract file declares its case: autograd_case(name, device, dtype,
+    reduction), so a new op's file must."""
+
+    op: Callable
+    composite: Callable
+    grad_inputs: list[torch.Tensor]
+    fixed: tuple = ()
+    double_backward: bool = True
+    scalar_output: bool = False  # a reduced loss: backward() with no gradient argument (an output gradient of 1)
+
+
+def rms64(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as torch's unfused ops compute it (the autograd contract's composite)."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w

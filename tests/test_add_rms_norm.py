@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, make_layout, randn
+from helpers import DTYPES, AutogradCase, make_layout, randn, rms64
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -212,3 +212,11 @@ def test_cuda_kernel_classes(dtype, shape, layout, offset):
     grads = (randn(shape, dtype, "cuda", seed=7), _aligned(shape, dtype, "cuda", others[layout], 8))
     what = f"{shape} {layout} offset={offset}"
     _check(x, residual, weight, dtype, offset=offset, grads=grads, what=what, frozen_weight=layout == "aligned_strided")
+
+
+# ---- the autograd contract's case (tests/test_autograd_contract.py) --------------------------------------------
+def autograd_case(name, device, dtype, reduction) -> AutogradCase:
+    ins = [randn((6, 45), dtype, device, seed=s) for s in (1, 2)] + [randn((45,), dtype, device, seed=3) + 1]
+    return AutogradCase(
+        lambda x, res, w: tmf.add_rms_norm(x, res, w, 1e-5), lambda x, res, w: (rms64(x + res, w, 1e-5), x + res), ins
+    )

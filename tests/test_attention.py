@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import _backend_params
-from helpers import DTYPES, randn
+from helpers import DTYPES, AutogradCase, randn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_metal_fused as tmf
@@ -853,3 +853,21 @@ def test_sdpa_route_never_hands_sdpa_a_row_without_keys(monkeypatch):
     assert torch.equal(dv[1], torch.zeros_like(dv[1])) and torch.equal(dq[0, :, :4], torch.zeros_like(dq[0, :, :4]))
     want = reference.attention_forward(q.detach(), k.detach(), v.detach(), bias, True, 0, 0.2, 0.0, False)[0]
     assert torch.allclose(out, want)
+
+
+# ---- the autograd contract's case (tests/test_autograd_contract.py) --------------------------------------------
+def autograd_case(name, device, dtype, reduction) -> AutogradCase:
+    """Grouped heads, causal with S < Sk (bottom-right), key padding; double backward refused."""
+    kpm = torch.ones((2, 6), dtype=torch.bool, device=device)
+    kpm[1, :2] = False
+    bias = torch.zeros((2, 1, 1, 6), dtype=dtype, device=device).masked_fill(~kpm[:, None, None, :], -math.inf)
+    # head dim 32, the smallest the kernels take; 8 in float64, which the reference serves (a quick gradcheck)
+    d = 8 if dtype == torch.float64 else 32
+    ins = [randn((2, 2, 5, d), dtype, device, seed=1)]
+    ins += [randn((2, 1, 6, d), dtype, device, seed=s) for s in (2, 3)]
+    return AutogradCase(
+        lambda q, k, v: tmf.attention(q, k, v, causal=True, key_padding_mask=kpm),
+        lambda q, k, v: attention64(q, k, v, bias.to(q.device, q.dtype), causal=True),
+        ins,
+        double_backward=False,
+    )

@@ -8,134 +8,37 @@
   naming the op where it does not (cross_entropy, linear_cross_entropy) — never a silently wrong second derivative;
 - gradcheck and gradgradcheck (or the refusal) in float64 on the reference.
 
-Each op's case is a function of the inputs and its unfused torch composition, the float64 reference.
+Each op's case (its inputs and its unfused torch composition, the float64 reference) is declared by the op's contract
+file: `autograd_case(name, device, dtype, reduction)` in tests/test_<op>.py (helpers.AutogradCase).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import PUBLIC_OPS, randn
+from helpers import PUBLIC_OPS, AutogradCase, randn, rms64
 
 import torch_metal_fused as tmf
+from torch_metal_fused._families import OPS
 from torch_metal_fused.testing import assert_matches
 
 EPS = 1e-5
 
 
-def _rms(x, w, eps=EPS):
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), -1)
-
-
-def _rope_torch(q, k, cos, sin):
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
-
-
-def _rope_tables(seq: int, dim: int, dtype, device):
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    ang = torch.arange(seq, dtype=torch.float64)[:, None] * inv[None, :]
-    emb = torch.cat((ang, ang), -1)[None]
-    return emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
-
-
-@dataclass
-class Case:
-    """op(*grad_inputs, *fixed) and the same computed by torch's unfused ops (`composite`)."""
-
-    op: Callable
-    composite: Callable
-    grad_inputs: list[torch.Tensor]
-    fixed: tuple = ()
-    double_backward: bool = True
-    scalar_output: bool = False  # a reduced loss: backward() with no gradient argument (an output gradient of 1)
-
-
 T = torch.tensor
 TARGET = [3, 0, 38, -100, 7, 21, 39, 1, 12]  # one ignored row
+CONTRACT_MODULES = {op.name: op.contract.removesuffix(".py") for op in OPS}
 
 
-def _case(name: str, device, dtype=torch.float32, reduction: str = "mean") -> Case:
-    def r(shape, seed, scale=1.0):
-        return randn(shape, dtype, device, scale=scale, seed=seed)
-
-    if name == "softmax":
-        return Case(lambda x: tmf.softmax(x, 0), lambda x: torch.softmax(x, 0), [r((37, 5), 1)])
-    if name == "rms_norm":
-        return Case(lambda x, w: tmf.rms_norm(x, w, EPS), _rms, [r((6, 45), 1), r((45,), 2) + 1])
-    if name == "add_rms_norm":
-        ins = [r((6, 45), 1), r((6, 45), 2), r((45,), 3) + 1]
-        return Case(
-            lambda x, res, w: tmf.add_rms_norm(x, res, w, EPS), lambda x, res, w: (_rms(x + res, w), x + res), ins
-        )
-    if name in ("cross_entropy", "linear_cross_entropy"):
-        target = T(TARGET, device=device)
-        if name == "cross_entropy":
-            return Case(
-                lambda z: tmf.cross_entropy(z, target, reduction=reduction),
-                lambda z: F.cross_entropy(z, target.to(z.device), reduction=reduction),
-                [r((9, 40), 1, 3.0)],
-                double_backward=False,
-                scalar_output=reduction != "none",
-            )
-        ins = [r((9, 16), 1), r((40, 16), 2, 0.5), r((40,), 3)]
-        return Case(
-            lambda h, w, b: tmf.linear_cross_entropy(h, w, target, b, reduction=reduction, chunk_size=4),
-            lambda h, w, b: F.cross_entropy(F.linear(h, w, b), target.to(h.device), reduction=reduction),
-            ins,
-            double_backward=False,
-            scalar_output=reduction != "none",
-        )
-    if name in ("glu", "swiglu", "geglu"):
-        gelu = name == "geglu"
-        fn = {"glu": lambda g, u: tmf.glu(g, u, "silu"), "swiglu": tmf.swiglu, "geglu": tmf.geglu}[name]
-        act = (lambda g: F.gelu(g, approximate="tanh")) if gelu else F.silu
-        return Case(fn, lambda g, u: act(g) * u, [r((5, 67), 1, 2.0), r((5, 67), 2)])
-    if name == "rope":
-        cos, sin = _rope_tables(7, 16, dtype, device)
-        ins = [r((2, 4, 7, 16), 1), r((2, 2, 7, 16), 2)]
-        return Case(
-            lambda q, k: tmf.rope(q, k, cos, sin),
-            lambda q, k: _rope_torch(q, k, cos.to(q.device, q.dtype), sin.to(q.device, q.dtype)),
-            ins,
-        )
-    if name == "lora_linear":
-        ins = [r((3, 11, 24), 1), r((20, 24), 2, 24**-0.5), r((4, 24), 3, 0.3), r((20, 4), 4, 0.3), r((20,), 5)]
-        return Case(
-            lambda x, w, a, b, bias: tmf.lora_linear(x, w, a, b, 1.5, bias),
-            lambda x, w, a, b, bias: F.linear(x, w, bias) + 1.5 * (x @ a.t()) @ b.t(),
-            ins,
-        )
-    if name == "attention":
-        # grouped heads, causal with S < Sk (bottom-right), key padding: the float64 formula of tests/test_attention.py
-        from test_attention import attention64
-
-        kpm = torch.ones((2, 6), dtype=torch.bool, device=device)
-        kpm[1, :2] = False
-        bias = torch.zeros((2, 1, 1, 6), dtype=dtype, device=device).masked_fill(~kpm[:, None, None, :], -math.inf)
-        # head dim 32, the smallest the kernels take; 8 in float64, which the reference serves (a quick gradcheck)
-        d = 8 if dtype == torch.float64 else 32
-        ins = [r((2, 2, 5, d), 1), r((2, 1, 6, d), 2), r((2, 1, 6, d), 3)]
-        return Case(
-            lambda q, k, v: tmf.attention(q, k, v, causal=True, key_padding_mask=kpm),
-            lambda q, k, v: attention64(q, k, v, bias.to(q.device, q.dtype), causal=True),
-            ins,
-            double_backward=False,
-        )
-    raise KeyError(name)
+def _case(name: str, device, dtype=torch.float32, reduction: str = "mean") -> AutogradCase:
+    """The op's case, declared by its contract file (autograd_case in tests/test_<op>.py)."""
+    return importlib.import_module(CONTRACT_MODULES[name]).autograd_case(name, device, dtype, reduction)
 
 
-def _leaves(case: Case) -> list[torch.Tensor]:
+def _leaves(case: AutogradCase) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_(True) for t in case.grad_inputs]
 
 
@@ -360,11 +263,11 @@ def test_double_backward_with_gemma_offset(backend, name):
     w = randn((33,), torch.float32, backend.device, scale=0.1, seed=2)
     if name == "rms_norm":
         op = lambda x, w: tmf.rms_norm(x, w, EPS, offset=1.0)  # noqa: E731
-        composite = lambda x, w: _rms(x, w + 1.0)  # noqa: E731
+        composite = lambda x, w: rms64(x, w + 1.0, EPS)  # noqa: E731
         leaves = [x, w]
     else:
         op = lambda x, r, w: tmf.add_rms_norm(x, r, w, EPS, offset=1.0)[0]  # noqa: E731
-        composite = lambda x, r, w: _rms(x + r, w + 1.0)  # noqa: E731
+        composite = lambda x, r, w: rms64(x + r, w + 1.0, EPS)  # noqa: E731
         leaves = [x, res, w]
     leaves = [t.requires_grad_(True) for t in leaves]
     dys = [randn((5, 33), torch.float32, backend.device, seed=3)]

@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import DTYPES, randn
+from helpers import DTYPES, AutogradCase, randn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_metal_fused as tmf
@@ -321,3 +321,29 @@ def test_bad_input_is_a_clear_error():
         tmf.linear_cross_entropy(h, w, t, out_dtype=torch.int32)
     with pytest.raises(ValueError, match="out_dtype must be a floating-point torch.dtype"):
         tmf.cross_entropy(h, t, out_dtype="float32")
+
+
+# ---- the autograd contract's case (tests/test_autograd_contract.py) --------------------------------------------
+AUTOGRAD_TARGET = [3, 0, 38, -100, 7, 21, 39, 1, 12]  # one ignored row
+
+
+def autograd_case(name, device, dtype, reduction) -> AutogradCase:
+    """Both ops refuse double backward (their gradient is computed in forward)."""
+    target = torch.tensor(AUTOGRAD_TARGET, device=device)
+    scalar = reduction != "none"
+    if name == "cross_entropy":
+        return AutogradCase(
+            lambda z: tmf.cross_entropy(z, target, reduction=reduction),
+            lambda z: F.cross_entropy(z, target.to(z.device), reduction=reduction),
+            [randn((9, 40), dtype, device, scale=3.0, seed=1)],
+            double_backward=False,
+            scalar_output=scalar,
+        )
+    ins = [randn((9, 16), dtype, device, seed=1), randn((40, 16), dtype, device, scale=0.5, seed=2)]
+    return AutogradCase(
+        lambda h, w, b: tmf.linear_cross_entropy(h, w, target, b, reduction=reduction, chunk_size=4),
+        lambda h, w, b: F.cross_entropy(F.linear(h, w, b), target.to(h.device), reduction=reduction),
+        [*ins, randn((40,), dtype, device, seed=3)],
+        double_backward=False,
+        scalar_output=scalar,
+    )

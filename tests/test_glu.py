@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, LAYOUTS, make_layout, randn
+from helpers import DTYPES, LAYOUTS, AutogradCase, make_layout, randn
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -222,3 +222,12 @@ def test_mlp_with_an_activation_without_kernel_is_left_with_the_reason():
     )
     report = tmf.patch_model(mlp, swiglu=True)
     assert report.patched == [] and "has no fused kernel" in dict(report.skipped)[""]
+
+
+# ---- the autograd contract's case (tests/test_autograd_contract.py) --------------------------------------------
+def autograd_case(name, device, dtype, reduction) -> AutogradCase:
+    fn = {"glu": lambda g, u: tmf.glu(g, u, "silu"), "swiglu": tmf.swiglu, "geglu": tmf.geglu}[name]
+    F = torch.nn.functional
+    act = (lambda g: F.gelu(g, approximate="tanh")) if name == "geglu" else F.silu
+    ins = [randn((5, 67), dtype, device, scale=2.0, seed=1), randn((5, 67), dtype, device, seed=2)]
+    return AutogradCase(fn, lambda g, u: act(g) * u, ins)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import DTYPES, make_layout, randn
+from helpers import DTYPES, AutogradCase, make_layout, randn
 
 import torch_metal_fused as tmf
 from torch_metal_fused import _config, reference
@@ -792,3 +792,14 @@ def test_backward_op_agrees_with_its_fake_for_float32_adapters():
     for needs in ([True, False, False, False, False], [False, False, False, True, True], [True] * 5):
         torch.library.opcheck(op.lora_linear_backward, (dy, x, w, a, b, h, 1.0, None, needs))
     torch.library.opcheck(op.lora_linear_forward, (x, w, None, a, b, 1.0, None))
+
+
+# ---- the autograd contract's case (tests/test_autograd_contract.py) --------------------------------------------
+def autograd_case(name, device, dtype, reduction) -> AutogradCase:
+    ins = [randn((3, 11, 24), dtype, device, seed=1), randn((20, 24), dtype, device, scale=24**-0.5, seed=2)]
+    ins += [randn((4, 24), dtype, device, scale=0.3, seed=3), randn((20, 4), dtype, device, scale=0.3, seed=4)]
+    return AutogradCase(
+        lambda x, w, a, b, bias: tmf.lora_linear(x, w, a, b, 1.5, bias),
+        lambda x, w, a, b, bias: torch.nn.functional.linear(x, w, bias) + 1.5 * (x @ a.t()) @ b.t(),
+        [*ins, randn((20,), dtype, device, seed=5)],
+    )

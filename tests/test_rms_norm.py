@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import DTYPES, LAYOUTS, ROW_SIZES, make_layout, randn
+from helpers import DTYPES, LAYOUTS, ROW_SIZES, AutogradCase, make_layout, randn, rms64
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -185,3 +185,9 @@ def test_cuda_narrow_rows(dtype, shape, view):
     y = tmf.rms_norm(x, w, 1e-6, offset=1.0)
     x64 = x.double().cpu()
     assert_matches(y, _reference(x64, w.double().cpu() + 1.0, 1e-6), dtype, "rms_norm gemma offset, narrow rows")
+
+
+# ---- the autograd contract's case (tests/test_autograd_contract.py) --------------------------------------------
+def autograd_case(name, device, dtype, reduction) -> AutogradCase:
+    ins = [randn((6, 45), dtype, device, seed=1), randn((45,), dtype, device, seed=2) + 1]
+    return AutogradCase(lambda x, w: tmf.rms_norm(x, w, 1e-5), lambda x, w: rms64(x, w, 1e-5), ins)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, randn, record_kernel_calls
+from helpers import DTYPES, AutogradCase, randn, record_kernel_calls
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -248,3 +248,17 @@ def test_patched_attention_equals_hf_and_other_models_keep_hf_rope(backend, fami
     assert tmf_patch._ROPE_USERS.get(hf_module.__name__, 0) == users
     if users == 0:  # the last patched attention of the family: HF's function is back
         assert hf_module.apply_rotary_pos_emb is original_fn
+
+
+# ---- the autograd contract's case (tests/test_autograd_contract.py) --------------------------------------------
+def autograd_case(name, device, dtype, reduction) -> AutogradCase:
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    angles = torch.arange(7, dtype=torch.float64)[:, None] * inv[None, :]
+    emb = torch.cat((angles, angles), -1)[None]
+    cos, sin = emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
+    ins = [randn((2, 4, 7, 16), dtype, device, seed=1), randn((2, 2, 7, 16), dtype, device, seed=2)]
+    return AutogradCase(
+        lambda q, k: tmf.rope(q, k, cos, sin),
+        lambda q, k: _reference(q, k, cos.to(q.device, q.dtype), sin.to(q.device, q.dtype), 1, False),
+        ins,
+    )

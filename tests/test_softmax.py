@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import DTYPES, LAYOUTS, ROW_SIZES, make_layout, randn
+from helpers import DTYPES, LAYOUTS, ROW_SIZES, AutogradCase, make_layout, randn
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -136,3 +136,9 @@ def test_cuda_narrow_and_wide_rows(dtype, shape, view):
     assert (y[1, ::3] == 0).all()
     x = randn((pad + rows * cols,), dtype, "cuda", scale=3.0, seed=5)[pad:].view(rows, cols)
     _check(None, x, -1, dtype)  # forward and backward
+
+
+# ---- the autograd contract's case (tests/test_autograd_contract.py) --------------------------------------------
+def autograd_case(name, device, dtype, reduction) -> AutogradCase:
+    x = randn((37, 5), dtype, device, seed=1)
+    return AutogradCase(lambda x: tmf.softmax(x, 0), lambda x: torch.softmax(x, 0), [x])
