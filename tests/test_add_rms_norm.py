@@ -220,3 +220,17 @@ def autograd_case(name, device, dtype, reduction) -> AutogradCase:
     return AutogradCase(
         lambda x, res, w: tmf.add_rms_norm(x, res, w, 1e-5), lambda x, res, w: (rms64(x + res, w, 1e-5), x + res), ins
     )
+
+
+# ---- every kernel of the family, for tests/test_emulator_kernels.py's drive -------------------------------------
+def every_kernel(dtype):
+    """Zero-argument calls that together dispatch every add + RMSNorm kernel in `dtype`: simd_rows, single_row and
+    looped, with and without dw."""
+    for cols in (40, 1000, 9000):
+        x, r = randn((3, cols), dtype, "cpu").requires_grad_(True), randn((3, cols), dtype, "cpu")
+        for w in (randn((cols,), dtype, "cpu").requires_grad_(True), randn((cols,), dtype, "cpu")):
+
+            def run(x=x, r=r, w=w):
+                sum(t.sum() for t in tmf.add_rms_norm(x, r, w)).backward()
+
+            yield run

@@ -871,3 +871,13 @@ def autograd_case(name, device, dtype, reduction) -> AutogradCase:
         ins,
         double_backward=False,
     )
+
+
+# ---- every kernel of the family, for tests/test_emulator_kernels.py's drive -------------------------------------
+def every_kernel(dtype):
+    """Zero-argument calls that dispatch every attention kernel in `dtype`: every head dim, causal grouped heads,
+    9 > 8 query rows; forward, delta, dQ and dK/dV."""
+    for d in HEAD_DIMS:
+        q = randn((1, 2, 9, d), dtype, "cpu").requires_grad_(True)
+        k, v = (randn((1, 1, 9, d), dtype, "cpu", seed=s).requires_grad_(True) for s in (1, 2))
+        yield lambda q=q, k=k, v=v: tmf.attention(q, k, v, causal=True).sum().backward()

@@ -347,3 +347,10 @@ def autograd_case(name, device, dtype, reduction) -> AutogradCase:
         double_backward=False,
         scalar_output=scalar,
     )
+
+
+# ---- every kernel of the family, for tests/test_emulator_kernels.py's drive -------------------------------------
+def every_kernel(dtype):
+    """A zero-argument call that dispatches the cross-entropy row kernel in `dtype`, loss and gradient."""
+    logits = randn((3, 50), dtype, "cpu").requires_grad_(True)
+    yield lambda: tmf.cross_entropy(logits, torch.tensor([1, 2, 3])).backward()

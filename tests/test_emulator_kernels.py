@@ -1,6 +1,7 @@
 """Every Metal kernel runs through the harness, with the launch geometry the MPS dispatch uses; device traffic
 and dispatches per op call, as counted by the harness, against the minimum."""
 
+import importlib
 import math
 import re
 
@@ -9,6 +10,7 @@ import torch
 from helpers import DTYPES, randn
 
 import torch_metal_fused as tmf
+from torch_metal_fused._families import OPS
 from torch_metal_fused.backends import metal
 from torch_metal_fused.emulator import runner
 from torch_metal_fused.testing import assert_matches
@@ -368,49 +370,13 @@ def test_looped_variants_when_the_pipeline_allows_fewer_threads(dtype):
 
 
 def _drive_every_kernel():
-    """Every op through every variant, dtype and mode (row widths that pick each variant, pipelines capped at 64
-    threads for the looped ones, LoRA at a rank above one rank block): every dispatch made."""
+    """Every op through every variant, dtype and mode: each op's contract file lists the calls that reach its kernels
+    (every_kernel(dtype) in tests/test_<op>.py, found through the manifest). Every dispatch made."""
     rec = []
     for dtype in DTYPES:
-        for cols, max_threads in ((40, 1024), (1000, 1024), (1000, 64), (9000, 1024)):
-            x = randn((9, cols), dtype, "cpu")
-            w = randn((cols,), dtype, "cpu")
-            with runner.pipeline_max_threads(max_threads):
-                for wx, ww, weight in ((True, True, w), (True, False, w), (False, True, w), (True, False, None)):
-                    xx = x.clone().requires_grad_(wx)
-                    wt = weight.clone().requires_grad_(ww) if weight is not None else None
-                    rec += _record(lambda: tmf.rms_norm(tmf.softmax(xx) if wx else xx, wt).sum().backward())
-        for r, max_threads in ((3, 1024), (70, 1024), (8, 64)):
-            lx = randn((4, 24), dtype, "cpu").requires_grad_(True)
-            la = randn((r, 24), dtype, "cpu").requires_grad_(True)
-            lb = randn((10, r), dtype, "cpu").requires_grad_(True)
-            lw = randn((10, 24), dtype, "cpu")
-            with runner.pipeline_max_threads(max_threads):
-                rec += _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())
-                lx.requires_grad_(False)
-                rec += _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())
-        # LoRA: each threadgroup-array variant (test_lora_linear.py), with adapters in x's dtype and in float32
-        for n in (20, 50, 80, 110, 250, 600):
-            lx, lw = randn((n, n), dtype, "cpu").requires_grad_(True), randn((n, n), dtype, "cpu", scale=n**-0.5)
-            for adapters in dict.fromkeys((dtype, torch.float32)):
-                la, lb = randn((40, n), adapters, "cpu").requires_grad_(True), randn((n, 40), adapters, "cpu")
-                rec += _record(lambda: tmf.lora_linear(lx, lw, la, lb).sum().backward())
-        logits = randn((3, 50), dtype, "cpu").requires_grad_(True)
-        rec += _record(lambda: tmf.cross_entropy(logits, torch.tensor([1, 2, 3])).backward())
-        gate, up = randn((3, 50), dtype, "cpu").requires_grad_(True), randn((3, 50), dtype, "cpu").requires_grad_(True)
-        for act in ("silu", "gelu_tanh"):
-            rec += _record(lambda: tmf.glu(gate, up, act).sum().backward())
-        rq, rk = randn((2, 3, 5, 12), dtype, "cpu").requires_grad_(True), randn((2, 1, 5, 12), dtype, "cpu")
-        cos, sin = randn((1, 5, 8), dtype, "cpu"), randn((1, 5, 8), dtype, "cpu", seed=1)
-        rec += _record(lambda: sum(t.sum() for t in tmf.rope(rq, rk.requires_grad_(True), cos, sin)).backward())
-        for cols in (40, 1000, 9000):  # add_rms_norm: simd_rows, single_row, looped; with and without dw
-            ax, ar = randn((3, cols), dtype, "cpu").requires_grad_(True), randn((3, cols), dtype, "cpu")
-            for aw in (randn((cols,), dtype, "cpu").requires_grad_(True), randn((cols,), dtype, "cpu")):
-                rec += _record(lambda: sum(t.sum() for t in tmf.add_rms_norm(ax, ar, aw)).backward())
-        for d in (32, 64, 80, 96, 128, 256):  # attention: every head dim's kernels (causal GQA, 9 > 8 query rows)
-            aq = randn((1, 2, 9, d), dtype, "cpu").requires_grad_(True)
-            ak, av = (randn((1, 1, 9, d), dtype, "cpu", seed=s).requires_grad_(True) for s in (1, 2))
-            rec += _record(lambda: tmf.attention(aq, ak, av, causal=True).sum().backward())
+        for contract in dict.fromkeys(op.contract for op in OPS):
+            for run in importlib.import_module(contract.removesuffix(".py")).every_kernel(dtype):
+                rec += _record(run)
     return rec
 
 

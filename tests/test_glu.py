@@ -231,3 +231,11 @@ def autograd_case(name, device, dtype, reduction) -> AutogradCase:
     act = (lambda g: F.gelu(g, approximate="tanh")) if name == "geglu" else F.silu
     ins = [randn((5, 67), dtype, device, scale=2.0, seed=1), randn((5, 67), dtype, device, seed=2)]
     return AutogradCase(fn, lambda g, u: act(g) * u, ins)
+
+
+# ---- every kernel of the family, for tests/test_emulator_kernels.py's drive -------------------------------------
+def every_kernel(dtype):
+    """Zero-argument calls that dispatch every GLU kernel in `dtype`: both activations, forward and backward."""
+    gate, up = randn((3, 50), dtype, "cpu").requires_grad_(True), randn((3, 50), dtype, "cpu").requires_grad_(True)
+    for act in ("silu", "gelu_tanh"):
+        yield lambda act=act: tmf.glu(gate, up, act).sum().backward()

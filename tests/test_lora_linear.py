@@ -803,3 +803,33 @@ def autograd_case(name, device, dtype, reduction) -> AutogradCase:
         lambda x, w, a, b, bias: torch.nn.functional.linear(x, w, bias) + 1.5 * (x @ a.t()) @ b.t(),
         [*ins, randn((20,), dtype, device, seed=5)],
     )
+
+
+# ---- every kernel of the family, for tests/test_emulator_kernels.py's drive -------------------------------------
+def every_kernel(dtype):
+    """Zero-argument calls that together dispatch every LoRA kernel in `dtype`: a rank above one rank block, and
+    pipelines capped at 64 threads; with and without dx; each threadgroup-array variant, adapters in x's dtype and in
+    float32."""
+    from torch_metal_fused.emulator import runner
+
+    for r, max_threads in ((3, 1024), (70, 1024), (8, 64)):
+        la = randn((r, 24), dtype, "cpu").requires_grad_(True)
+        lb = randn((10, r), dtype, "cpu").requires_grad_(True)
+        lw = randn((10, 24), dtype, "cpu")
+        for needs_dx in (True, False):
+
+            def run(la=la, lb=lb, lw=lw, needs_dx=needs_dx, max_threads=max_threads):
+                lx = randn((4, 24), dtype, "cpu").requires_grad_(needs_dx)
+                with runner.pipeline_max_threads(max_threads):
+                    tmf.lora_linear(lx, lw, la, lb).sum().backward()
+
+            yield run
+    for n in (20, 50, 80, 110, 250, 600):
+        lx, lw = randn((n, n), dtype, "cpu").requires_grad_(True), randn((n, n), dtype, "cpu", scale=n**-0.5)
+        for adapters in dict.fromkeys((dtype, torch.float32)):
+            la, lb = randn((40, n), adapters, "cpu").requires_grad_(True), randn((n, 40), adapters, "cpu")
+
+            def run(lx=lx, lw=lw, la=la, lb=lb):
+                tmf.lora_linear(lx, lw, la, lb).sum().backward()
+
+            yield run

@@ -191,3 +191,22 @@ def test_cuda_narrow_rows(dtype, shape, view):
 def autograd_case(name, device, dtype, reduction) -> AutogradCase:
     ins = [randn((6, 45), dtype, device, seed=1), randn((45,), dtype, device, seed=2) + 1]
     return AutogradCase(lambda x, w: tmf.rms_norm(x, w, 1e-5), lambda x, w: rms64(x, w, 1e-5), ins)
+
+
+# ---- every kernel of the family, for tests/test_emulator_kernels.py's drive -------------------------------------
+def every_kernel(dtype):
+    """Zero-argument calls that together dispatch every RMSNorm kernel in `dtype`: each variant by row width (a
+    pipeline capped at 64 threads for the looped one), with dx and dw, dx only, dw only, and no weight."""
+    from torch_metal_fused.emulator import runner
+
+    for cols, max_threads in ((40, 1024), (1000, 1024), (1000, 64), (9000, 1024)):
+        x, w = randn((9, cols), dtype, "cpu"), randn((cols,), dtype, "cpu")
+        for wx, ww, weight in ((True, True, w), (True, False, w), (False, True, w), (True, False, None)):
+
+            def run(x=x, wx=wx, weight=weight, ww=ww, max_threads=max_threads):
+                xx = x.clone().requires_grad_(wx)
+                wt = weight.clone().requires_grad_(ww) if weight is not None else None
+                with runner.pipeline_max_threads(max_threads):
+                    tmf.rms_norm(xx, wt).square().sum().backward()
+
+            yield run

@@ -262,3 +262,12 @@ def autograd_case(name, device, dtype, reduction) -> AutogradCase:
         lambda q, k: _reference(q, k, cos.to(q.device, q.dtype), sin.to(q.device, q.dtype), 1, False),
         ins,
     )
+
+
+# ---- every kernel of the family, for tests/test_emulator_kernels.py's drive -------------------------------------
+def every_kernel(dtype):
+    """A zero-argument call that dispatches the RoPE kernel in `dtype`, forward and backward (grouped k heads,
+    partial rotary)."""
+    q, k = randn((2, 3, 5, 12), dtype, "cpu").requires_grad_(True), randn((2, 1, 5, 12), dtype, "cpu")
+    cos, sin = randn((1, 5, 8), dtype, "cpu"), randn((1, 5, 8), dtype, "cpu", seed=1)
+    yield lambda: sum(t.sum() for t in tmf.rope(q, k.requires_grad_(True), cos, sin)).backward()

@@ -142,3 +142,19 @@ def test_cuda_narrow_and_wide_rows(dtype, shape, view):
 def autograd_case(name, device, dtype, reduction) -> AutogradCase:
     x = randn((37, 5), dtype, device, seed=1)
     return AutogradCase(lambda x: tmf.softmax(x, 0), lambda x: torch.softmax(x, 0), [x])
+
+
+# ---- every kernel of the family, for tests/test_emulator_kernels.py's drive -------------------------------------
+def every_kernel(dtype):
+    """Zero-argument calls that together dispatch every softmax kernel in `dtype`, forward and backward: row widths
+    that pick each variant, and a pipeline capped at 64 threads for the looped one."""
+    from torch_metal_fused.emulator import runner
+
+    for cols, max_threads in ((40, 1024), (1000, 1024), (1000, 64), (9000, 1024)):
+        x = randn((9, cols), dtype, "cpu").requires_grad_(True)
+
+        def run(x=x, max_threads=max_threads):
+            with runner.pipeline_max_threads(max_threads):
+                tmf.softmax(x).square().sum().backward()
+
+        yield run
