@@ -234,3 +234,24 @@ def every_kernel(dtype):
                 sum(t.sum() for t in tmf.add_rms_norm(x, r, w)).backward()
 
             yield run
+
+
+# ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
+def plan_cache_calls() -> list:
+    """(backend entry point, arguments): back to back, each must get its own plan."""
+    from torch_metal_fused import reference
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    x, res, w, dy, dh = r(4, 300), r(4, 300), r(300), r(4, 300), r(4, 300)
+    _, h, rstd = reference.rms_norm_add_forward(x, res, w, 1e-6, 0.0)
+    return [
+        ("rms_norm_add_forward", (x, res, w, 1e-6, 0.0)),
+        ("rms_norm_add_forward", (x, res, w, 1e-1, 0.0)),  # eps
+        ("rms_norm_add_forward", (x, res, w, 1e-1, 1.0)),  # Gemma's offset
+        ("rms_norm_add_backward", (dy, dh, h, w, rstd, True, 0.0)),
+        ("rms_norm_add_backward", (dy, dh, h, w, rstd, True, 1.0)),  # offset
+    ]

@@ -881,3 +881,26 @@ def every_kernel(dtype):
         q = randn((1, 2, 9, d), dtype, "cpu").requires_grad_(True)
         k, v = (randn((1, 1, 9, d), dtype, "cpu", seed=s).requires_grad_(True) for s in (1, 2))
         yield lambda q=q, k=k, v=v: tmf.attention(q, k, v, causal=True).sum().backward()
+
+
+# ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
+def plan_cache_calls() -> list:
+    """(backend entry point, arguments): back to back, each must get its own plan."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    q, k, v = r(1, 2, 20, 32), r(1, 1, 20, 32), r(1, 1, 20, 32)
+    bias = r(1, 1, 20, 20).expand(1, 2, 20, 20)
+    out, lse = reference.attention_forward(q, k, v, None, True, 0, 0.3, 0.0, False)
+    return [
+        ("attention_forward", (q, k, v, None, False, 0, 0.3, 0.0, False)),
+        ("attention_forward", (q, k, v, None, True, 0, 0.3, 0.0, False)),  # causal
+        ("attention_forward", (q, k, v, None, True, 5, 0.3, 0.0, False)),  # window
+        ("attention_forward", (q, k, v, None, True, 5, 0.2, 0.0, False)),  # scale
+        ("attention_forward", (q, k, v, None, True, 5, 0.2, 2.0, False)),  # softcap
+        ("attention_forward", (q, k, v, bias, True, 5, 0.2, 2.0, False)),  # mask
+        ("attention_backward", (q, q, k, v, out, lse, None, True, 0, 0.3, 0.0)),
+        ("attention_backward", (q, q, k, v, out, lse, None, True, 0, 0.3, 2.0)),  # softcap
+    ]

@@ -4,6 +4,7 @@ binding does (torch/csrc/mps/Module.cpp). The ops' own tests run every op throug
 
 from __future__ import annotations
 
+import importlib
 import struct
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from torch_metal_fused import _backend
+from torch_metal_fused._families import OPS
 from torch_metal_fused.backends import metal_library, shader_args
 from torch_metal_fused.backends.metal_library import shader_source
 
@@ -181,59 +183,10 @@ def test_cached_plans_are_keyed_by_everything_they_depend_on():
     from torch_metal_fused.emulator import compile_shader
     from torch_metal_fused.testing import assert_matches
 
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
-
-    wide = r(4, 600)
-    x, w, x5 = r(4, 300), r(300), r(5, 300)
-    logits, target = r(6, 50), torch.tensor([1, 2, 3, 4, 5, 2])
-    q, k = r(2, 3, 5, 8), r(2, 1, 5, 8)
-    cos1, sin1, cos2, sin2 = r(1, 5, 8), r(1, 5, 8), r(2, 5, 8), r(2, 5, 8)
-    lx, lw, la, lb = r(20, 24), r(10, 24), r(4, 24), r(10, 4)
-    mask = (torch.rand(20, 24, generator=g) > 0.2).float() / 0.8
-    lx16, lw16 = lx.bfloat16(), lw.bfloat16()
-    ones = torch.ones(6)
-    aq, ak, av = r(1, 2, 20, 32), r(1, 1, 20, 32), r(1, 1, 20, 32)
-    abias = r(1, 1, 20, 20).expand(1, 2, 20, 20)
-    aout, alse = reference.attention_forward(aq, ak, av, None, True, 0, 0.3, 0.0, False)
-    calls = [
-        ("softmax_forward", (x,)),
-        ("softmax_forward", (wide[:, :300],)),  # another row stride
-        ("softmax_forward", (x5,)),  # another row count
-        ("rms_norm_forward", (x, w, 1e-6, 0.0)),
-        ("rms_norm_forward", (x, w, 1e-1, 0.0)),  # eps
-        ("rms_norm_forward", (x, w, 1e-1, 1.0)),  # Gemma's offset
-        ("rms_norm_forward", (x, None, 1e-1, 0.0)),  # no weight
-        ("rms_norm_backward", (x5[:4], x, w, reference.rms_norm_rstd(x, 1e-6), True, True, 0.0)),
-        ("rms_norm_backward", (x5[:4], x, w, reference.rms_norm_rstd(x, 1e-6), True, True, 1.0)),
-        ("cross_entropy_rows", (logits, target, -100, 0.0, 0.0, ones, False)),
-        ("cross_entropy_rows", (logits, target, 2, 0.0, 0.0, ones, False)),  # ignore_index
-        ("cross_entropy_rows", (logits, target, 2, 0.1, 0.0, ones, False)),  # label smoothing
-        ("cross_entropy_rows", (logits, target, 2, 0.1, 3.0, ones, False)),  # softcap
-        ("cross_entropy_rows", (logits, target, 2, 0.1, 3.0, None, False)),  # loss only
-        ("cross_entropy_rows", (logits, target.int(), 2, 0.1, 3.0, None, False)),  # int32 targets
-        ("glu_forward", (x, x5[:4], 0)),
-        ("glu_forward", (x, x5[:4], 1)),  # activation
-        ("rope_apply", (q, k, cos1, sin1, False, False)),
-        ("rope_apply", (q, k, cos1, sin1, True, False)),  # interleaved
-        ("rope_apply", (q, k, cos1, sin1, True, True)),  # backward
-        ("rope_apply", (q, k, cos2, sin2, True, True)),  # cos per sequence
-        ("lora_forward", (lx, lw, None, la, lb, 1.0, None)),
-        ("lora_forward", (lx, lw, None, la, lb, 2.0, None)),  # scale
-        ("lora_forward", (lx, lw, None, la, lb, 2.0, mask)),  # dropout mask
-        ("lora_forward", (lx16, lw16, None, la.bfloat16(), lb.bfloat16(), 2.0, None)),
-        ("lora_forward", (lx16, lw16, None, la, lb, 2.0, None)),  # float32 adapters on bfloat16 x
-        ("attention_forward", (aq, ak, av, None, False, 0, 0.3, 0.0, False)),
-        ("attention_forward", (aq, ak, av, None, True, 0, 0.3, 0.0, False)),  # causal
-        ("attention_forward", (aq, ak, av, None, True, 5, 0.3, 0.0, False)),  # window
-        ("attention_forward", (aq, ak, av, None, True, 5, 0.2, 0.0, False)),  # scale
-        ("attention_forward", (aq, ak, av, None, True, 5, 0.2, 2.0, False)),  # softcap
-        ("attention_forward", (aq, ak, av, abias, True, 5, 0.2, 2.0, False)),  # mask
-        ("attention_backward", (aq, aq, ak, av, aout, alse, None, True, 0, 0.3, 0.0)),
-        ("attention_backward", (aq, aq, ak, av, aout, alse, None, True, 0, 0.3, 2.0)),  # softcap
-    ]
+    # Each op's contract file lists its calls (plan_cache_calls in tests/test_<op>.py, through the manifest).
+    calls = []
+    for contract in dict.fromkeys(op.contract for op in OPS):
+        calls += importlib.import_module(contract.removesuffix(".py")).plan_cache_calls()
     libs = metal_library.KernelLibraries(compile_shader.compile_shader, "caching stand-in", cache=True)
     metal_library._planted.append(libs)
     try:

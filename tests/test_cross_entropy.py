@@ -354,3 +354,22 @@ def every_kernel(dtype):
     """A zero-argument call that dispatches the cross-entropy row kernel in `dtype`, loss and gradient."""
     logits = randn((3, 50), dtype, "cpu").requires_grad_(True)
     yield lambda: tmf.cross_entropy(logits, torch.tensor([1, 2, 3])).backward()
+
+
+# ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
+def plan_cache_calls() -> list:
+    """(backend entry point, arguments): back to back, each must get its own plan."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    logits, target, ones = r(6, 50), torch.tensor([1, 2, 3, 4, 5, 2]), torch.ones(6)
+    return [
+        ("cross_entropy_rows", (logits, target, -100, 0.0, 0.0, ones, False)),
+        ("cross_entropy_rows", (logits, target, 2, 0.0, 0.0, ones, False)),  # ignore_index
+        ("cross_entropy_rows", (logits, target, 2, 0.1, 0.0, ones, False)),  # label smoothing
+        ("cross_entropy_rows", (logits, target, 2, 0.1, 3.0, ones, False)),  # softcap
+        ("cross_entropy_rows", (logits, target, 2, 0.1, 3.0, None, False)),  # loss only
+        ("cross_entropy_rows", (logits, target.int(), 2, 0.1, 3.0, None, False)),  # int32 targets
+    ]

@@ -239,3 +239,15 @@ def every_kernel(dtype):
     gate, up = randn((3, 50), dtype, "cpu").requires_grad_(True), randn((3, 50), dtype, "cpu").requires_grad_(True)
     for act in ("silu", "gelu_tanh"):
         yield lambda act=act: tmf.glu(gate, up, act).sum().backward()
+
+
+# ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
+def plan_cache_calls() -> list:
+    """(backend entry point, arguments): back to back, each must get its own plan."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    gate, up = r(4, 300), r(4, 300)
+    return [("glu_forward", (gate, up, 0)), ("glu_forward", (gate, up, 1))]  # the activation

@@ -833,3 +833,23 @@ def every_kernel(dtype):
                 tmf.lora_linear(lx, lw, la, lb).sum().backward()
 
             yield run
+
+
+# ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
+def plan_cache_calls() -> list:
+    """(backend entry point, arguments): back to back, each must get its own plan."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    x, w, a, b = r(20, 24), r(10, 24), r(4, 24), r(10, 4)
+    mask = (torch.rand(20, 24, generator=g) > 0.2).float() / 0.8
+    x16, w16 = x.bfloat16(), w.bfloat16()
+    return [
+        ("lora_forward", (x, w, None, a, b, 1.0, None)),
+        ("lora_forward", (x, w, None, a, b, 2.0, None)),  # scale
+        ("lora_forward", (x, w, None, a, b, 2.0, mask)),  # dropout mask
+        ("lora_forward", (x16, w16, None, a.bfloat16(), b.bfloat16(), 2.0, None)),
+        ("lora_forward", (x16, w16, None, a, b, 2.0, None)),  # float32 adapters on bfloat16 x
+    ]

@@ -210,3 +210,25 @@ def every_kernel(dtype):
                     tmf.rms_norm(xx, wt).square().sum().backward()
 
             yield run
+
+
+# ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
+def plan_cache_calls() -> list:
+    """(backend entry point, arguments): back to back, each must get its own plan."""
+    from torch_metal_fused import reference
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    x, w, dy = r(4, 300), r(300), r(4, 300)
+    rstd = reference.rms_norm_rstd(x, 1e-6)
+    return [
+        ("rms_norm_forward", (x, w, 1e-6, 0.0)),
+        ("rms_norm_forward", (x, w, 1e-1, 0.0)),  # eps
+        ("rms_norm_forward", (x, w, 1e-1, 1.0)),  # Gemma's offset
+        ("rms_norm_forward", (x, None, 1e-1, 0.0)),  # no weight
+        ("rms_norm_backward", (dy, x, w, rstd, True, True, 0.0)),
+        ("rms_norm_backward", (dy, x, w, rstd, True, True, 1.0)),  # offset
+    ]

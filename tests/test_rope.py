@@ -271,3 +271,21 @@ def every_kernel(dtype):
     q, k = randn((2, 3, 5, 12), dtype, "cpu").requires_grad_(True), randn((2, 1, 5, 12), dtype, "cpu")
     cos, sin = randn((1, 5, 8), dtype, "cpu"), randn((1, 5, 8), dtype, "cpu", seed=1)
     yield lambda: sum(t.sum() for t in tmf.rope(q, k.requires_grad_(True), cos, sin)).backward()
+
+
+# ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
+def plan_cache_calls() -> list:
+    """(backend entry point, arguments): back to back, each must get its own plan."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    q, k = r(2, 3, 5, 8), r(2, 1, 5, 8)
+    cos1, sin1, cos2, sin2 = r(1, 5, 8), r(1, 5, 8), r(2, 5, 8), r(2, 5, 8)
+    return [
+        ("rope_apply", (q, k, cos1, sin1, False, False)),
+        ("rope_apply", (q, k, cos1, sin1, True, False)),  # interleaved
+        ("rope_apply", (q, k, cos1, sin1, True, True)),  # backward
+        ("rope_apply", (q, k, cos2, sin2, True, True)),  # cos per sequence
+    ]

@@ -158,3 +158,19 @@ def every_kernel(dtype):
                 tmf.softmax(x).square().sum().backward()
 
         yield run
+
+
+# ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
+def plan_cache_calls() -> list:
+    """(backend entry point, arguments): back to back, each must get its own plan."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    x, wide, x5 = r(4, 300), r(4, 600), r(5, 300)
+    return [
+        ("softmax_forward", (x,)),
+        ("softmax_forward", (wide[:, :300],)),  # another row stride
+        ("softmax_forward", (x5,)),  # another row count
+    ]
