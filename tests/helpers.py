@@ -22,6 +22,12 @@ def randn(shape, dtype, device, scale: float = 1.0, seed: int = 0) -> torch.Tens
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
 
 
+def draws(seed: int = 0) -> Callable[..., torch.Tensor]:
+    """r(*shape): successive float32 CPU tensors from one generator (distinct values for every call)."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, generator=g)
+
+
 def make_layout(shape: tuple[int, ...], dtype, device, layout: str, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
     """A tensor of `shape` laid out as asked: contiguous; a view with a storage offset; rows spaced wider
     than their length (a column slice); or a transposed (non-contiguous last dim) view."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, AutogradCase, make_layout, randn, rms64
+from helpers import DTYPES, AutogradCase, draws, make_layout, randn, rms64
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -241,10 +241,7 @@ def plan_cache_calls() -> list:
     """(backend entry point, arguments): back to back, each must get its own plan."""
     from torch_metal_fused import reference
 
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
+    r = draws()
 
     x, res, w, dy, dh = r(4, 300), r(4, 300), r(300), r(4, 300), r(4, 300)
     _, h, rstd = reference.rms_norm_add_forward(x, res, w, 1e-6, 0.0)

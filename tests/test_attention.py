@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import _backend_params
-from helpers import DTYPES, AutogradCase, randn
+from helpers import DTYPES, AutogradCase, draws, randn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_metal_fused as tmf
@@ -886,10 +886,7 @@ def every_kernel(dtype):
 # ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
 def plan_cache_calls() -> list:
     """(backend entry point, arguments): back to back, each must get its own plan."""
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
+    r = draws()
 
     q, k, v = r(1, 2, 20, 32), r(1, 1, 20, 32), r(1, 1, 20, 32)
     bias = r(1, 1, 20, 20).expand(1, 2, 20, 20)

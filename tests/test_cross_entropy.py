@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import DTYPES, AutogradCase, randn
+from helpers import DTYPES, AutogradCase, draws, randn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_metal_fused as tmf
@@ -359,10 +359,7 @@ def every_kernel(dtype):
 # ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
 def plan_cache_calls() -> list:
     """(backend entry point, arguments): back to back, each must get its own plan."""
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
+    r = draws()
 
     logits, target, ones = r(6, 50), torch.tensor([1, 2, 3, 4, 5, 2]), torch.ones(6)
     return [

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, LAYOUTS, AutogradCase, make_layout, randn
+from helpers import DTYPES, LAYOUTS, AutogradCase, draws, make_layout, randn
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -244,10 +244,7 @@ def every_kernel(dtype):
 # ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
 def plan_cache_calls() -> list:
     """(backend entry point, arguments): back to back, each must get its own plan."""
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
+    r = draws()
 
     gate, up = r(4, 300), r(4, 300)
     return [("glu_forward", (gate, up, 0)), ("glu_forward", (gate, up, 1))]  # the activation

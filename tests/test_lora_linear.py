@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import DTYPES, AutogradCase, make_layout, randn
+from helpers import DTYPES, AutogradCase, draws, make_layout, randn
 
 import torch_metal_fused as tmf
 from torch_metal_fused import _config, reference
@@ -152,10 +152,11 @@ def test_float32_adapters_on_half_precision_activations(backend, shape, dtype, d
         assert rel_error(g, r) <= ADAPTER_GRAD_TOL, f"{name}: {rel_error(g, r):.3g}"
 
 
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
-)
+# The CUDA backend's float32-adapter route is Python over PyTorch products: it runs on CPU tensors too.
+CPU_AND_CUDA = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_cuda_float32_adapter_route(device):
     """The CUDA backend's float32-adapter route (torch_metal_fused/backends/cuda.py: float32 operands as bfloat16
     hi + lo terms; Python over cuBLAS products, so it runs on CPU tensors too, with the upcast products): h, dA and dB
@@ -201,10 +202,7 @@ def test_cuda_float32_adapter_route(device):
             assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), (rank, name)
 
 
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
-)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_cuda_float32_adapter_route_keeps_16_bits_of_the_adapter_term(device):
     """With the base weight zero, y = s·h·Bᵀ and dx = s·(dy·B)·A are the adapter terms alone, rounded once to
     bfloat16: with all three cross terms (hi·hi, lo·hi, hi·lo: 16 significant bits a factor) they round as the
@@ -838,13 +836,10 @@ def every_kernel(dtype):
 # ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
 def plan_cache_calls() -> list:
     """(backend entry point, arguments): back to back, each must get its own plan."""
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
+    r = draws()
 
     x, w, a, b = r(20, 24), r(10, 24), r(4, 24), r(10, 4)
-    mask = (torch.rand(20, 24, generator=g) > 0.2).float() / 0.8
+    mask = (r(20, 24) > -0.84).float() / 0.8  # about 80 % kept
     x16, w16 = x.bfloat16(), w.bfloat16()
     return [
         ("lora_forward", (x, w, None, a, b, 1.0, None)),

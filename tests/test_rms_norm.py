@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import DTYPES, LAYOUTS, ROW_SIZES, AutogradCase, make_layout, randn, rms64
+from helpers import DTYPES, LAYOUTS, ROW_SIZES, AutogradCase, draws, make_layout, randn, rms64
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -217,10 +217,7 @@ def plan_cache_calls() -> list:
     """(backend entry point, arguments): back to back, each must get its own plan."""
     from torch_metal_fused import reference
 
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
+    r = draws()
 
     x, w, dy = r(4, 300), r(300), r(4, 300)
     rstd = reference.rms_norm_rstd(x, 1e-6)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, AutogradCase, randn, record_kernel_calls
+from helpers import DTYPES, AutogradCase, draws, randn, record_kernel_calls
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -276,10 +276,7 @@ def every_kernel(dtype):
 # ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
 def plan_cache_calls() -> list:
     """(backend entry point, arguments): back to back, each must get its own plan."""
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
+    r = draws()
 
     q, k = r(2, 3, 5, 8), r(2, 1, 5, 8)
     cos1, sin1, cos2, sin2 = r(1, 5, 8), r(1, 5, 8), r(2, 5, 8), r(2, 5, 8)

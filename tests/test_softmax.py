@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import DTYPES, LAYOUTS, ROW_SIZES, AutogradCase, make_layout, randn
+from helpers import DTYPES, LAYOUTS, ROW_SIZES, AutogradCase, draws, make_layout, randn
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -163,10 +163,7 @@ def every_kernel(dtype):
 # ---- calls that differ in one thing a launch plan depends on (tests/test_compile_shader.py's plan-cache test) -----
 def plan_cache_calls() -> list:
     """(backend entry point, arguments): back to back, each must get its own plan."""
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
+    r = draws()
 
     x, wide, x5 = r(4, 300), r(4, 600), r(5, 300)
     return [

@@ -1,9 +1,10 @@
 """The manifest of the public ops: each op's kernel family (one per shader file, shaders/<family>.metal, whose name
-prefixes its kernel entry points, as tmf::launch::kKernelFamilies in csrc/include/tmf/launch/common.h, checked equal by
-tests/test_fallback.py), its contract test file and its benchmark op. The test suite's op list (tests/helpers.py
-PUBLIC_OPS), the kernel-coverage rule's contract files and the families are derived from it; the benchmark's op list
-and the doctor's are checked against it. Below the dispatcher (_backend re-exports FAMILIES), so that the harness's
-compile_shader stand-in can name a kernel's family without importing the dispatcher."""
+prefixes its kernel entry points; the harness's C++ family table is generated from it by emulator/build.py), its
+contract test file and its benchmark op. The test suite's op list (tests/helpers.py PUBLIC_OPS), the kernel-coverage
+rule's contract files, the families, the doctor's self-test (each family's ops module) and the per-op cases of the
+shared tests (each contract file) are derived from it; the benchmark's op list is checked against it. Below the
+dispatcher (_backend re-exports FAMILIES), so that the harness's compile_shader stand-in can name a kernel's family
+without importing the dispatcher."""
 
 from __future__ import annotations
 
