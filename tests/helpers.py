@@ -77,8 +77,8 @@ def harness_required() -> bool:
     return bool(os.environ.get("CI")) and sys.platform.startswith("linux")
 
 
-# Every public op of the package: the autograd/IEEE contract (tests/test_nan_inf.py, tests/test_autograd_contract.py)
-# must cover each, and a test there fails when torch_metal_fused exports an op missing here.
+# Every public op of the package: the autograd/IEEE contract (tests/nan_inf.py, tests/test_autograd_contract.py) must
+# cover each, and a test there fails when torch_metal_fused exports an op missing here.
 PUBLIC_OPS = tuple(op.name for op in OPS)  # the manifest's (torch_metal_fused/_families.py)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DTYPES, AutogradCase, draws, make_layout, randn, rms64
+from nan_inf import INF, NAN, VARIANT_WIDTHS, check_rows, nan_inf_contract, rms_norm64, row_cases, weight_with
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -252,3 +253,48 @@ def plan_cache_calls() -> list:
         ("rms_norm_add_backward", (dy, dh, h, w, rstd, True, 0.0)),
         ("rms_norm_add_backward", (dy, dh, h, w, rstd, True, 1.0)),  # offset
     ]
+
+
+# ---- NaN and ±inf as torch (tests/nan_inf.py: the contract and its helpers) ------------------------------------------
+@nan_inf_contract("add_rms_norm")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANT_WIDTHS))
+@pytest.mark.parametrize("frozen_weight", [False, True], ids=["dx_dw", "dx"])
+def test_nan_inf(backend, variant, dtype, frozen_weight):
+    """NaN/±inf placements in x (one per row), NaN and ±inf in the residual (other rows, and +inf + -inf = NaN in
+    h), then NaN and ±inf in the weight; outputs y and h, gradients of x, residual and weight against float64
+    autograd through h as the dtype rounds it."""
+    cols = VARIANT_WIDTHS[variant]
+    eps = 1e-6
+    cases = row_cases(cols, seed=cols + 2)
+    names = [n for n, _ in cases]
+    x_placed = torch.stack([row for _, row in cases]).to(dtype).to(backend.device)
+    res_placed = randn(x_placed.shape, dtype, backend.device, seed=4)
+    res_placed[names.index("nan_first"), cols - 1] = NAN  # a second NaN in that row, from the residual
+    res_placed[names.index("pos_inf"), cols // 3] = -INF  # +inf + -inf: NaN in h
+    res_placed[names.index("neg_inf"), 0] = INF
+    w_placed = weight_with(cols, dtype, backend.device, [(0, NAN), (cols // 2, INF), (cols - 1, -INF)])
+    clean = [names.index("clean"), names.index("clean_last")]
+    calls = [
+        (x_placed, res_placed, weight_with(cols, dtype, backend.device, []), "x/residual placements", clean),
+        (randn((3, cols), dtype, backend.device, seed=6), randn((3, cols), dtype, backend.device, seed=7), w_placed,
+         "weight placements", []),
+    ]  # fmt: skip
+    for x_in, res_in, w_in, what, clean_rows in calls:
+        x, res = x_in.detach().clone().requires_grad_(True), res_in.detach().clone().requires_grad_(True)
+        w = w_in.detach().clone().requires_grad_(not frozen_weight)
+        y, h = tmf.add_rms_norm(x, res, w, eps)
+        dy, dh = randn(y.shape, dtype, x.device, seed=8), randn(h.shape, dtype, x.device, seed=9)
+        wanted = (x, res) if frozen_weight else (x, res, w)
+        grads = torch.autograd.grad((y, h), wanted, (dy, dh))
+        h64 = (x.detach() + res.detach()).double().cpu().requires_grad_(True)  # rounded as the dtype's add rounds
+        w64 = w.detach().double().cpu().requires_grad_(True)
+        y64 = rms_norm64(h64, w64, eps)
+        dh64, dw64 = torch.autograd.grad((y64, h64), (h64, w64), (dy.double().cpu(), dh.double().cpu()))
+        tag = f"add_rms_norm {variant} {'frozen' if frozen_weight else 'dx_dw'}, {what}"
+        check_rows(h, h64, dtype, f"{tag} h", clean_rows)
+        check_rows(y, y64, dtype, f"{tag} y", clean_rows)
+        check_rows(grads[0], dh64, dtype, f"{tag} dx", clean_rows)
+        check_rows(grads[1], dh64, dtype, f"{tag} dresidual", clean_rows)
+        if not frozen_weight:
+            assert_matches(grads[2], dw64, dtype, f"{tag} dw")

@@ -24,6 +24,7 @@ import pytest
 import torch
 from conftest import _backend_params
 from helpers import DTYPES, AutogradCase, draws, randn
+from nan_inf import INF, NAN, check_rows, nan_inf_contract
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_metal_fused as tmf
@@ -901,3 +902,82 @@ def plan_cache_calls() -> list:
         ("attention_backward", (q, q, k, v, out, lse, None, True, 0, 0.3, 0.0)),
         ("attention_backward", (q, q, k, v, out, lse, None, True, 0, 0.3, 2.0)),  # softcap
     ]
+
+
+# ---- NaN and ±inf as torch (tests/nan_inf.py: the contract and its helpers) ------------------------------------------
+def _attention_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (B·H·S, D): one row per (batch, head, position), as _check_rows takes them."""
+    return t.detach().cpu().flatten(0, 2)
+
+
+@nan_inf_contract("attention")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_inf(backend, dtype):
+    """Two calls, against the float64 formula of tests/test_attention.py (attention64). (1) NaN/±inf placements in
+    the query rows of head 0 (no mask, so every key is visible to them and the formula is well defined), a NaN in
+    the incoming gradient of a head-1 row: those output rows (and dq rows) are NaN, every other row exact; the kv
+    head they read gets NaN dk/dv, the other kv head (query heads 2, 3) stays exact. (2) Causal, with an additive
+    mask holding -inf (a key dropped; a row with no key: zeros; a row with one key), +inf and NaN at visible keys
+    (that row NaN, and dk/dv of the keys it sees) and NaN and +inf at causally invisible keys (dropped: the row
+    stays exact)."""
+    dev = backend.device
+    d, kv_len = 32, 20
+    # (1) query placements: head 0 holds one per row
+    names = ["clean", "nan_first", "nan_middle", "nan_last", "all_nan", "pos_inf", "neg_inf", "pos_and_neg_inf",
+             "clean_last"]  # fmt: skip
+    s = len(names)
+    q = randn((1, 4, s, d), dtype, dev, seed=1)
+    placements = {
+        "nan_first": (0, NAN),
+        "nan_middle": (d // 2, NAN),
+        "nan_last": (d - 1, NAN),
+        "pos_inf": (d // 3, INF),
+        "neg_inf": (d // 3, -INF),
+        "pos_and_neg_inf": (1, INF),
+    }
+    for name, (col, value) in placements.items():
+        q[0, 0, names.index(name), col] = value
+    q[0, 0, names.index("all_nan")] = NAN
+    q[0, 0, names.index("pos_and_neg_inf"), d - 2] = -INF
+    k = randn((1, 2, kv_len, d), dtype, dev, seed=2)
+    v = randn((1, 2, kv_len, d), dtype, dev, seed=3)
+    dout = randn((1, 4, s, d), dtype, dev, seed=4)
+    dout[0, 1, 2, d // 2] = NAN
+    placed = [names.index(n) for n in names if not n.startswith("clean")]
+    clean_out = [h * s + i for h in range(4) for i in range(s) if h > 0 or i not in placed]
+    clean_dq = [r for r in clean_out if r != 1 * s + 2]
+    calls = [("query placements", q, k, v, dout, None, False, clean_out, clean_dq, [kv_len + j for j in range(kv_len)])]
+    # (2) mask placements, causal, S = Sk
+    n = 13
+    mask = torch.zeros((1, 1, n, n), dtype=torch.float64)
+    mask[0, 0, 2, 1] = -INF  # a visible key dropped
+    mask[0, 0, 4, :] = -INF  # no key: zeros
+    mask[0, 0, 5, :6] = -INF
+    mask[0, 0, 5, 3] = 0.0  # one key
+    mask[0, 0, 6, 2] = INF  # NaN row
+    mask[0, 0, 7, 7] = NAN  # NaN row
+    mask[0, 0, 8, 10] = NAN  # invisible (causal): dropped, row exact
+    mask[0, 0, 9, 12] = INF  # invisible: dropped
+    mask[0, 0, 10, 0], mask[0, 0, 10, 9] = -INF, 3.0
+    q2 = randn((1, 2, n, d), dtype, dev, seed=5)
+    k2 = randn((1, 1, n, d), dtype, dev, seed=6)
+    v2 = randn((1, 1, n, d), dtype, dev, seed=7)
+    dout2 = randn((1, 2, n, d), dtype, dev, seed=8)
+    clean2 = [h * n + i for h in range(2) for i in range(n) if i not in (6, 7)]
+    calls.append(
+        ("mask placements", q2, k2, v2, dout2, mask.to(dtype).to(dev), True, clean2, clean2, [8, 9, 10, 11, 12])
+    )
+    for what, q_, k_, v_, dy, m, causal, clean_out_rows, clean_dq_rows, clean_kv_rows in calls:
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q_, k_, v_)]
+        out = tmf.attention(*leaves, m, causal=causal)
+        grads = torch.autograd.grad(out, leaves, dy)
+        leaves64 = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+        bias64 = None if m is None else m.double().cpu()
+        out64 = attention64(*leaves64, bias64, causal)
+        refs = torch.autograd.grad(out64, leaves64, dy.double().cpu())
+        tag = f"attention {what}"
+        check_rows(_attention_rows(out), _attention_rows(out64), dtype, f"{tag} out", clean_out_rows)
+        check_rows(_attention_rows(grads[0]), _attention_rows(refs[0]), dtype, f"{tag} dq", clean_dq_rows)
+        for name, g, ref in zip(("dk", "dv"), grads[1:], refs[1:]):
+            check_rows(_attention_rows(g), _attention_rows(ref), dtype, f"{tag} {name}", clean_kv_rows)
+    assert torch.isnan(out[0, :, 6:8]).all() and (out[0, :, 4] == 0).all()

@@ -9,6 +9,7 @@ import weakref
 import pytest
 import torch
 from helpers import DTYPES, AutogradCase, draws, randn
+from nan_inf import INF, NAN, VOCABS, check_rows, nan_inf_contract, row_cases
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_metal_fused as tmf
@@ -370,3 +371,155 @@ def plan_cache_calls() -> list:
         ("cross_entropy_rows", (logits, target, 2, 0.1, 3.0, None, False)),  # loss only
         ("cross_entropy_rows", (logits, target.int(), 2, 0.1, 3.0, None, False)),  # int32 targets
     ]
+
+
+# ---- NaN and ±inf as torch (tests/nan_inf.py: the contract and its helpers) ------------------------------------------
+IGNORE = -100
+
+
+def _ce_cases(vocab: int):
+    """(logits rows, targets, names): the row placements, plus NaN/±inf at the target column and ignored rows."""
+    cases = row_cases(vocab, seed=vocab + 3)
+    g = torch.Generator().manual_seed(vocab)
+    r = lambda: torch.randn(vocab, generator=g, dtype=torch.float64)  # noqa: E731
+    default_target = vocab // 4 + 1  # no placement of _row_cases sits there
+    extra = []
+    for name, value in (("nan_at_target", NAN), ("pos_inf_at_target", INF), ("neg_inf_at_target", -INF)):
+        row = r()
+        row[default_target] = value
+        extra.append((name, row))
+    ignored_nan = r()
+    ignored_nan[vocab // 2] = NAN
+    ignored_inf = r()
+    ignored_inf[0], ignored_inf[vocab - 1] = INF, -INF
+    extra += [("ignored_nan", ignored_nan), ("ignored_inf", ignored_inf), ("ignored_clean", r()), ("clean_end", r())]
+    cases = cases + extra
+    names = [n for n, _ in cases]
+    targets = torch.tensor([IGNORE if n.startswith("ignored") else default_target for n in names])
+    return torch.stack([row for _, row in cases]), targets, names
+
+
+def _ce_reference(z64, target, label_smoothing, softcap, reduction, dloss):
+    """torch's F.cross_entropy (with Gemma's soft-capping composed in front) in float64, loss and d/dlogits; ignored
+    rows' gradient set to 0 (the decided semantics: torch's is NaN where such a row holds a NaN)."""
+    z64 = z64.detach().double().cpu().requires_grad_(True)
+    z = softcap * torch.tanh(z64 / softcap) if softcap else z64
+    loss = F.cross_entropy(z, target.cpu(), ignore_index=IGNORE, reduction=reduction, label_smoothing=label_smoothing)
+    (dz,) = torch.autograd.grad(loss, z64, dloss.double().cpu())
+    dz[target.cpu() == IGNORE] = 0.0
+    return loss.detach(), dz
+
+
+@nan_inf_contract("cross_entropy")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize(
+    ("label_smoothing", "softcap"), [(0.0, None), (0.1, None), (0.1, 30.0)], ids=["plain", "smooth", "smooth_capped"]
+)
+def test_nan_inf(backend, vocab, dtype, label_smoothing, softcap):
+    """Per-row losses (reduction "none", so a row's NaN can only show in its own loss) and d/dlogits; the loss-only
+    kernel (no gradient wanted) too; "mean" over the same rows."""
+    rows, target, names = _ce_cases(vocab)
+    z = rows.to(dtype).to(backend.device)
+    target = target.to(backend.device)
+    kw = dict(ignore_index=IGNORE, label_smoothing=label_smoothing, softcap=softcap)
+    clean = [names.index(n) for n in ("clean", "clean_last", "clean_end", "ignored_clean")]
+    tag = f"cross_entropy vocab {vocab} ls {label_smoothing} softcap {softcap}"
+    # loss only (want_grad = 0)
+    loss_only = tmf.cross_entropy(z, target, reduction="none", **kw)
+    dloss = randn(target.shape, torch.float32, backend.device, seed=5).abs().to(dtype) + 0.5
+    loss64, dz64 = _ce_reference(z, target, label_smoothing, softcap or 0.0, "none", dloss)
+    check_rows(loss_only.unsqueeze(-1), loss64.unsqueeze(-1), dtype, f"{tag} loss (no grad)", clean)
+    # with the gradient
+    zg = z.detach().clone().requires_grad_(True)
+    loss = tmf.cross_entropy(zg, target, reduction="none", **kw)
+    (dz,) = torch.autograd.grad(loss, zg, dloss)
+    check_rows(loss.unsqueeze(-1), loss64.unsqueeze(-1), dtype, f"{tag} loss", clean)
+    check_rows(dz, dz64, dtype, f"{tag} dlogits", clean)
+    for name in ("ignored_nan", "ignored_inf"):
+        i = names.index(name)
+        assert loss[i] == 0 and loss_only[i] == 0 and (dz[i] == 0).all(), f"{tag}: {name} must give 0 and no gradient"
+    # reduction "mean": NaN (a valid row holds one), and the gradient rows as above, scaled
+    zm = z.detach().clone().requires_grad_(True)
+    mean = tmf.cross_entropy(zm, target, reduction="mean", **kw)
+    (dzm,) = torch.autograd.grad(mean, zm)
+    mean64, dzm64 = _ce_reference(z, target, label_smoothing, softcap or 0.0, "mean", torch.tensor(1.0))
+    assert_matches(mean.reshape(1), mean64.reshape(1), dtype, f"{tag} mean")
+    check_rows(dzm, dzm64, dtype, f"{tag} mean dlogits", clean)
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_nan_inf_issue_31_repro(backend, vocab):
+    """The issue's report: the Metal kernel returned a finite loss for a row with a NaN logit at vocab 8, 33 and 300
+    (NaN only at 5000), while the gradient row was NaN."""
+    torch.manual_seed(0)
+    z = torch.randn(1, vocab).to(backend.device)
+    z[0, vocab // 2] = NAN
+    loss = tmf.cross_entropy(z, torch.tensor([0], device=backend.device))
+    assert torch.isnan(loss), f"vocab {vocab}: loss {loss.item()} for a row with a NaN logit"
+    zg = z.clone().requires_grad_(True)
+    tmf.cross_entropy(zg, torch.tensor([0], device=backend.device)).backward()
+    assert torch.isnan(zg.grad).all()
+
+
+def test_nan_inf_issue_31_repro_verbatim(backend):
+    z = torch.randn(1, 33).to(backend.device)
+    z[0, 16] = float("nan")
+    assert torch.isnan(tmf.cross_entropy(z, torch.tensor([0], device=backend.device)))  # must be NaN
+
+
+@nan_inf_contract("linear_cross_entropy")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [33, 5000])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nan_inf_linear_cross_entropy(backend, vocab, dtype, reduction):
+    """NaN and ±inf in hidden rows (valid and ignored), then NaN in one weight row (that vocabulary entry's logit
+    is NaN in every row), then NaN in the bias; loss, dhidden, dweight and dbias against float64 (logits = hidden·Wᵀ
+    + bias, torch's cross-entropy, ignored rows' dlogits 0, then the chain rule's GEMMs). Chunks of 4 rows:
+    placements fall in several chunks."""
+    hidden_size = 16
+    names = ["clean", "nan_first", "nan_last", "pos_inf", "neg_inf", "ignored_nan", "ignored_clean", "clean_last"]
+    hidden = randn((len(names), hidden_size), dtype, backend.device, seed=1)
+    hidden[names.index("nan_first"), 0] = NAN
+    hidden[names.index("nan_last"), hidden_size - 1] = NAN
+    hidden[names.index("pos_inf"), 3] = INF
+    hidden[names.index("neg_inf"), 5] = -INF
+    hidden[names.index("ignored_nan"), 7] = NAN
+    target = torch.tensor([IGNORE if n.startswith("ignored") else (3 * i) % vocab for i, n in enumerate(names)])
+    weight = randn((vocab, hidden_size), dtype, backend.device, scale=hidden_size**-0.5, seed=2)
+    weight_nan = weight.clone()
+    weight_nan[vocab // 2, 1] = NAN
+    bias_nan = randn((vocab,), dtype, backend.device, seed=3)
+    bias_nan[vocab - 1] = NAN
+    clean = [names.index(n) for n in ("clean", "ignored_clean", "clean_last")]
+    calls = [
+        (hidden, weight, None, "hidden placements", clean),
+        (hidden.nan_to_num(0.0, 0.0, 0.0), weight_nan, None, "weight row NaN", []),
+        (hidden.nan_to_num(0.0, 0.0, 0.0), weight, bias_nan, "bias NaN", []),
+    ]
+    for h_in, w_in, b_in, what, clean_rows in calls:
+        leaves = [t.detach().clone().requires_grad_(True) for t in (h_in, w_in, b_in) if t is not None]
+        h, wg, bias = leaves[0], leaves[1], leaves[2] if b_in is not None else None
+        t = target.to(backend.device)
+        loss = tmf.linear_cross_entropy(h, wg, t, bias, ignore_index=IGNORE, reduction=reduction, chunk_size=4)
+        dloss = torch.ones(()) if reduction == "mean" else torch.linspace(0.5, 1.5, len(names))
+        grads = torch.autograd.grad(loss, leaves, dloss.to(dtype).to(backend.device))
+        h64, w64 = h.detach().double().cpu(), wg.detach().double().cpu()
+        logits64 = h64 @ w64.t()
+        if bias is not None:
+            logits64 = logits64 + bias.detach().double().cpu()
+        logits64.requires_grad_(True)
+        loss64 = F.cross_entropy(logits64, target, ignore_index=IGNORE, reduction=reduction)
+        (dlogits64,) = torch.autograd.grad(loss64, logits64, dloss.double())
+        dlogits64[target == IGNORE] = 0.0
+        tag = f"linear_cross_entropy vocab {vocab} {reduction}, {what}"
+        if reduction == "none":
+            check_rows(loss.unsqueeze(-1), loss64.detach().unsqueeze(-1), dtype, f"{tag} loss", clean_rows)
+        else:
+            assert_matches(loss.reshape(1), loss64.detach().reshape(1), dtype, f"{tag} loss")
+        check_rows(grads[0], dlogits64 @ w64, dtype, f"{tag} dhidden", clean_rows)
+        assert_matches(grads[1], dlogits64.t() @ h64, dtype, f"{tag} dweight")
+        if bias is not None:
+            assert_matches(grads[2], dlogits64.sum(0), dtype, f"{tag} dbias")
+        if clean_rows:
+            assert (grads[0][names.index("ignored_nan")] == 0).all(), f"{tag}: an ignored row's dhidden must be 0"

@@ -66,7 +66,7 @@ def _max_dropping_nan(values: torch.Tensor, largest: bool) -> float:
 def test_max_min_and_simd_max_min_drop_nan(harness, mode):
     """max/min/fmax/fmin (scalar, float2, half), clamp and simd_max/simd_min return the other operand where one is
     NaN, NaN only where all are: Metal's documented fmax/fmin semantics. A kernel that needs a NaN to reach its
-    output must carry it through a sum (tests/test_nan_inf.py checks every kernel against torch's NaN/inf)."""
+    output must carry it through a sum (tests/nan_inf.py: every kernel checked against torch's NaN/inf)."""
     nan, inf = float("nan"), float("inf")
     n = 72  # SIMD-group 0: a NaN among finite lanes; 1: NaN in every lane; 2 (8 lanes, partial): NaN and +-inf
     g = torch.Generator().manual_seed(5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DTYPES, LAYOUTS, AutogradCase, draws, make_layout, randn
+from nan_inf import INF, NAN, check_rows, nan_inf_contract
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -248,3 +249,38 @@ def plan_cache_calls() -> list:
 
     gate, up = r(4, 300), r(4, 300)
     return [("glu_forward", (gate, up, 0)), ("glu_forward", (gate, up, 1))]  # the activation
+
+
+# ---- NaN and ±inf as torch (tests/nan_inf.py: the contract and its helpers) ------------------------------------------
+@nan_inf_contract("glu", "swiglu", "geglu")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("entry", ["swiglu", "geglu", "glu_silu", "glu_gelu_tanh"])
+def test_nan_inf(backend, entry, dtype):
+    """NaN/±inf in gate, up and the incoming gradient at the first, middle and last element of rows 1027 wide
+    (strided rows: launched per row, the last thread's chunk partial) and of a flat contiguous tensor."""
+    activation = {"swiglu": "silu", "geglu": "gelu_tanh"}.get(entry, entry[4:])
+    fn = {"swiglu": tmf.swiglu, "geglu": tmf.geglu}.get(entry, lambda g, u: tmf.glu(g, u, activation))
+    cols = 1027
+    rows = 6
+    for layout in ("strided_rows", "contiguous"):
+        base_g = randn((rows, cols + 5), dtype, backend.device, scale=3.0)
+        base_u = randn((rows, cols + 5), dtype, backend.device, seed=1)
+        gate = base_g[:, 2 : 2 + cols] if layout == "strided_rows" else base_g[:, :cols].contiguous()
+        up = base_u[:, 2 : 2 + cols] if layout == "strided_rows" else base_u[:, :cols].contiguous()
+        for (row, col), value in {(1, 0): NAN, (1, cols // 2): INF, (1, cols - 1): -INF, (3, 5): 1e30}.items():
+            gate[row, col] = value
+        for (row, col), value in {(2, 0): INF, (2, cols // 2): NAN, (2, cols - 1): -INF, (1, cols // 2): 0.0}.items():
+            up[row, col] = value
+        gate, up = gate.detach().requires_grad_(True), up.detach().requires_grad_(True)
+        out = fn(gate, up)
+        dout = randn(out.shape, dtype, backend.device, seed=2)
+        dout[4, 0], dout[4, cols - 1], dout[3, cols // 2] = NAN, INF, -INF
+        dgate, dup = torch.autograd.grad(out, (gate, up), dout)
+        g64 = gate.detach().double().cpu().requires_grad_(True)
+        u64 = up.detach().double().cpu().requires_grad_(True)
+        out64 = TORCH_ACT[activation](g64) * u64
+        dgate64, dup64 = torch.autograd.grad(out64, (g64, u64), dout.double().cpu())
+        tag = f"{entry} {layout}"
+        check_rows(out, out64, dtype, f"{tag} forward", [0, 5])
+        check_rows(dgate, dgate64, dtype, f"{tag} dgate", [0, 5])
+        check_rows(dup, dup64, dtype, f"{tag} dup", [0, 5])

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from helpers import DTYPES, AutogradCase, draws, make_layout, randn
+from nan_inf import INF, NAN, check_rows, nan_inf_contract
 
 import torch_metal_fused as tmf
 from torch_metal_fused import _config, reference
@@ -848,3 +849,91 @@ def plan_cache_calls() -> list:
         ("lora_forward", (x16, w16, None, a.bfloat16(), b.bfloat16(), 2.0, None)),
         ("lora_forward", (x16, w16, None, a, b, 2.0, None)),  # float32 adapters on bfloat16 x
     ]
+
+
+# ---- NaN and ±inf as torch (tests/nan_inf.py: the contract and its helpers) ------------------------------------------
+def _lora64(x, w, a, b, scale, bias, mask):
+    xl = x if mask is None else x * mask
+    y = x @ w.t() + scale * (xl @ a.t()) @ b.t()
+    return y + bias if bias is not None else y
+
+
+@nan_inf_contract("lora_linear")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("rank", "dropout"), [(4, 0.0), (72, 0.0), (8, 0.25)], ids=["rank4", "rank72_two_blocks", "rank8_dropout"]
+)
+def test_nan_inf(backend, dtype, rank, dropout):
+    """Low-rank kernels (reduce, expand; one or two rank blocks; dropout mask): NaN/±inf placements in x (one token
+    row each), then NaN in the base weight, in lora_a, in lora_b and in the bias, each its own call; y and every
+    gradient (x, weight, lora_a, lora_b, bias) against float64 autograd of the unfused composition."""
+    tokens, fin, fout, scale = 40, 24, 20, 2.0
+    x_placed = randn((tokens, fin), dtype, backend.device)  # tokens 5, 13, 21: NaN; 29: +inf; 35: -inf
+    for row, (col, value) in zip((5, 13, 21, 29, 35), ((0, NAN), (fin // 2, NAN), (fin - 1, NAN), (3, INF), (7, -INF))):
+        x_placed[row, col] = value
+    clean = [t for t in range(tokens) if t not in (5, 13, 21, 29, 35)]
+    w = randn((fout, fin), dtype, backend.device, scale=fin**-0.5, seed=1)
+    a = randn((rank, fin), dtype, backend.device, scale=fin**-0.5, seed=2)
+    b = randn((fout, rank), dtype, backend.device, scale=rank**-0.5, seed=3)
+    bias = randn((fout,), dtype, backend.device, seed=4)
+    x_clean = randn((tokens, fin), dtype, backend.device, seed=5)
+
+    def poisoned(t, index):
+        t = t.clone()
+        t[index] = NAN
+        return t
+
+    calls = [
+        ("x placements", x_placed, w, a, b, bias, clean),
+        ("weight NaN", x_clean, poisoned(w, (3, 4)), a, b, bias, []),
+        ("lora_a NaN", x_clean, w, poisoned(a, (rank - 1, 5)), b, bias, []),
+        ("lora_b NaN", x_clean, w, a, poisoned(b, (6, rank // 2)), bias, []),
+        ("bias NaN", x_clean, w, a, b, poisoned(bias, (2,)), []),
+    ]
+    for what, *inputs, clean_rows in calls:
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        xl, wl, al, bl, biasl = leaves
+        torch.manual_seed(11)
+        y = tmf.lora_linear(xl, wl, al, bl, scale, biasl, dropout_p=dropout, training=dropout > 0)
+        dy = randn(y.shape, dtype, backend.device, seed=6)
+        grads = torch.autograd.grad(y, leaves, dy)
+        mask = None
+        if dropout > 0:
+            torch.manual_seed(11)  # the op draws its mask like this, on a tensor like x (tmf/ops/lora_linear.py)
+            mask = torch.empty_like(xl).bernoulli_(1.0 - dropout).div_(1.0 - dropout).double().cpu()
+        leaves64 = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+        y64 = _lora64(*leaves64[:4], scale, leaves64[4], mask)
+        refs = torch.autograd.grad(y64, leaves64, dy.double().cpu())
+        tag = f"lora_linear rank {rank} dropout {dropout}, {what}"
+        check_rows(y, y64, dtype, f"{tag} y", clean_rows)
+        for name, g, ref in zip(("dx", "dweight", "dlora_a", "dlora_b", "dbias"), grads, refs):
+            check_rows(g, ref, dtype, f"{tag} {name}", clean_rows if name == "dx" else [])
+
+
+@nan_inf_contract("lora_linear")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_inf_merged_weight_route(backend, dtype):
+    """The merged-weight route (tokens >= 1024, more than in_features, no dropout: y = x·(W + s·B·A)ᵀ on the native
+    matmul): NaN in x, W, A and B gives torch's NaN positions (±inf need not: inf·W + inf·(s·B·A) may be NaN where
+    inf·(W + s·B·A) is not, a route-level difference from the unfused composition)."""
+    tokens, fin, fout, rank, scale = 1100, 24, 20, 4, 2.0
+    x = randn((tokens, fin), dtype, backend.device)
+    x[7, 3], x[700, fin - 1] = NAN, NAN
+    w = randn((fout, fin), dtype, backend.device, scale=fin**-0.5, seed=1)
+    a = randn((rank, fin), dtype, backend.device, scale=fin**-0.5, seed=2)
+    b = randn((fout, rank), dtype, backend.device, scale=rank**-0.5, seed=3)
+    w[2, 5], a[1, 9], b[11, 0] = NAN, NAN, NAN
+    for what, inputs in (
+        ("x and W", (x, w, a.nan_to_num(), b.nan_to_num())),
+        ("A and B", (x.nan_to_num(), w.nan_to_num(), a, b)),
+    ):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        y = tmf.lora_linear(*leaves, scale)
+        dy = randn(y.shape, dtype, backend.device, seed=6)
+        grads = torch.autograd.grad(y, leaves, dy)
+        leaves64 = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+        y64 = _lora64(*leaves64, scale, None, None)
+        refs = torch.autograd.grad(y64, leaves64, dy.double().cpu())
+        assert_matches(y, y64, dtype, f"lora_linear merged, NaN in {what}: y")
+        for name, g, ref in zip(("dx", "dweight", "dlora_a", "dlora_b"), grads, refs):
+            assert_matches(g, ref, dtype, f"lora_linear merged, NaN in {what}: {name}")

@@ -1,6 +1,18 @@
 import pytest
 import torch
 from helpers import DTYPES, LAYOUTS, ROW_SIZES, AutogradCase, draws, make_layout, randn, rms64
+from nan_inf import (
+    INF,
+    NAN,
+    VARIANT_WIDTHS,
+    check_rows,
+    grad_with_nan,
+    nan_inf_contract,
+    random_row,
+    rms_norm64,
+    row_cases,
+    weight_with,
+)
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -229,3 +241,41 @@ def plan_cache_calls() -> list:
         ("rms_norm_backward", (dy, x, w, rstd, True, True, 0.0)),
         ("rms_norm_backward", (dy, x, w, rstd, True, True, 1.0)),  # offset
     ]
+
+
+# ---- NaN and ±inf as torch (tests/nan_inf.py: the contract and its helpers) ------------------------------------------
+@nan_inf_contract("rms_norm")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANT_WIDTHS))
+@pytest.mark.parametrize("mode", ["dx_dw", "dx", "dw", "noweight"])
+def test_nan_inf(backend, variant, dtype, mode):
+    """Two calls per kernel (dx/dw/dx+dw backward, no-weight forward): NaN/±inf placements in x with a finite weight
+    (dw: a NaN row poisons every column, as torch's), then NaN and ±inf in the weight with finite x (forward: those
+    columns of every row; dx: every row, through the row's dot product; dw: finite)."""
+    cols = VARIANT_WIDTHS[variant]
+    eps = 1e-5
+    cases = row_cases(cols, seed=cols + 1) + [("dy_nan", random_row(cols, seed=99))]
+    names = [n for n, _ in cases]
+    x_placed = torch.stack([row for _, row in cases]).to(dtype).to(backend.device)
+    x_clean = randn((4, cols), dtype, backend.device, seed=5)
+    w_finite = weight_with(cols, dtype, backend.device, [])
+    w_placed = weight_with(cols, dtype, backend.device, [(0, NAN), (cols // 2, INF), (cols - 1, -INF)])
+    calls = [(x_placed, w_finite, "x placements", [names.index("clean"), names.index("clean_last")])]
+    if mode != "noweight":
+        calls.append((x_clean, w_placed, "weight placements", []))
+    for x_in, w_in, what, clean in calls:
+        dy_nan_rows = [names.index("dy_nan")] if clean else []
+        w = None if mode == "noweight" else w_in.detach().clone().requires_grad_(mode != "dx")
+        x = x_in.detach().clone().requires_grad_(mode != "dw")
+        leaves = [t for t in (x, w) if t is not None and t.requires_grad]
+        y = tmf.rms_norm(x, w, eps)
+        dy = grad_with_nan(y.shape, dtype, backend.device, dy_nan_rows, seed=3)
+        grads = torch.autograd.grad(y, leaves, dy)
+        x64 = x.detach().double().cpu().requires_grad_(x.requires_grad)
+        w64 = w.detach().double().cpu().requires_grad_(w.requires_grad) if w is not None else None
+        y64 = rms_norm64(x64, w64, eps)
+        refs = torch.autograd.grad(y64, [t for t in (x64, w64) if t is not None and t.requires_grad], dy.double().cpu())
+        check_rows(y, y64, dtype, f"rms_norm {variant} {mode} forward, {what}", clean)
+        grad_names = [n for n, t in (("dx", x), ("dw", w)) if t is not None and t.requires_grad]
+        for g, ref, name in zip(grads, refs, grad_names):
+            check_rows(g, ref, dtype, f"rms_norm {variant} {mode} {name}, {what}", clean if name == "dx" else [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DTYPES, AutogradCase, draws, randn, record_kernel_calls
+from nan_inf import INF, NAN, nan_inf_contract
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -286,3 +287,54 @@ def plan_cache_calls() -> list:
         ("rope_apply", (q, k, cos1, sin1, True, True)),  # backward
         ("rope_apply", (q, k, cos2, sin2, True, True)),  # cos per sequence
     ]
+
+
+# ---- NaN and ±inf as torch (tests/nan_inf.py: the contract and its helpers) ------------------------------------------
+def _rope64(q, k, cos, sin, interleaved):
+    r = cos.shape[-1]
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rot(x):
+        if interleaved:
+            return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+        return torch.cat((-x[..., r // 2 :], x[..., : r // 2]), dim=-1)
+
+    def embed(x):
+        return torch.cat((x[..., :r] * c + rot(x[..., :r]) * s, x[..., r:]), dim=-1)
+
+    return embed(q), embed(k)
+
+
+@nan_inf_contract("rope")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("head_dim", "rotary_dim", "interleaved"),
+    [(16, 16, False), (10, 6, True)],
+    ids=["rotate_half", "partial_interleaved"],
+)
+def test_nan_inf(backend, dtype, head_dim, rotary_dim, interleaved):
+    """NaN/±inf in q and k at the first, a middle and the last element of a head (the last one past rotary_dim when
+    partial: copied), in the incoming gradients, and NaN in the cos and sin tables at one position."""
+    batch, q_heads, k_heads, seq = 2, 3, 1, 5
+    q = randn((batch, q_heads, seq, head_dim), dtype, backend.device)
+    k = randn((batch, k_heads, seq, head_dim), dtype, backend.device, seed=1)
+    q[0, 0, 0, 0], q[0, 1, 1, head_dim // 2], q[0, 2, 2, head_dim - 1] = NAN, INF, -INF
+    k[1, 0, 3, 0], k[1, 0, 4, head_dim - 1] = -INF, NAN
+    g = torch.Generator().manual_seed(3)
+    angles = torch.rand(batch, seq, rotary_dim // 2, generator=g, dtype=torch.float64) * 50.0
+    emb = angles.repeat_interleave(2, -1) if interleaved else torch.cat((angles, angles), -1)
+    cos, sin = emb.cos(), emb.sin()
+    cos[1, 2, 1], sin[0, 4, rotary_dim - 1] = NAN, NAN
+    cos, sin = cos.to(dtype).to(backend.device), sin.to(dtype).to(backend.device)
+    q, k = q.requires_grad_(True), k.requires_grad_(True)
+    q_out, k_out = tmf.rope(q, k, cos, sin, interleaved=interleaved)
+    dq_out = randn(q_out.shape, dtype, backend.device, seed=4)
+    dk_out = randn(k_out.shape, dtype, backend.device, seed=5)
+    dq_out[1, 1, 0, 1], dk_out[0, 0, 1, head_dim - 1] = NAN, INF
+    dq, dk = torch.autograd.grad((q_out, k_out), (q, k), (dq_out, dk_out))
+    q64 = q.detach().double().cpu().requires_grad_(True)
+    k64 = k.detach().double().cpu().requires_grad_(True)
+    rq, rk = _rope64(q64, k64, cos.double().cpu(), sin.double().cpu(), interleaved)
+    dq64, dk64 = torch.autograd.grad((rq, rk), (q64, k64), (dq_out.double().cpu(), dk_out.double().cpu()))
+    for name, got, want in (("q", q_out, rq), ("k", k_out, rk), ("dq", dq, dq64), ("dk", dk, dk64)):
+        assert_matches(got, want, dtype, f"rope {name} head_dim {head_dim} rotary {rotary_dim}")

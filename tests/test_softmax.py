@@ -1,6 +1,7 @@
 import pytest
 import torch
 from helpers import DTYPES, LAYOUTS, ROW_SIZES, AutogradCase, draws, make_layout, randn
+from nan_inf import VARIANT_WIDTHS, check_rows, grad_with_nan, nan_inf_contract, random_row, row_cases
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -171,3 +172,25 @@ def plan_cache_calls() -> list:
         ("softmax_forward", (wide[:, :300],)),  # another row stride
         ("softmax_forward", (x5,)),  # another row count
     ]
+
+
+# ---- NaN and ±inf as torch (tests/nan_inf.py: the contract and its helpers) ------------------------------------------
+@nan_inf_contract("softmax")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANT_WIDTHS))
+def test_nan_inf(backend, variant, dtype):
+    """Every row placement, plus a clean row whose incoming gradient holds a NaN (its dx row is NaN, as torch's)."""
+    cols = VARIANT_WIDTHS[variant]
+    cases = row_cases(cols, seed=cols) + [("dy_nan", random_row(cols, seed=99))]
+    names = [n for n, _ in cases]
+    x = torch.stack([row for _, row in cases]).to(dtype).to(backend.device).requires_grad_(True)
+    y = tmf.softmax(x, -1)
+    dy = grad_with_nan(y.shape, dtype, backend.device, [names.index("dy_nan")], seed=1)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    y64 = torch.softmax(x64, -1)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double().cpu())
+    clean = [names.index("clean"), names.index("clean_last")]
+    check_rows(y, y64, dtype, f"softmax {variant} forward", clean)
+    check_rows(dx, dx64, dtype, f"softmax {variant} dx", clean)
+    assert torch.isnan(y[names.index("nan_among_neg_inf")]).all(), "a NaN among -inf must make the row NaN"

@@ -38,11 +38,14 @@ CROSS_ENTROPY = ("tests/test_cross_entropy.py",)
 GLU = ("tests/test_glu.py",)
 ROPE = ("tests/test_rope.py",)
 ATTENTION = ("tests/test_attention.py",)
-# The NaN/±inf contract (issue 31), per op.
+# The NaN/±inf contract (issue 31, tests/nan_inf.py), per op.
 AUTOGRAD_CONTRACT = ("tests/test_autograd_contract.py",)
-NAN_INF_SOFTMAX = ("tests/test_nan_inf.py::test_softmax",)
-NAN_INF_CROSS_ENTROPY = ("tests/test_nan_inf.py::test_cross_entropy", "tests/test_nan_inf.py::test_issue_31_repro")
-NAN_INF_GLU = ("tests/test_nan_inf.py::test_glu",)
+NAN_INF_SOFTMAX = ("tests/test_softmax.py::test_nan_inf",)
+NAN_INF_CROSS_ENTROPY = (
+    "tests/test_cross_entropy.py::test_nan_inf",
+    "tests/test_cross_entropy.py::test_nan_inf_issue_31_repro",
+)
+NAN_INF_GLU = ("tests/test_glu.py::test_nan_inf",)
 # The plan cache a Mac uses (the suite's stand-in re-plans every call).
 PLAN_CACHE = ("tests/test_compile_shader.py::test_cached_plans_are_keyed_by_everything_they_depend_on",)
 
