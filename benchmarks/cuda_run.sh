@@ -232,8 +232,9 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
       python3 benchmarks/cuda_lora_float32_adapters.py 2>&1 | tee "$OUT/lora_f32.txt"
       ;;
     attention)
-      python3 -m pytest -q tests/test_attention.py -k "cuda" -p no:cacheprovider 2>&1 | tee "$OUT/tests-attention.log" \
-        | tail -8
+      # the contract, then the Hugging Face models patched with attention=True (20-step convergence included)
+      python3 -m pytest -q tests/test_attention.py tests/test_attention_hf.py -k "cuda" -p no:cacheprovider 2>&1 \
+        | tee "$OUT/tests-attention.log" | tail -8
       ;;
     train)
       # #30's table: whole training steps, llama-1b, 4 x 2048 tokens (needs PEFT and Liger in .whl/)
