@@ -239,8 +239,9 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
     train)
       # #30's table: whole training steps, llama-1b, 4 x 2048 tokens (needs PEFT and Liger in .whl/)
       # Ledger rows to $OUT/train (merge: tail -n +2 "$OUT"/train/ledger.csv >> benchmarks/results/ledger.csv)
-      python3 -m torch_metal_fused.bench --train --modes lora,lora-bf16,full --providers hf,tmf,liger --out "$OUT/train" \
-        --record "$OUT/train/ledger.csv"
+      # TRAIN_MODES / TRAIN_PROVIDERS: part of the table (a short device session)
+      python3 -m torch_metal_fused.bench --train --modes "${TRAIN_MODES:-lora,lora-bf16,full}" \
+        --providers "${TRAIN_PROVIDERS:-hf,tmf,liger}" --out "$OUT/train" --record "$OUT/train/ledger.csv"
       ;;
     fit)
       python3 -m torch_metal_fused.bench --train --modes lora --providers hf,tmf --fit 24 --steps 3 --out "$OUT/fit" \
