@@ -228,9 +228,10 @@ def test_cuda_float32_adapter_route_keeps_16_bits_of_the_adapter_term(device):
 
 def test_cuda_float32_adapter_route_launches_few_kernels():
     """The route is composed from PyTorch ops, each one kernel launch on CUDA; at 112 adapters a step, every op per
-    adapter costs a few hundred microseconds a step (the 2026-12-07 H100 run: 34 ms between float32 and bf16 adapters
-    at about 90 launches per adapter). Counted here on CPU tensors, allocations and the CPU-only upcasts of the products
-    left out: forward (bias, no dropout) and backward (dx, dA, dB)."""
+    adapter costs a few hundred microseconds a step. Counted here on CPU tensors, allocations and dtype conversions
+    left out (the CPU-only upcasts of the products are conversions too): forward (bias, no dropout) and backward (dx,
+    dA, dB). Fewer launches is not the whole story: a composition with half the launches, building the operands in
+    place in strided views, measured slower on an H100 (docs/status.md)."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode

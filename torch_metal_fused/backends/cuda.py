@@ -29,11 +29,16 @@ def __getattr__(name: str):
     return getattr(_compiled_extension(), name)
 
 
-def _hi_lo(t: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
-    """float32 t as hi + lo written into two views of a bfloat16 buffer (lo 0 where t is not finite, so an inf stays
-    an inf, not inf - inf = NaN). Four kernels: the products' operands are built in place, no concatenation."""
-    hi.copy_(t)
-    lo.copy_(torch.sub(t, hi).nan_to_num_(0.0, 0.0, 0.0))  # float32 - bfloat16 computes in float32
+def _split(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 t as hi + lo in `dtype` (lo 0 where t is not finite, so an inf stays an inf, not inf - inf = NaN)."""
+    hi = t.to(dtype)
+    return hi, (t - hi.float()).nan_to_num_(0.0, 0.0, 0.0).to(dtype)
+
+
+def _finite(hi: torch.Tensor) -> torch.Tensor:
+    """hi with its non-finite entries zeroed: the operand of a cross term hi·lo that must add nothing where hi·hi
+    already carries an infinity with the float32 product's sign (inf·lo can have the other sign, or be inf·0)."""
+    return hi.nan_to_num(0.0, 0.0, 0.0)
 
 
 @functools.cache
@@ -55,31 +60,7 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _paired(t: torch.Tensor, dtype: torch.dtype, dim: int) -> torch.Tensor:
     """[hi, lo] of float32 t along `dim`: a product with it, halves summed, is the product with t."""
-    n = t.shape[dim]
-    shape = list(t.shape)
-    shape[dim] = 2 * n
-    out = t.new_empty(shape, dtype=dtype)
-    _hi_lo(t, out.narrow(dim, 0, n), out.narrow(dim, n, n))
-    return out
-
-
-def _three_terms(t: torch.Tensor, dtype: torch.dtype, dim: int, hi_last: bool) -> torch.Tensor:
-    """t's hi and lo terms as the three operands of a product whose other side is three terms too, along `dim`:
-    [hi, lo, hi'] (hi' = hi with its non-finite entries zeroed) facing [hi, hi, lo] (hi_last=False), so the cross
-    term hi'·lo adds nothing where hi·hi already carries an infinity with the float32 product's sign (inf·lo can
-    have the other sign, or be inf·0)."""
-    n = t.shape[dim]
-    shape = list(t.shape)
-    shape[dim] = 3 * n
-    out = t.new_empty(shape, dtype=dtype)
-    first, second, third = (out.narrow(dim, i * n, n) for i in range(3))
-    if hi_last:  # [hi, hi, lo]
-        _hi_lo(t, first, third)
-        second.copy_(first)
-    else:  # [hi, lo, hi']
-        _hi_lo(t, first, second)
-        torch.nan_to_num(first, 0.0, 0.0, 0.0, out=third)
-    return out
+    return torch.cat(_split(t, dtype), dim)
 
 
 def _sum_halves(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -104,8 +85,10 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scale: float, dropout_mask):
     h = _sum_halves(_mm_float32(x_lora, _paired(lora_a, dtype, 0).t()), 1)  # (tokens, r) float32
     # y = bias + s·h·Bᵀ written first (rounded once), then the base GEMM adds x·Wᵀ in its epilogue (beta = 1), as the
     # same-dtype accumulate route does: no separate read-modify-write pass over y.
-    lowrank = _three_terms(h * scale, dtype, 1, hi_last=False)
-    factor = _three_terms(lora_b, dtype, 1, hi_last=True)
+    h_hi, h_lo = _split(h * scale, dtype)
+    b_hi, b_lo = _split(lora_b, dtype)
+    lowrank = torch.cat((h_hi, h_lo, _finite(h_hi)), 1)
+    factor = torch.cat((b_hi, b_hi, b_lo), 1)
     y = torch.addmm(bias, lowrank, factor.t()) if bias is not None else lowrank @ factor.t()
     return y.addmm_(x, weight.t()), h
 
@@ -121,18 +104,18 @@ def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, 
     dx = dw = dbias = da = dlb = None
     if needs_dx or needs_da:
         dh = _sum_halves(_mm_float32(dy2, _paired(lora_b, dtype, 1)), 1).mul_(scale)  # (tokens, r) float32
-        rank = dh.shape[1]
-        dh_terms = _three_terms(dh, dtype, 1, hi_last=False)  # [hi, lo, hi']
+        dh_hi, dh_lo = _split(dh, dtype)
         if needs_dx:
+            a_hi, a_lo = _split(lora_a, dtype)
             # The adapter path's part rounded to x's dtype, masked, then the base GEMM adds dy·W into it (beta = 1):
             # PEFT's order (its cast of x gives the adapter part back in x's dtype before the sum).
-            dx = dh_terms @ _three_terms(lora_a, dtype, 0, hi_last=True)
+            dx = torch.cat((dh_hi, dh_lo, _finite(dh_hi)), 1) @ torch.cat((a_hi, a_hi, a_lo), 0)
             if dropout_mask is not None:
                 dx.mul_(dropout_mask)
             dx.addmm_(dy2, weight)
         if needs_da:
             x_lora = x if dropout_mask is None else x * dropout_mask
-            da = _sum_halves(_mm_float32(dh_terms[:, : 2 * rank].t(), x_lora), 0)
+            da = _sum_halves(_mm_float32(torch.cat((dh_hi, dh_lo), 1).t(), x_lora), 0)
     if needs_dlb:
         dlb = _sum_halves(_mm_float32(dy2.t(), _paired(h, dtype, 1)), 1).mul_(scale)
     if needs_dw:
