@@ -234,7 +234,7 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
     attention)
       # the contract, then the Hugging Face models patched with attention=True (20-step convergence included); the
       # suite selects the CUDA backend only with the extension built (step build first)
-      python3 -c "from torch_metal_fused import _C" 2>/dev/null || { echo "attention: no extension: run build first"; continue; }
+      python3 -c "from torch_metal_fused import _C" 2>/dev/null || { echo "attention: no extension: run build first"; clock_log_stop; continue; }
       python3 -m pytest -q tests/test_attention.py tests/test_attention_hf.py -k "cuda" -p no:cacheprovider 2>&1 \
         | tee "$OUT/tests-attention.log" | tail -8
       ;;
