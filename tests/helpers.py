@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,6 +82,14 @@ def harness_required() -> bool:
 # Every public op of the package: the autograd/IEEE contract (tests/nan_inf.py, tests/test_autograd_contract.py) must
 # cover each, and a test there fails when torch_metal_fused exports an op missing here.
 PUBLIC_OPS = tuple(op.name for op in OPS)  # the manifest's (torch_metal_fused/_families.py)
+# The ops' contract files, each once (one file may hold several ops).
+CONTRACT_FILES = tuple(dict.fromkeys(op.contract for op in OPS))
+
+
+def contract_module(contract: str) -> types.ModuleType:
+    """tests/<contract> (an op's contract file in the manifest), imported: it declares the op's cases of the shared
+    tests (autograd_case, every_kernel, plan_cache_calls, its test_nan_inf* tests)."""
+    return importlib.import_module(contract.removesuffix(".py"))
 
 
 @dataclass
@@ -96,6 +106,7 @@ class AutogradCase:
     scalar_output: bool = False  # a reduced loss: backward() with no gradient argument (an output gradient of 1)
 
 
-def rms64(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as torch's unfused ops compute it (the autograd contract's composite)."""
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+def rms64(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm as torch's unfused ops compute it (the contracts' composite): times w + offset, or no weight."""
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return y * (w + offset) if w is not None else y

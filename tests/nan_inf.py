@@ -98,11 +98,6 @@ def grad_with_nan(shape, dtype, device, rows_with_nan, seed):
     return dy
 
 
-def rms_norm64(x, w, eps, offset=0.0):
-    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return y * (w + offset) if w is not None else y
-
-
 def weight_with(cols, dtype, device, placements):
     w = randn((cols,), dtype, device, seed=2) + 1.0
     for col, value in placements:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DTYPES, AutogradCase, draws, make_layout, randn, rms64
-from nan_inf import INF, NAN, VARIANT_WIDTHS, check_rows, nan_inf_contract, rms_norm64, row_cases, weight_with
+from nan_inf import INF, NAN, VARIANT_WIDTHS, check_rows, nan_inf_contract, row_cases, weight_with
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches
@@ -289,7 +289,7 @@ def test_nan_inf(backend, variant, dtype, frozen_weight):
         grads = torch.autograd.grad((y, h), wanted, (dy, dh))
         h64 = (x.detach() + res.detach()).double().cpu().requires_grad_(True)  # rounded as the dtype's add rounds
         w64 = w.detach().double().cpu().requires_grad_(True)
-        y64 = rms_norm64(h64, w64, eps)
+        y64 = rms64(h64, w64, eps)
         dh64, dw64 = torch.autograd.grad((y64, h64), (h64, w64), (dy.double().cpu(), dh.double().cpu()))
         tag = f"add_rms_norm {variant} {'frozen' if frozen_weight else 'dx_dw'}, {what}"
         check_rows(h, h64, dtype, f"{tag} h", clean_rows)

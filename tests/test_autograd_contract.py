@@ -14,12 +14,11 @@ file: `autograd_case(name, device, dtype, reduction)` in tests/test_<op>.py (hel
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
 import torch
-from helpers import PUBLIC_OPS, AutogradCase, randn, rms64
+from helpers import PUBLIC_OPS, AutogradCase, contract_module, randn, rms64
 
 import torch_metal_fused as tmf
 from torch_metal_fused._families import OPS
@@ -30,12 +29,12 @@ EPS = 1e-5
 
 T = torch.tensor
 TARGET = [3, 0, 38, -100, 7, 21, 39, 1, 12]  # one ignored row
-CONTRACT_MODULES = {op.name: op.contract.removesuffix(".py") for op in OPS}
 
 
 def _case(name: str, device, dtype=torch.float32, reduction: str = "mean") -> AutogradCase:
     """The op's case, declared by its contract file (autograd_case in tests/test_<op>.py)."""
-    return importlib.import_module(CONTRACT_MODULES[name]).autograd_case(name, device, dtype, reduction)
+    (op,) = (op for op in OPS if op.name == name)
+    return contract_module(op.contract).autograd_case(name, device, dtype, reduction)
 
 
 def _leaves(case: AutogradCase) -> list[torch.Tensor]:

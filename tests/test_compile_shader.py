@@ -4,15 +4,14 @@ binding does (torch/csrc/mps/Module.cpp). The ops' own tests run every op throug
 
 from __future__ import annotations
 
-import importlib
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONTRACT_FILES, contract_module
 
 from torch_metal_fused import _backend
-from torch_metal_fused._families import OPS
 from torch_metal_fused.backends import metal_library, shader_args
 from torch_metal_fused.backends.metal_library import shader_source
 
@@ -185,8 +184,8 @@ def test_cached_plans_are_keyed_by_everything_they_depend_on():
 
     # Each op's contract file lists its calls (plan_cache_calls in tests/test_<op>.py, through the manifest).
     calls = []
-    for contract in dict.fromkeys(op.contract for op in OPS):
-        calls += importlib.import_module(contract.removesuffix(".py")).plan_cache_calls()
+    for contract in CONTRACT_FILES:
+        calls += contract_module(contract).plan_cache_calls()
     libs = metal_library.KernelLibraries(compile_shader.compile_shader, "caching stand-in", cache=True)
     metal_library._planted.append(libs)
     try:

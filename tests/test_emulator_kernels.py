@@ -1,16 +1,14 @@
 """Every Metal kernel runs through the harness, with the launch geometry the MPS dispatch uses; device traffic
 and dispatches per op call, as counted by the harness, against the minimum."""
 
-import importlib
 import math
 import re
 
 import pytest
 import torch
-from helpers import DTYPES, randn
+from helpers import CONTRACT_FILES, DTYPES, contract_module, randn
 
 import torch_metal_fused as tmf
-from torch_metal_fused._families import OPS
 from torch_metal_fused.backends import metal
 from torch_metal_fused.emulator import runner
 from torch_metal_fused.testing import assert_matches
@@ -374,8 +372,8 @@ def _drive_every_kernel():
     (every_kernel(dtype) in tests/test_<op>.py, found through the manifest). Every dispatch made."""
     rec = []
     for dtype in DTYPES:
-        for contract in dict.fromkeys(op.contract for op in OPS):
-            for run in importlib.import_module(contract.removesuffix(".py")).every_kernel(dtype):
+        for contract in CONTRACT_FILES:
+            for run in contract_module(contract).every_kernel(dtype):
                 rec += _record(run)
     return rec
 

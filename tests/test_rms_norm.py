@@ -9,7 +9,6 @@ from nan_inf import (
     grad_with_nan,
     nan_inf_contract,
     random_row,
-    rms_norm64,
     row_cases,
     weight_with,
 )
@@ -273,7 +272,7 @@ def test_nan_inf(backend, variant, dtype, mode):
         grads = torch.autograd.grad(y, leaves, dy)
         x64 = x.detach().double().cpu().requires_grad_(x.requires_grad)
         w64 = w.detach().double().cpu().requires_grad_(w.requires_grad) if w is not None else None
-        y64 = rms_norm64(x64, w64, eps)
+        y64 = rms64(x64, w64, eps)
         refs = torch.autograd.grad(y64, [t for t in (x64, w64) if t is not None and t.requires_grad], dy.double().cpu())
         check_rows(y, y64, dtype, f"rms_norm {variant} {mode} forward, {what}", clean)
         grad_names = [n for n, t in (("dx", x), ("dw", w)) if t is not None and t.requires_grad]
