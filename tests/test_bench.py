@@ -626,3 +626,69 @@ def test_overhead_pairs_compute_the_same_thing():
     rows = host_cost.op_overhead_rows(cpu, calls=2)
     assert [r["op"] for r in rows] == list(host_cost._op_pairs(cpu))
     assert all(v > 0 for r in rows for k, v in r.items() if k != "op")
+
+
+def _least_saved_bytes(mode: str, tokens: int) -> int:
+    """What one forward of the tiny preset (batch 1) must keep for backward, in bytes: per layer the bf16 inputs of
+    the two norms (the first layer's only when its weight trains: full mode), the projections' input, q, k, v, the
+    attention output, and gate, up and their product; the final norm's input and the loss's hidden rows (all but the
+    last token); float32 per-token statistics (each norm's 1/rms, attention's log-sum-exp per head); LoRA's rank-16
+    intermediates of the 7 adapters (in the adapters' dtype); RoPE's cos and sin; the loss's int64 targets."""
+    from torch_metal_fused.bench import train
+
+    p = train.PRESETS["tiny"]
+    hidden, inter, layers, heads = p["hidden"], p["intermediate"], p["layers"], p["heads"]
+    q_width, kv_width = heads * p["head_dim"], p["kv_heads"] * p["head_dim"]
+    per_layer = 3 * hidden + 2 * q_width + 2 * kv_width + 3 * inter  # norm-1 output, q, k, v, out, norm-2 in/out, MLP
+    first_norm_inputs = layers if mode == "full" else layers - 1
+    bf16 = ((layers * per_layer + first_norm_inputs * hidden + hidden) * tokens + hidden * (tokens - 1)) * 2
+    norms = 2 * layers + 1 - (mode != "full")
+    float32 = (norms + layers * heads) * tokens * 4
+    lora = 0 if mode == "full" else layers * 7 * 16 * tokens * (4 if mode == "lora" else 2)
+    return bf16 + float32 + lora + 2 * p["head_dim"] * tokens * 2 + (tokens - 1) * 8
+
+
+def test_train_bench_memory_counts_what_each_provider_saves_for_backward():
+    """--memory on the tiny preset (CPU): the bytes one forward saves for backward, by call site. Ours with every
+    patch option keeps what the step needs and no more (within 1 KiB: one extra activation-sized copy in any layer,
+    8 KiB here, fails), less than Hugging Face + PEFT, in LoRA with float32 and bf16 adapters and full fine-tuning;
+    each of our ops is a site of its own."""
+    pytest.importorskip("peft")
+    from torch_metal_fused.bench import train
+
+    tokens = 64
+    for mode in ("lora", "lora-bf16", "full"):
+        totals, sites = {}, {}
+        for provider in ("hf", "tmf"):
+            r = train.run_worker(provider, mode, "tiny", 1, tokens, 1, 0, "cpu", memory=True)
+            assert r.ok, r.error
+            assert r.memory["saved"][-1][0] == "total" and "peak" not in r.memory  # the peak: CUDA's history only
+            totals[provider] = r.memory["saved"][-1][1]
+            sites[provider] = {site.split(":")[0] for site, _ in r.memory["saved"][:-1]}
+        least = _least_saved_bytes(mode, tokens)
+        assert least <= totals["tmf"] <= least + 1024 < totals["hf"], (mode, least, totals)
+        ops = {"glu.py", "rms_norm.py", "attention.py", "rope.py", "cross_entropy.py"}
+        assert ops | ({"linear.py"} if mode == "full" else {"lora_linear.py"}) <= sites["tmf"], sites["tmf"]
+
+
+def test_train_bench_memory_finds_the_allocations_alive_at_the_peak():
+    """peak_by_site replays a CUDA allocator trace: the live set at the highest total, by the innermost frame
+    outside torch's machinery; frees before the peak leave it, allocations after it are not counted."""
+    from torch_metal_fused.bench import train
+
+    def frames(*sites):
+        return [{"filename": f, "line": n, "name": "fn"} for f, n in sites]
+
+    machinery = ("/x/torch/autograd/function.py", 10)
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 3 << 20, "frames": frames(machinery, ("/m/glu.py", 5))},
+        {"action": "alloc", "addr": 2, "size": 1 << 20, "frames": frames(("/m/rope.py", 7))},
+        {"action": "free_requested", "addr": 2, "size": 1 << 20},
+        {"action": "free_completed", "addr": 2, "size": 1 << 20},
+        {"action": "alloc", "addr": 3, "size": 2 << 20, "frames": frames(("/m/glu.py", 5))},
+        {"action": "alloc", "addr": 4, "size": 4 << 20, "frames": frames(("/m/lora.py", 9))},  # the peak: 9 MiB
+        {"action": "free_requested", "addr": 4, "size": 4 << 20},
+        {"action": "alloc", "addr": 5, "size": 3 << 20, "frames": frames(("/m/rope.py", 7))},  # 8 MiB: below it
+    ]
+    assert train.peak_by_site(trace) == [["glu.py:fn:5", 5 << 20], ["lora.py:fn:9", 4 << 20], ["total", 9 << 20]]
+    assert train.call_site([(machinery[0], 10, "apply")]) == "(torch internals)"

@@ -986,6 +986,16 @@ MUTANTS: list[Mutant] = [
         "a retained graph's next backward accumulates into them (third call: 'modified by an inplace operation')",
     ),
     _m(
+        "lora_linear_saves_a_copy_of_its_input",
+        "torch_metal_fused/ops/lora_linear.py",
+        "ctx.save_for_backward(x, weight, lora_a, lora_b, h, mask)",
+        "ctx.save_for_backward(x.clone(), weight, lora_a, lora_b, h, mask)",
+        ("tests/test_bench.py",),
+        "issue 30's memory finding in our own op: backward keeps a copy of the activations (a contiguous or upcast "
+        "x) instead of the tensor the step holds anyway, one more activation per adapted projection",
+        keyword="saves_for_backward",
+    ),
+    _m(
         "softmax_double_backward_through_the_kernel",
         "torch_metal_fused/ops/softmax.py",
         "        if create_graph_requested():",

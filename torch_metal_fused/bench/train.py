@@ -4,6 +4,7 @@ process of its own: step time, tokens/s, peak memory and the first losses, in Lo
     python -m torch_metal_fused.bench --train                  # llama-1b on cuda/mps, the tiny preset on cpu
     python -m torch_metal_fused.bench --train --modes lora --providers hf,tmf,liger --batch 4 --seq 2048
     python -m torch_metal_fused.bench --train --fit 24         # the longest sequence (batch 1) that fits 24 GiB
+    python -m torch_metal_fused.bench --train --memory         # where each provider's memory goes, by call site
 
 Modes: lora (PEFT's defaults: r 16 on all seven projections, adapters kept in float32 on the bf16 model), lora-bf16
 (`autocast_adapter_dtype=False`: adapters in bf16), full (every weight trained). Providers: hf (transformers + PEFT as
@@ -12,6 +13,9 @@ liger (Liger-Kernel's apply_liger_kernel_to_<arch>, where it imports), torch_lce
 F.linear_cross_entropy, where this torch has it). AdamW; the median of --steps steps after --warmup. Peak memory:
 torch.cuda.max_memory_allocated on CUDA, torch.mps.driver_allocated_memory after the steps on a Mac, and on a CPU the
 process's peak resident size (which includes torch itself: compare providers, not absolute numbers).
+--memory: after the timed steps, one more step whose tensors saved for backward are counted by the call site that
+saved them, and on CUDA the allocations alive at the step's peak by the call site that made them (from
+torch.cuda.memory's allocation history): what a peak-memory gap between providers consists of.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class StepResult:
     peak_gib: float = 0.0
     losses: list[float] = field(default_factory=list)
     error: str = ""
+    memory: dict = field(default_factory=dict)  # --memory: {"saved": sites, "peak": sites}, sites = [[where, bytes]]
 
 
 def _model(preset: str, mode: str, device: torch.device):
@@ -126,7 +131,113 @@ def _peak_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_worker(provider: str, mode: str, preset: str, batch: int, seq: int, steps: int, warmup: int, device: str):
+# ---- --memory: where a step's memory goes, by call site --------------------------------------------------------
+# Frames of autograd's, the allocator's and torch's dispatch machinery, and of this module: a site is the innermost
+# frame outside them (a model's, PEFT's, Liger's or our op's code).
+_MACHINERY = ("/torch/autograd/", "/torch/_", "/torch/utils/", "/torch/cuda/", "/torch/nn/modules/module.py", __file__)
+SITES_SHOWN = 12
+
+
+def call_site(frames) -> str:
+    """'file.py:function:line' of the innermost frame outside the machinery; frames: (filename, line, function),
+    innermost first."""
+    for filename, line, name in frames:
+        if not filename.startswith(_MACHINERY[-1]) and not any(part in filename for part in _MACHINERY[:-1]):
+            return f"{Path(filename).name}:{name}:{line}"
+    return "(torch internals)"
+
+
+def _top_sites(sizes: dict[str, int]) -> list[list]:
+    """[[site, bytes], ...], the largest SITES_SHOWN first, the rest summed as 'other sites', the total last."""
+    ranked = sorted(sizes.items(), key=lambda kv: -kv[1])
+    top = [[site, n] for site, n in ranked[:SITES_SHOWN]]
+    rest = sum(n for _, n in ranked[SITES_SHOWN:])
+    if rest:
+        top.append(["other sites", rest])
+    return top + [["total", sum(sizes.values())]]
+
+
+def saved_by_site(forward, exclude: set[int]) -> list[list]:
+    """Runs forward() and counts the bytes of the distinct storages autograd saves for backward (those in exclude,
+    the parameters' data pointers, left out) by the call site that saved them."""
+    import traceback
+
+    sizes: dict[str, int] = {}
+    seen = set(exclude)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.nbytes() and st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            frames = [(f.filename, f.lineno, f.name) for f in reversed(traceback.extract_stack())]
+            site = call_site(frames)
+            sizes[site] = sizes.get(site, 0) + st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return _top_sites(sizes)
+
+
+def peak_by_site(trace: list[dict]) -> list[list]:
+    """The allocations alive at the highest point of a CUDA allocator trace (torch.cuda.memory._snapshot()'s
+    device_traces[i]: 'alloc' and 'free_requested'/'free_completed' events with addr, size and Python frames,
+    innermost first), by the call site that made them. Memory allocated before the trace began is not in it."""
+    live: dict[int, dict] = {}
+    total = peak = peak_at = 0
+    for i, event in enumerate(trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+            if total > peak:
+                peak, peak_at = total, i
+        elif event["action"] in ("free_requested", "free_completed") and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+    live.clear()
+    for event in trace[: peak_at + 1]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+        elif event["action"] in ("free_requested", "free_completed"):
+            live.pop(event["addr"], None)
+    sizes: dict[str, int] = {}
+    for event in live.values():
+        site = call_site([(f["filename"], f["line"], f["name"]) for f in event.get("frames", [])])
+        sizes[site] = sizes.get(site, 0) + event["size"]
+    return _top_sites(sizes)
+
+
+def memory_report(step, forward, model, dev: torch.device) -> dict:
+    """--memory: what one step's forward saves for backward, by site; on CUDA also the allocations alive at the
+    step's peak (over what was allocated before it: weights, optimizer states), by site."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    report: dict = {"saved": saved_by_site(forward, params)}
+    step()  # the forward above was the step's: finish it (backward, optimizer)
+    if dev.type == "cuda":
+        synchronize(dev)
+        report["before_gib"] = round(torch.cuda.memory_allocated(dev) / 2**30, 3)
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+        try:
+            forward()
+            step()
+            synchronize(dev)
+            trace = torch.cuda.memory._snapshot()["device_traces"][dev.index or 0]
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+        report["peak"] = peak_by_site(trace)
+    return report
+
+
+def run_worker(
+    provider: str,
+    mode: str,
+    preset: str,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    memory: bool = False,
+):
     """One provider's steps in this process (python -m torch_metal_fused.bench.train --worker ...)."""
     dev = torch.device(device)
     result = StepResult(provider, mode, preset, batch, seq, device, ok=False)
@@ -136,24 +247,34 @@ def run_worker(provider: str, mode: str, preset: str, batch: int, seq: int, step
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         g = torch.Generator().manual_seed(1)
+        losses: list[torch.Tensor] = []
+
+        def forward() -> None:
+            ids = torch.randint(0, PRESETS[preset]["vocab"], (batch, seq), generator=g).to(dev)
+            losses.append(loss_fn(model, ids))
+
+        def step() -> None:  # the rest of the step whose forward ran last
+            losses[-1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         times = []
-        for step in range(warmup + steps):
-            ids = torch.randint(0, PRESETS[preset]["vocab"], (batch, seq), generator=g).to(dev)
+        for i in range(warmup + steps):
             synchronize(dev)
             t0 = time.perf_counter()
-            loss = loss_fn(model, ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            forward()
+            step()
             synchronize(dev)
-            if step >= warmup:
+            if i >= warmup:
                 times.append(time.perf_counter() - t0)
-            result.losses.append(round(float(loss), 4))
+            result.losses.append(round(float(losses.pop().detach()), 4))
         result.step_ms = statistics.median(times) * 1e3
         result.tokens_per_s = batch * seq / statistics.median(times)
         result.peak_gib = _peak_gib(dev)
+        if memory:
+            result.memory = memory_report(step, forward, model, dev)
         result.ok = True
     except Exception as exc:  # an out-of-memory or a provider that does not run here: reported, not raised
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -167,6 +288,8 @@ def _spawn(
     cmd = [sys.executable, "-m", "torch_metal_fused.bench.train", "--worker", provider, "--modes", mode]
     cmd += ["--preset", args.preset, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps)]
     cmd += ["--warmup", str(args.warmup), "--device", args.device, "--fit", str(limit_gib)]
+    if args.memory and not limit_gib:
+        cmd.append("--memory")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
@@ -211,6 +334,29 @@ def table(results: list[StepResult]) -> str:
         else:
             lines.append(f"| {r.mode} | {r.provider} | - | - | - | did not run: {r.error} |")
     return "\n".join(lines)
+
+
+def memory_tables(results: list[StepResult]) -> str:
+    """--memory's findings: per mode, each provider's MiB by call site (saved for backward; alive at the peak)."""
+    parts = []
+    for what, key in (("saved for backward by one forward", "saved"), ("alive at the step's peak", "peak")):
+        for mode in dict.fromkeys(r.mode for r in results):
+            ran = [r for r in results if r.mode == mode and r.memory.get(key)]
+            if not ran:
+                continue
+            head = f"\n{mode}: MiB {what}"
+            if key == "peak":
+                head += (
+                    " (beyond what was allocated before the step: "
+                    + ", ".join(f"{r.provider} {r.memory['before_gib']} GiB" for r in ran)
+                    + ")"
+                )
+            lines = [head, ""]
+            for r in ran:
+                sites = (f"{site} {n / 2**20:.2f}" for site, n in r.memory[key])
+                lines.append(f"- {r.provider}: " + "; ".join(sites))
+            parts.append("\n".join(lines))
+    return "\n".join(parts)
 
 
 def _plot(results: list[StepResult], path: Path, title: str) -> str:
@@ -295,6 +441,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--fit", type=float, default=0.0, help="GiB: also find the longest sequence at batch 1 that fits")
+    p.add_argument("--memory", action="store_true", help="also: where each provider's memory goes, by call site")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per provider process")
     p.add_argument("--out", type=Path, default=None, help="write results.json and summary.md there")
     p.add_argument("--record", nargs="?", const="default", default=None, metavar="LEDGER")
@@ -316,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.fit and args.device == "cuda":  # --fit: an allocation past the budget fails as out-of-memory
             total = torch.cuda.get_device_properties(0).total_memory / 2**30
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.fit / total))
-        r = run_worker(args.worker, args.modes, args.preset, args.batch, args.seq, args.steps, args.warmup, args.device)
+        shape = (args.preset, args.batch, args.seq, args.steps, args.warmup)
+        r = run_worker(args.worker, args.modes, *shape, args.device, args.memory)
         print(json.dumps(asdict(r)))
         return 0
     results, fits = [], []
@@ -335,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         + ("; peak = the CPU process's peak resident size" if args.device == "cpu" else "")
     )
     text = head + "\n\n" + table(results)
+    if args.memory:
+        text += "\n" + memory_tables(results)
     if fits:
         text += f"\n\nlongest sequence at batch 1 within {args.fit:g} GiB:\n" + "\n".join(
             f"- {m} {prov}: {seq}" for m, prov, seq in fits
