@@ -327,3 +327,71 @@ def test_the_new_ops_fall_back_like_the_others(case):
     assert not any(k.startswith(not_run) for k in kernels), kernels
     assert len(warned) == 1 and f"{family} kernels" in warned[0], warned
     assert tmf.backend_for(outs[0], family) == "reference"
+
+
+def _beyond_u32_cases() -> dict:
+    """op -> (call, float64 formula): each call has a size or stride above 100, the limit the test sets."""
+    F = torch.nn.functional
+    x, g = randn((8, 160), torch.float32, "cpu"), randn((8, 160), torch.float32, "cpu", seed=1)
+    w = randn((160,), torch.float32, "cpu", seed=2)
+    lw, la, lb = (randn(s, torch.float32, "cpu", seed=i) for i, s in ((3, (24, 160)), (4, (4, 160)), (5, (24, 4))))
+    target = torch.randint(0, 160, (8,))
+    q, k, v = (randn((1, 2, 8, 64), torch.float32, "cpu", seed=i) for i in (6, 7, 8))
+    angles = torch.rand(1, 8, 32, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 10
+    cos, sin = (f(torch.cat((angles, angles), -1)) for f in (torch.cos, torch.sin))
+
+    def rope64(t):  # (B, H, S, D) rotated by the (1, S, D) angles, as Hugging Face's rotate_half
+        return t * cos[:, None] + torch.cat((-t[..., 32:], t[..., :32]), -1) * sin[:, None]
+
+    return {
+        "rope": (
+            lambda: tmf.rope(q, k, cos.float(), sin.float()),
+            lambda: (rope64(q.double()), rope64(k.double())),
+        ),
+        "softmax": (lambda: tmf.softmax(x), lambda: torch.softmax(x.double(), -1)),
+        "rms_norm": (
+            lambda: tmf.rms_norm(x, w, eps=1e-6),
+            lambda: x.double() * torch.rsqrt(x.double().square().mean(-1, keepdim=True) + 1e-6) * w.double(),
+        ),
+        "cross_entropy": (
+            lambda: tmf.cross_entropy(x, target, reduction="none"),
+            lambda: F.cross_entropy(x.double(), target, reduction="none"),
+        ),
+        "glu": (lambda: tmf.swiglu(x, g), lambda: F.silu(x.double()) * g.double()),
+        "lora_linear": (
+            lambda: tmf.lora_linear(x, lw, la, lb, 0.5),
+            lambda: x.double() @ lw.double().t() + 0.5 * (x.double() @ la.double().t()) @ lb.double().t(),
+        ),
+        "attention": (
+            lambda: tmf.attention(q, k, v, causal=True),
+            lambda: F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True),
+        ),
+    }
+
+
+@pytest.mark.parametrize("op", list(_beyond_u32_cases()))
+def test_a_call_past_the_kernels_32_bit_limits_is_served_by_the_reference(op, monkeypatch):
+    """A size, stride or thread count past 2^32 - 1 (here: past 100, the limit lowered for the test) means no launch
+    plan, like any call our kernels cannot take: the reference serves it with one warning naming the family and the
+    limit, never a ValueError out of a training step."""
+    from torch_metal_fused.backends import metal
+
+    call, formula = _beyond_u32_cases()[op]
+    monkeypatch.setattr(metal, "U32_MAX", 100)
+    out, kernels, warned = _run(call)
+    ref = formula()
+    _assert_all_match(
+        out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,), torch.float32
+    )
+    assert kernels == [] and len(warned) == 1, (kernels, warned)
+    assert f"the {op} kernels" in warned[0] and "exceeds 2^32 - 1" in warned[0], warned
+
+
+def test_an_attention_window_past_32_bits_runs_as_no_window():
+    """A sliding window of 2^33 keys hides no key: the kernels serve it as the plain causal call (the window clamped
+    to the key count in the launch parameters, not a struct.error while packing them)."""
+    q, k, v = (randn((1, 2, 9, 32), torch.float32, "cpu", seed=i) for i in (1, 2, 3))
+    out, kernels, warned = _run(lambda: tmf.attention(q, k, v, causal=True, window=2**33))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    assert_matches(out, ref, torch.float32)
+    assert kernels == ["attention_forward_d32_float"] and not warned, (kernels, warned)

@@ -46,9 +46,11 @@ def round_down(v: int, m: int) -> int:
     return v // m * m
 
 
-def check_u32(value: int, what: str) -> None:
+def check_u32(family: str, value: int, what: str) -> None:
+    """A size, stride or thread count the kernels take as a 32-bit uint: past 2^32 - 1 no launch plan fits the call,
+    which the reference then serves (KernelUnavailable), as for any other call our kernels cannot take."""
     if value > U32_MAX:
-        raise ValueError(f"{what} ({value}) exceeds 2^32 - 1, the Metal kernels' limit")
+        raise KernelUnavailable(family, "call", f"{what} ({value}) exceeds 2^32 - 1, the Metal kernels' limit")
 
 
 def kernel_name(base: str, variant: str, dtype: torch.dtype) -> str:
@@ -161,10 +163,12 @@ def plan_rows(launcher: Launcher, base: str, dtype: torch.dtype, rows: int, cols
     return pipeline, (ceil_div(rows, rows_per_group), 1, 1), (threads, 1, 1), rows_per_group
 
 
-def _row_params(rows, cols, x_row_stride, dy_row_stride, rows_per_group, eps=0.0, offset=0.0, residual_row_stride=0):
+def _row_params(
+    family, rows, cols, x_row_stride, dy_row_stride, rows_per_group, eps=0.0, offset=0.0, residual_row_stride=0
+):
     for v, what in ((rows, "rows"), (cols, "row length"), (x_row_stride, "row stride"), (dy_row_stride, "row stride")):
-        check_u32(v, what)
-    check_u32(residual_row_stride, "row stride")
+        check_u32(family, v, what)
+    check_u32(family, residual_row_stride, "row stride")
     return params(
         "RowParams",
         rows=rows,
@@ -189,7 +193,7 @@ def softmax_forward(x: torch.Tensor) -> torch.Tensor:
 
     def build():
         pipeline, groups, threads, rpg = plan_rows(launcher, "softmax_forward", x.dtype, rows, cols)
-        return pipeline, groups, threads, _row_params(rows, cols, _row_stride(x2), 0, rpg)
+        return pipeline, groups, threads, _row_params("softmax", rows, cols, _row_stride(x2), 0, rpg)
 
     pipeline, groups, threads, p = launcher.plan(("forward", x.dtype, rows, cols, _row_stride(x2)), build)
     launcher.encode(Dispatch(pipeline, (x2, y, p), groups, threads))
@@ -207,7 +211,7 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
     def build():
         pipeline, groups, threads, rpg = plan_rows(launcher, "softmax_backward", y.dtype, rows, cols)
-        return pipeline, groups, threads, _row_params(rows, cols, cols, _row_stride(dy2), rpg)
+        return pipeline, groups, threads, _row_params("softmax", rows, cols, cols, _row_stride(dy2), rpg)
 
     pipeline, groups, threads, p = launcher.plan(("backward", y.dtype, rows, cols, _row_stride(dy2)), build)
     launcher.encode(Dispatch(pipeline, (y2, dy2, dx, p), groups, threads))
@@ -241,7 +245,12 @@ def _rms_norm_forward(x2, weight, y, rstd, eps, offset, residual2=None, h=None) 
     def build():
         # The weight is kept in registers and read once per row walker (plan_rows: >= 20 rows each).
         pipeline, groups, threads, rpg = plan_rows(launcher, base, x2.dtype, rows, cols, reuses_column_operand=True)
-        return pipeline, groups, threads, _row_params(rows, cols, _row_stride(x2), 0, rpg, eps, offset, residual_stride)
+        return (
+            pipeline,
+            groups,
+            threads,
+            _row_params("rms_norm", rows, cols, _row_stride(x2), 0, rpg, eps, offset, residual_stride),
+        )
 
     key = (base, x2.dtype, rows, cols, _row_stride(x2), residual_stride, eps, offset)
     pipeline, groups, threads, p = launcher.plan(key, build)
@@ -295,7 +304,7 @@ def _rms_norm_backward(dy2, x2, weight, rstd, dx, dw, offset, d_residual2=None) 
             (_row_stride(dy2), "row stride"),
             (d_residual_stride, "row stride"),
         ):
-            check_u32(v, what)
+            check_u32("rms_norm", v, what)
         p = params(
             "RmsNormBackwardParams",
             rows=rows,
@@ -399,7 +408,7 @@ def cross_entropy_rows(logits, target, ignore_index: int, label_smoothing: float
         (_row_stride(logits2), "row stride"),
         (target_word_stride, "target stride"),
     ):
-        check_u32(v, what)
+        check_u32("cross_entropy", v, what)
     launcher = Launcher("cross_entropy", logits.device)
 
     def build():
@@ -448,15 +457,14 @@ def _plan_glu(launcher: Launcher, base: str, activation: int, dtype, rows: int, 
     flat = rows > 1 and rows * cols <= U32_MAX and all(s == cols for s in row_strides)
     if flat:
         cols, rows = cols * rows, 1
-    check_u32(rows, "rows"), check_u32(cols, "row length")
-    for s in row_strides:
-        check_u32(s, "row stride")
+    for value, what in ((rows, "rows"), (cols, "row length"), *((s, "row stride") for s in row_strides)):
+        check_u32(launcher.family, value, what)
     pipeline = launcher.pipeline(kernel_name(base, GLU_VARIANTS[activation], dtype))
     per_thread = constant("kGluElementsPerThread")
     needed = round_up(ceil_div(cols, per_thread), SIMD_WIDTH)
     threads = min(needed, GLU_THREADS_PER_GROUP, round_down(pipeline.max_threads, SIMD_WIDTH))
     groups_per_row = ceil_div(cols, threads * per_thread)
-    check_u32(rows * groups_per_row, "threadgroups (rows x groups per row)")
+    check_u32(launcher.family, rows * groups_per_row, "threadgroups (rows x groups per row)")
     strides = [cols] * 3 if flat else [*row_strides, cols][:3]
     p = params(
         "GluParams",
@@ -528,9 +536,9 @@ def rope_apply(q, k, cos, sin, interleaved: bool, backward: bool) -> tuple[torch
     def build():
         slots = rotary_dim // 2 + (head_dim - rotary_dim)
         total = batch * seq * slots
-        check_u32(total, "threads (batch x seq x slots)")
+        check_u32("rope", total, "threads (batch x seq x slots)")
         for v in (*strides, q_heads, k_heads, seq * head_dim, seq * rotary_dim):
-            check_u32(v, "a stride or head count")
+            check_u32("rope", v, "a stride or head count")
         pipeline = launcher.pipeline(kernel_name("rope", "apply", q.dtype))
         threads = min(
             round_up(min(total, ROPE_THREADS_PER_GROUP), SIMD_WIDTH),
@@ -616,7 +624,8 @@ def _lora_reduce_plan(max_threads, max_floats, tokens, reduce_dim, rank, in_row_
     tokens; the staging width fills the threadgroup array ([width][rank] F floats). Needs 32 threads per rank block (a
     SIMD-group of tokens each): a pipeline capped lower than that gets no plan, and the call is served by the
     reference. Returns (params, groups, threads, threadgroup floats)."""
-    check_u32(tokens, "tokens"), check_u32(reduce_dim, "reduce_dim"), check_u32(in_row_stride, "row stride")
+    for value, what in ((tokens, "tokens"), (reduce_dim, "reduce_dim"), (in_row_stride, "row stride")):
+        check_u32("lora_linear", value, what)
     if not 1 <= rank <= LORA_MAX_RANK:
         raise ValueError(f"LoRA rank must be in [1, {LORA_MAX_RANK}] for the kernels")
     blocks, cap = ceil_div(rank, LORA_RANKS_PER_THREAD), _lora_threads_cap(max_threads)
@@ -660,7 +669,8 @@ def _lora_expand_plans(max_threads, max_floats, tokens, out_dim, rank, scale, ha
     """The expand dispatches, one per rank block of 64: one thread per output column (up to 1024 per group, so h is
     read once per 1024 columns), 32 · block rank token rows per group (>= 256), h staged as many rows per step as the
     threadgroup array holds. Returns [(params, groups, threads, threadgroup floats)]."""
-    check_u32(tokens, "tokens"), check_u32(out_dim, "out_dim")
+    for value, what in ((tokens, "tokens"), (out_dim, "out_dim")):
+        check_u32("lora_linear", value, what)
     columns = min(_lora_threads_cap(max_threads), round_up(max(out_dim, 1), SIMD_WIDTH))
     floats = lora_threadgroup_floats(columns, max_floats)
     plans = []
@@ -923,16 +933,16 @@ def _attention_params(shapes, strides: dict, causal: bool, window: int, scale: f
     fields["head_dim"] = head_dim
     for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv", "mask"):
         for axis, value in zip(("batch", "head", "row"), strides.get(name, (0, 0, 0))):
-            check_u32(value, f"{name}'s {axis} stride")
+            check_u32("attention", value, f"{name}'s {axis} stride")
             fields[f"{name}_{axis}_stride"] = value
     for value, what in ((batch * q_heads * q_len, "batch x heads x q_len"), (kv_len, "kv_len")):
-        check_u32(value, what)
+        check_u32("attention", value, what)
     return params(
         "AttentionParams",
         **fields,
         has_mask=int("mask" in strides),
         causal=int(causal),
-        window=window,
+        window=min(window, kv_len),  # a window of kv_len keys or more hides none: the same call, within 32 bits
         scale=scale,
         softcap=softcap,
         rows_per_group=rows,
@@ -1006,6 +1016,7 @@ def attention_backward(dout, q, k, v, out, lse, bias, causal: bool, window: int,
         dq_pipeline = launcher.pipeline(kernel_name("attention_backward_dq", variant, q.dtype))
         dkdv_pipeline = launcher.pipeline(kernel_name("attention_backward_dkdv", variant, q.dtype))
         delta_rows = min(DELTA_ROWS_PER_GROUP, delta_pipeline.max_threads // SIMD_WIDTH)
+        check_u32("attention", batch * q_heads * q_len * SIMD_WIDTH, "delta pass threads (32 per query row)")
         plans = [
             (
                 delta_pipeline,
