@@ -692,3 +692,23 @@ def test_train_bench_memory_finds_the_allocations_alive_at_the_peak():
     ]
     assert train.peak_by_site(trace) == [["glu.py:fn:5", 5 << 20], ["lora.py:fn:9", 4 << 20], ["total", 9 << 20]]
     assert train.call_site([(machinery[0], 10, "apply")]) == "(torch internals)"
+
+
+def test_the_cpu_peak_is_the_held_bytes_plus_the_steps_highest_live_sum():
+    """--train's memory side on a CPU: the weights' and optimizer state's bytes plus the highest running sum of what
+    the step allocates and frees (two buffers alive at once count together; one freed before the next does not)."""
+    from torch_metal_fused.bench import train
+
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(256)).sum().backward()
+    opt.step()  # momentum buffers: optimizer state of the parameters' size
+    opt.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        a, b = torch.empty(1 << 18), torch.empty(1 << 17)  # 1.5 MiB alive at once
+        del a, b
+        torch.empty(1 << 18)  # 1 MiB after they are freed
+
+    params = (256 * 256 + 256) * 4
+    assert train.cpu_step_peak_bytes(step, model, opt) == 2 * params + (1 << 20) + (1 << 19)

@@ -11,8 +11,9 @@ Modes: lora (PEFT's defaults: r 16 on all seven projections, adapters kept in fl
 they are), tmf (patch_model with every option), tmf:<option> (patch_model with that option alone: what it buys),
 liger (Liger-Kernel's apply_liger_kernel_to_<arch>, where it imports), torch_lce (the loss through torch's own
 F.linear_cross_entropy, where this torch has it). AdamW; the median of --steps steps after --warmup. Peak memory:
-torch.cuda.max_memory_allocated on CUDA, torch.mps.driver_allocated_memory after the steps on a Mac, and on a CPU the
-process's peak resident size (which includes torch itself: compare providers, not absolute numbers).
+torch.cuda.max_memory_allocated on CUDA, torch.mps.driver_allocated_memory after the steps on a Mac, and on a CPU an
+allocation count over one more step: the weights' and optimizer state's bytes plus the most the step's tensors hold at
+once (the profiler's allocation events), the memory side of a scaled-down model, not a device's memory.
 --memory: after the timed steps, one more step whose tensors saved for backward are counted by the call site that
 saved them, and on CUDA the allocations alive at the step's peak by the call site that made them (from
 torch.cuda.memory's allocation history): what a peak-memory gap between providers consists of.
@@ -124,11 +125,28 @@ def _apply_provider(model, provider: str, arch: str):
 def _peak_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**30
-    import resource
+    return torch.mps.driver_allocated_memory() / 2**30
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+def cpu_step_peak_bytes(step, model, opt: torch.optim.Optimizer) -> int:
+    """An allocation count of one training step on the CPU (step() runs it): the bytes of the distinct storages held
+    before it (weights, buffers, optimizer state) plus the highest running sum of the bytes the step allocates and
+    frees (torch.profiler's allocation events, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    held = [*model.parameters(), *model.buffers()]
+    held += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    resident = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    total = peak = 0
+    for event in events:
+        total += event.nbytes()
+        peak = max(peak, total)
+    return sum(resident.values()) + peak
 
 
 # ---- --memory: where a step's memory goes, by call site --------------------------------------------------------
@@ -272,7 +290,16 @@ def run_worker(
             result.losses.append(round(float(losses.pop().detach()), 4))
         result.step_ms = statistics.median(times) * 1e3
         result.tokens_per_s = batch * seq / statistics.median(times)
-        result.peak_gib = _peak_gib(dev)
+        if dev.type == "cpu":
+
+            def whole_step() -> None:
+                forward()
+                step()
+                losses.pop()
+
+            result.peak_gib = cpu_step_peak_bytes(whole_step, model, opt) / 2**30
+        else:
+            result.peak_gib = _peak_gib(dev)
         if memory:
             result.memory = memory_report(step, forward, model, dev)
         result.ok = True
@@ -320,6 +347,10 @@ def fit(args: argparse.Namespace, provider: str, mode: str) -> tuple[int, list[S
     return lo, tried
 
 
+def _gib(value: float) -> str:
+    return f"{value:.2f}" if value >= 1 else f"{value:.4f}"  # a scaled-down model's megabytes stay visible
+
+
 def table(results: list[StepResult]) -> str:
     lines = [
         "| mode | provider | step ms | tokens/s | peak GiB | first losses |",
@@ -329,7 +360,7 @@ def table(results: list[StepResult]) -> str:
         if r.ok:
             losses = " ".join(f"{x:.4f}" for x in r.losses[:2])
             lines.append(
-                f"| {r.mode} | {r.provider} | {r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.peak_gib:.2f} | {losses} |"
+                f"| {r.mode} | {r.provider} | {r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {_gib(r.peak_gib)} | {losses} |"
             )
         else:
             lines.append(f"| {r.mode} | {r.provider} | - | - | - | did not run: {r.error} |")
@@ -480,7 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     head = (
         f"{args.preset}, bf16, batch {args.batch} x seq {args.seq}, device {args.device}, torch {torch.__version__}; "
         f"median of {args.steps} steps after {args.warmup}"
-        + ("; peak = the CPU process's peak resident size" if args.device == "cpu" else "")
+        + (
+            "; peak = an allocation count (weights, optimizer state, the step's live tensors)"
+            if args.device == "cpu"
+            else ""
+        )
     )
     text = head + "\n\n" + table(results)
     if args.memory:
