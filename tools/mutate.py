@@ -946,8 +946,8 @@ MUTANTS: list[Mutant] = [
     _m(
         "launch_softmax_backward_strides_swapped",
         MP,
-        "_row_params(rows, cols, cols, _row_stride(dy2), rpg)",
-        "_row_params(rows, cols, _row_stride(dy2), cols, rpg)",
+        '_row_params("softmax", rows, cols, cols, _row_stride(dy2), rpg)',
+        '_row_params("softmax", rows, cols, _row_stride(dy2), cols, rpg)',
         SOFTMAX,
         "y (contiguous) read at dy's row stride and dy at y's: right only when dy is contiguous too",
     ),
