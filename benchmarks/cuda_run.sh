@@ -3,7 +3,7 @@
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
 # from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu
 # rowstores kconcat ncu-kconcat tests-kconcat lora-no-kconcat lora-gemms lora-step lora-f32 attention train memory
-# fit overhead (default: build tests sanitize bench). CLOCK_LOG=0: no per-step clock log (the device returns 8 files).
+# profile fit overhead (default: build tests sanitize bench). CLOCK_LOG=0: no per-step clock log (the device returns 8 files).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
 # and Liger's kernels timed the same way (benchmarks/cuda_liger_rows.py). glurope: the SwiGLU/RoPE kernel variants
 # side by side (benchmarks/cuda_glu_rope_bench.cu), then ours vs torch vs Liger through the ops
@@ -250,6 +250,12 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
       # its peak, by call site (torch.cuda.memory's allocation history); bf16 adapters and full mode, ours and Liger
       python3 -m torch_metal_fused.bench --train --modes "${TRAIN_MODES:-lora-bf16,full}" \
         --providers "${TRAIN_PROVIDERS:-tmf,liger}" --steps 3 --warmup 2 --memory --out "$OUT/memory" 2>&1 | tail -40
+      ;;
+    profile)
+      # #30's float32-adapter gap: one profiled step per provider (device busy against wall time, the top kernels and
+      # host ops), LoRA with PEFT's defaults and with bf16 adapters, ours and Liger
+      python3 -m torch_metal_fused.bench --train --modes "${TRAIN_MODES:-lora,lora-bf16}" \
+        --providers "${TRAIN_PROVIDERS:-tmf,liger}" --steps 3 --warmup 2 --profile --out "$OUT/profile" 2>&1 | tail -40
       ;;
     fit)
       python3 -m torch_metal_fused.bench --train --modes lora --providers hf,tmf --fit 24 --steps 3 --out "$OUT/fit" \

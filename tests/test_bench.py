@@ -712,3 +712,19 @@ def test_the_cpu_peak_is_the_held_bytes_plus_the_steps_highest_live_sum():
 
     params = (256 * 256 + 256) * 4
     assert train.cpu_step_peak_bytes(step, model, opt) == 2 * params + (1 << 20) + (1 << 19)
+
+
+def test_train_bench_profile_reports_one_steps_host_and_device_time():
+    """--profile (CPU, tiny preset, ours): one profiled step's wall time and its ops by host self time, our autograd
+    Functions among them; no device work on a CPU; the summary renders it."""
+    pytest.importorskip("peft")
+    from torch_metal_fused.bench import train
+
+    r = train.run_worker("tmf", "lora", "tiny", 1, 32, 1, 0, "cpu", profile=True)
+    assert r.ok, r.error
+    f = r.profile
+    assert f["wall_ms"] > 0 and f["device_busy_ms"] == f["device_launches"] == 0 and f["top_device"] == []
+    names = [name for name, ms, calls in f["top_host"]]
+    assert 0 < len(names) <= train.PROFILE_ROWS and all(ms > 0 and calls > 0 for _, ms, calls in f["top_host"])
+    assert any(name.startswith("LoRALinearFunction") for name in names), names
+    assert "lora tmf: one profiled step" in train.profile_tables([r])

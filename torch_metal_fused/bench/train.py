@@ -5,6 +5,7 @@ process of its own: step time, tokens/s, peak memory and the first losses, in Lo
     python -m torch_metal_fused.bench --train --modes lora --providers hf,tmf,liger --batch 4 --seq 2048
     python -m torch_metal_fused.bench --train --fit 24         # the longest sequence (batch 1) that fits 24 GiB
     python -m torch_metal_fused.bench --train --memory         # where each provider's memory goes, by call site
+    python -m torch_metal_fused.bench --train --profile        # one step's device and host time, op by op
 
 Modes: lora (PEFT's defaults: r 16 on all seven projections, adapters kept in float32 on the bf16 model), lora-bf16
 (`autocast_adapter_dtype=False`: adapters in bf16), full (every weight trained). Providers: hf (transformers + PEFT as
@@ -65,6 +66,7 @@ class StepResult:
     losses: list[float] = field(default_factory=list)
     error: str = ""
     memory: dict = field(default_factory=dict)  # --memory: {"saved": sites, "peak": sites}, sites = [[where, bytes]]
+    profile: dict = field(default_factory=dict)  # --profile: profile_step's findings
 
 
 def _model(preset: str, mode: str, device: torch.device):
@@ -245,6 +247,40 @@ def memory_report(step, forward, model, dev: torch.device) -> dict:
     return report
 
 
+PROFILE_ROWS = 15
+
+
+def profile_step(forward, step, dev: torch.device) -> dict:
+    """--profile: one more step under torch.profiler: its wall time, the device's busy time (its kernels, copies and
+    fills summed) and their count, and the ops taking the most device time and the most host time (self time, ms per
+    step, calls): whether the step waits on the GPU or on the host that launches its work, and on what."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    synchronize(dev)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        forward()
+        step()
+        synchronize(dev)
+    wall = time.perf_counter() - t0
+    device_work = [e for e in prof.profiler.kineto_results.events() if e.device_type() != DeviceType.CPU]
+    averages = prof.key_averages()
+
+    def top(key: str) -> list[list]:
+        rows = sorted(averages, key=lambda a: -getattr(a, key, 0.0))[:PROFILE_ROWS]
+        return [[a.key, round(getattr(a, key, 0.0) / 1e3, 3), a.count] for a in rows if getattr(a, key, 0.0) > 0]
+
+    return {
+        "wall_ms": round(wall * 1e3, 2),
+        "device_busy_ms": round(sum(e.duration_ns() for e in device_work) / 1e6, 2),
+        "device_launches": len(device_work),
+        "top_device": top("self_device_time_total") if device_work else [],
+        "top_host": top("self_cpu_time_total"),
+    }
+
+
 def run_worker(
     provider: str,
     mode: str,
@@ -255,6 +291,7 @@ def run_worker(
     warmup: int,
     device: str,
     memory: bool = False,
+    profile: bool = False,
 ):
     """One provider's steps in this process (python -m torch_metal_fused.bench.train --worker ...)."""
     dev = torch.device(device)
@@ -302,6 +339,8 @@ def run_worker(
             result.peak_gib = _peak_gib(dev)
         if memory:
             result.memory = memory_report(step, forward, model, dev)
+        if profile:
+            result.profile = profile_step(forward, step, dev)
         result.ok = True
     except Exception as exc:  # an out-of-memory or a provider that does not run here: reported, not raised
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -315,8 +354,8 @@ def _spawn(
     cmd = [sys.executable, "-m", "torch_metal_fused.bench.train", "--worker", provider, "--modes", mode]
     cmd += ["--preset", args.preset, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps)]
     cmd += ["--warmup", str(args.warmup), "--device", args.device, "--fit", str(limit_gib)]
-    if args.memory and not limit_gib:
-        cmd.append("--memory")
+    if not limit_gib:
+        cmd += ["--memory"] * args.memory + ["--profile"] * args.profile
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
@@ -387,6 +426,24 @@ def memory_tables(results: list[StepResult]) -> str:
                 sites = (f"{site} {n / 2**20:.2f}" for site, n in r.memory[key])
                 lines.append(f"- {r.provider}: " + "; ".join(sites))
             parts.append("\n".join(lines))
+    return "\n".join(parts)
+
+
+def profile_tables(results: list[StepResult]) -> str:
+    """--profile's findings per mode and provider: wall against device-busy time, then the top ops."""
+    parts = []
+    for r in results:
+        if not r.profile:
+            continue
+        f = r.profile
+        lines = [
+            f"\n{r.mode} {r.provider}: one profiled step {f['wall_ms']} ms wall, device busy {f['device_busy_ms']} ms "
+            f"over {f['device_launches']} kernels, copies and fills",
+        ]
+        for what, key in (("device time", "top_device"), ("host self time", "top_host")):
+            if f[key]:
+                lines.append(f"- most {what} (ms, calls): " + "; ".join(f"{n} {ms} ({c})" for n, ms, c in f[key]))
+        parts.append("\n".join(lines))
     return "\n".join(parts)
 
 
@@ -473,6 +530,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--fit", type=float, default=0.0, help="GiB: also find the longest sequence at batch 1 that fits")
     p.add_argument("--memory", action="store_true", help="also: where each provider's memory goes, by call site")
+    p.add_argument("--profile", action="store_true", help="also: one step's device and host time, op by op")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per provider process")
     p.add_argument("--out", type=Path, default=None, help="write results.json and summary.md there")
     p.add_argument("--record", nargs="?", const="default", default=None, metavar="LEDGER")
@@ -495,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             total = torch.cuda.get_device_properties(0).total_memory / 2**30
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.fit / total))
         shape = (args.preset, args.batch, args.seq, args.steps, args.warmup)
-        r = run_worker(args.worker, args.modes, *shape, args.device, args.memory)
+        r = run_worker(args.worker, args.modes, *shape, args.device, args.memory, args.profile)
         print(json.dumps(asdict(r)))
         return 0
     results, fits = [], []
@@ -520,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     text = head + "\n\n" + table(results)
     if args.memory:
         text += "\n" + memory_tables(results)
+    if args.profile:
+        text += "\n" + profile_tables(results)
     if fits:
         text += f"\n\nlongest sequence at batch 1 within {args.fit:g} GiB:\n" + "\n".join(
             f"- {m} {prov}: {seq}" for m, prov, seq in fits
