@@ -629,3 +629,66 @@ def _holder_bf16() -> torch.nn.Module:
     holder = torch.nn.Module()
     holder.proj = torch.nn.Linear(12, 10, dtype=torch.bfloat16)
     return holder
+
+
+def _checkpointed_llama(dropout: float, reentrant: bool | None):
+    """A tiny PEFT-LoRA Llama (head_dim 32: the attention kernels' smallest) with gradient checkpointing as
+    transformers enables it (`gradient_checkpointing_enable`, reentrant or not; None: off)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    lora = dict(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
+    model = peft.get_peft_model(model, peft.LoraConfig(**lora))
+    if reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()  # the reentrant variant needs an input that requires grad (PEFT's advice)
+    model.train()
+    return model
+
+
+def _checkpointed_step(model, seed: int = 5):
+    """Loss and the adapters' gradients of one padded training batch, the dropout masks drawn from `seed`."""
+    ids = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_gradient_checkpointing_with_every_patch(cpu_backend, reentrant, monkeypatch):
+    """Hugging Face's gradient checkpointing (what memory-bound fine-tuning turns on), both of torch's variants, on a
+    PEFT model patched with every option, attention included: loss and every adapter gradient equal the unpatched
+    checkpointed model's; with LoRA dropout, equal to the patched model's without checkpointing (the recomputed
+    forward draws the same dropout masks); the layers' fused forward runs twice per step (the recomputation) and
+    their backward once."""
+    ref_loss, ref_grads = _checkpointed_step(_checkpointed_llama(0.0, reentrant))
+    model = _checkpointed_llama(0.0, reentrant)
+    tmf.patch_model(model, **ALL_OPTIONS, attention=True)
+    calls = record_kernel_calls(monkeypatch, ("attention", "lora_linear"))
+    loss, grads = _checkpointed_step(model)
+    assert calls.count("attention_forward") == 2 * 2 and calls.count("attention_backward") == 2, calls
+    assert calls.count("lora_forward") == 2 * 2 * 7 and calls.count("lora_backward") == 2 * 7, calls
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 7 * 2
+    for name, grad in grads.items():
+        assert_matches(grad, ref_grads[name].double(), torch.float32, name)
+
+    with_dropout = [_checkpointed_llama(0.25, r) for r in (reentrant, None)]
+    for m in with_dropout:
+        tmf.patch_model(m, **ALL_OPTIONS, attention=True)
+    (loss, grads), (plain_loss, plain_grads) = (_checkpointed_step(m) for m in with_dropout)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -996,6 +996,16 @@ MUTANTS: list[Mutant] = [
         keyword="saves_for_backward",
     ),
     _m(
+        "lora_dropout_mask_from_a_private_generator",
+        "torch_metal_fused/ops/lora_linear.py",
+        "bernoulli_(1.0 - dropout_p)",
+        "bernoulli_(1.0 - dropout_p, generator=torch.Generator().manual_seed(id(x2)))",
+        ("tests/test_patch.py",),
+        "the LoRA dropout mask drawn from a generator gradient checkpointing does not restore: the recomputed forward "
+        "draws another mask than the one the loss saw, so the adapters' gradients are silently off",
+        keyword="gradient_checkpointing",
+    ),
+    _m(
         "softmax_double_backward_through_the_kernel",
         "torch_metal_fused/ops/softmax.py",
         "        if create_graph_requested():",
