@@ -104,7 +104,7 @@ def test_uninitialised_scratch_shows_as_nan_without_the_checker(tmp_path):
     with metal_library.shaders_from(source.parent):
         launcher = metal.Launcher("softmax", x.device)
         pipeline, groups, threads, rows_per_group = metal.plan_rows(launcher, "softmax_forward", x.dtype, 2, 1000)
-        params = metal._row_params(2, 1000, 1000, 0, rows_per_group)
+        params = metal._row_params("softmax", 2, 1000, 1000, 0, rows_per_group)
         launcher.encode(metal_library.Dispatch(pipeline, (x, y, params), groups, threads))
     assert torch.isnan(y).all()  # threadgroup memory starts poisoned
 
