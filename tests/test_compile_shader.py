@@ -59,6 +59,20 @@ def test_every_family_source_is_self_contained(family):
 
 def test_line_marks_quote_the_path():
     assert metal_library._line_mark(7, Path('/x/a"b\\c.metal')) == '#line 7 "/x/a\\"b\\\\c.metal"\n'
+    # non-ASCII bytes of an install path as octal escapes: the source PyTorch decodes as ASCII stays ASCII
+    assert metal_library._line_mark(1, Path("/x/prøjekt/a.metal")) == '#line 1 "/x/pr\\303\\270jekt/a.metal"\n'
+
+
+def test_shaders_under_a_non_ascii_path_compile(tmp_path):
+    """A virtual environment under ~/prøjekt: the source's #line marks name the path, and the stand-in (as PyTorch)
+    refuses non-ASCII source, which took down every family before the path was escaped."""
+    import shutil
+
+    folder = tmp_path / "prøjekt" / "shaders"
+    shutil.copytree(metal_library.SHADERS, folder)
+    with metal_library.shaders_from(folder):
+        libs = metal_library._planted[-1]
+        assert "softmax_forward_simd_rows_float" in dir(libs.library("softmax"))
 
 
 def test_the_stand_in_refuses_non_ascii_source(stand_in):
@@ -74,6 +88,9 @@ def test_fast_math_is_refused(monkeypatch, stand_in):
     with pytest.raises(_backend.KernelUnavailable) as info:
         libs.library("softmax")
     assert info.value.scope == "family" and "PYTORCH_MPS_FAST_MATH=1" in info.value.reason
+    monkeypatch.setenv("PYTORCH_MPS_FAST_MATH", "")  # PyTorch's test is "set, and not 0": empty turns it on
+    with pytest.raises(_backend.KernelUnavailable):
+        libs.library("softmax")
     monkeypatch.setenv("PYTORCH_MPS_FAST_MATH", "0")
     assert "softmax_forward_simd_rows_float" in dir(libs.library("softmax"))
 

@@ -4,6 +4,7 @@ never allocates tokens x vocabulary; bad input raises a clear error."""
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import pytest
@@ -137,6 +138,18 @@ def test_a_batch_with_every_row_ignored_has_zero_loss_and_gradient(backend, op):
             loss = tmf.linear_cross_entropy(h, w, target, reduction=reduction, chunk_size=4)
         gh, gw = torch.autograd.grad(loss, (h, w))
         assert loss.item() == 0.0 and not gh.any() and not gw.any()
+
+
+def test_linear_cross_entropy_with_an_empty_hidden_size(backend):
+    """hidden of width 0: every logit is 0 (or the bias), so each row's loss is log(vocab) and hidden's gradient is
+    empty (reshape(-1, 0) could not infer the rows), as the formula gives them."""
+    h = torch.zeros(2, 3, 0, device=backend.device).requires_grad_(True)
+    w = torch.zeros(7, 0, device=backend.device).requires_grad_(True)
+    target = torch.tensor([[1, 2, 3], [4, 5, -100]], device=backend.device)
+    loss = tmf.linear_cross_entropy(h, w, target)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    torch.testing.assert_close(loss.cpu(), torch.tensor(math.log(7)))
+    assert gh.shape == h.shape and gw.shape == w.shape
 
 
 def test_views(backend):

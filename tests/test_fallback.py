@@ -371,20 +371,20 @@ def _beyond_u32_cases() -> dict:
 
 @pytest.mark.parametrize("op", list(_beyond_u32_cases()))
 def test_a_call_past_the_kernels_32_bit_limits_is_served_by_the_reference(op, monkeypatch):
-    """A size, stride or thread count past 2^32 - 1 (here: past 100, the limit lowered for the test) means no launch
-    plan, like any call our kernels cannot take: the reference serves it with one warning naming the family and the
-    limit, never a ValueError out of a training step."""
+    """A size, stride or thread count past the kernels' index limit (2^31 - 1; here 100, lowered for the test) means
+    no launch plan, like any call our kernels cannot take: the reference serves it with one warning naming the family
+    and the limit, never a ValueError out of a training step."""
     from torch_metal_fused.backends import metal
 
     call, formula = _beyond_u32_cases()[op]
-    monkeypatch.setattr(metal, "U32_MAX", 100)
+    monkeypatch.setattr(metal, "INDEX_MAX", 100)
     out, kernels, warned = _run(call)
     ref = formula()
     _assert_all_match(
         out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,), torch.float32
     )
     assert kernels == [] and len(warned) == 1, (kernels, warned)
-    assert f"the {op} kernels" in warned[0] and "exceeds 2^32 - 1" in warned[0], warned
+    assert f"the {op} kernels" in warned[0] and "exceeds 2^31 - 1" in warned[0], warned
 
 
 def test_an_attention_window_past_32_bits_runs_as_no_window():
@@ -395,3 +395,21 @@ def test_an_attention_window_past_32_bits_runs_as_no_window():
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
     assert_matches(out, ref, torch.float32)
     assert kernels == ["attention_forward_d32_float"] and not warned, (kernels, warned)
+
+
+def test_arguments_past_the_kernels_32_bit_fields_are_served_without_a_crash():
+    """An ignore_index outside int32 is a call the kernels cannot take (the reference serves it, one warning); a
+    finite eps or softcap past float32's range goes to the kernels as infinity, as torch rounds it in the
+    reference's float32 math (it was an OverflowError while packing the arguments): the same results as the
+    reference, NaN where softcap · tanh(z / softcap) is inf · 0."""
+    F = torch.nn.functional
+    x, w = randn((4, 40), torch.float32, "cpu"), randn((40,), torch.float32, "cpu", seed=1)
+    target = torch.tensor([3, 2**31 + 5, 7, 1])
+    out, kernels, warned = _run(lambda: tmf.cross_entropy(x, target, ignore_index=2**31 + 5, reduction="none"))
+    ref = F.cross_entropy(x.double(), target, ignore_index=2**31 + 5, reduction="none")
+    assert_matches(out, ref, torch.float32)
+    assert kernels == [] and len(warned) == 1 and "ignore_index" in warned[0], (kernels, warned)
+    y, kernels, warned = _run(lambda: tmf.rms_norm(x, w, eps=1e39))
+    assert kernels and not warned and torch.equal(y, torch.zeros_like(y))  # x / sqrt(inf): 0, as torch's
+    loss, kernels, warned = _run(lambda: tmf.cross_entropy(x, target.clamp(max=39), reduction="none", softcap=1e39))
+    assert kernels and not warned and torch.isnan(loss).all()

@@ -28,8 +28,8 @@ SHAPES = [
 
 def _factors(tokens, fin, fout, r, dtype, device, seed=0):
     x = randn((tokens, fin), dtype, device, seed=seed)
-    w = randn((fout, fin), dtype, device, scale=fin**-0.5, seed=seed + 1)
-    a = randn((r, fin), dtype, device, scale=fin**-0.5, seed=seed + 2)
+    w = randn((fout, fin), dtype, device, scale=max(fin, 1) ** -0.5, seed=seed + 1)
+    a = randn((r, fin), dtype, device, scale=max(fin, 1) ** -0.5, seed=seed + 2)
     b = randn((fout, r), dtype, device, scale=r**-0.5, seed=seed + 3)
     bias = randn((fout,), dtype, device, seed=seed + 4)
     return x, w, a, b, bias
@@ -708,6 +708,20 @@ def test_empty_tokens(backend):
     assert y.shape == (0, 8)
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("in_features,out_features", [(0, 8), (16, 0)], ids=["no_in_features", "no_out_features"])
+def test_empty_features(backend, in_features, out_features):
+    """A layer with no input or no output features: y is the bias (or empty), every gradient is zero or empty, as
+    the formula gives them (reshape(-1, 0) could not infer the rows)."""
+    x, w, a, b, bias = _factors(5, in_features, out_features, 4, torch.float32, backend.device)
+    leaves = [t.requires_grad_(True) for t in (x, w, a, b, bias)]
+    y = tmf.lora_linear(x, w, a, b, 1.0, bias)
+    assert y.shape == (5, out_features)
+    torch.testing.assert_close(y, bias.detach().expand(5, out_features))
+    grads = torch.autograd.grad(y.sum(), leaves, allow_unused=True)
+    for t, g in zip(leaves, grads):
+        assert g is None or (g.shape == t.shape and not g.any()) or t is bias, (t.shape, g)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -48,6 +48,21 @@ def test_torch_rms_norm_patch_and_unpatch(monkeypatch):
     assert "already patched" not in str(tmf.patch_model(model))
 
 
+@pytest.mark.parametrize("shape", [(5,), (2, 5), (2, 3, 5), (2, 3, 4, 5)], ids=lambda s: f"{len(s)}d")
+def test_softmax_without_a_dim_keeps_torchs_implicit_choice(shape, monkeypatch):
+    """nn.Softmax() with no dim: torch picks dim 0 for 0-, 1- and 3-D input and 1 otherwise (a legacy rule, with a
+    deprecation warning); the patched module softmaxes over the same dim, fused."""
+    model = torch.nn.Softmax()
+    x = torch.randn(shape)
+    with pytest.warns(UserWarning, match="Implicit dimension choice"):
+        before = model(x)
+    tmf.patch_model(model, softmax=True)
+    calls = _count_calls(monkeypatch)
+    after = model(x)
+    assert calls == ["softmax_forward"]
+    assert_matches(after, before.double(), torch.float32)
+
+
 def test_report_explains_what_is_left():
     class FancyRMSNorm(torch.nn.Module):
         def forward(self, x):

@@ -387,9 +387,10 @@ def require_extension() -> bool:
 
 
 def mps_fast_math() -> str | None:
-    """PYTORCH_MPS_FAST_MATH where it turns fast math on (set, and not 0), else None."""
-    value = MPS_FAST_MATH.raw()
-    return value if value and value != "0" else None
+    """PYTORCH_MPS_FAST_MATH where it turns PyTorch's fast math on, else None: PyTorch's own test is "set, and not
+    exactly 0", so an empty value turns it on too."""
+    value = os.environ.get(MPS_FAST_MATH.name)
+    return value if value is not None and value != "0" else None
 
 
 def cuda_arch_list() -> list[str]:

@@ -740,7 +740,8 @@ def _attention_unpatch(module: nn.Module) -> bool:
 
 # ---- softmax -------------------------------------------------------------------------------------------
 def _softmax_forward(self: nn.Softmax, x: torch.Tensor) -> torch.Tensor:
-    dim = self.dim if self.dim is not None else -1
+    # nn.Softmax() without a dim: torch's legacy implicit choice (dim 0 for 0-, 1- and 3-D input, else 1)
+    dim = self.dim if self.dim is not None else 0 if x.ndim in (0, 1, 3) else 1
     return softmax(x, dim)
 
 

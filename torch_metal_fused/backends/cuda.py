@@ -100,7 +100,7 @@ def lora_backward(dy, x, weight, lora_a, lora_b, h, scale: float, dropout_mask, 
         return reference.lora_backward(dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, needs)
     needs_dx, needs_dw, needs_db, needs_da, needs_dlb = needs
     dtype = x.dtype
-    dy2 = dy.reshape(-1, dy.shape[-1])
+    dy2 = dy if dy.ndim == 2 else dy.reshape(-1, dy.shape[-1])
     dx = dw = dbias = da = dlb = None
     if needs_dx or needs_da:
         dh = _sum_halves(_mm_float32(dy2, _paired(lora_b, dtype, 1)), 1).mul_(scale)  # (tokens, r) float32

@@ -31,7 +31,7 @@ STAND_IN_GPU_CORES = 10
 # threadgroup, or a SIMD-group in simd_rows): walking at least this many rows keeps the re-reads under
 # 1 / (2 · 20) = 2.5 % of the traffic (x read and y written once per row).
 MIN_ROWS_PER_OPERAND_READ = 20
-U32_MAX = 2**32 - 1
+INDEX_MAX = 2**31 - 1
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -47,10 +47,12 @@ def round_down(v: int, m: int) -> int:
 
 
 def check_u32(family: str, value: int, what: str) -> None:
-    """A size, stride or thread count the kernels take as a 32-bit uint: past 2^32 - 1 no launch plan fits the call,
-    which the reference then serves (KernelUnavailable), as for any other call our kernels cannot take."""
-    if value > U32_MAX:
-        raise KernelUnavailable(family, "call", f"{what} ({value}) exceeds 2^32 - 1, the Metal kernels' limit")
+    """A size, stride or thread count the kernels take as a 32-bit uint. Their loops step 32-bit counters past the
+    bound (`c += threads`, `(group + 1) * rows_per_group`), so the limit keeps 2^31 of headroom: past INDEX_MAX no
+    launch plan fits the call, which the reference then serves (KernelUnavailable), as any call our kernels cannot
+    take."""
+    if value > INDEX_MAX:
+        raise KernelUnavailable(family, "call", f"{what} ({value}) exceeds 2^31 - 1, the Metal kernels' index limit")
 
 
 def kernel_name(base: str, variant: str, dtype: torch.dtype) -> str:
@@ -394,7 +396,7 @@ def cross_entropy_rows(logits, target, ignore_index: int, label_smoothing: float
     if vocab == 0:
         raise ValueError("cross-entropy over an empty vocabulary")
     if not -(2**31) <= ignore_index < 2**31:
-        raise ValueError("ignore_index must fit in 32 bits for the kernels")
+        raise KernelUnavailable("cross_entropy", "call", f"ignore_index {ignore_index} does not fit the kernels' int32")
     if want_grad and in_place and not logits.is_contiguous():
         raise ValueError("in_place needs contiguous logits")
     if target.dtype not in (torch.int32, torch.int64):
@@ -454,7 +456,7 @@ def _plan_glu(launcher: Launcher, base: str, activation: int, dtype, rows: int, 
     block (every row stride == cols) are launched as a single flat row, so short rows waste no threads."""
     if activation not in GLU_VARIANTS:
         raise ValueError(f"unknown GLU activation code {activation}")
-    flat = rows > 1 and rows * cols <= U32_MAX and all(s == cols for s in row_strides)
+    flat = rows > 1 and rows * cols <= INDEX_MAX and all(s == cols for s in row_strides)
     if flat:
         cols, rows = cols * rows, 1
     for value, what in ((rows, "rows"), (cols, "row length"), *((s, "row stride") for s in row_strides)):

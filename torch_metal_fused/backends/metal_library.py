@@ -47,7 +47,12 @@ def shader_source(family: str, folder: Path = SHADERS) -> str:
 
 
 def _line_mark(number: int, path: Path) -> str:
-    quoted = str(path).replace("\\", "\\\\").replace('"', '\\"')
+    """`#line` back to `path`, in ASCII like the rest of the source (PyTorch decodes it as ASCII): a non-ASCII byte
+    of the path (an install under ~/prøjekt) becomes an octal escape, which the compiler reads back as that byte."""
+    quoted = "".join(
+        ("\\" + chr(b) if chr(b) in '"\\' else chr(b)) if 32 <= b < 127 else f"\\{b:03o}"
+        for b in str(path).encode("utf-8", "surrogateescape")
+    )
     return f'#line {number} "{quoted}"\n'
 
 

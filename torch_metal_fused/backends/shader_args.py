@@ -4,6 +4,7 @@ plans and the shaders share one definition (as PyTorch's c10/metal/common.h does
 from __future__ import annotations
 
 import functools
+import math
 import re
 import struct
 
@@ -40,7 +41,20 @@ def params(struct_name: str, **fields) -> Params:
         missing, extra = set(names) - set(fields), set(fields) - set(names)
         raise TypeError(f"tmf::{struct_name}: missing fields {sorted(missing)}, unknown fields {sorted(extra)}")
     values = [float(fields[n]) if f else int(fields[n]) for n, f in zip(names, is_float)]
-    return Params(struct.unpack(f"<{words}i", packed.pack(*values)))
+    try:
+        raw = packed.pack(*values)
+    except OverflowError:  # a finite float past float32's range (eps=1e39): ±inf, as torch rounds it to float32
+        values = [_float32_or_inf(v) if f else v for v, f in zip(values, is_float)]
+        raw = packed.pack(*values)
+    return Params(struct.unpack(f"<{words}i", raw))
+
+
+def _float32_or_inf(v: float) -> float:
+    try:
+        struct.pack("<f", v)
+    except OverflowError:
+        return math.copysign(math.inf, v)
+    return v
 
 
 def constant(name: str) -> int:

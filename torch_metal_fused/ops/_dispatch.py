@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from torch_metal_fused import reference
@@ -37,6 +39,11 @@ def call(op, impl, *args):
         return impl(*args)
     with torch.autocast(device, enabled=False):
         return impl(*args)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (rows, last dimension), also where the last dimension is 0 (reshape(-1, 0) cannot infer the rows)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def none_to_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

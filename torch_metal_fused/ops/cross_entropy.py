@@ -27,7 +27,7 @@ from torch_metal_fused._autocast import (
 )
 from torch_metal_fused._backend import backend_for
 from torch_metal_fused._validation import check_finite_number, check_same_device_dtype, check_tensor
-from torch_metal_fused.ops._dispatch import call, refuse_double_backward, run_kernel
+from torch_metal_fused.ops._dispatch import as_rows, call, refuse_double_backward, run_kernel
 
 REDUCTIONS = ("mean", "sum", "none")
 # Extra memory the chunked op aims for, per chunk: the chunk's logits in their dtype (our kernels write the gradient
@@ -160,8 +160,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, softcap, out_dtype):
-        vocab = logits.shape[-1]
-        logits2, target2 = logits.reshape(-1, vocab), target.reshape(-1)
+        logits2, target2 = as_rows(logits), target.reshape(-1)
         row_scale = _row_scale(target2, ignore_index, reduction, _loss_dtype(logits.dtype))
         wanted = row_scale if logits.requires_grad else None
         loss_rows, grad = call(
@@ -204,7 +203,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dweight_float32=False,
         weight_before_cast=None,
     ):
-        hidden2, target2 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+        hidden2, target2 = as_rows(hidden), target.reshape(-1)
         row_scale = _row_scale(target2, ignore_index, reduction, _loss_dtype(hidden.dtype))
         needs = [hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
         eager = any(needs) and reduction != "none"  # with "none", backward recomputes with the rows' gradients

@@ -22,6 +22,7 @@ from torch_metal_fused import reference
 from torch_metal_fused._autocast import autocast_enabled, cast_like_linear
 from torch_metal_fused._validation import check_dropout, check_finite_number, check_same_device_dtype, check_tensor
 from torch_metal_fused.ops._dispatch import (
+    as_rows,
     call,
     create_graph_requested,
     empty_to_none,
@@ -92,7 +93,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale, bias, dropout_p, training):
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = as_rows(x)
         mask = None
         if training and dropout_p > 0.0:
             # A 0/1 mask, exact in any dtype, with dropout's 1/(1-p) folded into the scale (in float32 in the
@@ -113,7 +114,7 @@ class LoRALinearFunction(torch.autograd.Function):
         needs = [n[0], n[1], ctx.has_bias and n[5], n[2], n[3]]
         if not any(needs):
             return (None,) * 8
-        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        x2, dy2 = as_rows(x), as_rows(dy)
         if create_graph_requested():
             h = (x2 if mask is None else x2 * mask).to(lora_a.dtype) @ lora_a.t()
             grads = reference.lora_backward(dy2, x2, weight, lora_a, lora_b, h, ctx.scale, mask, tuple(needs))
