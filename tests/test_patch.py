@@ -1,6 +1,8 @@
 """patch_model / unpatch_model on torch, Hugging Face and PEFT modules; convergence of patched vs unpatched
 training (as Liger-Kernel tests it) on the reference and Metal-emulated backends; DDP."""
 
+import copy
+import inspect
 import os
 
 import pytest
@@ -707,3 +709,75 @@ def test_gradient_checkpointing_with_every_patch(cpu_backend, reentrant, monkeyp
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _tiny_llama_for_users(peft_lora: bool = False):
+    """A tiny random Llama with head_dim 32 (the attention kernels' smallest), optionally with PEFT LoRA adapters."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    if peft_lora:
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    return model
+
+
+def test_patched_forwards_show_the_original_signature():
+    """transformers' generate and Trainer decide what to pass from inspect.signature(model.forward): every forward
+    patch_model installs shows the one it replaced (a bare (*args, **kwargs) made generate re-feed the prompt on
+    top of its cache and Trainer drop input_ids)."""
+    model = _tiny_llama_for_users(peft_lora=True)
+    report = tmf.patch_model(model, **ALL_OPTIONS, attention=True)
+    patched = [m for m in model.modules() if tmf.patch._is_patched(m)]
+    assert len(patched) >= len(report.patched) - 1  # the attention switch installs no forward
+    for module in patched:
+        original = getattr(module, tmf.patch._ORIGINAL)
+        assert inspect.signature(module.forward) == inspect.signature(original), type(module).__name__
+    base = model.get_base_model()
+    assert "attention_mask" in inspect.signature(base.forward).parameters
+
+
+def test_generate_continues_from_a_returned_cache(cpu_backend):
+    """A second generate() from the cache the first returned (a chat's next turn) gives the scores of a fresh
+    generate over the whole sequence, as the unpatched model does (it silently re-fed the prompt over the cache)."""
+    ref = _tiny_llama_for_users().eval()
+    model = copy.deepcopy(ref)
+    tmf.patch_model(model, **ALL_OPTIONS, attention=True)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    kw = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True, max_new_tokens=4)
+    scores = {}
+    for name, m in (("unpatched", ref), ("patched", model)):
+        first = m.generate(input_ids=ids, **kw)
+        turn2 = torch.cat([first.sequences, torch.arange(3, 8)[None]], 1)
+        cont = m.generate(input_ids=turn2, past_key_values=first.past_key_values, **kw)
+        fresh = m.generate(input_ids=turn2, **kw)
+        for a, b in zip(cont.scores, fresh.scores):
+            assert_matches(a, b.double(), torch.float32, f"{name}: continued against fresh")
+        scores[name] = torch.stack(cont.scores)
+    assert_matches(scores["patched"], scores["unpatched"].double(), torch.float32, "patched against unpatched")
+
+
+@pytest.mark.parametrize("peft_lora", [False, True], ids=["full", "peft"])
+def test_trainer_trains_a_patched_model(peft_lora, tmp_path):
+    """transformers' Trainer with its defaults (remove_unused_columns=True keeps the dataset columns the forward's
+    signature names): the patched model trains, with the unpatched model's loss."""
+    pytest.importorskip("accelerate")
+    ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(2))
+    data = [dict(input_ids=row, attention_mask=torch.ones_like(row), labels=row) for row in ids]
+    args = dict(per_device_train_batch_size=2, max_steps=2, report_to=[], use_cpu=True, save_strategy="no")
+    losses = {}
+    for fused in (False, True):
+        model = _tiny_llama_for_users(peft_lora)
+        if fused:
+            tmf.patch_model(model, **ALL_OPTIONS, attention=True)
+        run = transformers.TrainingArguments(output_dir=str(tmp_path / str(fused)), seed=0, **args)
+        trainer = transformers.Trainer(model=model, args=run, train_dataset=data)
+        losses[fused] = trainer.train().training_loss
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -126,8 +126,25 @@ def _is_patched(module: nn.Module) -> bool:
 
 
 def _install(module: nn.Module, fused_forward) -> None:
-    setattr(module, _ORIGINAL, module.forward)
-    module.forward = types.MethodType(fused_forward, module)
+    """Bind `fused_forward` as the module's forward, showing the original's signature: transformers' generate and
+    Trainer read `inspect.signature(model.forward)` to decide what to pass (attention_mask, position_ids,
+    logits_to_keep, the dataset's columns); a bare (*args, **kwargs) made generate re-feed the whole prompt on top of
+    its cache and Trainer drop input_ids."""
+    original = module.forward
+    setattr(module, _ORIGINAL, original)
+
+    def forward(self, *args, **kwargs):
+        return fused_forward(self, *args, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = fused_forward.__name__
+    try:
+        shown = inspect.signature(original)
+    except (TypeError, ValueError):
+        shown = None
+    if shown is not None:
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        forward.__signature__ = shown.replace(parameters=[self_param, *shown.parameters.values()])
+    module.forward = types.MethodType(forward, module)
 
 
 def _install_or_report(report: PatchReport, name: str, module: nn.Module, fused_forward, what: str) -> None:
