@@ -781,3 +781,46 @@ def test_trainer_trains_a_patched_model(peft_lora, tmp_path):
         trainer = transformers.Trainer(model=model, args=run, train_dataset=data)
         losses[fused] = trainer.train().training_loss
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_inference_mode_with_a_padded_batch(cpu_backend):
+    """torch.inference_mode() (pipelines, evaluation loops) with a padded batch and the fused attention: the mask's
+    causal and padding factors are found without its version counter, which inference tensors lack (a
+    RuntimeError before); the logits equal the unpatched model's."""
+    ref = _tiny_llama_for_users().eval()
+    model = copy.deepcopy(ref)
+    tmf.patch_model(model, **ALL_OPTIONS, attention=True)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask).logits
+        want = ref(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert_matches(out[real], want[real].double(), torch.float32, "inference_mode logits")
+
+
+@pytest.mark.parametrize("variant", [dict(use_dora=True), dict(lora_bias=True)], ids=["dora", "lora_bias"])
+def test_an_adapter_the_op_cannot_compute_added_after_patching_runs_peft(variant, monkeypatch):
+    """An adapter added after patch_model that the op does not compute (DoRA, a LoRA bias): its layers run PEFT's
+    forward, with one warning naming why (they ran as plain LoRA before: logits 0.9 off, silently)."""
+    model = _tiny_llama_for_users(peft_lora=True)
+    tmf.patch_model(model)
+    ref = copy.deepcopy(model)
+    tmf.unpatch_model(ref)
+    for m in (model, ref):
+        torch.manual_seed(1)
+        m.add_adapter("late", peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **variant))
+        m.set_adapter("late")
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "late" in name:
+                    p.normal_(0, 0.5)  # LoRA B, DoRA's magnitudes and the LoRA bias away from their neutral values
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    tmf.patch._warned_lora_adapters.clear()
+    calls = record_kernel_calls(monkeypatch, ("lora_linear",))
+    with pytest.warns(UserWarning, match="added after patch_model") as caught:
+        out = model(input_ids=ids).logits
+    assert sum("added after patch_model" in str(w.message) for w in caught) == 1
+    assert calls == []
+    assert_matches(out, ref(input_ids=ids).logits.double(), torch.float32, "logits")

@@ -24,6 +24,7 @@ transformers' modeling code is loaded; `hf_attention_forward` is the function), 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.abc
 import importlib.util
@@ -211,12 +212,21 @@ def _lora_static_problem(module: nn.Module) -> str | None:
     if not isinstance(module.base_layer, nn.Linear):
         return f"base layer is {type(module.base_layer).__name__}, not nn.Linear (e.g. quantised)"
     for name in module.lora_A:
-        if module.use_dora.get(name, False) or name in getattr(module, "lora_variant", {}):
-            return f"adapter {name!r} uses DoRA or another LoRA variant"
-        if module.lora_B[name].bias is not None:
-            return f"adapter {name!r} has a LoRA bias"
-        if not isinstance(module.lora_A[name], nn.Linear):
-            return f"adapter {name!r} is not a linear adapter"
+        problem = _lora_adapter_problem(module, name)
+        if problem:
+            return problem
+    return None
+
+
+def _lora_adapter_problem(module: nn.Module, name: str) -> str | None:
+    """Why the op cannot compute adapter `name` of this PEFT layer: checked at patch time for every adapter, and at
+    call time for the active ones (an adapter added after patching: add_adapter(..., use_dora=True))."""
+    if module.use_dora.get(name, False) or name in getattr(module, "lora_variant", {}):
+        return f"adapter {name!r} uses DoRA or another LoRA variant"
+    if module.lora_B[name].bias is not None:
+        return f"adapter {name!r} has a LoRA bias"
+    if not isinstance(module.lora_A[name], nn.Linear):
+        return f"adapter {name!r} is not a linear adapter"
     return None
 
 
@@ -259,6 +269,20 @@ def _warn_lora_dtype_fallback(dtypes: set[torch.dtype]) -> None:
     )
 
 
+_warned_lora_adapters: set[str] = set()
+
+
+def _warn_lora_adapter_fallback(problem: str) -> None:
+    """Once per reason: a patched LoRA layer runs PEFT's forward for an adapter added after patch_model."""
+    if problem not in _warned_lora_adapters:
+        _warned_lora_adapters.add(problem)
+        warnings.warn(
+            f"torch_metal_fused: a patched PEFT LoRA layer's {problem}, which the fused op does not compute (added "
+            "after patch_model), so its calls run PEFT's own (unfused) forward.",
+            stacklevel=3,
+        )
+
+
 def _dropout_p(dropout: nn.Module) -> float | None:
     if isinstance(dropout, nn.Identity):
         return 0.0
@@ -272,6 +296,10 @@ def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     active = [a for a in self.active_adapters if a in self.lora_A]
     if args or kwargs or self.disable_adapters or self.merged or not active:
         return original(x, *args, **kwargs)  # mixed-batch adapter_names, disabled/merged adapters, extra args
+    problem = next((p for p in map(functools.partial(_lora_adapter_problem, self), active) if p), None)
+    if problem is not None:  # an adapter added after patching that the op cannot compute (DoRA, a LoRA bias)
+        _warn_lora_adapter_fallback(problem)
+        return original(x)
     base = self.base_layer
     first = active[0]
     a_weight, b_weight = self.lora_A[first].weight, self.lora_B[first].weight
@@ -514,18 +542,22 @@ def _causal_padding_factors(mask: torch.Tensor, sliding_window) -> tuple[torch.T
     if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
         return None
     window = int(sliding_window) if sliding_window is not None and sliding_window < mask.shape[3] else None
-    entry = _MASK_FACTORS.get(id(mask))
+    # An inference tensor (torch.inference_mode) has no version counter: its factors are computed per call, never
+    # cached, since an in-place change would go unseen.
+    version = None if mask.is_inference() else mask._version
+    entry = _MASK_FACTORS.get(id(mask)) if version is not None else None
     if entry is not None:
-        ref, version, cached_window, factors = entry
-        if ref() is mask and version == mask._version and cached_window == window:
+        ref, cached_version, cached_window, factors = entry
+        if ref() is mask and cached_version == version and cached_window == window:
             return factors
     rows = mask[:, 0]
     key_padding = rows.any(dim=1)  # a real key is seen at least by its own query (the diagonal)
     band = _top_left_causal(rows.shape[-1], rows.shape[-1], window, mask.device)[0]
     factors = (key_padding, window) if torch.equal(rows, band & key_padding[:, None, :]) else None
-    if len(_MASK_FACTORS) >= _MASK_FACTORS_MAX:
-        _MASK_FACTORS.clear()
-    _MASK_FACTORS[id(mask)] = (weakref.ref(mask), mask._version, window, factors)
+    if version is not None:
+        if len(_MASK_FACTORS) >= _MASK_FACTORS_MAX:
+            _MASK_FACTORS.clear()
+        _MASK_FACTORS[id(mask)] = (weakref.ref(mask), version, window, factors)
     return factors
 
 
