@@ -423,7 +423,7 @@ def test_patch_and_unpatch_switch_the_implementation_and_compose_with_rope(monke
         ref = model(input_ids=ids, attention_mask=mask).logits
     assert tmf.patch_model(copy.deepcopy(model)).patched and model.config._attn_implementation == "sdpa"
     modeling_llama = type(model.model.layers[0].self_attn).__module__
-    rope_users = patch._ROPE_USERS.get(modeling_llama, 0)  # models of other tests may still be patched
+    rope_users = patch.rope_users(modeling_llama)  # models of other tests may still be patched
     report = tmf.patch_model(model, rope=True, attention=True)
     assert ("", "LlamaForCausalLM attention: attn_implementation 'sdpa' -> 'tmf' (2 LlamaAttention modules)") in (
         report.patched
@@ -443,7 +443,7 @@ def test_patch_and_unpatch_switch_the_implementation_and_compose_with_rope(monke
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     assert calls == []
-    assert patch._ROPE_USERS.get(modeling_llama, 0) == rope_users  # rope's users of Llama's module: as before
+    assert patch.rope_users(modeling_llama) == rope_users  # rope's users of Llama's module: as before
 
 
 def test_peft_model_patched_and_unpatched(monkeypatch):

@@ -824,3 +824,26 @@ def test_an_adapter_the_op_cannot_compute_added_after_patching_runs_peft(variant
     assert sum("added after patch_model" in str(w.message) for w in caught) == 1
     assert calls == []
     assert_matches(out, ref(input_ids=ids).logits.double(), torch.float32, "logits")
+
+
+def test_a_deepcopy_of_a_patched_model_unpatches_on_its_own(monkeypatch):
+    """copy.deepcopy of a patched model (a DPO reference or an EMA copy) runs fused like the original; unpatching
+    the original leaves the copy's fused RoPE in place, and unpatching the copy restores it fully (it raised
+    KeyError half-way, and unpatching the original switched the copy's RoPE back to Hugging Face's)."""
+    model = _tiny_llama_for_users()
+    tmf.patch_model(model, **ALL_OPTIONS, attention=True)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(5))
+    calls = record_kernel_calls(monkeypatch, ("rope",))
+    with torch.no_grad():
+        want = twin(input_ids=ids).logits
+        assert calls.count("rope_apply") == 2
+        assert tmf.unpatch_model(model) > 0
+        calls.clear()
+        assert_matches(twin(input_ids=ids).logits, want.double(), torch.float32, "copy after the original's unpatch")
+        assert calls.count("rope_apply") == 2
+        assert tmf.unpatch_model(twin) > 0
+        assert not any(tmf.patch._is_patched(m) for m in twin.modules())
+        calls.clear()
+        assert_matches(twin(input_ids=ids).logits, want.double(), torch.float32, "copy unpatched")
+        assert calls == []

@@ -226,9 +226,9 @@ def test_patched_attention_equals_hf_and_other_models_keep_hf_rope(backend, fami
     hf_module = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
     # Models patched earlier in this process (and never unpatched) may hold the replacement already.
     original_fn = getattr(hf_module.apply_rotary_pos_emb, "_tmf_original", hf_module.apply_rotary_pos_emb)
-    users = tmf_patch._ROPE_USERS.get(hf_module.__name__, 0)
+    users = tmf_patch.rope_users(hf_module.__name__)
     report = tmf.patch_model(model, rms_norm=False, lora=False, rope=True)
-    assert tmf_patch._ROPE_USERS[hf_module.__name__] == users + 1  # one attention layer
+    assert tmf_patch.rope_users(hf_module.__name__) == users + 1  # one attention layer
     assert sum("rotary embedding fused" in what for _, what in report.patched) == 1, report
     ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(4)).to(backend.device)
     for m in (model, other, reference):
@@ -246,7 +246,7 @@ def test_patched_attention_equals_hf_and_other_models_keep_hf_rope(backend, fami
     assert calls == []  # the unpatched model: HF's own formula
     assert hf_module.apply_rotary_pos_emb._tmf_original is original_fn
     assert tmf.unpatch_model(model) == 1
-    assert tmf_patch._ROPE_USERS.get(hf_module.__name__, 0) == users
+    assert tmf_patch.rope_users(hf_module.__name__) == users
     if users == 0:  # the last patched attention of the family: HF's function is back
         assert hf_module.apply_rotary_pos_emb is original_fn
 

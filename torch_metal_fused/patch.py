@@ -363,7 +363,9 @@ def _gated_mlp_patch(module: nn.Module):
 # thread's stack (_ROPE_ACTIVE), so models that were not patched keep HF's formula; the module's original function is
 # restored when the last patched attention of that module is unpatched.
 _ROPE_ACTIVE = threading.local()
-_ROPE_USERS: dict[str, int] = {}  # modeling module name -> patched attention modules using its replacement
+# modeling module name -> the patched attention modules using its replacement. Weak, and joined at call time by a
+# deepcopy of a patched model (a DPO reference or EMA copy), whose modules carry the patch but were never counted.
+_ROPE_USERS: dict[str, weakref.WeakSet] = {}
 _ROPE_MODULE = "_tmf_rope_module"
 
 
@@ -396,7 +398,25 @@ def _fused_apply_rotary_pos_emb(original):
     return apply_rotary_pos_emb
 
 
+def rope_users(name: str) -> int:
+    """How many patched attention modules use the fused apply_rotary_pos_emb of modeling module `name`."""
+    return len(_ROPE_USERS.get(name, ()))
+
+
+def _rope_register(module: nn.Module, hf_module) -> None:
+    """Count `module` as a user of `hf_module`'s fused apply_rotary_pos_emb, installing it where it is not."""
+    fn = hf_module.apply_rotary_pos_emb
+    if not hasattr(fn, "_tmf_original"):
+        hf_module.apply_rotary_pos_emb = _fused_apply_rotary_pos_emb(fn)
+    _ROPE_USERS.setdefault(hf_module.__name__, weakref.WeakSet()).add(module)
+
+
 def _attention_with_fused_rope(self: nn.Module, *args, **kwargs):
+    name = vars(self).get(_ROPE_MODULE)
+    if name is not None and self not in _ROPE_USERS.get(name, ()):  # a deepcopy of a patched model's module
+        hf_module = sys.modules.get(name)
+        if hf_module is not None:
+            _rope_register(self, hf_module)
     _ROPE_ACTIVE.depth = getattr(_ROPE_ACTIVE, "depth", 0) + 1
     try:
         return getattr(self, _ORIGINAL)(*args, **kwargs)
@@ -410,9 +430,7 @@ def _rope_patch(module: nn.Module):
     fn = getattr(hf_module, "apply_rotary_pos_emb", None)
     if fn is None:
         return None, f"{cls}: its module has no apply_rotary_pos_emb"
-    if not hasattr(fn, "_tmf_original"):
-        hf_module.apply_rotary_pos_emb = _fused_apply_rotary_pos_emb(fn)
-    _ROPE_USERS[hf_module.__name__] = _ROPE_USERS.get(hf_module.__name__, 0) + 1
+    _rope_register(module, hf_module)
     setattr(module, _ROPE_MODULE, hf_module.__name__)
     return _attention_with_fused_rope, f"{cls} (rotary embedding fused)"
 
@@ -422,10 +440,12 @@ def _rope_unpatch(module: nn.Module) -> None:
     if name is None:
         return
     delattr(module, _ROPE_MODULE)
-    _ROPE_USERS[name] -= 1
+    users = _ROPE_USERS.get(name)
+    if users is not None:
+        users.discard(module)  # a deepcopy never called while patched was never counted
     hf_module = sys.modules.get(name)
-    if _ROPE_USERS[name] == 0 and hf_module is not None:
-        del _ROPE_USERS[name]
+    if not users and hf_module is not None:
+        _ROPE_USERS.pop(name, None)
         fn = hf_module.apply_rotary_pos_emb
         hf_module.apply_rotary_pos_emb = getattr(fn, "_tmf_original", fn)
 
