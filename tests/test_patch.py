@@ -651,19 +651,8 @@ def _holder_bf16() -> torch.nn.Module:
 def _checkpointed_llama(dropout: float, reentrant: bool | None):
     """A tiny PEFT-LoRA Llama (head_dim 32: the attention kernels' smallest) with gradient checkpointing as
     transformers enables it (`gradient_checkpointing_enable`, reentrant or not; None: off)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config)
     lora = dict(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
-    model = peft.get_peft_model(model, peft.LoraConfig(**lora))
+    model = peft.get_peft_model(_tiny_llama_for_users(), peft.LoraConfig(**lora))
     if reentrant is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.enable_input_require_grads()  # the reentrant variant needs an input that requires grad (PEFT's advice)
@@ -673,7 +662,7 @@ def _checkpointed_llama(dropout: float, reentrant: bool | None):
 
 def _checkpointed_step(model, seed: int = 5):
     """Loss and the adapters' gradients of one padded training batch, the dropout masks drawn from `seed`."""
-    ids = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0  # left padding
     labels = ids.masked_fill(mask == 0, -100)

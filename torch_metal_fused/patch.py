@@ -24,7 +24,6 @@ transformers' modeling code is loaded; `hf_attention_forward` is the function), 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import importlib.abc
 import importlib.util
@@ -301,7 +300,7 @@ def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     active = [a for a in self.active_adapters if a in self.lora_A]
     if args or kwargs or self.disable_adapters or self.merged or not active:
         return original(x, *args, **kwargs)  # mixed-batch adapter_names, disabled/merged adapters, extra args
-    problem = next((p for p in map(functools.partial(_lora_adapter_problem, self), active) if p), None)
+    problem = next(filter(None, (_lora_adapter_problem(self, name) for name in active)), None)
     if problem is not None:  # an adapter added after patching that the op cannot compute (DoRA, a LoRA bias)
         _warn_lora_adapter_fallback(problem)
         return original(x)
