@@ -273,6 +273,20 @@ def _warn_lora_dtype_fallback(dtypes: set[torch.dtype]) -> None:
     )
 
 
+_LORA_PROBLEMS = "_tmf_lora_adapter_problems"
+
+
+def _lora_adapter_problems(module: nn.Module) -> dict[str, str | None]:
+    """Each adapter's _lora_adapter_problem, computed again only when the layer's adapters change (add_adapter after
+    patching), not on every call: the check is a few microseconds, the layer's hot path."""
+    names = tuple(module.lora_A)
+    cached = vars(module).get(_LORA_PROBLEMS)
+    if cached is None or cached[0] != names:
+        cached = (names, {name: _lora_adapter_problem(module, name) for name in names})
+        setattr(module, _LORA_PROBLEMS, cached)
+    return cached[1]
+
+
 _warned_lora_adapters: set[str] = set()
 
 
@@ -300,7 +314,8 @@ def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     active = [a for a in self.active_adapters if a in self.lora_A]
     if args or kwargs or self.disable_adapters or self.merged or not active:
         return original(x, *args, **kwargs)  # mixed-batch adapter_names, disabled/merged adapters, extra args
-    problem = next(filter(None, (_lora_adapter_problem(self, name) for name in active)), None)
+    problems = _lora_adapter_problems(self)
+    problem = next(filter(None, map(problems.get, active)), None)
     if problem is not None:  # an adapter added after patching that the op cannot compute (DoRA, a LoRA bias)
         _warn_lora_adapter_fallback(problem)
         return original(x)
@@ -989,6 +1004,7 @@ def unpatch_model(model: nn.Module) -> int:
         if _is_patched(module):
             del module.forward  # the instance attribute; the class's forward shows through again
             delattr(module, _ORIGINAL)
+            vars(module).pop(_LORA_PROBLEMS, None)
             _rope_unpatch(module)
             n += 1
     return n

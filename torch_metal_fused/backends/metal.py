@@ -46,7 +46,7 @@ def round_down(v: int, m: int) -> int:
     return v // m * m
 
 
-def check_u32(family: str, value: int, what: str) -> None:
+def check_index(family: str, value: int, what: str) -> None:
     """A size, stride or thread count the kernels take as a 32-bit uint. Their loops step 32-bit counters past the
     bound (`c += threads`, `(group + 1) * rows_per_group`), so the limit keeps 2^31 of headroom: past INDEX_MAX no
     launch plan fits the call, which the reference then serves (KernelUnavailable), as any call our kernels cannot
@@ -169,8 +169,8 @@ def _row_params(
     family, rows, cols, x_row_stride, dy_row_stride, rows_per_group, eps=0.0, offset=0.0, residual_row_stride=0
 ):
     for v, what in ((rows, "rows"), (cols, "row length"), (x_row_stride, "row stride"), (dy_row_stride, "row stride")):
-        check_u32(family, v, what)
-    check_u32(family, residual_row_stride, "row stride")
+        check_index(family, v, what)
+    check_index(family, residual_row_stride, "row stride")
     return params(
         "RowParams",
         rows=rows,
@@ -306,7 +306,7 @@ def _rms_norm_backward(dy2, x2, weight, rstd, dx, dw, offset, d_residual2=None) 
             (_row_stride(dy2), "row stride"),
             (d_residual_stride, "row stride"),
         ):
-            check_u32("rms_norm", v, what)
+            check_index("rms_norm", v, what)
         p = params(
             "RmsNormBackwardParams",
             rows=rows,
@@ -410,7 +410,7 @@ def cross_entropy_rows(logits, target, ignore_index: int, label_smoothing: float
         (_row_stride(logits2), "row stride"),
         (target_word_stride, "target stride"),
     ):
-        check_u32("cross_entropy", v, what)
+        check_index("cross_entropy", v, what)
     launcher = Launcher("cross_entropy", logits.device)
 
     def build():
@@ -460,13 +460,13 @@ def _plan_glu(launcher: Launcher, base: str, activation: int, dtype, rows: int, 
     if flat:
         cols, rows = cols * rows, 1
     for value, what in ((rows, "rows"), (cols, "row length"), *((s, "row stride") for s in row_strides)):
-        check_u32(launcher.family, value, what)
+        check_index(launcher.family, value, what)
     pipeline = launcher.pipeline(kernel_name(base, GLU_VARIANTS[activation], dtype))
     per_thread = constant("kGluElementsPerThread")
     needed = round_up(ceil_div(cols, per_thread), SIMD_WIDTH)
     threads = min(needed, GLU_THREADS_PER_GROUP, round_down(pipeline.max_threads, SIMD_WIDTH))
     groups_per_row = ceil_div(cols, threads * per_thread)
-    check_u32(launcher.family, rows * groups_per_row, "threadgroups (rows x groups per row)")
+    check_index(launcher.family, rows * groups_per_row, "threadgroups (rows x groups per row)")
     strides = [cols] * 3 if flat else [*row_strides, cols][:3]
     p = params(
         "GluParams",
@@ -538,9 +538,9 @@ def rope_apply(q, k, cos, sin, interleaved: bool, backward: bool) -> tuple[torch
     def build():
         slots = rotary_dim // 2 + (head_dim - rotary_dim)
         total = batch * seq * slots
-        check_u32("rope", total, "threads (batch x seq x slots)")
+        check_index("rope", total, "threads (batch x seq x slots)")
         for v in (*strides, q_heads, k_heads, seq * head_dim, seq * rotary_dim):
-            check_u32("rope", v, "a stride or head count")
+            check_index("rope", v, "a stride or head count")
         pipeline = launcher.pipeline(kernel_name("rope", "apply", q.dtype))
         threads = min(
             round_up(min(total, ROPE_THREADS_PER_GROUP), SIMD_WIDTH),
@@ -627,7 +627,7 @@ def _lora_reduce_plan(max_threads, max_floats, tokens, reduce_dim, rank, in_row_
     SIMD-group of tokens each): a pipeline capped lower than that gets no plan, and the call is served by the
     reference. Returns (params, groups, threads, threadgroup floats)."""
     for value, what in ((tokens, "tokens"), (reduce_dim, "reduce_dim"), (in_row_stride, "row stride")):
-        check_u32("lora_linear", value, what)
+        check_index("lora_linear", value, what)
     if not 1 <= rank <= LORA_MAX_RANK:
         raise ValueError(f"LoRA rank must be in [1, {LORA_MAX_RANK}] for the kernels")
     blocks, cap = ceil_div(rank, LORA_RANKS_PER_THREAD), _lora_threads_cap(max_threads)
@@ -672,7 +672,7 @@ def _lora_expand_plans(max_threads, max_floats, tokens, out_dim, rank, scale, ha
     read once per 1024 columns), 32 · block rank token rows per group (>= 256), h staged as many rows per step as the
     threadgroup array holds. Returns [(params, groups, threads, threadgroup floats)]."""
     for value, what in ((tokens, "tokens"), (out_dim, "out_dim")):
-        check_u32("lora_linear", value, what)
+        check_index("lora_linear", value, what)
     columns = min(_lora_threads_cap(max_threads), round_up(max(out_dim, 1), SIMD_WIDTH))
     floats = lora_threadgroup_floats(columns, max_floats)
     plans = []
@@ -935,10 +935,10 @@ def _attention_params(shapes, strides: dict, causal: bool, window: int, scale: f
     fields["head_dim"] = head_dim
     for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv", "mask"):
         for axis, value in zip(("batch", "head", "row"), strides.get(name, (0, 0, 0))):
-            check_u32("attention", value, f"{name}'s {axis} stride")
+            check_index("attention", value, f"{name}'s {axis} stride")
             fields[f"{name}_{axis}_stride"] = value
     for value, what in ((batch * q_heads * q_len, "batch x heads x q_len"), (kv_len, "kv_len")):
-        check_u32("attention", value, what)
+        check_index("attention", value, what)
     return params(
         "AttentionParams",
         **fields,
@@ -1018,7 +1018,7 @@ def attention_backward(dout, q, k, v, out, lse, bias, causal: bool, window: int,
         dq_pipeline = launcher.pipeline(kernel_name("attention_backward_dq", variant, q.dtype))
         dkdv_pipeline = launcher.pipeline(kernel_name("attention_backward_dkdv", variant, q.dtype))
         delta_rows = min(DELTA_ROWS_PER_GROUP, delta_pipeline.max_threads // SIMD_WIDTH)
-        check_u32("attention", batch * q_heads * q_len * SIMD_WIDTH, "delta pass threads (32 per query row)")
+        check_index("attention", batch * q_heads * q_len * SIMD_WIDTH, "delta pass threads (32 per query row)")
         plans = [
             (
                 delta_pipeline,

@@ -154,7 +154,7 @@ def cpu_step_peak_bytes(step, model, opt: torch.optim.Optimizer) -> int:
 # ---- --memory: where a step's memory goes, by call site --------------------------------------------------------
 # Frames of autograd's, the allocator's and torch's dispatch machinery, and of this module: a site is the innermost
 # frame outside them (a model's, PEFT's, Liger's or our op's code).
-_MACHINERY = ("/torch/autograd/", "/torch/_", "/torch/utils/", "/torch/cuda/", "/torch/nn/modules/module.py", __file__)
+_MACHINERY = ("/torch/autograd/", "/torch/_", "/torch/utils/", "/torch/cuda/", "/torch/nn/modules/module.py")
 SITES_SHOWN = 12
 
 
@@ -162,7 +162,7 @@ def call_site(frames) -> str:
     """'file.py:function:line' of the innermost frame outside the machinery; frames: (filename, line, function),
     innermost first."""
     for filename, line, name in frames:
-        if not filename.startswith(_MACHINERY[-1]) and not any(part in filename for part in _MACHINERY[:-1]):
+        if filename != __file__ and not any(part in filename for part in _MACHINERY):
             return f"{Path(filename).name}:{name}:{line}"
     return "(torch internals)"
 
