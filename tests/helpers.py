@@ -110,3 +110,15 @@ def rms64(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float = 0
     """RMSNorm as torch's unfused ops compute it (the contracts' composite): times w + offset, or no weight."""
     y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
     return y * (w + offset) if w is not None else y
+
+
+# A tiny decoder config (head_dim 32: the attention kernels' smallest) for the Hugging Face integration tests.
+TINY_DECODER = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+)

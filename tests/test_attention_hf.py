@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import randn, record_kernel_calls
+from helpers import TINY_DECODER, randn, record_kernel_calls
 
 import torch_metal_fused as tmf
 from torch_metal_fused import patch
@@ -28,13 +28,8 @@ pytest.importorskip("transformers.masking_utils")  # transformers 4.53+ (the mas
 VOCAB, SEQ, PAD = 128, 24, 5
 ALL_OPTIONS = dict(rms_norm=True, lora=True, softmax=True, cross_entropy=True, swiglu=True, rope=True, attention=True)
 COMMON = dict(
+    TINY_DECODER,
     vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=32,
     max_position_embeddings=64,
     initializer_range=0.2,  # peaked attention probabilities, so that masks and windows change the result
 )

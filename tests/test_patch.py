@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import record_kernel_calls
+from helpers import TINY_DECODER, record_kernel_calls
 
 import torch_metal_fused as tmf
 from torch_metal_fused.testing import assert_matches, rel_error
@@ -703,16 +703,7 @@ def test_gradient_checkpointing_with_every_patch(cpu_backend, reentrant, monkeyp
 def _tiny_llama_for_users(peft_lora: bool = False):
     """A tiny random Llama with head_dim 32 (the attention kernels' smallest), optionally with PEFT LoRA adapters."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER))
     if peft_lora:
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     return model
