@@ -395,6 +395,11 @@ def test_an_attention_window_past_32_bits_runs_as_no_window():
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
     assert_matches(out, ref, torch.float32)
     assert kernels == ["attention_forward_d32_float"] and not warned, (kernels, warned)
+    # fewer queries than keys (bottom-right causal): the clamp is to the key count, not the query count
+    out, kernels, _ = _run(lambda: tmf.attention(q[:, :, :5], k, v, causal=True, window=2**33))
+    plain, _, _ = _run(lambda: tmf.attention(q[:, :, :5], k, v, causal=True))
+    assert kernels == ["attention_forward_d32_float"]
+    assert torch.equal(out, plain)
 
 
 def test_arguments_past_the_kernels_32_bit_fields_are_served_without_a_crash():
