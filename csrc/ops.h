@@ -44,8 +44,10 @@ std::tuple<at::Tensor, OptTensor> cross_entropy_rows(const at::Tensor& logits, c
 
 // SwiGLU / GeGLU: activation tmf::kGluSilu or tmf::kGluGeluTanh (CUDA: csrc/cuda/glu.cu).
 at::Tensor glu_forward(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
+// in_place: the gradients are written over gate and up (both contiguous; torch_metal_fused/ops/glu.py decides when
+// nothing else reads them) and returned.
 std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up,
-                                                int64_t activation);
+                                                int64_t activation, bool in_place);
 
 // Rotary embedding of q and k (batch, heads, seq, head_dim), cos/sin contiguous (1 or batch, seq, rotary_dim);
 // outputs contiguous (CUDA: csrc/cuda/rope.cu).

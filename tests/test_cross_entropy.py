@@ -299,11 +299,36 @@ def test_out_dtype_float32_returns_the_unrounded_loss(backend, reduction):
 
 
 def test_default_chunk_size_bounds_the_chunk_memory():
-    from torch_metal_fused.ops.cross_entropy import CHUNK_BUDGET_BYTES, default_chunk_size
+    from torch_metal_fused.ops.cross_entropy import (
+        CHUNK_BUDGET_BYTES,
+        CHUNK_BUDGET_BYTES_NO_DWEIGHT,
+        default_chunk_size,
+    )
 
     n = default_chunk_size(16384, 128256, torch.bfloat16)
     assert 8 <= n < 16384 and n % 8 == 0 and n * 128256 * 14 <= CHUNK_BUDGET_BYTES
+    n = default_chunk_size(16384, 128256, torch.bfloat16, fused_rows=True, needs_dweight=False)
+    assert 8 <= n and n % 8 == 0 and n * 128256 * 2 <= CHUNK_BUDGET_BYTES_NO_DWEIGHT < CHUNK_BUDGET_BYTES
     assert default_chunk_size(10, 32, torch.float32) == 10
+
+
+def test_a_frozen_head_takes_the_smaller_chunks(monkeypatch):
+    """The chunk the op picks: the no-dweight budget for a frozen weight (LoRA) or under no_grad, the larger one for a
+    trained weight (each chunk re-reads dweight)."""
+    from torch_metal_fused.ops import cross_entropy as ce
+
+    picked = []
+    real = ce.default_chunk_size
+    monkeypatch.setattr(ce, "default_chunk_size", lambda *a, **k: picked.append(real(*a, **k)) or picked[-1])
+    h, target = torch.randn(64, 8, requires_grad=True), torch.randint(0, 4096, (64,))
+    w = torch.randn(4096, 8)
+    monkeypatch.setattr(ce, "CHUNK_BUDGET_BYTES", 4096 * 16 * 32)  # float32 logits + the reference's temporaries
+    monkeypatch.setattr(ce, "CHUNK_BUDGET_BYTES_NO_DWEIGHT", 4096 * 16 * 8)
+    tmf.linear_cross_entropy(h, w, target)
+    tmf.linear_cross_entropy(h, w.requires_grad_(True), target)
+    with torch.no_grad():
+        tmf.linear_cross_entropy(h, w, target)
+    assert picked == [8, 32, 8]
 
 
 def test_bad_input_is_a_clear_error():

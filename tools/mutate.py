@@ -996,6 +996,35 @@ MUTANTS: list[Mutant] = [
         keyword="saves_for_backward",
     ),
     _m(
+        "glu_overwrites_inputs_something_else_reads",
+        "torch_metal_fused/ops/_dispatch.py",
+        "    return all(c == private[1] if t._base is not None else c == private[0] for t, c in zip(tensors, counts))",
+        "    return True",
+        ("tests/test_glu.py",),
+        "the SwiGLU backward writes its gradients over gate and up although the caller holds them (or a view, an alias "
+        "or a base): what the caller holds silently becomes gradients",
+        keyword="something_else_reads",
+    ),
+    _m(
+        "glu_overwrites_inputs_of_a_retained_graph",
+        "torch_metal_fused/ops/_dispatch.py",
+        "if keep_graph is None or keep_graph() or create_graph_requested()",
+        "if keep_graph is None or create_graph_requested()",
+        ("tests/test_glu.py",),
+        "retain_graph=True: the first backward writes over gate and up, the second reads gradients as activations",
+        keyword="something_else_reads",
+    ),
+    _m(
+        "glu_overwrites_without_a_version_bump",
+        "torch_metal_fused/ops/glu.py",
+        "            mark_overwritten(gate, up)\n",
+        "",
+        ("tests/test_glu.py",),
+        "another node that saved gate reads the gradients written over it as gate's values, silently, instead of "
+        "raising autograd's in-place error",
+        keyword="another_node",
+    ),
+    _m(
         "lora_dropout_mask_from_a_private_generator",
         "torch_metal_fused/ops/lora_linear.py",
         "bernoulli_(1.0 - dropout_p)",

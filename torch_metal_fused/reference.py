@@ -251,13 +251,16 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.
 
 
 def glu_backward(
-    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: int
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: int, in_place: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dout · up · act'(gate), dout · act(gate)), act recomputed from gate."""
+    """(dout · up · act'(gate), dout · act(gate)), act recomputed from gate; `in_place`: written over gate and up
+    (contiguous), which are returned."""
     ct = _compute_dtype(gate.dtype)
     g, u, d = gate.to(ct), up.to(ct), dout.to(ct)
     dgate = d * u * _glu_act_derivative(g, activation)
     dup = d * _glu_act(g, activation)
+    if in_place:
+        return gate.copy_(dgate), up.copy_(dup)
     return dgate.to(gate.dtype).contiguous(), dup.to(gate.dtype).contiguous()
 
 

@@ -94,11 +94,16 @@ at::Tensor glu_forward(const at::Tensor& gate, const at::Tensor& up, int64_t act
   return out;
 }
 
+// In place, each element of gate and up is read by the thread that then writes its gradient there, after reading it
+// (the vector kernels load their whole chunk first; the scalar tail takes its operands by value).
 std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up,
-                                                int64_t activation) {
+                                                int64_t activation, bool in_place) {
   TORCH_CHECK(activation == kGluSilu || activation == kGluGeluTanh, "glu: unknown activation code ", activation);
+  TORCH_CHECK(!in_place || (gate.is_contiguous() && up.is_contiguous()), "glu backward in place: gate and up must be "
+              "contiguous");
   c10::cuda::CUDAGuard guard(gate.device());
-  at::Tensor dgate = at::empty(gate.sizes(), gate.options()), dup = at::empty(gate.sizes(), gate.options());
+  at::Tensor dgate = in_place ? gate : at::empty(gate.sizes(), gate.options());
+  at::Tensor dup = in_place ? up : at::empty(gate.sizes(), gate.options());
   if (gate.numel() == 0) return {dgate, dup};
   at::Tensor g2 = as_rows(gate), u2 = as_rows(up), d2 = as_rows(dout);
   const int64_t es = gate.element_size();

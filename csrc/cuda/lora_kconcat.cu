@@ -122,6 +122,8 @@ at::Tensor lora_kconcat_forward(const at::Tensor& x, const at::Tensor& weight, c
                 "lora_linear (K-concatenated GEMM): bias must be a contiguous, 16-byte aligned bfloat16 vector of ", n,
                 " on ", x.device(), "; got ", bias->sizes(), " ", bias->scalar_type(), " on ", bias->device());
   }
+  TORCH_CHECK(lora_kconcat_sizes_fit(m, k, n), "lora_linear (K-concatenated GEMM): sizes over 2^31 - 1: x ", x.sizes(),
+              ", weight ", weight.sizes());
   return gemm(gemm_choice, true, x, weight, h, bs, int(m), int(n), int(k), int(r), bias ? &*bias : nullptr);
 }
 
@@ -137,6 +139,8 @@ at::Tensor lora_kconcat_dx(const at::Tensor& dy, const at::Tensor& weight, const
               "lora_linear (K-concatenated GEMM): operands do not match: dy ", dy.sizes(), ", weight ",
               weight.sizes(), ", dh ", dh.sizes(), ", lora_a ", lora_a.sizes());
   // dx = dy·W: the GEMM's K is out_features, its N in_features (W read as [K, N] row-major).
+  TORCH_CHECK(lora_kconcat_sizes_fit(m, n_out, k_in), "lora_linear (K-concatenated GEMM): sizes over 2^31 - 1: dy ",
+              dy.sizes(), ", weight ", weight.sizes());
   return gemm(gemm_choice, false, dy, weight, dh, lora_a, int(m), int(k_in), int(n_out), int(r));
 }
 

@@ -23,6 +23,12 @@ bool lora_kconcat_built();
 enum class KConcatMode { never, by_size, always };
 KConcatMode lora_kconcat_mode();
 
+// Whether an M x K by K x N product fits the GEMM, which takes its sizes as int.
+inline bool lora_kconcat_sizes_fit(int64_t m, int64_t k, int64_t n) {
+  constexpr int64_t kMax = 2147483647;
+  return m <= kMax && k <= kMax && n <= kMax;
+}
+
 // y [M, N] = x [M, K]·W [N, K]ᵀ + h [M, r]·bs [N, r]ᵀ (+ bias [N]) (bs = s·B), bfloat16, in one GEMM (the bias added in
 // its epilogue). Every operand contiguous with a 16-byte aligned base, K, N and r multiples of 8, r <= 64, on a
 // compute capability 9.0 device. gemm_choice: a configuration (tests, to run both), or none for the one in effect.

@@ -57,15 +57,17 @@ bool compute_capability_9_0(int device) {
 // GEMM, no W'. Taken by default where its tiles fill the GPU (launch::lora_kconcat_fills_device says where it was
 // measured to win through the op and where it lost), for every eligible shape with TORCH_METAL_FUSED_LORA_KCONCAT=1,
 // never with =0, and only in a build with CUTLASS. Eligible: bfloat16, no dropout (dx's LoRA part is masked), ranks
-// 8-64 in steps of 8, K and N multiples of 8 (the TMA's 16-byte strides), a compute capability 9.0 device. The forward
-// and the backward both ask this with the same tensors; the answer does not depend on dy or the bias.
+// 8-64 in steps of 8, K and N multiples of 8 (the TMA's 16-byte strides), M, N and K under 2^31 (the GEMM takes
+// them as int), a compute capability 9.0 device. The forward and the backward both ask this with the same tensors;
+// the answer does not depend on dy or the bias.
 bool kconcat_route(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
                    const OptTensor& dropout_mask) {
   const cuda::KConcatMode mode = cuda::lora_kconcat_mode();
   if (mode == cuda::KConcatMode::never || dropout_mask || x.scalar_type() != at::kBFloat16) return false;
   const int64_t r = lora_a.size(0);
   const bool eligible = r >= 8 && r <= 64 && r % 8 == 0 && x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 &&
-                        x.size(0) > 0 && x.size(1) > 0 && weight.size(0) > 0 &&
+                        x.size(0) > 0 && x.size(1) > 0 && weight.size(0) > 0 && cuda::lora_kconcat_sizes_fit(
+                            x.size(0), x.size(1), weight.size(0)) &&
                         weight.scalar_type() == at::kBFloat16 && lora_a.scalar_type() == at::kBFloat16 &&
                         compute_capability_9_0(x.device().index());
   return eligible && (mode == cuda::KConcatMode::always ||

@@ -120,10 +120,19 @@ bool vec_ok(int64_t cols, int element_size, bool aligned) { return aligned && (c
 // Block sizes are compile-time in these kernels (the index arithmetic and the reductions fold; a runtime-sized
 // round was slower, together with two other changes: ledger run cuda-h200-2026-12-01-rowbench, variants "runtime
 // block sizes …", and docs/cuda.md): a power of two from 32 to 1024 covering the row.
+// Capped at 2^30: the callers reject anything over 1024 threads, and doubling past 2^30 would overflow into a loop
+// that never ends.
 int pow2_threads(int64_t n) {
   int t = 32;
-  while (t < n) t *= 2;
+  while (t < n && t < (1 << 30)) t *= 2;
   return t;
+}
+
+// The row kernels take a row per block (grid x, at most 2^31 - 1 blocks) and index within a row in int.
+void check_row_sizes(const char* op, int64_t rows, int64_t cols) {
+  TORCH_CHECK(rows <= std::numeric_limits<int>::max(), op, ": ", rows, " rows; the CUDA kernels take at most 2^31 - 1");
+  TORCH_CHECK(cols <= std::numeric_limits<int>::max(), op, ": rows of ", cols,
+              " elements; the CUDA kernels take at most 2^31 - 1");
 }
 
 // Forward: the most vectors per thread (up to max_elems elements) that leave >= kForwardMinThreads threads.
@@ -256,7 +265,7 @@ at::Tensor softmax_forward(const at::Tensor& x) {
   if (x.numel() == 0) return y;
   at::Tensor x2 = as_rows(x);
   const int64_t rows = x2.size(0), cols = x2.size(1), stride = row_stride(x2);
-  TORCH_CHECK(cols <= std::numeric_limits<int>::max(), "softmax: row length over 2^31");
+  check_row_sizes("softmax", rows, cols);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool vec = vec_ok(cols, x.element_size(), aligned16(x2, stride));
   const VecLayout vl = vec ? forward_vec_layout(cols, x.element_size()) : VecLayout{};
@@ -312,6 +321,7 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy) {
   if (y.numel() == 0) return dx;
   at::Tensor y2 = as_rows(y.contiguous()), dy2 = as_rows(dy);
   const int64_t rows = y2.size(0), cols = y2.size(1), stride = row_stride(dy2);
+  check_row_sizes("softmax backward", rows, cols);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool aligned = aligned16(y2, cols) && aligned16(dy2, stride);
   const bool vec = vec_ok(cols, y.element_size(), aligned);
@@ -371,6 +381,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_launch(const at::Tensor& x, 
   at::Tensor w = weight ? weight->contiguous() : at::Tensor();
   const int64_t rows = x2.size(0), cols = x2.size(1), stride = row_stride(x2);
   const int64_t rstride = residual ? row_stride(r2) : 0;
+  check_row_sizes("rms_norm", rows, cols);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool aligned = aligned16(x2, stride) && (!w.defined() || aligned16(w, cols)) &&
                        (!residual || (aligned16(r2, rstride) && aligned16(*h, cols)));
@@ -449,6 +460,7 @@ std::tuple<OptTensor, OptTensor> rms_norm_backward_launch(const at::Tensor& dy, 
     at::Tensor x2 = as_rows(x), dy2 = as_rows(dy);
     at::Tensor dh2 = dh ? as_rows(*dh) : at::Tensor();
     const int64_t rows = x2.size(0), xs = row_stride(x2), dys = row_stride(dy2), dhs = dh ? row_stride(dh2) : 0;
+    check_row_sizes("rms_norm backward", rows, cols);
     at::Tensor w = weight ? weight->contiguous() : at::Tensor();
     at::Tensor r = rstd.contiguous();
     const int sms = sm_count(x);
@@ -548,6 +560,7 @@ std::tuple<at::Tensor, OptTensor> cross_entropy_rows(const at::Tensor& logits, c
   std::tie(loss, grad) = cross_entropy_outputs(logits, row_scale, in_place);  // the lambda below captures them
   if (rows == 0) return {loss, grad};
   TORCH_CHECK(vocab > 0 && vocab <= std::numeric_limits<int>::max(), "cross-entropy: vocabulary size out of range");
+  check_row_sizes("cross-entropy", rows, vocab);
   TORCH_CHECK(ignore_index >= std::numeric_limits<int>::min() && ignore_index <= std::numeric_limits<int>::max(),
               "cross-entropy: ignore_index must fit in 32 bits");
   at::Tensor l2 = as_rows(logits), t = target.to(at::kInt).contiguous();

@@ -496,9 +496,10 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.
     return out
 
 
-def glu_backward(dout, gate, up, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """shaders/glu.metal: (dout · up · act'(gate), dout · act(gate)), both contiguous. One dispatch."""
-    dgate, dup = _output_like(gate), _output_like(gate)
+def glu_backward(dout, gate, up, activation: int, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """shaders/glu.metal: (dout · up · act'(gate), dout · act(gate)), both contiguous. One dispatch. `in_place`:
+    written over gate and up (contiguous): each thread reads its elements before it writes them."""
+    dgate, dup = (gate, up) if in_place else (_output_like(gate), _output_like(gate))
     if gate.numel() == 0:
         return dgate, dup
     g2, u2, d2 = _rows(gate), _rows(up), _rows(dout)

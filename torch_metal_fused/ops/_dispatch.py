@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 
 import torch
 
@@ -77,3 +79,93 @@ def refuse_double_backward(op: str) -> None:
             f"torch_metal_fused.{op} does not support double backward (backward with create_graph=True): its fused "
             "backward is not differentiable. Use the unfused PyTorch op where second derivatives are needed."
         )
+
+
+# ---- gradients written over saved inputs --------------------------------------------------------------------------
+# A backward may write its gradients over inputs it saved (same shape and dtype), so that its peak holds no fresh
+# tensors of their size (Liger's SwiGLU does this unconditionally), only where nothing can read those inputs again:
+# the graph is freed by this backward (no retain_graph, no create_graph), eager mode, and no tensor or Python
+# reference besides the saved one holds their memory. The last is read from reference counts (Python references to
+# the tensor and its base, tensors sharing its storage), against the counts of a private saved tensor measured once
+# in this process, so a torch or Python whose counts differ gets no in-place writes rather than wrong ones. What
+# counts cannot see, another autograd node that saved the same tensor, is left to autograd: the writes bump the
+# tensors' version, so that node's backward raises autograd's error about an in-place change instead of reading
+# gradients as activations.
+def _reference_counts(tensors: tuple[torch.Tensor, ...]) -> list[tuple[int, ...]]:
+    storage_uses = torch._C._storage_Use_Count
+    counts = []
+    for t in tensors:
+        base = t._base
+        counts.append(
+            (
+                sys.getrefcount(t),
+                storage_uses(t.untyped_storage()._cdata),
+                -1 if base is None else sys.getrefcount(base),
+            )
+        )
+    return counts
+
+
+@functools.cache
+def _private_counts() -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """_reference_counts of a saved tensor nothing else holds, as a backward sees it: (plain, a view of a private
+    base); None where a held tensor does not count higher than a private one (then nothing is written in place)."""
+    seen: list = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, plain, view):
+            ctx.save_for_backward(plain, view)
+            return plain + view.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            plain, view = ctx.saved_tensors
+            seen.append(_reference_counts((plain, view)))
+            return grad, None
+
+    def forward(held: list) -> torch.Tensor:  # its locals are gone when backward runs, as in a model's forward
+        leaf = torch.ones(4, requires_grad=True)
+        plain, view = leaf * 2, (leaf * 3).view(2, 2)
+        held += [plain, view._base]
+        return Probe.apply(plain, view)
+
+    def run(hold: bool) -> list[tuple[int, ...]]:
+        held: list = []
+        out = forward(held)
+        if not hold:
+            held.clear()
+        out.sum().backward()
+        return seen.pop()
+
+    with torch.enable_grad():  # first asked inside a backward, where grad mode is off
+        private, held = run(False), run(True)
+    if held[0][0] <= private[0][0] or held[1][2] <= private[1][2]:  # held: the plain tensor, the view's base
+        return None
+    return private[0], private[1]
+
+
+def can_overwrite_saved(*tensors: torch.Tensor) -> bool:
+    """Inside an autograd.Function's backward, `tensors` unpacked from ctx.saved_tensors into locals of the caller:
+    whether the backward may write its gradients over them (the rules above). Contiguous tensors on distinct
+    storages only."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None or keep_graph() or create_graph_requested() or torch.compiler.is_compiling():
+        return False
+    if not hasattr(torch.autograd.graph, "increment_version") or not hasattr(torch._C, "_storage_Use_Count"):
+        return False
+    if not all(t.is_contiguous() for t in tensors):
+        return False
+    if len({t.untyped_storage().data_ptr() for t in tensors}) != len(tensors):
+        return False
+    private = _private_counts()
+    if private is None:
+        return False
+    counts = _reference_counts(tensors)
+    return all(c == private[1] if t._base is not None else c == private[0] for t, c in zip(tensors, counts))
+
+
+def mark_overwritten(*tensors: torch.Tensor) -> None:
+    """After a kernel wrote over `tensors` (can_overwrite_saved): bump their version, as torch's in-place ops do."""
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)

@@ -31,15 +31,23 @@ from torch_metal_fused.ops._dispatch import as_rows, call, refuse_double_backwar
 
 REDUCTIONS = ("mean", "sum", "none")
 # Extra memory the chunked op aims for, per chunk: the chunk's logits in their dtype (our kernels write the gradient
-# over them), plus ~3 float32 temporaries per element where the plain-PyTorch reference does the row pass.
+# over them), plus ~3 float32 temporaries per element where the plain-PyTorch reference does the row pass. The
+# chunk's logits sit on top of every activation saved for backward (the loss runs at the end of the forward), so the
+# chunk is a step's peak less what it saves. With a weight gradient each chunk also reads and writes all of dweight
+# (vocab x hidden), so smaller chunks cost time there; without one (LoRA: the head is frozen) they cost only launches.
 CHUNK_BUDGET_BYTES = 256 << 20
+CHUNK_BUDGET_BYTES_NO_DWEIGHT = 64 << 20
 
 
-def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, fused_rows: bool = False) -> int:
-    """Rows per chunk: as many as fit CHUNK_BUDGET_BYTES (a multiple of 8 above 8, so the GEMMs stay efficient), at
-    most `rows`. `fused_rows`: our row kernel serves the chunk (no float32 temporaries)."""
+def default_chunk_size(
+    rows: int, vocab: int, dtype: torch.dtype, fused_rows: bool = False, needs_dweight: bool = True
+) -> int:
+    """Rows per chunk: as many as fit the budget (CHUNK_BUDGET_BYTES, or CHUNK_BUDGET_BYTES_NO_DWEIGHT without a
+    weight gradient; a multiple of 8 above 8, so the GEMMs stay efficient), at most `rows`. `fused_rows`: our row
+    kernel serves the chunk (no float32 temporaries)."""
     per_row = vocab * (torch.finfo(dtype).bits // 8 + (0 if fused_rows else 12))
-    n = max(1, CHUNK_BUDGET_BYTES // max(per_row, 1))
+    budget = CHUNK_BUDGET_BYTES if needs_dweight else CHUNK_BUDGET_BYTES_NO_DWEIGHT
+    n = max(1, budget // max(per_row, 1))
     if n > 8:
         n -= n % 8
     return max(1, min(n, rows))
@@ -344,7 +352,8 @@ def linear_cross_entropy(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`cross_entropy(hidden @ weight.T + bias, target, ...)` without materialising the logits: tokens are processed
-    `chunk_size` rows at a time (default: default_chunk_size, about 256 MB of logits (and temporaries)). hidden
+    `chunk_size` rows at a time (default: default_chunk_size, about 256 MB of logits (and temporaries), 64 MB when
+    the weight gets no gradient). hidden
     (..., hidden_size), weight (vocab, hidden_size), target (...). A weight with requires_grad=False (LoRA training)
     gets no dweight work. `out_dtype`: the loss's dtype (default hidden's, as F.cross_entropy on the logits gives;
     torch.float32 returns the float32 accumulation unrounded). Under torch.autocast, as F.cross_entropy(F.linear())
@@ -375,7 +384,8 @@ def linear_cross_entropy(
     rows = target.numel()
     if chunk_size is None:
         fused_rows = backend_for(hidden, "cross_entropy") != "reference"
-        chunk_size = default_chunk_size(rows, weight.shape[0], hidden.dtype, fused_rows)
+        needs_dweight = weight.requires_grad and torch.is_grad_enabled()
+        chunk_size = default_chunk_size(rows, weight.shape[0], hidden.dtype, fused_rows, needs_dweight)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (or None), got {chunk_size!r}")
     out_dtype = _check_out_dtype(out_dtype, hidden.dtype)

@@ -16,7 +16,13 @@ import torch
 
 from torch_metal_fused import reference
 from torch_metal_fused._validation import check_same_device_dtype, check_tensor
-from torch_metal_fused.ops._dispatch import call, create_graph_requested, run_kernel
+from torch_metal_fused.ops._dispatch import (
+    call,
+    can_overwrite_saved,
+    create_graph_requested,
+    mark_overwritten,
+    run_kernel,
+)
 from torch_metal_fused.reference import GLU_GELU_TANH, GLU_SILU
 
 ACTIVATIONS = {"silu": GLU_SILU, "gelu_tanh": GLU_GELU_TANH}
@@ -37,7 +43,7 @@ def _(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
 def _glu_backward_impl(
     dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return run_kernel("glu_backward", dout, gate, up, activation)
+    return run_kernel("glu_backward", dout, gate, up, activation, False)
 
 
 glu_backward = torch.library.custom_op("torch_metal_fused::glu_backward", _glu_backward_impl, mutates_args=())
@@ -53,12 +59,14 @@ def _(dout, gate, up, activation):
 
 class GluFunction(torch.autograd.Function):
     """Double backward is supported: with create_graph=True backward is the reference formula in torch ops over the
-    saved gate and up."""
+    saved gate and up. `inputs_private`: the caller made gate and up for this op alone (the patched MLP's projection
+    outputs); their gradients are then written over them where nothing else can read them afterwards
+    (ops._dispatch.can_overwrite_saved), so the backward allocates no gate-sized tensor."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: int, inputs_private: bool) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        ctx.activation = activation
+        ctx.activation, ctx.inputs_private = activation, inputs_private
         return call(glu_forward, _glu_forward_impl, gate, up, activation)
 
     @staticmethod
@@ -66,15 +74,35 @@ class GluFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         if create_graph_requested():
             dgate, dup = reference.glu_backward(dout, gate, up, ctx.activation)
-            return dgate, dup, None
+            return dgate, dup, None, None
+        if ctx.inputs_private and gate.shape == dout.shape and can_overwrite_saved(gate, up):
+            dgate, dup = call(_glu_backward_in_place, _glu_backward_in_place, dout, gate, up, ctx.activation)
+            mark_overwritten(gate, up)
+            return dgate, dup, None, None
         dgate, dup = call(glu_backward, _glu_backward_impl, dout, gate, up, ctx.activation)
-        return dgate, dup, None
+        return dgate, dup, None, None
+
+
+def _glu_backward_in_place(dout, gate, up, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients written over gate and up. Eager only (can_overwrite_saved): not a registered op, whose schema
+    would have to declare the mutation."""
+    return run_kernel("glu_backward", dout, gate, up, activation, True)
 
 
 def glu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """`act(gate) * up` with a fused forward and backward; activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU, gelu
     with the tanh approximation). gate and up: the same shape, dtype and device (e.g. the outputs of an MLP's
     gate and up projections, or the two halves of a fused gate_up projection: strided rows are read in place)."""
+    return _glu(gate, up, activation, inputs_private=False)
+
+
+def glu_of_private_inputs(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """glu for a caller that made gate and up for it alone and keeps no reference to them (patch_model's MLP): the
+    backward may write the gradients over them (GluFunction)."""
+    return _glu(gate, up, activation, inputs_private=True)
+
+
+def _glu(gate: torch.Tensor, up: torch.Tensor, activation: str, inputs_private: bool) -> torch.Tensor:
     check_tensor("gate", gate)
     check_tensor("up", up)
     check_same_device_dtype("gate", gate, up=up)
@@ -83,8 +111,8 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     if gate.ndim == 0:
-        return GluFunction.apply(gate.unsqueeze(0), up.unsqueeze(0), ACTIVATIONS[activation]).squeeze(0)
-    return GluFunction.apply(gate, up, ACTIVATIONS[activation])
+        return GluFunction.apply(gate.unsqueeze(0), up.unsqueeze(0), ACTIVATIONS[activation], False).squeeze(0)
+    return GluFunction.apply(gate, up, ACTIVATIONS[activation], inputs_private)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
