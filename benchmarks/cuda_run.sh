@@ -227,7 +227,7 @@ lr.rms_norm_forward(x, w, 1e-6, 0.0, 'llama', None); torch.cuda.synchronize()" >
       ;;
     lora-f32)
       # #30: float32 adapters on 16-bit activations (PEFT's default): the CUDA tests, then the composition's error
-      python3 -m pytest -q tests/test_lora_linear.py tests/test_patch.py -k "cuda" -p no:cacheprovider 2>&1 \
+      python3 -m pytest -q tests/test_lora_linear.py tests/test_patch.py tests/test_glu.py -k "cuda" -p no:cacheprovider 2>&1 \
         | tee "$OUT/tests-lora.log" | tail -8
       python3 benchmarks/cuda_lora_float32_adapters.py 2>&1 | tee "$OUT/lora_f32.txt"
       ;;

@@ -160,34 +160,37 @@ def test_harness_moves_each_element_once(monkeypatch, dtype, shape, layout):
     assert b.traffic == {0: (n, 0), 1: (n, 0), 2: (n, 0), 3: (0, n), 4: (0, n)}
 
 
-# ---- gradients written over private inputs ------------------------------------------------------------------------
+# ---- an MLP's down projection of glu: the activation recomputed, gradients written over gate and up ---------------
 def _projections(x, w_gate, w_up):
     """gate and up as an MLP's projections make them: F.linear of a 3-D input, gate without bias (a tensor of its
     own), up with a zero bias (a view of the product's base)."""
     return F.linear(x, w_gate), F.linear(x, w_up, torch.zeros_like(w_up[:, 0]))
 
 
-def _private_glu(x, w_gate, w_up, activation="silu"):
-    """As patch_model's MLP: gate and up made for the op alone."""
-    from torch_metal_fused.ops.glu import glu_of_private_inputs
+def _mlp(x, w_gate, w_up, w_down, activation="silu"):
+    """As patch_model's MLP: gate and up made for the op alone, down_of_glu."""
+    from torch_metal_fused.ops.glu import down_of_glu
 
-    return glu_of_private_inputs(*_projections(x, w_gate, w_up), activation)
+    return down_of_glu(lambda c: F.linear(c, w_down), *_projections(x, w_gate, w_up), activation)
 
 
-def _private_inputs(dtype, device, seed=0):
+def _mlp_inputs(dtype, device, seed=0):
     x = randn((2, 5, 24), dtype, device, seed=seed).requires_grad_(True)
-    w_gate = (randn((40, 24), dtype, device, seed=seed + 1) * 0.5).requires_grad_(True)
-    w_up = (randn((40, 24), dtype, device, seed=seed + 2) * 0.5).requires_grad_(True)
-    return x, w_gate, w_up
+    weights = [
+        (randn(shape, dtype, device, seed=seed + i) * 0.5).requires_grad_(True)
+        for i, shape in enumerate(((40, 24), (40, 24), (24, 40)), 1)
+    ]
+    return (x, *weights)
 
 
-def _float64_grads(x, w_gate, w_up, dout, activation="silu"):
-    leaves = [t.detach().double().cpu().requires_grad_(True) for t in (x, w_gate, w_up)]
-    out = TORCH_ACT[activation](leaves[0] @ leaves[1].t()) * (leaves[0] @ leaves[2].t())
+def _float64_mlp(inputs, dout, activation="silu"):
+    leaves = [t.detach().double().cpu().requires_grad_(True) for t in inputs]
+    x, w_gate, w_up, w_down = leaves
+    out = (TORCH_ACT[activation](x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()
     return out, torch.autograd.grad(out, leaves, dout.double().cpu())
 
 
-def _gradient_pointers(out_fn, x, w_gate, w_up):
+def _gradient_pointers(out_fn, inputs):
     """out and the data pointers of (gate, up) and of the gradients autograd hands their producers."""
     from torch_metal_fused.ops import glu as glu_module
 
@@ -202,7 +205,7 @@ def _gradient_pointers(out_fn, x, w_gate, w_up):
 
     glu_module._glu = spy
     try:
-        out = out_fn(x, w_gate, w_up)
+        out = out_fn(*inputs)
     finally:
         glu_module._glu = real
     return out, seen
@@ -210,87 +213,109 @@ def _gradient_pointers(out_fn, x, w_gate, w_up):
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_writes_the_gradients_over_private_inputs(backend, activation, dtype):
-    """gate and up made for the op alone (patch_model's MLP, the nn layer): the gradients are written over them (no
-    gate-sized allocation at the backward's peak) and equal the float64 formula's."""
-    x, w_gate, w_up = _private_inputs(dtype, backend.device)
-    out, seen = _gradient_pointers(lambda *t: _private_glu(*t, activation), x, w_gate, w_up)
+def test_mlp_writes_the_gradients_over_gate_and_up(backend, activation, dtype):
+    """gate and up made for the op alone (patch_model's MLP, the nn layer): glu's gradients are written over them
+    (no gate-sized allocation at the backward's peak); every gradient equals the float64 formula's, so the activation
+    recomputed for the down projection's backward is glu's."""
+    inputs = _mlp_inputs(dtype, backend.device)
+    out, seen = _gradient_pointers(lambda *t: _mlp(*t, activation), inputs)
     dout = randn(out.shape, dtype, backend.device, seed=7)
-    grads = torch.autograd.grad(out, (x, w_gate, w_up), dout)
-    out64, grads64 = _float64_grads(x, w_gate, w_up, dout, activation)
+    grads = torch.autograd.grad(out, inputs, dout)
+    out64, grads64 = _float64_mlp(inputs, dout, activation)
     assert (seen["dgate"], seen["dup"]) == seen["inputs"], "the gradients were not written over gate and up"
     assert_matches(out, out64, dtype, "forward")
-    for name, g, g64 in zip(("dx", "dw_gate", "dw_up"), grads, grads64):
+    for name, g, g64 in zip(("dx", "dw_gate", "dw_up", "dw_down"), grads, grads64):
         assert_matches(g, g64, dtype, name)
 
 
-def test_backward_keeps_inputs_that_something_else_reads(backend):
+def _bytes_alive_after(fn) -> int:
+    """Bytes allocated by fn() and still allocated when it returns (the profiler's allocation events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        kept = fn()
+    del kept
+    return sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+
+def test_mlp_keeps_no_activation_for_backward():
+    """What a forward leaves allocated for backward: the plain composition keeps glu's output (down saves it);
+    down_of_glu keeps exactly one tokens x intermediate tensor less, and the gradients stay equal."""
+    inputs = _mlp_inputs(torch.float32, "cpu")
+    held = []
+    plain = _bytes_alive_after(lambda: held.append(F.linear(tmf.glu(*_projections(*inputs[:3]), "silu"), inputs[3])))
+    fused = _bytes_alive_after(lambda: held.append(_mlp(*inputs)))
+    assert plain - fused == 2 * 5 * 40 * 4
+    dout = randn(held[0].shape, torch.float32, "cpu", seed=7)
+    for a, b in zip(torch.autograd.grad(held[0], inputs, dout), torch.autograd.grad(held[1], inputs, dout)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_mlp_keeps_inputs_that_something_else_reads(backend):
     """Fresh gradients wherever gate or up may be read after the backward: the public op (the caller may hold them),
-    a retained graph (a second backward gives the same gradients), create_graph, a Python reference to gate, to a
-    view or alias of it, to up or to up's base, gate and up halves of one tensor. What the caller holds keeps its
-    values."""
+    a retained graph (a second backward gives the same gradients), create_graph (second-order gradients through the
+    recomputed activation), a Python reference to gate, to a view or alias of it, to up or to up's base, gate and up
+    halves of one tensor. What the caller holds keeps its values."""
+    from torch_metal_fused.ops.glu import down_of_glu
+
     dtype = torch.float32
-    x, w_gate, w_up = _private_inputs(dtype, backend.device)
-    dout = randn((2, 5, 40), dtype, backend.device, seed=7)
-    _, grads64 = _float64_grads(x, w_gate, w_up, dout)
+    inputs = _mlp_inputs(dtype, backend.device)
+    dout = randn((2, 5, 24), dtype, backend.device, seed=7)
+    _, grads64 = _float64_mlp(inputs, dout)
     held = []
 
     def holding(what):
-        def fn(x, w_gate, w_up):
-            from torch_metal_fused.ops.glu import glu_of_private_inputs
-
+        def fn(x, w_gate, w_up, w_down):
             gate, up = _projections(x, w_gate, w_up)
             held.append({"gate": gate, "view": gate[0], "alias": gate.detach(), "up": up, "up's base": up._base}[what])
-            return glu_of_private_inputs(gate, up, "silu")
+            return down_of_glu(lambda c: F.linear(c, w_down), gate, up, "silu")
 
         return fn
 
-    def halves(x, w_gate, w_up):
-        from torch_metal_fused.ops.glu import glu_of_private_inputs
-
+    def halves(x, w_gate, w_up, w_down):
         gate_up = F.linear(x, torch.cat((w_gate, w_up)))
-        return glu_of_private_inputs(gate_up[..., :40], gate_up[..., 40:], "silu")
+        return down_of_glu(lambda c: F.linear(c, w_down), gate_up[..., :40], gate_up[..., 40:], "silu")
 
     cases = {
-        "public op": lambda *t: tmf.glu(*_projections(*t), "silu"),
+        "public op": lambda x, wg, wu, wd: F.linear(tmf.glu(*_projections(x, wg, wu), "silu"), wd),
         **{f"held {what}": holding(what) for what in ("gate", "view", "alias", "up", "up's base")},
         "halves of one tensor": halves,
     }
     for name, fn in cases.items():
         held.clear()
-        out, seen = _gradient_pointers(fn, x, w_gate, w_up)
+        out, seen = _gradient_pointers(fn, inputs)
         before = held[0].detach().clone() if held else None
-        grads = torch.autograd.grad(out, (x, w_gate, w_up), dout)
+        grads = torch.autograd.grad(out, inputs, dout)
         assert seen["dgate"] != seen["inputs"][0] and seen["dup"] != seen["inputs"][1], name
         if held:
             assert torch.equal(held[0], before), f"{name}: what the caller holds was overwritten"
         for g, g64 in zip(grads, grads64):
             assert_matches(g, g64, dtype, name)
-    out = _private_glu(x, w_gate, w_up)
-    first = torch.autograd.grad(out, (x, w_gate, w_up), dout, retain_graph=True)
-    second = torch.autograd.grad(out, (x, w_gate, w_up), dout)
+    out = _mlp(*inputs)
+    first = torch.autograd.grad(out, inputs, dout, retain_graph=True)
+    second = torch.autograd.grad(out, inputs, dout)
     for a, b in zip(first, second):
         assert torch.equal(a, b), "retain_graph: the second backward differs"
-    out = _private_glu(x, w_gate, w_up)
-    (dx,) = torch.autograd.grad(out, x, dout, create_graph=True)
-    (ddx,) = torch.autograd.grad(dx.square().sum(), x)  # the second-order pass needs gate and up intact
-    x64, wg64, wu64 = (t.detach().double().cpu() for t in (x, w_gate, w_up))
-    x64.requires_grad_(True)
-    out64 = F.silu(x64 @ wg64.t()) * (x64 @ wu64.t())
-    (dx64,) = torch.autograd.grad(out64, x64, dout.double().cpu(), create_graph=True)
-    assert_matches(ddx, torch.autograd.grad(dx64.square().sum(), x64)[0], dtype, "double backward")
+    x = inputs[0]
+    (dx,) = torch.autograd.grad(_mlp(*inputs), x, dout, create_graph=True)
+    ddx = torch.autograd.grad(dx.square().sum(), inputs)  # through the recomputed activation to every input
+    leaves = [t.detach().double().cpu().requires_grad_(True) for t in inputs]
+    out64 = (F.silu(leaves[0] @ leaves[1].t()) * (leaves[0] @ leaves[2].t())) @ leaves[3].t()
+    (dx64,) = torch.autograd.grad(out64, leaves[0], dout.double().cpu(), create_graph=True)
+    for name, g, g64 in zip(("x", "w_gate", "w_up", "w_down"), ddx, torch.autograd.grad(dx64.square().sum(), leaves)):
+        assert_matches(g, g64, dtype, f"double backward d{name}")
 
 
 def test_another_node_that_saved_gate_gets_autograd_s_error_not_gradients_of_overwritten_values(backend):
     """What reference counts cannot see: another op saved the same gate tensor. The writes bump gate's version, so
     that op's backward raises autograd's in-place error where it would otherwise read gradients as activations."""
-    from torch_metal_fused.ops.glu import glu_of_private_inputs
+    from torch_metal_fused.ops.glu import down_of_glu
 
-    x, w_gate, w_up = _private_inputs(torch.float32, backend.device)
+    x, w_gate, w_up, w_down = _mlp_inputs(torch.float32, backend.device)
     gate, up = _projections(x, w_gate, w_up)
     # The square's node is made before glu's, so autograd runs it after glu's backward.
     square = gate.square().sum()
-    aux = glu_of_private_inputs(gate, up, "silu").sum() + square
+    aux = down_of_glu(lambda c: F.linear(c, w_down), gate, up, "silu").sum() + square
     del gate, up
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         aux.backward()

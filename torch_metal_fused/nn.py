@@ -9,7 +9,7 @@ from torch import nn
 
 from torch_metal_fused._validation import check_dropout, check_eps
 from torch_metal_fused.ops.cross_entropy import linear_cross_entropy
-from torch_metal_fused.ops.glu import ACTIVATIONS, glu_of_private_inputs
+from torch_metal_fused.ops.glu import ACTIVATIONS, down_of_glu
 from torch_metal_fused.ops.lora_linear import lora_linear
 from torch_metal_fused.ops.rms_norm import add_rms_norm, rms_norm
 from torch_metal_fused.ops.softmax import softmax
@@ -214,7 +214,7 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(glu_of_private_inputs(self.gate_proj(x), self.up_proj(x), self.activation))
+        return down_of_glu(self.down_proj, self.gate_proj(x), self.up_proj(x), self.activation)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -41,7 +41,7 @@ from torch import nn
 from torch_metal_fused._autocast import AUTOCAST_DTYPES, autocast_device, autocast_enabled, cast_like_linear
 from torch_metal_fused.ops.attention import attention as fused_attention
 from torch_metal_fused.ops.cross_entropy import linear_cross_entropy
-from torch_metal_fused.ops.glu import glu_of_private_inputs
+from torch_metal_fused.ops.glu import down_of_glu
 from torch_metal_fused.ops.lora_linear import lora_linear
 from torch_metal_fused.ops.rms_norm import rms_norm
 from torch_metal_fused.ops.rope import rope as fused_rope
@@ -371,8 +371,9 @@ def _gated_mlp_patch(module: nn.Module):
         gate, up = self.gate_proj(x), self.up_proj(x)  # PEFT-wrapped projections keep their own forward
         if gate.dtype != up.dtype:
             return self.down_proj(self.act_fn(gate) * up)
-        # gate and up exist for this call alone: their memory may take their gradients in backward
-        return self.down_proj(glu_of_private_inputs(gate, up, activation))
+        # gate and up exist for this call alone: the activation is recomputed from them for down_proj's backward
+        # rather than kept, and their memory may take their gradients (ops.glu.down_of_glu)
+        return down_of_glu(self.down_proj, gate, up, activation)
 
     return fused_forward, f"{cls} ({'SwiGLU' if activation == 'silu' else 'GeGLU'} fused)"
 

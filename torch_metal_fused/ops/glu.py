@@ -12,6 +12,8 @@ harness), shaders `shaders/glu.metal`; CUDA `csrc/cuda/glu.cu`; reference `refer
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from torch_metal_fused import reference
@@ -96,10 +98,57 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch
     return _glu(gate, up, activation, inputs_private=False)
 
 
-def glu_of_private_inputs(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """glu for a caller that made gate and up for it alone and keeps no reference to them (patch_model's MLP): the
-    backward may write the gradients over them (GluFunction)."""
-    return _glu(gate, up, activation, inputs_private=True)
+def down_of_glu(
+    down: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor, activation: str
+) -> torch.Tensor:
+    """`down(glu(gate, up, activation))` for a caller that made gate and up for this call alone and keeps no
+    reference to them (patch_model's MLP, nn.SwiGLUMLP: `down` is the down projection). Two savings over the plain
+    composition, same values:
+    - glu's output is not kept for backward: what `down` saves of it (its input, for the weight's or the adapter's
+      gradient) is recomputed from gate and up, which glu keeps anyway, when down's backward asks for it (one more
+      elementwise pass per layer; an MLP's tokens x intermediate tensor less per layer held until backward);
+    - glu's backward may write the gradients over gate and up (GluFunction's inputs_private).
+    Without a graph (no grad), under torch.compile or inside other saved-tensor hooks (non-reentrant gradient
+    checkpointing: those already recompute) `down` saves what it saves."""
+    out = _glu(gate, up, activation, inputs_private=True)
+    node = out.grad_fn
+    if (
+        node is None
+        or torch.compiler.is_compiling()
+        or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    ):
+        return down(out)
+    ptr, numel, dtype = out.data_ptr(), out.numel(), out.dtype  # not `out` itself: the hooks must not keep it alive
+
+    def pack(t: torch.Tensor):
+        if t.data_ptr() == ptr and t.numel() == numel and t.dtype == dtype and t.is_contiguous():
+            return _RecomputedGlu(node, t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack_glu):
+        return down(out)
+
+
+class _RecomputedGlu:
+    """What a down projection saved of glu's output: glu's node (whose saved gate and up make it again) and the
+    shape it was saved in."""
+
+    __slots__ = ("node", "shape")
+
+    def __init__(self, node, shape: torch.Size) -> None:
+        self.node, self.shape = node, shape
+
+
+def _unpack_glu(packed):
+    if not isinstance(packed, _RecomputedGlu):
+        return packed
+    # Down's backward runs before glu's (glu's output feeds it), so gate and up still hold their values here.
+    gate, up = packed.node.saved_tensors
+    activation = packed.node.activation
+    if torch.is_grad_enabled():  # create_graph: the recomputed output carries gate's and up's history
+        return GluFunction.apply(gate, up, activation, False).view(packed.shape)
+    return call(glu_forward, _glu_forward_impl, gate, up, activation).view(packed.shape)
 
 
 def _glu(gate: torch.Tensor, up: torch.Tensor, activation: str, inputs_private: bool) -> torch.Tensor:
