@@ -58,7 +58,8 @@ def _numel(shape) -> int:
 
 def record_kernel_calls(monkeypatch, modules: tuple[str, ...], entry=lambda name, lead: name) -> list:
     """Every kernel call the ops of `modules` (torch_metal_fused.ops.<module>) make from now on, each recorded as
-    entry(entry point name, lead tensor), in call order; the calls themselves go through unchanged."""
+    entry(entry point name, lead tensor), in call order; the calls themselves go through unchanged. Attention's SDPA
+    route (CUDA) is recorded as its kernels would be."""
     from torch_metal_fused.ops import _dispatch
 
     calls = []
@@ -70,6 +71,20 @@ def record_kernel_calls(monkeypatch, modules: tuple[str, ...], entry=lambda name
 
     for mod in modules:
         monkeypatch.setattr(f"torch_metal_fused.ops.{mod}.run_kernel", record)
+    if "attention" in modules:  # on CUDA the op runs PyTorch's SDPA: its route's calls, under the kernels' names
+        from torch_metal_fused.ops import attention
+
+        real_sdpa = attention._sdpa
+
+        def sdpa(q, *args):
+            out = real_sdpa(q, *args)
+            if out is not None:
+                calls.append(entry("attention_forward", q))
+                if out.requires_grad:
+                    out.register_hook(lambda grad: calls.append(entry("attention_backward", grad)))
+            return out
+
+        monkeypatch.setattr(attention, "_sdpa", sdpa)
     return calls
 
 

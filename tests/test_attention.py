@@ -981,3 +981,17 @@ def test_nan_inf(backend, dtype):
         for name, g, ref in zip(("dk", "dv"), grads[1:], refs[1:]):
             check_rows(_attention_rows(g), _attention_rows(ref), dtype, f"{tag} {name}", clean_kv_rows)
     assert torch.isnan(out[0, :, 6:8]).all() and (out[0, :, 4] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_inf_on_the_sdpa_route(monkeypatch, dtype):
+    """The NaN/inf contract on CUDA's route (PyTorch's SDPA), taken here with CPU tensors: a mask holding NaN or +inf
+    (on a visible key: a NaN row; on a key the causal window hides: nothing) must not reach SDPA's kernels, which do
+    not propagate them as the formula does."""
+    from conftest import Backend
+
+    from torch_metal_fused.ops import attention as attention_module
+
+    monkeypatch.delenv("TORCH_METAL_FUSED_BACKEND", raising=False)
+    monkeypatch.setattr(attention_module, "_sdpa_route", lambda q: True)
+    test_nan_inf(Backend("sdpa route", "cpu"), dtype)

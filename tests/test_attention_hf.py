@@ -149,7 +149,9 @@ def test_register_hf_attention_is_idempotent():
 def _eager_reference(q, k, v, visible, scale, softcap=None, bias=None):
     """float64 softmax(q·kᵀ·scale (soft-capped) + bias, invisible keys dropped)·v, grouped heads repeated, rows with
     no visible key zero; (B, S, H, D) as the interface returns it."""
-    q, k, v = q.double(), k.double(), v.double()
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    bias = None if bias is None else bias.cpu()
+    visible = None if visible is None else visible.cpu()
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     s = q @ k.transpose(-1, -2) * scale

@@ -191,10 +191,20 @@ class _AlignedGradient(torch.autograd.Function):
         return laid_out.copy_(grad)
 
 
-def _sdpa(q, k, v, bias, causal: bool, window: int, scale: float) -> torch.Tensor:
+def _sdpa_route(q: torch.Tensor) -> bool:
+    """Whether the op runs PyTorch's SDPA (CUDA, where it is fused) rather than our kernels or the reference. A
+    function so that CPU tests can take the route too (torch's SDPA runs on CPU tensors)."""
+    return q.device.type == "cuda"
+
+
+def _sdpa(q, k, v, bias, causal: bool, window: int, scale: float) -> torch.Tensor | None:
     """CUDA: PyTorch's fused SDPA (flash or memory-efficient kernels) with our semantics: bottom-right causal and
     windows as an explicit mask (SDPA's is_causal is aligned top-left), grouped heads expanded by SDPA itself, and rows
-    with no visible key zeroed (as our kernels give them)."""
+    with no visible key zeroed (as our kernels give them). None for a mask holding NaN or +inf: SDPA's kernels do not
+    propagate those as the formula does (a NaN or +inf on a visible key makes its row NaN; on a key the causal window
+    hides, nothing), so such calls take the reference composite."""
+    if bias is not None and bool((bias.isnan() | (bias == float("inf"))).any()):
+        return None
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     q_len, kv_len = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
@@ -289,9 +299,10 @@ def attention(
     bias = _mask_bias(attn_mask, key_padding_mask, (batch, heads, q_len, kv_len), q.dtype, q.device)
     q, k, v = _unit_inner_stride(q), _unit_inner_stride(k), _unit_inner_stride(v)
     empty = q.numel() == 0 or kv_len == 0
-    if q.device.type == "cuda" and softcap == 0 and not empty and forced_backend() != "reference":
+    if _sdpa_route(q) and softcap == 0 and not empty and forced_backend() != "reference":
         out = _sdpa(q, k, v, bias, causal, window, scale)  # laid out as SDPA's kernel chose: made contiguous
-        return out.transpose(1, 2).contiguous() if heads_last else out.contiguous()
+        if out is not None:
+            return out.transpose(1, 2).contiguous() if heads_last else out.contiguous()
     out = AttentionFunction.apply(q, k, v, bias, causal, window, scale, softcap, heads_last)
     return out.transpose(1, 2) if heads_last else out
 
