@@ -996,6 +996,16 @@ MUTANTS: list[Mutant] = [
         keyword="saves_for_backward",
     ),
     _m(
+        "glu_activation_kept_for_the_down_projection",
+        "torch_metal_fused/ops/glu.py",
+        "            return _RecomputedGlu(node, t.shape)",
+        "            return t",
+        ("tests/test_glu.py", "tests/test_bench.py"),
+        "the down projection keeps glu's output for backward again: a tokens x intermediate tensor per layer held "
+        "until backward, the same values (only the memory tests see it)",
+        keyword="keeps_no_activation or memory_counts",
+    ),
+    _m(
         "glu_overwrites_inputs_something_else_reads",
         "torch_metal_fused/ops/_dispatch.py",
         "    return all(c == private[1] if t._base is not None else c == private[0] for t, c in zip(tensors, counts))",

@@ -194,6 +194,7 @@ def saved_by_site(forward, exclude: set[int]) -> list[list]:
             sizes[site] = sizes.get(site, 0) + st.nbytes()
         return t
 
+    pack.passes_tensors_through = True  # ops.glu.down_of_glu keeps recomputing under it: what a step saves
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
     return _top_sites(sizes)

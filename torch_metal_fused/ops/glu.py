@@ -109,24 +109,29 @@ def down_of_glu(
       elementwise pass per layer; an MLP's tokens x intermediate tensor less per layer held until backward);
     - glu's backward may write the gradients over gate and up (GluFunction's inputs_private).
     Without a graph (no grad), under torch.compile or inside other saved-tensor hooks (non-reentrant gradient
-    checkpointing: those already recompute) `down` saves what it saves."""
+    checkpointing, which already recomputes and lets each saved tensor be unpacked once), `down(glu(...))` as it is;
+    hooks whose pack function is marked `passes_tensors_through` (it returns the tensor, as a memory counter's does)
+    get everything else `down` saves."""
     out = _glu(gate, up, activation, inputs_private=True)
     node = out.grad_fn
-    if (
-        node is None
-        or torch.compiler.is_compiling()
-        or not torch._C._autograd._saved_tensors_hooks_is_enabled()
-        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    ):
+    if node is None or torch.compiler.is_compiling() or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return down(out)
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if outer is not None and not getattr(outer[0], "passes_tensors_through", False):
         return down(out)
     ptr, numel, dtype = out.data_ptr(), out.numel(), out.dtype  # not `out` itself: the hooks must not keep it alive
 
     def pack(t: torch.Tensor):
         if t.data_ptr() == ptr and t.numel() == numel and t.dtype == dtype and t.is_contiguous():
             return _RecomputedGlu(node, t.shape)
-        return t
+        return t if outer is None else _PackedByOuterHooks(outer[0](t))
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack_glu):
+    def unpack(packed):
+        if isinstance(packed, _PackedByOuterHooks):
+            return outer[1](packed.value)
+        return _unpack_glu(packed)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return down(out)
 
 
@@ -138,6 +143,15 @@ class _RecomputedGlu:
 
     def __init__(self, node, shape: torch.Size) -> None:
         self.node, self.shape = node, shape
+
+
+class _PackedByOuterHooks:
+    """A saved tensor as the saved-tensor hooks in effect outside down_of_glu packed it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
 
 
 def _unpack_glu(packed):
