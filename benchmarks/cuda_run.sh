@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the NVIDIA machine: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the CUDA
 # comparison benchmark (torch, Liger-Kernel from .whl/, PEFT). Usage: bash benchmarks/cuda_run.sh [steps] with steps
-# from: build tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu
+# from: build build-fast tests sanitize sanitize:<tool> bench bench:<ops> bench-quick lora rowbench glurope lorak ncu
 # rowstores kconcat ncu-kconcat tests-kconcat lora-no-kconcat lora-gemms lora-step lora-f32 attention train memory
 # profile fit overhead (default: build tests sanitize bench). CLOCK_LOG=0: no per-step clock log (the device returns 8 files).
 # Results go to $OUT. rowbench: the row-kernel variants side by side without PyTorch (benchmarks/cuda_rowbench.cu)
@@ -76,8 +76,13 @@ ncu_sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section 
 for step in $steps; do
   clock_log_start "$step"
   case $step in
-    build)
-      ( time TORCH_METAL_FUSED_REQUIRE_EXTENSION=1 python3 setup.py -q build_ext --inplace ) > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+    build | build-fast)
+      # build-fast: sm_90 without the K-concatenated GEMM (no CUTLASS: about 1 of build's 2.5 minutes), for runs
+      # that test correctness only (the attention and patch suites); timings want build
+      arch=$TORCH_CUDA_ARCH_LIST
+      [ "$step" = build-fast ] && arch=9.0
+      ( time TORCH_CUDA_ARCH_LIST=$arch TORCH_METAL_FUSED_REQUIRE_EXTENSION=1 python3 setup.py -q build_ext --inplace ) \
+        > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
       python3 -c "import torch, torch_metal_fused as t; print('backend:', t.backend_for(torch.empty(1, device='cuda')))"
       python3 -c "from torch_metal_fused import _C; print('LoRA K-concatenated GEMM:', _C.lora_kconcat_mode())"
       ;;
