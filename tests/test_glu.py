@@ -306,19 +306,63 @@ def test_mlp_keeps_inputs_that_something_else_reads(backend):
         assert_matches(g, g64, dtype, f"double backward d{name}")
 
 
-def test_another_node_that_saved_gate_gets_autograd_s_error_not_gradients_of_overwritten_values(backend):
-    """What reference counts cannot see: another op saved the same gate tensor. The writes bump gate's version, so
-    that op's backward raises autograd's in-place error where it would otherwise read gradients as activations."""
+def test_another_node_that_saved_gate_keeps_it(backend):
+    """Another op saved the same gate tensor (an activation penalty, say): a C++ holder no Python count sees, found
+    by the tensor's use count. Whichever backward autograd runs first, every gradient is right and none raises: gate
+    is overwritten only once that op's backward has run and released it."""
     from torch_metal_fused.ops.glu import down_of_glu
 
-    x, w_gate, w_up, w_down = _mlp_inputs(torch.float32, backend.device)
-    gate, up = _projections(x, w_gate, w_up)
-    # The square's node is made before glu's, so autograd runs it after glu's backward.
-    square = gate.square().sum()
-    aux = down_of_glu(lambda c: F.linear(c, w_down), gate, up, "silu").sum() + square
-    del gate, up
+    inputs = _mlp_inputs(torch.float32, backend.device)
+
+    def fn(x, w_gate, w_up, w_down):
+        gate, up = _projections(x, w_gate, w_up)
+        square = gate.square().sum()  # made before glu's node, so autograd runs it after glu's backward
+        return down_of_glu(lambda c: F.linear(c, w_down), gate, up, "silu").sum() + square
+
+    grads = torch.autograd.grad(fn(*inputs), inputs)
+    leaves = [t.detach().double().cpu().requires_grad_(True) for t in inputs]
+    gate64 = leaves[0] @ leaves[1].t()
+    out64 = ((F.silu(gate64) * (leaves[0] @ leaves[2].t())) @ leaves[3].t()).sum() + gate64.square().sum()
+    for name, g, g64 in zip(("dx", "dw_gate", "dw_up", "dw_down"), grads, torch.autograd.grad(out64, leaves)):
+        assert_matches(g, g64, torch.float32, name)
+
+
+def test_mlp_steps_aside_where_its_hooks_would_change_what_autograd_checks(backend):
+    """(1) glu's output changed in place inside the down projection (an in-place dropout) is saved as it is, not
+    recomputed from gate and up; (2) a weight the down projection saved and that changed in place before backward
+    raises autograd's error, as without the hooks (autograd skips its check for hooked saved tensors); (3) a forward
+    hook on the down projection that builds a side loss on its input: that loss's own backward, after the step's,
+    still works."""
+    from torch_metal_fused.ops.glu import down_of_glu
+
+    inputs = _mlp_inputs(torch.float32, backend.device)
+    x, w_gate, w_up, w_down = inputs
+    dout = randn((2, 5, 24), torch.float32, backend.device, seed=7)
+
+    def scaled_in_place(c):
+        return F.linear(c.mul_(2.0), w_down)
+
+    out = down_of_glu(scaled_in_place, *_projections(x, w_gate, w_up), "silu")
+    grads = torch.autograd.grad(out, inputs, dout)
+    _, grads64 = _float64_mlp(inputs, dout * 2)
+    for name, g, g64 in zip(("dx", "dw_gate", "dw_up", "dw_down"), grads, grads64):
+        assert_matches(g, g64, torch.float32, f"in-place change inside down: {name}")
+
+    w = w_down.detach().clone().requires_grad_(True)
+    out = down_of_glu(lambda c: F.linear(c, w), *_projections(x, w_gate, w_up), "silu")
+    with torch.no_grad():
+        w.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        aux.backward()
+        torch.autograd.grad(out, inputs[:3], dout)
+
+    down = torch.nn.Linear(40, 24, bias=False).to(backend.device)
+    probe = torch.nn.Linear(40, 1, bias=False).to(backend.device)
+    side = []
+    down.register_forward_hook(lambda module, args, output: side.append(probe(args[0]).sum()))
+    out = down_of_glu(down, *_projections(x, w_gate, w_up), "silu")
+    torch.autograd.grad(out, inputs[:3], dout)
+    (dprobe,) = torch.autograd.grad(side[0], probe.weight)
+    assert torch.isfinite(dprobe).all()
 
 
 # ---- module and HF patch -------------------------------------------------------------------------------------

@@ -1025,16 +1025,6 @@ MUTANTS: list[Mutant] = [
         keyword="something_else_reads",
     ),
     _m(
-        "glu_overwrites_without_a_version_bump",
-        "torch_metal_fused/ops/glu.py",
-        "            mark_overwritten(gate, up)\n",
-        "",
-        ("tests/test_glu.py",),
-        "another node that saved gate reads the gradients written over it as gate's values, silently, instead of "
-        "raising autograd's in-place error",
-        keyword="another_node",
-    ),
-    _m(
         "lora_dropout_mask_from_a_private_generator",
         "torch_metal_fused/ops/lora_linear.py",
         "bernoulli_(1.0 - dropout_p)",

@@ -99,6 +99,7 @@ def _reference_counts(tensors: tuple[torch.Tensor, ...]) -> list[tuple[int, ...]
         counts.append(
             (
                 sys.getrefcount(t),
+                t._use_count(),  # C++ holders of this TensorImpl: another node's SavedVariable, a DLPack capsule
                 storage_uses(t.untyped_storage()._cdata),
                 -1 if base is None else sys.getrefcount(base),
             )
@@ -107,7 +108,26 @@ def _reference_counts(tensors: tuple[torch.Tensor, ...]) -> list[tuple[int, ...]
 
 
 @functools.cache
-def _private_counts() -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+def _private_counts():
+    """Measured on a fresh thread: none of the caller's thread-local state (saved-tensor hooks, dispatch modes,
+    inference mode, vmap) can shift the calibration."""
+    import threading
+
+    result = []
+
+    def target():
+        try:
+            result.append(_measure_private_counts())
+        except Exception:
+            result.append(None)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    return result[0]
+
+
+def _measure_private_counts() -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """_reference_counts of a saved tensor nothing else holds, as a backward sees it: (plain, a view of a private
     base); None where a held tensor does not count higher than a private one (then nothing is written in place)."""
     seen: list = []
@@ -140,7 +160,7 @@ def _private_counts() -> tuple[tuple[int, ...], tuple[int, ...]] | None:
 
     with torch.enable_grad():  # first asked inside a backward, where grad mode is off
         private, held = run(False), run(True)
-    if held[0][0] <= private[0][0] or held[1][2] <= private[1][2]:  # held: the plain tensor, the view's base
+    if held[0][0] <= private[0][0] or held[1][3] <= private[1][3]:  # held: the plain tensor, the view's base
         return None
     return private[0], private[1]
 
@@ -151,6 +171,10 @@ def can_overwrite_saved(*tensors: torch.Tensor) -> bool:
     storages only."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None or keep_graph() or create_graph_requested() or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # vmap (is_grads_batched, jacobian(vectorize=True))
+        return False
+    if not all(type(t) is torch.Tensor for t in tensors):  # wrapper subclasses have no storage of their own
         return False
     if not hasattr(torch.autograd.graph, "increment_version") or not hasattr(torch._C, "_storage_Use_Count"):
         return False

@@ -77,7 +77,13 @@ class GluFunction(torch.autograd.Function):
         if create_graph_requested():
             dgate, dup = reference.glu_backward(dout, gate, up, ctx.activation)
             return dgate, dup, None, None
-        if ctx.inputs_private and gate.shape == dout.shape and can_overwrite_saved(gate, up):
+        if (
+            ctx.inputs_private
+            and gate.shape == dout.shape
+            and not torch._C._functorch.is_legacy_batchedtensor(dout)  # is_grads_batched
+            and not torch._C._functorch.is_batchedtensor(dout)
+            and can_overwrite_saved(gate, up)
+        ):
             dgate, dup = call(_glu_backward_in_place, _glu_backward_in_place, dout, gate, up, ctx.activation)
             mark_overwritten(gate, up)
             return dgate, dup, None, None
@@ -108,31 +114,67 @@ def down_of_glu(
       gradient) is recomputed from gate and up, which glu keeps anyway, when down's backward asks for it (one more
       elementwise pass per layer; an MLP's tokens x intermediate tensor less per layer held until backward);
     - glu's backward may write the gradients over gate and up (GluFunction's inputs_private).
-    Without a graph (no grad), under torch.compile or inside other saved-tensor hooks (non-reentrant gradient
-    checkpointing, which already recomputes and lets each saved tensor be unpacked once), `down(glu(...))` as it is;
-    hooks whose pack function is marked `passes_tensors_through` (it returns the tensor, as a memory counter's does)
-    get everything else `down` saves."""
+    Without a graph (no grad), for tensor subclasses, under torch.compile, with forward hooks on `down`, or inside
+    other saved-tensor hooks (non-reentrant gradient checkpointing, which already recomputes and lets each saved
+    tensor be unpacked once; there the backward is not in place either), `down(glu(...))` as it is; hooks whose pack
+    function is marked `passes_tensors_through` (it returns the tensor, as a memory counter's does) get everything
+    else `down` saves. What `down` saves besides glu's output keeps autograd's check against in-place changes (which
+    autograd skips for tensors that pass through hooks), and glu's output changed in place inside `down` (an in-place
+    dropout) is saved as it is, not recomputed."""
     out = _glu(gate, up, activation, inputs_private=True)
     node = out.grad_fn
-    if node is None or torch.compiler.is_compiling() or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+    if (
+        node is None
+        or type(out) is not torch.Tensor
+        or torch.compiler.is_compiling()
+        or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+        or _has_forward_hooks(down)
+    ):
         return down(out)
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if outer is not None and not getattr(outer[0], "passes_tensors_through", False):
         return down(out)
     ptr, numel, dtype = out.data_ptr(), out.numel(), out.dtype  # not `out` itself: the hooks must not keep it alive
+    version = out._version
 
     def pack(t: torch.Tensor):
-        if t.data_ptr() == ptr and t.numel() == numel and t.dtype == dtype and t.is_contiguous():
+        if (
+            type(t) is torch.Tensor
+            and t.data_ptr() == ptr
+            and t.numel() == numel
+            and t.dtype == dtype
+            and t.is_contiguous()
+            and t._version == version  # glu's values, not changed in place since
+        ):
             return _RecomputedGlu(node, t.shape)
-        return t if outer is None else _PackedByOuterHooks(outer[0](t))
+        return _Kept(t, t._version) if outer is None else _PackedByOuterHooks(outer[0](t))
 
     def unpack(packed):
         if isinstance(packed, _PackedByOuterHooks):
             return outer[1](packed.value)
+        if isinstance(packed, _Kept):
+            if packed.tensor._version != packed.version:  # autograd skips this check for hooked saved tensors
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: [{packed.tensor.type()} {list(packed.tensor.shape)}] is at version "
+                    f"{packed.tensor._version}; expected version {packed.version} instead."
+                )
+            return packed.tensor
         return _unpack_glu(packed)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return down(out)
+
+
+def _has_forward_hooks(down) -> bool:
+    """Forward hooks on `down` (or on every module) see glu's output and may build on it (a side loss whose own
+    backward, after the step's, would find glu's saved gate and up already freed or overwritten): then `down` saves
+    what it saves. Hooks on modules inside `down` are not looked for."""
+    from torch.nn.modules import module
+
+    if module._global_forward_hooks or module._global_forward_pre_hooks:
+        return True
+    return isinstance(down, torch.nn.Module) and bool(down._forward_hooks or down._forward_pre_hooks)
 
 
 class _RecomputedGlu:
@@ -143,6 +185,15 @@ class _RecomputedGlu:
 
     def __init__(self, node, shape: torch.Size) -> None:
         self.node, self.shape = node, shape
+
+
+class _Kept:
+    """A tensor `down` saved, with its version then (autograd's own check is skipped for hooked saved tensors)."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor, version) -> None:
+        self.tensor, self.version = tensor, version
 
 
 class _PackedByOuterHooks:
