@@ -327,6 +327,17 @@ def test_another_node_that_saved_gate_keeps_it(backend):
         assert_matches(g, g64, torch.float32, name)
 
 
+def test_mlp_under_batched_gradients():
+    """torch.autograd.grad(is_grads_batched=True) (vmap over incoming gradients): no in-place write into the
+    unbatched gate and up; each batch entry's gradients equal a plain backward's."""
+    inputs = _mlp_inputs(torch.float32, "cpu")
+    douts = randn((3, 2, 5, 24), torch.float32, "cpu", seed=7)
+    batched = torch.autograd.grad(_mlp(*inputs), inputs, douts, is_grads_batched=True)
+    for i in range(3):
+        for g, g_i in zip(batched, torch.autograd.grad(_mlp(*inputs), inputs, douts[i])):
+            torch.testing.assert_close(g[i], g_i)
+
+
 def test_mlp_steps_aside_where_its_hooks_would_change_what_autograd_checks(backend):
     """(1) glu's output changed in place inside the down projection (an in-place dropout) is saved as it is, not
     recomputed from gate and up; (2) a weight the down projection saved and that changed in place before backward

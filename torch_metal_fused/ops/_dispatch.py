@@ -84,13 +84,13 @@ def refuse_double_backward(op: str) -> None:
 # ---- gradients written over saved inputs --------------------------------------------------------------------------
 # A backward may write its gradients over inputs it saved (same shape and dtype), so that its peak holds no fresh
 # tensors of their size (Liger's SwiGLU does this unconditionally), only where nothing can read those inputs again:
-# the graph is freed by this backward (no retain_graph, no create_graph), eager mode, and no tensor or Python
-# reference besides the saved one holds their memory. The last is read from reference counts (Python references to
-# the tensor and its base, tensors sharing its storage), against the counts of a private saved tensor measured once
-# in this process, so a torch or Python whose counts differ gets no in-place writes rather than wrong ones. What
-# counts cannot see, another autograd node that saved the same tensor, is left to autograd: the writes bump the
-# tensors' version, so that node's backward raises autograd's error about an in-place change instead of reading
-# gradients as activations.
+# the graph is freed by this backward (no retain_graph, no create_graph), eager mode, no vmap, and no tensor or
+# Python reference besides the saved one holds their memory. The last is read from reference counts (Python
+# references to the tensor and its base, C++ holders of the tensor such as another node that saved it, tensors
+# sharing its storage), against the counts of a private saved tensor measured once in this process, so a torch or
+# Python whose counts differ gets no in-place writes rather than wrong ones. The writes bump the tensors' version, so
+# a holder the counts miss gets autograd's error about an in-place change instead of reading gradients as
+# activations.
 def _reference_counts(tensors: tuple[torch.Tensor, ...]) -> list[tuple[int, ...]]:
     storage_uses = torch._C._storage_Use_Count
     counts = []
@@ -165,14 +165,17 @@ def _measure_private_counts() -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     return private[0], private[1]
 
 
-def can_overwrite_saved(*tensors: torch.Tensor) -> bool:
-    """Inside an autograd.Function's backward, `tensors` unpacked from ctx.saved_tensors into locals of the caller:
-    whether the backward may write its gradients over them (the rules above). Contiguous tensors on distinct
-    storages only."""
+def can_overwrite_saved(*tensors: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Inside an autograd.Function's backward with incoming gradient `grad`, `tensors` unpacked from
+    ctx.saved_tensors into locals of the caller: whether the backward may write its gradients over them (the rules
+    above). Contiguous tensors on distinct storages only."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None or keep_graph() or create_graph_requested() or torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:  # vmap (is_grads_batched, jacobian(vectorize=True))
+    functorch = torch._C._functorch
+    if functorch.peek_interpreter_stack() is not None:  # vmap (jacobian(vectorize=True))
+        return False
+    if functorch.is_legacy_batchedtensor(grad) or functorch.is_batchedtensor(grad):  # is_grads_batched
         return False
     if not all(type(t) is torch.Tensor for t in tensors):  # wrapper subclasses have no storage of their own
         return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.nn.modules import module as nn_module
 
 from torch_metal_fused import reference
 from torch_metal_fused._validation import check_same_device_dtype, check_tensor
@@ -77,13 +78,7 @@ class GluFunction(torch.autograd.Function):
         if create_graph_requested():
             dgate, dup = reference.glu_backward(dout, gate, up, ctx.activation)
             return dgate, dup, None, None
-        if (
-            ctx.inputs_private
-            and gate.shape == dout.shape
-            and not torch._C._functorch.is_legacy_batchedtensor(dout)  # is_grads_batched
-            and not torch._C._functorch.is_batchedtensor(dout)
-            and can_overwrite_saved(gate, up)
-        ):
+        if ctx.inputs_private and gate.shape == dout.shape and can_overwrite_saved(gate, up, grad=dout):
             dgate, dup = call(_glu_backward_in_place, _glu_backward_in_place, dout, gate, up, ctx.activation)
             mark_overwritten(gate, up)
             return dgate, dup, None, None
@@ -160,7 +155,7 @@ def down_of_glu(
                     f"{packed.tensor._version}; expected version {packed.version} instead."
                 )
             return packed.tensor
-        return _unpack_glu(packed)
+        return packed.recompute()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return down(out)
@@ -170,9 +165,7 @@ def _has_forward_hooks(down) -> bool:
     """Forward hooks on `down` (or on every module) see glu's output and may build on it (a side loss whose own
     backward, after the step's, would find glu's saved gate and up already freed or overwritten): then `down` saves
     what it saves. Hooks on modules inside `down` are not looked for."""
-    from torch.nn.modules import module
-
-    if module._global_forward_hooks or module._global_forward_pre_hooks:
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
     return isinstance(down, torch.nn.Module) and bool(down._forward_hooks or down._forward_pre_hooks)
 
@@ -185,6 +178,14 @@ class _RecomputedGlu:
 
     def __init__(self, node, shape: torch.Size) -> None:
         self.node, self.shape = node, shape
+
+    def recompute(self) -> torch.Tensor:
+        # Down's backward runs before glu's (glu's output feeds it), so gate and up still hold their values here.
+        gate, up = self.node.saved_tensors
+        activation = self.node.activation
+        if torch.is_grad_enabled():  # create_graph: the recomputed output carries gate's and up's history
+            return GluFunction.apply(gate, up, activation, False).view(self.shape)
+        return call(glu_forward, _glu_forward_impl, gate, up, activation).view(self.shape)
 
 
 class _Kept:
@@ -203,17 +204,6 @@ class _PackedByOuterHooks:
 
     def __init__(self, value) -> None:
         self.value = value
-
-
-def _unpack_glu(packed):
-    if not isinstance(packed, _RecomputedGlu):
-        return packed
-    # Down's backward runs before glu's (glu's output feeds it), so gate and up still hold their values here.
-    gate, up = packed.node.saved_tensors
-    activation = packed.node.activation
-    if torch.is_grad_enabled():  # create_graph: the recomputed output carries gate's and up's history
-        return GluFunction.apply(gate, up, activation, False).view(packed.shape)
-    return call(glu_forward, _glu_forward_impl, gate, up, activation).view(packed.shape)
 
 
 def _glu(gate: torch.Tensor, up: torch.Tensor, activation: str, inputs_private: bool) -> torch.Tensor:
