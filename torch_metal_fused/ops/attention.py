@@ -191,6 +191,14 @@ class _AlignedGradient(torch.autograd.Function):
         return laid_out.copy_(grad)
 
 
+def _stored_entries(t: torch.Tensor) -> torch.Tensor:
+    """t without its broadcast dimensions (stride 0, as expand() makes them): every distinct entry once."""
+    for dim in range(t.ndim):
+        if t.stride(dim) == 0:
+            t = t.narrow(dim, 0, min(1, t.shape[dim]))
+    return t
+
+
 def _sdpa_route(q: torch.Tensor) -> bool:
     """Whether the op runs PyTorch's SDPA (CUDA, where it is fused) rather than our kernels or the reference. A
     function so that CPU tests can take the route too (torch's SDPA runs on CPU tensors)."""
@@ -203,8 +211,10 @@ def _sdpa(q, k, v, bias, causal: bool, window: int, scale: float) -> torch.Tenso
     with no visible key zeroed (as our kernels give them). None for a mask holding NaN or +inf: SDPA's kernels do not
     propagate those as the formula does (a NaN or +inf on a visible key makes its row NaN; on a key the causal window
     hides, nothing), so such calls take the reference composite."""
-    if bias is not None and bool((bias.isnan() | (bias == float("inf"))).any()):
-        return None
+    if bias is not None:
+        stored = _stored_entries(bias)  # not the (B, Hq, S, Sk) the broadcast dims would make of a comparison
+        if bool((stored.isnan() | (stored == float("inf"))).any()):
+            return None
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     q_len, kv_len = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
