@@ -121,6 +121,16 @@ class AutogradCase:
     scalar_output: bool = False  # a reduced loss: backward() with no gradient argument (an output gradient of 1)
 
 
+def bytes_alive_after(fn) -> int:
+    """Bytes allocated by fn() and still allocated when it returns (the profiler's allocation events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        kept = fn()
+    del kept
+    return sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+
 def rms64(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float = 0.0) -> torch.Tensor:
     """RMSNorm as torch's unfused ops compute it (the contracts' composite): times w + offset, or no weight."""
     y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)

@@ -629,20 +629,23 @@ def test_overhead_pairs_compute_the_same_thing():
 
 
 def _least_saved_bytes(mode: str, tokens: int) -> int:
-    """What one forward of the tiny preset (batch 1) must keep for backward, in bytes: per layer the bf16 inputs of
-    the two norms (the first layer's only when its weight trains: full mode), the projections' input, q, k, v, the
-    attention output, and gate and up (their product is recomputed for the down projection's backward: ops.glu's
-    down_of_glu); the final norm's input and the loss's hidden rows (all but the
-    last token); float32 per-token statistics (each norm's 1/rms, attention's log-sum-exp per head); LoRA's rank-16
+    """What one forward of the tiny preset (batch 1) must keep for backward, in bytes: per layer the bf16 inputs of the
+    two norms (the first layer's only when its weight trains: full mode), the projections' input (in LoRA modes only the
+    first layer's attention input, which has no history to remake it from: every other is a norm output the LoRA op
+    remakes, ops.rms_norm.NormOutput), q, k, v, the attention output, and gate and up (their product is recomputed for
+    the down projection's backward: ops.glu's down_of_glu); the final norm's input and the loss's hidden rows (all but
+    the last token); float32 per-token statistics (each norm's 1/rms, attention's log-sum-exp per head); LoRA's rank-16
     intermediates of the 7 adapters (in the adapters' dtype); RoPE's cos and sin; the loss's int64 targets."""
     from torch_metal_fused.bench import train
 
     p = train.PRESETS["tiny"]
     hidden, inter, layers, heads = p["hidden"], p["intermediate"], p["layers"], p["heads"]
     q_width, kv_width = heads * p["head_dim"], p["kv_heads"] * p["head_dim"]
-    per_layer = 3 * hidden + 2 * q_width + 2 * kv_width + 2 * inter  # norm-1 output, q, k, v, out, norm-2 in/out, MLP
+    per_layer = hidden + 2 * q_width + 2 * kv_width + 2 * inter  # q, k, v, out, norm-2 input, MLP
     first_norm_inputs = layers if mode == "full" else layers - 1
-    bf16 = ((layers * per_layer + first_norm_inputs * hidden + hidden) * tokens + hidden * (tokens - 1)) * 2
+    norm_outputs = 2 * layers if mode == "full" else 1
+    hidden_rows = first_norm_inputs + norm_outputs + 1  # + the final norm's input
+    bf16 = ((layers * per_layer + hidden_rows * hidden) * tokens + hidden * (tokens - 1)) * 2
     norms = 2 * layers + 1 - (mode != "full")
     float32 = (norms + layers * heads) * tokens * 4
     lora = 0 if mode == "full" else layers * 7 * 16 * tokens * (4 if mode == "lora" else 2)

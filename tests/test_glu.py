@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, LAYOUTS, AutogradCase, draws, make_layout, randn
+from helpers import DTYPES, LAYOUTS, AutogradCase, bytes_alive_after, draws, make_layout, randn
 from nan_inf import INF, NAN, check_rows, nan_inf_contract
 
 import torch_metal_fused as tmf
@@ -228,23 +228,13 @@ def test_mlp_writes_the_gradients_over_gate_and_up(backend, activation, dtype):
         assert_matches(g, g64, dtype, name)
 
 
-def _bytes_alive_after(fn) -> int:
-    """Bytes allocated by fn() and still allocated when it returns (the profiler's allocation events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        kept = fn()
-    del kept
-    return sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-
-
 def test_mlp_keeps_no_activation_for_backward():
     """What a forward leaves allocated for backward: the plain composition keeps glu's output (down saves it);
     down_of_glu keeps exactly one tokens x intermediate tensor less, and the gradients stay equal."""
     inputs = _mlp_inputs(torch.float32, "cpu")
     held = []
-    plain = _bytes_alive_after(lambda: held.append(F.linear(tmf.glu(*_projections(*inputs[:3]), "silu"), inputs[3])))
-    fused = _bytes_alive_after(lambda: held.append(_mlp(*inputs)))
+    plain = bytes_alive_after(lambda: held.append(F.linear(tmf.glu(*_projections(*inputs[:3]), "silu"), inputs[3])))
+    fused = bytes_alive_after(lambda: held.append(_mlp(*inputs)))
     assert plain - fused == 2 * 5 * 40 * 4
     dout = randn(held[0].shape, torch.float32, "cpu", seed=7)
     for a, b in zip(torch.autograd.grad(held[0], inputs, dout), torch.autograd.grad(held[1], inputs, dout)):

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import DTYPES, AutogradCase, draws, make_layout, randn
+from helpers import DTYPES, AutogradCase, bytes_alive_after, draws, make_layout, randn, rms64
 from nan_inf import INF, NAN, check_rows, nan_inf_contract
 
 import torch_metal_fused as tmf
@@ -952,3 +952,152 @@ def test_nan_inf_merged_weight_route(backend, dtype):
         assert_matches(y, y64, dtype, f"lora_linear merged, NaN in {what}: y")
         for name, g, ref in zip(("dx", "dweight", "dlora_a", "dlora_b"), grads, refs):
             assert_matches(g, ref, dtype, f"lora_linear merged, NaN in {what}: {name}")
+
+
+# ---- an RMSNorm output as x: remade for backward, not kept (ops.rms_norm.NormOutput) -------------------------------
+def _norm_and_projections(dtype, device, offset=0.0, seed=60):
+    """A decoder layer's attention input: x (2, 9, 24) normed, then three LoRA projections of it (q, k, v), float32
+    adapters on 16-bit activations as PEFT keeps them."""
+    adapters = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x = randn((2, 9, 24), dtype, device, seed=seed).requires_grad_(True)
+    norm_w = (randn((24,), dtype, device, seed=seed + 1) * 0.5 + 1.0).requires_grad_(True)
+    projections = []
+    for i, fout in enumerate((16, 8, 8)):
+        _, w, _, _, _ = _factors(18, 24, fout, 4, dtype, device, seed=seed + 10 * i)
+        _, _, a, b, _ = _factors(18, 24, fout, 4, adapters, device, seed=seed + 10 * i)
+        projections.append((w, a.requires_grad_(True), b.requires_grad_(True)))
+    return x, norm_w, projections
+
+
+def _attention_input_projections(x, norm_w, projections, offset=0.0, norm=None):
+    y = tmf.rms_norm(x, norm_w, 1e-6, offset) if norm is None else norm(x)
+    return [tmf.lora_linear(y, w, a, b, 2.0) for w, a, b in projections]
+
+
+def _leaves(x, norm_w, projections):
+    return [x, norm_w] + [t for _, a, b in projections for t in (a, b)]
+
+
+def _float64_projections(x, norm_w, projections, douts, offset=0.0):
+    leaves = [t.detach().double().cpu().requires_grad_(True) for t in _leaves(x, norm_w, projections)]
+    y = rms64(leaves[0], leaves[1], 1e-6, offset)
+    outs = [
+        y @ w.double().cpu().t() + 2.0 * (y @ a.t()) @ b.t()
+        for (w, _, _), a, b in zip(projections, leaves[2::2], leaves[3::2])
+    ]
+    return torch.autograd.grad(outs, leaves, [d.double().cpu() for d in douts])
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norm_output_is_remade_once_for_its_projections(backend, dtype, offset, monkeypatch):
+    """q, k and v of one RMSNorm output: the output is not kept for backward (one activation less per norm) but made
+    again, once for the three, by the norm's own kernel; every gradient is bit for bit the one computed from the kept
+    output, and matches the float64 formula (Llama's norm and Gemma's (1 + weight))."""
+    from torch_metal_fused.ops import rms_norm as rms_norm_module
+
+    x, norm_w, projections = _norm_and_projections(dtype, backend.device)
+    leaves = _leaves(x, norm_w, projections)
+    douts = [randn((2, 9, w.shape[0]), dtype, backend.device, seed=70 + i) for i, (w, _, _) in enumerate(projections)]
+    forwards = []
+    real = rms_norm_module._rms_norm_forward_impl
+    monkeypatch.setattr(rms_norm_module, "_rms_norm_forward_impl", lambda *a: forwards.append(1) or real(*a))
+    outs = _attention_input_projections(x, norm_w, projections, offset)
+    assert len(forwards) == 1
+    grads = torch.autograd.grad(outs, leaves, douts)
+    assert len(forwards) == 2, "the norm output was not remade once for its three consumers"
+    monkeypatch.setattr(rms_norm_module.NormOutput, "of", classmethod(lambda cls, y: None))
+    kept = torch.autograd.grad(_attention_input_projections(x, norm_w, projections, offset), leaves, douts)
+    grads64 = _float64_projections(x, norm_w, projections, douts, offset)
+    names = ["x", "norm_weight"] + [f"{n}_{p}" for p in "qkv" for n in ("lora_a", "lora_b")]
+    for name, g, k, g64 in zip(names, grads, kept, grads64):
+        assert torch.equal(g, k), f"{name}: differs from the gradient computed from the kept norm output"
+        assert_matches(g, g64, dtype, name)
+
+
+def test_norm_output_is_not_kept_for_backward():
+    """What a forward leaves allocated for backward: one (tokens, hidden) tensor less than with the output kept,
+    whichever number of projections read it."""
+    from torch_metal_fused.ops import rms_norm as rms_norm_module
+
+    x, norm_w, projections = _norm_and_projections(torch.float32, "cpu")
+    held = []
+    remade = bytes_alive_after(lambda: held.append(_attention_input_projections(x, norm_w, projections)))
+    of = rms_norm_module.NormOutput.of
+    rms_norm_module.NormOutput.of = classmethod(lambda cls, y: None)
+    try:
+        kept = bytes_alive_after(lambda: held.append(_attention_input_projections(x, norm_w, projections)))
+    finally:
+        rms_norm_module.NormOutput.of = of
+    assert kept - remade == x.numel() * 4
+
+
+def test_norm_output_remade_keeps_autograds_rules(backend):
+    """Where the remade output would differ from what the projections read, or where autograd's own rules would
+    change: a norm output changed in place before the projections (kept as changed: gradients of those values), the
+    norm's input changed in place after forward (autograd's error, as when kept), retain_graph (a second backward
+    equal to the first), create_graph (second-order gradients through the remade output to the norm's input and
+    weight), non-reentrant gradient checkpointing (whose saved tensors may be unpacked once) and a view of the
+    output (kept)."""
+    dtype = torch.float32
+    x, norm_w, projections = _norm_and_projections(dtype, backend.device)
+    leaves = _leaves(x, norm_w, projections)
+    douts = [randn((2, 9, w.shape[0]), dtype, backend.device, seed=70 + i) for i, (w, _, _) in enumerate(projections)]
+    grads64 = _float64_projections(x, norm_w, projections, douts)
+
+    def changed_in_place(t):
+        y = tmf.rms_norm(t, norm_w, 1e-6)
+        with torch.no_grad():
+            y.mul_(2.0)
+        return y
+
+    doubled = [2.0 * d for d in douts]
+    want = _float64_projections(x, norm_w, projections, doubled)
+    outs = _attention_input_projections(x, norm_w, projections, norm=changed_in_place)
+    got = torch.autograd.grad(outs, leaves, douts)
+    for i, (g, g64) in enumerate(zip(got[2:], want[2:])):  # the adapters saw 2y: their gradients are of 2y
+        assert_matches(g, g64, dtype, f"in-place change before the projections: adapter gradient {i}")
+
+    x2 = x.detach().clone().requires_grad_(True)
+    y = (x2 * 1.0).view_as(x2)
+    outs = _attention_input_projections(y, norm_w, projections)
+    with torch.no_grad():
+        y.add_(1.0)  # the norm's input, saved by the norm's node
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(outs, leaves[2:], douts)
+
+    outs = _attention_input_projections(x, norm_w, projections)
+    first = torch.autograd.grad(outs, leaves, douts, retain_graph=True)
+    second = torch.autograd.grad(outs, leaves, douts)
+    assert all(torch.equal(a, b) for a, b in zip(first, second)), "retain_graph: the second backward differs"
+
+    w_q, a, b = projections[0]
+
+    def second_order(x_, norm_w_, a_, b_, norm, project):
+        (ga,) = torch.autograd.grad(project(norm(x_, norm_w_), a_, b_), a_, douts[0].to(x_), create_graph=True)
+        return torch.autograd.grad(ga.square().sum(), (x_, norm_w_))
+
+    got = second_order(
+        x, norm_w, a, b, lambda t, nw: tmf.rms_norm(t, nw, 1e-6), lambda y, a_, b_: tmf.lora_linear(y, w_q, a_, b_, 2.0)
+    )
+    d64 = [t.detach().double().cpu().requires_grad_(True) for t in (x, norm_w, a, b)]
+    w64 = w_q.double().cpu()
+    want = second_order(
+        *d64, lambda t, nw: rms64(t, nw, 1e-6), lambda y, a_, b_: y @ w64.t() + 2.0 * (y @ a_.t()) @ b_.t()
+    )
+    for name, g, g64 in zip(("x", "norm_weight"), got, want):
+        assert_matches(g, g64, dtype, f"double backward d{name}")
+
+    from torch.utils.checkpoint import checkpoint
+
+    outs = checkpoint(_attention_input_projections, x, norm_w, projections, use_reentrant=False)
+    for name, g, g64 in zip(("x", "norm_weight"), torch.autograd.grad(outs, leaves, douts), grads64):
+        assert_matches(g, g64, dtype, f"checkpointed: d{name}")
+
+    view = torch.autograd.grad(
+        _attention_input_projections(x, norm_w, projections, norm=lambda t: tmf.rms_norm(t, norm_w, 1e-6)[:, :]),
+        leaves,
+        douts,
+    )
+    for g, g64 in zip(view, grads64):
+        assert_matches(g, g64, dtype, "a view of the norm output")

@@ -988,8 +988,8 @@ MUTANTS: list[Mutant] = [
     _m(
         "lora_linear_saves_a_copy_of_its_input",
         "torch_metal_fused/ops/lora_linear.py",
-        "ctx.save_for_backward(x, weight, lora_a, lora_b, h, mask)",
-        "ctx.save_for_backward(x.clone(), weight, lora_a, lora_b, h, mask)",
+        "ctx.save_for_backward(x if ctx.x_source is None else None,",
+        "ctx.save_for_backward(x.clone() if ctx.x_source is None else None,",
         ("tests/test_bench.py",),
         "issue 30's memory finding in our own op: backward keeps a copy of the activations (a contiguous or upcast "
         "x) instead of the tensor the step holds anyway, one more activation per adapted projection",
@@ -1023,6 +1023,64 @@ MUTANTS: list[Mutant] = [
         ("tests/test_glu.py",),
         "retain_graph=True: the first backward writes over gate and up, the second reads gradients as activations",
         keyword="something_else_reads",
+    ),
+    _m(
+        "norm_output_remade_after_an_in_place_change",
+        "torch_metal_fused/ops/rms_norm.py",
+        "            or y._version != node.output_version\n",
+        "",
+        ("tests/test_lora_linear.py",),
+        "an RMSNorm output changed in place before the LoRA op read it is remade from the norm's input for backward: "
+        "the adapters' gradients are of other values than the forward used",
+        keyword="norm_output",
+    ),
+    _m(
+        "norm_output_remade_without_the_offset",
+        "torch_metal_fused/ops/rms_norm.py",
+        "x, weight, self.node.eps, self.node.offset)[0]",
+        "x, weight, self.node.eps, 0.0)[0]",
+        ("tests/test_lora_linear.py",),
+        "Gemma's (1 + weight) dropped when the norm output is remade for backward: the adapters' gradients are off",
+        keyword="norm_output",
+    ),
+    _m(
+        "norm_output_remade_under_checkpointing",
+        "torch_metal_fused/ops/rms_norm.py",
+        "            or not saved_tensors_pass_through()\n        ):\n            return None",
+        "        ):\n            return None",
+        ("tests/test_lora_linear.py",),
+        "under non-reentrant gradient checkpointing the LoRA op remakes the norm output from the norm's checkpointed "
+        "saved tensors, which checkpointing lets be unpacked once",
+        keyword="norm_output",
+    ),
+    _m(
+        "norm_output_remade_per_consumer",
+        "torch_metal_fused/ops/rms_norm.py",
+        "self.value = value if self.consumers > 0 else None",
+        "self.value = None",
+        ("tests/test_lora_linear.py",),
+        "q, k and v each remake the norm output: three norm passes per backward where one serves",
+        keyword="norm_output",
+    ),
+    _m(
+        "norm_output_remade_without_history",
+        "torch_metal_fused/ops/rms_norm.py",
+        "        if create_graph_requested():\n            x, weight, _ = self.node.saved_tensors",
+        "        if False:\n            x, weight, _ = self.node.saved_tensors",
+        ("tests/test_lora_linear.py",),
+        "create_graph: the remade norm output carries no history, so second-order gradients miss the path through "
+        "the norm to its input and weight",
+        keyword="norm_output",
+    ),
+    _m(
+        "norm_output_kept_for_backward",
+        "torch_metal_fused/ops/lora_linear.py",
+        "ctx.x_source = NormOutput.of(x)",
+        "ctx.x_source = None",
+        ("tests/test_lora_linear.py", "tests/test_bench.py"),
+        "the LoRA op keeps the RMSNorm output it read for backward again: a tokens x hidden tensor per norm held until "
+        "backward, the same values (only the memory tests see it)",
+        keyword="norm_output or memory_counts",
     ),
     _m(
         "lora_dropout_mask_from_a_private_generator",

@@ -81,6 +81,17 @@ def refuse_double_backward(op: str) -> None:
         )
 
 
+def saved_tensors_pass_through() -> bool:
+    """Whether what autograd saves now is kept as it is: no saved-tensor hooks in effect, or only hooks whose pack
+    function is marked `passes_tensors_through` (it returns the tensor: a memory counter's). Other hooks (non-reentrant
+    gradient checkpointing) recompute on their own and let each saved tensor be unpacked once, so an op that would
+    remake a tensor from another node's saved tensors (instead of saving it) keeps it under them."""
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return False
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is None or getattr(top[0], "passes_tensors_through", False)
+
+
 # ---- gradients written over saved inputs --------------------------------------------------------------------------
 # A backward may write its gradients over inputs it saved (same shape and dtype), so that its peak holds no fresh
 # tensors of their size (Liger's SwiGLU does this unconditionally), only where nothing can read those inputs again:

@@ -25,6 +25,7 @@ from torch_metal_fused.ops._dispatch import (
     create_graph_requested,
     mark_overwritten,
     run_kernel,
+    saved_tensors_pass_through,
 )
 from torch_metal_fused.reference import GLU_GELU_TANH, GLU_SILU
 
@@ -122,13 +123,11 @@ def down_of_glu(
         node is None
         or type(out) is not torch.Tensor
         or torch.compiler.is_compiling()
-        or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+        or not saved_tensors_pass_through()
         or _has_forward_hooks(down)
     ):
         return down(out)
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if outer is not None and not getattr(outer[0], "passes_tensors_through", False):
-        return down(out)
     ptr, numel, dtype = out.data_ptr(), out.numel(), out.dtype  # not `out` itself: the hooks must not keep it alive
     version = out._version
 

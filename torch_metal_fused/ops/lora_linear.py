@@ -29,6 +29,7 @@ from torch_metal_fused.ops._dispatch import (
     none_to_empty,
     run_kernel,
 )
+from torch_metal_fused.ops.rms_norm import NormOutput
 
 _HALF_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -89,7 +90,7 @@ def _(dy, x, weight, lora_a, lora_b, h, scale, dropout_mask, needs):
 class LoRALinearFunction(torch.autograd.Function):
     """Double backward is supported: with create_graph=True backward is the reference formula in torch ops over the
     saved inputs, with h recomputed from them (x itself is saved, not its 2-D view, so the formula reaches x's
-    history)."""
+    history; an RMSNorm output is remade with its history to the norm's input and weight: ops.rms_norm.NormOutput)."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale, bias, dropout_p, training):
@@ -101,7 +102,9 @@ class LoRALinearFunction(torch.autograd.Function):
             mask = x2.new_empty(x2.shape).bernoulli_(1.0 - dropout_p)
             scale = scale / (1.0 - dropout_p)
         y, h = call(lora_linear_forward, _lora_linear_forward_impl, x2, weight, bias, lora_a, lora_b, scale, mask)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h, mask)
+        # An RMSNorm's output (a decoder layer's q/k/v and gate/up input) is made again for backward, not kept
+        ctx.x_source = NormOutput.of(x)
+        ctx.save_for_backward(x if ctx.x_source is None else None, weight, lora_a, lora_b, h, mask)
         ctx.scale = scale
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
@@ -114,6 +117,8 @@ class LoRALinearFunction(torch.autograd.Function):
         needs = [n[0], n[1], ctx.has_bias and n[5], n[2], n[3]]
         if not any(needs):
             return (None,) * 8
+        if ctx.x_source is not None:
+            x = ctx.x_source.get()
         x2, dy2 = as_rows(x), as_rows(dy)
         if create_graph_requested():
             h = (x2 if mask is None else x2 * mask).to(lora_a.dtype) @ lora_a.t()

@@ -15,6 +15,8 @@ Kernel launch code: Metal `torch_metal_fused/backends/metal.py` (rms_norm_*)
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from torch_metal_fused import reference
@@ -25,6 +27,7 @@ from torch_metal_fused.ops._dispatch import (
     empty_to_none,
     none_to_empty,
     run_kernel,
+    saved_tensors_pass_through,
 )
 
 
@@ -85,6 +88,9 @@ class RMSNormFunction(torch.autograd.Function):
         y, rstd = call(rms_norm_forward, _rms_norm_forward_impl, x, weight, eps, offset)
         ctx.save_for_backward(x, weight, rstd)
         ctx.eps, ctx.offset = eps, offset
+        # NormOutput.of: y not changed in place since (inference tensors have no version, nor a node; under
+        # torch.compile NormOutput steps aside)
+        ctx.output_version = None if torch.compiler.is_compiling() or y.is_inference() else y._version
         return y
 
     @staticmethod
@@ -100,6 +106,58 @@ class RMSNormFunction(torch.autograd.Function):
             return dx, dw, None, None
         dx, dw = call(rms_norm_backward, _rms_norm_backward_impl, dy, x, weight, rstd, needs_dx, needs_dw, ctx.offset)
         return empty_to_none(dx, needs_dx), empty_to_none(dw, needs_dw), None, None
+
+
+class NormOutput:
+    """An RMSNorm output that a consumer's backward reads (the LoRA op's input, for the adapter's and the weight's
+    gradients), made again from the norm's node when that backward asks for it instead of being kept from forward to
+    backward: the node keeps the norm's input and weight for its own backward anyway, so keeping the output too holds
+    one more activation-sized tensor per norm (the q/k/v and the gate/up projections' input in a decoder layer). The
+    same kernel on the same inputs gives the same bits. The consumers of one output share one remake per backward
+    (the last to ask releases it)."""
+
+    __slots__ = ("__weakref__", "consumers", "node", "value")
+
+    def __init__(self, node) -> None:
+        self.node, self.consumers, self.value = node, 0, None
+
+    @classmethod
+    def of(cls, y: torch.Tensor) -> NormOutput | None:
+        """For a consumer about to save `y`: a handle to save instead, where y is an rms_norm output as the norm made
+        it (y's node is the norm's, so not a view; not changed in place since: its values are the node's to remake)
+        and nothing stands in the way (tensor subclasses, torch.compile, saved-tensor hooks other than pass-through
+        ones: under non-reentrant checkpointing each saved tensor may be unpacked once, and the norm's own backward
+        unpacks its input too)."""
+        node = y.grad_fn
+        if (
+            not isinstance(node, RMSNormFunction._backward_cls)
+            or type(y) is not torch.Tensor
+            or y._version != node.output_version
+            or torch.compiler.is_compiling()
+            or not saved_tensors_pass_through()
+        ):
+            return None
+        shared = getattr(node, "tmf_output", None)  # a weak reference: the node does not keep its consumers' state
+        handle = shared() if shared is not None else None
+        if handle is None:
+            handle = cls(node)
+            node.tmf_output = weakref.ref(handle)
+        handle.consumers += 1
+        return handle
+
+    def get(self) -> torch.Tensor:
+        """The output, inside a consumer's backward (each consumer asks once per backward). With create_graph, made
+        by the op with autograd history (to the norm's input and weight), not shared."""
+        if create_graph_requested():
+            x, weight, _ = self.node.saved_tensors
+            return RMSNormFunction.apply(x, weight, self.node.eps, self.node.offset)
+        value = self.value
+        if value is None:
+            x, weight, _ = self.node.saved_tensors
+            value = call(rms_norm_forward, _rms_norm_forward_impl, x, weight, self.node.eps, self.node.offset)[0]
+        self.consumers -= 1  # below 0 in a retained graph's later backward: each consumer then remakes its own
+        self.value = value if self.consumers > 0 else None
+        return value
 
 
 def _add_forward_impl(
