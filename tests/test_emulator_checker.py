@@ -23,6 +23,7 @@ from torch_metal_fused.emulator.build import (
     ShaderCompileError,
     compile_libraries,
     lint_address_spaces,
+    lint_bfloat_conversions,
     shader_paths,
 )
 
@@ -222,6 +223,31 @@ def test_address_space_mixup_fails_the_strict_pass(tmp_path):
 @pytest.mark.parametrize("shader", [p.name for p in shader_paths()])
 def test_our_shaders_pass_the_strict_address_space_pass(tmp_path, shader):
     lint_address_spaces(SHADERS / shader, tmp_path)
+
+
+def test_implicit_conversion_to_bfloat_fails_the_strict_bfloat_pass(tmp_path):
+    # The row stores rounding a float to T without a cast: clang's __bf16 (the plain build) converts implicitly,
+    # Apple's compiler does not ("cannot initialize a variable of type 'bfloat' with an rvalue of type 'float'"), so
+    # every bfloat kernel of the family would fail to compile on a Mac and fall back to the reference.
+    old = "      row[c0 + i] = static_cast<T>(v[i]);"
+    new = "      row[c0 + i] = v[i];"
+    source, line = _plant(tmp_path, "row_io.h", old, new)
+    compile_libraries(tmp_path / "build", [source])  # the plain build does not notice
+    with pytest.raises(ShaderCompileError) as exc:
+        lint_bfloat_conversions(source, tmp_path / "lint")
+    assert f"row_io.h:{line}:" in str(exc.value)
+    # A bfloat initialised from a float expression (add + RMSNorm's residual sum), the form of Apple's error above.
+    old = "const T sum = static_cast<T>(v[i] + float(residual[ulong(row) * p.residual_row_stride + c]));"
+    new = "const T sum = v[i] + float(residual[ulong(row) * p.residual_row_stride + c]);"
+    source, line = _plant(tmp_path / "initialised", "rms_norm.metal", old, new)
+    with pytest.raises(ShaderCompileError) as exc:
+        lint_bfloat_conversions(source.parent / "rms_norm.metal", tmp_path / "lint-initialised")
+    assert f"rms_norm.metal:{line}:" in str(exc.value)
+
+
+@pytest.mark.parametrize("shader", [p.name for p in shader_paths()])
+def test_our_shaders_pass_the_strict_bfloat_pass(tmp_path, shader):
+    lint_bfloat_conversions(SHADERS / shader, tmp_path)
 
 
 # ---- containment: kernel bugs end as exceptions, never as a crash or a hang of the test process ----------------

@@ -28,7 +28,25 @@
 
 // ---- scalar and vector types ----------------------------------------------------------------------
 typedef _Float16 half;
+#ifdef TMF_STRICT_BFLOAT
+// Apple's compiler converts nothing to bfloat implicitly ("cannot initialize a variable of type 'bfloat' with an
+// rvalue of type 'float'"); clang's __bf16 takes every arithmetic conversion. The strict pass (syntax only, never
+// run) makes bfloat a class that converts to and from other types only when asked (static_cast, T(x)), so an
+// implicit conversion in a bfloat instantiation fails here as it would on a Mac. Stricter than Metal on the
+// widening side (bfloat to float is also explicit here): an explicit cast is valid Metal either way.
+struct bfloat {
+  __bf16 value;
+  bfloat() = default;
+  template <typename U, typename = std::enable_if_t<std::is_arithmetic_v<U> || std::is_same_v<U, _Float16>>>
+  constexpr explicit bfloat(U x) : value(static_cast<__bf16>(x)) {}
+  template <typename U, typename = std::enable_if_t<std::is_arithmetic_v<U> || std::is_same_v<U, _Float16>>>
+  constexpr explicit operator U() const {
+    return static_cast<U>(value);
+  }
+};
+#else
 typedef __bf16 bfloat;
+#endif
 #define __HAVE_BFLOAT__ 1
 #define __METAL_VERSION__ 310
 typedef unsigned short ushort;
@@ -40,7 +58,9 @@ typedef unsigned long ulong;
 #define TMF_VECS(T) TMF_VEC(T, 2) TMF_VEC(T, 3) TMF_VEC(T, 4)
 TMF_VECS(float)
 TMF_VECS(half)
+#ifndef TMF_STRICT_BFLOAT  // no vectors of a class type (the shaders use none of bfloat)
 TMF_VECS(bfloat)
+#endif
 TMF_VECS(int)
 TMF_VECS(uint)
 TMF_VECS(long)
@@ -57,7 +77,7 @@ TMF_VECS(bool)
 // no ext_vector_type equivalent; the pre-pass rewrites `float4(...)` into `tmf_make<float4>(...)`.
 template <typename T>
 constexpr bool tmf_is_scalar_type =
-    std::is_arithmetic_v<T> || std::is_same_v<T, _Float16> || std::is_same_v<T, __bf16>;
+    std::is_arithmetic_v<T> || std::is_same_v<T, _Float16> || std::is_same_v<T, bfloat>;
 
 template <typename V>
 using tmf_elem = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
