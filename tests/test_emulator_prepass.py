@@ -221,6 +221,9 @@ using namespace metal;
         ("if (i > 9) { throw 1; }", "", r"k\.metal:5: 'throw' is C\+\+"),
         ("device float* p = new float[4];", "", r"k\.metal:5: 'new' is C\+\+"),
         ("x[i] = float(bfloat(x[i]));", "", r"k\.metal:5: bfloat outside"),
+        ("x[i] = x[i] * 0.5;", "", r"k\.metal:5: '0\.5' is a double"),
+        ("x[i] = x[i] + 1e-6;", "", r"k\.metal:5: '1e-6' is a double"),
+        ("double d = x[i];", "", r"k\.metal:5: 'double' is a double"),
         ("", "template <typename T> void f(device T* p) {}\ntemplate void f<bfloat>(device bfloat*);\n", ":8: bfloat"),
         (
             "",
@@ -244,7 +247,7 @@ def test_msl_rules_accept_what_msl_allows(tmp_path):
     src = tmp_path / "k.metal"
     src.write_text(
         MSL_RULES.format(
-            body="x[i] = 1.0f;  // std::max, throw, new and bfloat in a comment are fine",
+            body="x[i] = 1.0f + 2.5e-3f + half(0.5h) + 3;  // std::max, throw, new, bfloat, 0.5 in a comment are fine",
             tail=(
                 "[[kernel]] void c(constant float& s [[buffer(30)]], device float* y [[buffer(1)]]) { y[0] = s; }\n"
                 "#if defined(__HAVE_BFLOAT__)\n#if 1\n"

@@ -76,6 +76,11 @@ MAX_BUFFER_INDEX = 30  # MSL: buffer indices 0-30 (31 argument buffers)
 ADDRESS_SPACE_RE = re.compile(r"\b(device|constant|threadgroup|thread|ray_data|object_data)\b")
 # C++ that MSL does not have and clang accepts: the standard library, exceptions, dynamic allocation.
 FORBIDDEN_CXX_RE = re.compile(r"\bstd::|\b(throw|try|catch|new|delete|virtual|goto)\b")
+# A floating literal without a suffix (0.5, 1e-6) or the double type: Metal has no double, so a Mac computes such
+# expressions in float, while the harness's C++ computes them in double (a harness that passes on other numbers).
+DOUBLE_RE = re.compile(
+    r"(?<![\w.])(?:\d+\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+)(?![\w.])|\bdouble\b"
+)
 BFLOAT_GUARD_RE = re.compile(r"^\s*#\s*if\s+(?:defined\s*\(\s*__HAVE_BFLOAT__\s*\)|__METAL_VERSION__\s*>=\s*310)")
 PARAM_TYPE_RE = re.compile(r"^\s*(?:const\s+)?(\w+?)([234])?\s+\w+\s*\[\[")
 
@@ -193,8 +198,9 @@ def _check_buffer_params(params: list[str], where: str, kernel: str) -> None:
 def _check_msl_subset(text: str, shown: str) -> None:
     """Rules of the MSL specification that the harness's C++ compiler does not enforce, checked on the source text
     (comments and string literals blanked, lines kept): no standard library, exceptions, dynamic allocation, virtual
-    functions or goto; every use of bfloat inside a `#if defined(__HAVE_BFLOAT__)` (or `__METAL_VERSION__ >= 310`)
-    block, since Metal before 3.1 (macOS 13) has no bfloat and the file must still compile there for float and half."""
+    functions or goto; no double (a floating literal without a suffix is one); every use of bfloat inside a `#if
+    defined(__HAVE_BFLOAT__)` (or `__METAL_VERSION__ >= 310`) block, since Metal before 3.1 (macOS 13) has no bfloat and
+    the file must still compile there for float and half."""
     code = COMMENT_RE.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
     code = re.sub(r'"(?:[^"\\\n]|\\.)*"', lambda m: " " * len(m.group(0)), code)
     depth_guard: list[bool] = []  # one entry per open #if: whether it is (or is inside) a bfloat guard
@@ -213,6 +219,12 @@ def _check_msl_subset(text: str, shown: str) -> None:
         m = FORBIDDEN_CXX_RE.search(line)
         if m:
             raise PrepassError(f"{shown}:{number}: {m.group(0)!r} is C++ that the Metal Shading Language does not have")
+        m = DOUBLE_RE.search(line)
+        if m:
+            raise PrepassError(
+                f"{shown}:{number}: {m.group(0)!r} is a double in C++: Metal has no double and computes it in float, "
+                "the harness would compute in double (write a float literal: 0.5f)"
+            )
         if re.search(r"\bbfloat\d?\b", line) and not (depth_guard and depth_guard[-1]):
             raise PrepassError(
                 f"{shown}:{number}: bfloat outside `#if defined(__HAVE_BFLOAT__)`: Metal before 3.1 has no bfloat, "
