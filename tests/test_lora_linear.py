@@ -193,14 +193,23 @@ def test_cuda_float32_adapter_route(device):
         args64 = (x_inf.double(), w.double(), None, a[:rank].double(), b[:, :rank].double(), 1.5, None)
         y64, h64 = reference.lora_forward(*args64)
         for name, got, want in (("h", h, h64), ("y", y, y64)):
-            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), (rank, name)
+            where = _non_finite_mismatches(got, want)
+            assert not where, (rank, name, where)
             assert torch.equal(got[got.isinf()].sign(), want[want.isinf()].to(got.dtype).sign()), (rank, name)
         grads = cuda.lora_backward(dy, x_inf, w, a[:rank], b[:, :rank], h, 1.5, None, (True, False, False, True, True))
         leaves = [t.double().requires_grad_(True) for t in (x_inf, a[:rank], b[:, :rank])]
         y64 = reference.lora_forward(leaves[0], w.double(), None, leaves[1], leaves[2], 1.5, None)[0]
         refs = torch.autograd.grad(y64, leaves, dy.double())
         for name, got, want in zip(("dx", "dlora_a", "dlora_b"), (grads[0], grads[3], grads[4]), refs):
-            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), (rank, name)
+            where = _non_finite_mismatches(got, want)
+            assert not where, (rank, name, where)
+
+
+def _non_finite_mismatches(got: torch.Tensor, want: torch.Tensor, shown: int = 6) -> list:
+    """[(index, got, want)] where got and want differ in being NaN or infinite (the first `shown`): on a failure the
+    message names the elements (the device host's CPU failure of the test above is not understood yet)."""
+    bad = (got.isnan() != want.isnan()) | (got.isinf() != want.isinf())
+    return [(i, got[i].item(), want[i].item()) for i in map(tuple, bad.nonzero().tolist()[:shown])]
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
