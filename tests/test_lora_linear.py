@@ -1041,13 +1041,31 @@ def test_norm_output_is_not_kept_for_backward():
     assert kept - remade == x.numel() * 4
 
 
+def test_norm_output_remade_is_released_by_consumers_that_never_run_backward():
+    """Projections of one norm output called under no_grad or whose output is dropped never ask for the remade
+    output: they give their share back when freed, so after the others' backward the remade output is not held
+    (the loss kept alive, as a training loop keeps it for logging)."""
+    x, norm_w, projections = _norm_and_projections(torch.float32, "cpu")
+    y = tmf.rms_norm(x, norm_w, 1e-6)
+    (w_q, a_q, b_q), (w_k, a_k, b_k), (w_v, a_v, b_v) = projections
+    loss = tmf.lora_linear(y, w_q, a_q, b_q, 2.0).sum() + tmf.lora_linear(y, w_k, a_k, b_k, 2.0).sum()
+    with torch.no_grad():
+        tmf.lora_linear(y, w_v, a_v, b_v, 2.0)
+    tmf.lora_linear(y, w_v, a_v, b_v, 2.0)  # dropped
+    remade = y.grad_fn.tmf_output()
+    assert remade.consumers == 2
+    loss.backward()
+    assert remade.consumers == 0 and remade.value is None, "the remade norm output is still held after backward"
+
+
 def test_norm_output_remade_keeps_autograds_rules(backend):
     """Where the remade output would differ from what the projections read, or where autograd's own rules would
     change: a norm output changed in place before the projections (kept as changed: gradients of those values), the
-    norm's input changed in place after forward (autograd's error, as when kept), retain_graph (a second backward
+    norm's input changed in place after forward (autograd's error, as when kept; here also when only the adapters'
+    gradients are asked for, which a kept output would give: the error says why), retain_graph (a second backward
     equal to the first), create_graph (second-order gradients through the remade output to the norm's input and
-    weight), non-reentrant gradient checkpointing (whose saved tensors may be unpacked once) and a view of the
-    output (kept)."""
+    weight), non-reentrant gradient checkpointing around the whole or around the norm alone (whose saved tensors
+    may be unpacked once) and a view of the output (kept)."""
     dtype = torch.float32
     x, norm_w, projections = _norm_and_projections(dtype, backend.device)
     leaves = _leaves(x, norm_w, projections)
@@ -1072,8 +1090,10 @@ def test_norm_output_remade_keeps_autograds_rules(backend):
     outs = _attention_input_projections(y, norm_w, projections)
     with torch.no_grad():
         y.add_(1.0)  # the norm's input, saved by the norm's node
+    with pytest.raises(RuntimeError, match="made again for its backward.*modified by an inplace operation"):
+        torch.autograd.grad(outs, leaves[2:], douts, retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        torch.autograd.grad(outs, leaves[2:], douts)
+        torch.autograd.grad(outs, [x2, *leaves[1:]], douts)
 
     outs = _attention_input_projections(x, norm_w, projections)
     first = torch.autograd.grad(outs, leaves, douts, retain_graph=True)
@@ -1102,6 +1122,13 @@ def test_norm_output_remade_keeps_autograds_rules(backend):
     outs = checkpoint(_attention_input_projections, x, norm_w, projections, use_reentrant=False)
     for name, g, g64 in zip(("x", "norm_weight"), torch.autograd.grad(outs, leaves, douts), grads64):
         assert_matches(g, g64, dtype, f"checkpointed: d{name}")
+
+    def checkpointed_norm(t):
+        return checkpoint(tmf.rms_norm, t, norm_w, 1e-6, use_reentrant=False)
+
+    outs = _attention_input_projections(x, norm_w, projections, norm=checkpointed_norm)
+    for name, g, g64 in zip(("x", "norm_weight"), torch.autograd.grad(outs, leaves, douts), grads64):
+        assert_matches(g, g64, dtype, f"the norm checkpointed alone: d{name}")
 
     view = torch.autograd.grad(
         _attention_input_projections(x, norm_w, projections, norm=lambda t: tmf.rms_norm(t, norm_w, 1e-6)[:, :]),

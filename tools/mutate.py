@@ -1044,20 +1044,30 @@ MUTANTS: list[Mutant] = [
         keyword="norm_output",
     ),
     _m(
-        "norm_output_remade_under_checkpointing",
+        "norm_output_remade_when_the_norm_was_checkpointed",
         "torch_metal_fused/ops/rms_norm.py",
-        "            or not saved_tensors_pass_through()\n        ):\n            return None",
-        "        ):\n            return None",
+        "            or not node.saved_plainly\n",
+        "",
         ("tests/test_lora_linear.py",),
-        "under non-reentrant gradient checkpointing the LoRA op remakes the norm output from the norm's checkpointed "
-        "saved tensors, which checkpointing lets be unpacked once",
+        "the norm alone under non-reentrant checkpointing (selective recompute): the first projection's remake "
+        "unpacks the norm's checkpointed saved tensors, which checkpointing allows once, and the norm's backward fails",
+        keyword="norm_output",
+    ),
+    _m(
+        "norm_output_held_by_consumers_that_never_ask",
+        "torch_metal_fused/ops/rms_norm.py",
+        "        if not self.used:\n            self.handle._release()",
+        "        pass",
+        ("tests/test_lora_linear.py",),
+        "a projection called under no_grad (or whose output is dropped) keeps its share of the remade norm output: "
+        "the others' backward never releases it, one activation held while the graph lives",
         keyword="norm_output",
     ),
     _m(
         "norm_output_remade_per_consumer",
         "torch_metal_fused/ops/rms_norm.py",
-        "self.value = value if self.consumers > 0 else None",
-        "self.value = None",
+        "        self.value = value\n        self._release()",
+        "        self._release()",
         ("tests/test_lora_linear.py",),
         "q, k and v each remake the norm output: three norm passes per backward where one serves",
         keyword="norm_output",
@@ -1065,8 +1075,8 @@ MUTANTS: list[Mutant] = [
     _m(
         "norm_output_remade_without_history",
         "torch_metal_fused/ops/rms_norm.py",
-        "        if create_graph_requested():\n            x, weight, _ = self.node.saved_tensors",
-        "        if False:\n            x, weight, _ = self.node.saved_tensors",
+        "        if create_graph_requested():  # made by the op",
+        "        if False:  # made by the op",
         ("tests/test_lora_linear.py",),
         "create_graph: the remade norm output carries no history, so second-order gradients miss the path through "
         "the norm to its input and weight",

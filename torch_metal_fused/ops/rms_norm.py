@@ -91,6 +91,9 @@ class RMSNormFunction(torch.autograd.Function):
         # NormOutput.of: y not changed in place since (inference tensors have no version, nor a node; under
         # torch.compile NormOutput steps aside)
         ctx.output_version = None if torch.compiler.is_compiling() or y.is_inference() else y._version
+        # NormOutput.of: its saved x and weight may be unpacked by a consumer's backward too (not under checkpointing,
+        # whose hooks let each saved tensor be unpacked once)
+        ctx.saved_plainly = not torch.compiler.is_compiling() and saved_tensors_pass_through()
         return y
 
     @staticmethod
@@ -113,8 +116,14 @@ class NormOutput:
     gradients), made again from the norm's node when that backward asks for it instead of being kept from forward to
     backward: the node keeps the norm's input and weight for its own backward anyway, so keeping the output too holds
     one more activation-sized tensor per norm (the q/k/v and the gate/up projections' input in a decoder layer). The
-    same kernel on the same inputs gives the same bits. The consumers of one output share one remake per backward
-    (the last to ask releases it)."""
+    same kernel on the same inputs gives the same bits (a family that fell back to the reference between forward and
+    backward remakes it there: rounding-level differences). The consumers of one output share one remake per backward
+    (the last to ask, or to be freed without asking, releases it).
+
+    Where it differs from keeping the output: a backward that asks only for a projection's parameters' gradients
+    still needs the norm's saved tensors (an error, naming this, where an earlier backward freed them or the norm's
+    input changed in place since); the output changed in place after a projection read it gives that projection's
+    gradients of the values it read, where a kept output would raise autograd's in-place error."""
 
     __slots__ = ("__weakref__", "consumers", "node", "value")
 
@@ -122,19 +131,20 @@ class NormOutput:
         self.node, self.consumers, self.value = node, 0, None
 
     @classmethod
-    def of(cls, y: torch.Tensor) -> NormOutput | None:
-        """For a consumer about to save `y`: a handle to save instead, where y is an rms_norm output as the norm made
+    def of(cls, y: torch.Tensor) -> NormOutputClaim | None:
+        """For a consumer about to save `y`: a claim to save instead, where y is an rms_norm output as the norm made
         it (y's node is the norm's, so not a view; not changed in place since: its values are the node's to remake)
-        and nothing stands in the way (tensor subclasses, torch.compile, saved-tensor hooks other than pass-through
-        ones: under non-reentrant checkpointing each saved tensor may be unpacked once, and the norm's own backward
-        unpacks its input too)."""
+        and nothing stands in the way: tensor subclasses, torch.compile, and saved-tensor hooks other than
+        pass-through ones when the norm ran (non-reentrant checkpointing lets each saved tensor be unpacked once, and
+        the norm's own backward unpacks its input too). Hooks around the consumer alone do not matter: it saves no
+        output for them to pack."""
         node = y.grad_fn
         if (
             not isinstance(node, RMSNormFunction._backward_cls)
             or type(y) is not torch.Tensor
             or y._version != node.output_version
+            or not node.saved_plainly
             or torch.compiler.is_compiling()
-            or not saved_tensors_pass_through()
         ):
             return None
         shared = getattr(node, "tmf_output", None)  # a weak reference: the node does not keep its consumers' state
@@ -143,21 +153,54 @@ class NormOutput:
             handle = cls(node)
             node.tmf_output = weakref.ref(handle)
         handle.consumers += 1
-        return handle
+        return NormOutputClaim(handle)
 
-    def get(self) -> torch.Tensor:
-        """The output, inside a consumer's backward (each consumer asks once per backward). With create_graph, made
-        by the op with autograd history (to the norm's input and weight), not shared."""
-        if create_graph_requested():
-            x, weight, _ = self.node.saved_tensors
+    def _get(self) -> torch.Tensor:
+        if create_graph_requested():  # made by the op, with history to the norm's input and weight; not shared
+            x, weight = self._norm_inputs()
             return RMSNormFunction.apply(x, weight, self.node.eps, self.node.offset)
         value = self.value
         if value is None:
-            x, weight, _ = self.node.saved_tensors
+            x, weight = self._norm_inputs()
             value = call(rms_norm_forward, _rms_norm_forward_impl, x, weight, self.node.eps, self.node.offset)[0]
-        self.consumers -= 1  # below 0 in a retained graph's later backward: each consumer then remakes its own
-        self.value = value if self.consumers > 0 else None
+        self.value = value
+        self._release()
         return value
+
+    def _release(self) -> None:
+        self.consumers -= 1  # below 0 in a retained graph's later backward: each consumer then remakes its own
+        if self.consumers <= 0:
+            self.value = None
+
+    def _norm_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        try:
+            x, weight, _ = self.node.saved_tensors
+        except RuntimeError as exc:  # freed by an earlier backward through the norm, or its input changed in place
+            raise RuntimeError(
+                "torch_metal_fused: a LoRA projection's input, an RMSNorm output, is made again for its backward from "
+                f"the norm's saved input and weight (ops.rms_norm.NormOutput), which autograd cannot give back: {exc}"
+            ) from exc
+        return x, weight
+
+
+class NormOutputClaim:
+    """One consumer's share of a NormOutput, saved by the consumer in place of the output. A consumer whose backward
+    never runs (called under no_grad, its output dropped) gives its share back when it is freed, so the remade
+    output is not held for the graph's lifetime."""
+
+    __slots__ = ("handle", "used")
+
+    def __init__(self, handle: NormOutput) -> None:
+        self.handle, self.used = handle, False
+
+    def get(self) -> torch.Tensor:
+        """The output, inside the consumer's backward (once per backward)."""
+        self.used = True
+        return self.handle._get()
+
+    def __del__(self) -> None:
+        if not self.used:
+            self.handle._release()
 
 
 def _add_forward_impl(
