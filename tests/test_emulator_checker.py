@@ -206,18 +206,25 @@ def test_barrier_in_divergent_code(tmp_path):
     assert any(f"reduce.h:{line + 1} " in f and "divergent-barrier" in f for f in _findings(exc)), _findings(exc)
 
 
+def _strict_pass_error(tmp_path, lint, file: str, old: str, new: str, shader: str = "softmax.metal") -> tuple[str, int]:
+    """Plant `new` for `old` in a copy of `file`, check that the plain build accepts it, and return the strict pass's
+    error on `shader` and the planted line."""
+    source, line = _plant(tmp_path, file, old, new)
+    compile_libraries(tmp_path / "build", [source.parent / shader])  # the plain build does not notice
+    with pytest.raises(ShaderCompileError) as exc:
+        lint(source.parent / shader, tmp_path / "lint")
+    return str(exc.value), line
+
+
 def test_address_space_mixup_fails_the_strict_pass(tmp_path):
     # threadgroup_sum taking a device pointer: a plain C++ build accepts the threadgroup scratch argument,
     # Apple's compiler (and our strict pass) does not.
     old = "inline float threadgroup_sum(float v, threadgroup float* scratch,"
     new = "inline float threadgroup_sum(float v, device float* scratch,"
-    source, _ = _plant(tmp_path, "reduce.h", old, new)
-    compile_libraries(tmp_path / "build", [source])  # the plain build does not notice
-    with pytest.raises(ShaderCompileError) as exc:
-        lint_address_spaces(source, tmp_path / "lint")
+    error, _ = _strict_pass_error(tmp_path, lint_address_spaces, "reduce.h", old, new)
     text = (tmp_path / "shaders" / "softmax.metal").read_text().splitlines()
     call_line = next(i + 1 for i, ln in enumerate(text) if "threadgroup_sum(s, scratch" in ln)
-    assert f"softmax.metal:{call_line}:" in str(exc.value) and "address_space(3)" in str(exc.value)
+    assert f"softmax.metal:{call_line}:" in error and "address_space(3)" in error
 
 
 @pytest.mark.parametrize("shader", [p.name for p in shader_paths()])
@@ -230,19 +237,15 @@ def test_implicit_conversion_to_bfloat_fails_the_strict_bfloat_pass(tmp_path):
     # Apple's compiler does not ("cannot initialize a variable of type 'bfloat' with an rvalue of type 'float'"), so
     # every bfloat kernel of the family would fail to compile on a Mac and fall back to the reference.
     old = "      row[c0 + i] = static_cast<T>(v[i]);"
-    new = "      row[c0 + i] = v[i];"
-    source, line = _plant(tmp_path, "row_io.h", old, new)
-    compile_libraries(tmp_path / "build", [source])  # the plain build does not notice
-    with pytest.raises(ShaderCompileError) as exc:
-        lint_bfloat_conversions(source, tmp_path / "lint")
-    assert f"row_io.h:{line}:" in str(exc.value)
+    error, line = _strict_pass_error(tmp_path, lint_bfloat_conversions, "row_io.h", old, "      row[c0 + i] = v[i];")
+    assert f"row_io.h:{line}:" in error
     # A bfloat initialised from a float expression (add + RMSNorm's residual sum), the form of Apple's error above.
     old = "const T sum = static_cast<T>(v[i] + float(residual[ulong(row) * p.residual_row_stride + c]));"
     new = "const T sum = v[i] + float(residual[ulong(row) * p.residual_row_stride + c]);"
-    source, line = _plant(tmp_path / "initialised", "rms_norm.metal", old, new)
-    with pytest.raises(ShaderCompileError) as exc:
-        lint_bfloat_conversions(source.parent / "rms_norm.metal", tmp_path / "lint-initialised")
-    assert f"rms_norm.metal:{line}:" in str(exc.value)
+    error, line = _strict_pass_error(
+        tmp_path / "initialised", lint_bfloat_conversions, "rms_norm.metal", old, new, shader="rms_norm.metal"
+    )
+    assert f"rms_norm.metal:{line}:" in error
 
 
 @pytest.mark.parametrize("shader", [p.name for p in shader_paths()])
