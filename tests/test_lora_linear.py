@@ -1024,7 +1024,7 @@ def test_norm_output_is_remade_once_for_its_projections(backend, dtype, offset, 
         assert_matches(g, g64, dtype, name)
 
 
-def test_norm_output_is_not_kept_for_backward():
+def test_norm_output_is_not_kept_for_backward(monkeypatch):
     """What a forward leaves allocated for backward: one (tokens, hidden) tensor less than with the output kept,
     whichever number of projections read it."""
     from torch_metal_fused.ops import rms_norm as rms_norm_module
@@ -1032,12 +1032,8 @@ def test_norm_output_is_not_kept_for_backward():
     x, norm_w, projections = _norm_and_projections(torch.float32, "cpu")
     held = []
     remade = bytes_alive_after(lambda: held.append(_attention_input_projections(x, norm_w, projections)))
-    of = rms_norm_module.NormOutput.of
-    rms_norm_module.NormOutput.of = classmethod(lambda cls, y: None)
-    try:
-        kept = bytes_alive_after(lambda: held.append(_attention_input_projections(x, norm_w, projections)))
-    finally:
-        rms_norm_module.NormOutput.of = of
+    monkeypatch.setattr(rms_norm_module.NormOutput, "of", classmethod(lambda cls, y: None))
+    kept = bytes_alive_after(lambda: held.append(_attention_input_projections(x, norm_w, projections)))
     assert kept - remade == x.numel() * 4
 
 

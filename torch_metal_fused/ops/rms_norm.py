@@ -88,12 +88,11 @@ class RMSNormFunction(torch.autograd.Function):
         y, rstd = call(rms_norm_forward, _rms_norm_forward_impl, x, weight, eps, offset)
         ctx.save_for_backward(x, weight, rstd)
         ctx.eps, ctx.offset = eps, offset
-        # NormOutput.of: y not changed in place since (inference tensors have no version, nor a node; under
-        # torch.compile NormOutput steps aside)
-        ctx.output_version = None if torch.compiler.is_compiling() or y.is_inference() else y._version
-        # NormOutput.of: its saved x and weight may be unpacked by a consumer's backward too (not under checkpointing,
-        # whose hooks let each saved tensor be unpacked once)
-        ctx.saved_plainly = not torch.compiler.is_compiling() and saved_tensors_pass_through()
+        # For NormOutput.of: y's version now, so a consumer sees y unchanged in place since; None where y may not be
+        # remade from the saved x and weight (under torch.compile; under checkpointing, whose hooks let each saved
+        # tensor be unpacked once; inference tensors have no version, nor a node)
+        remakeable = not torch.compiler.is_compiling() and saved_tensors_pass_through() and not y.is_inference()
+        ctx.remakeable_version = y._version if remakeable else None
         return y
 
     @staticmethod
@@ -142,8 +141,7 @@ class NormOutput:
         if (
             not isinstance(node, RMSNormFunction._backward_cls)
             or type(y) is not torch.Tensor
-            or y._version != node.output_version
-            or not node.saved_plainly
+            or y._version != node.remakeable_version
             or torch.compiler.is_compiling()
         ):
             return None
